@@ -1,0 +1,592 @@
+//! The signaling protocol: the one definition of what travels between a client (browser
+//! or native peer) and the signaling server.
+//!
+//! The server only introduces peers. A client joins a room by an opaque [`RoomId`]
+//! (derived by clients from the network secret; the server never sees a network name or
+//! passphrase), learns its [`PeerId`] and the other members, and sends addressed
+//! [`SignalPayload`]s to members of its room. The server forwards payloads without
+//! looking inside them.
+//!
+//! Every message is one JSON object in one WebSocket text frame, tagged by `"type"`.
+//! [`decode_client`] and [`decode_server`] turn untrusted text into typed messages or a
+//! [`DecodeError`] carrying the [`ErrorCode`] the server reports; they never panic.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of the signaling protocol. A client states it in [`ClientMessage::Join`]; the
+/// server refuses any other with [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest signaling message, in bytes of JSON text, that either side accepts.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Longest room id, in characters.
+pub const MAX_ROOM_ID_LEN: usize = 128;
+
+/// Longest peer id, in characters.
+pub const MAX_PEER_ID_LEN: usize = 64;
+
+/// Opaque name of a room: 1 to [`MAX_ROOM_ID_LEN`] characters of `A-Z a-z 0-9 - _`
+/// (base64url or hex of a key-derived hash, in practice).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RoomId(String);
+
+/// A member of a room, as named by the server for the life of one connection.
+///
+/// This is not an identity: peers authenticate each other end to end by their long-term
+/// keys, never by what the server calls them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PeerId(String);
+
+/// A string that is not a valid [`RoomId`] or [`PeerId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what}: must be 1 to {max} characters of A-Z a-z 0-9 - _")]
+pub struct InvalidId {
+    what: &'static str,
+    max: usize,
+}
+
+fn check_id(s: &str, what: &'static str, max: usize) -> Result<(), InvalidId> {
+    let ok = !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok { Ok(()) } else { Err(InvalidId { what, max }) }
+}
+
+macro_rules! id_type {
+    ($ty:ident, $what:literal, $max:expr) => {
+        impl $ty {
+            /// Checks `s` and wraps it.
+            pub fn new(s: impl Into<String>) -> Result<Self, InvalidId> {
+                let s = s.into();
+                check_id(&s, $what, $max)?;
+                Ok(Self(s))
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = InvalidId;
+            fn try_from(s: String) -> Result<Self, InvalidId> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(id: $ty) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(RoomId, "room id", MAX_ROOM_ID_LEN);
+id_type!(PeerId, "peer id", MAX_PEER_ID_LEN);
+
+/// What a client sends to the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Join a room. Must be the first message, and is allowed once per connection.
+    Join {
+        /// The client's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The room to join.
+        room: RoomId,
+    },
+    /// Forward `payload` to another member of the client's room.
+    Signal {
+        /// The recipient.
+        to: PeerId,
+        /// What to forward, untouched.
+        payload: SignalPayload,
+    },
+    /// Application-level heartbeat; the server answers [`ServerMessage::Pong`].
+    Ping,
+    /// Leave the room; the server then closes the connection.
+    Leave,
+}
+
+impl ClientMessage {
+    /// The `"type"` tags this enum accepts.
+    pub const TYPES: &'static [&'static str] = &["join", "signal", "ping", "leave"];
+}
+
+/// What the server sends to a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerMessage {
+    /// The join succeeded.
+    Welcome {
+        /// The server's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The room joined.
+        room: RoomId,
+        /// The name the server gives this connection.
+        peer_id: PeerId,
+        /// The other members already in the room.
+        peers: Vec<PeerId>,
+    },
+    /// Another peer joined the room.
+    PeerJoined {
+        /// Who joined.
+        peer_id: PeerId,
+    },
+    /// A peer left the room (closed, timed out, or sent [`ClientMessage::Leave`]).
+    PeerLeft {
+        /// Who left.
+        peer_id: PeerId,
+    },
+    /// A payload another member addressed to this client.
+    Signal {
+        /// The sender.
+        from: PeerId,
+        /// The payload, as the sender sent it.
+        payload: SignalPayload,
+    },
+    /// Answer to [`ClientMessage::Ping`].
+    Pong,
+    /// A request was refused. When [`ErrorCode::is_fatal`], the server closes next.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+impl ServerMessage {
+    /// The `"type"` tags this enum accepts.
+    pub const TYPES: &'static [&'static str] =
+        &["welcome", "peer_joined", "peer_left", "signal", "pong", "error"];
+
+    /// An [`ServerMessage::Error`] for `err`.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error { code, message: message.into() }
+    }
+}
+
+/// What one peer sends another through the server. The server does not look inside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SignalPayload {
+    /// An SDP offer.
+    Offer {
+        /// The session description.
+        sdp: String,
+    },
+    /// An SDP answer.
+    Answer {
+        /// The session description.
+        sdp: String,
+    },
+    /// A trickled ICE candidate; `candidate` empty means end of candidates.
+    Candidate {
+        /// The candidate line, as `RTCIceCandidate.candidate`.
+        candidate: String,
+        /// `RTCIceCandidate.sdpMid`.
+        #[serde(default)]
+        sdp_mid: Option<String>,
+        /// `RTCIceCandidate.sdpMLineIndex`.
+        #[serde(default)]
+        sdp_m_line_index: Option<u16>,
+        /// `RTCIceCandidate.usernameFragment`.
+        #[serde(default)]
+        username_fragment: Option<String>,
+    },
+    /// Anything else peers agree on (for example an encrypted handshake message), as text
+    /// (base64 for bytes).
+    Opaque {
+        /// The payload.
+        data: String,
+    },
+}
+
+/// Why the server refused a message or closed a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame was not JSON (or was binary).
+    NotJson,
+    /// JSON, but not a well-formed message of a known type.
+    Malformed,
+    /// A `"type"` the server does not know.
+    UnknownType,
+    /// [`ClientMessage::Join`] named another protocol version. Fatal.
+    UnsupportedVersion,
+    /// The message exceeded [`MAX_MESSAGE_BYTES`]. Fatal.
+    TooLarge,
+    /// The recipient is not a member of the sender's room.
+    UnknownPeer,
+    /// A second [`ClientMessage::Join`] on one connection.
+    AlreadyJoined,
+    /// A message other than join or ping before joining.
+    NotJoined,
+    /// The client sent more messages per second than allowed; the message was dropped.
+    RateLimited,
+    /// The room has as many members as the server allows.
+    RoomFull,
+    /// The server holds as many rooms as it allows.
+    TooManyRooms,
+    /// The server holds as many connections as it allows. Fatal.
+    ServerFull,
+    /// Nothing arrived for too long. Fatal.
+    IdleTimeout,
+    /// The server is shutting down. Fatal.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// Every code, for metrics that list each reason.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::NotJson,
+        ErrorCode::Malformed,
+        ErrorCode::UnknownType,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::TooLarge,
+        ErrorCode::UnknownPeer,
+        ErrorCode::AlreadyJoined,
+        ErrorCode::NotJoined,
+        ErrorCode::RateLimited,
+        ErrorCode::RoomFull,
+        ErrorCode::TooManyRooms,
+        ErrorCode::ServerFull,
+        ErrorCode::IdleTimeout,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The code's wire name, e.g. `"too_large"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotJson => "not_json",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Whether the server closes the connection after reporting this code.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnsupportedVersion
+                | ErrorCode::TooLarge
+                | ErrorCode::ServerFull
+                | ErrorCode::IdleTimeout
+                | ErrorCode::ShuttingDown
+        )
+    }
+
+    /// The WebSocket close code (RFC 6455 §7.4) that goes with a fatal code.
+    pub fn close_code(self) -> u16 {
+        match self {
+            ErrorCode::TooLarge => 1009,
+            ErrorCode::UnsupportedVersion => 1002,
+            ErrorCode::ServerFull => 1013,
+            ErrorCode::IdleTimeout | ErrorCode::ShuttingDown => 1001,
+            _ => 1008,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Text that is not an acceptable message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {detail}")]
+pub struct DecodeError {
+    /// The reason, as the server reports it.
+    pub code: ErrorCode,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+impl DecodeError {
+    fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self { code, detail: detail.into() }
+    }
+}
+
+fn decode<T: DeserializeOwned>(text: &str, types: &[&str]) -> Result<T, DecodeError> {
+    if text.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::new(
+            ErrorCode::TooLarge,
+            format!("message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}", text.len()),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| DecodeError::new(ErrorCode::NotJson, format!("not JSON: {e}")))?;
+    let Some(tag) = value.get("type") else {
+        return Err(DecodeError::new(
+            ErrorCode::Malformed,
+            "expected an object with a \"type\" field",
+        ));
+    };
+    let Some(tag) = tag.as_str() else {
+        return Err(DecodeError::new(ErrorCode::Malformed, "\"type\" must be a string"));
+    };
+    let tag = tag.to_owned();
+    if !types.contains(&tag.as_str()) {
+        let shown: String = tag.chars().take(40).collect();
+        return Err(DecodeError::new(
+            ErrorCode::UnknownType,
+            format!("unknown message type {shown:?}; expected one of {types:?}"),
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| DecodeError::new(ErrorCode::Malformed, format!("bad {tag:?} message: {e}")))
+}
+
+/// Parses a message from a client. Never panics, whatever the input.
+pub fn decode_client(text: &str) -> Result<ClientMessage, DecodeError> {
+    decode(text, ClientMessage::TYPES)
+}
+
+/// Parses a message from the server. Never panics, whatever the input.
+pub fn decode_server(text: &str) -> Result<ServerMessage, DecodeError> {
+    decode(text, ServerMessage::TYPES)
+}
+
+/// Serializes a message to its wire text.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    // Serializing these types cannot fail: they hold only strings, numbers and enums.
+    serde_json::to_string(msg).unwrap_or_default()
+}
+
+/// What a [`RoomMembership`] learned from one server message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipEvent {
+    /// The server accepted our join (again, after a reconnect: the peer list is then the
+    /// whole truth and replaces the old one).
+    Joined {
+        /// Our id for this connection.
+        peer_id: PeerId,
+        /// Everyone else in the room.
+        peers: Vec<PeerId>,
+    },
+    /// A peer joined.
+    PeerJoined(PeerId),
+    /// A peer left.
+    PeerLeft(PeerId),
+    /// A peer sent us a payload.
+    Signal {
+        /// The sender.
+        from: PeerId,
+        /// The payload.
+        payload: SignalPayload,
+    },
+    /// The server answered a ping.
+    Pong,
+    /// The server refused something.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// Detail from the server.
+        message: String,
+    },
+}
+
+/// A client's view of its room: the sans-IO half of a signaling client that browser and
+/// native peer share. The driver owns the WebSocket; this tracks who is there.
+#[derive(Debug, Clone)]
+pub struct RoomMembership {
+    room: RoomId,
+    own_id: Option<PeerId>,
+    peers: BTreeSet<PeerId>,
+}
+
+impl RoomMembership {
+    /// A membership in `room`, not yet joined.
+    pub fn new(room: RoomId) -> Self {
+        Self { room, own_id: None, peers: BTreeSet::new() }
+    }
+
+    /// The message to send first on every (re)connection.
+    pub fn join_message(&self) -> ClientMessage {
+        ClientMessage::Join { version: PROTOCOL_VERSION, room: self.room.clone() }
+    }
+
+    /// The room.
+    pub fn room(&self) -> &RoomId {
+        &self.room
+    }
+
+    /// Our id, once joined.
+    pub fn own_id(&self) -> Option<&PeerId> {
+        self.own_id.as_ref()
+    }
+
+    /// The other members, sorted.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.peers.iter()
+    }
+
+    /// The driver lost the connection: until the next welcome we know of no one.
+    pub fn disconnected(&mut self) {
+        self.own_id = None;
+        self.peers.clear();
+    }
+
+    /// Takes one text frame from the server.
+    pub fn handle_text(&mut self, text: &str) -> Result<MembershipEvent, DecodeError> {
+        Ok(self.handle(decode_server(text)?))
+    }
+
+    /// Takes one decoded message from the server.
+    pub fn handle(&mut self, msg: ServerMessage) -> MembershipEvent {
+        match msg {
+            ServerMessage::Welcome { peer_id, peers, .. } => {
+                self.own_id = Some(peer_id.clone());
+                self.peers = peers.iter().filter(|p| **p != peer_id).cloned().collect();
+                MembershipEvent::Joined { peer_id, peers: self.peers.iter().cloned().collect() }
+            }
+            ServerMessage::PeerJoined { peer_id } => {
+                self.peers.insert(peer_id.clone());
+                MembershipEvent::PeerJoined(peer_id)
+            }
+            ServerMessage::PeerLeft { peer_id } => {
+                self.peers.remove(&peer_id);
+                MembershipEvent::PeerLeft(peer_id)
+            }
+            ServerMessage::Signal { from, payload } => MembershipEvent::Signal { from, payload },
+            ServerMessage::Pong => MembershipEvent::Pong,
+            ServerMessage::Error { code, message } => MembershipEvent::Error { code, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn room(s: &str) -> RoomId {
+        RoomId::new(s).unwrap()
+    }
+
+    #[test]
+    fn join_round_trips_with_stable_wire_form() {
+        let msg = ClientMessage::Join { version: 1, room: room("abc_DEF-123") };
+        let text = encode(&msg);
+        assert_eq!(text, r#"{"type":"join","version":1,"room":"abc_DEF-123"}"#);
+        assert_eq!(decode_client(&text).unwrap(), msg);
+    }
+
+    #[test]
+    fn signal_payload_round_trips() {
+        let msg = ClientMessage::Signal {
+            to: PeerId::new("p1").unwrap(),
+            payload: SignalPayload::Candidate {
+                candidate: "candidate:1 1 udp 1 192.0.2.1 9 typ host".into(),
+                sdp_mid: Some("0".into()),
+                sdp_m_line_index: Some(0),
+                username_fragment: None,
+            },
+        };
+        assert_eq!(decode_client(&encode(&msg)).unwrap(), msg);
+    }
+
+    #[test]
+    fn each_kind_of_bad_input_has_its_code() {
+        let cases = [
+            ("hello", ErrorCode::NotJson),
+            ("{", ErrorCode::NotJson),
+            ("[1,2]", ErrorCode::Malformed),
+            (r#"{"type":7}"#, ErrorCode::Malformed),
+            (r#"{"type":"teleport"}"#, ErrorCode::UnknownType),
+            (r#"{"type":"join","version":1}"#, ErrorCode::Malformed),
+            (r#"{"type":"join","version":1,"room":"a b"}"#, ErrorCode::Malformed),
+            (r#"{"type":"join","version":1,"room":""}"#, ErrorCode::Malformed),
+            (r#"{"type":"signal","to":"p","payload":{"kind":"x"}}"#, ErrorCode::Malformed),
+        ];
+        for (text, code) in cases {
+            assert_eq!(decode_client(text).unwrap_err().code, code, "{text}");
+        }
+        let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(MAX_MESSAGE_BYTES));
+        assert_eq!(decode_client(&big).unwrap_err().code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn membership_tracks_welcome_join_leave_and_resync() {
+        let mut m = RoomMembership::new(room("r"));
+        let me = PeerId::new("me").unwrap();
+        let a = PeerId::new("a").unwrap();
+        let b = PeerId::new("b").unwrap();
+        let ev = m.handle(ServerMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            room: room("r"),
+            peer_id: me.clone(),
+            peers: vec![a.clone()],
+        });
+        assert_eq!(ev, MembershipEvent::Joined { peer_id: me.clone(), peers: vec![a.clone()] });
+        m.handle(ServerMessage::PeerJoined { peer_id: b.clone() });
+        assert_eq!(m.peers().cloned().collect::<Vec<_>>(), vec![a.clone(), b.clone()]);
+        m.handle(ServerMessage::PeerLeft { peer_id: a.clone() });
+        assert_eq!(m.peers().cloned().collect::<Vec<_>>(), vec![b.clone()]);
+        m.disconnected();
+        assert!(m.own_id().is_none() && m.peers().next().is_none());
+        m.handle(ServerMessage::Welcome {
+            version: 1,
+            room: room("r"),
+            peer_id: me,
+            peers: vec![],
+        });
+        assert!(m.peers().next().is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(text in ".{0,300}") {
+            let _ = decode_client(&text);
+            let _ = decode_server(&text);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_json_shaped_input(
+            ty in prop::sample::select(vec!["join", "signal", "ping", "leave", "welcome", "error", "x"]),
+            field in "[a-z_]{1,12}",
+            value in prop_oneof![Just("1".to_string()), Just("null".to_string()), "\"[ -~]{0,20}\"", Just("{}".to_string())],
+        ) {
+            let text = format!(r#"{{"type":"{ty}","{field}":{value}}}"#);
+            let _ = decode_client(&text);
+            let _ = decode_server(&text);
+        }
+
+        #[test]
+        fn valid_ids_round_trip(s in "[A-Za-z0-9_-]{1,128}") {
+            let msg = ClientMessage::Join { version: PROTOCOL_VERSION, room: RoomId::new(s).unwrap() };
+            prop_assert_eq!(decode_client(&encode(&msg)).unwrap(), msg);
+        }
+    }
+}

@@ -1,1 +1,291 @@
-//! placeholder
+//! `weft-signal`: the signaling server. It introduces peers (rooms, membership, addressed
+//! forwarding of opaque payloads) and serves the web app. It never sees a network name,
+//! a passphrase, or anything peers encrypt.
+//!
+//! [`app`] builds the router, so tests run the server in-process; [`Server::start`] binds
+//! and serves it over HTTP or HTTPS; `main.rs` only parses configuration.
+#![forbid(unsafe_code)]
+
+pub mod metrics;
+pub mod relay;
+pub mod tls;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::watch;
+use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+pub use metrics::Metrics;
+pub use relay::Limits;
+pub use tls::{TlsSetup, TlsSource};
+
+/// The listen address when none is given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Where `cargo xtask` puts the built web app, relative to the workspace.
+pub fn default_web_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/web-dist")
+}
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Directory with `index.html` and the WASM bundle.
+    pub web_root: PathBuf,
+    /// HTTPS instead of HTTP.
+    pub tls: Option<TlsSource>,
+    /// Limits on clients.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            web_root: default_web_root(),
+            tls: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    hub: Mutex<ws::Hub>,
+    metrics: Metrics,
+    limits: Limits,
+    web_root: PathBuf,
+    shutdown: watch::Sender<bool>,
+}
+
+/// State shared by every request.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+impl AppState {
+    /// Fresh state: no rooms, no connections.
+    pub fn new(limits: Limits, web_root: PathBuf) -> Self {
+        let hub = ws::Hub::new(relay::Relay::new(limits.clone()));
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                hub: Mutex::new(hub),
+                metrics: Metrics::default(),
+                limits,
+                web_root,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Tells every WebSocket connection to close with [`ErrorCode::ShuttingDown`].
+    ///
+    /// [`ErrorCode::ShuttingDown`]: weft_core::signal::ErrorCode::ShuttingDown
+    pub fn begin_shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+}
+
+/// The router: `/ws`, `/healthz`, `/metrics`, and the web app.
+pub fn app(state: AppState) -> Router {
+    let web_root = state.inner.web_root.clone();
+    let static_files = ServeDir::new(&web_root)
+        .append_index_html_on_directories(true)
+        .fallback(get(missing_bundle).with_state(state.clone()));
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback_service(static_files)
+        .with_state(state)
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; \
+                 connect-src 'self' ws: wss:; img-src 'self' data: blob:; \
+                 style-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+            ),
+        ))
+}
+
+async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    // Frames a little over the limit still arrive whole, so the client learns why it is
+    // closed; far larger ones are cut off by the WebSocket layer itself.
+    let hard_limit = state.inner.limits.max_message_bytes.saturating_mul(16);
+    ws.max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| ws::run_connection(socket, state))
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    let m = state.metrics();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "connections": m.connections.get(),
+        "rooms": m.rooms.get(),
+    }))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics().render(),
+    )
+}
+
+async fn missing_bundle(State(state): State<AppState>) -> Response {
+    if state.inner.web_root.join("index.html").is_file() {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    }
+    let root = state.inner.web_root.display().to_string();
+    let body = format!(
+        "<!doctype html><title>Weft: web app not built</title>\
+         <h1>The Weft web app is not built</h1>\
+         <p>No <code>index.html</code> in <code>{}</code>. Run <code>cargo xtask run</code> \
+         from the Weft checkout, or pass <code>--web-root</code>.</p>",
+        html_escape(&root)
+    );
+    (StatusCode::SERVICE_UNAVAILABLE, Html(body)).into_response()
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The listen address is taken or not ours.
+    #[error(
+        "cannot listen on {addr}: {source} (is another weft-signal running? choose another with --listen)"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    tls: Option<TlsSetup>,
+    state: AppState,
+    handle: axum_server::Handle<SocketAddr>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Binds `config.listen` and starts serving in the background.
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
+        let tls = config.tls.as_ref().map(|t| t.load(config.listen)).transpose()?;
+        let bind = |source| ServerError::Bind { addr: config.listen, source };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(bind)?;
+        listener.set_nonblocking(true).map_err(bind)?;
+        let addr = listener.local_addr().map_err(bind)?;
+        let state = AppState::new(config.limits, config.web_root);
+        let service = app(state.clone()).into_make_service();
+        let handle = axum_server::Handle::new();
+        let task = match &tls {
+            Some(setup) => {
+                let server = axum_server::from_tcp_rustls(listener, setup.config.clone())
+                    .map_err(bind)?
+                    .handle(handle.clone());
+                tokio::spawn(server.serve(service))
+            }
+            None => {
+                let server = axum_server::from_tcp(listener).map_err(bind)?.handle(handle.clone());
+                tokio::spawn(server.serve(service))
+            }
+        };
+        tracing::info!(%addr, tls = tls.is_some(), "listening");
+        Ok(Self { addr, tls, state, handle, task })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The TLS certificate in use, if serving HTTPS.
+    pub fn tls(&self) -> Option<&TlsSetup> {
+        self.tls.as_ref()
+    }
+
+    /// The page to open, e.g. `http://127.0.0.1:8080/`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let host = if self.addr.ip().is_unspecified() {
+            "localhost".to_string()
+        } else if self.addr.is_ipv6() {
+            format!("[{}]", self.addr.ip())
+        } else {
+            self.addr.ip().to_string()
+        };
+        format!("{scheme}://{host}:{}/", self.addr.port())
+    }
+
+    /// The WebSocket endpoint, e.g. `ws://127.0.0.1:8080/ws`.
+    pub fn ws_url(&self) -> String {
+        let url = self.url();
+        let url = url.replacen("http", "ws", 1);
+        format!("{url}ws")
+    }
+
+    /// Shared state, for metrics.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Closes every WebSocket with a reason, finishes requests in flight (at most
+    /// `grace`), and stops.
+    pub async fn shutdown(self, grace: Duration) {
+        self.state.begin_shutdown();
+        // Let connection tasks send their close frames before connections are cut.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.handle.graceful_shutdown(Some(grace));
+        match self.task.await {
+            Ok(Ok(())) => tracing::info!("stopped"),
+            Ok(Err(e)) => tracing::warn!("server stopped with an error: {e}"),
+            Err(e) => tracing::warn!("server task failed: {e}"),
+        }
+    }
+
+    /// Waits until the server stops on its own (it only does on an I/O error).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        (&mut self.task).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}

@@ -1,0 +1,123 @@
+//! `weft-signal`: parses configuration, starts the server, stops it on Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use weft_signal::{Config, Limits, Server, TlsSource};
+
+/// Weft signaling server: introduces peers and serves the Weft web app.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on. Use 0.0.0.0:PORT to let devices on your LAN join (with
+    /// --self-signed or --tls-cert, since browsers need HTTPS off localhost).
+    #[arg(long, env = "WEFT_LISTEN", default_value = weft_signal::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// Directory holding the built web app (index.html and the WASM bundle).
+    #[arg(long, env = "WEFT_WEB_ROOT")]
+    web_root: Option<PathBuf>,
+
+    /// TLS certificate chain (PEM). Requires --tls-key.
+    #[arg(long, env = "WEFT_TLS_CERT", requires = "tls_key", conflicts_with = "self_signed")]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM). Requires --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve HTTPS with a fresh self-signed certificate (for a LAN).
+    #[arg(long)]
+    self_signed: bool,
+
+    /// Most peers in one room.
+    #[arg(long, default_value_t = Limits::default().max_peers_per_room)]
+    max_peers_per_room: usize,
+
+    /// Most rooms at once.
+    #[arg(long, default_value_t = Limits::default().max_rooms)]
+    max_rooms: usize,
+
+    /// Most WebSocket connections at once.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let tls = match (args.tls_cert, args.tls_key, args.self_signed) {
+        (Some(cert), Some(key), _) => Some(TlsSource::Files { cert, key }),
+        (_, _, true) => Some(TlsSource::SelfSigned),
+        _ => None,
+    };
+    let config = Config {
+        listen: args.listen,
+        web_root: args.web_root.unwrap_or_else(weft_signal::default_web_root),
+        tls,
+        limits: Limits {
+            max_peers_per_room: args.max_peers_per_room,
+            max_rooms: args.max_rooms,
+            max_connections: args.max_connections,
+            ..Limits::default()
+        },
+    };
+    if !config.web_root.join("index.html").is_file() {
+        tracing::warn!(
+            web_root = %config.web_root.display(),
+            "no index.html in the web root; run `cargo xtask run`, or pass --web-root"
+        );
+    }
+    let mut server = Server::start(config).await.context("weft-signal could not start")?;
+    if let Some(tls) = server.tls() {
+        if !tls.names.is_empty() {
+            println!("Self-signed certificate for {}", tls.names.join(", "));
+        }
+        println!("Certificate SHA-256 fingerprint: {}", tls.fingerprint);
+    }
+    println!("Weft is running: open {}", server.url());
+    tokio::select! {
+        result = server.wait() => {
+            result.context("server failed")?;
+        }
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            server.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

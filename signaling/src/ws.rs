@@ -1,0 +1,228 @@
+//! The WebSocket driver: moves frames between sockets and the [`Relay`], and owns the
+//! per-connection timers (ping, idle timeout) and the shutdown notice.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use weft_core::signal::{self, ErrorCode, PeerId, ServerMessage};
+
+use crate::AppState;
+use crate::relay::{ConnId, Delivery, Relay};
+
+/// Messages queued for one connection before it counts as too slow and is dropped.
+const OUTBOX_CAPACITY: usize = 1024;
+
+/// How long a closing server waits for the client's close frame.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the hub asks a connection task to send.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A text frame.
+    Text(String),
+    /// A text frame with a fatal error, then a close frame.
+    Fatal(String, ErrorCode),
+}
+
+/// The relay plus the way to reach each connection's task.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    pub(crate) relay: Relay,
+    outboxes: HashMap<ConnId, mpsc::Sender<Outbound>>,
+}
+
+impl Hub {
+    pub(crate) fn new(relay: Relay) -> Self {
+        Self { relay, outboxes: HashMap::new() }
+    }
+}
+
+impl AppState {
+    fn lock_hub(&self) -> std::sync::MutexGuard<'_, Hub> {
+        // A poisoned lock means a panic elsewhere; the relay's state is still consistent
+        // because every mutation completes before anything can panic.
+        self.inner.hub.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends each delivery to its connection, counting relayed messages and rejections.
+    fn deliver(&self, hub: &mut Hub, out: Vec<Delivery>) {
+        for Delivery { to, msg } in out {
+            let metrics = &self.inner.metrics;
+            let fatal = match &msg {
+                ServerMessage::Signal { .. } => {
+                    metrics.messages_relayed.inc();
+                    None
+                }
+                ServerMessage::Error { code, message } => {
+                    metrics.reject(*code);
+                    tracing::debug!(conn = to.0, %code, %message, "rejected");
+                    code.is_fatal().then_some(*code)
+                }
+                _ => None,
+            };
+            let Some(outbox) = hub.outboxes.get(&to) else { continue };
+            let text = signal::encode(&msg);
+            let item = match fatal {
+                Some(code) => Outbound::Fatal(text, code),
+                None => Outbound::Text(text),
+            };
+            if outbox.try_send(item).is_err() {
+                // Too slow to keep up (or already gone): dropping its outbox ends its task,
+                // which then leaves the room properly.
+                tracing::warn!(conn = to.0, "connection cannot keep up; dropping it");
+                hub.outboxes.remove(&to);
+            }
+        }
+        self.inner.metrics.rooms.set(i64::try_from(hub.relay.room_count()).unwrap_or(i64::MAX));
+    }
+
+    fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
+        let mut hub = self.lock_hub();
+        let out = vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }];
+        self.deliver(&mut hub, out);
+    }
+
+    fn on_text(&self, conn: ConnId, text: &str) {
+        if !self.lock_hub().relay.admit(conn, Instant::now()) {
+            let rate = self.inner.limits.messages_per_second;
+            self.reject(
+                conn,
+                ErrorCode::RateLimited,
+                format!("more than {rate} messages per second; message dropped"),
+            );
+            return;
+        }
+        let msg = if text.len() > self.inner.limits.max_message_bytes {
+            let limit = self.inner.limits.max_message_bytes;
+            Err((ErrorCode::TooLarge, format!("message of {} bytes exceeds {limit}", text.len())))
+        } else {
+            signal::decode_client(text).map_err(|e| (e.code, e.detail))
+        };
+        match msg {
+            Ok(msg) => {
+                let mut hub = self.lock_hub();
+                let out = hub.relay.handle(conn, msg);
+                self.deliver(&mut hub, out);
+            }
+            Err((code, detail)) => self.reject(conn, code, detail),
+        }
+    }
+
+    fn connect(&self, outbox: mpsc::Sender<Outbound>) -> Result<ConnId, ErrorCode> {
+        let peer_id = PeerId::new(format!("{:016x}", rand::random::<u64>()))
+            .map_err(|_| ErrorCode::ServerFull)?;
+        let mut hub = self.lock_hub();
+        let conn = hub.relay.connect(peer_id, Instant::now()).inspect_err(|&code| {
+            self.inner.metrics.reject(code);
+        })?;
+        hub.outboxes.insert(conn, outbox);
+        self.inner.metrics.connections.inc();
+        self.inner.metrics.connections_total.inc();
+        Ok(conn)
+    }
+
+    fn disconnect(&self, conn: ConnId) {
+        let mut hub = self.lock_hub();
+        hub.outboxes.remove(&conn);
+        let out = hub.relay.disconnect(conn);
+        self.deliver(&mut hub, out);
+        self.inner.metrics.connections.dec();
+    }
+}
+
+fn close_frame(code: ErrorCode, reason: &str) -> Message {
+    // RFC 6455 limits a close reason to 123 bytes.
+    let mut reason = reason.to_string();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    Message::Close(Some(CloseFrame { code: code.close_code(), reason: reason.into() }))
+}
+
+/// Runs one WebSocket connection to its end. Generic over the socket so tests can drive
+/// it with channels.
+pub(crate) async fn run_connection<S>(socket: S, state: AppState)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin + Send,
+{
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel(OUTBOX_CAPACITY);
+    let conn = match state.connect(tx) {
+        Ok(conn) => conn,
+        Err(code) => {
+            let text = "the server has its maximum number of connections; try again later";
+            let _ =
+                sink.send(Message::text(signal::encode(&ServerMessage::error(code, text)))).await;
+            let _ = sink.send(close_frame(code, text)).await;
+            return;
+        }
+    };
+    tracing::debug!(conn = conn.0, "connected");
+    let limits = state.inner.limits.clone();
+    let mut shutdown = state.inner.shutdown.subscribe();
+    let mut ping = tokio::time::interval(limits.ping_interval);
+    ping.tick().await;
+    let idle = tokio::time::sleep(limits.idle_timeout);
+    tokio::pin!(idle);
+
+    let fatal = |code: ErrorCode, text: &str| {
+        (Message::text(signal::encode(&ServerMessage::error(code, text))), close_frame(code, text))
+    };
+    let end: Option<(Message, Message)> = loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break None };
+                idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                match frame {
+                    Message::Text(text) => state.on_text(conn, text.as_str()),
+                    Message::Binary(_) => state.reject(
+                        conn,
+                        ErrorCode::NotJson,
+                        "binary frames are not accepted; send JSON text".into(),
+                    ),
+                    Message::Close(_) => break None,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outbound::Text(text)) => {
+                    if sink.send(Message::text(text)).await.is_err() { break None }
+                }
+                Some(Outbound::Fatal(text, code)) => {
+                    let reason = code.as_str().to_string();
+                    break Some((Message::text(text), close_frame(code, &reason)));
+                }
+                None => break Some(fatal(ErrorCode::RateLimited, "connection too slow to keep up")),
+            },
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() { break None }
+            }
+            () = &mut idle => {
+                state.inner.metrics.reject(ErrorCode::IdleTimeout);
+                break Some(fatal(ErrorCode::IdleTimeout, "nothing received for too long"));
+            }
+            () = async { let _ = shutdown.wait_for(|down| *down).await; } => {
+                break Some(fatal(ErrorCode::ShuttingDown, "server is shutting down; reconnect shortly"));
+            }
+        }
+    };
+    state.disconnect(conn);
+    if let Some((error, close)) = end {
+        let _ = sink.send(error).await;
+        let _ = sink.send(close).await;
+        // Closing handshake (RFC 6455 §7.1.1): wait briefly for the client's close frame
+        // so it reads our reason before the TCP connection goes away.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(frame)) = stream.next().await {
+                if matches!(frame, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    tracing::debug!(conn = conn.0, "disconnected");
+}

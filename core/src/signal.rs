@@ -486,6 +486,36 @@ impl RoomMembership {
     }
 }
 
+/// When to try the signaling server again after losing it: exponential backoff with
+/// jitter, from half a second up to ten. The driver supplies the randomness.
+#[derive(Debug, Clone, Default)]
+pub struct ReconnectBackoff {
+    failures: u32,
+}
+
+impl ReconnectBackoff {
+    /// Shortest delay, milliseconds.
+    pub const MIN_MS: u32 = 500;
+    /// Longest delay, milliseconds.
+    pub const MAX_MS: u32 = 10_000;
+
+    /// The delay before the next attempt, given a uniformly random `jitter` in `0..=1`;
+    /// each call counts one more failure.
+    pub fn next_delay_ms(&mut self, jitter: f64) -> u32 {
+        let base = Self::MIN_MS.saturating_mul(1 << self.failures.min(5)).min(Self::MAX_MS);
+        self.failures = self.failures.saturating_add(1);
+        // Full jitter on the upper half keeps a restarted server from being stampeded.
+        let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.5 };
+        let half = f64::from(base) / 2.0;
+        (half + half * jitter) as u32
+    }
+
+    /// The connection works again: start over from the shortest delay.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +593,17 @@ mod tests {
             peers: vec![],
         });
         assert!(m.peers().next().is_none());
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_resets() {
+        let mut b = ReconnectBackoff::default();
+        let delays: Vec<u32> = (0..8).map(|_| b.next_delay_ms(1.0)).collect();
+        assert_eq!(delays, vec![500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]);
+        assert_eq!(b.next_delay_ms(0.0), 5000);
+        assert_eq!(b.next_delay_ms(f64::NAN), 7500);
+        b.reset();
+        assert_eq!(b.next_delay_ms(1.0), 500);
     }
 
     proptest! {

@@ -7,6 +7,7 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::SendTimeoutError;
 use weft_core::signal::{self, ErrorCode, PeerId, ServerMessage};
 
 use crate::AppState;
@@ -17,6 +18,17 @@ const OUTBOX_CAPACITY: usize = 1024;
 
 /// How long a closing server waits for the client's close frame.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a sender waits for a recipient's full queue before the recipient is dropped.
+const SLOW_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A message on its way to one connection's queue.
+#[derive(Debug)]
+struct Pending {
+    to: ConnId,
+    outbox: mpsc::Sender<Outbound>,
+    item: Outbound,
+}
 
 /// What the hub asks a connection task to send.
 #[derive(Debug)]
@@ -47,52 +59,66 @@ impl AppState {
         self.inner.hub.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sends each delivery to its connection, counting relayed messages and rejections.
-    fn deliver(&self, hub: &mut Hub, out: Vec<Delivery>) {
-        for Delivery { to, msg } in out {
-            let metrics = &self.inner.metrics;
-            let fatal = match &msg {
-                ServerMessage::Signal { .. } => {
-                    metrics.messages_relayed.inc();
-                    None
-                }
-                ServerMessage::Error { code, message } => {
-                    metrics.reject(*code);
-                    tracing::debug!(conn = to.0, %code, %message, "rejected");
-                    code.is_fatal().then_some(*code)
-                }
-                _ => None,
-            };
-            let Some(outbox) = hub.outboxes.get(&to) else { continue };
-            let text = signal::encode(&msg);
-            let item = match fatal {
-                Some(code) => Outbound::Fatal(text, code),
-                None => Outbound::Text(text),
-            };
-            if outbox.try_send(item).is_err() {
-                // Too slow to keep up (or already gone): dropping its outbox ends its task,
-                // which then leaves the room properly.
+    /// Turns deliveries into queued sends, counting relayed messages and rejections.
+    /// Call with the hub locked; send the result with [`flush`] after unlocking.
+    fn route(&self, hub: &Hub, out: Vec<Delivery>) -> Vec<Pending> {
+        let metrics = &self.inner.metrics;
+        let pending = out
+            .into_iter()
+            .filter_map(|Delivery { to, msg }| {
+                let fatal = match &msg {
+                    ServerMessage::Signal { .. } => {
+                        metrics.messages_relayed.inc();
+                        None
+                    }
+                    ServerMessage::Error { code, message } => {
+                        metrics.reject(*code);
+                        tracing::debug!(conn = to.0, %code, %message, "rejected");
+                        code.is_fatal().then_some(*code)
+                    }
+                    _ => None,
+                };
+                let outbox = hub.outboxes.get(&to)?.clone();
+                let text = signal::encode(&msg);
+                let item = match fatal {
+                    Some(code) => Outbound::Fatal(text, code),
+                    None => Outbound::Text(text),
+                };
+                Some(Pending { to, outbox, item })
+            })
+            .collect();
+        metrics.rooms.set(i64::try_from(hub.relay.room_count()).unwrap_or(i64::MAX));
+        pending
+    }
+
+    /// Sends queued messages. A recipient whose queue stays full for [`SLOW_PEER_GRACE`]
+    /// is dropped (its task then leaves the room properly); until then the sender waits,
+    /// which pushes back on it through TCP.
+    async fn flush(&self, pending: Vec<Pending>) {
+        for Pending { to, outbox, item } in pending {
+            if let Err(SendTimeoutError::Timeout(_)) =
+                outbox.send_timeout(item, SLOW_PEER_GRACE).await
+            {
                 tracing::warn!(conn = to.0, "connection cannot keep up; dropping it");
-                hub.outboxes.remove(&to);
+                self.lock_hub().outboxes.remove(&to);
             }
         }
-        self.inner.metrics.rooms.set(i64::try_from(hub.relay.room_count()).unwrap_or(i64::MAX));
     }
 
-    fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
-        let mut hub = self.lock_hub();
-        let out = vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }];
-        self.deliver(&mut hub, out);
+    async fn deliver(&self, out: Vec<Delivery>) {
+        let pending = self.route(&self.lock_hub(), out);
+        self.flush(pending).await;
     }
 
-    fn on_text(&self, conn: ConnId, text: &str) {
+    async fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
+        self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]).await;
+    }
+
+    async fn on_text(&self, conn: ConnId, text: &str) {
         if !self.lock_hub().relay.admit(conn, Instant::now()) {
             let rate = self.inner.limits.messages_per_second;
-            self.reject(
-                conn,
-                ErrorCode::RateLimited,
-                format!("more than {rate} messages per second; message dropped"),
-            );
+            let message = format!("more than {rate} messages per second; message dropped");
+            self.reject(conn, ErrorCode::RateLimited, message).await;
             return;
         }
         let msg = if text.len() > self.inner.limits.max_message_bytes {
@@ -103,11 +129,14 @@ impl AppState {
         };
         match msg {
             Ok(msg) => {
-                let mut hub = self.lock_hub();
-                let out = hub.relay.handle(conn, msg);
-                self.deliver(&mut hub, out);
+                let pending = {
+                    let mut hub = self.lock_hub();
+                    let out = hub.relay.handle(conn, msg);
+                    self.route(&hub, out)
+                };
+                self.flush(pending).await;
             }
-            Err((code, detail)) => self.reject(conn, code, detail),
+            Err((code, detail)) => self.reject(conn, code, detail).await,
         }
     }
 
@@ -124,12 +153,15 @@ impl AppState {
         Ok(conn)
     }
 
-    fn disconnect(&self, conn: ConnId) {
-        let mut hub = self.lock_hub();
-        hub.outboxes.remove(&conn);
-        let out = hub.relay.disconnect(conn);
-        self.deliver(&mut hub, out);
+    async fn disconnect(&self, conn: ConnId) {
+        let pending = {
+            let mut hub = self.lock_hub();
+            hub.outboxes.remove(&conn);
+            let out = hub.relay.disconnect(conn);
+            self.route(&hub, out)
+        };
         self.inner.metrics.connections.dec();
+        self.flush(pending).await;
     }
 }
 
@@ -177,12 +209,11 @@ where
                 let Some(Ok(frame)) = frame else { break None };
                 idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                 match frame {
-                    Message::Text(text) => state.on_text(conn, text.as_str()),
-                    Message::Binary(_) => state.reject(
-                        conn,
-                        ErrorCode::NotJson,
-                        "binary frames are not accepted; send JSON text".into(),
-                    ),
+                    Message::Text(text) => state.on_text(conn, text.as_str()).await,
+                    Message::Binary(_) => {
+                        let message = "binary frames are not accepted; send JSON text".into();
+                        state.reject(conn, ErrorCode::NotJson, message).await;
+                    }
                     Message::Close(_) => break None,
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
@@ -209,7 +240,7 @@ where
             }
         }
     };
-    state.disconnect(conn);
+    state.disconnect(conn).await;
     if let Some((error, close)) = end {
         let _ = sink.send(error).await;
         let _ = sink.send(close).await;

@@ -1,1 +1,150 @@
-//! placeholder
+//! Test support: real servers and real headless Chromium, for Weft's integration tests
+//! and benchmarks.
+//!
+//! Browser tests skip (printing why) only when the capability is really missing, and only
+//! when `WEFT_REQUIRE_BROWSER` is unset; `cargo xtask test` sets it, so there they run.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use thirtyfour::prelude::*;
+use weft_signal::{Config, Limits, Server};
+
+/// Debian's Chromium.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+/// Debian's ChromeDriver, the same version as [`CHROMIUM`].
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// The built web app: `WEFT_WEB_ROOT`, or where `cargo xtask bundle` puts it.
+pub fn web_root() -> PathBuf {
+    std::env::var_os("WEFT_WEB_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(weft_signal::default_web_root)
+}
+
+/// Why browser tests cannot run here, if they cannot.
+pub fn browser_missing() -> Option<String> {
+    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
+        return Some(format!(
+            "{CHROMIUM} or {CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)"
+        ));
+    }
+    let root = web_root();
+    if !root.join("pkg/weft_wasm_bg.wasm").is_file() {
+        return Some(format!(
+            "the web app is not built in {} (cargo xtask bundle)",
+            root.display()
+        ));
+    }
+    None
+}
+
+/// `true` if browser tests may run; `false` (after printing why) if they must skip.
+/// Panics when `WEFT_REQUIRE_BROWSER` is set and the browser is missing.
+#[allow(clippy::panic, reason = "a test that must run fails loudly rather than skip")]
+pub fn browser_available(test: &str) -> bool {
+    let Some(reason) = browser_missing() else { return true };
+    if std::env::var_os("WEFT_REQUIRE_BROWSER").is_some() {
+        panic!("{test}: browser tests are required here but {reason}");
+    }
+    println!("SKIPPED {test}: {reason}");
+    false
+}
+
+/// Starts a signaling server on a free loopback port serving [`web_root`].
+pub async fn start_server(limits: Limits) -> Result<Server> {
+    let config = Config { listen: "127.0.0.1:0".parse()?, web_root: web_root(), tls: None, limits };
+    Ok(Server::start(config).await?)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A chromedriver process on a free port, killed on drop.
+#[derive(Debug)]
+pub struct ChromeDriver {
+    child: Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    /// Starts chromedriver and waits until it accepts connections.
+    pub async fn start() -> Result<Self> {
+        let port = free_port()?;
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start chromedriver")?;
+        let driver = Self { child, url: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("chromedriver did not listen on port {port} within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(driver)
+    }
+
+    /// A new headless Chromium process with its own fresh profile.
+    pub async fn browser(&self) -> Result<WebDriver> {
+        let mut caps = DesiredCapabilities::chrome();
+        caps.set_binary(CHROMIUM)?;
+        for arg in [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+            "--window-size=1000,800",
+        ] {
+            caps.add_arg(arg)?;
+        }
+        WebDriver::new(&self.url, caps).await.context("chromedriver could not start Chromium")
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 100 ms until it yields `Some`, or fails after `timeout` with
+/// `what` and the last state `check` reported.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Result<T, String>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check().await? {
+            Ok(value) => return Ok(value),
+            Err(state) => state,
+        };
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}; last state: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `script` in the page and returns its result as JSON.
+pub async fn js(browser: &WebDriver, script: &str) -> Result<serde_json::Value> {
+    Ok(browser.execute(script, Vec::new()).await?.json().clone())
+}

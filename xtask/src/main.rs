@@ -1,1 +1,403 @@
-fn main() {}
+//! `cargo xtask`: one entry point for setting up, building, running, testing and
+//! benchmarking Weft on a fresh machine. Every step checks what is already there and
+//! installs only what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+const WASM_CRATE: &str = "weft-wasm";
+const WASM_PROFILE: &str = "wasm-release";
+/// Debian's packages that give a wasm32 build without rustup's target (see
+/// shared/TOOLCHAIN.md): rustc 1.96 with std sources, and lld as the linker.
+const DEBIAN_WASM_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "lld-22"];
+const DEBIAN_BROWSER_PACKAGES: &[&str] = &["chromium", "chromium-driver"];
+
+#[derive(Debug, Parser)]
+#[command(about = "Weft's build, run, test and bench tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what is missing, build the web app and the server, and run the server.
+    Run {
+        /// Arguments for weft-signal, e.g. `-- --listen 0.0.0.0:8443 --self-signed`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Install what is missing and run every check and test (fmt, clippy, unit,
+    /// integration and browser tests).
+    Test {
+        /// Only run tests whose names contain this (passed to the test runner).
+        filter: Option<String>,
+    },
+    /// Run a benchmark; each prints lines `BENCH <metric> <value> <unit>`.
+    Bench {
+        /// Which benchmark (omit to list them).
+        name: Option<String>,
+    },
+    /// Install what is missing and build the web app bundle into target/web-dist.
+    Bundle,
+    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium).
+    Setup,
+}
+
+/// Benchmarks by name: (name, what it measures).
+const BENCHES: &[(&str, &str)] =
+    &[("signal", "signaling relay throughput vs. a raw WebSocket echo, same process")];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => {
+            let wasm = ensure_wasm_toolchain()?;
+            ensure_wasm_bindgen(&root)?;
+            ensure_browser()?;
+            println!("xtask: ready ({wasm:?} wasm toolchain)");
+        }
+        Task::Bundle => {
+            build_bundle(&root)?;
+        }
+        Task::Run { args } => run(&root, &args)?,
+        Task::Test { filter } => test(&root, filter.as_deref())?,
+        Task::Bench { name } => bench(&root, name.as_deref())?,
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).context("xtask is not inside the workspace")
+}
+
+fn web_dist(root: &Path) -> PathBuf {
+    root.join("target/web-dist")
+}
+
+// ---------------------------------------------------------------------------------------
+// Running commands
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().to_string();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    println!("xtask: $ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("cannot start `{}`", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+fn output_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `cmd`, killing it after `limit`. `Ok(None)` means it timed out.
+fn status_within(cmd: &mut Command, limit: Duration) -> Result<Option<ExitStatus>> {
+    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", show(cmd)))?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if !have("apt-get") {
+        bail!("missing {}: install them with your system's package manager", packages.join(", "));
+    }
+    println!("xtask: installing Debian packages: {}", packages.join(" "));
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    run_cmd(Command::new("apt-get").args(["update", "-q"]).envs(env))?;
+    run_cmd(Command::new("apt-get").args(["install", "-y", "-q"]).args(packages).envs(env))
+}
+
+// ---------------------------------------------------------------------------------------
+// Toolchain
+
+/// How to build for wasm32 on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WasmToolchain {
+    /// rustup's `wasm32-unknown-unknown` target.
+    Rustup,
+    /// Debian's rustc with `-Zbuild-std` (no rustup target available).
+    DebianBuildStd,
+}
+
+fn rustup_has_wasm() -> bool {
+    output_of("rustup", &["target", "list", "--installed"])
+        .is_some_and(|s| s.lines().any(|l| l.trim() == WASM_TARGET))
+}
+
+fn debian_wasm_ready() -> bool {
+    Path::new("/usr/bin/rustc").exists()
+        && Path::new("/usr/bin/cargo").exists()
+        && Path::new("/usr/bin/rust-lld").exists()
+        && Path::new("/usr/lib/rustlib/src/rust/library/Cargo.lock").exists()
+}
+
+fn ensure_wasm_toolchain() -> Result<WasmToolchain> {
+    if rustup_has_wasm() {
+        return Ok(WasmToolchain::Rustup);
+    }
+    if debian_wasm_ready() {
+        return Ok(WasmToolchain::DebianBuildStd);
+    }
+    if have("rustup") {
+        println!("xtask: adding the {WASM_TARGET} target with rustup (60 s at most)");
+        let mut cmd = Command::new("rustup");
+        cmd.args(["target", "add", WASM_TARGET]);
+        match status_within(&mut cmd, Duration::from_secs(60))? {
+            Some(s) if s.success() && rustup_has_wasm() => return Ok(WasmToolchain::Rustup),
+            Some(s) => println!("xtask: rustup could not add the target ({s})"),
+            None => println!("xtask: rustup timed out (no download server?)"),
+        }
+    }
+    println!("xtask: falling back to Debian's rustc with build-std");
+    apt_install(DEBIAN_WASM_PACKAGES)?;
+    if !debian_wasm_ready() {
+        bail!("Debian's wasm toolchain is still incomplete after installing it");
+    }
+    Ok(WasmToolchain::DebianBuildStd)
+}
+
+/// The version of a package in Cargo.lock.
+fn locked_version(root: &Path, package: &str) -> Result<String> {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == format!("name = \"{package}\"") {
+            if let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
+                return Ok(v.trim_end_matches('"').to_string());
+            }
+        }
+    }
+    bail!("{package} is not in Cargo.lock")
+}
+
+fn ensure_wasm_bindgen(root: &Path) -> Result<()> {
+    let version = locked_version(root, "wasm-bindgen")?;
+    let installed = output_of("wasm-bindgen", &["--version"]).unwrap_or_default();
+    if installed.split_whitespace().nth(1) == Some(version.as_str()) {
+        return Ok(());
+    }
+    println!("xtask: installing wasm-bindgen-cli {version} (once; a few minutes)");
+    let locked = run_cmd(Command::new("cargo").args([
+        "install",
+        "wasm-bindgen-cli",
+        "--version",
+        &version,
+        "--locked",
+    ]));
+    if let Err(e) = locked {
+        // Its lock file can name a crate version the registry no longer serves.
+        println!("xtask: --locked install failed ({e}); retrying with fresh dependencies");
+        run_cmd(Command::new("cargo").args([
+            "install",
+            "wasm-bindgen-cli",
+            "--version",
+            &version,
+        ]))?;
+    }
+    Ok(())
+}
+
+fn ensure_browser() -> Result<()> {
+    if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
+        return Ok(());
+    }
+    apt_install(DEBIAN_BROWSER_PACKAGES)
+}
+
+// ---------------------------------------------------------------------------------------
+// Building
+
+fn build_bundle(root: &Path) -> Result<PathBuf> {
+    let toolchain = ensure_wasm_toolchain()?;
+    ensure_wasm_bindgen(root)?;
+    let target_dir = root.join("target/wasm");
+    let mut cmd = match toolchain {
+        WasmToolchain::Rustup => Command::new("cargo"),
+        WasmToolchain::DebianBuildStd => {
+            let mut cmd = Command::new("/usr/bin/cargo");
+            cmd.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1");
+            cmd
+        }
+    };
+    cmd.args(["build", "--profile", WASM_PROFILE, "--target", WASM_TARGET, "-p", WASM_CRATE])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env_remove("RUSTFLAGS");
+    if toolchain == WasmToolchain::DebianBuildStd {
+        cmd.arg("-Zbuild-std=std,panic_abort");
+    }
+    run_cmd(&mut cmd)?;
+    let wasm = target_dir.join(WASM_TARGET).join(WASM_PROFILE).join("weft_wasm.wasm");
+
+    let dist = web_dist(root);
+    let pkg = dist.join("pkg");
+    if pkg.exists() {
+        std::fs::remove_dir_all(&pkg)?;
+    }
+    run_cmd(
+        Command::new("wasm-bindgen")
+            .args(["--target", "web", "--no-typescript", "--out-dir"])
+            .arg(&pkg)
+            .arg(&wasm),
+    )?;
+    let bg = pkg.join("weft_wasm_bg.wasm");
+    check_wasm_imports(&bg)?;
+    copy_dir(&root.join("web"), &dist)?;
+    let size = std::fs::metadata(&bg)?.len();
+    println!("xtask: web app in {} (wasm {} KiB)", dist.display(), size / 1024);
+    Ok(dist)
+}
+
+/// Fails when the module imports from `env`: the sign of native-only code in the bundle.
+fn check_wasm_imports(wasm: &Path) -> Result<()> {
+    let bytes = std::fs::read(wasm)?;
+    let mut modules = std::collections::BTreeSet::new();
+    for payload in wasmparser::Parser::new(0).parse_all(&bytes) {
+        if let wasmparser::Payload::ImportSection(reader) = payload? {
+            for import in reader.into_imports() {
+                modules.insert(import?.module.to_string());
+            }
+        }
+    }
+    if modules.contains("env") {
+        bail!("{} imports from `env`: native-only code leaked into the wasm build", wasm.display());
+    }
+    println!("xtask: wasm imports only from {modules:?}");
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Tasks
+
+fn run(root: &Path, args: &[String]) -> Result<()> {
+    let dist = build_bundle(root)?;
+    run_cmd(Command::new("cargo").args(["build", "--release", "-p", "weft-signal"]))?;
+    let mut server = Command::new(root.join("target/release/weft-signal"));
+    server.arg("--web-root").arg(&dist).args(args);
+    println!("xtask: $ {}", show(&server));
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Replace this process, so Ctrl-C and SIGTERM reach the server directly.
+        let err = server.exec();
+        bail!("cannot start weft-signal: {err}");
+    }
+    #[cfg(not(unix))]
+    run_cmd(&mut server)
+}
+
+fn test(root: &Path, filter: Option<&str>) -> Result<()> {
+    let started = Instant::now();
+    ensure_browser()?;
+    let dist = build_bundle(root)?;
+    if have("rustfmt") {
+        run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    }
+    run_cmd(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut cmd = Command::new("cargo");
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    if let Some(filter) = filter {
+        cmd.arg(filter);
+    }
+    // Browser tests must run here, not skip: the browser and the bundle are installed.
+    cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_WEB_ROOT", &dist);
+    if nextest && filter.is_none() {
+        // nextest does not run doctests; run them first so the summary comes last.
+        run_cmd(Command::new("cargo").args(["test", "--workspace", "--doc"]))?;
+    }
+    run_cmd(&mut cmd)?;
+    println!("xtask: all checks passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn bench(root: &Path, name: Option<&str>) -> Result<()> {
+    let Some(name) = name else {
+        println!("Benchmarks (cargo xtask bench <name>):");
+        for (name, what) in BENCHES {
+            println!("  {name:10} {what}");
+        }
+        return Ok(());
+    };
+    if !BENCHES.iter().any(|(n, _)| *n == name) {
+        let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
+        bail!("no benchmark {name:?}; there are: {}", names.join(", "));
+    }
+    let _ = root;
+    run_cmd(Command::new("cargo").args([
+        "run",
+        "--release",
+        "-p",
+        "weft-tests",
+        "--bin",
+        &format!("bench-{name}"),
+    ]))
+}

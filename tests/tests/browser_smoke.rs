@@ -1,0 +1,126 @@
+//! The served page in real headless Chromium: the WASM core loads, joins a room through
+//! the real signaling server, and the member list follows two browsers joining and
+//! one leaving.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use thirtyfour::prelude::*;
+use weft_signal::Limits;
+use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The page's view: status, own id, and the peer ids it lists.
+async fn page_state(browser: &WebDriver) -> anyhow::Result<Value> {
+    js(
+        browser,
+        r##"
+        const s = window.weft && window.weft.session;
+        return {
+          status: document.body.dataset.status,
+          detail: document.getElementById("status-detail")?.textContent ?? "",
+          ownId: s ? (s.ownId ?? null) : null,
+          listed: [...document.querySelectorAll("#peers li")].map((li) => li.dataset.peerId),
+          apiPeers: s ? s.peers() : [],
+        };
+        "##,
+    )
+    .await
+}
+
+async fn wait_joined(browser: &WebDriver) -> anyhow::Result<String> {
+    wait_for("the page to join its room", WAIT, || async {
+        let state = page_state(browser).await?;
+        match (state["status"].as_str(), state["ownId"].as_str()) {
+            (Some("joined"), Some(id)) => Ok(Ok(id.to_string())),
+            _ => Ok(Err(state.to_string())),
+        }
+    })
+    .await
+}
+
+async fn wait_peers(browser: &WebDriver, expected: &[&str]) -> anyhow::Result<()> {
+    let expected: Vec<Value> = expected.iter().map(|s| json!(s)).collect();
+    wait_for("the peer list", WAIT, || async {
+        let state = page_state(browser).await?;
+        let listed = state["listed"].as_array().cloned().unwrap_or_default();
+        let api = state["apiPeers"].as_array().cloned().unwrap_or_default();
+        if listed == expected && api == expected { Ok(Ok(())) } else { Ok(Err(state.to_string())) }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_join_a_room_and_see_each_other() {
+    if !browser_available("two_browsers_join_a_room_and_see_each_other") {
+        return;
+    }
+    let server = start_server(Limits::default()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
+    let room = format!("smoke-{}", std::process::id());
+
+    // Alice types the room into the join form, as a person would.
+    alice.goto(server.url()).await.unwrap();
+    let input = alice.query(By::Id("room")).first().await.unwrap();
+    input.send_keys(&room).await.unwrap();
+    alice.find(By::Css("#join-form button")).await.unwrap().click().await.unwrap();
+    let alice_id = wait_joined(&alice).await.unwrap();
+    wait_peers(&alice, &[]).await.unwrap();
+    let shown = alice.find(By::Id("own-id")).await.unwrap().text().await.unwrap();
+    assert_eq!(shown, alice_id);
+
+    // Bob opens a link with the room in its fragment.
+    bob.goto(format!("{}#room={room}", server.url())).await.unwrap();
+    let bob_id = wait_joined(&bob).await.unwrap();
+    assert_ne!(alice_id, bob_id);
+    wait_peers(&bob, &[&alice_id]).await.unwrap();
+    wait_peers(&alice, &[&bob_id]).await.unwrap();
+    assert_eq!(server.state().metrics().connections.get(), 2);
+
+    // Bob leaves; Alice sees it.
+    bob.find(By::Id("leave")).await.unwrap().click().await.unwrap();
+    wait_peers(&alice, &[]).await.unwrap();
+    let bob_state = page_state(&bob).await.unwrap();
+    assert_eq!(bob_state["status"], "ready", "{bob_state}");
+
+    alice.quit().await.unwrap();
+    bob.quit().await.unwrap();
+    server.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reconnects_after_the_server_restarts() {
+    if !browser_available("the_page_reconnects_after_the_server_restarts") {
+        return;
+    }
+    let server = start_server(Limits::default()).await.unwrap();
+    let addr = server.local_addr();
+    let driver = ChromeDriver::start().await.unwrap();
+    let browser = driver.browser().await.unwrap();
+    browser.goto(format!("{}#room=restart", server.url())).await.unwrap();
+    let first_id = wait_joined(&browser).await.unwrap();
+
+    server.shutdown(Duration::from_secs(2)).await;
+    wait_for("the page to notice", WAIT, || async {
+        let state = page_state(&browser).await?;
+        if state["status"] == "reconnecting" { Ok(Ok(())) } else { Ok(Err(state.to_string())) }
+    })
+    .await
+    .unwrap();
+
+    // Same address, new process state: the page rejoins by itself.
+    let config = weft_signal::Config {
+        listen: addr,
+        web_root: weft_tests::web_root(),
+        tls: None,
+        limits: Limits::default(),
+    };
+    let server = weft_signal::Server::start(config).await.unwrap();
+    let second_id = wait_joined(&browser).await.unwrap();
+    assert_ne!(first_id, second_id, "a new server hands out a new peer id");
+    browser.quit().await.unwrap();
+    server.shutdown(Duration::from_secs(2)).await;
+}

@@ -5,4 +5,12 @@
 //! feed inputs in and act on what comes out, so every platform runs the same protocol.
 #![forbid(unsafe_code)]
 
+pub mod frame;
+pub mod handshake;
+pub mod identity;
+pub mod network;
 pub mod signal;
+pub mod transport;
+
+/// The `rand_core` version the core's APIs take randomness through (that of `hpke`).
+pub use hpke::rand_core;

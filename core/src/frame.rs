@@ -1,0 +1,223 @@
+//! Frames: what travels inside transport packets.
+//!
+//! A packet's plaintext is a sequence of frames, each `type (1 byte) | length (u32 big
+//! endian) | body`. Parsers never panic and never allocate more than the input's size.
+//! Unknown frame types decode as [`Frame::Unknown`], so a receiver can skip what a newer
+//! peer sends; types [`FILE_TRANSFER_TYPES`] are reserved for file transfer.
+
+use std::ops::RangeInclusive;
+
+/// Bytes before a frame's body: type and length.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Largest frame body, in bytes.
+pub const MAX_FRAME_BODY: usize = 16 * 1024 * 1024;
+
+/// Frame type of [`Frame::Message`].
+pub const FRAME_MESSAGE: u8 = 0x01;
+/// Frame type of [`Frame::Data`].
+pub const FRAME_DATA: u8 = 0x02;
+/// Frame type of [`Frame::Ping`].
+pub const FRAME_PING: u8 = 0x03;
+/// Frame type of [`Frame::Pong`].
+pub const FRAME_PONG: u8 = 0x04;
+/// Frame type of [`Frame::Close`].
+pub const FRAME_CLOSE: u8 = 0x05;
+/// Frame types reserved for file transfer (offer, accept, chunk, ack, cancel...).
+pub const FILE_TRANSFER_TYPES: RangeInclusive<u8> = 0x20..=0x3f;
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// A chat message (UTF-8 text).
+    Message(String),
+    /// Opaque data, such as an IP packet of the overlay.
+    Data(Vec<u8>),
+    /// Asks the peer to answer with a [`Frame::Pong`] carrying the same timestamp.
+    Ping {
+        /// The sender's clock when it sent the ping, in a unit it chooses (say µs).
+        timestamp: u64,
+    },
+    /// Answer to a [`Frame::Ping`]; the round trip time is now minus `timestamp`.
+    Pong {
+        /// The timestamp of the ping answered.
+        timestamp: u64,
+    },
+    /// The sender closes the session.
+    Close {
+        /// Why (application-defined; 0 means normal closure).
+        code: u16,
+    },
+    /// A frame of a type this version does not know (including the reserved file-transfer
+    /// range). Build it only with such a type: one of the known types would encode as, and
+    /// decode to, that known frame instead.
+    Unknown {
+        /// The frame type byte.
+        frame_type: u8,
+        /// The body, uninterpreted.
+        body: Vec<u8>,
+    },
+}
+
+/// Why bytes are not a valid frame sequence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The input ends inside a frame header or body.
+    #[error("truncated frame")]
+    Truncated,
+    /// A body is longer than [`MAX_FRAME_BODY`].
+    #[error("frame body longer than {MAX_FRAME_BODY} bytes")]
+    TooLarge,
+    /// A message frame is not UTF-8.
+    #[error("message frame is not valid UTF-8")]
+    InvalidUtf8,
+    /// A fixed-size frame has the wrong body length.
+    #[error("frame type {frame_type:#04x} must have a {expected}-byte body, got {got}")]
+    BadLength {
+        /// The frame type.
+        frame_type: u8,
+        /// The body length it requires.
+        expected: usize,
+        /// The body length received.
+        got: usize,
+    },
+}
+
+impl Frame {
+    /// The frame's type byte.
+    pub fn frame_type(&self) -> u8 {
+        match self {
+            Self::Message(_) => FRAME_MESSAGE,
+            Self::Data(_) => FRAME_DATA,
+            Self::Ping { .. } => FRAME_PING,
+            Self::Pong { .. } => FRAME_PONG,
+            Self::Close { .. } => FRAME_CLOSE,
+            Self::Unknown { frame_type, .. } => *frame_type,
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        match self {
+            Self::Message(s) => s.len(),
+            Self::Data(d) | Self::Unknown { body: d, .. } => d.len(),
+            Self::Ping { .. } | Self::Pong { .. } => 8,
+            Self::Close { .. } => 2,
+        }
+    }
+
+    /// Encoded size in bytes, header included.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.body_len()
+    }
+
+    /// Appends the encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let len = self.body_len();
+        if len > MAX_FRAME_BODY {
+            return Err(FrameError::TooLarge);
+        }
+        let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge)?;
+        out.reserve(FRAME_HEADER_LEN + len);
+        out.push(self.frame_type());
+        out.extend_from_slice(&len32.to_be_bytes());
+        match self {
+            Self::Message(s) => out.extend_from_slice(s.as_bytes()),
+            Self::Data(d) | Self::Unknown { body: d, .. } => out.extend_from_slice(d),
+            Self::Ping { timestamp } | Self::Pong { timestamp } => {
+                out.extend_from_slice(&timestamp.to_be_bytes())
+            }
+            Self::Close { code } => out.extend_from_slice(&code.to_be_bytes()),
+        }
+        Ok(())
+    }
+
+    /// The encoding of this one frame.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = Vec::with_capacity(self.encoded_len().min(MAX_FRAME_BODY));
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes the first frame of `buf`; returns it and the number of bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<(Self, usize), FrameError> {
+        let (&frame_type, rest) = buf.split_first().ok_or(FrameError::Truncated)?;
+        let len_bytes: [u8; 4] =
+            rest.get(..4).and_then(|s| s.try_into().ok()).ok_or(FrameError::Truncated)?;
+        let len =
+            usize::try_from(u32::from_be_bytes(len_bytes)).map_err(|_| FrameError::TooLarge)?;
+        if len > MAX_FRAME_BODY {
+            return Err(FrameError::TooLarge);
+        }
+        let body = rest.get(4..).and_then(|r| r.get(..len)).ok_or(FrameError::Truncated)?;
+        let frame = match frame_type {
+            FRAME_MESSAGE => Self::Message(
+                std::str::from_utf8(body).map_err(|_| FrameError::InvalidUtf8)?.to_owned(),
+            ),
+            FRAME_DATA => Self::Data(body.to_vec()),
+            FRAME_PING => Self::Ping { timestamp: u64::from_be_bytes(fixed(frame_type, body)?) },
+            FRAME_PONG => Self::Pong { timestamp: u64::from_be_bytes(fixed(frame_type, body)?) },
+            FRAME_CLOSE => Self::Close { code: u16::from_be_bytes(fixed(frame_type, body)?) },
+            other => Self::Unknown { frame_type: other, body: body.to_vec() },
+        };
+        Ok((frame, FRAME_HEADER_LEN + len))
+    }
+
+    /// Decodes a whole packet plaintext: zero or more frames, back to back.
+    pub fn decode_all(mut buf: &[u8]) -> Result<Vec<Self>, FrameError> {
+        let mut frames = Vec::new();
+        while !buf.is_empty() {
+            let (frame, used) = Self::decode(buf)?;
+            frames.push(frame);
+            buf = buf.get(used..).unwrap_or_default();
+        }
+        Ok(frames)
+    }
+}
+
+/// Encodes frames back to back, for one packet.
+pub fn encode_frames(frames: &[Frame]) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    for f in frames {
+        f.encode_into(&mut out)?;
+    }
+    Ok(out)
+}
+
+fn fixed<const N: usize>(frame_type: u8, body: &[u8]) -> Result<[u8; N], FrameError> {
+    body.try_into().map_err(|_| FrameError::BadLength { frame_type, expected: N, got: body.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_frames_round_trip() {
+        let frames = vec![
+            Frame::Message("héllo".into()),
+            Frame::Data(vec![1, 2, 3]),
+            Frame::Ping { timestamp: 42 },
+            Frame::Pong { timestamp: u64::MAX },
+            Frame::Close { code: 7 },
+            Frame::Unknown { frame_type: 0x21, body: vec![9; 4] },
+            Frame::Message(String::new()),
+        ];
+        let bytes = encode_frames(&frames).unwrap();
+        assert_eq!(Frame::decode_all(&bytes).unwrap(), frames);
+    }
+
+    #[test]
+    fn bad_inputs() {
+        assert_eq!(Frame::decode(&[]), Err(FrameError::Truncated));
+        assert_eq!(Frame::decode(&[1, 0, 0]), Err(FrameError::Truncated));
+        assert_eq!(Frame::decode(&[1, 0, 0, 0, 2, b'a']), Err(FrameError::Truncated));
+        assert_eq!(Frame::decode(&[1, 0, 0, 0, 1, 0xff]), Err(FrameError::InvalidUtf8));
+        assert_eq!(
+            Frame::decode(&[3, 0, 0, 0, 1, 0]),
+            Err(FrameError::BadLength { frame_type: 3, expected: 8, got: 1 })
+        );
+        assert_eq!(Frame::decode(&[2, 0xff, 0xff, 0xff, 0xff]), Err(FrameError::TooLarge));
+    }
+}

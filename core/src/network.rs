@@ -1,0 +1,307 @@
+//! Networks: the shared secret that makes a set of peers one network.
+//!
+//! A [`NetworkSecret`] comes either from a random invite ([`NetworkSecret::from_random_bytes`],
+//! shared as [`NetworkSecret::to_invite`]) or from a passphrase stretched with Argon2id and
+//! salted by the network's name ([`NetworkSecret::from_passphrase`]).
+//!
+//! Everything else is derived from the secret with HKDF-SHA256 under distinct labels, so
+//! the derived values are independent of each other:
+//!
+//! - the [`RoomId`] given to the signaling server ([`NetworkSecret::room_id`]): the server
+//!   learns neither the secret nor the network's name from it;
+//! - the HPKE pre-shared key and its id, which the handshake mixes into every key;
+//! - the key of the network MAC that ends every handshake message.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hkdf::Hkdf;
+use hpke::rand_core::CryptoRng;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::signal::RoomId;
+
+/// Length of a network secret, and of an invite's payload, in bytes.
+pub const NETWORK_SECRET_LEN: usize = 32;
+
+/// Length of an invite string: base64url without padding of [`NETWORK_SECRET_LEN`] bytes.
+pub const INVITE_LEN: usize = 43;
+
+/// Longest passphrase accepted, in bytes (a bound on work, not a security limit).
+pub const MAX_PASSPHRASE_LEN: usize = 1024;
+
+/// Longest network name accepted, in bytes.
+pub const MAX_NETWORK_NAME_LEN: usize = 256;
+
+const NETWORK_SALT_LABEL: &[u8] = b"weft/v1/network name salt";
+const NETWORK_EXTRACT_SALT: &[u8] = b"weft/v1/network secret";
+const ROOM_ID_LABEL: &[u8] = b"weft/v1/room id";
+const PSK_LABEL: &[u8] = b"weft/v1/hpke psk";
+const PSK_ID_LABEL: &[u8] = b"weft/v1/hpke psk id";
+const HANDSHAKE_MAC_LABEL: &[u8] = b"weft/v1/handshake network mac key";
+
+/// Argon2id cost parameters for [`NetworkSecret::from_passphrase`].
+///
+/// Every peer of a network must use the same parameters, or they derive different secrets.
+/// Use [`PassphraseParams::INTERACTIVE`] in real code; tests may use tiny values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassphraseParams {
+    /// Memory, in KiB (at least 8 × `parallelism`).
+    pub memory_kib: u32,
+    /// Number of passes over the memory (at least 1).
+    pub iterations: u32,
+    /// Degree of parallelism (at least 1). Computed sequentially here; it still changes the
+    /// result, so keep it at 1.
+    pub parallelism: u32,
+}
+
+impl PassphraseParams {
+    /// OWASP's interactive recommendation for Argon2id: 19 MiB, 2 passes, 1 lane. About a
+    /// second in a browser's WebAssembly.
+    pub const INTERACTIVE: Self = Self { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 };
+}
+
+impl Default for PassphraseParams {
+    fn default() -> Self {
+        Self::INTERACTIVE
+    }
+}
+
+/// Why a passphrase could not be turned into a [`NetworkSecret`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PassphraseError {
+    /// The passphrase is empty.
+    #[error("the passphrase is empty")]
+    EmptyPassphrase,
+    /// The passphrase is longer than [`MAX_PASSPHRASE_LEN`] bytes.
+    #[error("the passphrase is longer than {MAX_PASSPHRASE_LEN} bytes")]
+    PassphraseTooLong,
+    /// The network name is longer than [`MAX_NETWORK_NAME_LEN`] bytes.
+    #[error("the network name is longer than {MAX_NETWORK_NAME_LEN} bytes")]
+    NameTooLong,
+    /// Argon2 refused the parameters.
+    #[error("invalid Argon2id parameters: {0}")]
+    InvalidParams(String),
+}
+
+/// Why a string is not a valid invite.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InviteError {
+    /// The invite has the wrong length.
+    #[error(
+        "malformed invite: expected {INVITE_LEN} characters of base64url, got {got} characters"
+    )]
+    WrongLength {
+        /// Characters received (after trimming surrounding whitespace).
+        got: usize,
+    },
+    /// The invite contains a character outside `A-Z a-z 0-9 - _`, or non-canonical trailing
+    /// bits.
+    #[error("malformed invite: only the characters A-Z a-z 0-9 - _ may appear")]
+    InvalidCharacters,
+}
+
+/// The secret shared by all peers of a network. Erased from memory on drop.
+#[derive(Clone)]
+pub struct NetworkSecret {
+    secret: Zeroizing<[u8; NETWORK_SECRET_LEN]>,
+}
+
+impl NetworkSecret {
+    /// Wraps 256 random bits (a new network). The caller draws them from a CSPRNG.
+    pub fn from_random_bytes(bytes: [u8; NETWORK_SECRET_LEN]) -> Self {
+        Self { secret: Zeroizing::new(bytes) }
+    }
+
+    /// Draws a new random secret from the caller's generator.
+    pub fn generate(rng: &mut impl CryptoRng) -> Self {
+        let mut secret = Zeroizing::new([0u8; NETWORK_SECRET_LEN]);
+        rng.fill_bytes(secret.as_mut());
+        Self { secret }
+    }
+
+    /// Stretches a passphrase with Argon2id, salted by the network's name.
+    ///
+    /// The salt is SHA-256 of a label and the name, so any name (even an empty one) gives a
+    /// full-length salt, and the same passphrase in two networks gives unrelated secrets.
+    /// Both strings are used byte for byte (no Unicode normalization, no trimming): drivers
+    /// should normalize user input the same way everywhere.
+    pub fn from_passphrase(
+        network_name: &str,
+        passphrase: &str,
+        params: &PassphraseParams,
+    ) -> Result<Self, PassphraseError> {
+        if passphrase.is_empty() {
+            return Err(PassphraseError::EmptyPassphrase);
+        }
+        if passphrase.len() > MAX_PASSPHRASE_LEN {
+            return Err(PassphraseError::PassphraseTooLong);
+        }
+        if network_name.len() > MAX_NETWORK_NAME_LEN {
+            return Err(PassphraseError::NameTooLong);
+        }
+        let mut h = Sha256::new();
+        h.update(NETWORK_SALT_LABEL);
+        h.update((network_name.len() as u64).to_be_bytes());
+        h.update(network_name.as_bytes());
+        let salt = h.finalize();
+
+        let argon_params = argon2::Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            Some(NETWORK_SECRET_LEN),
+        )
+        .map_err(|e| PassphraseError::InvalidParams(e.to_string()))?;
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, argon_params);
+        let mut secret = Zeroizing::new([0u8; NETWORK_SECRET_LEN]);
+        argon
+            .hash_password_into(passphrase.as_bytes(), &salt, secret.as_mut())
+            .map_err(|e| PassphraseError::InvalidParams(e.to_string()))?;
+        Ok(Self { secret })
+    }
+
+    /// The invite string: base64url without padding of the secret ([`INVITE_LEN`] characters).
+    /// Anyone holding it joins the network: share it only over a channel you trust.
+    pub fn to_invite(&self) -> Zeroizing<String> {
+        Zeroizing::new(URL_SAFE_NO_PAD.encode(self.secret.as_ref()))
+    }
+
+    /// Parses an invite made by [`Self::to_invite`]. Surrounding whitespace is ignored.
+    pub fn from_invite(invite: &str) -> Result<Self, InviteError> {
+        let invite = invite.trim();
+        if !invite.is_ascii() {
+            return Err(InviteError::InvalidCharacters);
+        }
+        if invite.len() != INVITE_LEN {
+            return Err(InviteError::WrongLength { got: invite.len() });
+        }
+        let mut secret = Zeroizing::new([0u8; NETWORK_SECRET_LEN]);
+        match URL_SAFE_NO_PAD.decode_slice(invite, secret.as_mut()) {
+            Ok(NETWORK_SECRET_LEN) => Ok(Self { secret }),
+            Ok(n) => Err(InviteError::WrongLength { got: n }),
+            Err(_) => Err(InviteError::InvalidCharacters),
+        }
+    }
+
+    /// The room id to give the signaling server: base64url of 32 bytes derived from the
+    /// secret under its own label (43 characters).
+    pub fn room_id(&self) -> RoomId {
+        let bytes = self.derive::<32>(ROOM_ID_LABEL);
+        let text = URL_SAFE_NO_PAD.encode(bytes.as_ref());
+        // base64url without padding uses exactly the characters `RoomId` allows, and 43 is
+        // within its length limit.
+        RoomId::new(text).unwrap_or_else(|_| unreachable!("base64url is a valid room id"))
+    }
+
+    /// The HPKE pre-shared key.
+    pub(crate) fn psk(&self) -> Zeroizing<[u8; 32]> {
+        self.derive::<32>(PSK_LABEL)
+    }
+
+    /// The HPKE pre-shared key's id (not secret by HPKE's rules, but derived from the
+    /// secret so that it differs between networks).
+    pub(crate) fn psk_id(&self) -> Zeroizing<[u8; 16]> {
+        self.derive::<16>(PSK_ID_LABEL)
+    }
+
+    /// Key of the network MAC that ends every handshake message.
+    pub(crate) fn handshake_mac_key(&self) -> Zeroizing<[u8; 32]> {
+        self.derive::<32>(HANDSHAKE_MAC_LABEL)
+    }
+
+    fn derive<const N: usize>(&self, label: &[u8]) -> Zeroizing<[u8; N]> {
+        let hk = Hkdf::<Sha256>::new(Some(NETWORK_EXTRACT_SALT), self.secret.as_ref());
+        let mut out = Zeroizing::new([0u8; N]);
+        // N is at most 32 here, far below HKDF-SHA256's limit of 8160 bytes.
+        if hk.expand(label, out.as_mut()).is_err() {
+            unreachable!("HKDF output length within limits");
+        }
+        out
+    }
+}
+
+impl fmt::Debug for NetworkSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NetworkSecret(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: PassphraseParams =
+        PassphraseParams { memory_kib: 8, iterations: 1, parallelism: 1 };
+
+    #[test]
+    fn invite_round_trip() {
+        let s = NetworkSecret::from_random_bytes([0xA5; 32]);
+        let inv = s.to_invite();
+        assert_eq!(inv.len(), INVITE_LEN);
+        let back = NetworkSecret::from_invite(&format!("  {}\n", inv.as_str())).unwrap();
+        assert_eq!(back.secret.as_ref(), s.secret.as_ref());
+    }
+
+    #[test]
+    fn malformed_invites_are_rejected() {
+        assert_eq!(
+            NetworkSecret::from_invite("abc").unwrap_err(),
+            InviteError::WrongLength { got: 3 }
+        );
+        let bad = "!".repeat(INVITE_LEN);
+        assert_eq!(NetworkSecret::from_invite(&bad).unwrap_err(), InviteError::InvalidCharacters);
+        // Standard base64 (with '+' and '/') is not base64url.
+        let std_b64 = format!("{}+", "A".repeat(INVITE_LEN - 1));
+        assert_eq!(
+            NetworkSecret::from_invite(&std_b64).unwrap_err(),
+            InviteError::InvalidCharacters
+        );
+        // Non-canonical last character (trailing bits set).
+        let noncanon = format!("{}B", "A".repeat(INVITE_LEN - 1));
+        assert!(NetworkSecret::from_invite(&noncanon).is_err());
+        // Multi-byte characters are not counted as bytes.
+        let unicode = "é".repeat(INVITE_LEN);
+        assert!(NetworkSecret::from_invite(&unicode).is_err());
+    }
+
+    #[test]
+    fn passphrase_depends_on_name_and_passphrase() {
+        let a = NetworkSecret::from_passphrase("home", "correct horse", &TINY).unwrap();
+        let a2 = NetworkSecret::from_passphrase("home", "correct horse", &TINY).unwrap();
+        let b = NetworkSecret::from_passphrase("work", "correct horse", &TINY).unwrap();
+        let c = NetworkSecret::from_passphrase("home", "correct horsf", &TINY).unwrap();
+        assert_eq!(a.room_id(), a2.room_id());
+        assert_ne!(a.room_id(), b.room_id());
+        assert_ne!(a.room_id(), c.room_id());
+        assert_eq!(
+            NetworkSecret::from_passphrase("home", "", &TINY).unwrap_err(),
+            PassphraseError::EmptyPassphrase
+        );
+        let bad = PassphraseParams { memory_kib: 1, ..TINY };
+        assert!(matches!(
+            NetworkSecret::from_passphrase("home", "x", &bad),
+            Err(PassphraseError::InvalidParams(_))
+        ));
+    }
+
+    #[test]
+    fn derived_values_are_independent() {
+        let s = NetworkSecret::from_random_bytes([9; 32]);
+        let room = s.derive::<32>(ROOM_ID_LABEL);
+        let psk = s.psk();
+        let mac = s.handshake_mac_key();
+        assert_ne!(room.as_ref(), psk.as_ref());
+        assert_ne!(psk.as_ref(), mac.as_ref());
+        assert_ne!(room.as_ref(), s.secret.as_ref());
+        assert_ne!(&psk[..16], s.psk_id().as_ref());
+        let id = s.room_id();
+        assert_eq!(id.as_str().len(), 43);
+        assert!(!id.as_str().contains(s.to_invite().as_str()));
+    }
+}

@@ -1,0 +1,546 @@
+//! The transport: authenticated encryption of packets between two peers after the
+//! handshake, on channels that may lose or reorder packets.
+//!
+//! A packet is
+//!
+//! ```text
+//! 0x10 | epoch (u32 BE) | counter (u64 BE) | ChaCha20-Poly1305(plaintext) | tag (16)
+//! ```
+//!
+//! with the 13-byte header as associated data. Each direction has its own key chain; the
+//! epoch names the key. The nonce is the counter (zero-padded to 12 bytes), which starts
+//! at 0 in every epoch and only increases, so no (key, nonce) pair repeats. The receiver
+//! keeps a [`ReplayWindow`] per epoch, updated only after the tag verifies.
+//!
+//! Rekeying is a one-way KDF ratchet: after [`TransportConfig::rekey_after_messages`]
+//! packets or [`TransportConfig::rekey_after_time`], the sender moves to the next epoch,
+//! whose key is derived from the previous chain key, and erases the old one. The receiver
+//! follows when a packet of a later epoch verifies, and keeps the previous epoch's key for
+//! [`TransportConfig::previous_key_lifetime`] for packets still in flight.
+
+use std::fmt;
+use std::time::Duration;
+
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::frame::{Frame, FrameError, encode_frames};
+
+/// First byte of a transport packet.
+pub const PACKET_TYPE: u8 = 0x10;
+/// Length of a packet header (type, epoch, counter).
+pub const PACKET_HEADER_LEN: usize = 13;
+/// Length of the AEAD tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes a packet adds to its plaintext.
+pub const PACKET_OVERHEAD: usize = PACKET_HEADER_LEN + TAG_LEN;
+/// Largest packet accepted or produced (the data-channel message limit most browsers
+/// accept).
+pub const MAX_PACKET_LEN: usize = 256 * 1024;
+/// Largest plaintext one packet carries.
+pub const MAX_PLAINTEXT_LEN: usize = MAX_PACKET_LEN - PACKET_OVERHEAD;
+
+/// Counters a [`ReplayWindow`] remembers below the highest one seen.
+pub const REPLAY_WINDOW_SIZE: u64 = ((RING_BLOCKS - 1) * BLOCK_BITS) as u64;
+
+/// Hard cap on packets per epoch, whatever the configuration says.
+pub const MAX_MESSAGES_PER_EPOCH: u64 = 1 << 60;
+
+const BLOCK_BITS: usize = 64;
+const RING_BLOCKS: usize = 64;
+
+const PACKET_KEY_LABEL: &[u8] = b"weft/v1/packet key";
+const NEXT_CHAIN_LABEL: &[u8] = b"weft/v1/next chain key";
+
+/// Rekeying and key-retention settings. Both peers may use different values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Move to a new key after this many packets in one epoch (capped at
+    /// [`MAX_MESSAGES_PER_EPOCH`]).
+    pub rekey_after_messages: u64,
+    /// Move to a new key when the current one was first used this long ago.
+    pub rekey_after_time: Duration,
+    /// How long the receiver keeps the previous epoch's key after moving to a new one.
+    pub previous_key_lifetime: Duration,
+    /// How many epochs ahead of its current one the receiver follows (when every packet
+    /// of the epochs between was lost).
+    pub max_epoch_skip: u32,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            rekey_after_messages: 1 << 24,
+            rekey_after_time: Duration::from_secs(120),
+            previous_key_lifetime: Duration::from_secs(10),
+            max_epoch_skip: 8,
+        }
+    }
+}
+
+/// Why a packet was not produced or not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Shorter than a header and a tag.
+    #[error("packet too short")]
+    Truncated,
+    /// The first byte is not [`PACKET_TYPE`].
+    #[error("not a transport packet")]
+    NotTransport,
+    /// Longer than [`MAX_PACKET_LEN`] (or a plaintext longer than [`MAX_PLAINTEXT_LEN`]).
+    #[error("packet larger than {MAX_PACKET_LEN} bytes")]
+    TooLarge,
+    /// The tag did not verify: the packet was altered, or is not from this session.
+    #[error("packet failed authentication")]
+    Authentication,
+    /// This counter was already accepted in this epoch.
+    #[error("replayed or duplicate packet")]
+    Replay,
+    /// The counter is older than the replay window.
+    #[error("packet older than the replay window")]
+    TooOld,
+    /// The packet's epoch is not one this side holds a key for (too old, expired or too
+    /// far ahead).
+    #[error("packet from an unknown or expired key epoch {0}")]
+    UnknownEpoch(u32),
+    /// The session used up its key epochs; start a new handshake.
+    #[error("session exhausted: start a new handshake")]
+    Exhausted,
+    /// The plaintext is not a valid frame sequence.
+    #[error("invalid frames: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Why a [`ReplayWindow`] refused a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayRejection {
+    /// Already seen.
+    Duplicate,
+    /// More than [`REPLAY_WINDOW_SIZE`] below the highest counter seen.
+    TooOld,
+}
+
+impl From<ReplayRejection> for TransportError {
+    fn from(r: ReplayRejection) -> Self {
+        match r {
+            ReplayRejection::Duplicate => Self::Replay,
+            ReplayRejection::TooOld => Self::TooOld,
+        }
+    }
+}
+
+/// A sliding anti-replay window over 64-bit counters (RFC 6479's bitmap ring, as in
+/// wireguard-go): accepts each counter at most once, and only counters no more than
+/// [`REPLAY_WINDOW_SIZE`] below the highest accepted.
+///
+/// Call [`Self::check`] before decrypting (cheap early reject) and [`Self::update`] only
+/// after the packet authenticated.
+#[derive(Clone)]
+pub struct ReplayWindow {
+    /// Highest counter accepted, if any.
+    last: Option<u64>,
+    ring: [u64; RING_BLOCKS],
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ReplayWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayWindow").field("last", &self.last).finish_non_exhaustive()
+    }
+}
+
+impl ReplayWindow {
+    /// An empty window.
+    pub fn new() -> Self {
+        Self { last: None, ring: [0; RING_BLOCKS] }
+    }
+
+    fn slot(counter: u64) -> (usize, u64) {
+        let block = (counter / BLOCK_BITS as u64) as usize % RING_BLOCKS;
+        (block, 1u64 << (counter % BLOCK_BITS as u64))
+    }
+
+    /// Whether `counter` would be accepted now (does not record it).
+    pub fn check(&self, counter: u64) -> Result<(), ReplayRejection> {
+        let Some(last) = self.last else {
+            return Ok(());
+        };
+        if counter > last {
+            return Ok(());
+        }
+        if last - counter > REPLAY_WINDOW_SIZE {
+            return Err(ReplayRejection::TooOld);
+        }
+        let (block, bit) = Self::slot(counter);
+        if self.ring[block] & bit != 0 { Err(ReplayRejection::Duplicate) } else { Ok(()) }
+    }
+
+    /// Records `counter` if it is acceptable; call only for authenticated packets.
+    pub fn update(&mut self, counter: u64) -> Result<(), ReplayRejection> {
+        self.check(counter)?;
+        let newer = match self.last {
+            None => {
+                self.ring = [0; RING_BLOCKS];
+                true
+            }
+            Some(last) if counter > last => {
+                let last_block = last / BLOCK_BITS as u64;
+                let new_block = counter / BLOCK_BITS as u64;
+                let advance = (new_block - last_block).min(RING_BLOCKS as u64);
+                for i in 1..=advance {
+                    let b = ((last_block + i) % RING_BLOCKS as u64) as usize;
+                    self.ring[b] = 0;
+                }
+                true
+            }
+            Some(_) => false,
+        };
+        if newer {
+            self.last = Some(counter);
+        }
+        let (block, bit) = Self::slot(counter);
+        self.ring[block] |= bit;
+        Ok(())
+    }
+
+    /// The highest counter accepted so far.
+    pub fn highest(&self) -> Option<u64> {
+        self.last
+    }
+}
+
+/// One step of a direction's key chain: the packet key of this epoch and the chain key of
+/// the next.
+fn ratchet(chain: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let mut key = Zeroizing::new([0u8; 32]);
+    let mut next = Zeroizing::new([0u8; 32]);
+    // A 32-byte chain key is a valid PRK, and 32-byte outputs are within HKDF's limits.
+    match Hkdf::<Sha256>::from_prk(chain) {
+        Ok(hk) => {
+            if hk.expand(PACKET_KEY_LABEL, key.as_mut()).is_err()
+                || hk.expand(NEXT_CHAIN_LABEL, next.as_mut()).is_err()
+            {
+                unreachable!("HKDF output length within limits");
+            }
+        }
+        Err(_) => unreachable!("32-byte PRK is valid for HKDF-SHA256"),
+    }
+    (key, next)
+}
+
+fn cipher(key: &[u8; 32]) -> ChaCha20Poly1305 {
+    ChaCha20Poly1305::new(&(*key).into())
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    n.into()
+}
+
+fn header(epoch: u32, counter: u64) -> [u8; PACKET_HEADER_LEN] {
+    let mut h = [0u8; PACKET_HEADER_LEN];
+    h[0] = PACKET_TYPE;
+    h[1..5].copy_from_slice(&epoch.to_be_bytes());
+    h[5..].copy_from_slice(&counter.to_be_bytes());
+    h
+}
+
+struct SendState {
+    epoch: u32,
+    cipher: ChaCha20Poly1305,
+    next_chain: Zeroizing<[u8; 32]>,
+    counter: u64,
+    started_at: Option<Duration>,
+}
+
+impl SendState {
+    fn new(chain: &[u8; 32], epoch: u32) -> Self {
+        let (key, next_chain) = ratchet(chain);
+        Self { epoch, cipher: cipher(&key), next_chain, counter: 0, started_at: None }
+    }
+}
+
+struct RecvEpoch {
+    epoch: u32,
+    cipher: ChaCha20Poly1305,
+    window: ReplayWindow,
+}
+
+impl RecvEpoch {
+    /// Authenticates and decrypts; records the counter only if the tag verified.
+    fn open(&mut self, packet: &[u8], counter: u64) -> Result<Vec<u8>, TransportError> {
+        self.window.check(counter)?;
+        let plaintext = decrypt(&self.cipher, packet, counter)?;
+        self.window.update(counter)?;
+        Ok(plaintext)
+    }
+}
+
+fn decrypt(
+    cipher: &ChaCha20Poly1305,
+    packet: &[u8],
+    counter: u64,
+) -> Result<Vec<u8>, TransportError> {
+    let (aad, rest) =
+        packet.split_at_checked(PACKET_HEADER_LEN).ok_or(TransportError::Truncated)?;
+    let ct_len = rest.len().checked_sub(TAG_LEN).ok_or(TransportError::Truncated)?;
+    let (ct, tag) = rest.split_at(ct_len);
+    let tag = Tag::try_from(tag).map_err(|_| TransportError::Truncated)?;
+    let mut buf = ct.to_vec();
+    cipher
+        .decrypt_inout_detached(&nonce(counter), aad, buf.as_mut_slice().into(), &tag)
+        .map_err(|_| TransportError::Authentication)?;
+    Ok(buf)
+}
+
+/// An established session: seals outgoing packets and opens incoming ones.
+///
+/// Made by the handshake ([`crate::handshake`]). Time is the caller's: pass `now` as a
+/// [`Duration`] since any epoch, the same one on every call.
+pub struct Session {
+    config: TransportConfig,
+    send: SendState,
+    recv: RecvEpoch,
+    /// Chain key of the receiver's next epoch.
+    recv_next_chain: Zeroizing<[u8; 32]>,
+    previous: Option<(RecvEpoch, Duration)>,
+    session_id: [u8; 32],
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("send_epoch", &self.send.epoch)
+            .field("send_counter", &self.send.counter)
+            .field("recv_epoch", &self.recv.epoch)
+            .field("has_previous_key", &self.previous.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A session from the two directions' initial chain keys.
+    pub(crate) fn new(send_chain: &[u8; 32], recv_chain: &[u8; 32], session_id: [u8; 32]) -> Self {
+        let (recv_key, recv_next_chain) = ratchet(recv_chain);
+        Self {
+            config: TransportConfig::default(),
+            send: SendState::new(send_chain, 0),
+            recv: RecvEpoch { epoch: 0, cipher: cipher(&recv_key), window: ReplayWindow::new() },
+            recv_next_chain,
+            previous: None,
+            session_id,
+        }
+    }
+
+    /// Replaces the rekeying settings.
+    pub fn set_config(&mut self, config: TransportConfig) {
+        self.config = config;
+    }
+
+    /// The rekeying settings in force.
+    pub fn config(&self) -> &TransportConfig {
+        &self.config
+    }
+
+    /// A value both peers share and nobody else knows, naming this session (for binding
+    /// higher layers to it). Not a key: do not encrypt with it.
+    pub fn session_id(&self) -> &[u8; 32] {
+        &self.session_id
+    }
+
+    /// The epoch of the key this side sends with.
+    pub fn send_epoch(&self) -> u32 {
+        self.send.epoch
+    }
+
+    /// The newest epoch this side has received.
+    pub fn recv_epoch(&self) -> u32 {
+        self.recv.epoch
+    }
+
+    /// Encrypts `plaintext` into a packet.
+    pub fn seal(&mut self, plaintext: &[u8], now: Duration) -> Result<Vec<u8>, TransportError> {
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(TransportError::TooLarge);
+        }
+        self.maybe_rekey(now)?;
+        self.send.started_at.get_or_insert(now);
+        let counter = self.send.counter;
+        let hdr = header(self.send.epoch, counter);
+        let mut out = Vec::with_capacity(PACKET_OVERHEAD + plaintext.len());
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .send
+            .cipher
+            .encrypt_inout_detached(&nonce(counter), &hdr, (&mut out[PACKET_HEADER_LEN..]).into())
+            .map_err(|_| TransportError::TooLarge)?;
+        out.extend_from_slice(&tag);
+        self.send.counter = counter + 1;
+        Ok(out)
+    }
+
+    /// Encodes `frames` and encrypts them into one packet.
+    pub fn seal_frames(
+        &mut self,
+        frames: &[Frame],
+        now: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let plaintext = Zeroizing::new(encode_frames(frames)?);
+        self.seal(&plaintext, now)
+    }
+
+    fn maybe_rekey(&mut self, now: Duration) -> Result<(), TransportError> {
+        let limit = self.config.rekey_after_messages.clamp(1, MAX_MESSAGES_PER_EPOCH);
+        let by_count = self.send.counter >= limit;
+        let by_time = self
+            .send
+            .started_at
+            .is_some_and(|t| now.saturating_sub(t) >= self.config.rekey_after_time);
+        if by_count || by_time {
+            let epoch = self.send.epoch.checked_add(1).ok_or(TransportError::Exhausted)?;
+            // The old send state (key and chain) is dropped, and so erased, here.
+            self.send = SendState::new(&self.send.next_chain.clone(), epoch);
+        }
+        Ok(())
+    }
+
+    /// Authenticates and decrypts a packet.
+    ///
+    /// Rejects anything altered, replayed, older than the replay window, or from an epoch
+    /// whose key is gone. No state changes unless the packet authenticates.
+    pub fn open(&mut self, packet: &[u8], now: Duration) -> Result<Vec<u8>, TransportError> {
+        self.handle_timeout(now);
+        if packet.len() > MAX_PACKET_LEN {
+            return Err(TransportError::TooLarge);
+        }
+        if packet.len() < PACKET_OVERHEAD {
+            return Err(TransportError::Truncated);
+        }
+        if packet[0] != PACKET_TYPE {
+            return Err(TransportError::NotTransport);
+        }
+        let epoch = u32::from_be_bytes(to_array(&packet[1..5]));
+        let counter = u64::from_be_bytes(to_array(&packet[5..PACKET_HEADER_LEN]));
+
+        if epoch == self.recv.epoch {
+            return self.recv.open(packet, counter);
+        }
+        if let Some((prev, _)) = self.previous.as_mut() {
+            if prev.epoch == epoch {
+                return prev.open(packet, counter);
+            }
+        }
+        let ahead = epoch.saturating_sub(self.recv.epoch);
+        if ahead == 0 || ahead > self.config.max_epoch_skip {
+            return Err(TransportError::UnknownEpoch(epoch));
+        }
+        // A later epoch: derive its key, and move there only if the packet verifies.
+        let mut chain = self.recv_next_chain.clone();
+        for _ in 1..ahead {
+            chain = ratchet(&chain).1;
+        }
+        let (key, next_chain) = ratchet(&chain);
+        let mut fresh = RecvEpoch { epoch, cipher: cipher(&key), window: ReplayWindow::new() };
+        let plaintext = fresh.open(packet, counter)?;
+        let old = std::mem::replace(&mut self.recv, fresh);
+        self.previous = Some((old, now.saturating_add(self.config.previous_key_lifetime)));
+        self.recv_next_chain = next_chain;
+        Ok(plaintext)
+    }
+
+    /// Opens a packet and decodes its frames.
+    pub fn open_frames(
+        &mut self,
+        packet: &[u8],
+        now: Duration,
+    ) -> Result<Vec<Frame>, TransportError> {
+        let plaintext = Zeroizing::new(self.open(packet, now)?);
+        Ok(Frame::decode_all(&plaintext)?)
+    }
+
+    /// When [`Self::handle_timeout`] next has something to do (erase the previous
+    /// epoch's key), if ever.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.previous.as_ref().map(|(_, at)| *at)
+    }
+
+    /// Erases the previous epoch's key once its lifetime is over. [`Self::open`] calls it
+    /// too; call it from a timer to erase keys promptly on an idle session.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.previous.as_ref().is_some_and(|(_, at)| now >= *at) {
+            self.previous = None;
+        }
+    }
+}
+
+fn to_array<const N: usize>(s: &[u8]) -> [u8; N] {
+    crate::identity::to_array(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Session, Session) {
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        (Session::new(&a, &b, [0; 32]), Session::new(&b, &a, [0; 32]))
+    }
+
+    #[test]
+    fn round_trip_and_reflection_rejected() {
+        let (mut a, mut b) = pair();
+        let now = Duration::ZERO;
+        let p = a.seal(b"hi", now).unwrap();
+        assert_eq!(p.len(), 2 + PACKET_OVERHEAD);
+        // A packet reflected back to its sender does not open: each direction has its key.
+        assert_eq!(a.open(&p, now), Err(TransportError::Authentication));
+        assert_eq!(b.open(&p, now).unwrap(), b"hi");
+        assert_eq!(b.open(&p, now), Err(TransportError::Replay));
+    }
+
+    #[test]
+    fn time_based_rekey_and_previous_key_expiry() {
+        let (mut a, mut b) = pair();
+        let cfg = TransportConfig {
+            rekey_after_time: Duration::from_secs(60),
+            previous_key_lifetime: Duration::from_secs(5),
+            ..TransportConfig::default()
+        };
+        a.set_config(cfg);
+        b.set_config(cfg);
+        let old = a.seal(b"old", Duration::from_secs(1)).unwrap();
+        let new = a.seal(b"new", Duration::from_secs(61)).unwrap();
+        assert_eq!(a.send_epoch(), 1);
+        assert_eq!(b.open(&new, Duration::from_secs(62)).unwrap(), b"new");
+        assert_eq!(b.recv_epoch(), 1);
+        assert_eq!(b.poll_timeout(), Some(Duration::from_secs(67)));
+        b.handle_timeout(Duration::from_secs(67));
+        assert_eq!(b.open(&old, Duration::from_secs(68)), Err(TransportError::UnknownEpoch(0)));
+    }
+
+    #[test]
+    fn window_basics() {
+        let mut w = ReplayWindow::new();
+        assert!(w.update(5).is_ok());
+        assert_eq!(w.update(5), Err(ReplayRejection::Duplicate));
+        assert!(w.update(3).is_ok());
+        assert!(w.update(5 + REPLAY_WINDOW_SIZE).is_ok());
+        assert_eq!(w.check(5), Err(ReplayRejection::Duplicate));
+        assert!(w.check(6).is_ok());
+        assert_eq!(w.check(4), Err(ReplayRejection::TooOld));
+        assert!(w.update(u64::MAX).is_ok());
+        assert_eq!(w.check(u64::MAX), Err(ReplayRejection::Duplicate));
+    }
+}

@@ -1,0 +1,189 @@
+//! Handshake: success, wrong secrets, tampering, channel binding, message sizes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Instant;
+
+use chacha20::ChaCha20Rng;
+use chacha20::rand_core::SeedableRng;
+use weft_core::handshake::{
+    ChannelBinding, Established, FINISH_LEN, HandshakeError, HandshakeInitiator,
+    HandshakeResponder, INIT_LEN, RESPONSE_LEN, RejectReason,
+};
+use weft_core::identity::IdentityKeyPair;
+use weft_core::network::{NetworkSecret, PassphraseParams};
+
+const TINY: PassphraseParams = PassphraseParams { memory_kib: 8, iterations: 1, parallelism: 1 };
+
+const FP_I: &str = "sha-256 AA:BB:CC";
+const FP_R: &str = "sha-256 11:22:33";
+
+struct Outcome {
+    init: Result<Established, HandshakeError>,
+    resp: Result<Established, HandshakeError>,
+}
+
+fn run(
+    seed: u64,
+    secret_i: &NetworkSecret,
+    secret_r: &NetworkSecret,
+    binding_i: &ChannelBinding,
+    binding_r: &ChannelBinding,
+) -> Outcome {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let id_i = IdentityKeyPair::generate(&mut rng);
+    let id_r = IdentityKeyPair::generate(&mut rng);
+    let (mut init, m1) = HandshakeInitiator::new(&mut rng, &id_i, secret_i, binding_i);
+    let mut resp = HandshakeResponder::new(&id_r, secret_r, binding_r);
+    let m2 = match resp.handle(&m1, &mut rng) {
+        Ok(step) => step.message.unwrap(),
+        Err(e) => {
+            // The responder tells the initiator why, as a driver would.
+            let reject = e.reject_message().unwrap();
+            let init_err = init.handle(&reject, &mut rng).unwrap_err();
+            return Outcome { init: Err(init_err), resp: Err(e) };
+        }
+    };
+    let step = match init.handle(&m2, &mut rng) {
+        Ok(step) => step,
+        Err(e) => {
+            let resp_err = resp.handle(&e.reject_message().unwrap(), &mut rng).unwrap_err();
+            return Outcome { init: Err(e), resp: Err(resp_err) };
+        }
+    };
+    let m3 = step.message.unwrap();
+    let est_i = step.established.unwrap();
+    let resp_result = resp.handle(&m3, &mut rng).map(|s| s.established.unwrap());
+    Outcome { init: Ok(est_i), resp: resp_result }
+}
+
+fn bindings() -> (ChannelBinding, ChannelBinding) {
+    (ChannelBinding::new(FP_I, FP_R).unwrap(), ChannelBinding::new(FP_R, FP_I).unwrap())
+}
+
+#[test]
+fn same_secret_succeeds_and_keys_match() {
+    let t = Instant::now();
+    let secret = NetworkSecret::from_random_bytes([3; 32]);
+    let (bi, br) = bindings();
+    let out = run(1, &secret, &secret, &bi, &br);
+    let mut a = out.init.unwrap();
+    let mut b = out.resp.unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let id_i = IdentityKeyPair::generate(&mut rng);
+    let id_r = IdentityKeyPair::generate(&mut rng);
+    assert_eq!(a.peer, *id_r.public());
+    assert_eq!(b.peer, *id_i.public());
+    assert_eq!(a.session.session_id(), b.session.session_id());
+    let now = std::time::Duration::ZERO;
+    let p = a.session.seal(b"ping", now).unwrap();
+    assert_eq!(b.session.open(&p, now).unwrap(), b"ping");
+    let p = b.session.seal(b"pong", now).unwrap();
+    assert_eq!(a.session.open(&p, now).unwrap(), b"pong");
+    eprintln!("handshake took {:?}", t.elapsed());
+}
+
+#[test]
+fn message_sizes() {
+    let secret = NetworkSecret::from_random_bytes([3; 32]);
+    let (bi, br) = bindings();
+    let mut rng = ChaCha20Rng::seed_from_u64(2);
+    let id_i = IdentityKeyPair::generate(&mut rng);
+    let id_r = IdentityKeyPair::generate(&mut rng);
+    let (mut init, m1) = HandshakeInitiator::new(&mut rng, &id_i, &secret, &bi);
+    let mut resp = HandshakeResponder::new(&id_r, &secret, &br);
+    let m2 = resp.handle(&m1, &mut rng).unwrap().message.unwrap();
+    let m3 = init.handle(&m2, &mut rng).unwrap().message.unwrap();
+    assert_eq!((m1.len(), m2.len(), m3.len()), (INIT_LEN, RESPONSE_LEN, FINISH_LEN));
+    assert_eq!((INIT_LEN, RESPONSE_LEN, FINISH_LEN), (1282, 2466, 1218));
+}
+
+#[test]
+fn different_passphrase_fails_on_both_sides_with_a_clear_error() {
+    let a = NetworkSecret::from_passphrase("home", "correct horse battery", &TINY).unwrap();
+    let b = NetworkSecret::from_passphrase("home", "correct horse batterY", &TINY).unwrap();
+    let (bi, br) = bindings();
+    let out = run(3, &a, &b, &bi, &br);
+    let resp_err = out.resp.unwrap_err();
+    assert_eq!(resp_err, HandshakeError::WrongNetworkSecret);
+    assert_eq!(
+        resp_err.to_string(),
+        "peer is not in the same network (wrong passphrase?) or the connection was tampered with"
+    );
+    let init_err = out.init.unwrap_err();
+    assert_eq!(init_err, HandshakeError::Rejected(RejectReason::AuthenticationFailed));
+    assert!(init_err.to_string().contains("wrong passphrase?"));
+}
+
+#[test]
+fn same_passphrase_different_network_name_fails() {
+    let a = NetworkSecret::from_passphrase("home", "pw", &TINY).unwrap();
+    let b = NetworkSecret::from_passphrase("work", "pw", &TINY).unwrap();
+    let (bi, br) = bindings();
+    let out = run(4, &a, &b, &bi, &br);
+    assert_eq!(out.resp.unwrap_err(), HandshakeError::WrongNetworkSecret);
+}
+
+#[test]
+fn substituted_dtls_fingerprint_fails() {
+    let secret = NetworkSecret::from_random_bytes([5; 32]);
+    // A man in the middle of DTLS gives each side its own certificate's fingerprint.
+    let mitm = "sha-256 66:66:66";
+    // The initiator sees the attacker's fingerprint as remote.
+    let bi = ChannelBinding::new(FP_I, mitm).unwrap();
+    let br = ChannelBinding::new(FP_R, FP_I).unwrap();
+    let out = run(6, &secret, &secret, &bi, &br);
+    assert_eq!(out.resp.unwrap_err(), HandshakeError::WrongNetworkSecret);
+    assert!(out.init.is_err());
+    // The responder sees the attacker's fingerprint as remote.
+    let bi = ChannelBinding::new(FP_I, FP_R).unwrap();
+    let br = ChannelBinding::new(FP_R, mitm).unwrap();
+    let out = run(7, &secret, &secret, &bi, &br);
+    assert_eq!(out.resp.unwrap_err(), HandshakeError::WrongNetworkSecret);
+    // Swapped roles' fingerprints (both think they are local-first) also fail.
+    let bi = ChannelBinding::new(FP_I, FP_R).unwrap();
+    let br = ChannelBinding::new(FP_I, FP_R).unwrap();
+    let out = run(8, &secret, &secret, &bi, &br);
+    assert!(out.resp.is_err());
+}
+
+#[test]
+fn fingerprint_formatting_differences_do_not_matter() {
+    let secret = NetworkSecret::from_random_bytes([5; 32]);
+    let bi = ChannelBinding::new("SHA-256 AA:BB:CC", "sha-256  11:22:33").unwrap();
+    let br = ChannelBinding::new(" sha-256 11:22:33", "sha-256 aa:bb:cc").unwrap();
+    let out = run(9, &secret, &secret, &bi, &br);
+    assert!(out.init.is_ok() && out.resp.is_ok());
+}
+
+#[test]
+fn unexpected_and_garbage_messages() {
+    let secret = NetworkSecret::from_random_bytes([5; 32]);
+    let (bi, br) = bindings();
+    let mut rng = ChaCha20Rng::seed_from_u64(10);
+    let id = IdentityKeyPair::generate(&mut rng);
+    // Two initiators: each receives the other's Init.
+    let (mut a, m_a) = HandshakeInitiator::new(&mut rng, &id, &secret, &bi);
+    assert_eq!(
+        a.handle(&m_a, &mut rng).unwrap_err(),
+        HandshakeError::UnexpectedMessage { got: 1, expected: 2 }
+    );
+    assert_eq!(a.handle(&m_a, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
+    // Wrong version.
+    let mut r = HandshakeResponder::new(&id, &secret, &br);
+    let mut m = m_a.clone();
+    m[1] = 9;
+    assert_eq!(
+        r.handle(&m, &mut rng).unwrap_err(),
+        HandshakeError::VersionMismatch { ours: 1, theirs: 9 }
+    );
+    // Truncated and empty.
+    for bad in [&m_a[..0], &m_a[..1], &m_a[..2], &m_a[..100], &[0x01, 0x01][..]] {
+        let mut r = HandshakeResponder::new(&id, &secret, &br);
+        assert!(matches!(r.handle(bad, &mut rng).unwrap_err(), HandshakeError::Malformed(_)));
+    }
+    // Too long.
+    let mut long = m_a.clone();
+    long.push(0);
+    let mut r = HandshakeResponder::new(&id, &secret, &br);
+    assert!(matches!(r.handle(&long, &mut rng), Err(HandshakeError::Malformed(_))));
+}

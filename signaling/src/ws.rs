@@ -35,8 +35,8 @@ struct Pending {
 pub(crate) enum Outbound {
     /// A text frame.
     Text(String),
-    /// A text frame with a fatal error, then a close frame.
-    Fatal(String, ErrorCode),
+    /// A text frame with a fatal error, then a close frame with `code` and `reason`.
+    Fatal { text: String, code: ErrorCode, reason: String },
 }
 
 /// The relay plus the way to reach each connection's task.
@@ -74,14 +74,14 @@ impl AppState {
                     ServerMessage::Error { code, message } => {
                         metrics.reject(*code);
                         tracing::debug!(conn = to.0, %code, %message, "rejected");
-                        code.is_fatal().then_some(*code)
+                        code.is_fatal().then(|| (*code, message.clone()))
                     }
                     _ => None,
                 };
                 let outbox = hub.outboxes.get(&to)?.clone();
                 let text = signal::encode(&msg);
                 let item = match fatal {
-                    Some(code) => Outbound::Fatal(text, code),
+                    Some((code, reason)) => Outbound::Fatal { text, code, reason },
                     None => Outbound::Text(text),
                 };
                 Some(Pending { to, outbox, item })
@@ -168,8 +168,13 @@ impl AppState {
 fn close_frame(code: ErrorCode, reason: &str) -> Message {
     // RFC 6455 limits a close reason to 123 bytes.
     let mut reason = reason.to_string();
-    while reason.len() > 123 {
-        reason.pop();
+    if reason.len() > 123 {
+        let mut cut = 120;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
     }
     Message::Close(Some(CloseFrame { code: code.close_code(), reason: reason.into() }))
 }
@@ -222,8 +227,7 @@ where
                 Some(Outbound::Text(text)) => {
                     if sink.send(Message::text(text)).await.is_err() { break None }
                 }
-                Some(Outbound::Fatal(text, code)) => {
-                    let reason = code.as_str().to_string();
+                Some(Outbound::Fatal { text, code, reason }) => {
                     break Some((Message::text(text), close_frame(code, &reason)));
                 }
                 None => break Some(fatal(ErrorCode::RateLimited, "connection too slow to keep up")),

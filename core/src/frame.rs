@@ -23,6 +23,10 @@ pub const FRAME_PING: u8 = 0x03;
 pub const FRAME_PONG: u8 = 0x04;
 /// Frame type of [`Frame::Close`].
 pub const FRAME_CLOSE: u8 = 0x05;
+/// Frame type of [`Frame::Hello`].
+pub const FRAME_HELLO: u8 = 0x06;
+/// Longest display name in a [`Frame::Hello`], in bytes.
+pub const MAX_NAME_LEN: usize = 64;
 /// Frame types reserved for file transfer (offer, accept, chunk, ack, cancel...).
 pub const FILE_TRANSFER_TYPES: RangeInclusive<u8> = 0x20..=0x3f;
 
@@ -48,6 +52,12 @@ pub enum Frame {
     Close {
         /// Why (application-defined; 0 means normal closure).
         code: u16,
+    },
+    /// The sender's display name, sent once when a session is established (UTF-8, at
+    /// most [`MAX_NAME_LEN`] bytes).
+    Hello {
+        /// The name the sender's user chose.
+        name: String,
     },
     /// A frame of a type this version does not know (including the reserved file-transfer
     /// range). Build it only with such a type: one of the known types would encode as, and
@@ -94,13 +104,14 @@ impl Frame {
             Self::Ping { .. } => FRAME_PING,
             Self::Pong { .. } => FRAME_PONG,
             Self::Close { .. } => FRAME_CLOSE,
+            Self::Hello { .. } => FRAME_HELLO,
             Self::Unknown { frame_type, .. } => *frame_type,
         }
     }
 
     fn body_len(&self) -> usize {
         match self {
-            Self::Message(s) => s.len(),
+            Self::Message(s) | Self::Hello { name: s } => s.len(),
             Self::Data(d) | Self::Unknown { body: d, .. } => d.len(),
             Self::Ping { .. } | Self::Pong { .. } => 8,
             Self::Close { .. } => 2,
@@ -123,7 +134,7 @@ impl Frame {
         out.push(self.frame_type());
         out.extend_from_slice(&len32.to_be_bytes());
         match self {
-            Self::Message(s) => out.extend_from_slice(s.as_bytes()),
+            Self::Message(s) | Self::Hello { name: s } => out.extend_from_slice(s.as_bytes()),
             Self::Data(d) | Self::Unknown { body: d, .. } => out.extend_from_slice(d),
             Self::Ping { timestamp } | Self::Pong { timestamp } => {
                 out.extend_from_slice(&timestamp.to_be_bytes())
@@ -159,6 +170,13 @@ impl Frame {
             FRAME_PING => Self::Ping { timestamp: u64::from_be_bytes(fixed(frame_type, body)?) },
             FRAME_PONG => Self::Pong { timestamp: u64::from_be_bytes(fixed(frame_type, body)?) },
             FRAME_CLOSE => Self::Close { code: u16::from_be_bytes(fixed(frame_type, body)?) },
+            FRAME_HELLO => {
+                if body.len() > MAX_NAME_LEN {
+                    return Err(FrameError::TooLarge);
+                }
+                let name = std::str::from_utf8(body).map_err(|_| FrameError::InvalidUtf8)?;
+                Self::Hello { name: name.to_owned() }
+            }
             other => Self::Unknown { frame_type: other, body: body.to_vec() },
         };
         Ok((frame, FRAME_HEADER_LEN + len))

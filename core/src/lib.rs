@@ -9,8 +9,11 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod network;
+pub mod peer;
+pub mod sdp;
 pub mod signal;
 pub mod transport;
+pub mod trust;
 
 /// The `rand_core` version the core's APIs take randomness through (that of `hpke`).
 pub use hpke::rand_core;

@@ -82,6 +82,9 @@ pub enum PassphraseError {
     /// The network name is longer than [`MAX_NETWORK_NAME_LEN`] bytes.
     #[error("the network name is longer than {MAX_NETWORK_NAME_LEN} bytes")]
     NameTooLong,
+    /// The network name is empty.
+    #[error("the network name is empty")]
+    EmptyName,
     /// Argon2 refused the parameters.
     #[error("invalid Argon2id parameters: {0}")]
     InvalidParams(String),
@@ -150,19 +153,7 @@ impl NetworkSecret {
         h.update(network_name.as_bytes());
         let salt = h.finalize();
 
-        let argon_params = argon2::Params::new(
-            params.memory_kib,
-            params.iterations,
-            params.parallelism,
-            Some(NETWORK_SECRET_LEN),
-        )
-        .map_err(|e| PassphraseError::InvalidParams(e.to_string()))?;
-        let argon =
-            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, argon_params);
-        let mut secret = Zeroizing::new([0u8; NETWORK_SECRET_LEN]);
-        argon
-            .hash_password_into(passphrase.as_bytes(), &salt, secret.as_mut())
-            .map_err(|e| PassphraseError::InvalidParams(e.to_string()))?;
+        let secret = argon2id(passphrase.as_bytes(), &salt, params)?;
         Ok(Self { secret })
     }
 
@@ -232,6 +223,110 @@ impl fmt::Debug for NetworkSecret {
     }
 }
 
+const RENDEZVOUS_SALT_LABEL: &[u8] = b"weft/v1/rendezvous salt";
+const RENDEZVOUS_ROOM_LABEL: &[u8] = b"weft/v1/rendezvous room id";
+
+/// A network as a peer joins it: the secret, and the room where its members meet.
+///
+/// - An **invite network** meets in a room derived from its 256-bit secret: the server
+///   learns nothing it could guess.
+/// - A **passphrase network** meets in a room derived from its *name* alone, stretched with
+///   Argon2id, and the passphrase becomes the secret. So someone who types the right name
+///   with a wrong passphrase meets the members and is refused by the handshake with a
+///   clear reason, instead of waiting alone in an empty room. The price: the server can
+///   test guesses of the network name at Argon2id's cost (never of the passphrase without
+///   the name), and two unrelated networks with the same name share a room (each sees the
+///   other's members as "different passphrase"). Use invites when that matters.
+#[derive(Clone, Debug)]
+pub struct Network {
+    secret: NetworkSecret,
+    room: RoomId,
+    name: Option<String>,
+    from_invite: bool,
+}
+
+impl Network {
+    /// A new invite network with a random secret from the caller's generator.
+    pub fn generate(rng: &mut impl CryptoRng) -> Self {
+        Self::with_secret(NetworkSecret::generate(rng))
+    }
+
+    /// The network an invite string names.
+    pub fn from_invite(invite: &str) -> Result<Self, InviteError> {
+        Ok(Self::with_secret(NetworkSecret::from_invite(invite)?))
+    }
+
+    fn with_secret(secret: NetworkSecret) -> Self {
+        let room = secret.room_id();
+        Self { secret, room, name: None, from_invite: true }
+    }
+
+    /// A passphrase network: two Argon2id computations (the room from the name, the secret
+    /// from the passphrase salted by the name), about two seconds in a browser with
+    /// [`PassphraseParams::INTERACTIVE`].
+    pub fn from_passphrase(
+        name: &str,
+        passphrase: &str,
+        params: &PassphraseParams,
+    ) -> Result<Self, PassphraseError> {
+        if name.is_empty() {
+            return Err(PassphraseError::EmptyName);
+        }
+        let secret = NetworkSecret::from_passphrase(name, passphrase, params)?;
+        let salt: [u8; 32] = Sha256::digest(RENDEZVOUS_SALT_LABEL).into();
+        let stretched = argon2id(name.as_bytes(), &salt, params)?;
+        let hk = Hkdf::<Sha256>::new(Some(NETWORK_EXTRACT_SALT), stretched.as_ref());
+        let mut room = [0u8; 32];
+        if hk.expand(RENDEZVOUS_ROOM_LABEL, &mut room).is_err() {
+            unreachable!("HKDF output length within limits");
+        }
+        let room = RoomId::new(URL_SAFE_NO_PAD.encode(room))
+            .unwrap_or_else(|_| unreachable!("base64url is a valid room id"));
+        Ok(Self { secret, room, name: Some(name.to_string()), from_invite: false })
+    }
+
+    /// The room id to join on the signaling server.
+    pub fn room_id(&self) -> &RoomId {
+        &self.room
+    }
+
+    /// The shared secret (PSK and MAC keys of the handshake derive from it).
+    pub fn secret(&self) -> &NetworkSecret {
+        &self.secret
+    }
+
+    /// The invite string, for an invite network.
+    pub fn invite(&self) -> Option<Zeroizing<String>> {
+        self.from_invite.then(|| self.secret.to_invite())
+    }
+
+    /// The network's name, for a passphrase network.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+fn argon2id(
+    input: &[u8],
+    salt: &[u8],
+    params: &PassphraseParams,
+) -> Result<Zeroizing<[u8; NETWORK_SECRET_LEN]>, PassphraseError> {
+    let argon_params = argon2::Params::new(
+        params.memory_kib,
+        params.iterations,
+        params.parallelism,
+        Some(NETWORK_SECRET_LEN),
+    )
+    .map_err(|e| PassphraseError::InvalidParams(e.to_string()))?;
+    let argon =
+        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, argon_params);
+    let mut out = Zeroizing::new([0u8; NETWORK_SECRET_LEN]);
+    argon
+        .hash_password_into(input, salt, out.as_mut())
+        .map_err(|e| PassphraseError::InvalidParams(e.to_string()))?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +383,35 @@ mod tests {
             NetworkSecret::from_passphrase("home", "x", &bad),
             Err(PassphraseError::InvalidParams(_))
         ));
+    }
+
+    #[test]
+    fn passphrase_networks_meet_by_name_and_differ_by_passphrase() {
+        let a = Network::from_passphrase("home", "correct horse", &TINY).unwrap();
+        let wrong = Network::from_passphrase("home", "wrong horse", &TINY).unwrap();
+        let other = Network::from_passphrase("work", "correct horse", &TINY).unwrap();
+        assert_eq!(a.room_id(), wrong.room_id(), "same name, same room");
+        assert_ne!(a.room_id(), other.room_id());
+        assert_ne!(a.secret().psk().as_ref(), wrong.secret().psk().as_ref());
+        assert_eq!(a.name(), Some("home"));
+        assert!(a.invite().is_none());
+        // The room reveals neither the name nor the secret's own room id.
+        assert!(!a.room_id().as_str().contains("home"));
+        assert_ne!(a.room_id(), &a.secret().room_id());
+        assert_eq!(
+            Network::from_passphrase("", "x", &TINY).unwrap_err(),
+            PassphraseError::EmptyName
+        );
+    }
+
+    #[test]
+    fn invite_networks_meet_by_secret() {
+        let n = Network::from_invite(&"A".repeat(INVITE_LEN)).unwrap();
+        let invite = n.invite().unwrap();
+        let again = Network::from_invite(&invite).unwrap();
+        assert_eq!(n.room_id(), again.room_id());
+        assert_eq!(n.room_id(), &n.secret().room_id());
+        assert!(n.name().is_none());
     }
 
     #[test]

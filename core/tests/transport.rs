@@ -281,7 +281,7 @@ proptest! {
 
 fn frame() -> impl Strategy<Value = Frame> {
     let unknown =
-        any::<u8>().prop_filter("unassigned type", |t| !(1..=5).contains(t)).prop_flat_map(|t| {
+        any::<u8>().prop_filter("unassigned type", |t| !(1..=6).contains(t)).prop_flat_map(|t| {
             prop::collection::vec(any::<u8>(), 0..50)
                 .prop_map(move |body| Frame::Unknown { frame_type: t, body })
         });
@@ -291,6 +291,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|timestamp| Frame::Ping { timestamp }),
         any::<u64>().prop_map(|timestamp| Frame::Pong { timestamp }),
         any::<u16>().prop_map(|code| Frame::Close { code }),
+        "[a-zA-Z0-9 ]{0,64}".prop_map(|name| Frame::Hello { name }),
         unknown,
         FILE_TRANSFER_TYPES.prop_map(|t| Frame::Unknown { frame_type: t, body: vec![t] }),
     ]

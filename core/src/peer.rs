@@ -1,0 +1,499 @@
+//! One encrypted link to one remote peer, over its WebRTC data channels: the sans-IO
+//! state machine that browser and native drivers share.
+//!
+//! The driver owns the `RTCPeerConnection` (or webrtc-rs peer connection) and tells the
+//! link what happens to it; the link runs the handshake ([`crate::handshake`]) bound to
+//! the connection's DTLS fingerprints, then the transport ([`crate::transport`]), and says
+//! what to send and what happened, in the style of str0m and quinn-proto:
+//!
+//! ```text
+//! driver                                   PeerLink
+//!   control channel open  ── channel_open(local SDP, remote SDP, now, rng) ─▶
+//!   bytes on a channel    ── receive(bytes, now, rng) ─────────────────────▶
+//!   user sends text       ── send_message(text, now) ──────────────────────▶
+//!   timer fired           ── handle_timeout(now) ──────────────────────────▶
+//!                         ◀── poll_transmit() : bytes for the control channel
+//!                         ◀── poll_event()    : Established, Hello, Message, Rtt, Failed
+//!                         ◀── poll_timeout()  : when to call handle_timeout next
+//! ```
+//!
+//! Time is a [`Duration`] since an epoch of the driver's choosing; randomness comes from
+//! the driver's [`CryptoRng`]. Roles are fixed by the peer ids: the lower id initiates the
+//! handshake and is the impolite side of WebRTC perfect negotiation ([`is_polite`]).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use hpke::rand_core::CryptoRng;
+
+use crate::frame::{Frame, MAX_NAME_LEN};
+use crate::handshake::{
+    ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
+    HandshakeStep, MessageKind, message_kind,
+};
+use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
+use crate::network::Network;
+use crate::sdp::dtls_fingerprint;
+use crate::signal::PeerId;
+use crate::transport::{Session, TransportError};
+
+/// Longest chat message, in bytes of UTF-8.
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+
+/// Transport packets kept while the handshake finishes (a packet on the unreliable
+/// channel can overtake the Finish message on the control channel).
+const MAX_EARLY_PACKETS: usize = 64;
+
+/// Whether we are the polite side of WebRTC perfect negotiation with `remote`: the side
+/// with the higher peer id. The impolite side (lower id) initiates the handshake.
+pub fn is_polite(own: &PeerId, remote: &PeerId) -> bool {
+    own > remote
+}
+
+/// Timing of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLinkConfig {
+    /// How long a handshake may take from the channel opening.
+    pub handshake_timeout: Duration,
+    /// How often an established link pings its peer to measure the round trip time.
+    pub ping_interval: Duration,
+}
+
+impl Default for PeerLinkConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: crate::handshake::DEFAULT_HANDSHAKE_TIMEOUT,
+            ping_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No control channel yet (or it closed): waiting for [`PeerLink::channel_open`].
+    Waiting,
+    /// The handshake is running.
+    Handshaking,
+    /// The encrypted session is up.
+    Established,
+    /// The link failed; [`LinkEvent::Failed`] said why. A new channel starts over.
+    Failed,
+}
+
+/// Something the driver should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The handshake succeeded: the peer holds `identity`'s private key and the network
+    /// secret. Check `fingerprint` against the trust store once the peer's name is known.
+    Established {
+        /// The peer's long-term key.
+        identity: PublicIdentity,
+        /// Its fingerprint.
+        fingerprint: Fingerprint,
+    },
+    /// The peer told us its display name (inside the encrypted session).
+    Hello {
+        /// The name, at most [`MAX_NAME_LEN`] bytes.
+        name: String,
+    },
+    /// A chat message from the peer.
+    Message {
+        /// The text.
+        text: String,
+    },
+    /// Opaque data from the peer (an IP packet, later).
+    Data(Vec<u8>),
+    /// A fresh round-trip-time measurement.
+    Rtt(Duration),
+    /// The link failed; the reason is for users to read.
+    Failed(LinkError),
+}
+
+/// Why a link failed or refused a request. `Display` is meant for users.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The encrypted session cannot continue (for example its keys are used up).
+    #[error("the encrypted session failed: {0}")]
+    Transport(TransportError),
+    /// A connection description has no DTLS fingerprint to bind the handshake to.
+    #[error("the {0} connection description has no DTLS fingerprint")]
+    NoDtlsFingerprint(&'static str),
+    /// Nothing can be sent before the session is established.
+    #[error("no encrypted session with this peer yet")]
+    NotEstablished,
+    /// A message longer than [`MAX_MESSAGE_LEN`].
+    #[error("message of {len} bytes is too long (at most {MAX_MESSAGE_LEN})")]
+    MessageTooLong {
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Counters for diagnostics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Packets that authenticated and were accepted.
+    pub packets_received: u64,
+    /// Packets dropped: tampered, replayed, too old, or garbage.
+    pub packets_rejected: u64,
+}
+
+enum Handshake {
+    Initiator(HandshakeInitiator),
+    Responder(HandshakeResponder),
+}
+
+enum State {
+    Waiting,
+    Handshaking { handshake: Handshake, deadline: HandshakeDeadline },
+    Established { session: Box<Session>, next_ping: Duration },
+    Failed,
+}
+
+/// An encrypted link to one peer. See the module docs.
+pub struct PeerLink {
+    own: PeerId,
+    remote: PeerId,
+    identity: IdentityKeyPair,
+    network: Network,
+    own_name: String,
+    config: PeerLinkConfig,
+    state: State,
+    peer_identity: Option<PublicIdentity>,
+    peer_name: Option<String>,
+    early: VecDeque<Vec<u8>>,
+    transmits: VecDeque<Vec<u8>>,
+    events: VecDeque<LinkEvent>,
+    stats: LinkStats,
+    ping_epoch: Duration,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLink")
+            .field("own", &self.own)
+            .field("remote", &self.remote)
+            .field("state", &self.state())
+            .field("peer_name", &self.peer_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shortens `name` to at most [`MAX_NAME_LEN`] bytes at a character boundary.
+fn clip_name(name: &str) -> String {
+    let mut end = name.len().min(MAX_NAME_LEN);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+impl PeerLink {
+    /// A link from `own` to `remote` in `network`, announcing `own_name`.
+    pub fn new(
+        own: PeerId,
+        remote: PeerId,
+        identity: IdentityKeyPair,
+        network: &Network,
+        own_name: &str,
+        config: PeerLinkConfig,
+    ) -> Self {
+        Self {
+            own,
+            remote,
+            identity,
+            network: network.clone(),
+            own_name: clip_name(own_name),
+            config,
+            state: State::Waiting,
+            peer_identity: None,
+            peer_name: None,
+            early: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: LinkStats::default(),
+            ping_epoch: Duration::ZERO,
+        }
+    }
+
+    /// The remote peer's id.
+    pub fn remote(&self) -> &PeerId {
+        &self.remote
+    }
+
+    /// Whether we are the polite side of perfect negotiation with this peer.
+    pub fn is_polite(&self) -> bool {
+        is_polite(&self.own, &self.remote)
+    }
+
+    /// Whether we initiate the handshake.
+    pub fn is_initiator(&self) -> bool {
+        !self.is_polite()
+    }
+
+    /// Where the link is.
+    pub fn state(&self) -> LinkState {
+        match self.state {
+            State::Waiting => LinkState::Waiting,
+            State::Handshaking { .. } => LinkState::Handshaking,
+            State::Established { .. } => LinkState::Established,
+            State::Failed => LinkState::Failed,
+        }
+    }
+
+    /// The peer's authenticated key, once established.
+    pub fn peer_identity(&self) -> Option<&PublicIdentity> {
+        self.peer_identity.as_ref()
+    }
+
+    /// The peer's display name, once it said it.
+    pub fn peer_name(&self) -> Option<&str> {
+        self.peer_name.as_deref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    fn fail(&mut self, error: LinkError) {
+        if let LinkError::Handshake(e) = &error {
+            if let Some(reject) = e.reject_message() {
+                self.transmits.push_back(reject);
+            }
+        }
+        self.state = State::Failed;
+        self.early.clear();
+        self.events.push_back(LinkEvent::Failed(error));
+    }
+
+    /// The control channel opened. `local_sdp` and `remote_sdp` are the connection's
+    /// current local and remote descriptions; their DTLS fingerprints bind the handshake
+    /// to this very connection.
+    pub fn channel_open(
+        &mut self,
+        local_sdp: &str,
+        remote_sdp: &str,
+        now: Duration,
+        rng: &mut impl CryptoRng,
+    ) {
+        let binding = match (dtls_fingerprint(local_sdp), dtls_fingerprint(remote_sdp)) {
+            (Some(local), Some(remote)) => ChannelBinding::new(local, remote),
+            (None, _) => return self.fail(LinkError::NoDtlsFingerprint("local")),
+            (_, None) => return self.fail(LinkError::NoDtlsFingerprint("remote")),
+        };
+        let binding = match binding {
+            Ok(b) => b,
+            Err(e) => return self.fail(e.into()),
+        };
+        let deadline = HandshakeDeadline::new(now, self.config.handshake_timeout);
+        let secret = self.network.secret();
+        let handshake = if self.is_initiator() {
+            let (hs, init) = HandshakeInitiator::new(rng, &self.identity, secret, &binding);
+            self.transmits.push_back(init);
+            Handshake::Initiator(hs)
+        } else {
+            Handshake::Responder(HandshakeResponder::new(&self.identity, secret, &binding))
+        };
+        self.state = State::Handshaking { handshake, deadline };
+        // Anything that arrived before the channel was reported open.
+        for bytes in std::mem::take(&mut self.early) {
+            self.receive(&bytes, now, rng);
+        }
+    }
+
+    /// The control channel closed or the connection was lost: the session ends, and the
+    /// next [`Self::channel_open`] runs a fresh handshake.
+    pub fn channel_closed(&mut self) {
+        self.state = State::Waiting;
+        self.early.clear();
+    }
+
+    /// Bytes that arrived on either data channel.
+    pub fn receive(&mut self, bytes: &[u8], now: Duration, rng: &mut impl CryptoRng) {
+        let kind = message_kind(bytes);
+        let early = match self.state {
+            State::Waiting => true,
+            State::Handshaking { .. } => kind == Some(MessageKind::Transport),
+            State::Established { .. } | State::Failed => false,
+        };
+        if early {
+            if self.early.len() < MAX_EARLY_PACKETS {
+                self.early.push_back(bytes.to_vec());
+            } else {
+                self.stats.packets_rejected += 1;
+            }
+            return;
+        }
+        match &mut self.state {
+            State::Waiting => {}
+            State::Handshaking { handshake, .. } => {
+                if kind != Some(MessageKind::Handshake) {
+                    self.stats.packets_rejected += 1;
+                    return;
+                }
+                let step = match handshake {
+                    Handshake::Initiator(hs) => hs.handle(bytes, rng),
+                    Handshake::Responder(hs) => hs.handle(bytes, rng),
+                };
+                match step {
+                    Ok(step) => self.advance(step, now, rng),
+                    Err(e) => self.fail(e.into()),
+                }
+            }
+            State::Established { session, .. } => {
+                if kind != Some(MessageKind::Transport) {
+                    // A late or replayed handshake message: the session stays.
+                    self.stats.packets_rejected += 1;
+                    return;
+                }
+                match session.open_frames(bytes, now) {
+                    Ok(frames) => {
+                        self.stats.packets_received += 1;
+                        for frame in frames {
+                            self.on_frame(frame, now);
+                        }
+                    }
+                    Err(TransportError::Exhausted) => {
+                        self.fail(LinkError::Transport(TransportError::Exhausted));
+                    }
+                    Err(_) => self.stats.packets_rejected += 1,
+                }
+            }
+            State::Failed => self.stats.packets_rejected += 1,
+        }
+    }
+
+    fn advance(&mut self, step: HandshakeStep, now: Duration, rng: &mut impl CryptoRng) {
+        if let Some(msg) = step.message {
+            self.transmits.push_back(msg);
+        }
+        let Some(established) = step.established else { return };
+        let fingerprint = established.peer.fingerprint();
+        self.peer_identity = Some(established.peer);
+        self.ping_epoch = now;
+        self.state = State::Established {
+            session: Box::new(established.session),
+            next_ping: now.saturating_add(self.config.ping_interval),
+        };
+        self.events.push_back(LinkEvent::Established { identity: established.peer, fingerprint });
+        let hello = Frame::Hello { name: self.own_name.clone() };
+        // The first ping right away gives an RTT as soon as the peer answers.
+        let ping = Frame::Ping { timestamp: micros(now) };
+        self.send_frames(&[hello, ping], now);
+        for bytes in std::mem::take(&mut self.early) {
+            self.receive(&bytes, now, rng);
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, now: Duration) {
+        match frame {
+            Frame::Message(text) => self.events.push_back(LinkEvent::Message { text }),
+            Frame::Data(data) => self.events.push_back(LinkEvent::Data(data)),
+            Frame::Hello { name } => {
+                self.peer_name = Some(name.clone());
+                self.events.push_back(LinkEvent::Hello { name });
+            }
+            Frame::Ping { timestamp } => {
+                self.send_frames(&[Frame::Pong { timestamp }], now);
+            }
+            Frame::Pong { timestamp } => {
+                let rtt = micros(now).saturating_sub(timestamp);
+                self.events.push_back(LinkEvent::Rtt(Duration::from_micros(rtt)));
+            }
+            Frame::Close { .. } => self.channel_closed(),
+            // Newer peers' frames, and file transfer (not in this version yet).
+            _ => {}
+        }
+    }
+
+    fn send_frames(&mut self, frames: &[Frame], now: Duration) -> Option<()> {
+        let State::Established { session, .. } = &mut self.state else { return None };
+        match session.seal_frames(frames, now) {
+            Ok(packet) => {
+                self.stats.packets_sent += 1;
+                self.transmits.push_back(packet);
+                Some(())
+            }
+            Err(e) => {
+                self.fail(LinkError::Transport(e));
+                None
+            }
+        }
+    }
+
+    /// Sends a chat message on the control channel.
+    pub fn send_message(&mut self, text: &str, now: Duration) -> Result<(), LinkError> {
+        if text.len() > MAX_MESSAGE_LEN {
+            return Err(LinkError::MessageTooLong { len: text.len() });
+        }
+        if self.state() != LinkState::Established {
+            return Err(LinkError::NotEstablished);
+        }
+        self.send_frames(&[Frame::Message(text.to_string())], now).ok_or(LinkError::NotEstablished)
+    }
+
+    /// Seals `data` as one packet for the unreliable channel (IP packets).
+    pub fn seal_data(&mut self, data: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
+        let State::Established { session, .. } = &mut self.state else {
+            return Err(LinkError::NotEstablished);
+        };
+        let packet = session
+            .seal_frames(&[Frame::Data(data.to_vec())], now)
+            .map_err(LinkError::Transport)?;
+        self.stats.packets_sent += 1;
+        Ok(packet)
+    }
+
+    /// When [`Self::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        match &self.state {
+            State::Handshaking { deadline, .. } => Some(deadline.deadline()),
+            State::Established { session, next_ping } => {
+                Some(session.poll_timeout().map_or(*next_ping, |t| t.min(*next_ping)))
+            }
+            State::Waiting | State::Failed => None,
+        }
+    }
+
+    /// Runs what is due at `now`: handshake deadline, pings, key expiry.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        match &mut self.state {
+            State::Handshaking { deadline, .. } => {
+                if let Err(e) = deadline.check(now) {
+                    self.fail(e.into());
+                }
+            }
+            State::Established { session, next_ping } => {
+                session.handle_timeout(now);
+                if now >= *next_ping {
+                    *next_ping = now.saturating_add(self.config.ping_interval);
+                    let ping = Frame::Ping { timestamp: micros(now) };
+                    self.send_frames(&[ping], now);
+                }
+            }
+            State::Waiting | State::Failed => {}
+        }
+    }
+
+    /// The next bytes to send on the control channel.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+}
+
+fn micros(t: Duration) -> u64 {
+    u64::try_from(t.as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,185 @@
+//! Trust on first use, with verification: which identity key each named peer had before,
+//! and whether a person compared its short code.
+//!
+//! Peers are pinned by the display name they announce inside the encrypted session
+//! ([`crate::frame::Frame::Hello`]). The first key seen for a name is pinned; the same key
+//! again is [`Trust::Known`] (or [`Trust::Verified`] once a person compared short codes);
+//! a *different* key for a pinned name is [`Trust::Changed`], which drivers must show
+//! loudly. The pin does not move until the user accepts the new key.
+//!
+//! The store is plain data: drivers persist it ([`TrustStore::to_json`]) in IndexedDB or a
+//! file, per network.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Fingerprint;
+
+/// What the store says about a peer's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "trust")]
+pub enum Trust {
+    /// First contact under this name: pinned now, not verified.
+    New,
+    /// The pinned key, not verified by a person.
+    Known,
+    /// The pinned key, and a person compared its short code.
+    Verified,
+    /// A different key than the one pinned for this name: an impostor, or a reinstall.
+    Changed {
+        /// Whether the old key had been verified (the louder warning).
+        verified_before: bool,
+    },
+}
+
+impl Trust {
+    /// Short lowercase name: `new`, `known`, `verified`, `changed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trust::New => "new",
+            Trust::Known => "known",
+            Trust::Verified => "verified",
+            Trust::Changed { .. } => "changed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Pin {
+    /// Hex of the fingerprint.
+    fingerprint: String,
+    verified: bool,
+}
+
+/// Pinned keys by peer name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustStore {
+    #[serde(default)]
+    peers: BTreeMap<String, Pin>,
+}
+
+/// A stored trust file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("unreadable trust store: {0}")]
+pub struct TrustStoreError(#[from] serde_json::Error);
+
+impl TrustStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Looks `name`'s key up, pinning it on first contact.
+    pub fn observe(&mut self, name: &str, fingerprint: &Fingerprint) -> Trust {
+        let hex = fingerprint.to_hex();
+        match self.peers.get(name) {
+            None => {
+                self.peers.insert(name.to_string(), Pin { fingerprint: hex, verified: false });
+                Trust::New
+            }
+            Some(pin) if pin.fingerprint == hex => {
+                if pin.verified {
+                    Trust::Verified
+                } else {
+                    Trust::Known
+                }
+            }
+            Some(pin) => Trust::Changed { verified_before: pin.verified },
+        }
+    }
+
+    /// What the store says about `name`'s key without changing anything.
+    pub fn check(&self, name: &str, fingerprint: &Fingerprint) -> Option<Trust> {
+        let pin = self.peers.get(name)?;
+        Some(if pin.fingerprint != fingerprint.to_hex() {
+            Trust::Changed { verified_before: pin.verified }
+        } else if pin.verified {
+            Trust::Verified
+        } else {
+            Trust::Known
+        })
+    }
+
+    /// A person compared the short code of `fingerprint` with `name`'s own and they match.
+    /// Pins the key if `name` had none; does nothing if `name` is pinned to another key
+    /// (accept it first with [`Self::accept_new_key`]).
+    pub fn verify(&mut self, name: &str, fingerprint: &Fingerprint) -> Trust {
+        let hex = fingerprint.to_hex();
+        let pin = self
+            .peers
+            .entry(name.to_string())
+            .or_insert_with(|| Pin { fingerprint: hex.clone(), verified: false });
+        if pin.fingerprint == hex {
+            pin.verified = true;
+            Trust::Verified
+        } else {
+            Trust::Changed { verified_before: pin.verified }
+        }
+    }
+
+    /// The user accepts a changed key for `name` (for example after a reinstall): it
+    /// becomes the pin, unverified.
+    pub fn accept_new_key(&mut self, name: &str, fingerprint: &Fingerprint) {
+        self.peers
+            .insert(name.to_string(), Pin { fingerprint: fingerprint.to_hex(), verified: false });
+    }
+
+    /// Forgets `name`.
+    pub fn forget(&mut self, name: &str) {
+        self.peers.remove(name);
+    }
+
+    /// The store as JSON, for the driver to persist.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// A store persisted by [`Self::to_json`].
+    pub fn from_json(json: &str) -> Result<Self, TrustStoreError> {
+        Ok(serde_json::from_str(json)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(b: u8) -> Fingerprint {
+        Fingerprint::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn first_use_pins_then_known_then_verified() {
+        let mut t = TrustStore::new();
+        assert_eq!(t.observe("alice", &fp(1)), Trust::New);
+        assert_eq!(t.observe("alice", &fp(1)), Trust::Known);
+        assert_eq!(t.verify("alice", &fp(1)), Trust::Verified);
+        assert_eq!(t.observe("alice", &fp(1)), Trust::Verified);
+        assert_eq!(t.check("bob", &fp(1)), None);
+    }
+
+    #[test]
+    fn a_changed_key_is_reported_and_not_silently_repinned() {
+        let mut t = TrustStore::new();
+        t.observe("alice", &fp(1));
+        t.verify("alice", &fp(1));
+        assert_eq!(t.observe("alice", &fp(2)), Trust::Changed { verified_before: true });
+        assert_eq!(t.observe("alice", &fp(2)), Trust::Changed { verified_before: true });
+        assert_eq!(t.verify("alice", &fp(2)), Trust::Changed { verified_before: true });
+        t.accept_new_key("alice", &fp(2));
+        assert_eq!(t.observe("alice", &fp(2)), Trust::Known);
+        assert_eq!(t.observe("alice", &fp(1)), Trust::Changed { verified_before: false });
+    }
+
+    #[test]
+    fn persists_as_json() {
+        let mut t = TrustStore::new();
+        t.observe("alice", &fp(1));
+        t.verify("bob", &fp(2));
+        let back = TrustStore::from_json(&t.to_json()).unwrap();
+        assert_eq!(back, t);
+        assert!(TrustStore::from_json("{not json").is_err());
+        assert_eq!(TrustStore::from_json("{}").unwrap(), TrustStore::new());
+    }
+}

@@ -1,66 +1,173 @@
-// Weft web app glue: the page's UI on top of the WASM core's JavaScript API.
-import init, { WeftSession, protocolVersion, isValidRoomId } from "./pkg/weft_wasm.js";
+// Weft web app: the page's UI on top of the WASM core's JavaScript API (see the docs at
+// the top of wasm/src/lib.rs). Everything here is presentation; the protocol lives in Rust.
+import init, * as weft from "./pkg/weft_wasm.js";
 
 const $ = (id) => document.getElementById(id);
 let session = null;
+const peers = new Map(); // peerId -> latest peer object from the core
+const listeners = new Set(); // extra event listeners (window.weft.on), for embedders and tests
+
+function dispatch(ev) {
+  onEvent(ev);
+  for (const listener of listeners) {
+    try { listener(ev); } catch (e) { console.error("weft listener failed", e); }
+  }
+}
 
 function setStatus(status, detail) {
   document.body.dataset.status = status;
-  $("status").textContent = status;
+  $("status").textContent = status.replace("_", " ");
   $("status-detail").textContent = detail ?? "";
 }
 
-function renderPeers() {
-  const peers = session ? session.peers() : [];
-  const list = $("peers");
-  list.replaceChildren(...peers.map((id) => {
-    const li = document.createElement("li");
-    li.textContent = id;
-    li.dataset.peerId = id;
-    return li;
-  }));
-  $("peer-count").textContent = String(peers.length);
-  $("no-peers").hidden = peers.length > 0;
-}
-
-function showError(message) {
-  const el = $("join-error");
-  el.textContent = message;
+function showError(id, message) {
+  const el = $(id);
+  el.textContent = message ?? "";
   el.hidden = !message;
 }
 
-function join(room) {
-  if (!isValidRoomId(room)) {
-    showError("A room name is 1 to 128 letters, digits, '-' or '_'.");
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  node.append(...children);
+  return node;
+}
+
+function renderPeers() {
+  const list = $("peers");
+  const items = [...peers.values()].map((p) => {
+    const li = el("li");
+    li.dataset.peerId = p.peerId;
+    li.dataset.state = p.state;
+    li.append(
+      el("span", { className: "name", textContent: p.name ?? `peer ${p.peerId.slice(0, 6)}` }),
+      el("span", { className: `state state-${p.state}`, textContent: p.state }),
+    );
+    const meta = [];
+    if (p.shortCode) meta.push(`safety code ${p.shortCode}`);
+    if (p.rttMs != null) meta.push(`${Math.round(p.rttMs)} ms`);
+    if (meta.length) li.append(el("span", { className: "meta", textContent: meta.join(" · ") }));
+    if (p.trust === "verified") {
+      li.append(el("span", { className: "meta trust-verified", textContent: "✓ verified" }));
+    }
+    if (p.trust === "changed") {
+      const warn = el("span", {
+        className: "warn",
+        textContent: `⚠ ${p.name}'s key changed since you last talked. It may be someone else. Compare safety codes before trusting it.`,
+      });
+      const accept = el("button", { type: "button", className: "secondary", textContent: "I checked: accept the new key" });
+      accept.addEventListener("click", () => { session?.acceptNewKey(p.peerId); });
+      li.append(warn, accept);
+    } else if (p.shortCode && p.trust !== "verified") {
+      const verify = el("button", { type: "button", className: "secondary", textContent: "Codes match: mark verified" });
+      verify.addEventListener("click", () => { session?.verifyPeer(p.peerId); });
+      li.append(verify);
+    }
+    if (p.reason) li.append(el("span", { className: "reason", textContent: p.reason }));
+    return li;
+  });
+  list.replaceChildren(...items);
+  $("peer-count").textContent = String(peers.size);
+  $("no-peers").hidden = peers.size > 0;
+}
+
+function addMessage({ name, text, at, mine }) {
+  const time = new Date(at);
+  const li = el("li", { className: mine ? "mine" : "" },
+    el("span", { className: "from", textContent: name }),
+    el("span", { className: "text", textContent: text }),
+    el("time", { dateTime: time.toISOString(), textContent: time.toLocaleTimeString() }));
+  $("messages").append(li);
+  li.scrollIntoView({ block: "nearest" });
+}
+
+function onEvent(ev) {
+  switch (ev.type) {
+    case "status": setStatus(ev.status, ev.detail); break;
+    case "joined":
+      // After a reconnect the list is the whole truth.
+      for (const id of peers.keys()) if (!ev.peers.includes(id)) peers.delete(id);
+      renderPeers();
+      break;
+    case "peer_joined":
+      if (!peers.has(ev.peerId)) peers.set(ev.peerId, { peerId: ev.peerId, state: "connecting" });
+      renderPeers();
+      break;
+    case "peer_left": peers.delete(ev.peerId); renderPeers(); break;
+    case "peer": peers.set(ev.peerId, ev); renderPeers(); break;
+    case "message": addMessage({ ...ev, mine: false }); break;
+    case "error": setStatus("error", `${ev.code}: ${ev.message}`); break;
+  }
+}
+
+function displayName() {
+  const name = $("display-name").value.trim();
+  if (name) localStorage.setItem("weft.name", name);
+  return name || undefined;
+}
+
+async function join(options) {
+  showError("join-error", "");
+  session?.leave();
+  session = null;
+  peers.clear();
+  setStatus(options.passphrase ? "deriving_key" : "connecting",
+    options.passphrase ? "Stretching the passphrase (about two seconds)…" : "");
+  try {
+    session = await weft.WeftSession.join({ ...options, name: displayName(), onEvent: dispatch });
+  } catch (e) {
+    setStatus("ready");
+    showError("join-error", String(e?.message ?? e));
     return;
   }
-  showError("");
-  session?.leave();
-  session = WeftSession.join({ room });
-  session.onEvent((ev) => {
-    switch (ev.type) {
-      case "status": setStatus(ev.status, ev.detail); break;
-      case "joined": $("own-id").textContent = ev.peerId; renderPeers(); break;
-      case "peer_joined":
-      case "peer_left": renderPeers(); break;
-      case "error": setStatus("error", `${ev.code}: ${ev.message}`); break;
-    }
-  });
-  history.replaceState(null, "", `#room=${encodeURIComponent(room)}`);
-  $("room-name").textContent = room;
+  session.onEvent(dispatch);
+  const invite = session.invite;
+  $("invite-box").hidden = !invite;
+  if (invite) {
+    const link = `${location.origin}${location.pathname}#invite=${invite}`;
+    $("invite-link").value = link;
+    history.replaceState(null, "", `#invite=${invite}`);
+    if (typeof weft.qrSvg === "function") $("qr").innerHTML = weft.qrSvg(link);
+  } else {
+    history.replaceState(null, "", location.pathname);
+  }
+  $("network-title").textContent = session.network ? `network “${session.network}”` : "invite network";
+  $("own-code").textContent = session.identity.shortCode;
+  $("messages").replaceChildren();
   $("join-panel").hidden = true;
   $("room-panel").hidden = false;
-  setStatus("connecting");
+  for (const p of session.peers()) peers.set(p.peerId, p);
   renderPeers();
 }
 
 function leave() {
   session?.leave();
   session = null;
+  peers.clear();
   history.replaceState(null, "", location.pathname);
   $("join-panel").hidden = false;
   $("room-panel").hidden = true;
+  $("network-title").textContent = "";
   setStatus("ready");
+}
+
+function sendMessage(ev) {
+  ev.preventDefault();
+  const input = $("message-input");
+  const text = input.value;
+  if (!text.trim() || !session) return;
+  try {
+    const sent = session.sendMessage(text);
+    if (sent === 0) {
+      showError("message-error", "No one is connected yet: the message was not sent.");
+      return;
+    }
+    showError("message-error", "");
+    addMessage({ name: "you", text, at: Date.now(), mine: true });
+    input.value = "";
+  } catch (e) {
+    showError("message-error", String(e?.message ?? e));
+  }
 }
 
 async function main() {
@@ -68,19 +175,31 @@ async function main() {
     await init();
   } catch (e) {
     setStatus("error", "");
-    showError(`Weft could not load its WebAssembly core: ${e}`);
+    showError("join-error", `Weft could not load its WebAssembly core: ${e}`);
     return;
   }
-  $("version").textContent = `Weft signaling protocol v${protocolVersion()}`;
-  $("join-form").addEventListener("submit", (ev) => {
+  $("version").textContent = `Weft · signaling protocol v${weft.protocolVersion()}`;
+  $("display-name").value = localStorage.getItem("weft.name") ?? "";
+  $("create").addEventListener("click", () => join({ invite: weft.createInvite() }));
+  $("passphrase-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    join($("room").value.trim());
+    join({ network: $("network-name").value.trim(), passphrase: $("passphrase").value });
   });
   $("leave").addEventListener("click", leave);
+  $("message-form").addEventListener("submit", sendMessage);
+  $("copy-invite").addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText($("invite-link").value); } catch { $("invite-link").select(); }
+  });
   // Tests and embedders reach the session here.
-  window.weft = { get session() { return session; }, join, leave };
-  const room = new URLSearchParams(location.hash.slice(1)).get("room");
-  if (room) join(room); else setStatus("ready");
+  window.weft = {
+    get session() { return session; },
+    get peers() { return [...peers.values()]; },
+    join,
+    leave,
+    on(listener) { listeners.add(listener); return () => listeners.delete(listener); },
+  };
+  const invite = new URLSearchParams(location.hash.slice(1)).get("invite");
+  if (invite) join({ invite }); else setStatus("ready");
 }
 
 main();

@@ -10,6 +10,7 @@ pub mod handshake;
 pub mod identity;
 pub mod network;
 pub mod peer;
+pub mod perf;
 pub mod sdp;
 pub mod signal;
 pub mod transport;

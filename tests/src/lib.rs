@@ -5,6 +5,8 @@
 //! when `WEFT_REQUIRE_BROWSER` is unset; `cargo xtask test` sets it, so there they run.
 #![forbid(unsafe_code)]
 
+pub mod mitm;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -58,7 +60,12 @@ pub fn browser_available(test: &str) -> bool {
 
 /// Starts a signaling server on a free loopback port serving [`web_root`].
 pub async fn start_server(limits: Limits) -> Result<Server> {
-    let config = Config { listen: "127.0.0.1:0".parse()?, web_root: web_root(), tls: None, limits };
+    start_server_at("127.0.0.1:0".parse()?, limits).await
+}
+
+/// Starts a signaling server on `listen` (to restart one on the same address).
+pub async fn start_server_at(listen: std::net::SocketAddr, limits: Limits) -> Result<Server> {
+    let config = Config { listen, web_root: web_root(), tls: None, limits };
     Ok(Server::start(config).await?)
 }
 

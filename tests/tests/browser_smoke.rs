@@ -1,6 +1,6 @@
-//! The served page in real headless Chromium: the WASM core loads, joins a room through
-//! the real signaling server, and the member list follows two browsers joining and
-//! one leaving.
+//! The served page in real headless Chromium: the WASM core loads, joins a network's room
+//! through the real signaling server, and the member list follows two browsers joining
+//! and one leaving; the page rejoins by itself when the server restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -12,7 +12,7 @@ use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The page's view: status, own id, and the peer ids it lists.
+/// The page's view: status, own id, and the members it lists.
 async fn page_state(browser: &WebDriver) -> anyhow::Result<Value> {
     js(
         browser,
@@ -22,8 +22,8 @@ async fn page_state(browser: &WebDriver) -> anyhow::Result<Value> {
           status: document.body.dataset.status,
           detail: document.getElementById("status-detail")?.textContent ?? "",
           ownId: s ? (s.ownId ?? null) : null,
-          listed: [...document.querySelectorAll("#peers li")].map((li) => li.dataset.peerId),
-          apiPeers: s ? s.peers() : [],
+          listed: [...document.querySelectorAll("#peers li")].map((li) => li.dataset.peerId).sort(),
+          apiPeers: s ? s.peerIds() : [],
         };
         "##,
     )
@@ -43,7 +43,7 @@ async fn wait_joined(browser: &WebDriver) -> anyhow::Result<String> {
 
 async fn wait_peers(browser: &WebDriver, expected: &[&str]) -> anyhow::Result<()> {
     let expected: Vec<Value> = expected.iter().map(|s| json!(s)).collect();
-    wait_for("the peer list", WAIT, || async {
+    wait_for("the member list", WAIT, || async {
         let state = page_state(browser).await?;
         let listed = state["listed"].as_array().cloned().unwrap_or_default();
         let api = state["apiPeers"].as_array().cloned().unwrap_or_default();
@@ -53,27 +53,28 @@ async fn wait_peers(browser: &WebDriver, expected: &[&str]) -> anyhow::Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_browsers_join_a_room_and_see_each_other() {
-    if !browser_available("two_browsers_join_a_room_and_see_each_other") {
+async fn two_browsers_join_a_network_and_see_each_other() {
+    if !browser_available("two_browsers_join_a_network_and_see_each_other") {
         return;
     }
     let server = start_server(Limits::default()).await.unwrap();
     let driver = ChromeDriver::start().await.unwrap();
     let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
-    let room = format!("smoke-{}", std::process::id());
 
-    // Alice types the room into the join form, as a person would.
+    // Alice starts a network with the button, as a person would.
     alice.goto(server.url()).await.unwrap();
-    let input = alice.query(By::Id("room")).first().await.unwrap();
-    input.send_keys(&room).await.unwrap();
-    alice.find(By::Css("#join-form button")).await.unwrap().click().await.unwrap();
+    alice.query(By::Id("display-name")).first().await.unwrap().send_keys("Alice").await.unwrap();
+    alice.find(By::Id("create")).await.unwrap().click().await.unwrap();
     let alice_id = wait_joined(&alice).await.unwrap();
     wait_peers(&alice, &[]).await.unwrap();
-    let shown = alice.find(By::Id("own-id")).await.unwrap().text().await.unwrap();
-    assert_eq!(shown, alice_id);
+    let link = alice.find(By::Id("invite-link")).await.unwrap().prop("value").await.unwrap();
+    let link = link.expect("an invite link");
+    assert!(link.contains("#invite="), "{link}");
+    let qr = alice.find(By::Css("#qr svg")).await;
+    assert!(qr.is_ok(), "the invite is shown as a QR code");
 
-    // Bob opens a link with the room in its fragment.
-    bob.goto(format!("{}#room={room}", server.url())).await.unwrap();
+    // Bob opens the link.
+    bob.goto(&link).await.unwrap();
     let bob_id = wait_joined(&bob).await.unwrap();
     assert_ne!(alice_id, bob_id);
     wait_peers(&bob, &[&alice_id]).await.unwrap();
@@ -100,7 +101,8 @@ async fn the_page_reconnects_after_the_server_restarts() {
     let addr = server.local_addr();
     let driver = ChromeDriver::start().await.unwrap();
     let browser = driver.browser().await.unwrap();
-    browser.goto(format!("{}#room=restart", server.url())).await.unwrap();
+    let invite = "Q".repeat(43); // canonical base64url: the last character carries no stray bits
+    browser.goto(format!("{}#invite={invite}", server.url())).await.unwrap();
     let first_id = wait_joined(&browser).await.unwrap();
 
     server.shutdown(Duration::from_secs(2)).await;
@@ -112,13 +114,7 @@ async fn the_page_reconnects_after_the_server_restarts() {
     .unwrap();
 
     // Same address, new process state: the page rejoins by itself.
-    let config = weft_signal::Config {
-        listen: addr,
-        web_root: weft_tests::web_root(),
-        tls: None,
-        limits: Limits::default(),
-    };
-    let server = weft_signal::Server::start(config).await.unwrap();
+    let server = weft_tests::start_server_at(addr, Limits::default()).await.unwrap();
     let second_id = wait_joined(&browser).await.unwrap();
     assert_ne!(first_id, second_id, "a new server hands out a new peer id");
     browser.quit().await.unwrap();

@@ -1,39 +1,80 @@
-//! Weft in the browser: a thin driver that owns the WebSocket, the timers and the
-//! JavaScript callbacks, and feeds [`weft_core`]'s state machines. No protocol logic
+//! Weft in the browser: a thin driver that owns the WebSocket, the WebRTC connections,
+//! IndexedDB and the timers, and feeds [`weft_core`]'s state machines. No protocol logic
 //! lives here.
 //!
 //! # JavaScript API
 //!
 //! ```js
-//! import init, { WeftSession, protocolVersion } from "./pkg/weft_wasm.js";
+//! import init, { WeftSession, createInvite, protocolVersion } from "./pkg/weft_wasm.js";
 //! await init();
-//! const session = WeftSession.join({ room: "my-room" }); // server: same origin by default
-//! session.onEvent((ev) => console.log(ev));
-//! // ev.type: "status"      { status: "connecting" | "joined" | "reconnecting" | "closed", detail? }
+//!
+//! // A new network: a 43-character invite; put it in the link you share, e.g. `#invite=…`.
+//! const invite = createInvite();
+//!
+//! // Join by invite, or by network name + passphrase (Argon2id: a second or two).
+//! const session = await WeftSession.join({
+//!   invite,                      // or: network: "team", passphrase: "correct horse …"
+//!   name: "Alice",               // display name; default "Browser <4 hex of own key>"
+//!   server: "wss://host/ws",     // default: /ws on the page's own origin
+//!   iceServers: [],              // RTCConfiguration.iceServers; default none (LAN only)
+//!   onEvent: (ev) => {},         // optional: also receives the events during join
+//!   debug: false,                // log negotiation and ICE steps with console.debug
+//! });                            // rejects with a plain message (bad invite, empty passphrase…)
+//! session.onEvent((ev) => console.log(ev));   // replaces the listener
+//! // ev.type: "status"      { status: "deriving_key" | "connecting" | "joined" | "reconnecting" | "closed", detail? }
 //! //          "joined"      { peerId, peers }   (again after each reconnect: the full list)
 //! //          "peer_joined" { peerId }
-//! //          "peer_left"   { peerId }
+//! //          "peer_left"   { peerId }   (a peer whose encrypted session still works, e.g.
+//! //                        while the server restarts, stays in peers() until its
+//! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
-//! session.status;   // current status
-//! session.ownId;    // our peer id, once joined
-//! session.peers();  // the other members
-//! session.leave();  // leave and stop reconnecting
+//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, rttMs? }
+//! //                        whenever any of it changes. state: "connecting" | "handshaking" |
+//! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
+//! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
+//! //                        was pinned to another key before: warn loudly)
+//! //          "message"     { peerId, name, text, at }   (at: ms since the epoch)
+//! session.status;              // current status (as in "status" events)
+//! session.ownId;               // our peer id on the signaling server, once joined
+//! session.room;                // the room id given to the server (derived; reveals no secret)
+//! session.identity;            // { fingerprint, shortCode } of our long-term key
+//! session.name;                // our display name
+//! session.invite;              // the invite of an invite network, else undefined
+//! session.network;             // the name of a passphrase network, else undefined
+//! session.peers();             // [{ peerId, state, … }] as in "peer" events
+//! session.peerIds();           // the other members' ids, sorted
+//! session.sendMessage(text, peerId?);  // → number of peers sent to (all established ones
+//!                                      //   without peerId); throws if peerId is not connected
+//! session.verifyPeer(peerId);  // the user compared short codes: pin the key as verified
+//! session.acceptNewKey(peerId);// the user accepts a changed key
+//! session.leave();             // close everything and stop reconnecting
+//!
+//! qrSvg(text);                 // an SVG QR code of `text` (an invite link), for innerHTML
 //! ```
+//!
+//! The long-term identity lives in IndexedDB (database `weft`, store `identity`, key
+//! `default`) and the trust store per network in store `trust` (key: room id). Without
+//! IndexedDB (some private modes) the session still works with a key that lasts one visit.
 #![forbid(unsafe_code)]
 
+mod bench;
+mod local_store;
+mod qr;
+mod rtc;
+mod session;
+
 use std::cell::RefCell;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use wasm_bindgen::prelude::*;
-use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
-use weft_core::signal::{
-    self, ClientMessage, ErrorCode, MembershipEvent, PeerId, ReconnectBackoff, RoomId,
-    RoomMembership,
-};
+use weft_core::identity::IdentityKeyPair;
+use weft_core::network::{Network, PassphraseParams};
+use weft_core::signal::{self, RoomId};
+use weft_core::trust::TrustStore;
 
-/// How often the browser pings the server; two unanswered pings mean the connection is dead.
-const HEARTBEAT_MS: i32 = 15_000;
+use crate::local_store::LocalStore;
+use crate::session::{Inner, JsEvent, SessionConfig, Status, emit, emit_to, rng, window};
 
 /// The signaling protocol version this build speaks.
 #[wasm_bindgen(js_name = protocolVersion)]
@@ -47,111 +88,45 @@ pub fn is_valid_room_id(room: &str) -> bool {
     RoomId::new(room).is_ok()
 }
 
+/// A new network's invite: 43 characters of base64url holding a random 256-bit secret.
+/// Anyone with it can join, so share it only with the people you mean.
+#[wasm_bindgen(js_name = createInvite)]
+pub fn create_invite() -> String {
+    Network::generate(&mut rng()).invite().map(|s| s.to_string()).unwrap_or_default()
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct JoinOptions {
-    room: String,
     #[serde(default)]
     server: Option<String>,
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    passphrase: Option<String>,
+    #[serde(default)]
+    invite: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, with = "serde_wasm_bindgen::preserve")]
+    ice_servers: JsValue,
+    #[serde(default, with = "serde_wasm_bindgen::preserve")]
+    on_event: JsValue,
+    #[serde(default)]
+    debug: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Status {
-    Connecting,
-    Joined,
-    Reconnecting,
-    Closed,
-}
-
-impl Status {
-    fn as_str(self) -> &'static str {
-        match self {
-            Status::Connecting => "connecting",
-            Status::Joined => "joined",
-            Status::Reconnecting => "reconnecting",
-            Status::Closed => "closed",
-        }
-    }
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
-enum JsEvent {
-    Status { status: Status, detail: Option<String> },
-    Joined { peer_id: PeerId, peers: Vec<PeerId> },
-    PeerJoined { peer_id: PeerId },
-    PeerLeft { peer_id: PeerId },
-    Error { code: ErrorCode, message: String },
-}
-
-/// The closures attached to one WebSocket; dropping them detaches nothing by itself, so
-/// [`Inner::detach`] clears the handlers first.
-struct Handlers {
-    _open: Closure<dyn FnMut()>,
-    _message: Closure<dyn FnMut(MessageEvent)>,
-    _close: Closure<dyn FnMut(CloseEvent)>,
-}
-
-struct Inner {
-    url: String,
-    membership: RoomMembership,
-    backoff: ReconnectBackoff,
-    status: Status,
-    ws: Option<WebSocket>,
-    handlers: Option<Handlers>,
-    listener: Option<js_sys::Function>,
-    left: bool,
-    unanswered_pings: u32,
-    heartbeat: Option<(i32, Closure<dyn FnMut()>)>,
-    retry: Option<(i32, Closure<dyn FnMut()>)>,
-}
-
-impl Inner {
-    fn send(&self, msg: &ClientMessage) {
-        if let Some(ws) = &self.ws {
-            if ws.ready_state() == WebSocket::OPEN {
-                if let Err(e) = ws.send_with_str(&signal::encode(msg)) {
-                    web_sys::console::warn_2(&"weft: send failed".into(), &e);
-                }
-            }
-        }
-    }
-
-    /// Stops the heartbeat and any pending reconnect, and closes the socket for good.
-    fn stop(&mut self) {
-        self.left = true;
-        if let Ok(win) = window() {
-            if let Some((id, _)) = self.heartbeat.take() {
-                win.clear_interval_with_handle(id);
-            }
-            if let Some((id, _)) = self.retry.take() {
-                win.clear_timeout_with_handle(id);
-            }
-        }
-        self.detach();
-        self.membership.disconnected();
-    }
-
-    fn detach(&mut self) {
-        if let Some(ws) = self.ws.take() {
-            ws.set_onopen(None);
-            ws.set_onmessage(None);
-            ws.set_onclose(None);
-            let _ = ws.close();
-        }
-        self.handlers = None;
-    }
-}
-
-/// A membership in one room of the signaling server. See the crate docs for the API.
+/// A member of a Weft network in this page. See the crate docs for the API.
 #[wasm_bindgen]
 pub struct WeftSession {
     inner: Rc<RefCell<Inner>>,
 }
 
-fn window() -> Result<web_sys::Window, JsError> {
-    web_sys::window().ok_or_else(|| JsError::new("Weft needs a browser window"))
+impl std::fmt::Debug for WeftSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = self.inner.borrow();
+        f.debug_struct("WeftSession").field("status", &i.status).finish_non_exhaustive()
+    }
 }
 
 fn default_server() -> Result<String, JsError> {
@@ -162,216 +137,91 @@ fn default_server() -> Result<String, JsError> {
     Ok(format!("{scheme}://{host}/ws"))
 }
 
-fn emit(inner: &Rc<RefCell<Inner>>, events: Vec<JsEvent>) {
-    // Never hold the borrow while calling out: the listener may call back into us.
-    let listener = inner.borrow().listener.clone();
-    let Some(listener) = listener else { return };
-    for ev in events {
-        match serde_wasm_bindgen::to_value(&ev) {
-            Ok(value) => {
-                if let Err(e) = listener.call1(&JsValue::NULL, &value) {
-                    web_sys::console::error_2(&"weft: event listener threw".into(), &e);
-                }
-            }
-            Err(e) => web_sys::console::error_1(&format!("weft: {e}").into()),
-        }
-    }
-}
-
-fn set_status(inner: &Rc<RefCell<Inner>>, status: Status, detail: Option<String>) {
-    {
-        let mut i = inner.borrow_mut();
-        if i.status == status && detail.is_none() {
-            return;
-        }
-        i.status = status;
-    }
-    emit(inner, vec![JsEvent::Status { status, detail }]);
-}
-
-fn connect(inner: &Rc<RefCell<Inner>>) -> Result<(), JsValue> {
-    let url = inner.borrow().url.clone();
-    let ws = WebSocket::new(&url)?;
-    ws.set_binary_type(BinaryType::Arraybuffer);
-    let weak = Rc::downgrade(inner);
-
-    let on_open = {
-        let weak = weak.clone();
-        Closure::<dyn FnMut()>::new(move || {
-            if let Some(inner) = weak.upgrade() {
-                let i = inner.borrow();
-                i.send(&i.membership.join_message());
-            }
-        })
-    };
-    let on_message = {
-        let weak = weak.clone();
-        Closure::<dyn FnMut(MessageEvent)>::new(move |ev: MessageEvent| {
-            if let (Some(inner), Some(text)) = (weak.upgrade(), ev.data().as_string()) {
-                on_text(&inner, &text);
-            }
-        })
-    };
-    let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |ev: CloseEvent| {
-        if let Some(inner) = weak.upgrade() {
-            on_closed(&inner, ev.code(), &ev.reason());
+/// Lets the browser run its event loop (and paint) before a long computation.
+async fn yield_to_browser(ms: i32) {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        if let Some(win) = web_sys::window() {
+            let _ = win.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
         }
     });
-    ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
-    ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-    ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
-    let mut i = inner.borrow_mut();
-    i.ws = Some(ws);
-    i.handlers = Some(Handlers { _open: on_open, _message: on_message, _close: on_close });
-    i.unanswered_pings = 0;
-    Ok(())
-}
-
-fn on_text(inner: &Rc<RefCell<Inner>>, text: &str) {
-    let result = {
-        let mut i = inner.borrow_mut();
-        i.unanswered_pings = 0;
-        i.membership.handle_text(text)
-    };
-    let event = match result {
-        Ok(ev) => ev,
-        Err(e) => {
-            web_sys::console::warn_1(
-                &format!("weft: ignoring bad message from server: {e}").into(),
-            );
-            return;
-        }
-    };
-    match event {
-        MembershipEvent::Joined { peer_id, peers } => {
-            inner.borrow_mut().backoff.reset();
-            set_status(inner, Status::Joined, None);
-            emit(inner, vec![JsEvent::Joined { peer_id, peers }]);
-        }
-        MembershipEvent::PeerJoined(peer_id) => emit(inner, vec![JsEvent::PeerJoined { peer_id }]),
-        MembershipEvent::PeerLeft(peer_id) => emit(inner, vec![JsEvent::PeerLeft { peer_id }]),
-        MembershipEvent::Signal { .. } | MembershipEvent::Pong => {}
-        MembershipEvent::Error { code, message } => {
-            if code == ErrorCode::UnsupportedVersion {
-                // Reconnecting cannot help: only a reload (a new bundle) can.
-                inner.borrow_mut().left = true;
-            }
-            emit(inner, vec![JsEvent::Error { code, message }]);
-        }
-    }
-}
-
-fn on_closed(inner: &Rc<RefCell<Inner>>, code: u16, reason: &str) {
-    let (left, delay) = {
-        let mut i = inner.borrow_mut();
-        i.detach();
-        i.membership.disconnected();
-        let jitter = js_sys::Math::random();
-        (i.left, i.backoff.next_delay_ms(jitter))
-    };
-    if left {
-        let detail = (!reason.is_empty()).then(|| reason.to_string());
-        set_status(inner, Status::Closed, detail);
-        return;
-    }
-    let detail = if reason.is_empty() {
-        format!("connection lost (code {code}); retrying in {:.1} s", f64::from(delay) / 1000.0)
-    } else {
-        format!("{reason}; retrying in {:.1} s", f64::from(delay) / 1000.0)
-    };
-    set_status(inner, Status::Reconnecting, Some(detail));
-    schedule_retry(inner, delay);
-}
-
-fn schedule_retry(inner: &Rc<RefCell<Inner>>, delay_ms: u32) {
-    let weak: Weak<RefCell<Inner>> = Rc::downgrade(inner);
-    let retry = Closure::<dyn FnMut()>::new(move || {
-        let Some(inner) = weak.upgrade() else { return };
-        if inner.borrow().left {
-            return;
-        }
-        if let Err(e) = connect(&inner) {
-            web_sys::console::warn_2(&"weft: reconnect failed".into(), &e);
-            let delay = inner.borrow_mut().backoff.next_delay_ms(js_sys::Math::random());
-            schedule_retry(&inner, delay);
-        }
-    });
-    let Ok(win) = window() else { return };
-    let timeout = i32::try_from(delay_ms).unwrap_or(i32::MAX);
-    match win.set_timeout_with_callback_and_timeout_and_arguments_0(
-        retry.as_ref().unchecked_ref(),
-        timeout,
-    ) {
-        Ok(id) => inner.borrow_mut().retry = Some((id, retry)),
-        Err(e) => web_sys::console::error_2(&"weft: cannot schedule reconnect".into(), &e),
-    }
-}
-
-fn start_heartbeat(inner: &Rc<RefCell<Inner>>) -> Result<(), JsValue> {
-    let weak = Rc::downgrade(inner);
-    let beat = Closure::<dyn FnMut()>::new(move || {
-        let Some(inner) = weak.upgrade() else { return };
-        let mut i = inner.borrow_mut();
-        let open = i.ws.as_ref().is_some_and(|ws| ws.ready_state() == WebSocket::OPEN);
-        if !open {
-            return;
-        }
-        if i.unanswered_pings >= 2 {
-            // The server is gone without a close frame: drop the socket and reconnect.
-            i.unanswered_pings = 0;
-            drop(i);
-            on_closed(&inner, 1006, "server stopped answering");
-            return;
-        }
-        i.unanswered_pings += 1;
-        i.send(&ClientMessage::Ping);
-    });
-    let id = window()?.set_interval_with_callback_and_timeout_and_arguments_0(
-        beat.as_ref().unchecked_ref(),
-        HEARTBEAT_MS,
-    )?;
-    inner.borrow_mut().heartbeat = Some((id, beat));
-    Ok(())
-}
-
-impl std::fmt::Debug for WeftSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let i = self.inner.borrow();
-        f.debug_struct("WeftSession")
-            .field("room", i.membership.room())
-            .field("status", &i.status)
-            .finish_non_exhaustive()
-    }
+    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
 }
 
 #[wasm_bindgen]
 impl WeftSession {
-    /// Connects to the signaling server and joins `options.room`. `options.server`
-    /// defaults to `/ws` on the page's own origin. Progress arrives as events.
-    pub fn join(options: JsValue) -> Result<WeftSession, JsError> {
-        let options: JoinOptions = serde_wasm_bindgen::from_value(options)
+    /// Joins a network (see the crate docs for `options`): derives its secret, loads or
+    /// creates our identity, connects to the signaling server and to every member.
+    pub async fn join(options: JsValue) -> Result<WeftSession, JsError> {
+        let opts: JoinOptions = serde_wasm_bindgen::from_value(options)
             .map_err(|e| JsError::new(&format!("bad join options: {e}")))?;
-        let room = RoomId::new(options.room).map_err(|e| JsError::new(&e.to_string()))?;
-        let url = match options.server {
+        let listener = opts.on_event.dyn_into::<js_sys::Function>().ok();
+        rtc::set_debug(opts.debug);
+        let url = match opts.server {
             Some(url) => url,
             None => default_server()?,
         };
-        let inner = Rc::new(RefCell::new(Inner {
+        let network = match (opts.invite, opts.passphrase) {
+            (Some(invite), _) => {
+                Network::from_invite(&invite).map_err(|e| JsError::new(&e.to_string()))?
+            }
+            (None, Some(passphrase)) => {
+                let name = opts.network.unwrap_or_default();
+                if let Some(listener) = &listener {
+                    let ev = JsEvent::Status { status: Status::DerivingKey, detail: None };
+                    emit_to(listener, vec![ev]);
+                }
+                yield_to_browser(30).await;
+                Network::from_passphrase(&name, &passphrase, &PassphraseParams::INTERACTIVE)
+                    .map_err(|e| JsError::new(&e.to_string()))?
+            }
+            (None, None) => {
+                return Err(JsError::new(
+                    "to join, give an invite, or a network name and its passphrase",
+                ));
+            }
+        };
+
+        let mut rng = rng();
+        let store = match LocalStore::open().await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                web_sys::console::warn_1(
+                    &format!("weft: no IndexedDB ({e}); this visit's key will not be kept").into(),
+                );
+                None
+            }
+        };
+        let identity = match &store {
+            Some(store) => store.load_or_create_identity(&mut rng).await.unwrap_or_else(|e| {
+                web_sys::console::warn_1(&format!("weft: cannot keep the identity: {e}").into());
+                IdentityKeyPair::generate(&mut rng)
+            }),
+            None => IdentityKeyPair::generate(&mut rng),
+        };
+        let trust = match &store {
+            Some(store) => store.load_trust(network.room_id()).await.unwrap_or_else(|e| {
+                web_sys::console::warn_1(&format!("weft: {e}; starting a new one").into());
+                TrustStore::new()
+            }),
+            None => TrustStore::new(),
+        };
+        let own_name = match opts.name.map(|n| n.trim().to_string()) {
+            Some(name) if !name.is_empty() => name,
+            _ => {
+                let hex = identity.public().fingerprint().to_hex();
+                format!("Browser {}", &hex[..4])
+            }
+        };
+        let inner = session::start(SessionConfig {
             url,
-            membership: RoomMembership::new(room),
-            backoff: ReconnectBackoff::default(),
-            status: Status::Connecting,
-            ws: None,
-            handlers: None,
-            listener: None,
-            left: false,
-            unanswered_pings: 0,
-            heartbeat: None,
-            retry: None,
-        }));
-        connect(&inner).map_err(|e| JsError::new(&format!("cannot open WebSocket: {e:?}")))?;
-        start_heartbeat(&inner)
-            .map_err(|e| JsError::new(&format!("cannot start heartbeat: {e:?}")))?;
+            network,
+            identity,
+            own_name,
+            ice_servers: opts.ice_servers,
+            trust,
+            store,
+            listener,
+        })?;
         Ok(WeftSession { inner })
     }
 
@@ -381,7 +231,7 @@ impl WeftSession {
         self.inner.borrow_mut().listener = Some(listener);
     }
 
-    /// `"connecting"`, `"joined"`, `"reconnecting"` or `"closed"`.
+    /// `"deriving_key"`, `"connecting"`, `"joined"`, `"reconnecting"` or `"closed"`.
     #[wasm_bindgen(getter)]
     pub fn status(&self) -> String {
         self.inner.borrow().status.as_str().to_string()
@@ -390,34 +240,96 @@ impl WeftSession {
     /// Our peer id, once joined.
     #[wasm_bindgen(getter, js_name = ownId)]
     pub fn own_id(&self) -> Option<String> {
-        self.inner.borrow().membership.own_id().map(|p| p.to_string())
+        self.inner.borrow().own_id()
     }
 
-    /// The room id.
+    /// The room id the signaling server knows this network by.
     #[wasm_bindgen(getter)]
     pub fn room(&self) -> String {
-        self.inner.borrow().membership.room().to_string()
+        self.inner.borrow().room()
     }
 
-    /// The other members of the room, sorted.
-    pub fn peers(&self) -> Vec<String> {
-        self.inner.borrow().membership.peers().map(|p| p.to_string()).collect()
+    /// `{ fingerprint, shortCode }` of our long-term identity.
+    #[wasm_bindgen(getter)]
+    pub fn identity(&self) -> JsValue {
+        let fp = self.inner.borrow().identity.public().fingerprint();
+        let obj = js_sys::Object::new();
+        let _ = js_sys::Reflect::set(&obj, &"fingerprint".into(), &fp.to_hex().into());
+        let _ = js_sys::Reflect::set(&obj, &"shortCode".into(), &fp.short_code().into());
+        obj.into()
     }
 
-    /// Leaves the room and stops reconnecting.
+    /// Our display name.
+    #[wasm_bindgen(getter)]
+    pub fn name(&self) -> String {
+        self.inner.borrow().own_name.clone()
+    }
+
+    /// The invite of an invite network.
+    #[wasm_bindgen(getter)]
+    pub fn invite(&self) -> Option<String> {
+        self.inner.borrow().network.invite().map(|s| s.to_string())
+    }
+
+    /// The name of a passphrase network.
+    #[wasm_bindgen(getter)]
+    pub fn network(&self) -> Option<String> {
+        self.inner.borrow().network.name().map(str::to_string)
+    }
+
+    /// Every other member: `{ peerId, state, reason?, name?, fingerprint?, shortCode?,
+    /// trust?, rttMs? }`, sorted by peer id.
+    pub fn peers(&self) -> Result<JsValue, JsError> {
+        let infos = self.inner.borrow().peer_infos();
+        let serializer = serde_wasm_bindgen::Serializer::json_compatible();
+        serde::Serialize::serialize(&infos, &serializer).map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// The other members' peer ids, sorted.
+    #[wasm_bindgen(js_name = peerIds)]
+    pub fn peer_ids(&self) -> Vec<String> {
+        self.inner.borrow().peer_ids()
+    }
+
+    /// Sends a chat message to `peer_id`, or to every peer with an established session;
+    /// returns how many it went to.
+    #[wasm_bindgen(js_name = sendMessage)]
+    pub fn send_message(&self, text: &str, peer_id: Option<String>) -> Result<u32, JsError> {
+        let mut out = Vec::new();
+        let result = self.inner.borrow_mut().send_message(text, peer_id.as_deref(), &mut out);
+        emit(&self.inner, out);
+        result.map_err(|e| JsError::new(&e))
+    }
+
+    /// The user compared `peer_id`'s short code with the one its owner sees: its key is
+    /// pinned as verified.
+    #[wasm_bindgen(js_name = verifyPeer)]
+    pub fn verify_peer(&self, peer_id: &str) -> Result<(), JsError> {
+        let mut out = Vec::new();
+        let result = self.inner.borrow_mut().verify_peer(peer_id, &mut out);
+        emit(&self.inner, out);
+        result.map_err(|e| JsError::new(&e))
+    }
+
+    /// The user accepts `peer_id`'s new key (its name was pinned to another one).
+    #[wasm_bindgen(js_name = acceptNewKey)]
+    pub fn accept_new_key(&self, peer_id: &str) -> Result<(), JsError> {
+        let mut out = Vec::new();
+        let result = self.inner.borrow_mut().accept_new_key(peer_id, &mut out);
+        emit(&self.inner, out);
+        result.map_err(|e| JsError::new(&e))
+    }
+
+    /// Leaves the network: closes every connection and stops reconnecting.
     pub fn leave(&self) {
-        {
-            let mut i = self.inner.borrow_mut();
-            i.send(&ClientMessage::Leave);
-            i.stop();
-        }
-        set_status(&self.inner, Status::Closed, Some("left".into()));
+        self.inner.borrow_mut().leave();
+        session::set_status(&self.inner, Status::Closed, Some("left".into()));
     }
 }
 
 impl Drop for WeftSession {
     fn drop(&mut self) {
-        // JS called free(): stop timers and close the socket so nothing calls into freed
+        // JS called free(): stop timers and close everything so nothing calls into freed
         // closures.
         self.inner.borrow_mut().stop();
     }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
+
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 const WASM_CRATE: &str = "weft-wasm";
 const WASM_PROFILE: &str = "wasm-release";
@@ -43,6 +45,14 @@ enum Task {
         /// Which benchmark (omit to list them).
         name: Option<String>,
     },
+    /// Install cargo-fuzz if missing and fuzz weft-core's parsers (targets in fuzz/).
+    Fuzz {
+        /// Only this target (omit for all of them).
+        target: Option<String>,
+        /// How long to fuzz each target, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Install what is missing and build the web app bundle into target/web-dist.
     Bundle,
     /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium).
@@ -50,8 +60,13 @@ enum Task {
 }
 
 /// Benchmarks by name: (name, what it measures).
-const BENCHES: &[(&str, &str)] =
-    &[("signal", "signaling relay throughput vs. a raw WebSocket echo, same process")];
+const BENCHES: &[(&str, &str)] = &[
+    ("signal", "signaling relay throughput vs. a raw WebSocket forwarder, same process"),
+    ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
+];
+
+/// Benchmarks that drive Chromium and so need the browser and the built bundle.
+const BROWSER_BENCHES: &[&str] = &["session"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -70,6 +85,7 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&root, &args)?,
         Task::Test { filter } => test(&root, filter.as_deref())?,
         Task::Bench { name } => bench(&root, name.as_deref())?,
+        Task::Fuzz { target, seconds } => fuzz::run_targets(&root, target.as_deref(), seconds)?,
     }
     Ok(())
 }
@@ -375,6 +391,9 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         run_cmd(Command::new("cargo").args(["test", "--workspace", "--doc"]))?;
     }
     run_cmd(&mut cmd)?;
+    if filter.is_none() {
+        fuzz::run_fuzz(root, 15)?;
+    }
     println!("xtask: all checks passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -391,13 +410,12 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
         let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
         bail!("no benchmark {name:?}; there are: {}", names.join(", "));
     }
-    let _ = root;
-    run_cmd(Command::new("cargo").args([
-        "run",
-        "--release",
-        "-p",
-        "weft-tests",
-        "--bin",
-        &format!("bench-{name}"),
-    ]))
+    let mut cmd = Command::new("cargo");
+    cmd.args(["run", "--release", "-p", "weft-tests", "--bin", &format!("bench-{name}")]);
+    if BROWSER_BENCHES.contains(&name) {
+        ensure_browser()?;
+        let dist = build_bundle(root)?;
+        cmd.env("WEFT_WEB_ROOT", dist);
+    }
+    run_cmd(&mut cmd)
 }

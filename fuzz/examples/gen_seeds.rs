@@ -1,0 +1,106 @@
+//! Writes the seed corpora in `fuzz/seeds/<target>/`: real handshake messages, frames,
+//! signaling messages and transport inputs, all from the fixed fixture (deterministic).
+//!
+//! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds`
+
+use std::path::Path;
+
+use weft_core::frame::{Frame, encode_frames};
+use weft_core::handshake::{HANDSHAKE_VERSION, MSG_REJECT};
+use weft_core::signal::{
+    ClientMessage, ErrorCode, PeerId, RoomId, ServerMessage, SignalPayload, encode,
+};
+
+fn write(target: &str, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(name), bytes)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Handshake: the three real messages and the Rejects.
+    let hs = weft_fuzz::handshake();
+    write("handshake_messages", "init", &hs.init)?;
+    write("handshake_messages", "response", &hs.response)?;
+    write("handshake_messages", "finish", &hs.finish)?;
+    for reason in 1..=3u8 {
+        write(
+            "handshake_messages",
+            &format!("reject-{reason}"),
+            &[MSG_REJECT, HANDSHAKE_VERSION, reason],
+        )?;
+    }
+
+    // Frames: each type, and a packet of several.
+    let frames = [
+        ("message", Frame::Message("héllo".into())),
+        ("data", Frame::Data(vec![0x45, 0, 0, 20, 1, 2, 3, 4])),
+        ("ping", Frame::Ping { timestamp: 1_234_567 }),
+        ("pong", Frame::Pong { timestamp: 1_234_567 }),
+        ("close", Frame::Close { code: 1000 }),
+        ("unknown", Frame::Unknown { frame_type: 0x21, body: b"chunk".to_vec() }),
+    ];
+    for (name, frame) in &frames {
+        write("frame_decode", name, &frame.encode()?)?;
+    }
+    let all: Vec<Frame> = frames.iter().map(|(_, f)| f.clone()).collect();
+    let packet = encode_frames(&all)?;
+    write("frame_decode", "all", &packet)?;
+
+    // Transport: packet choice, 16 edits (op, at, mask), then a plaintext of frames.
+    for which in [0u8, 3, 7, 0x85] {
+        let mut input = vec![which];
+        for i in 0..16u8 {
+            input.extend_from_slice(&[i % 6, i.wrapping_mul(37), 1 << (i % 8)]);
+        }
+        input.extend_from_slice(&packet);
+        write("transport_open", &format!("edits-{which:02x}"), &input)?;
+    }
+    write("transport_open", "short", &[0x10, 0, 0, 0, 0])?;
+
+    // Signaling: every message type, both directions.
+    let room = RoomId::new("Zm9vYmFyYmF6cXV4")?;
+    let a = PeerId::new("p-1")?;
+    let b = PeerId::new("p_2")?;
+    let client = [
+        ClientMessage::Join { version: 1, room: room.clone() },
+        ClientMessage::Signal {
+            to: b.clone(),
+            payload: SignalPayload::Offer { sdp: "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n".into() },
+        },
+        ClientMessage::Signal {
+            to: b.clone(),
+            payload: SignalPayload::Candidate {
+                candidate: "candidate:1 1 udp 2122260223 192.0.2.2 40000 typ host".into(),
+                sdp_mid: Some("0".into()),
+                sdp_m_line_index: Some(0),
+                username_fragment: None,
+            },
+        },
+        ClientMessage::Ping,
+        ClientMessage::Leave,
+    ];
+    for (i, msg) in client.iter().enumerate() {
+        write("signal_decode", &format!("client-{i}"), encode(msg).as_bytes())?;
+    }
+    let server = [
+        ServerMessage::Welcome { version: 1, room, peer_id: a.clone(), peers: vec![b.clone()] },
+        ServerMessage::PeerJoined { peer_id: b.clone() },
+        ServerMessage::PeerLeft { peer_id: b },
+        ServerMessage::Signal {
+            from: a.clone(),
+            payload: SignalPayload::Answer { sdp: "v=0\r\n".into() },
+        },
+        ServerMessage::Signal {
+            from: a,
+            payload: SignalPayload::Opaque { data: "AQIDBA==".into() },
+        },
+        ServerMessage::Pong,
+        ServerMessage::error(ErrorCode::ALL[0], "nope"),
+    ];
+    for (i, msg) in server.iter().enumerate() {
+        write("signal_decode", &format!("server-{i}"), encode(msg).as_bytes())?;
+    }
+    println!("seeds written");
+    Ok(())
+}

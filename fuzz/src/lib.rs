@@ -1,0 +1,104 @@
+//! Shared fixtures for the fuzz targets: identities, network secret, channel bindings and
+//! randomness all come from fixed seeds, so a handshake (and so every crashing input)
+//! replays exactly, run after run.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chacha20::ChaCha20Rng;
+use chacha20::rand_core::SeedableRng;
+use weft_core::handshake::{ChannelBinding, HandshakeInitiator, HandshakeResponder};
+use weft_core::identity::IdentityKeyPair;
+use weft_core::network::NetworkSecret;
+use weft_core::transport::Session;
+
+/// The fixed peers, built once per process (deriving their public keys costs scalar
+/// multiplications that would otherwise dominate a cheap target's run time).
+#[derive(Debug)]
+pub struct Peers {
+    /// The network secret both peers hold (raw bytes: no Argon2).
+    pub network: NetworkSecret,
+    /// The initiator's long-term identity.
+    pub initiator: IdentityKeyPair,
+    /// The responder's long-term identity.
+    pub responder: IdentityKeyPair,
+    /// DTLS fingerprints as the initiator sees them (local, remote).
+    pub initiator_binding: ChannelBinding,
+    /// DTLS fingerprints as the responder sees them (local, remote).
+    pub responder_binding: ChannelBinding,
+}
+
+/// The fixed peers.
+pub fn peers() -> &'static Peers {
+    static PEERS: OnceLock<Peers> = OnceLock::new();
+    PEERS.get_or_init(|| Peers {
+        network: NetworkSecret::from_random_bytes([0x5e; 32]),
+        initiator: IdentityKeyPair::from_secret_bytes(&[0x11; 32]),
+        responder: IdentityKeyPair::from_secret_bytes(&[0x22; 32]),
+        initiator_binding: binding("sha-256 aa:aa", "sha-256 bb:bb"),
+        responder_binding: binding("sha-256 bb:bb", "sha-256 aa:aa"),
+    })
+}
+
+fn binding(local: &str, remote: &str) -> ChannelBinding {
+    match ChannelBinding::new(local, remote) {
+        Ok(b) => b,
+        Err(e) => unreachable!("fixed fingerprints are valid: {e}"),
+    }
+}
+
+/// A deterministic RNG.
+pub fn rng(seed: u64) -> ChaCha20Rng {
+    ChaCha20Rng::seed_from_u64(seed)
+}
+
+/// The three messages of one real handshake, and both sides' sessions.
+#[derive(Debug)]
+pub struct Handshake {
+    /// Init (initiator -> responder).
+    pub init: Vec<u8>,
+    /// Response (responder -> initiator).
+    pub response: Vec<u8>,
+    /// Finish (initiator -> responder).
+    pub finish: Vec<u8>,
+    /// The initiator's session.
+    pub initiator: Session,
+    /// The responder's session.
+    pub responder: Session,
+}
+
+/// An initiator that has sent Init and waits for the Response, and that Init.
+pub fn initiator_after_init() -> (HandshakeInitiator, Vec<u8>) {
+    let p = peers();
+    HandshakeInitiator::new(&mut rng(1), &p.initiator, &p.network, &p.initiator_binding)
+}
+
+/// A responder waiting for Init.
+pub fn fresh_responder() -> HandshakeResponder {
+    let p = peers();
+    HandshakeResponder::new(&p.responder, &p.network, &p.responder_binding)
+}
+
+/// Runs one complete handshake between the fixed peers. Deterministic: the same messages
+/// and session keys every time.
+pub fn handshake() -> Handshake {
+    let (mut initiator, init) = initiator_after_init();
+    let mut responder = fresh_responder();
+    let response = must(responder.handle(&init, &mut rng(2))).message;
+    let response = response.unwrap_or_else(|| unreachable!("the responder answers Init"));
+    let step = must(initiator.handle(&response, &mut rng(3)));
+    let (Some(finish), Some(initiator)) = (step.message, step.established) else {
+        unreachable!("the initiator finishes on a valid Response")
+    };
+    let Some(responder) = must(responder.handle(&finish, &mut rng(4))).established else {
+        unreachable!("the responder is established by a valid Finish")
+    };
+    Handshake { init, response, finish, initiator: initiator.session, responder: responder.session }
+}
+
+fn must<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| unreachable!("the fixture handshake failed: {e}"))
+}
+
+/// The fixed clock the transport targets run at.
+pub const NOW: Duration = Duration::from_secs(1_000);

@@ -1,0 +1,129 @@
+//! `cargo xtask bench session`: encrypted sessions between two real headless Chromium
+//! processes through the real signaling server.
+//!
+//! - `join_to_first_message_p50_ms`: browser B opens an invite link (navigation start) until
+//!   the first message from browser A arrives in B's page; A sends as soon as the encrypted
+//!   session with the new B is up. Median of [`JOINS`] joins.
+//! - `passphrase_kdf_ms`: the Argon2id cost of joining a passphrase network, in WASM.
+//! - transport seal+open MB/s in WASM (Chromium) and native, the same core routine, same run.
+//!
+//! Prints `BENCH <metric> <value> <unit>` lines.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use weft_signal::Limits;
+use weft_tests::{ChromeDriver, browser_missing, js, start_server, wait_for};
+
+const JOINS: usize = 12;
+const PACKET: usize = 1400;
+const TRANSPORT_BYTES: u64 = 64 * 1024 * 1024;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+async fn module_ready(browser: &thirtyfour::WebDriver) -> Result<()> {
+    wait_for("the page to load its WASM core", WAIT, || async {
+        let ready = js(browser, "return !!window.weft").await?;
+        Ok(if ready == Value::Bool(true) { Ok(()) } else { Err(ready.to_string()) })
+    })
+    .await
+}
+
+/// Runs `body` (an async function body using `weft`, the WASM module) in the page.
+async fn run_async(browser: &thirtyfour::WebDriver, body: &str) -> Result<Value> {
+    let script = format!(
+        "const done = arguments[arguments.length - 1];
+         (async () => {{ const weft = await import('/pkg/weft_wasm.js'); {body} }})()
+           .then((v) => done({{ ok: v }}), (e) => done({{ err: String(e) }}));"
+    );
+    let out = browser.execute_async(&script, Vec::new()).await?.json().clone();
+    if let Some(err) = out.get("err") {
+        bail!("in the page: {err}");
+    }
+    Ok(out.get("ok").cloned().unwrap_or(Value::Null))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    if let Some(reason) = browser_missing() {
+        bail!("the session benchmark needs Chromium and the built bundle: {reason}");
+    }
+    let server = start_server(Limits::default()).await?;
+    let driver = ChromeDriver::start().await?;
+    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser())?;
+    alice.set_script_timeout(Duration::from_secs(120)).await?;
+    bob.set_script_timeout(Duration::from_secs(120)).await?;
+
+    // Transport: native first, then the same routine in WASM.
+    // Any seed will do: only speed is measured.
+    let mut rng = <chacha20::ChaCha20Rng as chacha20::rand_core::SeedableRng>::seed_from_u64(1);
+    let start = Instant::now();
+    let native = weft_core::perf::transport_throughput(&mut rng, PACKET, TRANSPORT_BYTES, || {
+        start.elapsed()
+    })?;
+    alice.goto(server.url()).await?;
+    module_ready(&alice).await?;
+    let wasm_mb_s =
+        run_async(&alice, &format!("return weft.benchTransport({PACKET}, {TRANSPORT_BYTES});"))
+            .await?
+            .as_f64()
+            .context("benchTransport returned no number")?;
+    let kdf_ms = run_async(&alice, "return weft.benchPassphraseKdf();")
+        .await?
+        .as_f64()
+        .context("benchPassphraseKdf returned no number")?;
+
+    // Alice opens a new network and greets every peer as soon as its session is up.
+    run_async(
+        &alice,
+        "window.weft.on((ev) => {
+           if (ev.type === 'peer' && (ev.state === 'direct' || ev.state === 'relayed')) {
+             window.greeted = window.greeted || new Set();
+             if (!window.greeted.has(ev.peerId)) {
+               window.greeted.add(ev.peerId);
+               window.weft.session.sendMessage('hello', ev.peerId);
+             }
+           }
+         });
+         await window.weft.join({ invite: weft.createInvite() });
+         return null;",
+    )
+    .await?;
+    let invite = js(&alice, "return window.weft.session.invite").await?;
+    let invite = invite.as_str().context("no invite")?.to_string();
+    let link = format!("{}#invite={invite}", server.url());
+
+    let mut joins = Vec::with_capacity(JOINS);
+    for i in 0..JOINS {
+        bob.goto("about:blank").await?;
+        bob.goto(&link).await?;
+        let ms = wait_for("Bob's first message from Alice", WAIT, || async {
+            let v = js(
+                &bob,
+                "const t = document.querySelector('#messages li time');
+                 return t ? Date.parse(t.dateTime) - performance.timeOrigin : null;",
+            )
+            .await?;
+            Ok(v.as_f64().ok_or_else(|| format!("join {i}: no message yet")))
+        })
+        .await?;
+        joins.push(ms);
+    }
+
+    println!("BENCH join_to_first_message_p50_ms {:.0} ms", percentile(joins.clone(), 0.5));
+    println!("BENCH join_to_first_message_p90_ms {:.0} ms", percentile(joins, 0.9));
+    println!("BENCH passphrase_kdf_ms {kdf_ms:.0} ms");
+    println!("BENCH transport_seal_open_wasm_mb_s {wasm_mb_s:.1} MB/s");
+    println!("BENCH transport_seal_open_native_mb_s {:.1} MB/s", native.mb_per_s());
+    println!("BENCH transport_wasm_vs_native_ratio {:.2} x", wasm_mb_s / native.mb_per_s());
+    alice.quit().await?;
+    bob.quit().await?;
+    server.shutdown(Duration::from_secs(2)).await;
+    Ok(())
+}

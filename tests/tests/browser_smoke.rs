@@ -80,6 +80,14 @@ async fn two_browsers_join_a_network_and_see_each_other() {
     wait_peers(&bob, &[&alice_id]).await.unwrap();
     wait_peers(&alice, &[&bob_id]).await.unwrap();
     assert_eq!(server.state().metrics().connections.get(), 2);
+    if let Some(dir) = std::env::var_os("WEFT_SCREENSHOT_DIR") {
+        // For a person to look at: `WEFT_SCREENSHOT_DIR=/tmp/shots cargo xtask test smoke`.
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await; // let sessions settle (RTT shown)
+        alice.screenshot(&dir.join("alice.png")).await.unwrap();
+        bob.screenshot(&dir.join("bob.png")).await.unwrap();
+    }
 
     // Bob leaves; Alice sees it.
     bob.find(By::Id("leave")).await.unwrap().click().await.unwrap();

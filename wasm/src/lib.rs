@@ -17,6 +17,7 @@
 //!   name: "Alice",               // display name; default "Browser <4 hex of own key>"
 //!   server: "wss://host/ws",     // default: /ws on the page's own origin
 //!   iceServers: [],              // RTCConfiguration.iceServers; default none (LAN only)
+//!   iceTransportPolicy: "all",   // or "relay": only through a TURN server in iceServers
 //!   onEvent: (ev) => {},         // optional: also receives the events during join
 //!   debug: false,                // log negotiation and ICE steps with console.debug
 //! });                            // rejects with a plain message (bad invite, empty passphrase…)
@@ -110,6 +111,8 @@ struct JoinOptions {
     name: Option<String>,
     #[serde(default, with = "serde_wasm_bindgen::preserve")]
     ice_servers: JsValue,
+    #[serde(default)]
+    ice_transport_policy: Option<String>,
     #[serde(default, with = "serde_wasm_bindgen::preserve")]
     on_event: JsValue,
     #[serde(default)]
@@ -156,6 +159,15 @@ impl WeftSession {
             .map_err(|e| JsError::new(&format!("bad join options: {e}")))?;
         let listener = opts.on_event.dyn_into::<js_sys::Function>().ok();
         rtc::set_debug(opts.debug);
+        let relay_only = match opts.ice_transport_policy.as_deref() {
+            None | Some("all") => false,
+            Some("relay") => true,
+            Some(other) => {
+                return Err(JsError::new(&format!(
+                    "iceTransportPolicy must be \"all\" or \"relay\", not {other:?}"
+                )));
+            }
+        };
         let url = match opts.server {
             Some(url) => url,
             None => default_server()?,
@@ -218,6 +230,7 @@ impl WeftSession {
             identity,
             own_name,
             ice_servers: opts.ice_servers,
+            relay_only,
             trust,
             store,
             listener,

@@ -36,8 +36,9 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
     MessageEvent, RtcConfiguration, RtcDataChannel, RtcDataChannelInit, RtcDataChannelState,
-    RtcDataChannelType, RtcIceCandidateInit, RtcIceConnectionState, RtcPeerConnection,
-    RtcPeerConnectionIceEvent, RtcSdpType, RtcSessionDescriptionInit, RtcSignalingState,
+    RtcDataChannelType, RtcIceCandidateInit, RtcIceConnectionState, RtcIceTransportPolicy,
+    RtcPeerConnection, RtcPeerConnectionIceEvent, RtcSdpType, RtcSessionDescriptionInit,
+    RtcSignalingState,
 };
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::SignalPayload;
@@ -239,17 +240,22 @@ fn report(weak: &Weak<RefCell<RtcState>>, ev: RtcEvent) {
 
 impl RtcPeer {
     /// A new connection. `ice_servers` is passed to `RTCConfiguration.iceServers` as is
-    /// (`undefined` means none: host candidates only). `polite` is this side's role in
+    /// (`undefined` means none: host candidates only); `relay_only` sets
+    /// `iceTransportPolicy: "relay"`. `polite` is this side's role in
     /// perfect negotiation. Events go to `sink`, always from a browser callback, never
     /// from inside a method of this type.
     pub(crate) fn new(
         ice_servers: &JsValue,
+        relay_only: bool,
         polite: bool,
         sink: impl Fn(RtcEvent) + 'static,
     ) -> Result<Self, JsValue> {
         let config = RtcConfiguration::new();
         if !ice_servers.is_undefined() && !ice_servers.is_null() {
             config.set_ice_servers(ice_servers);
+        }
+        if relay_only {
+            config.set_ice_transport_policy(RtcIceTransportPolicy::Relay);
         }
         let pc = RtcPeerConnection::new_with_configuration(&config)?;
         let state = Rc::new(RefCell::new(RtcState {

@@ -235,6 +235,7 @@ pub(crate) struct Inner {
     pub(crate) identity: IdentityKeyPair,
     pub(crate) own_name: String,
     ice_servers: JsValue,
+    relay_only: bool,
     trust: TrustStore,
     store: Option<LocalStore>,
     rng: Rng,
@@ -250,6 +251,8 @@ pub(crate) struct SessionConfig {
     pub identity: IdentityKeyPair,
     pub own_name: String,
     pub ice_servers: JsValue,
+    /// `iceTransportPolicy: "relay"`: only TURN relay candidates.
+    pub relay_only: bool,
     pub trust: TrustStore,
     pub store: Option<LocalStore>,
     pub listener: Option<js_sys::Function>,
@@ -277,6 +280,7 @@ pub(crate) fn start(config: SessionConfig) -> Result<Rc<RefCell<Inner>>, JsError
             identity: config.identity,
             own_name: config.own_name,
             ice_servers: config.ice_servers,
+            relay_only: config.relay_only,
             trust: config.trust,
             store: config.store,
             rng: rng(),
@@ -607,7 +611,7 @@ impl Inner {
                 on_rtc_event(&inner, &id, conn, ev);
             }
         };
-        match RtcPeer::new(&self.ice_servers, is_polite(&own, remote), sink) {
+        match RtcPeer::new(&self.ice_servers, self.relay_only, is_polite(&own, remote), sink) {
             Ok(rtc) => Some((conn, rtc)),
             Err(e) => {
                 web_sys::console::error_2(&"weft: cannot create RTCPeerConnection".into(), &e);

@@ -1,0 +1,294 @@
+//! Issue 3's relayed path through a real TURN server: two headless Chromium processes join
+//! one invite network with `iceServers: [{ urls: "turn:…", username, credential }]` and
+//! `iceTransportPolicy: "relay"`, so the only path between them runs through
+//! [`TurnServer`] (webrtc-rs `turn`, long-term credentials, on this machine's own
+//! address). Both must show the peer as "relayed", exchange messages both ways over the
+//! encrypted session, and the relay must have carried that traffic without ever seeing the
+//! messages' text (it sees only ciphertext). A positive control shows the scan would find
+//! plaintext: the TURN username, which clients send in the clear, is seen.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use thirtyfour::prelude::*;
+use weft_signal::Limits;
+use weft_tests::mitm::local_ice_ip;
+use weft_tests::turn_server::TurnServer;
+use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
+
+const WAIT: Duration = Duration::from_secs(60);
+const TURN_USER: &str = "weft-turn-user";
+const TURN_PASSWORD: &str = "weft-turn-password";
+
+/// Loads the module in `browser` and starts `WeftSession.join(options)` in the background,
+/// keeping every `RTCPeerConnection` the page creates (and its configuration) in
+/// `window.__pcs`; events and messages are recorded in `window.t`.
+async fn start_join(browser: &WebDriver, options: Value) -> anyhow::Result<()> {
+    let script = format!(
+        r#"
+        window.t = {{ events: [], messages: [], logs: [], error: null, session: null }};
+        for (const level of ["warn", "error", "debug"]) {{
+          const original = console[level].bind(console);
+          console[level] = (...args) => {{ window.t.logs.push(args.map(String).join(" ")); original(...args); }};
+        }}
+        window.__pcs = [];
+        const Native = window.RTCPeerConnection;
+        window.RTCPeerConnection = function (...args) {{
+          const pc = new Native(...args);
+          const entry = {{ pc, config: args[0] ?? null, candidates: [] }};
+          pc.addEventListener("icecandidate", (e) => {{
+            if (e.candidate && e.candidate.candidate) entry.candidates.push(e.candidate.candidate);
+          }});
+          window.__pcs.push(entry);
+          return pc;
+        }};
+        window.RTCPeerConnection.prototype = Native.prototype;
+        (async () => {{
+          try {{
+            const m = await import("/pkg/weft_wasm.js");
+            await m.default();
+            const opts = {options};
+            opts.debug = true;
+            opts.onEvent = (ev) => {{
+              window.t.events.push(ev);
+              if (ev.type === "message") window.t.messages.push(ev);
+            }};
+            window.t.session = await m.WeftSession.join(opts);
+          }} catch (e) {{
+            window.t.error = String((e && e.message) || e);
+          }}
+        }})();
+        return true;
+        "#
+    );
+    js(browser, &script).await?;
+    Ok(())
+}
+
+async fn state(browser: &WebDriver) -> anyhow::Result<Value> {
+    js(
+        browser,
+        r#"
+        const t = window.t || {};
+        const s = t.session;
+        return {
+          error: t.error ?? null,
+          status: s ? s.status : null,
+          peers: s ? s.peers() : [],
+          messages: t.messages || [],
+          peerStates: (t.events || []).filter((e) => e.type === "peer").map((e) => e.state),
+          logs: (t.logs || []).slice(-40),
+        };
+        "#,
+    )
+    .await
+}
+
+/// Waits until `browser` sees one peer, established and in state `wanted`.
+async fn wait_peer_in(browser: &WebDriver, wanted: &str) -> anyhow::Result<Value> {
+    wait_for(&format!("one peer in state {wanted:?}"), WAIT, || async {
+        let s = state(browser).await?;
+        if let Some(e) = s["error"].as_str() {
+            anyhow::bail!("join failed: {e}");
+        }
+        let peers = s["peers"].as_array().cloned().unwrap_or_default();
+        match peers.as_slice() {
+            // The name arrives in the peer's Hello, just after the session is up.
+            [p] if p["state"] == wanted && p["shortCode"].is_string() && p["name"].is_string() => {
+                Ok(Ok(p.clone()))
+            }
+            _ => Ok(Err(format!("{} logs: {}", s["peers"], s["logs"]))),
+        }
+    })
+    .await
+}
+
+async fn send(browser: &WebDriver, text: &str) -> anyhow::Result<u64> {
+    let v = js(browser, &format!("return window.t.session.sendMessage({});", json!(text))).await?;
+    Ok(v.as_u64().unwrap_or(0))
+}
+
+async fn wait_message(browser: &WebDriver, text: &str) -> anyhow::Result<Value> {
+    wait_for(&format!("message {text:?}"), WAIT, || async {
+        let s = state(browser).await?;
+        let messages = s["messages"].as_array().cloned().unwrap_or_default();
+        match messages.into_iter().find(|m| m["text"] == text) {
+            Some(m) => Ok(Ok(m)),
+            None => Ok(Err(s["messages"].to_string())),
+        }
+    })
+    .await
+}
+
+/// The browser's own view of its connections: the configuration each was made with, the
+/// candidates it gathered, and the selected pair's candidate types and local address.
+async fn rtc_view(browser: &WebDriver) -> anyhow::Result<Value> {
+    js(
+        browser,
+        r#"return (async () => {
+          const out = [];
+          for (const { pc, config, candidates } of window.__pcs || []) {
+            const stats = await pc.getStats();
+            let pair = null;
+            stats.forEach((s) => {
+              if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+            });
+            const local = pair ? stats.get(pair.localCandidateId) : null;
+            const remote = pair ? stats.get(pair.remoteCandidateId) : null;
+            out.push({
+              connectionState: pc.connectionState,
+              policy: config ? (config.iceTransportPolicy ?? null) : null,
+              iceServers: config ? (config.iceServers ?? null) : null,
+              candidates,
+              localType: local ? local.candidateType : null,
+              localAddress: local ? local.address : null,
+              remoteType: remote ? remote.candidateType : null,
+              relayProtocol: local ? (local.relayProtocol ?? null) : null,
+            });
+          }
+          return out;
+        })();"#,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
+    if !browser_available("two_browsers_talk_encrypted_through_a_real_turn_relay") {
+        return;
+    }
+    let ip = local_ice_ip().unwrap();
+    let turn = TurnServer::start(ip, TURN_USER, TURN_PASSWORD).await.unwrap();
+    let to_bob = "relay-marker: hello Bob, from Alice through TURN";
+    let to_alice = "relay-marker: hi Alice, Bob here, also through TURN";
+    for needle in [TURN_USER, to_bob, to_alice, "relay-marker"] {
+        turn.watch(needle.as_bytes());
+    }
+
+    let server = start_server(Limits::default()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
+    alice.goto(server.url()).await.unwrap();
+    bob.goto(server.url()).await.unwrap();
+
+    let invite = js(
+        &alice,
+        r#"return (async () => {
+             const m = await import("/pkg/weft_wasm.js");
+             await m.default();
+             return m.createInvite();
+           })();"#,
+    )
+    .await
+    .unwrap();
+    let invite = invite.as_str().unwrap().to_string();
+
+    // A policy other than "all" or "relay" is refused with a plain message.
+    let refused = js(
+        &alice,
+        &format!(
+            r#"return (async () => {{
+                 const m = await import("/pkg/weft_wasm.js");
+                 try {{
+                   const s = await m.WeftSession.join({{ invite: {}, iceTransportPolicy: "nope" }});
+                   s.leave();
+                   return "joined";
+                 }} catch (e) {{ return String((e && e.message) || e); }}
+               }})();"#,
+            json!(invite)
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(refused.as_str().unwrap().contains("iceTransportPolicy"), "{refused}");
+
+    let ice_servers = json!([turn.ice_server()]);
+    for (browser, name) in [(&alice, "Alice"), (&bob, "Bob")] {
+        let options = json!({
+            "invite": invite,
+            "name": name,
+            "iceServers": ice_servers,
+            "iceTransportPolicy": "relay",
+        });
+        start_join(browser, options).await.unwrap();
+    }
+
+    let (seen_by_alice, seen_by_bob) =
+        match tokio::try_join!(wait_peer_in(&alice, "relayed"), wait_peer_in(&bob, "relayed")) {
+            Ok(views) => views,
+            Err(e) => {
+                let (a, b) = (state(&alice).await.unwrap(), state(&bob).await.unwrap());
+                let (ra, rb) = (rtc_view(&alice).await.unwrap(), rtc_view(&bob).await.unwrap());
+                panic!("{e}\nturn: {turn:?}\nalice: {a}\nalice rtc: {ra}\nbob: {b}\nbob rtc: {rb}");
+            }
+        };
+    assert_eq!(seen_by_alice["name"], "Bob", "{seen_by_alice}");
+    assert_eq!(seen_by_bob["name"], "Alice", "{seen_by_bob}");
+    let allocations = turn.stats().allocations.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(allocations >= 2, "each browser allocates a relay: {turn:?}");
+
+    // The browsers' own view agrees: built with the TURN server and the relay policy, only
+    // relay candidates gathered, and the selected pair is relay to relay on the server.
+    for (who, browser) in [("alice", &alice), ("bob", &bob)] {
+        let view = rtc_view(browser).await.unwrap();
+        let pcs = view.as_array().unwrap();
+        let connected: Vec<&Value> =
+            pcs.iter().filter(|pc| pc["connectionState"] == "connected").collect();
+        assert_eq!(connected.len(), 1, "{who}: {view}");
+        let pc = connected[0];
+        assert_eq!(pc["policy"], "relay", "{who}: {view}");
+        assert_eq!(pc["iceServers"][0]["username"], TURN_USER, "{who}: {view}");
+        assert_eq!(pc["localType"], "relay", "{who}: {view}");
+        assert_eq!(pc["remoteType"], "relay", "{who}: {view}");
+        assert_eq!(pc["relayProtocol"], "udp", "{who}: {view}");
+        assert_eq!(pc["localAddress"], ip.to_string(), "{who}: {view}");
+        let candidates = pc["candidates"].as_array().unwrap();
+        assert!(!candidates.is_empty(), "{who}: {view}");
+        assert!(
+            candidates.iter().all(|c| c.as_str().unwrap().contains(" typ relay")),
+            "{who} gathered a non-relay candidate: {view}"
+        );
+    }
+
+    let before = turn.stats().relayed_bytes();
+    assert_eq!(send(&alice, to_bob).await.unwrap(), 1);
+    let got = wait_message(&bob, to_bob).await.unwrap();
+    assert_eq!(got["name"], "Alice");
+    assert_eq!(send(&bob, to_alice).await.unwrap(), 1);
+    let got = wait_message(&alice, to_alice).await.unwrap();
+    assert_eq!(got["name"], "Bob");
+    let after = turn.stats().relayed_bytes();
+
+    // Still relayed, and never "direct" at any point.
+    for (who, browser) in [("alice", &alice), ("bob", &bob)] {
+        let s = state(browser).await.unwrap();
+        assert_eq!(s["peers"][0]["state"], "relayed", "{who}: {s}");
+        let states = s["peerStates"].as_array().unwrap();
+        assert!(!states.iter().any(|st| st == "direct"), "{who} was direct once: {s}");
+    }
+
+    let stats = turn.stats();
+    println!(
+        "TURN {}: {} allocations, {} bytes from/to clients, {} bytes in {} datagrams relayed \
+         ({} during the two messages)",
+        turn.addr(),
+        allocations,
+        stats.client_bytes(),
+        stats.relayed_bytes(),
+        stats.relayed_packets.load(std::sync::atomic::Ordering::Relaxed),
+        after - before,
+    );
+    assert!(before > 0, "the handshake crossed the relay: {turn:?}");
+    assert!(after > before, "the messages crossed the relay: {turn:?}");
+    // Positive control: the scan sees what clients send in the clear.
+    assert!(stats.hits(TURN_USER.as_bytes()).unwrap() > 0, "{turn:?}");
+    // The relay saw only ciphertext.
+    for needle in [to_bob, to_alice, "relay-marker"] {
+        assert_eq!(stats.hits(needle.as_bytes()), Some(0), "{needle:?} in the clear: {turn:?}");
+    }
+
+    alice.quit().await.unwrap();
+    bob.quit().await.unwrap();
+    turn.close().await.unwrap();
+}

@@ -57,6 +57,9 @@ pub struct PeerLinkConfig {
     pub handshake_timeout: Duration,
     /// How often an established link pings its peer to measure the round trip time.
     pub ping_interval: Duration,
+    /// An established link that accepts no packet for this long fails: the peer is gone
+    /// (closed its page, lost its network) even if WebRTC has not noticed yet.
+    pub idle_timeout: Duration,
 }
 
 impl Default for PeerLinkConfig {
@@ -64,6 +67,7 @@ impl Default for PeerLinkConfig {
         Self {
             handshake_timeout: crate::handshake::DEFAULT_HANDSHAKE_TIMEOUT,
             ping_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -126,6 +130,9 @@ pub enum LinkError {
     /// Nothing can be sent before the session is established.
     #[error("no encrypted session with this peer yet")]
     NotEstablished,
+    /// Nothing arrived from the peer for [`PeerLinkConfig::idle_timeout`].
+    #[error("the peer stopped answering (nothing received for {} s)", .0.as_secs())]
+    PeerSilent(Duration),
     /// A message longer than [`MAX_MESSAGE_LEN`].
     #[error("message of {len} bytes is too long (at most {MAX_MESSAGE_LEN})")]
     MessageTooLong {
@@ -153,7 +160,7 @@ enum Handshake {
 enum State {
     Waiting,
     Handshaking { handshake: Handshake, deadline: HandshakeDeadline },
-    Established { session: Box<Session>, next_ping: Duration },
+    Established { session: Box<Session>, next_ping: Duration, last_heard: Duration },
     Failed,
 }
 
@@ -348,7 +355,7 @@ impl PeerLink {
                     Err(e) => self.fail(e.into()),
                 }
             }
-            State::Established { session, .. } => {
+            State::Established { session, last_heard, .. } => {
                 if kind != Some(MessageKind::Transport) {
                     // A late or replayed handshake message: the session stays.
                     self.stats.packets_rejected += 1;
@@ -356,6 +363,7 @@ impl PeerLink {
                 }
                 match session.open_frames(bytes, now) {
                     Ok(frames) => {
+                        *last_heard = now;
                         self.stats.packets_received += 1;
                         for frame in frames {
                             self.on_frame(frame, now);
@@ -382,6 +390,7 @@ impl PeerLink {
         self.state = State::Established {
             session: Box::new(established.session),
             next_ping: now.saturating_add(self.config.ping_interval),
+            last_heard: now,
         };
         self.events.push_back(LinkEvent::Established { identity: established.peer, fingerprint });
         let hello = Frame::Hello { name: self.own_name.clone() };
@@ -456,8 +465,10 @@ impl PeerLink {
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.state {
             State::Handshaking { deadline, .. } => Some(deadline.deadline()),
-            State::Established { session, next_ping } => {
-                Some(session.poll_timeout().map_or(*next_ping, |t| t.min(*next_ping)))
+            State::Established { session, next_ping, last_heard } => {
+                let silent = last_heard.saturating_add(self.config.idle_timeout);
+                let due = (*next_ping).min(silent);
+                Some(session.poll_timeout().map_or(due, |t| t.min(due)))
             }
             State::Waiting | State::Failed => None,
         }
@@ -471,7 +482,12 @@ impl PeerLink {
                     self.fail(e.into());
                 }
             }
-            State::Established { session, next_ping } => {
+            State::Established { session, next_ping, last_heard } => {
+                if now >= last_heard.saturating_add(self.config.idle_timeout) {
+                    let silent = now.saturating_sub(*last_heard);
+                    self.fail(LinkError::PeerSilent(silent));
+                    return;
+                }
                 session.handle_timeout(now);
                 if now >= *next_ping {
                     *next_ping = now.saturating_add(self.config.ping_interval);

@@ -285,3 +285,32 @@ fn long_names_are_clipped_and_long_messages_refused() {
     let long = "x".repeat(weft_core::peer::MAX_MESSAGE_LEN + 1);
     assert!(matches!(p.a.send_message(&long, p.now), Err(LinkError::MessageTooLong { .. })));
 }
+
+#[test]
+fn a_peer_that_goes_silent_fails_the_link_after_the_idle_timeout() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    p.pump();
+    let idle = PeerLinkConfig::default().idle_timeout;
+    // While both answer pings, the link lives on well past the idle timeout.
+    for step in 1..=8 {
+        p.now = t(5_000 * step);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.pump();
+    }
+    assert_eq!(p.a.state(), LinkState::Established);
+    // Then B vanishes (closed its page): A keeps pinging into the void and gives up.
+    let last = p.now;
+    while p.a.state() == LinkState::Established {
+        p.now = p.a.poll_timeout().unwrap();
+        p.a.handle_timeout(p.now);
+        while p.a.poll_transmit().is_some() {}
+    }
+    assert_eq!(p.now, last + idle, "fails exactly at the idle timeout");
+    let events: Vec<_> = std::iter::from_fn(|| p.a.poll_event()).collect();
+    let err = failure(&events);
+    assert!(matches!(err, LinkError::PeerSilent(_)));
+    assert!(err.to_string().contains("stopped answering"), "{err}");
+}

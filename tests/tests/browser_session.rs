@@ -385,3 +385,67 @@ async fn sessions_survive_a_signaling_restart() {
     bob.quit().await.unwrap();
     server.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_under_a_known_name_is_flagged_until_accepted() {
+    if !browser_available("a_changed_key_under_a_known_name_is_flagged_until_accepted") {
+        return;
+    }
+    let server = start_server(Limits::default()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
+    let invite = "g".repeat(43);
+    for (browser, name) in [(&alice, "Alice"), (&bob, "Bob")] {
+        browser.goto(server.url()).await.unwrap();
+        start_join(browser, json!({ "invite": invite, "name": name })).await.unwrap();
+    }
+    let seen = wait_peers_in(&alice, 1, &["direct"]).await.unwrap();
+    assert_eq!(seen[0]["trust"], "new", "{seen:?}");
+    let first_code = seen[0]["shortCode"].clone();
+
+    // Alice compared safety codes with Bob and marks him verified.
+    js(&alice, "window.t.session.verifyPeer(window.t.session.peers()[0].peerId); return 1;")
+        .await
+        .unwrap();
+    wait_trust(&alice, "verified").await;
+
+    // "Bob" comes back with another key (a new device, or an impostor using his name).
+    bob.goto("about:blank").await.unwrap();
+    bob.goto(server.url()).await.unwrap();
+    let script = "const done = arguments[arguments.length - 1];
+        const req = indexedDB.deleteDatabase('weft');
+        req.onsuccess = () => done('deleted'); req.onerror = () => done('error');
+        req.onblocked = () => done('blocked');";
+    let deleted = bob.execute_async(script, Vec::new()).await.unwrap().json().clone();
+    assert_eq!(deleted, "deleted");
+    start_join(&bob, json!({ "invite": invite, "name": "Bob" })).await.unwrap();
+    let changed = wait_trust(&alice, "changed").await;
+    assert_ne!(changed["shortCode"], first_code, "a new key has a new safety code");
+    // The session itself works (the key is authentic for *some* member of the network);
+    // only the person can tell whether it is really Bob.
+    assert_eq!(changed["state"], "direct");
+
+    // Alice checks the new code with Bob and accepts it: known again, no longer flagged.
+    js(&alice, "window.t.session.acceptNewKey(window.t.session.peers()[0].peerId); return 1;")
+        .await
+        .unwrap();
+    wait_trust(&alice, "known").await;
+
+    alice.quit().await.unwrap();
+    bob.quit().await.unwrap();
+    server.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Waits until `browser` has exactly one peer, named, with trust `wanted`; returns it.
+async fn wait_trust(browser: &WebDriver, wanted: &str) -> Value {
+    wait_for(&format!("one peer with trust {wanted:?}"), WAIT, || async {
+        let s = state(browser).await?;
+        let peers = s["peers"].as_array().cloned().unwrap_or_default();
+        match peers.as_slice() {
+            [p] if p["trust"] == wanted && p["name"].is_string() => Ok(Ok(p.clone())),
+            _ => Ok(Err(s["peers"].to_string())),
+        }
+    })
+    .await
+    .unwrap()
+}

@@ -810,7 +810,13 @@ impl Inner {
                 trust_changed = true;
             }
         }
+        // A peer that already left the room and whose link failed (it went silent) is gone.
+        let gone = entry.orphan && entry.link.state() == LinkState::Failed;
         arm_timer(entry, &weak, remote);
+        if gone {
+            self.drop_peer(remote, out);
+            return;
+        }
         if let Some(fp) = established {
             self.drop_orphans_of(remote, &fp, out);
             self.poll_stats(remote);

@@ -156,3 +156,45 @@ where
 pub async fn js(browser: &WebDriver, script: &str) -> Result<serde_json::Value> {
     Ok(browser.execute(script, Vec::new()).await?.json().clone())
 }
+
+/// Loads the WASM module in `browser`'s current page and starts
+/// `WeftSession.join(options)` in the background. Events (stamped with
+/// `performance.now()` as `t`), messages, console warnings/errors and any join error are
+/// recorded in `window.t`; the session is `window.t.session` once joined. `setup` is
+/// JavaScript run first (for example to instrument `RTCPeerConnection`).
+pub async fn start_join(
+    browser: &WebDriver,
+    options: &serde_json::Value,
+    setup: &str,
+) -> Result<()> {
+    let script = format!(
+        r#"
+        window.t = {{ events: [], messages: [], logs: [], error: null, session: null, joinAt: performance.now() }};
+        for (const level of ["warn", "error", "debug"]) {{
+          const original = console[level].bind(console);
+          console[level] = (...args) => {{ window.t.logs.push(args.map(String).join(" ")); original(...args); }};
+        }}
+        window.addEventListener("error", (e) => window.t.logs.push("uncaught: " + e.message));
+        window.addEventListener("unhandledrejection", (e) => window.t.logs.push("unhandled: " + e.reason));
+        {setup}
+        (async () => {{
+          try {{
+            const m = await import("/pkg/weft_wasm.js");
+            await m.default();
+            const opts = {options};
+            opts.debug = true;
+            opts.onEvent = (ev) => {{
+              window.t.events.push({{ ...ev, t: performance.now() }});
+              if (ev.type === "message") window.t.messages.push(ev);
+            }};
+            window.t.session = await m.WeftSession.join(opts);
+          }} catch (e) {{
+            window.t.error = String((e && e.message) || e);
+          }}
+        }})();
+        return true;
+        "#
+    );
+    js(browser, &script).await?;
+    Ok(())
+}

@@ -15,38 +15,8 @@ use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Loads the module in `browser` and starts `WeftSession.join(options)` in the background;
-/// events and messages are recorded in `window.t` with `performance.now()` stamps.
 async fn start_join(browser: &WebDriver, options: Value) -> anyhow::Result<()> {
-    let script = format!(
-        r#"
-        window.t = {{ events: [], messages: [], logs: [], error: null, session: null, joinAt: performance.now() }};
-        for (const level of ["warn", "error", "debug"]) {{
-          const original = console[level].bind(console);
-          console[level] = (...args) => {{ window.t.logs.push(args.map(String).join(" ")); original(...args); }};
-        }}
-        window.addEventListener("error", (e) => window.t.logs.push("uncaught: " + e.message));
-        window.addEventListener("unhandledrejection", (e) => window.t.logs.push("unhandled: " + e.reason));
-        (async () => {{
-          try {{
-            const m = await import("/pkg/weft_wasm.js");
-            await m.default();
-            const opts = {options};
-            opts.debug = true;
-            opts.onEvent = (ev) => {{
-              window.t.events.push({{ ...ev, t: performance.now() }});
-              if (ev.type === "message") window.t.messages.push(ev);
-            }};
-            window.t.session = await m.WeftSession.join(opts);
-          }} catch (e) {{
-            window.t.error = String((e && e.message) || e);
-          }}
-        }})();
-        return true;
-        "#
-    );
-    js(browser, &script).await?;
-    Ok(())
+    weft_tests::start_join(browser, &options, "").await
 }
 
 /// The session's own view: identity, peers, messages, and any join error.

@@ -21,49 +21,27 @@ const WAIT: Duration = Duration::from_secs(60);
 const TURN_USER: &str = "weft-turn-user";
 const TURN_PASSWORD: &str = "weft-turn-password";
 
-/// Loads the module in `browser` and starts `WeftSession.join(options)` in the background,
-/// keeping every `RTCPeerConnection` the page creates (and its configuration) in
-/// `window.__pcs`; events and messages are recorded in `window.t`.
+/// Keeps every `RTCPeerConnection` the page creates (and its configuration and gathered
+/// candidates) in `window.__pcs`.
+const INSTRUMENT_PEER_CONNECTIONS: &str = r#"
+    window.__pcs = [];
+    const Native = window.RTCPeerConnection;
+    window.RTCPeerConnection = function (...args) {
+      const pc = new Native(...args);
+      const entry = { pc, config: args[0] ?? null, candidates: [] };
+      pc.addEventListener("icecandidate", (e) => {
+        if (e.candidate && e.candidate.candidate) entry.candidates.push(e.candidate.candidate);
+      });
+      window.__pcs.push(entry);
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Native.prototype;
+"#;
+
+/// Starts the join in the background (see [`weft_tests::start_join`]), recording the
+/// page's peer connections.
 async fn start_join(browser: &WebDriver, options: Value) -> anyhow::Result<()> {
-    let script = format!(
-        r#"
-        window.t = {{ events: [], messages: [], logs: [], error: null, session: null }};
-        for (const level of ["warn", "error", "debug"]) {{
-          const original = console[level].bind(console);
-          console[level] = (...args) => {{ window.t.logs.push(args.map(String).join(" ")); original(...args); }};
-        }}
-        window.__pcs = [];
-        const Native = window.RTCPeerConnection;
-        window.RTCPeerConnection = function (...args) {{
-          const pc = new Native(...args);
-          const entry = {{ pc, config: args[0] ?? null, candidates: [] }};
-          pc.addEventListener("icecandidate", (e) => {{
-            if (e.candidate && e.candidate.candidate) entry.candidates.push(e.candidate.candidate);
-          }});
-          window.__pcs.push(entry);
-          return pc;
-        }};
-        window.RTCPeerConnection.prototype = Native.prototype;
-        (async () => {{
-          try {{
-            const m = await import("/pkg/weft_wasm.js");
-            await m.default();
-            const opts = {options};
-            opts.debug = true;
-            opts.onEvent = (ev) => {{
-              window.t.events.push(ev);
-              if (ev.type === "message") window.t.messages.push(ev);
-            }};
-            window.t.session = await m.WeftSession.join(opts);
-          }} catch (e) {{
-            window.t.error = String((e && e.message) || e);
-          }}
-        }})();
-        return true;
-        "#
-    );
-    js(browser, &script).await?;
-    Ok(())
+    weft_tests::start_join(browser, &options, INSTRUMENT_PEER_CONNECTIONS).await
 }
 
 async fn state(browser: &WebDriver) -> anyhow::Result<Value> {

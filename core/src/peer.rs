@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
-use crate::frame::{Frame, MAX_NAME_LEN};
+use crate::frame::{FILE_TRANSFER_TYPES, Frame, MAX_NAME_LEN};
 use crate::handshake::{
     ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
     HandshakeStep, MessageKind, message_kind,
@@ -108,6 +108,14 @@ pub enum LinkEvent {
     },
     /// Opaque data from the peer (an IP packet, later).
     Data(Vec<u8>),
+    /// A file-transfer frame (type in [`crate::frame::FILE_TRANSFER_TYPES`]) for
+    /// [`crate::transfer`] to decode.
+    Transfer {
+        /// The frame type.
+        frame_type: u8,
+        /// Its body.
+        body: Vec<u8>,
+    },
     /// A fresh round-trip-time measurement.
     Rtt(Duration),
     /// The link failed; the reason is for users to read.
@@ -133,6 +141,9 @@ pub enum LinkError {
     /// Nothing arrived from the peer for [`PeerLinkConfig::idle_timeout`].
     #[error("the peer stopped answering (nothing received for {} s)", .0.as_secs())]
     PeerSilent(Duration),
+    /// [`PeerLink::send_transfer`] got a frame type outside the file-transfer range.
+    #[error("frame type {0:#04x} is not a file-transfer frame")]
+    NotTransferFrame(u8),
     /// A message longer than [`MAX_MESSAGE_LEN`].
     #[error("message of {len} bytes is too long (at most {MAX_MESSAGE_LEN})")]
     MessageTooLong {
@@ -418,7 +429,10 @@ impl PeerLink {
                 self.events.push_back(LinkEvent::Rtt(Duration::from_micros(rtt)));
             }
             Frame::Close { .. } => self.channel_closed(),
-            // Newer peers' frames, and file transfer (not in this version yet).
+            Frame::Unknown { frame_type, body } if FILE_TRANSFER_TYPES.contains(&frame_type) => {
+                self.events.push_back(LinkEvent::Transfer { frame_type, body });
+            }
+            // Frames of newer peers.
             _ => {}
         }
     }
@@ -447,6 +461,24 @@ impl PeerLink {
             return Err(LinkError::NotEstablished);
         }
         self.send_frames(&[Frame::Message(text.to_string())], now).ok_or(LinkError::NotEstablished)
+    }
+
+    /// Sends a file-transfer frame (type in [`FILE_TRANSFER_TYPES`]) on the control
+    /// channel.
+    pub fn send_transfer(
+        &mut self,
+        frame_type: u8,
+        body: Vec<u8>,
+        now: Duration,
+    ) -> Result<(), LinkError> {
+        if !FILE_TRANSFER_TYPES.contains(&frame_type) {
+            return Err(LinkError::NotTransferFrame(frame_type));
+        }
+        if self.state() != LinkState::Established {
+            return Err(LinkError::NotEstablished);
+        }
+        self.send_frames(&[Frame::Unknown { frame_type, body }], now)
+            .ok_or(LinkError::NotEstablished)
     }
 
     /// Seals `data` as one packet for the unreliable channel (IP packets).

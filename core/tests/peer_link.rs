@@ -314,3 +314,16 @@ fn a_peer_that_goes_silent_fails_the_link_after_the_idle_timeout() {
     assert!(matches!(err, LinkError::PeerSilent(_)));
     assert!(err.to_string().contains("stopped answering"), "{err}");
 }
+
+#[test]
+fn transfer_frames_pass_through_and_other_types_are_refused() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    assert_eq!(p.a.send_transfer(0x20, vec![1], p.now), Err(LinkError::NotEstablished));
+    p.open(FP_B, FP_A);
+    p.pump();
+    p.a.send_transfer(0x26, vec![7; 70_000], p.now).unwrap();
+    assert_eq!(p.a.send_transfer(0x01, vec![], p.now), Err(LinkError::NotTransferFrame(0x01)));
+    let (_, eb) = p.pump();
+    assert!(eb.contains(&LinkEvent::Transfer { frame_type: 0x26, body: vec![7; 70_000] }));
+}

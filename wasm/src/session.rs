@@ -798,7 +798,7 @@ impl Inner {
                     at: js_sys::Date::now(),
                 }),
                 // IP packets come with a later issue.
-                LinkEvent::Data(_) => {}
+                LinkEvent::Data(_) | LinkEvent::Transfer { .. } => {}
                 LinkEvent::Rtt(rtt) => entry.link_rtt = Some(rtt),
                 LinkEvent::Failed(error) => entry.failure = Some(error.to_string()),
             }

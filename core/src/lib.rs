@@ -13,6 +13,7 @@ pub mod peer;
 pub mod perf;
 pub mod sdp;
 pub mod signal;
+pub mod transfer;
 pub mod transport;
 pub mod trust;
 

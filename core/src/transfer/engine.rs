@@ -1,0 +1,1205 @@
+//! The transfer engine: offers, downloads from one or many sources, serving chunks.
+//!
+//! One engine per node, shared by all its links. The driver tells it which peers have an
+//! encrypted session ([`Engine::peer_connected`]), hands it the file-transfer messages
+//! they send ([`Engine::handle`]) and does the I/O it asks for through [`Output`]:
+//! sending a message, reading a chunk of a shared file, writing a verified chunk,
+//! discarding a cancelled download.
+//!
+//! Flow control is receiver-driven: a download keeps at most a window of chunk requests
+//! outstanding per source, and stops asking while too many received chunks wait to be
+//! written, so neither side buffers more than about `max_window` chunks per peer.
+//! Nothing is marked done until the driver confirms the write ([`Engine::write_done`]),
+//! so a persisted [`DownloadRecord`] never claims bytes that are not on disk.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::hash::{Cv, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
+use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, check_path};
+use crate::signal::PeerId;
+
+/// Tuning of an [`Engine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Chunk requests outstanding per source at the start.
+    pub initial_window: u32,
+    /// Most chunk requests outstanding per source.
+    pub max_window: u32,
+    /// A request unanswered this long goes to another source.
+    pub request_timeout: Duration,
+    /// Once every chunk is requested, a request this old is also asked of an idle
+    /// source (the endgame), so a slow source cannot hold the last chunks hostage.
+    pub endgame_after: Duration,
+    /// Consecutive timeouts or bad chunks after which a source is dropped.
+    pub max_source_failures: u32,
+    /// Most chunks requested or received but not yet written, over all downloads: the
+    /// receiver's memory bound (in chunks of [`super::hash::CHUNK_LEN`]).
+    pub max_unwritten: usize,
+    /// Most chunk requests queued per peer on the serving side; more are ignored.
+    pub max_serve_queue: usize,
+    /// Most reads outstanding per peer on the serving side.
+    pub max_reads_in_flight: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            initial_window: 16,
+            max_window: 64,
+            request_timeout: Duration::from_secs(8),
+            endgame_after: Duration::from_secs(2),
+            max_source_failures: 3,
+            max_unwritten: 192,
+            max_serve_queue: 256,
+            max_reads_in_flight: 8,
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send `msg` to `peer` (encode it with [`TransferMsg::encode`]).
+    Send {
+        /// To whom.
+        peer: PeerId,
+        /// What.
+        msg: TransferMsg,
+    },
+    /// Read `len` bytes at `offset` of the file `root` (shared or downloaded), then call
+    /// [`Engine::read_done`] or [`Engine::read_failed`].
+    Read {
+        /// For whom.
+        peer: PeerId,
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Where it starts.
+        offset: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// Write verified `data` at `offset` of the download `root`, then call
+    /// [`Engine::write_done`] (once it is durable) or [`Engine::write_failed`].
+    Write {
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Where.
+        offset: u64,
+        /// The verified bytes.
+        data: Vec<u8>,
+    },
+    /// The download `root` was cancelled: delete its partial data and saved record.
+    Discard {
+        /// Which file.
+        root: Root,
+    },
+    /// Something to show.
+    Event(TransferEvent),
+}
+
+/// Something that happened, for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferEvent {
+    /// `peer` offers files; answer with [`Engine::accept`] or [`Engine::decline`].
+    Offered {
+        /// From whom.
+        peer: PeerId,
+        /// Its number.
+        offer_id: u64,
+        /// The files.
+        items: Vec<OfferItem>,
+    },
+    /// An offer of files this node was already downloading was accepted on its own: the
+    /// transfer resumes from the chunks already stored.
+    Resumed {
+        /// From whom.
+        peer: PeerId,
+        /// Its number.
+        offer_id: u64,
+    },
+    /// The receiver answered our offer.
+    Answered {
+        /// Who.
+        peer: PeerId,
+        /// Which offer.
+        offer_id: u64,
+        /// Whether it accepted.
+        accepted: bool,
+    },
+    /// The receiver verified and stored one of the files we sent.
+    Delivered {
+        /// Who.
+        peer: PeerId,
+        /// Which file.
+        root: Root,
+    },
+    /// A download finished: every chunk verified and written, and the root recomputed.
+    FileComplete {
+        /// Which file.
+        root: Root,
+        /// The paths it was offered under.
+        paths: Vec<String>,
+        /// Its size.
+        size: u64,
+    },
+    /// A download failed for good (for example the disk is full).
+    FileFailed {
+        /// Which file.
+        root: Root,
+        /// Why, in plain words.
+        reason: String,
+    },
+    /// An offer was cancelled, by us or by the peer.
+    Cancelled {
+        /// The other side.
+        peer: PeerId,
+        /// Which offer (numbered by its sender).
+        offer_id: u64,
+        /// Why.
+        reason: String,
+        /// Whether the peer cancelled it.
+        by_peer: bool,
+    },
+    /// A chunk failed verification and will be fetched again.
+    ChunkRejected {
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Who sent it.
+        peer: PeerId,
+    },
+    /// A peer became a source of a download.
+    SourceAdded {
+        /// Which file.
+        root: Root,
+        /// The source.
+        peer: PeerId,
+    },
+    /// A source was dropped; its requests go to the others.
+    SourceDropped {
+        /// Which file.
+        root: Root,
+        /// The source.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// A shared file could not be read; it is no longer offered.
+    ShareFailed {
+        /// Which file.
+        root: Root,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why an engine call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// No such offer.
+    #[error("no such offer")]
+    UnknownOffer,
+    /// No such file.
+    #[error("no such file")]
+    UnknownFile,
+    /// The chaining values do not give the root.
+    #[error("the hash list does not match the file's hash")]
+    BadHashes,
+    /// A path that could escape the folder it is saved into.
+    #[error(transparent)]
+    Wire(#[from] super::wire::WireError),
+    /// The peer has no encrypted session.
+    #[error("that peer is not connected")]
+    NotConnected,
+}
+
+/// How far a download is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadProgress {
+    /// The file.
+    pub root: Root,
+    /// Paths it was offered under.
+    pub paths: Vec<String>,
+    /// Its size.
+    pub size: u64,
+    /// Bytes verified and written.
+    pub done_bytes: u64,
+    /// Sources in use now.
+    pub sources: Vec<PeerId>,
+    /// Where it is.
+    pub state: DownloadState,
+}
+
+/// Where a download is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DownloadState {
+    /// Fetching (or waiting for a source).
+    Active,
+    /// Paused by the user.
+    Paused,
+    /// Verified and stored.
+    Complete,
+    /// Failed for good.
+    Failed,
+}
+
+/// What a driver persists to resume a download after a reload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadRecord {
+    /// The file's BLAKE3 hash.
+    pub root: Root,
+    /// Its size.
+    pub size: u64,
+    /// Paths it was offered under.
+    pub paths: Vec<String>,
+    /// One bit per chunk (LSB first): verified and durably written.
+    pub have: Vec<u8>,
+    /// Where it was.
+    pub state: DownloadState,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Source {
+    window: u32,
+    inflight: u32,
+    failures: u32,
+}
+
+#[derive(Debug)]
+struct Download {
+    size: u64,
+    chunks: u32,
+    paths: Vec<String>,
+    /// Offers (peer, offer id) this download serves.
+    offers: Vec<(PeerId, u64)>,
+    cvs: Option<Vec<Cv>>,
+    hash_parts: BTreeMap<u32, Vec<Cv>>,
+    hash_source: Option<(PeerId, Duration)>,
+    have: Vec<u8>,
+    done_bytes: u64,
+    writing: HashSet<u32>,
+    /// Requests out: chunk → (source, when).
+    inflight: HashMap<u32, Vec<(PeerId, Duration)>>,
+    /// Chunks to request, beyond `cursor`.
+    retry: BTreeSet<u32>,
+    cursor: u32,
+    sources: BTreeMap<PeerId, Source>,
+    state: DownloadState,
+}
+
+impl Download {
+    fn new(size: u64, paths: Vec<String>) -> Self {
+        let chunks = u32::try_from(chunk_count(size)).unwrap_or(u32::MAX);
+        Self {
+            size,
+            chunks,
+            paths,
+            offers: Vec::new(),
+            cvs: None,
+            hash_parts: BTreeMap::new(),
+            hash_source: None,
+            have: vec![0; (chunks as usize).div_ceil(8)],
+            done_bytes: 0,
+            writing: HashSet::new(),
+            inflight: HashMap::new(),
+            retry: BTreeSet::new(),
+            cursor: 0,
+            sources: BTreeMap::new(),
+            state: DownloadState::Active,
+        }
+    }
+
+    fn has(&self, index: u32) -> bool {
+        self.have.get(index as usize / 8).is_some_and(|b| b & (1 << (index % 8)) != 0)
+    }
+
+    fn set_have(&mut self, index: u32) {
+        if let Some(b) = self.have.get_mut(index as usize / 8) {
+            *b |= 1 << (index % 8);
+        }
+    }
+
+    fn needs_hashes(&self) -> bool {
+        self.chunks >= 2 && self.cvs.is_none()
+    }
+
+    fn is_finished(&self) -> bool {
+        (0..self.chunks).all(|i| self.has(i))
+    }
+
+    /// The next chunk nobody is fetching, if any.
+    fn next_wanted(&mut self) -> Option<u32> {
+        while let Some(i) = self.retry.pop_first() {
+            if !self.has(i) && !self.writing.contains(&i) && !self.inflight.contains_key(&i) {
+                return Some(i);
+            }
+        }
+        while self.cursor < self.chunks {
+            let i = self.cursor;
+            self.cursor += 1;
+            if !self.has(i) && !self.writing.contains(&i) && !self.inflight.contains_key(&i) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Whether every missing chunk has been requested.
+    fn all_requested(&self) -> bool {
+        self.retry.is_empty() && self.cursor >= self.chunks
+    }
+
+    /// Endgame: a chunk asked of other sources only, before `cutoff`, to ask `source`
+    /// for too.
+    fn duplicate_for(&self, source: &PeerId, cutoff: Duration) -> Option<u32> {
+        if !self.all_requested() {
+            return None;
+        }
+        self.inflight
+            .iter()
+            .filter(|(_, reqs)| {
+                reqs.len() < 2 && reqs.iter().all(|(p, t)| p != source && *t <= cutoff)
+            })
+            .min_by_key(|(_, reqs)| reqs.iter().map(|(_, t)| *t).min())
+            .map(|(i, _)| *i)
+    }
+
+    fn record(&self, root: Root) -> DownloadRecord {
+        DownloadRecord {
+            root,
+            size: self.size,
+            paths: self.paths.clone(),
+            have: self.have.clone(),
+            state: self.state,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Shared {
+    size: u64,
+    cvs: Vec<Cv>,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    items: Vec<OfferItem>,
+    accepted: Option<bool>,
+}
+
+/// The file-transfer state machine of one node. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    peers: HashSet<PeerId>,
+    shared: HashMap<Root, Shared>,
+    /// (peer, root) pairs the peer may fetch from us.
+    grants: HashSet<(PeerId, Root)>,
+    /// (peer, root) pairs we stopped serving to the peer (we cancelled).
+    revoked: HashSet<(PeerId, Root)>,
+    outgoing: HashMap<(PeerId, u64), Outgoing>,
+    incoming: HashMap<(PeerId, u64), Vec<OfferItem>>,
+    downloads: BTreeMap<Root, Download>,
+    serve_queue: HashMap<PeerId, VecDeque<(Root, u32)>>,
+    reads_in_flight: HashMap<PeerId, usize>,
+    out: VecDeque<Output>,
+    next_offer_id: u64,
+}
+
+impl Engine {
+    /// An engine with no files. `first_offer_id` should be random so that offer numbers
+    /// of a reloaded page do not collide with its earlier ones.
+    pub fn new(config: EngineConfig, first_offer_id: u64) -> Self {
+        Self {
+            config,
+            peers: HashSet::new(),
+            shared: HashMap::new(),
+            grants: HashSet::new(),
+            revoked: HashSet::new(),
+            outgoing: HashMap::new(),
+            incoming: HashMap::new(),
+            downloads: BTreeMap::new(),
+            serve_queue: HashMap::new(),
+            reads_in_flight: HashMap::new(),
+            out: VecDeque::new(),
+            next_offer_id: first_offer_id,
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    fn send(&mut self, peer: &PeerId, msg: TransferMsg) {
+        self.out.push_back(Output::Send { peer: peer.clone(), msg });
+    }
+
+    fn event(&mut self, event: TransferEvent) {
+        self.out.push_back(Output::Event(event));
+    }
+
+    // ---- peers ----
+
+    /// `peer` has an established session: it may serve and fetch files. Incomplete
+    /// downloads ask it whether it holds them.
+    pub fn peer_connected(&mut self, peer: &PeerId, now: Duration) {
+        self.peers.insert(peer.clone());
+        let wanted: Vec<Root> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| d.state == DownloadState::Active && !d.sources.contains_key(peer))
+            .map(|(r, _)| *r)
+            .collect();
+        for root in wanted {
+            self.send(peer, TransferMsg::Query { root });
+        }
+        self.schedule(now);
+    }
+
+    /// `peer`'s session ended: its requests go to other sources; what it asked of us is
+    /// forgotten (it will ask again).
+    pub fn peer_disconnected(&mut self, peer: &PeerId, now: Duration) {
+        self.peers.remove(peer);
+        self.serve_queue.remove(peer);
+        self.reads_in_flight.remove(peer);
+        let roots: Vec<Root> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| d.sources.contains_key(peer))
+            .map(|(r, _)| *r)
+            .collect();
+        for root in roots {
+            self.drop_source(&root, peer, "the peer left");
+        }
+        self.schedule(now);
+    }
+
+    fn drop_source(&mut self, root: &Root, peer: &PeerId, reason: &str) {
+        let Some(d) = self.downloads.get_mut(root) else { return };
+        if d.sources.remove(peer).is_none() {
+            return;
+        }
+        for (index, reqs) in d.inflight.iter_mut() {
+            reqs.retain(|(p, _)| p != peer);
+            if reqs.is_empty() {
+                d.retry.insert(*index);
+            }
+        }
+        d.inflight.retain(|_, reqs| !reqs.is_empty());
+        if d.hash_source.as_ref().is_some_and(|(p, _)| p == peer) {
+            d.hash_source = None;
+            d.hash_parts.clear();
+        }
+        self.event(TransferEvent::SourceDropped {
+            root: *root,
+            peer: peer.clone(),
+            reason: reason.to_string(),
+        });
+    }
+
+    fn add_source(&mut self, root: &Root, peer: &PeerId) {
+        let window = self.config.initial_window;
+        let Some(d) = self.downloads.get_mut(root) else { return };
+        if d.state == DownloadState::Complete || d.sources.contains_key(peer) {
+            return;
+        }
+        d.sources.insert(peer.clone(), Source { window, ..Source::default() });
+        self.event(TransferEvent::SourceAdded { root: *root, peer: peer.clone() });
+    }
+
+    // ---- sending side ----
+
+    /// Makes a hashed file available (see [`super::hash::FileHasher`]). `cvs` must give
+    /// `root` (checked).
+    pub fn share(&mut self, root: Root, size: u64, cvs: Vec<Cv>) -> Result<(), TransferError> {
+        let ok = if chunk_count(size) >= 2 {
+            root_from_cvs(size, &cvs) == Some(root)
+        } else {
+            cvs.is_empty()
+        };
+        if !ok {
+            return Err(TransferError::BadHashes);
+        }
+        self.shared.insert(root, Shared { size, cvs });
+        Ok(())
+    }
+
+    /// Stops serving `root`.
+    pub fn unshare(&mut self, root: &Root) {
+        self.shared.remove(root);
+        self.grants.retain(|(_, r)| r != root);
+    }
+
+    /// Whether `root` is shared (or was downloaded completely).
+    pub fn is_shared(&self, root: &Root) -> bool {
+        self.shared.contains_key(root)
+    }
+
+    /// Offers shared files to `peer` under the given relative paths; returns the offer id.
+    pub fn offer(&mut self, peer: &PeerId, files: &[(Root, String)]) -> Result<u64, TransferError> {
+        if !self.peers.contains(peer) {
+            return Err(TransferError::NotConnected);
+        }
+        let mut items = Vec::with_capacity(files.len());
+        for (root, path) in files {
+            check_path(path)?;
+            let shared = self.shared.get(root).ok_or(TransferError::UnknownFile)?;
+            items.push(OfferItem { path: path.clone(), size: shared.size, root: *root });
+        }
+        let offer_id = self.next_offer_id;
+        self.next_offer_id = self.next_offer_id.wrapping_add(1);
+        for item in &items {
+            self.grants.insert((peer.clone(), item.root));
+            self.revoked.remove(&(peer.clone(), item.root));
+        }
+        self.outgoing
+            .insert((peer.clone(), offer_id), Outgoing { items: items.clone(), accepted: None });
+        self.send(peer, TransferMsg::Offer { offer_id, items });
+        Ok(offer_id)
+    }
+
+    /// The bytes of a requested chunk, read after [`Output::Read`].
+    pub fn read_done(&mut self, peer: &PeerId, root: &Root, index: u32, data: Vec<u8>) {
+        if let Some(n) = self.reads_in_flight.get_mut(peer) {
+            *n = n.saturating_sub(1);
+        }
+        if self.peers.contains(peer) && self.grants.contains(&(peer.clone(), *root)) {
+            self.send(peer, TransferMsg::Chunk { root: *root, index, data });
+        }
+        self.pump_reads(peer);
+    }
+
+    /// A shared file could not be read: it is no longer served, and peers fetching it
+    /// are told so.
+    pub fn read_failed(&mut self, peer: &PeerId, root: &Root, reason: &str) {
+        if let Some(n) = self.reads_in_flight.get_mut(peer) {
+            *n = n.saturating_sub(1);
+        }
+        if self.shared.remove(root).is_some() {
+            self.event(TransferEvent::ShareFailed { root: *root, reason: reason.to_string() });
+        }
+        let askers: Vec<PeerId> =
+            self.grants.iter().filter(|(_, r)| r == root).map(|(p, _)| p.clone()).collect();
+        for p in askers {
+            if self.peers.contains(&p) {
+                self.send(&p, TransferMsg::Missing { root: *root, reason: reason.to_string() });
+            }
+        }
+        self.grants.retain(|(_, r)| r != root);
+        for q in self.serve_queue.values_mut() {
+            q.retain(|(r, _)| r != root);
+        }
+        self.pump_reads(peer);
+    }
+
+    fn pump_reads(&mut self, peer: &PeerId) {
+        loop {
+            let n = self.reads_in_flight.get(peer).copied().unwrap_or(0);
+            if n >= self.config.max_reads_in_flight {
+                return;
+            }
+            let Some((root, index)) = self.serve_queue.get_mut(peer).and_then(VecDeque::pop_front)
+            else {
+                return;
+            };
+            let Some((offset, len)) =
+                self.shared.get(&root).and_then(|s| chunk_span(s.size, index))
+            else {
+                continue;
+            };
+            *self.reads_in_flight.entry(peer.clone()).or_default() += 1;
+            self.out.push_back(Output::Read { peer: peer.clone(), root, index, offset, len });
+        }
+    }
+
+    fn may_serve(&self, peer: &PeerId, root: &Root) -> bool {
+        self.shared.contains_key(root) && self.grants.contains(&(peer.clone(), *root))
+    }
+
+    // ---- receiving side ----
+
+    /// Accepts `peer`'s offer: downloads start (or resume) with `peer` as a source, and
+    /// other connected peers are asked whether they hold the same files.
+    pub fn accept(
+        &mut self,
+        peer: &PeerId,
+        offer_id: u64,
+        now: Duration,
+    ) -> Result<(), TransferError> {
+        let items =
+            self.incoming.remove(&(peer.clone(), offer_id)).ok_or(TransferError::UnknownOffer)?;
+        self.send(peer, TransferMsg::Answer { offer_id, accept: true });
+        self.start_downloads(peer, offer_id, &items, now);
+        Ok(())
+    }
+
+    fn start_downloads(
+        &mut self,
+        peer: &PeerId,
+        offer_id: u64,
+        items: &[OfferItem],
+        now: Duration,
+    ) {
+        let others: Vec<PeerId> = self.peers.iter().filter(|p| *p != peer).cloned().collect();
+        for item in items {
+            let d =
+                self.downloads.entry(item.root).or_insert_with(|| Download::new(item.size, vec![]));
+            if d.size != item.size {
+                // Same hash, different size: a lie (or a collision); keep what we have.
+                continue;
+            }
+            if !d.paths.contains(&item.path) {
+                d.paths.push(item.path.clone());
+            }
+            if !d.offers.contains(&(peer.clone(), offer_id)) {
+                d.offers.push((peer.clone(), offer_id));
+            }
+            if d.state == DownloadState::Failed {
+                d.state = DownloadState::Active;
+            }
+            if d.chunks == 0 && d.state == DownloadState::Active {
+                self.complete(&item.root);
+                continue;
+            }
+            self.add_source(&item.root, peer);
+            for other in &others {
+                self.send(other, TransferMsg::Query { root: item.root });
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// Declines `peer`'s offer.
+    pub fn decline(&mut self, peer: &PeerId, offer_id: u64) -> Result<(), TransferError> {
+        self.incoming.remove(&(peer.clone(), offer_id)).ok_or(TransferError::UnknownOffer)?;
+        self.send(peer, TransferMsg::Answer { offer_id, accept: false });
+        Ok(())
+    }
+
+    /// Cancels an offer we made or accepted. The peer is told; an incoming offer's
+    /// unfinished downloads are discarded (unless another offer still wants them).
+    pub fn cancel(
+        &mut self,
+        peer: &PeerId,
+        offer_id: u64,
+        reason: &str,
+    ) -> Result<(), TransferError> {
+        let key = (peer.clone(), offer_id);
+        if let Some(out) = self.outgoing.remove(&key) {
+            self.stop_serving(peer, &out.items);
+        } else if self.incoming.remove(&key).is_none() && !self.drop_offer_downloads(peer, offer_id)
+        {
+            return Err(TransferError::UnknownOffer);
+        }
+        if self.peers.contains(peer) {
+            self.send(peer, TransferMsg::Cancel { offer_id, reason: reason.to_string() });
+        }
+        self.event(TransferEvent::Cancelled {
+            peer: peer.clone(),
+            offer_id,
+            reason: reason.to_string(),
+            by_peer: false,
+        });
+        Ok(())
+    }
+
+    fn stop_serving(&mut self, peer: &PeerId, items: &[OfferItem]) {
+        for item in items {
+            self.grants.remove(&(peer.clone(), item.root));
+            self.revoked.insert((peer.clone(), item.root));
+        }
+        if let Some(q) = self.serve_queue.get_mut(peer) {
+            q.retain(|(r, _)| !items.iter().any(|i| i.root == *r));
+        }
+    }
+
+    /// Drops the downloads that only `(peer, offer_id)` wanted. Whether the offer existed.
+    fn drop_offer_downloads(&mut self, peer: &PeerId, offer_id: u64) -> bool {
+        let key = (peer.clone(), offer_id);
+        let mut found = false;
+        let mut discard = Vec::new();
+        for (root, d) in self.downloads.iter_mut() {
+            if let Some(pos) = d.offers.iter().position(|o| *o == key) {
+                found = true;
+                d.offers.remove(pos);
+                if d.offers.is_empty() && d.state != DownloadState::Complete {
+                    discard.push(*root);
+                }
+            }
+        }
+        for root in discard {
+            self.downloads.remove(&root);
+            self.out.push_back(Output::Discard { root });
+        }
+        found
+    }
+
+    /// Pauses or resumes fetching `root`.
+    pub fn set_paused(
+        &mut self,
+        root: &Root,
+        paused: bool,
+        now: Duration,
+    ) -> Result<(), TransferError> {
+        let d = self.downloads.get_mut(root).ok_or(TransferError::UnknownFile)?;
+        match (d.state, paused) {
+            (DownloadState::Active, true) => d.state = DownloadState::Paused,
+            (DownloadState::Paused, false) => d.state = DownloadState::Active,
+            _ => return Ok(()),
+        }
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// A chunk from [`Output::Write`] is durably stored.
+    pub fn write_done(&mut self, root: &Root, index: u32, now: Duration) {
+        let Some(d) = self.downloads.get_mut(root) else { return };
+        if !d.writing.remove(&index) {
+            return;
+        }
+        d.set_have(index);
+        d.done_bytes += chunk_span(d.size, index).map_or(0, |(_, len)| len as u64);
+        if d.is_finished() {
+            self.complete(root);
+        }
+        self.schedule(now);
+    }
+
+    /// A chunk could not be written: the download fails with `reason` (say, the disk
+    /// is full). What was stored stays, so it can resume later.
+    pub fn write_failed(&mut self, root: &Root, reason: &str) {
+        let Some(d) = self.downloads.get_mut(root) else { return };
+        if d.state == DownloadState::Failed {
+            return;
+        }
+        d.state = DownloadState::Failed;
+        d.writing.clear();
+        d.inflight.clear();
+        d.retry.clear();
+        d.cursor = 0;
+        for s in d.sources.values_mut() {
+            s.inflight = 0;
+        }
+        self.event(TransferEvent::FileFailed { root: *root, reason: reason.to_string() });
+    }
+
+    fn complete(&mut self, root: &Root) {
+        let Some(d) = self.downloads.get_mut(root) else { return };
+        // Every chunk matched its CV and the CVs merged to the root; recompute anyway.
+        let verified = match d.chunks {
+            0 => *root == *blake3::hash(b"").as_bytes(),
+            1 => true, // its only chunk was checked against the root itself
+            _ => d.cvs.as_ref().and_then(|c| root_from_cvs(d.size, c)) == Some(*root),
+        };
+        if !verified {
+            d.state = DownloadState::Failed;
+            let reason = "verification failed: the file does not match its hash".to_string();
+            self.event(TransferEvent::FileFailed { root: *root, reason });
+            return;
+        }
+        d.state = DownloadState::Complete;
+        d.sources.clear();
+        d.inflight.clear();
+        let (size, paths, cvs) = (d.size, d.paths.clone(), d.cvs.clone().unwrap_or_default());
+        let offerers: Vec<PeerId> = d.offers.iter().map(|(p, _)| p.clone()).collect();
+        self.shared.insert(*root, Shared { size, cvs });
+        for p in offerers {
+            if self.peers.contains(&p) {
+                self.send(&p, TransferMsg::Complete { root: *root });
+            }
+        }
+        self.event(TransferEvent::FileComplete { root: *root, paths, size });
+    }
+
+    /// What to persist for `root`, to [`Self::restore`] after a reload.
+    pub fn record(&self, root: &Root) -> Option<DownloadRecord> {
+        self.downloads.get(root).map(|d| d.record(*root))
+    }
+
+    /// Resumes a download from a record: chunks it marks are trusted to be on disk (the
+    /// driver wrote them, and only confirmed them once durable). Sources are found by
+    /// asking peers as they connect, or when someone offers the file again.
+    pub fn restore(&mut self, record: DownloadRecord) {
+        let mut d = Download::new(record.size, record.paths);
+        if record.have.len() == d.have.len() {
+            d.have = record.have;
+        }
+        d.done_bytes = (0..d.chunks)
+            .filter(|i| d.has(*i))
+            .map(|i| chunk_span(d.size, i).map_or(0, |(_, l)| l as u64))
+            .sum();
+        d.state = match record.state {
+            DownloadState::Failed => DownloadState::Active,
+            s => s,
+        };
+        self.downloads.insert(record.root, d);
+    }
+
+    /// Every download and how far it is.
+    pub fn downloads(&self) -> Vec<DownloadProgress> {
+        self.downloads.iter().map(|(root, d)| self.progress_of(root, d)).collect()
+    }
+
+    /// How far the download of `root` is.
+    pub fn progress(&self, root: &Root) -> Option<DownloadProgress> {
+        self.downloads.get(root).map(|d| self.progress_of(root, d))
+    }
+
+    fn progress_of(&self, root: &Root, d: &Download) -> DownloadProgress {
+        DownloadProgress {
+            root: *root,
+            paths: d.paths.clone(),
+            size: d.size,
+            done_bytes: d.done_bytes,
+            sources: d.sources.keys().cloned().collect(),
+            state: d.state,
+        }
+    }
+
+    /// Forgets a finished or failed download (its file stays wherever the driver put it).
+    pub fn forget(&mut self, root: &Root) {
+        if let Some(d) = self.downloads.remove(root) {
+            if d.state != DownloadState::Complete {
+                self.out.push_back(Output::Discard { root: *root });
+            }
+        }
+    }
+
+    // ---- messages ----
+
+    /// A file-transfer message from `peer`.
+    pub fn handle(&mut self, peer: &PeerId, msg: TransferMsg, now: Duration) {
+        match msg {
+            TransferMsg::Offer { offer_id, items } => self.on_offer(peer, offer_id, items, now),
+            TransferMsg::Answer { offer_id, accept } => {
+                let Some(out) = self.outgoing.get_mut(&(peer.clone(), offer_id)) else { return };
+                if out.accepted.is_some() {
+                    return;
+                }
+                out.accepted = Some(accept);
+                if !accept {
+                    let items = self.outgoing.remove(&(peer.clone(), offer_id)).map(|o| o.items);
+                    self.stop_serving(peer, &items.unwrap_or_default());
+                }
+                self.event(TransferEvent::Answered {
+                    peer: peer.clone(),
+                    offer_id,
+                    accepted: accept,
+                });
+            }
+            TransferMsg::HashRequest { root, first, count } => {
+                if !self.may_serve(peer, &root) {
+                    let reason = "not shared with you".to_string();
+                    return self.send(peer, TransferMsg::Missing { root, reason });
+                }
+                let Some(s) = self.shared.get(&root) else { return };
+                let start = (first as usize).min(s.cvs.len());
+                let end =
+                    start.saturating_add((count as usize).min(MAX_HASHES_PER_MSG)).min(s.cvs.len());
+                let cvs = s.cvs[start..end].to_vec();
+                self.send(peer, TransferMsg::Hashes { root, first, cvs });
+            }
+            TransferMsg::Hashes { root, first, cvs } => self.on_hashes(peer, root, first, cvs, now),
+            TransferMsg::ChunkRequest { root, index } => {
+                if !self.may_serve(peer, &root) {
+                    let reason = "not shared with you".to_string();
+                    return self.send(peer, TransferMsg::Missing { root, reason });
+                }
+                let q = self.serve_queue.entry(peer.clone()).or_default();
+                if q.len() < self.config.max_serve_queue {
+                    q.push_back((root, index));
+                }
+                self.pump_reads(peer);
+            }
+            TransferMsg::Chunk { root, index, data } => self.on_chunk(peer, root, index, data, now),
+            TransferMsg::Missing { root, reason } => {
+                self.drop_source(&root, peer, &format!("it no longer has the file ({reason})"));
+                self.schedule(now);
+            }
+            TransferMsg::Cancel { offer_id, reason } => {
+                let key = (peer.clone(), offer_id);
+                let known = if let Some(out) = self.outgoing.remove(&key) {
+                    self.stop_serving(peer, &out.items);
+                    true
+                } else {
+                    self.incoming.remove(&key).is_some() | self.drop_offer_downloads(peer, offer_id)
+                };
+                if known {
+                    let ev = TransferEvent::Cancelled {
+                        peer: peer.clone(),
+                        offer_id,
+                        reason,
+                        by_peer: true,
+                    };
+                    self.event(ev);
+                }
+                self.schedule(now);
+            }
+            TransferMsg::Query { root } => {
+                if self.shared.contains_key(&root) && !self.revoked.contains(&(peer.clone(), root))
+                {
+                    // Knowing a file's 256-bit hash is the capability to fetch it: only
+                    // an offer reveals it.
+                    self.grants.insert((peer.clone(), root));
+                    self.send(peer, TransferMsg::Have { root });
+                }
+            }
+            TransferMsg::Have { root } => {
+                if self.downloads.get(&root).is_some_and(|d| d.state != DownloadState::Complete) {
+                    self.add_source(&root, peer);
+                    self.schedule(now);
+                }
+            }
+            TransferMsg::Complete { root } => {
+                let offered = self
+                    .outgoing
+                    .iter()
+                    .any(|((p, _), o)| p == peer && o.items.iter().any(|i| i.root == root));
+                if offered {
+                    self.event(TransferEvent::Delivered { peer: peer.clone(), root });
+                }
+            }
+        }
+    }
+
+    fn on_offer(&mut self, peer: &PeerId, offer_id: u64, items: Vec<OfferItem>, now: Duration) {
+        let key = (peer.clone(), offer_id);
+        if self.incoming.contains_key(&key)
+            || self.downloads.values().any(|d| d.offers.contains(&key))
+        {
+            return;
+        }
+        // Files we are already fetching: the user accepted them before (a reload or a
+        // dropped connection), so the transfer simply resumes.
+        let resuming = !items.is_empty()
+            && items.iter().all(|i| {
+                self.downloads
+                    .get(&i.root)
+                    .is_some_and(|d| d.size == i.size && d.state != DownloadState::Complete)
+            });
+        if resuming {
+            self.send(peer, TransferMsg::Answer { offer_id, accept: true });
+            self.start_downloads(peer, offer_id, &items, now);
+            self.event(TransferEvent::Resumed { peer: peer.clone(), offer_id });
+            return;
+        }
+        self.incoming.insert(key, items.clone());
+        self.event(TransferEvent::Offered { peer: peer.clone(), offer_id, items });
+    }
+
+    fn on_hashes(&mut self, peer: &PeerId, root: Root, first: u32, cvs: Vec<Cv>, now: Duration) {
+        let Some(d) = self.downloads.get_mut(&root) else { return };
+        if d.cvs.is_some() || d.hash_source.as_ref().is_none_or(|(p, _)| p != peer) {
+            return;
+        }
+        if cvs.is_empty() || first % MAX_HASHES_PER_MSG as u32 != 0 || first >= d.chunks {
+            return self.drop_source(&root, peer, "it sent a malformed hash list");
+        }
+        d.hash_parts.insert(first, cvs);
+        d.hash_source = Some((peer.clone(), now));
+        let total: usize = d.hash_parts.values().map(Vec::len).sum();
+        if total < d.chunks as usize {
+            return;
+        }
+        let list: Vec<Cv> = std::mem::take(&mut d.hash_parts).into_values().flatten().collect();
+        d.hash_source = None;
+        if root_from_cvs(d.size, &list) == Some(root) {
+            d.cvs = Some(list);
+            self.schedule(now);
+        } else {
+            self.drop_source(&root, peer, "it sent a hash list that does not match the file");
+            self.schedule(now);
+        }
+    }
+
+    fn on_chunk(&mut self, peer: &PeerId, root: Root, index: u32, data: Vec<u8>, now: Duration) {
+        let config = self.config;
+        let Some(d) = self.downloads.get_mut(&root) else { return };
+        if !d.sources.contains_key(peer)
+            || d.has(index)
+            || d.writing.contains(&index)
+            || !matches!(d.state, DownloadState::Active | DownloadState::Paused)
+        {
+            return;
+        }
+        let requested = d.inflight.get(&index).is_some_and(|r| r.iter().any(|(p, _)| p == peer));
+        if !requested {
+            return;
+        }
+        let ok = verify_chunk(&root, d.size, d.cvs.as_deref().unwrap_or(&[]), index, &data);
+        // This request is answered either way.
+        if let Some(reqs) = d.inflight.get_mut(&index) {
+            reqs.retain(|(p, _)| p != peer);
+        }
+        if let Some(s) = d.sources.get_mut(peer) {
+            s.inflight = s.inflight.saturating_sub(1);
+        }
+        if !ok {
+            let failures = d.sources.get_mut(peer).map_or(0, |s| {
+                s.failures += 1;
+                s.failures
+            });
+            if d.inflight.get(&index).is_some_and(Vec::is_empty) {
+                d.inflight.remove(&index);
+                d.retry.insert(index);
+            }
+            self.event(TransferEvent::ChunkRejected { root, index, peer: peer.clone() });
+            if failures >= config.max_source_failures {
+                self.drop_source(&root, peer, "it sent chunks that failed verification");
+            }
+            self.schedule(now);
+            return;
+        }
+        if let Some(s) = d.sources.get_mut(peer) {
+            s.failures = 0;
+            s.window = (s.window + 1).min(config.max_window);
+        }
+        // Duplicates of this chunk asked of others (endgame) are moot now.
+        if let Some(reqs) = d.inflight.remove(&index) {
+            for (p, _) in reqs {
+                if let Some(s) = d.sources.get_mut(&p) {
+                    s.inflight = s.inflight.saturating_sub(1);
+                }
+            }
+        }
+        d.writing.insert(index);
+        let offset = u64::from(index) * super::hash::CHUNK_LEN as u64;
+        self.out.push_back(Output::Write { root, index, offset, data });
+        self.schedule(now);
+    }
+
+    // ---- timing ----
+
+    /// When [`Self::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let (timeout, endgame) = (self.config.request_timeout, self.config.endgame_after);
+        self.downloads
+            .values()
+            .filter(|d| d.state == DownloadState::Active)
+            .flat_map(|d| {
+                // The endgame wakes earlier than timeouts, once there are 2+ sources.
+                let wait = if d.all_requested() && d.sources.len() > 1 { endgame } else { timeout };
+                let chunks =
+                    d.inflight.values().flatten().map(move |(_, t)| t.saturating_add(wait));
+                chunks.chain(d.hash_source.as_ref().map(|(_, t)| t.saturating_add(timeout)))
+            })
+            .min()
+    }
+
+    /// Re-requests what timed out and drops sources that keep timing out.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let config = self.config;
+        let mut dropped = Vec::new();
+        for (root, d) in self.downloads.iter_mut() {
+            if let Some((p, t)) = d.hash_source.clone() {
+                if now >= t.saturating_add(config.request_timeout) {
+                    dropped.push((*root, p, "it did not send the hash list in time"));
+                }
+            }
+            let mut expired = Vec::new();
+            for (index, reqs) in d.inflight.iter_mut() {
+                reqs.retain(|(p, t)| {
+                    let late = now >= t.saturating_add(config.request_timeout);
+                    if late {
+                        expired.push(p.clone());
+                    }
+                    !late
+                });
+                if reqs.is_empty() {
+                    d.retry.insert(*index);
+                }
+            }
+            d.inflight.retain(|_, reqs| !reqs.is_empty());
+            for p in expired {
+                if let Some(s) = d.sources.get_mut(&p) {
+                    s.inflight = s.inflight.saturating_sub(1);
+                    s.failures += 1;
+                    s.window = (s.window / 2).max(1);
+                    if s.failures >= config.max_source_failures {
+                        dropped.push((*root, p, "it stopped answering"));
+                    }
+                }
+            }
+        }
+        for (root, peer, reason) in dropped {
+            self.drop_source(&root, &peer, reason);
+        }
+        self.schedule(now);
+    }
+
+    /// Sends requests while windows have room.
+    fn schedule(&mut self, now: Duration) {
+        let unwritten: usize = self
+            .downloads
+            .values()
+            .map(|d| d.writing.len() + d.inflight.values().map(Vec::len).sum::<usize>())
+            .sum();
+        let mut budget = self.config.max_unwritten.saturating_sub(unwritten);
+        let cutoff = now.checked_sub(self.config.endgame_after);
+        let mut sends = Vec::new();
+        for (root, d) in self.downloads.iter_mut() {
+            if d.state != DownloadState::Active || d.sources.is_empty() {
+                continue;
+            }
+            if d.needs_hashes() {
+                if d.hash_source.is_none() {
+                    if let Some(p) = d.sources.keys().next().cloned() {
+                        let mut first = 0;
+                        while first < d.chunks {
+                            let count = (d.chunks - first).min(MAX_HASHES_PER_MSG as u32);
+                            sends.push((
+                                p.clone(),
+                                TransferMsg::HashRequest { root: *root, first, count },
+                            ));
+                            first += count;
+                        }
+                        d.hash_source = Some((p, now));
+                    }
+                }
+                continue;
+            }
+            // Round-robin over sources, one request at a time, until windows are full.
+            let peers: Vec<PeerId> = d.sources.keys().cloned().collect();
+            loop {
+                let mut progressed = false;
+                for p in &peers {
+                    if budget == 0 {
+                        break;
+                    }
+                    let Some(s) = d.sources.get(p) else { continue };
+                    if s.inflight >= s.window {
+                        continue;
+                    }
+                    let Some(index) =
+                        d.next_wanted().or_else(|| cutoff.and_then(|c| d.duplicate_for(p, c)))
+                    else {
+                        continue;
+                    };
+                    d.inflight.entry(index).or_default().push((p.clone(), now));
+                    if let Some(s) = d.sources.get_mut(p) {
+                        s.inflight += 1;
+                    }
+                    budget -= 1;
+                    progressed = true;
+                    sends.push((p.clone(), TransferMsg::ChunkRequest { root: *root, index }));
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+        for (peer, msg) in sends {
+            self.send(&peer, msg);
+        }
+    }
+}

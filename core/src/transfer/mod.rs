@@ -1,0 +1,20 @@
+//! File transfer: content-addressed, verified, resumable, multi-source.
+//!
+//! - [`hash`]: files are named by their BLAKE3 hash (the *root*) and cut into 64 KiB
+//!   chunks, each verified against its chaining value from BLAKE3's own tree.
+//! - [`wire`]: the messages (frames 0x20..=0x2a inside the encrypted session).
+//! - [`engine`]: the sans-IO state machine: offers, answers, receiver-driven pipelined
+//!   requests to one or several sources, serving, cancel, pause and resume records.
+//!
+//! The design and why each property holds is in `core/TRANSFER.md`.
+
+pub mod engine;
+pub mod hash;
+pub mod wire;
+
+pub use engine::{
+    DownloadProgress, DownloadRecord, DownloadState, Engine, EngineConfig, Output, TransferError,
+    TransferEvent,
+};
+pub use hash::{CHUNK_LEN, Cv, FileDigest, FileHasher, Root, chunk_count, chunk_span};
+pub use wire::{OfferItem, TransferMsg, WireError};

@@ -1,0 +1,437 @@
+//! File-transfer messages: the bodies of frames 0x20..=0x2a inside the encrypted session.
+//!
+//! Integers are big endian; strings are UTF-8 with a u16 length; lists have a u32 count.
+//! Decoding never panics, never allocates more than the input's size, and rejects
+//! trailing bytes, unsafe paths and counts beyond the limits below.
+
+use super::hash::{CHUNK_LEN, Cv, Root};
+
+/// Most items in one offer.
+pub const MAX_OFFER_ITEMS: usize = 10_000;
+/// Longest relative path in an offer, in bytes.
+pub const MAX_PATH_LEN: usize = 1024;
+/// Most chaining values in one [`TransferMsg::Hashes`] (64 KiB of them).
+pub const MAX_HASHES_PER_MSG: usize = 2048;
+/// Longest reason text.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// Frame types (within [`crate::frame::FILE_TRANSFER_TYPES`]).
+mod ty {
+    pub const OFFER: u8 = 0x20;
+    pub const ANSWER: u8 = 0x21;
+    pub const HASH_REQUEST: u8 = 0x22;
+    pub const HASHES: u8 = 0x23;
+    pub const CHUNK_REQUEST: u8 = 0x24;
+    pub const CHUNK: u8 = 0x25;
+    pub const MISSING: u8 = 0x26;
+    pub const CANCEL: u8 = 0x27;
+    pub const QUERY: u8 = 0x28;
+    pub const HAVE: u8 = 0x29;
+    pub const COMPLETE: u8 = 0x2a;
+}
+
+/// One file in an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferItem {
+    /// Relative path, `/`-separated, checked by [`check_path`].
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 hash of the content.
+    pub root: Root,
+}
+
+/// A file-transfer message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferMsg {
+    /// "I'd like to send you these files."
+    Offer {
+        /// Chosen by the sender, unique per receiver.
+        offer_id: u64,
+        /// The files.
+        items: Vec<OfferItem>,
+    },
+    /// The receiver accepts or declines an offer.
+    Answer {
+        /// Which offer.
+        offer_id: u64,
+        /// Whether the receiver wants it.
+        accept: bool,
+    },
+    /// Asks for `count` chaining values of `root` starting at chunk `first`.
+    HashRequest {
+        /// The file.
+        root: Root,
+        /// First chunk.
+        first: u32,
+        /// How many (at most [`MAX_HASHES_PER_MSG`]).
+        count: u32,
+    },
+    /// Chaining values of `root` from chunk `first` on.
+    Hashes {
+        /// The file.
+        root: Root,
+        /// First chunk.
+        first: u32,
+        /// The values.
+        cvs: Vec<Cv>,
+    },
+    /// Asks for one chunk.
+    ChunkRequest {
+        /// The file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+    },
+    /// One chunk's bytes (at most [`CHUNK_LEN`]).
+    Chunk {
+        /// The file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Its bytes.
+        data: Vec<u8>,
+    },
+    /// The sender cannot serve `root` (any more): the asker should use other sources.
+    Missing {
+        /// The file.
+        root: Root,
+        /// Why, for people.
+        reason: String,
+    },
+    /// Either side abandons an offer; the receiver discards what it got.
+    Cancel {
+        /// Which offer (as the sender numbered it).
+        offer_id: u64,
+        /// Why, for people.
+        reason: String,
+    },
+    /// "Do you hold `root`?" (multi-source discovery).
+    Query {
+        /// The file.
+        root: Root,
+    },
+    /// "I hold all of `root`": add me as a source.
+    Have {
+        /// The file.
+        root: Root,
+    },
+    /// The receiver verified and stored `root` completely.
+    Complete {
+        /// The file.
+        root: Root,
+    },
+}
+
+/// Why bytes are not a valid file-transfer message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Not a file-transfer frame type this version knows.
+    #[error("unknown file-transfer message type {0:#04x}")]
+    UnknownType(u8),
+    /// The body ends early.
+    #[error("truncated file-transfer message")]
+    Truncated,
+    /// Bytes after the message.
+    #[error("trailing bytes after a file-transfer message")]
+    Trailing,
+    /// A string is not UTF-8 or too long.
+    #[error("bad text in a file-transfer message")]
+    BadText,
+    /// A count or size over the limits.
+    #[error("file-transfer message over the limits")]
+    TooLarge,
+    /// A path that could escape the download folder or is not portable.
+    #[error("unsafe path in an offer: {0:?}")]
+    UnsafePath(String),
+}
+
+/// Checks that `path` is a relative, `/`-separated path that cannot leave the folder it
+/// is saved into: no empty, `.` or `..` components, no backslash, colon or control
+/// characters, at most [`MAX_PATH_LEN`] bytes.
+pub fn check_path(path: &str) -> Result<(), WireError> {
+    let bad = path.is_empty()
+        || path.len() > MAX_PATH_LEN
+        || path.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.len() > 255)
+        || path.chars().any(|c| c.is_control() || c == '\\' || c == ':');
+    if bad { Err(WireError::UnsafePath(path.chars().take(80).collect())) } else { Ok(()) }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut a = [0; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn hash(&mut self) -> Result<[u8; 32], WireError> {
+        let mut a = [0; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+    fn text(&mut self, max: usize) -> Result<String, WireError> {
+        let len = usize::from(self.u16()?);
+        if len > max {
+            return Err(WireError::TooLarge);
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| WireError::BadText)
+    }
+    fn finish(&self) -> Result<(), WireError> {
+        if self.0.is_empty() { Ok(()) } else { Err(WireError::Trailing) }
+    }
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str, max: usize) {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+impl TransferMsg {
+    /// The frame type and body this message travels as.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let t = match self {
+            Self::Offer { offer_id, items } => {
+                out.extend_from_slice(&offer_id.to_be_bytes());
+                out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+                for item in items {
+                    put_text(&mut out, &item.path, MAX_PATH_LEN);
+                    out.extend_from_slice(&item.size.to_be_bytes());
+                    out.extend_from_slice(&item.root);
+                }
+                ty::OFFER
+            }
+            Self::Answer { offer_id, accept } => {
+                out.extend_from_slice(&offer_id.to_be_bytes());
+                out.push(u8::from(*accept));
+                ty::ANSWER
+            }
+            Self::HashRequest { root, first, count } => {
+                out.extend_from_slice(root);
+                out.extend_from_slice(&first.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+                ty::HASH_REQUEST
+            }
+            Self::Hashes { root, first, cvs } => {
+                out.reserve(40 + cvs.len() * 32);
+                out.extend_from_slice(root);
+                out.extend_from_slice(&first.to_be_bytes());
+                out.extend_from_slice(&(cvs.len() as u32).to_be_bytes());
+                cvs.iter().for_each(|cv| out.extend_from_slice(cv));
+                ty::HASHES
+            }
+            Self::ChunkRequest { root, index } => {
+                out.extend_from_slice(root);
+                out.extend_from_slice(&index.to_be_bytes());
+                ty::CHUNK_REQUEST
+            }
+            Self::Chunk { root, index, data } => {
+                out.reserve(36 + data.len());
+                out.extend_from_slice(root);
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(data);
+                ty::CHUNK
+            }
+            Self::Missing { root, reason } => {
+                out.extend_from_slice(root);
+                put_text(&mut out, reason, MAX_REASON_LEN);
+                ty::MISSING
+            }
+            Self::Cancel { offer_id, reason } => {
+                out.extend_from_slice(&offer_id.to_be_bytes());
+                put_text(&mut out, reason, MAX_REASON_LEN);
+                ty::CANCEL
+            }
+            Self::Query { root } => {
+                out.extend_from_slice(root);
+                ty::QUERY
+            }
+            Self::Have { root } => {
+                out.extend_from_slice(root);
+                ty::HAVE
+            }
+            Self::Complete { root } => {
+                out.extend_from_slice(root);
+                ty::COMPLETE
+            }
+        };
+        (t, out)
+    }
+
+    /// Parses the body of a frame of type `frame_type`.
+    pub fn decode(frame_type: u8, body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader(body);
+        let msg = match frame_type {
+            ty::OFFER => {
+                let offer_id = r.u64()?;
+                let count = r.u32()? as usize;
+                // Each item takes at least 42 bytes, so the count cannot claim more items
+                // than the body holds.
+                if count > MAX_OFFER_ITEMS || count > r.0.len() / 42 {
+                    return Err(WireError::TooLarge);
+                }
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let path = r.text(MAX_PATH_LEN)?;
+                    check_path(&path)?;
+                    items.push(OfferItem { path, size: r.u64()?, root: r.hash()? });
+                }
+                Self::Offer { offer_id, items }
+            }
+            ty::ANSWER => {
+                let offer_id = r.u64()?;
+                let accept = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::TooLarge),
+                };
+                Self::Answer { offer_id, accept }
+            }
+            ty::HASH_REQUEST => {
+                Self::HashRequest { root: r.hash()?, first: r.u32()?, count: r.u32()? }
+            }
+            ty::HASHES => {
+                let root = r.hash()?;
+                let first = r.u32()?;
+                let count = r.u32()? as usize;
+                if count > MAX_HASHES_PER_MSG || count * 32 != r.0.len() {
+                    return Err(if count * 32 > r.0.len() {
+                        WireError::Truncated
+                    } else {
+                        WireError::TooLarge
+                    });
+                }
+                let cvs = (0..count).map(|_| r.hash()).collect::<Result<_, _>>()?;
+                Self::Hashes { root, first, cvs }
+            }
+            ty::CHUNK_REQUEST => Self::ChunkRequest { root: r.hash()?, index: r.u32()? },
+            ty::CHUNK => {
+                let root = r.hash()?;
+                let index = r.u32()?;
+                if r.0.len() > CHUNK_LEN {
+                    return Err(WireError::TooLarge);
+                }
+                let data = r.take(r.0.len())?.to_vec();
+                Self::Chunk { root, index, data }
+            }
+            ty::MISSING => Self::Missing { root: r.hash()?, reason: r.text(MAX_REASON_LEN)? },
+            ty::CANCEL => Self::Cancel { offer_id: r.u64()?, reason: r.text(MAX_REASON_LEN)? },
+            ty::QUERY => Self::Query { root: r.hash()? },
+            ty::HAVE => Self::Have { root: r.hash()? },
+            ty::COMPLETE => Self::Complete { root: r.hash()? },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<TransferMsg> {
+        let root = [9; 32];
+        vec![
+            TransferMsg::Offer {
+                offer_id: 7,
+                items: vec![
+                    OfferItem { path: "photos/a b.jpg".into(), size: 5, root },
+                    OfferItem { path: "ü/é.txt".into(), size: 0, root: [1; 32] },
+                ],
+            },
+            TransferMsg::Offer { offer_id: 1, items: vec![] },
+            TransferMsg::Answer { offer_id: 7, accept: true },
+            TransferMsg::HashRequest { root, first: 3, count: 100 },
+            TransferMsg::Hashes { root, first: 3, cvs: vec![[2; 32], [3; 32]] },
+            TransferMsg::ChunkRequest { root, index: 42 },
+            TransferMsg::Chunk { root, index: 42, data: vec![5; CHUNK_LEN] },
+            TransferMsg::Missing { root, reason: "file removed".into() },
+            TransferMsg::Cancel { offer_id: 7, reason: "cancelled by Bob".into() },
+            TransferMsg::Query { root },
+            TransferMsg::Have { root },
+            TransferMsg::Complete { root },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in samples() {
+            let (t, body) = msg.encode();
+            assert!(crate::frame::FILE_TRANSFER_TYPES.contains(&t));
+            assert_eq!(TransferMsg::decode(t, &body), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn truncation_trailing_bytes_and_oversize_are_errors() {
+        for msg in samples() {
+            let (t, mut body) = msg.encode();
+            // A chunk's data runs to the end of the body: any cut after its header is a
+            // shorter (and then unverifiable) chunk, not a framing error.
+            let limit = if matches!(msg, TransferMsg::Chunk { .. }) { 36 } else { body.len() };
+            for cut in 0..limit {
+                assert!(TransferMsg::decode(t, &body[..cut]).is_err(), "{msg:?} cut at {cut}");
+            }
+            if !matches!(msg, TransferMsg::Chunk { .. }) {
+                body.push(0);
+                assert!(TransferMsg::decode(t, &body).is_err(), "{msg:?}");
+            }
+        }
+        let (t, _) = samples()[6].encode();
+        let mut big = vec![0; 36];
+        big.extend(vec![0; CHUNK_LEN + 1]);
+        assert_eq!(TransferMsg::decode(t, &big), Err(WireError::TooLarge));
+        assert_eq!(TransferMsg::decode(0x3f, &[]), Err(WireError::UnknownType(0x3f)));
+    }
+
+    #[test]
+    fn paths_that_could_escape_are_refused() {
+        for bad in ["", "/etc/passwd", "a/../b", "..", "./a", "a//b", "a\\b", "c:x", "a/\n", "a/"] {
+            assert!(check_path(bad).is_err(), "{bad:?}");
+            let msg = TransferMsg::Offer {
+                offer_id: 1,
+                items: vec![OfferItem { path: bad.into(), size: 1, root: [0; 32] }],
+            };
+            let (t, body) = msg.encode();
+            assert!(TransferMsg::decode(t, &body).is_err(), "{bad:?}");
+        }
+        for good in ["a", "dir/sub/file.tar.gz", "名前/ファイル", ".hidden", "a..b"] {
+            assert_eq!(check_path(good), Ok(()));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(t in 0x20u8..=0x2b, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = TransferMsg::decode(t, &body);
+        }
+    }
+}

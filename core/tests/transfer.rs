@@ -1,0 +1,719 @@
+//! The transfer engine between several simulated nodes in virtual time: each node's I/O
+//! is a map of in-memory files, messages go through their real encoding, and tests can
+//! corrupt, mute, disconnect and reload nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use weft_core::signal::PeerId;
+use weft_core::transfer::{
+    CHUNK_LEN, DownloadState, Engine, EngineConfig, FileHasher, Output, Root, TransferEvent,
+    TransferMsg,
+};
+
+fn pid(s: &str) -> PeerId {
+    PeerId::new(s).unwrap()
+}
+
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Node {
+    files: HashMap<Root, Vec<u8>>,
+    disk: HashMap<Root, Vec<u8>>,
+    events: Vec<TransferEvent>,
+    /// Chunks to corrupt once when served.
+    corrupt: HashSet<(Root, u32)>,
+    /// Never completes reads (a stalled source).
+    mute: bool,
+    /// Chunks served, by requester.
+    served: HashMap<PeerId, usize>,
+    written: usize,
+}
+
+struct Net {
+    engines: BTreeMap<PeerId, Engine>,
+    nodes: BTreeMap<PeerId, Node>,
+    /// Undirected links that are up.
+    links: HashSet<(PeerId, PeerId)>,
+    inbox: VecDeque<(PeerId, PeerId, u8, Vec<u8>)>,
+    now: Duration,
+}
+
+impl Net {
+    fn new(names: &[&str]) -> Self {
+        Self::with_config(names, EngineConfig::default())
+    }
+
+    fn with_config(names: &[&str], config: EngineConfig) -> Self {
+        let mut net = Self {
+            engines: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            links: HashSet::new(),
+            inbox: VecDeque::new(),
+            now: Duration::ZERO,
+        };
+        for (i, n) in names.iter().enumerate() {
+            net.engines.insert(pid(n), Engine::new(config, (i as u64 + 1) * 1000));
+            net.nodes.insert(pid(n), Node::default());
+        }
+        for a in names {
+            for b in names {
+                if a < b {
+                    net.connect(a, b);
+                }
+            }
+        }
+        net
+    }
+
+    fn key(a: &str, b: &str) -> (PeerId, PeerId) {
+        if a < b { (pid(a), pid(b)) } else { (pid(b), pid(a)) }
+    }
+
+    fn connected(&self, a: &PeerId, b: &PeerId) -> bool {
+        self.links.contains(&Self::key(a.as_str(), b.as_str()))
+    }
+
+    fn connect(&mut self, a: &str, b: &str) {
+        self.links.insert(Self::key(a, b));
+        let now = self.now;
+        self.engines.get_mut(&pid(a)).unwrap().peer_connected(&pid(b), now);
+        self.engines.get_mut(&pid(b)).unwrap().peer_connected(&pid(a), now);
+    }
+
+    fn disconnect(&mut self, a: &str, b: &str) {
+        self.links.remove(&Self::key(a, b));
+        self.inbox.retain(|(f, t, _, _)| {
+            !((f.as_str() == a && t.as_str() == b) || (f.as_str() == b && t.as_str() == a))
+        });
+        let now = self.now;
+        self.engines.get_mut(&pid(a)).unwrap().peer_disconnected(&pid(b), now);
+        self.engines.get_mut(&pid(b)).unwrap().peer_disconnected(&pid(a), now);
+    }
+
+    fn engine(&mut self, n: &str) -> &mut Engine {
+        self.engines.get_mut(&pid(n)).unwrap()
+    }
+
+    fn node(&mut self, n: &str) -> &mut Node {
+        self.nodes.get_mut(&pid(n)).unwrap()
+    }
+
+    /// Hashes and shares `data` at node `n`.
+    fn share(&mut self, n: &str, data: &[u8]) -> Root {
+        let mut h = FileHasher::new();
+        for piece in data.chunks(100_000) {
+            h.update(piece);
+        }
+        let d = h.finish();
+        self.engine(n).share(d.root, d.size, d.cvs).unwrap();
+        self.node(n).files.insert(d.root, data.to_vec());
+        d.root
+    }
+
+    /// Runs every node's output until nothing moves (panics if that takes too long).
+    fn settle(&mut self) {
+        assert!(self.run(10_000_000), "the network did not settle");
+    }
+
+    /// Runs at most `limit` steps (a step delivers one message); whether it settled.
+    fn run(&mut self, limit: usize) -> bool {
+        for _ in 0..limit {
+            let mut moved = false;
+            let names: Vec<PeerId> = self.engines.keys().cloned().collect();
+            for name in &names {
+                while let Some(out) = self.engines.get_mut(name).unwrap().poll_output() {
+                    moved = true;
+                    self.apply(name, out);
+                }
+            }
+            if let Some((from, to, t, body)) = self.inbox.pop_front() {
+                moved = true;
+                let msg = TransferMsg::decode(t, &body).unwrap();
+                let now = self.now;
+                self.engines.get_mut(&to).unwrap().handle(&from, msg, now);
+            }
+            if !moved {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn apply(&mut self, name: &PeerId, out: Output) {
+        let now = self.now;
+        let node = self.nodes.get_mut(name).unwrap();
+        let engine = self.engines.get_mut(name).unwrap();
+        match out {
+            Output::Send { peer, msg } => {
+                if self.links.contains(&Self::key(name.as_str(), peer.as_str())) {
+                    let (t, body) = msg.encode();
+                    self.inbox.push_back((name.clone(), peer, t, body));
+                }
+            }
+            Output::Read { peer, root, index, offset, len } => {
+                if node.mute {
+                    return;
+                }
+                let file = node.files.get(&root).or_else(|| node.disk.get(&root)).unwrap();
+                let mut data = file[offset as usize..offset as usize + len].to_vec();
+                if node.corrupt.remove(&(root, index)) {
+                    data[len / 2] ^= 0x40;
+                }
+                *node.served.entry(peer.clone()).or_default() += 1;
+                engine.read_done(&peer, &root, index, data);
+            }
+            Output::Write { root, index, offset, data } => {
+                let size = engine.progress(&root).unwrap().size as usize;
+                let file = node.disk.entry(root).or_insert_with(|| vec![0; size]);
+                file[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                node.written += 1;
+                engine.write_done(&root, index, now);
+            }
+            Output::Discard { root } => {
+                node.disk.remove(&root);
+            }
+            Output::Event(e) => node.events.push(e),
+        }
+    }
+
+    /// Advances virtual time by `d`, running timers.
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        let now = self.now;
+        for e in self.engines.values_mut() {
+            if e.poll_timeout().is_some_and(|t| t <= now) {
+                e.handle_timeout(now);
+            }
+        }
+        self.settle();
+    }
+
+    fn events(&self, n: &str) -> &[TransferEvent] {
+        &self.nodes[&pid(n)].events
+    }
+
+    fn offer_id(&self, n: &str) -> u64 {
+        self.events(n)
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                TransferEvent::Offered { offer_id, .. } => Some(*offer_id),
+                _ => None,
+            })
+            .expect("an offer")
+    }
+
+    fn completed(&self, n: &str) -> Vec<Root> {
+        self.events(n)
+            .iter()
+            .filter_map(|e| match e {
+                TransferEvent::FileComplete { root, .. } => Some(*root),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_folder_arrives_byte_for_byte_and_the_sender_hears_of_it() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let files = [
+        ("dir/big.bin", content(5 * CHUNK_LEN + 123, 1)),
+        ("dir/one.txt", content(10, 2)),
+        ("dir/exact.bin", content(2 * CHUNK_LEN, 3)),
+        ("dir/sub/empty", vec![]),
+        ("dir/sub/copy-of-one.txt", content(10, 2)),
+    ];
+    let offer: Vec<(Root, String)> =
+        files.iter().map(|(p, d)| (net.share("alice", d), p.to_string())).collect();
+    net.engine("alice").offer(&pid("bob"), &offer).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    match net.events("bob").last().unwrap() {
+        TransferEvent::Offered { items, peer, .. } => {
+            assert_eq!(peer, &pid("alice"));
+            assert_eq!(items.len(), 5);
+            assert_eq!(items[0].size, 5 * CHUNK_LEN as u64 + 123);
+        }
+        e => panic!("{e:?}"),
+    }
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    // Four distinct contents (the copy shares the root of one.txt).
+    assert_eq!(net.completed("bob").len(), 4);
+    for (path, data) in &files {
+        let root = *blake3::hash(data).as_bytes();
+        let p = net.engine("bob").progress(&root).unwrap();
+        assert_eq!(p.state, DownloadState::Complete);
+        assert!(p.paths.contains(&path.to_string()));
+        if !data.is_empty() {
+            assert_eq!(&net.nodes[&pid("bob")].disk[&root], data, "{path}");
+        }
+    }
+    let delivered =
+        net.events("alice").iter().filter(|e| matches!(e, TransferEvent::Delivered { .. }));
+    assert_eq!(delivered.count(), 4);
+    assert!(net.events("alice").contains(&TransferEvent::Answered {
+        peer: pid("bob"),
+        offer_id: id,
+        accepted: true
+    }));
+}
+
+#[test]
+fn a_corrupted_chunk_is_rejected_fetched_again_and_the_file_is_still_exact() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(6 * CHUNK_LEN, 9);
+    let root = net.share("alice", &data);
+    net.node("alice").corrupt.insert((root, 3));
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    assert!(net.events("bob").contains(&TransferEvent::ChunkRejected {
+        root,
+        index: 3,
+        peer: pid("alice")
+    }));
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+}
+
+#[test]
+fn a_single_chunk_file_is_checked_against_its_root() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(1000, 4);
+    let root = net.share("alice", &data);
+    net.node("alice").corrupt.insert((root, 0));
+    net.engine("alice").offer(&pid("bob"), &[(root, "small".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    assert!(net.events("bob").iter().any(|e| matches!(e, TransferEvent::ChunkRejected { .. })));
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+}
+
+#[test]
+fn a_source_that_keeps_sending_bad_chunks_is_dropped_for_another() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(8 * CHUNK_LEN, 5);
+    let root = net.share("alice", &data);
+    net.share("carol", &data);
+    for i in 0..8 {
+        net.node("alice").corrupt.insert((root, i));
+    }
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    assert!(net.events("bob").iter().any(|e| matches!(e,
+        TransferEvent::SourceDropped { peer, reason, .. } if *peer == pid("alice") && reason.contains("verification"))));
+}
+
+#[test]
+fn two_seeders_share_the_work() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(40 * CHUNK_LEN + 7, 6);
+    let root = net.share("alice", &data);
+    net.share("carol", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    let from_alice = net.nodes[&pid("alice")].served[&pid("bob")];
+    let from_carol = net.nodes[&pid("carol")].served[&pid("bob")];
+    assert_eq!(from_alice + from_carol, 41, "no chunk fetched twice");
+    assert!(from_alice >= 10 && from_carol >= 10, "alice {from_alice}, carol {from_carol}");
+}
+
+#[test]
+fn carol_does_not_serve_a_file_to_a_peer_she_cancelled() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(3 * CHUNK_LEN, 6);
+    let root = net.share("carol", &data);
+    net.engine("carol").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    net.engine("carol").cancel(&pid("bob"), id, "changed my mind").unwrap();
+    net.settle();
+    // Bob asks by hash anyway: refused.
+    net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root }, Duration::ZERO);
+    let before = net.nodes[&pid("carol")].served.len();
+    net.inbox.push_back((
+        pid("bob"),
+        pid("carol"),
+        0x24,
+        TransferMsg::ChunkRequest { root, index: 0 }.encode().1,
+    ));
+    net.inbox.push_back((pid("bob"), pid("carol"), 0x28, TransferMsg::Query { root }.encode().1));
+    net.settle();
+    assert_eq!(net.nodes[&pid("carol")].served.len(), before);
+}
+
+#[test]
+fn a_vanished_source_is_dropped_and_the_other_finishes() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(300 * CHUNK_LEN, 7);
+    let root = net.share("alice", &data);
+    net.share("carol", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    // Let a few messages through, then carol vanishes mid-transfer.
+    assert!(!net.run(40));
+    net.disconnect("bob", "carol");
+    net.settle();
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    assert!(net.events("bob").iter().any(|e| matches!(e,
+        TransferEvent::SourceDropped { peer, reason, .. } if *peer == pid("carol") && reason == "the peer left")));
+}
+
+#[test]
+fn a_stalled_source_does_not_hold_the_last_chunks_hostage() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(20 * CHUNK_LEN, 8);
+    let root = net.share("alice", &data);
+    net.share("carol", &data);
+    net.node("carol").mute = true;
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    assert!(net.completed("bob").is_empty(), "carol sits on some chunks");
+    // The endgame asks alice for what carol sits on, well before requests time out.
+    net.advance(Duration::from_millis(2_100));
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+}
+
+#[test]
+fn a_silent_only_source_is_dropped_after_timeouts_and_resumes_when_it_returns() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(20 * CHUNK_LEN, 8);
+    let root = net.share("alice", &data);
+    net.node("alice").mute = true;
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    for _ in 0..4 {
+        net.advance(Duration::from_secs(9));
+    }
+    assert!(net.events("bob").iter().any(|e| matches!(e,
+        TransferEvent::SourceDropped { peer, reason, .. } if *peer == pid("alice") && reason.contains("stopped answering"))));
+    assert!(net.completed("bob").is_empty());
+    assert_eq!(net.engine("bob").progress(&root).unwrap().sources, vec![]);
+    // Alice comes back (a new session): bob asks her again and finishes.
+    net.node("alice").mute = false;
+    net.disconnect("alice", "bob");
+    net.connect("alice", "bob");
+    net.settle();
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+}
+
+#[test]
+fn the_receiver_reloads_and_resumes_from_its_record() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(500 * CHUNK_LEN + 99, 10);
+    let root = net.share("alice", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "dir/f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    assert!(!net.run(300));
+    let record = net.engine("bob").record(&root).unwrap();
+    let done = net.engine("bob").progress(&root).unwrap().done_bytes;
+    assert!(done > 0 && done < data.len() as u64, "mid-transfer: {done}");
+    let written_before = net.nodes[&pid("bob")].written;
+
+    // Bob's page reloads: a new engine, the disk and the record survive.
+    net.disconnect("alice", "bob");
+    let record: weft_core::transfer::DownloadRecord =
+        serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+    let mut fresh = Engine::new(EngineConfig::default(), 77);
+    fresh.restore(record);
+    assert_eq!(fresh.progress(&root).unwrap().done_bytes, done);
+    net.engines.insert(pid("bob"), fresh);
+    net.connect("alice", "bob");
+    net.settle();
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    let chunks = 501;
+    assert_eq!(
+        net.nodes[&pid("bob")].written - written_before,
+        chunks - (done as usize).div_ceil(CHUNK_LEN)
+    );
+}
+
+#[test]
+fn a_sender_that_offers_the_same_file_again_resumes_without_asking() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(200 * CHUNK_LEN, 11);
+    let root = net.share("alice", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    assert!(!net.run(100));
+    // Alice reloads: her engine forgets everything; she picks the file again.
+    net.disconnect("alice", "bob");
+    net.engines.insert(pid("alice"), Engine::new(EngineConfig::default(), 5000));
+    net.connect("alice", "bob");
+    net.settle();
+    assert!(net.completed("bob").is_empty());
+    net.share("alice", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    assert!(net.events("bob").iter().any(|e| matches!(e, TransferEvent::Resumed { .. })));
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+}
+
+#[test]
+fn cancel_by_the_receiver_stops_the_sender_and_discards_the_partial_file() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(300 * CHUNK_LEN, 12);
+    let root = net.share("alice", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    assert!(!net.run(100));
+    assert!(net.nodes[&pid("bob")].disk.contains_key(&root));
+    net.engine("bob").cancel(&pid("alice"), id, "cancelled by Bob").unwrap();
+    net.settle();
+    assert!(!net.nodes[&pid("bob")].disk.contains_key(&root), "partial file discarded");
+    assert!(net.engine("bob").progress(&root).is_none());
+    assert!(net.events("alice").iter().any(|e| matches!(e,
+        TransferEvent::Cancelled { by_peer: true, reason, .. } if reason == "cancelled by Bob")));
+    let served = net.nodes[&pid("alice")].served[&pid("bob")];
+    net.settle();
+    assert_eq!(net.nodes[&pid("alice")].served[&pid("bob")], served);
+    assert!(served < 300);
+}
+
+#[test]
+fn cancel_by_the_sender_discards_at_the_receiver() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(300 * CHUNK_LEN, 13);
+    let root = net.share("alice", &data);
+    let id = net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    assert!(!net.run(100));
+    net.engine("alice").cancel(&pid("bob"), id, "cancelled by Alice").unwrap();
+    net.settle();
+    assert!(!net.nodes[&pid("bob")].disk.contains_key(&root));
+    assert!(
+        net.events("bob")
+            .iter()
+            .any(|e| matches!(e, TransferEvent::Cancelled { by_peer: true, .. }))
+    );
+    assert!(net.completed("bob").is_empty());
+}
+
+#[test]
+fn a_declined_offer_is_reported_and_nothing_is_served() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let root = net.share("alice", &content(3 * CHUNK_LEN, 1));
+    let id = net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    net.engine("bob").decline(&pid("alice"), id).unwrap();
+    net.settle();
+    assert!(net.events("alice").contains(&TransferEvent::Answered {
+        peer: pid("bob"),
+        offer_id: id,
+        accepted: false
+    }));
+    assert!(net.nodes[&pid("alice")].served.is_empty());
+}
+
+#[test]
+fn a_lying_hash_list_is_detected_and_another_source_used() {
+    let mut net = Net::new(&["alice", "bob", "mallory"]);
+    let data = content(5 * CHUNK_LEN, 14);
+    let root = net.share("alice", &data);
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    // Mallory claims to have the file first and answers the hash request with garbage.
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    let mut bob = net.engines.remove(&pid("bob")).unwrap();
+    let mut fresh = Engine::new(EngineConfig::default(), 1);
+    fresh.restore(bob.record(&root).unwrap());
+    fresh.peer_connected(&pid("mallory"), now);
+    fresh.peer_connected(&pid("alice"), now);
+    while fresh.poll_output().is_some() {}
+    fresh.handle(&pid("mallory"), TransferMsg::Have { root }, now);
+    let hash_req = std::iter::from_fn(|| fresh.poll_output())
+        .find(|o| matches!(o, Output::Send { msg: TransferMsg::HashRequest { .. }, .. }));
+    assert!(matches!(hash_req, Some(Output::Send { peer, .. }) if peer == pid("mallory")));
+    fresh.handle(
+        &pid("mallory"),
+        TransferMsg::Hashes { root, first: 0, cvs: vec![[1; 32]; 5] },
+        now,
+    );
+    let events: Vec<Output> = std::iter::from_fn(|| fresh.poll_output()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|o| matches!(o, Output::Event(TransferEvent::SourceDropped { reason, .. })
+        if reason.contains("hash list")))
+    );
+    let _ = bob.poll_output();
+    net.engines.insert(pid("bob"), fresh);
+    net.engine("bob").handle(&pid("alice"), TransferMsg::Have { root }, now);
+    net.settle();
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+}
+
+#[test]
+fn memory_stays_bounded_by_the_unwritten_limit() {
+    let config = EngineConfig { max_unwritten: 10, ..EngineConfig::default() };
+    let mut e = Engine::new(config, 1);
+    let mut seeder = Engine::new(config, 100);
+    let data = content(100 * CHUNK_LEN, 15);
+    let mut h = FileHasher::new();
+    h.update(&data);
+    let d = h.finish();
+    seeder.share(d.root, d.size, d.cvs).unwrap();
+    let (a, b) = (pid("a"), pid("b"));
+    seeder.peer_connected(&b, Duration::ZERO);
+    e.peer_connected(&a, Duration::ZERO);
+    seeder.offer(&b, &[(d.root, "f".into())]).unwrap();
+    // Deliver the offer, then hold back all writes: requests must stop at 10.
+    let mut pending_writes = Vec::new();
+    let mut to_e: VecDeque<TransferMsg> = VecDeque::new();
+    let mut to_s: VecDeque<TransferMsg> = VecDeque::new();
+    for _ in 0..10_000 {
+        while let Some(o) = seeder.poll_output() {
+            match o {
+                Output::Send { msg, .. } => to_e.push_back(msg),
+                Output::Read { peer, root, index, offset, len } => {
+                    seeder.read_done(&peer, &root, index, data[offset as usize..][..len].to_vec());
+                }
+                _ => {}
+            }
+        }
+        while let Some(o) = e.poll_output() {
+            match o {
+                Output::Send { msg, .. } => to_s.push_back(msg),
+                Output::Write { root, index, .. } => pending_writes.push((root, index)),
+                Output::Event(TransferEvent::Offered { offer_id, .. }) => {
+                    e.accept(&a, offer_id, Duration::ZERO).unwrap();
+                }
+                _ => {}
+            }
+        }
+        if let Some(m) = to_e.pop_front() {
+            e.handle(&a, m, Duration::ZERO);
+        } else if let Some(m) = to_s.pop_front() {
+            seeder.handle(&b, m, Duration::ZERO);
+        } else {
+            break;
+        }
+    }
+    assert_eq!(pending_writes.len(), 10);
+    let (root, index) = pending_writes[0];
+    e.write_done(&root, index, Duration::ZERO);
+    let more = std::iter::from_fn(|| e.poll_output())
+        .filter(|o| matches!(o, Output::Send { msg: TransferMsg::ChunkRequest { .. }, .. }))
+        .count();
+    assert_eq!(more, 1, "one write done frees one request");
+}
+
+#[test]
+fn a_failed_write_reports_plain_words_and_keeps_what_was_stored() {
+    let mut e = Engine::new(EngineConfig::default(), 1);
+    let root = [7; 32];
+    e.restore(weft_core::transfer::DownloadRecord {
+        root,
+        size: 3 * CHUNK_LEN as u64,
+        paths: vec!["f".into()],
+        have: vec![0b001],
+        state: DownloadState::Active,
+    });
+    assert_eq!(e.progress(&root).unwrap().done_bytes, CHUNK_LEN as u64);
+    e.write_failed(&root, "the disk is full");
+    let out: Vec<Output> = std::iter::from_fn(|| e.poll_output()).collect();
+    assert_eq!(
+        out,
+        vec![Output::Event(TransferEvent::FileFailed { root, reason: "the disk is full".into() })]
+    );
+    assert_eq!(e.record(&root).unwrap().have, vec![0b001]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    /// Any file size, any set of corrupted chunks, one or two seeders, and a seeder
+    /// that may vanish midway: the receiver ends with exactly the file.
+    #[test]
+    fn any_file_arrives_exactly(
+        size in 0usize..(9 * CHUNK_LEN),
+        corrupt in proptest::collection::vec(0u32..9, 0..4),
+        two in any::<bool>(),
+        vanish_after in proptest::option::of(10usize..400),
+    ) {
+        let mut net = Net::new(&["alice", "bob", "carol"]);
+        let data = content(size, 3);
+        let root = net.share("alice", &data);
+        if two {
+            net.share("carol", &data);
+        }
+        for i in corrupt {
+            net.node("alice").corrupt.insert((root, i));
+        }
+        net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+        net.settle();
+        let id = net.offer_id("bob");
+        let now = net.now;
+        net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+        if let (Some(n), true) = (vanish_after, two) {
+            net.run(n);
+            net.disconnect("bob", "carol");
+        }
+        net.settle();
+        prop_assert_eq!(net.completed("bob"), vec![root]);
+        if size > 0 {
+            prop_assert_eq!(&net.nodes[&pid("bob")].disk[&root], &data);
+        }
+        let _ = net.connected(&pid("alice"), &pid("bob"));
+    }
+}

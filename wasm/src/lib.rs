@@ -53,12 +53,60 @@
 //! qrSvg(text);                 // an SVG QR code of `text` (an invite link), for innerHTML
 //! ```
 //!
+//! ## Files
+//!
+//! Files are named by their BLAKE3 hash (`root`, 64 hex digits, what `b3sum` prints). The
+//! sender hashes each file once, streaming, before it offers it. The receiver writes
+//! verified 64 KiB chunks straight into the origin-private file system (OPFS, through a
+//! worker with a sync access handle), so a file never sits in memory, and a download
+//! resumes after a reload from the last verified chunk.
+//!
+//! ```js
+//! // entries: a File, a FileList, or an array of File | { file: File, path: "dir/a.txt" }
+//! // (path defaults to file.webkitRelativePath || file.name). to: a peer id, an array of
+//! // them, or undefined for every connected peer. Resolves once offers are sent.
+//! await session.sendFiles(entries, to);     // → [{ peerId, offerId }]
+//! await session.shareFiles(entries);        // hash and seed without offering → [{ root, path, size }]
+//! session.acceptOffer(peerId, offerId);     // throws if there is no such offer
+//! session.declineOffer(peerId, offerId);
+//! session.cancelTransfer(peerId, offerId, reason?);  // either side; the other is told
+//! session.pauseDownload(root, paused);
+//! session.transfers();  // { downloads: [{ root, paths, size, doneBytes, sources, state,
+//!                       //   speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
+//!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
+//!                       // state: "active" | "paused" | "complete" | "failed";
+//!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
+//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download
+//! await session.saveDownload(root, path?); // the browser's download of it (an <a download>)
+//! await session.saveAllTo();               // pick a folder (File System Access API) and copy
+//!                                          // every complete download there under its path
+//! await session.hashDownloaded(root);      // plain BLAKE3 of the stored bytes (hex)
+//! await session.forgetDownload(root);      // delete the stored file and its record
+//! session.debugCorruptChunk(index, root?); // test hook: flip a byte the next time this
+//!                                          // node serves chunk `index` (of `root`, or any)
+//! // Events (ev.type):
+//! //  "hashing"            { path, doneBytes, size }
+//! //  "offer"              { peerId, name, offerId, items: [{ path, size, root }], totalSize }
+//! //  "offer_answered"     { peerId, offerId, accepted }
+//! //  "resumed"            { peerId, offerId }   (an offer of files we were fetching: resumed without asking)
+//! //  "progress"           { root, paths, size, doneBytes, speedBps, etaS, sources, state } (≤ 4/s per file)
+//! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
+//! //  "file_complete"      { root, paths, size }
+//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, …)
+//! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
+//! //  "transfer_cancelled" { peerId, offerId, reason, byPeer }
+//! //  "chunk_rejected"     { root, index, peerId } (failed verification; fetched again)
+//! //  "source_added"       { root, peerId }
+//! //  "source_dropped"     { root, peerId, reason }
+//! ```
+//!
 //! The long-term identity lives in IndexedDB (database `weft`, store `identity`, key
 //! `default`) and the trust store per network in store `trust` (key: room id). Without
 //! IndexedDB (some private modes) the session still works with a key that lasts one visit.
 #![forbid(unsafe_code)]
 
 mod bench;
+mod files;
 mod local_store;
 mod qr;
 mod rtc;
@@ -224,6 +272,13 @@ impl WeftSession {
                 format!("Browser {}", &hex[..4])
             }
         };
+        let saved_downloads = match &store {
+            Some(store) => store.load_downloads().await.unwrap_or_else(|e| {
+                web_sys::console::warn_1(&format!("weft: cannot read saved downloads: {e}").into());
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
         let inner = session::start(SessionConfig {
             url,
             network,
@@ -235,6 +290,9 @@ impl WeftSession {
             store,
             listener,
         })?;
+        let mut out = Vec::new();
+        inner.borrow_mut().restore_downloads(saved_downloads, &mut out);
+        emit(&inner, out);
         Ok(WeftSession { inner })
     }
 
@@ -333,11 +391,222 @@ impl WeftSession {
         result.map_err(|e| JsError::new(&e))
     }
 
+    // ---- files (see the crate docs, "Files")
+
+    /// Hashes `entries` and offers them to `to` (a peer id, an array of them, or every
+    /// connected peer). Resolves to `[{ peerId, offerId }]`.
+    #[wasm_bindgen(js_name = sendFiles)]
+    pub fn send_files(&self, entries: JsValue, to: JsValue) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let to = peer_list(&to)?;
+            let entries = files::entries(&entries).map_err(|e| JsError::new(&e))?;
+            if entries.is_empty() {
+                return Err(JsError::new("no files to send").into());
+            }
+            // Fail early, before hashing gigabytes, if nobody can receive.
+            inner.borrow().established(to.clone()).map_err(|e| JsError::new(&e))?;
+            let shared =
+                files::hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
+            let list: Vec<_> = shared.into_iter().map(|(root, path, _)| (root, path)).collect();
+            let mut out = Vec::new();
+            let result = {
+                let mut i = inner.borrow_mut();
+                i.established(to).and_then(|peers| i.offer_files(&list, &peers, &mut out))
+            };
+            emit(&inner, out);
+            let offers = result.map_err(|e| JsError::new(&e))?;
+            let array = js_sys::Array::new();
+            for (peer, id) in offers {
+                let obj = js_sys::Object::new();
+                let _ = js_sys::Reflect::set(&obj, &"peerId".into(), &peer.to_string().into());
+                let _ = js_sys::Reflect::set(&obj, &"offerId".into(), &(id as f64).into());
+                array.push(&obj);
+            }
+            Ok(array.into())
+        })
+    }
+
+    /// Hashes `entries` and seeds them (peers that know their hashes may fetch them)
+    /// without offering. Resolves to `[{ root, path, size }]`.
+    #[wasm_bindgen(js_name = shareFiles)]
+    pub fn share_files(&self, entries: JsValue) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let entries = files::entries(&entries).map_err(|e| JsError::new(&e))?;
+            let shared =
+                files::hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
+            let array = js_sys::Array::new();
+            for (root, path, size) in shared {
+                let obj = js_sys::Object::new();
+                let _ = js_sys::Reflect::set(&obj, &"root".into(), &files::hex(&root).into());
+                let _ = js_sys::Reflect::set(&obj, &"path".into(), &path.into());
+                let _ = js_sys::Reflect::set(&obj, &"size".into(), &(size as f64).into());
+                array.push(&obj);
+            }
+            Ok(array.into())
+        })
+    }
+
+    /// Accepts an offer: the files start downloading (from every peer that holds them).
+    #[wasm_bindgen(js_name = acceptOffer)]
+    pub fn accept_offer(&self, peer_id: &str, offer_id: f64) -> Result<(), JsError> {
+        self.with_files(|i| {
+            let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
+            i.files.engine.accept(&peer, offer_id as u64, session::now()).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Declines an offer.
+    #[wasm_bindgen(js_name = declineOffer)]
+    pub fn decline_offer(&self, peer_id: &str, offer_id: f64) -> Result<(), JsError> {
+        self.with_files(|i| {
+            let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
+            i.files.engine.decline(&peer, offer_id as u64).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Cancels an offer we made or accepted; the other side is told and both clean up.
+    #[wasm_bindgen(js_name = cancelTransfer)]
+    pub fn cancel_transfer(
+        &self,
+        peer_id: &str,
+        offer_id: f64,
+        reason: Option<String>,
+    ) -> Result<(), JsError> {
+        let own = self.inner.borrow().own_name.clone();
+        let reason = reason.unwrap_or_else(|| format!("cancelled by {own}"));
+        self.with_files(|i| {
+            let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
+            i.files.engine.cancel(&peer, offer_id as u64, &reason).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Pauses or resumes a download.
+    #[wasm_bindgen(js_name = pauseDownload)]
+    pub fn pause_download(&self, root: &str, paused: bool) -> Result<(), JsError> {
+        self.with_files(|i| {
+            let root = files::parse_root(root)?;
+            i.files.engine.set_paused(&root, paused, session::now()).map_err(|e| e.to_string())
+        })
+    }
+
+    /// `{ downloads, outgoing, incoming }` (see the crate docs).
+    pub fn transfers(&self) -> Result<JsValue, JsError> {
+        let t = self.inner.borrow_mut().files.transfers();
+        let serializer = serde_wasm_bindgen::Serializer::json_compatible();
+        serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// The stored bytes of a complete download, as a disk-backed `File`.
+    #[wasm_bindgen(js_name = downloadedFile)]
+    pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
+        wasm_bindgen_futures::future_to_promise(async move {
+            let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            Ok(files::stored_file(&root).await.map_err(|e| JsError::new(&e))?.into())
+        })
+    }
+
+    /// Starts the browser's download of a stored file.
+    #[wasm_bindgen(js_name = saveDownload)]
+    pub fn save_download(&self, root: String, path: Option<String>) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            let path = path
+                .or_else(|| {
+                    inner
+                        .borrow()
+                        .files
+                        .engine
+                        .progress(&root)
+                        .and_then(|p| p.paths.first().cloned())
+                })
+                .unwrap_or_else(|| files::hex(&root));
+            files::save_download(&root, &path).await.map_err(|e| JsError::new(&e))?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Copies every complete download into a folder the user picks; resolves to the
+    /// number of files written.
+    #[wasm_bindgen(js_name = saveAllTo)]
+    pub fn save_all_to(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let n = files::save_all_to(&inner).await.map_err(|e| JsError::new(&e))?;
+            Ok(n.into())
+        })
+    }
+
+    /// Plain BLAKE3 (hex) of a stored download's bytes.
+    #[wasm_bindgen(js_name = hashDownloaded)]
+    pub fn hash_downloaded(&self, root: String) -> js_sys::Promise {
+        wasm_bindgen_futures::future_to_promise(async move {
+            let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            let file = files::stored_file(&root).await.map_err(|e| JsError::new(&e))?;
+            let hash = files::hash_blob(&file).await.map_err(|e| JsError::new(&e))?;
+            Ok(hash.into())
+        })
+    }
+
+    /// Deletes a download's stored file and record.
+    #[wasm_bindgen(js_name = forgetDownload)]
+    pub fn forget_download(&self, root: &str) -> Result<(), JsError> {
+        let root = files::parse_root(root).map_err(|e| JsError::new(&e))?;
+        let mut out = Vec::new();
+        self.inner.borrow_mut().forget_download(&root, &mut out);
+        emit(&self.inner, out);
+        Ok(())
+    }
+
+    /// Test hook: the next time this node serves chunk `index` (of `root`, or of any
+    /// file), one byte of it is flipped.
+    #[wasm_bindgen(js_name = debugCorruptChunk)]
+    pub fn debug_corrupt_chunk(&self, index: u32, root: Option<String>) -> Result<(), JsError> {
+        let root = root.map(|r| files::parse_root(&r)).transpose().map_err(|e| JsError::new(&e))?;
+        self.inner.borrow_mut().debug_corrupt(index, root);
+        Ok(())
+    }
+
     /// Leaves the network: closes every connection and stops reconnecting.
     pub fn leave(&self) {
         self.inner.borrow_mut().leave();
         session::set_status(&self.inner, Status::Closed, Some("left".into()));
     }
+}
+
+impl WeftSession {
+    /// Runs `f` on the session, then does what the file engine asks and emits events.
+    fn with_files(&self, f: impl FnOnce(&mut Inner) -> Result<(), String>) -> Result<(), JsError> {
+        let mut out = Vec::new();
+        let result = {
+            let mut i = self.inner.borrow_mut();
+            let r = f(&mut i);
+            i.pump_files(&mut out);
+            r
+        };
+        emit(&self.inner, out);
+        result.map_err(|e| JsError::new(&e))
+    }
+}
+
+/// `undefined` → every peer; a string → that peer; an array of strings → those.
+fn peer_list(to: &JsValue) -> Result<Option<Vec<String>>, JsError> {
+    if to.is_undefined() || to.is_null() {
+        return Ok(None);
+    }
+    if let Some(id) = to.as_string() {
+        return Ok(Some(vec![id]));
+    }
+    if let Some(array) = to.dyn_ref::<js_sys::Array>() {
+        return array
+            .iter()
+            .map(|v| v.as_string().ok_or_else(|| JsError::new("peer ids must be strings")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some);
+    }
+    Err(JsError::new("`to` must be a peer id, an array of them, or undefined"))
 }
 
 impl Drop for WeftSession {

@@ -17,10 +17,12 @@ use weft_core::signal::RoomId;
 use weft_core::trust::TrustStore;
 
 const DB_NAME: &str = "weft";
-const DB_VERSION: u32 = 1;
+const DB_VERSION: u32 = 2;
 const IDENTITY_STORE: &str = "identity";
 const IDENTITY_KEY: &str = "default";
 const TRUST_STORE: &str = "trust";
+/// Resume records of downloads, by root (hex).
+const DOWNLOADS_STORE: &str = "downloads";
 
 /// An open `weft` database.
 #[derive(Debug, Clone)]
@@ -66,7 +68,7 @@ impl LocalStore {
                 let Ok(result) = request.result() else { return };
                 let db: IdbDatabase = result.unchecked_into();
                 let names = db.object_store_names();
-                for store in [IDENTITY_STORE, TRUST_STORE] {
+                for store in [IDENTITY_STORE, TRUST_STORE, DOWNLOADS_STORE] {
                     if !names.contains(store) {
                         if let Err(e) = db.create_object_store(store) {
                             web_sys::console::error_2(&"weft: cannot create store".into(), &e);
@@ -142,5 +144,49 @@ impl LocalStore {
     /// Saves the trust store of the network meeting in `room`.
     pub(crate) async fn save_trust(&self, room: &RoomId, trust: &TrustStore) -> Result<(), String> {
         self.put(TRUST_STORE, room.as_str(), &trust.to_json().into()).await
+    }
+
+    /// Saves a download's resume record.
+    pub(crate) async fn save_download(
+        &self,
+        record: &weft_core::transfer::DownloadRecord,
+    ) -> Result<(), String> {
+        let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+        self.put(DOWNLOADS_STORE, &crate::files::hex(&record.root), &json.into()).await
+    }
+
+    /// Every saved download record (unreadable ones are skipped with a warning).
+    pub(crate) async fn load_downloads(
+        &self,
+    ) -> Result<Vec<weft_core::transfer::DownloadRecord>, String> {
+        let tx = self.db.transaction_with_str(DOWNLOADS_STORE).map_err(|e| error_text(&e))?;
+        let request = tx
+            .object_store(DOWNLOADS_STORE)
+            .and_then(|s| s.get_all())
+            .map_err(|e| error_text(&e))?;
+        let all = request_done(&request).await.map_err(|e| error_text(&e))?;
+        let mut records = Vec::new();
+        for value in js_sys::Array::from(&all).iter() {
+            match value.as_string().map(|s| serde_json::from_str(&s)) {
+                Some(Ok(record)) => records.push(record),
+                _ => {
+                    web_sys::console::warn_1(&"weft: skipped an unreadable download record".into())
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// Deletes a download's record.
+    pub(crate) async fn delete_download(&self, key: &str) -> Result<(), String> {
+        let tx = self
+            .db
+            .transaction_with_str_and_mode(DOWNLOADS_STORE, IdbTransactionMode::Readwrite)
+            .map_err(|e| error_text(&e))?;
+        let request = tx
+            .object_store(DOWNLOADS_STORE)
+            .and_then(|s| s.delete(&key.into()))
+            .map_err(|e| error_text(&e))?;
+        request_done(&request).await.map(|_| ()).map_err(|e| error_text(&e))
     }
 }

@@ -28,6 +28,7 @@ use weft_core::signal::{
 };
 use weft_core::trust::{Trust, TrustStore};
 
+use crate::files::Files;
 use crate::local_store::LocalStore;
 use crate::rtc::{self, IceStatus, RtcEvent, RtcPeer, SendError};
 
@@ -44,6 +45,12 @@ pub(crate) type Rng = getrandom::rand_core::UnwrapErr<getrandom::SysRng>;
 
 pub(crate) fn rng() -> Rng {
     getrandom::rand_core::UnwrapErr(getrandom::SysRng)
+}
+
+/// A random `u32` from the browser.
+pub(crate) fn rand_u32() -> u32 {
+    let mut bytes = [0; 4];
+    getrandom::fill(&mut bytes).map_or(0, |()| u32::from_le_bytes(bytes))
 }
 
 /// Time since the page loaded, the core's clock.
@@ -140,6 +147,9 @@ pub(crate) enum JsEvent {
         text: String,
         at: f64,
     },
+    /// File-transfer events carry their own `type`.
+    #[serde(untagged)]
+    File(crate::files::FileEvent),
 }
 
 /// The closures attached to one WebSocket; [`Inner::detach`] clears the handlers first.
@@ -237,11 +247,13 @@ pub(crate) struct Inner {
     ice_servers: JsValue,
     relay_only: bool,
     trust: TrustStore,
-    store: Option<LocalStore>,
+    pub(crate) store: Option<LocalStore>,
     rng: Rng,
     // The other members.
     peers: BTreeMap<PeerId, PeerEntry>,
     next_conn: u64,
+    // File transfer.
+    pub(crate) files: Files,
 }
 
 /// What [`start`] needs.
@@ -286,6 +298,7 @@ pub(crate) fn start(config: SessionConfig) -> Result<Rc<RefCell<Inner>>, JsError
             rng: rng(),
             peers: BTreeMap::new(),
             next_conn: 0,
+            files: Files::new(u64::from(rand_u32()) << 16),
         })
     });
     emit(&inner, vec![JsEvent::Status { status: Status::Connecting, detail: None }]);
@@ -660,6 +673,8 @@ impl Inner {
 
     /// Closes and forgets `remote`, telling the page unless it knows already.
     fn drop_peer(&mut self, remote: &PeerId, out: &mut Vec<JsEvent>) {
+        self.files.engine.peer_disconnected(remote, now());
+        self.pump_files(out);
         if let Some(entry) = self.peers.remove(remote) {
             if !entry.announced_left {
                 out.push(JsEvent::PeerLeft { peer_id: remote.clone() });
@@ -685,6 +700,7 @@ impl Inner {
     /// handshake when the new control channel opens).
     fn reconnect_peer(&mut self, remote: &PeerId) -> bool {
         let Some((conn, rtc)) = self.new_rtc(remote) else { return false };
+        self.files.engine.peer_disconnected(remote, now());
         let Some(entry) = self.peers.get_mut(remote) else { return false };
         entry.link.channel_closed();
         entry.rtc.close();
@@ -743,6 +759,8 @@ impl Inner {
             }
             RtcEvent::ControlClosed => {
                 entry.link.channel_closed();
+                self.files.engine.peer_disconnected(remote, now);
+                let Some(entry) = self.peers.get_mut(remote) else { return };
                 entry.link_rtt = None;
                 let in_room = !entry.orphan && self.membership.peers().any(|p| p == remote);
                 if in_room && entry.reconnects < MAX_RECONNECTS {
@@ -770,6 +788,8 @@ impl Inner {
     fn drive(&mut self, remote: &PeerId, out: &mut Vec<JsEvent>) {
         let mut trust_changed = false;
         let mut established = None;
+        let mut transfer = Vec::new();
+        let mut failed = false;
         let weak = self.weak.clone();
         let Some(entry) = self.peers.get_mut(remote) else { return };
         while let Some(bytes) = entry.link.poll_transmit() {
@@ -797,10 +817,14 @@ impl Inner {
                     text,
                     at: js_sys::Date::now(),
                 }),
+                LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
                 // IP packets come with a later issue.
-                LinkEvent::Data(_) | LinkEvent::Transfer { .. } => {}
+                LinkEvent::Data(_) => {}
                 LinkEvent::Rtt(rtt) => entry.link_rtt = Some(rtt),
-                LinkEvent::Failed(error) => entry.failure = Some(error.to_string()),
+                LinkEvent::Failed(error) => {
+                    entry.failure = Some(error.to_string());
+                    failed = true;
+                }
             }
         }
         // Pin the key once both the key and the name are known.
@@ -820,6 +844,15 @@ impl Inner {
         if let Some(fp) = established {
             self.drop_orphans_of(remote, &fp, out);
             self.poll_stats(remote);
+            self.files.engine.peer_connected(remote, now());
+            self.pump_files(out);
+        }
+        if !transfer.is_empty() {
+            self.on_transfer(remote, transfer, out);
+        }
+        if failed {
+            self.files.engine.peer_disconnected(remote, now());
+            self.pump_files(out);
         }
         if trust_changed {
             self.save_trust();
@@ -891,6 +924,45 @@ impl Inner {
         for (id, entry) in &self.peers {
             if entry.ice == IceStatus::Connected {
                 self.poll_stats(id);
+            }
+        }
+    }
+
+    // --- file transfer plumbing (see `files.rs`)
+
+    pub(crate) fn weak(&self) -> Weak<RefCell<Inner>> {
+        self.weak.clone()
+    }
+
+    /// Peers with an established encrypted session.
+    pub(crate) fn connected_peers(&self) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| e.link.state() == LinkState::Established)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    pub(crate) fn peer_name(&self, peer: &PeerId) -> String {
+        self.peers.get(peer).and_then(|e| e.link.peer_name()).unwrap_or_default().to_string()
+    }
+
+    /// Seals a file-transfer frame for `peer` (sent by [`Self::flush_link`]).
+    pub(crate) fn send_transfer(&mut self, peer: &PeerId, frame_type: u8, body: Vec<u8>) -> bool {
+        let Some(entry) = self.peers.get_mut(peer) else { return false };
+        entry.link.send_transfer(frame_type, body, now()).is_ok()
+    }
+
+    /// Hands `peer`'s sealed packets to its control channel.
+    pub(crate) fn flush_link(&mut self, peer: &PeerId) {
+        let Some(entry) = self.peers.get_mut(peer) else { return };
+        while let Some(bytes) = entry.link.poll_transmit() {
+            match entry.rtc.send_control(bytes) {
+                Ok(()) => {}
+                Err(SendError::Closed) => break,
+                Err(SendError::Congested) => {
+                    web_sys::console::warn_1(&"weft: control channel congested; dropped".into());
+                }
             }
         }
     }

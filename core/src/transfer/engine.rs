@@ -568,6 +568,19 @@ impl Engine {
         Ok(offer_id)
     }
 
+    /// The items of an offer we made that is still open.
+    pub fn offer_items(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
+        self.outgoing.get(&(peer.clone(), offer_id)).map(|o| o.items.clone())
+    }
+
+    /// Offers received and not answered yet: (peer, offer id, items).
+    pub fn pending_offers(&self) -> Vec<(PeerId, u64, Vec<OfferItem>)> {
+        let mut offers: Vec<_> =
+            self.incoming.iter().map(|((p, id), items)| (p.clone(), *id, items.clone())).collect();
+        offers.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        offers
+    }
+
     /// The bytes of a requested chunk, read after [`Output::Read`].
     pub fn read_done(&mut self, peer: &PeerId, root: &Root, index: u32, data: Vec<u8>) {
         if let Some(n) = self.reads_in_flight.get_mut(peer) {

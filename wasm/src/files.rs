@@ -1,0 +1,988 @@
+//! File transfer in the browser: the thin driver around [`weft_core::transfer::Engine`].
+//!
+//! - **Reading** (sending side): `Blob.slice(..).arrayBuffer()` of the picked `File`, one
+//!   chunk at a time as the engine asks; hashing reads 4 MiB slices front to back.
+//! - **Writing** (receiving side): verified chunks go to a dedicated worker
+//!   (`opfs-writer.js`) that writes them in place into the origin-private file system with
+//!   a sync access handle. Nothing is held beyond the engine's bound of unwritten chunks.
+//! - **Resume**: each download's [`DownloadRecord`] is saved in IndexedDB (store
+//!   `downloads`) at most every 500 ms and when it completes; on join the records are
+//!   restored and connected peers are asked who holds the files.
+//!
+//! All protocol decisions (what to request from whom, verification, timeouts) are the
+//! engine's.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use weft_core::signal::PeerId;
+use weft_core::transfer::{
+    DownloadRecord, DownloadState, Engine, EngineConfig, FileHasher, OfferItem, Output, Root,
+    TransferEvent, TransferMsg,
+};
+
+use crate::session::{Inner, JsEvent, emit, now};
+
+/// Bytes hashed per read while preparing a file.
+const HASH_READ: f64 = 4.0 * 1024.0 * 1024.0;
+/// Least time between two progress events of one file.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Least time between two saves of the download records.
+const SAVE_EVERY: i32 = 500;
+/// The OPFS folder of downloads (also in `opfs-writer.js`).
+const DOWNLOAD_DIR: &str = "weft-downloads";
+
+pub(crate) fn hex(root: &Root) -> String {
+    root.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn parse_root(s: &str) -> Result<Root, String> {
+    let bytes = s.as_bytes();
+    if bytes.len() != 64 {
+        return Err(format!("{s:?} is not a file hash (64 hex digits)"));
+    }
+    let mut root = [0; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).map_err(|_| format!("{s:?} is not hex"))?;
+        root[i] = u8::from_str_radix(text, 16).map_err(|_| format!("{s:?} is not hex"))?;
+    }
+    Ok(root)
+}
+
+/// A file item as the page sees it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ItemJs {
+    path: String,
+    size: f64,
+    root: String,
+}
+
+fn items_js(items: &[OfferItem]) -> Vec<ItemJs> {
+    items
+        .iter()
+        .map(|i| ItemJs { path: i.path.clone(), size: i.size as f64, root: hex(&i.root) })
+        .collect()
+}
+
+/// File-transfer events for the page (see the crate docs).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+pub(crate) enum FileEvent {
+    Hashing { path: String, done_bytes: f64, size: f64 },
+    Offer { peer_id: String, name: String, offer_id: f64, items: Vec<ItemJs>, total_size: f64 },
+    OfferAnswered { peer_id: String, offer_id: f64, accepted: bool },
+    Resumed { peer_id: String, offer_id: f64 },
+    Progress(ProgressJs),
+    Upload { peer_id: String, root: String, sent_bytes: f64, size: f64 },
+    FileComplete { root: String, paths: Vec<String>, size: f64 },
+    FileFailed { root: String, reason: String },
+    Delivered { peer_id: String, root: String },
+    TransferCancelled { peer_id: String, offer_id: f64, reason: String, by_peer: bool },
+    ChunkRejected { root: String, index: u32, peer_id: String },
+    SourceAdded { root: String, peer_id: String },
+    SourceDropped { root: String, peer_id: String, reason: String },
+}
+
+/// A download's progress (the `progress` event and `transfers().downloads`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ProgressJs {
+    root: String,
+    paths: Vec<String>,
+    size: f64,
+    done_bytes: f64,
+    speed_bps: f64,
+    eta_s: Option<f64>,
+    sources: Vec<String>,
+    state: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutgoingJs {
+    peer_id: String,
+    offer_id: f64,
+    items: Vec<ItemJs>,
+    state: &'static str,
+    sent_bytes: f64,
+    total_bytes: f64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IncomingJs {
+    peer_id: String,
+    offer_id: f64,
+    items: Vec<ItemJs>,
+}
+
+/// `session.transfers()`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TransfersJs {
+    downloads: Vec<ProgressJs>,
+    outgoing: Vec<OutgoingJs>,
+    incoming: Vec<IncomingJs>,
+}
+
+fn state_str(s: DownloadState) -> &'static str {
+    match s {
+        DownloadState::Active => "active",
+        DownloadState::Paused => "paused",
+        DownloadState::Complete => "complete",
+        DownloadState::Failed => "failed",
+    }
+}
+
+struct Outgoing {
+    items: Vec<OfferItem>,
+    state: &'static str,
+}
+
+/// Speed of one download, smoothed.
+#[derive(Default)]
+struct Meter {
+    last_at: Option<Duration>,
+    last_bytes: u64,
+    speed: f64,
+    emitted_at: Option<Duration>,
+}
+
+impl Meter {
+    fn sample(&mut self, now: Duration, bytes: u64) -> f64 {
+        match self.last_at {
+            Some(at) if now.saturating_sub(at) >= PROGRESS_EVERY => {
+                let dt = now.saturating_sub(at).as_secs_f64();
+                let rate = bytes.saturating_sub(self.last_bytes) as f64 / dt;
+                self.speed = if self.speed == 0.0 { rate } else { 0.6 * rate + 0.4 * self.speed };
+                self.last_at = Some(now);
+                self.last_bytes = bytes;
+            }
+            Some(_) => {}
+            None => {
+                self.last_at = Some(now);
+                self.last_bytes = bytes;
+            }
+        }
+        self.speed
+    }
+}
+
+enum Pending {
+    Write { root: Root, index: u32 },
+    Close { then: Vec<FileEvent> },
+    Delete,
+}
+
+/// The disk-writer worker.
+struct Writer {
+    worker: web_sys::Worker,
+    pending: HashMap<u32, Pending>,
+    next_id: u32,
+    _onmessage: Closure<dyn FnMut(web_sys::MessageEvent)>,
+}
+
+/// The engine's timer: `setTimeout` id, when it fires, and its callback.
+type EngineTimer = (i32, Duration, Closure<dyn FnMut()>);
+
+/// Everything file transfer holds in a session.
+pub(crate) struct Files {
+    pub(crate) engine: Engine,
+    blobs: HashMap<Root, web_sys::Blob>,
+    writer: Option<Writer>,
+    writer_error: Option<String>,
+    outgoing: BTreeMap<(PeerId, u64), Outgoing>,
+    meters: HashMap<Root, Meter>,
+    uploads: HashMap<(PeerId, Root), (u64, Option<Duration>)>,
+    corrupt: Vec<(Option<Root>, u32)>,
+    timer: Option<EngineTimer>,
+    dirty: HashSet<Root>,
+    save_pending: bool,
+    save_closure: Option<Closure<dyn FnMut()>>,
+}
+
+impl Files {
+    pub(crate) fn new(first_offer_id: u64) -> Self {
+        Self {
+            engine: Engine::new(EngineConfig::default(), first_offer_id),
+            blobs: HashMap::new(),
+            writer: None,
+            writer_error: None,
+            outgoing: BTreeMap::new(),
+            meters: HashMap::new(),
+            uploads: HashMap::new(),
+            corrupt: Vec::new(),
+            timer: None,
+            dirty: HashSet::new(),
+            save_pending: false,
+            save_closure: None,
+        }
+    }
+
+    fn progress_js(&mut self, root: &Root, now: Duration) -> Option<ProgressJs> {
+        let p = self.engine.progress(root)?;
+        let meter = self.meters.entry(*root).or_default();
+        let speed =
+            if p.state == DownloadState::Active { meter.sample(now, p.done_bytes) } else { 0.0 };
+        let left = p.size.saturating_sub(p.done_bytes) as f64;
+        Some(ProgressJs {
+            root: hex(root),
+            paths: p.paths,
+            size: p.size as f64,
+            done_bytes: p.done_bytes as f64,
+            speed_bps: speed.round(),
+            eta_s: (speed > 0.0).then(|| (left / speed * 10.0).round() / 10.0),
+            sources: p.sources.iter().map(PeerId::to_string).collect(),
+            state: state_str(p.state),
+        })
+    }
+
+    pub(crate) fn transfers(&mut self) -> TransfersJs {
+        let now = now();
+        let roots: Vec<Root> = self.engine.downloads().iter().map(|d| d.root).collect();
+        let downloads = roots.iter().filter_map(|r| self.progress_js(r, now)).collect();
+        let outgoing = self
+            .outgoing
+            .iter()
+            .map(|((peer, id), o)| {
+                let sent: u64 = o
+                    .items
+                    .iter()
+                    .map(|i| self.uploads.get(&(peer.clone(), i.root)).map_or(0, |u| u.0))
+                    .sum();
+                OutgoingJs {
+                    peer_id: peer.to_string(),
+                    offer_id: *id as f64,
+                    items: items_js(&o.items),
+                    state: o.state,
+                    sent_bytes: sent as f64,
+                    total_bytes: o.items.iter().map(|i| i.size as f64).sum(),
+                }
+            })
+            .collect();
+        let incoming = self
+            .engine
+            .pending_offers()
+            .into_iter()
+            .map(|(peer, id, items)| IncomingJs {
+                peer_id: peer.to_string(),
+                offer_id: id as f64,
+                items: items_js(&items),
+            })
+            .collect();
+        TransfersJs { downloads, outgoing, incoming }
+    }
+}
+
+fn js_err(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .or_else(|| e.as_string())
+        .unwrap_or_else(|| format!("{e:?}"))
+}
+
+/// Reads `len` bytes at `offset` of `blob`.
+pub(crate) async fn read_blob(
+    blob: &web_sys::Blob,
+    offset: f64,
+    len: f64,
+) -> Result<Vec<u8>, String> {
+    let slice = blob.slice_with_f64_and_f64(offset, offset + len).map_err(|e| js_err(&e))?;
+    let buffer = JsFuture::from(slice.array_buffer()).await.map_err(|e| js_err(&e))?;
+    Ok(js_sys::Uint8Array::new(&buffer).to_vec())
+}
+
+async fn downloads_dir() -> Result<web_sys::FileSystemDirectoryHandle, String> {
+    let navigator = web_sys::window().ok_or("no window")?.navigator();
+    let root = JsFuture::from(navigator.storage().get_directory()).await.map_err(|e| js_err(&e))?;
+    let root: web_sys::FileSystemDirectoryHandle = root.unchecked_into();
+    let options = web_sys::FileSystemGetDirectoryOptions::new();
+    options.set_create(true);
+    let dir = JsFuture::from(root.get_directory_handle_with_options(DOWNLOAD_DIR, &options))
+        .await
+        .map_err(|e| js_err(&e))?;
+    Ok(dir.unchecked_into())
+}
+
+/// The stored bytes of the download `root`, as a (disk-backed) `File`.
+pub(crate) async fn stored_file(root: &Root) -> Result<web_sys::File, String> {
+    let dir = downloads_dir().await?;
+    let handle = JsFuture::from(dir.get_file_handle(&hex(root)))
+        .await
+        .map_err(|_| "that file is not stored here".to_string())?;
+    let handle: web_sys::FileSystemFileHandle = handle.unchecked_into();
+    let file = JsFuture::from(handle.get_file()).await.map_err(|e| js_err(&e))?;
+    Ok(file.unchecked_into())
+}
+
+/// Plain BLAKE3 of a blob, read in slices.
+pub(crate) async fn hash_blob(blob: &web_sys::Blob) -> Result<String, String> {
+    let size = blob.size();
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0.0;
+    while offset < size {
+        let len = HASH_READ.min(size - offset);
+        hasher.update(&read_blob(blob, offset, len).await?);
+        offset += len;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// One file the page wants to send: the blob and its path.
+pub(crate) struct Entry {
+    pub file: web_sys::Blob,
+    pub path: String,
+}
+
+/// Turns `File | FileList | [File | {file, path}]` into entries.
+pub(crate) fn entries(value: &JsValue) -> Result<Vec<Entry>, String> {
+    fn one(v: &JsValue) -> Result<Entry, String> {
+        if let Some(file) = v.dyn_ref::<web_sys::File>() {
+            let rel = js_sys::Reflect::get(file, &"webkitRelativePath".into())
+                .ok()
+                .and_then(|p| p.as_string())
+                .filter(|p| !p.is_empty());
+            return Ok(Entry {
+                file: file.clone().into(),
+                path: rel.unwrap_or_else(|| file.name()),
+            });
+        }
+        let file = js_sys::Reflect::get(v, &"file".into()).map_err(|e| js_err(&e))?;
+        let Some(blob) = file.dyn_ref::<web_sys::Blob>() else {
+            return Err("each entry must be a File or { file, path }".into());
+        };
+        let path = js_sys::Reflect::get(v, &"path".into())
+            .ok()
+            .and_then(|p| p.as_string())
+            .or_else(|| file.dyn_ref::<web_sys::File>().map(web_sys::File::name))
+            .ok_or("an entry has no path")?;
+        Ok(Entry { file: blob.clone(), path })
+    }
+    if value.is_instance_of::<web_sys::File>() {
+        return Ok(vec![one(value)?]);
+    }
+    if let Some(list) = value.dyn_ref::<web_sys::FileList>() {
+        return (0..list.length()).filter_map(|i| list.get(i)).map(|f| one(&f.into())).collect();
+    }
+    if let Some(array) = value.dyn_ref::<js_sys::Array>() {
+        return array.iter().map(|v| one(&v)).collect();
+    }
+    Err("give a File, a FileList or an array of files".into())
+}
+
+/// Hashes every entry (emitting `hashing` events) and shares it; returns (root, path,
+/// size) of each.
+pub(crate) async fn hash_and_share(
+    inner: &Rc<RefCell<Inner>>,
+    entries: Vec<Entry>,
+) -> Result<Vec<(Root, String, u64)>, String> {
+    let mut shared = Vec::new();
+    for entry in entries {
+        weft_core::transfer::wire::check_path(&entry.path).map_err(|e| e.to_string())?;
+        let size = entry.file.size();
+        let mut hasher = FileHasher::new();
+        let mut offset = 0.0;
+        let mut last_event = now();
+        while offset < size {
+            let len = HASH_READ.min(size - offset);
+            let data = read_blob(&entry.file, offset, len)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", entry.path))?;
+            hasher.update(&data);
+            offset += len;
+            if now().saturating_sub(last_event) >= PROGRESS_EVERY || offset >= size {
+                last_event = now();
+                let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: offset, size };
+                emit(inner, vec![JsEvent::File(ev)]);
+            }
+        }
+        let digest = hasher.finish();
+        {
+            let mut i = inner.borrow_mut();
+            i.files
+                .engine
+                .share(digest.root, digest.size, digest.cvs)
+                .map_err(|e| e.to_string())?;
+            i.files.blobs.insert(digest.root, entry.file.clone());
+        }
+        shared.push((digest.root, entry.path, digest.size));
+    }
+    Ok(shared)
+}
+
+impl Inner {
+    /// Offers shared files to peers; returns (peer, offer id) of each offer.
+    pub(crate) fn offer_files(
+        &mut self,
+        files: &[(Root, String)],
+        to: &[PeerId],
+        out: &mut Vec<JsEvent>,
+    ) -> Result<Vec<(PeerId, u64)>, String> {
+        let mut offers = Vec::new();
+        for peer in to {
+            let id = self.files.engine.offer(peer, files).map_err(|e| format!("{peer}: {e}"))?;
+            let items = self.files.engine.offer_items(peer, id).unwrap_or_default();
+            self.files.outgoing.insert((peer.clone(), id), Outgoing { items, state: "pending" });
+            offers.push((peer.clone(), id));
+        }
+        self.pump_files(out);
+        Ok(offers)
+    }
+
+    /// Peers with an established session, by id or all of them.
+    pub(crate) fn established(&self, to: Option<Vec<String>>) -> Result<Vec<PeerId>, String> {
+        let connected = self.connected_peers();
+        match to {
+            None => {
+                if connected.is_empty() {
+                    return Err("no peer is connected".into());
+                }
+                Ok(connected)
+            }
+            Some(ids) => ids
+                .iter()
+                .map(|id| {
+                    connected
+                        .iter()
+                        .find(|p| p.as_str() == id)
+                        .cloned()
+                        .ok_or_else(|| format!("peer {id} is not connected"))
+                })
+                .collect(),
+        }
+    }
+
+    /// Feeds transfer messages from `peer` to the engine.
+    pub(crate) fn on_transfer(
+        &mut self,
+        peer: &PeerId,
+        frames: Vec<(u8, Vec<u8>)>,
+        out: &mut Vec<JsEvent>,
+    ) {
+        let now = now();
+        for (frame_type, body) in frames {
+            match TransferMsg::decode(frame_type, &body) {
+                Ok(msg) => self.files.engine.handle(peer, msg, now),
+                Err(e) => web_sys::console::warn_1(
+                    &format!("weft: bad file-transfer message from {peer}: {e}").into(),
+                ),
+            }
+        }
+        self.pump_files(out);
+    }
+
+    /// Does what the engine asks, until it asks nothing more.
+    pub(crate) fn pump_files(&mut self, out: &mut Vec<JsEvent>) {
+        let now = now();
+        let mut touched = HashSet::new();
+        while let Some(output) = self.files.engine.poll_output() {
+            match output {
+                Output::Send { peer, msg } => {
+                    let (t, body) = msg.encode();
+                    if self.send_transfer(&peer, t, body) {
+                        touched.insert(peer);
+                    }
+                }
+                Output::Read { peer, root, index, offset, len } => {
+                    self.start_read(peer, root, index, offset, len)
+                }
+                Output::Write { root, index, offset, data } => {
+                    self.start_write(root, index, offset, data)
+                }
+                Output::Discard { root } => {
+                    self.files.dirty.remove(&root);
+                    self.files.meters.remove(&root);
+                    self.writer_op(&hex(&root), "delete", None, Pending::Delete);
+                    if let Some(store) = self.store.clone() {
+                        wasm_bindgen_futures::spawn_local(async move {
+                            if let Err(e) = store.delete_download(&hex(&root)).await {
+                                web_sys::console::warn_1(&format!("weft: {e}").into());
+                            }
+                        });
+                    }
+                }
+                Output::Event(ev) => self.on_file_event(ev, now, out),
+            }
+        }
+        for peer in touched {
+            self.flush_link(&peer);
+        }
+        self.arm_files_timer();
+    }
+
+    fn on_file_event(&mut self, ev: TransferEvent, now: Duration, out: &mut Vec<JsEvent>) {
+        let ev = match ev {
+            TransferEvent::Offered { peer, offer_id, items } => FileEvent::Offer {
+                name: self.peer_name(&peer),
+                peer_id: peer.to_string(),
+                offer_id: offer_id as f64,
+                total_size: items.iter().map(|i| i.size as f64).sum(),
+                items: items_js(&items),
+            },
+            TransferEvent::Resumed { peer, offer_id } => {
+                FileEvent::Resumed { peer_id: peer.to_string(), offer_id: offer_id as f64 }
+            }
+            TransferEvent::Answered { peer, offer_id, accepted } => {
+                if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), offer_id)) {
+                    o.state = if accepted { "accepted" } else { "declined" };
+                }
+                FileEvent::OfferAnswered {
+                    peer_id: peer.to_string(),
+                    offer_id: offer_id as f64,
+                    accepted,
+                }
+            }
+            TransferEvent::Delivered { peer, root } => {
+                for ((p, _), o) in self.files.outgoing.iter_mut() {
+                    if *p == peer && o.items.iter().any(|i| i.root == root) {
+                        o.state = "delivered";
+                    }
+                }
+                FileEvent::Delivered { peer_id: peer.to_string(), root: hex(&root) }
+            }
+            TransferEvent::FileComplete { root, paths, size } => {
+                self.files.dirty.insert(root);
+                self.schedule_save();
+                let done = FileEvent::FileComplete { root: hex(&root), paths, size: size as f64 };
+                let mut then = vec![done];
+                if let Some(p) = self.files.progress_js(&root, now) {
+                    then.insert(0, FileEvent::Progress(p));
+                }
+                if size == 0 {
+                    // Nothing was written: create the empty file.
+                    self.writer_op(
+                        &hex(&root),
+                        "write",
+                        Some((0.0, Vec::new())),
+                        Pending::Close { then: vec![] },
+                    );
+                }
+                // Announce only once the writer closed the file: then it can be read.
+                self.writer_op(&hex(&root), "close", None, Pending::Close { then });
+                return;
+            }
+            TransferEvent::FileFailed { root, reason } => {
+                self.files.dirty.insert(root);
+                self.schedule_save();
+                FileEvent::FileFailed { root: hex(&root), reason }
+            }
+            TransferEvent::Cancelled { peer, offer_id, reason, by_peer } => {
+                if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), offer_id)) {
+                    o.state = "cancelled";
+                }
+                FileEvent::TransferCancelled {
+                    peer_id: peer.to_string(),
+                    offer_id: offer_id as f64,
+                    reason,
+                    by_peer,
+                }
+            }
+            TransferEvent::ChunkRejected { root, index, peer } => {
+                FileEvent::ChunkRejected { root: hex(&root), index, peer_id: peer.to_string() }
+            }
+            TransferEvent::SourceAdded { root, peer } => {
+                FileEvent::SourceAdded { root: hex(&root), peer_id: peer.to_string() }
+            }
+            TransferEvent::SourceDropped { root, peer, reason } => {
+                FileEvent::SourceDropped { root: hex(&root), peer_id: peer.to_string(), reason }
+            }
+            TransferEvent::ShareFailed { root, reason } => {
+                self.files.blobs.remove(&root);
+                web_sys::console::warn_1(
+                    &format!("weft: stopped sharing {}: {reason}", hex(&root)).into(),
+                );
+                return;
+            }
+        };
+        out.push(JsEvent::File(ev));
+    }
+
+    fn start_read(&mut self, peer: PeerId, root: Root, index: u32, offset: u64, len: usize) {
+        let blob = self.files.blobs.get(&root).cloned();
+        let weak = self.weak();
+        wasm_bindgen_futures::spawn_local(async move {
+            let blob = match blob {
+                Some(b) => Ok(b),
+                None => stored_file(&root).await.map(Into::into),
+            };
+            let result = match blob {
+                Ok(blob) => read_blob(&blob, offset as f64, len as f64).await,
+                Err(e) => Err(e),
+            };
+            let Some(inner) = weak.upgrade() else { return };
+            let mut out = Vec::new();
+            {
+                let mut i = inner.borrow_mut();
+                match result {
+                    Ok(mut data) => {
+                        let hook = i
+                            .files
+                            .corrupt
+                            .iter()
+                            .position(|(r, n)| *n == index && r.is_none_or(|r| r == root));
+                        if let Some(pos) = hook {
+                            i.files.corrupt.remove(pos);
+                            if let Some(b) = data.get_mut(len / 2) {
+                                *b ^= 0x40;
+                            }
+                        }
+                        i.count_upload(&peer, &root, len as u64, &mut out);
+                        i.files.engine.read_done(&peer, &root, index, data);
+                    }
+                    Err(e) => i.files.engine.read_failed(
+                        &peer,
+                        &root,
+                        &format!("cannot read the file: {e}"),
+                    ),
+                }
+                i.pump_files(&mut out);
+            }
+            emit(&inner, out);
+        });
+    }
+
+    fn count_upload(&mut self, peer: &PeerId, root: &Root, len: u64, out: &mut Vec<JsEvent>) {
+        let now = now();
+        let size = self
+            .files
+            .outgoing
+            .iter()
+            .filter(|((p, _), _)| p == peer)
+            .flat_map(|(_, o)| o.items.iter())
+            .find(|i| i.root == *root)
+            .map_or(0, |i| i.size);
+        let entry = self.files.uploads.entry((peer.clone(), *root)).or_insert((0, None));
+        entry.0 += len;
+        let due =
+            entry.1.is_none_or(|t| now.saturating_sub(t) >= PROGRESS_EVERY) || entry.0 >= size;
+        if due {
+            entry.1 = Some(now);
+            out.push(JsEvent::File(FileEvent::Upload {
+                peer_id: peer.to_string(),
+                root: hex(root),
+                sent_bytes: entry.0 as f64,
+                size: size as f64,
+            }));
+        }
+    }
+
+    fn start_write(&mut self, root: Root, index: u32, offset: u64, data: Vec<u8>) {
+        let name = hex(&root);
+        self.writer_op(&name, "write", Some((offset as f64, data)), Pending::Write { root, index });
+    }
+
+    /// Posts one request to the writer worker (starting it if needed).
+    fn writer_op(&mut self, name: &str, op: &str, write: Option<(f64, Vec<u8>)>, pending: Pending) {
+        if self.files.writer.is_none() {
+            match start_writer(self.weak()) {
+                Ok(w) => self.files.writer = Some(w),
+                Err(e) => {
+                    let reason = format!("cannot store downloads in this browser: {e}");
+                    self.files.writer_error = Some(reason.clone());
+                    if let Pending::Write { root, .. } = pending {
+                        self.files.engine.write_failed(&root, &reason);
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(writer) = self.files.writer.as_mut() else { return };
+        let id = writer.next_id;
+        writer.next_id = writer.next_id.wrapping_add(1);
+        let msg = js_sys::Object::new();
+        let set = |k: &str, v: &JsValue| {
+            let _ = js_sys::Reflect::set(&msg, &k.into(), v);
+        };
+        set("id", &id.into());
+        set("op", &op.into());
+        set("name", &name.into());
+        let transfer = js_sys::Array::new();
+        if let Some((offset, data)) = write {
+            let bytes = js_sys::Uint8Array::new_with_length(data.len() as u32);
+            bytes.copy_from(&data);
+            set("offset", &offset.into());
+            set("data", &bytes.buffer());
+            transfer.push(&bytes.buffer());
+        }
+        match writer.worker.post_message_with_transfer(&msg, &transfer) {
+            Ok(()) => {
+                writer.pending.insert(id, pending);
+            }
+            Err(e) => {
+                if let Pending::Write { root, .. } = pending {
+                    self.files
+                        .engine
+                        .write_failed(&root, &format!("cannot write the download: {}", js_err(&e)));
+                }
+            }
+        }
+    }
+
+    /// The writer answered request `id`.
+    fn on_writer_reply(
+        &mut self,
+        id: u32,
+        ok: bool,
+        error: String,
+        disk_full: bool,
+        out: &mut Vec<JsEvent>,
+    ) {
+        let Some(pending) = self.files.writer.as_mut().and_then(|w| w.pending.remove(&id)) else {
+            return;
+        };
+        let now = now();
+        match pending {
+            Pending::Write { root, index } => {
+                if ok {
+                    self.files.engine.write_done(&root, index, now);
+                    self.files.dirty.insert(root);
+                    self.schedule_save();
+                    self.maybe_progress(&root, now, out);
+                } else {
+                    let reason = if disk_full {
+                        "the disk is full (or the browser's storage quota is used up)".to_string()
+                    } else {
+                        format!("cannot write the download: {error}")
+                    };
+                    self.files.engine.write_failed(&root, &reason);
+                }
+            }
+            Pending::Close { then } => out.extend(then.into_iter().map(JsEvent::File)),
+            Pending::Delete => {}
+        }
+        self.pump_files(out);
+    }
+
+    fn maybe_progress(&mut self, root: &Root, now: Duration, out: &mut Vec<JsEvent>) {
+        let due = self
+            .files
+            .meters
+            .get(root)
+            .and_then(|m| m.emitted_at)
+            .is_none_or(|t| now.saturating_sub(t) >= PROGRESS_EVERY);
+        if !due {
+            return;
+        }
+        if let Some(p) = self.files.progress_js(root, now) {
+            if let Some(m) = self.files.meters.get_mut(root) {
+                m.emitted_at = Some(now);
+            }
+            out.push(JsEvent::File(FileEvent::Progress(p)));
+        }
+    }
+
+    /// Saves the records of changed downloads soon (at most every [`SAVE_EVERY`] ms).
+    fn schedule_save(&mut self) {
+        if self.files.save_pending || self.store.is_none() {
+            return;
+        }
+        self.files.save_pending = true;
+        let weak = self.weak();
+        let closure = Closure::<dyn FnMut()>::new(move || {
+            let Some(inner) = weak.upgrade() else { return };
+            let (store, records) = {
+                let mut i = inner.borrow_mut();
+                i.files.save_pending = false;
+                let dirty: Vec<Root> = i.files.dirty.drain().collect();
+                let records: Vec<DownloadRecord> =
+                    dirty.iter().filter_map(|r| i.files.engine.record(r)).collect();
+                (i.store.clone(), records)
+            };
+            let Some(store) = store else { return };
+            wasm_bindgen_futures::spawn_local(async move {
+                for record in records {
+                    if let Err(e) = store.save_download(&record).await {
+                        web_sys::console::warn_1(
+                            &format!("weft: cannot save download state: {e}").into(),
+                        );
+                    }
+                }
+            });
+        });
+        if let Some(win) = web_sys::window() {
+            let _ = win.set_timeout_with_callback_and_timeout_and_arguments_0(
+                closure.as_ref().unchecked_ref(),
+                SAVE_EVERY,
+            );
+        }
+        self.files.save_closure = Some(closure);
+    }
+
+    /// Arms the engine's one timer at its `poll_timeout`.
+    fn arm_files_timer(&mut self) {
+        let wanted = self.files.engine.poll_timeout();
+        if self.files.timer.as_ref().map(|t| t.1) == wanted {
+            return;
+        }
+        if let (Some((id, _, _)), Some(win)) = (self.files.timer.take(), web_sys::window()) {
+            win.clear_timeout_with_handle(id);
+        }
+        let Some(at) = wanted else { return };
+        let ms = i32::try_from(at.saturating_sub(now()).as_millis())
+            .unwrap_or(i32::MAX)
+            .saturating_add(1);
+        let weak = self.weak();
+        let callback = Closure::<dyn FnMut()>::new(move || {
+            let Some(inner) = weak.upgrade() else { return };
+            let mut out = Vec::new();
+            {
+                let mut i = inner.borrow_mut();
+                if let Some(t) = i.files.timer.as_mut() {
+                    t.1 = Duration::MAX;
+                }
+                i.files.engine.handle_timeout(now());
+                i.pump_files(&mut out);
+            }
+            emit(&inner, out);
+        });
+        if let Some(win) = web_sys::window() {
+            if let Ok(id) = win.set_timeout_with_callback_and_timeout_and_arguments_0(
+                callback.as_ref().unchecked_ref(),
+                ms,
+            ) {
+                self.files.timer = Some((id, at, callback));
+            }
+        }
+    }
+
+    /// Restores saved downloads and asks connected peers who holds them.
+    pub(crate) fn restore_downloads(
+        &mut self,
+        records: Vec<DownloadRecord>,
+        out: &mut Vec<JsEvent>,
+    ) {
+        let now = now();
+        for record in records {
+            if self.files.engine.progress(&record.root).is_none() {
+                self.files.engine.restore(record);
+            }
+        }
+        for peer in self.connected_peers() {
+            self.files.engine.peer_connected(&peer, now);
+        }
+        self.pump_files(out);
+    }
+
+    pub(crate) fn debug_corrupt(&mut self, index: u32, root: Option<Root>) {
+        self.files.corrupt.push((root, index));
+    }
+
+    pub(crate) fn forget_download(&mut self, root: &Root, out: &mut Vec<JsEvent>) {
+        self.files.engine.forget(root);
+        self.writer_op(&hex(root), "delete", None, Pending::Delete);
+        self.pump_files(out);
+        if let Some(store) = self.store.clone() {
+            let key = hex(root);
+            wasm_bindgen_futures::spawn_local(async move {
+                let _ = store.delete_download(&key).await;
+            });
+        }
+    }
+}
+
+fn start_writer(weak: Weak<RefCell<Inner>>) -> Result<Writer, String> {
+    let options = web_sys::WorkerOptions::new();
+    options.set_name("weft-opfs-writer");
+    let worker =
+        web_sys::Worker::new_with_options("opfs-writer.js", &options).map_err(|e| js_err(&e))?;
+    let onmessage =
+        Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |ev: web_sys::MessageEvent| {
+            let data = ev.data();
+            let get =
+                |k: &str| js_sys::Reflect::get(&data, &k.into()).unwrap_or(JsValue::UNDEFINED);
+            let id = get("id").as_f64().unwrap_or(-1.0) as u32;
+            let ok = get("ok").as_bool().unwrap_or(false);
+            let error = get("error").as_string().unwrap_or_default();
+            let disk_full = get("disk_full").as_bool().unwrap_or(false);
+            let Some(inner) = weak.upgrade() else { return };
+            let mut out = Vec::new();
+            inner.borrow_mut().on_writer_reply(id, ok, error, disk_full, &mut out);
+            emit(&inner, out);
+        });
+    worker.set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
+    Ok(Writer { worker, pending: HashMap::new(), next_id: 1, _onmessage: onmessage })
+}
+
+/// Copies every complete download into a folder the user picks (File System Access API).
+pub(crate) async fn save_all_to(inner: &Rc<RefCell<Inner>>) -> Result<u32, String> {
+    let window = web_sys::window().ok_or("no window")?;
+    let picker =
+        js_sys::Reflect::get(&window, &"showDirectoryPicker".into()).map_err(|e| js_err(&e))?;
+    let picker: js_sys::Function = picker
+        .dyn_into()
+        .map_err(|_| "this browser cannot save into a folder; use Save on each file")?;
+    let options = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&options, &"mode".into(), &"readwrite".into());
+    let dir = JsFuture::from(js_sys::Promise::from(
+        picker.call1(&window, &options).map_err(|e| js_err(&e))?,
+    ))
+    .await
+    .map_err(|e| js_err(&e))?;
+    let dir: web_sys::FileSystemDirectoryHandle = dir.unchecked_into();
+    let complete: Vec<(Root, Vec<String>)> = inner
+        .borrow()
+        .files
+        .engine
+        .downloads()
+        .into_iter()
+        .filter(|d| d.state == DownloadState::Complete)
+        .map(|d| (d.root, d.paths))
+        .collect();
+    let mut saved = 0;
+    for (root, paths) in complete {
+        let file = stored_file(&root).await?;
+        for path in paths {
+            let mut parts: Vec<&str> = path.split('/').collect();
+            let Some(name) = parts.pop() else { continue };
+            let mut folder = dir.clone();
+            for part in parts {
+                let options = web_sys::FileSystemGetDirectoryOptions::new();
+                options.set_create(true);
+                let next = JsFuture::from(folder.get_directory_handle_with_options(part, &options))
+                    .await
+                    .map_err(|e| js_err(&e))?;
+                folder = next.unchecked_into();
+            }
+            let options = web_sys::FileSystemGetFileOptions::new();
+            options.set_create(true);
+            let handle = JsFuture::from(folder.get_file_handle_with_options(name, &options))
+                .await
+                .map_err(|e| js_err(&e))?;
+            let handle: web_sys::FileSystemFileHandle = handle.unchecked_into();
+            let writable =
+                JsFuture::from(handle.create_writable()).await.map_err(|e| js_err(&e))?;
+            let writable: web_sys::FileSystemWritableFileStream = writable.unchecked_into();
+            // Streams from disk to disk: the file never sits in memory.
+            JsFuture::from(file.stream().pipe_to(&writable)).await.map_err(|e| js_err(&e))?;
+            saved += 1;
+        }
+    }
+    Ok(saved)
+}
+
+/// Starts the browser's download of a stored file under the last part of `path`.
+pub(crate) async fn save_download(root: &Root, path: &str) -> Result<(), String> {
+    let file = stored_file(root).await?;
+    let url = web_sys::Url::create_object_url_with_blob(&file).map_err(|e| js_err(&e))?;
+    let document = web_sys::window().and_then(|w| w.document()).ok_or("no document")?;
+    let a: web_sys::HtmlAnchorElement =
+        document.create_element("a").map_err(|e| js_err(&e))?.unchecked_into();
+    a.set_href(&url);
+    a.set_download(path.rsplit('/').next().unwrap_or(path));
+    a.click();
+    // Revoke later: the download has started reading by then.
+    let closure = Closure::once_into_js(move || {
+        let _ = web_sys::Url::revoke_object_url(&url);
+    });
+    if let Some(win) = web_sys::window() {
+        let _ = win
+            .set_timeout_with_callback_and_timeout_and_arguments_0(closure.unchecked_ref(), 60_000);
+    }
+    Ok(())
+}

@@ -360,7 +360,7 @@ fn carol_does_not_serve_a_file_to_a_peer_she_cancelled() {
     net.engine("carol").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
     net.settle();
     let id = net.offer_id("bob");
-    net.engine("carol").cancel(&pid("bob"), id, "changed my mind").unwrap();
+    net.engine("carol").cancel(&pid("bob"), id, true, "changed my mind").unwrap();
     net.settle();
     // Bob asks by hash anyway: refused.
     net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root }, Duration::ZERO);
@@ -515,7 +515,7 @@ fn cancel_by_the_receiver_stops_the_sender_and_discards_the_partial_file() {
     net.engine("bob").accept(&pid("alice"), id, now).unwrap();
     assert!(!net.run(100));
     assert!(net.nodes[&pid("bob")].disk.contains_key(&root));
-    net.engine("bob").cancel(&pid("alice"), id, "cancelled by Bob").unwrap();
+    net.engine("bob").cancel(&pid("alice"), id, false, "cancelled by Bob").unwrap();
     net.settle();
     assert!(!net.nodes[&pid("bob")].disk.contains_key(&root), "partial file discarded");
     assert!(net.engine("bob").progress(&root).is_none());
@@ -537,7 +537,7 @@ fn cancel_by_the_sender_discards_at_the_receiver() {
     let now = net.now;
     net.engine("bob").accept(&pid("alice"), id, now).unwrap();
     assert!(!net.run(100));
-    net.engine("alice").cancel(&pid("bob"), id, "cancelled by Alice").unwrap();
+    net.engine("alice").cancel(&pid("bob"), id, true, "cancelled by Alice").unwrap();
     net.settle();
     assert!(!net.nodes[&pid("bob")].disk.contains_key(&root));
     assert!(
@@ -716,4 +716,32 @@ proptest! {
         }
         let _ = net.connected(&pid("alice"), &pid("bob"));
     }
+}
+
+#[test]
+fn cancels_name_the_right_offer_even_when_both_sides_use_the_same_number() {
+    let mut net = Net::new(&["alice", "bob"]);
+    // Both engines number their offers from the same start.
+    net.engines.insert(pid("alice"), Engine::new(EngineConfig::default(), 42));
+    net.engines.insert(pid("bob"), Engine::new(EngineConfig::default(), 42));
+    net.connect("alice", "bob");
+    let a_root = net.share("alice", &content(3 * CHUNK_LEN, 1));
+    let b_root = net.share("bob", &content(3 * CHUNK_LEN, 2));
+    let a_offer = net.engine("alice").offer(&pid("bob"), &[(a_root, "a".into())]).unwrap();
+    let b_offer = net.engine("bob").offer(&pid("alice"), &[(b_root, "b".into())]).unwrap();
+    assert_eq!(a_offer, b_offer);
+    net.settle();
+    // Bob declines nothing yet; he cancels the offer he received (alice's).
+    net.engine("bob").cancel(&pid("alice"), a_offer, false, "no thanks").unwrap();
+    net.settle();
+    assert!(
+        net.events("alice")
+            .iter()
+            .any(|e| matches!(e, TransferEvent::Cancelled { outgoing: true, by_peer: true, .. }))
+    );
+    // Bob's own offer to alice still stands: she can accept it.
+    let now = net.now;
+    net.engine("alice").accept(&pid("bob"), b_offer, now).unwrap();
+    net.settle();
+    assert_eq!(net.completed("alice"), vec![b_root]);
 }

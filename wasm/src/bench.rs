@@ -32,3 +32,13 @@ pub fn bench_passphrase_kdf() -> Result<f64, JsError> {
     .map_err(|e| JsError::new(&e.to_string()))?;
     Ok((now() - start).as_secs_f64() * 1000.0)
 }
+
+/// Moves `total_bytes` between two transfer engines in this thread (requests, reads from
+/// memory, seal/open, BLAKE3 verification): `[transfer MB/s, hashing MB/s]`.
+#[wasm_bindgen(js_name = benchTransferCpu)]
+pub fn bench_transfer_cpu(total_bytes: f64) -> Result<Vec<f64>, JsError> {
+    let total = total_bytes.max(0.0) as u64;
+    let (transfer, hashing) = perf::transfer_throughput(&mut rng(), total, now)
+        .map_err(|e| JsError::new(&e.to_string()))?;
+    Ok(vec![transfer.mb_per_s(), hashing.mb_per_s()])
+}

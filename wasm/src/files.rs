@@ -74,19 +74,69 @@ fn items_js(items: &[OfferItem]) -> Vec<ItemJs> {
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
 pub(crate) enum FileEvent {
-    Hashing { path: String, done_bytes: f64, size: f64 },
-    Offer { peer_id: String, name: String, offer_id: f64, items: Vec<ItemJs>, total_size: f64 },
-    OfferAnswered { peer_id: String, offer_id: f64, accepted: bool },
-    Resumed { peer_id: String, offer_id: f64 },
+    Hashing {
+        path: String,
+        done_bytes: f64,
+        size: f64,
+    },
+    Offer {
+        peer_id: String,
+        name: String,
+        offer_id: f64,
+        items: Vec<ItemJs>,
+        total_size: f64,
+    },
+    OfferAnswered {
+        peer_id: String,
+        offer_id: f64,
+        accepted: bool,
+    },
+    Resumed {
+        peer_id: String,
+        offer_id: f64,
+        roots: Vec<String>,
+    },
     Progress(ProgressJs),
-    Upload { peer_id: String, root: String, sent_bytes: f64, size: f64 },
-    FileComplete { root: String, paths: Vec<String>, size: f64 },
-    FileFailed { root: String, reason: String },
-    Delivered { peer_id: String, root: String },
-    TransferCancelled { peer_id: String, offer_id: f64, reason: String, by_peer: bool },
-    ChunkRejected { root: String, index: u32, peer_id: String },
-    SourceAdded { root: String, peer_id: String },
-    SourceDropped { root: String, peer_id: String, reason: String },
+    Upload {
+        peer_id: String,
+        root: String,
+        sent_bytes: f64,
+        size: f64,
+    },
+    FileComplete {
+        root: String,
+        paths: Vec<String>,
+        size: f64,
+    },
+    FileFailed {
+        root: String,
+        reason: String,
+    },
+    Delivered {
+        peer_id: String,
+        root: String,
+    },
+    TransferCancelled {
+        peer_id: String,
+        offer_id: f64,
+        reason: String,
+        by_peer: bool,
+        outgoing: bool,
+    },
+    ChunkRejected {
+        root: String,
+        index: u32,
+        peer_id: String,
+    },
+    SourceAdded {
+        root: String,
+        peer_id: String,
+    },
+    SourceDropped {
+        root: String,
+        peer_id: String,
+        reason: String,
+    },
 }
 
 /// A download's progress (the `progress` event and `transfers().downloads`).
@@ -100,7 +150,16 @@ pub(crate) struct ProgressJs {
     speed_bps: f64,
     eta_s: Option<f64>,
     sources: Vec<String>,
+    offers: Vec<OfferRef>,
     state: &'static str,
+}
+
+/// An offer a download belongs to.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct OfferRef {
+    peer_id: String,
+    offer_id: f64,
 }
 
 #[derive(Serialize)]
@@ -143,6 +202,7 @@ fn state_str(s: DownloadState) -> &'static str {
 struct Outgoing {
     items: Vec<OfferItem>,
     state: &'static str,
+    delivered: HashSet<Root>,
 }
 
 /// Speed of one download, smoothed.
@@ -239,6 +299,11 @@ impl Files {
             speed_bps: speed.round(),
             eta_s: (speed > 0.0).then(|| (left / speed * 10.0).round() / 10.0),
             sources: p.sources.iter().map(PeerId::to_string).collect(),
+            offers: p
+                .offers
+                .iter()
+                .map(|(peer, id)| OfferRef { peer_id: peer.to_string(), offer_id: *id as f64 })
+                .collect(),
             state: state_str(p.state),
         })
     }
@@ -428,7 +493,10 @@ impl Inner {
         for peer in to {
             let id = self.files.engine.offer(peer, files).map_err(|e| format!("{peer}: {e}"))?;
             let items = self.files.engine.offer_items(peer, id).unwrap_or_default();
-            self.files.outgoing.insert((peer.clone(), id), Outgoing { items, state: "pending" });
+            self.files.outgoing.insert(
+                (peer.clone(), id),
+                Outgoing { items, state: "pending", delivered: HashSet::new() },
+            );
             offers.push((peer.clone(), id));
         }
         self.pump_files(out);
@@ -525,9 +593,11 @@ impl Inner {
                 total_size: items.iter().map(|i| i.size as f64).sum(),
                 items: items_js(&items),
             },
-            TransferEvent::Resumed { peer, offer_id } => {
-                FileEvent::Resumed { peer_id: peer.to_string(), offer_id: offer_id as f64 }
-            }
+            TransferEvent::Resumed { peer, offer_id, items } => FileEvent::Resumed {
+                peer_id: peer.to_string(),
+                offer_id: offer_id as f64,
+                roots: items.iter().map(|i| hex(&i.root)).collect(),
+            },
             TransferEvent::Answered { peer, offer_id, accepted } => {
                 if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), offer_id)) {
                     o.state = if accepted { "accepted" } else { "declined" };
@@ -541,7 +611,10 @@ impl Inner {
             TransferEvent::Delivered { peer, root } => {
                 for ((p, _), o) in self.files.outgoing.iter_mut() {
                     if *p == peer && o.items.iter().any(|i| i.root == root) {
-                        o.state = "delivered";
+                        o.delivered.insert(root);
+                        if o.items.iter().all(|i| o.delivered.contains(&i.root)) {
+                            o.state = "delivered";
+                        }
                     }
                 }
                 FileEvent::Delivered { peer_id: peer.to_string(), root: hex(&root) }
@@ -572,7 +645,7 @@ impl Inner {
                 self.schedule_save();
                 FileEvent::FileFailed { root: hex(&root), reason }
             }
-            TransferEvent::Cancelled { peer, offer_id, reason, by_peer } => {
+            TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => {
                 if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), offer_id)) {
                     o.state = "cancelled";
                 }
@@ -581,6 +654,7 @@ impl Inner {
                     offer_id: offer_id as f64,
                     reason,
                     by_peer,
+                    outgoing,
                 }
             }
             TransferEvent::ChunkRejected { root, index, peer } => {

@@ -69,10 +69,10 @@
 //! await session.shareFiles(entries);        // hash and seed without offering → [{ root, path, size }]
 //! session.acceptOffer(peerId, offerId);     // throws if there is no such offer
 //! session.declineOffer(peerId, offerId);
-//! session.cancelTransfer(peerId, offerId, reason?);  // either side; the other is told
+//! session.cancelTransfer(peerId, offerId, reason?, outgoing?);  // either side; the other is told
 //! session.pauseDownload(root, paused);
-//! session.transfers();  // { downloads: [{ root, paths, size, doneBytes, sources, state,
-//!                       //   speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
+//! session.transfers();  // { downloads: [{ root, paths, size, doneBytes, sources, offers,
+//!                       //   state, speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
 //!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
@@ -84,17 +84,21 @@
 //! await session.forgetDownload(root);      // delete the stored file and its record
 //! session.debugCorruptChunk(index, root?); // test hook: flip a byte the next time this
 //!                                          // node serves chunk `index` (of `root`, or any)
+//! // Downloads saved before a reload continue by themselves after the next join, as soon
+//! // as a connected peer holds the file (it is asked); no offer or event is needed.
 //! // Events (ev.type):
 //! //  "hashing"            { path, doneBytes, size }
 //! //  "offer"              { peerId, name, offerId, items: [{ path, size, root }], totalSize }
 //! //  "offer_answered"     { peerId, offerId, accepted }
-//! //  "resumed"            { peerId, offerId }   (an offer of files we were fetching: resumed without asking)
-//! //  "progress"           { root, paths, size, doneBytes, speedBps, etaS, sources, state } (≤ 4/s per file)
+//! //  "resumed"            { peerId, offerId, roots }   (an offer of files we were fetching:
+//! //                       resumed without asking)
+//! //  "progress"           { root, paths, size, doneBytes, speedBps, etaS, sources, offers:
+//! //                       [{ peerId, offerId }], state } (≤ 4/s per file)
 //! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
 //! //  "file_complete"      { root, paths, size }
 //! //  "file_failed"        { root, reason }       (reason in plain words: disk full, …)
 //! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
-//! //  "transfer_cancelled" { peerId, offerId, reason, byPeer }
+//! //  "transfer_cancelled" { peerId, offerId, reason, byPeer, outgoing } (outgoing: it was our offer)
 //! //  "chunk_rejected"     { root, index, peerId } (failed verification; fetched again)
 //! //  "source_added"       { root, peerId }
 //! //  "source_dropped"     { root, peerId, reason }
@@ -466,19 +470,24 @@ impl WeftSession {
         })
     }
 
-    /// Cancels an offer we made or accepted; the other side is told and both clean up.
+    /// Cancels an offer we made (`outgoing`) or received; the other side is told and
+    /// both clean up. Without `outgoing`, it is our offer unless we received one from
+    /// that peer under the same number.
     #[wasm_bindgen(js_name = cancelTransfer)]
     pub fn cancel_transfer(
         &self,
         peer_id: &str,
         offer_id: f64,
         reason: Option<String>,
+        outgoing: Option<bool>,
     ) -> Result<(), JsError> {
         let own = self.inner.borrow().own_name.clone();
         let reason = reason.unwrap_or_else(|| format!("cancelled by {own}"));
         self.with_files(|i| {
             let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
-            i.files.engine.cancel(&peer, offer_id as u64, &reason).map_err(|e| e.to_string())
+            let id = offer_id as u64;
+            let outgoing = outgoing.unwrap_or_else(|| !i.files.engine.is_incoming(&peer, id));
+            i.files.engine.cancel(&peer, id, outgoing, &reason).map_err(|e| e.to_string())
         })
     }
 

@@ -123,6 +123,8 @@ pub enum TransferEvent {
         peer: PeerId,
         /// Its number.
         offer_id: u64,
+        /// The files.
+        items: Vec<OfferItem>,
     },
     /// The receiver answered our offer.
     Answered {
@@ -166,6 +168,8 @@ pub enum TransferEvent {
         reason: String,
         /// Whether the peer cancelled it.
         by_peer: bool,
+        /// Whether it was our offer (we were sending).
+        outgoing: bool,
     },
     /// A chunk failed verification and will be fetched again.
     ChunkRejected {
@@ -235,6 +239,8 @@ pub struct DownloadProgress {
     pub done_bytes: u64,
     /// Sources in use now.
     pub sources: Vec<PeerId>,
+    /// The offers (peer, offer id) it belongs to.
+    pub offers: Vec<(PeerId, u64)>,
     /// Where it is.
     pub state: DownloadState,
 }
@@ -699,29 +705,43 @@ impl Engine {
         Ok(())
     }
 
-    /// Cancels an offer we made or accepted. The peer is told; an incoming offer's
-    /// unfinished downloads are discarded (unless another offer still wants them).
+    /// Whether `(peer, offer_id)` names an offer we received (pending or accepted).
+    pub fn is_incoming(&self, peer: &PeerId, offer_id: u64) -> bool {
+        let key = (peer.clone(), offer_id);
+        self.incoming.contains_key(&key) || self.downloads.values().any(|d| d.offers.contains(&key))
+    }
+
+    /// Cancels an offer we made (`outgoing`) or received. The peer is told; a received
+    /// offer's unfinished downloads are discarded (unless another offer still wants them).
     pub fn cancel(
         &mut self,
         peer: &PeerId,
         offer_id: u64,
+        outgoing: bool,
         reason: &str,
     ) -> Result<(), TransferError> {
         let key = (peer.clone(), offer_id);
-        if let Some(out) = self.outgoing.remove(&key) {
+        if outgoing {
+            let out = self.outgoing.remove(&key).ok_or(TransferError::UnknownOffer)?;
             self.stop_serving(peer, &out.items);
-        } else if self.incoming.remove(&key).is_none() && !self.drop_offer_downloads(peer, offer_id)
+        } else if !(self.incoming.remove(&key).is_some()
+            | self.drop_offer_downloads(peer, offer_id))
         {
             return Err(TransferError::UnknownOffer);
         }
         if self.peers.contains(peer) {
-            self.send(peer, TransferMsg::Cancel { offer_id, reason: reason.to_string() });
+            let own_offer = outgoing;
+            self.send(
+                peer,
+                TransferMsg::Cancel { offer_id, own_offer, reason: reason.to_string() },
+            );
         }
         self.event(TransferEvent::Cancelled {
             peer: peer.clone(),
             offer_id,
             reason: reason.to_string(),
             by_peer: false,
+            outgoing,
         });
         Ok(())
     }
@@ -875,6 +895,7 @@ impl Engine {
             size: d.size,
             done_bytes: d.done_bytes,
             sources: d.sources.keys().cloned().collect(),
+            offers: d.offers.clone(),
             state: d.state,
         }
     }
@@ -939,11 +960,16 @@ impl Engine {
                 self.drop_source(&root, peer, &format!("it no longer has the file ({reason})"));
                 self.schedule(now);
             }
-            TransferMsg::Cancel { offer_id, reason } => {
+            TransferMsg::Cancel { offer_id, own_offer, reason } => {
                 let key = (peer.clone(), offer_id);
-                let known = if let Some(out) = self.outgoing.remove(&key) {
-                    self.stop_serving(peer, &out.items);
-                    true
+                // Their own offer is one we receive; otherwise it is ours.
+                let outgoing = !own_offer;
+                let known = if outgoing {
+                    let out = self.outgoing.remove(&key);
+                    let items = out.map(|o| o.items);
+                    let known = items.is_some();
+                    self.stop_serving(peer, &items.unwrap_or_default());
+                    known
                 } else {
                     self.incoming.remove(&key).is_some() | self.drop_offer_downloads(peer, offer_id)
                 };
@@ -953,6 +979,7 @@ impl Engine {
                         offer_id,
                         reason,
                         by_peer: true,
+                        outgoing,
                     };
                     self.event(ev);
                 }
@@ -1003,7 +1030,7 @@ impl Engine {
         if resuming {
             self.send(peer, TransferMsg::Answer { offer_id, accept: true });
             self.start_downloads(peer, offer_id, &items, now);
-            self.event(TransferEvent::Resumed { peer: peer.clone(), offer_id });
+            self.event(TransferEvent::Resumed { peer: peer.clone(), offer_id, items });
             return;
         }
         self.incoming.insert(key, items.clone());

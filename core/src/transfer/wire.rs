@@ -101,8 +101,11 @@ pub enum TransferMsg {
     },
     /// Either side abandons an offer; the receiver discards what it got.
     Cancel {
-        /// Which offer (as the sender numbered it).
+        /// Which offer (as its sender numbered it).
         offer_id: u64,
+        /// Whether the offer is the canceller's own (it was sending); otherwise it is
+        /// the recipient's (the canceller was receiving).
+        own_offer: bool,
         /// Why, for people.
         reason: String,
     },
@@ -263,8 +266,9 @@ impl TransferMsg {
                 put_text(&mut out, reason, MAX_REASON_LEN);
                 ty::MISSING
             }
-            Self::Cancel { offer_id, reason } => {
+            Self::Cancel { offer_id, own_offer, reason } => {
                 out.extend_from_slice(&offer_id.to_be_bytes());
+                out.push(u8::from(*own_offer));
                 put_text(&mut out, reason, MAX_REASON_LEN);
                 ty::CANCEL
             }
@@ -341,7 +345,15 @@ impl TransferMsg {
                 Self::Chunk { root, index, data }
             }
             ty::MISSING => Self::Missing { root: r.hash()?, reason: r.text(MAX_REASON_LEN)? },
-            ty::CANCEL => Self::Cancel { offer_id: r.u64()?, reason: r.text(MAX_REASON_LEN)? },
+            ty::CANCEL => {
+                let offer_id = r.u64()?;
+                let own_offer = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::TooLarge),
+                };
+                Self::Cancel { offer_id, own_offer, reason: r.text(MAX_REASON_LEN)? }
+            }
             ty::QUERY => Self::Query { root: r.hash()? },
             ty::HAVE => Self::Have { root: r.hash()? },
             ty::COMPLETE => Self::Complete { root: r.hash()? },
@@ -374,7 +386,7 @@ mod tests {
             TransferMsg::ChunkRequest { root, index: 42 },
             TransferMsg::Chunk { root, index: 42, data: vec![5; CHUNK_LEN] },
             TransferMsg::Missing { root, reason: "file removed".into() },
-            TransferMsg::Cancel { offer_id: 7, reason: "cancelled by Bob".into() },
+            TransferMsg::Cancel { offer_id: 7, own_offer: true, reason: "cancelled by Bob".into() },
             TransferMsg::Query { root },
             TransferMsg::Have { root },
             TransferMsg::Complete { root },

@@ -1,11 +1,13 @@
 // Weft web app: the page's UI on top of the WASM core's JavaScript API (see the docs at
 // the top of wasm/src/lib.rs). Everything here is presentation; the protocol lives in Rust.
 import init, * as weft from "./pkg/weft_wasm.js";
+import { FilesUI } from "./files-ui.js";
 
 const $ = (id) => document.getElementById(id);
 let session = null;
 const peers = new Map(); // peerId -> latest peer object from the core
 const listeners = new Set(); // extra event listeners (window.weft.on), for embedders and tests
+let files = null; // the file-transfer UI (files-ui.js)
 
 function dispatch(ev) {
   onEvent(ev);
@@ -69,14 +71,37 @@ function renderPeers() {
   list.replaceChildren(...items);
   $("peer-count").textContent = String(peers.size);
   $("no-peers").hidden = peers.size > 0;
+  files?.peersChanged();
+}
+
+async function copyText(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    // No clipboard permission (or not a secure context): copy through a selection.
+    const area = el("textarea", { value: text, readOnly: true, className: "offscreen" });
+    document.body.append(area);
+    area.select();
+    try { document.execCommand("copy"); } finally { area.remove(); }
+  }
+  const label = button.textContent;
+  button.textContent = "Copied";
+  setTimeout(() => { button.textContent = label; }, 1500);
 }
 
 function addMessage({ name, text, at, mine }) {
   const time = new Date(at);
-  const li = el("li", { className: mine ? "mine" : "" },
+  // A multi-line or long text is a snippet: kept as typed, in a block of its own.
+  const snippet = text.includes("\n") || text.length > 160;
+  const copy = el("button", { type: "button", className: "small ghost copy", textContent: "Copy" });
+  copy.setAttribute("aria-label", `Copy the message from ${name}`);
+  copy.addEventListener("click", () => copyText(text, copy));
+  const li = el("li", { className: [mine ? "mine" : "", snippet ? "snippet" : ""].join(" ").trim() },
     el("span", { className: "from", textContent: name }),
-    el("span", { className: "text", textContent: text }),
-    el("time", { dateTime: time.toISOString(), textContent: time.toLocaleTimeString() }));
+    snippet ? "" : el("span", { className: "text", textContent: text }),
+    el("time", { dateTime: time.toISOString(), textContent: time.toLocaleTimeString() }),
+    copy);
+  if (snippet) li.append(el("pre", { className: "text", textContent: text }));
   $("messages").append(li);
   li.scrollIntoView({ block: "nearest" });
 }
@@ -98,6 +123,7 @@ function onEvent(ev) {
     case "message": addMessage({ ...ev, mine: false }); break;
     case "error": setStatus("error", `${ev.code}: ${ev.message}`); break;
   }
+  files?.onEvent(ev);
 }
 
 function displayName() {
@@ -110,6 +136,7 @@ async function join(options) {
   showError("join-error", "");
   session?.leave();
   session = null;
+  files?.detach();
   peers.clear();
   setStatus(options.passphrase ? "deriving_key" : "connecting",
     options.passphrase ? "Stretching the passphrase (about two seconds)…" : "");
@@ -136,14 +163,18 @@ async function join(options) {
   $("messages").replaceChildren();
   $("join-panel").hidden = true;
   $("room-panel").hidden = false;
+  document.body.classList.add("in-room");
   for (const p of session.peers()) peers.set(p.peerId, p);
+  files?.attach(session);
   renderPeers();
 }
 
 function leave() {
   session?.leave();
   session = null;
+  files?.detach();
   peers.clear();
+  document.body.classList.remove("in-room");
   history.replaceState(null, "", location.pathname);
   $("join-panel").hidden = false;
   $("room-panel").hidden = true;
@@ -165,9 +196,18 @@ function sendMessage(ev) {
     showError("message-error", "");
     addMessage({ name: "you", text, at: Date.now(), mine: true });
     input.value = "";
+    fitMessageInput();
   } catch (e) {
     showError("message-error", String(e?.message ?? e));
   }
+}
+
+// The message box grows with its text (up to a limit set in style.css).
+function fitMessageInput() {
+  if (CSS.supports?.("field-sizing", "content")) return;
+  const input = $("message-input");
+  input.style.height = "auto";
+  input.style.height = `${input.scrollHeight + 2}px`;
 }
 
 async function main() {
@@ -187,6 +227,15 @@ async function main() {
   });
   $("leave").addEventListener("click", leave);
   $("message-form").addEventListener("submit", sendMessage);
+  $("message-input").addEventListener("input", fitMessageInput);
+  $("message-input").addEventListener("keydown", (ev) => {
+    // Enter sends; Shift+Enter (or Enter while composing with an IME) makes a new line.
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      $("message-form").requestSubmit();
+    }
+  });
+  files = new FilesUI({ peers });
   $("copy-invite").addEventListener("click", async () => {
     try { await navigator.clipboard.writeText($("invite-link").value); } catch { $("invite-link").select(); }
   });
@@ -194,6 +243,8 @@ async function main() {
   window.weft = {
     get session() { return session; },
     get peers() { return [...peers.values()]; },
+    get transfers() { return files?.snapshot() ?? null; },
+    sendFiles: (entries, to) => files.send(entries, to),
     join,
     leave,
     on(listener) { listeners.add(listener); return () => listeners.delete(listener); },

@@ -3,8 +3,20 @@
 //! and produce a transport [`Session`].
 //!
 //! Sans-IO: the driver passes in randomness (and time, for [`HandshakeDeadline`]), sends
-//! what comes out and feeds in what arrives. Handshake messages must travel on a reliable,
-//! ordered channel; the driver retransmits nothing itself.
+//! what comes out and feeds in what arrives. Handshake messages travel on a reliable,
+//! ordered channel, but a message sent the moment a channel opens can still be lost (a
+//! webrtc-rs receiver drops what arrives before its own side of a negotiated channel
+//! opened), so lost messages are recoverable by retransmitting identical bytes:
+//!
+//! - the initiator resends Init ([`HandshakeInitiator::retransmit`]) until the Response
+//!   comes; the responder answers that same Init again with its stored Response;
+//! - the responder resends the Response ([`HandshakeResponder::retransmit`]) until the
+//!   Finish comes; the initiator, already done, answers that same Response with its stored
+//!   Finish.
+//!
+//! Duplicates never run any key exchange again, so no second session can come out of them;
+//! an Init other than the one answered is ignored. The driver decides when to retransmit
+//! (`PeerLink` does it on a timer with backoff).
 //!
 //! ```text
 //! Initiator                                               Responder
@@ -540,6 +552,12 @@ pub struct HandshakeInitiator {
 #[cfg_attr(test, derive(Clone))]
 enum InitiatorState {
     WaitResponse(Box<InitiatorWait>),
+    /// Established: the Response we accepted and the Finish we answered it with, to answer
+    /// a retransmitted Response (our Finish was lost) with the very same Finish.
+    Done {
+        response: Vec<u8>,
+        finish: Vec<u8>,
+    },
     Over,
 }
 
@@ -550,6 +568,8 @@ struct InitiatorWait {
     net_mac_key: Zeroizing<[u8; 32]>,
     pq_secret: <PqKem as Kem>::PrivateKey,
     transcript: Transcript,
+    /// Our Init, for [`HandshakeInitiator::retransmit`].
+    init: Vec<u8>,
 }
 
 impl HandshakeInitiator {
@@ -575,23 +595,58 @@ impl HandshakeInitiator {
         transcript.absorb(&nmac1);
         msg.extend_from_slice(&nmac1);
 
-        let wait =
-            InitiatorWait { identity: identity.clone(), psk, net_mac_key, pq_secret, transcript };
+        let wait = InitiatorWait {
+            identity: identity.clone(),
+            psk,
+            net_mac_key,
+            pq_secret,
+            transcript,
+            init: msg.clone(),
+        };
         (Self { state: InitiatorState::WaitResponse(Box::new(wait)) }, msg)
     }
 
     /// Handles the Response: on success returns the Finish message to send and the
     /// established session (usable at once; the responder confirms by sending on it).
     ///
-    /// Any error ends the handshake; send [`HandshakeError::reject_message`] if it has one.
+    /// Once established, the very same Response again (the responder retransmits it
+    /// because our Finish was lost) returns the very same Finish to send again, and no
+    /// session; anything else then is [`HandshakeError::NotWaiting`] and changes nothing.
+    ///
+    /// While waiting, any error ends the handshake; send [`HandshakeError::reject_message`]
+    /// if it has one.
     pub fn handle(
         &mut self,
         msg: &[u8],
         rng: &mut impl CryptoRng,
     ) -> Result<HandshakeStep, HandshakeError> {
         match std::mem::replace(&mut self.state, InitiatorState::Over) {
-            InitiatorState::WaitResponse(wait) => wait.handle_response(msg, rng),
+            InitiatorState::WaitResponse(wait) => {
+                let step = wait.handle_response(msg, rng)?;
+                if let Some(finish) = &step.message {
+                    self.state =
+                        InitiatorState::Done { response: msg.to_vec(), finish: finish.clone() };
+                }
+                Ok(step)
+            }
+            InitiatorState::Done { response, finish } => {
+                let again = (msg == response.as_slice()).then(|| finish.clone());
+                self.state = InitiatorState::Done { response, finish };
+                match again {
+                    Some(finish) => Ok(HandshakeStep { message: Some(finish), established: None }),
+                    None => Err(HandshakeError::NotWaiting),
+                }
+            }
             InitiatorState::Over => Err(HandshakeError::NotWaiting),
+        }
+    }
+
+    /// The Init again (identical bytes) while the Response has not come: the first one
+    /// may have been lost. `None` once the handshake finished or failed.
+    pub fn retransmit(&self) -> Option<Vec<u8>> {
+        match &self.state {
+            InitiatorState::WaitResponse(wait) => Some(wait.init.clone()),
+            InitiatorState::Done { .. } | InitiatorState::Over => None,
         }
     }
 
@@ -607,7 +662,7 @@ impl InitiatorWait {
         msg: &[u8],
         rng: &mut impl CryptoRng,
     ) -> Result<HandshakeStep, HandshakeError> {
-        let Self { identity, psk, net_mac_key, pq_secret, mut transcript } = *self;
+        let Self { identity, psk, net_mac_key, pq_secret, mut transcript, init: _ } = *self;
         let mut body = parse_header(msg, MSG_RESPONSE, RESPONSE_LEN)?;
         let r_static_bytes = take(&mut body, PUBLIC_IDENTITY_LEN)?;
         let enc_auth = take(&mut body, X25519_LEN)?;
@@ -738,6 +793,10 @@ struct ResponderWait {
     peer: [u8; PUBLIC_IDENTITY_LEN],
     chain: Zeroizing<[u8; 32]>,
     transcript: Transcript,
+    /// The Init we answered: the same bytes again get the same Response.
+    init: Vec<u8>,
+    /// Our Response, for duplicates of `init` and [`HandshakeResponder::retransmit`].
+    response: Vec<u8>,
 }
 
 impl HandshakeResponder {
@@ -760,7 +819,14 @@ impl HandshakeResponder {
     /// Handles the Init message (returns the Response to send) and then the Finish message
     /// (returns the established session).
     ///
-    /// Any error ends the handshake; send [`HandshakeError::reject_message`] if it has one.
+    /// While waiting for the Finish, the very same Init again (the initiator retransmits it
+    /// because our Response was lost) returns the very same Response again; any other Init
+    /// is ignored (an empty step): in an honest run the initiator only ever resends the
+    /// same bytes, so another Init is a replay or an injection, and it must not end this
+    /// handshake, nor start a second one.
+    ///
+    /// Any other error ends the handshake; send [`HandshakeError::reject_message`] if it
+    /// has one.
     pub fn handle(
         &mut self,
         msg: &[u8],
@@ -772,8 +838,22 @@ impl HandshakeResponder {
                 self.state = ResponderState::WaitFinish(wait);
                 Ok(HandshakeStep { message: Some(response), established: None })
             }
+            ResponderState::WaitFinish(wait) if msg.first() == Some(&MSG_INIT) => {
+                let again = (msg == wait.init.as_slice()).then(|| wait.response.clone());
+                self.state = ResponderState::WaitFinish(wait);
+                Ok(HandshakeStep { message: again, established: None })
+            }
             ResponderState::WaitFinish(wait) => wait.handle_finish(msg),
             ResponderState::Over => Err(HandshakeError::NotWaiting),
+        }
+    }
+
+    /// The Response again (identical bytes) while the Finish has not come: it, or the
+    /// Finish, may have been lost. `None` before the Init and once the handshake is over.
+    pub fn retransmit(&self) -> Option<Vec<u8>> {
+        match &self.state {
+            ResponderState::WaitFinish(wait) => Some(wait.response.clone()),
+            ResponderState::WaitInit(_) | ResponderState::Over => None,
         }
     }
 
@@ -850,6 +930,8 @@ impl ResponderInit {
             peer: to_array(i_static_bytes),
             chain: keys.chain,
             transcript,
+            init: msg.to_vec(),
+            response: out.clone(),
         };
         Ok((Box::new(wait), out))
     }
@@ -857,7 +939,7 @@ impl ResponderInit {
 
 impl ResponderWait {
     fn handle_finish(self: Box<Self>, msg: &[u8]) -> Result<HandshakeStep, HandshakeError> {
-        let Self { identity, psk, net_mac_key, pq_secret, peer, chain, mut transcript } = *self;
+        let Self { identity, psk, net_mac_key, pq_secret, peer, chain, mut transcript, .. } = *self;
         let mut body = parse_header(msg, MSG_FINISH, FINISH_LEN)?;
         let enc_auth = take(&mut body, X25519_LEN)?;
         let ct_pq = take(&mut body, XWING_CIPHERTEXT_LEN)?;

@@ -106,6 +106,10 @@ pub enum InviteError {
     /// bits.
     #[error("malformed invite: only the characters A-Z a-z 0-9 - _ may appear")]
     InvalidCharacters,
+    /// The right characters, but not an invite this program made (the last character
+    /// holds unused bits that must be zero): probably mistyped.
+    #[error("not a valid invite: its last character is wrong (mistyped or cut short?)")]
+    NotCanonical,
 }
 
 /// The secret shared by all peers of a network. Erased from memory on drop.
@@ -176,6 +180,9 @@ impl NetworkSecret {
         match URL_SAFE_NO_PAD.decode_slice(invite, secret.as_mut()) {
             Ok(NETWORK_SECRET_LEN) => Ok(Self { secret }),
             Ok(n) => Err(InviteError::WrongLength { got: n }),
+            Err(base64::DecodeSliceError::DecodeError(base64::DecodeError::InvalidLastSymbol(
+                ..,
+            ))) => Err(InviteError::NotCanonical),
             Err(_) => Err(InviteError::InvalidCharacters),
         }
     }
@@ -359,7 +366,7 @@ mod tests {
         );
         // Non-canonical last character (trailing bits set).
         let noncanon = format!("{}B", "A".repeat(INVITE_LEN - 1));
-        assert!(NetworkSecret::from_invite(&noncanon).is_err());
+        assert_eq!(NetworkSecret::from_invite(&noncanon).unwrap_err(), InviteError::NotCanonical);
         // Multi-byte characters are not counted as bytes.
         let unicode = "é".repeat(INVITE_LEN);
         assert!(NetworkSecret::from_invite(&unicode).is_err());

@@ -44,6 +44,9 @@ pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
 /// channel can overtake the Finish message on the control channel).
 const MAX_EARLY_PACKETS: usize = 64;
 
+/// The longest wait between two retransmissions of a handshake message.
+const MAX_HANDSHAKE_RETRANSMIT: Duration = Duration::from_secs(4);
+
 /// Whether we are the polite side of WebRTC perfect negotiation with `remote`: the side
 /// with the higher peer id. The impolite side (lower id) initiates the handshake.
 pub fn is_polite(own: &PeerId, remote: &PeerId) -> bool {
@@ -55,6 +58,10 @@ pub fn is_polite(own: &PeerId, remote: &PeerId) -> bool {
 pub struct PeerLinkConfig {
     /// How long a handshake may take from the channel opening.
     pub handshake_timeout: Duration,
+    /// How long the handshake waits for the peer's answer before sending its last message
+    /// again (identical bytes; doubling each time, up to 4 s). A message sent right as a
+    /// channel opens can be lost (see `core/HANDSHAKE.md`).
+    pub handshake_retransmit: Duration,
     /// How often an established link pings its peer to measure the round trip time.
     pub ping_interval: Duration,
     /// An established link that accepts no packet for this long fails: the peer is gone
@@ -66,6 +73,7 @@ impl Default for PeerLinkConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: crate::handshake::DEFAULT_HANDSHAKE_TIMEOUT,
+            handshake_retransmit: Duration::from_secs(1),
             ping_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
         }
@@ -168,10 +176,60 @@ enum Handshake {
     Responder(HandshakeResponder),
 }
 
+impl Handshake {
+    fn handle(
+        &mut self,
+        bytes: &[u8],
+        rng: &mut impl CryptoRng,
+    ) -> Result<HandshakeStep, HandshakeError> {
+        match self {
+            Handshake::Initiator(hs) => hs.handle(bytes, rng),
+            Handshake::Responder(hs) => hs.handle(bytes, rng),
+        }
+    }
+
+    fn retransmit(&self) -> Option<Vec<u8>> {
+        match self {
+            Handshake::Initiator(hs) => hs.retransmit(),
+            Handshake::Responder(hs) => hs.retransmit(),
+        }
+    }
+}
+
+/// When to send our last handshake message again, and the wait after that.
+#[derive(Clone, Copy)]
+struct Retransmit {
+    at: Duration,
+    interval: Duration,
+}
+
+impl Retransmit {
+    fn start(now: Duration, interval: Duration) -> Self {
+        Self { at: now.saturating_add(interval), interval }
+    }
+
+    fn next(self, now: Duration) -> Self {
+        let interval = self.interval.saturating_mul(2).min(MAX_HANDSHAKE_RETRANSMIT);
+        Self { at: now.saturating_add(interval), interval }
+    }
+}
+
 enum State {
     Waiting,
-    Handshaking { handshake: Handshake, deadline: HandshakeDeadline },
-    Established { session: Box<Session>, next_ping: Duration, last_heard: Duration },
+    Handshaking {
+        handshake: Handshake,
+        deadline: HandshakeDeadline,
+        /// Armed while we wait for an answer to a message we sent.
+        retransmit: Option<Retransmit>,
+    },
+    Established {
+        session: Box<Session>,
+        next_ping: Duration,
+        last_heard: Duration,
+        /// The initiator's finished handshake, kept to answer a retransmitted Response
+        /// (our Finish was lost) until the first packet from the peer proves it has it.
+        handshake: Option<Handshake>,
+    },
     Failed,
 }
 
@@ -313,14 +371,16 @@ impl PeerLink {
         };
         let deadline = HandshakeDeadline::new(now, self.config.handshake_timeout);
         let secret = self.network.secret();
-        let handshake = if self.is_initiator() {
+        let (handshake, retransmit) = if self.is_initiator() {
             let (hs, init) = HandshakeInitiator::new(rng, &self.identity, secret, &binding);
             self.transmits.push_back(init);
-            Handshake::Initiator(hs)
+            let retransmit = Retransmit::start(now, self.config.handshake_retransmit);
+            (Handshake::Initiator(hs), Some(retransmit))
         } else {
-            Handshake::Responder(HandshakeResponder::new(&self.identity, secret, &binding))
+            let hs = HandshakeResponder::new(&self.identity, secret, &binding);
+            (Handshake::Responder(hs), None)
         };
-        self.state = State::Handshaking { handshake, deadline };
+        self.state = State::Handshaking { handshake, deadline, retransmit };
         // Anything that arrived before the channel was reported open.
         for bytes in std::mem::take(&mut self.early) {
             self.receive(&bytes, now, rng);
@@ -332,6 +392,15 @@ impl PeerLink {
     pub fn channel_closed(&mut self) {
         self.state = State::Waiting;
         self.early.clear();
+    }
+
+    /// We are leaving: tells an established peer with a Close frame (the next
+    /// [`Self::poll_transmit`]) and ends the session like [`Self::channel_closed`].
+    pub fn close(&mut self, now: Duration) {
+        if self.state() == LinkState::Established {
+            self.send_frames(&[Frame::Close { code: 0 }], now);
+        }
+        self.channel_closed();
     }
 
     /// Bytes that arrived on either data channel.
@@ -352,29 +421,43 @@ impl PeerLink {
         }
         match &mut self.state {
             State::Waiting => {}
-            State::Handshaking { handshake, .. } => {
+            State::Handshaking { handshake, retransmit, .. } => {
                 if kind != Some(MessageKind::Handshake) {
                     self.stats.packets_rejected += 1;
                     return;
                 }
-                let step = match handshake {
-                    Handshake::Initiator(hs) => hs.handle(bytes, rng),
-                    Handshake::Responder(hs) => hs.handle(bytes, rng),
-                };
-                match step {
-                    Ok(step) => self.advance(step, now, rng),
+                match handshake.handle(bytes, rng) {
+                    Ok(step) => {
+                        if step.message.is_some() && retransmit.is_none() {
+                            // The responder's Response: resent until the Finish comes.
+                            *retransmit =
+                                Some(Retransmit::start(now, self.config.handshake_retransmit));
+                        }
+                        self.advance(step, now, rng);
+                    }
                     Err(e) => self.fail(e.into()),
                 }
             }
-            State::Established { session, last_heard, .. } => {
+            State::Established { session, last_heard, handshake, .. } => {
                 if kind != Some(MessageKind::Transport) {
-                    // A late or replayed handshake message: the session stays.
-                    self.stats.packets_rejected += 1;
+                    // Our Finish was lost and the responder resends its Response: answer
+                    // with the same Finish. Anything else is a late or replayed handshake
+                    // message: the session stays.
+                    let again = handshake
+                        .as_mut()
+                        .and_then(|hs| hs.handle(bytes, rng).ok())
+                        .and_then(|step| step.message);
+                    match again {
+                        Some(finish) => self.transmits.push_back(finish),
+                        None => self.stats.packets_rejected += 1,
+                    }
                     return;
                 }
                 match session.open_frames(bytes, now) {
                     Ok(frames) => {
                         *last_heard = now;
+                        // The peer sends only once established: it has our Finish.
+                        *handshake = None;
                         self.stats.packets_received += 1;
                         for frame in frames {
                             self.on_frame(frame, now);
@@ -398,10 +481,15 @@ impl PeerLink {
         let fingerprint = established.peer.fingerprint();
         self.peer_identity = Some(established.peer);
         self.ping_epoch = now;
+        let handshake = match std::mem::replace(&mut self.state, State::Waiting) {
+            State::Handshaking { handshake: hs @ Handshake::Initiator(_), .. } => Some(hs),
+            _ => None,
+        };
         self.state = State::Established {
             session: Box::new(established.session),
             next_ping: now.saturating_add(self.config.ping_interval),
             last_heard: now,
+            handshake,
         };
         self.events.push_back(LinkEvent::Established { identity: established.peer, fingerprint });
         let hello = Frame::Hello { name: self.own_name.clone() };
@@ -496,8 +584,11 @@ impl PeerLink {
     /// When [`Self::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.state {
-            State::Handshaking { deadline, .. } => Some(deadline.deadline()),
-            State::Established { session, next_ping, last_heard } => {
+            State::Handshaking { deadline, retransmit, .. } => {
+                let deadline = deadline.deadline();
+                Some(retransmit.map_or(deadline, |r| r.at.min(deadline)))
+            }
+            State::Established { session, next_ping, last_heard, .. } => {
                 let silent = last_heard.saturating_add(self.config.idle_timeout);
                 let due = (*next_ping).min(silent);
                 Some(session.poll_timeout().map_or(due, |t| t.min(due)))
@@ -506,15 +597,23 @@ impl PeerLink {
         }
     }
 
-    /// Runs what is due at `now`: handshake deadline, pings, key expiry.
+    /// Runs what is due at `now`: handshake deadline and retransmissions, pings, key
+    /// expiry.
     pub fn handle_timeout(&mut self, now: Duration) {
         match &mut self.state {
-            State::Handshaking { deadline, .. } => {
+            State::Handshaking { handshake, deadline, retransmit } => {
                 if let Err(e) = deadline.check(now) {
                     self.fail(e.into());
+                    return;
+                }
+                if let Some(r) = retransmit.filter(|r| now >= r.at) {
+                    *retransmit = Some(r.next(now));
+                    if let Some(msg) = handshake.retransmit() {
+                        self.transmits.push_back(msg);
+                    }
                 }
             }
-            State::Established { session, next_ping, last_heard } => {
+            State::Established { session, next_ping, last_heard, .. } => {
                 if now >= last_heard.saturating_add(self.config.idle_timeout) {
                     let silent = now.saturating_sub(*last_heard);
                     self.fail(LinkError::PeerSilent(silent));

@@ -187,3 +187,48 @@ fn unexpected_and_garbage_messages() {
     let mut r = HandshakeResponder::new(&id, &secret, &br);
     assert!(matches!(r.handle(&long, &mut rng), Err(HandshakeError::Malformed(_))));
 }
+
+#[test]
+fn duplicates_get_the_same_answer_and_no_second_session() {
+    let secret = NetworkSecret::from_random_bytes([6; 32]);
+    let (bi, br) = bindings();
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let id_i = IdentityKeyPair::generate(&mut rng);
+    let id_r = IdentityKeyPair::generate(&mut rng);
+    let (mut init, m1) = HandshakeInitiator::new(&mut rng, &id_i, &secret, &bi);
+    assert_eq!(init.retransmit(), Some(m1.clone()));
+    let mut resp = HandshakeResponder::new(&id_r, &secret, &br);
+    assert_eq!(resp.retransmit(), None, "nothing to resend before the Init");
+    let m2 = resp.handle(&m1, &mut rng).unwrap().message.unwrap();
+    // The same Init again: the same Response, and still waiting for the Finish.
+    let again = resp.handle(&m1, &mut rng).unwrap();
+    assert_eq!(again.message.as_ref(), Some(&m2));
+    assert!(again.established.is_none());
+    assert_eq!(resp.retransmit(), Some(m2.clone()));
+    // Another Init (another initiator, same network and binding): ignored.
+    let other = IdentityKeyPair::generate(&mut rng);
+    let (_, m1_other) = HandshakeInitiator::new(&mut rng, &other, &secret, &bi);
+    let ignored = resp.handle(&m1_other, &mut rng).unwrap();
+    assert!(ignored.message.is_none() && ignored.established.is_none());
+
+    let step = init.handle(&m2, &mut rng).unwrap();
+    let m3 = step.message.unwrap();
+    let session_i = step.established.unwrap().session;
+    assert_eq!(init.retransmit(), None);
+    // The same Response again: the same Finish, no new session.
+    let again = init.handle(&m2, &mut rng).unwrap();
+    assert_eq!(again.message.as_ref(), Some(&m3));
+    assert!(again.established.is_none());
+    // Anything else now changes nothing.
+    assert_eq!(init.handle(&m1, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
+    let mut flipped = m2.clone();
+    flipped[100] ^= 1;
+    assert_eq!(init.handle(&flipped, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
+    assert_eq!(init.handle(&m2, &mut rng).unwrap().message, Some(m3.clone()));
+
+    let session_r = resp.handle(&m3, &mut rng).unwrap().established.unwrap().session;
+    assert_eq!(session_i.session_id(), session_r.session_id());
+    assert_eq!(resp.retransmit(), None);
+    assert_eq!(resp.handle(&m1, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
+    assert_eq!(resp.handle(&m3, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
+}

@@ -212,8 +212,23 @@ fn a_silent_peer_times_out_the_handshake() {
     let net = invite_network();
     let mut p = Pair::new(&net, &net);
     p.a.channel_open(&sdp(FP_A), &sdp(FP_B), p.now, &mut p.rng);
-    let deadline = p.a.poll_timeout().unwrap();
-    assert_eq!(deadline, PeerLinkConfig::default().handshake_timeout);
+    let init = p.a.poll_transmit().unwrap();
+    let deadline = PeerLinkConfig::default().handshake_timeout;
+    // Init is resent at 1, 3, 7 and 11 s (backoff capped at 4 s), then the deadline.
+    let mut resent = Vec::new();
+    loop {
+        let next = p.a.poll_timeout().unwrap();
+        if next >= deadline {
+            break;
+        }
+        p.a.handle_timeout(next);
+        while let Some(bytes) = p.a.poll_transmit() {
+            assert_eq!(bytes, init);
+            resent.push(next);
+        }
+    }
+    assert_eq!(resent, vec![t(1_000), t(3_000), t(7_000), t(11_000)]);
+    assert_eq!(p.a.poll_timeout(), Some(deadline));
     p.a.handle_timeout(deadline - t(1));
     assert_eq!(p.a.state(), LinkState::Handshaking);
     p.a.handle_timeout(deadline);
@@ -326,4 +341,284 @@ fn transfer_frames_pass_through_and_other_types_are_refused() {
     assert_eq!(p.a.send_transfer(0x01, vec![], p.now), Err(LinkError::NotTransferFrame(0x01)));
     let (_, eb) = p.pump();
     assert!(eb.contains(&LinkEvent::Transfer { frame_type: 0x26, body: vec![7; 70_000] }));
+}
+
+/// Runs `p` in virtual time: delivers what is in flight (through `deliver`, which may
+/// drop or alter), fires due timers, until both are established or `limit` passes.
+fn run_lossy(
+    p: &mut Pair,
+    limit: Duration,
+    mut deliver: impl FnMut(bool, &[u8]) -> Option<Vec<u8>>,
+) -> (Vec<LinkEvent>, Vec<LinkEvent>) {
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    while p.now <= limit {
+        loop {
+            let mut moved = false;
+            while let Some(bytes) = p.a.poll_transmit() {
+                moved = true;
+                if let Some(bytes) = deliver(true, &bytes) {
+                    p.b.receive(&bytes, p.now, &mut p.rng);
+                }
+            }
+            while let Some(bytes) = p.b.poll_transmit() {
+                moved = true;
+                if let Some(bytes) = deliver(false, &bytes) {
+                    p.a.receive(&bytes, p.now, &mut p.rng);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        ea.extend(std::iter::from_fn(|| p.a.poll_event()));
+        eb.extend(std::iter::from_fn(|| p.b.poll_event()));
+        let both = p.a.state() == LinkState::Established && p.b.state() == LinkState::Established;
+        if both
+            && ea.iter().chain(&eb).filter(|e| matches!(e, LinkEvent::Hello { .. })).count() == 2
+        {
+            return (ea, eb);
+        }
+        let next = [p.a.poll_timeout(), p.b.poll_timeout()].into_iter().flatten().min();
+        let Some(next) = next else { break };
+        p.now = next.max(p.now);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+    }
+    (ea, eb)
+}
+
+/// The handshake message type of `bytes`, if it is one.
+fn hs_type(bytes: &[u8]) -> Option<u8> {
+    bytes.first().copied().filter(|b| (0x01..=0x04).contains(b))
+}
+
+fn established_both_ways(p: &mut Pair, ea: &[LinkEvent], eb: &[LinkEvent]) {
+    assert_eq!(p.a.state(), LinkState::Established, "{ea:?}");
+    assert_eq!(p.b.state(), LinkState::Established, "{eb:?}");
+    assert_eq!(ea.iter().filter(|e| matches!(e, LinkEvent::Established { .. })).count(), 1);
+    assert_eq!(eb.iter().filter(|e| matches!(e, LinkEvent::Established { .. })).count(), 1);
+    assert!(!ea.iter().chain(eb).any(|e| matches!(e, LinkEvent::Failed(_))), "{ea:?} {eb:?}");
+    p.a.send_message("after loss", p.now).unwrap();
+    p.b.send_message("and back", p.now).unwrap();
+    let (ea, eb) = p.pump();
+    assert!(eb.contains(&LinkEvent::Message { text: "after loss".into() }), "{eb:?}");
+    assert!(ea.contains(&LinkEvent::Message { text: "and back".into() }), "{ea:?}");
+}
+
+#[test]
+fn a_lost_init_is_retransmitted_identically_and_the_link_establishes() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    let mut inits: Vec<Vec<u8>> = Vec::new();
+    let mut dropped = 0;
+    let (ea, eb) = run_lossy(&mut p, t(15_000), |_, bytes| {
+        if hs_type(bytes) == Some(0x01) {
+            inits.push(bytes.to_vec());
+            // The first two copies are lost (as at a webrtc-rs channel's opening).
+            if inits.len() <= 2 {
+                dropped += 1;
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert_eq!(dropped, 2);
+    assert!(inits.len() >= 3);
+    assert!(inits.iter().all(|i| *i == inits[0]), "every retransmission is the same Init");
+    // Resent after 1 s, then 2 s later: established at 3 s.
+    assert_eq!(p.now, t(3_000));
+    established_both_ways(&mut p, &ea, &eb);
+}
+
+#[test]
+fn a_lost_response_is_recovered_by_the_init_retransmission() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    let mut responses: Vec<Vec<u8>> = Vec::new();
+    let (ea, eb) = run_lossy(&mut p, t(15_000), |_, bytes| {
+        if hs_type(bytes) == Some(0x02) {
+            responses.push(bytes.to_vec());
+            if responses.len() == 1 {
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert!(responses.len() >= 2);
+    assert!(responses.iter().all(|r| *r == responses[0]), "the stored Response is resent");
+    established_both_ways(&mut p, &ea, &eb);
+}
+
+#[test]
+fn a_lost_finish_is_recovered_by_the_response_retransmission() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    let mut finishes: Vec<Vec<u8>> = Vec::new();
+    // A is established at once; its Hello and Ping wait at B (they overtook the Finish).
+    let (ea, eb) = run_lossy(&mut p, t(15_000), |_, bytes| {
+        if hs_type(bytes) == Some(0x03) {
+            finishes.push(bytes.to_vec());
+            if finishes.len() == 1 {
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert_eq!(finishes.len(), 2, "one Finish resent for one resent Response");
+    assert_eq!(finishes[0], finishes[1], "the stored Finish is resent");
+    assert_eq!(p.now, t(1_000), "recovered at the responder's first retransmission");
+    assert!(eb.contains(&LinkEvent::Hello { name: "Alice".into() }), "{eb:?}");
+    established_both_ways(&mut p, &ea, &eb);
+}
+
+#[test]
+fn every_handshake_message_lost_once_still_establishes() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    let mut seen = [0usize; 5];
+    let (ea, eb) = run_lossy(&mut p, t(15_000), |_, bytes| {
+        if let Some(kind) = hs_type(bytes) {
+            seen[usize::from(kind)] += 1;
+            if seen[usize::from(kind)] == 1 {
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    established_both_ways(&mut p, &ea, &eb);
+}
+
+#[test]
+fn duplicates_on_a_lossless_channel_are_harmless() {
+    // A slow peer: the Response comes after the Init was resent twice.
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    let first = p.a.poll_transmit().unwrap();
+    p.now = t(1_000);
+    p.a.handle_timeout(p.now);
+    let second = p.a.poll_transmit().unwrap();
+    assert_eq!(first, second);
+    p.now = t(3_000);
+    p.a.handle_timeout(p.now);
+    let third = p.a.poll_transmit().unwrap();
+    assert_eq!(first, third);
+    assert_eq!(p.a.poll_timeout(), Some(t(7_000)), "backoff doubles");
+    for init in [&first, &second, &third] {
+        p.b.receive(init, p.now, &mut p.rng);
+    }
+    let responses: Vec<_> = std::iter::from_fn(|| p.b.poll_transmit()).collect();
+    assert_eq!(responses.len(), 3);
+    assert!(responses.iter().all(|r| *r == responses[0]));
+    for r in &responses {
+        p.a.receive(r, p.now, &mut p.rng);
+    }
+    let (ea, eb) = p.pump();
+    established_both_ways(&mut p, &ea, &eb);
+    // Once A heard from B, a replayed Response gets nothing more.
+    p.a.receive(&responses[0], p.now, &mut p.rng);
+    assert_eq!(p.a.poll_transmit(), None);
+    assert_eq!(p.a.state(), LinkState::Established);
+}
+
+#[test]
+fn a_replayed_init_neither_creates_a_second_session_nor_fails_one() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    let init = p.a.poll_transmit().unwrap();
+
+    // An attacker who knows the network secret sends its own Init over the same channel
+    // binding while B waits for A's Finish: ignored, and the real handshake goes on.
+    let mut rng = ChaCha20Rng::seed_from_u64(99);
+    let mallory = IdentityKeyPair::generate(&mut rng);
+    let mut m = PeerLink::new(
+        PeerId::new("aaaa").unwrap(),
+        PeerId::new("bbbb").unwrap(),
+        mallory,
+        &net,
+        "Mallory",
+        PeerLinkConfig::default(),
+    );
+    m.channel_open(&sdp(FP_A), &sdp(FP_B), p.now, &mut rng);
+    let forged = m.poll_transmit().unwrap();
+    assert_ne!(forged, init);
+    p.b.receive(&init, p.now, &mut p.rng);
+    let response = p.b.poll_transmit().unwrap();
+    p.b.receive(&forged, p.now, &mut p.rng);
+    assert_eq!(p.b.poll_transmit(), None, "no answer to another Init");
+    assert_eq!(p.b.state(), LinkState::Handshaking);
+    p.a.receive(&response, p.now, &mut p.rng);
+    let (ea, eb) = p.pump();
+    established_both_ways(&mut p, &ea, &eb);
+    let packets_before = p.b.stats().packets_received;
+
+    // Replays once established: A's own Init, the forged one, the Response at A.
+    for bytes in [&init, &forged] {
+        p.b.receive(bytes, p.now, &mut p.rng);
+        p.a.receive(bytes, p.now, &mut p.rng);
+    }
+    p.a.receive(&response, p.now, &mut p.rng);
+    assert_eq!(p.a.poll_transmit(), None);
+    assert_eq!(p.b.poll_transmit(), None);
+    let (ea, eb) = p.pump();
+    assert!(ea.is_empty() && eb.is_empty(), "{ea:?} {eb:?}");
+    assert_eq!(p.a.state(), LinkState::Established);
+    assert_eq!(p.b.state(), LinkState::Established);
+    // The one session still carries messages.
+    p.a.send_message("still one session", p.now).unwrap();
+    let (_, eb) = p.pump();
+    assert!(eb.contains(&LinkEvent::Message { text: "still one session".into() }));
+    assert!(p.b.stats().packets_received > packets_before);
+
+    // A fresh responder given a replay of A's Init (a recorded one, on this binding)
+    // answers, but nobody without A's keys can finish: it times out, alone.
+    let mut fresh = PeerLink::new(
+        PeerId::new("bbbb").unwrap(),
+        PeerId::new("aaaa").unwrap(),
+        IdentityKeyPair::generate(&mut rng),
+        &net,
+        "Bob",
+        PeerLinkConfig::default(),
+    );
+    fresh.channel_open(&sdp(FP_B), &sdp(FP_A), p.now, &mut rng);
+    fresh.receive(&init, p.now, &mut rng);
+    assert!(fresh.poll_transmit().is_some());
+    fresh.handle_timeout(p.now + PeerLinkConfig::default().handshake_timeout);
+    let events: Vec<_> = std::iter::from_fn(|| fresh.poll_event()).collect();
+    assert_eq!(failure(&events), &LinkError::Handshake(HandshakeError::TimedOut));
+}
+
+#[test]
+fn a_lost_reject_still_ends_in_the_timeout_not_a_hang() {
+    // Wrong passphrase, and the responder's Reject is lost: the initiator keeps resending
+    // Init (the failed responder stays failed and silent) until its deadline.
+    let good = Network::from_passphrase("home", "correct horse", &TINY).unwrap();
+    let wrong = Network::from_passphrase("home", "wrong horse", &TINY).unwrap();
+    let mut p = Pair::new(&good, &wrong);
+    p.open(FP_B, FP_A);
+    let (ea, eb) = run_lossy(&mut p, t(20_000), |to_b, bytes| {
+        (to_b || hs_type(bytes) != Some(0x04)).then(|| bytes.to_vec())
+    });
+    assert_eq!(failure(&eb), &LinkError::Handshake(HandshakeError::WrongNetworkSecret));
+    assert_eq!(failure(&ea), &LinkError::Handshake(HandshakeError::TimedOut));
+    assert_eq!(p.b.state(), LinkState::Failed);
+}
+
+#[test]
+fn closing_tells_the_peer() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    p.pump();
+    p.a.close(p.now);
+    assert_eq!(p.a.state(), LinkState::Waiting);
+    let close = p.a.poll_transmit().expect("a Close frame");
+    p.b.receive(&close, p.now, &mut p.rng);
+    assert_eq!(p.b.state(), LinkState::Waiting);
+    assert_eq!(p.b.send_message("gone?", p.now), Err(LinkError::NotEstablished));
 }

@@ -36,6 +36,8 @@ struct Node {
     events: Vec<TransferEvent>,
     /// Chunks to corrupt once when served.
     corrupt: HashSet<(Root, u32)>,
+    /// Chunks to corrupt every time (a damaged copy).
+    damaged: HashSet<(Root, u32)>,
     /// Never completes reads (a stalled source).
     mute: bool,
     /// Chunks served, by requester.
@@ -170,7 +172,7 @@ impl Net {
                 }
                 let file = node.files.get(&root).or_else(|| node.disk.get(&root)).unwrap();
                 let mut data = file[offset as usize..offset as usize + len].to_vec();
-                if node.corrupt.remove(&(root, index)) {
+                if node.corrupt.remove(&(root, index)) || node.damaged.contains(&(root, index)) {
                     data[len / 2] ^= 0x40;
                 }
                 *node.served.entry(peer.clone()).or_default() += 1;
@@ -744,4 +746,23 @@ fn cancels_name_the_right_offer_even_when_both_sides_use_the_same_number() {
     net.engine("alice").accept(&pid("bob"), b_offer, now).unwrap();
     net.settle();
     assert_eq!(net.completed("alice"), vec![b_root]);
+}
+
+#[test]
+fn a_lone_source_with_a_damaged_copy_is_dropped_with_a_plain_reason() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(6 * CHUNK_LEN, 21);
+    let root = net.share("alice", &data);
+    net.node("alice").damaged.insert((root, 4));
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("bob");
+    let now = net.now;
+    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.settle();
+    assert!(net.completed("bob").is_empty(), "a damaged chunk is never accepted");
+    assert!(net.events("bob").iter().any(|e| matches!(e,
+        TransferEvent::SourceDropped { reason, .. } if reason.contains("damaged"))));
+    let p = net.engine("bob").progress(&root).unwrap();
+    assert_eq!(p.done_bytes, 5 * CHUNK_LEN as u64, "everything else is kept for a better source");
 }

@@ -1,124 +1,294 @@
-//! `weft-peer`: the native Weft peer. So far it joins a room through the signaling
-//! server and reports who is there; encrypted sessions, file transfer and the TUN bridge
-//! build on this.
+//! `weft-peer`: the native Weft peer. Joins a network's room through the signaling server,
+//! connects to every member over WebRTC (webrtc-rs), runs the same encrypted session as
+//! the browser (`weft_core::peer::PeerLink`) and exchanges messages.
+//!
+//! Modules: [`cli`] (options), [`store`] (identity key and trust stores on disk),
+//! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection),
+//! [`mesh`] (every member's connection and link), [`output`] (text or JSON lines).
 
+mod cli;
+mod mesh;
+mod output;
+mod rtc;
 mod signaling;
+mod store;
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use tokio::sync::{mpsc, watch};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::Parser as _;
+use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
-use weft_core::signal::{MembershipEvent, RoomId};
+use weft_core::identity::IdentityKeyPair;
+use weft_core::network::Network;
+use weft_core::signal::PeerId;
 
-use crate::signaling::Report;
+use crate::cli::{Cli, Command};
+use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState};
+use crate::output::Printer;
+use crate::store::Store;
 
-/// Weft native peer.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Cli {
-    /// The signaling server's WebSocket URL.
-    #[arg(long, env = "WEFT_SERVER", default_value = "ws://127.0.0.1:8080/ws", global = true)]
-    server: String,
-
-    /// Print one JSON object per line instead of text.
-    #[arg(long, global = true)]
-    json: bool,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Join a room and stay, reporting peers as they come and go.
-    Up {
-        /// The room id (letters, digits, - and _).
-        #[arg(long)]
-        room: String,
-    },
-}
-
-fn print(json: bool, report: &Report) {
-    if json {
-        let value = match report {
-            Report::Connecting { attempt } => {
-                serde_json::json!({"event": "connecting", "attempt": attempt})
-            }
-            Report::Disconnected { reason, retry_in } => serde_json::json!({
-                "event": "disconnected", "reason": reason, "retry_in_ms": retry_in.as_millis()
-            }),
-            Report::Membership(MembershipEvent::Joined { peer_id, peers }) => {
-                serde_json::json!({"event": "joined", "peer_id": peer_id, "peers": peers})
-            }
-            Report::Membership(MembershipEvent::PeerJoined(p)) => {
-                serde_json::json!({"event": "peer_joined", "peer_id": p})
-            }
-            Report::Membership(MembershipEvent::PeerLeft(p)) => {
-                serde_json::json!({"event": "peer_left", "peer_id": p})
-            }
-            Report::Membership(MembershipEvent::Error { code, message }) => {
-                serde_json::json!({"event": "error", "code": code, "message": message})
-            }
-            Report::Membership(MembershipEvent::Signal { .. } | MembershipEvent::Pong) => return,
-        };
-        println!("{value}");
-        return;
-    }
-    match report {
-        Report::Connecting { attempt: 1 } => println!("connecting…"),
-        Report::Connecting { attempt } => println!("reconnecting (attempt {attempt})…"),
-        Report::Disconnected { reason, retry_in } => {
-            println!("disconnected: {reason}; retrying in {:.1} s", retry_in.as_secs_f64());
-        }
-        Report::Membership(MembershipEvent::Joined { peer_id, peers }) => {
-            println!("joined as {peer_id}; {} other peer(s)", peers.len());
-            for p in peers {
-                println!("  peer {p}");
-            }
-        }
-        Report::Membership(MembershipEvent::PeerJoined(p)) => println!("peer {p} joined"),
-        Report::Membership(MembershipEvent::PeerLeft(p)) => println!("peer {p} left"),
-        Report::Membership(MembershipEvent::Error { code, message }) => {
-            println!("server refused: {code}: {message}");
-        }
-        Report::Membership(MembershipEvent::Signal { .. } | MembershipEvent::Pong) => {}
-    }
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        // webrtc-rs warns about much that is routine; our own warnings matter.
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error,weft_peer=warn,weft_core=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Up { room } => {
-            let room = RoomId::new(room).context("bad --room")?;
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let mut driver = tokio::spawn(signaling::run(cli.server, room, tx, stop_rx));
-            let json = cli.json;
-            let printer = tokio::spawn(async move {
-                while let Some(report) = rx.recv().await {
-                    print(json, &report);
-                }
-            });
-            let result = tokio::select! {
-                r = &mut driver => r,
-                r = tokio::signal::ctrl_c() => {
-                    r.context("cannot listen for Ctrl-C")?;
-                    let _ = stop_tx.send(true);
-                    driver.await
-                }
-                () = terminated() => {
-                    let _ = stop_tx.send(true);
-                    driver.await
-                }
-            };
-            let _ = printer.await;
-            result.context("signaling task failed")??;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
         }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything a joined session has.
+struct Joined {
+    mesh: MeshHandle,
+    events: mpsc::UnboundedReceiver<MeshEvent>,
+    identity: IdentityKeyPair,
+    name: String,
+    network: Network,
+}
+
+async fn join(cli: &Cli) -> anyhow::Result<Joined> {
+    signaling::check_url(&cli.server)?;
+    let store = Store::open(cli.config_dir.clone())?;
+    let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
+    let identity = store.load_or_create_identity(&mut rng)?;
+    let network = cli.network().await?;
+    let trust = store.load_trust(network.room_id())?;
+    let name = match cli.name.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => format!("Native {}", &identity.public().fingerprint().to_hex()[..4]),
+    };
+    let (mesh, events) = mesh::start(MeshConfig {
+        url: cli.server.clone(),
+        network: network.clone(),
+        identity: identity.clone(),
+        own_name: name.clone(),
+        rtc: cli.rtc_config(),
+        store,
+        trust,
+    });
+    Ok(Joined { mesh, events, identity, name, network })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let printer = Printer { json: cli.json };
+    match &cli.command {
+        Command::Invite => {
+            let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
+            let invite = Network::generate(&mut rng).invite().map(|s| s.to_string());
+            let invite = invite.ok_or_else(|| anyhow!("no invite for a new network"))?;
+            if cli.json {
+                println!("{}", serde_json::json!({"event": "invite", "invite": invite}));
+            } else {
+                println!("{invite}");
+            }
+            Ok(())
+        }
+        Command::Up => up(join(&cli).await?, printer).await,
+        Command::Peers { wait } => {
+            let joined = join(&cli).await?;
+            let (joined, peers, _) = settle(joined, Duration::from_secs(*wait)).await?;
+            printer.peers(&peers);
+            joined.mesh.shutdown().await?;
+            Ok(())
+        }
+        Command::Status { wait } => {
+            let joined = join(&cli).await?;
+            let (joined, peers, own) = settle(joined, Duration::from_secs(*wait)).await?;
+            let room = joined.network.room_id();
+            printer.status(&joined.identity, &joined.name, room, own.as_deref(), &peers);
+            joined.mesh.shutdown().await?;
+            Ok(())
+        }
+        Command::Msg { peer, text, timeout } => {
+            let joined = join(&cli).await?;
+            msg(joined, printer, peer, text, Duration::from_secs(*timeout)).await
+        }
+    }
+}
+
+/// `up`: print events until Ctrl-C or SIGTERM, then leave cleanly.
+async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
+    let Joined { mesh, mut events, identity, name, .. } = joined;
+    let fp = identity.public().fingerprint();
+    if printer.json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "identity", "name": name, "fingerprint": fp.to_hex(),
+                               "safety_code": fp.short_code()})
+        );
+    } else {
+        println!("I am {name}, safety code {}", fp.short_code());
+    }
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => printer.event(&event),
+                None => return mesh.wait().await.map_err(Into::into),
+            },
+            r = tokio::signal::ctrl_c() => {
+                r.context("cannot listen for Ctrl-C")?;
+                break;
+            }
+            () = terminated() => break,
+        }
+        if mesh.is_finished() {
+            while let Ok(event) = events.try_recv() {
+                printer.event(&event);
+            }
+            return mesh.wait().await.map_err(Into::into);
+        }
+    }
+    mesh.shutdown().await?;
+    while let Ok(event) = events.try_recv() {
+        printer.event(&event);
+    }
+    Ok(())
+}
+
+/// Waits until every member has a session (or failed), or `wait` passes; returns the
+/// peers and our peer id.
+async fn settle(
+    mut joined: Joined,
+    wait: Duration,
+) -> anyhow::Result<(Joined, Vec<PeerInfo>, Option<String>)> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut own = None;
+    let mut last_problem = None;
+    loop {
+        let event = tokio::select! {
+            e = joined.events.recv() => e,
+            () = tokio::time::sleep_until(deadline) => break,
+        };
+        let Some(event) = event else {
+            joined.mesh.wait().await?;
+            bail!("the session stopped");
+        };
+        match event {
+            MeshEvent::Joined { peer_id, .. } => own = Some(peer_id.to_string()),
+            MeshEvent::Disconnected { reason, .. } => last_problem = Some(reason),
+            _ => {}
+        }
+        if own.is_some() {
+            let peers = joined.mesh.peers().await;
+            let settled = peers.iter().all(|p| p.state != PeerState::Connecting)
+                && peers.iter().all(|p| p.state != PeerState::Handshaking);
+            if settled && peers.iter().all(|p| p.state == PeerState::Failed || p.name.is_some()) {
+                return Ok((joined, peers, own));
+            }
+        }
+    }
+    if own.is_none() {
+        let why = last_problem.unwrap_or_else(|| "no answer".into());
+        bail!("could not join through the signaling server {}: {why}", "(see --server)");
+    }
+    let peers = joined.mesh.peers().await;
+    Ok((joined, peers, own))
+}
+
+/// `msg`: wait for `target`'s session, send, make sure it was acknowledged, leave.
+async fn msg(
+    joined: Joined,
+    printer: Printer,
+    target: &str,
+    text: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let Joined { mesh, mut events, .. } = joined;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut joined_room = false;
+    let mut last_problem: Option<String> = None;
+    let mut failures: Vec<String> = Vec::new();
+    let peer = loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            () = tokio::time::sleep_until(deadline) => None,
+        };
+        let Some(event) = event else {
+            if mesh.is_finished() {
+                mesh.wait().await?;
+                bail!("the session stopped");
+            }
+            let _ = mesh.shutdown().await;
+            if !joined_room {
+                let why = last_problem.unwrap_or_else(|| "no answer".into());
+                bail!("could not reach the signaling server: {why}");
+            }
+            let mut message =
+                format!("peer {target:?} did not connect within {} s", timeout.as_secs());
+            if !failures.is_empty() {
+                message.push_str(&format!("; failed: {}", failures.join("; ")));
+            }
+            bail!(message);
+        };
+        match &event {
+            MeshEvent::Joined { .. } => joined_room = true,
+            MeshEvent::Disconnected { reason, .. } => last_problem = Some(reason.clone()),
+            MeshEvent::KeyChanged(_) => printer.event(&event),
+            MeshEvent::PeerFailed(info) => {
+                failures.push(format!(
+                    "{}: {}",
+                    info.name.as_deref().unwrap_or(info.peer_id.as_str()),
+                    info.reason.as_deref().unwrap_or("unknown")
+                ));
+                // Fail early when no member is left to wait for.
+                let peers = mesh.peers().await;
+                if !peers.is_empty() && peers.iter().all(|p| p.state == PeerState::Failed) {
+                    let _ = mesh.shutdown().await;
+                    bail!(
+                        "no encrypted session with {target:?}: every peer failed: {}",
+                        failures.join("; ")
+                    );
+                }
+            }
+            MeshEvent::PeerConnected(info)
+                if info.peer_id.as_str() == target || info.name.as_deref() == Some(target) =>
+            {
+                break info.clone();
+            }
+            _ => {}
+        }
+    };
+    let sent = send_and_flush(&mesh, &peer.peer_id, text).await;
+    let result = match sent {
+        Ok(()) => {
+            let name = peer.name.clone().unwrap_or_default();
+            if printer.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "sent", "peer_id": peer.peer_id, "name": name})
+                );
+            } else {
+                println!("sent to {name} ({})", peer.peer_id);
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    mesh.shutdown().await?;
+    result
+}
+
+async fn send_and_flush(mesh: &MeshHandle, peer: &PeerId, text: &str) -> anyhow::Result<()> {
+    mesh.send_message(peer, text).await?;
+    if !mesh.flush(peer).await {
+        bail!("the message to {peer} was not acknowledged within 10 s");
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The native signaling driver: keeps a WebSocket to the server, joins the room, and
-//! reports what [`RoomMembership`] learns. Reconnects with backoff; no protocol logic.
+//! The native signaling driver: keeps a WebSocket to the server, joins the room, reports
+//! what [`RoomMembership`] learns and sends what the mesh gives it. Reconnects with
+//! backoff; says `leave` when stopped. No protocol logic.
 
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use weft_core::signal::{
 
 /// How often we ping the server; two unanswered pings mean the connection is dead.
 const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the driver reports.
 #[derive(Debug)]
@@ -61,11 +64,14 @@ pub fn check_url(url: &str) -> Result<(), SignalingError> {
     Ok(())
 }
 
-/// Runs until `stop` fires or the server refuses us for good.
+/// Runs until `stop` fires (then says `leave` if connected) or the server refuses us
+/// for good. Messages from `outgoing` go to the server while connected and are dropped
+/// while not (the mesh renegotiates after a rejoin anyway).
 pub async fn run(
     url: String,
     room: RoomId,
     reports: mpsc::UnboundedSender<Report>,
+    mut outgoing: mpsc::UnboundedReceiver<ClientMessage>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SignalingError> {
     check_url(&url)?;
@@ -75,73 +81,106 @@ pub async fn run(
     loop {
         attempt += 1;
         let _ = reports.send(Report::Connecting { attempt });
-        let reason = tokio::select! {
-            r = session(&url, &mut membership, &mut backoff, &reports) => r?,
-            _ = stop.changed() => return Ok(()),
+        let link = Link { url: &url, reports: &reports, outgoing: &mut outgoing, stop: &mut stop };
+        let reason = match link.session(&mut membership, &mut backoff).await? {
+            Some(reason) => reason,
+            None => return Ok(()),
         };
         membership.disconnected();
         let retry_in = Duration::from_millis(u64::from(backoff.next_delay_ms(rand::random())));
         let _ = reports.send(Report::Disconnected { reason, retry_in });
-        tokio::select! {
-            () = tokio::time::sleep(retry_in) => {}
-            _ = stop.changed() => return Ok(()),
+        let deadline = tokio::time::Instant::now() + retry_in;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = stop.changed() => return Ok(()),
+                // Nobody to send to: drop (a stale offer is worse than none).
+                Some(_) = outgoing.recv() => {}
+            }
         }
     }
 }
 
-/// One connection's life; returns why it ended.
-async fn session(
-    url: &str,
-    membership: &mut RoomMembership,
-    backoff: &mut ReconnectBackoff,
-    reports: &mpsc::UnboundedSender<Report>,
-) -> Result<String, SignalingError> {
-    let (mut ws, _) = match tokio_tungstenite::connect_async(url).await {
-        Ok(ok) => ok,
-        Err(e) => return Ok(format!("cannot connect to {url}: {e}")),
-    };
-    let join = signal::encode(&membership.join_message());
-    if let Err(e) = ws.send(Message::text(join)).await {
-        return Ok(format!("connection lost: {e}"));
-    }
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    heartbeat.tick().await;
-    let mut unanswered = 0u32;
-    loop {
-        tokio::select! {
-            frame = ws.next() => {
-                let text = match frame {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(frame))) => {
-                        let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                        return Ok(format!("server closed the connection {why}").trim().to_string());
+/// What one connection works with.
+struct Link<'a> {
+    url: &'a str,
+    reports: &'a mpsc::UnboundedSender<Report>,
+    outgoing: &'a mut mpsc::UnboundedReceiver<ClientMessage>,
+    stop: &'a mut tokio::sync::watch::Receiver<bool>,
+}
+
+impl Link<'_> {
+    /// One connection's life; returns why it ended, or `None` if we were stopped.
+    async fn session(
+        self,
+        membership: &mut RoomMembership,
+        backoff: &mut ReconnectBackoff,
+    ) -> Result<Option<String>, SignalingError> {
+        let Self { url, reports, outgoing, stop } = self;
+        let connect = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)) => r,
+            _ = stop.changed() => return Ok(None),
+        };
+        let (mut ws, _) = match connect {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(e)) => return Ok(Some(format!("cannot connect to {url}: {e}"))),
+            Err(_) => return Ok(Some(format!("cannot connect to {url}: no answer within 10 s"))),
+        };
+        let join = signal::encode(&membership.join_message());
+        if let Err(e) = ws.send(Message::text(join)).await {
+            return Ok(Some(format!("connection lost: {e}")));
+        }
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        let mut unanswered = 0u32;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    let leave = signal::encode(&ClientMessage::Leave);
+                    let _ = ws.send(Message::text(leave)).await;
+                    let _ = ws.close(None).await;
+                    return Ok(None);
+                }
+                Some(msg) = outgoing.recv() => {
+                    if let Err(e) = ws.send(Message::text(signal::encode(&msg))).await {
+                        return Ok(Some(format!("connection lost: {e}")));
                     }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Ok(format!("connection lost: {e}")),
-                    None => return Ok("connection lost".into()),
-                };
-                unanswered = 0;
-                match membership.handle_text(text.as_str()) {
-                    Ok(MembershipEvent::Error { code: ErrorCode::UnsupportedVersion, message }) => {
-                        return Err(SignalingError::UnsupportedVersion(message));
-                    }
-                    Ok(event) => {
-                        if matches!(event, MembershipEvent::Joined { .. }) {
-                            backoff.reset();
+                }
+                frame = ws.next() => {
+                    let text = match frame {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Close(frame))) => {
+                            let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                            let reason = format!("server closed the connection {why}");
+                            return Ok(Some(reason.trim().to_string()));
                         }
-                        let _ = reports.send(Report::Membership(event));
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Ok(Some(format!("connection lost: {e}"))),
+                        None => return Ok(Some("connection lost".into())),
+                    };
+                    unanswered = 0;
+                    match membership.handle_text(text.as_str()) {
+                        Ok(MembershipEvent::Error { code: ErrorCode::UnsupportedVersion, message }) => {
+                            return Err(SignalingError::UnsupportedVersion(message));
+                        }
+                        Ok(event) => {
+                            if matches!(event, MembershipEvent::Joined { .. }) {
+                                backoff.reset();
+                            }
+                            let _ = reports.send(Report::Membership(event));
+                        }
+                        Err(e) => tracing::warn!("ignoring bad message from the server: {e}"),
                     }
-                    Err(e) => tracing::warn!("ignoring bad message from the server: {e}"),
                 }
-            }
-            _ = heartbeat.tick() => {
-                if unanswered >= 2 {
-                    return Ok("server stopped answering".into());
-                }
-                unanswered += 1;
-                let ping = signal::encode(&ClientMessage::Ping);
-                if let Err(e) = ws.send(Message::text(ping)).await {
-                    return Ok(format!("connection lost: {e}"));
+                _ = heartbeat.tick() => {
+                    if unanswered >= 2 {
+                        return Ok(Some("server stopped answering".into()));
+                    }
+                    unanswered += 1;
+                    let ping = signal::encode(&ClientMessage::Ping);
+                    if let Err(e) = ws.send(Message::text(ping)).await {
+                        return Ok(Some(format!("connection lost: {e}")));
+                    }
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! `weft-peer up` as a real process against an in-process signaling server.
+//! `weft-peer up` as a real process against an in-process signaling server: membership,
+//! a clean leave, and rejoining after a server restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Stdio;
@@ -26,10 +27,22 @@ struct Peer {
     lines: Lines<BufReader<ChildStdout>>,
 }
 
+const INVITE: &str = "QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ";
+
+fn config_dir(label: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-up-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 impl Peer {
-    fn start(server: &str, room: &str) -> Self {
+    fn start(server: &str, label: &str) -> Self {
+        let dir = config_dir(label);
         let mut child = Command::new(env!("CARGO_BIN_EXE_weft-peer"))
-            .args(["--server", server, "--json", "up", "--room", room])
+            .args(["--server", server, "--json", "--invite", INVITE, "--bind", "127.0.0.1"])
+            .arg("--config-dir")
+            .arg(&dir)
+            .arg("up")
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -64,12 +77,12 @@ async fn peers_see_each_other_come_and_go_and_rejoin_after_a_server_restart() {
     let server = server_on("127.0.0.1:0").await;
     let addr = server.local_addr();
     let url = server.ws_url();
-    let mut alice = Peer::start(&url, "native-room");
+    let mut alice = Peer::start(&url, "alice");
     let joined = alice.expect("joined").await;
     let alice_id = joined["peer_id"].as_str().unwrap().to_string();
     assert_eq!(joined["peers"], serde_json::json!([]));
 
-    let mut bob = Peer::start(&url, "native-room");
+    let mut bob = Peer::start(&url, "bob");
     let joined = bob.expect("joined").await;
     assert_eq!(joined["peers"], serde_json::json!([alice_id]));
     let bob_id = joined["peer_id"].as_str().unwrap().to_string();
@@ -95,9 +108,22 @@ async fn peers_see_each_other_come_and_go_and_rejoin_after_a_server_restart() {
 
 #[tokio::test]
 async fn a_bad_url_or_room_fails_at_once_with_a_clear_message() {
+    let dir = config_dir("bad");
+    let dir = dir.to_str().unwrap();
     for (args, expected) in [
-        (vec!["--server", "http://example.invalid/ws", "up", "--room", "r"], "ws:// or wss://"),
-        (vec!["--server", "ws://127.0.0.1:9/ws", "up", "--room", "bad room"], "bad --room"),
+        (
+            vec![
+                "--config-dir",
+                dir,
+                "--server",
+                "http://example.invalid/ws",
+                "--invite",
+                INVITE,
+                "up",
+            ],
+            "ws:// or wss://",
+        ),
+        (vec!["--config-dir", dir, "--invite", "bad invite", "up"], "bad --invite"),
     ] {
         let out = tokio::time::timeout(
             STEP,

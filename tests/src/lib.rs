@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod mitm;
+pub mod native;
 pub mod turn_server;
 
 use std::future::Future;

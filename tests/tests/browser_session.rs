@@ -419,3 +419,60 @@ async fn wait_trust(browser: &WebDriver, wanted: &str) -> Value {
     .await
     .unwrap()
 }
+
+/// A connection whose path dies while both peers stay in the room: the side that hears
+/// nothing for 15 s says so, then builds a new connection on its own, and the peers talk
+/// again without anyone reloading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_path_is_noticed_and_replaced_by_a_new_connection() {
+    if !browser_available("a_dead_path_is_noticed_and_replaced_by_a_new_connection") {
+        return;
+    }
+    let server = start_server(Limits::default()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
+    alice.goto(server.url()).await.unwrap();
+    bob.goto(server.url()).await.unwrap();
+    let invite = "Q".repeat(43);
+    start_join(&alice, json!({ "invite": invite, "name": "Alice" })).await.unwrap();
+    start_join(&bob, json!({ "invite": invite, "name": "Bob" })).await.unwrap();
+    let peers = wait_peers_in(&alice, 1, &["direct"]).await.unwrap();
+    wait_peers_in(&bob, 1, &["direct"]).await.unwrap();
+    let bob_id = peers[0]["peerId"].as_str().unwrap().to_string();
+
+    // Alice's connection to Bob goes deaf (the test hook drops what it delivers).
+    js(&alice, &format!("window.t.session.debugMutePeer({}); return true;", json!(bob_id)))
+        .await
+        .unwrap();
+    let failed = wait_for("Alice to report Bob silent", Duration::from_secs(40), || async {
+        let s = state(&alice).await?;
+        let events = js(
+            &alice,
+            r#"return window.t.events.filter((e) => e.type === "peer" && e.state === "failed");"#,
+        )
+        .await?;
+        match events.as_array().and_then(|a| a.first()).cloned() {
+            Some(e) => Ok(Ok(e)),
+            None => Ok(Err(s["peers"].to_string())),
+        }
+    })
+    .await
+    .unwrap();
+    assert!(failed["reason"].as_str().unwrap().contains("stopped answering"), "{failed}");
+
+    // Without any reload, both come back to a working session, and messages flow.
+    wait_peers_in(&alice, 1, &["direct"]).await.unwrap();
+    wait_peers_in(&bob, 1, &["direct"]).await.unwrap();
+    let after = js(
+        &alice,
+        r#"const i = window.t.events.findIndex((e) => e.type === "peer" && e.state === "failed");
+           return window.t.events.slice(i).some((e) => e.type === "peer" && e.state === "direct");"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(after, json!(true), "Alice saw Bob direct again after the failure");
+    assert_eq!(send(&alice, "still here?", None).await.unwrap(), 1);
+    wait_message(&bob, "still here?").await.unwrap();
+    assert_eq!(send(&bob, "yes", None).await.unwrap(), 1);
+    wait_message(&alice, "yes").await.unwrap();
+}

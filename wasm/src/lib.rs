@@ -82,6 +82,9 @@
 //!                                          // every complete download there under its path
 //! await session.hashDownloaded(root);      // plain BLAKE3 of the stored bytes (hex)
 //! await session.forgetDownload(root);      // delete the stored file and its record
+//! session.debugMutePeer(peerId);           // test hook: drop what that peer's connection
+//!                                          // delivers (a dead path); the session notices
+//!                                          // the silence (15 s) and reconnects
 //! session.debugCorruptChunk(index, root?); // test hook: flip a byte the next time this
 //!                                          // node serves chunk `index` (of `root`, or any)
 //! // Downloads saved before a reload continue by themselves after the next join, as soon
@@ -567,6 +570,13 @@ impl WeftSession {
         self.inner.borrow_mut().forget_download(&root, &mut out);
         emit(&self.inner, out);
         Ok(())
+    }
+
+    /// Test hook: drop everything `peer_id`'s current connection delivers, as if the
+    /// path died; the session notices the silence and reconnects.
+    #[wasm_bindgen(js_name = debugMutePeer)]
+    pub fn debug_mute_peer(&self, peer_id: &str) -> Result<(), JsError> {
+        self.inner.borrow_mut().debug_mute(peer_id).map_err(|e| JsError::new(&e))
     }
 
     /// Test hook: the next time this node serves chunk `index` (of `root`, or of any

@@ -21,7 +21,7 @@ use wasm_bindgen::prelude::*;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 use weft_core::identity::{Fingerprint, IdentityKeyPair};
 use weft_core::network::Network;
-use weft_core::peer::{LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
+use weft_core::peer::{LinkError, LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
 use weft_core::signal::{
     self, ClientMessage, ErrorCode, MembershipEvent, PeerId, ReconnectBackoff, RoomMembership,
     SignalPayload,
@@ -186,6 +186,8 @@ struct PeerEntry {
     orphan: bool,
     /// The page was told `peer_left` already.
     announced_left: bool,
+    /// Test hook: drop everything this connection receives (a path that went dead).
+    muted: bool,
     timer: Option<Timer>,
     /// What the page was last told.
     shown: Option<PeerInfo>,
@@ -662,6 +664,7 @@ impl Inner {
             reconnects: 0,
             orphan: false,
             announced_left: false,
+            muted: false,
             timer: None,
             shown: None,
         };
@@ -710,6 +713,7 @@ impl Inner {
         entry.relayed = false;
         entry.ice_rtt = None;
         entry.reconnects += 1;
+        entry.muted = false;
         true
     }
 
@@ -745,6 +749,7 @@ impl Inner {
                 entry.failure = None;
                 entry.link.channel_open(&local_sdp, &remote_sdp, now, &mut self.rng);
             }
+            RtcEvent::Message(_) if entry.muted => {}
             RtcEvent::Message(bytes) => entry.link.receive(&bytes, now, &mut self.rng),
             RtcEvent::Ice(status) => {
                 entry.ice = status;
@@ -790,6 +795,7 @@ impl Inner {
         let mut established = None;
         let mut transfer = Vec::new();
         let mut failed = false;
+        let mut silent = false;
         let weak = self.weak.clone();
         let Some(entry) = self.peers.get_mut(remote) else { return };
         while let Some(bytes) = entry.link.poll_transmit() {
@@ -822,6 +828,7 @@ impl Inner {
                 LinkEvent::Data(_) => {}
                 LinkEvent::Rtt(rtt) => entry.link_rtt = Some(rtt),
                 LinkEvent::Failed(error) => {
+                    silent = matches!(error, LinkError::PeerSilent(_));
                     entry.failure = Some(error.to_string());
                     failed = true;
                 }
@@ -853,6 +860,19 @@ impl Inner {
         if failed {
             self.files.engine.peer_disconnected(remote, now());
             self.pump_files(out);
+        }
+        // A peer that went silent but is still in the room: its path probably died (a
+        // relay went away, a network changed). A fresh connection finds a new one.
+        let retry =
+            self.peers.get(remote).is_some_and(|e| !e.orphan && e.reconnects < MAX_RECONNECTS);
+        if silent && retry && self.membership.peers().any(|p| p == remote) {
+            // Say why first, then start over.
+            self.show(remote, out);
+            if self.reconnect_peer(remote) {
+                if let Some(entry) = self.peers.get_mut(remote) {
+                    entry.failure = None;
+                }
+            }
         }
         if trust_changed {
             self.save_trust();
@@ -968,6 +988,19 @@ impl Inner {
     }
 
     // --- what the JavaScript API asks for
+
+    /// Test hook: drop everything `peer_id`'s current connection delivers, as if its path
+    /// died, until the connection is replaced.
+    pub(crate) fn debug_mute(&mut self, peer_id: &str) -> Result<(), String> {
+        let entry = self
+            .peers
+            .iter_mut()
+            .find(|(p, _)| p.as_str() == peer_id)
+            .ok_or_else(|| format!("no peer {peer_id} in this network"))?
+            .1;
+        entry.muted = true;
+        Ok(())
+    }
 
     pub(crate) fn peer_infos(&self) -> Vec<PeerInfo> {
         self.peers.iter().map(|(id, e)| e.info(id)).collect()

@@ -278,6 +278,8 @@ struct Source {
     window: u32,
     inflight: u32,
     failures: u32,
+    /// Chunks it sent that failed verification.
+    bad: HashSet<u32>,
 }
 
 #[derive(Debug)]
@@ -1085,16 +1087,26 @@ impl Engine {
             s.inflight = s.inflight.saturating_sub(1);
         }
         if !ok {
-            let failures = d.sources.get_mut(peer).map_or(0, |s| {
+            let (failures, again) = d.sources.get_mut(peer).map_or((0, false), |s| {
                 s.failures += 1;
-                s.failures
+                (s.failures, !s.bad.insert(index))
             });
+            let others = d.sources.len() > 1;
             if d.inflight.get(&index).is_some_and(Vec::is_empty) {
                 d.inflight.remove(&index);
                 d.retry.insert(index);
             }
             self.event(TransferEvent::ChunkRejected { root, index, peer: peer.clone() });
-            if failures >= config.max_source_failures {
+            // The same chunk bad twice: its copy is damaged (or it lies). Bad chunks in a
+            // row: drop it if another source can take over; a lone source gets retries,
+            // since nothing unverified is ever kept.
+            if again {
+                self.drop_source(
+                    &root,
+                    peer,
+                    "its copy of the file is damaged (a chunk failed verification twice)",
+                );
+            } else if failures >= config.max_source_failures && others {
                 self.drop_source(&root, peer, "it sent chunks that failed verification");
             }
             self.schedule(now);

@@ -1,0 +1,184 @@
+//! The command line: options, and turning them into a network, an identity and a WebRTC
+//! configuration.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use webrtc::peer_connection::RTCIceServer;
+use weft_core::network::{Network, PassphraseParams};
+use zeroize::Zeroizing;
+
+use crate::rtc::RtcConfig;
+
+/// Weft native peer: joins an encrypted Weft overlay from a terminal.
+///
+/// Join by invite (`--invite LINK`, the 43-character invite or a link with `#invite=…`),
+/// or by network name and passphrase (`--network NAME` with `--passphrase-file PATH` or
+/// the `WEFT_PASSPHRASE` environment variable).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// The signaling server's WebSocket URL.
+    #[arg(long, env = "WEFT_SERVER", default_value = "ws://127.0.0.1:8080/ws", global = true)]
+    pub server: String,
+
+    /// The network's name (with a passphrase).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub network: Option<String>,
+
+    /// A file holding the network's passphrase (else `WEFT_PASSPHRASE`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub passphrase_file: Option<PathBuf>,
+
+    /// An invite link, or the invite itself.
+    #[arg(long, global = true, value_name = "LINK")]
+    pub invite: Option<String>,
+
+    /// Our display name (default: "Native" and 4 hex digits of our key).
+    #[arg(long, global = true)]
+    pub name: Option<String>,
+
+    /// Where the identity key and trust stores live (default: the user's config dir).
+    #[arg(long, env = "WEFT_CONFIG_DIR", global = true, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Print one JSON object per line instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// A STUN or TURN server (`stun:host:port`, `turn:host:port`); repeatable.
+    #[arg(long = "ice-server", global = true, value_name = "URL")]
+    pub ice_servers: Vec<String>,
+
+    /// Username for the TURN servers.
+    #[arg(long, global = true, requires = "ice_credential")]
+    pub ice_username: Option<String>,
+
+    /// Credential for the TURN servers.
+    #[arg(long, global = true, requires = "ice_username")]
+    pub ice_credential: Option<String>,
+
+    /// Use only relayed (TURN) paths.
+    #[arg(long, global = true)]
+    pub relay_only: bool,
+
+    /// The local address for WebRTC (default: every non-loopback interface).
+    #[arg(long, global = true, value_name = "IP")]
+    pub bind: Option<IpAddr>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join and stay, printing events (peers, messages) until Ctrl-C.
+    Up,
+    /// Join, wait for sessions, print the peers (fingerprint, direct/relayed, RTT), exit.
+    Peers {
+        /// Seconds to wait for sessions at most.
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+    },
+    /// As `peers`, with our own identity and the signaling state.
+    Status {
+        /// Seconds to wait for sessions at most.
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+    },
+    /// Join, wait for PEER's encrypted session, send TEXT, make sure it arrived, exit.
+    Msg {
+        /// The peer's display name or peer id.
+        peer: String,
+        /// The message.
+        text: String,
+        /// Seconds to wait for the peer at most.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Print a new invite (a new network) and exit.
+    Invite,
+}
+
+/// The invite in `link`: the part after `invite=` if there is one, else all of it.
+pub fn invite_of(link: &str) -> &str {
+    let link = link.trim();
+    match link.find("invite=") {
+        Some(i) => {
+            let rest = &link[i + "invite=".len()..];
+            rest.split(['&', '#', '/', '?']).next().unwrap_or(rest)
+        }
+        None => link,
+    }
+}
+
+impl Cli {
+    /// The network from `--invite`, or `--network` and the passphrase (Argon2id: takes a
+    /// moment, so it runs off the async threads).
+    pub async fn network(&self) -> anyhow::Result<Network> {
+        if let Some(link) = &self.invite {
+            return Network::from_invite(invite_of(link)).context("bad --invite");
+        }
+        let passphrase = match &self.passphrase_file {
+            Some(path) => {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                );
+                Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string())
+            }
+            None => match std::env::var("WEFT_PASSPHRASE") {
+                Ok(p) => Zeroizing::new(p),
+                Err(_) => bail!(
+                    "to join, give --invite LINK, or --network NAME with --passphrase-file PATH \
+                     (or WEFT_PASSPHRASE)"
+                ),
+            },
+        };
+        let Some(name) = self.network.clone() else {
+            bail!("a passphrase needs the network's name: --network NAME");
+        };
+        let network = tokio::task::spawn_blocking(move || {
+            Network::from_passphrase(&name, &passphrase, &PassphraseParams::INTERACTIVE)
+        })
+        .await
+        .context("key derivation stopped")?
+        .context("cannot use this passphrase")?;
+        Ok(network)
+    }
+
+    /// The WebRTC configuration.
+    pub fn rtc_config(&self) -> RtcConfig {
+        let ice_servers = self
+            .ice_servers
+            .iter()
+            .map(|url| RTCIceServer {
+                urls: vec![url.clone()],
+                username: self.ice_username.clone().unwrap_or_default(),
+                credential: self.ice_credential.clone().unwrap_or_default(),
+            })
+            .collect();
+        RtcConfig {
+            ice_servers,
+            relay_only: self.relay_only,
+            bind: self.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invites_are_found_in_links() {
+        let invite = "Q".repeat(43);
+        assert_eq!(invite_of(&invite), invite);
+        assert_eq!(invite_of(&format!(" https://host/#invite={invite}\n")), invite);
+        assert_eq!(invite_of(&format!("https://host/?x=1#invite={invite}&y")), invite);
+    }
+}

@@ -1,0 +1,652 @@
+//! One webrtc-rs peer connection to one remote peer, as the browser's `wasm/src/rtc.rs`
+//! makes it: two negotiated channels (id 0 `control`, reliable and ordered; id 1 `data`,
+//! unordered with no retransmits), the impolite side offering first, trickle ICE.
+//!
+//! This module knows WebRTC and nothing of Weft's protocol. Each connection runs in its
+//! own task, which applies signaling payloads and sends in order, and reports
+//! [`RtcEvent`]s to the sink the mesh gives it. See `WEBRTC_RS.md` for the webrtc-rs facts
+//! this relies on.
+//!
+//! - **Negotiation.** The impolite side creates the channels and offers at once. The
+//!   polite side creates them when the offer comes (before answering), or offers itself
+//!   after [`POLITE_OFFER_WAIT`] without one. On crossing offers the impolite side ignores
+//!   the remote one; the polite side asks the mesh for a fresh connection to answer it
+//!   ([`RtcEvent::RemoteRestarted`]): nothing is established yet, so nothing is lost.
+//! - **A new DTLS fingerprint** in a remote offer means the peer made a new connection:
+//!   reported as [`RtcEvent::RemoteRestarted`] too.
+//! - **Trickle ICE.** Local candidates go out as they are gathered (with the `a=mid` of the
+//!   local description), then an empty candidate at the end; remote ones that come before
+//!   a remote description wait for it.
+//! - **Failure.** When the connection fails or closes, [`RtcEvent::Closed`] says so; the
+//!   mesh replaces it (the impolite side's new offer carries a new fingerprint, which the
+//!   browser answers with a new connection too).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
+use tokio::sync::{mpsc, oneshot};
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCIceServer,
+    RTCIceTransportPolicy, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCSessionDescription, RTCStatsReportEntry, SettingEngineBuilder, StatsSelector,
+};
+use weft_core::sdp::dtls_fingerprint;
+use weft_core::signal::SignalPayload;
+
+/// Stream id and label of the reliable, ordered channel.
+const CONTROL: (u16, &str) = (0, "control");
+/// Stream id and label of the unordered channel without retransmissions.
+const DATA: (u16, &str) = (1, "data");
+/// Largest data-channel message, as Chromium allows.
+const MAX_MESSAGE_SIZE: u32 = 262_144;
+/// How long the polite side waits for the first offer before making its own.
+const POLITE_OFFER_WAIT: Duration = Duration::from_secs(3);
+/// How often the selected path (direct or relayed, RTT) is read.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+/// Remote candidates kept while no remote description is set.
+const MAX_PENDING_CANDIDATES: usize = 256;
+/// Bytes queued for the control channel before it opens, at most.
+const MAX_OUTBOX: usize = 16 * 1024 * 1024;
+/// How long [`RtcPeer::flush`] waits for the peer to acknowledge everything.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How connections are made.
+#[derive(Debug, Clone)]
+pub struct RtcConfig {
+    /// STUN and TURN servers.
+    pub ice_servers: Vec<RTCIceServer>,
+    /// Only relayed (TURN) candidates.
+    pub relay_only: bool,
+    /// The address to bind the UDP socket to; unspecified binds every non-loopback
+    /// interface (Chromium has no loopback candidates, so loopback only reaches other
+    /// native peers).
+    pub bind: IpAddr,
+}
+
+impl Default for RtcConfig {
+    fn default() -> Self {
+        Self { ice_servers: Vec::new(), relay_only: false, bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED) }
+    }
+}
+
+/// The selected ICE path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathStats {
+    /// Either end is a TURN relay candidate.
+    pub relayed: bool,
+    /// STUN round-trip time of the pair, when measured.
+    pub rtt: Option<Duration>,
+}
+
+/// What a connection reports.
+#[derive(Debug)]
+pub enum RtcEvent {
+    /// Send this to the remote peer through the signaling server.
+    Signal(SignalPayload),
+    /// The control channel opened; the descriptions of the connection (for the
+    /// handshake's channel binding), and the path if known.
+    ControlOpen {
+        /// The local description's SDP.
+        local_sdp: String,
+        /// The remote description's SDP.
+        remote_sdp: String,
+        /// The selected path.
+        path: Option<PathStats>,
+    },
+    /// A message on either channel.
+    Message(Vec<u8>),
+    /// A fresh reading of the selected path.
+    Path(PathStats),
+    /// The connection failed or closed; it carries nothing any more.
+    Closed(String),
+    /// The remote peer offered a connection this one cannot take (a new DTLS transport, or
+    /// an offer crossing ours on the polite side): the owner should give it to a fresh one.
+    RemoteRestarted(SignalPayload),
+}
+
+enum Command {
+    Signal(SignalPayload),
+    SendControl(Vec<u8>),
+    SendData(Vec<u8>),
+    Flush(oneshot::Sender<bool>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Events from webrtc-rs callbacks and channel pollers, handled in the connection's task.
+enum Internal {
+    Candidate(RTCIceCandidateInit),
+    GatheringComplete,
+    State(RTCPeerConnectionState),
+    Open(usize),
+    Message(Vec<u8>),
+    ChannelClosed(usize),
+}
+
+type Sink = Arc<dyn Fn(RtcEvent) + Send + Sync>;
+
+/// A connection to one remote peer, run by its own task. Dropping it closes the
+/// connection.
+pub struct RtcPeer {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for RtcPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RtcPeer").finish_non_exhaustive()
+    }
+}
+
+impl RtcPeer {
+    /// Starts a connection; `polite` is our role in perfect negotiation. Events go to
+    /// `sink`, from the connection's task.
+    pub fn spawn(
+        config: Arc<RtcConfig>,
+        polite: bool,
+        sink: impl Fn(RtcEvent) + Send + Sync + 'static,
+    ) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(config, polite, Arc::new(sink), rx));
+        Self { commands }
+    }
+
+    /// Takes a payload the remote peer sent.
+    pub fn handle_signal(&self, payload: SignalPayload) {
+        let _ = self.commands.send(Command::Signal(payload));
+    }
+
+    /// Sends on the control channel (queued until it opens).
+    pub fn send_control(&self, bytes: Vec<u8>) {
+        let _ = self.commands.send(Command::SendControl(bytes));
+    }
+
+    /// Sends on the data channel if it is open (dropped otherwise: it is unreliable).
+    #[allow(dead_code, reason = "the IP tunnel that uses it comes with a later issue")]
+    pub fn send_data(&self, bytes: Vec<u8>) {
+        let _ = self.commands.send(Command::SendData(bytes));
+    }
+
+    /// Resolves to `true` once the peer acknowledged everything sent on the control
+    /// channel before this call; `false` if the channel is not open or it took too long.
+    pub fn flush(&self) -> oneshot::Receiver<bool> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Flush(tx));
+        rx
+    }
+
+    /// Closes the connection; resolves once it is closed.
+    pub fn close(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Close(tx));
+        rx
+    }
+}
+
+struct Handler {
+    tx: mpsc::UnboundedSender<Internal>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let _ = self.tx.send(Internal::Candidate(init));
+        }
+    }
+
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.tx.send(Internal::GatheringComplete);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.tx.send(Internal::State(state));
+    }
+}
+
+async fn build(
+    config: &RtcConfig,
+    handler: Arc<Handler>,
+) -> Result<Arc<dyn PeerConnection>, webrtc::error::Error> {
+    let settings = SettingEngineBuilder::new()
+        .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_MESSAGE_SIZE))
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .build();
+    let mut rtc_config =
+        RTCConfigurationBuilder::new().with_ice_servers(config.ice_servers.clone());
+    if config.relay_only {
+        rtc_config = rtc_config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
+    }
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(rtc_config.build())
+        .with_setting_engine(settings)
+        .with_handler(handler)
+        .with_udp_addrs(vec![SocketAddr::new(config.bind, 0)])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
+}
+
+/// The `a=mid` of the first media section (candidates are sent with it, for Chromium).
+fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("a=mid:").map(str::to_owned))
+}
+
+/// The connection's state, owned by its task.
+struct Conn {
+    pc: Arc<dyn PeerConnection>,
+    polite: bool,
+    sink: Sink,
+    internal: mpsc::UnboundedSender<Internal>,
+    channels: Option<[Arc<dyn DataChannel>; 2]>,
+    open: [bool; 2],
+    outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+    /// Our offer awaits its answer.
+    offer_pending: bool,
+    /// The remote offer we ignored (crossing ours, impolite): drop its candidates.
+    ignoring_offer: bool,
+    remote_fingerprint: Option<String>,
+    pending_candidates: Vec<RTCIceCandidateInit>,
+    mid: Option<String>,
+    closed: bool,
+}
+
+async fn run(
+    config: Arc<RtcConfig>,
+    polite: bool,
+    sink: Sink,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let (internal, mut internal_rx) = mpsc::unbounded_channel();
+    let handler = Arc::new(Handler { tx: internal.clone() });
+    let pc = match build(&config, handler).await {
+        Ok(pc) => pc,
+        Err(e) => {
+            sink(RtcEvent::Closed(format!("cannot create a WebRTC connection: {e}")));
+            return;
+        }
+    };
+    let mut conn = Conn {
+        pc,
+        polite,
+        sink,
+        internal,
+        channels: None,
+        open: [false; 2],
+        outbox: VecDeque::new(),
+        outbox_bytes: 0,
+        offer_pending: false,
+        ignoring_offer: false,
+        remote_fingerprint: None,
+        pending_candidates: Vec::new(),
+        mid: None,
+        closed: false,
+    };
+    if !polite {
+        conn.offer().await;
+    }
+    let polite_wait = tokio::time::sleep(POLITE_OFFER_WAIT);
+    tokio::pin!(polite_wait);
+    let mut stats = tokio::time::interval(STATS_INTERVAL);
+    let mut close_reply = None;
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => break,
+                Some(Command::Close(reply)) => {
+                    close_reply = Some(reply);
+                    break;
+                }
+                Some(command) => conn.command(command).await,
+            },
+            Some(event) = internal_rx.recv() => conn.internal(event).await,
+            () = &mut polite_wait, if conn.channels.is_none() => {
+                tracing::debug!("no offer came: making our own");
+                conn.offer().await;
+            }
+            _ = stats.tick(), if conn.open[0] => {
+                if let Some(path) = path_stats(conn.pc.as_ref()).await {
+                    (conn.sink)(RtcEvent::Path(path));
+                }
+            }
+        }
+    }
+    if let Some(channels) = &conn.channels {
+        for dc in channels {
+            let _ = dc.close().await;
+        }
+    }
+    let _ = conn.pc.close().await;
+    if let Some(reply) = close_reply {
+        let _ = reply.send(());
+    }
+}
+
+impl Conn {
+    fn emit(&self, event: RtcEvent) {
+        if !self.closed {
+            (self.sink)(event);
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if !self.closed {
+            self.emit(RtcEvent::Closed(why));
+            self.closed = true;
+        }
+    }
+
+    /// Creates the two negotiated channels (once) and polls them.
+    async fn open_channels(&mut self) {
+        if self.channels.is_some() {
+            return;
+        }
+        let control = RTCDataChannelInit { negotiated: Some(CONTROL.0), ..Default::default() };
+        let data = RTCDataChannelInit {
+            ordered: false,
+            max_retransmits: Some(0),
+            negotiated: Some(DATA.0),
+            ..Default::default()
+        };
+        let made = async {
+            let control = self.pc.create_data_channel(CONTROL.1, Some(control)).await?;
+            let data = self.pc.create_data_channel(DATA.1, Some(data)).await?;
+            Ok::<_, webrtc::error::Error>([control, data])
+        }
+        .await;
+        match made {
+            Ok(channels) => {
+                for (index, dc) in channels.iter().enumerate() {
+                    tokio::spawn(poll_channel(index, dc.clone(), self.internal.clone()));
+                }
+                self.channels = Some(channels);
+            }
+            Err(e) => self.fail(format!("cannot create the data channels: {e}")),
+        }
+    }
+
+    /// Makes and sends an offer.
+    async fn offer(&mut self) {
+        self.open_channels().await;
+        let result = async {
+            let offer = self.pc.create_offer(None).await?;
+            self.pc.set_local_description(offer).await?;
+            Ok::<_, webrtc::error::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.offer_pending = true;
+                self.send_local_description(true).await;
+            }
+            Err(e) => self.fail(format!("cannot make an offer: {e}")),
+        }
+    }
+
+    async fn send_local_description(&mut self, offer: bool) {
+        let Some(desc) = self.pc.local_description().await else { return };
+        self.mid = first_mid(&desc.sdp);
+        let sdp = desc.sdp;
+        let payload =
+            if offer { SignalPayload::Offer { sdp } } else { SignalPayload::Answer { sdp } };
+        self.emit(RtcEvent::Signal(payload));
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Signal(payload) => self.signal(payload).await,
+            Command::SendControl(bytes) => {
+                if self.outbox_bytes + bytes.len() > MAX_OUTBOX {
+                    tracing::warn!("control channel backlog full; dropped a message");
+                    return;
+                }
+                self.outbox_bytes += bytes.len();
+                self.outbox.push_back(bytes);
+                self.flush_outbox().await;
+            }
+            Command::SendData(bytes) => {
+                if let (true, Some(channels)) = (self.open[1], &self.channels) {
+                    let _ = channels[1].send(BytesMut::from(bytes.as_slice())).await;
+                }
+            }
+            Command::Flush(reply) => match (&self.channels, self.open[0] && self.outbox.is_empty())
+            {
+                (Some(channels), true) => {
+                    tokio::spawn(wait_acknowledged(channels[0].clone(), reply));
+                }
+                _ => {
+                    let _ = reply.send(false);
+                }
+            },
+            Command::Close(_) => {}
+        }
+    }
+
+    async fn flush_outbox(&mut self) {
+        let Some(control) = self.channels.as_ref().map(|c| c[0].clone()) else { return };
+        if !self.open[0] {
+            return;
+        }
+        while let Some(bytes) = self.outbox.pop_front() {
+            self.outbox_bytes -= bytes.len();
+            if let Err(e) = control.send(BytesMut::from(bytes.as_slice())).await {
+                tracing::warn!("control channel send failed: {e}");
+            }
+        }
+    }
+
+    async fn signal(&mut self, payload: SignalPayload) {
+        match payload {
+            SignalPayload::Offer { sdp } => self.remote_offer(sdp).await,
+            SignalPayload::Answer { sdp } => {
+                if !self.offer_pending {
+                    return;
+                }
+                match RTCSessionDescription::answer(sdp.clone()) {
+                    Ok(answer) => match self.pc.set_remote_description(answer).await {
+                        Ok(()) => {
+                            self.offer_pending = false;
+                            self.remote_fingerprint = dtls_fingerprint(&sdp).map(str::to_owned);
+                            self.add_pending_candidates().await;
+                        }
+                        Err(e) => tracing::warn!("cannot apply the remote answer: {e}"),
+                    },
+                    Err(e) => tracing::warn!("bad remote answer: {e}"),
+                }
+            }
+            SignalPayload::Candidate {
+                candidate,
+                sdp_mid,
+                sdp_m_line_index,
+                username_fragment,
+            } => {
+                if candidate.is_empty() {
+                    return;
+                }
+                let init = RTCIceCandidateInit {
+                    candidate,
+                    sdp_mid,
+                    sdp_mline_index: sdp_m_line_index,
+                    username_fragment,
+                    url: None,
+                };
+                if self.remote_fingerprint.is_none() {
+                    if !self.ignoring_offer
+                        && self.pending_candidates.len() < MAX_PENDING_CANDIDATES
+                    {
+                        self.pending_candidates.push(init);
+                    }
+                } else if let Err(e) = self.pc.add_ice_candidate(init).await {
+                    tracing::debug!("remote candidate refused: {e}");
+                }
+            }
+            SignalPayload::Opaque { .. } => {}
+        }
+    }
+
+    async fn remote_offer(&mut self, sdp: String) {
+        let fingerprint = dtls_fingerprint(&sdp).map(str::to_owned);
+        if self.remote_fingerprint.is_some() && self.remote_fingerprint != fingerprint {
+            self.emit(RtcEvent::RemoteRestarted(SignalPayload::Offer { sdp }));
+            return;
+        }
+        if self.offer_pending {
+            // Crossing offers.
+            if self.polite {
+                self.emit(RtcEvent::RemoteRestarted(SignalPayload::Offer { sdp }));
+            } else {
+                self.ignoring_offer = true;
+            }
+            return;
+        }
+        self.ignoring_offer = false;
+        self.open_channels().await;
+        let result = async {
+            self.pc.set_remote_description(RTCSessionDescription::offer(sdp)?).await?;
+            Ok::<_, webrtc::error::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!("cannot apply the remote offer: {e}");
+            return;
+        }
+        self.remote_fingerprint = fingerprint;
+        self.add_pending_candidates().await;
+        let answered = async {
+            let answer = self.pc.create_answer(None).await?;
+            self.pc.set_local_description(answer).await?;
+            Ok::<_, webrtc::error::Error>(())
+        }
+        .await;
+        match answered {
+            Ok(()) => self.send_local_description(false).await,
+            Err(e) => self.fail(format!("cannot answer: {e}")),
+        }
+    }
+
+    async fn add_pending_candidates(&mut self) {
+        for init in std::mem::take(&mut self.pending_candidates) {
+            if let Err(e) = self.pc.add_ice_candidate(init).await {
+                tracing::debug!("early remote candidate refused: {e}");
+            }
+        }
+    }
+
+    async fn internal(&mut self, event: Internal) {
+        match event {
+            Internal::Candidate(init) => {
+                self.emit(RtcEvent::Signal(SignalPayload::Candidate {
+                    candidate: init.candidate,
+                    sdp_mid: self.mid.clone().or(init.sdp_mid),
+                    sdp_m_line_index: Some(0),
+                    username_fragment: None,
+                }));
+            }
+            Internal::GatheringComplete => {
+                self.emit(RtcEvent::Signal(SignalPayload::Candidate {
+                    candidate: String::new(),
+                    sdp_mid: None,
+                    sdp_m_line_index: None,
+                    username_fragment: None,
+                }));
+            }
+            Internal::State(state) => {
+                tracing::debug!("connection {state}");
+                if matches!(state, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed)
+                {
+                    self.fail(format!("the WebRTC connection {state}"));
+                }
+            }
+            Internal::Open(index) => {
+                self.open[index] = true;
+                if index == 0 {
+                    let local = self.pc.local_description().await;
+                    let remote = self.pc.remote_description().await;
+                    let (Some(local), Some(remote)) = (local, remote) else {
+                        self.fail("the control channel opened without descriptions".into());
+                        return;
+                    };
+                    let path = path_stats(self.pc.as_ref()).await;
+                    self.emit(RtcEvent::ControlOpen {
+                        local_sdp: local.sdp,
+                        remote_sdp: remote.sdp,
+                        path,
+                    });
+                    self.flush_outbox().await;
+                }
+            }
+            Internal::Message(bytes) => self.emit(RtcEvent::Message(bytes)),
+            Internal::ChannelClosed(index) => {
+                self.open[index] = false;
+                if index == 0 {
+                    self.fail("the control channel closed".into());
+                }
+            }
+        }
+    }
+}
+
+/// Reads one channel until it closes, into the connection's task.
+async fn poll_channel(
+    index: usize,
+    dc: Arc<dyn DataChannel>,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
+    while let Some(event) = dc.poll().await {
+        let forward = match event {
+            DataChannelEvent::OnOpen => Internal::Open(index),
+            DataChannelEvent::OnMessage(msg) => Internal::Message(msg.data.to_vec()),
+            DataChannelEvent::OnClose => break,
+            _ => continue,
+        };
+        if internal.send(forward).is_err() {
+            return;
+        }
+    }
+    let _ = internal.send(Internal::ChannelClosed(index));
+}
+
+/// Answers `true` once SCTP has no unacknowledged bytes of `dc`.
+async fn wait_acknowledged(dc: Arc<dyn DataChannel>, reply: oneshot::Sender<bool>) {
+    let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    let done = loop {
+        match dc.outstanding_bytes().await {
+            Ok(0) => break true,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => break false,
+        }
+    };
+    let _ = reply.send(done);
+}
+
+/// The selected candidate pair's kind and RTT.
+async fn path_stats(pc: &dyn PeerConnection) -> Option<PathStats> {
+    let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
+    let pair = report
+        .transport()
+        .and_then(|t| match report.get(&t.selected_candidate_pair_id) {
+            Some(RTCStatsReportEntry::IceCandidatePair(p)) => Some(p),
+            _ => None,
+        })
+        .or_else(|| report.candidate_pairs().find(|p| p.nominated))?;
+    let relay = |id: &str| match report.get(id) {
+        Some(RTCStatsReportEntry::LocalCandidate(c) | RTCStatsReportEntry::RemoteCandidate(c)) => {
+            c.candidate_type == RTCIceCandidateType::Relay
+        }
+        _ => false,
+    };
+    let relayed = relay(&pair.local_candidate_id) || relay(&pair.remote_candidate_id);
+    let rtt = (pair.current_round_trip_time.is_finite() && pair.current_round_trip_time > 0.0)
+        .then(|| Duration::from_secs_f64(pair.current_round_trip_time));
+    Some(PathStats { relayed, rtt })
+}

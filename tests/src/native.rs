@@ -1,0 +1,155 @@
+//! The native peer (`weft-peer`) as a real process, for tests: built once with cargo,
+//! started with its own config directory, its JSON lines read as events.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// The `weft-peer` binary: `WEFT_PEER_BIN`, or built with `cargo build -p weft-peer` into
+/// the target directory this test runs from (once per test process).
+pub fn weft_peer_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_weft_peer().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn build_weft_peer() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WEFT_PEER_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    // This test runs as <target>/<profile>/deps/<test>-<hash>.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("cannot find the target directory from {}", exe.display()))?;
+    let target_dir = profile_dir.parent().ok_or_else(|| anyhow!("no target directory"))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "-p", "weft-peer"]).current_dir(&workspace);
+    build.env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().context("cannot run cargo to build weft-peer")?;
+    if !status.success() {
+        bail!("cargo build -p weft-peer failed: {status}");
+    }
+    let bin = profile_dir.join(format!("weft-peer{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        bail!("cargo built weft-peer but {} is not there", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A fresh, empty config directory for one native peer (its identity and trust store).
+pub fn config_dir(label: &str) -> Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("weft-native-{label}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A `weft-peer` command with `--server`, `--config-dir`, `--bind` and `--json` set.
+pub fn command(server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) -> Result<Command> {
+    let mut cmd = Command::new(weft_peer_bin()?);
+    cmd.arg("--server")
+        .arg(server_ws)
+        .arg("--config-dir")
+        .arg(config_dir)
+        .arg("--bind")
+        .arg(bind.to_string())
+        .arg("--json")
+        .env_remove("WEFT_PASSPHRASE")
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// A running `weft-peer up`, whose JSON lines are read as events.
+#[derive(Debug)]
+pub struct NativePeer {
+    /// The process.
+    pub child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// Every event read so far.
+    pub seen: Vec<Value>,
+}
+
+impl NativePeer {
+    /// Starts `cmd` (which must print JSON lines), capturing stdout.
+    pub fn spawn(mut cmd: Command) -> Result<Self> {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().context("cannot start weft-peer")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        Ok(Self { child, lines: BufReader::new(stdout).lines(), seen: Vec::new() })
+    }
+
+    /// The next event for which `pred` holds, skipping others; fails after `timeout` or
+    /// if the process ends first.
+    pub async fn expect(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return Ok(v.clone());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+                .await
+                .map_err(|_| anyhow!("timed out waiting for {what}; saw {:?}", self.seen))??;
+            let Some(line) = line else {
+                bail!("weft-peer exited before {what}; saw {:?}", self.seen);
+            };
+            let value: Value =
+                serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+            self.seen.push(value.clone());
+            if pred(&value) {
+                return Ok(value);
+            }
+        }
+    }
+
+    /// The next event of kind `event`.
+    pub async fn expect_event(&mut self, event: &str, timeout: Duration) -> Result<Value> {
+        self.expect(event, timeout, |v| v["event"] == event).await
+    }
+
+    /// Sends SIGTERM (a clean leave) and waits for the exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().ok_or_else(|| anyhow!("already exited"))?;
+        let status =
+            std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+    }
+}
+
+/// Runs `cmd` to completion (at most `timeout`): status, stdout, stderr.
+pub async fn run(
+    mut cmd: Command,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = tokio::time::timeout(timeout, cmd.output())
+        .await
+        .map_err(|_| anyhow!("weft-peer did not finish within {timeout:?}"))??;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

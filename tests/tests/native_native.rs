@@ -1,0 +1,153 @@
+//! Two native peers (`weft-peer`, real processes, webrtc-rs) through the real signaling
+//! server: encrypted sessions, `msg` both ways, a clean leave.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use weft_signal::Limits;
+use weft_tests::native::{NativePeer, command, config_dir, run};
+use weft_tests::start_server;
+
+const WAIT: Duration = Duration::from_secs(60);
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_native_peers_connect_and_message_each_other() {
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let invite = "Q".repeat(43);
+    let (dir_a, dir_b, dir_c) =
+        (config_dir("a").unwrap(), config_dir("b").unwrap(), config_dir("c").unwrap());
+
+    let mut a = command(&url, &dir_a, LOOPBACK).unwrap();
+    a.args(["--invite", &invite, "--name", "Ada", "up"]);
+    let mut a = NativePeer::spawn(a).unwrap();
+    let mut b = command(&url, &dir_b, LOOPBACK).unwrap();
+    b.args(["--invite", &format!("http://x/#invite={invite}"), "--name", "Bea", "up"]);
+    let mut b = NativePeer::spawn(b).unwrap();
+
+    let a_sees = a.expect("Ada sees Bea", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    let b_sees = b.expect("Bea sees Ada", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    assert_eq!(a_sees["name"], "Bea", "{a_sees}");
+    assert_eq!(b_sees["name"], "Ada", "{b_sees}");
+    assert_eq!(a_sees["path"], "direct");
+    assert_eq!(a_sees["trust"], "new");
+    let a_id = a.expect_event("identity", WAIT).await.unwrap();
+    let b_id = b.expect_event("identity", WAIT).await.unwrap();
+    assert_eq!(a_sees["safety_code"], b_id["safety_code"], "Ada sees Bea's real key");
+    assert_eq!(b_sees["safety_code"], a_id["safety_code"], "Bea sees Ada's real key");
+    // The key file was created private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir_a.join("identity.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // `msg` from a third native peer to each, by name and by peer id.
+    let mut to_ada = command(&url, &dir_c, LOOPBACK).unwrap();
+    to_ada.args(["--invite", &invite, "--name", "Cy", "msg", "Ada", "hello Ada"]);
+    let (status, stdout, stderr) = run(to_ada, WAIT).await.unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(r#""event":"sent""#), "{stdout}");
+    let got = a.expect("the message", WAIT, |v| v["event"] == "message").await.unwrap();
+    assert_eq!(got["text"], "hello Ada");
+    assert_eq!(got["from"], "Cy");
+
+    let bea_id = a_sees["peer_id"].as_str().unwrap().to_string();
+    let mut to_bea = command(&url, &dir_c, LOOPBACK).unwrap();
+    to_bea.args(["--invite", &invite, "--name", "Cy", "msg", &bea_id, "hi Bea ✓"]);
+    let (status, stdout, stderr) = run(to_bea, WAIT).await.unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let got = b.expect("the message", WAIT, |v| v["text"] == "hi Bea ✓").await.unwrap();
+    assert_eq!(got["from"], "Cy");
+    // Cy came back with the same key under the same name: known, not changed.
+    let cy = b
+        .expect("Cy's second session", WAIT, |v| {
+            v["event"] == "peer_connected" && v["name"] == "Cy" && v["trust"] == "known"
+        })
+        .await
+        .unwrap();
+    assert_eq!(cy["path"], "direct");
+
+    // `peers` lists both with their keys.
+    let mut peers = command(&url, &dir_c, LOOPBACK).unwrap();
+    peers.args(["--invite", &invite, "--name", "Cy", "peers", "--wait", "30"]);
+    let (status, stdout, stderr) = run(peers, WAIT).await.unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let list: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let names: Vec<&str> =
+        list["peers"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert!(names.contains(&"Ada") && names.contains(&"Bea"), "{list}");
+    assert!(list["peers"].as_array().unwrap().iter().all(|p| p["fingerprint"].is_string()));
+
+    // A message to nobody fails clearly, and fast enough.
+    let mut nobody = command(&url, &dir_c, LOOPBACK).unwrap();
+    nobody.args(["--invite", &invite, "msg", "Nobody", "x", "--timeout", "5"]);
+    let (status, _, stderr) = run(nobody, WAIT).await.unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("\"Nobody\" did not connect within 5 s"), "{stderr}");
+
+    // Ada leaves cleanly; Bea sees her go.
+    let status = a.terminate(WAIT).await.unwrap();
+    assert!(status.success(), "{status}");
+    let ada_peer_id = b_sees["peer_id"].clone();
+    b.expect("Ada leaving", WAIT, |v| v["event"] == "peer_left" && v["peer_id"] == ada_peer_id)
+        .await
+        .unwrap();
+    b.terminate(WAIT).await.unwrap();
+    server.shutdown(Duration::from_secs(2)).await;
+    for dir in [dir_a, dir_b, dir_c] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_with_clear_errors() {
+    let dir = config_dir("bad").unwrap();
+    let invite = "Q".repeat(43);
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (vec!["--invite".into(), invite.clone(), "up".into()], "http://x/ws", "ws:// or wss://"),
+        (
+            vec!["--invite".into(), "short".into(), "up".into()],
+            "ws://127.0.0.1:9/ws",
+            "bad --invite",
+        ),
+        (vec!["up".into()], "ws://127.0.0.1:9/ws", "give --invite"),
+        (
+            vec![
+                "--invite".into(),
+                invite,
+                "msg".into(),
+                "x".into(),
+                "y".into(),
+                "--timeout".into(),
+                "3".into(),
+            ],
+            "ws://127.0.0.1:9/ws",
+            "could not reach the signaling server",
+        ),
+    ];
+    for (args, server, expected) in cases {
+        let mut cmd = command(server, &dir, LOOPBACK).unwrap();
+        cmd.args(&args);
+        let (status, _, stderr) = run(cmd, WAIT).await.unwrap();
+        assert!(!status.success(), "{args:?}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // A key file others can read is refused.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = dir.join("identity.key");
+        std::fs::write(&key, "00".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut cmd = command("ws://127.0.0.1:9/ws", &dir, LOOPBACK).unwrap();
+        cmd.args(["--invite", &"Q".repeat(43), "up"]);
+        let (status, _, stderr) = run(cmd, WAIT).await.unwrap();
+        assert!(!status.success());
+        assert!(stderr.contains("readable by group or others"), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

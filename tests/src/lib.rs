@@ -5,6 +5,7 @@
 //! when `WEFT_REQUIRE_BROWSER` is unset; `cargo xtask test` sets it, so there they run.
 #![forbid(unsafe_code)]
 
+pub mod files;
 pub mod mitm;
 pub mod native;
 pub mod turn_server;

@@ -63,10 +63,11 @@ enum Task {
 const BENCHES: &[(&str, &str)] = &[
     ("signal", "signaling relay throughput vs. a raw WebSocket forwarder, same process"),
     ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
+    ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
 ];
 
 /// Benchmarks that drive Chromium and so need the browser and the built bundle.
-const BROWSER_BENCHES: &[&str] = &["session"];
+const BROWSER_BENCHES: &[&str] = &["session", "transfer"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();

@@ -1,0 +1,613 @@
+//! File transfer between real headless Chromium processes through the real signaling
+//! server, driving the documented JavaScript API (`sendFiles`, `acceptOffer`, …): a folder
+//! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a download resumes
+//! after the receiver reloads, a corrupted chunk is rejected and fetched again, a download
+//! uses two seeders at once, and a cancel on either side cleans up both.
+//!
+//! Files are generated into a scratch directory on disk and put into the pages through an
+//! `<input type=file>` that chromedriver fills from the local paths.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use thirtyfour::WebDriver;
+use weft_tests::browser_available;
+use weft_tests::files::{
+    BYTES_RECEIVED_JS, Net, OPFS_LIST_JS, Scratch, TestFile, WAIT, accept, add_hook, blake3_of,
+    call, download, events, generate, hash_downloaded, is_event, mib, ms, opfs_files, send_files,
+    share_files, start_join, transfers, upload, uploaded, wait_complete, wait_connected,
+    wait_event, wait_offer,
+};
+use weft_tests::{js, wait_for};
+
+/// Generous bounds for the large transfers on a slow two-core machine.
+const BIG_WAIT: Duration = Duration::from_secs(600);
+
+/// Starts `names` in one network, runs `body`, then quits every browser (printing each
+/// page's recent events and logs if `body` failed), and fails the test with `body`'s error.
+macro_rules! run {
+    ($test:literal, $names:expr, |$net:ident| $body:expr) => {{
+        if !browser_available($test) {
+            return;
+        }
+        let $net = Net::start($names).await.unwrap();
+        let result: Result<()> = async { $body }.await;
+        let failed = result.is_err();
+        $net.close(failed).await;
+        if let Err(e) = result {
+            panic!("{}: {e:#}", $test);
+        }
+    }};
+}
+
+/// `[(file, path)]` in the shape the helpers take.
+fn with_paths<'a>(files: &'a [TestFile], paths: &[&'a str]) -> Vec<(&'a TestFile, &'a str)> {
+    files.iter().zip(paths.iter().copied()).collect()
+}
+
+/// Alice offers `files` under `paths` to Bob, Bob accepts, and everything must arrive
+/// exactly: the offer lists each path, size and natively computed BLAKE3; each download
+/// completes; the receiver's BLAKE3 of the stored bytes equals the native one.
+async fn send_and_verify(net: &Net, files: &[TestFile], paths: &[&str]) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    let entries = with_paths(files, paths);
+    let refs: Vec<&TestFile> = files.iter().collect();
+    upload(alice, "folder", &refs).await?;
+
+    let started = Instant::now();
+    let sent = send_files(alice, "folder", &entries, bob_id, BIG_WAIT).await?;
+    let hash_ms = ms(started);
+    ensure!(sent.len() == 1 && sent[0]["peerId"] == bob_id, "sendFiles answered {sent:?}");
+    let offer_id = sent[0]["offerId"].clone();
+    let offer = wait_offer(bob, alice_id, &offer_id).await?;
+    ensure!(offer["name"] == "Alice", "offer from {}", offer["name"]);
+
+    // The offer names every file by its BLAKE3 hash, under its path, with its size.
+    let mut offered: Vec<(String, u64, String)> = offer["items"]
+        .as_array()
+        .context("offer without items")?
+        .iter()
+        .map(|i| {
+            let path = i["path"].as_str().unwrap_or_default().to_string();
+            let root = i["root"].as_str().unwrap_or_default().to_string();
+            (path, i["size"].as_u64().unwrap_or(u64::MAX), root)
+        })
+        .collect();
+    let mut wanted: Vec<(String, u64, String)> =
+        entries.iter().map(|(f, p)| (p.to_string(), f.size, f.root.clone())).collect();
+    offered.sort();
+    wanted.sort();
+    ensure!(offered == wanted, "offered {offered:?}\nexpected {wanted:?}");
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    ensure!(offer["totalSize"] == total, "totalSize {} != {total}", offer["totalSize"]);
+
+    let accepted = Instant::now();
+    accept(bob, alice_id, &offer_id).await?;
+    for (f, path) in &entries {
+        let done = wait_complete(bob, &f.root, BIG_WAIT).await?;
+        ensure!(done["size"] == f.size, "file_complete {done}");
+        ensure!(done["paths"] == json!([path]), "file_complete {done}");
+    }
+    let transfer_ms = ms(accepted);
+
+    for (f, path) in &entries {
+        let stored = hash_downloaded(bob, &f.root, BIG_WAIT).await?;
+        ensure!(stored == f.root, "{path}: stored bytes hash to {stored}, sent {}", f.root);
+        let d = download(bob, &f.root).await?.with_context(|| format!("no download {path}"))?;
+        ensure!(
+            d["size"] == f.size
+                && d["doneBytes"] == f.size
+                && d["state"] == "complete"
+                && d["paths"] == json!([path]),
+            "{path}: download {d}"
+        );
+        let file = call(
+            bob,
+            &format!(
+                "const f = await s.downloadedFile({}); return {{ size: f.size, name: f.name }};",
+                json!(f.root)
+            ),
+            WAIT,
+        )
+        .await?;
+        ensure!(file["size"] == f.size, "{path}: downloadedFile {file}");
+    }
+    let rejected = events(bob, "ev.type === 'chunk_rejected'").await?;
+    ensure!(rejected.is_empty(), "chunks rejected without corruption: {rejected:?}");
+
+    // Alice hashed while she read (hashing events), and hears that each file was delivered.
+    let big = files.iter().max_by_key(|f| f.size).context("no files")?;
+    let big_path = entries.iter().find(|(f, _)| f.root == big.root).map(|e| e.1).unwrap_or("");
+    if big.size > 0 {
+        let hashing = events(
+            alice,
+            &format!(
+                "ev.type === 'hashing' && ev.path === {} && ev.size === {}",
+                json!(big_path),
+                big.size
+            ),
+        )
+        .await?;
+        ensure!(!hashing.is_empty(), "no hashing event for {big_path}");
+    }
+    for f in files {
+        wait_event(
+            alice,
+            &format!("delivered {} to Bob", f.name),
+            &format!(
+                "ev.type === 'delivered' && ev.peerId === {} && ev.root === {}",
+                json!(bob_id),
+                json!(f.root)
+            ),
+            None,
+            WAIT,
+        )
+        .await?;
+    }
+    let out = wait_for("Alice's offer to show delivered", WAIT, || async {
+        let t = transfers(alice).await?;
+        let o = t["outgoing"]
+            .as_array()
+            .and_then(|o| o.iter().find(|o| o["offerId"] == offer_id).cloned());
+        match o {
+            Some(o) if o["state"] == "delivered" => Ok(Ok(o)),
+            _ => Ok(Err(t["outgoing"].to_string())),
+        }
+    })
+    .await?;
+    ensure!(out["totalBytes"] == total, "outgoing {out}");
+
+    println!(
+        "TIMING {} files, {total} bytes: sendFiles (hash + offer) {hash_ms} ms, accept -> last \
+         file_complete {transfer_ms} ms ({:.1} MB/s as seen by the test)",
+        files.len(),
+        total as f64 / 1e6 / (transfer_ms.max(1) as f64 / 1e3)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_with_a_200_mib_file_arrives_byte_for_byte() {
+    let scratch = Scratch::new("folder").unwrap();
+    let dir = scratch.path();
+    let files = vec![
+        generate(dir, "big.bin", mib(200) + 12_345, 1).unwrap(),
+        generate(dir, "notes.txt", 1000, 2).unwrap(),
+        generate(dir, "one-chunk.bin", 65_536, 3).unwrap(),
+        generate(dir, "three-mib.bin", mib(3) + 7, 4).unwrap(),
+    ];
+    // The generator's BLAKE3 is the real one (b3sum's), not just self-consistent.
+    assert_eq!(blake3_of(&files[1].path).unwrap(), files[1].root);
+    let paths = [
+        "folder/big.bin",
+        "folder/notes.txt",
+        "folder/sub/one-chunk.bin",
+        "folder/sub/deeper/three-mib.bin",
+    ];
+    run!("a_folder_with_a_200_mib_file_arrives_byte_for_byte", &["Alice", "Bob"], |net| {
+        send_and_verify(&net, &files, &paths).await
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_edge_sizes_arrive_byte_for_byte() {
+    let scratch = Scratch::new("edges").unwrap();
+    let dir = scratch.path();
+    let files = vec![
+        generate(dir, "empty", 0, 10).unwrap(),
+        generate(dir, "one-byte", 1, 11).unwrap(),
+        generate(dir, "chunk-minus-one", 65_535, 12).unwrap(),
+        generate(dir, "chunk-plus-one", 65_537, 13).unwrap(),
+        generate(dir, "two-chunks", 131_072, 14).unwrap(),
+    ];
+    assert_eq!(files[0].root, blake3::hash(b"").to_hex().to_string());
+    let paths = [
+        "edges/empty",
+        "edges/one-byte",
+        "edges/chunk-minus-one",
+        "edges/chunk-plus-one",
+        "edges/two-chunks",
+    ];
+    run!("files_of_edge_sizes_arrive_byte_for_byte", &["Alice", "Bob"], |net| {
+        send_and_verify(&net, &files, &paths).await
+    });
+}
+
+/// What the reloaded page saw when its download first showed up again.
+async fn reload_body(net: &Net, file: &TestFile) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    let root = json!(file.root);
+    upload(alice, "r", &[file]).await?;
+    let sent = send_files(alice, "r", &[(file, "resume.bin")], bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_id).await?;
+
+    // Bob's page reloads itself the moment 40 % is stored (no test round trip in between).
+    let threshold = file.size * 2 / 5;
+    add_hook(
+        bob,
+        &format!(
+            "if (ev.type === 'progress' && ev.root === {root} && ev.doneBytes >= {threshold} && !t.reloading) {{
+               t.reloading = true;
+               sessionStorage.setItem('weftReloadAt', String(ev.doneBytes));
+               location.reload();
+             }}"
+        ),
+    )
+    .await?;
+    accept(bob, alice_id, &offer_id).await?;
+    wait_for("Bob's page to reload mid-transfer", BIG_WAIT, || async {
+        let v = js(
+            bob,
+            "if (window.t) return window.t.events.some((e) => e.type === 'file_complete') ? 'complete' : 'old';
+             return document.readyState === 'complete' ? 'new' : 'loading';",
+        )
+        .await;
+        match v {
+            Ok(v) if v == "new" => Ok(Ok(())),
+            Ok(v) if v == "complete" => bail!("the file completed before the reload: make it larger"),
+            Ok(v) => Ok(Err(v.to_string())),
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    })
+    .await?;
+    let reload_at = js(bob, "return Number(sessionStorage.getItem('weftReloadAt'))").await?;
+    let reload_at = reload_at.as_f64().unwrap_or(0.0) as u64;
+    ensure!(reload_at >= threshold && reload_at < file.size, "reloaded at {reload_at} bytes");
+
+    // Join again with the same invite: same profile, so the same identity, IndexedDB and
+    // OPFS. Watch, inside the page, for the download to show up again with bytes done, and
+    // how many bytes the page had received over any data channel at that moment.
+    start_join(bob, &net.invite, "Bob").await?;
+    let first = call(
+        bob,
+        &format!(
+            "const deadline = performance.now() + 60000;
+             for (;;) {{
+               const t = window.t;
+               if (t.error) throw new Error('join failed: ' + t.error);
+               const s = t.session;
+               const d = s ? s.transfers().downloads.find((d) => d.root === {root}) : null;
+               if (d && d.doneBytes > 0) {{
+                 {BYTES_RECEIVED_JS}
+                 return {{ doneBytes: d.doneBytes, state: d.state, received: bytes,
+                           ms: performance.now() - t.joinAt }};
+               }}
+               if (performance.now() > deadline)
+                 throw new Error('no restored download with bytes after 60 s: ' + JSON.stringify(s ? s.transfers() : null));
+               await new Promise((r) => setTimeout(r, 20));
+             }}"
+        ),
+        Duration::from_secs(90),
+    )
+    .await?;
+    let new_bob = wait_connected(bob, 1).await?;
+    ensure!(new_bob != bob_id, "a reloaded page joins under a new peer id");
+    let restored = first["doneBytes"].as_u64().unwrap_or(0);
+    let received_then = first["received"].as_u64().unwrap_or(u64::MAX);
+    // The restored bytes came from disk: more bytes done than the page ever received.
+    ensure!(
+        restored > 0 && received_then < restored,
+        "after the reload: doneBytes {restored} with {received_then} bytes received (reloaded at {reload_at})"
+    );
+
+    wait_complete(bob, &file.root, BIG_WAIT).await?;
+    let received_total = call(bob, &format!("{BYTES_RECEIVED_JS} return bytes;"), WAIT).await?;
+    let received_total = received_total.as_u64().unwrap_or(u64::MAX);
+    let stored = hash_downloaded(bob, &file.root, BIG_WAIT).await?;
+    ensure!(
+        stored == file.root,
+        "after resuming, the stored bytes hash to {stored}, not {}",
+        file.root
+    );
+    // A restart from zero would receive at least the whole file again.
+    ensure!(
+        received_total < file.size,
+        "the reloaded page received {received_total} bytes for a {} byte file: it did not resume",
+        file.size
+    );
+    let sources = events(bob, &format!("ev.type === 'source_added' && ev.root === {root}")).await?;
+    ensure!(
+        sources.iter().any(|s| s["peerId"] == alice_id),
+        "Alice never became a source after the reload: {sources:?}"
+    );
+    println!(
+        "TIMING reload at {reload_at} of {} bytes; restored download visible {:.0} ms after \
+         the join with {restored} bytes done and {received_then} received; {received_total} \
+         bytes received after the reload in all",
+        file.size,
+        first["ms"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_resumes_after_the_receiver_reloads() {
+    let scratch = Scratch::new("resume").unwrap();
+    let file = generate(scratch.path(), "resume.bin", mib(128) + 4321, 20).unwrap();
+    run!("a_download_resumes_after_the_receiver_reloads", &["Alice", "Bob"], |net| {
+        reload_body(&net, &file).await
+    });
+}
+
+async fn corrupt_body(net: &Net, file: &TestFile) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    upload(alice, "c", &[file]).await?;
+    let sent = send_files(alice, "c", &[(file, "corrupt.bin")], bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    // The next time Alice serves chunk 5, one byte of it is flipped.
+    call(alice, "s.debugCorruptChunk(5); return true;", WAIT).await?;
+    wait_offer(bob, alice_id, &offer_id).await?;
+    accept(bob, alice_id, &offer_id).await?;
+    let root = json!(file.root);
+    let rejected = wait_event(
+        bob,
+        "chunk 5 rejected",
+        &format!("ev.type === 'chunk_rejected' && ev.root === {root} && ev.index === 5"),
+        Some(&is_event("file_failed", "root", &file.root)),
+        WAIT,
+    )
+    .await?;
+    ensure!(rejected["peerId"] == alice_id, "rejected {rejected}");
+    wait_complete(bob, &file.root, WAIT).await?;
+    let stored = hash_downloaded(bob, &file.root, WAIT).await?;
+    ensure!(stored == file.root, "stored bytes hash to {stored}, not {}", file.root);
+    let all = events(bob, "ev.type === 'chunk_rejected'").await?;
+    ensure!(all.len() == 1, "one byte flipped once, but rejected: {all:?}");
+    let dropped = events(bob, "ev.type === 'source_dropped'").await?;
+    ensure!(dropped.is_empty(), "one bad chunk must not drop the source: {dropped:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_chunk_is_rejected_and_fetched_again() {
+    let scratch = Scratch::new("corrupt").unwrap();
+    let file = generate(scratch.path(), "corrupt.bin", mib(4) + 100, 30).unwrap();
+    run!("a_corrupted_chunk_is_rejected_and_fetched_again", &["Alice", "Bob"], |net| {
+        corrupt_body(&net, &file).await
+    });
+}
+
+async fn two_seeders_body(net: &Net, file: &TestFile) -> Result<()> {
+    let (alice, bob, carol) = (&net.browsers[0], &net.browsers[1], &net.browsers[2]);
+    let (alice_id, bob_id, carol_id) =
+        (net.ids[0].as_str(), net.ids[1].as_str(), net.ids[2].as_str());
+    upload(alice, "s", &[file]).await?;
+    upload(carol, "s", &[file]).await?;
+    // Carol holds the same file without offering it to anyone.
+    let shared = share_files(carol, "s", &[(file, "swarm.bin")], WAIT).await?;
+    ensure!(
+        shared.len() == 1
+            && shared[0]["root"] == file.root.as_str()
+            && shared[0]["size"] == file.size,
+        "shareFiles answered {shared:?}"
+    );
+    let sent = send_files(alice, "s", &[(file, "swarm.bin")], bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_id).await?;
+    let accepted = Instant::now();
+    accept(bob, alice_id, &offer_id).await?;
+    wait_complete(bob, &file.root, BIG_WAIT).await?;
+    let took = ms(accepted);
+    let stored = hash_downloaded(bob, &file.root, WAIT).await?;
+    ensure!(stored == file.root, "stored bytes hash to {stored}, not {}", file.root);
+
+    let root = json!(file.root);
+    let added = events(bob, &format!("ev.type === 'source_added' && ev.root === {root}")).await?;
+    for (who, id) in [("Alice", alice_id), ("Carol", carol_id)] {
+        ensure!(added.iter().any(|s| s["peerId"] == id), "{who} was never a source: {added:?}");
+    }
+    let mut sent_by = Vec::new();
+    for (who, browser) in [("Alice", alice), ("Carol", carol)] {
+        let n = wait_for(&format!("{who}'s upload events to Bob"), WAIT, || async {
+            Ok(match uploaded(browser, &file.root, bob_id).await? {
+                Some(n) if n > 0 => Ok(n),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        sent_by.push(n);
+    }
+    println!(
+        "TIMING two seeders: {} bytes in {took} ms; upload events report Alice {} and Carol {} bytes",
+        file.size, sent_by[0], sent_by[1]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_fetches_from_two_seeders_at_once() {
+    let scratch = Scratch::new("swarm").unwrap();
+    let file = generate(scratch.path(), "swarm.bin", mib(32), 40).unwrap();
+    run!("a_download_fetches_from_two_seeders_at_once", &["Alice", "Bob", "Carol"], |net| {
+        two_seeders_body(&net, &file).await
+    });
+}
+
+/// Waits until the largest `upload` event of `root` to `peer` stays the same for 1.5 s;
+/// returns it.
+async fn wait_uploads_stop(browser: &WebDriver, root: &str, peer: &str) -> Result<u64> {
+    let last = Cell::new((None::<u64>, Instant::now()));
+    wait_for("the uploads to stop", WAIT, || async {
+        let now = uploaded(browser, root, peer).await?;
+        let (before, since) = last.get();
+        if now != before {
+            last.set((now, Instant::now()));
+            return Ok(Err(format!("{now:?} bytes, still changing")));
+        }
+        Ok(if since.elapsed() > Duration::from_millis(1500) {
+            Ok(now.unwrap_or(0))
+        } else {
+            Err(format!("{now:?} bytes"))
+        })
+    })
+    .await
+}
+
+/// Waits until the page's OPFS has exactly the files `paths` (ignoring sizes).
+async fn wait_opfs_paths(browser: &WebDriver, what: &str, paths: &[String]) -> Result<()> {
+    let mut want = paths.to_vec();
+    want.sort();
+    wait_for(what, WAIT, || async {
+        let mut now: Vec<String> = opfs_files(browser)
+            .await?
+            .iter()
+            .map(|f| f["path"].as_str().unwrap_or_default().to_string())
+            .collect();
+        now.sort();
+        Ok(if now == want { Ok(()) } else { Err(format!("OPFS {now:?}, expected {want:?}")) })
+    })
+    .await
+}
+
+fn paths_of(files: &[Value]) -> Vec<String> {
+    files.iter().map(|f| f["path"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    upload(alice, "k", &[x, y]).await?;
+    let before = paths_of(&opfs_files(bob).await?);
+
+    // 1. The receiver cancels as soon as its first bytes are stored.
+    let sent = send_files(alice, "k", &[(x, "x.bin")], bob_id, WAIT).await?;
+    let offer_x = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_x).await?;
+    add_hook(
+        bob,
+        &format!(
+            "if (ev.type === 'progress' && ev.root === {} && ev.doneBytes > 0 && !t.cancelledX) {{
+               t.cancelledX = ev.doneBytes;
+               s.cancelTransfer({}, {offer_x}, 'changed my mind');
+             }}",
+            json!(x.root),
+            json!(alice_id)
+        ),
+    )
+    .await?;
+    accept(bob, alice_id, &offer_x).await?;
+    let cancelled = wait_event(
+        alice,
+        "Alice to hear that Bob cancelled",
+        &format!(
+            "ev.type === 'transfer_cancelled' && ev.peerId === {} && ev.offerId === {offer_x}",
+            json!(bob_id)
+        ),
+        Some(&is_event("delivered", "root", &x.root)),
+        WAIT,
+    )
+    .await?;
+    ensure!(cancelled["byPeer"] == true, "Alice's transfer_cancelled {cancelled}");
+    let stopped_at = wait_uploads_stop(alice, &x.root, bob_id).await?;
+    ensure!(stopped_at < x.size, "Alice kept sending: {stopped_at} of {} bytes", x.size);
+    let out = transfers(alice).await?;
+    let o = out["outgoing"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["offerId"] == offer_x).cloned());
+    ensure!(o.as_ref().is_some_and(|o| o["state"] == "cancelled"), "Alice's outgoing {out}");
+    // Bob's side is cleaned up too: no download, nothing left stored.
+    wait_for("Bob's cancelled download to go", WAIT, || async {
+        Ok(match download(bob, &x.root).await? {
+            None => Ok(()),
+            Some(d) => Err(d.to_string()),
+        })
+    })
+    .await?;
+    wait_opfs_paths(bob, "Bob's OPFS to be as before the cancelled download", &before).await?;
+    let complete_x = events(bob, &is_event("file_complete", "root", &x.root)).await?;
+    ensure!(complete_x.is_empty(), "a cancelled download completed: {complete_x:?}");
+
+    // 2. The sender cancels while Bob is downloading; Bob's stored file must go.
+    let sent = send_files(alice, "k", &[(y, "y.bin")], bob_id, WAIT).await?;
+    let offer_y = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_y).await?;
+    add_hook(
+        bob,
+        &format!(
+            "if (ev.type === 'progress' && ev.root === {} && ev.doneBytes > 0 && !t.listingY) {{
+               t.listingY = true;
+               t.opfsDuring = await (async () => {{ {OPFS_LIST_JS} }})();
+             }}",
+            json!(y.root)
+        ),
+    )
+    .await?;
+    accept(bob, alice_id, &offer_y).await?;
+    let during = wait_for("Bob to store part of y.bin", WAIT, || async {
+        let v = js(
+            bob,
+            &format!(
+                "return {{ during: window.t.opfsDuring ?? null,
+                          complete: window.t.events.some((ev) => ev.type === 'file_complete' && ev.root === {}) }};",
+                json!(y.root)
+            ),
+        )
+        .await?;
+        if v["complete"] == true {
+            bail!("y.bin completed before the sender could cancel: make it larger");
+        }
+        Ok(match v["during"].as_array() {
+            Some(list) => Ok(list.clone()),
+            None => Err("no listing yet".to_string()),
+        })
+    })
+    .await?;
+    let new_files: Vec<String> =
+        paths_of(&during).into_iter().filter(|p| !before.contains(p)).collect();
+    ensure!(!new_files.is_empty(), "y.bin is downloading but nothing new is in OPFS: {during:?}");
+    call(
+        alice,
+        &format!("s.cancelTransfer({}, {offer_y}, 'oops'); return true;", json!(bob_id)),
+        WAIT,
+    )
+    .await?;
+    let delivered = events(alice, &is_event("delivered", "root", &y.root)).await?;
+    ensure!(delivered.is_empty(), "y.bin was delivered before the cancel: make it larger");
+    let cancelled = wait_event(
+        bob,
+        "Bob to hear that Alice cancelled",
+        &format!(
+            "ev.type === 'transfer_cancelled' && ev.peerId === {} && ev.offerId === {offer_y}",
+            json!(alice_id)
+        ),
+        Some(&is_event("file_complete", "root", &y.root)),
+        WAIT,
+    )
+    .await?;
+    ensure!(cancelled["byPeer"] == true, "Bob's transfer_cancelled {cancelled}");
+    wait_for("Bob's download of y.bin to disappear", WAIT, || async {
+        Ok(match download(bob, &y.root).await? {
+            None => Ok(()),
+            Some(d) => Err(d.to_string()),
+        })
+    })
+    .await?;
+    wait_opfs_paths(bob, "Bob's stored y.bin to be deleted", &before).await?;
+    let hash = call(bob, &format!("return await s.hashDownloaded({});", json!(y.root)), WAIT).await;
+    ensure!(hash.is_err(), "hashDownloaded of a cancelled download answered {hash:?}");
+    let stopped_y = wait_uploads_stop(alice, &y.root, bob_id).await?;
+    ensure!(stopped_y < y.size, "Alice sent all of y.bin: {stopped_y}");
+    println!(
+        "TIMING cancel: receiver cancel stopped the sender at {stopped_at} of {} bytes; sender \
+         cancel at {stopped_y} of {} bytes; Bob had stored {new_files:?}",
+        x.size, y.size
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_either_side_cleans_up_both() {
+    let scratch = Scratch::new("cancel").unwrap();
+    let x = generate(scratch.path(), "x.bin", mib(64), 50).unwrap();
+    let y = generate(scratch.path(), "y.bin", mib(128), 51).unwrap();
+    run!("a_cancel_on_either_side_cleans_up_both", &["Alice", "Bob"], |net| {
+        cancel_body(&net, &x, &y).await
+    });
+}

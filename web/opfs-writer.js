@@ -4,7 +4,8 @@
 // streams, which write to a swap file that only replaces the file on close).
 //
 // Requests (postMessage): { id, op, name, ... } with
-//   op "write":  offset, data (ArrayBuffer, transferred)   -> { id, ok: true }
+//   op "write":  offset, data (ArrayBuffer, transferred)   -> { id, ok: true, data } (the
+//                buffer, transferred back for reuse)
 //   op "close":  closes the handle (flushes)               -> { id, ok: true }
 //   op "delete": closes and removes the file               -> { id, ok: true }
 // Any failure answers { id, ok: false, error, disk_full }.
@@ -87,12 +88,16 @@ async function run(msg) {
 self.onmessage = (ev) => {
   const msg = ev.data;
   chain = chain.then(async () => {
+    // The chunk's buffer goes back to the page for reuse, so a download does not
+    // leave a trail of garbage buffers behind it.
+    const back = msg.data instanceof ArrayBuffer ? [msg.data] : [];
     try {
       await run(msg);
-      self.postMessage({ id: msg.id, ok: true });
+      self.postMessage({ id: msg.id, ok: true, data: msg.data }, back);
     } catch (e) {
       const diskFull = e && e.name === "QuotaExceededError";
-      self.postMessage({ id: msg.id, ok: false, error: String((e && e.message) || e), disk_full: diskFull });
+      const error = String((e && e.message) || e);
+      self.postMessage({ id: msg.id, ok: false, error, disk_full: diskFull, data: msg.data }, back);
     }
   });
 };

@@ -569,6 +569,29 @@ impl PeerLink {
             .ok_or(LinkError::NotEstablished)
     }
 
+    /// Sends several file-transfer frames in one packet (small ones, such as chunk
+    /// requests: one packet and one seal instead of many).
+    pub fn send_transfers(
+        &mut self,
+        frames: Vec<(u8, Vec<u8>)>,
+        now: Duration,
+    ) -> Result<(), LinkError> {
+        if let Some((t, _)) = frames.iter().find(|(t, _)| !FILE_TRANSFER_TYPES.contains(t)) {
+            return Err(LinkError::NotTransferFrame(*t));
+        }
+        if self.state() != LinkState::Established {
+            return Err(LinkError::NotEstablished);
+        }
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let frames: Vec<Frame> = frames
+            .into_iter()
+            .map(|(frame_type, body)| Frame::Unknown { frame_type, body })
+            .collect();
+        self.send_frames(&frames, now).ok_or(LinkError::NotEstablished)
+    }
+
     /// Seals `data` as one packet for the unreliable channel (IP packets).
     pub fn seal_data(&mut self, data: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
         let State::Established { session, .. } = &mut self.state else {

@@ -341,6 +341,25 @@ fn transfer_frames_pass_through_and_other_types_are_refused() {
     assert_eq!(p.a.send_transfer(0x01, vec![], p.now), Err(LinkError::NotTransferFrame(0x01)));
     let (_, eb) = p.pump();
     assert!(eb.contains(&LinkEvent::Transfer { frame_type: 0x26, body: vec![7; 70_000] }));
+
+    // Several small frames in one packet arrive in order.
+    let sent = p.a.stats().packets_sent;
+    p.a.send_transfers(vec![(0x24, vec![1]), (0x24, vec![2]), (0x28, vec![3])], p.now).unwrap();
+    assert_eq!(p.a.stats().packets_sent, sent + 1);
+    let (_, eb) = p.pump();
+    let got: Vec<_> = eb.into_iter().filter(|e| matches!(e, LinkEvent::Transfer { .. })).collect();
+    assert_eq!(
+        got,
+        vec![
+            LinkEvent::Transfer { frame_type: 0x24, body: vec![1] },
+            LinkEvent::Transfer { frame_type: 0x24, body: vec![2] },
+            LinkEvent::Transfer { frame_type: 0x28, body: vec![3] },
+        ]
+    );
+    assert_eq!(
+        p.a.send_transfers(vec![(0x02, vec![])], p.now),
+        Err(LinkError::NotTransferFrame(0x02))
+    );
 }
 
 /// Runs `p` in virtual time: delivers what is in flight (through `deliver`, which may

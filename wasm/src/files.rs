@@ -34,6 +34,14 @@ const HASH_READ: f64 = 4.0 * 1024.0 * 1024.0;
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Least time between two saves of the download records.
 const SAVE_EVERY: i32 = 500;
+/// Bytes read from a shared file at once (a multiple of the chunk size).
+const READ_BLOCK: u64 = 1024 * 1024;
+/// Blocks kept per node for serving (16 MiB).
+const READ_CACHE_BLOCKS: usize = 16;
+/// File-transfer messages up to this size are batched into one packet per peer.
+const BATCH_FRAME: usize = 1024;
+/// Chunk buffers kept for reuse by the writer.
+const WRITE_POOL: usize = 256;
 /// The OPFS folder of downloads (also in `opfs-writer.js`).
 const DOWNLOAD_DIR: &str = "weft-downloads";
 
@@ -243,6 +251,8 @@ enum Pending {
 /// The disk-writer worker.
 struct Writer {
     worker: web_sys::Worker,
+    /// Chunk-sized buffers the worker gave back, for the next writes.
+    pool: Vec<js_sys::ArrayBuffer>,
     pending: HashMap<u32, Pending>,
     next_id: u32,
     _onmessage: Closure<dyn FnMut(web_sys::MessageEvent)>,
@@ -251,10 +261,41 @@ struct Writer {
 /// The engine's timer: `setTimeout` id, when it fires, and its callback.
 type EngineTimer = (i32, Duration, Closure<dyn FnMut()>);
 
+/// Recently read blocks of shared files, as promises of their `ArrayBuffer`s (so
+/// concurrent reads of one block share one `Blob.slice`).
+#[derive(Default)]
+struct ReadCache {
+    blocks: std::collections::VecDeque<((Root, u64), js_sys::Promise)>,
+}
+
+impl ReadCache {
+    fn block(&mut self, root: &Root, blob: &web_sys::Blob, block: u64) -> js_sys::Promise {
+        if let Some((_, p)) = self.blocks.iter().find(|(k, _)| *k == (*root, block)) {
+            return p.clone();
+        }
+        let start = (block * READ_BLOCK) as f64;
+        let end = (start + READ_BLOCK as f64).min(blob.size());
+        let promise = match blob.slice_with_f64_and_f64(start, end) {
+            Ok(slice) => slice.array_buffer(),
+            Err(e) => js_sys::Promise::reject(&e),
+        };
+        self.blocks.push_back(((*root, block), promise.clone()));
+        if self.blocks.len() > READ_CACHE_BLOCKS {
+            self.blocks.pop_front();
+        }
+        promise
+    }
+
+    fn forget(&mut self, root: &Root) {
+        self.blocks.retain(|((r, _), _)| r != root);
+    }
+}
+
 /// Everything file transfer holds in a session.
 pub(crate) struct Files {
     pub(crate) engine: Engine,
     blobs: HashMap<Root, web_sys::Blob>,
+    reads: ReadCache,
     writer: Option<Writer>,
     writer_error: Option<String>,
     outgoing: BTreeMap<(PeerId, u64), Outgoing>,
@@ -272,6 +313,7 @@ impl Files {
         Self {
             engine: Engine::new(EngineConfig::default(), first_offer_id),
             blobs: HashMap::new(),
+            reads: ReadCache::default(),
             writer: None,
             writer_error: None,
             outgoing: BTreeMap::new(),
@@ -549,10 +591,21 @@ impl Inner {
     pub(crate) fn pump_files(&mut self, out: &mut Vec<JsEvent>) {
         let now = now();
         let mut touched = HashSet::new();
+        // Small messages (chunk requests above all) to one peer share a packet.
+        let mut batches: BTreeMap<PeerId, Vec<(u8, Vec<u8>)>> = BTreeMap::new();
         while let Some(output) = self.files.engine.poll_output() {
             match output {
                 Output::Send { peer, msg } => {
                     let (t, body) = msg.encode();
+                    if body.len() <= BATCH_FRAME {
+                        let batch = batches.entry(peer).or_default();
+                        batch.push((t, body));
+                        continue;
+                    }
+                    // A big message: what was batched for this peer goes first.
+                    if let Some(batch) = batches.remove(&peer) {
+                        self.send_transfers(&peer, batch);
+                    }
                     if self.send_transfer(&peer, t, body) {
                         touched.insert(peer);
                     }
@@ -576,6 +629,11 @@ impl Inner {
                     }
                 }
                 Output::Event(ev) => self.on_file_event(ev, now, out),
+            }
+        }
+        for (peer, batch) in batches {
+            if self.send_transfers(&peer, batch) {
+                touched.insert(peer);
             }
         }
         for peer in touched {
@@ -668,6 +726,7 @@ impl Inner {
             }
             TransferEvent::ShareFailed { root, reason } => {
                 self.files.blobs.remove(&root);
+                self.files.reads.forget(&root);
                 web_sys::console::warn_1(
                     &format!("weft: stopped sharing {}: {reason}", hex(&root)).into(),
                 );
@@ -678,16 +737,47 @@ impl Inner {
     }
 
     fn start_read(&mut self, peer: PeerId, root: Root, index: u32, offset: u64, len: usize) {
-        let blob = self.files.blobs.get(&root).cloned();
+        // Reads go through 1 MiB blocks, with the next block fetched ahead: one
+        // `Blob.slice` per 16 chunks instead of one per chunk.
+        let cached = self.files.blobs.get(&root).cloned().map(|blob| {
+            let block = offset / READ_BLOCK;
+            let promise = self.files.reads.block(&root, &blob, block);
+            if ((block + 1) * READ_BLOCK) as f64 <= blob.size() {
+                // Read ahead: requests are mostly in order.
+                let _ = self.files.reads.block(&root, &blob, block + 1);
+            }
+            (promise, block * READ_BLOCK)
+        });
         let weak = self.weak();
         wasm_bindgen_futures::spawn_local(async move {
-            let blob = match blob {
-                Some(b) => Ok(b),
-                None => stored_file(&root).await.map(Into::into),
-            };
-            let result = match blob {
-                Ok(blob) => read_blob(&blob, offset as f64, len as f64).await,
-                Err(e) => Err(e),
+            let result = match cached {
+                Some((promise, start)) => match JsFuture::from(promise).await {
+                    Ok(buffer) => {
+                        let buffer: js_sys::ArrayBuffer = buffer.unchecked_into();
+                        let at = u32::try_from(offset - start).unwrap_or(u32::MAX);
+                        let len32 = u32::try_from(len).unwrap_or(0);
+                        if u64::from(at) + u64::from(len32) > u64::from(buffer.byte_length()) {
+                            Err("the file is shorter than when it was hashed".to_string())
+                        } else {
+                            Ok(js_sys::Uint8Array::new_with_byte_offset_and_length(
+                                &buffer, at, len32,
+                            )
+                            .to_vec())
+                        }
+                    }
+                    Err(e) => Err(js_err(&e)),
+                },
+                // A completed download served from OPFS: open it once, then cache it.
+                None => match stored_file(&root).await {
+                    Ok(file) => {
+                        let blob: web_sys::Blob = file.into();
+                        if let Some(inner) = weak.upgrade() {
+                            inner.borrow_mut().files.blobs.insert(root, blob.clone());
+                        }
+                        read_blob(&blob, offset as f64, len as f64).await
+                    }
+                    Err(e) => Err(e),
+                },
             };
             let Some(inner) = weak.upgrade() else { return };
             let mut out = Vec::new();
@@ -778,7 +868,11 @@ impl Inner {
         set("name", &name.into());
         let transfer = js_sys::Array::new();
         if let Some((offset, data)) = write {
-            let bytes = js_sys::Uint8Array::new_with_length(data.len() as u32);
+            let reuse = writer.pool.pop().filter(|b| b.byte_length() as usize == data.len());
+            let bytes = match reuse {
+                Some(buffer) => js_sys::Uint8Array::new(&buffer),
+                None => js_sys::Uint8Array::new_with_length(data.len() as u32),
+            };
             bytes.copy_from(&data);
             set("offset", &offset.into());
             set("data", &bytes.buffer());
@@ -974,13 +1068,29 @@ fn start_writer(weak: Weak<RefCell<Inner>>) -> Result<Writer, String> {
             let ok = get("ok").as_bool().unwrap_or(false);
             let error = get("error").as_string().unwrap_or_default();
             let disk_full = get("disk_full").as_bool().unwrap_or(false);
+            let buffer = get("data").dyn_into::<js_sys::ArrayBuffer>().ok();
             let Some(inner) = weak.upgrade() else { return };
             let mut out = Vec::new();
-            inner.borrow_mut().on_writer_reply(id, ok, error, disk_full, &mut out);
+            {
+                let mut i = inner.borrow_mut();
+                if let (Some(buffer), Some(w)) = (buffer, i.files.writer.as_mut()) {
+                    let chunk = buffer.byte_length() as usize == weft_core::transfer::CHUNK_LEN;
+                    if chunk && w.pool.len() < WRITE_POOL {
+                        w.pool.push(buffer);
+                    }
+                }
+                i.on_writer_reply(id, ok, error, disk_full, &mut out);
+            }
             emit(&inner, out);
         });
     worker.set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
-    Ok(Writer { worker, pending: HashMap::new(), next_id: 1, _onmessage: onmessage })
+    Ok(Writer {
+        worker,
+        pool: Vec::new(),
+        pending: HashMap::new(),
+        next_id: 1,
+        _onmessage: onmessage,
+    })
 }
 
 /// Copies every complete download into a folder the user picks (File System Access API).

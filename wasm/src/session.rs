@@ -973,6 +973,24 @@ impl Inner {
         entry.link.send_transfer(frame_type, body, now()).is_ok()
     }
 
+    /// Seals several small file-transfer frames for `peer` in one packet.
+    pub(crate) fn send_transfers(&mut self, peer: &PeerId, frames: Vec<(u8, Vec<u8>)>) -> bool {
+        let Some(entry) = self.peers.get_mut(peer) else { return false };
+        // Keep packets well under the data channel's message size.
+        let mut ok = true;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (t, body) in frames {
+            bytes += body.len() + 5;
+            batch.push((t, body));
+            if bytes >= 16 * 1024 {
+                ok &= entry.link.send_transfers(std::mem::take(&mut batch), now()).is_ok();
+                bytes = 0;
+            }
+        }
+        ok & entry.link.send_transfers(batch, now()).is_ok()
+    }
+
     /// Hands `peer`'s sealed packets to its control channel.
     pub(crate) fn flush_link(&mut self, peer: &PeerId) {
         let Some(entry) = self.peers.get_mut(peer) else { return };

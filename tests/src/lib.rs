@@ -159,6 +159,23 @@ pub async fn js(browser: &WebDriver, script: &str) -> Result<serde_json::Value> 
     Ok(browser.execute(script, Vec::new()).await?.json().clone())
 }
 
+/// Setup script for [`start_join`]: keeps every `RTCPeerConnection` the page creates
+/// (with its configuration and gathered candidates) in `window.__pcs`.
+pub const INSTRUMENT_PEER_CONNECTIONS: &str = r#"
+    window.__pcs = [];
+    const Native = window.RTCPeerConnection;
+    window.RTCPeerConnection = function (...args) {
+      const pc = new Native(...args);
+      const entry = { pc, config: args[0] ?? null, candidates: [] };
+      pc.addEventListener("icecandidate", (e) => {
+        if (e.candidate && e.candidate.candidate) entry.candidates.push(e.candidate.candidate);
+      });
+      window.__pcs.push(entry);
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Native.prototype;
+"#;
+
 /// Loads the WASM module in `browser`'s current page and starts
 /// `WeftSession.join(options)` in the background. Events (stamped with
 /// `performance.now()` as `t`), messages, console warnings/errors and any join error are

@@ -476,3 +476,54 @@ async fn a_dead_path_is_noticed_and_replaced_by_a_new_connection() {
     assert_eq!(send(&bob, "yes", None).await.unwrap(), 1);
     wait_message(&alice, "yes").await.unwrap();
 }
+
+/// An ICE restart (what the page does when ICE fails) renegotiates the path with fresh ICE
+/// credentials under a working session: the encrypted session carries on, with no new
+/// handshake and no message lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ice_restart_keeps_the_session() {
+    if !browser_available("an_ice_restart_keeps_the_session") {
+        return;
+    }
+    let server = start_server(Limits::default()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
+    alice.goto(server.url()).await.unwrap();
+    bob.goto(server.url()).await.unwrap();
+    let invite = "Q".repeat(43);
+    let setup = weft_tests::INSTRUMENT_PEER_CONNECTIONS;
+    weft_tests::start_join(&alice, &json!({ "invite": invite, "name": "Alice" }), setup)
+        .await
+        .unwrap();
+    weft_tests::start_join(&bob, &json!({ "invite": invite, "name": "Bob" }), setup).await.unwrap();
+    wait_peers_in(&alice, 1, &["direct"]).await.unwrap();
+    wait_peers_in(&bob, 1, &["direct"]).await.unwrap();
+    let ufrag = r#"const pc = window.__pcs.at(-1).pc;
+        const m = /a=ice-ufrag:(\S+)/.exec(pc.localDescription ? pc.localDescription.sdp : "");
+        return { ufrag: m ? m[1] : null, ice: pc.iceConnectionState, signaling: pc.signalingState,
+                 handshakes: window.t.events.filter((e) => e.type === "peer" && e.state === "handshaking").length };"#;
+    let before = js(&alice, ufrag).await.unwrap();
+    assert!(before["ufrag"].is_string(), "{before}");
+
+    // Either side may restart; here the polite one must get its restart through the
+    // impolite one's offer, the harder path. Restart on both to cover crossing offers.
+    for page in [&alice, &bob] {
+        js(page, "window.__pcs.at(-1).pc.restartIce(); return true;").await.unwrap();
+    }
+    let after = wait_for("a new ICE ufrag, connected and stable", WAIT, || async {
+        let now = js(&alice, ufrag).await?;
+        let done = now["ufrag"] != before["ufrag"]
+            && now["signaling"] == "stable"
+            && ["connected", "completed"].contains(&now["ice"].as_str().unwrap_or(""));
+        Ok(if done { Ok(now) } else { Err(now.to_string()) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(after["handshakes"], before["handshakes"], "no new handshake: {after}");
+    let peers = state(&alice).await.unwrap()["peers"].clone();
+    assert_eq!(peers[0]["state"], "direct", "{peers}");
+    assert_eq!(send(&alice, "after the restart", None).await.unwrap(), 1);
+    wait_message(&bob, "after the restart").await.unwrap();
+    assert_eq!(send(&bob, "got it", None).await.unwrap(), 1);
+    wait_message(&alice, "got it").await.unwrap();
+}

@@ -21,27 +21,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const TURN_USER: &str = "weft-turn-user";
 const TURN_PASSWORD: &str = "weft-turn-password";
 
-/// Keeps every `RTCPeerConnection` the page creates (and its configuration and gathered
-/// candidates) in `window.__pcs`.
-const INSTRUMENT_PEER_CONNECTIONS: &str = r#"
-    window.__pcs = [];
-    const Native = window.RTCPeerConnection;
-    window.RTCPeerConnection = function (...args) {
-      const pc = new Native(...args);
-      const entry = { pc, config: args[0] ?? null, candidates: [] };
-      pc.addEventListener("icecandidate", (e) => {
-        if (e.candidate && e.candidate.candidate) entry.candidates.push(e.candidate.candidate);
-      });
-      window.__pcs.push(entry);
-      return pc;
-    };
-    window.RTCPeerConnection.prototype = Native.prototype;
-"#;
-
 /// Starts the join in the background (see [`weft_tests::start_join`]), recording the
 /// page's peer connections.
 async fn start_join(browser: &WebDriver, options: Value) -> anyhow::Result<()> {
-    weft_tests::start_join(browser, &options, INSTRUMENT_PEER_CONNECTIONS).await
+    weft_tests::start_join(browser, &options, weft_tests::INSTRUMENT_PEER_CONNECTIONS).await
 }
 
 async fn state(browser: &WebDriver) -> anyhow::Result<Value> {

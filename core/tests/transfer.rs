@@ -766,3 +766,43 @@ fn a_lone_source_with_a_damaged_copy_is_dropped_with_a_plain_reason() {
     let p = net.engine("bob").progress(&root).unwrap();
     assert_eq!(p.done_bytes, 5 * CHUNK_LEN as u64, "everything else is kept for a better source");
 }
+
+#[test]
+fn an_offer_of_a_file_already_received_completes_at_once_for_the_sender() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(3 * CHUNK_LEN, 31);
+    let root = net.share("alice", &data);
+    for _ in 0..2 {
+        let id = net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+        net.settle();
+        let now = net.now;
+        net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+        net.settle();
+    }
+    let delivered =
+        net.events("alice").iter().filter(|e| matches!(e, TransferEvent::Delivered { .. }));
+    assert_eq!(delivered.count(), 2, "the second offer is answered as delivered too");
+    assert_eq!(net.completed("bob").len(), 1);
+}
+
+#[test]
+fn a_restored_download_with_every_chunk_on_disk_completes() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(4 * CHUNK_LEN, 32);
+    let root = net.share("alice", &data);
+    // Bob's record says every chunk is on disk but the state is still active (saved just
+    // before the completion was recorded).
+    net.node("bob").disk.insert(root, data.clone());
+    net.engines.insert(pid("bob"), Engine::new(EngineConfig::default(), 9));
+    net.engine("bob").restore(weft_core::transfer::DownloadRecord {
+        root,
+        size: data.len() as u64,
+        paths: vec!["f".into()],
+        have: vec![0b1111],
+        state: DownloadState::Active,
+    });
+    net.disconnect("alice", "bob");
+    net.connect("alice", "bob");
+    net.settle();
+    assert_eq!(net.completed("bob"), vec![root]);
+}

@@ -100,6 +100,49 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Join, offer files and folders (recursively) to peers, serve them until every
+    /// recipient has verified every file, exit. Fails if a recipient declines, cancels or
+    /// does not connect in time.
+    Send {
+        /// Files or folders (a folder's files keep their paths, under the folder's name).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// A recipient's display name or peer id; repeatable. Default: every peer
+        /// connected once sessions have settled.
+        #[arg(long = "to", value_name = "PEER")]
+        to: Vec<String>,
+        /// Seconds to wait for the recipients to connect (or to come back) at most.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Join and store files offered by peers in DIR (resuming unfinished downloads saved
+    /// there), until Ctrl-C.
+    Receive {
+        /// Where files go (partial downloads wait in DIR/.weft-partial).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Whose offers to accept: a display name, peer id, key fingerprint or safety
+        /// code, or `any`; repeatable. Other offers are declined.
+        #[arg(long = "accept-from", value_name = "PEER|any", default_value = "any")]
+        accept_from: Vec<String>,
+        /// Exit once the first accepted offer is complete.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Benchmark baseline (hidden): a plain webrtc-rs data channel to PEER, signaled over
+    /// the encrypted session's messages; `--bytes N` sends N bytes, else receives.
+    #[command(hide = true)]
+    BenchRaw {
+        /// The other peer's display name.
+        #[arg(long, value_name = "PEER")]
+        peer: String,
+        /// Send this many bytes (the sender); without it, receive.
+        #[arg(long)]
+        bytes: Option<u64>,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Print a new invite (a new network) and exit.
     Invite,
 }

@@ -1,17 +1,23 @@
 //! `weft-peer`: the native Weft peer. Joins a network's room through the signaling server,
 //! connects to every member over WebRTC (webrtc-rs), runs the same encrypted session as
-//! the browser (`weft_core::peer::PeerLink`) and exchanges messages.
+//! the browser (`weft_core::peer::PeerLink`), exchanges messages and files.
 //!
 //! Modules: [`cli`] (options), [`store`] (identity key and trust stores on disk),
 //! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection),
-//! [`mesh`] (every member's connection and link), [`output`] (text or JSON lines).
+//! [`mesh`] (every member's connection and link, and the transfer engine), [`files`]
+//! (file transfer on disk), [`transfer`] (the `send` and `receive` commands),
+//! [`bench_raw`] (a plain data channel, the benchmark's baseline), [`output`] (text or
+//! JSON lines).
 
+mod bench_raw;
 mod cli;
+mod files;
 mod mesh;
 mod output;
 mod rtc;
 mod signaling;
 mod store;
+mod transfer;
 
 use std::time::Duration;
 
@@ -55,7 +61,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Everything a joined session has.
-struct Joined {
+pub(crate) struct Joined {
     mesh: MeshHandle,
     events: mpsc::UnboundedReceiver<MeshEvent>,
     identity: IdentityKeyPair,
@@ -63,7 +69,7 @@ struct Joined {
     network: Network,
 }
 
-async fn join(cli: &Cli) -> anyhow::Result<Joined> {
+async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Result<Joined> {
     signaling::check_url(&cli.server)?;
     let store = Store::open(cli.config_dir.clone())?;
     let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
@@ -82,7 +88,8 @@ async fn join(cli: &Cli) -> anyhow::Result<Joined> {
         rtc: cli.rtc_config(),
         store,
         trust,
-    });
+        downloads,
+    })?;
     Ok(Joined { mesh, events, identity, name, network })
 }
 
@@ -100,16 +107,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Up => up(join(&cli).await?, printer).await,
+        Command::Up => up(join(&cli, None).await?, printer).await,
         Command::Peers { wait } => {
-            let joined = join(&cli).await?;
+            let joined = join(&cli, None).await?;
             let (joined, peers, _) = settle(joined, Duration::from_secs(*wait)).await?;
             printer.peers(&peers);
             joined.mesh.shutdown().await?;
             Ok(())
         }
         Command::Status { wait } => {
-            let joined = join(&cli).await?;
+            let joined = join(&cli, None).await?;
             let (joined, peers, own) = settle(joined, Duration::from_secs(*wait)).await?;
             let room = joined.network.room_id();
             printer.status(&joined.identity, &joined.name, room, own.as_deref(), &peers);
@@ -117,8 +124,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Msg { peer, text, timeout } => {
-            let joined = join(&cli).await?;
+            let joined = join(&cli, None).await?;
             msg(joined, printer, peer, text, Duration::from_secs(*timeout)).await
+        }
+        Command::Send { paths, to, timeout } => {
+            // Missing or unreadable files fail here, before anything is sent.
+            let items = files::collect(paths)?;
+            if items.is_empty() {
+                bail!("nothing to send: the folders are empty");
+            }
+            let joined = join(&cli, None).await?;
+            transfer::send(joined, printer, items, to, Duration::from_secs(*timeout)).await
+        }
+        Command::Receive { dir, accept_from, once } => {
+            let joined = join(&cli, Some(dir.clone())).await?;
+            transfer::receive(joined, printer, accept_from, *once).await
+        }
+        Command::BenchRaw { peer, bytes, timeout } => {
+            let joined = join(&cli, None).await?;
+            let rtc = cli.rtc_config();
+            bench_raw::run(joined, rtc, peer, *bytes, Duration::from_secs(*timeout)).await
         }
     }
 }
@@ -294,7 +319,7 @@ async fn send_and_flush(mesh: &MeshHandle, peer: &PeerId, text: &str) -> anyhow:
 }
 
 #[cfg(unix)]
-async fn terminated() {
+pub(crate) async fn terminated() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut s) => {
             s.recv().await;
@@ -304,6 +329,6 @@ async fn terminated() {
 }
 
 #[cfg(not(unix))]
-async fn terminated() {
+pub(crate) async fn terminated() {
     std::future::pending().await
 }

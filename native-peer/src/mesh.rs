@@ -10,11 +10,14 @@
 //! *orphan* until its connection closes or fails, or a new connection to the same key is
 //! established; so sessions outlive the server.
 //!
-//! **File transfer plugs in here**: [`MeshEvent::Transfer`] carries every file-transfer
-//! frame a peer sends, and [`MeshHandle::send_transfer`] / [`MeshHandle::flush`] send and
-//! pace them; an engine is a task holding a [`MeshHandle`] and the events.
+//! **File transfer lives here too**: the task owns the transfer engine ([`Files`]), tells
+//! it which peers have a session, feeds it their transfer frames, sends what it asks, and
+//! reports [`MeshEvent::File`]; its disk work runs on blocking threads and comes back as
+//! [`IoDone`]. The `send` and `receive` commands only ask ([`MeshHandle::share`],
+//! [`MeshHandle::offer`], [`MeshHandle::answer`]) and watch the events.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +28,10 @@ use weft_core::identity::{Fingerprint, IdentityKeyPair};
 use weft_core::network::Network;
 use weft_core::peer::{LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
 use weft_core::signal::{ClientMessage, ErrorCode, MembershipEvent, PeerId, SignalPayload};
+use weft_core::transfer::{FileDigest, OfferItem, Root};
 use weft_core::trust::{Trust, TrustStore};
 
+use crate::files::{FileEvent, Files, FilesError, IoDone};
 use crate::rtc::{PathStats, RtcConfig, RtcEvent, RtcPeer};
 use crate::signaling::{self, Report, SignalingError};
 use crate::store::Store;
@@ -56,6 +61,8 @@ pub struct MeshConfig {
     pub store: Store,
     /// The network's trust store.
     pub trust: TrustStore,
+    /// Where downloads are stored (and restored from); none: offers cannot be accepted.
+    pub downloads: Option<PathBuf>,
 }
 
 /// A peer's connection, simplified.
@@ -146,16 +153,8 @@ pub enum MeshEvent {
         /// The text.
         text: String,
     },
-    /// A file-transfer frame, for a transfer engine.
-    #[allow(dead_code, reason = "read by the file-transfer engine, the next part")]
-    Transfer {
-        /// From whom.
-        peer_id: PeerId,
-        /// The frame type.
-        frame_type: u8,
-        /// Its body.
-        body: Vec<u8>,
-    },
+    /// File transfer: offers, progress, completions.
+    File(FileEvent),
     /// The signaling server refused something.
     ServerError {
         /// Its code.
@@ -181,6 +180,9 @@ pub enum MeshError {
         /// Why.
         reason: String,
     },
+    /// File transfer refused (no such offer, no such file, ...).
+    #[error("{0}")]
+    Transfer(String),
     /// The mesh stopped.
     #[error("the session stopped")]
     Stopped,
@@ -192,10 +194,20 @@ enum Command {
         text: String,
         reply: oneshot::Sender<Result<(), MeshError>>,
     },
-    SendTransfer {
+    Share {
+        file: std::fs::File,
+        digest: FileDigest,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
+    Offer {
         to: PeerId,
-        frame_type: u8,
-        body: Vec<u8>,
+        files: Vec<(Root, String)>,
+        reply: oneshot::Sender<Result<(u64, Vec<OfferItem>), MeshError>>,
+    },
+    Answer {
+        peer: PeerId,
+        offer_id: u64,
+        accept: bool,
         reply: oneshot::Sender<Result<(), MeshError>>,
     },
     Flush {
@@ -233,16 +245,34 @@ impl MeshHandle {
             .unwrap_or(Err(MeshError::Stopped))
     }
 
-    /// Sends a file-transfer frame to `to`.
-    #[allow(dead_code, reason = "the file-transfer engine comes with the next part")]
-    pub async fn send_transfer(
+    /// Serves the open `file`, hashed as `digest` (see [`crate::files::hash_file`]).
+    pub async fn share(&self, file: std::fs::File, digest: FileDigest) -> Result<(), MeshError> {
+        self.ask(|reply| Command::Share { file, digest, reply })
+            .await
+            .unwrap_or(Err(MeshError::Stopped))
+    }
+
+    /// Offers shared files to `to` under the given paths: the offer id and its items.
+    pub async fn offer(
         &self,
         to: &PeerId,
-        frame_type: u8,
-        body: Vec<u8>,
-    ) -> Result<(), MeshError> {
+        files: Vec<(Root, String)>,
+    ) -> Result<(u64, Vec<OfferItem>), MeshError> {
         let to = to.clone();
-        self.ask(|reply| Command::SendTransfer { to, frame_type, body, reply })
+        self.ask(|reply| Command::Offer { to, files, reply })
+            .await
+            .unwrap_or(Err(MeshError::Stopped))
+    }
+
+    /// Accepts or declines `peer`'s offer `offer_id`.
+    pub async fn answer(
+        &self,
+        peer: &PeerId,
+        offer_id: u64,
+        accept: bool,
+    ) -> Result<(), MeshError> {
+        let peer = peer.clone();
+        self.ask(|reply| Command::Answer { peer, offer_id, accept, reply })
             .await
             .unwrap_or(Err(MeshError::Stopped))
     }
@@ -276,12 +306,18 @@ impl MeshHandle {
     }
 }
 
-/// Starts the mesh: connects to the server and to every member.
-pub fn start(config: MeshConfig) -> (MeshHandle, mpsc::UnboundedReceiver<MeshEvent>) {
+/// Starts the mesh: connects to the server and to every member. Fails only if the
+/// download folder cannot be used.
+pub fn start(
+    config: MeshConfig,
+) -> Result<(MeshHandle, mpsc::UnboundedReceiver<MeshEvent>), FilesError> {
     let (events, events_rx) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(run(config, events, commands_rx));
-    (MeshHandle { commands, task }, events_rx)
+    let (io, io_rx) = mpsc::unbounded_channel();
+    let first_offer_id = rand::random::<u64>() >> 12;
+    let files = Files::new(config.downloads.clone(), first_offer_id, io)?;
+    let task = tokio::spawn(run(config, files, io_rx, events, commands_rx));
+    Ok((MeshHandle { commands, task }, events_rx))
 }
 
 /// One other member of the room.
@@ -345,10 +381,13 @@ struct Mesh {
     events: mpsc::UnboundedSender<MeshEvent>,
     signals: mpsc::UnboundedSender<ClientMessage>,
     rtc_events: mpsc::UnboundedSender<(PeerId, u64, RtcEvent)>,
+    files: Files,
 }
 
 async fn run(
     config: MeshConfig,
+    files: Files,
+    mut io: mpsc::UnboundedReceiver<IoDone>,
     events: mpsc::UnboundedSender<MeshEvent>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) -> Result<(), SignalingError> {
@@ -375,12 +414,18 @@ async fn run(
         events,
         signals,
         rtc_events,
+        files,
     };
+    mesh.after_input();
     loop {
         let wake = mesh.next_timeout();
         tokio::select! {
             Some(report) = reports.recv() => mesh.on_report(report),
             Some((peer, conn, event)) = rtc_rx.recv() => mesh.on_rtc(&peer, conn, event),
+            Some(done) = io.recv() => {
+                let now = mesh.now();
+                mesh.files.io_done(done, now);
+            }
             command = commands.recv() => match command {
                 Some(Command::Shutdown { reply }) => {
                     mesh.shutdown().await;
@@ -402,6 +447,7 @@ async fn run(
                 return result.unwrap_or(Ok(()));
             }
         }
+        mesh.after_input();
     }
 }
 
@@ -630,6 +676,7 @@ impl Mesh {
         let Some(entry) = self.peers.get_mut(remote) else { return };
         let mut out = Vec::new();
         let mut established = None;
+        let mut transfer = Vec::new();
         while let Some(bytes) = entry.link.poll_transmit() {
             entry.rtc.send_control(bytes);
         }
@@ -649,9 +696,7 @@ impl Mesh {
                     name: entry.link.peer_name().unwrap_or_default().to_string(),
                     text,
                 }),
-                LinkEvent::Transfer { frame_type, body } => {
-                    out.push(MeshEvent::Transfer { peer_id: remote.clone(), frame_type, body });
-                }
+                LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
                 // IP packets come with the TUN bridge.
                 LinkEvent::Data(_) => {}
                 LinkEvent::Rtt(rtt) => entry.link_rtt = Some(rtt),
@@ -697,6 +742,61 @@ impl Mesh {
         for event in out {
             self.emit(event);
         }
+        let up = self.peers.get(remote).is_some_and(|e| e.link.state() == LinkState::Established);
+        if up && !transfer.is_empty() {
+            let now = self.now();
+            // A peer whose session just came up is told to the engine first.
+            self.files.set_connected(remote, true, now);
+            for (frame_type, body) in transfer {
+                self.files.receive(remote, frame_type, &body, now);
+            }
+        }
+    }
+
+    /// After any input: tells the engine who is connected now, does what it asks (sends
+    /// on the links), and reports its events.
+    fn after_input(&mut self) {
+        let now = self.now();
+        for peer in self.files.connected() {
+            let up =
+                self.peers.get(&peer).is_some_and(|e| e.link.state() == LinkState::Established);
+            if !up {
+                self.files.set_connected(&peer, false, now);
+            }
+        }
+        let up: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| e.link.state() == LinkState::Established)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for peer in up {
+            self.files.set_connected(&peer, true, now);
+        }
+        let sends = self.files.pump(now);
+        let mut touched = Vec::new();
+        for (peer, msg) in sends {
+            let Some(entry) = self.peers.get_mut(&peer) else { continue };
+            let (frame_type, body) = msg.encode();
+            match entry.link.send_transfer(frame_type, body, now) {
+                Ok(()) => {
+                    if !touched.contains(&peer) {
+                        touched.push(peer);
+                    }
+                }
+                Err(e) => tracing::debug!("cannot send a transfer message to {peer}: {e}"),
+            }
+        }
+        for peer in touched {
+            if let Some(entry) = self.peers.get_mut(&peer) {
+                while let Some(bytes) = entry.link.poll_transmit() {
+                    entry.rtc.send_control(bytes);
+                }
+            }
+        }
+        for event in self.files.take_events() {
+            self.emit(MeshEvent::File(event));
+        }
     }
 
     /// A connection kept from before a signaling reconnect is replaced by a new one to
@@ -706,12 +806,14 @@ impl Mesh {
     }
 
     fn next_timeout(&self) -> Option<Instant> {
-        let at = self.peers.values().filter_map(|e| e.link.poll_timeout()).min()?;
+        let links = self.peers.values().filter_map(|e| e.link.poll_timeout());
+        let at = links.chain(self.files.poll_timeout()).min()?;
         Some(self.epoch + at)
     }
 
     fn on_timeout(&mut self) {
         let now = self.now();
+        self.files.handle_timeout(now);
         let due: Vec<PeerId> = self
             .peers
             .iter()
@@ -741,14 +843,30 @@ impl Mesh {
                 self.drive(&to);
                 let _ = reply.send(result);
             }
-            Command::SendTransfer { to, frame_type, body, reply } => {
-                let result = match self.peers.get_mut(&to) {
-                    None => Err(MeshError::NoSuchPeer(to.to_string())),
-                    Some(entry) => entry.link.send_transfer(frame_type, body, now).map_err(|e| {
-                        MeshError::Link { peer: to.to_string(), reason: e.to_string() }
-                    }),
+            Command::Share { file, digest, reply } => {
+                let result = self.files.share(file, digest).map_err(MeshError::Transfer);
+                let _ = reply.send(result);
+            }
+            Command::Offer { to, files, reply } => {
+                let result = if self.peers.contains_key(&to) {
+                    // The engine must know the session first (it may have just come up).
+                    let up = self
+                        .peers
+                        .get(&to)
+                        .is_some_and(|e| e.link.state() == LinkState::Established);
+                    self.files.set_connected(&to, up, now);
+                    self.files
+                        .offer(&to, &files)
+                        .map(|id| (id, self.files.offer_items(&to, id).unwrap_or_default()))
+                        .map_err(|reason| MeshError::Link { peer: to.to_string(), reason })
+                } else {
+                    Err(MeshError::NoSuchPeer(to.to_string()))
                 };
-                self.drive(&to);
+                let _ = reply.send(result);
+            }
+            Command::Answer { peer, offer_id, accept, reply } => {
+                let result =
+                    self.files.answer(&peer, offer_id, accept, now).map_err(MeshError::Transfer);
                 let _ = reply.send(result);
             }
             Command::Flush { to, reply } => match self.peers.get(&to) {
@@ -772,6 +890,7 @@ impl Mesh {
     /// Close frames to every established peer, a short wait for them to be acknowledged,
     /// then every connection closed.
     async fn shutdown(&mut self) {
+        self.files.save_now().await;
         let now = self.now();
         let mut acks = Vec::new();
         for entry in self.peers.values_mut() {

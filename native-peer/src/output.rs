@@ -7,6 +7,9 @@ use weft_core::identity::IdentityKeyPair;
 use weft_core::signal::RoomId;
 use weft_core::trust::Trust;
 
+use weft_core::transfer::{OfferItem, TransferEvent};
+
+use crate::files::{FileEvent, hex};
 use crate::mesh::{MeshEvent, PeerInfo, PeerState};
 
 /// Prints events and tables, as text or JSON lines.
@@ -121,7 +124,13 @@ impl Printer {
                 json!({"event": "message", "peer_id": peer_id, "from": name, "text": text}),
                 || format!("<{name}> {text}"),
             ),
-            MeshEvent::Transfer { .. } => {}
+            MeshEvent::File(ev) => {
+                if self.json {
+                    println!("{}", file_json(ev));
+                } else if let Some(text) = file_text(ev) {
+                    println!("{text}");
+                }
+            }
             MeshEvent::ServerError { code, message } => self.line(
                 json!({"event": "error", "code": code, "message": message}),
                 || format!("server refused: {code}: {message}"),
@@ -181,4 +190,140 @@ impl Printer {
         }
         self.peers(peers);
     }
+}
+
+/// Bytes for people: `1.5 MiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+fn items_json(items: &[OfferItem]) -> Value {
+    items
+        .iter()
+        .map(|i| json!({"path": i.path, "size": i.size, "root": hex(&i.root)}))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// A file-transfer event as a JSON line.
+pub fn file_json(ev: &FileEvent) -> Value {
+    match ev {
+        FileEvent::Engine(ev) => match ev {
+            TransferEvent::Offered { peer, offer_id, items } => json!({
+                "event": "offer", "peer_id": peer, "offer_id": offer_id,
+                "items": items_json(items),
+                "total_size": items.iter().map(|i| i.size).sum::<u64>(),
+            }),
+            TransferEvent::Resumed { peer, offer_id, items } => json!({
+                "event": "resumed", "peer_id": peer, "offer_id": offer_id,
+                "items": items_json(items),
+            }),
+            TransferEvent::Answered { peer, offer_id, accepted } => json!({
+                "event": "offer_answered", "peer_id": peer, "offer_id": offer_id,
+                "accepted": accepted,
+            }),
+            TransferEvent::Delivered { peer, root } => {
+                json!({"event": "delivered", "peer_id": peer, "root": hex(root)})
+            }
+            TransferEvent::FileComplete { root, paths, size } => {
+                json!({"event": "file_complete", "root": hex(root), "paths": paths, "size": size})
+            }
+            TransferEvent::FileFailed { root, reason } => {
+                json!({"event": "file_failed", "root": hex(root), "reason": reason})
+            }
+            TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => json!({
+                "event": "transfer_cancelled", "peer_id": peer, "offer_id": offer_id,
+                "reason": reason, "by_peer": by_peer, "outgoing": outgoing,
+            }),
+            TransferEvent::ChunkRejected { root, index, peer } => json!({
+                "event": "chunk_rejected", "root": hex(root), "index": index, "peer_id": peer,
+            }),
+            TransferEvent::SourceAdded { root, peer } => {
+                json!({"event": "source_added", "root": hex(root), "peer_id": peer})
+            }
+            TransferEvent::SourceDropped { root, peer, reason } => json!({
+                "event": "source_dropped", "root": hex(root), "peer_id": peer, "reason": reason,
+            }),
+            TransferEvent::ShareFailed { root, reason } => {
+                json!({"event": "share_failed", "root": hex(root), "reason": reason})
+            }
+        },
+        FileEvent::Upload { peer, root, sent_bytes, size } => json!({
+            "event": "upload", "peer_id": peer, "root": hex(root), "sent_bytes": sent_bytes,
+            "size": size,
+        }),
+        FileEvent::Progress { root, paths, size, done_bytes } => json!({
+            "event": "progress", "root": hex(root), "paths": paths, "size": size,
+            "done_bytes": done_bytes,
+        }),
+        FileEvent::Restored { root, paths, size, done_bytes } => json!({
+            "event": "restored", "root": hex(root), "paths": paths, "size": size,
+            "done_bytes": done_bytes,
+        }),
+        FileEvent::Saved { root, files, size } => json!({
+            "event": "saved", "root": hex(root), "size": size,
+            "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        }),
+        FileEvent::Warning(message) => json!({"event": "warning", "message": message}),
+    }
+}
+
+/// A file-transfer event as a line of text, if it deserves one.
+pub fn file_text(ev: &FileEvent) -> Option<String> {
+    Some(match ev {
+        FileEvent::Engine(ev) => match ev {
+            TransferEvent::Offered { peer, offer_id, items } => format!(
+                "{peer} offers {} file(s), {} (offer {offer_id}): {}",
+                items.len(),
+                bytes(items.iter().map(|i| i.size).sum()),
+                items.iter().map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            TransferEvent::Resumed { peer, items, .. } => {
+                format!("{peer} offered {} file(s) we were fetching: resuming", items.len())
+            }
+            TransferEvent::Answered { peer, accepted: true, .. } => format!("{peer} accepted"),
+            TransferEvent::Answered { peer, accepted: false, .. } => format!("{peer} declined"),
+            TransferEvent::Delivered { peer, root } => {
+                format!("{peer} has {} (verified)", &hex(root)[..16])
+            }
+            TransferEvent::FileComplete { paths, .. } => format!("complete: {}", paths.join(", ")),
+            TransferEvent::FileFailed { root, reason } => {
+                format!("failed: {}: {reason}", &hex(root)[..16])
+            }
+            TransferEvent::Cancelled { peer, reason, by_peer, .. } => {
+                let who = if *by_peer { format!("{peer} cancelled") } else { "cancelled".into() };
+                format!("{who}: {reason}")
+            }
+            TransferEvent::ChunkRejected { index, peer, .. } => {
+                format!("a chunk ({index}) from {peer} failed verification; fetching it again")
+            }
+            TransferEvent::SourceDropped { peer, reason, .. } => {
+                format!("stopped fetching from {peer}: {reason}")
+            }
+            TransferEvent::ShareFailed { root, reason } => {
+                format!("stopped sharing {}: {reason}", &hex(root)[..16])
+            }
+            TransferEvent::SourceAdded { .. } => return None,
+        },
+        FileEvent::Restored { paths, size, done_bytes, .. } => format!(
+            "resuming {} ({} of {} stored)",
+            paths.join(", "),
+            bytes(*done_bytes),
+            bytes(*size)
+        ),
+        FileEvent::Saved { files, size, .. } => format!(
+            "saved {} ({})",
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+            bytes(*size)
+        ),
+        FileEvent::Warning(message) => format!("warning: {message}"),
+        FileEvent::Upload { .. } | FileEvent::Progress { .. } => return None,
+    })
 }

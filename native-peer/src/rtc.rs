@@ -215,6 +215,17 @@ async fn build(
     config: &RtcConfig,
     handler: Arc<Handler>,
 ) -> Result<Arc<dyn PeerConnection>, webrtc::error::Error> {
+    build_with(config, handler, None).await
+}
+
+/// A connection made as Weft's are (bind address, ICE servers, no mDNS, Chromium's
+/// largest message), with `handler`; `send_buffer_limit` makes `send` wait while that
+/// many bytes are unacknowledged.
+pub(crate) async fn build_with(
+    config: &RtcConfig,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    send_buffer_limit: Option<usize>,
+) -> Result<Arc<dyn PeerConnection>, webrtc::error::Error> {
     let settings = SettingEngineBuilder::new()
         .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_MESSAGE_SIZE))
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
@@ -224,13 +235,15 @@ async fn build(
     if config.relay_only {
         rtc_config = rtc_config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
     }
-    let pc = PeerConnectionBuilder::new()
+    let mut builder = PeerConnectionBuilder::new()
         .with_configuration(rtc_config.build())
         .with_setting_engine(settings)
         .with_handler(handler)
-        .with_udp_addrs(vec![SocketAddr::new(config.bind, 0)])
-        .build()
-        .await?;
+        .with_udp_addrs(vec![SocketAddr::new(config.bind, 0)]);
+    if let Some(limit) = send_buffer_limit {
+        builder = builder.with_data_channel_send_buffer_limit(limit);
+    }
+    let pc = builder.build().await?;
     Ok(Arc::new(pc))
 }
 

@@ -24,11 +24,13 @@ fn build_weft_peer() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WEFT_PEER_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    // This test runs as <target>/<profile>/deps/<test>-<hash>.
+    // A test runs as <target>/<profile>/deps/<test>-<hash>, a bin as
+    // <target>/<profile>/<bin>; cargo keeps its lock file in the profile directory.
     let exe = std::env::current_exe()?;
     let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
+        .ancestors()
+        .skip(1)
+        .find(|d| d.join(".cargo-lock").is_file())
         .ok_or_else(|| anyhow!("cannot find the target directory from {}", exe.display()))?;
     let target_dir = profile_dir.parent().ok_or_else(|| anyhow!("no target directory"))?;
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -124,6 +126,24 @@ impl NativePeer {
     /// The next event of kind `event`.
     pub async fn expect_event(&mut self, event: &str, timeout: Duration) -> Result<Value> {
         self.expect(event, timeout, |v| v["event"] == event).await
+    }
+
+    /// Reads the remaining events until the process closes its output, then waits for
+    /// its exit status (at most `timeout` in all).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+                .await
+                .map_err(|_| anyhow!("weft-peer did not exit within {timeout:?}"))??;
+            let Some(line) = line else { break };
+            if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                self.seen.push(value);
+            }
+        }
+        Ok(tokio::time::timeout_at(deadline, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("weft-peer did not exit within {timeout:?}"))??)
     }
 
     /// Sends SIGTERM (a clean leave) and waits for the exit status.

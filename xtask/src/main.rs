@@ -64,10 +64,11 @@ const BENCHES: &[(&str, &str)] = &[
     ("signal", "signaling relay throughput vs. a raw WebSocket forwarder, same process"),
     ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
     ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
+    ("native", "weft-peer file transfer vs. a raw webrtc-rs data channel; Chromium to weft-peer"),
 ];
 
 /// Benchmarks that drive Chromium and so need the browser and the built bundle.
-const BROWSER_BENCHES: &[&str] = &["session", "transfer"];
+const BROWSER_BENCHES: &[&str] = &["session", "transfer", "native"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();

@@ -673,6 +673,11 @@ impl Engine {
     ) {
         let others: Vec<PeerId> = self.peers.iter().filter(|p| *p != peer).cloned().collect();
         for item in items {
+            if self.downloads.get(&item.root).is_some_and(|d| d.state == DownloadState::Complete) {
+                // We have it already: tell the sender at once, so it does not wait.
+                self.send(peer, TransferMsg::Complete { root: item.root });
+                continue;
+            }
             let d =
                 self.downloads.entry(item.root).or_insert_with(|| Download::new(item.size, vec![]));
             if d.size != item.size {
@@ -877,7 +882,12 @@ impl Engine {
             DownloadState::Failed => DownloadState::Active,
             s => s,
         };
+        let finished = d.state == DownloadState::Active && d.is_finished() && d.chunks < 2;
         self.downloads.insert(record.root, d);
+        if finished {
+            // Every chunk is on disk and a file of one chunk needs no hash list.
+            self.complete(&record.root);
+        }
     }
 
     /// Every download and how far it is.
@@ -1057,6 +1067,10 @@ impl Engine {
         d.hash_source = None;
         if root_from_cvs(d.size, &list) == Some(root) {
             d.cvs = Some(list);
+            if d.is_finished() && d.writing.is_empty() {
+                // Restored with every chunk on disk: only the hash list was missing.
+                self.complete(&root);
+            }
             self.schedule(now);
         } else {
             self.drop_source(&root, peer, "it sent a hash list that does not match the file");

@@ -1,0 +1,700 @@
+//! `send` and `receive`: thin commands over the mesh's file transfer ([`crate::files`]).
+//! They ask the mesh to share, offer, accept or decline, and watch its events, drawing
+//! progress bars on stderr (per file and in total, with speed and ETA), or printing JSON
+//! lines with `--json`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+use weft_core::signal::PeerId;
+use weft_core::transfer::{OfferItem, Root, TransferEvent};
+use weft_core::trust::Trust;
+
+use crate::files::{FileEvent, SendItem, hash_file, hex};
+use crate::mesh::{MeshEvent, MeshHandle, PeerInfo, PeerState};
+use crate::output::{Printer, file_json, file_text};
+use crate::{Joined, terminated};
+
+/// How often JSON `hashing` lines are printed at most.
+const HASHING_EVERY: Duration = Duration::from_millis(250);
+
+/// Progress bars, or nothing with `--json`.
+struct Bars {
+    multi: MultiProgress,
+    files: HashMap<Root, ProgressBar>,
+    total: Option<ProgressBar>,
+    json: bool,
+}
+
+fn style(prefix_width: usize) -> ProgressStyle {
+    let template = format!(
+        "{{prefix:{prefix_width}}} [{{bar:30}}] {{bytes:>10}}/{{total_bytes:10}} \
+         {{bytes_per_sec:>12}} ETA {{eta}}"
+    );
+    ProgressStyle::with_template(&template)
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+impl Bars {
+    fn new(json: bool) -> Self {
+        let target = if json { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        Self {
+            multi: MultiProgress::with_draw_target(target),
+            files: HashMap::new(),
+            total: None,
+            json,
+        }
+    }
+
+    fn add(&mut self, root: Root, label: &str, len: u64) -> ProgressBar {
+        let bar = self.files.entry(root).or_insert_with(|| {
+            let bar = ProgressBar::new(len).with_prefix(shorten(label, 40)).with_style(style(40));
+            match &self.total {
+                Some(total) => self.multi.insert_before(total, bar),
+                None => self.multi.add(bar),
+            }
+        });
+        bar.clone()
+    }
+
+    fn set_total(&mut self, len: u64) {
+        match &self.total {
+            Some(total) => total.set_length(len),
+            None => {
+                let bar = ProgressBar::new(len).with_prefix("total").with_style(style(40));
+                self.total = Some(self.multi.add(bar));
+            }
+        }
+    }
+
+    fn set(&self, root: &Root, pos: u64) {
+        if let Some(bar) = self.files.get(root) {
+            bar.set_position(pos);
+        }
+        if let Some(total) = &self.total {
+            let sum: u64 = self.files.values().map(ProgressBar::position).sum();
+            total.set_position(sum);
+        }
+    }
+
+    fn finish(&self, root: &Root) {
+        if let Some(bar) = self.files.get(root) {
+            bar.set_position(bar.length().unwrap_or(0));
+            bar.finish();
+        }
+        self.set(root, self.files.get(root).map_or(0, ProgressBar::position));
+    }
+
+    /// A line for people (stdout, above the bars) or a JSON line.
+    fn say(&self, value: Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            let text = text();
+            self.multi.suspend(|| println!("{text}"));
+        }
+    }
+
+    /// A file event as JSON (with `--json`), or its text line if it has one.
+    fn file_event(&self, ev: &FileEvent) {
+        if self.json {
+            println!("{}", file_json(ev));
+        } else if let Some(text) = file_text(ev) {
+            self.multi.suspend(|| println!("{text}"));
+        }
+    }
+
+    fn clear(&self) {
+        let _ = self.multi.clear();
+    }
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    let count = s.chars().count();
+    if count <= max {
+        return s.to_string();
+    }
+    let tail: String = s.chars().skip(count - (max - 1)).collect();
+    format!("…{tail}")
+}
+
+/// Speed of one download, for the JSON `progress` lines.
+#[derive(Debug, Clone, Copy)]
+struct Meter {
+    start: Instant,
+    start_bytes: u64,
+}
+
+impl Meter {
+    fn speed(&self, done: u64) -> f64 {
+        let dt = self.start.elapsed().as_secs_f64();
+        if dt <= 0.0 { 0.0 } else { done.saturating_sub(self.start_bytes) as f64 / dt }
+    }
+}
+
+fn name_of(info: &PeerInfo) -> String {
+    info.name.clone().unwrap_or_else(|| info.peer_id.to_string())
+}
+
+fn is_up(info: &PeerInfo) -> bool {
+    matches!(info.state, PeerState::Direct | PeerState::Relayed)
+}
+
+/// Whether `spec` names `info`: its display name, peer id, key fingerprint (hex) or
+/// safety code (digits; spaces ignored).
+pub fn names_peer(spec: &str, info: &PeerInfo) -> bool {
+    let spec = spec.trim();
+    if info.name.as_deref() == Some(spec) || info.peer_id.as_str() == spec {
+        return true;
+    }
+    let Some(fp) = &info.fingerprint else { return false };
+    let squeeze =
+        |s: &str| s.chars().filter(|c| !c.is_whitespace() && *c != '-').collect::<String>();
+    let spec = squeeze(spec).to_ascii_lowercase();
+    !spec.is_empty() && (spec == fp.to_hex() || spec == squeeze(&fp.short_code()))
+}
+
+// ---------------------------------------------------------------------------------------
+// send
+
+struct Recipient {
+    peer_id: PeerId,
+    name: String,
+    offer_id: u64,
+    remaining: HashSet<Root>,
+    /// When its session went away (it may come back under a new peer id).
+    gone_since: Option<Instant>,
+}
+
+/// `send`: hash, share, offer to the recipients, serve until each has verified every
+/// file.
+pub async fn send(
+    joined: Joined,
+    printer: Printer,
+    items: Vec<SendItem>,
+    to: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let Joined { mesh, mut events, .. } = joined;
+    let result = send_inner(&mesh, &mut events, printer, items, to, timeout).await;
+    mesh.shutdown().await?;
+    result
+}
+
+async fn send_inner(
+    mesh: &MeshHandle,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<MeshEvent>,
+    printer: Printer,
+    items: Vec<SendItem>,
+    to: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut bars = Bars::new(printer.json);
+    // Hash (while the sessions come up), then share.
+    let mut files: Vec<(Root, String)> = Vec::new();
+    let mut sizes: HashMap<Root, u64> = HashMap::new();
+    for item in &items {
+        let bar = ProgressBar::new(item.size)
+            .with_prefix(format!("hashing {}", shorten(&item.path, 32)))
+            .with_style(style(40));
+        let bar = bars.multi.add(bar);
+        let (source, path, size, json) =
+            (item.source.clone(), item.path.clone(), item.size, printer.json);
+        let hashing_bar = bar.clone();
+        let digest = tokio::task::spawn_blocking(move || {
+            let mut last = Instant::now();
+            hash_file(&source, |done| {
+                hashing_bar.set_position(done);
+                if json && (last.elapsed() >= HASHING_EVERY || done >= size) {
+                    last = Instant::now();
+                    let v =
+                        json!({"event": "hashing", "path": path, "done_bytes": done, "size": size});
+                    println!("{v}");
+                }
+            })
+            .map(|d| (d, std::fs::File::open(&source)))
+        })
+        .await
+        .context("hashing stopped")?;
+        bar.finish_and_clear();
+        let (digest, file) = digest?;
+        let file = file.with_context(|| format!("cannot open {}", item.source.display()))?;
+        let root = digest.root;
+        sizes.insert(root, digest.size);
+        mesh.share(file, digest).await?;
+        bars.say(
+            json!({"event": "hashed", "path": item.path, "root": hex(&root), "size": sizes[&root]}),
+            || format!("{}: {}", item.path, hex(&root)),
+        );
+        files.push((root, item.path.clone()));
+    }
+
+    // The recipients.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut joined_room = false;
+    let mut failures: Vec<String> = Vec::new();
+    let targets: Vec<PeerInfo> = loop {
+        let peers = mesh.peers().await;
+        if to.is_empty() {
+            let settled = peers.iter().all(|p| {
+                !matches!(p.state, PeerState::Connecting | PeerState::Handshaking)
+                    && (p.state == PeerState::Failed || p.name.is_some())
+            });
+            let up: Vec<PeerInfo> = peers.iter().filter(|p| is_up(p)).cloned().collect();
+            if joined_room && settled && !up.is_empty() {
+                break up;
+            }
+        } else {
+            let found: Vec<Option<&PeerInfo>> = to
+                .iter()
+                .map(|spec| {
+                    peers.iter().find(|p| is_up(p) && p.trust.is_some() && names_peer(spec, p))
+                })
+                .collect();
+            if found.iter().all(Option::is_some) {
+                let mut list: Vec<PeerInfo> = found.into_iter().flatten().cloned().collect();
+                list.dedup_by(|a, b| a.peer_id == b.peer_id);
+                break list;
+            }
+        }
+        let event = tokio::select! {
+            e = events.recv() => e,
+            () = tokio::time::sleep_until(deadline) => None,
+        };
+        let Some(event) = event else {
+            if !joined_room {
+                bail!("could not reach the signaling server (see --server)");
+            }
+            let who = if to.is_empty() {
+                "no peer".to_string()
+            } else {
+                let missing: Vec<&String> = to
+                    .iter()
+                    .filter(|spec| !peers.iter().any(|p| is_up(p) && names_peer(spec, p)))
+                    .collect();
+                format!(
+                    "peer {}",
+                    missing.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+                )
+            };
+            let mut message = format!("{who} connected within {} s", timeout.as_secs());
+            if !failures.is_empty() {
+                message.push_str(&format!("; failed: {}", failures.join("; ")));
+            }
+            bail!(message);
+        };
+        match &event {
+            MeshEvent::Joined { .. } => joined_room = true,
+            MeshEvent::PeerFailed(info) => failures.push(format!(
+                "{}: {}",
+                name_of(info),
+                info.reason.as_deref().unwrap_or("unknown")
+            )),
+            MeshEvent::KeyChanged(_) => bars.multi.suspend(|| printer.event(&event)),
+            _ => {}
+        }
+        if printer.json && !matches!(event, MeshEvent::File(_)) {
+            printer.event(&event);
+        }
+    };
+
+    // Offer.
+    let total: u64 = files.iter().map(|(r, _)| sizes[r]).sum::<u64>() * targets.len() as u64;
+    bars.set_total(total);
+    for (root, path) in &files {
+        bars.add(*root, path, sizes[root] * targets.len() as u64);
+    }
+    let mut recipients = Vec::new();
+    for peer in &targets {
+        let (offer_id, _) = mesh.offer(&peer.peer_id, files.clone()).await?;
+        bars.say(
+            json!({"event": "offered", "peer_id": peer.peer_id, "name": name_of(peer),
+                   "offer_id": offer_id, "files": files.len()}),
+            || {
+                format!(
+                    "offered {} file(s) to {}; waiting for it to accept",
+                    files.len(),
+                    name_of(peer)
+                )
+            },
+        );
+        recipients.push(Recipient {
+            peer_id: peer.peer_id.clone(),
+            name: name_of(peer),
+            offer_id,
+            remaining: files.iter().map(|(r, _)| *r).collect(),
+            gone_since: None,
+        });
+    }
+
+    // Serve until every recipient has everything.
+    let mut sent: HashMap<(PeerId, Root), u64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        if recipients.iter().all(|r| r.remaining.is_empty()) {
+            break;
+        }
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = tick.tick() => {
+                // A recipient's session may end (it left, or its path died) and come back
+                // under a new peer id; one the server merely forgot (it went away) keeps
+                // its session, so only the sessions count.
+                let peers = mesh.peers().await;
+                for r in recipients.iter_mut().filter(|r| !r.remaining.is_empty()) {
+                    if peers.iter().any(|p| p.peer_id == r.peer_id && is_up(p)) {
+                        r.gone_since = None;
+                    } else {
+                        r.gone_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                let lost = recipients
+                    .iter()
+                    .find(|r| r.gone_since.is_some_and(|t| t.elapsed() > timeout));
+                if let Some(r) = lost {
+                    bars.clear();
+                    bail!(
+                        "{} left before it had every file (waited {} s for it to come back)",
+                        r.name,
+                        timeout.as_secs()
+                    );
+                }
+                continue;
+            }
+            r = tokio::signal::ctrl_c() => {
+                r.context("cannot listen for Ctrl-C")?;
+                bars.clear();
+                bail!("interrupted before every file was delivered");
+            }
+            () = terminated() => {
+                bars.clear();
+                bail!("terminated before every file was delivered");
+            }
+        };
+        let Some(event) = event else {
+            bars.clear();
+            bail!("the session stopped");
+        };
+        let recipient = |peer: &PeerId, recipients: &mut Vec<Recipient>| -> Option<usize> {
+            recipients.iter().position(|r| r.peer_id == *peer)
+        };
+        match &event {
+            MeshEvent::File(ev) => {
+                match ev {
+                    FileEvent::Engine(TransferEvent::Answered { peer, offer_id, accepted }) => {
+                        if let Some(i) = recipient(peer, &mut recipients) {
+                            let r = &recipients[i];
+                            if r.offer_id == *offer_id && !accepted {
+                                bars.clear();
+                                bail!("{} declined the files", r.name);
+                            }
+                        }
+                    }
+                    FileEvent::Engine(TransferEvent::Cancelled {
+                        peer,
+                        offer_id,
+                        reason,
+                        outgoing: true,
+                        ..
+                    }) => {
+                        if let Some(i) = recipient(peer, &mut recipients) {
+                            if recipients[i].offer_id == *offer_id {
+                                bars.clear();
+                                bail!("{} cancelled the transfer: {reason}", recipients[i].name);
+                            }
+                        }
+                    }
+                    FileEvent::Engine(TransferEvent::Delivered { peer, root }) => {
+                        if let Some(i) = recipient(peer, &mut recipients) {
+                            recipients[i].remaining.remove(root);
+                            let delivered =
+                                recipients.iter().filter(|r| !r.remaining.contains(root)).count()
+                                    as u64;
+                            let size = sizes.get(root).copied().unwrap_or(0);
+                            let pos = size * delivered
+                                + recipients
+                                    .iter()
+                                    .filter(|r| r.remaining.contains(root))
+                                    .map(|r| {
+                                        sent.get(&(r.peer_id.clone(), *root))
+                                            .copied()
+                                            .unwrap_or(0)
+                                            .min(size)
+                                    })
+                                    .sum::<u64>();
+                            bars.set(root, pos);
+                            if delivered == recipients.len() as u64 {
+                                bars.finish(root);
+                            }
+                        }
+                    }
+                    FileEvent::Engine(TransferEvent::ShareFailed { root, reason }) => {
+                        bars.clear();
+                        let path = files
+                            .iter()
+                            .find(|(r, _)| r == root)
+                            .map_or("a file", |(_, p)| p.as_str());
+                        bail!("cannot serve {path}: {reason}");
+                    }
+                    FileEvent::Upload { peer, root, sent_bytes, .. } => {
+                        sent.insert((peer.clone(), *root), *sent_bytes);
+                        let size = sizes.get(root).copied().unwrap_or(0);
+                        let pos: u64 = recipients
+                            .iter()
+                            .map(|r| {
+                                if r.remaining.contains(root) {
+                                    sent.get(&(r.peer_id.clone(), *root))
+                                        .copied()
+                                        .unwrap_or(0)
+                                        .min(size)
+                                } else {
+                                    size
+                                }
+                            })
+                            .sum();
+                        bars.set(root, pos);
+                    }
+                    _ => {}
+                }
+                if printer.json
+                    || !matches!(
+                        ev,
+                        FileEvent::Engine(TransferEvent::Delivered { .. })
+                            | FileEvent::Upload { .. }
+                    )
+                {
+                    bars.file_event(ev);
+                }
+            }
+            MeshEvent::PeerConnected(info) => {
+                // A recipient back under a new peer id (it restarted, or the server did):
+                // offer it what it still lacks; it resumes from what it stored.
+                let back = recipients.iter().position(|r| {
+                    !r.remaining.is_empty()
+                        && info.peer_id != r.peer_id
+                        && Some(&r.name) == info.name.as_ref()
+                });
+                if let Some(i) = back {
+                    let remaining: Vec<(Root, String)> = files
+                        .iter()
+                        .filter(|(r, _)| recipients[i].remaining.contains(r))
+                        .cloned()
+                        .collect();
+                    let (offer_id, _) = mesh.offer(&info.peer_id, remaining).await?;
+                    let r = &mut recipients[i];
+                    r.peer_id = info.peer_id.clone();
+                    r.offer_id = offer_id;
+                    r.gone_since = None;
+                    bars.say(
+                        json!({"event": "offered", "peer_id": r.peer_id, "name": r.name,
+                               "offer_id": offer_id, "files": r.remaining.len()}),
+                        || {
+                            format!(
+                                "{} is back; offered the {} file(s) it still lacks",
+                                r.name,
+                                r.remaining.len()
+                            )
+                        },
+                    );
+                }
+            }
+            MeshEvent::KeyChanged(_) => bars.multi.suspend(|| printer.event(&event)),
+            _ => {}
+        }
+        if printer.json && !matches!(event, MeshEvent::File(_)) {
+            printer.event(&event);
+        }
+    }
+    if let Some(total) = &bars.total {
+        total.finish();
+    }
+    bars.clear();
+    let names: Vec<&str> = recipients.iter().map(|r| r.name.as_str()).collect();
+    let ids: Vec<&PeerId> = recipients.iter().map(|r| &r.peer_id).collect();
+    bars.say(json!({"event": "done", "files": files.len(), "recipients": ids}), || {
+        format!("delivered {} file(s) to {}", files.len(), names.join(", "))
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// receive
+
+/// `receive`: accept offers from the peers `accept_from` names (or `any`), store them,
+/// until Ctrl-C (or, with `once`, the first accepted offer is complete).
+pub async fn receive(
+    joined: Joined,
+    printer: Printer,
+    accept_from: &[String],
+    once: bool,
+) -> anyhow::Result<()> {
+    let Joined { mesh, mut events, .. } = joined;
+    let result = receive_inner(&mesh, &mut events, printer, accept_from, once).await;
+    mesh.shutdown().await?;
+    result
+}
+
+async fn receive_inner(
+    mesh: &MeshHandle,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<MeshEvent>,
+    printer: Printer,
+    accept_from: &[String],
+    once: bool,
+) -> anyhow::Result<()> {
+    let mut bars = Bars::new(printer.json);
+    let any = accept_from.iter().any(|s| s.eq_ignore_ascii_case("any"));
+    // With --once: the first accepted offer's files still to be saved.
+    let mut target: Option<(PeerId, u64, HashSet<Root>)> = None;
+    let mut meters: HashMap<Root, Meter> = HashMap::new();
+    let mut total_len = 0;
+    bars.say(json!({"event": "receiving"}), || "waiting for files (Ctrl-C to stop)".into());
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            r = tokio::signal::ctrl_c() => {
+                r.context("cannot listen for Ctrl-C")?;
+                break;
+            }
+            () = terminated() => break,
+        };
+        let Some(event) = event else {
+            bars.clear();
+            bail!("the session stopped");
+        };
+        let MeshEvent::File(ev) = &event else {
+            if printer.json {
+                printer.event(&event);
+            } else if matches!(
+                event,
+                MeshEvent::KeyChanged(_) | MeshEvent::Warning(_) | MeshEvent::ServerError { .. }
+            ) {
+                bars.multi.suspend(|| printer.event(&event));
+            }
+            continue;
+        };
+        let mut accepted_items: Option<(PeerId, u64, Vec<OfferItem>)> = None;
+        match ev {
+            FileEvent::Engine(TransferEvent::Offered { peer, offer_id, items }) => {
+                bars.file_event(ev);
+                let info = mesh.peers().await.into_iter().find(|p| p.peer_id == *peer);
+                let name = info.as_ref().map_or_else(|| peer.to_string(), name_of);
+                let changed =
+                    info.as_ref().is_some_and(|p| matches!(p.trust, Some(Trust::Changed { .. })));
+                let named =
+                    info.as_ref().is_some_and(|p| accept_from.iter().any(|s| names_peer(s, p)));
+                // A peer whose key changed is only accepted by its new key, not its name.
+                let by_key = info.as_ref().is_some_and(|p| {
+                    accept_from
+                        .iter()
+                        .any(|s| names_peer(s, p) && p.name.as_deref() != Some(s.trim()))
+                });
+                let accept = if changed { by_key } else { any || named };
+                if accept {
+                    mesh.answer(peer, *offer_id, true).await?;
+                    bars.say(
+                        json!({"event": "accepted", "peer_id": peer, "name": name,
+                               "offer_id": offer_id}),
+                        || format!("accepted {} file(s) from {name}", items.len()),
+                    );
+                    accepted_items = Some((peer.clone(), *offer_id, items.clone()));
+                } else {
+                    mesh.answer(peer, *offer_id, false).await?;
+                    let why = if changed {
+                        "its key changed; accept it by its new fingerprint if that is expected"
+                    } else {
+                        "not in --accept-from"
+                    };
+                    bars.say(
+                        json!({"event": "declined", "peer_id": peer, "name": name,
+                               "offer_id": offer_id, "reason": why}),
+                        || format!("declined {} file(s) from {name}: {why}", items.len()),
+                    );
+                }
+            }
+            FileEvent::Engine(TransferEvent::Resumed { peer, offer_id, items }) => {
+                bars.file_event(ev);
+                accepted_items = Some((peer.clone(), *offer_id, items.clone()));
+            }
+            FileEvent::Restored { root, paths, size, done_bytes } => {
+                bars.file_event(ev);
+                total_len += size;
+                bars.set_total(total_len);
+                let bar = bars.add(*root, &paths.join(", "), *size);
+                bar.set_position(*done_bytes);
+                bars.set(root, *done_bytes);
+            }
+            FileEvent::Progress { root, size, done_bytes, .. } => {
+                let meter = *meters
+                    .entry(*root)
+                    .or_insert(Meter { start: Instant::now(), start_bytes: *done_bytes });
+                bars.set(root, *done_bytes);
+                if printer.json {
+                    let speed = meter.speed(*done_bytes);
+                    let mut v = file_json(ev);
+                    v["speed_bps"] = json!(speed.round());
+                    v["eta_s"] = json!((speed > 0.0).then(|| {
+                        (size.saturating_sub(*done_bytes) as f64 / speed * 10.0).round() / 10.0
+                    }));
+                    println!("{v}");
+                }
+            }
+            FileEvent::Saved { root, .. } => {
+                bars.finish(root);
+                bars.file_event(ev);
+                if let Some((_, _, left)) = &mut target {
+                    left.remove(root);
+                    if left.is_empty() && once {
+                        break;
+                    }
+                }
+            }
+            FileEvent::Engine(TransferEvent::FileFailed { root, reason }) => {
+                bars.file_event(ev);
+                if once && target.as_ref().is_some_and(|(_, _, left)| left.contains(root)) {
+                    bars.clear();
+                    bail!("{reason} (what was stored is kept; run receive again to resume)");
+                }
+            }
+            FileEvent::Engine(TransferEvent::Cancelled {
+                peer,
+                offer_id,
+                reason,
+                outgoing: false,
+                ..
+            }) => {
+                bars.file_event(ev);
+                let ours = target.as_ref().is_some_and(|(p, id, _)| p == peer && id == offer_id);
+                if once && ours {
+                    bars.clear();
+                    bail!("the sender cancelled: {reason}");
+                }
+            }
+            _ => bars.file_event(ev),
+        }
+        if let Some((peer, offer_id, items)) = accepted_items {
+            for item in &items {
+                if !bars.files.contains_key(&item.root) {
+                    total_len += item.size;
+                    bars.set_total(total_len);
+                    bars.add(item.root, &item.path, item.size);
+                }
+            }
+            if target.is_none() {
+                target = Some((peer, offer_id, items.iter().map(|i| i.root).collect()));
+                // Files of the offer that are already here (an empty offer, or saved).
+                if items.is_empty() && once {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(total) = &bars.total {
+        total.finish();
+    }
+    bars.clear();
+    Ok(())
+}

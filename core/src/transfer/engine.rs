@@ -293,6 +293,8 @@ struct Download {
     hash_parts: BTreeMap<u32, Vec<Cv>>,
     hash_source: Option<(PeerId, Duration)>,
     have: Vec<u8>,
+    /// Chunks marked in `have`.
+    have_count: u32,
     done_bytes: u64,
     writing: HashSet<u32>,
     /// Requests out: chunk → (source, when).
@@ -316,6 +318,7 @@ impl Download {
             hash_parts: BTreeMap::new(),
             hash_source: None,
             have: vec![0; (chunks as usize).div_ceil(8)],
+            have_count: 0,
             done_bytes: 0,
             writing: HashSet::new(),
             inflight: HashMap::new(),
@@ -331,8 +334,14 @@ impl Download {
     }
 
     fn set_have(&mut self, index: u32) {
+        if index >= self.chunks {
+            return;
+        }
         if let Some(b) = self.have.get_mut(index as usize / 8) {
-            *b |= 1 << (index % 8);
+            if *b & (1 << (index % 8)) == 0 {
+                *b |= 1 << (index % 8);
+                self.have_count += 1;
+            }
         }
     }
 
@@ -340,8 +349,9 @@ impl Download {
         self.chunks >= 2 && self.cvs.is_none()
     }
 
+    /// Checked after every write: a counter, not a scan of the bitmap.
     fn is_finished(&self) -> bool {
-        (0..self.chunks).all(|i| self.has(i))
+        self.have_count == self.chunks
     }
 
     /// The next chunk nobody is fetching, if any.
@@ -874,6 +884,7 @@ impl Engine {
         if record.have.len() == d.have.len() {
             d.have = record.have;
         }
+        d.have_count = u32::try_from((0..d.chunks).filter(|i| d.has(*i)).count()).unwrap_or(0);
         d.done_bytes = (0..d.chunks)
             .filter(|i| d.has(*i))
             .map(|i| chunk_span(d.size, i).map_or(0, |(_, l)| l as u64))

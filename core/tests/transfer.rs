@@ -219,6 +219,18 @@ impl Net {
             .expect("an offer")
     }
 
+    /// Alice offers `root` to Bob under `path`, Bob accepts, and the network settles;
+    /// returns the offer id.
+    fn alice_sends_bob(&mut self, root: Root, path: &str) -> u64 {
+        self.engine("alice").offer(&pid("bob"), &[(root, path.into())]).unwrap();
+        self.settle();
+        let id = self.offer_id("bob");
+        let now = self.now;
+        self.engine("bob").accept(&pid("alice"), id, now).unwrap();
+        self.settle();
+        id
+    }
+
     fn completed(&self, n: &str) -> Vec<Root> {
         self.events(n)
             .iter()
@@ -283,12 +295,7 @@ fn a_corrupted_chunk_is_rejected_fetched_again_and_the_file_is_still_exact() {
     let data = content(6 * CHUNK_LEN, 9);
     let root = net.share("alice", &data);
     net.node("alice").corrupt.insert((root, 3));
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "f");
     assert!(net.events("bob").contains(&TransferEvent::ChunkRejected {
         root,
         index: 3,
@@ -304,12 +311,7 @@ fn a_single_chunk_file_is_checked_against_its_root() {
     let data = content(1000, 4);
     let root = net.share("alice", &data);
     net.node("alice").corrupt.insert((root, 0));
-    net.engine("alice").offer(&pid("bob"), &[(root, "small".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "small");
     assert!(net.events("bob").iter().any(|e| matches!(e, TransferEvent::ChunkRejected { .. })));
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
 }
@@ -323,12 +325,7 @@ fn a_source_that_keeps_sending_bad_chunks_is_dropped_for_another() {
     for i in 0..8 {
         net.node("alice").corrupt.insert((root, i));
     }
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "f");
     assert_eq!(net.completed("bob"), vec![root]);
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
     assert!(net.events("bob").iter().any(|e| matches!(e,
@@ -341,12 +338,7 @@ fn two_seeders_share_the_work() {
     let data = content(40 * CHUNK_LEN + 7, 6);
     let root = net.share("alice", &data);
     net.share("carol", &data);
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "f");
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
     let from_alice = net.nodes[&pid("alice")].served[&pid("bob")];
     let from_carol = net.nodes[&pid("carol")].served[&pid("bob")];
@@ -405,12 +397,7 @@ fn a_stalled_source_does_not_hold_the_last_chunks_hostage() {
     let root = net.share("alice", &data);
     net.share("carol", &data);
     net.node("carol").mute = true;
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "f");
     assert!(net.completed("bob").is_empty(), "carol sits on some chunks");
     // The endgame asks alice for what carol sits on, well before requests time out.
     net.advance(Duration::from_millis(2_100));
@@ -424,12 +411,7 @@ fn a_silent_only_source_is_dropped_after_timeouts_and_resumes_when_it_returns() 
     let data = content(20 * CHUNK_LEN, 8);
     let root = net.share("alice", &data);
     net.node("alice").mute = true;
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "f");
     for _ in 0..4 {
         net.advance(Duration::from_secs(9));
     }
@@ -754,12 +736,7 @@ fn a_lone_source_with_a_damaged_copy_is_dropped_with_a_plain_reason() {
     let data = content(6 * CHUNK_LEN, 21);
     let root = net.share("alice", &data);
     net.node("alice").damaged.insert((root, 4));
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
-    net.settle();
+    net.alice_sends_bob(root, "f");
     assert!(net.completed("bob").is_empty(), "a damaged chunk is never accepted");
     assert!(net.events("bob").iter().any(|e| matches!(e,
         TransferEvent::SourceDropped { reason, .. } if reason.contains("damaged"))));

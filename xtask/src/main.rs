@@ -363,14 +363,13 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     if have("rustfmt") {
         run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     }
-    run_cmd(Command::new("cargo").args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    // No incremental caches: a one-shot run gains nothing from them and they were a third of
+    // the target directory (disk, not time, is what a CI machine runs out of).
+    run_cmd(
+        Command::new("cargo")
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .env("CARGO_INCREMENTAL", "0"),
+    )?;
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .stdout(Stdio::null())
@@ -378,6 +377,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .status()
         .is_ok_and(|s| s.success());
     let mut cmd = Command::new("cargo");
+    cmd.env("CARGO_INCREMENTAL", "0");
     if nextest {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
@@ -390,7 +390,11 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_WEB_ROOT", &dist);
     if nextest && filter.is_none() {
         // nextest does not run doctests; run them first so the summary comes last.
-        run_cmd(Command::new("cargo").args(["test", "--workspace", "--doc"]))?;
+        run_cmd(
+            Command::new("cargo")
+                .args(["test", "--workspace", "--doc"])
+                .env("CARGO_INCREMENTAL", "0"),
+        )?;
     }
     run_cmd(&mut cmd)?;
     if filter.is_none() {
@@ -413,7 +417,7 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
         bail!("no benchmark {name:?}; there are: {}", names.join(", "));
     }
     let mut cmd = Command::new("cargo");
-    cmd.args(["run", "--release", "-p", "weft-tests", "--bin", &format!("bench-{name}")]);
+    cmd.args(["run", "--release", "-p", "weft-tests", "--bin", "weft-bench", "--", name]);
     if BROWSER_BENCHES.contains(&name) {
         ensure_browser()?;
         let dist = build_bundle(root)?;

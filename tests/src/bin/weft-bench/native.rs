@@ -173,7 +173,7 @@ fn best(values: &[f64]) -> f64 {
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+pub async fn main() -> Result<()> {
     let bin = weft_peer_bin()?;
     println!("  weft-peer: {}", bin.display());
     let size = file_size();

@@ -50,7 +50,7 @@ async fn run_async(browser: &thirtyfour::WebDriver, body: &str) -> Result<Value>
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+pub async fn main() -> Result<()> {
     if let Some(reason) = browser_missing() {
         bail!("the session benchmark needs Chromium and the built bundle: {reason}");
     }

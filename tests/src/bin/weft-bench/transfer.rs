@@ -483,7 +483,7 @@ async fn rss(net: &Net, scratch: &Scratch) -> Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+pub async fn main() -> Result<()> {
     if let Some(reason) = browser_missing() {
         bail!("the transfer benchmark needs Chromium and the built bundle: {reason}");
     }

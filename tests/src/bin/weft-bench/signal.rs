@@ -109,7 +109,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+pub async fn main() -> Result<()> {
     let limits = Limits { messages_per_second: 1e9, message_burst: 1e9, ..Limits::default() };
     let server = weft_tests::start_server(limits).await?;
     let url = server.ws_url();

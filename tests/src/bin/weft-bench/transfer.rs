@@ -17,7 +17,14 @@
 //! - `receiver_peak_rss_mb`: Bob's renderer process, sampled every 200 ms while it receives
 //!   a [`RSS_FILE_SIZE`] file; also the peak sum over Bob's whole Chromium process tree.
 //!
-//! `WEFT_BENCH_PARTS=speed` (or `rss`) runs only that part. Each speed is the median of
+//! - Where the CPU went in each run: CPU milliseconds per MB of each browser's process
+//!   tree and of its busiest threads, and how busy the whole machine was
+//!   (`weft_machine_busy_pct` near 100 means the transfer was limited by this machine's
+//!   CPU, and a second seeder cannot make it faster).
+//!
+//! `WEFT_BENCH_PARTS=speed` (or `rss`) runs only that part. `WEFT_BENCH_PROFILE=1` runs
+//! the senders' and receiver's main threads under the DevTools sampling profiler during
+//! each Weft run and prints the functions with the most self time. Each speed is the median of
 //! [`RUNS`] runs. Prints `BENCH <metric> <value> <unit>` lines
 //! (MB = 10^6 bytes).
 
@@ -155,7 +162,8 @@ async fn weft_run(
     key: &str,
     file: &TestFile,
     completed: Option<&AtomicBool>,
-) -> Result<(f64, Vec<String>)> {
+    cpu: &[(String, String)],
+) -> Result<(f64, Vec<String>, CpuUse)> {
     let root = json!(file.root);
     call(
         bob,
@@ -180,6 +188,13 @@ async fn weft_run(
         LONG,
     )
     .await?;
+    // From the offer on (the sender's hashing is measured on its own).
+    let meter = CpuMeter::start(cpu);
+    let profile = profiling() && !cpu.is_empty();
+    if profile {
+        profile_start(alice).await?;
+        profile_start(bob).await?;
+    }
     println!(
         "  sendFiles (hash + offer) of {} took {:.0} ms",
         file.name,
@@ -193,6 +208,11 @@ async fn weft_run(
         Ok(if c["completeAt"].is_number() { Ok(c) } else { Err(c.to_string()) })
     })
     .await?;
+    let cpu_use = meter.finish(file.size);
+    if profile {
+        profile_stop("Alice", alice, file.size).await?;
+        profile_stop("Bob", bob, file.size).await?;
+    }
     let took = c["completeAt"].as_f64().unwrap_or(0.0) - c["acceptAt"].as_f64().unwrap_or(0.0);
     if let Some(flag) = completed {
         flag.store(true, Ordering::Relaxed);
@@ -208,7 +228,53 @@ async fn weft_run(
     if stored != file.root {
         bail!("Bob stored bytes that hash to {stored}, not {}", file.root);
     }
-    Ok((took, sources))
+    Ok((took, sources, cpu_use))
+}
+
+/// With `WEFT_BENCH_PROFILE=1`, the pages' main threads run under the DevTools sampling
+/// profiler during each Weft run, and the functions with the most self time are printed.
+fn profiling() -> bool {
+    std::env::var("WEFT_BENCH_PROFILE").is_ok_and(|v| v == "1")
+}
+
+async fn profile_start(browser: &WebDriver) -> Result<()> {
+    let cdp = browser.cdp();
+    cdp.send_raw("Profiler.enable", json!({})).await?;
+    cdp.send_raw("Profiler.setSamplingInterval", json!({ "interval": 200 })).await?;
+    cdp.send_raw("Profiler.start", json!({})).await?;
+    Ok(())
+}
+
+/// Stops the profiler and prints the top functions by self time, in ms per MB moved.
+async fn profile_stop(name: &str, browser: &WebDriver, bytes: u64) -> Result<()> {
+    let out = browser.cdp().send_raw("Profiler.stop", json!({})).await?;
+    let profile = &out["profile"];
+    let mut names = HashMap::new();
+    for node in profile["nodes"].as_array().into_iter().flatten() {
+        let f = &node["callFrame"];
+        let url = f["url"].as_str().unwrap_or("");
+        let file = url.rsplit('/').next().unwrap_or("");
+        let func = f["functionName"].as_str().filter(|n| !n.is_empty()).unwrap_or("(anonymous)");
+        names.insert(node["id"].as_u64().unwrap_or(0), format!("{func} [{file}]"));
+    }
+    let mut self_us: HashMap<&str, f64> = HashMap::new();
+    let samples = profile["samples"].as_array().cloned().unwrap_or_default();
+    let deltas = profile["timeDeltas"].as_array().cloned().unwrap_or_default();
+    // Each sample's time is the delta to the next one.
+    for (i, id) in samples.iter().enumerate() {
+        let dt = deltas.get(i + 1).and_then(|d| d.as_f64()).unwrap_or(0.0);
+        if let Some(n) = names.get(&id.as_u64().unwrap_or(0)) {
+            *self_us.entry(n.as_str()).or_default() += dt;
+        }
+    }
+    let mut top: Vec<(&str, f64)> = self_us.into_iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mb = bytes as f64 / 1e6;
+    println!("    {name}'s main thread, self time in ms per MB:");
+    for (f, us) in top.iter().take(25) {
+        println!("      {:6.2}  {f}", us / 1e3 / mb);
+    }
+    Ok(())
 }
 
 /// One raw data channel run: milliseconds from Alice's first send to Bob's last byte.
@@ -243,6 +309,8 @@ struct Proc {
     pid: u32,
     renderer: bool,
     rss_kb: u64,
+    /// User plus system CPU time so far, in clock ticks.
+    cpu_ticks: u64,
 }
 
 /// Every process of the Chromium started with `--user-data-dir=<dir>` (the browser and all
@@ -250,6 +318,7 @@ struct Proc {
 fn chromium_tree(user_data_dir: &str) -> Vec<Proc> {
     let flag = format!("--user-data-dir={user_data_dir}");
     let mut parent = HashMap::new();
+    let mut cpu = HashMap::new();
     let mut cmdlines = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     for entry in dir.flatten() {
@@ -259,8 +328,11 @@ fn chromium_tree(user_data_dir: &str) -> Vec<Proc> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         // The fields after the command name (which may hold spaces) in parentheses.
         let Some(rest) = stat.rsplit_once(')').map(|r| r.1) else { continue };
-        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
-        parent.insert(pid, ppid);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        // Fields 4 (ppid), 14 (utime) and 15 (stime) of proc(5), counted from `state` (3).
+        parent.insert(pid, u32::try_from(field(1)).unwrap_or(0));
+        cpu.insert(pid, field(11) + field(12));
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             // Zygote-forked children rewrite their title into one space-separated string.
             let args: Vec<String> = cmd
@@ -298,9 +370,114 @@ fn chromium_tree(user_data_dir: &str) -> Vec<Proc> {
                 args.iter().any(|a| a == "--type=renderer")
                     && !args.iter().any(|a| a == "--top-chrome-webui")
             });
-            Proc { pid, renderer, rss_kb }
+            Proc { pid, renderer, rss_kb, cpu_ticks: cpu.get(&pid).copied().unwrap_or(0) }
         })
         .collect()
+}
+
+/// CPU ticks of every thread in a Chromium tree, summed by process kind and thread name
+/// (`renderer/CrRendererMain`, `renderer/DedicatedWorker …`): where a page's work runs.
+fn thread_ticks(user_data_dir: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for p in chromium_tree(user_data_dir) {
+        let cmd = std::fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let kind = cmd
+            .split(' ')
+            .find_map(|a| a.strip_prefix("--type="))
+            .map_or("browser".to_string(), str::to_string);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", p.pid)) else { continue };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+            let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+            let name = head.split_once('(').map_or("?", |h| h.1);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+            *out.entry(format!("{kind}/{name}")).or_default() += field(11) + field(12);
+        }
+    }
+    out
+}
+
+/// Busy and total CPU ticks of the whole machine (all cores), from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return (0, 0) };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Where the CPU went during one run: each browser's whole process tree, and how busy the
+/// machine was. Tells a transfer limited by CPU from one limited by something else.
+struct CpuMeter {
+    dirs: Vec<(String, String)>,
+    trees: Vec<u64>,
+    threads: Vec<HashMap<String, u64>>,
+    machine: (u64, u64),
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    /// CPU milliseconds of all the browsers together per MB moved.
+    ms_per_mb: f64,
+    /// Share of the machine's CPU time (all cores) that was busy, in percent.
+    busy_pct: f64,
+}
+
+impl CpuMeter {
+    fn start(dirs: &[(String, String)]) -> Self {
+        let trees = dirs
+            .iter()
+            .map(|(_, dir)| chromium_tree(dir).iter().map(|p| p.cpu_ticks).sum())
+            .collect();
+        let threads = dirs.iter().map(|(_, dir)| thread_ticks(dir)).collect();
+        Self { dirs: dirs.to_vec(), trees, threads, machine: machine_ticks() }
+    }
+
+    fn finish(&self, bytes: u64) -> CpuUse {
+        let (busy, total) = machine_ticks();
+        let mb = bytes as f64 / 1e6;
+        let mut parts = Vec::new();
+        let mut sum = 0.0;
+        for (((name, dir), before), threads) in self.dirs.iter().zip(&self.trees).zip(&self.threads)
+        {
+            let now: u64 = chromium_tree(dir).iter().map(|p| p.cpu_ticks).sum();
+            let ms = now.saturating_sub(*before) as f64 / TICKS_PER_S * 1e3;
+            sum += ms;
+            parts.push(format!("{name} {:.1}", ms / mb));
+            // The busiest threads (names shared by several threads are summed).
+            let mut top: Vec<(String, u64)> = thread_ticks(dir)
+                .into_iter()
+                .map(|(k, v)| {
+                    let d = v.saturating_sub(threads.get(&k).copied().unwrap_or(0));
+                    (k, d)
+                })
+                .filter(|(_, d)| *d as f64 / TICKS_PER_S * 1e3 / mb >= 1.0)
+                .collect();
+            top.sort_by_key(|t| std::cmp::Reverse(t.1));
+            if !top.is_empty() {
+                let top: Vec<String> = top
+                    .iter()
+                    .take(8)
+                    .map(|(k, d)| format!("{k} {:.1}", *d as f64 / TICKS_PER_S * 1e3 / mb))
+                    .collect();
+                println!("      {name}: {}", top.join(", "));
+            }
+        }
+        let busy_pct = 100.0 * (busy.saturating_sub(self.machine.0)) as f64
+            / (total.saturating_sub(self.machine.1)).max(1) as f64;
+        println!(
+            "    CPU ms per MB: {} (all browsers {:.1}); machine {busy_pct:.0} % busy",
+            parts.join(", "),
+            sum / mb
+        );
+        CpuUse { ms_per_mb: sum / mb, busy_pct }
+    }
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -349,6 +526,16 @@ async fn bench(net: &Net, scratch: &Scratch) -> Result<()> {
     Ok(())
 }
 
+/// Where a browser's profile is: it names the browser's processes.
+fn user_data_dir(browser: &WebDriver) -> Result<String> {
+    Ok(browser
+        .capabilities()
+        .get("chrome")
+        .and_then(|c| c["userDataDir"].as_str())
+        .context("chromedriver did not say where the browser's profile is")?
+        .to_string())
+}
+
 /// Weft vs. the raw data channel, and two seeders vs. one.
 async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let (alice, bob, carol) = (&net.browsers[0], &net.browsers[1], &net.browsers[2]);
@@ -376,16 +563,24 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     }
     let hash_ms = hashed["ms"].as_f64().unwrap_or(0.0);
 
+    let dirs: Vec<(String, String)> = [("Alice", alice), ("Bob", bob), ("Carol", carol)]
+        .into_iter()
+        .map(|(name, b)| Ok((name.to_string(), user_data_dir(b)?)))
+        .collect::<Result<_>>()?;
     let (mut raw, mut weft) = (Vec::new(), Vec::new());
+    let (mut raw_cpu, mut weft_cpu) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
+        let meter = CpuMeter::start(&dirs);
         let r = raw_run(alice, bob, bob_id, run).await?;
         println!("  run {run}: raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
+        raw_cpu.push(meter.finish(FILE_SIZE));
         raw.push(mb_s(FILE_SIZE, r));
-        let (w, sources) = weft_run(alice, bob, bob_id, "f", &file, None).await?;
+        let (w, sources, cpu) = weft_run(alice, bob, bob_id, "f", &file, None, &dirs).await?;
         println!(
             "  run {run}: Weft {:.1} MB/s ({w:.0} ms, sources {sources:?})",
             mb_s(FILE_SIZE, w)
         );
+        weft_cpu.push(cpu);
         weft.push(mb_s(FILE_SIZE, w));
     }
 
@@ -402,9 +597,11 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     .await?;
     println!("  Carol's shareFiles (hash) took {:.0} ms", shared["ms"].as_f64().unwrap_or(0.0));
     let mut swarm = Vec::new();
+    let mut swarm_cpu = Vec::new();
     let mut swarm_sources = usize::MAX;
     for run in 0..RUNS {
-        let (w, sources) = weft_run(alice, bob, bob_id, "f", &file, None).await?;
+        let (w, sources, cpu) = weft_run(alice, bob, bob_id, "f", &file, None, &dirs).await?;
+        swarm_cpu.push(cpu);
         let used: HashSet<&String> = sources.iter().collect();
         let both = used.contains(alice_id) && used.contains(carol_id);
         println!(
@@ -425,6 +622,20 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     println!("BENCH swarm_mb_s {swarm_m:.1} MB/s");
     println!("BENCH swarm_vs_single_ratio {:.2} x", swarm_m / weft_m);
     println!("BENCH swarm_sources_min {swarm_sources} sources");
+    // CPU use (the timed windows include the pages' own checks around each run).
+    let cpu = |v: &[CpuUse]| {
+        (
+            median(v.iter().map(|c| c.ms_per_mb).collect()),
+            median(v.iter().map(|c| c.busy_pct).collect()),
+        )
+    };
+    let ((raw_ms, raw_busy), (weft_ms, weft_busy), (_, swarm_busy)) =
+        (cpu(&raw_cpu), cpu(&weft_cpu), cpu(&swarm_cpu));
+    println!("BENCH raw_cpu_ms_per_mb {raw_ms:.1} ms/MB");
+    println!("BENCH weft_cpu_ms_per_mb {weft_ms:.1} ms/MB");
+    println!("BENCH raw_machine_busy_pct {raw_busy:.0} %");
+    println!("BENCH weft_machine_busy_pct {weft_busy:.0} %");
+    println!("BENCH swarm_machine_busy_pct {swarm_busy:.0} %");
     println!("BENCH sender_hash_mb_s {:.1} MB/s", mb_s(FILE_SIZE, hash_ms));
     println!("BENCH sender_hash_ms {hash_ms:.0} ms");
     Ok(())
@@ -436,12 +647,7 @@ async fn rss(net: &Net, scratch: &Scratch) -> Result<()> {
     let bob_id = &net.ids[1];
     let big = generate(scratch.path(), "rss.bin", RSS_FILE_SIZE, 8)?;
     upload(alice, "g", &[&big]).await?;
-    let user_data_dir = bob
-        .capabilities()
-        .get("chrome")
-        .and_then(|c| c["userDataDir"].as_str())
-        .context("chromedriver did not say where Bob's profile is")?
-        .to_string();
+    let user_data_dir = user_data_dir(bob)?;
     let before = chromium_tree(&user_data_dir);
     if before.is_empty() {
         bail!("no Chromium process with --user-data-dir={user_data_dir}");
@@ -463,10 +669,10 @@ async fn rss(net: &Net, scratch: &Scratch) -> Result<()> {
     let started = Instant::now();
     // Sampling stops when the download completes: the check that follows (hashing the
     // stored 2 GiB in the page) is the benchmark's, not part of receiving.
-    let result = weft_run(alice, bob, bob_id, "g", &big, Some(&*stop)).await;
+    let result = weft_run(alice, bob, bob_id, "g", &big, Some(&*stop), &[]).await;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    let (took, _) = result?;
+    let (took, _, _) = result?;
     let peaks = *peaks.lock().map_err(|_| anyhow::anyhow!("sampler panicked"))?;
     println!(
         "  2 GiB run: {:.0} s in all, {} RSS samples",

@@ -52,6 +52,9 @@ struct Net {
     links: HashSet<(PeerId, PeerId)>,
     inbox: VecDeque<(PeerId, PeerId, u8, Vec<u8>)>,
     now: Duration,
+    /// Chunk requests a node sent in one go (one drain of its output: one packet per
+    /// peer in the drivers).
+    request_batches: Vec<(PeerId, usize)>,
 }
 
 impl Net {
@@ -66,6 +69,7 @@ impl Net {
             links: HashSet::new(),
             inbox: VecDeque::new(),
             now: Duration::ZERO,
+            request_batches: Vec::new(),
         };
         for (i, n) in names.iter().enumerate() {
             net.engines.insert(pid(n), Engine::new(config, (i as u64 + 1) * 1000));
@@ -137,9 +141,16 @@ impl Net {
             let mut moved = false;
             let names: Vec<PeerId> = self.engines.keys().cloned().collect();
             for name in &names {
+                let mut requests = 0;
                 while let Some(out) = self.engines.get_mut(name).unwrap().poll_output() {
                     moved = true;
+                    if let Output::Send { msg: TransferMsg::ChunkRequest { .. }, .. } = &out {
+                        requests += 1;
+                    }
                     self.apply(name, out);
+                }
+                if requests > 0 {
+                    self.request_batches.push((name.clone(), requests));
                 }
             }
             if let Some((from, to, t, body)) = self.inbox.pop_front() {
@@ -287,6 +298,23 @@ fn a_folder_arrives_byte_for_byte_and_the_sender_hears_of_it() {
         offer_id: id,
         accepted: true
     }));
+}
+
+#[test]
+fn chunk_requests_travel_several_to_a_packet() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let chunks = 100;
+    let data = content(chunks * CHUNK_LEN, 6);
+    let root = net.share("alice", &data);
+    net.alice_sends_bob(root, "f");
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    let batches: Vec<usize> =
+        net.request_batches.iter().filter(|(p, _)| p == &pid("bob")).map(|(_, n)| *n).collect();
+    assert_eq!(batches.iter().sum::<usize>(), chunks, "each chunk asked for once: {batches:?}");
+    // The first fills the window; after that the window is topped up a few at a time,
+    // not one request per chunk received (which would be about `chunks` packets).
+    assert!(EngineConfig::default().refill_min >= 4);
+    assert!(batches.len() <= chunks / 4 + 2, "{} request packets: {batches:?}", batches.len());
 }
 
 #[test]

@@ -255,8 +255,15 @@ struct Writer {
     pool: Vec<js_sys::ArrayBuffer>,
     pending: HashMap<u32, Pending>,
     next_id: u32,
+    /// JS strings made once, not for every chunk: the request's keys and ops, and each
+    /// download's file name.
+    keys: [JsValue; 5],
+    names: HashMap<Root, JsValue>,
     _onmessage: Closure<dyn FnMut(web_sys::MessageEvent)>,
 }
+
+/// The keys of a request to the writer, in the order of `Writer::keys`.
+const WRITER_KEYS: [&str; 5] = ["id", "op", "name", "offset", "data"];
 
 /// The engine's timer: `setTimeout` id, when it fires, and its callback.
 type EngineTimer = (i32, Duration, Closure<dyn FnMut()>);
@@ -619,7 +626,7 @@ impl Inner {
                 Output::Discard { root } => {
                     self.files.dirty.remove(&root);
                     self.files.meters.remove(&root);
-                    self.writer_op(&hex(&root), "delete", None, Pending::Delete);
+                    self.writer_op(Some(root), "delete", None, Pending::Delete);
                     if let Some(store) = self.store.clone() {
                         wasm_bindgen_futures::spawn_local(async move {
                             if let Err(e) = store.delete_download(&hex(&root)).await {
@@ -688,14 +695,14 @@ impl Inner {
                 if size == 0 {
                     // Nothing was written: create the empty file.
                     self.writer_op(
-                        &hex(&root),
+                        Some(root),
                         "write",
                         Some((0.0, Vec::new())),
                         Pending::Close { then: vec![] },
                     );
                 }
                 // Announce only once the writer closed the file: then it can be read.
-                self.writer_op(&hex(&root), "close", None, Pending::Close { then });
+                self.writer_op(Some(root), "close", None, Pending::Close { then });
                 return;
             }
             TransferEvent::FileFailed { root, reason } => {
@@ -837,12 +844,22 @@ impl Inner {
     }
 
     fn start_write(&mut self, root: Root, index: u32, offset: u64, data: Vec<u8>) {
-        let name = hex(&root);
-        self.writer_op(&name, "write", Some((offset as f64, data)), Pending::Write { root, index });
+        self.writer_op(
+            Some(root),
+            "write",
+            Some((offset as f64, data)),
+            Pending::Write { root, index },
+        );
     }
 
     /// Posts one request to the writer worker (starting it if needed).
-    fn writer_op(&mut self, name: &str, op: &str, write: Option<(f64, Vec<u8>)>, pending: Pending) {
+    fn writer_op(
+        &mut self,
+        root: Option<Root>,
+        op: &str,
+        write: Option<(f64, Vec<u8>)>,
+        pending: Pending,
+    ) {
         if self.files.writer.is_none() {
             match start_writer(self.weak()) {
                 Ok(w) => self.files.writer = Some(w),
@@ -860,12 +877,24 @@ impl Inner {
         let id = writer.next_id;
         writer.next_id = writer.next_id.wrapping_add(1);
         let msg = js_sys::Object::new();
-        let set = |k: &str, v: &JsValue| {
-            let _ = js_sys::Reflect::set(&msg, &k.into(), v);
+        let [k_id, k_op, k_name, k_offset, k_data] = &writer.keys;
+        let set = |k: &JsValue, v: &JsValue| {
+            let _ = js_sys::Reflect::set(&msg, k, v);
         };
-        set("id", &id.into());
-        set("op", &op.into());
-        set("name", &name.into());
+        set(k_id, &id.into());
+        set(k_op, &wasm_bindgen::intern(op).into());
+        match root {
+            // Writes name their file often: its JS string is kept.
+            Some(root) if op == "write" => {
+                let name = writer.names.entry(root).or_insert_with(|| hex(&root).into());
+                set(k_name, name);
+            }
+            Some(root) => {
+                writer.names.remove(&root);
+                set(k_name, &hex(&root).into());
+            }
+            None => {}
+        }
         let transfer = js_sys::Array::new();
         if let Some((offset, data)) = write {
             let reuse = writer.pool.pop().filter(|b| b.byte_length() as usize == data.len());
@@ -874,8 +903,8 @@ impl Inner {
                 None => js_sys::Uint8Array::new_with_length(data.len() as u32),
             };
             bytes.copy_from(&data);
-            set("offset", &offset.into());
-            set("data", &bytes.buffer());
+            set(k_offset, &offset.into());
+            set(k_data, &bytes.buffer());
             transfer.push(&bytes.buffer());
         }
         match writer.worker.post_message_with_transfer(&msg, &transfer) {
@@ -985,8 +1014,13 @@ impl Inner {
     /// Arms the engine's one timer at its `poll_timeout`.
     fn arm_files_timer(&mut self) {
         let wanted = self.files.engine.poll_timeout();
-        if self.files.timer.as_ref().map(|t| t.1) == wanted {
-            return;
+        // A timer armed no later than wanted stays: it wakes the engine early, harmlessly,
+        // and is armed again then. (The deadline moves later with nearly every chunk
+        // received; re-arming each time cost a clearTimeout and a setTimeout per chunk.)
+        match (self.files.timer.as_ref().map(|t| t.1), wanted) {
+            (Some(armed), Some(w)) if armed <= w => return,
+            (Some(_), None) | (None, None) => return,
+            _ => {}
         }
         if let (Some((id, _, _)), Some(win)) = (self.files.timer.take(), web_sys::window()) {
             win.clear_timeout_with_handle(id);
@@ -1043,7 +1077,7 @@ impl Inner {
 
     pub(crate) fn forget_download(&mut self, root: &Root, out: &mut Vec<JsEvent>) {
         self.files.engine.forget(root);
-        self.writer_op(&hex(root), "delete", None, Pending::Delete);
+        self.writer_op(Some(*root), "delete", None, Pending::Delete);
         self.pump_files(out);
         if let Some(store) = self.store.clone() {
             let key = hex(root);
@@ -1062,8 +1096,10 @@ fn start_writer(weak: Weak<RefCell<Inner>>) -> Result<Writer, String> {
     let onmessage =
         Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |ev: web_sys::MessageEvent| {
             let data = ev.data();
-            let get =
-                |k: &str| js_sys::Reflect::get(&data, &k.into()).unwrap_or(JsValue::UNDEFINED);
+            let get = |k: &str| {
+                js_sys::Reflect::get(&data, &wasm_bindgen::intern(k).into())
+                    .unwrap_or(JsValue::UNDEFINED)
+            };
             let id = get("id").as_f64().unwrap_or(-1.0) as u32;
             let ok = get("ok").as_bool().unwrap_or(false);
             let error = get("error").as_string().unwrap_or_default();
@@ -1089,6 +1125,8 @@ fn start_writer(weak: Weak<RefCell<Inner>>) -> Result<Writer, String> {
         pool: Vec::new(),
         pending: HashMap::new(),
         next_id: 1,
+        keys: WRITER_KEYS.map(JsValue::from_str),
+        names: HashMap::new(),
         _onmessage: onmessage,
     })
 }

@@ -42,6 +42,10 @@ pub struct EngineConfig {
     pub max_serve_queue: usize,
     /// Most reads outstanding per peer on the serving side.
     pub max_reads_in_flight: usize,
+    /// A source's window is topped up only once this many requests fit (or fewer are
+    /// left to ask for), so requests travel several to a packet instead of one per chunk
+    /// received: every packet costs both ends a message event, an AEAD and a send.
+    pub refill_min: u32,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +59,7 @@ impl Default for EngineConfig {
             max_unwritten: 192,
             max_serve_queue: 256,
             max_reads_in_flight: 8,
+            refill_min: 4,
         }
     }
 }
@@ -1245,8 +1250,19 @@ impl Engine {
                 }
                 continue;
             }
-            // Round-robin over sources, one request at a time, until windows are full.
-            let peers: Vec<PeerId> = d.sources.keys().cloned().collect();
+            // Round-robin over sources, one request at a time, until windows are full;
+            // a source whose window has only a slot or two free waits for more.
+            let left = (d.chunks - d.cursor.min(d.chunks)) as usize + d.retry.len();
+            let peers: Vec<PeerId> = d
+                .sources
+                .iter()
+                .filter(|(_, s)| {
+                    let free = s.window.saturating_sub(s.inflight);
+                    let min = self.config.refill_min.min(s.window).max(1);
+                    free >= min || (free > 0 && left < min as usize)
+                })
+                .map(|(p, _)| p.clone())
+                .collect();
             loop {
                 let mut progressed = false;
                 for p in &peers {

@@ -25,7 +25,7 @@
 //! `WEFT_BENCH_PARTS=speed` (or `rss`) runs only that part. `WEFT_BENCH_PROFILE=1` runs
 //! the senders' and receiver's main threads under the DevTools sampling profiler during
 //! each Weft run and prints the functions with the most self time. Each speed is the median of
-//! [`RUNS`] runs. Prints `BENCH <metric> <value> <unit>` lines
+//! [`RUNS`] runs (`WEFT_BENCH_RUNS` sets another number). Prints `BENCH <metric> <value> <unit>` lines
 //! (MB = 10^6 bytes).
 
 use std::collections::{HashMap, HashSet};
@@ -44,7 +44,15 @@ use weft_tests::{js, wait_for};
 
 const FILE_SIZE: u64 = mib(256);
 const RSS_FILE_SIZE: u64 = mib(2048);
-const RUNS: usize = 2;
+const RUNS: usize = 3;
+
+fn runs() -> usize {
+    std::env::var("WEFT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(RUNS)
+}
 const MESSAGE: u64 = 64 * 1024;
 const READ: u64 = 1024 * 1024;
 const HIGH_WATER: u64 = 1024 * 1024;
@@ -569,7 +577,7 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         .collect::<Result<_>>()?;
     let (mut raw, mut weft) = (Vec::new(), Vec::new());
     let (mut raw_cpu, mut weft_cpu) = (Vec::new(), Vec::new());
-    for run in 0..RUNS {
+    for run in 0..runs() {
         let meter = CpuMeter::start(&dirs);
         let r = raw_run(alice, bob, bob_id, run).await?;
         println!("  run {run}: raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
@@ -599,7 +607,7 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let mut swarm = Vec::new();
     let mut swarm_cpu = Vec::new();
     let mut swarm_sources = usize::MAX;
-    for run in 0..RUNS {
+    for run in 0..runs() {
         let (w, sources, cpu) = weft_run(alice, bob, bob_id, "f", &file, None, &dirs).await?;
         swarm_cpu.push(cpu);
         let used: HashSet<&String> = sources.iter().collect();

@@ -313,6 +313,10 @@ pub(crate) struct Files {
     dirty: HashSet<Root>,
     save_pending: bool,
     save_closure: Option<Closure<dyn FnMut()>>,
+    /// Upload limit in bytes per second, over all peers (`setUploadLimit`).
+    upload_limit: Option<f64>,
+    /// When (`now()`) the upload pacer lets the next chunk go.
+    upload_next: Duration,
 }
 
 impl Files {
@@ -331,7 +335,24 @@ impl Files {
             dirty: HashSet::new(),
             save_pending: false,
             save_closure: None,
+            upload_limit: None,
+            upload_next: Duration::ZERO,
         }
+    }
+
+    /// Limits what this node serves to `bytes_per_s` over all peers (`None`: no limit).
+    pub(crate) fn set_upload_limit(&mut self, bytes_per_s: Option<f64>) {
+        self.upload_limit = bytes_per_s.filter(|r| r.is_finite() && *r > 0.0);
+        self.upload_next = Duration::ZERO;
+    }
+
+    /// How long a chunk of `len` bytes waits before it is served, under the upload limit:
+    /// chunks leave evenly spaced at the limit's rate (a burst of at most one chunk).
+    fn upload_wait(&mut self, len: usize, now: Duration) -> Duration {
+        let Some(rate) = self.upload_limit else { return Duration::ZERO };
+        let start = self.upload_next.max(now);
+        self.upload_next = start + Duration::from_secs_f64(len as f64 / rate);
+        start - now
     }
 
     fn progress_js(&mut self, root: &Root, now: Duration) -> Option<ProgressJs> {
@@ -392,6 +413,17 @@ impl Files {
             .collect();
         TransfersJs { downloads, outgoing, incoming }
     }
+}
+
+/// Resolves after `d` (a `setTimeout`).
+async fn sleep(d: Duration) {
+    let ms = i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        if let Some(win) = web_sys::window() {
+            let _ = win.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
+        }
+    });
+    let _ = JsFuture::from(promise).await;
 }
 
 fn js_err(e: &JsValue) -> String {
@@ -755,8 +787,12 @@ impl Inner {
             }
             (promise, block * READ_BLOCK)
         });
+        let wait = self.files.upload_wait(len, now());
         let weak = self.weak();
         wasm_bindgen_futures::spawn_local(async move {
+            if !wait.is_zero() {
+                sleep(wait).await;
+            }
             let result = match cached {
                 Some((promise, start)) => match JsFuture::from(promise).await {
                     Ok(buffer) => {

@@ -82,6 +82,8 @@
 //!                                          // every complete download there under its path
 //! await session.hashDownloaded(root);      // plain BLAKE3 of the stored bytes (hex)
 //! await session.forgetDownload(root);      // delete the stored file and its record
+//! session.setUploadLimit(bytesPerSecond);  // serve files at most this fast, over all
+//!                                          // peers (null: no limit, the default)
 //! session.debugMutePeer(peerId);           // test hook: drop what that peer's connection
 //!                                          // delivers (a dead path); the session notices
 //!                                          // the silence (15 s) and reconnects
@@ -577,6 +579,13 @@ impl WeftSession {
     #[wasm_bindgen(js_name = debugMutePeer)]
     pub fn debug_mute_peer(&self, peer_id: &str) -> Result<(), JsError> {
         self.inner.borrow_mut().debug_mute(peer_id).map_err(|e| JsError::new(&e))
+    }
+
+    /// Limits how fast this node serves files, in bytes per second over all peers
+    /// (`null`, `0` or nothing: no limit), so seeding does not fill a slow uplink.
+    #[wasm_bindgen(js_name = setUploadLimit)]
+    pub fn set_upload_limit(&self, bytes_per_second: Option<f64>) {
+        self.inner.borrow_mut().files.set_upload_limit(bytes_per_second);
     }
 
     /// Test hook: the next time this node serves chunk `index` (of `root`, or of any

@@ -26,6 +26,9 @@ use weft_tests::{js, wait_for};
 /// Generous bounds for the large transfers on a slow two-core machine.
 const BIG_WAIT: Duration = Duration::from_secs(600);
 
+/// The transfer chunk size, in bytes.
+const CHUNK: u64 = 64 * 1024;
+
 /// Starts `names` in one network, runs `body`, then quits every browser (printing each
 /// page's recent events and logs if `body` failed), and fails the test with `body`'s error.
 macro_rules! run {
@@ -427,6 +430,43 @@ async fn a_download_fetches_from_two_seeders_at_once() {
     let file = generate(scratch.path(), "swarm.bin", mib(32), 40).unwrap();
     run!("a_download_fetches_from_two_seeders_at_once", &["Alice", "Bob", "Carol"], |net| {
         two_seeders_body(&net, &file).await
+    });
+}
+
+/// Alice serves at most 2 MB/s: a 6 MiB file cannot arrive sooner than the limit allows
+/// (a lower bound, so a slow machine cannot make it fail), and arrives intact.
+async fn upload_limit_body(net: &Net, file: &TestFile) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    const LIMIT: f64 = 2e6;
+    call(alice, &format!("s.setUploadLimit({LIMIT}); return true;"), WAIT).await?;
+    upload(alice, "u", &[file]).await?;
+    let sent = send_files(alice, "u", &[(file, "limited.bin")], bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_id).await?;
+    let accepted = Instant::now();
+    accept(bob, alice_id, &offer_id).await?;
+    wait_complete(bob, &file.root, BIG_WAIT).await?;
+    let took = ms(accepted);
+    // One chunk may go at once; the rest leave evenly spaced.
+    let floor = (file.size - CHUNK) as f64 / LIMIT * 1e3;
+    ensure!(
+        took as f64 >= floor,
+        "{} bytes arrived in {took} ms: faster than the {LIMIT} B/s limit allows ({floor:.0} ms)",
+        file.size
+    );
+    let stored = hash_downloaded(bob, &file.root, WAIT).await?;
+    ensure!(stored == file.root, "stored bytes hash to {stored}, not {}", file.root);
+    println!("TIMING upload limit {LIMIT} B/s: {} bytes in {took} ms", file.size);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_limit_paces_what_a_seeder_serves() {
+    let scratch = Scratch::new("limit").unwrap();
+    let file = generate(scratch.path(), "limited.bin", mib(6), 41).unwrap();
+    run!("an_upload_limit_paces_what_a_seeder_serves", &["Alice", "Bob"], |net| {
+        upload_limit_body(&net, &file).await
     });
 }
 

@@ -17,6 +17,10 @@
 //! - `receiver_peak_rss_mb`: Bob's renderer process, sampled every 200 ms while it receives
 //!   a [`RSS_FILE_SIZE`] file; also the peak sum over Bob's whole Chromium process tree.
 //!
+//! - `swarm_vs_single_uplink_ratio`: the same, with every seeder's upload limited to
+//!   [`UPLINK`] (`setUploadLimit`), as a home uplink would limit it: on loopback nothing
+//!   else limits a seeder but the CPU, which one transfer already fills on a small
+//!   machine. `uplink_single_mb_s` and `uplink_swarm_mb_s`, a [`UPLINK_FILE_SIZE`] file.
 //! - Where the CPU went in each run: CPU milliseconds per MB of each browser's process
 //!   tree and of its busiest threads, and how busy the whole machine was
 //!   (`weft_machine_busy_pct` near 100 means the transfer was limited by this machine's
@@ -44,6 +48,11 @@ use weft_tests::{js, wait_for};
 
 const FILE_SIZE: u64 = mib(256);
 const RSS_FILE_SIZE: u64 = mib(2048);
+/// Each seeder's upload limit (`setUploadLimit`) in the uplink runs: 5 MB/s, a 40 Mbit/s
+/// home uplink. On loopback nothing else limits a seeder but this machine's CPU, which one
+/// transfer already fills; the uplink runs show what a second seeder is for.
+const UPLINK: f64 = 5e6;
+const UPLINK_FILE_SIZE: u64 = mib(64);
 const RUNS: usize = 3;
 
 fn runs() -> usize {
@@ -551,6 +560,9 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let file = generate(scratch.path(), "bench.bin", FILE_SIZE, 7)?;
     upload(alice, "f", &[&file]).await?;
     upload(carol, "f", &[&file]).await?;
+    let small = generate(scratch.path(), "uplink.bin", UPLINK_FILE_SIZE, 9)?;
+    upload(alice, "u", &[&small]).await?;
+    upload(carol, "u", &[&small]).await?;
     for b in [alice, bob] {
         js(b, RAW_JS).await?;
     }
@@ -592,7 +604,28 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         weft.push(mb_s(FILE_SIZE, w));
     }
 
-    // Carol seeds the same file: Bob fetches from both.
+    // The same with Alice's upload limited, as a home uplink would: what one seeder gives.
+    let limit = |b: &WebDriver, rate: Option<f64>| {
+        let rate = rate.map_or("null".to_string(), |r| r.to_string());
+        let b = b.clone();
+        async move { call(&b, &format!("s.setUploadLimit({rate}); return true;"), LONG).await }
+    };
+    limit(alice, Some(UPLINK)).await?;
+    let mut uplink_single = Vec::new();
+    for run in 0..runs() {
+        let (w, _, _) = weft_run(alice, bob, bob_id, "u", &small, None, &dirs).await?;
+        println!("  run {run}: one seeder at its uplink {:.1} MB/s", mb_s(small.size, w));
+        uplink_single.push(mb_s(small.size, w));
+    }
+    limit(alice, None).await?;
+
+    // Carol seeds the same files: Bob fetches from both.
+    call(
+        carol,
+        &format!("await s.shareFiles({}); return true;", entries_js("u", &[(&small, &small.name)])),
+        LONG,
+    )
+    .await?;
     let shared = call(
         carol,
         &format!(
@@ -620,9 +653,29 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         swarm_sources = swarm_sources.min(used.len());
         swarm.push(mb_s(FILE_SIZE, w));
     }
-    let forget = format!("await s.forgetDownload({}); return true;", json!(file.root));
-    call(bob, &forget, LONG).await?;
+    limit(alice, Some(UPLINK)).await?;
+    limit(carol, Some(UPLINK)).await?;
+    let mut uplink_swarm = Vec::new();
+    for run in 0..runs() {
+        let (w, sources, _) = weft_run(alice, bob, bob_id, "u", &small, None, &dirs).await?;
+        println!(
+            "  run {run}: two seeders at their uplinks {:.1} MB/s (sources {})",
+            mb_s(small.size, w),
+            sources.len()
+        );
+        uplink_swarm.push(mb_s(small.size, w));
+    }
+    limit(alice, None).await?;
+    limit(carol, None).await?;
+    for root in [&file.root, &small.root] {
+        let forget = format!("await s.forgetDownload({}); return true;", json!(root));
+        call(bob, &forget, LONG).await?;
+    }
 
+    let (up_single, up_swarm) = (median(uplink_single), median(uplink_swarm));
+    println!("BENCH uplink_single_mb_s {up_single:.1} MB/s");
+    println!("BENCH uplink_swarm_mb_s {up_swarm:.1} MB/s");
+    println!("BENCH swarm_vs_single_uplink_ratio {:.2} x", up_swarm / up_single);
     let (raw_m, weft_m, swarm_m) = (median(raw), median(weft), median(swarm));
     println!("BENCH weft_transfer_mb_s {weft_m:.1} MB/s");
     println!("BENCH raw_datachannel_mb_s {raw_m:.1} MB/s");

@@ -391,15 +391,7 @@ async fn two_seeders_body(net: &Net, file: &TestFile) -> Result<()> {
             && shared[0]["size"] == file.size,
         "shareFiles answered {shared:?}"
     );
-    let sent = send_files(alice, "s", &[(file, "swarm.bin")], bob_id, WAIT).await?;
-    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
-    wait_offer(bob, alice_id, &offer_id).await?;
-    let accepted = Instant::now();
-    accept(bob, alice_id, &offer_id).await?;
-    wait_complete(bob, &file.root, BIG_WAIT).await?;
-    let took = ms(accepted);
-    let stored = hash_downloaded(bob, &file.root, WAIT).await?;
-    ensure!(stored == file.root, "stored bytes hash to {stored}, not {}", file.root);
+    let took = send_whole_file(net, "s", file, "swarm.bin").await?;
 
     let root = json!(file.root);
     let added = events(bob, &format!("ev.type === 'source_added' && ev.root === {root}")).await?;
@@ -433,21 +425,31 @@ async fn a_download_fetches_from_two_seeders_at_once() {
     });
 }
 
-/// Alice serves at most 2 MB/s: a 6 MiB file cannot arrive sooner than the limit allows
-/// (a lower bound, so a slow machine cannot make it fail), and arrives intact.
-async fn upload_limit_body(net: &Net, file: &TestFile) -> Result<()> {
+/// Alice offers `file` (put in her page under `key`) to Bob as `path`, Bob accepts, and
+/// the file completes and hashes right in Bob's page; milliseconds from accept to complete.
+async fn send_whole_file(net: &Net, key: &str, file: &TestFile, path: &str) -> Result<u128> {
     let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
     let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
-    const LIMIT: f64 = 2e6;
-    call(alice, &format!("s.setUploadLimit({LIMIT}); return true;"), WAIT).await?;
-    upload(alice, "u", &[file]).await?;
-    let sent = send_files(alice, "u", &[(file, "limited.bin")], bob_id, WAIT).await?;
+    let sent = send_files(alice, key, &[(file, path)], bob_id, WAIT).await?;
     let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
     wait_offer(bob, alice_id, &offer_id).await?;
     let accepted = Instant::now();
     accept(bob, alice_id, &offer_id).await?;
     wait_complete(bob, &file.root, BIG_WAIT).await?;
     let took = ms(accepted);
+    let stored = hash_downloaded(bob, &file.root, WAIT).await?;
+    ensure!(stored == file.root, "stored bytes hash to {stored}, not {}", file.root);
+    Ok(took)
+}
+
+/// Alice serves at most 2 MB/s: a 6 MiB file cannot arrive sooner than the limit allows
+/// (a lower bound, so a slow machine cannot make it fail), and arrives intact.
+async fn upload_limit_body(net: &Net, file: &TestFile) -> Result<()> {
+    let alice = &net.browsers[0];
+    const LIMIT: f64 = 2e6;
+    call(alice, &format!("s.setUploadLimit({LIMIT}); return true;"), WAIT).await?;
+    upload(alice, "u", &[file]).await?;
+    let took = send_whole_file(net, "u", file, "limited.bin").await?;
     // One chunk may go at once; the rest leave evenly spaced.
     let floor = (file.size - CHUNK) as f64 / LIMIT * 1e3;
     ensure!(
@@ -455,8 +457,6 @@ async fn upload_limit_body(net: &Net, file: &TestFile) -> Result<()> {
         "{} bytes arrived in {took} ms: faster than the {LIMIT} B/s limit allows ({floor:.0} ms)",
         file.size
     );
-    let stored = hash_downloaded(bob, &file.root, WAIT).await?;
-    ensure!(stored == file.root, "stored bytes hash to {stored}, not {}", file.root);
     println!("TIMING upload limit {LIMIT} B/s: {} bytes in {took} ms", file.size);
     Ok(())
 }

@@ -532,6 +532,24 @@ pub(crate) async fn hash_and_share(
     for entry in entries {
         weft_core::transfer::wire::check_path(&entry.path).map_err(|e| e.to_string())?;
         let size = entry.file.size();
+        // The very same `File` shared before (say by `shareFiles`, then `sendFiles`): a
+        // `File` is a snapshot, so its root has not changed.
+        let known = {
+            let i = inner.borrow();
+            i.files
+                .blobs
+                .iter()
+                .find(|(root, blob)| {
+                    js_sys::Object::is(blob, &entry.file) && i.files.engine.is_shared(root)
+                })
+                .map(|(root, _)| *root)
+        };
+        if let Some(root) = known {
+            let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: size, size };
+            emit(inner, vec![JsEvent::File(ev)]);
+            shared.push((root, entry.path, size as u64));
+            continue;
+        }
         let mut hasher = FileHasher::new();
         let mut offset = 0.0;
         let mut last_event = now();

@@ -539,8 +539,11 @@ pub(crate) async fn hash_and_share(
             i.files
                 .blobs
                 .iter()
+                // Sizes first, in Rust: a folder of many files must not cost a JS call
+                // per pair of files.
                 .find(|(root, blob)| {
-                    js_sys::Object::is(blob, &entry.file) && i.files.engine.is_shared(root)
+                    i.files.engine.shared_size(root) == Some(size as u64)
+                        && js_sys::Object::is(blob, &entry.file)
                 })
                 .map(|(root, _)| *root)
         };

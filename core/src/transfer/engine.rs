@@ -568,6 +568,11 @@ impl Engine {
         self.shared.contains_key(root)
     }
 
+    /// The size of shared file `root`, if it is shared.
+    pub fn shared_size(&self, root: &Root) -> Option<u64> {
+        self.shared.get(root).map(|s| s.size)
+    }
+
     /// Offers shared files to `peer` under the given relative paths; returns the offer id.
     pub fn offer(&mut self, peer: &PeerId, files: &[(Root, String)]) -> Result<u64, TransferError> {
         if !self.peers.contains(peer) {

@@ -553,6 +553,32 @@ fn user_data_dir(browser: &WebDriver) -> Result<String> {
         .to_string())
 }
 
+/// `shareFiles` of `file` (put in the page under `key`): hashes it and seeds it without
+/// offering it. Returns the milliseconds it took.
+async fn share(browser: &WebDriver, key: &str, file: &TestFile) -> Result<f64> {
+    let shared = call(
+        browser,
+        &format!(
+            "const t0 = performance.now(); const r = await s.shareFiles({});
+             return {{ ms: performance.now() - t0, r }};",
+            entries_js(key, &[(file, &file.name)])
+        ),
+        LONG,
+    )
+    .await?;
+    if shared["r"][0]["root"] != file.root.as_str() {
+        bail!("shareFiles named the file {}, not {}", shared["r"], file.root);
+    }
+    Ok(shared["ms"].as_f64().unwrap_or(0.0))
+}
+
+/// `setUploadLimit` in a page (`None`: no limit).
+async fn limit(browser: &WebDriver, bytes_per_s: Option<f64>) -> Result<()> {
+    let rate = bytes_per_s.map_or("null".to_string(), |r| r.to_string());
+    call(browser, &format!("s.setUploadLimit({rate}); return true;"), LONG).await?;
+    Ok(())
+}
+
 /// Weft vs. the raw data channel, and two seeders vs. one.
 async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let (alice, bob, carol) = (&net.browsers[0], &net.browsers[1], &net.browsers[2]);
@@ -568,20 +594,7 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     }
 
     // Hashing alone, in Alice's page (shareFiles hashes and seeds without offering).
-    let hashed = call(
-        alice,
-        &format!(
-            "const t0 = performance.now(); const r = await s.shareFiles({});
-             return {{ ms: performance.now() - t0, r }};",
-            entries_js("f", &[(&file, &file.name)])
-        ),
-        LONG,
-    )
-    .await?;
-    if hashed["r"][0]["root"] != file.root.as_str() {
-        bail!("shareFiles named the file {}, not {}", hashed["r"], file.root);
-    }
-    let hash_ms = hashed["ms"].as_f64().unwrap_or(0.0);
+    let hash_ms = share(alice, "f", &file).await?;
 
     let dirs: Vec<(String, String)> = [("Alice", alice), ("Bob", bob), ("Carol", carol)]
         .into_iter()
@@ -605,11 +618,6 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     }
 
     // The same with Alice's upload limited, as a home uplink would: what one seeder gives.
-    let limit = |b: &WebDriver, rate: Option<f64>| {
-        let rate = rate.map_or("null".to_string(), |r| r.to_string());
-        let b = b.clone();
-        async move { call(&b, &format!("s.setUploadLimit({rate}); return true;"), LONG).await }
-    };
     limit(alice, Some(UPLINK)).await?;
     let mut uplink_single = Vec::new();
     for run in 0..runs() {
@@ -620,23 +628,8 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     limit(alice, None).await?;
 
     // Carol seeds the same files: Bob fetches from both.
-    call(
-        carol,
-        &format!("await s.shareFiles({}); return true;", entries_js("u", &[(&small, &small.name)])),
-        LONG,
-    )
-    .await?;
-    let shared = call(
-        carol,
-        &format!(
-            "const t0 = performance.now(); const r = await s.shareFiles({});
-             return {{ ms: performance.now() - t0, r }};",
-            entries_js("f", &[(&file, &file.name)])
-        ),
-        LONG,
-    )
-    .await?;
-    println!("  Carol's shareFiles (hash) took {:.0} ms", shared["ms"].as_f64().unwrap_or(0.0));
+    share(carol, "u", &small).await?;
+    println!("  Carol's shareFiles (hash) took {:.0} ms", share(carol, "f", &file).await?);
     let mut swarm = Vec::new();
     let mut swarm_cpu = Vec::new();
     let mut swarm_sources = usize::MAX;

@@ -141,7 +141,10 @@ async function join(options) {
   setStatus(options.passphrase ? "deriving_key" : "connecting",
     options.passphrase ? "Stretching the passphrase (about two seconds)…" : "");
   try {
-    session = await weft.WeftSession.join({ ...options, name: displayName(), onEvent: dispatch });
+    // `?downloads=stream` in the page's address: downloads go straight into the browser's
+    // downloads folder (as where OPFS is missing) instead of the page's storage.
+    const downloads = new URLSearchParams(location.search).get("downloads") === "stream" ? "stream" : "auto";
+    session = await weft.WeftSession.join({ ...options, name: displayName(), downloads, onEvent: dispatch });
   } catch (e) {
     setStatus("ready");
     showError("join-error", String(e?.message ?? e));

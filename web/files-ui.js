@@ -247,6 +247,7 @@ export class FilesUI {
     this.rejected = new Map(); // root -> chunks that failed verification
     this.notes = new Map(); // root -> source note ("Alice left — waiting for another source")
     this.completedAt = new Map(); // root -> ms
+    this.inDownloads = new Set(); // roots the browser saved into its downloads folder (no OPFS)
     this.hashJobs = new Set(); // { totalBytes, sizes: Map(path -> size) }
     this.hashed = new Map(); // path -> doneBytes
     this.hashingPath = "";
@@ -508,15 +509,17 @@ export class FilesUI {
         this.downloads.set(ev.root, { ...old, root: ev.root, paths: ev.paths ?? old.paths, size: ev.size, doneBytes: ev.size, state: "complete", speedBps: 0, etaS: 0 });
         this.completedAt.set(ev.root, Date.now());
         this.notes.delete(ev.root);
+        if (ev.stored === "downloads") this.inDownloads.add(ev.root);
+        const where = ev.stored === "downloads" ? " It is in your browser's downloads folder." : "";
         const batches = this.batchesWith(ev.root);
         if (!batches.length) {
-          announce(`Received “${baseName(ev.paths?.[0] ?? ev.root)}” (${formatBytes(ev.size)}).`, { kind: "ok" });
+          announce(`Received “${baseName(ev.paths?.[0] ?? ev.root)}” (${formatBytes(ev.size)}).${where}`, { kind: "ok" });
         }
         for (const b of batches) {
           if (!b.toastedDone && b.roots.every((r) => this.downloads.get(r)?.state === "complete")) {
             b.toastedDone = true;
             const what = b.roots.length === 1 ? `“${baseName(ev.paths?.[0] ?? "")}”` : plural(b.roots.length, "file");
-            announce(`Received ${what} from ${this.fromLabel(b)}.`, { kind: "ok" });
+            announce(`Received ${what} from ${this.fromLabel(b)}.${where}`, { kind: "ok" });
           }
         }
         this.render();
@@ -800,7 +803,8 @@ export class FilesUI {
       this.objectUrls.delete(root);
       this.downloads.delete(root);
       this.completedAt.delete(root);
-      toast(`Removed “${baseName(path)}” from this browser.`);
+      if (this.inDownloads.delete(root)) toast(`Cleared “${baseName(path)}” from the list (the saved file stays).`);
+      else toast(`Removed “${baseName(path)}” from this browser.`);
     } catch (e) {
       toast(`Could not remove “${baseName(path)}”: ${e?.message ?? e}`, { kind: "error" });
     }
@@ -1201,14 +1205,27 @@ export class FilesUI {
       .sort((a, b) => (this.completedAt.get(b.root) ?? 0) - (this.completedAt.get(a.root) ?? 0));
     setText($("received-count"), String(done.length));
     setHidden($("no-received"), done.length > 0);
-    setHidden($("save-all"), typeof window.showDirectoryPicker !== "function" || !done.length || !this.session);
+    const kept = done.filter((d) => !this.inDownloads.has(d.root));
+    setHidden($("save-all"), typeof window.showDirectoryPicker !== "function" || !kept.length || !this.session);
     reconcile($("received"), done, (d) => d.root, (d) => {
       const path = d.paths?.[0] ?? d.root;
       const li = el("li", { dataset: { root: d.root } });
+      const streamed = this.inDownloads.has(d.root);
+      const hints = [formatBytes(d.size), ...(d.paths?.length > 1 ? [`also as ${d.paths.slice(1).join(", ")}`] : [])];
+      if (streamed) hints.push("saved in your browser's downloads folder");
       const info = el("div", { className: "r-info" },
         el("span", { className: "f-name", textContent: path, title: path }),
-        el("span", { className: "hint", textContent: [formatBytes(d.size), ...(d.paths?.length > 1 ? [`also as ${d.paths.slice(1).join(", ")}`] : [])].join(" · ") }));
+        el("span", { className: "hint", textContent: hints.join(" · ") }));
       const actions = el("div", { className: "row actions" });
+      if (streamed) {
+        // The browser saved it; this page keeps no copy to open or save again.
+        const clear = el("button", { type: "button", className: "small secondary remove", textContent: "Clear" });
+        clear.setAttribute("aria-label", `Clear ${path} from this list`);
+        clear.addEventListener("click", () => this.remove(d.root, path));
+        actions.append(clear);
+        li.append(info, actions);
+        return li;
+      }
       if (previewType(path)) {
         const open = el("button", { type: "button", className: "small open", textContent: "Open" });
         open.setAttribute("aria-label", `Open ${path} in a new tab`);

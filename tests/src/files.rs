@@ -186,9 +186,31 @@ pub async fn create_invite(browser: &WebDriver) -> Result<String> {
 /// Loads the WASM module in the current page and starts joining `invite` as `name`
 /// (see the module docs for what the page then records).
 pub async fn start_join(browser: &WebDriver, invite: &str, name: &str) -> Result<()> {
-    let options = json!({ "invite": invite, "name": name });
+    browser_join(browser, json!({ "invite": invite, "name": name })).await
+}
+
+async fn browser_join(browser: &WebDriver, options: Value) -> Result<()> {
     browser.execute(JOIN_SCRIPT, vec![options]).await?;
     Ok(())
+}
+
+/// One browser of a [`Net`]: its display name, extra `WeftSession.join` options, and
+/// where its downloads go (`None`: Chromium's default, unused by the OPFS store).
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Display name.
+    pub name: String,
+    /// Merged into the join options (e.g. `{ "downloads": "stream" }`).
+    pub join: Value,
+    /// Chromium's download folder.
+    pub downloads: Option<PathBuf>,
+}
+
+impl Member {
+    /// A member with default options.
+    pub fn new(name: &str) -> Self {
+        Self { name: name.to_string(), join: json!({}), downloads: None }
+    }
 }
 
 /// Waits until `browser`'s session is joined with `count` peers whose encrypted sessions
@@ -240,19 +262,30 @@ impl Net {
     /// Starts everything and waits until every browser has an encrypted session with
     /// every other one.
     pub async fn start(names: &[&str]) -> Result<Self> {
+        let members: Vec<Member> = names.iter().map(|n| Member::new(n)).collect();
+        Self::start_members(&members).await
+    }
+
+    /// [`Net::start`] with per-member join options and download folders.
+    pub async fn start_members(members: &[Member]) -> Result<Self> {
         let server = start_server(Limits::default()).await?;
         let driver = ChromeDriver::start().await?;
         let mut browsers = Vec::new();
-        for _ in names {
-            let b = driver.browser().await?;
+        for m in members {
+            let b = driver.browser_saving_to(m.downloads.as_deref()).await?;
             b.goto(server.url()).await?;
             browsers.push(b);
         }
         let first = browsers.first().context("no browsers")?;
         let invite = create_invite(first).await?;
-        for (b, name) in browsers.iter().zip(names) {
-            start_join(b, &invite, name).await?;
+        for (b, m) in browsers.iter().zip(members) {
+            let mut options = json!({ "invite": invite, "name": m.name });
+            if let (Some(o), Some(extra)) = (options.as_object_mut(), m.join.as_object()) {
+                o.extend(extra.clone());
+            }
+            browser_join(b, options).await?;
         }
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
         let mut ids = Vec::new();
         for b in &browsers {
             ids.push(wait_connected(b, names.len() - 1).await?);

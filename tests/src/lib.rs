@@ -106,7 +106,27 @@ impl ChromeDriver {
 
     /// A new headless Chromium process with its own fresh profile.
     pub async fn browser(&self) -> Result<WebDriver> {
+        self.browser_saving_to(None).await
+    }
+
+    /// A new headless Chromium process that saves downloads into `downloads` without
+    /// asking (several per page allowed).
+    pub async fn browser_saving_to(
+        &self,
+        downloads: Option<&std::path::Path>,
+    ) -> Result<WebDriver> {
         let mut caps = DesiredCapabilities::chrome();
+        if let Some(dir) = downloads {
+            caps.add_experimental_option(
+                "prefs",
+                serde_json::json!({
+                    "download.default_directory": dir,
+                    "download.prompt_for_download": false,
+                    "download.directory_upgrade": true,
+                    "profile.default_content_setting_values.automatic_downloads": 1,
+                }),
+            )?;
+        }
         caps.set_binary(CHROMIUM)?;
         for arg in [
             "--headless=new",

@@ -3,8 +3,11 @@
 //! - **Reading** (sending side): `Blob.slice(..).arrayBuffer()` of the picked `File`, one
 //!   chunk at a time as the engine asks; hashing reads 4 MiB slices front to back.
 //! - **Writing** (receiving side): verified chunks go to a dedicated worker
-//!   (`opfs-writer.js`) that writes them in place into the origin-private file system with
-//!   a sync access handle. Nothing is held beyond the engine's bound of unwritten chunks.
+//!   (`download-writer.js`) that writes them in place into the origin-private file system
+//!   with a sync access handle. Nothing is held beyond the engine's bound of unwritten
+//!   chunks. Where the browser has no OPFS sync access handles (or `downloads: "stream"`),
+//!   the worker instead feeds each file, in order, to a streamed browser download served by
+//!   the service worker `sw.js` (see [`Store::Stream`]).
 //! - **Resume**: each download's [`DownloadRecord`] is saved in IndexedDB (store
 //!   `downloads`) at most every 500 ms and when it completes; on join the records are
 //!   restored and connected peers are asked who holds the files.
@@ -42,7 +45,7 @@ const READ_CACHE_BLOCKS: usize = 16;
 const BATCH_FRAME: usize = 1024;
 /// Chunk buffers kept for reuse by the writer.
 const WRITE_POOL: usize = 256;
-/// The OPFS folder of downloads (also in `opfs-writer.js`).
+/// The OPFS folder of downloads (also in `download-writer.js`).
 const DOWNLOAD_DIR: &str = "weft-downloads";
 
 pub(crate) fn hex(root: &Root) -> String {
@@ -115,6 +118,9 @@ pub(crate) enum FileEvent {
         root: String,
         paths: Vec<String>,
         size: f64,
+        /// "browser" (kept in the page's storage: `downloadedFile`, `saveDownload`) or
+        /// "downloads" (streamed into the browser's downloads folder; nothing kept here).
+        stored: &'static str,
     },
     FileFailed {
         root: String,
@@ -242,7 +248,27 @@ impl Meter {
     }
 }
 
+/// Where downloads go: the writer worker says which when it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Store {
+    /// In place into the origin-private file system: resumable, kept for Open and Save,
+    /// and served to other peers once complete.
+    Opfs,
+    /// Each file is one streamed browser download (into the browser's downloads folder),
+    /// written in order through the service worker. Nothing is kept in the page: such a
+    /// download cannot resume after a reload and is not served to others.
+    Stream,
+}
+
+#[wasm_bindgen(module = "/js/stream-download.js")]
+extern "C" {
+    /// Starts a streamed browser download; resolves to the `MessagePort` that feeds it.
+    #[wasm_bindgen(js_name = startStreamDownload, catch)]
+    async fn start_stream_download(path: &str, size: f64) -> Result<JsValue, JsValue>;
+}
+
 enum Pending {
+    Begin,
     Write { root: Root, index: u32 },
     Close { then: Vec<FileEvent> },
     Delete,
@@ -305,6 +331,10 @@ pub(crate) struct Files {
     reads: ReadCache,
     writer: Option<Writer>,
     writer_error: Option<String>,
+    /// `downloads: "stream"` at join: stream downloads even where OPFS works.
+    force_stream: bool,
+    /// Where downloads go, once the writer said so.
+    store: Option<Store>,
     outgoing: BTreeMap<(PeerId, u64), Outgoing>,
     meters: HashMap<Root, Meter>,
     uploads: HashMap<(PeerId, Root), (u64, Option<Duration>)>,
@@ -327,6 +357,8 @@ impl Files {
             reads: ReadCache::default(),
             writer: None,
             writer_error: None,
+            force_stream: false,
+            store: None,
             outgoing: BTreeMap::new(),
             meters: HashMap::new(),
             uploads: HashMap::new(),
@@ -337,6 +369,25 @@ impl Files {
             save_closure: None,
             upload_limit: None,
             upload_next: Duration::ZERO,
+        }
+    }
+
+    /// Streams downloads into the browser's downloads folder even where OPFS works.
+    pub(crate) fn force_stream(&mut self) {
+        self.force_stream = true;
+    }
+
+    pub(crate) fn store(&self) -> Option<Store> {
+        if self.force_stream { Some(Store::Stream) } else { self.store }
+    }
+
+    /// Fails unless complete downloads are kept in the page (OPFS).
+    pub(crate) fn check_kept(&self) -> Result<(), String> {
+        match self.store() {
+            Some(Store::Stream) => Err("this browser saved downloads straight into its downloads \
+                 folder (it cannot store them in the page); open them from there"
+                .to_string()),
+            _ => Ok(()),
         }
     }
 
@@ -738,9 +789,17 @@ impl Inner {
                 FileEvent::Delivered { peer_id: peer.to_string(), root: hex(&root) }
             }
             TransferEvent::FileComplete { root, paths, size } => {
-                self.files.dirty.insert(root);
-                self.schedule_save();
-                let done = FileEvent::FileComplete { root: hex(&root), paths, size: size as f64 };
+                let streamed = self.files.store() == Some(Store::Stream);
+                if streamed {
+                    // The file left the page: there is nothing to serve it from.
+                    self.files.engine.unshare(&root);
+                } else {
+                    self.files.dirty.insert(root);
+                    self.schedule_save();
+                }
+                let stored = if streamed { "downloads" } else { "browser" };
+                let done =
+                    FileEvent::FileComplete { root: hex(&root), paths, size: size as f64, stored };
                 let mut then = vec![done];
                 if let Some(p) = self.files.progress_js(&root, now) {
                     then.insert(0, FileEvent::Progress(p));
@@ -759,8 +818,14 @@ impl Inner {
                 return;
             }
             TransferEvent::FileFailed { root, reason } => {
-                self.files.dirty.insert(root);
-                self.schedule_save();
+                if self.files.store() == Some(Store::Stream) {
+                    // A streamed download cannot continue where it stopped: fail the
+                    // browser's download (no truncated file is saved) and forget it.
+                    self.files.engine.forget(&root);
+                } else {
+                    self.files.dirty.insert(root);
+                    self.schedule_save();
+                }
                 FileEvent::FileFailed { root: hex(&root), reason }
             }
             TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => {
@@ -918,7 +983,7 @@ impl Inner {
         pending: Pending,
     ) {
         if self.files.writer.is_none() {
-            match start_writer(self.weak()) {
+            match start_writer(self.weak(), self.files.force_stream) {
                 Ok(w) => self.files.writer = Some(w),
                 Err(e) => {
                     let reason = format!("cannot store downloads in this browser: {e}");
@@ -928,6 +993,12 @@ impl Inner {
                     }
                     return;
                 }
+            }
+        }
+        if let (Some(root), "write") = (root, op) {
+            let first = self.files.writer.as_ref().is_some_and(|w| !w.names.contains_key(&root));
+            if first {
+                self.writer_begin(&root);
             }
         }
         let Some(writer) = self.files.writer.as_mut() else { return };
@@ -978,6 +1049,64 @@ impl Inner {
         }
     }
 
+    /// Tells the writer a file's first write follows, with what a streamed download needs.
+    fn writer_begin(&mut self, root: &Root) {
+        let (path, size) = self
+            .files
+            .engine
+            .progress(root)
+            .map(|p| (p.paths.first().cloned().unwrap_or_default(), p.size))
+            .unwrap_or_default();
+        let Some(writer) = self.files.writer.as_mut() else { return };
+        let id = writer.next_id;
+        writer.next_id = writer.next_id.wrapping_add(1);
+        let msg = js_sys::Object::new();
+        for (k, v) in [
+            ("id", JsValue::from(id)),
+            ("op", "begin".into()),
+            ("name", hex(root).into()),
+            ("path", path.into()),
+            ("size", (size as f64).into()),
+        ] {
+            let _ = js_sys::Reflect::set(&msg, &k.into(), &v);
+        }
+        if writer.worker.post_message(&msg).is_ok() {
+            writer.pending.insert(id, Pending::Begin);
+        }
+    }
+
+    /// The writer asked for a streamed download of `name` (a root in hex).
+    fn on_stream_wanted(&mut self, name: String, path: String, size: f64) {
+        let weak = self.weak();
+        wasm_bindgen_futures::spawn_local(async move {
+            let result = start_stream_download(&path, size).await;
+            let Some(inner) = weak.upgrade() else { return };
+            let mut out = Vec::new();
+            {
+                let mut i = inner.borrow_mut();
+                match result {
+                    Ok(port) => {
+                        let Some(w) = i.files.writer.as_ref() else { return };
+                        let msg = js_sys::Object::new();
+                        let _ = js_sys::Reflect::set(&msg, &"op".into(), &"port".into());
+                        let _ = js_sys::Reflect::set(&msg, &"name".into(), &name.into());
+                        let _ = js_sys::Reflect::set(&msg, &"port".into(), &port);
+                        let _ =
+                            w.worker.post_message_with_transfer(&msg, &js_sys::Array::of1(&port));
+                    }
+                    Err(e) => {
+                        if let Ok(root) = parse_root(&name) {
+                            let reason = format!("cannot start the download: {}", js_err(&e));
+                            i.files.engine.write_failed(&root, &reason);
+                        }
+                    }
+                }
+                i.pump_files(&mut out);
+            }
+            emit(&inner, out);
+        });
+    }
+
     /// The writer answered request `id`.
     fn on_writer_reply(
         &mut self,
@@ -1008,7 +1137,7 @@ impl Inner {
                 }
             }
             Pending::Close { then } => out.extend(then.into_iter().map(JsEvent::File)),
-            Pending::Delete => {}
+            Pending::Begin | Pending::Delete => {}
         }
         self.pump_files(out);
     }
@@ -1033,7 +1162,11 @@ impl Inner {
 
     /// Saves the records of changed downloads soon (at most every [`SAVE_EVERY`] ms).
     fn schedule_save(&mut self) {
-        if self.files.save_pending || self.store.is_none() {
+        // Streamed downloads cannot resume: no record.
+        if self.files.save_pending
+            || self.store.is_none()
+            || self.files.store() == Some(Store::Stream)
+        {
             return;
         }
         self.files.save_pending = true;
@@ -1145,11 +1278,12 @@ impl Inner {
     }
 }
 
-fn start_writer(weak: Weak<RefCell<Inner>>) -> Result<Writer, String> {
+fn start_writer(weak: Weak<RefCell<Inner>>, force_stream: bool) -> Result<Writer, String> {
     let options = web_sys::WorkerOptions::new();
-    options.set_name("weft-opfs-writer");
-    let worker =
-        web_sys::Worker::new_with_options("opfs-writer.js", &options).map_err(|e| js_err(&e))?;
+    options.set_name("weft-download-writer");
+    let url =
+        if force_stream { "download-writer.js?downloads=stream" } else { "download-writer.js" };
+    let worker = web_sys::Worker::new_with_options(url, &options).map_err(|e| js_err(&e))?;
     let onmessage =
         Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |ev: web_sys::MessageEvent| {
             let data = ev.data();
@@ -1166,6 +1300,21 @@ fn start_writer(weak: Weak<RefCell<Inner>>) -> Result<Writer, String> {
             let mut out = Vec::new();
             {
                 let mut i = inner.borrow_mut();
+                if get("hello").is_truthy() {
+                    let store = get("store").as_string();
+                    i.files.store = Some(if store.as_deref() == Some("opfs") {
+                        Store::Opfs
+                    } else {
+                        Store::Stream
+                    });
+                    return;
+                }
+                if let Some(name) = get("stream").as_string() {
+                    let path = get("path").as_string().unwrap_or_default();
+                    let size = get("size").as_f64().unwrap_or(0.0);
+                    i.on_stream_wanted(name, path, size);
+                    return;
+                }
                 if let (Some(buffer), Some(w)) = (buffer, i.files.writer.as_mut()) {
                     let chunk = buffer.byte_length() as usize == weft_core::transfer::CHUNK_LEN;
                     if chunk && w.pool.len() < WRITE_POOL {

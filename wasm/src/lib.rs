@@ -20,6 +20,8 @@
 //!   iceTransportPolicy: "all",   // or "relay": only through a TURN server in iceServers
 //!   onEvent: (ev) => {},         // optional: also receives the events during join
 //!   debug: false,                // log negotiation and ICE steps with console.debug
+//!   downloads: "auto",           // or "stream": save downloads straight into the browser's
+//!                                // downloads folder (see "Files"), even where OPFS works
 //! });                            // rejects with a plain message (bad invite, empty passphrase…)
 //! session.onEvent((ev) => console.log(ev));   // replaces the listener
 //! // ev.type: "status"      { status: "deriving_key" | "connecting" | "joined" | "reconnecting" | "closed", detail? }
@@ -61,6 +63,15 @@
 //! worker with a sync access handle), so a file never sits in memory, and a download
 //! resumes after a reload from the last verified chunk.
 //!
+//! Browsers without OPFS sync access handles (or `downloads: "stream"` at join) get a
+//! streamed download instead: each file is saved by the browser into its downloads folder
+//! as it arrives, through the service worker `sw.js` (the page must be served with it).
+//! Chunks are still verified before they are written, and nothing unverified reaches the
+//! file. Such a download cannot resume after a reload, is not kept in the page
+//! (`downloadedFile`, `saveDownload`, `saveAllTo` and `hashDownloaded` say so) and is not
+//! served to other peers. A folder arrives as separate files named after their last path
+//! part; the browser may ask once whether the page may download several files.
+//!
 //! ```js
 //! // entries: a File, a FileList, or an array of File | { file: File, path: "dir/a.txt" }
 //! // (path defaults to file.webkitRelativePath || file.name). to: a peer id, an array of
@@ -100,7 +111,8 @@
 //! //  "progress"           { root, paths, size, doneBytes, speedBps, etaS, sources, offers:
 //! //                       [{ peerId, offerId }], state } (≤ 4/s per file)
 //! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
-//! //  "file_complete"      { root, paths, size }
+//! //  "file_complete"      { root, paths, size, stored } (stored: "browser" (OPFS) or
+//! //                       "downloads" (streamed into the browser's downloads folder))
 //! //  "file_failed"        { root, reason }       (reason in plain words: disk full, …)
 //! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
 //! //  "transfer_cancelled" { peerId, offerId, reason, byPeer, outgoing } (outgoing: it was our offer)
@@ -174,6 +186,8 @@ struct JoinOptions {
     on_event: JsValue,
     #[serde(default)]
     debug: bool,
+    #[serde(default)]
+    downloads: Option<String>,
 }
 
 /// A member of a Weft network in this page. See the crate docs for the API.
@@ -222,6 +236,15 @@ impl WeftSession {
             Some(other) => {
                 return Err(JsError::new(&format!(
                     "iceTransportPolicy must be \"all\" or \"relay\", not {other:?}"
+                )));
+            }
+        };
+        let stream_downloads = match opts.downloads.as_deref() {
+            None | Some("auto") => false,
+            Some("stream") => true,
+            Some(other) => {
+                return Err(JsError::new(&format!(
+                    "downloads must be \"auto\" or \"stream\", not {other:?}"
                 )));
             }
         };
@@ -300,7 +323,13 @@ impl WeftSession {
             listener,
         })?;
         let mut out = Vec::new();
-        inner.borrow_mut().restore_downloads(saved_downloads, &mut out);
+        if stream_downloads {
+            // Saved downloads are partial files in OPFS: they continue on a visit that
+            // stores downloads there.
+            inner.borrow_mut().files.force_stream();
+        } else {
+            inner.borrow_mut().restore_downloads(saved_downloads, &mut out);
+        }
         emit(&inner, out);
         Ok(WeftSession { inner })
     }
@@ -515,8 +544,10 @@ impl WeftSession {
     /// The stored bytes of a complete download, as a disk-backed `File`.
     #[wasm_bindgen(js_name = downloadedFile)]
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
+        let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             Ok(files::stored_file(&root).await.map_err(|e| JsError::new(&e))?.into())
         })
     }
@@ -537,6 +568,7 @@ impl WeftSession {
                         .and_then(|p| p.paths.first().cloned())
                 })
                 .unwrap_or_else(|| files::hex(&root));
+            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             files::save_download(&root, &path).await.map_err(|e| JsError::new(&e))?;
             Ok(JsValue::UNDEFINED)
         })
@@ -548,6 +580,7 @@ impl WeftSession {
     pub fn save_all_to(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
+            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             let n = files::save_all_to(&inner).await.map_err(|e| JsError::new(&e))?;
             Ok(n.into())
         })
@@ -556,8 +589,10 @@ impl WeftSession {
     /// Plain BLAKE3 (hex) of a stored download's bytes.
     #[wasm_bindgen(js_name = hashDownloaded)]
     pub fn hash_downloaded(&self, root: String) -> js_sys::Promise {
+        let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             let file = files::stored_file(&root).await.map_err(|e| JsError::new(&e))?;
             let hash = files::hash_blob(&file).await.map_err(|e| JsError::new(&e))?;
             Ok(hash.into())

@@ -287,8 +287,9 @@ fn build_bundle(root: &Path) -> Result<PathBuf> {
 
     let dist = web_dist(root);
     let pkg = dist.join("pkg");
-    if pkg.exists() {
-        std::fs::remove_dir_all(&pkg)?;
+    // Start empty: a file removed from web/ must not linger in the app.
+    if dist.exists() {
+        std::fs::remove_dir_all(&dist)?;
     }
     run_cmd(
         Command::new("wasm-bindgen")

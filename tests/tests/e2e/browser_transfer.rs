@@ -2,7 +2,8 @@
 //! server, driving the documented JavaScript API (`sendFiles`, `acceptOffer`, …): a folder
 //! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a download resumes
 //! after the receiver reloads, a corrupted chunk is rejected and fetched again, a download
-//! uses two seeders at once, and a cancel on either side cleans up both.
+//! uses two seeders at once, a cancel on either side cleans up both, and without OPFS a
+//! download streams through the service worker into Chromium's downloads folder.
 //!
 //! Files are generated into a scratch directory on disk and put into the pages through an
 //! `<input type=file>` that chromedriver fills from the local paths.
@@ -16,10 +17,10 @@ use serde_json::{Value, json};
 use thirtyfour::WebDriver;
 use weft_tests::browser_available;
 use weft_tests::files::{
-    BYTES_RECEIVED_JS, Net, OPFS_LIST_JS, Scratch, TestFile, WAIT, accept, add_hook, blake3_of,
-    call, download, events, generate, hash_downloaded, is_event, mib, ms, opfs_files, send_files,
-    share_files, start_join, transfers, upload, uploaded, wait_complete, wait_connected,
-    wait_event, wait_offer,
+    BYTES_RECEIVED_JS, Member, Net, OPFS_LIST_JS, Scratch, TestFile, WAIT, accept, add_hook,
+    blake3_of, call, download, events, generate, hash_downloaded, is_event, mib, ms, opfs_files,
+    send_files, share_files, start_join, transfers, upload, uploaded, wait_complete,
+    wait_connected, wait_event, wait_offer,
 };
 use weft_tests::{js, wait_for};
 
@@ -33,10 +34,18 @@ const CHUNK: u64 = 64 * 1024;
 /// page's recent events and logs if `body` failed), and fails the test with `body`'s error.
 macro_rules! run {
     ($test:literal, $names:expr, |$net:ident| $body:expr) => {{
+        let members: Vec<Member> = $names.iter().map(|n: &&str| Member::new(n)).collect();
+        run_members!($test, &members, |$net| $body)
+    }};
+}
+
+/// [`run!`] with [`Member`]s instead of names (join options, download folders).
+macro_rules! run_members {
+    ($test:literal, $members:expr, |$net:ident| $body:expr) => {{
         if !browser_available($test) {
             return;
         }
-        let $net = Net::start($names).await.unwrap();
+        let $net = Net::start_members($members).await.unwrap();
         let result: Result<()> = async { $body }.await;
         let failed = result.is_err();
         $net.close(failed).await;
@@ -649,5 +658,120 @@ async fn a_cancel_on_either_side_cleans_up_both() {
     let y = generate(scratch.path(), "y.bin", mib(128), 51).unwrap();
     run!("a_cancel_on_either_side_cleans_up_both", &["Alice", "Bob"], |net| {
         cancel_body(&net, &x, &y).await
+    });
+}
+
+/// The files in `dir` (name and size), sorted by name.
+fn listing(dir: &std::path::Path) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        out.push((entry.file_name().to_string_lossy().to_string(), entry.metadata()?.len()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Waits until Chromium has finished saving `name` in `dir` with `size` bytes (no
+/// `.crdownload` left).
+async fn wait_saved(dir: &std::path::Path, name: &str, size: u64) -> Result<()> {
+    wait_for(&format!("{name} saved in the downloads folder"), WAIT, || async {
+        let files = listing(dir)?;
+        let done = files.iter().any(|(n, s)| n == name && *s == size);
+        let partial = files.iter().any(|(n, _)| n.ends_with(".crdownload"));
+        Ok(if done && !partial { Ok(()) } else { Err(format!("{files:?}")) })
+    })
+    .await
+}
+
+async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile]) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    let [big, small, cut] = files else { bail!("three files") };
+    upload(alice, "w", &[big, small]).await?;
+    upload(alice, "x", &[cut]).await?;
+
+    // 1. A file and a second one in a folder, in one offer. Chunk 5 of the big one is
+    // corrupted once, so it is fetched again after later chunks arrived: the writer must
+    // hold those back until the gap is filled.
+    call(alice, &format!("s.debugCorruptChunk(5, {}); return true;", json!(big.root)), WAIT)
+        .await?;
+    let entries = [(big, "stream.bin"), (small, "notes/été ünï.txt")];
+    let sent = send_files(alice, "w", &entries, bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_id).await?;
+    accept(bob, alice_id, &offer_id).await?;
+    for (f, _) in &entries {
+        let done = wait_complete(bob, &f.root, BIG_WAIT).await?;
+        ensure!(done["stored"] == "downloads", "file_complete {done}");
+    }
+    let rejected = events(bob, "ev.type === 'chunk_rejected'").await?;
+    ensure!(rejected.len() == 1 && rejected[0]["index"] == 5, "rejected: {rejected:?}");
+    wait_saved(downloads, "stream.bin", big.size).await?;
+    wait_saved(downloads, "été ünï.txt", small.size).await?;
+    for (f, name) in [(big, "stream.bin"), (small, "été ünï.txt")] {
+        let got = blake3_of(&downloads.join(name))?;
+        ensure!(got == f.root, "{name} in the downloads folder hashes to {got}, sent {}", f.root);
+    }
+    // Nothing went through OPFS, and the page says where the file is.
+    let stored = opfs_files(bob).await?;
+    ensure!(stored.is_empty(), "OPFS holds {stored:?}");
+    let kept = call(
+        bob,
+        &format!(
+            "try {{ await s.downloadedFile({}); return 'kept'; }} catch (e) {{ return String(e.message || e); }}",
+            json!(big.root)
+        ),
+        WAIT,
+    )
+    .await?;
+    ensure!(
+        kept.as_str().is_some_and(|m| m.contains("downloads folder")),
+        "downloadedFile: {kept}"
+    );
+
+    // 2. A cancel mid-download fails the browser's download: no truncated file is saved.
+    call(alice, "s.setUploadLimit(4e6); return true;", WAIT).await?;
+    let sent = send_files(alice, "x", &[(cut, "cut.bin")], bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_id).await?;
+    accept(bob, alice_id, &offer_id).await?;
+    wait_for("1 MiB of cut.bin in the downloads folder", WAIT, || async {
+        let files = listing(downloads)?;
+        let partial = files.iter().any(|(n, s)| {
+            (n.ends_with(".crdownload") || n.contains("cut")) && *s >= mib(1) && *s < cut.size
+        });
+        Ok(if partial { Ok(()) } else { Err(format!("{files:?}")) })
+    })
+    .await?;
+    call(bob, &format!("s.cancelTransfer({}, {offer_id}); return true;", json!(alice_id)), WAIT)
+        .await?;
+    wait_for("the cancelled download to go", WAIT, || async {
+        let files = listing(downloads)?;
+        let left = files.iter().any(|(n, _)| n.contains("cut") || n.ends_with(".crdownload"));
+        Ok(if left { Err(format!("{files:?}")) } else { Ok(()) })
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_opfs_a_download_streams_into_the_downloads_folder() {
+    let scratch = Scratch::new("stream").unwrap();
+    let downloads = scratch.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let files = [
+        generate(scratch.path(), "stream.bin", mib(24) + 1000, 60).unwrap(),
+        generate(scratch.path(), "small.txt", 70_000, 61).unwrap(),
+        generate(scratch.path(), "cut.bin", mib(32), 62).unwrap(),
+    ];
+    let bob = Member {
+        join: json!({ "downloads": "stream" }),
+        downloads: Some(downloads.clone()),
+        ..Member::new("Bob")
+    };
+    let members = [Member::new("Alice"), bob];
+    run_members!("without_opfs_a_download_streams_into_the_downloads_folder", &members, |net| {
+        stream_body(&net, &downloads, &files).await
     });
 }

@@ -12,7 +12,8 @@
 //!   `bufferedamountlow` at [`LOW_WATER`]: the same marks Weft's control channel uses). Its
 //!   time runs from the first send to the last byte at the receiver (both pages' clocks are
 //!   the machine's clock: `performance.timeOrigin + performance.now()`).
-//! - `transfer_vs_raw_ratio` = Weft ÷ raw; `swarm_mb_s` (Alice and Carol seed, Bob fetches
+//! - `transfer_vs_raw_ratio` = Weft ÷ raw (medians); `transfer_vs_raw_paired_median`, the
+//!   median over runs of each run's Weft ÷ raw (measured back to back); `swarm_mb_s` (Alice and Carol seed, Bob fetches
 //!   from both) and `swarm_vs_single_ratio` = swarm ÷ single.
 //! - `receiver_peak_rss_mb`: Bob's renderer process, sampled every 200 ms while it receives
 //!   a [`RSS_FILE_SIZE`] file; also the peak sum over Bob's whole Chromium process tree.
@@ -669,10 +670,14 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     println!("BENCH uplink_single_mb_s {up_single:.1} MB/s");
     println!("BENCH uplink_swarm_mb_s {up_swarm:.1} MB/s");
     println!("BENCH swarm_vs_single_uplink_ratio {:.2} x", up_swarm / up_single);
+    // Each run measures raw then Weft back to back: the median of those pairs' ratios is
+    // less swayed by the machine's load drifting between runs.
+    let paired = median(weft.iter().zip(&raw).map(|(w, r)| w / r).collect());
     let (raw_m, weft_m, swarm_m) = (median(raw), median(weft), median(swarm));
     println!("BENCH weft_transfer_mb_s {weft_m:.1} MB/s");
     println!("BENCH raw_datachannel_mb_s {raw_m:.1} MB/s");
     println!("BENCH transfer_vs_raw_ratio {:.2} x", weft_m / raw_m);
+    println!("BENCH transfer_vs_raw_paired_median {paired:.2} x");
     println!("BENCH swarm_mb_s {swarm_m:.1} MB/s");
     println!("BENCH swarm_vs_single_ratio {:.2} x", swarm_m / weft_m);
     println!("BENCH swarm_sources_min {swarm_sources} sources");

@@ -1140,8 +1140,13 @@ impl Inner {
 /// (Re)arms the one timer of a peer's link at its `poll_timeout`.
 fn arm_timer(entry: &mut PeerEntry, weak: &Weak<RefCell<Inner>>, remote: &PeerId) {
     let wanted = entry.link.poll_timeout();
-    if entry.timer.as_ref().map(|t| t.at) == wanted {
-        return;
+    // A timer armed no later than wanted stays: it wakes the link early, harmlessly, and
+    // is armed again then. (The link's deadline moves later with every packet it hears;
+    // re-arming each time cost a clearTimeout, a setTimeout and a closure per packet.)
+    match (entry.timer.as_ref().map(|t| t.at), wanted) {
+        (Some(armed), Some(w)) if armed <= w => return,
+        (Some(_), None) | (None, None) => return,
+        _ => {}
     }
     clear(entry.timer.take(), false);
     let Some(at) = wanted else { return };

@@ -22,8 +22,12 @@
 //                path, size }, answered by op "port")
 //   op "port":   port (MessagePort, transferred) to the service worker's download of name
 //                (no answer)
-//   op "write":  offset, data (ArrayBuffer, transferred)   -> { id, ok: true, data } (the
-//                buffer, transferred back for reuse when the store does not keep it)
+//   op "writes": chunk writes in one message (the page sends one per 1 MiB, not one per
+//                chunk): ids, names, offsets, lens (arrays, one entry per chunk) and data
+//                (ArrayBuffer, transferred) holding the chunks back to back
+//                -> { ids, ok: true, data } (the buffer, transferred back for reuse); in
+//                "stream" mode each id is answered by itself ({ id, ok }) once the
+//                service worker took it, and the buffer comes back with { ids: [] }
 //   op "close":  the file is complete: flush and close     -> { id, ok: true }
 //   op "delete": closes and removes the file (or aborts    -> { id, ok: true }
 //                its download)
@@ -86,18 +90,23 @@ async function runOpfs(msg) {
   switch (msg.op) {
     case "begin":
       return;
-    case "write": {
-      const access = await handle(msg.name);
-      const data = new Uint8Array(msg.data);
-      let written = 0;
-      while (written < data.length) {
-        const n = access.write(data.subarray(written), { at: msg.offset + written });
-        if (n <= 0) throw new DOMException("no space left for the download", "QuotaExceededError");
-        written += n;
-      }
-      if (++writesSinceFlush >= 64) {
-        writesSinceFlush = 0;
-        access.flush();
+    case "writes": {
+      const all = new Uint8Array(msg.data);
+      let at = 0;
+      for (let i = 0; i < msg.ids.length; i++) {
+        const access = await handle(msg.names[i]);
+        const data = all.subarray(at, at + msg.lens[i]);
+        at += msg.lens[i];
+        let written = 0;
+        while (written < data.length) {
+          const n = access.write(data.subarray(written), { at: msg.offsets[i] + written });
+          if (n <= 0) throw new DOMException("no space left for the download", "QuotaExceededError");
+          written += n;
+        }
+        if (++writesSinceFlush >= 64) {
+          writesSinceFlush = 0;
+          access.flush();
+        }
       }
       return;
     }
@@ -197,6 +206,21 @@ function runStream(msg) {
       pump(msg.name);
       return true; // "port" has no answer
     }
+    case "writes": {
+      // Each chunk goes to the service worker in a buffer of its own.
+      let at = 0;
+      for (let i = 0; i < msg.ids.length; i++) {
+        const one = { op: "write", id: msg.ids[i], name: msg.names[i], offset: msg.offsets[i], data: msg.data.slice(at, at + msg.lens[i]) };
+        at += msg.lens[i];
+        try {
+          if (!runStream(one)) reply(one.id, true);
+        } catch (e) {
+          reply(one.id, false, String((e && e.message) || e));
+        }
+      }
+      self.postMessage({ ids: [], ok: true, data: msg.data }, [msg.data]);
+      return true;
+    }
     case "write": {
       const s = streams.get(msg.name);
       if (!s) throw new Error("the download was not started");
@@ -236,22 +260,24 @@ let chain = store.then((s) => self.postMessage({ hello: true, store: s }));
 
 self.onmessage = (ev) => {
   const msg = ev.data;
+  // A batch of writes is answered with its ids, anything else with its id.
+  const who = Array.isArray(msg.ids) ? { ids: msg.ids } : { id: msg.id };
   chain = chain.then(async () => {
     const mode = await store;
+    // The batch's buffer goes back to the page for reuse, so a download does not leave a
+    // trail of garbage buffers behind it.
+    const back = msg.data instanceof ArrayBuffer ? [msg.data] : [];
     try {
       if (mode === "stream") {
-        if (!runStream(msg)) reply(msg.id, true, undefined, msg.data);
+        if (!runStream(msg)) self.postMessage({ ...who, ok: true, data: msg.data }, back);
         return;
       }
       await runOpfs(msg);
-      // The chunk's buffer goes back to the page for reuse, so a download does not
-      // leave a trail of garbage buffers behind it.
-      reply(msg.id, true, undefined, msg.data);
+      self.postMessage({ ...who, ok: true, data: msg.data }, back);
     } catch (e) {
       const diskFull = e && e.name === "QuotaExceededError";
       const error = String((e && e.message) || e);
-      const back = msg.data instanceof ArrayBuffer ? [msg.data] : [];
-      self.postMessage({ id: msg.id, ok: false, error, disk_full: diskFull, data: msg.data }, back);
+      self.postMessage({ ...who, ok: false, error, disk_full: diskFull, data: msg.data }, back);
     }
   });
 };

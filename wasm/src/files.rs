@@ -43,8 +43,12 @@ const READ_BLOCK: u64 = 1024 * 1024;
 const READ_CACHE_BLOCKS: usize = 16;
 /// File-transfer messages up to this size are batched into one packet per peer.
 const BATCH_FRAME: usize = 1024;
-/// Chunk buffers kept for reuse by the writer.
-const WRITE_POOL: usize = 256;
+/// Chunks sent to the writer in one message (one `postMessage` per 1 MiB, not per chunk).
+const WRITE_BATCH: usize = 16;
+/// Bytes of one batch buffer.
+const WRITE_BATCH_BYTES: u32 = (WRITE_BATCH * weft_core::transfer::CHUNK_LEN) as u32;
+/// Batch buffers kept for reuse by the writer.
+const WRITE_POOL: usize = 16;
 /// The OPFS folder of downloads (also in `download-writer.js`).
 const DOWNLOAD_DIR: &str = "weft-downloads";
 
@@ -274,22 +278,39 @@ enum Pending {
     Delete,
 }
 
+/// Chunk writes gathered for one message to the writer.
+#[derive(Default)]
+struct WriteBatch {
+    /// A [`WRITE_BATCH_BYTES`] buffer holding the chunks back to back.
+    buffer: Option<js_sys::Uint8Array>,
+    used: u32,
+    ids: Vec<u32>,
+    roots: Vec<Root>,
+    names: Vec<JsValue>,
+    offsets: Vec<f64>,
+    lens: Vec<u32>,
+}
+
 /// The disk-writer worker.
 struct Writer {
     worker: web_sys::Worker,
-    /// Chunk-sized buffers the worker gave back, for the next writes.
+    /// Batch buffers the worker gave back, for the next writes.
     pool: Vec<js_sys::ArrayBuffer>,
+    batch: WriteBatch,
+    /// A `setTimeout(0)` that sends a part-filled batch is pending.
+    flush_armed: bool,
+    flush_callback: Closure<dyn FnMut()>,
     pending: HashMap<u32, Pending>,
     next_id: u32,
-    /// JS strings made once, not for every chunk: the request's keys and ops, and each
-    /// download's file name.
-    keys: [JsValue; 5],
+    /// JS strings made once, not for every chunk: the request's keys, and each download's
+    /// file name.
+    keys: [JsValue; 3],
     names: HashMap<Root, JsValue>,
     _onmessage: Closure<dyn FnMut(web_sys::MessageEvent)>,
 }
 
 /// The keys of a request to the writer, in the order of `Writer::keys`.
-const WRITER_KEYS: [&str; 5] = ["id", "op", "name", "offset", "data"];
+const WRITER_KEYS: [&str; 3] = ["id", "op", "name"];
 
 /// The engine's timer: `setTimeout` id, when it fires, and its callback.
 type EngineTimer = (i32, Duration, Closure<dyn FnMut()>);
@@ -1001,41 +1022,27 @@ impl Inner {
                 self.writer_begin(&root);
             }
         }
+        if let (Some(root), "write", Some((offset, data))) = (root, op, &write) {
+            self.batch_write(root, *offset, data, pending);
+            return;
+        }
+        // Anything else keeps its place after the writes before it.
+        self.flush_writes();
         let Some(writer) = self.files.writer.as_mut() else { return };
         let id = writer.next_id;
         writer.next_id = writer.next_id.wrapping_add(1);
         let msg = js_sys::Object::new();
-        let [k_id, k_op, k_name, k_offset, k_data] = &writer.keys;
+        let [k_id, k_op, k_name] = &writer.keys;
         let set = |k: &JsValue, v: &JsValue| {
             let _ = js_sys::Reflect::set(&msg, k, v);
         };
         set(k_id, &id.into());
         set(k_op, &wasm_bindgen::intern(op).into());
-        match root {
-            // Writes name their file often: its JS string is kept.
-            Some(root) if op == "write" => {
-                let name = writer.names.entry(root).or_insert_with(|| hex(&root).into());
-                set(k_name, name);
-            }
-            Some(root) => {
-                writer.names.remove(&root);
-                set(k_name, &hex(&root).into());
-            }
-            None => {}
+        if let Some(root) = root {
+            writer.names.remove(&root);
+            set(k_name, &hex(&root).into());
         }
-        let transfer = js_sys::Array::new();
-        if let Some((offset, data)) = write {
-            let reuse = writer.pool.pop().filter(|b| b.byte_length() as usize == data.len());
-            let bytes = match reuse {
-                Some(buffer) => js_sys::Uint8Array::new(&buffer),
-                None => js_sys::Uint8Array::new_with_length(data.len() as u32),
-            };
-            bytes.copy_from(&data);
-            set(k_offset, &offset.into());
-            set(k_data, &bytes.buffer());
-            transfer.push(&bytes.buffer());
-        }
-        match writer.worker.post_message_with_transfer(&msg, &transfer) {
+        match writer.worker.post_message(&msg) {
             Ok(()) => {
                 writer.pending.insert(id, pending);
             }
@@ -1045,6 +1052,85 @@ impl Inner {
                         .engine
                         .write_failed(&root, &format!("cannot write the download: {}", js_err(&e)));
                 }
+            }
+        }
+    }
+
+    /// Adds a chunk write to the batch; sends the batch once full (or on the next turn of
+    /// the event loop).
+    fn batch_write(&mut self, root: Root, offset: f64, data: &[u8], pending: Pending) {
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let full = self.files.writer.as_ref().is_some_and(|w| {
+            w.batch.buffer.is_some() && w.batch.used.saturating_add(len) > WRITE_BATCH_BYTES
+        });
+        if full {
+            self.flush_writes();
+        }
+        let Some(writer) = self.files.writer.as_mut() else { return };
+        if len > WRITE_BATCH_BYTES {
+            // Never happens with chunk-sized writes.
+            self.files.engine.write_failed(&root, "a write larger than the writer's batch");
+            return;
+        }
+        let id = writer.next_id;
+        writer.next_id = writer.next_id.wrapping_add(1);
+        let buffer = writer.batch.buffer.get_or_insert_with(|| match writer.pool.pop() {
+            Some(b) => js_sys::Uint8Array::new(&b),
+            None => js_sys::Uint8Array::new_with_length(WRITE_BATCH_BYTES),
+        });
+        let at = writer.batch.used;
+        buffer.subarray(at, at + len).copy_from(data);
+        writer.batch.used = at + len;
+        let name = writer.names.entry(root).or_insert_with(|| hex(&root).into()).clone();
+        let b = &mut writer.batch;
+        b.ids.push(id);
+        b.roots.push(root);
+        b.names.push(name);
+        b.offsets.push(offset);
+        b.lens.push(len);
+        writer.pending.insert(id, pending);
+        if writer.batch.ids.len() >= WRITE_BATCH {
+            self.flush_writes();
+        } else if !writer.flush_armed {
+            if let Some(win) = web_sys::window() {
+                writer.flush_armed = win
+                    .set_timeout_with_callback_and_timeout_and_arguments_0(
+                        writer.flush_callback.as_ref().unchecked_ref(),
+                        0,
+                    )
+                    .is_ok();
+            }
+            if !writer.flush_armed {
+                self.flush_writes();
+            }
+        }
+    }
+
+    /// Sends the gathered chunk writes to the writer in one message.
+    pub(crate) fn flush_writes(&mut self) {
+        let Some(writer) = self.files.writer.as_mut() else { return };
+        let batch = std::mem::take(&mut writer.batch);
+        let Some(buffer) = batch.buffer else { return };
+        let array = |items: Vec<JsValue>| items.into_iter().collect::<js_sys::Array>();
+        let msg = js_sys::Object::new();
+        let data = buffer.buffer();
+        for (k, v) in [
+            ("op", JsValue::from("writes")),
+            ("ids", array(batch.ids.iter().map(|&i| JsValue::from(i)).collect()).into()),
+            ("names", array(batch.names).into()),
+            ("offsets", array(batch.offsets.iter().map(|&o| JsValue::from(o)).collect()).into()),
+            ("lens", array(batch.lens.iter().map(|&l| JsValue::from(l)).collect()).into()),
+            ("data", data.clone().into()),
+        ] {
+            let _ = js_sys::Reflect::set(&msg, &wasm_bindgen::intern(k).into(), &v);
+        }
+        if let Err(e) = writer.worker.post_message_with_transfer(&msg, &js_sys::Array::of1(&data)) {
+            let reason = format!("cannot write the download: {}", js_err(&e));
+            for id in &batch.ids {
+                writer.pending.remove(id);
+            }
+            for root in &batch.roots {
+                self.files.engine.write_failed(root, &reason);
             }
         }
     }
@@ -1112,7 +1198,7 @@ impl Inner {
         &mut self,
         id: u32,
         ok: bool,
-        error: String,
+        error: &str,
         disk_full: bool,
         out: &mut Vec<JsEvent>,
     ) {
@@ -1139,7 +1225,6 @@ impl Inner {
             Pending::Close { then } => out.extend(then.into_iter().map(JsEvent::File)),
             Pending::Begin | Pending::Delete => {}
         }
-        self.pump_files(out);
     }
 
     fn maybe_progress(&mut self, root: &Root, now: Duration, out: &mut Vec<JsEvent>) {
@@ -1279,6 +1364,7 @@ impl Inner {
 }
 
 fn start_writer(weak: Weak<RefCell<Inner>>, force_stream: bool) -> Result<Writer, String> {
+    let flush_weak = weak.clone();
     let options = web_sys::WorkerOptions::new();
     options.set_name("weft-download-writer");
     let url =
@@ -1291,7 +1377,11 @@ fn start_writer(weak: Weak<RefCell<Inner>>, force_stream: bool) -> Result<Writer
                 js_sys::Reflect::get(&data, &wasm_bindgen::intern(k).into())
                     .unwrap_or(JsValue::UNDEFINED)
             };
-            let id = get("id").as_f64().unwrap_or(-1.0) as u32;
+            // A batch of writes is answered with `ids`, anything else with `id`.
+            let ids: Vec<u32> = match get("ids").dyn_into::<js_sys::Array>() {
+                Ok(ids) => ids.iter().filter_map(|v| v.as_f64()).map(|v| v as u32).collect(),
+                Err(_) => get("id").as_f64().map(|v| v as u32).into_iter().collect(),
+            };
             let ok = get("ok").as_bool().unwrap_or(false);
             let error = get("error").as_string().unwrap_or_default();
             let disk_full = get("disk_full").as_bool().unwrap_or(false);
@@ -1316,19 +1406,32 @@ fn start_writer(weak: Weak<RefCell<Inner>>, force_stream: bool) -> Result<Writer
                     return;
                 }
                 if let (Some(buffer), Some(w)) = (buffer, i.files.writer.as_mut()) {
-                    let chunk = buffer.byte_length() as usize == weft_core::transfer::CHUNK_LEN;
-                    if chunk && w.pool.len() < WRITE_POOL {
+                    if buffer.byte_length() == WRITE_BATCH_BYTES && w.pool.len() < WRITE_POOL {
                         w.pool.push(buffer);
                     }
                 }
-                i.on_writer_reply(id, ok, error, disk_full, &mut out);
+                for id in ids {
+                    i.on_writer_reply(id, ok, &error, disk_full, &mut out);
+                }
+                i.pump_files(&mut out);
             }
             emit(&inner, out);
         });
     worker.set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
+    let flush_callback = Closure::<dyn FnMut()>::new(move || {
+        let Some(inner) = flush_weak.upgrade() else { return };
+        let mut i = inner.borrow_mut();
+        if let Some(w) = i.files.writer.as_mut() {
+            w.flush_armed = false;
+        }
+        i.flush_writes();
+    });
     Ok(Writer {
         worker,
         pool: Vec::new(),
+        batch: WriteBatch::default(),
+        flush_armed: false,
+        flush_callback,
         pending: HashMap::new(),
         next_id: 1,
         keys: WRITER_KEYS.map(JsValue::from_str),

@@ -1107,7 +1107,7 @@ impl Inner {
     }
 
     /// Sends the gathered chunk writes to the writer in one message.
-    pub(crate) fn flush_writes(&mut self) {
+    fn flush_writes(&mut self) {
         let Some(writer) = self.files.writer.as_mut() else { return };
         let batch = std::mem::take(&mut writer.batch);
         let Some(buffer) = batch.buffer else { return };

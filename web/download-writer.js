@@ -29,6 +29,10 @@
 //                "stream" mode each id is answered by itself ({ id, ok }) once the
 //                service worker took it, and the buffer comes back with { ids: [] }
 //   op "close":  the file is complete: flush and close     -> { id, ok: true }
+//                (in "stream" mode only once the service worker says the browser asked
+//                for the download and read all of it; if the browser never takes it, the
+//                answer is a failure: a complete file is saved or reported failed, never
+//                silently lost)
 //   op "delete": closes and removes the file (or aborts    -> { id, ok: true }
 //                its download)
 // Any failure answers { id, ok: false, error, disk_full }.
@@ -130,7 +134,7 @@ async function runOpfs(msg) {
 // ---- store "stream"
 
 // name -> { size, next, port, held: Map(offset -> { id, data }), sent: [id], closing: id|null,
-//           failed: string|null }
+//           ended: bool (every byte went to the service worker), failed: string|null }
 const streams = new Map();
 
 function reply(id, ok, error, data) {
@@ -138,10 +142,11 @@ function reply(id, ok, error, data) {
   self.postMessage({ id, ok, error, disk_full: false, data }, back);
 }
 
-// Sends what is in order to the service worker; answers a pending close once all is acknowledged.
+// Sends what is in order to the service worker; ends the download once a pending close
+// finds all of it acknowledged.
 function pump(name) {
   const s = streams.get(name);
-  if (!s || !s.port || s.failed) return;
+  if (!s || !s.port || s.failed || s.ended) return;
   for (let w = s.held.get(s.next); w; w = s.held.get(s.next)) {
     s.held.delete(s.next);
     s.next += w.data.byteLength;
@@ -153,9 +158,9 @@ function pump(name) {
       fail(name, `the download ended at ${s.next} of ${s.size} bytes`);
       return;
     }
+    // The close is answered when the service worker confirms (or fails) the download.
+    s.ended = true;
     s.port.postMessage({ end: true });
-    streams.delete(name);
-    reply(s.closing, true);
   }
 }
 
@@ -180,6 +185,12 @@ function onServiceWorker(name, port, ev) {
     if (at >= 0) s.sent.splice(at, 1);
     reply(m.ack, true);
     pump(name);
+  } else if (m.handedOver) {
+    if (s.closing === null) return;
+    streams.delete(name);
+    reply(s.closing, true);
+  } else if (m.failed !== undefined) {
+    fail(name, "the browser did not save the download: " + m.failed);
   } else if (m.cancelled !== undefined) {
     fail(name, "the browser's download was cancelled: " + m.cancelled);
   }
@@ -191,7 +202,7 @@ function runStream(msg) {
     case "begin": {
       const old = streams.get(msg.name);
       if (old && !old.failed) return false; // already streaming
-      streams.set(msg.name, { size: msg.size, next: 0, port: null, held: new Map(), sent: [], closing: null, failed: null });
+      streams.set(msg.name, { size: msg.size, next: 0, port: null, held: new Map(), sent: [], closing: null, ended: false, failed: null });
       self.postMessage({ stream: msg.name, path: msg.path, size: msg.size });
       return false;
     }

@@ -3,19 +3,31 @@
 // "stream"). Every other request goes to the network untouched; nothing is cached.
 //
 // 1. The page posts { weftDownload: { id, path, size } } with a MessagePort. This worker
-//    answers { registered: true } on the port.
+//    answers { registered: true, confirms: true } on the port (confirms: it sends step 4's
+//    { handedOver }; workers from before that did not).
 // 2. The page opens `weft-download/<id>/<name>` (under this worker's scope) in a hidden
 //    iframe. The response is a ReadableStream with Content-Disposition: attachment, so the
 //    browser saves it as a download, writing it to disk as it arrives.
 // 3. The page's download writer posts { seq, data } (in file order) on the port; each chunk
 //    is acknowledged with { ack: seq } once it is queued and the queue has room (4 MiB):
-//    backpressure reaches the sender. { end: true } completes the download; { abort }
-//    fails it (the browser then shows it as failed instead of saving a truncated file).
-// 4. If the user cancels the download in the browser, the port gets { cancelled }.
+//    backpressure reaches the sender. { end: true } says every byte was sent; { abort }
+//    fails the download (the browser then shows it as failed instead of saving a
+//    truncated file).
+// 4. The port gets { handedOver: true } only once the browser asked for the download and
+//    read every byte of it. A file small enough to fit in the queue may be sent in full
+//    before the browser's request arrives (that request goes through the browser process,
+//    the port does not), so "every byte was sent" does not mean the browser has it: until
+//    it asks, the download stays here, however long after { end } that is.
+// 5. Otherwise the port gets { failed: reason } (the browser did not ask for the download
+//    within TAKE_MS, or the page saw its iframe show a page instead of saving one: the
+//    page posts { weftDownloadFailed: { id, reason } }), or { cancelled } if the browser
+//    stopped reading (the user cancelled the download).
 "use strict";
 
 const QUEUE_BYTES = 4 * 1024 * 1024;
-const downloads = new Map(); // id -> { stream, path, size }
+// How long the browser may take to ask for a download it was told to save.
+const TAKE_MS = 30000;
+const downloads = new Map(); // id -> { stream, path, size, taken, fail }
 
 self.addEventListener("install", () => self.skipWaiting());
 self.addEventListener("activate", (ev) => ev.waitUntil(self.clients.claim()));
@@ -23,18 +35,43 @@ self.addEventListener("activate", (ev) => ev.waitUntil(self.clients.claim()));
 self.addEventListener("message", (ev) => {
   const d = ev.data && ev.data.weftDownload;
   if (d && ev.ports[0]) register(d, ev.ports[0]);
+  const f = ev.data && ev.data.weftDownloadFailed;
+  if (f && downloads.has(f.id)) downloads.get(f.id).fail(String(f.reason));
   // { weftPing }: the message itself keeps this worker alive during long downloads.
 });
 
 function register({ id, path, size }, port) {
   let controller = null;
   let waiting = []; // seqs queued while the queue was full: acknowledged on pull
+  let ended = false; // { end } came: close once the browser has read the queue
+  const d = { stream: null, path, size, taken: false, fail: null };
+  const timer = setTimeout(() => {
+    if (!d.taken) d.fail(`it was not started within ${TAKE_MS / 1000} s`);
+  }, TAKE_MS);
   const done = () => {
+    clearTimeout(timer);
     downloads.delete(id);
     port.onmessage = null;
     notify(id);
   };
-  const stream = new ReadableStream(
+  // Confirms the download once the browser asked for it and read all that was queued.
+  d.finish = () => {
+    if (!ended || !d.taken || !downloads.has(id) || controller.desiredSize < QUEUE_BYTES) return;
+    controller.close();
+    port.postMessage({ handedOver: true });
+    done();
+  };
+  d.fail = (reason) => {
+    if (!downloads.has(id)) return;
+    try {
+      controller.error(new Error(reason));
+    } catch (_) {
+      // Already closed or errored.
+    }
+    port.postMessage({ failed: reason });
+    done();
+  };
+  d.stream = new ReadableStream(
     {
       start(c) {
         controller = c;
@@ -42,8 +79,10 @@ function register({ id, path, size }, port) {
       pull() {
         for (const seq of waiting) port.postMessage({ ack: seq });
         waiting = [];
+        d.finish();
       },
       cancel(reason) {
+        if (!downloads.has(id)) return;
         port.postMessage({ cancelled: String(reason || "by the user") });
         done();
       },
@@ -58,8 +97,8 @@ function register({ id, path, size }, port) {
         if (controller.desiredSize > 0) port.postMessage({ ack: m.seq });
         else waiting.push(m.seq);
       } else if (m.end) {
-        controller.close();
-        done();
+        ended = true;
+        d.finish();
       } else if (m.abort) {
         controller.error(new Error(String(m.abort)));
         done();
@@ -69,8 +108,8 @@ function register({ id, path, size }, port) {
       done();
     }
   };
-  downloads.set(id, { stream, path, size });
-  port.postMessage({ registered: true });
+  downloads.set(id, d);
+  port.postMessage({ registered: true, confirms: true });
 }
 
 // Tells the pages that a download's stream ended (they remove its iframe).
@@ -105,4 +144,6 @@ self.addEventListener("fetch", (ev) => {
   };
   if (Number.isSafeInteger(d.size)) headers["Content-Length"] = String(d.size);
   ev.respondWith(new Response(d.stream, { headers }));
+  // A download whose every byte was sent before the browser asked for it ends now.
+  d.finish();
 });

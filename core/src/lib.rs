@@ -9,6 +9,7 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod network;
+pub mod node;
 pub mod peer;
 pub mod perf;
 pub mod sdp;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use weft_core::signal::PeerId;
 use weft_core::transfer::{
-    CHUNK_LEN, DownloadState, Engine, EngineConfig, FileHasher, Output, Root, TransferEvent,
-    TransferMsg,
+    CHUNK_LEN, CancelReason, DownloadState, DropReason, Engine, EngineConfig, FailReason,
+    FileHasher, Output, Root, ShareFailReason, TransferEvent, TransferMsg,
 };
 
 fn pid(s: &str) -> PeerId {
@@ -40,6 +40,8 @@ struct Node {
     damaged: HashSet<(Root, u32)>,
     /// Never completes reads (a stalled source).
     mute: bool,
+    /// Files whose reads fail (they shrank on disk since they were hashed).
+    shrunk: HashSet<Root>,
     /// Chunks served, by requester.
     served: HashMap<PeerId, usize>,
     written: usize,
@@ -181,6 +183,9 @@ impl Net {
                 if node.mute {
                     return;
                 }
+                if node.shrunk.contains(&root) {
+                    return engine.read_failed(&peer, &root, ShareFailReason::Shrunk);
+                }
                 let file = node.files.get(&root).or_else(|| node.disk.get(&root)).unwrap();
                 let mut data = file[offset as usize..offset as usize + len].to_vec();
                 if node.corrupt.remove(&(root, index)) || node.damaged.contains(&(root, index)) {
@@ -282,7 +287,7 @@ fn a_folder_arrives_byte_for_byte_and_the_sender_hears_of_it() {
     // Four distinct contents (the copy shares the root of one.txt).
     assert_eq!(net.completed("bob").len(), 4);
     for (path, data) in &files {
-        let root = *blake3::hash(data).as_bytes();
+        let root = Root::of(data);
         let p = net.engine("bob").progress(&root).unwrap();
         assert_eq!(p.state, DownloadState::Complete);
         assert!(p.paths.contains(&path.to_string()));
@@ -357,7 +362,7 @@ fn a_source_that_keeps_sending_bad_chunks_is_dropped_for_another() {
     assert_eq!(net.completed("bob"), vec![root]);
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
     assert!(net.events("bob").iter().any(|e| matches!(e,
-        TransferEvent::SourceDropped { peer, reason, .. } if *peer == pid("alice") && reason.contains("verification"))));
+        TransferEvent::SourceDropped { peer, reason: DropReason::BadChunks | DropReason::DamagedCopy, .. } if *peer == pid("alice"))));
 }
 
 #[test]
@@ -382,7 +387,9 @@ fn carol_does_not_serve_a_file_to_a_peer_she_cancelled() {
     net.engine("carol").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
     net.settle();
     let id = net.offer_id("bob");
-    net.engine("carol").cancel(&pid("bob"), id, true, "changed my mind").unwrap();
+    net.engine("carol")
+        .cancel(&pid("bob"), id, true, CancelReason::Text("changed my mind".into()))
+        .unwrap();
     net.settle();
     // Bob asks by hash anyway: refused.
     net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root }, Duration::ZERO);
@@ -415,7 +422,7 @@ fn a_vanished_source_is_dropped_and_the_other_finishes() {
     net.settle();
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
     assert!(net.events("bob").iter().any(|e| matches!(e,
-        TransferEvent::SourceDropped { peer, reason, .. } if *peer == pid("carol") && reason == "the peer left")));
+        TransferEvent::SourceDropped { peer, reason: DropReason::PeerLeft, .. } if *peer == pid("carol"))));
 }
 
 #[test]
@@ -444,7 +451,7 @@ fn a_silent_only_source_is_dropped_after_timeouts_and_resumes_when_it_returns() 
         net.advance(Duration::from_secs(9));
     }
     assert!(net.events("bob").iter().any(|e| matches!(e,
-        TransferEvent::SourceDropped { peer, reason, .. } if *peer == pid("alice") && reason.contains("stopped answering"))));
+        TransferEvent::SourceDropped { peer, reason: DropReason::StoppedAnswering, .. } if *peer == pid("alice"))));
     assert!(net.completed("bob").is_empty());
     assert_eq!(net.engine("bob").progress(&root).unwrap().sources, vec![]);
     // Alice comes back (a new session): bob asks her again and finishes.
@@ -527,12 +534,14 @@ fn cancel_by_the_receiver_stops_the_sender_and_discards_the_partial_file() {
     net.engine("bob").accept(&pid("alice"), id, now).unwrap();
     assert!(!net.run(100));
     assert!(net.nodes[&pid("bob")].disk.contains_key(&root));
-    net.engine("bob").cancel(&pid("alice"), id, false, "cancelled by Bob").unwrap();
+    net.engine("bob")
+        .cancel(&pid("alice"), id, false, CancelReason::CancelledBy("Bob".into()))
+        .unwrap();
     net.settle();
     assert!(!net.nodes[&pid("bob")].disk.contains_key(&root), "partial file discarded");
     assert!(net.engine("bob").progress(&root).is_none());
     assert!(net.events("alice").iter().any(|e| matches!(e,
-        TransferEvent::Cancelled { by_peer: true, reason, .. } if reason == "cancelled by Bob")));
+        TransferEvent::Cancelled { by_peer: true, reason: CancelReason::CancelledBy(name), .. } if name == "Bob")));
     let served = net.nodes[&pid("alice")].served[&pid("bob")];
     net.settle();
     assert_eq!(net.nodes[&pid("alice")].served[&pid("bob")], served);
@@ -549,7 +558,9 @@ fn cancel_by_the_sender_discards_at_the_receiver() {
     let now = net.now;
     net.engine("bob").accept(&pid("alice"), id, now).unwrap();
     assert!(!net.run(100));
-    net.engine("alice").cancel(&pid("bob"), id, true, "cancelled by Alice").unwrap();
+    net.engine("alice")
+        .cancel(&pid("bob"), id, true, CancelReason::CancelledBy("Alice".into()))
+        .unwrap();
     net.settle();
     assert!(!net.nodes[&pid("bob")].disk.contains_key(&root));
     assert!(
@@ -607,7 +618,7 @@ fn a_lying_hash_list_is_detected_and_another_source_used() {
         events
             .iter()
             .any(|o| matches!(o, Output::Event(TransferEvent::SourceDropped { reason, .. })
-        if reason.contains("hash list")))
+        if *reason == DropReason::WrongHashes))
     );
     let _ = bob.poll_output();
     net.engines.insert(pid("bob"), fresh);
@@ -672,9 +683,32 @@ fn memory_stays_bounded_by_the_unwritten_limit() {
 }
 
 #[test]
+fn a_file_that_cannot_be_read_is_no_longer_served_and_its_fetchers_hear_why() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(6 * CHUNK_LEN, 22);
+    let root = net.share("alice", &data);
+    net.share("carol", &data);
+    net.node("alice").shrunk.insert(root);
+    net.alice_sends_bob(root, "f");
+    assert_eq!(net.completed("bob"), vec![root], "carol's copy serves the rest");
+    assert!(!net.engine("alice").is_shared(&root));
+    assert!(
+        net.events("alice").iter().any(|e| matches!(
+            e,
+            TransferEvent::ShareFailed { reason: ShareFailReason::Shrunk, .. }
+        ))
+    );
+    // The reason reaches Bob in the words Alice's user would have seen.
+    let why = "cannot read the file: the file is shorter than when it was hashed".to_string();
+    assert!(net.events("bob").iter().any(|e| matches!(e,
+        TransferEvent::SourceDropped { peer, reason: DropReason::Missing(w), .. }
+            if *peer == pid("alice") && *w == why)));
+}
+
+#[test]
 fn a_failed_write_reports_plain_words_and_keeps_what_was_stored() {
     let mut e = Engine::new(EngineConfig::default(), 1);
-    let root = [7; 32];
+    let root = Root::from([7; 32]);
     e.restore(weft_core::transfer::DownloadRecord {
         root,
         size: 3 * CHUNK_LEN as u64,
@@ -683,11 +717,11 @@ fn a_failed_write_reports_plain_words_and_keeps_what_was_stored() {
         state: DownloadState::Active,
     });
     assert_eq!(e.progress(&root).unwrap().done_bytes, CHUNK_LEN as u64);
-    e.write_failed(&root, "the disk is full");
+    e.write_failed(&root, FailReason::DiskFull);
     let out: Vec<Output> = std::iter::from_fn(|| e.poll_output()).collect();
     assert_eq!(
         out,
-        vec![Output::Event(TransferEvent::FileFailed { root, reason: "the disk is full".into() })]
+        vec![Output::Event(TransferEvent::FileFailed { root, reason: FailReason::DiskFull })]
     );
     assert_eq!(e.record(&root).unwrap().have, vec![0b001]);
 }
@@ -744,7 +778,9 @@ fn cancels_name_the_right_offer_even_when_both_sides_use_the_same_number() {
     assert_eq!(a_offer, b_offer);
     net.settle();
     // Bob declines nothing yet; he cancels the offer he received (alice's).
-    net.engine("bob").cancel(&pid("alice"), a_offer, false, "no thanks").unwrap();
+    net.engine("bob")
+        .cancel(&pid("alice"), a_offer, false, CancelReason::Text("no thanks".into()))
+        .unwrap();
     net.settle();
     assert!(
         net.events("alice")
@@ -766,8 +802,10 @@ fn a_lone_source_with_a_damaged_copy_is_dropped_with_a_plain_reason() {
     net.node("alice").damaged.insert((root, 4));
     net.alice_sends_bob(root, "f");
     assert!(net.completed("bob").is_empty(), "a damaged chunk is never accepted");
-    assert!(net.events("bob").iter().any(|e| matches!(e,
-        TransferEvent::SourceDropped { reason, .. } if reason.contains("damaged"))));
+    assert!(net.events("bob").iter().any(|e| matches!(
+        e,
+        TransferEvent::SourceDropped { reason: DropReason::DamagedCopy, .. }
+    )));
     let p = net.engine("bob").progress(&root).unwrap();
     assert_eq!(p.done_bytes, 5 * CHUNK_LEN as u64, "everything else is kept for a better source");
 }
@@ -810,4 +848,24 @@ fn a_restored_download_with_every_chunk_on_disk_completes() {
     net.connect("alice", "bob");
     net.settle();
     assert_eq!(net.completed("bob"), vec![root]);
+}
+
+#[test]
+fn the_endgame_wakes_once_per_request_not_in_a_loop_while_nobody_can_be_asked_again() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(6 * CHUNK_LEN, 10);
+    let root = net.share("alice", &data);
+    net.share("carol", &data);
+    // Both sources sit on every request: in the endgame, nobody is idle to ask again.
+    net.node("alice").mute = true;
+    net.node("carol").mute = true;
+    net.alice_sends_bob(root, "f");
+    for step in 1..=40 {
+        net.advance(Duration::from_millis(250));
+        let now = net.now;
+        let next = net.engine("bob").poll_timeout();
+        // A timer in the past after the timers ran would wake the driver again at once,
+        // and again, until the requests time out: a spinning CPU.
+        assert!(next.is_none_or(|t| t > now), "step {step}: wakes at {next:?}, now {now:?}");
+    }
 }

@@ -1,41 +1,35 @@
-//! File transfer on disk: the native driver around [`weft_core::transfer::Engine`], the
-//! twin of the browser's `wasm/src/files.rs`. It lives inside the mesh task (which tells
-//! it who is connected and hands it the peers' transfer messages); all protocol decisions
-//! are the engine's.
+//! File transfer on disk: the native peer's disk work for the node's transfer engine, the
+//! twin of the browser's `wasm/src/files.rs`. The node decides everything (what to read,
+//! write, save and when); this only does the I/O it asks for.
 //!
 //! - **Sending**: a file is hashed once, streaming ([`hash_file`], off the async threads),
 //!   then shared; chunks are served with positioned reads of the open file.
 //! - **Receiving** into a folder `DIR`: verified chunks are written in place (positioned
 //!   writes) into `DIR/.weft-partial/<root>`; each download's [`DownloadRecord`] is saved
-//!   next to it as `<root>.json` (new file, then renamed over the old) at most every
-//!   [`SAVE_EVERY`] and when it completes, after the data is synced, so a record never
-//!   claims bytes that are not on disk. On start the records are restored and connected
-//!   peers are asked who holds the files. A complete file moves to `DIR/<path>`, never
-//!   over an existing file (`name (1).ext`, ...), never outside `DIR`.
-//! - **Disk I/O** runs on tokio's blocking threads; results come back to the mesh as
-//!   [`IoDone`]s.
+//!   next to it as `<root>.json` (new file, then renamed over the old) when the node says,
+//!   after the data is synced, so a record never claims bytes that are not on disk. On
+//!   start the records are handed back to the node. A complete file moves to `DIR/<path>`,
+//!   never over an existing file (`name (1).ext`, ...), never outside `DIR`.
+//! - **Disk I/O** runs on tokio's blocking threads; results come back to the mesh as the
+//!   node's [`Input`]s.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use weft_core::node::{DownloadStore, Input, SavedTo, WriteFailure};
 use weft_core::signal::PeerId;
 use weft_core::transfer::wire::check_path;
-use weft_core::transfer::{
-    DownloadRecord, DownloadState, Engine, EngineConfig, FileDigest, FileHasher, OfferItem, Output,
-    Root, TransferEvent, TransferMsg,
-};
+use weft_core::transfer::{DownloadRecord, FileDigest, FileHasher, Root};
+
+use crate::mesh::MeshEvent;
 
 /// The folder inside the download folder that holds partial downloads and their records.
 pub const PARTIAL_DIR: &str = ".weft-partial";
-/// Least time between two saves of the download records.
-pub const SAVE_EVERY: Duration = Duration::from_millis(500);
-/// Least time between two progress reports of one file (or one upload).
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Bytes read at a time while hashing.
 const HASH_READ: usize = 4 * 1024 * 1024;
 
@@ -68,22 +62,6 @@ pub enum FilesError {
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> FilesError + '_ {
     move |source| FilesError::Io { path: path.to_path_buf(), source }
-}
-
-/// The file's hash as 64 hex digits (what `b3sum` prints).
-pub fn hex(root: &Root) -> String {
-    root.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_hex(s: &str) -> Option<Root> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut root = [0; 32];
-    for (i, byte) in root.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(root)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -223,108 +201,19 @@ fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A write error in plain words: "the disk is full" when it is.
-fn write_reason(e: &io::Error) -> String {
-    // ENOSPC and EDQUOT on Linux.
+// ---------------------------------------------------------------------------------------
+// The node's disk
+
+/// `WriteFailure::DiskFull` when the disk is full (ENOSPC, EDQUOT), else the error.
+fn write_failure(e: &io::Error) -> WriteFailure {
     if e.kind() == io::ErrorKind::StorageFull
         || e.kind() == io::ErrorKind::QuotaExceeded
         || matches!(e.raw_os_error(), Some(28 | 122))
     {
-        "the disk is full".to_string()
+        WriteFailure::DiskFull
     } else {
-        format!("cannot write the download: {e}")
+        WriteFailure::Other(e.to_string())
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// The driver
-
-/// What file transfer reports, beside the engine's own events.
-#[derive(Debug, Clone)]
-pub enum FileEvent {
-    /// An engine event (except `FileComplete`, reported as [`FileEvent::Saved`] once the
-    /// file is in place).
-    Engine(TransferEvent),
-    /// Bytes of `root` served to `peer` so far (at most 4 times a second).
-    Upload {
-        /// To whom.
-        peer: PeerId,
-        /// Which file.
-        root: Root,
-        /// Bytes read and sent.
-        sent_bytes: u64,
-        /// Its size.
-        size: u64,
-    },
-    /// How far a download is (at most 4 times a second per file).
-    Progress {
-        /// Which file.
-        root: Root,
-        /// The paths it was offered under.
-        paths: Vec<String>,
-        /// Its size.
-        size: u64,
-        /// Bytes verified and written.
-        done_bytes: u64,
-    },
-    /// A download saved before was found and continues.
-    Restored {
-        /// Which file.
-        root: Root,
-        /// Its paths.
-        paths: Vec<String>,
-        /// Its size.
-        size: u64,
-        /// Bytes already stored.
-        done_bytes: u64,
-    },
-    /// A download is complete, verified, and in place.
-    Saved {
-        /// Which file.
-        root: Root,
-        /// Where it is now (one per path it was offered under).
-        files: Vec<PathBuf>,
-        /// Its size.
-        size: u64,
-    },
-    /// Something went wrong that stops no transfer (a record could not be saved, ...).
-    Warning(String),
-}
-
-/// A finished blocking operation, back in the mesh task.
-#[derive(Debug)]
-pub enum IoDone {
-    /// A chunk read for `peer`.
-    Read {
-        /// For whom.
-        peer: PeerId,
-        /// Which file.
-        root: Root,
-        /// Which chunk.
-        index: u32,
-        /// The bytes.
-        result: io::Result<Vec<u8>>,
-    },
-    /// A chunk written.
-    Write {
-        /// Which file.
-        root: Root,
-        /// Which chunk.
-        index: u32,
-        /// Whether it worked.
-        result: io::Result<()>,
-    },
-    /// Records saved (warnings for those that were not).
-    Saved(Vec<String>),
-    /// A complete download moved into place.
-    Finalized {
-        /// Which file.
-        root: Root,
-        /// Its size.
-        size: u64,
-        /// Where it went, or why it could not.
-        result: Result<Vec<PathBuf>, String>,
-    },
 }
 
 /// Where downloads go.
@@ -336,45 +225,34 @@ struct Folder {
 
 impl Folder {
     fn data(&self, root: &Root) -> PathBuf {
-        self.partial.join(hex(root))
+        self.partial.join(root.to_string())
     }
 
     fn record(&self, root: &Root) -> PathBuf {
-        self.partial.join(format!("{}.json", hex(root)))
+        self.partial.join(format!("{root}.json"))
     }
 }
 
-/// File transfer inside the mesh: the engine and the open files.
+/// The disk work the node asks for, on tokio's blocking threads; each result comes back
+/// to the mesh as an [`Input`] through `inputs`.
 #[derive(Debug)]
-pub struct Files {
-    engine: Engine,
+pub struct Disk {
     folder: Option<Folder>,
     /// Files we serve: shared by the user, or downloaded here.
-    shared: HashMap<Root, Arc<File>>,
-    /// Sizes of the files the user shared.
-    shared_sizes: HashMap<Root, u64>,
+    served: HashMap<Root, Arc<File>>,
     /// Open partial downloads.
     partial: HashMap<Root, Arc<File>>,
-    /// Peers the engine was told are connected.
-    connected: HashSet<PeerId>,
-    io: mpsc::UnboundedSender<IoDone>,
-    uploads: HashMap<(PeerId, Root), (u64, Option<Duration>)>,
-    progress_at: HashMap<Root, Duration>,
-    dirty: HashSet<Root>,
-    save_due: Option<Duration>,
-    saving: bool,
-    /// Downloads being moved into place.
-    finalizing: HashSet<Root>,
-    events: Vec<FileEvent>,
+    inputs: mpsc::UnboundedSender<Input>,
+    events: mpsc::UnboundedSender<MeshEvent>,
 }
 
-impl Files {
-    /// A driver whose blocking work reports to `io`; downloads go to `dir`, if given
-    /// (created if missing), where saved downloads are restored from.
+impl Disk {
+    /// Downloads go to `dir`, if given (created if missing); results go to `inputs`,
+    /// warnings (a record that cannot be saved) to `events`.
     pub fn new(
         dir: Option<PathBuf>,
-        first_offer_id: u64,
-        io: mpsc::UnboundedSender<IoDone>,
+        inputs: mpsc::UnboundedSender<Input>,
+        events: mpsc::UnboundedSender<MeshEvent>,
     ) -> Result<Self, FilesError> {
         let folder = match dir {
             Some(dir) => {
@@ -386,30 +264,24 @@ impl Files {
             }
             None => None,
         };
-        let mut files = Self {
-            engine: Engine::new(EngineConfig::default(), first_offer_id),
-            folder,
-            shared: HashMap::new(),
-            shared_sizes: HashMap::new(),
-            partial: HashMap::new(),
-            connected: HashSet::new(),
-            io,
-            uploads: HashMap::new(),
-            progress_at: HashMap::new(),
-            dirty: HashSet::new(),
-            save_due: None,
-            saving: false,
-            finalizing: HashSet::new(),
-            events: Vec::new(),
-        };
-        files.restore()?;
-        Ok(files)
+        let (served, partial) = (HashMap::new(), HashMap::new());
+        Ok(Self { folder, served, partial, inputs, events })
     }
 
-    /// Restores the records in the partial folder (like the browser's
-    /// `restore_downloads`); complete ones that were not moved yet are moved now.
-    fn restore(&mut self) -> Result<(), FilesError> {
-        let Some(folder) = self.folder.clone() else { return Ok(()) };
+    /// Where downloads go, as the node sees it.
+    pub fn store(&self) -> DownloadStore {
+        if self.folder.is_some() { DownloadStore::Folder } else { DownloadStore::None }
+    }
+
+    fn warn(&self, message: String) {
+        let _ = self.events.send(MeshEvent::Warning(message));
+    }
+
+    /// The download records saved in the partial folder, each with whether its data is
+    /// still there, for [`weft_core::node::Node::restore_download`].
+    pub fn saved_downloads(&self) -> Result<Vec<(DownloadRecord, bool)>, FilesError> {
+        let Some(folder) = &self.folder else { return Ok(Vec::new()) };
+        let mut found = Vec::new();
         let entries = fs::read_dir(&folder.partial).map_err(io_error(&folder.partial))?;
         for entry in entries {
             let path = entry.map_err(io_error(&folder.partial))?.path();
@@ -419,328 +291,40 @@ impl Files {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let Some(root) = stem.strip_suffix(".json").and_then(parse_hex) else { continue };
+            let Some(root) = stem.strip_suffix(".json").and_then(|s| s.parse::<Root>().ok()) else {
+                continue;
+            };
             let record = fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|s| {
                 serde_json::from_str::<DownloadRecord>(&s).map_err(|e| e.to_string())
             });
-            let mut record = match record {
-                Ok(r) if r.root == root => r,
+            match record {
+                Ok(r) if r.root == root => found.push((r, folder.data(&root).is_file())),
                 Ok(_) | Err(_) => {
-                    self.events.push(FileEvent::Warning(format!(
-                        "ignoring the damaged download record {}",
-                        path.display()
-                    )));
-                    continue;
-                }
-            };
-            if !folder.data(&root).is_file() {
-                // The data is gone: start over, keeping what the user accepted.
-                record.have.iter_mut().for_each(|b| *b = 0);
-                record.state = DownloadState::Active;
-            }
-            if record.state == DownloadState::Complete {
-                self.finalize(root, record.size, record.paths);
-                continue;
-            }
-            self.engine.restore(record);
-            if let Some(p) = self.engine.progress(&root) {
-                self.events.push(FileEvent::Restored {
-                    root,
-                    paths: p.paths,
-                    size: p.size,
-                    done_bytes: p.done_bytes,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether this node stores downloads.
-    pub fn receives(&self) -> bool {
-        self.folder.is_some()
-    }
-
-    /// Serves the hashed file `file` as `digest.root`.
-    pub fn share(&mut self, file: File, digest: FileDigest) -> Result<(), String> {
-        let (root, size) = (digest.root, digest.size);
-        self.engine.share(root, size, digest.cvs).map_err(|e| e.to_string())?;
-        self.shared.insert(root, Arc::new(file));
-        self.shared_sizes.insert(root, size);
-        Ok(())
-    }
-
-    /// Offers shared files to `peer`; the offer id.
-    pub fn offer(&mut self, peer: &PeerId, files: &[(Root, String)]) -> Result<u64, String> {
-        self.engine.offer(peer, files).map_err(|e| e.to_string())
-    }
-
-    /// The items of our open offer.
-    pub fn offer_items(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
-        self.engine.offer_items(peer, offer_id)
-    }
-
-    /// Accepts (`true`) or declines an offer.
-    pub fn answer(
-        &mut self,
-        peer: &PeerId,
-        offer_id: u64,
-        accept: bool,
-        now: Duration,
-    ) -> Result<(), String> {
-        if accept {
-            if !self.receives() {
-                return Err("this peer stores no downloads (no download folder)".into());
-            }
-            self.engine.accept(peer, offer_id, now)
-        } else {
-            self.engine.decline(peer, offer_id)
-        }
-        .map_err(|e| e.to_string())
-    }
-
-    /// Tells the engine whether `peer` has an established session (idempotent).
-    pub fn set_connected(&mut self, peer: &PeerId, connected: bool, now: Duration) {
-        if connected && self.connected.insert(peer.clone()) {
-            self.engine.peer_connected(peer, now);
-        } else if !connected && self.connected.remove(peer) {
-            self.engine.peer_disconnected(peer, now);
-            self.uploads.retain(|(p, _), _| p != peer);
-        }
-    }
-
-    /// Peers the engine believes connected.
-    pub fn connected(&self) -> Vec<PeerId> {
-        self.connected.iter().cloned().collect()
-    }
-
-    /// A transfer frame from `peer`.
-    pub fn receive(&mut self, peer: &PeerId, frame_type: u8, body: &[u8], now: Duration) {
-        match TransferMsg::decode(frame_type, body) {
-            Ok(msg) => self.engine.handle(peer, msg, now),
-            Err(e) => tracing::warn!("bad file-transfer message from {peer}: {e}"),
-        }
-    }
-
-    /// When [`Self::handle_timeout`] should run.
-    pub fn poll_timeout(&self) -> Option<Duration> {
-        match (self.engine.poll_timeout(), self.save_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// The engine's timers and the record saves.
-    pub fn handle_timeout(&mut self, now: Duration) {
-        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
-            self.engine.handle_timeout(now);
-        }
-        if self.save_due.is_some_and(|t| t <= now) {
-            self.save_due = None;
-            self.save_dirty(now);
-        }
-    }
-
-    /// A blocking operation finished.
-    pub fn io_done(&mut self, done: IoDone, now: Duration) {
-        match done {
-            IoDone::Read { peer, root, index, result } => match result {
-                Ok(data) => {
-                    let len = data.len() as u64;
-                    self.engine.read_done(&peer, &root, index, data);
-                    self.count_upload(peer, root, len, now);
-                }
-                Err(e) => {
-                    self.engine.read_failed(&peer, &root, &format!("cannot read the file: {e}"));
-                }
-            },
-            IoDone::Write { root, index, result } => match result {
-                Ok(()) => {
-                    self.engine.write_done(&root, index, now);
-                    self.mark_dirty(&root, now);
-                    self.maybe_progress(&root, now, false);
-                }
-                Err(e) => {
-                    self.engine.write_failed(&root, &write_reason(&e));
-                    self.mark_dirty(&root, now);
-                }
-            },
-            IoDone::Saved(warnings) => {
-                self.saving = false;
-                self.events.extend(warnings.into_iter().map(FileEvent::Warning));
-                if !self.dirty.is_empty() && self.save_due.is_none() {
-                    self.save_due = Some(now + SAVE_EVERY);
-                }
-            }
-            IoDone::Finalized { root, size, result } => {
-                self.finalizing.remove(&root);
-                match result {
-                    Ok(files) => {
-                        // Keep serving it from its new place (the engine shares it now).
-                        if let Some(file) = self.partial.remove(&root) {
-                            self.shared.insert(root, file);
-                        } else if let Some(f) = files.first().and_then(|p| File::open(p).ok()) {
-                            self.shared.insert(root, Arc::new(f));
-                        }
-                        self.events.push(FileEvent::Saved { root, files, size });
-                    }
-                    Err(reason) => {
-                        let reason = format!("the file is complete but cannot be saved: {reason}");
-                        self.events
-                            .push(FileEvent::Engine(TransferEvent::FileFailed { root, reason }));
-                    }
+                    self.warn(format!("ignoring the damaged download record {}", path.display()));
                 }
             }
         }
+        Ok(found)
     }
 
-    fn count_upload(&mut self, peer: PeerId, root: Root, len: u64, now: Duration) {
-        let size = self
-            .engine
-            .progress(&root)
-            .map(|p| p.size)
-            .or_else(|| self.shared_sizes.get(&root).copied())
-            .unwrap_or(0);
-        let entry = self.uploads.entry((peer.clone(), root)).or_insert((0, None));
-        entry.0 += len;
-        let due =
-            entry.1.is_none_or(|t| now.saturating_sub(t) >= PROGRESS_EVERY) || entry.0 >= size;
-        if due {
-            entry.1 = Some(now);
-            let sent_bytes = entry.0;
-            self.events.push(FileEvent::Upload { peer, root, sent_bytes, size });
-        }
+    /// Serves the open `file` as `root`.
+    pub fn share(&mut self, root: Root, file: File) {
+        self.served.insert(root, Arc::new(file));
     }
 
-    fn maybe_progress(&mut self, root: &Root, now: Duration, force: bool) {
-        let due =
-            self.progress_at.get(root).is_none_or(|t| now.saturating_sub(*t) >= PROGRESS_EVERY);
-        if !(due || force) {
-            return;
-        }
-        if let Some(p) = self.engine.progress(root) {
-            self.progress_at.insert(*root, now);
-            self.events.push(FileEvent::Progress {
-                root: *root,
-                paths: p.paths,
-                size: p.size,
-                done_bytes: p.done_bytes,
-            });
-        }
-    }
-
-    fn mark_dirty(&mut self, root: &Root, now: Duration) {
-        if self.folder.is_none() {
-            return;
-        }
-        self.dirty.insert(*root);
-        if self.save_due.is_none() && !self.saving {
-            self.save_due = Some(now + SAVE_EVERY);
-        }
-    }
-
-    /// Snapshots the changed records and saves them on a blocking thread (data synced
-    /// first, then each record written to a new file and renamed over the old one).
-    fn save_dirty(&mut self, now: Duration) {
-        let Some(folder) = self.folder.clone() else { return };
-        if self.saving {
-            self.save_due = Some(now + SAVE_EVERY);
-            return;
-        }
-        let jobs: Vec<(DownloadRecord, Option<Arc<File>>)> = self
-            .dirty
-            .drain()
-            .filter(|r| !self.finalizing.contains(r))
-            .filter_map(|r| self.engine.record(&r))
-            .map(|rec| {
-                let file = self.partial.get(&rec.root).cloned();
-                (rec, file)
-            })
-            .collect();
-        if jobs.is_empty() {
-            return;
-        }
-        self.saving = true;
-        let io = self.io.clone();
-        tokio::task::spawn_blocking(move || {
-            let warnings = jobs
-                .into_iter()
-                .filter_map(|(rec, file)| save_record(&folder, &rec, file.as_deref()).err())
-                .collect();
-            let _ = io.send(IoDone::Saved(warnings));
-        });
-    }
-
-    /// Saves every changed record now (on shutdown), waiting for it.
-    pub async fn save_now(&mut self) {
-        let Some(folder) = self.folder.clone() else { return };
-        let jobs: Vec<(DownloadRecord, Option<Arc<File>>)> = self
-            .dirty
-            .drain()
-            .filter_map(|r| self.engine.record(&r))
-            .map(|rec| {
-                let file = self.partial.get(&rec.root).cloned();
-                (rec, file)
-            })
-            .collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for (rec, file) in jobs {
-                if let Err(e) = save_record(&folder, &rec, file.as_deref()) {
-                    tracing::warn!("{e}");
-                }
-            }
-        })
-        .await;
-    }
-
-    /// Does what the engine asks; returns the messages to send. Events pile up for
-    /// [`Self::take_events`].
-    pub fn pump(&mut self, now: Duration) -> Vec<(PeerId, TransferMsg)> {
-        let mut sends = Vec::new();
-        while let Some(output) = self.engine.poll_output() {
-            match output {
-                Output::Send { peer, msg } => sends.push((peer, msg)),
-                Output::Read { peer, root, index, offset, len } => {
-                    self.start_read(peer, root, index, offset, len);
-                }
-                Output::Write { root, index, offset, data } => {
-                    self.start_write(root, index, offset, data);
-                }
-                Output::Discard { root } => self.discard(&root),
-                Output::Event(TransferEvent::FileComplete { root, paths, size }) => {
-                    self.maybe_progress(&root, now, true);
-                    self.finalize(root, size, paths);
-                }
-                Output::Event(ev) => {
-                    if let TransferEvent::FileFailed { root, .. } = &ev {
-                        self.mark_dirty(root, now);
-                    }
-                    if let TransferEvent::ShareFailed { root, .. } = &ev {
-                        self.shared.remove(root);
-                    }
-                    self.events.push(FileEvent::Engine(ev));
-                }
-            }
-        }
-        sends
-    }
-
-    /// The events since the last call.
-    pub fn take_events(&mut self) -> Vec<FileEvent> {
-        std::mem::take(&mut self.events)
-    }
-
-    fn start_read(&mut self, peer: PeerId, root: Root, index: u32, offset: u64, len: usize) {
-        let file = self.shared.get(&root).or_else(|| self.partial.get(&root)).cloned();
-        let io = self.io.clone();
+    /// Reads a chunk of a served or partial file; reports [`Input::ReadDone`].
+    pub fn read(&self, peer: PeerId, root: Root, index: u32, offset: u64, len: usize) {
+        let file = self.served.get(&root).or_else(|| self.partial.get(&root)).cloned();
+        let inputs = self.inputs.clone();
         tokio::task::spawn_blocking(move || {
             let result = match file {
                 Some(file) => {
                     let mut buf = vec![0u8; len];
-                    read_at(&file, &mut buf, offset).map(|()| buf)
+                    read_at(&file, &mut buf, offset).map(|()| buf).map_err(|e| e.to_string())
                 }
-                None => Err(io::Error::new(io::ErrorKind::NotFound, "the file is not open")),
+                None => Err("the file is not open".to_string()),
             };
-            let _ = io.send(IoDone::Read { peer, root, index, result });
+            let _ = inputs.send(Input::ReadDone { peer, root, index, result });
         });
     }
 
@@ -762,24 +346,82 @@ impl Files {
         Ok(file)
     }
 
-    fn start_write(&mut self, root: Root, index: u32, offset: u64, data: Vec<u8>) {
-        let io = self.io.clone();
+    /// Writes a verified chunk in place; reports [`Input::WriteDone`].
+    pub fn write(&mut self, root: Root, index: u32, offset: u64, data: Vec<u8>) {
+        let inputs = self.inputs.clone();
         match self.partial_file(&root) {
             Ok(file) => {
                 tokio::task::spawn_blocking(move || {
-                    let result = write_at(&file, &data, offset);
-                    let _ = io.send(IoDone::Write { root, index, result });
+                    let result = write_at(&file, &data, offset).map_err(|e| write_failure(&e));
+                    let _ = inputs.send(Input::WriteDone { root, index, result });
                 });
             }
             Err(e) => {
-                let _ = io.send(IoDone::Write { root, index, result: Err(e) });
+                let result = Err(write_failure(&e));
+                let _ = inputs.send(Input::WriteDone { root, index, result });
             }
         }
     }
 
-    fn discard(&mut self, root: &Root) {
-        self.dirty.remove(root);
-        self.progress_at.remove(root);
+    /// Saves `records` (their data synced first); reports [`Input::RecordsSaved`]. The
+    /// task, to wait for when stopping.
+    pub fn save_records(&self, records: Vec<DownloadRecord>) -> JoinHandle<()> {
+        let folder = self.folder.clone();
+        let jobs: Vec<(DownloadRecord, Option<Arc<File>>)> = records
+            .into_iter()
+            .map(|rec| {
+                let file = self.partial.get(&rec.root).cloned();
+                (rec, file)
+            })
+            .collect();
+        let (inputs, events) = (self.inputs.clone(), self.events.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Some(folder) = folder {
+                for (rec, file) in jobs {
+                    if let Err(e) = save_record(&folder, &rec, file.as_deref()) {
+                        let _ = events.send(MeshEvent::Warning(e));
+                    }
+                }
+            }
+            let _ = inputs.send(Input::RecordsSaved);
+        })
+    }
+
+    /// Saves the complete download's record (if given), then moves it into place;
+    /// reports [`Input::FileSaved`].
+    pub fn finish(&mut self, root: Root, paths: Vec<String>, record: Option<DownloadRecord>) {
+        let inputs = self.inputs.clone();
+        let Some(folder) = self.folder.clone() else {
+            let result = Err("this peer stores no downloads".to_string());
+            let _ = inputs.send(Input::FileSaved { root, result });
+            return;
+        };
+        let file = self.partial.get(&root).cloned();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                if let Some(rec) = &record {
+                    save_record(&folder, rec, file.as_deref())?;
+                }
+                let placed = place(&folder, &root, &paths).map_err(|e| e.to_string())?;
+                let _ = fs::remove_file(folder.record(&root));
+                Ok(SavedTo::Files(placed))
+            })();
+            let _ = inputs.send(Input::FileSaved { root, result });
+        });
+    }
+
+    /// A complete download is in place at `files`: keep serving it from there.
+    pub fn placed(&mut self, root: Root, files: &[PathBuf]) {
+        if let Some(file) = self.partial.remove(&root) {
+            // The open file is the one that moved.
+            self.served.insert(root, file);
+        } else if let Some(f) = files.first().and_then(|p| File::open(p).ok()) {
+            self.served.insert(root, Arc::new(f));
+        }
+    }
+
+    /// Deletes a download's partial data and record.
+    pub fn discard(&mut self, root: &Root) {
         self.partial.remove(root);
         if let Some(folder) = &self.folder {
             for path in [folder.data(root), folder.record(root)] {
@@ -790,27 +432,6 @@ impl Files {
                 }
             }
         }
-    }
-
-    /// Saves the complete record, then moves the file into place (blocking thread).
-    fn finalize(&mut self, root: Root, size: u64, paths: Vec<String>) {
-        let Some(folder) = self.folder.clone() else { return };
-        self.finalizing.insert(root);
-        self.dirty.remove(&root);
-        let file = self.partial.get(&root).cloned();
-        let record = self.engine.record(&root);
-        let io = self.io.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = (|| {
-                if let Some(rec) = &record {
-                    save_record(&folder, rec, file.as_deref())?;
-                }
-                let placed = place(&folder, &root, &paths).map_err(|e| e.to_string())?;
-                let _ = fs::remove_file(folder.record(&root));
-                Ok(placed)
-            })();
-            let _ = io.send(IoDone::Finalized { root, size, result });
-        });
     }
 }
 
@@ -829,7 +450,7 @@ fn save_record(
     // A name of its own: a periodic save and the one at shutdown may overlap.
     static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = folder.partial.join(format!("{}.json.{n}.tmp", hex(&record.root)));
+    let tmp = folder.partial.join(format!("{}.json.{n}.tmp", record.root));
     let mut out = File::create(&tmp).map_err(fail)?;
     out.write_all(&json).and_then(|()| out.sync_all()).map_err(fail)?;
     fs::rename(&tmp, &path).map_err(fail)
@@ -853,7 +474,7 @@ fn place(folder: &Folder, root: &Root, paths: &[String]) -> Result<Vec<PathBuf>,
         placed.push(dest);
     }
     if placed.is_empty() {
-        let target = folder.dir.join(hex(root));
+        let target = folder.dir.join(root.to_string());
         placed.push(move_unique(&data, &target)?);
     } else if data.exists() {
         let _ = fs::remove_file(&data);
@@ -987,7 +608,7 @@ mod tests {
         let dir = temp_dir("place").canonicalize().unwrap();
         let folder = Folder { dir: dir.clone(), partial: dir.join(PARTIAL_DIR) };
         fs::create_dir_all(&folder.partial).unwrap();
-        let root = [7u8; 32];
+        let root = Root::from([7u8; 32]);
         for round in 0..3 {
             fs::write(folder.data(&root), format!("round {round}")).unwrap();
             let placed = place(&folder, &root, &["docs/a.txt".to_string()]).unwrap();
@@ -1013,8 +634,9 @@ mod tests {
     }
 
     #[test]
-    fn disk_full_is_said_plainly() {
-        assert_eq!(write_reason(&io::Error::from_raw_os_error(28)), "the disk is full");
-        assert!(write_reason(&io::Error::other("x")).starts_with("cannot write"));
+    fn a_full_disk_is_told_apart() {
+        assert_eq!(write_failure(&io::Error::from_raw_os_error(28)), WriteFailure::DiskFull);
+        assert_eq!(write_failure(&io::Error::from_raw_os_error(122)), WriteFailure::DiskFull);
+        assert!(matches!(write_failure(&io::Error::other("x")), WriteFailure::Other(_)));
     }
 }

@@ -3,8 +3,8 @@
 //! the browser (`weft_core::peer::PeerLink`), exchanges messages and files.
 //!
 //! Modules: [`cli`] (options), [`store`] (identity key and trust stores on disk),
-//! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection),
-//! [`mesh`] (every member's connection and link, and the transfer engine), [`files`]
+//! [`mesh`] (the driver of the core's `Node`: every decision is the node's),
+//! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection), [`files`]
 //! (file transfer on disk), [`transfer`] (the `send` and `receive` commands),
 //! [`bench_raw`] (a plain data channel, the benchmark's baseline), [`output`] (text or
 //! JSON lines).
@@ -270,7 +270,7 @@ async fn msg(
                 failures.push(format!(
                     "{}: {}",
                     info.name.as_deref().unwrap_or(info.peer_id.as_str()),
-                    info.reason.as_deref().unwrap_or("unknown")
+                    info.reason.as_ref().map_or_else(|| "unknown".into(), ToString::to_string)
                 ));
                 // Fail early when no member is left to wait for.
                 let peers = mesh.peers().await;

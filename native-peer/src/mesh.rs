@@ -1,45 +1,44 @@
-//! The mesh: one membership of a network's room on the signaling server, and one
-//! [`RtcPeer`] + [`PeerLink`] per other member, as the browser's `wasm/src/session.rs`.
+//! The mesh: the native driver of the node ([`weft_core::node::Node`]), the twin of the
+//! browser's `wasm/src/session.rs`.
 //!
-//! One task owns everything (no locks): it takes signaling reports, connection events,
-//! commands and the links' timers, feeds the core, and reports [`MeshEvent`]s. Protocol
-//! decisions are the core's; this only moves bytes, time and randomness.
+//! One task owns the node (no locks). It turns what happens into the node's inputs (the
+//! signaling socket's frames, each connection's events, finished disk work, commands,
+//! the node's one timer) and does what the node's outputs say: open or close the
+//! signaling socket ([`SignalingSocket`]), make, feed and close WebRTC connections
+//! ([`RtcPeer`]), disk work ([`Disk`]), saving the trust store, and [`MeshEvent`]s for the
+//! CLI. Every decision (joining, heartbeats, reconnecting, which peers to connect and
+//! rebuild, orphans that outlive a server restart, trust on first use, file transfer and
+//! its pacing, batching and throttling) is the node's.
 //!
-//! Peer ids change when either side reconnects to the server. A peer whose id left the
-//! room while its encrypted session still works (the server restarted, say) is kept as an
-//! *orphan* until its connection closes or fails, or a new connection to the same key is
-//! established; so sessions outlive the server.
-//!
-//! **File transfer lives here too**: the task owns the transfer engine ([`Files`]), tells
-//! it which peers have a session, feeds it their transfer frames, sends what it asks, and
-//! reports [`MeshEvent::File`]; its disk work runs on blocking threads and comes back as
-//! [`IoDone`]. The `send` and `receive` commands only ask ([`MeshHandle::share`],
+//! The `send` and `receive` commands only ask ([`MeshHandle::share`],
 //! [`MeshHandle::offer`], [`MeshHandle::answer`]) and watch the events.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use weft_core::identity::{Fingerprint, IdentityKeyPair};
+use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
-use weft_core::peer::{LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
-use weft_core::signal::{ClientMessage, ErrorCode, MembershipEvent, PeerId, SignalPayload};
+use weft_core::node::{
+    Channel, ConnId, Event, FileEvent, Input, Node, NodeConfig, NodeError, Output, SavedTo,
+    SignalingEvent, StopReason,
+};
+pub use weft_core::node::{PeerInfo, PeerState};
+use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{FileDigest, OfferItem, Root};
-use weft_core::trust::{Trust, TrustStore};
+use weft_core::trust::TrustStore;
 
-use crate::files::{FileEvent, Files, FilesError, IoDone};
-use crate::rtc::{PathStats, RtcConfig, RtcEvent, RtcPeer};
-use crate::signaling::{self, Report, SignalingError};
+use crate::files::{Disk, FilesError};
+use crate::rtc::{RtcConfig, RtcPeer};
+use crate::signaling::{self, SignalingError, SignalingSocket};
 use crate::store::Store;
 
-/// Fresh connections made for one peer after its connection closed, before giving up
-/// until it rejoins.
-const MAX_RECONNECTS: u32 = 5;
-/// How long a clean shutdown waits for Close frames to be acknowledged.
+/// How long leaving waits for Close frames to be acknowledged, and then for each
+/// connection (and the signaling socket) to close.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 type Rng = getrandom::rand_core::UnwrapErr<getrandom::SysRng>;
@@ -63,53 +62,6 @@ pub struct MeshConfig {
     pub trust: TrustStore,
     /// Where downloads are stored (and restored from); none: offers cannot be accepted.
     pub downloads: Option<PathBuf>,
-}
-
-/// A peer's connection, simplified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerState {
-    /// WebRTC is connecting.
-    Connecting,
-    /// The handshake is running.
-    Handshaking,
-    /// Encrypted session over a direct path.
-    Direct,
-    /// Encrypted session through a TURN relay.
-    Relayed,
-    /// Failed; `reason` says why.
-    Failed,
-}
-
-impl PeerState {
-    /// Lowercase name, as in JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Connecting => "connecting",
-            Self::Handshaking => "handshaking",
-            Self::Direct => "direct",
-            Self::Relayed => "relayed",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-/// What we know of one peer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeerInfo {
-    /// Its id on the signaling server.
-    pub peer_id: PeerId,
-    /// Where its connection is.
-    pub state: PeerState,
-    /// Why it failed.
-    pub reason: Option<String>,
-    /// Its display name, once said inside the session.
-    pub name: Option<String>,
-    /// Its key's fingerprint, once authenticated.
-    pub fingerprint: Option<Fingerprint>,
-    /// `new`, `known`, `verified` or `changed`.
-    pub trust: Option<Trust>,
-    /// Round-trip time (session pings, or ICE).
-    pub rtt: Option<Duration>,
 }
 
 /// What the mesh reports.
@@ -169,20 +121,9 @@ pub enum MeshEvent {
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MeshError {
-    /// No such peer.
-    #[error("no peer {0} in this network")]
-    NoSuchPeer(String),
-    /// The link refused (not established, too long, ...).
-    #[error("peer {peer}: {reason}")]
-    Link {
-        /// Which peer.
-        peer: String,
-        /// Why.
-        reason: String,
-    },
-    /// File transfer refused (no such offer, no such file, ...).
-    #[error("{0}")]
-    Transfer(String),
+    /// The node refused (no such peer, not connected, no such offer, ...).
+    #[error(transparent)]
+    Node(#[from] NodeError),
     /// The mesh stopped.
     #[error("the session stopped")]
     Stopped,
@@ -306,148 +247,116 @@ impl MeshHandle {
     }
 }
 
-/// Starts the mesh: connects to the server and to every member. Fails only if the
-/// download folder cannot be used.
+/// Starts the mesh: connects to the server and to every member, and resumes the
+/// downloads saved in the download folder. Fails only if that folder cannot be used.
 pub fn start(
     config: MeshConfig,
 ) -> Result<(MeshHandle, mpsc::UnboundedReceiver<MeshEvent>), FilesError> {
     let (events, events_rx) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
-    let (io, io_rx) = mpsc::unbounded_channel();
-    let first_offer_id = rand::random::<u64>() >> 12;
-    let files = Files::new(config.downloads.clone(), first_offer_id, io)?;
-    let task = tokio::spawn(run(config, files, io_rx, events, commands_rx));
+    let (inputs, inputs_rx) = mpsc::unbounded_channel();
+    let (socket_reports, socket_rx) = mpsc::unbounded_channel();
+    let disk = Disk::new(config.downloads, inputs.clone(), events.clone())?;
+    let saved = disk.saved_downloads()?;
+    let node = Node::new(NodeConfig::new(
+        config.identity,
+        config.network,
+        config.own_name,
+        config.trust,
+        disk.store(),
+        rand::random::<u64>() >> 12,
+    ));
+    let mut mesh = Mesh {
+        node,
+        rng: getrandom::rand_core::UnwrapErr(getrandom::SysRng),
+        epoch: Instant::now(),
+        url: config.url,
+        rtc: Arc::new(config.rtc),
+        store: config.store,
+        disk,
+        inputs,
+        events,
+        socket_reports,
+        socket: None,
+        next_socket: 0,
+        conns: HashMap::new(),
+        saves: Vec::new(),
+        closing: Vec::new(),
+        refused: None,
+    };
+    let now = mesh.now();
+    for (record, data_present) in saved {
+        mesh.node.restore_download(now, record, data_present);
+    }
+    let task = tokio::spawn(run(mesh, inputs_rx, socket_rx, commands_rx));
     Ok((MeshHandle { commands, task }, events_rx))
 }
 
-/// One other member of the room.
-struct PeerEntry {
-    /// Serial number of `rtc`: events of replaced connections are ignored.
-    conn: u64,
-    rtc: RtcPeer,
-    link: PeerLink,
-    path: Option<PathStats>,
-    link_rtt: Option<Duration>,
-    fingerprint: Option<Fingerprint>,
-    trust: Option<Trust>,
-    failure: Option<String>,
-    reconnects: u32,
-    /// Its id is no longer in the room but its session works (see the module docs).
-    orphan: bool,
-    /// `PeerConnected` was reported for the current session.
-    announced: bool,
-    /// `PeerLeft` was reported (the server said so) while its session lives on.
-    left_announced: bool,
-}
-
-impl PeerEntry {
-    fn info(&self, peer_id: &PeerId) -> PeerInfo {
-        let relayed = self.path.is_some_and(|p| p.relayed);
-        let (state, reason) = match self.link.state() {
-            LinkState::Established if relayed => (PeerState::Relayed, None),
-            LinkState::Established => (PeerState::Direct, None),
-            LinkState::Handshaking => (PeerState::Handshaking, None),
-            LinkState::Failed => (PeerState::Failed, self.failure.clone()),
-            LinkState::Waiting if self.failure.is_some() => {
-                (PeerState::Failed, self.failure.clone())
-            }
-            LinkState::Waiting => (PeerState::Connecting, None),
-        };
-        PeerInfo {
-            peer_id: peer_id.clone(),
-            state,
-            reason,
-            name: self.link.peer_name().map(str::to_string),
-            fingerprint: self.fingerprint,
-            trust: self.trust,
-            rtt: self.link_rtt.or(self.path.and_then(|p| p.rtt)),
-        }
-    }
-}
-
 struct Mesh {
-    network: Network,
-    identity: IdentityKeyPair,
-    own_name: String,
-    rtc: Arc<RtcConfig>,
-    store: Store,
-    trust: TrustStore,
+    node: Node,
     rng: Rng,
     epoch: Instant,
-    membership_own: Option<PeerId>,
-    members: Vec<PeerId>,
-    peers: BTreeMap<PeerId, PeerEntry>,
-    next_conn: u64,
+    url: String,
+    rtc: Arc<RtcConfig>,
+    store: Store,
+    disk: Disk,
+    /// Where connections and disk work report.
+    inputs: mpsc::UnboundedSender<Input>,
     events: mpsc::UnboundedSender<MeshEvent>,
-    signals: mpsc::UnboundedSender<ClientMessage>,
-    rtc_events: mpsc::UnboundedSender<(PeerId, u64, RtcEvent)>,
-    files: Files,
+    /// Where signaling sockets report, with their number.
+    socket_reports: mpsc::UnboundedSender<(u64, Input)>,
+    socket: Option<SignalingSocket>,
+    next_socket: u64,
+    conns: HashMap<ConnId, RtcPeer>,
+    /// Record saves under way: leaving waits for them.
+    saves: Vec<JoinHandle<()>>,
+    /// Connections and sockets closing gracefully: leaving waits for them.
+    closing: Vec<JoinHandle<()>>,
+    /// The server refused our protocol version: its words.
+    refused: Option<String>,
 }
 
 async fn run(
-    config: MeshConfig,
-    files: Files,
-    mut io: mpsc::UnboundedReceiver<IoDone>,
-    events: mpsc::UnboundedSender<MeshEvent>,
+    mut mesh: Mesh,
+    mut inputs: mpsc::UnboundedReceiver<Input>,
+    mut sockets: mpsc::UnboundedReceiver<(u64, Input)>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) -> Result<(), SignalingError> {
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (signals, signals_rx) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = watch::channel(false);
-    let room = config.network.room_id().clone();
-    let mut signaling =
-        tokio::spawn(signaling::run(config.url, room, reports_tx, signals_rx, stop_rx));
-    let (rtc_events, mut rtc_rx) = mpsc::unbounded_channel();
-    let mut mesh = Mesh {
-        network: config.network,
-        identity: config.identity,
-        own_name: config.own_name,
-        rtc: Arc::new(config.rtc),
-        store: config.store,
-        trust: config.trust,
-        rng: getrandom::rand_core::UnwrapErr(getrandom::SysRng),
-        epoch: Instant::now(),
-        membership_own: None,
-        members: Vec::new(),
-        peers: BTreeMap::new(),
-        next_conn: 0,
-        events,
-        signals,
-        rtc_events,
-        files,
-    };
-    mesh.after_input();
+    signaling::check_url(&mesh.url)?;
+    let now = mesh.now();
+    mesh.node.start(now);
     loop {
-        let wake = mesh.next_timeout();
+        mesh.act();
+        if let Some(message) = mesh.refused.take() {
+            mesh.leave().await;
+            return Err(SignalingError::UnsupportedVersion(message));
+        }
+        let wake = mesh.node.poll_timeout().map(|t| mesh.epoch + t);
         tokio::select! {
-            Some(report) = reports.recv() => mesh.on_report(report),
-            Some((peer, conn, event)) = rtc_rx.recv() => mesh.on_rtc(&peer, conn, event),
-            Some(done) = io.recv() => {
-                let now = mesh.now();
-                mesh.files.io_done(done, now);
+            Some(input) = inputs.recv() => mesh.input(input),
+            Some((id, input)) = sockets.recv() => {
+                // A replaced socket's late reports are dropped.
+                if mesh.socket.as_ref().is_some_and(|s| s.id() == id) {
+                    if matches!(input, Input::SignalingClosed { .. }) {
+                        mesh.socket = None;
+                    }
+                    mesh.input(input);
+                }
             }
             command = commands.recv() => match command {
                 Some(Command::Shutdown { reply }) => {
-                    mesh.shutdown().await;
-                    let _ = stop.send(true);
-                    let result = signaling.await.unwrap_or(Ok(()));
+                    mesh.leave().await;
                     let _ = reply.send(());
-                    return result;
+                    return Ok(());
                 }
-                Some(command) => mesh.on_command(command),
+                Some(command) => mesh.command(command),
                 None => {
-                    mesh.shutdown().await;
-                    let _ = stop.send(true);
-                    return signaling.await.unwrap_or(Ok(()));
+                    mesh.leave().await;
+                    return Ok(());
                 }
             },
-            () = sleep_until(wake) => mesh.on_timeout(),
-            result = &mut signaling => {
-                mesh.shutdown().await;
-                return result.unwrap_or(Ok(()));
-            }
+            () = sleep_until(wake) => mesh.input(Input::Timeout),
         }
-        mesh.after_input();
     }
 }
 
@@ -456,6 +365,12 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Lets what was sent on `rtc` be acknowledged (at most [`SHUTDOWN_FLUSH`]), then closes.
+async fn close_gracefully(rtc: RtcPeer) {
+    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, rtc.flush()).await;
+    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, rtc.close()).await;
 }
 
 impl Mesh {
@@ -467,444 +382,183 @@ impl Mesh {
         let _ = self.events.send(event);
     }
 
-    fn in_room(&self, peer: &PeerId) -> bool {
-        self.members.contains(peer)
+    fn input(&mut self, input: Input) {
+        if let Input::FileSaved { root, result: Ok(SavedTo::Files(files)) } = &input {
+            self.disk.placed(*root, files);
+        }
+        let now = self.now();
+        self.node.handle_input(now, input, &mut self.rng);
     }
 
-    // --- signaling
-
-    fn on_report(&mut self, report: Report) {
-        match report {
-            Report::Connecting { attempt } => self.emit(MeshEvent::Connecting { attempt }),
-            Report::Disconnected { reason, retry_in } => {
-                // Sessions stay: they do not need the server.
-                self.members.clear();
-                self.emit(MeshEvent::Disconnected { reason, retry_in });
-            }
-            Report::Membership(event) => self.on_membership(event),
+    /// Does everything the node asks.
+    fn act(&mut self) {
+        while let Some(output) = self.node.poll_output() {
+            self.act_on(output);
         }
     }
 
-    fn on_membership(&mut self, event: MembershipEvent) {
-        match event {
-            MembershipEvent::Joined { peer_id, peers } => {
-                self.membership_own = Some(peer_id.clone());
-                self.members = peers.clone();
-                self.emit(MeshEvent::Joined { peer_id, peers: peers.clone() });
-                self.resync_peers(&peers);
-            }
-            MembershipEvent::PeerJoined(peer_id) => {
-                if !self.members.contains(&peer_id) {
-                    self.members.push(peer_id.clone());
+    fn act_on(&mut self, output: Output) {
+        match output {
+            Output::SignalingConnect => {
+                if let Some(old) = self.socket.take() {
+                    drop(old.close());
                 }
-                self.emit(MeshEvent::PeerJoined(peer_id.clone()));
-                self.add_peer(&peer_id);
+                self.next_socket += 1;
+                let reports = self.socket_reports.clone();
+                self.socket =
+                    Some(SignalingSocket::open(self.next_socket, self.url.clone(), reports));
             }
-            MembershipEvent::PeerLeft(peer_id) => {
-                self.members.retain(|p| *p != peer_id);
-                self.emit(MeshEvent::PeerLeft(peer_id.clone()));
-                self.retire_peer(&peer_id);
-            }
-            MembershipEvent::Signal { from, payload } => self.on_signal(&from, payload),
-            MembershipEvent::Error { code, message } => {
-                self.emit(MeshEvent::ServerError { code, message });
-            }
-            MembershipEvent::Pong => {}
-        }
-    }
-
-    /// After a (re)join the server's list is the whole truth; established sessions to ids
-    /// no longer listed stay as orphans.
-    fn resync_peers(&mut self, peers: &[PeerId]) {
-        let stale: Vec<PeerId> =
-            self.peers.keys().filter(|id| !peers.contains(id)).cloned().collect();
-        for id in stale {
-            match self.peers.get_mut(&id) {
-                Some(entry) if entry.link.state() == LinkState::Established => entry.orphan = true,
-                _ => {
-                    self.peers.remove(&id);
+            Output::SignalingSend(text) => {
+                if let Some(socket) = &self.socket {
+                    socket.send(text);
                 }
             }
-        }
-        for id in peers {
-            if !self.peers.contains_key(id) {
-                self.add_peer(id);
+            Output::SignalingClose => {
+                if let Some(socket) = self.socket.take() {
+                    let task = socket.close();
+                    self.closing.retain(|c| !c.is_finished());
+                    self.closing.push(tokio::spawn(async move {
+                        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, task).await;
+                    }));
+                }
             }
-        }
-    }
-
-    fn new_rtc(&mut self, remote: &PeerId) -> Option<(u64, RtcPeer)> {
-        let own = self.membership_own.clone()?;
-        self.next_conn += 1;
-        let conn = self.next_conn;
-        let sink = self.rtc_events.clone();
-        let id = remote.clone();
-        let rtc = RtcPeer::spawn(self.rtc.clone(), is_polite(&own, remote), move |event| {
-            let _ = sink.send((id.clone(), conn, event));
-        });
-        Some((conn, rtc))
-    }
-
-    fn add_peer(&mut self, remote: &PeerId) {
-        let Some(own) = self.membership_own.clone() else { return };
-        if *remote == own {
-            return;
-        }
-        let Some((conn, rtc)) = self.new_rtc(remote) else { return };
-        let link = PeerLink::new(
-            own,
-            remote.clone(),
-            self.identity.clone(),
-            &self.network,
-            &self.own_name,
-            PeerLinkConfig::default(),
-        );
-        let entry = PeerEntry {
-            conn,
-            rtc,
-            link,
-            path: None,
-            link_rtt: None,
-            fingerprint: None,
-            trust: None,
-            failure: None,
-            reconnects: 0,
-            orphan: false,
-            announced: false,
-            left_announced: false,
-        };
-        self.peers.insert(remote.clone(), entry);
-    }
-
-    /// The server says `remote` left: a working session is kept as an orphan (the server
-    /// may just have gone down); a peer that really left closes its connection.
-    fn retire_peer(&mut self, remote: &PeerId) {
-        match self.peers.get_mut(remote) {
-            Some(entry) if entry.link.state() == LinkState::Established => {
-                entry.orphan = true;
-                entry.left_announced = true;
+            Output::Connect { conn, polite, .. } => {
+                let inputs = self.inputs.clone();
+                let rtc = RtcPeer::spawn(self.rtc.clone(), polite, move |event| {
+                    let _ = inputs.send(Input::Connection { conn, event });
+                });
+                self.conns.insert(conn, rtc);
             }
-            Some(_) => {
-                self.peers.remove(remote);
+            Output::Signal { conn, payload } => {
+                if let Some(rtc) = self.conns.get(&conn) {
+                    rtc.handle_signal(payload);
+                }
             }
-            None => {}
+            Output::Transmit { conn, channel, bytes } => match (self.conns.get(&conn), channel) {
+                (Some(rtc), Channel::Control) => rtc.send_control(bytes),
+                (Some(rtc), Channel::Data) => rtc.send_data(bytes),
+                (None, _) => {}
+            },
+            Output::Disconnect { conn, graceful } => {
+                // Dropping a connection closes it.
+                if let Some(rtc) = self.conns.remove(&conn) {
+                    if graceful {
+                        self.closing.retain(|c| !c.is_finished());
+                        self.closing.push(tokio::spawn(close_gracefully(rtc)));
+                    }
+                }
+            }
+            // Each connection reports its path by itself, every 2 s.
+            Output::ReadPath { .. } => {}
+            Output::Read { peer, root, index, offset, len } => {
+                self.disk.read(peer, root, index, offset, len);
+            }
+            Output::Write { root, index, offset, data } => {
+                self.disk.write(root, index, offset, data);
+            }
+            Output::Discard { root } => self.disk.discard(&root),
+            Output::FinishFile { root, paths, record, .. } => self.disk.finish(root, paths, record),
+            Output::SaveRecords(records) => {
+                self.saves.retain(|s| !s.is_finished());
+                self.saves.push(self.disk.save_records(records));
+            }
+            Output::SaveTrust(trust) => {
+                if let Err(e) = self.store.save_trust(self.node.room(), &trust) {
+                    self.emit(MeshEvent::Warning(format!("cannot save the trust store: {e}")));
+                }
+            }
+            Output::Event(event) => self.on_event(event),
         }
     }
 
-    /// Replaces the connection of `remote`, keeping its link (a new handshake runs when
-    /// the new control channel opens).
-    fn reconnect_peer(&mut self, remote: &PeerId) -> bool {
-        let Some((conn, rtc)) = self.new_rtc(remote) else { return false };
-        let Some(entry) = self.peers.get_mut(remote) else { return false };
-        entry.link.channel_closed();
-        entry.rtc = rtc;
-        entry.conn = conn;
-        entry.path = None;
-        entry.reconnects += 1;
-        true
-    }
-
-    fn on_signal(&mut self, from: &PeerId, payload: SignalPayload) {
-        if !self.peers.contains_key(from) {
-            // An offer from an id we do not know yet (it raced our welcome): a new peer.
-            if !matches!(payload, SignalPayload::Offer { .. }) && !self.in_room(from) {
+    fn on_event(&mut self, event: Event) {
+        let event = match event {
+            Event::Signaling(SignalingEvent::Connecting { attempt }) => {
+                MeshEvent::Connecting { attempt }
+            }
+            Event::Signaling(SignalingEvent::Lost { reason, retry_in }) => {
+                MeshEvent::Disconnected { reason, retry_in }
+            }
+            Event::Signaling(SignalingEvent::Stopped {
+                reason: StopReason::UnsupportedVersion { message },
+            }) => {
+                self.refused = Some(message);
                 return;
             }
-            self.add_peer(from);
-        }
-        if let Some(entry) = self.peers.get(from) {
-            entry.rtc.handle_signal(payload);
-        }
+            // Reported as the stop above.
+            Event::Signaling(SignalingEvent::Stopped { .. })
+            | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. } => return,
+            Event::Signaling(SignalingEvent::Left) | Event::Peer(_) => return,
+            Event::Joined { peer_id, peers } => MeshEvent::Joined { peer_id, peers },
+            Event::PeerJoined(peer) => MeshEvent::PeerJoined(peer),
+            Event::PeerLeft(peer) => MeshEvent::PeerLeft(peer),
+            Event::PeerConnected(info) => MeshEvent::PeerConnected(info),
+            Event::KeyChanged(info) => MeshEvent::KeyChanged(info),
+            Event::PeerFailed(info) => MeshEvent::PeerFailed(info),
+            Event::Message { peer_id, name, text } => MeshEvent::Message { peer_id, name, text },
+            Event::ServerError { code, message } => MeshEvent::ServerError { code, message },
+            Event::File(event) => MeshEvent::File(event),
+        };
+        self.emit(event);
     }
 
-    // --- connections
-
-    fn on_rtc(&mut self, remote: &PeerId, conn: u64, event: RtcEvent) {
-        let now = self.now();
-        let Some(entry) = self.peers.get_mut(remote) else { return };
-        if entry.conn != conn {
-            return;
-        }
-        match event {
-            RtcEvent::Signal(payload) => {
-                if !entry.orphan {
-                    let _ =
-                        self.signals.send(ClientMessage::Signal { to: remote.clone(), payload });
-                }
-            }
-            RtcEvent::ControlOpen { local_sdp, remote_sdp, path } => {
-                entry.failure = None;
-                entry.path = path.or(entry.path);
-                entry.link.channel_open(&local_sdp, &remote_sdp, now, &mut self.rng);
-            }
-            RtcEvent::Message(bytes) => entry.link.receive(&bytes, now, &mut self.rng),
-            RtcEvent::Path(path) => entry.path = Some(path),
-            RtcEvent::Closed(why) => {
-                tracing::debug!("connection to {remote} closed: {why}");
-                entry.link.channel_closed();
-                entry.link_rtt = None;
-                let tell = std::mem::replace(&mut entry.announced, false) && !entry.left_announced;
-                let in_room = !entry.orphan && self.members.contains(remote);
-                if in_room && entry.reconnects < MAX_RECONNECTS {
-                    self.reconnect_peer(remote);
-                } else if in_room {
-                    entry.failure = Some("the connection keeps dropping; gave up".into());
-                    let info = entry.info(remote);
-                    self.emit(MeshEvent::PeerFailed(info));
-                } else {
-                    self.peers.remove(remote);
-                    if tell {
-                        self.emit(MeshEvent::PeerLeft(remote.clone()));
-                    }
-                    return;
-                }
-            }
-            RtcEvent::RemoteRestarted(offer) => {
-                if self.reconnect_peer(remote) {
-                    if let Some(entry) = self.peers.get(remote) {
-                        entry.rtc.handle_signal(offer);
-                    }
-                }
-            }
-        }
-        self.drive(remote);
-    }
-
-    /// Drains the link of `remote` after any input: transmits to the control channel,
-    /// events out; pins the key once the name is known.
-    fn drive(&mut self, remote: &PeerId) {
-        let Some(entry) = self.peers.get_mut(remote) else { return };
-        let mut out = Vec::new();
-        let mut established = None;
-        let mut transfer = Vec::new();
-        while let Some(bytes) = entry.link.poll_transmit() {
-            entry.rtc.send_control(bytes);
-        }
-        while let Some(event) = entry.link.poll_event() {
-            match event {
-                LinkEvent::Established { fingerprint, .. } => {
-                    entry.reconnects = 0;
-                    entry.failure = None;
-                    entry.fingerprint = Some(fingerprint);
-                    entry.trust = None;
-                    entry.announced = false;
-                    established = Some(fingerprint);
-                }
-                LinkEvent::Hello { .. } => {}
-                LinkEvent::Message { text } => out.push(MeshEvent::Message {
-                    peer_id: remote.clone(),
-                    name: entry.link.peer_name().unwrap_or_default().to_string(),
-                    text,
-                }),
-                LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
-                // IP packets come with the TUN bridge.
-                LinkEvent::Data(_) => {}
-                LinkEvent::Rtt(rtt) => entry.link_rtt = Some(rtt),
-                LinkEvent::Failed(error) => {
-                    entry.failure = Some(error.to_string());
-                    entry.announced = false;
-                    out.push(MeshEvent::PeerFailed(entry.info(remote)));
-                }
-            }
-        }
-        let mut save = false;
-        if entry.trust.is_none() && entry.link.state() == LinkState::Established {
-            if let (Some(fp), Some(name)) = (&entry.fingerprint, entry.link.peer_name()) {
-                let trust = self.trust.observe(name, fp);
-                entry.trust = Some(trust);
-                save = true;
-                if let Trust::Changed { .. } = trust {
-                    out.push(MeshEvent::KeyChanged(entry.info(remote)));
-                }
-            }
-        }
-        if entry.trust.is_some() && !entry.announced && entry.link.state() == LinkState::Established
-        {
-            entry.announced = true;
-            out.push(MeshEvent::PeerConnected(entry.info(remote)));
-        }
-        let gone = entry.orphan && entry.link.state() == LinkState::Failed;
-        if gone {
-            if !entry.left_announced {
-                out.push(MeshEvent::PeerLeft(remote.clone()));
-            }
-            self.peers.remove(remote);
-        }
-        if let Some(fp) = established {
-            self.drop_orphans_of(remote, &fp);
-        }
-        if save {
-            let room = self.network.room_id();
-            if let Err(e) = self.store.save_trust(room, &self.trust) {
-                out.push(MeshEvent::Warning(format!("cannot save the trust store: {e}")));
-            }
-        }
-        for event in out {
-            self.emit(event);
-        }
-        let up = self.peers.get(remote).is_some_and(|e| e.link.state() == LinkState::Established);
-        if up && !transfer.is_empty() {
-            let now = self.now();
-            // A peer whose session just came up is told to the engine first.
-            self.files.set_connected(remote, true, now);
-            for (frame_type, body) in transfer {
-                self.files.receive(remote, frame_type, &body, now);
-            }
-        }
-    }
-
-    /// After any input: tells the engine who is connected now, does what it asks (sends
-    /// on the links), and reports its events.
-    fn after_input(&mut self) {
-        let now = self.now();
-        for peer in self.files.connected() {
-            let up =
-                self.peers.get(&peer).is_some_and(|e| e.link.state() == LinkState::Established);
-            if !up {
-                self.files.set_connected(&peer, false, now);
-            }
-        }
-        let up: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, e)| e.link.state() == LinkState::Established)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for peer in up {
-            self.files.set_connected(&peer, true, now);
-        }
-        let sends = self.files.pump(now);
-        let mut touched = Vec::new();
-        for (peer, msg) in sends {
-            let Some(entry) = self.peers.get_mut(&peer) else { continue };
-            let (frame_type, body) = msg.encode();
-            match entry.link.send_transfer(frame_type, body, now) {
-                Ok(()) => {
-                    if !touched.contains(&peer) {
-                        touched.push(peer);
-                    }
-                }
-                Err(e) => tracing::debug!("cannot send a transfer message to {peer}: {e}"),
-            }
-        }
-        for peer in touched {
-            if let Some(entry) = self.peers.get_mut(&peer) {
-                while let Some(bytes) = entry.link.poll_transmit() {
-                    entry.rtc.send_control(bytes);
-                }
-            }
-        }
-        for event in self.files.take_events() {
-            self.emit(MeshEvent::File(event));
-        }
-    }
-
-    /// A connection kept from before a signaling reconnect is replaced by a new one to
-    /// the same key.
-    fn drop_orphans_of(&mut self, current: &PeerId, fp: &Fingerprint) {
-        self.peers.retain(|id, e| id == current || !e.orphan || e.fingerprint.as_ref() != Some(fp));
-    }
-
-    fn next_timeout(&self) -> Option<Instant> {
-        let links = self.peers.values().filter_map(|e| e.link.poll_timeout());
-        let at = links.chain(self.files.poll_timeout()).min()?;
-        Some(self.epoch + at)
-    }
-
-    fn on_timeout(&mut self) {
-        let now = self.now();
-        self.files.handle_timeout(now);
-        let due: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, e)| e.link.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            if let Some(entry) = self.peers.get_mut(&id) {
-                entry.link.handle_timeout(now);
-            }
-            self.drive(&id);
-        }
-    }
-
-    // --- commands
-
-    fn on_command(&mut self, command: Command) {
+    fn command(&mut self, command: Command) {
         let now = self.now();
         match command {
             Command::SendMessage { to, text, reply } => {
-                let result = match self.peers.get_mut(&to) {
-                    None => Err(MeshError::NoSuchPeer(to.to_string())),
-                    Some(entry) => entry.link.send_message(&text, now).map_err(|e| {
-                        MeshError::Link { peer: to.to_string(), reason: e.to_string() }
-                    }),
-                };
-                self.drive(&to);
-                let _ = reply.send(result);
+                let result = self.node.send_message(now, Some(&to), &text);
+                let _ = reply.send(result.map(drop).map_err(Into::into));
             }
             Command::Share { file, digest, reply } => {
-                let result = self.files.share(file, digest).map_err(MeshError::Transfer);
-                let _ = reply.send(result);
+                let root = digest.root;
+                let result = self.node.share(root, digest.size, digest.cvs);
+                if result.is_ok() {
+                    self.disk.share(root, file);
+                }
+                let _ = reply.send(result.map_err(Into::into));
             }
             Command::Offer { to, files, reply } => {
-                let result = if self.peers.contains_key(&to) {
-                    // The engine must know the session first (it may have just come up).
-                    let up = self
-                        .peers
-                        .get(&to)
-                        .is_some_and(|e| e.link.state() == LinkState::Established);
-                    self.files.set_connected(&to, up, now);
-                    self.files
-                        .offer(&to, &files)
-                        .map(|id| (id, self.files.offer_items(&to, id).unwrap_or_default()))
-                        .map_err(|reason| MeshError::Link { peer: to.to_string(), reason })
-                } else {
-                    Err(MeshError::NoSuchPeer(to.to_string()))
-                };
-                let _ = reply.send(result);
+                let result = self
+                    .node
+                    .offer(now, &to, &files)
+                    .map(|id| (id, self.node.offer_items(&to, id).unwrap_or_default()));
+                let _ = reply.send(result.map_err(Into::into));
             }
             Command::Answer { peer, offer_id, accept, reply } => {
-                let result =
-                    self.files.answer(&peer, offer_id, accept, now).map_err(MeshError::Transfer);
-                let _ = reply.send(result);
+                let result = if accept {
+                    self.node.accept(now, &peer, offer_id)
+                } else {
+                    self.node.decline(now, &peer, offer_id)
+                };
+                let _ = reply.send(result.map_err(Into::into));
             }
-            Command::Flush { to, reply } => match self.peers.get(&to) {
-                Some(entry) => {
-                    let done = entry.rtc.flush();
-                    tokio::spawn(async move {
-                        let _ = reply.send(done.await.unwrap_or(false));
-                    });
+            Command::Flush { to, reply } => {
+                match self.node.connection(&to).and_then(|c| self.conns.get(&c)) {
+                    Some(rtc) => {
+                        let done = rtc.flush();
+                        tokio::spawn(async move {
+                            let _ = reply.send(done.await.unwrap_or(false));
+                        });
+                    }
+                    None => {
+                        let _ = reply.send(false);
+                    }
                 }
-                None => {
-                    let _ = reply.send(false);
-                }
-            },
+            }
             Command::Peers { reply } => {
-                let _ = reply.send(self.peers.iter().map(|(id, e)| e.info(id)).collect());
+                let _ = reply.send(self.node.peers());
             }
             Command::Shutdown { .. } => {}
         }
     }
 
-    /// Close frames to every established peer, a short wait for them to be acknowledged,
-    /// then every connection closed.
-    async fn shutdown(&mut self) {
-        self.files.save_now().await;
+    /// Leaves: the node saves its records, says Close to every peer and `leave` to the
+    /// server; this waits for the records to be saved and the connections to close.
+    async fn leave(&mut self) {
         let now = self.now();
-        let mut acks = Vec::new();
-        for entry in self.peers.values_mut() {
-            if entry.link.state() == LinkState::Established {
-                entry.link.close(now);
-                while let Some(bytes) = entry.link.poll_transmit() {
-                    entry.rtc.send_control(bytes);
-                }
-                acks.push(entry.rtc.flush());
-            }
-        }
-        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, futures_util::future::join_all(acks)).await;
-        let closing: Vec<_> = self.peers.values().map(|e| e.rtc.close()).collect();
-        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, futures_util::future::join_all(closing)).await;
-        self.peers.clear();
+        self.node.leave(now);
+        self.act();
+        futures_util::future::join_all(self.saves.drain(..)).await;
+        futures_util::future::join_all(self.closing.drain(..)).await;
     }
 }

@@ -4,12 +4,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use weft_core::identity::IdentityKeyPair;
+use weft_core::node::{DownloadView, FileEvent, SavedTo};
 use weft_core::signal::RoomId;
+use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
-use weft_core::transfer::{OfferItem, TransferEvent};
-
-use crate::files::{FileEvent, hex};
 use crate::mesh::{MeshEvent, PeerInfo, PeerState};
 
 /// Prints events and tables, as text or JSON lines.
@@ -38,7 +37,7 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         v["path"] = json!(p.state.as_str());
     }
     if let Some(reason) = &p.reason {
-        v["reason"] = json!(reason);
+        v["reason"] = json!(reason.to_string());
     }
     v
 }
@@ -207,9 +206,26 @@ pub fn bytes(n: u64) -> String {
 fn items_json(items: &[OfferItem]) -> Value {
     items
         .iter()
-        .map(|i| json!({"path": i.path, "size": i.size, "root": hex(&i.root)}))
+        .map(|i| json!({"path": i.path, "size": i.size, "root": i.root.to_string()}))
         .collect::<Vec<_>>()
         .into()
+}
+
+/// A download's progress as JSON.
+fn download_json(event: &str, view: &DownloadView) -> Value {
+    let p = &view.progress;
+    json!({
+        "event": event, "root": p.root.to_string(), "paths": p.paths, "size": p.size,
+        "done_bytes": p.done_bytes,
+    })
+}
+
+/// Where a complete file went.
+fn saved_files(to: &SavedTo) -> Vec<String> {
+    match to {
+        SavedTo::Files(files) => files.iter().map(|f| f.display().to_string()).collect(),
+        SavedTo::Kept | SavedTo::Downloads => Vec::new(),
+    }
 }
 
 /// A file-transfer event as a JSON line.
@@ -230,48 +246,45 @@ pub fn file_json(ev: &FileEvent) -> Value {
                 "accepted": accepted,
             }),
             TransferEvent::Delivered { peer, root } => {
-                json!({"event": "delivered", "peer_id": peer, "root": hex(root)})
+                json!({"event": "delivered", "peer_id": peer, "root": root.to_string()})
             }
             TransferEvent::FileComplete { root, paths, size } => {
-                json!({"event": "file_complete", "root": hex(root), "paths": paths, "size": size})
+                json!({"event": "file_complete", "root": root.to_string(), "paths": paths, "size": size})
             }
             TransferEvent::FileFailed { root, reason } => {
-                json!({"event": "file_failed", "root": hex(root), "reason": reason})
+                json!({"event": "file_failed", "root": root.to_string(), "reason": reason.to_string()})
             }
             TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => json!({
                 "event": "transfer_cancelled", "peer_id": peer, "offer_id": offer_id,
-                "reason": reason, "by_peer": by_peer, "outgoing": outgoing,
+                "reason": reason.to_string(), "by_peer": by_peer, "outgoing": outgoing,
             }),
             TransferEvent::ChunkRejected { root, index, peer } => json!({
-                "event": "chunk_rejected", "root": hex(root), "index": index, "peer_id": peer,
+                "event": "chunk_rejected", "root": root.to_string(), "index": index, "peer_id": peer,
             }),
             TransferEvent::SourceAdded { root, peer } => {
-                json!({"event": "source_added", "root": hex(root), "peer_id": peer})
+                json!({"event": "source_added", "root": root.to_string(), "peer_id": peer})
             }
             TransferEvent::SourceDropped { root, peer, reason } => json!({
-                "event": "source_dropped", "root": hex(root), "peer_id": peer, "reason": reason,
+                "event": "source_dropped", "root": root.to_string(), "peer_id": peer, "reason": reason.to_string(),
             }),
             TransferEvent::ShareFailed { root, reason } => {
-                json!({"event": "share_failed", "root": hex(root), "reason": reason})
+                json!({"event": "share_failed", "root": root.to_string(), "reason": reason.to_string()})
             }
         },
         FileEvent::Upload { peer, root, sent_bytes, size } => json!({
-            "event": "upload", "peer_id": peer, "root": hex(root), "sent_bytes": sent_bytes,
+            "event": "upload", "peer_id": peer, "root": root.to_string(), "sent_bytes": sent_bytes,
             "size": size,
         }),
-        FileEvent::Progress { root, paths, size, done_bytes } => json!({
-            "event": "progress", "root": hex(root), "paths": paths, "size": size,
-            "done_bytes": done_bytes,
+        FileEvent::Progress(view) => {
+            let mut v = download_json("progress", view);
+            v["speed_bps"] = json!(view.speed_bps.round());
+            v["eta_s"] = json!(view.eta.map(|t| (t.as_secs_f64() * 10.0).round() / 10.0));
+            v
+        }
+        FileEvent::Restored(view) => download_json("restored", view),
+        FileEvent::Saved { root, size, to, .. } => json!({
+            "event": "saved", "root": root.to_string(), "size": size, "files": saved_files(to),
         }),
-        FileEvent::Restored { root, paths, size, done_bytes } => json!({
-            "event": "restored", "root": hex(root), "paths": paths, "size": size,
-            "done_bytes": done_bytes,
-        }),
-        FileEvent::Saved { root, files, size } => json!({
-            "event": "saved", "root": hex(root), "size": size,
-            "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
-        }),
-        FileEvent::Warning(message) => json!({"event": "warning", "message": message}),
     }
 }
 
@@ -291,11 +304,11 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
             TransferEvent::Answered { peer, accepted: true, .. } => format!("{peer} accepted"),
             TransferEvent::Answered { peer, accepted: false, .. } => format!("{peer} declined"),
             TransferEvent::Delivered { peer, root } => {
-                format!("{peer} has {} (verified)", &hex(root)[..16])
+                format!("{peer} has {} (verified)", &root.to_string()[..16])
             }
             TransferEvent::FileComplete { paths, .. } => format!("complete: {}", paths.join(", ")),
             TransferEvent::FileFailed { root, reason } => {
-                format!("failed: {}: {reason}", &hex(root)[..16])
+                format!("failed: {}: {reason}", &root.to_string()[..16])
             }
             TransferEvent::Cancelled { peer, reason, by_peer, .. } => {
                 let who = if *by_peer { format!("{peer} cancelled") } else { "cancelled".into() };
@@ -308,22 +321,19 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
                 format!("stopped fetching from {peer}: {reason}")
             }
             TransferEvent::ShareFailed { root, reason } => {
-                format!("stopped sharing {}: {reason}", &hex(root)[..16])
+                format!("stopped sharing {}: {reason}", &root.to_string()[..16])
             }
             TransferEvent::SourceAdded { .. } => return None,
         },
-        FileEvent::Restored { paths, size, done_bytes, .. } => format!(
+        FileEvent::Restored(view) => format!(
             "resuming {} ({} of {} stored)",
-            paths.join(", "),
-            bytes(*done_bytes),
-            bytes(*size)
+            view.progress.paths.join(", "),
+            bytes(view.progress.done_bytes),
+            bytes(view.progress.size)
         ),
-        FileEvent::Saved { files, size, .. } => format!(
-            "saved {} ({})",
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
-            bytes(*size)
-        ),
-        FileEvent::Warning(message) => format!("warning: {message}"),
-        FileEvent::Upload { .. } | FileEvent::Progress { .. } => return None,
+        FileEvent::Saved { size, to, .. } => {
+            format!("saved {} ({})", saved_files(to).join(", "), bytes(*size))
+        }
+        FileEvent::Upload { .. } | FileEvent::Progress(_) => return None,
     })
 }

@@ -3,22 +3,23 @@
 //! unordered with no retransmits), the impolite side offering first, trickle ICE.
 //!
 //! This module knows WebRTC and nothing of Weft's protocol. Each connection runs in its
-//! own task, which applies signaling payloads and sends in order, and reports
-//! [`RtcEvent`]s to the sink the mesh gives it. See `WEBRTC_RS.md` for the webrtc-rs facts
-//! this relies on.
+//! own task, which applies signaling payloads and sends in order, and reports the node's
+//! [`ConnectionEvent`]s to the sink the mesh gives it. See `WEBRTC_RS.md` for the
+//! webrtc-rs facts this relies on.
 //!
 //! - **Negotiation.** The impolite side creates the channels and offers at once. The
 //!   polite side creates them when the offer comes (before answering), or offers itself
 //!   after [`POLITE_OFFER_WAIT`] without one. On crossing offers the impolite side ignores
-//!   the remote one; the polite side asks the mesh for a fresh connection to answer it
-//!   ([`RtcEvent::RemoteRestarted`]): nothing is established yet, so nothing is lost.
+//!   the remote one; the polite side asks the node for a fresh connection to answer it
+//!   ([`ConnectionEvent::RemoteRestarted`]): nothing is established yet, so nothing is
+//!   lost.
 //! - **A new DTLS fingerprint** in a remote offer means the peer made a new connection:
-//!   reported as [`RtcEvent::RemoteRestarted`] too.
+//!   reported as [`ConnectionEvent::RemoteRestarted`] too.
 //! - **Trickle ICE.** Local candidates go out as they are gathered (with the `a=mid` of the
 //!   local description), then an empty candidate at the end; remote ones that come before
 //!   a remote description wait for it.
-//! - **Failure.** When the connection fails or closes, [`RtcEvent::Closed`] says so; the
-//!   mesh replaces it (the impolite side's new offer carries a new fingerprint, which the
+//! - **Failure.** When the connection fails or closes, [`ConnectionEvent::Closed`] says so;
+//!   the node replaces it (the impolite side's new offer carries a new fingerprint, which the
 //!   browser answers with a new connection too).
 
 use std::collections::VecDeque;
@@ -37,6 +38,7 @@ use webrtc::peer_connection::{
     RTCIceTransportPolicy, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
     RTCSessionDescription, RTCStatsReportEntry, SettingEngineBuilder, StatsSelector,
 };
+use weft_core::node::{ConnectionEvent, IceState};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::SignalPayload;
 
@@ -76,41 +78,6 @@ impl Default for RtcConfig {
     }
 }
 
-/// The selected ICE path.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PathStats {
-    /// Either end is a TURN relay candidate.
-    pub relayed: bool,
-    /// STUN round-trip time of the pair, when measured.
-    pub rtt: Option<Duration>,
-}
-
-/// What a connection reports.
-#[derive(Debug)]
-pub enum RtcEvent {
-    /// Send this to the remote peer through the signaling server.
-    Signal(SignalPayload),
-    /// The control channel opened; the descriptions of the connection (for the
-    /// handshake's channel binding), and the path if known.
-    ControlOpen {
-        /// The local description's SDP.
-        local_sdp: String,
-        /// The remote description's SDP.
-        remote_sdp: String,
-        /// The selected path.
-        path: Option<PathStats>,
-    },
-    /// A message on either channel.
-    Message(Vec<u8>),
-    /// A fresh reading of the selected path.
-    Path(PathStats),
-    /// The connection failed or closed; it carries nothing any more.
-    Closed(String),
-    /// The remote peer offered a connection this one cannot take (a new DTLS transport, or
-    /// an offer crossing ours on the polite side): the owner should give it to a fresh one.
-    RemoteRestarted(SignalPayload),
-}
-
 enum Command {
     Signal(SignalPayload),
     SendControl(Vec<u8>),
@@ -129,7 +96,7 @@ enum Internal {
     ChannelClosed(usize),
 }
 
-type Sink = Arc<dyn Fn(RtcEvent) + Send + Sync>;
+type Sink = Arc<dyn Fn(ConnectionEvent) + Send + Sync>;
 
 /// A connection to one remote peer, run by its own task. Dropping it closes the
 /// connection.
@@ -149,7 +116,7 @@ impl RtcPeer {
     pub fn spawn(
         config: Arc<RtcConfig>,
         polite: bool,
-        sink: impl Fn(RtcEvent) + Send + Sync + 'static,
+        sink: impl Fn(ConnectionEvent) + Send + Sync + 'static,
     ) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(config, polite, Arc::new(sink), rx));
@@ -167,7 +134,6 @@ impl RtcPeer {
     }
 
     /// Sends on the data channel if it is open (dropped otherwise: it is unreliable).
-    #[allow(dead_code, reason = "the IP tunnel that uses it comes with a later issue")]
     pub fn send_data(&self, bytes: Vec<u8>) {
         let _ = self.commands.send(Command::SendData(bytes));
     }
@@ -283,7 +249,8 @@ async fn run(
     let pc = match build(&config, handler).await {
         Ok(pc) => pc,
         Err(e) => {
-            sink(RtcEvent::Closed(format!("cannot create a WebRTC connection: {e}")));
+            let reason = format!("cannot create a WebRTC connection: {e}");
+            sink(ConnectionEvent::Closed { reason });
             return;
         }
     };
@@ -327,7 +294,7 @@ async fn run(
             }
             _ = stats.tick(), if conn.open[0] => {
                 if let Some(path) = path_stats(conn.pc.as_ref()).await {
-                    (conn.sink)(RtcEvent::Path(path));
+                    conn.emit(path);
                 }
             }
         }
@@ -344,7 +311,7 @@ async fn run(
 }
 
 impl Conn {
-    fn emit(&self, event: RtcEvent) {
+    fn emit(&self, event: ConnectionEvent) {
         if !self.closed {
             (self.sink)(event);
         }
@@ -352,7 +319,7 @@ impl Conn {
 
     fn fail(&mut self, why: String) {
         if !self.closed {
-            self.emit(RtcEvent::Closed(why));
+            self.emit(ConnectionEvent::Closed { reason: why });
             self.closed = true;
         }
     }
@@ -410,7 +377,7 @@ impl Conn {
         let sdp = desc.sdp;
         let payload =
             if offer { SignalPayload::Offer { sdp } } else { SignalPayload::Answer { sdp } };
-        self.emit(RtcEvent::Signal(payload));
+        self.emit(ConnectionEvent::LocalSignal(payload));
     }
 
     async fn command(&mut self, command: Command) {
@@ -508,13 +475,13 @@ impl Conn {
     async fn remote_offer(&mut self, sdp: String) {
         let fingerprint = dtls_fingerprint(&sdp).map(str::to_owned);
         if self.remote_fingerprint.is_some() && self.remote_fingerprint != fingerprint {
-            self.emit(RtcEvent::RemoteRestarted(SignalPayload::Offer { sdp }));
+            self.emit(ConnectionEvent::RemoteRestarted(SignalPayload::Offer { sdp }));
             return;
         }
         if self.offer_pending {
             // Crossing offers.
             if self.polite {
-                self.emit(RtcEvent::RemoteRestarted(SignalPayload::Offer { sdp }));
+                self.emit(ConnectionEvent::RemoteRestarted(SignalPayload::Offer { sdp }));
             } else {
                 self.ignoring_offer = true;
             }
@@ -556,7 +523,7 @@ impl Conn {
     async fn internal(&mut self, event: Internal) {
         match event {
             Internal::Candidate(init) => {
-                self.emit(RtcEvent::Signal(SignalPayload::Candidate {
+                self.emit(ConnectionEvent::LocalSignal(SignalPayload::Candidate {
                     candidate: init.candidate,
                     sdp_mid: self.mid.clone().or(init.sdp_mid),
                     sdp_m_line_index: Some(0),
@@ -564,7 +531,7 @@ impl Conn {
                 }));
             }
             Internal::GatheringComplete => {
-                self.emit(RtcEvent::Signal(SignalPayload::Candidate {
+                self.emit(ConnectionEvent::LocalSignal(SignalPayload::Candidate {
                     candidate: String::new(),
                     sdp_mid: None,
                     sdp_m_line_index: None,
@@ -573,6 +540,15 @@ impl Conn {
             }
             Internal::State(state) => {
                 tracing::debug!("connection {state}");
+                let ice = match state {
+                    RTCPeerConnectionState::Connected => Some(IceState::Connected),
+                    RTCPeerConnectionState::Disconnected => Some(IceState::Disconnected),
+                    RTCPeerConnectionState::Failed => Some(IceState::Failed),
+                    _ => None,
+                };
+                if let Some(ice) = ice {
+                    self.emit(ConnectionEvent::Ice(ice));
+                }
                 if matches!(state, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed)
                 {
                     self.fail(format!("the WebRTC connection {state}"));
@@ -587,16 +563,16 @@ impl Conn {
                         self.fail("the control channel opened without descriptions".into());
                         return;
                     };
-                    let path = path_stats(self.pc.as_ref()).await;
-                    self.emit(RtcEvent::ControlOpen {
-                        local_sdp: local.sdp,
-                        remote_sdp: remote.sdp,
-                        path,
-                    });
+                    // The path first: the session it carries is reported with it.
+                    if let Some(path) = path_stats(self.pc.as_ref()).await {
+                        self.emit(path);
+                    }
+                    let (local_sdp, remote_sdp) = (local.sdp, remote.sdp);
+                    self.emit(ConnectionEvent::ControlOpen { local_sdp, remote_sdp });
                     self.flush_outbox().await;
                 }
             }
-            Internal::Message(bytes) => self.emit(RtcEvent::Message(bytes)),
+            Internal::Message(bytes) => self.emit(ConnectionEvent::Received(bytes)),
             Internal::ChannelClosed(index) => {
                 self.open[index] = false;
                 if index == 0 {
@@ -642,8 +618,8 @@ async fn wait_acknowledged(dc: Arc<dyn DataChannel>, reply: oneshot::Sender<bool
     let _ = reply.send(done);
 }
 
-/// The selected candidate pair's kind and RTT.
-async fn path_stats(pc: &dyn PeerConnection) -> Option<PathStats> {
+/// The selected candidate pair's kind and RTT, as [`ConnectionEvent::Path`].
+async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
     let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
     let pair = report
         .transport()
@@ -661,5 +637,5 @@ async fn path_stats(pc: &dyn PeerConnection) -> Option<PathStats> {
     let relayed = relay(&pair.local_candidate_id) || relay(&pair.remote_candidate_id);
     let rtt = (pair.current_round_trip_time.is_finite() && pair.current_round_trip_time > 0.0)
         .then(|| Duration::from_secs_f64(pair.current_round_trip_time));
-    Some(PathStats { relayed, rtt })
+    Some(ConnectionEvent::Path { relayed, rtt })
 }

@@ -1,41 +1,15 @@
-//! The native signaling driver: keeps a WebSocket to the server, joins the room, reports
-//! what [`RoomMembership`] learns and sends what the mesh gives it. Reconnects with
-//! backoff; says `leave` when stopped. No protocol logic.
-
-use std::time::Duration;
+//! The signaling WebSocket as a dumb pipe (tokio-tungstenite). The node decides when to
+//! connect, what to send (join, ping, signals, leave), when a connection is dead and
+//! when to retry; this only opens the socket it is told to, moves text frames both ways
+//! and says when the socket closed. It neither encodes nor decodes a message.
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use weft_core::signal::{
-    self, ClientMessage, ErrorCode, MembershipEvent, ReconnectBackoff, RoomId, RoomMembership,
-};
+use weft_core::node::Input;
 
-/// How often we ping the server; two unanswered pings mean the connection is dead.
-const HEARTBEAT: Duration = Duration::from_secs(15);
-/// How long one connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the driver reports.
-#[derive(Debug)]
-pub enum Report {
-    /// Connecting (or reconnecting) to the server.
-    Connecting {
-        /// Attempt number, from 1.
-        attempt: u32,
-    },
-    /// The connection failed or dropped; the next attempt is in `retry_in`.
-    Disconnected {
-        /// Why.
-        reason: String,
-        /// When we try again.
-        retry_in: Duration,
-    },
-    /// Something the room membership learned.
-    Membership(MembershipEvent),
-}
-
-/// Why the driver stopped for good.
+/// Why the mesh stopped for good.
 #[derive(Debug, thiserror::Error)]
 pub enum SignalingError {
     /// The URL is not a ws:// or wss:// URL.
@@ -64,125 +38,84 @@ pub fn check_url(url: &str) -> Result<(), SignalingError> {
     Ok(())
 }
 
-/// Runs until `stop` fires (then says `leave` if connected) or the server refuses us
-/// for good. Messages from `outgoing` go to the server while connected and are dropped
-/// while not (the mesh renegotiates after a rejoin anyway).
-pub async fn run(
-    url: String,
-    room: RoomId,
-    reports: mpsc::UnboundedSender<Report>,
-    mut outgoing: mpsc::UnboundedReceiver<ClientMessage>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), SignalingError> {
-    check_url(&url)?;
-    let mut membership = RoomMembership::new(room);
-    let mut backoff = ReconnectBackoff::default();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let _ = reports.send(Report::Connecting { attempt });
-        let link = Link { url: &url, reports: &reports, outgoing: &mut outgoing, stop: &mut stop };
-        let reason = match link.session(&mut membership, &mut backoff).await? {
-            Some(reason) => reason,
-            None => return Ok(()),
-        };
-        membership.disconnected();
-        let retry_in = Duration::from_millis(u64::from(backoff.next_delay_ms(rand::random())));
-        let _ = reports.send(Report::Disconnected { reason, retry_in });
-        let deadline = tokio::time::Instant::now() + retry_in;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
-                _ = stop.changed() => return Ok(()),
-                // Nobody to send to: drop (a stale offer is worse than none).
-                Some(_) = outgoing.recv() => {}
-            }
-        }
+/// One WebSocket to the server, run by its own task. Reports
+/// [`Input::SignalingOpened`], [`Input::SignalingText`] and [`Input::SignalingClosed`],
+/// tagged with its number, so that a replaced socket's late reports are recognised and
+/// dropped.
+#[derive(Debug)]
+pub struct SignalingSocket {
+    id: u64,
+    outgoing: mpsc::UnboundedSender<String>,
+    task: JoinHandle<()>,
+}
+
+impl SignalingSocket {
+    /// Starts connecting to `url`; reports go to `reports` as `(id, input)`.
+    pub fn open(id: u64, url: String, reports: mpsc::UnboundedSender<(u64, Input)>) -> Self {
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(url, outgoing_rx, move |input| {
+            let _ = reports.send((id, input));
+        }));
+        Self { id, outgoing, task }
+    }
+
+    /// Its number.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Sends a text frame (dropped if the socket is not open).
+    pub fn send(&self, text: String) {
+        let _ = self.outgoing.send(text);
+    }
+
+    /// Closes the socket once what was sent before went out (with a close frame if it
+    /// is open); the task to wait for.
+    pub fn close(self) -> JoinHandle<()> {
+        // The task sees the channel end after the frames queued before.
+        drop(self.outgoing);
+        self.task
     }
 }
 
-/// What one connection works with.
-struct Link<'a> {
-    url: &'a str,
-    reports: &'a mpsc::UnboundedSender<Report>,
-    outgoing: &'a mut mpsc::UnboundedReceiver<ClientMessage>,
-    stop: &'a mut tokio::sync::watch::Receiver<bool>,
-}
-
-impl Link<'_> {
-    /// One connection's life; returns why it ended, or `None` if we were stopped.
-    async fn session(
-        self,
-        membership: &mut RoomMembership,
-        backoff: &mut ReconnectBackoff,
-    ) -> Result<Option<String>, SignalingError> {
-        let Self { url, reports, outgoing, stop } = self;
-        let connect = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)) => r,
-            _ = stop.changed() => return Ok(None),
-        };
-        let (mut ws, _) = match connect {
-            Ok(Ok(ok)) => ok,
-            Ok(Err(e)) => return Ok(Some(format!("cannot connect to {url}: {e}"))),
-            Err(_) => return Ok(Some(format!("cannot connect to {url}: no answer within 10 s"))),
-        };
-        let join = signal::encode(&membership.join_message());
-        if let Err(e) = ws.send(Message::text(join)).await {
-            return Ok(Some(format!("connection lost: {e}")));
-        }
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.tick().await;
-        let mut unanswered = 0u32;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => {
-                    let leave = signal::encode(&ClientMessage::Leave);
-                    let _ = ws.send(Message::text(leave)).await;
+async fn run(url: String, mut outgoing: mpsc::UnboundedReceiver<String>, report: impl Fn(Input)) {
+    let closed = |reason: String| report(Input::SignalingClosed { reason });
+    let connect = tokio::select! {
+        r = tokio_tungstenite::connect_async(url.as_str()) => r,
+        // Nothing is sent before the socket opens; the channel ending means: close.
+        () = async { while outgoing.recv().await.is_some() {} } => return,
+    };
+    let mut ws = match connect {
+        Ok((ws, _)) => ws,
+        Err(e) => return closed(format!("cannot connect to {url}: {e}")),
+    };
+    report(Input::SignalingOpened);
+    loop {
+        tokio::select! {
+            text = outgoing.recv() => match text {
+                Some(text) => {
+                    if let Err(e) = ws.send(Message::text(text)).await {
+                        return closed(format!("connection lost: {e}"));
+                    }
+                }
+                None => {
                     let _ = ws.close(None).await;
-                    return Ok(None);
+                    return;
                 }
-                Some(msg) = outgoing.recv() => {
-                    if let Err(e) = ws.send(Message::text(signal::encode(&msg))).await {
-                        return Ok(Some(format!("connection lost: {e}")));
-                    }
+            },
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    report(Input::SignalingText(text.as_str().to_string()));
                 }
-                frame = ws.next() => {
-                    let text = match frame {
-                        Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Close(frame))) => {
-                            let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                            let reason = format!("server closed the connection {why}");
-                            return Ok(Some(reason.trim().to_string()));
-                        }
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => return Ok(Some(format!("connection lost: {e}"))),
-                        None => return Ok(Some("connection lost".into())),
-                    };
-                    unanswered = 0;
-                    match membership.handle_text(text.as_str()) {
-                        Ok(MembershipEvent::Error { code: ErrorCode::UnsupportedVersion, message }) => {
-                            return Err(SignalingError::UnsupportedVersion(message));
-                        }
-                        Ok(event) => {
-                            if matches!(event, MembershipEvent::Joined { .. }) {
-                                backoff.reset();
-                            }
-                            let _ = reports.send(Report::Membership(event));
-                        }
-                        Err(e) => tracing::warn!("ignoring bad message from the server: {e}"),
-                    }
+                Some(Ok(Message::Close(frame))) => {
+                    let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                    let reason = format!("server closed the connection {why}");
+                    return closed(reason.trim().to_string());
                 }
-                _ = heartbeat.tick() => {
-                    if unanswered >= 2 {
-                        return Ok(Some("server stopped answering".into()));
-                    }
-                    unanswered += 1;
-                    let ping = signal::encode(&ClientMessage::Ping);
-                    if let Err(e) = ws.send(Message::text(ping)).await {
-                        return Ok(Some(format!("connection lost: {e}")));
-                    }
-                }
-            }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return closed(format!("connection lost: {e}")),
+                None => return closed("connection lost".into()),
+            },
         }
     }
 }

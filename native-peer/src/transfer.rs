@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
+use weft_core::node::FileEvent;
 use weft_core::signal::PeerId;
 use weft_core::transfer::{OfferItem, Root, TransferEvent};
 use weft_core::trust::Trust;
 
-use crate::files::{FileEvent, SendItem, hash_file, hex};
+use crate::files::{SendItem, hash_file};
 use crate::mesh::{MeshEvent, MeshHandle, PeerInfo, PeerState};
 use crate::output::{Printer, file_json, file_text};
 use crate::{Joined, terminated};
@@ -122,20 +123,6 @@ fn shorten(s: &str, max: usize) -> String {
     format!("…{tail}")
 }
 
-/// Speed of one download, for the JSON `progress` lines.
-#[derive(Debug, Clone, Copy)]
-struct Meter {
-    start: Instant,
-    start_bytes: u64,
-}
-
-impl Meter {
-    fn speed(&self, done: u64) -> f64 {
-        let dt = self.start.elapsed().as_secs_f64();
-        if dt <= 0.0 { 0.0 } else { done.saturating_sub(self.start_bytes) as f64 / dt }
-    }
-}
-
 fn name_of(info: &PeerInfo) -> String {
     info.name.clone().unwrap_or_else(|| info.peer_id.to_string())
 }
@@ -227,8 +214,8 @@ async fn send_inner(
         sizes.insert(root, digest.size);
         mesh.share(file, digest).await?;
         bars.say(
-            json!({"event": "hashed", "path": item.path, "root": hex(&root), "size": sizes[&root]}),
-            || format!("{}: {}", item.path, hex(&root)),
+            json!({"event": "hashed", "path": item.path, "root": root.to_string(), "size": sizes[&root]}),
+            || format!("{}: {root}", item.path),
         );
         files.push((root, item.path.clone()));
     }
@@ -292,7 +279,7 @@ async fn send_inner(
             MeshEvent::PeerFailed(info) => failures.push(format!(
                 "{}: {}",
                 name_of(info),
-                info.reason.as_deref().unwrap_or("unknown")
+                info.reason.as_ref().map_or_else(|| "unknown".into(), ToString::to_string)
             )),
             MeshEvent::KeyChanged(_) => bars.multi.suspend(|| printer.event(&event)),
             _ => {}
@@ -549,7 +536,6 @@ async fn receive_inner(
     let any = accept_from.iter().any(|s| s.eq_ignore_ascii_case("any"));
     // With --once: the first accepted offer's files still to be saved.
     let mut target: Option<(PeerId, u64, HashSet<Root>)> = None;
-    let mut meters: HashMap<Root, Meter> = HashMap::new();
     let mut total_len = 0;
     bars.say(json!({"event": "receiving"}), || "waiting for files (Ctrl-C to stop)".into());
     loop {
@@ -619,27 +605,19 @@ async fn receive_inner(
                 bars.file_event(ev);
                 accepted_items = Some((peer.clone(), *offer_id, items.clone()));
             }
-            FileEvent::Restored { root, paths, size, done_bytes } => {
+            FileEvent::Restored(view) => {
                 bars.file_event(ev);
-                total_len += size;
+                let p = &view.progress;
+                total_len += p.size;
                 bars.set_total(total_len);
-                let bar = bars.add(*root, &paths.join(", "), *size);
-                bar.set_position(*done_bytes);
-                bars.set(root, *done_bytes);
+                let bar = bars.add(p.root, &p.paths.join(", "), p.size);
+                bar.set_position(p.done_bytes);
+                bars.set(&p.root, p.done_bytes);
             }
-            FileEvent::Progress { root, size, done_bytes, .. } => {
-                let meter = *meters
-                    .entry(*root)
-                    .or_insert(Meter { start: Instant::now(), start_bytes: *done_bytes });
-                bars.set(root, *done_bytes);
+            FileEvent::Progress(view) => {
+                bars.set(&view.progress.root, view.progress.done_bytes);
                 if printer.json {
-                    let speed = meter.speed(*done_bytes);
-                    let mut v = file_json(ev);
-                    v["speed_bps"] = json!(speed.round());
-                    v["eta_s"] = json!((speed > 0.0).then(|| {
-                        (size.saturating_sub(*done_bytes) as f64 / speed * 10.0).round() / 10.0
-                    }));
-                    println!("{v}");
+                    println!("{}", file_json(ev));
                 }
             }
             FileEvent::Saved { root, .. } => {

@@ -137,3 +137,46 @@ async fn a_bad_url_or_room_fails_at_once_with_a_clear_message() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn a_server_that_refuses_our_protocol_version_stops_the_peer_plainly() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use weft_core::signal::{ErrorCode, ServerMessage, encode};
+
+    // A server from the future: it refuses the join and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let join = ws.next().await.unwrap().unwrap();
+        assert!(join.to_text().unwrap().contains("\"join\""), "{join}");
+        let refusal = ServerMessage::error(ErrorCode::UnsupportedVersion, "this server speaks 99");
+        ws.send(Message::text(encode(&refusal))).await.unwrap();
+        let _ = ws.close(None).await;
+    });
+    let dir = config_dir("future");
+    let out = tokio::time::timeout(
+        STEP,
+        Command::new(env!("CARGO_BIN_EXE_weft-peer"))
+            .args(["--server", &url, "--json", "--invite", INVITE, "--bind", "127.0.0.1"])
+            .arg("--config-dir")
+            .arg(&dir)
+            .arg("up")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    server.await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: the server refused our protocol version: this server speaks 99"),
+        "{stderr}"
+    );
+    // Refused for good: no reconnecting.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("\"attempt\":2"), "{stdout}");
+}

@@ -12,7 +12,9 @@ function registration() {
         throw new Error("this browser has neither OPFS nor service workers, so it cannot save downloads");
       }
       const reg = await navigator.serviceWorker.register(new URL("sw.js", document.baseURI));
-      const sw = reg.active || reg.waiting || reg.installing;
+      // A newer worker being installed (the app was updated) takes over at once (it skips
+      // waiting): wait for it rather than talk to the one it replaces.
+      const sw = reg.installing || reg.waiting || reg.active;
       if (sw && sw.state !== "activated") {
         await new Promise((resolve, reject) => {
           sw.addEventListener("statechange", () => {
@@ -53,17 +55,25 @@ export async function startStreamDownload(path, size) {
     channel.port2.onmessage = (ev) => {
       if (ev.data && ev.data.registered) {
         clearTimeout(timer);
-        resolve();
+        resolve(ev.data.confirms === true);
       }
     };
   });
   reg.active.postMessage({ weftDownload: { id, path, size } }, [channel.port1]);
-  await registered;
+  // An older worker (from before an update) never confirms that the browser took a
+  // download, so the file could not be announced complete: fail it plainly instead.
+  if (!(await registered)) throw new Error("an older version of the app is still running: reload the page");
   channel.port2.onmessage = null;
   const name = String(path).split("/").pop() || "download";
   const frame = document.createElement("iframe");
   frame.hidden = true;
   frame.src = new URL(`weft-download/${id}/${encodeURIComponent(name)}`, reg.scope).href;
+  // A frame whose navigation became a download loads no document. One that does showed a
+  // page (an error, say) instead of saving the file: fail the download rather than let
+  // the file vanish (the service worker ignores this once the browser read every byte).
+  frame.addEventListener("load", () => {
+    if (reg.active) reg.active.postMessage({ weftDownloadFailed: { id, reason: "a page was shown instead" } });
+  });
   document.body.appendChild(frame);
   frames.set(id, frame);
   // A service worker idles out after about 30 s without events; a long download is

@@ -127,6 +127,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod events;
 mod files;
 mod local_store;
 mod qr;
@@ -140,11 +141,17 @@ use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::{Network, PassphraseParams};
-use weft_core::signal::{self, RoomId};
+use weft_core::node::NodeError;
+use weft_core::signal::{self, PeerId, RoomId};
+use weft_core::transfer::{CancelReason, DownloadState, Root};
 use weft_core::trust::TrustStore;
 
+use crate::events::{FileEvent, JsEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
-use crate::session::{Inner, JsEvent, SessionConfig, Status, emit, emit_to, rng, window};
+use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
+
+/// Least time between two `hashing` events of one file.
+const HASHING_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The signaling protocol version this build speaks.
 #[wasm_bindgen(js_name = protocolVersion)]
@@ -304,12 +311,14 @@ impl WeftSession {
                 format!("Browser {}", &hex[..4])
             }
         };
+        // Saved downloads are partial files in OPFS: they continue on a visit that stores
+        // downloads there.
         let saved_downloads = match &store {
-            Some(store) => store.load_downloads().await.unwrap_or_else(|e| {
+            Some(store) if !stream_downloads => store.load_downloads().await.unwrap_or_else(|e| {
                 web_sys::console::warn_1(&format!("weft: cannot read saved downloads: {e}").into());
                 Vec::new()
             }),
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let inner = session::start(SessionConfig {
             url,
@@ -321,17 +330,16 @@ impl WeftSession {
             trust,
             store,
             listener,
+            stream_downloads,
+        });
+        let session = WeftSession { inner };
+        session.command(|i| {
+            for record in saved_downloads {
+                i.node.restore_download(now(), record, true);
+            }
+            Ok::<(), NodeError>(())
         })?;
-        let mut out = Vec::new();
-        if stream_downloads {
-            // Saved downloads are partial files in OPFS: they continue on a visit that
-            // stores downloads there.
-            inner.borrow_mut().files.force_stream();
-        } else {
-            inner.borrow_mut().restore_downloads(saved_downloads, &mut out);
-        }
-        emit(&inner, out);
-        Ok(WeftSession { inner })
+        Ok(session)
     }
 
     /// Sets the function that receives every event (replacing any earlier one).
@@ -349,13 +357,13 @@ impl WeftSession {
     /// Our peer id, once joined.
     #[wasm_bindgen(getter, js_name = ownId)]
     pub fn own_id(&self) -> Option<String> {
-        self.inner.borrow().own_id()
+        self.inner.borrow().node.own_id().map(PeerId::to_string)
     }
 
     /// The room id the signaling server knows this network by.
     #[wasm_bindgen(getter)]
     pub fn room(&self) -> String {
-        self.inner.borrow().room()
+        self.inner.borrow().node.room().to_string()
     }
 
     /// `{ fingerprint, shortCode }` of our long-term identity.
@@ -397,36 +405,35 @@ impl WeftSession {
     /// The other members' peer ids, sorted.
     #[wasm_bindgen(js_name = peerIds)]
     pub fn peer_ids(&self) -> Vec<String> {
-        self.inner.borrow().peer_ids()
+        self.inner.borrow().node.peers().iter().map(|p| p.peer_id.to_string()).collect()
     }
 
     /// Sends a chat message to `peer_id`, or to every peer with an established session;
     /// returns how many it went to.
     #[wasm_bindgen(js_name = sendMessage)]
     pub fn send_message(&self, text: &str, peer_id: Option<String>) -> Result<u32, JsError> {
-        let mut out = Vec::new();
-        let result = self.inner.borrow_mut().send_message(text, peer_id.as_deref(), &mut out);
-        emit(&self.inner, out);
-        result.map_err(|e| JsError::new(&e))
+        let to = peer_id.as_deref().map(peer_arg).transpose().map_err(js_error)?;
+        let mut sent = 0;
+        self.command(|i| {
+            sent = i.node.send_message(now(), to.as_ref(), text)?;
+            Ok::<(), NodeError>(())
+        })?;
+        Ok(sent)
     }
 
     /// The user compared `peer_id`'s short code with the one its owner sees: its key is
     /// pinned as verified.
     #[wasm_bindgen(js_name = verifyPeer)]
     pub fn verify_peer(&self, peer_id: &str) -> Result<(), JsError> {
-        let mut out = Vec::new();
-        let result = self.inner.borrow_mut().verify_peer(peer_id, &mut out);
-        emit(&self.inner, out);
-        result.map_err(|e| JsError::new(&e))
+        let peer = peer_arg(peer_id).map_err(js_error)?;
+        self.command(|i| i.node.verify_peer(&peer))
     }
 
     /// The user accepts `peer_id`'s new key (its name was pinned to another one).
     #[wasm_bindgen(js_name = acceptNewKey)]
     pub fn accept_new_key(&self, peer_id: &str) -> Result<(), JsError> {
-        let mut out = Vec::new();
-        let result = self.inner.borrow_mut().accept_new_key(peer_id, &mut out);
-        emit(&self.inner, out);
-        result.map_err(|e| JsError::new(&e))
+        let peer = peer_arg(peer_id).map_err(js_error)?;
+        self.command(|i| i.node.accept_new_key(&peer))
     }
 
     // ---- files (see the crate docs, "Files")
@@ -443,17 +450,18 @@ impl WeftSession {
                 return Err(JsError::new("no files to send").into());
             }
             // Fail early, before hashing gigabytes, if nobody can receive.
-            inner.borrow().established(to.clone()).map_err(|e| JsError::new(&e))?;
-            let shared =
-                files::hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
+            established(&inner.borrow(), to.as_deref()).map_err(js_error)?;
+            let shared = hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
             let list: Vec<_> = shared.into_iter().map(|(root, path, _)| (root, path)).collect();
-            let mut out = Vec::new();
-            let result = {
-                let mut i = inner.borrow_mut();
-                i.established(to).and_then(|peers| i.offer_files(&list, &peers, &mut out))
-            };
-            emit(&inner, out);
-            let offers = result.map_err(|e| JsError::new(&e))?;
+            let mut offers = Vec::new();
+            command(&inner, |i| {
+                for peer in established(i, to.as_deref()).map_err(|e| e.to_string())? {
+                    let id =
+                        i.node.offer(now(), &peer, &list).map_err(|e| format!("{peer}: {e}"))?;
+                    offers.push((peer, id));
+                }
+                Ok::<(), String>(())
+            })?;
             let array = js_sys::Array::new();
             for (peer, id) in offers {
                 let obj = js_sys::Object::new();
@@ -472,12 +480,11 @@ impl WeftSession {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let entries = files::entries(&entries).map_err(|e| JsError::new(&e))?;
-            let shared =
-                files::hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
+            let shared = hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
             let array = js_sys::Array::new();
             for (root, path, size) in shared {
                 let obj = js_sys::Object::new();
-                let _ = js_sys::Reflect::set(&obj, &"root".into(), &files::hex(&root).into());
+                let _ = js_sys::Reflect::set(&obj, &"root".into(), &root.to_string().into());
                 let _ = js_sys::Reflect::set(&obj, &"path".into(), &path.into());
                 let _ = js_sys::Reflect::set(&obj, &"size".into(), &(size as f64).into());
                 array.push(&obj);
@@ -489,19 +496,15 @@ impl WeftSession {
     /// Accepts an offer: the files start downloading (from every peer that holds them).
     #[wasm_bindgen(js_name = acceptOffer)]
     pub fn accept_offer(&self, peer_id: &str, offer_id: f64) -> Result<(), JsError> {
-        self.with_files(|i| {
-            let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
-            i.files.engine.accept(&peer, offer_id as u64, session::now()).map_err(|e| e.to_string())
-        })
+        let peer = PeerId::new(peer_id).map_err(|e| JsError::new(&e.to_string()))?;
+        self.command(|i| i.node.accept(now(), &peer, offer_id as u64))
     }
 
     /// Declines an offer.
     #[wasm_bindgen(js_name = declineOffer)]
     pub fn decline_offer(&self, peer_id: &str, offer_id: f64) -> Result<(), JsError> {
-        self.with_files(|i| {
-            let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
-            i.files.engine.decline(&peer, offer_id as u64).map_err(|e| e.to_string())
-        })
+        let peer = PeerId::new(peer_id).map_err(|e| JsError::new(&e.to_string()))?;
+        self.command(|i| i.node.decline(now(), &peer, offer_id as u64))
     }
 
     /// Cancels an offer we made (`outgoing`) or received; the other side is told and
@@ -516,27 +519,28 @@ impl WeftSession {
         outgoing: Option<bool>,
     ) -> Result<(), JsError> {
         let own = self.inner.borrow().own_name.clone();
-        let reason = reason.unwrap_or_else(|| format!("cancelled by {own}"));
-        self.with_files(|i| {
-            let peer = signal::PeerId::new(peer_id).map_err(|e| e.to_string())?;
-            let id = offer_id as u64;
-            let outgoing = outgoing.unwrap_or_else(|| !i.files.engine.is_incoming(&peer, id));
-            i.files.engine.cancel(&peer, id, outgoing, &reason).map_err(|e| e.to_string())
+        let reason = match reason {
+            Some(text) => CancelReason::Text(text),
+            None => CancelReason::CancelledBy(own),
+        };
+        let peer = PeerId::new(peer_id).map_err(|e| JsError::new(&e.to_string()))?;
+        let id = offer_id as u64;
+        self.command(|i| {
+            let outgoing = outgoing.unwrap_or_else(|| !i.node.engine().is_incoming(&peer, id));
+            i.node.cancel(now(), &peer, id, outgoing, reason)
         })
     }
 
     /// Pauses or resumes a download.
     #[wasm_bindgen(js_name = pauseDownload)]
     pub fn pause_download(&self, root: &str, paused: bool) -> Result<(), JsError> {
-        self.with_files(|i| {
-            let root = files::parse_root(root)?;
-            i.files.engine.set_paused(&root, paused, session::now()).map_err(|e| e.to_string())
-        })
+        let root = root_arg(root).map_err(|e| JsError::new(&e))?;
+        self.command(|i| i.node.set_paused(now(), &root, paused))
     }
 
     /// `{ downloads, outgoing, incoming }` (see the crate docs).
     pub fn transfers(&self) -> Result<JsValue, JsError> {
-        let t = self.inner.borrow_mut().files.transfers();
+        let t = TransfersJs::from(&self.inner.borrow_mut().node.transfers(now()));
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();
         serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
     }
@@ -546,7 +550,7 @@ impl WeftSession {
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            let root = root_arg(&root).map_err(|e| JsError::new(&e))?;
             inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             Ok(files::stored_file(&root).await.map_err(|e| JsError::new(&e))?.into())
         })
@@ -557,17 +561,13 @@ impl WeftSession {
     pub fn save_download(&self, root: String, path: Option<String>) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            let root = root_arg(&root).map_err(|e| JsError::new(&e))?;
             let path = path
                 .or_else(|| {
-                    inner
-                        .borrow()
-                        .files
-                        .engine
-                        .progress(&root)
-                        .and_then(|p| p.paths.first().cloned())
+                    let i = inner.borrow();
+                    i.node.engine().progress(&root).and_then(|p| p.paths.first().cloned())
                 })
-                .unwrap_or_else(|| files::hex(&root));
+                .unwrap_or_else(|| root.to_string());
             inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             files::save_download(&root, &path).await.map_err(|e| JsError::new(&e))?;
             Ok(JsValue::UNDEFINED)
@@ -580,8 +580,18 @@ impl WeftSession {
     pub fn save_all_to(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
-            let n = files::save_all_to(&inner).await.map_err(|e| JsError::new(&e))?;
+            let complete: Vec<(Root, Vec<String>)> = {
+                let i = inner.borrow();
+                i.files.check_kept().map_err(|e| JsError::new(&e))?;
+                i.node
+                    .engine()
+                    .downloads()
+                    .into_iter()
+                    .filter(|d| d.state == DownloadState::Complete)
+                    .map(|d| (d.root, d.paths))
+                    .collect()
+            };
+            let n = files::save_all_to(complete).await.map_err(|e| JsError::new(&e))?;
             Ok(n.into())
         })
     }
@@ -591,7 +601,7 @@ impl WeftSession {
     pub fn hash_downloaded(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = files::parse_root(&root).map_err(|e| JsError::new(&e))?;
+            let root = root_arg(&root).map_err(|e| JsError::new(&e))?;
             inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
             let file = files::stored_file(&root).await.map_err(|e| JsError::new(&e))?;
             let hash = files::hash_blob(&file).await.map_err(|e| JsError::new(&e))?;
@@ -602,56 +612,154 @@ impl WeftSession {
     /// Deletes a download's stored file and record.
     #[wasm_bindgen(js_name = forgetDownload)]
     pub fn forget_download(&self, root: &str) -> Result<(), JsError> {
-        let root = files::parse_root(root).map_err(|e| JsError::new(&e))?;
-        let mut out = Vec::new();
-        self.inner.borrow_mut().forget_download(&root, &mut out);
-        emit(&self.inner, out);
-        Ok(())
+        let root = root_arg(root).map_err(|e| JsError::new(&e))?;
+        self.command(|i| {
+            i.node.forget_download(now(), &root);
+            Ok::<(), NodeError>(())
+        })
     }
 
     /// Test hook: drop everything `peer_id`'s current connection delivers, as if the
     /// path died; the session notices the silence and reconnects.
     #[wasm_bindgen(js_name = debugMutePeer)]
     pub fn debug_mute_peer(&self, peer_id: &str) -> Result<(), JsError> {
-        self.inner.borrow_mut().debug_mute(peer_id).map_err(|e| JsError::new(&e))
+        let peer = peer_arg(peer_id).map_err(js_error)?;
+        if self.inner.borrow_mut().debug_mute(&peer) {
+            Ok(())
+        } else {
+            Err(js_error(NodeError::NoSuchPeer(peer_id.to_string())))
+        }
     }
 
     /// Limits how fast this node serves files, in bytes per second over all peers
     /// (`null`, `0` or nothing: no limit), so seeding does not fill a slow uplink.
     #[wasm_bindgen(js_name = setUploadLimit)]
     pub fn set_upload_limit(&self, bytes_per_second: Option<f64>) {
-        self.inner.borrow_mut().files.set_upload_limit(bytes_per_second);
+        self.inner.borrow_mut().node.set_upload_limit(bytes_per_second);
     }
 
     /// Test hook: the next time this node serves chunk `index` (of `root`, or of any
     /// file), one byte of it is flipped.
     #[wasm_bindgen(js_name = debugCorruptChunk)]
     pub fn debug_corrupt_chunk(&self, index: u32, root: Option<String>) -> Result<(), JsError> {
-        let root = root.map(|r| files::parse_root(&r)).transpose().map_err(|e| JsError::new(&e))?;
-        self.inner.borrow_mut().debug_corrupt(index, root);
+        let root = root.map(|r| root_arg(&r)).transpose().map_err(|e| JsError::new(&e))?;
+        self.inner.borrow_mut().node.debug_corrupt_chunk(root, index);
         Ok(())
     }
 
     /// Leaves the network: closes every connection and stops reconnecting.
     pub fn leave(&self) {
-        self.inner.borrow_mut().leave();
-        session::set_status(&self.inner, Status::Closed, Some("left".into()));
+        let mut out = Vec::new();
+        {
+            let mut i = self.inner.borrow_mut();
+            i.leave(&mut out);
+            i.set_status(Status::Closed, Some("left".into()), &mut out);
+        }
+        emit(&self.inner, out);
     }
 }
 
 impl WeftSession {
-    /// Runs `f` on the session, then does what the file engine asks and emits events.
-    fn with_files(&self, f: impl FnOnce(&mut Inner) -> Result<(), String>) -> Result<(), JsError> {
-        let mut out = Vec::new();
-        let result = {
-            let mut i = self.inner.borrow_mut();
-            let r = f(&mut i);
-            i.pump_files(&mut out);
-            r
-        };
-        emit(&self.inner, out);
-        result.map_err(|e| JsError::new(&e))
+    /// Runs `f` on the session, then does what the node asks and tells the page.
+    fn command<E: std::fmt::Display>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<(), E>,
+    ) -> Result<(), JsError> {
+        command(&self.inner, f)
     }
+}
+
+/// Runs `f` on the session, then does what the node asks and tells the page.
+fn command<E: std::fmt::Display>(
+    inner: &Rc<RefCell<Inner>>,
+    f: impl FnOnce(&mut Inner) -> Result<(), E>,
+) -> Result<(), JsError> {
+    let mut out = Vec::new();
+    let result = {
+        let mut i = inner.borrow_mut();
+        let r = f(&mut i);
+        i.after_command(&mut out);
+        r
+    };
+    emit(inner, out);
+    // Inputs that came while the page's listener ran.
+    run(inner);
+    result.map_err(js_error)
+}
+
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// A file's hash from JavaScript (64 hex digits); the error names what was passed.
+fn root_arg(s: &str) -> Result<Root, String> {
+    s.parse().map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A peer id from JavaScript; one that cannot be is no peer of ours.
+fn peer_arg(s: &str) -> Result<PeerId, NodeError> {
+    PeerId::new(s).map_err(|_| NodeError::NoSuchPeer(s.to_string()))
+}
+
+/// Peers with an established session: those named, or all of them.
+fn established(i: &Inner, to: Option<&[String]>) -> Result<Vec<PeerId>, NodeError> {
+    let connected = i.node.established_peers();
+    let Some(ids) = to else {
+        return if connected.is_empty() { Err(NodeError::NobodyConnected) } else { Ok(connected) };
+    };
+    ids.iter()
+        .map(|id| {
+            let peer = peer_arg(id)?;
+            if connected.contains(&peer) {
+                Ok(peer)
+            } else if i.node.peer(&peer).is_some() {
+                Err(NodeError::NotConnected(peer))
+            } else {
+                Err(NodeError::NoSuchPeer(id.clone()))
+            }
+        })
+        .collect()
+}
+
+/// Hashes every entry (emitting `hashing` events) and shares it; returns (root, path,
+/// size) of each.
+async fn hash_and_share(
+    inner: &Rc<RefCell<Inner>>,
+    entries: Vec<files::Entry>,
+) -> Result<Vec<(Root, String, u64)>, String> {
+    let mut shared = Vec::new();
+    for entry in entries {
+        weft_core::transfer::wire::check_path(&entry.path).map_err(|e| e.to_string())?;
+        let size = entry.file.size();
+        // The very same `File` shared before (say by `shareFiles`, then `sendFiles`): a
+        // `File` is a snapshot, so its root has not changed.
+        let known = {
+            let i = inner.borrow();
+            i.files.known_blob(&entry.file, |root| i.node.engine().shared_size(root))
+        };
+        if let Some(root) = known {
+            let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: size, size };
+            emit(inner, vec![JsEvent::File(ev)]);
+            shared.push((root, entry.path, size as u64));
+            continue;
+        }
+        let mut last_event = now();
+        let digest = files::hash_entry(&entry, |done| {
+            if now().saturating_sub(last_event) >= HASHING_EVERY || done >= size {
+                last_event = now();
+                let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: done, size };
+                emit(inner, vec![JsEvent::File(ev)]);
+            }
+        })
+        .await?;
+        {
+            let mut i = inner.borrow_mut();
+            i.node.share(digest.root, digest.size, digest.cvs).map_err(|e| e.to_string())?;
+            i.files.add_blob(digest.root, entry.file.clone());
+        }
+        shared.push((digest.root, entry.path, digest.size));
+    }
+    Ok(shared)
 }
 
 /// `undefined` → every peer; a string → that peer; an array of strings → those.

@@ -152,7 +152,7 @@ impl LocalStore {
         record: &weft_core::transfer::DownloadRecord,
     ) -> Result<(), String> {
         let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
-        self.put(DOWNLOADS_STORE, &crate::files::hex(&record.root), &json.into()).await
+        self.put(DOWNLOADS_STORE, &record.root.to_string(), &json.into()).await
     }
 
     /// Every saved download record (unreadable ones are skipped with a warning).

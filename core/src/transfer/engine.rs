@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::hash::{Cv, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
+use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, check_path};
 use crate::signal::PeerId;
 
@@ -160,8 +161,8 @@ pub enum TransferEvent {
     FileFailed {
         /// Which file.
         root: Root,
-        /// Why, in plain words.
-        reason: String,
+        /// Why (its `Display` is in plain words).
+        reason: FailReason,
     },
     /// An offer was cancelled, by us or by the peer.
     Cancelled {
@@ -170,7 +171,7 @@ pub enum TransferEvent {
         /// Which offer (numbered by its sender).
         offer_id: u64,
         /// Why.
-        reason: String,
+        reason: CancelReason,
         /// Whether the peer cancelled it.
         by_peer: bool,
         /// Whether it was our offer (we were sending).
@@ -199,14 +200,14 @@ pub enum TransferEvent {
         /// The source.
         peer: PeerId,
         /// Why.
-        reason: String,
+        reason: DropReason,
     },
     /// A shared file could not be read; it is no longer offered.
     ShareFailed {
         /// Which file.
         root: Root,
         /// Why.
-        reason: String,
+        reason: ShareFailReason,
     },
 }
 
@@ -436,6 +437,9 @@ pub struct Engine {
     reads_in_flight: HashMap<PeerId, usize>,
     out: VecDeque<Output>,
     next_offer_id: u64,
+    /// When [`Engine::handle_timeout`] last ran: an endgame wake-up at or before it has
+    /// had its chance (see [`Engine::poll_timeout`]).
+    timeouts_run_at: Option<Duration>,
 }
 
 impl Engine {
@@ -455,6 +459,7 @@ impl Engine {
             reads_in_flight: HashMap::new(),
             out: VecDeque::new(),
             next_offer_id: first_offer_id,
+            timeouts_run_at: None,
         }
     }
 
@@ -502,12 +507,12 @@ impl Engine {
             .map(|(r, _)| *r)
             .collect();
         for root in roots {
-            self.drop_source(&root, peer, "the peer left");
+            self.drop_source(&root, peer, DropReason::PeerLeft);
         }
         self.schedule(now);
     }
 
-    fn drop_source(&mut self, root: &Root, peer: &PeerId, reason: &str) {
+    fn drop_source(&mut self, root: &Root, peer: &PeerId, reason: DropReason) {
         let Some(d) = self.downloads.get_mut(root) else { return };
         if d.sources.remove(peer).is_none() {
             return;
@@ -523,11 +528,7 @@ impl Engine {
             d.hash_source = None;
             d.hash_parts.clear();
         }
-        self.event(TransferEvent::SourceDropped {
-            root: *root,
-            peer: peer.clone(),
-            reason: reason.to_string(),
-        });
+        self.event(TransferEvent::SourceDropped { root: *root, peer: peer.clone(), reason });
     }
 
     fn add_source(&mut self, root: &Root, peer: &PeerId) {
@@ -621,19 +622,20 @@ impl Engine {
     }
 
     /// A shared file could not be read: it is no longer served, and peers fetching it
-    /// are told so.
-    pub fn read_failed(&mut self, peer: &PeerId, root: &Root, reason: &str) {
+    /// are told so (in the words of `reason`).
+    pub fn read_failed(&mut self, peer: &PeerId, root: &Root, reason: ShareFailReason) {
         if let Some(n) = self.reads_in_flight.get_mut(peer) {
             *n = n.saturating_sub(1);
         }
+        let text = reason.to_string();
         if self.shared.remove(root).is_some() {
-            self.event(TransferEvent::ShareFailed { root: *root, reason: reason.to_string() });
+            self.event(TransferEvent::ShareFailed { root: *root, reason });
         }
         let askers: Vec<PeerId> =
             self.grants.iter().filter(|(_, r)| r == root).map(|(p, _)| p.clone()).collect();
         for p in askers {
             if self.peers.contains(&p) {
-                self.send(&p, TransferMsg::Missing { root: *root, reason: reason.to_string() });
+                self.send(&p, TransferMsg::Missing { root: *root, reason: text.clone() });
             }
         }
         self.grants.retain(|(_, r)| r != root);
@@ -738,14 +740,15 @@ impl Engine {
         self.incoming.contains_key(&key) || self.downloads.values().any(|d| d.offers.contains(&key))
     }
 
-    /// Cancels an offer we made (`outgoing`) or received. The peer is told; a received
-    /// offer's unfinished downloads are discarded (unless another offer still wants them).
+    /// Cancels an offer we made (`outgoing`) or received. The peer is told (the text of
+    /// `reason`); a received offer's unfinished downloads are discarded (unless another
+    /// offer still wants them).
     pub fn cancel(
         &mut self,
         peer: &PeerId,
         offer_id: u64,
         outgoing: bool,
-        reason: &str,
+        reason: CancelReason,
     ) -> Result<(), TransferError> {
         let key = (peer.clone(), offer_id);
         if outgoing {
@@ -766,7 +769,7 @@ impl Engine {
         self.event(TransferEvent::Cancelled {
             peer: peer.clone(),
             offer_id,
-            reason: reason.to_string(),
+            reason,
             by_peer: false,
             outgoing,
         });
@@ -837,7 +840,7 @@ impl Engine {
 
     /// A chunk could not be written: the download fails with `reason` (say, the disk
     /// is full). What was stored stays, so it can resume later.
-    pub fn write_failed(&mut self, root: &Root, reason: &str) {
+    pub fn write_failed(&mut self, root: &Root, reason: FailReason) {
         let Some(d) = self.downloads.get_mut(root) else { return };
         if d.state == DownloadState::Failed {
             return;
@@ -850,20 +853,20 @@ impl Engine {
         for s in d.sources.values_mut() {
             s.inflight = 0;
         }
-        self.event(TransferEvent::FileFailed { root: *root, reason: reason.to_string() });
+        self.event(TransferEvent::FileFailed { root: *root, reason });
     }
 
     fn complete(&mut self, root: &Root) {
         let Some(d) = self.downloads.get_mut(root) else { return };
         // Every chunk matched its CV and the CVs merged to the root; recompute anyway.
         let verified = match d.chunks {
-            0 => *root == *blake3::hash(b"").as_bytes(),
+            0 => *root == Root::of(b""),
             1 => true, // its only chunk was checked against the root itself
             _ => d.cvs.as_ref().and_then(|c| root_from_cvs(d.size, c)) == Some(*root),
         };
         if !verified {
             d.state = DownloadState::Failed;
-            let reason = "verification failed: the file does not match its hash".to_string();
+            let reason = FailReason::NotVerified;
             self.event(TransferEvent::FileFailed { root: *root, reason });
             return;
         }
@@ -990,7 +993,7 @@ impl Engine {
             }
             TransferMsg::Chunk { root, index, data } => self.on_chunk(peer, root, index, data, now),
             TransferMsg::Missing { root, reason } => {
-                self.drop_source(&root, peer, &format!("it no longer has the file ({reason})"));
+                self.drop_source(&root, peer, DropReason::Missing(reason));
                 self.schedule(now);
             }
             TransferMsg::Cancel { offer_id, own_offer, reason } => {
@@ -1010,7 +1013,7 @@ impl Engine {
                     let ev = TransferEvent::Cancelled {
                         peer: peer.clone(),
                         offer_id,
-                        reason,
+                        reason: CancelReason::from_wire(reason),
                         by_peer: true,
                         outgoing,
                     };
@@ -1076,7 +1079,7 @@ impl Engine {
             return;
         }
         if cvs.is_empty() || first % MAX_HASHES_PER_MSG as u32 != 0 || first >= d.chunks {
-            return self.drop_source(&root, peer, "it sent a malformed hash list");
+            return self.drop_source(&root, peer, DropReason::MalformedHashes);
         }
         d.hash_parts.insert(first, cvs);
         d.hash_source = Some((peer.clone(), now));
@@ -1094,7 +1097,7 @@ impl Engine {
             }
             self.schedule(now);
         } else {
-            self.drop_source(&root, peer, "it sent a hash list that does not match the file");
+            self.drop_source(&root, peer, DropReason::WrongHashes);
             self.schedule(now);
         }
     }
@@ -1136,13 +1139,9 @@ impl Engine {
             // row: drop it if another source can take over; a lone source gets retries,
             // since nothing unverified is ever kept.
             if again {
-                self.drop_source(
-                    &root,
-                    peer,
-                    "its copy of the file is damaged (a chunk failed verification twice)",
-                );
+                self.drop_source(&root, peer, DropReason::DamagedCopy);
             } else if failures >= config.max_source_failures && others {
-                self.drop_source(&root, peer, "it sent chunks that failed verification");
+                self.drop_source(&root, peer, DropReason::BadChunks);
             }
             self.schedule(now);
             return;
@@ -1174,10 +1173,21 @@ impl Engine {
             .values()
             .filter(|d| d.state == DownloadState::Active)
             .flat_map(|d| {
-                // The endgame wakes earlier than timeouts, once there are 2+ sources.
-                let wait = if d.all_requested() && d.sources.len() > 1 { endgame } else { timeout };
-                let chunks =
-                    d.inflight.values().flatten().map(move |(_, t)| t.saturating_add(wait));
+                // The endgame wakes earlier than timeouts, once there are 2+ sources; but
+                // only once per request: if no source was idle to ask again when it woke,
+                // a chunk arriving (which schedules) frees one, not the timer. Waking
+                // again at the same past instant would spin the driver's timer until the
+                // request timed out.
+                let endgame_on = d.all_requested() && d.sources.len() > 1;
+                let ran = self.timeouts_run_at;
+                let chunks = d.inflight.values().flatten().map(move |(_, t)| {
+                    let early = t.saturating_add(endgame);
+                    if endgame_on && ran.is_none_or(|r| early > r) {
+                        early
+                    } else {
+                        t.saturating_add(timeout)
+                    }
+                });
                 chunks.chain(d.hash_source.as_ref().map(|(_, t)| t.saturating_add(timeout)))
             })
             .min()
@@ -1185,12 +1195,13 @@ impl Engine {
 
     /// Re-requests what timed out and drops sources that keep timing out.
     pub fn handle_timeout(&mut self, now: Duration) {
+        self.timeouts_run_at = Some(now);
         let config = self.config;
         let mut dropped = Vec::new();
         for (root, d) in self.downloads.iter_mut() {
             if let Some((p, t)) = d.hash_source.clone() {
                 if now >= t.saturating_add(config.request_timeout) {
-                    dropped.push((*root, p, "it did not send the hash list in time"));
+                    dropped.push((*root, p, DropReason::HashesTimedOut));
                 }
             }
             let mut expired = Vec::new();
@@ -1213,7 +1224,7 @@ impl Engine {
                     s.failures += 1;
                     s.window = (s.window / 2).max(1);
                     if s.failures >= config.max_source_failures {
-                        dropped.push((*root, p, "it stopped answering"));
+                        dropped.push((*root, p, DropReason::StoppedAnswering));
                     }
                 }
             }
@@ -1299,5 +1310,27 @@ impl Engine {
         for (peer, msg) in sends {
             self.send(&peer, msg);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resume record as saved before [`Root`] was a type of its own (the native peer's
+    /// `.weft-partial/<root>.json`, the browser's IndexedDB): it must still load.
+    #[test]
+    fn a_record_saved_by_an_earlier_version_still_loads() {
+        let saved = r#"{"root":[175,19,73,185,245,249,161,166,160,64,77,234,54,220,201,73,155,203,37,201,173,193,18,183,204,154,147,202,228,31,50,98],"size":200000,"paths":["photos/a.jpg"],"have":[5],"state":"Paused"}"#;
+        let record: DownloadRecord = serde_json::from_str(saved).unwrap();
+        assert_eq!(record.root, Root::of(b""));
+        assert_eq!(
+            record.root.to_string(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        assert_eq!(record.size, 200_000);
+        assert_eq!(record.state, DownloadState::Paused);
+        // And it is saved the same way.
+        assert_eq!(serde_json::to_string(&record).unwrap(), saved);
     }
 }

@@ -14,17 +14,126 @@
 //! A file of at most one chunk has no CV list: its only chunk is checked against the root
 //! directly.
 
+use std::fmt;
+use std::str::FromStr;
+
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
 };
+use serde::{Deserialize, Serialize};
 
 /// Bytes in a chunk: the unit of requests, verification and resume (64 KiB).
 pub const CHUNK_LEN: usize = 64 * 1024;
 
 const CHUNK_LEN_U64: u64 = CHUNK_LEN as u64;
 
-/// A file's BLAKE3 hash, which names it in the transfer protocol.
-pub type Root = [u8; 32];
+/// A file's BLAKE3 hash (its *root*), which names it in the transfer protocol.
+///
+/// Shown and parsed as 64 lowercase hex digits, what `b3sum` prints
+/// ([`Display`](fmt::Display), [`FromStr`]); serialized with serde as the plain array of
+/// its 32 bytes, as resume records have always been saved.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Root([u8; 32]);
+
+impl Root {
+    /// The root named by these 32 bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Its 32 bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The root of a whole file held in memory: `blake3::hash(data)`.
+    pub fn of(data: &[u8]) -> Self {
+        Self(*blake3::hash(data).as_bytes())
+    }
+}
+
+impl From<[u8; 32]> for Root {
+    fn from(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl From<Root> for [u8; 32] {
+    fn from(root: Root) -> Self {
+        root.0
+    }
+}
+
+impl From<blake3::Hash> for Root {
+    fn from(hash: blake3::Hash) -> Self {
+        Self(*hash.as_bytes())
+    }
+}
+
+impl AsRef<[u8]> for Root {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Root {
+    /// 64 lowercase hex digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Root {
+    /// The first 16 hex digits, enough to tell files apart in logs and test output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Root(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("..)")
+    }
+}
+
+/// Why text is not a [`Root`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseRootError {
+    /// Not 64 characters long (the count is of characters).
+    #[error("a file hash is 64 hex digits, not {0} characters")]
+    Length(usize),
+    /// A character that is not a hex digit.
+    #[error("a file hash is 64 hex digits, and {0:?} is not a hex digit")]
+    NotHex(char),
+}
+
+impl FromStr for Root {
+    type Err = ParseRootError;
+
+    /// 64 hex digits (either case), nothing around them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 64 {
+            return Err(ParseRootError::Length(s.chars().count()));
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            // 64 bytes but not all ASCII: report the first character that is not a digit.
+            _ => Err(ParseRootError::NotHex(
+                s.chars().find(|c| !c.is_ascii_hexdigit()).unwrap_or(char::from(c)),
+            )),
+        };
+        let mut bytes = [0; 32];
+        for (byte, pair) in bytes.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+            *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Ok(Self(bytes))
+    }
+}
 
 /// A chunk's BLAKE3 chaining value.
 pub type Cv = [u8; 32];
@@ -64,7 +173,7 @@ pub fn root_from_cvs(size: u64, cvs: &[Cv]) -> Option<Root> {
     let (l, r) = cvs.split_at(usize::try_from(left / CHUNK_LEN_U64).ok()?);
     let left_cv = merge(left, l);
     let right_cv = merge(right, r);
-    Some(*merge_subtrees_root(&left_cv, &right_cv, Mode::Hash).as_bytes())
+    Some(Root(*merge_subtrees_root(&left_cv, &right_cv, Mode::Hash).as_bytes()))
 }
 
 /// Sizes of the left and right subtrees of a subtree of `len` bytes (> one chunk).
@@ -142,14 +251,10 @@ impl FileHasher {
     pub fn finish(mut self) -> FileDigest {
         if self.cvs.is_empty() {
             // At most one chunk: the root is an ordinary root finalization.
-            return FileDigest {
-                root: *self.chunk.finalize().as_bytes(),
-                size: self.size,
-                cvs: vec![],
-            };
+            return FileDigest { root: self.chunk.finalize().into(), size: self.size, cvs: vec![] };
         }
         self.cvs.push(self.chunk.finalize_non_root());
-        let root = root_from_cvs(self.size, &self.cvs).unwrap_or([0; 32]);
+        let root = root_from_cvs(self.size, &self.cvs).unwrap_or(Root([0; 32]));
         FileDigest { root, size: self.size, cvs: self.cvs }
     }
 }
@@ -161,7 +266,7 @@ pub fn verify_chunk(root: &Root, size: u64, cvs: &[Cv], index: u32, data: &[u8])
         return false;
     }
     if chunk_count(size) == 1 {
-        return blake3::hash(data).as_bytes() == root;
+        return Root::of(data) == *root;
     }
     cvs.get(index as usize).is_some_and(|cv| *cv == chunk_cv(index, data))
 }
@@ -197,7 +302,7 @@ mod tests {
                 let mut h = FileHasher::new();
                 bytes.chunks(piece).for_each(|p| h.update(p));
                 let digest = h.finish();
-                assert_eq!(digest.root, *blake3::hash(&bytes).as_bytes(), "size {size}");
+                assert_eq!(digest.root, Root::of(&bytes), "size {size}");
                 assert_eq!(digest.size, size as u64);
                 let n = chunk_count(size as u64) as usize;
                 assert_eq!(digest.cvs.len(), if n >= 2 { n } else { 0 });
@@ -209,6 +314,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_root_reads_and_prints_as_b3sum_does() {
+        let root = Root::of(b"hello");
+        let text = blake3::hash(b"hello").to_hex().to_string();
+        assert_eq!(root.to_string(), text);
+        assert_eq!(text.parse::<Root>(), Ok(root));
+        assert_eq!(text.to_uppercase().parse::<Root>(), Ok(root));
+        assert_eq!(format!("{root:?}"), format!("Root({}..)", &text[..16]));
+        assert_eq!(Root::from(*root.as_bytes()), root);
+        assert_eq!(<[u8; 32]>::from(root), *root.as_bytes());
+        assert_eq!(Root::from_bytes([0xab; 32]).to_string(), "ab".repeat(32));
+    }
+
+    #[test]
+    fn text_that_is_not_a_root_is_refused_in_plain_words() {
+        let good = Root::of(b"x").to_string();
+        assert_eq!("".parse::<Root>(), Err(ParseRootError::Length(0)));
+        assert_eq!(good[..63].parse::<Root>(), Err(ParseRootError::Length(63)));
+        assert_eq!(format!("{good}0").parse::<Root>(), Err(ParseRootError::Length(65)));
+        let bad = format!("{}g{}", &good[..10], &good[11..]);
+        assert_eq!(bad.parse::<Root>(), Err(ParseRootError::NotHex('g')));
+        // `u8::from_str_radix` would take "+a"; a hash has no signs.
+        let signed = format!("+{}", &good[1..]);
+        assert_eq!(signed.parse::<Root>(), Err(ParseRootError::NotHex('+')));
+        // 64 bytes, fewer characters.
+        let wide = format!("é{}", &good[2..]);
+        assert_eq!(wide.parse::<Root>(), Err(ParseRootError::NotHex('é')));
+        assert_eq!(
+            ParseRootError::Length(3).to_string(),
+            "a file hash is 64 hex digits, not 3 characters"
+        );
+        assert_eq!(
+            ParseRootError::NotHex('g').to_string(),
+            "a file hash is 64 hex digits, and 'g' is not a hex digit"
+        );
+    }
+
+    #[test]
+    fn a_root_serializes_as_its_32_bytes() {
+        let root = Root::from_bytes(std::array::from_fn(|i| i as u8));
+        let json = serde_json::to_string(&root).unwrap_or_default();
+        let bytes: Vec<String> = (0..32).map(|i: u8| i.to_string()).collect();
+        assert_eq!(json, format!("[{}]", bytes.join(",")));
+        assert_eq!(serde_json::from_str::<Root>(&json).ok(), Some(root));
     }
 
     #[test]

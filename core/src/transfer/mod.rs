@@ -5,16 +5,22 @@
 //! - [`wire`]: the messages (frames 0x20..=0x2a inside the encrypted session).
 //! - [`engine`]: the sans-IO state machine: offers, answers, receiver-driven pipelined
 //!   requests to one or several sources, serving, cancel, pause and resume records.
+//! - [`reason`]: why a download failed, a share stopped, a source was dropped or an offer
+//!   was cancelled, as types whose `Display` is the plain words the user sees.
 //!
 //! The design and why each property holds is in `core/TRANSFER.md`.
 
 pub mod engine;
 pub mod hash;
+pub mod reason;
 pub mod wire;
 
 pub use engine::{
     DownloadProgress, DownloadRecord, DownloadState, Engine, EngineConfig, Output, TransferError,
     TransferEvent,
 };
-pub use hash::{CHUNK_LEN, Cv, FileDigest, FileHasher, Root, chunk_count, chunk_span};
+pub use hash::{
+    CHUNK_LEN, Cv, FileDigest, FileHasher, ParseRootError, Root, chunk_count, chunk_span,
+};
+pub use reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 pub use wire::{OfferItem, TransferMsg, WireError};

@@ -193,6 +193,9 @@ impl Reader<'_> {
         a.copy_from_slice(self.take(32)?);
         Ok(a)
     }
+    fn root(&mut self) -> Result<Root, WireError> {
+        self.hash().map(Root::from)
+    }
     fn text(&mut self, max: usize) -> Result<String, WireError> {
         let len = usize::from(self.u16()?);
         if len > max {
@@ -226,7 +229,7 @@ impl TransferMsg {
                 for item in items {
                     put_text(&mut out, &item.path, MAX_PATH_LEN);
                     out.extend_from_slice(&item.size.to_be_bytes());
-                    out.extend_from_slice(&item.root);
+                    out.extend_from_slice(item.root.as_bytes());
                 }
                 ty::OFFER
             }
@@ -236,33 +239,33 @@ impl TransferMsg {
                 ty::ANSWER
             }
             Self::HashRequest { root, first, count } => {
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 out.extend_from_slice(&first.to_be_bytes());
                 out.extend_from_slice(&count.to_be_bytes());
                 ty::HASH_REQUEST
             }
             Self::Hashes { root, first, cvs } => {
                 out.reserve(40 + cvs.len() * 32);
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 out.extend_from_slice(&first.to_be_bytes());
                 out.extend_from_slice(&(cvs.len() as u32).to_be_bytes());
                 cvs.iter().for_each(|cv| out.extend_from_slice(cv));
                 ty::HASHES
             }
             Self::ChunkRequest { root, index } => {
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 out.extend_from_slice(&index.to_be_bytes());
                 ty::CHUNK_REQUEST
             }
             Self::Chunk { root, index, data } => {
                 out.reserve(36 + data.len());
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(data);
                 ty::CHUNK
             }
             Self::Missing { root, reason } => {
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 put_text(&mut out, reason, MAX_REASON_LEN);
                 ty::MISSING
             }
@@ -273,15 +276,15 @@ impl TransferMsg {
                 ty::CANCEL
             }
             Self::Query { root } => {
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 ty::QUERY
             }
             Self::Have { root } => {
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 ty::HAVE
             }
             Self::Complete { root } => {
-                out.extend_from_slice(root);
+                out.extend_from_slice(root.as_bytes());
                 ty::COMPLETE
             }
         };
@@ -304,7 +307,7 @@ impl TransferMsg {
                 for _ in 0..count {
                     let path = r.text(MAX_PATH_LEN)?;
                     check_path(&path)?;
-                    items.push(OfferItem { path, size: r.u64()?, root: r.hash()? });
+                    items.push(OfferItem { path, size: r.u64()?, root: r.root()? });
                 }
                 Self::Offer { offer_id, items }
             }
@@ -318,10 +321,10 @@ impl TransferMsg {
                 Self::Answer { offer_id, accept }
             }
             ty::HASH_REQUEST => {
-                Self::HashRequest { root: r.hash()?, first: r.u32()?, count: r.u32()? }
+                Self::HashRequest { root: r.root()?, first: r.u32()?, count: r.u32()? }
             }
             ty::HASHES => {
-                let root = r.hash()?;
+                let root = r.root()?;
                 let first = r.u32()?;
                 let count = r.u32()? as usize;
                 if count > MAX_HASHES_PER_MSG || count * 32 != r.0.len() {
@@ -334,9 +337,9 @@ impl TransferMsg {
                 let cvs = (0..count).map(|_| r.hash()).collect::<Result<_, _>>()?;
                 Self::Hashes { root, first, cvs }
             }
-            ty::CHUNK_REQUEST => Self::ChunkRequest { root: r.hash()?, index: r.u32()? },
+            ty::CHUNK_REQUEST => Self::ChunkRequest { root: r.root()?, index: r.u32()? },
             ty::CHUNK => {
-                let root = r.hash()?;
+                let root = r.root()?;
                 let index = r.u32()?;
                 if r.0.len() > CHUNK_LEN {
                     return Err(WireError::TooLarge);
@@ -344,7 +347,7 @@ impl TransferMsg {
                 let data = r.take(r.0.len())?.to_vec();
                 Self::Chunk { root, index, data }
             }
-            ty::MISSING => Self::Missing { root: r.hash()?, reason: r.text(MAX_REASON_LEN)? },
+            ty::MISSING => Self::Missing { root: r.root()?, reason: r.text(MAX_REASON_LEN)? },
             ty::CANCEL => {
                 let offer_id = r.u64()?;
                 let own_offer = match r.u8()? {
@@ -354,9 +357,9 @@ impl TransferMsg {
                 };
                 Self::Cancel { offer_id, own_offer, reason: r.text(MAX_REASON_LEN)? }
             }
-            ty::QUERY => Self::Query { root: r.hash()? },
-            ty::HAVE => Self::Have { root: r.hash()? },
-            ty::COMPLETE => Self::Complete { root: r.hash()? },
+            ty::QUERY => Self::Query { root: r.root()? },
+            ty::HAVE => Self::Have { root: r.root()? },
+            ty::COMPLETE => Self::Complete { root: r.root()? },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -370,13 +373,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn samples() -> Vec<TransferMsg> {
-        let root = [9; 32];
+        let root = Root::from([9; 32]);
         vec![
             TransferMsg::Offer {
                 offer_id: 7,
                 items: vec![
                     OfferItem { path: "photos/a b.jpg".into(), size: 5, root },
-                    OfferItem { path: "ü/é.txt".into(), size: 0, root: [1; 32] },
+                    OfferItem { path: "ü/é.txt".into(), size: 0, root: Root::from([1; 32]) },
                 ],
             },
             TransferMsg::Offer { offer_id: 1, items: vec![] },
@@ -430,7 +433,7 @@ mod tests {
             assert!(check_path(bad).is_err(), "{bad:?}");
             let msg = TransferMsg::Offer {
                 offer_id: 1,
-                items: vec![OfferItem { path: bad.into(), size: 1, root: [0; 32] }],
+                items: vec![OfferItem { path: bad.into(), size: 1, root: Root::from([0; 32]) }],
             };
             let (t, body) = msg.encode();
             assert!(TransferMsg::decode(t, &body).is_err(), "{bad:?}");

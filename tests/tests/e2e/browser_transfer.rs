@@ -3,7 +3,8 @@
 //! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a download resumes
 //! after the receiver reloads, a corrupted chunk is rejected and fetched again, a download
 //! uses two seeders at once, a cancel on either side cleans up both, and without OPFS a
-//! download streams through the service worker into Chromium's downloads folder.
+//! download streams through the service worker into Chromium's downloads folder (even when
+//! the browser asks for it late; one the browser does not save is reported failed).
 //!
 //! Files are generated into a scratch directory on disk and put into the pages through an
 //! `<input type=file>` that chromedriver fills from the local paths.
@@ -684,11 +685,59 @@ async fn wait_saved(dir: &std::path::Path, name: &str, size: u64) -> Result<()> 
     .await
 }
 
+/// Makes Bob's page open its next streamed download (`weft-download/…` in a hidden frame)
+/// as `mode` says: "late" adds the frame only 2 s later (as a busy browser may ask for it
+/// late), recording when in `t.lateFrameAt`; "page" points it at a download the service
+/// worker does not know, so the frame shows a page instead of saving the file.
+const FRAME_HOOK_JS: &str = r#"
+    const t = window.t;
+    if (!t.frameHook) {
+      t.frameHook = true;
+      const body = document.body;
+      const append = body.appendChild.bind(body);
+      body.appendChild = (node) => {
+        const mode = t.frameMode;
+        if (!(node instanceof HTMLIFrameElement) || !node.src.includes("/weft-download/") || !mode) {
+          return append(node);
+        }
+        t.frameMode = null;
+        if (mode === "page") {
+          node.src = node.src.replace("/weft-download/", "/weft-download/unknown-");
+          return append(node);
+        }
+        setTimeout(() => { t.lateFrameAt = performance.now(); append(node); }, 2000);
+        return node;
+      };
+    }
+    t.frameMode = arguments[0];
+    return true;
+"#;
+
+/// Sets how Bob's page opens its next streamed download (see [`FRAME_HOOK_JS`]).
+async fn next_frame(bob: &WebDriver, mode: &str) -> Result<()> {
+    bob.execute(FRAME_HOOK_JS, vec![json!(mode)]).await?;
+    Ok(())
+}
+
+/// Offers `file` (alone in Alice's upload `key`) under `path` to Bob, who accepts it;
+/// returns the offer id.
+async fn offer_accepted(net: &Net, key: &str, file: &TestFile, path: &str) -> Result<Value> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    let sent = send_files(alice, key, &[(file, path)], bob_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(bob, alice_id, &offer_id).await?;
+    accept(bob, alice_id, &offer_id).await?;
+    Ok(offer_id)
+}
+
 async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile]) -> Result<()> {
     let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
     let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
-    let [big, small, cut] = files else { bail!("three files") };
+    let [big, small, late, refused, cut] = files else { bail!("five files") };
     upload(alice, "w", &[big, small]).await?;
+    upload(alice, "l", &[late]).await?;
+    upload(alice, "r", &[refused]).await?;
     upload(alice, "x", &[cut]).await?;
 
     // 1. A file and a second one in a folder, in one offer. Chunk 5 of the big one is
@@ -730,7 +779,46 @@ async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile])
         "downloadedFile: {kept}"
     );
 
-    // 2. A cancel mid-download fails the browser's download: no truncated file is saved.
+    // 2. The browser asks for a download only after all of it was fed to the service
+    // worker (a small file fits in its queue at once): the download waits for the browser,
+    // and is complete only once the browser took it. Under load, the second file above was
+    // once announced complete and then lost this way.
+    next_frame(bob, "late").await?;
+    offer_accepted(net, "l", late, "late.txt").await?;
+    let done = wait_complete(bob, &late.root, WAIT).await?;
+    let frame_at = js(bob, "return window.t.lateFrameAt ?? null;").await?;
+    ensure!(
+        frame_at.as_f64().zip(done["t"].as_f64()).is_some_and(|(f, t)| t > f),
+        "late.txt was announced complete (at {} ms) before the browser asked for it (at {frame_at})",
+        done["t"]
+    );
+    wait_saved(downloads, "late.txt", late.size).await?;
+    let got = blake3_of(&downloads.join("late.txt"))?;
+    ensure!(got == late.root, "late.txt in the downloads folder hashes to {got}");
+
+    // 3. A download the browser does not save (its frame shows a page instead) is reported
+    // failed with a plain reason, never complete.
+    next_frame(bob, "page").await?;
+    offer_accepted(net, "r", refused, "refused.txt").await?;
+    let failed = wait_event(
+        bob,
+        "refused.txt to fail",
+        &is_event("file_failed", "root", &refused.root),
+        Some(&is_event("file_complete", "root", &refused.root)),
+        WAIT,
+    )
+    .await?;
+    ensure!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the browser did not save the download")),
+        "file_failed {failed}"
+    );
+    let files_now = listing(downloads)?;
+    ensure!(!files_now.iter().any(|(n, _)| n.contains("refused")), "saved anyway: {files_now:?}");
+    println!("refused.txt failed: {}", failed["reason"]);
+
+    // 4. A cancel mid-download fails the browser's download: no truncated file is saved.
     call(alice, "s.setUploadLimit(4e6); return true;", WAIT).await?;
     let sent = send_files(alice, "x", &[(cut, "cut.bin")], bob_id, WAIT).await?;
     let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
@@ -763,6 +851,8 @@ async fn without_opfs_a_download_streams_into_the_downloads_folder() {
     let files = [
         generate(scratch.path(), "stream.bin", mib(24) + 1000, 60).unwrap(),
         generate(scratch.path(), "small.txt", 70_000, 61).unwrap(),
+        generate(scratch.path(), "late.txt", 5000, 63).unwrap(),
+        generate(scratch.path(), "refused.txt", 3000, 64).unwrap(),
         generate(scratch.path(), "cut.bin", mib(32), 62).unwrap(),
     ];
     let bob = Member {

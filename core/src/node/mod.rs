@@ -1,0 +1,1703 @@
+//! One node of the overlay: every decision above a single link, once, for every platform.
+//!
+//! A [`Node`] owns the signaling client's policy (join, heartbeat, reconnect with
+//! backoff), one [`PeerLink`] per other member with the connection policy around it
+//! (which peers to connect, when a connection is rebuilt or given up, orphans that
+//! outlive a server restart), trust on first use with verification, and the file-transfer
+//! [`Engine`] with its wire glue (encoding, batching small frames into one packet),
+//! progress and record-save throttling and upload pacing. It is sans-IO in the shape of
+//! str0m's `Rtc` and quinn-proto's `Endpoint`:
+//!
+//! ```text
+//! driver                                         Node
+//!   WebSocket / RTCPeerConnection / disk  ── handle_input(now, Input, rng) ──▶
+//!   user asks                             ── send_message / offer / accept / verify_peer ..
+//!                                         ◀── poll_output(): Output (open a socket or a
+//!                                              connection, transmit, read, write, save,
+//!                                              events for the user)
+//!                                         ◀── poll_timeout(): when to call
+//!                                              handle_input(now, Input::Timeout, rng)
+//! ```
+//!
+//! The driver never encodes or decodes a protocol message: it moves signaling text and
+//! channel bytes, makes the WebRTC connections it is told to (numbered by [`ConnId`]),
+//! and does the file I/O. Time is a [`Duration`] since the driver's epoch; randomness
+//! comes from the driver. Connections are numbered so that events of a replaced one are
+//! ignored. See `core/NODE.md` for the policy and why.
+//!
+//! The routing table (IP packets between members) will live here too; today a
+//! [`LinkEvent::Data`] is dropped.
+
+mod files;
+mod peers;
+mod signaling;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use hpke::rand_core::CryptoRng;
+
+pub use self::files::{
+    DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
+    TransfersView,
+};
+pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState};
+
+use self::files::{FileGlue, Outgoing, PacedRead};
+use self::peers::PeerSlot;
+use self::signaling::{SignalingChange, SignalingClient, SocketAction};
+use crate::identity::{Fingerprint, IdentityKeyPair};
+use crate::network::Network;
+use crate::peer::{LinkError, LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
+use crate::signal::{ClientMessage, ErrorCode, MembershipEvent, PeerId, RoomId, SignalPayload};
+use crate::transfer::{
+    CancelReason, Cv, DownloadRecord, DownloadState, Engine, EngineConfig, FailReason, OfferItem,
+    Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent, TransferMsg,
+};
+use crate::trust::{Trust, TrustStore};
+
+/// File-transfer messages up to this size go several to one packet per peer.
+const BATCH_FRAME: usize = 1024;
+/// A batch of small frames is sealed once it reaches this size.
+const BATCH_BYTES: usize = 16 * 1024;
+
+/// Timing and limits of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeTiming {
+    /// How often the server is pinged; two unanswered pings mean the connection is dead.
+    pub heartbeat: Duration,
+    /// How long opening the signaling connection may take.
+    pub connect_timeout: Duration,
+    /// Fresh connections made for one peer after its connection closed or went silent,
+    /// before giving up until it rejoins.
+    pub max_reconnects: u32,
+    /// Least time between two progress reports of one file (or one upload).
+    pub progress_every: Duration,
+    /// Least time between two saves of the download records.
+    pub save_every: Duration,
+    /// How often the selected path of each connection is read.
+    pub path_every: Duration,
+}
+
+impl Default for NodeTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(10),
+            max_reconnects: 5,
+            progress_every: Duration::from_millis(250),
+            save_every: Duration::from_millis(500),
+            path_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a node is.
+#[derive(Debug)]
+pub struct NodeConfig {
+    /// Our long-term key.
+    pub identity: IdentityKeyPair,
+    /// The network (its room, PSK).
+    pub network: Network,
+    /// Our display name.
+    pub name: String,
+    /// The network's trust store, as saved.
+    pub trust: TrustStore,
+    /// Where downloads go.
+    pub downloads: DownloadStore,
+    /// The first offer number; random, so a restarted node's offers do not collide with
+    /// its earlier ones.
+    pub first_offer_id: u64,
+    /// Timing of the node.
+    pub timing: NodeTiming,
+    /// Timing of each link.
+    pub link: PeerLinkConfig,
+    /// Tuning of the transfer engine.
+    pub engine: EngineConfig,
+}
+
+impl NodeConfig {
+    /// A configuration with default timing.
+    pub fn new(
+        identity: IdentityKeyPair,
+        network: Network,
+        name: impl Into<String>,
+        trust: TrustStore,
+        downloads: DownloadStore,
+        first_offer_id: u64,
+    ) -> Self {
+        Self {
+            identity,
+            network,
+            name: name.into(),
+            trust,
+            downloads,
+            first_offer_id,
+            timing: NodeTiming::default(),
+            link: PeerLinkConfig::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Which data channel of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Channel 0: reliable and ordered (handshake, messages, file transfer).
+    Control,
+    /// Channel 1: unordered and unreliable (IP packets).
+    Data,
+}
+
+/// What happened to a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// The connection wants this sent to the remote peer (offer, answer, candidate).
+    LocalSignal(SignalPayload),
+    /// The control channel opened; the connection's descriptions, whose DTLS
+    /// fingerprints the handshake binds to.
+    ControlOpen {
+        /// The local description's SDP.
+        local_sdp: String,
+        /// The remote description's SDP.
+        remote_sdp: String,
+    },
+    /// Bytes arrived on either channel.
+    Received(Vec<u8>),
+    /// ICE connectivity changed (where the platform says).
+    Ice(IceState),
+    /// A reading of the selected path.
+    Path {
+        /// Either end is a TURN relay candidate.
+        relayed: bool,
+        /// STUN round-trip time of the pair, when measured.
+        rtt: Option<Duration>,
+    },
+    /// The connection failed or closed; it carries nothing any more.
+    Closed {
+        /// Why, for logs.
+        reason: String,
+    },
+    /// The remote peer offered something this connection cannot take (a new DTLS
+    /// transport, or an offer crossing ours on the polite side): the node replaces the
+    /// connection and gives the new one this offer.
+    RemoteRestarted(SignalPayload),
+}
+
+/// Why a chunk could not be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// No space left on the disk.
+    DiskFull,
+    /// The browser's storage quota is used up (or the disk is full).
+    QuotaExceeded,
+    /// There is nowhere to store downloads (the browser's storage cannot be opened).
+    NoStorage(String),
+    /// The streamed download could not be started.
+    StreamNotStarted(String),
+    /// A write larger than the writer takes (a driver bug).
+    TooLarge,
+    /// Anything else, in the platform's words.
+    Other(String),
+}
+
+/// Something the driver saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The signaling WebSocket opened.
+    SignalingOpened,
+    /// A text frame from the server.
+    SignalingText(String),
+    /// The signaling WebSocket closed or could not be opened.
+    SignalingClosed {
+        /// Why, in plain words.
+        reason: String,
+    },
+    /// Something happened to connection `conn`.
+    Connection {
+        /// Which one.
+        conn: ConnId,
+        /// What.
+        event: ConnectionEvent,
+    },
+    /// An [`Output::Read`] finished.
+    ReadDone {
+        /// For whom.
+        peer: PeerId,
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// The bytes, or why not (in the platform's words).
+        result: Result<Vec<u8>, String>,
+    },
+    /// An [`Output::Write`] finished. A driver that does not sync every write syncs the
+    /// file before it persists a record that claims the chunk ([`Output::SaveRecords`]).
+    WriteDone {
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Whether it worked.
+        result: Result<(), WriteFailure>,
+    },
+    /// Storing the download `root` failed as a whole (its stream could not be opened,
+    /// say): it fails.
+    StoreFailed {
+        /// Which file.
+        root: Root,
+        /// Why.
+        failure: WriteFailure,
+    },
+    /// An [`Output::SaveRecords`] finished, whether or not every record could be saved
+    /// (a driver tells the user of one that could not; the next save tries again).
+    RecordsSaved,
+    /// An [`Output::FinishFile`] finished.
+    FileSaved {
+        /// Which file.
+        root: Root,
+        /// Where it is, or why it could not be put there.
+        result: Result<SavedTo, String>,
+    },
+    /// [`Node::poll_timeout`] passed.
+    Timeout,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Open the signaling WebSocket (closing any open one), then report
+    /// [`Input::SignalingOpened`], texts, and [`Input::SignalingClosed`].
+    SignalingConnect,
+    /// Send this text on the signaling WebSocket.
+    SignalingSend(String),
+    /// Close the signaling WebSocket (no [`Input::SignalingClosed`] needed).
+    SignalingClose,
+    /// Make a WebRTC connection to `peer` with the two negotiated channels; `polite` is
+    /// our role in perfect negotiation (the impolite side offers first).
+    Connect {
+        /// Its number, for every event and command.
+        conn: ConnId,
+        /// To whom.
+        peer: PeerId,
+        /// Our role.
+        polite: bool,
+    },
+    /// Apply this remote description or candidate to `conn`.
+    Signal {
+        /// Which connection.
+        conn: ConnId,
+        /// What the remote peer sent.
+        payload: SignalPayload,
+    },
+    /// Send `bytes` on `channel` of `conn`.
+    Transmit {
+        /// Which connection.
+        conn: ConnId,
+        /// Which channel.
+        channel: Channel,
+        /// The sealed packet.
+        bytes: Vec<u8>,
+    },
+    /// Close `conn` and forget it. `graceful`: let what was sent on it go first (we are
+    /// leaving and said Close).
+    Disconnect {
+        /// Which connection.
+        conn: ConnId,
+        /// Flush first.
+        graceful: bool,
+    },
+    /// Read the selected path of `conn` and report [`ConnectionEvent::Path`] (where the
+    /// platform does not report it by itself).
+    ReadPath {
+        /// Which connection.
+        conn: ConnId,
+    },
+    /// Read `len` bytes at `offset` of file `root` (shared, or downloaded here), then
+    /// report [`Input::ReadDone`].
+    Read {
+        /// For whom.
+        peer: PeerId,
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: usize,
+    },
+    /// Write verified `data` at `offset` of the download `root`, then report
+    /// [`Input::WriteDone`].
+    Write {
+        /// Which file.
+        root: Root,
+        /// Which chunk.
+        index: u32,
+        /// Where.
+        offset: u64,
+        /// The verified bytes.
+        data: Vec<u8>,
+    },
+    /// Delete the download `root`: its partial (or kept) data and its record.
+    Discard {
+        /// Which file.
+        root: Root,
+    },
+    /// The download `root` is complete and verified: close it and put it in its place
+    /// (written data is durable first), then report [`Input::FileSaved`].
+    FinishFile {
+        /// Which file.
+        root: Root,
+        /// The paths it was offered under.
+        paths: Vec<String>,
+        /// Its size.
+        size: u64,
+        /// Its record, to save before moving it (stores that keep records).
+        record: Option<DownloadRecord>,
+    },
+    /// Persist these resume records (data they claim synced first), then report
+    /// [`Input::RecordsSaved`].
+    SaveRecords(Vec<DownloadRecord>),
+    /// Persist the trust store.
+    SaveTrust(TrustStore),
+    /// Something for the user.
+    Event(Event),
+}
+
+/// The signaling connection, as users see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalingEvent {
+    /// An attempt to connect starts.
+    Connecting {
+        /// From 1.
+        attempt: u32,
+    },
+    /// The connection failed or dropped; sessions go on, and the next attempt is in
+    /// `retry_in`.
+    Lost {
+        /// Why.
+        reason: String,
+        /// When.
+        retry_in: Duration,
+    },
+    /// The server refused us for good (only an update helps).
+    Stopped {
+        /// Why.
+        reason: StopReason,
+    },
+    /// We left.
+    Left,
+}
+
+/// Why the signaling server refused us for good. `Display` is for users.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The server speaks another protocol version: only an update helps.
+    #[error("the server refused our protocol version: {message}")]
+    UnsupportedVersion {
+        /// The server's words.
+        message: String,
+    },
+}
+
+/// Something for the user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The signaling connection changed.
+    Signaling(SignalingEvent),
+    /// Joined (again) under `peer_id`, with these other members.
+    Joined {
+        /// Our id.
+        peer_id: PeerId,
+        /// The others.
+        peers: Vec<PeerId>,
+    },
+    /// A member joined.
+    PeerJoined(PeerId),
+    /// A member left (or its id went away with a server restart, or its kept connection
+    /// ended).
+    PeerLeft(PeerId),
+    /// What we know of a peer changed (state, name, key, trust, path).
+    Peer(PeerInfo),
+    /// An encrypted session is up and its key was checked against the trust store.
+    PeerConnected(PeerInfo),
+    /// A peer's key differs from the one pinned for its name: warn loudly.
+    KeyChanged(PeerInfo),
+    /// A peer's connection failed.
+    PeerFailed(PeerInfo),
+    /// A chat message.
+    Message {
+        /// From whom.
+        peer_id: PeerId,
+        /// Its display name.
+        name: String,
+        /// The text.
+        text: String,
+    },
+    /// The signaling server refused something.
+    ServerError {
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// File transfer.
+    File(FileEvent),
+}
+
+/// Why a request was refused. `Display` is for users.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// No such peer.
+    #[error("no peer {0} in this network")]
+    NoSuchPeer(String),
+    /// The peer has no encrypted session yet.
+    #[error("peer {0} is not connected yet")]
+    NotConnected(PeerId),
+    /// Nobody has an encrypted session with us.
+    #[error("no peer is connected")]
+    NobodyConnected,
+    /// The peer's key is not known yet.
+    #[error("peer {0} has not completed a handshake yet")]
+    NoHandshakeYet(PeerId),
+    /// Verifying a key other than the pinned one.
+    #[error("{0} is pinned to another key; accept the new key before verifying it")]
+    PinnedToAnotherKey(String),
+    /// The link refused.
+    #[error("peer {peer}: {error}")]
+    Link {
+        /// Which peer.
+        peer: PeerId,
+        /// Why.
+        error: LinkError,
+    },
+    /// The transfer engine refused.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// Offers cannot be accepted here.
+    #[error("this peer stores no downloads (no download folder)")]
+    NoDownloadStore,
+}
+
+/// The node. See the module docs.
+#[derive(Debug)]
+pub struct Node {
+    identity: IdentityKeyPair,
+    network: Network,
+    name: String,
+    timing: NodeTiming,
+    link_config: PeerLinkConfig,
+    signaling: SignalingClient,
+    peers: BTreeMap<PeerId, PeerSlot>,
+    /// Which peer each current connection belongs to.
+    conns: HashMap<ConnId, PeerId>,
+    next_conn: u64,
+    trust: TrustStore,
+    engine: Engine,
+    /// Peers the engine was told have a session.
+    engine_peers: BTreeSet<PeerId>,
+    files: FileGlue,
+    path_due: Option<Duration>,
+    out: VecDeque<Output>,
+}
+
+fn jitter(rng: &mut impl CryptoRng) -> f64 {
+    f64::from(rng.next_u32()) / f64::from(u32::MAX)
+}
+
+impl Node {
+    /// A node that has not connected yet: call [`Node::start`].
+    pub fn new(config: NodeConfig) -> Self {
+        let NodeConfig { identity, network, name, trust, downloads, first_offer_id, .. } = config;
+        let room = network.room_id().clone();
+        Self {
+            identity,
+            network,
+            name,
+            timing: config.timing,
+            link_config: config.link,
+            signaling: SignalingClient::new(
+                room,
+                config.timing.heartbeat,
+                config.timing.connect_timeout,
+            ),
+            peers: BTreeMap::new(),
+            conns: HashMap::new(),
+            next_conn: 0,
+            trust,
+            engine: Engine::new(config.engine, first_offer_id),
+            engine_peers: BTreeSet::new(),
+            files: FileGlue::new(downloads),
+            path_due: None,
+            out: VecDeque::new(),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The sans-IO interface
+
+    /// Connects to the signaling server (once).
+    pub fn start(&mut self, now: Duration) {
+        let (mut act, mut changes) = (Vec::new(), Vec::new());
+        self.signaling.start(now, &mut act, &mut changes);
+        self.apply_signaling(now, act, changes);
+    }
+
+    /// Takes one input; then drain [`Node::poll_output`].
+    pub fn handle_input(&mut self, now: Duration, input: Input, rng: &mut impl CryptoRng) {
+        match input {
+            Input::SignalingOpened => {
+                let mut act = Vec::new();
+                self.signaling.opened(now, &mut act);
+                self.apply_signaling(now, act, Vec::new());
+            }
+            Input::SignalingText(text) => {
+                let (mut act, mut changes) = (Vec::new(), Vec::new());
+                if let Err(e) = self.signaling.text(&text, &mut act, &mut changes) {
+                    tracing::warn!("ignoring a bad message from the server: {e}");
+                }
+                self.apply_signaling(now, act, changes);
+            }
+            Input::SignalingClosed { reason } => {
+                let mut changes = Vec::new();
+                self.signaling.closed(now, reason, jitter(rng), &mut changes);
+                self.apply_signaling(now, Vec::new(), changes);
+            }
+            Input::Connection { conn, event } => self.on_connection(now, conn, event, rng),
+            Input::ReadDone { peer, root, index, result } => {
+                self.on_read_done(now, peer, root, index, result);
+            }
+            Input::WriteDone { root, index, result } => match result {
+                Ok(()) => {
+                    self.engine.write_done(&root, index, now);
+                    self.mark_dirty(&root, now);
+                    self.maybe_progress(&root, now, false);
+                }
+                Err(failure) => self.store_failed(now, &root, failure),
+            },
+            Input::StoreFailed { root, failure } => self.store_failed(now, &root, failure),
+            Input::RecordsSaved => {
+                self.files.saving = false;
+                // A file completed during the save is put in place only now, so that the
+                // save cannot write its old record back after the file's record is gone.
+                for (root, paths, size) in std::mem::take(&mut self.files.finish_after_save) {
+                    self.finish_file(root, paths, size);
+                }
+                if !self.files.dirty.is_empty() && self.files.save_due.is_none() {
+                    self.files.save_due = Some(now + self.timing.save_every);
+                }
+            }
+            Input::FileSaved { root, result } => self.on_file_saved(root, result),
+            Input::Timeout => self.handle_timeout(now, rng),
+        }
+        self.pump(now);
+    }
+
+    fn store_failed(&mut self, now: Duration, root: &Root, failure: WriteFailure) {
+        let reason = match failure {
+            WriteFailure::DiskFull => FailReason::DiskFull,
+            WriteFailure::QuotaExceeded => FailReason::QuotaExceeded,
+            WriteFailure::NoStorage(e) => FailReason::NoStorage(e),
+            WriteFailure::StreamNotStarted(e) => FailReason::StreamNotStarted(e),
+            WriteFailure::TooLarge => FailReason::WriteTooLarge,
+            WriteFailure::Other(e) => FailReason::Write(e),
+        };
+        self.engine.write_failed(root, reason);
+        self.mark_dirty(root, now);
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When to call `handle_input(now, Input::Timeout, ..)` next. A driver may wake
+    /// earlier; that is harmless.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let links = self.peers.values().filter_map(|p| p.link.poll_timeout());
+        let paced = self.files.paced.front().map(|r| r.at);
+        links
+            .chain(self.signaling.poll_timeout())
+            .chain(self.engine.poll_timeout())
+            .chain(self.files.save_due)
+            .chain(self.path_due)
+            .chain(paced)
+            .min()
+    }
+
+    fn handle_timeout(&mut self, now: Duration, rng: &mut impl CryptoRng) {
+        let (mut act, mut changes) = (Vec::new(), Vec::new());
+        self.signaling.handle_timeout(now, jitter(rng), &mut act, &mut changes);
+        self.apply_signaling(now, act, changes);
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.link.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some(slot) = self.peers.get_mut(&id) {
+                slot.link.handle_timeout(now);
+            }
+            self.drive(now, &id);
+        }
+        if self.files.save_due.is_some_and(|t| t <= now) {
+            self.files.save_due = None;
+            self.save_dirty(now);
+        }
+        if self.path_due.is_some_and(|t| t <= now) {
+            self.path_due = None;
+            self.read_paths(now);
+        }
+        while self.files.paced.front().is_some_and(|r| r.at <= now) {
+            if let Some(r) = self.files.paced.pop_front() {
+                let PacedRead { peer, root, index, offset, len, .. } = r;
+                self.out.push_back(Output::Read { peer, root, index, offset, len });
+            }
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push_back(Output::Event(event));
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Signaling
+
+    fn apply_signaling(
+        &mut self,
+        now: Duration,
+        act: Vec<SocketAction>,
+        changes: Vec<SignalingChange>,
+    ) {
+        for a in act {
+            self.out.push_back(match a {
+                SocketAction::Connect => Output::SignalingConnect,
+                SocketAction::Send(text) => Output::SignalingSend(text),
+                SocketAction::Close => Output::SignalingClose,
+            });
+        }
+        for change in changes {
+            match change {
+                SignalingChange::Connecting { attempt } => {
+                    self.emit(Event::Signaling(SignalingEvent::Connecting { attempt }));
+                }
+                SignalingChange::Lost { reason, retry_in } => {
+                    // Sessions stay: they do not need the server.
+                    self.emit(Event::Signaling(SignalingEvent::Lost { reason, retry_in }));
+                }
+                SignalingChange::Stopped { reason } => {
+                    self.emit(Event::Signaling(SignalingEvent::Stopped { reason }));
+                }
+                SignalingChange::Membership(event) => self.on_membership(now, event),
+            }
+        }
+    }
+
+    fn on_membership(&mut self, now: Duration, event: MembershipEvent) {
+        match event {
+            MembershipEvent::Joined { peer_id, peers } => {
+                self.emit(Event::Joined { peer_id, peers: peers.clone() });
+                self.resync(now, &peers);
+            }
+            MembershipEvent::PeerJoined(peer) => {
+                self.emit(Event::PeerJoined(peer.clone()));
+                self.add_peer(now, &peer);
+            }
+            MembershipEvent::PeerLeft(peer) => {
+                self.emit(Event::PeerLeft(peer.clone()));
+                self.retire(now, &peer);
+            }
+            MembershipEvent::Signal { from, payload } => self.on_signal(now, &from, payload),
+            MembershipEvent::Pong => {}
+            MembershipEvent::Error { code, message } => {
+                self.emit(Event::ServerError { code, message });
+            }
+        }
+    }
+
+    fn send_signal(&mut self, to: &PeerId, payload: SignalPayload) {
+        let mut act = Vec::new();
+        self.signaling.send(&ClientMessage::Signal { to: to.clone(), payload }, &mut act);
+        for a in act {
+            if let SocketAction::Send(text) = a {
+                self.out.push_back(Output::SignalingSend(text));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The connection policy
+
+    /// After a (re)join the server's list is the whole truth. Connections to ids no
+    /// longer listed are dropped, unless their session works: the peer is probably still
+    /// there under a new id (an orphan, see [`PeerSlot::orphan`]).
+    fn resync(&mut self, now: Duration, peers: &[PeerId]) {
+        let stale: Vec<PeerId> =
+            self.peers.keys().filter(|id| !peers.contains(id)).cloned().collect();
+        for id in stale {
+            match self.peers.get_mut(&id) {
+                Some(slot) if slot.is_established() => slot.orphan = true,
+                _ => self.drop_peer(now, &id),
+            }
+        }
+        for id in peers {
+            if !self.peers.contains_key(id) {
+                self.add_peer(now, id);
+            }
+        }
+    }
+
+    fn new_conn(&mut self, remote: &PeerId) -> Option<ConnId> {
+        let own = self.signaling.own_id()?.clone();
+        self.next_conn += 1;
+        let conn = ConnId(self.next_conn);
+        self.conns.insert(conn, remote.clone());
+        self.out.push_back(Output::Connect {
+            conn,
+            peer: remote.clone(),
+            polite: is_polite(&own, remote),
+        });
+        Some(conn)
+    }
+
+    fn disconnect(&mut self, conn: ConnId, graceful: bool) {
+        self.conns.remove(&conn);
+        self.out.push_back(Output::Disconnect { conn, graceful });
+    }
+
+    /// A fresh connection to `remote` (replacing any earlier one under that id).
+    fn add_peer(&mut self, now: Duration, remote: &PeerId) {
+        let Some(own) = self.signaling.own_id().cloned() else { return };
+        if *remote == own {
+            return;
+        }
+        if self.peers.contains_key(remote) {
+            self.drop_peer(now, remote);
+        }
+        let Some(conn) = self.new_conn(remote) else { return };
+        let link = PeerLink::new(
+            own,
+            remote.clone(),
+            self.identity.clone(),
+            &self.network,
+            &self.name,
+            self.link_config,
+        );
+        self.peers.insert(remote.clone(), PeerSlot::new(conn, link));
+        if self.path_due.is_none() {
+            self.path_due = Some(now + self.timing.path_every);
+        }
+        self.show(remote);
+    }
+
+    /// Closes and forgets `remote`, telling the user unless told already.
+    fn drop_peer(&mut self, now: Duration, remote: &PeerId) {
+        self.set_engine_peer(remote, false, now);
+        if let Some(slot) = self.peers.remove(remote) {
+            self.disconnect(slot.conn, false);
+            if !slot.announced_left {
+                self.emit(Event::PeerLeft(remote.clone()));
+            }
+        }
+    }
+
+    /// The server says `remote` left. A working session is kept as an orphan: when the
+    /// server goes down it reports everyone leaving, yet the peers are still there. A
+    /// peer that really left closes its connection, which ends the orphan.
+    fn retire(&mut self, now: Duration, remote: &PeerId) {
+        let Some(slot) = self.peers.get_mut(remote) else { return };
+        slot.announced_left = true;
+        if slot.is_established() {
+            slot.orphan = true;
+        } else {
+            self.drop_peer(now, remote);
+        }
+    }
+
+    /// Replaces the connection of `remote`, keeping its link (which runs a new handshake
+    /// when the new control channel opens).
+    fn reconnect(&mut self, now: Duration, remote: &PeerId) -> Option<ConnId> {
+        let conn = self.new_conn(remote)?;
+        self.set_engine_peer(remote, false, now);
+        let slot = self.peers.get_mut(remote)?;
+        let old = std::mem::replace(&mut slot.conn, conn);
+        slot.link.channel_closed();
+        slot.ice = IceState::Checking;
+        slot.relayed = false;
+        slot.path_rtt = None;
+        slot.link_rtt = None;
+        slot.reconnects += 1;
+        self.disconnect(old, false);
+        Some(conn)
+    }
+
+    fn on_signal(&mut self, now: Duration, from: &PeerId, payload: SignalPayload) {
+        if !self.peers.contains_key(from) {
+            // An offer from an id we do not know (we missed its join, or it raced our
+            // welcome): a new peer. Anything else for an unknown id is stale.
+            if !matches!(payload, SignalPayload::Offer { .. }) && !self.signaling.in_room(from) {
+                return;
+            }
+            self.add_peer(now, from);
+        }
+        if let Some(slot) = self.peers.get(from) {
+            self.out.push_back(Output::Signal { conn: slot.conn, payload });
+        }
+    }
+
+    fn on_connection(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        event: ConnectionEvent,
+        rng: &mut impl CryptoRng,
+    ) {
+        let Some(remote) = self.conns.get(&conn).cloned() else { return };
+        let Some(slot) = self.peers.get_mut(&remote) else { return };
+        if slot.conn != conn {
+            return;
+        }
+        match event {
+            ConnectionEvent::LocalSignal(payload) => {
+                if !slot.orphan {
+                    self.send_signal(&remote, payload);
+                }
+                return;
+            }
+            ConnectionEvent::ControlOpen { local_sdp, remote_sdp } => {
+                slot.failure = None;
+                slot.link.channel_open(&local_sdp, &remote_sdp, now, rng);
+            }
+            ConnectionEvent::Received(bytes) => slot.link.receive(&bytes, now, rng),
+            ConnectionEvent::Ice(state) => {
+                slot.ice = state;
+                if state == IceState::Failed && slot.orphan {
+                    // Nobody to renegotiate with: the server no longer knows this id.
+                    self.drop_peer(now, &remote);
+                    return;
+                }
+                if state == IceState::Connected {
+                    self.out.push_back(Output::ReadPath { conn });
+                }
+            }
+            ConnectionEvent::Path { relayed, rtt } => {
+                slot.relayed = relayed;
+                slot.path_rtt = rtt;
+            }
+            ConnectionEvent::Closed { reason } => {
+                tracing::debug!("connection {conn} to {remote} closed: {reason}");
+                slot.link.channel_closed();
+                slot.link_rtt = None;
+                slot.announced_up = false;
+                let in_room = !slot.orphan && self.signaling.in_room(&remote);
+                let retry = slot.reconnects < self.timing.max_reconnects;
+                self.set_engine_peer(&remote, false, now);
+                if in_room && retry {
+                    self.reconnect(now, &remote);
+                } else if in_room {
+                    if let Some(slot) = self.peers.get_mut(&remote) {
+                        slot.failure = Some(PeerFailure::KeepsDropping);
+                        let info = slot.info(&remote);
+                        self.emit(Event::PeerFailed(info));
+                    }
+                } else {
+                    self.drop_peer(now, &remote);
+                    return;
+                }
+            }
+            ConnectionEvent::RemoteRestarted(offer) => {
+                if let Some(conn) = self.reconnect(now, &remote) {
+                    self.out.push_back(Output::Signal { conn, payload: offer });
+                }
+            }
+        }
+        self.drive(now, &remote);
+    }
+
+    /// Moves the link's sealed packets to its connection's control channel.
+    fn flush_link(&mut self, remote: &PeerId) {
+        let Some(slot) = self.peers.get_mut(remote) else { return };
+        while let Some(bytes) = slot.link.poll_transmit() {
+            self.out.push_back(Output::Transmit {
+                conn: slot.conn,
+                channel: Channel::Control,
+                bytes,
+            });
+        }
+    }
+
+    /// Drains the link of `remote` after any input: transmits out, events handled; pins
+    /// the key once both key and name are known; reports any change.
+    fn drive(&mut self, now: Duration, remote: &PeerId) {
+        self.flush_link(remote);
+        let Some(slot) = self.peers.get_mut(remote) else { return };
+        let mut established = None;
+        let mut transfer = Vec::new();
+        let mut failed = false;
+        let mut silent = false;
+        let mut events = Vec::new();
+        while let Some(event) = slot.link.poll_event() {
+            match event {
+                LinkEvent::Established { fingerprint, .. } => {
+                    slot.reconnects = 0;
+                    slot.failure = None;
+                    slot.fingerprint = Some(fingerprint);
+                    slot.trust = None;
+                    slot.announced_up = false;
+                    established = Some(fingerprint);
+                }
+                LinkEvent::Hello { .. } => {}
+                LinkEvent::Message { text } => events.push(Event::Message {
+                    peer_id: remote.clone(),
+                    name: slot.link.peer_name().unwrap_or_default().to_string(),
+                    text,
+                }),
+                LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
+                // IP packets come with the routing table.
+                LinkEvent::Data(_) => {}
+                LinkEvent::Rtt(rtt) => slot.link_rtt = Some(rtt),
+                LinkEvent::Failed(error) => {
+                    silent = matches!(error, LinkError::PeerSilent(_));
+                    slot.failure = Some(PeerFailure::Link(error));
+                    slot.announced_up = false;
+                    failed = true;
+                }
+            }
+        }
+        // Pin the key once both the key and the name are known.
+        let mut save_trust = false;
+        if slot.trust.is_none() && slot.is_established() {
+            if let (Some(fp), Some(name)) = (&slot.fingerprint, slot.link.peer_name()) {
+                let trust = self.trust.observe(name, fp);
+                slot.trust = Some(trust);
+                save_trust = true;
+                if let Trust::Changed { .. } = trust {
+                    events.push(Event::KeyChanged(slot.info(remote)));
+                }
+            }
+        }
+        if slot.trust.is_some() && !slot.announced_up && slot.is_established() {
+            slot.announced_up = true;
+            events.push(Event::PeerConnected(slot.info(remote)));
+        }
+        if failed {
+            events.push(Event::PeerFailed(slot.info(remote)));
+        }
+        // A peer that already left the room and whose link failed is gone.
+        let gone = slot.orphan && slot.link.state() == LinkState::Failed;
+        let conn = slot.conn;
+        for event in events {
+            self.emit(event);
+        }
+        if save_trust {
+            self.out.push_back(Output::SaveTrust(self.trust.clone()));
+        }
+        if gone {
+            self.drop_peer(now, remote);
+            return;
+        }
+        if let Some(fp) = established {
+            self.drop_orphans_of(now, remote, &fp);
+            self.set_engine_peer(remote, true, now);
+            self.out.push_back(Output::ReadPath { conn });
+        }
+        for (frame_type, body) in transfer {
+            match TransferMsg::decode(frame_type, &body) {
+                Ok(msg) => self.engine.handle(remote, msg, now),
+                Err(e) => tracing::warn!("bad file-transfer message from {remote}: {e}"),
+            }
+        }
+        if failed {
+            self.set_engine_peer(remote, false, now);
+        }
+        // A peer that went silent but is still in the room: its path probably died (a
+        // relay went away, a network changed). A fresh connection finds a new one.
+        let retry = self
+            .peers
+            .get(remote)
+            .is_some_and(|p| !p.orphan && p.reconnects < self.timing.max_reconnects);
+        if silent && retry && self.signaling.in_room(remote) {
+            self.show(remote);
+            if self.reconnect(now, remote).is_some() {
+                if let Some(slot) = self.peers.get_mut(remote) {
+                    slot.failure = None;
+                }
+            }
+        }
+        self.show(remote);
+    }
+
+    /// A connection kept from before a signaling reconnect is replaced by a new one to
+    /// the same key.
+    fn drop_orphans_of(&mut self, now: Duration, current: &PeerId, fp: &Fingerprint) {
+        let orphans: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| *id != current && p.orphan && p.fingerprint.as_ref() == Some(fp))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in orphans {
+            self.drop_peer(now, &id);
+        }
+    }
+
+    /// Reports `remote` if what users know of it changed.
+    fn show(&mut self, remote: &PeerId) {
+        let Some(slot) = self.peers.get_mut(remote) else { return };
+        let info = slot.info(remote);
+        if slot.shown.as_ref() != Some(&info) {
+            slot.shown = Some(info.clone());
+            self.emit(Event::Peer(info));
+        }
+    }
+
+    fn read_paths(&mut self, now: Duration) {
+        let conns: Vec<ConnId> = self
+            .peers
+            .values()
+            .filter(|p| p.ice == IceState::Connected || p.is_established())
+            .map(|p| p.conn)
+            .collect();
+        for conn in conns {
+            self.out.push_back(Output::ReadPath { conn });
+        }
+        // Path readings change what users see.
+        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for id in ids {
+            self.show(&id);
+        }
+        if !self.peers.is_empty() {
+            self.path_due = Some(now + self.timing.path_every);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // File transfer glue
+
+    fn set_engine_peer(&mut self, peer: &PeerId, up: bool, now: Duration) {
+        if up && self.engine_peers.insert(peer.clone()) {
+            self.engine.peer_connected(peer, now);
+        } else if !up && self.engine_peers.remove(peer) {
+            self.engine.peer_disconnected(peer, now);
+        }
+    }
+
+    /// Does what the engine asks until it asks nothing more: small messages to one peer
+    /// share a packet; reads wait for the upload limit.
+    fn pump(&mut self, now: Duration) {
+        let mut batches: BTreeMap<PeerId, Vec<(u8, Vec<u8>)>> = BTreeMap::new();
+        let mut touched = BTreeSet::new();
+        while let Some(output) = self.engine.poll_output() {
+            match output {
+                EngineOutput::Send { peer, msg } => {
+                    let (frame_type, body) = msg.encode();
+                    if body.len() <= BATCH_FRAME {
+                        batches.entry(peer).or_default().push((frame_type, body));
+                        continue;
+                    }
+                    // A big message: what was batched for this peer goes first.
+                    if let Some(batch) = batches.remove(&peer) {
+                        self.send_batch(&peer, batch, now);
+                    }
+                    if let Some(slot) = self.peers.get_mut(&peer) {
+                        if let Err(e) = slot.link.send_transfer(frame_type, body, now) {
+                            tracing::debug!("cannot send a transfer message to {peer}: {e}");
+                        }
+                    }
+                    touched.insert(peer);
+                }
+                EngineOutput::Read { peer, root, index, offset, len } => {
+                    let wait = self.files.upload_wait(len, now);
+                    if wait.is_zero() && self.files.paced.is_empty() {
+                        self.out.push_back(Output::Read { peer, root, index, offset, len });
+                    } else {
+                        let at = now + wait;
+                        self.files.paced.push_back(PacedRead {
+                            at,
+                            peer,
+                            root,
+                            index,
+                            offset,
+                            len,
+                        });
+                    }
+                }
+                EngineOutput::Write { root, index, offset, data } => {
+                    self.out.push_back(Output::Write { root, index, offset, data });
+                }
+                EngineOutput::Discard { root } => {
+                    self.files.dirty.remove(&root);
+                    self.files.meters.remove(&root);
+                    self.out.push_back(Output::Discard { root });
+                }
+                EngineOutput::Event(event) => self.on_transfer_event(event, now),
+            }
+        }
+        for (peer, batch) in batches {
+            self.send_batch(&peer, batch, now);
+            touched.insert(peer);
+        }
+        for peer in touched {
+            self.flush_link(&peer);
+        }
+    }
+
+    fn send_batch(&mut self, peer: &PeerId, frames: Vec<(u8, Vec<u8>)>, now: Duration) {
+        let Some(slot) = self.peers.get_mut(peer) else { return };
+        // Packets stay well under the data channel's message size.
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (frame_type, body) in frames {
+            bytes += body.len() + 5;
+            batch.push((frame_type, body));
+            if bytes >= BATCH_BYTES {
+                if let Err(e) = slot.link.send_transfers(std::mem::take(&mut batch), now) {
+                    tracing::debug!("cannot send transfer messages to {peer}: {e}");
+                }
+                bytes = 0;
+            }
+        }
+        if let Err(e) = slot.link.send_transfers(batch, now) {
+            tracing::debug!("cannot send transfer messages to {peer}: {e}");
+        }
+    }
+
+    fn on_transfer_event(&mut self, event: TransferEvent, now: Duration) {
+        match &event {
+            TransferEvent::Answered { peer, offer_id, accepted } => {
+                if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), *offer_id)) {
+                    o.state = if *accepted { OfferState::Accepted } else { OfferState::Declined };
+                }
+            }
+            TransferEvent::Delivered { peer, root } => {
+                for ((p, _), o) in self.files.outgoing.iter_mut() {
+                    if p == peer && o.items.iter().any(|i| i.root == *root) {
+                        o.delivered.insert(*root);
+                        if o.items.iter().all(|i| o.delivered.contains(&i.root)) {
+                            o.state = OfferState::Delivered;
+                        }
+                    }
+                }
+            }
+            TransferEvent::Cancelled { peer, offer_id, .. } => {
+                if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), *offer_id)) {
+                    o.state = OfferState::Cancelled;
+                }
+            }
+            TransferEvent::FileComplete { root, paths, size } => {
+                self.maybe_progress(root, now, true);
+                self.finish_file(*root, paths.clone(), *size);
+                return;
+            }
+            TransferEvent::FileFailed { root, .. } => {
+                if self.files.store == DownloadStore::Streamed {
+                    // A streamed download cannot continue where it stopped.
+                    self.engine.forget(root);
+                } else {
+                    self.mark_dirty(root, now);
+                }
+            }
+            TransferEvent::ShareFailed { root, .. } => {
+                self.files.shared_sizes.remove(root);
+            }
+            _ => {}
+        }
+        self.emit(Event::File(FileEvent::Engine(event)));
+    }
+
+    /// A download is complete: the driver puts it in its place; the user hears of it
+    /// once it is there ([`Input::FileSaved`]).
+    fn finish_file(&mut self, root: Root, paths: Vec<String>, size: u64) {
+        self.files.dirty.remove(&root);
+        if self.files.saving && self.files.store.keeps_records() {
+            self.files.finish_after_save.push((root, paths, size));
+            return;
+        }
+        let record = match self.files.store {
+            DownloadStore::Kept | DownloadStore::Folder => self.engine.record(&root),
+            DownloadStore::Streamed | DownloadStore::None => None,
+        };
+        if self.files.store == DownloadStore::Streamed {
+            // The file leaves the node: there is nothing to serve it from.
+            self.engine.unshare(&root);
+        }
+        self.files.finishing.insert(root, (paths.clone(), size));
+        self.out.push_back(Output::FinishFile { root, paths, size, record });
+    }
+
+    fn on_file_saved(&mut self, root: Root, result: Result<SavedTo, String>) {
+        let Some((paths, size)) = self.files.finishing.remove(&root) else { return };
+        match result {
+            Ok(to) => self.emit(Event::File(FileEvent::Saved { root, paths, size, to })),
+            // Not in its place after all (a streamed download the browser never took, a
+            // move that failed): the file failed, whatever the engine thought, rather than
+            // vanish as "complete".
+            Err(e) => self.engine.write_failed(&root, FailReason::NotSaved(e)),
+        }
+    }
+
+    fn on_read_done(
+        &mut self,
+        now: Duration,
+        peer: PeerId,
+        root: Root,
+        index: u32,
+        result: Result<Vec<u8>, String>,
+    ) {
+        match result {
+            Ok(mut data) => {
+                let hook = self
+                    .files
+                    .corrupt
+                    .iter()
+                    .position(|(r, n)| *n == index && r.is_none_or(|r| r == root));
+                if let Some(pos) = hook {
+                    self.files.corrupt.remove(pos);
+                    let mid = data.len() / 2;
+                    if let Some(b) = data.get_mut(mid) {
+                        *b ^= 0x40;
+                    }
+                }
+                let len = data.len() as u64;
+                self.engine.read_done(&peer, &root, index, data);
+                self.count_upload(peer, root, len, now);
+            }
+            Err(e) => {
+                self.engine.read_failed(&peer, &root, ShareFailReason::Read(e));
+            }
+        }
+    }
+
+    fn count_upload(&mut self, peer: PeerId, root: Root, len: u64, now: Duration) {
+        let size = self
+            .files
+            .shared_sizes
+            .get(&root)
+            .copied()
+            .or_else(|| self.engine.progress(&root).map(|p| p.size))
+            .unwrap_or(0);
+        let every = self.timing.progress_every;
+        let entry = self.files.uploads.entry((peer.clone(), root)).or_insert((0, None));
+        entry.0 += len;
+        let due = entry.1.is_none_or(|t| now.saturating_sub(t) >= every) || entry.0 >= size;
+        if due {
+            entry.1 = Some(now);
+            let sent_bytes = entry.0;
+            self.emit(Event::File(FileEvent::Upload { peer, root, sent_bytes, size }));
+        }
+    }
+
+    fn view(&mut self, root: &Root, now: Duration) -> Option<DownloadView> {
+        let progress = self.engine.progress(root)?;
+        let meter = self.files.meters.entry(*root).or_default();
+        let speed_bps = if progress.state == DownloadState::Active {
+            meter.sample(now, progress.done_bytes, self.timing.progress_every)
+        } else {
+            0.0
+        };
+        let left = progress.size.saturating_sub(progress.done_bytes) as f64;
+        let eta = (speed_bps > 0.0).then(|| Duration::from_secs_f64(left / speed_bps));
+        Some(DownloadView { progress, speed_bps, eta })
+    }
+
+    fn maybe_progress(&mut self, root: &Root, now: Duration, force: bool) {
+        let every = self.timing.progress_every;
+        let due = self
+            .files
+            .meters
+            .get(root)
+            .and_then(|m| m.emitted_at)
+            .is_none_or(|t| now.saturating_sub(t) >= every);
+        if !(due || force) {
+            return;
+        }
+        if let Some(view) = self.view(root, now) {
+            if let Some(m) = self.files.meters.get_mut(root) {
+                m.emitted_at = Some(now);
+            }
+            self.emit(Event::File(FileEvent::Progress(view)));
+        }
+    }
+
+    fn mark_dirty(&mut self, root: &Root, now: Duration) {
+        if !self.files.store.keeps_records() || self.files.finishing.contains_key(root) {
+            return;
+        }
+        self.files.dirty.insert(*root);
+        if self.files.save_due.is_none() && !self.files.saving {
+            self.files.save_due = Some(now + self.timing.save_every);
+        }
+    }
+
+    fn save_dirty(&mut self, now: Duration) {
+        if self.files.saving {
+            self.files.save_due = Some(now + self.timing.save_every);
+            return;
+        }
+        let records: Vec<DownloadRecord> = std::mem::take(&mut self.files.dirty)
+            .iter()
+            .filter_map(|r| self.engine.record(r))
+            .collect();
+        if !records.is_empty() {
+            self.files.saving = true;
+            self.out.push_back(Output::SaveRecords(records));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Commands
+
+    /// Sends `text` to `to`, or to every peer with a session; how many it went to.
+    pub fn send_message(
+        &mut self,
+        now: Duration,
+        to: Option<&PeerId>,
+        text: &str,
+    ) -> Result<u32, NodeError> {
+        let targets: Vec<PeerId> = match to {
+            Some(id) => {
+                let slot =
+                    self.peers.get(id).ok_or_else(|| NodeError::NoSuchPeer(id.to_string()))?;
+                if !slot.is_established() {
+                    return Err(NodeError::NotConnected(id.clone()));
+                }
+                vec![id.clone()]
+            }
+            None => self.established_peers(),
+        };
+        let mut sent = 0;
+        for id in targets {
+            let Some(slot) = self.peers.get_mut(&id) else { continue };
+            match slot.link.send_message(text, now) {
+                Ok(()) => sent += 1,
+                Err(error) if to.is_some() => return Err(NodeError::Link { peer: id, error }),
+                Err(_) => {}
+            }
+            self.drive(now, &id);
+        }
+        Ok(sent)
+    }
+
+    /// The user compared `peer`'s short code: marks its key verified.
+    pub fn verify_peer(&mut self, peer: &PeerId) -> Result<(), NodeError> {
+        let (name, fp) = self.peer_key(peer)?;
+        if let Trust::Changed { .. } = self.trust.verify(&name, &fp) {
+            return Err(NodeError::PinnedToAnotherKey(name));
+        }
+        self.update_trust(&name);
+        Ok(())
+    }
+
+    /// The user accepts `peer`'s changed key.
+    pub fn accept_new_key(&mut self, peer: &PeerId) -> Result<(), NodeError> {
+        let (name, fp) = self.peer_key(peer)?;
+        self.trust.accept_new_key(&name, &fp);
+        self.update_trust(&name);
+        Ok(())
+    }
+
+    fn peer_key(&self, peer: &PeerId) -> Result<(String, Fingerprint), NodeError> {
+        let slot = self.peers.get(peer).ok_or_else(|| NodeError::NoSuchPeer(peer.to_string()))?;
+        match (slot.link.peer_name(), &slot.fingerprint) {
+            (Some(name), Some(fp)) => Ok((name.to_string(), *fp)),
+            _ => Err(NodeError::NoHandshakeYet(peer.clone())),
+        }
+    }
+
+    /// Re-reads the trust of every peer named `name`, saves and reports.
+    fn update_trust(&mut self, name: &str) {
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.link.peer_name() == Some(name))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            if let Some(slot) = self.peers.get_mut(id) {
+                if let Some(fp) = &slot.fingerprint {
+                    slot.trust = self.trust.check(name, fp);
+                }
+            }
+            self.show(id);
+        }
+        self.out.push_back(Output::SaveTrust(self.trust.clone()));
+    }
+
+    /// Serves a hashed file.
+    pub fn share(&mut self, root: Root, size: u64, cvs: Vec<Cv>) -> Result<(), NodeError> {
+        self.engine.share(root, size, cvs)?;
+        self.files.shared_sizes.insert(root, size);
+        Ok(())
+    }
+
+    /// Offers shared files to `to` under the given paths; the offer's number.
+    pub fn offer(
+        &mut self,
+        now: Duration,
+        to: &PeerId,
+        files: &[(Root, String)],
+    ) -> Result<u64, NodeError> {
+        if !self.peers.contains_key(to) {
+            return Err(NodeError::NoSuchPeer(to.to_string()));
+        }
+        let id = self.engine.offer(to, files)?;
+        let items = self.engine.offer_items(to, id).unwrap_or_default();
+        let outgoing =
+            Outgoing { items, state: OfferState::Pending, delivered: Default::default() };
+        self.files.outgoing.insert((to.clone(), id), outgoing);
+        self.pump(now);
+        Ok(id)
+    }
+
+    /// Accepts `peer`'s offer: its files download into the node's store.
+    pub fn accept(&mut self, now: Duration, peer: &PeerId, offer_id: u64) -> Result<(), NodeError> {
+        if self.files.store == DownloadStore::None {
+            return Err(NodeError::NoDownloadStore);
+        }
+        self.engine.accept(peer, offer_id, now)?;
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Declines `peer`'s offer.
+    pub fn decline(
+        &mut self,
+        now: Duration,
+        peer: &PeerId,
+        offer_id: u64,
+    ) -> Result<(), NodeError> {
+        self.engine.decline(peer, offer_id)?;
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Cancels an offer we made (`outgoing`) or received; the peer is told.
+    pub fn cancel(
+        &mut self,
+        now: Duration,
+        peer: &PeerId,
+        offer_id: u64,
+        outgoing: bool,
+        reason: CancelReason,
+    ) -> Result<(), NodeError> {
+        self.engine.cancel(peer, offer_id, outgoing, reason)?;
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Pauses or resumes the download `root`.
+    pub fn set_paused(
+        &mut self,
+        now: Duration,
+        root: &Root,
+        paused: bool,
+    ) -> Result<(), NodeError> {
+        self.engine.set_paused(root, paused, now)?;
+        self.mark_dirty(root, now);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Forgets the download `root` and deletes what is stored of it.
+    pub fn forget_download(&mut self, now: Duration, root: &Root) {
+        let complete =
+            self.engine.progress(root).is_some_and(|p| p.state == DownloadState::Complete);
+        self.engine.forget(root);
+        self.files.dirty.remove(root);
+        self.files.meters.remove(root);
+        if complete {
+            self.out.push_back(Output::Discard { root: *root });
+        }
+        self.pump(now);
+    }
+
+    /// Restores a saved download; connected peers are asked who holds it. `data_present`:
+    /// whether its stored data still exists (if not, it starts over).
+    pub fn restore_download(
+        &mut self,
+        now: Duration,
+        mut record: DownloadRecord,
+        data_present: bool,
+    ) {
+        if self.engine.progress(&record.root).is_some() {
+            return;
+        }
+        if !data_present {
+            record.have.iter_mut().for_each(|b| *b = 0);
+            record.state = DownloadState::Active;
+        }
+        let root = record.root;
+        let complete = record.state == DownloadState::Complete;
+        let paths = record.paths.clone();
+        let size = record.size;
+        self.engine.restore(record);
+        if complete && self.files.store == DownloadStore::Folder {
+            // It was complete but not yet in its place when the node stopped.
+            self.finish_file(root, paths, size);
+        } else if let Some(view) = self.view(&root, now) {
+            self.emit(Event::File(FileEvent::Restored(view)));
+        }
+        // Peers connected already learn of it now.
+        let peers: Vec<PeerId> = self.engine_peers.iter().cloned().collect();
+        for peer in peers {
+            self.engine.peer_disconnected(&peer, now);
+            self.engine.peer_connected(&peer, now);
+        }
+        self.pump(now);
+    }
+
+    /// Limits what this node serves to `bytes_per_s` over all peers (`None`: no limit).
+    pub fn set_upload_limit(&mut self, bytes_per_s: Option<f64>) {
+        self.files.upload_limit = bytes_per_s.filter(|r| r.is_finite() && *r > 0.0);
+        self.files.upload_next = Duration::ZERO;
+    }
+
+    /// Test hook: the next read of chunk `index` (of `root`, or of any file) is damaged
+    /// before it is sent, as a bad disk or a hostile sender would.
+    pub fn debug_corrupt_chunk(&mut self, root: Option<Root>, index: u32) {
+        self.files.corrupt.push((root, index));
+    }
+
+    /// Leaves: records saved, a Close frame to every peer with a session, connections
+    /// closed (gracefully: the Close frames go first), `leave` to the server.
+    pub fn leave(&mut self, now: Duration) {
+        let records: Vec<DownloadRecord> = std::mem::take(&mut self.files.dirty)
+            .iter()
+            .filter_map(|r| self.engine.record(r))
+            .collect();
+        if !records.is_empty() {
+            self.out.push_back(Output::SaveRecords(records));
+        }
+        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for id in &ids {
+            if let Some(slot) = self.peers.get_mut(id) {
+                slot.link.close(now);
+            }
+            self.flush_link(id);
+        }
+        for (_, slot) in std::mem::take(&mut self.peers) {
+            self.disconnect(slot.conn, true);
+        }
+        self.conns.clear();
+        let mut act = Vec::new();
+        self.signaling.leave(&mut act);
+        self.apply_signaling(now, act, Vec::new());
+        self.emit(Event::Signaling(SignalingEvent::Left));
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Queries
+
+    /// Our id on the signaling server, once joined.
+    pub fn own_id(&self) -> Option<&PeerId> {
+        self.signaling.own_id()
+    }
+
+    /// The network's room.
+    pub fn room(&self) -> &RoomId {
+        self.signaling.room()
+    }
+
+    /// Our display name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the node is joined to its room now.
+    pub fn is_joined(&self) -> bool {
+        self.signaling.is_joined()
+    }
+
+    /// Whether the node left or was refused for good.
+    pub fn is_stopped(&self) -> bool {
+        self.signaling.is_stopped()
+    }
+
+    /// Every other member we know of (and kept sessions), by peer id.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.peers.iter().map(|(id, p)| p.info(id)).collect()
+    }
+
+    /// What we know of `peer`.
+    pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
+        self.peers.get(peer).map(|p| p.info(peer))
+    }
+
+    /// The display name `peer` announced, if any.
+    pub fn peer_name(&self, peer: &PeerId) -> Option<&str> {
+        self.peers.get(peer).and_then(|p| p.link.peer_name())
+    }
+
+    /// The current connection of `peer`.
+    pub fn connection(&self, peer: &PeerId) -> Option<ConnId> {
+        self.peers.get(peer).map(|p| p.conn)
+    }
+
+    /// Peers with an encrypted session.
+    pub fn established_peers(&self) -> Vec<PeerId> {
+        self.peers.iter().filter(|(_, p)| p.is_established()).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// The trust store.
+    pub fn trust(&self) -> &TrustStore {
+        &self.trust
+    }
+
+    /// Where downloads go from now on (a browser learns whether it can keep files only
+    /// once its writer starts).
+    pub fn set_download_store(&mut self, store: DownloadStore) {
+        self.files.store = store;
+    }
+
+    /// Where downloads go.
+    pub fn download_store(&self) -> DownloadStore {
+        self.files.store
+    }
+
+    /// The transfer engine, to read.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The items of an offer we made.
+    pub fn offer_items(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
+        self.engine.offer_items(peer, offer_id)
+    }
+
+    /// Everything in flight.
+    pub fn transfers(&mut self, now: Duration) -> TransfersView {
+        let roots: Vec<Root> = self.engine.downloads().iter().map(|d| d.root).collect();
+        let downloads = roots.iter().filter_map(|r| self.view(r, now)).collect();
+        let outgoing = self
+            .files
+            .outgoing
+            .iter()
+            .map(|((peer, id), o)| OutgoingView {
+                peer: peer.clone(),
+                offer_id: *id,
+                items: o.items.clone(),
+                state: o.state,
+                sent_bytes: o
+                    .items
+                    .iter()
+                    .map(|i| self.files.uploads.get(&(peer.clone(), i.root)).map_or(0, |u| u.0))
+                    .sum(),
+                total_bytes: o.items.iter().map(|i| i.size).sum(),
+            })
+            .collect();
+        let incoming = self
+            .engine
+            .pending_offers()
+            .into_iter()
+            .map(|(peer, offer_id, items)| IncomingView { peer, offer_id, items })
+            .collect();
+        TransfersView { downloads, outgoing, incoming }
+    }
+}

@@ -1,0 +1,381 @@
+//! What the page sees: the JavaScript shapes of the node's events and views (see the
+//! crate docs), made from the core's types. Nothing here decides anything.
+
+use serde::Serialize;
+use weft_core::identity::Fingerprint;
+use weft_core::node::{
+    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, PeerState, SavedTo,
+    TransfersView,
+};
+use weft_core::signal::{ErrorCode, PeerId};
+use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
+use weft_core::trust::Trust;
+
+/// The signaling connection's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    DerivingKey,
+    Connecting,
+    Joined,
+    Reconnecting,
+    Closed,
+}
+
+impl Status {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Status::DerivingKey => "deriving_key",
+            Status::Connecting => "connecting",
+            Status::Joined => "joined",
+            Status::Reconnecting => "reconnecting",
+            Status::Closed => "closed",
+        }
+    }
+}
+
+/// The `peer` event's body and an element of `session.peers()`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PeerInfo {
+    pub peer_id: PeerId,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub short_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+}
+
+impl From<&NodeInfo> for PeerInfo {
+    fn from(p: &NodeInfo) -> Self {
+        Self {
+            peer_id: p.peer_id.clone(),
+            state: state_name(p.state),
+            reason: p.reason.as_ref().map(ToString::to_string),
+            name: p.name.clone(),
+            fingerprint: p.fingerprint.as_ref().map(Fingerprint::to_hex),
+            short_code: p.fingerprint.as_ref().map(Fingerprint::short_code),
+            trust: p.trust.map(Trust::as_str),
+            rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+        }
+    }
+}
+
+fn state_name(s: PeerState) -> &'static str {
+    s.as_str()
+}
+
+/// What the page's listener receives.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+pub(crate) enum JsEvent {
+    Status {
+        status: Status,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    Joined {
+        peer_id: PeerId,
+        peers: Vec<PeerId>,
+    },
+    PeerJoined {
+        peer_id: PeerId,
+    },
+    PeerLeft {
+        peer_id: PeerId,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Peer(PeerInfo),
+    Message {
+        peer_id: PeerId,
+        name: String,
+        text: String,
+        at: f64,
+    },
+    /// File-transfer events carry their own `type`.
+    #[serde(untagged)]
+    File(FileEvent),
+}
+
+/// A file item as the page sees it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ItemJs {
+    path: String,
+    size: f64,
+    root: String,
+}
+
+pub(crate) fn items_js(items: &[OfferItem]) -> Vec<ItemJs> {
+    items
+        .iter()
+        .map(|i| ItemJs { path: i.path.clone(), size: i.size as f64, root: i.root.to_string() })
+        .collect()
+}
+
+/// File-transfer events for the page (see the crate docs).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+pub(crate) enum FileEvent {
+    Hashing {
+        path: String,
+        done_bytes: f64,
+        size: f64,
+    },
+    Offer {
+        peer_id: String,
+        name: String,
+        offer_id: f64,
+        items: Vec<ItemJs>,
+        total_size: f64,
+    },
+    OfferAnswered {
+        peer_id: String,
+        offer_id: f64,
+        accepted: bool,
+    },
+    Resumed {
+        peer_id: String,
+        offer_id: f64,
+        roots: Vec<String>,
+    },
+    Progress(ProgressJs),
+    Upload {
+        peer_id: String,
+        root: String,
+        sent_bytes: f64,
+        size: f64,
+    },
+    FileComplete {
+        root: String,
+        paths: Vec<String>,
+        size: f64,
+        /// "browser" (kept in the page's storage: `downloadedFile`, `saveDownload`) or
+        /// "downloads" (streamed into the browser's downloads folder; nothing kept here).
+        stored: &'static str,
+    },
+    FileFailed {
+        root: String,
+        reason: String,
+    },
+    Delivered {
+        peer_id: String,
+        root: String,
+    },
+    TransferCancelled {
+        peer_id: String,
+        offer_id: f64,
+        reason: String,
+        by_peer: bool,
+        outgoing: bool,
+    },
+    ChunkRejected {
+        root: String,
+        index: u32,
+        peer_id: String,
+    },
+    SourceAdded {
+        root: String,
+        peer_id: String,
+    },
+    SourceDropped {
+        root: String,
+        peer_id: String,
+        reason: String,
+    },
+}
+
+/// A download's progress (the `progress` event and `transfers().downloads`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ProgressJs {
+    root: String,
+    paths: Vec<String>,
+    size: f64,
+    done_bytes: f64,
+    speed_bps: f64,
+    eta_s: Option<f64>,
+    sources: Vec<String>,
+    offers: Vec<OfferRef>,
+    state: &'static str,
+}
+
+/// An offer a download belongs to.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct OfferRef {
+    peer_id: String,
+    offer_id: f64,
+}
+
+fn download_state(s: DownloadState) -> &'static str {
+    match s {
+        DownloadState::Active => "active",
+        DownloadState::Paused => "paused",
+        DownloadState::Complete => "complete",
+        DownloadState::Failed => "failed",
+    }
+}
+
+impl From<&DownloadView> for ProgressJs {
+    fn from(v: &DownloadView) -> Self {
+        let p = &v.progress;
+        Self {
+            root: p.root.to_string(),
+            paths: p.paths.clone(),
+            size: p.size as f64,
+            done_bytes: p.done_bytes as f64,
+            speed_bps: v.speed_bps.round(),
+            eta_s: v.eta.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            sources: p.sources.iter().map(PeerId::to_string).collect(),
+            offers: p
+                .offers
+                .iter()
+                .map(|(peer, id)| OfferRef { peer_id: peer.to_string(), offer_id: *id as f64 })
+                .collect(),
+            state: download_state(p.state),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutgoingJs {
+    peer_id: String,
+    offer_id: f64,
+    items: Vec<ItemJs>,
+    state: &'static str,
+    sent_bytes: f64,
+    total_bytes: f64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IncomingJs {
+    peer_id: String,
+    offer_id: f64,
+    items: Vec<ItemJs>,
+}
+
+/// `session.transfers()`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TransfersJs {
+    downloads: Vec<ProgressJs>,
+    outgoing: Vec<OutgoingJs>,
+    incoming: Vec<IncomingJs>,
+}
+
+impl From<&TransfersView> for TransfersJs {
+    fn from(t: &TransfersView) -> Self {
+        Self {
+            downloads: t.downloads.iter().map(ProgressJs::from).collect(),
+            outgoing: t
+                .outgoing
+                .iter()
+                .map(|o| OutgoingJs {
+                    peer_id: o.peer.to_string(),
+                    offer_id: o.offer_id as f64,
+                    items: items_js(&o.items),
+                    state: o.state.as_str(),
+                    sent_bytes: o.sent_bytes as f64,
+                    total_bytes: o.total_bytes as f64,
+                })
+                .collect(),
+            incoming: t
+                .incoming
+                .iter()
+                .map(|o| IncomingJs {
+                    peer_id: o.peer.to_string(),
+                    offer_id: o.offer_id as f64,
+                    items: items_js(&o.items),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The page's form of a node's file event; `None` for what the page is not told.
+/// `peer_name` names an offering peer.
+pub(crate) fn file_event(
+    event: &NodeFileEvent,
+    peer_name: impl Fn(&PeerId) -> String,
+) -> Option<FileEvent> {
+    Some(match event {
+        NodeFileEvent::Engine(e) => match e {
+            TransferEvent::Offered { peer, offer_id, items } => FileEvent::Offer {
+                name: peer_name(peer),
+                peer_id: peer.to_string(),
+                offer_id: *offer_id as f64,
+                total_size: items.iter().map(|i| i.size as f64).sum(),
+                items: items_js(items),
+            },
+            TransferEvent::Resumed { peer, offer_id, items } => FileEvent::Resumed {
+                peer_id: peer.to_string(),
+                offer_id: *offer_id as f64,
+                roots: items.iter().map(|i| i.root.to_string()).collect(),
+            },
+            TransferEvent::Answered { peer, offer_id, accepted } => FileEvent::OfferAnswered {
+                peer_id: peer.to_string(),
+                offer_id: *offer_id as f64,
+                accepted: *accepted,
+            },
+            TransferEvent::Delivered { peer, root } => {
+                FileEvent::Delivered { peer_id: peer.to_string(), root: root.to_string() }
+            }
+            TransferEvent::FileFailed { root, reason } => {
+                FileEvent::FileFailed { root: root.to_string(), reason: reason.to_string() }
+            }
+            TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => {
+                FileEvent::TransferCancelled {
+                    peer_id: peer.to_string(),
+                    offer_id: *offer_id as f64,
+                    reason: reason.to_string(),
+                    by_peer: *by_peer,
+                    outgoing: *outgoing,
+                }
+            }
+            TransferEvent::ChunkRejected { root, index, peer } => FileEvent::ChunkRejected {
+                root: root.to_string(),
+                index: *index,
+                peer_id: peer.to_string(),
+            },
+            TransferEvent::SourceAdded { root, peer } => {
+                FileEvent::SourceAdded { root: root.to_string(), peer_id: peer.to_string() }
+            }
+            TransferEvent::SourceDropped { root, peer, reason } => FileEvent::SourceDropped {
+                root: root.to_string(),
+                peer_id: peer.to_string(),
+                reason: reason.to_string(),
+            },
+            // The node reports a complete file once it is in place (`Saved`); a share that
+            // failed only matters to the driver.
+            TransferEvent::FileComplete { .. } | TransferEvent::ShareFailed { .. } => return None,
+        },
+        NodeFileEvent::Progress(view) => FileEvent::Progress(ProgressJs::from(view)),
+        NodeFileEvent::Upload { peer, root, sent_bytes, size } => FileEvent::Upload {
+            peer_id: peer.to_string(),
+            root: root.to_string(),
+            sent_bytes: *sent_bytes as f64,
+            size: *size as f64,
+        },
+        NodeFileEvent::Restored(_) => return None,
+        NodeFileEvent::Saved { root, paths, size, to } => FileEvent::FileComplete {
+            root: root.to_string(),
+            paths: paths.clone(),
+            size: *size as f64,
+            stored: if *to == SavedTo::Downloads { "downloads" } else { "browser" },
+        },
+    })
+}

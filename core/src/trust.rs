@@ -125,6 +125,12 @@ impl TrustStore {
             .insert(name.to_string(), Pin { fingerprint: fingerprint.to_hex(), verified: false });
     }
 
+    /// Every pinned name with its key's fingerprint (hex) and whether it was verified,
+    /// by name.
+    pub fn pinned(&self) -> impl Iterator<Item = (&str, &str, bool)> {
+        self.peers.iter().map(|(name, pin)| (name.as_str(), pin.fingerprint.as_str(), pin.verified))
+    }
+
     /// Forgets `name`.
     pub fn forget(&mut self, name: &str) {
         self.peers.remove(name);

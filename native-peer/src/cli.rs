@@ -73,6 +73,35 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `trust` does.
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Mark PEER's key verified: its safety code must be the one PEER's owner sees. Give
+    /// that code with --code, or confirm it when asked (in a terminal).
+    Verify {
+        /// The peer's display name or peer id.
+        peer: String,
+        /// The safety code PEER's owner sees (spaces optional).
+        #[arg(long)]
+        code: Option<String>,
+        /// Seconds to wait for the peer at most.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Accept PEER's changed key (its name was pinned to another one, say after a
+    /// reinstall); with --code, also verify it.
+    Accept {
+        /// The peer's display name or peer id.
+        peer: String,
+        /// The safety code PEER's owner sees: verify the new key too.
+        #[arg(long)]
+        code: Option<String>,
+        /// Seconds to wait for the peer at most.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -87,6 +116,18 @@ pub enum Command {
     /// As `peers`, with our own identity and the signaling state.
     Status {
         /// Seconds to wait for sessions at most.
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+    },
+    /// Keys and trust: with no action, join, wait for sessions and list every peer's
+    /// safety code and trust (new, known, verified, changed) and the names pinned in this
+    /// network's trust store. Compare a peer's safety code with the one its owner sees
+    /// (in person or on a call), then `trust verify`.
+    Trust {
+        /// What to do (omit to list).
+        #[command(subcommand)]
+        action: Option<TrustCommand>,
+        /// Seconds to wait for sessions at most (listing).
         #[arg(long, default_value_t = 5)]
         wait: u64,
     },

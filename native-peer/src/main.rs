@@ -29,8 +29,8 @@ use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::signal::PeerId;
 
-use crate::cli::{Cli, Command};
-use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState};
+use crate::cli::{Cli, Command, TrustCommand};
+use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
 use crate::output::Printer;
 use crate::store::Store;
 
@@ -122,6 +122,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             printer.status(&joined.identity, &joined.name, room, own.as_deref(), &peers);
             joined.mesh.shutdown().await?;
             Ok(())
+        }
+        Command::Trust { action: None, wait } => {
+            let joined = join(&cli, None).await?;
+            let room = joined.network.room_id().clone();
+            let (joined, peers, _) = settle(joined, Duration::from_secs(*wait)).await?;
+            joined.mesh.shutdown().await?;
+            // The store as the session left it (it pinned the keys it met).
+            let trust = Store::open(cli.config_dir.clone())?.load_trust(&room)?;
+            printer.trust(&peers, &trust);
+            Ok(())
+        }
+        Command::Trust { action: Some(action), .. } => {
+            let joined = join(&cli, None).await?;
+            trust_decision(joined, printer, action).await
         }
         Command::Msg { peer, text, timeout } => {
             let joined = join(&cli, None).await?;
@@ -227,15 +241,27 @@ async fn settle(
     Ok((joined, peers, own))
 }
 
-/// `msg`: wait for `target`'s session, send, make sure it was acknowledged, leave.
-async fn msg(
-    joined: Joined,
+/// Leaves after `error`; the session's own error if it stopped by itself.
+async fn leave_after(mesh: MeshHandle, error: anyhow::Error) -> anyhow::Error {
+    if mesh.is_finished() {
+        if let Err(e) = mesh.wait().await {
+            return e.into();
+        }
+    } else {
+        let _ = mesh.shutdown().await;
+    }
+    error
+}
+
+/// Waits for `target`'s (a name or peer id) encrypted session; fails if it does not come
+/// within `timeout`, saying why.
+async fn wait_for_peer(
+    mesh: &MeshHandle,
+    events: &mut mpsc::UnboundedReceiver<MeshEvent>,
     printer: Printer,
     target: &str,
-    text: &str,
     timeout: Duration,
-) -> anyhow::Result<()> {
-    let Joined { mesh, mut events, .. } = joined;
+) -> anyhow::Result<PeerInfo> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut joined_room = false;
     let mut last_problem: Option<String> = None;
@@ -247,10 +273,8 @@ async fn msg(
         };
         let Some(event) = event else {
             if mesh.is_finished() {
-                mesh.wait().await?;
                 bail!("the session stopped");
             }
-            let _ = mesh.shutdown().await;
             if !joined_room {
                 let why = last_problem.unwrap_or_else(|| "no answer".into());
                 bail!("could not reach the signaling server: {why}");
@@ -275,7 +299,6 @@ async fn msg(
                 // Fail early when no member is left to wait for.
                 let peers = mesh.peers().await;
                 if !peers.is_empty() && peers.iter().all(|p| p.state == PeerState::Failed) {
-                    let _ = mesh.shutdown().await;
                     bail!(
                         "no encrypted session with {target:?}: every peer failed: {}",
                         failures.join("; ")
@@ -289,6 +312,22 @@ async fn msg(
             }
             _ => {}
         }
+    };
+    Ok(peer)
+}
+
+/// `msg`: wait for `target`'s session, send, make sure it was acknowledged, leave.
+async fn msg(
+    joined: Joined,
+    printer: Printer,
+    target: &str,
+    text: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let Joined { mesh, mut events, .. } = joined;
+    let peer = match wait_for_peer(&mesh, &mut events, printer, target, timeout).await {
+        Ok(peer) => peer,
+        Err(e) => return Err(leave_after(mesh, e).await),
     };
     let sent = send_and_flush(&mesh, &peer.peer_id, text).await;
     let result = match sent {
@@ -308,6 +347,93 @@ async fn msg(
     };
     mesh.shutdown().await?;
     result
+}
+
+/// `trust verify` / `trust accept`: wait for the peer's session, check the safety code,
+/// record the decision (the trust store is saved), leave.
+async fn trust_decision(
+    joined: Joined,
+    printer: Printer,
+    action: &TrustCommand,
+) -> anyhow::Result<()> {
+    let (target, code, timeout, accept) = match action {
+        TrustCommand::Verify { peer, code, timeout } => (peer, code, timeout, false),
+        TrustCommand::Accept { peer, code, timeout } => (peer, code, timeout, true),
+    };
+    let Joined { mesh, mut events, .. } = joined;
+    let timeout = Duration::from_secs(*timeout);
+    let peer = match wait_for_peer(&mesh, &mut events, printer, target, timeout).await {
+        Ok(peer) => peer,
+        Err(e) => return Err(leave_after(mesh, e).await),
+    };
+    let result = decide(&mesh, &peer, code.as_deref(), accept).await;
+    let trust = mesh.peers().await.into_iter().find(|p| p.peer_id == peer.peer_id);
+    mesh.shutdown().await?;
+    let done = result?;
+    let trust = trust.and_then(|p| p.trust).map_or("unknown", weft_core::trust::Trust::as_str);
+    let name = peer.name.clone().unwrap_or_default();
+    let code = peer.fingerprint.map(|f| f.short_code()).unwrap_or_default();
+    if printer.json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "trust", "peer_id": peer.peer_id, "name": name,
+                               "safety_code": code, "trust": trust, "done": done})
+        );
+    } else {
+        println!("{done} {name}'s key ({code}): now {trust}");
+    }
+    Ok(())
+}
+
+/// Checks `code` (or asks in a terminal) and records the decision; what was done.
+async fn decide(
+    mesh: &MeshHandle,
+    peer: &PeerInfo,
+    code: Option<&str>,
+    accept: bool,
+) -> anyhow::Result<&'static str> {
+    let name = peer.name.clone().unwrap_or_else(|| peer.peer_id.to_string());
+    let actual = peer.fingerprint.map(|f| f.short_code()).context("no key yet")?;
+    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    let compared = match code {
+        Some(given) if digits(given) == digits(&actual) => true,
+        Some(given) => bail!(
+            "the safety codes differ: {name}'s key here has {actual}, not {given}; someone \
+             may be posing as {name}, or it is another device: nothing was changed"
+        ),
+        None if accept => false,
+        None => confirm(&name, &actual)?,
+    };
+    if accept {
+        mesh.trust(&peer.peer_id, TrustAction::AcceptNewKey).await?;
+    }
+    if compared {
+        mesh.trust(&peer.peer_id, TrustAction::Verify).await?;
+    }
+    Ok(match (accept, compared) {
+        (true, true) => "accepted and verified",
+        (true, false) => "accepted",
+        _ => "verified",
+    })
+}
+
+/// Asks the user, in a terminal, whether `name`'s owner sees `code`.
+fn confirm(name: &str, code: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "give --code with the safety code {name}'s owner sees (here: {code}), or run this \
+             in a terminal to confirm it"
+        );
+    }
+    print!("Does {name}'s screen show the safety code {code}? [y/N] ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        bail!("not verified: the codes were not confirmed to match");
+    }
+    Ok(true)
 }
 
 async fn send_and_flush(mesh: &MeshHandle, peer: &PeerId, text: &str) -> anyhow::Result<()> {

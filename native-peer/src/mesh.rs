@@ -129,6 +129,15 @@ pub enum MeshError {
     Stopped,
 }
 
+/// What the user decided about a peer's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrustAction {
+    /// They compared its short code: mark its key verified.
+    Verify,
+    /// Its key changed and they accept the new one.
+    AcceptNewKey,
+}
+
 enum Command {
     SendMessage {
         to: PeerId,
@@ -157,6 +166,11 @@ enum Command {
     },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Trust {
+        peer: PeerId,
+        action: TrustAction,
+        reply: oneshot::Sender<Result<(), MeshError>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -227,6 +241,14 @@ impl MeshHandle {
     /// Every other member, sorted by peer id.
     pub async fn peers(&self) -> Vec<PeerInfo> {
         self.ask(|reply| Command::Peers { reply }).await.unwrap_or_default()
+    }
+
+    /// Records the user's decision about `peer`'s key (saved in the trust store).
+    pub async fn trust(&self, peer: &PeerId, action: TrustAction) -> Result<(), MeshError> {
+        let peer = peer.clone();
+        self.ask(|reply| Command::Trust { peer, action, reply })
+            .await
+            .unwrap_or(Err(MeshError::Stopped))
     }
 
     /// Whether the mesh stopped by itself (the server refused us for good, or a bad URL).
@@ -547,6 +569,13 @@ impl Mesh {
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.node.peers());
+            }
+            Command::Trust { peer, action, reply } => {
+                let result = match action {
+                    TrustAction::Verify => self.node.verify_peer(&peer),
+                    TrustAction::AcceptNewKey => self.node.accept_new_key(&peer),
+                };
+                let _ = reply.send(result.map_err(Into::into));
             }
             Command::Shutdown { .. } => {}
         }

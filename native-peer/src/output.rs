@@ -157,6 +157,37 @@ impl Printer {
         }
     }
 
+    /// Every peer's key and trust, and the names pinned in the trust store.
+    pub fn trust(&self, peers: &[PeerInfo], store: &weft_core::trust::TrustStore) {
+        let present = |name: &str| peers.iter().any(|p| p.name.as_deref() == Some(name));
+        let absent: Vec<(&str, &str, bool)> =
+            store.pinned().filter(|(name, _, _)| !present(name)).collect();
+        if self.json {
+            let list: Vec<Value> = peers.iter().map(peer_json).collect();
+            let pinned: Vec<Value> = absent
+                .iter()
+                .map(|(name, fp, verified)| {
+                    json!({"name": name, "fingerprint": fp, "verified": verified})
+                })
+                .collect();
+            println!("{}", json!({"event": "trust", "peers": list, "pinned": pinned}));
+            return;
+        }
+        for p in peers {
+            let name = p.name.as_deref().unwrap_or("?");
+            let code = p.fingerprint.map(|f| f.short_code()).unwrap_or_else(|| "-".into());
+            let trust = p.trust.map_or("-", Trust::as_str);
+            println!("{name:20} {code:30} {trust:9} {}", p.peer_id);
+        }
+        for (name, _, verified) in absent {
+            let trust = if verified { "verified" } else { "known" };
+            println!("{name:20} {:30} {trust:9} (not connected)", "");
+        }
+        if peers.is_empty() && store.pinned().next().is_none() {
+            println!("no peers, and no keys pinned yet");
+        }
+    }
+
     /// Who we are and where.
     pub fn status(
         &self,

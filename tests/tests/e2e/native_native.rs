@@ -158,3 +158,78 @@ async fn bad_input_fails_with_clear_errors() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs `weft-peer --invite INVITE --name Bea ARGS…` in `dir`; its JSON output (the last
+/// line), or its stderr if it failed.
+async fn bea(
+    url: &str,
+    dir: &std::path::Path,
+    invite: &str,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let mut cmd = command(url, dir, LOOPBACK).unwrap();
+    cmd.args(["--invite", invite, "--name", "Bea"]).args(args);
+    let (status, stdout, stderr) = run(cmd, WAIT).await.unwrap();
+    if !status.success() {
+        return Err(stderr);
+    }
+    let last = stdout.lines().last().unwrap_or_default();
+    Ok(serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_listed_verified_by_safety_code_and_a_changed_one_accepted() {
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let invite = "Q".repeat(43);
+    let (dir_a, dir_b) = (config_dir("trust-a").unwrap(), config_dir("trust-b").unwrap());
+    let start_ada = |dir: &std::path::Path| {
+        let mut a = command(&url, dir, LOOPBACK).unwrap();
+        a.args(["--invite", &invite, "--name", "Ada", "up"]);
+        NativePeer::spawn(a).unwrap()
+    };
+    let mut a = start_ada(&dir_a);
+    let ada = a.expect_event("identity", WAIT).await.unwrap();
+    let code = ada["safety_code"].as_str().unwrap().to_string();
+
+    // First contact: Ada's key is listed as new, with her safety code.
+    let list = bea(&url, &dir_b, &invite, &["trust", "--wait", "30"]).await.unwrap();
+    let peer = list["peers"].as_array().unwrap().iter().find(|p| p["name"] == "Ada").cloned();
+    let peer = peer.unwrap_or_else(|| panic!("{list}"));
+    assert_eq!((peer["trust"].as_str(), peer["safety_code"].as_str()), (Some("new"), Some(&*code)));
+
+    // A wrong code is refused and changes nothing; without a code (no terminal) it asks
+    // for one; the right code verifies.
+    let err = bea(&url, &dir_b, &invite, &["trust", "verify", "Ada", "--code", "12345"]).await;
+    assert!(err.as_ref().unwrap_err().contains("the safety codes differ"), "{err:?}");
+    let err = bea(&url, &dir_b, &invite, &["trust", "verify", "Ada"]).await;
+    assert!(err.as_ref().unwrap_err().contains("give --code"), "{err:?}");
+    let spaced: String = code.chars().filter(char::is_ascii_digit).collect();
+    let done = bea(&url, &dir_b, &invite, &["trust", "verify", "Ada", "--code", &spaced]).await;
+    assert_eq!(done.as_ref().map(|d| d["trust"].clone()), Ok("verified".into()), "{done:?}");
+    let list = bea(&url, &dir_b, &invite, &["trust", "--wait", "30"]).await.unwrap();
+    assert!(list["peers"].as_array().unwrap().iter().any(|p| p["trust"] == "verified"), "{list}");
+
+    // Ada reinstalls: same name, new key. Bea sees it changed, cannot verify it, accepts it.
+    a.terminate(WAIT).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir_a);
+    let dir_a2 = config_dir("trust-a2").unwrap();
+    let mut a = start_ada(&dir_a2);
+    let ada2 = a.expect_event("identity", WAIT).await.unwrap();
+    let code2 = ada2["safety_code"].as_str().unwrap().to_string();
+    assert_ne!(code, code2);
+    let list = bea(&url, &dir_b, &invite, &["trust", "--wait", "30"]).await.unwrap();
+    let peer = list["peers"].as_array().unwrap().iter().find(|p| p["name"] == "Ada").cloned();
+    assert_eq!(peer.map(|p| p["trust"].clone()), Some("changed".into()), "{list}");
+    let err = bea(&url, &dir_b, &invite, &["trust", "verify", "Ada", "--code", &code2]).await;
+    assert!(err.as_ref().unwrap_err().contains("pinned to another key"), "{err:?}");
+    let done = bea(&url, &dir_b, &invite, &["trust", "accept", "Ada", "--code", &code2]).await;
+    assert_eq!(done.as_ref().map(|d| d["trust"].clone()), Ok("verified".into()), "{done:?}");
+    assert_eq!(done.unwrap()["done"], "accepted and verified");
+
+    a.terminate(WAIT).await.unwrap();
+    server.shutdown(Duration::from_secs(2)).await;
+    for dir in [dir_a2, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

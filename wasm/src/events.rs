@@ -4,8 +4,7 @@
 use serde::Serialize;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
-    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, PeerState, SavedTo,
-    TransfersView,
+    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, SavedTo, TransfersView,
 };
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
@@ -58,7 +57,7 @@ impl From<&NodeInfo> for PeerInfo {
     fn from(p: &NodeInfo) -> Self {
         Self {
             peer_id: p.peer_id.clone(),
-            state: state_name(p.state),
+            state: p.state.as_str(),
             reason: p.reason.as_ref().map(ToString::to_string),
             name: p.name.clone(),
             fingerprint: p.fingerprint.as_ref().map(Fingerprint::to_hex),
@@ -67,10 +66,6 @@ impl From<&NodeInfo> for PeerInfo {
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
         }
     }
-}
-
-fn state_name(s: PeerState) -> &'static str {
-    s.as_str()
 }
 
 /// What the page's listener receives.

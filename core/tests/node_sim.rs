@@ -936,3 +936,55 @@ fn the_same_seed_gives_the_same_run() {
 fn room(sim: &Sim) -> RoomId {
     sim.network.room_id().clone()
 }
+
+/// The bench's sequence: the same file downloaded, forgotten and offered again, first from
+/// one seeder, then with a second seeder that only shares it (never offers).
+#[test]
+fn the_same_file_downloaded_again_after_forgetting_it_with_a_seeder_that_only_shares() {
+    let mut sim = mesh(9, &["rx", "alice", "carol"]);
+    sim.data_loss = 0;
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 777u32).map(|i| (i * 13 + i / 999) as u8).collect();
+    let (root, digest) = root_of(&data);
+    sim.nodes[1].files.insert(root, data.clone());
+    sim.nodes[1].node.share(digest.root, digest.size, digest.cvs.clone()).unwrap();
+    let (rx, alice) = (sim.id(0), sim.id(1));
+    for run in 0..6 {
+        if run == 2 {
+            sim.nodes[2].files.insert(root, data.clone());
+            sim.nodes[2].node.share(digest.root, digest.size, digest.cvs.clone()).unwrap();
+            sim.drain(2);
+        }
+        let now = sim.now;
+        if sim.node(0).engine().progress(&root).is_some() {
+            sim.nodes[0].node.forget_download(now, &root);
+            sim.drain(0);
+            sim.nodes[0].files.remove(&root);
+        }
+        let saved_before = sim.nodes[0]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::File(FileEvent::Saved { .. })))
+            .count();
+        let offers_before = sim.node(0).engine().pending_offers().len();
+        let id = sim.nodes[1].node.offer(now, &rx, &[(root, "bench.bin".to_string())]).unwrap();
+        sim.drain(1);
+        sim.run_until(Duration::from_secs(5), "the offer", |s| {
+            s.node(0).engine().pending_offers().len() > offers_before
+        });
+        let now = sim.now;
+        sim.nodes[0].node.accept(now, &alice, id).unwrap();
+        sim.drain(0);
+        sim.run_until(Duration::from_secs(60), &format!("run {run} to complete"), |s| {
+            s.nodes[0]
+                .events
+                .iter()
+                .filter(|e| matches!(e, Event::File(FileEvent::Saved { .. })))
+                .count()
+                > saved_before
+        });
+        assert!(
+            sim.nodes[0].files.get(&root) == Some(&data),
+            "run {run}: the bytes are the file's"
+        );
+    }
+}

@@ -238,12 +238,18 @@ impl Net {
     /// Alice offers `root` to Bob under `path`, Bob accepts, and the network settles;
     /// returns the offer id.
     fn alice_sends_bob(&mut self, root: Root, path: &str) -> u64 {
+        let id = self.bob_accepts_from_alice(root, path);
+        self.settle();
+        id
+    }
+
+    /// Alice offers, Bob accepts; nothing after the accept has run yet.
+    fn bob_accepts_from_alice(&mut self, root: Root, path: &str) -> u64 {
         self.engine("alice").offer(&pid("bob"), &[(root, path.into())]).unwrap();
         self.settle();
         let id = self.offer_id("bob");
         let now = self.now;
         self.engine("bob").accept(&pid("alice"), id, now).unwrap();
-        self.settle();
         id
     }
 
@@ -411,11 +417,7 @@ fn a_vanished_source_is_dropped_and_the_other_finishes() {
     let data = content(300 * CHUNK_LEN, 7);
     let root = net.share("alice", &data);
     net.share("carol", &data);
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.bob_accepts_from_alice(root, "f");
     // Let a few messages through, then carol vanishes mid-transfer.
     assert!(!net.run(40));
     net.disconnect("bob", "carol");
@@ -464,6 +466,31 @@ fn a_silent_only_source_is_dropped_after_timeouts_and_resumes_when_it_returns() 
 }
 
 #[test]
+fn a_download_left_without_sources_asks_again_and_finishes_without_a_new_session() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(20 * CHUNK_LEN, 9);
+    let root = net.share("alice", &data);
+    net.bob_accepts_from_alice(root, "f");
+    // The path goes silent both ways, but neither side sees the session end.
+    let link = Net::key("alice", "bob");
+    net.links.remove(&link);
+    for _ in 0..4 {
+        net.advance(Duration::from_secs(9));
+    }
+    assert!(net.events("bob").iter().any(|e| matches!(e, TransferEvent::SourceDropped { .. })));
+    assert_eq!(net.engine("bob").progress(&root).unwrap().sources, vec![]);
+    // The path comes back on the same session: a later query finds alice again.
+    net.links.insert(link);
+    for _ in 0..3 {
+        net.advance(Duration::from_secs(5));
+    }
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    // Once complete, nobody is asked any more: the engine has no timer left.
+    assert_eq!(net.engine("bob").poll_timeout(), None);
+}
+
+#[test]
 fn the_receiver_reloads_and_resumes_from_its_record() {
     let mut net = Net::new(&["alice", "bob"]);
     let data = content(500 * CHUNK_LEN + 99, 10);
@@ -503,11 +530,7 @@ fn a_sender_that_offers_the_same_file_again_resumes_without_asking() {
     let mut net = Net::new(&["alice", "bob"]);
     let data = content(200 * CHUNK_LEN, 11);
     let root = net.share("alice", &data);
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    net.bob_accepts_from_alice(root, "f");
     assert!(!net.run(100));
     // Alice reloads: her engine forgets everything; she picks the file again.
     net.disconnect("alice", "bob");
@@ -527,11 +550,7 @@ fn cancel_by_the_receiver_stops_the_sender_and_discards_the_partial_file() {
     let mut net = Net::new(&["alice", "bob"]);
     let data = content(300 * CHUNK_LEN, 12);
     let root = net.share("alice", &data);
-    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
-    net.settle();
-    let id = net.offer_id("bob");
-    let now = net.now;
-    net.engine("bob").accept(&pid("alice"), id, now).unwrap();
+    let id = net.bob_accepts_from_alice(root, "f");
     assert!(!net.run(100));
     assert!(net.nodes[&pid("bob")].disk.contains_key(&root));
     net.engine("bob")

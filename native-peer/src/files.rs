@@ -58,6 +58,14 @@ pub enum FilesError {
     /// A received path that would leave the download folder.
     #[error("refusing to save {0:?}: it would land outside the download folder")]
     Escapes(String),
+    /// A download's resume record could not be saved.
+    #[error("cannot save the download record {}: {source}", path.display())]
+    Record {
+        /// The record's file.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> FilesError + '_ {
@@ -379,7 +387,7 @@ impl Disk {
             if let Some(folder) = folder {
                 for (rec, file) in jobs {
                     if let Err(e) = save_record(&folder, &rec, file.as_deref()) {
-                        let _ = events.send(MeshEvent::Warning(e));
+                        let _ = events.send(MeshEvent::Warning(e.to_string()));
                     }
                 }
             }
@@ -402,10 +410,11 @@ impl Disk {
                 if let Some(rec) = &record {
                     save_record(&folder, rec, file.as_deref())?;
                 }
-                let placed = place(&folder, &root, &paths).map_err(|e| e.to_string())?;
+                let placed = place(&folder, &root, &paths)?;
                 let _ = fs::remove_file(folder.record(&root));
-                Ok(SavedTo::Files(placed))
-            })();
+                Ok::<_, FilesError>(SavedTo::Files(placed))
+            })()
+            .map_err(|e| e.to_string());
             let _ = inputs.send(Input::FileSaved { root, result });
         });
     }
@@ -440,9 +449,9 @@ fn save_record(
     folder: &Folder,
     record: &DownloadRecord,
     data: Option<&File>,
-) -> Result<(), String> {
+) -> Result<(), FilesError> {
     let path = folder.record(&record.root);
-    let fail = |e: io::Error| format!("cannot save the download record {}: {e}", path.display());
+    let fail = |source: io::Error| FilesError::Record { path: path.clone(), source };
     if let Some(file) = data {
         file.sync_data().map_err(fail)?;
     }

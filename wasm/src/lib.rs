@@ -127,6 +127,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod error;
 mod events;
 mod files;
 mod local_store;
@@ -146,6 +147,7 @@ use weft_core::signal::{self, PeerId, RoomId};
 use weft_core::transfer::{CancelReason, DownloadState, Root};
 use weft_core::trust::TrustStore;
 
+use crate::error::WebError;
 use crate::events::{FileEvent, JsEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
 use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
@@ -445,22 +447,24 @@ impl WeftSession {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let to = peer_list(&to)?;
-            let entries = files::entries(&entries).map_err(|e| JsError::new(&e))?;
+            let entries = files::entries(&entries)?;
             if entries.is_empty() {
                 return Err(JsError::new("no files to send").into());
             }
             // Fail early, before hashing gigabytes, if nobody can receive.
             established(&inner.borrow(), to.as_deref()).map_err(js_error)?;
-            let shared = hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
+            let shared = hash_and_share(&inner, entries).await?;
             let list: Vec<_> = shared.into_iter().map(|(root, path, _)| (root, path)).collect();
             let mut offers = Vec::new();
             command(&inner, |i| {
-                for peer in established(i, to.as_deref()).map_err(|e| e.to_string())? {
-                    let id =
-                        i.node.offer(now(), &peer, &list).map_err(|e| format!("{peer}: {e}"))?;
+                for peer in established(i, to.as_deref())? {
+                    let id = i
+                        .node
+                        .offer(now(), &peer, &list)
+                        .map_err(|error| WebError::OfferTo { peer: peer.to_string(), error })?;
                     offers.push((peer, id));
                 }
-                Ok::<(), String>(())
+                Ok::<(), WebError>(())
             })?;
             let array = js_sys::Array::new();
             for (peer, id) in offers {
@@ -479,8 +483,8 @@ impl WeftSession {
     pub fn share_files(&self, entries: JsValue) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let entries = files::entries(&entries).map_err(|e| JsError::new(&e))?;
-            let shared = hash_and_share(&inner, entries).await.map_err(|e| JsError::new(&e))?;
+            let entries = files::entries(&entries)?;
+            let shared = hash_and_share(&inner, entries).await?;
             let array = js_sys::Array::new();
             for (root, path, size) in shared {
                 let obj = js_sys::Object::new();
@@ -534,7 +538,7 @@ impl WeftSession {
     /// Pauses or resumes a download.
     #[wasm_bindgen(js_name = pauseDownload)]
     pub fn pause_download(&self, root: &str, paused: bool) -> Result<(), JsError> {
-        let root = root_arg(root).map_err(|e| JsError::new(&e))?;
+        let root = root_arg(root)?;
         self.command(|i| i.node.set_paused(now(), &root, paused))
     }
 
@@ -550,9 +554,9 @@ impl WeftSession {
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root).map_err(|e| JsError::new(&e))?;
-            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
-            Ok(files::stored_file(&root).await.map_err(|e| JsError::new(&e))?.into())
+            let root = root_arg(&root)?;
+            inner.borrow().files.check_kept()?;
+            Ok(files::stored_file(&root).await?.into())
         })
     }
 
@@ -561,15 +565,15 @@ impl WeftSession {
     pub fn save_download(&self, root: String, path: Option<String>) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root).map_err(|e| JsError::new(&e))?;
+            let root = root_arg(&root)?;
             let path = path
                 .or_else(|| {
                     let i = inner.borrow();
                     i.node.engine().progress(&root).and_then(|p| p.paths.first().cloned())
                 })
                 .unwrap_or_else(|| root.to_string());
-            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
-            files::save_download(&root, &path).await.map_err(|e| JsError::new(&e))?;
+            inner.borrow().files.check_kept()?;
+            files::save_download(&root, &path).await?;
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -582,7 +586,7 @@ impl WeftSession {
         wasm_bindgen_futures::future_to_promise(async move {
             let complete: Vec<(Root, Vec<String>)> = {
                 let i = inner.borrow();
-                i.files.check_kept().map_err(|e| JsError::new(&e))?;
+                i.files.check_kept()?;
                 i.node
                     .engine()
                     .downloads()
@@ -591,7 +595,7 @@ impl WeftSession {
                     .map(|d| (d.root, d.paths))
                     .collect()
             };
-            let n = files::save_all_to(complete).await.map_err(|e| JsError::new(&e))?;
+            let n = files::save_all_to(complete).await?;
             Ok(n.into())
         })
     }
@@ -601,10 +605,10 @@ impl WeftSession {
     pub fn hash_downloaded(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root).map_err(|e| JsError::new(&e))?;
-            inner.borrow().files.check_kept().map_err(|e| JsError::new(&e))?;
-            let file = files::stored_file(&root).await.map_err(|e| JsError::new(&e))?;
-            let hash = files::hash_blob(&file).await.map_err(|e| JsError::new(&e))?;
+            let root = root_arg(&root)?;
+            inner.borrow().files.check_kept()?;
+            let file = files::stored_file(&root).await?;
+            let hash = files::hash_blob(&file).await?;
             Ok(hash.into())
         })
     }
@@ -612,7 +616,7 @@ impl WeftSession {
     /// Deletes a download's stored file and record.
     #[wasm_bindgen(js_name = forgetDownload)]
     pub fn forget_download(&self, root: &str) -> Result<(), JsError> {
-        let root = root_arg(root).map_err(|e| JsError::new(&e))?;
+        let root = root_arg(root)?;
         self.command(|i| {
             i.node.forget_download(now(), &root);
             Ok::<(), NodeError>(())
@@ -642,7 +646,7 @@ impl WeftSession {
     /// file), one byte of it is flipped.
     #[wasm_bindgen(js_name = debugCorruptChunk)]
     pub fn debug_corrupt_chunk(&self, index: u32, root: Option<String>) -> Result<(), JsError> {
-        let root = root.map(|r| root_arg(&r)).transpose().map_err(|e| JsError::new(&e))?;
+        let root = root.map(|r| root_arg(&r)).transpose()?;
         self.inner.borrow_mut().node.debug_corrupt_chunk(root, index);
         Ok(())
     }
@@ -692,8 +696,8 @@ fn js_error(e: impl std::fmt::Display) -> JsError {
 }
 
 /// A file's hash from JavaScript (64 hex digits); the error names what was passed.
-fn root_arg(s: &str) -> Result<Root, String> {
-    s.parse().map_err(|e| format!("{s:?}: {e}"))
+fn root_arg(s: &str) -> Result<Root, WebError> {
+    s.parse().map_err(|error| WebError::BadRoot { given: s.to_string(), error })
 }
 
 /// A peer id from JavaScript; one that cannot be is no peer of ours.
@@ -726,10 +730,10 @@ fn established(i: &Inner, to: Option<&[String]>) -> Result<Vec<PeerId>, NodeErro
 async fn hash_and_share(
     inner: &Rc<RefCell<Inner>>,
     entries: Vec<files::Entry>,
-) -> Result<Vec<(Root, String, u64)>, String> {
+) -> Result<Vec<(Root, String, u64)>, WebError> {
     let mut shared = Vec::new();
     for entry in entries {
-        weft_core::transfer::wire::check_path(&entry.path).map_err(|e| e.to_string())?;
+        weft_core::transfer::wire::check_path(&entry.path).map_err(WebError::BadPath)?;
         let size = entry.file.size();
         // The very same `File` shared before (say by `shareFiles`, then `sendFiles`): a
         // `File` is a snapshot, so its root has not changed.
@@ -754,7 +758,7 @@ async fn hash_and_share(
         .await?;
         {
             let mut i = inner.borrow_mut();
-            i.node.share(digest.root, digest.size, digest.cvs).map_err(|e| e.to_string())?;
+            i.node.share(digest.root, digest.size, digest.cvs)?;
             i.files.add_blob(digest.root, entry.file.clone());
         }
         shared.push((digest.root, entry.path, digest.size));

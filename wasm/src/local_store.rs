@@ -16,6 +16,8 @@ use weft_core::rand_core::CryptoRng;
 use weft_core::signal::RoomId;
 use weft_core::trust::TrustStore;
 
+use crate::error::WebError;
+
 const DB_NAME: &str = "weft";
 const DB_VERSION: u32 = 2;
 const IDENTITY_STORE: &str = "identity";
@@ -42,26 +44,26 @@ async fn request_done(request: &IdbRequest) -> Result<JsValue, JsValue> {
     request.result()
 }
 
-fn error_text(e: &JsValue) -> String {
-    // Failed requests reject with the error event; its target's `error` says why.
-    let from_target = js_sys::Reflect::get(e, &"target".into())
+/// A failed IndexedDB call: requests reject with the error event, whose target's `error`
+/// says why.
+fn idb(e: JsValue) -> WebError {
+    let from_target = js_sys::Reflect::get(&e, &"target".into())
         .ok()
         .and_then(|t| js_sys::Reflect::get(&t, &"error".into()).ok())
         .and_then(|err| js_sys::Reflect::get(&err, &"message".into()).ok())
         .and_then(|m| m.as_string());
-    from_target.or_else(|| e.as_string()).unwrap_or_else(|| format!("{e:?}"))
+    WebError::Browser(from_target.or_else(|| e.as_string()).unwrap_or_else(|| format!("{e:?}")))
 }
 
 impl LocalStore {
     /// Opens (creating or upgrading) the database.
-    pub(crate) async fn open() -> Result<Self, String> {
+    pub(crate) async fn open() -> Result<Self, WebError> {
         let factory = web_sys::window()
-            .ok_or("no window")?
+            .ok_or(WebError::NoWindow)?
             .indexed_db()
-            .map_err(|e| error_text(&e))?
-            .ok_or("IndexedDB is not available")?;
-        let request: IdbOpenDbRequest =
-            factory.open_with_u32(DB_NAME, DB_VERSION).map_err(|e| error_text(&e))?;
+            .map_err(idb)?
+            .ok_or(WebError::NoIndexedDb)?;
+        let request: IdbOpenDbRequest = factory.open_with_u32(DB_NAME, DB_VERSION).map_err(idb)?;
         let upgrade = {
             let request = request.clone();
             Closure::<dyn FnMut()>::new(move || {
@@ -81,35 +83,32 @@ impl LocalStore {
         let result = request_done(&request).await;
         request.set_onupgradeneeded(None);
         drop(upgrade);
-        let db: IdbDatabase = result.map_err(|e| error_text(&e))?.unchecked_into();
+        let db: IdbDatabase = result.map_err(idb)?.unchecked_into();
         Ok(Self { db: Rc::new(db) })
     }
 
-    async fn get(&self, store: &str, key: &str) -> Result<JsValue, String> {
-        let tx = self.db.transaction_with_str(store).map_err(|e| error_text(&e))?;
-        let request =
-            tx.object_store(store).and_then(|s| s.get(&key.into())).map_err(|e| error_text(&e))?;
-        request_done(&request).await.map_err(|e| error_text(&e))
+    async fn get(&self, store: &str, key: &str) -> Result<JsValue, WebError> {
+        let tx = self.db.transaction_with_str(store).map_err(idb)?;
+        let request = tx.object_store(store).and_then(|s| s.get(&key.into())).map_err(idb)?;
+        request_done(&request).await.map_err(idb)
     }
 
-    async fn put(&self, store: &str, key: &str, value: &JsValue) -> Result<(), String> {
+    async fn put(&self, store: &str, key: &str, value: &JsValue) -> Result<(), WebError> {
         let tx = self
             .db
             .transaction_with_str_and_mode(store, IdbTransactionMode::Readwrite)
-            .map_err(|e| error_text(&e))?;
+            .map_err(idb)?;
         let done = js_sys::Promise::new(&mut |resolve, reject| {
             tx.set_oncomplete(Some(&resolve));
             tx.set_onerror(Some(&reject));
             tx.set_onabort(Some(&reject));
         });
-        tx.object_store(store)
-            .and_then(|s| s.put_with_key(value, &key.into()))
-            .map_err(|e| error_text(&e))?;
+        tx.object_store(store).and_then(|s| s.put_with_key(value, &key.into())).map_err(idb)?;
         let result = JsFuture::from(done).await;
         tx.set_oncomplete(None);
         tx.set_onerror(None);
         tx.set_onabort(None);
-        result.map(|_| ()).map_err(|e| error_text(&e))
+        result.map(|_| ()).map_err(idb)
     }
 
     /// The stored identity, or a new one (stored before it is returned, so that two tabs
@@ -118,7 +117,7 @@ impl LocalStore {
     pub(crate) async fn load_or_create_identity(
         &self,
         rng: &mut impl CryptoRng,
-    ) -> Result<IdentityKeyPair, String> {
+    ) -> Result<IdentityKeyPair, WebError> {
         let value = self.get(IDENTITY_STORE, IDENTITY_KEY).await?;
         if let Some(bytes) = value.dyn_ref::<js_sys::Uint8Array>() {
             if let Ok(secret) = <[u8; IDENTITY_SECRET_LEN]>::try_from(bytes.to_vec().as_slice()) {
@@ -133,16 +132,20 @@ impl LocalStore {
     }
 
     /// The trust store of the network meeting in `room` (empty if none was saved).
-    pub(crate) async fn load_trust(&self, room: &RoomId) -> Result<TrustStore, String> {
+    pub(crate) async fn load_trust(&self, room: &RoomId) -> Result<TrustStore, WebError> {
         let value = self.get(TRUST_STORE, room.as_str()).await?;
         match value.as_string() {
-            Some(json) => TrustStore::from_json(&json).map_err(|e| e.to_string()),
+            Some(json) => TrustStore::from_json(&json).map_err(WebError::BadTrustStore),
             None => Ok(TrustStore::new()),
         }
     }
 
     /// Saves the trust store of the network meeting in `room`.
-    pub(crate) async fn save_trust(&self, room: &RoomId, trust: &TrustStore) -> Result<(), String> {
+    pub(crate) async fn save_trust(
+        &self,
+        room: &RoomId,
+        trust: &TrustStore,
+    ) -> Result<(), WebError> {
         self.put(TRUST_STORE, room.as_str(), &trust.to_json().into()).await
     }
 
@@ -150,21 +153,18 @@ impl LocalStore {
     pub(crate) async fn save_download(
         &self,
         record: &weft_core::transfer::DownloadRecord,
-    ) -> Result<(), String> {
-        let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+    ) -> Result<(), WebError> {
+        let json = serde_json::to_string(record).map_err(|e| WebError::BadRecord(e.to_string()))?;
         self.put(DOWNLOADS_STORE, &record.root.to_string(), &json.into()).await
     }
 
     /// Every saved download record (unreadable ones are skipped with a warning).
     pub(crate) async fn load_downloads(
         &self,
-    ) -> Result<Vec<weft_core::transfer::DownloadRecord>, String> {
-        let tx = self.db.transaction_with_str(DOWNLOADS_STORE).map_err(|e| error_text(&e))?;
-        let request = tx
-            .object_store(DOWNLOADS_STORE)
-            .and_then(|s| s.get_all())
-            .map_err(|e| error_text(&e))?;
-        let all = request_done(&request).await.map_err(|e| error_text(&e))?;
+    ) -> Result<Vec<weft_core::transfer::DownloadRecord>, WebError> {
+        let tx = self.db.transaction_with_str(DOWNLOADS_STORE).map_err(idb)?;
+        let request = tx.object_store(DOWNLOADS_STORE).and_then(|s| s.get_all()).map_err(idb)?;
+        let all = request_done(&request).await.map_err(idb)?;
         let mut records = Vec::new();
         for value in js_sys::Array::from(&all).iter() {
             match value.as_string().map(|s| serde_json::from_str(&s)) {
@@ -178,15 +178,13 @@ impl LocalStore {
     }
 
     /// Deletes a download's record.
-    pub(crate) async fn delete_download(&self, key: &str) -> Result<(), String> {
+    pub(crate) async fn delete_download(&self, key: &str) -> Result<(), WebError> {
         let tx = self
             .db
             .transaction_with_str_and_mode(DOWNLOADS_STORE, IdbTransactionMode::Readwrite)
-            .map_err(|e| error_text(&e))?;
-        let request = tx
-            .object_store(DOWNLOADS_STORE)
-            .and_then(|s| s.delete(&key.into()))
-            .map_err(|e| error_text(&e))?;
-        request_done(&request).await.map(|_| ()).map_err(|e| error_text(&e))
+            .map_err(idb)?;
+        let request =
+            tx.object_store(DOWNLOADS_STORE).and_then(|s| s.delete(&key.into())).map_err(idb)?;
+        request_done(&request).await.map(|_| ()).map_err(idb)
     }
 }

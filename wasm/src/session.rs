@@ -377,7 +377,7 @@ impl Inner {
         let ws = match WebSocket::new(&self.url) {
             Ok(ws) => ws,
             Err(e) => {
-                let reason = format!("cannot open WebSocket: {}", crate::files::js_err(&e));
+                let reason = format!("cannot open WebSocket: {}", crate::error::js_err(&e));
                 self.queue.borrow_mut().push_back(Input::SignalingClosed { reason });
                 return;
             }
@@ -498,7 +498,9 @@ impl Inner {
         }
         let wanted = self.node.poll_timeout();
         match (self.timer.as_ref().map(|t| t.at), wanted) {
-            (Some(armed), Some(w)) if armed <= w => return,
+            // One whose instant has passed has fired (or is about to): never trust it to
+            // wake the node again, whatever its callback managed to record.
+            (Some(armed), Some(w)) if armed <= w && armed > now() => return,
             (Some(_), None) | (None, None) => return,
             _ => {}
         }

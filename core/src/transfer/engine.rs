@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub endgame_after: Duration,
     /// Consecutive timeouts or bad chunks after which a source is dropped.
     pub max_source_failures: u32,
+    /// A download left with no source asks every connected peer again this often whether
+    /// it holds the file (a source that stopped answering may answer again; a peer may
+    /// have started seeding it), so it never waits forever while a holder is connected.
+    pub requery_every: Duration,
     /// Most chunks requested or received but not yet written, over all downloads: the
     /// receiver's memory bound (in chunks of [`super::hash::CHUNK_LEN`]).
     pub max_unwritten: usize,
@@ -57,6 +61,7 @@ impl Default for EngineConfig {
             request_timeout: Duration::from_secs(8),
             endgame_after: Duration::from_secs(2),
             max_source_failures: 3,
+            requery_every: Duration::from_secs(10),
             max_unwritten: 192,
             max_serve_queue: 256,
             max_reads_in_flight: 8,
@@ -309,6 +314,8 @@ struct Download {
     retry: BTreeSet<u32>,
     cursor: u32,
     sources: BTreeMap<PeerId, Source>,
+    /// With no source left: when to ask connected peers again.
+    requery_at: Option<Duration>,
     state: DownloadState,
 }
 
@@ -331,6 +338,7 @@ impl Download {
             retry: BTreeSet::new(),
             cursor: 0,
             sources: BTreeMap::new(),
+            requery_at: None,
             state: DownloadState::Active,
         }
     }
@@ -507,15 +515,19 @@ impl Engine {
             .map(|(r, _)| *r)
             .collect();
         for root in roots {
-            self.drop_source(&root, peer, DropReason::PeerLeft);
+            self.drop_source(&root, peer, DropReason::PeerLeft, now);
         }
         self.schedule(now);
     }
 
-    fn drop_source(&mut self, root: &Root, peer: &PeerId, reason: DropReason) {
+    fn drop_source(&mut self, root: &Root, peer: &PeerId, reason: DropReason, now: Duration) {
+        let requery_every = self.config.requery_every;
         let Some(d) = self.downloads.get_mut(root) else { return };
         if d.sources.remove(peer).is_none() {
             return;
+        }
+        if d.sources.is_empty() && d.state == DownloadState::Active {
+            d.requery_at = Some(now.saturating_add(requery_every));
         }
         for (index, reqs) in d.inflight.iter_mut() {
             reqs.retain(|(p, _)| p != peer);
@@ -538,6 +550,7 @@ impl Engine {
             return;
         }
         d.sources.insert(peer.clone(), Source { window, ..Source::default() });
+        d.requery_at = None;
         self.event(TransferEvent::SourceAdded { root: *root, peer: peer.clone() });
     }
 
@@ -993,7 +1006,7 @@ impl Engine {
             }
             TransferMsg::Chunk { root, index, data } => self.on_chunk(peer, root, index, data, now),
             TransferMsg::Missing { root, reason } => {
-                self.drop_source(&root, peer, DropReason::Missing(reason));
+                self.drop_source(&root, peer, DropReason::Missing(reason), now);
                 self.schedule(now);
             }
             TransferMsg::Cancel { offer_id, own_offer, reason } => {
@@ -1079,7 +1092,7 @@ impl Engine {
             return;
         }
         if cvs.is_empty() || first % MAX_HASHES_PER_MSG as u32 != 0 || first >= d.chunks {
-            return self.drop_source(&root, peer, DropReason::MalformedHashes);
+            return self.drop_source(&root, peer, DropReason::MalformedHashes, now);
         }
         d.hash_parts.insert(first, cvs);
         d.hash_source = Some((peer.clone(), now));
@@ -1097,7 +1110,7 @@ impl Engine {
             }
             self.schedule(now);
         } else {
-            self.drop_source(&root, peer, DropReason::WrongHashes);
+            self.drop_source(&root, peer, DropReason::WrongHashes, now);
             self.schedule(now);
         }
     }
@@ -1139,9 +1152,9 @@ impl Engine {
             // row: drop it if another source can take over; a lone source gets retries,
             // since nothing unverified is ever kept.
             if again {
-                self.drop_source(&root, peer, DropReason::DamagedCopy);
+                self.drop_source(&root, peer, DropReason::DamagedCopy, now);
             } else if failures >= config.max_source_failures && others {
-                self.drop_source(&root, peer, DropReason::BadChunks);
+                self.drop_source(&root, peer, DropReason::BadChunks, now);
             }
             self.schedule(now);
             return;
@@ -1188,7 +1201,9 @@ impl Engine {
                         t.saturating_add(timeout)
                     }
                 });
-                chunks.chain(d.hash_source.as_ref().map(|(_, t)| t.saturating_add(timeout)))
+                chunks
+                    .chain(d.hash_source.as_ref().map(|(_, t)| t.saturating_add(timeout)))
+                    .chain(d.requery_at.filter(|_| !self.peers.is_empty()))
             })
             .min()
     }
@@ -1230,9 +1245,31 @@ impl Engine {
             }
         }
         for (root, peer, reason) in dropped {
-            self.drop_source(&root, &peer, reason);
+            self.drop_source(&root, &peer, reason, now);
         }
+        self.requery(now);
         self.schedule(now);
+    }
+
+    /// Downloads with no source whose time has come ask every connected peer again.
+    fn requery(&mut self, now: Duration) {
+        let every = self.config.requery_every;
+        let mut queries = Vec::new();
+        for (root, d) in &mut self.downloads {
+            let due = d.requery_at.is_some_and(|t| t <= now);
+            if due && d.sources.is_empty() && d.state == DownloadState::Active {
+                d.requery_at = Some(now.saturating_add(every));
+                queries.push(*root);
+            } else if due {
+                d.requery_at = None;
+            }
+        }
+        let peers: Vec<PeerId> = self.peers.iter().cloned().collect();
+        for root in queries {
+            for peer in &peers {
+                self.send(peer, TransferMsg::Query { root });
+            }
+        }
     }
 
     /// Sends requests while windows have room.

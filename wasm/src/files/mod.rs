@@ -19,7 +19,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use wasm_bindgen::prelude::*;
 use weft_core::node::{Input, SavedTo, WriteFailure};
 use weft_core::signal::PeerId;
 use weft_core::transfer::{DownloadRecord, Root};
@@ -29,6 +28,7 @@ pub(crate) use self::reads::{
     Entry, entries, hash_blob, hash_entry, save_all_to, save_download, stored_file,
 };
 use self::writer::{Pending, Writer};
+use crate::error::WebError;
 use crate::local_store::LocalStore;
 
 /// Where the session's inputs go: queued, then run (see `session.rs`).
@@ -45,14 +45,6 @@ pub(crate) enum Store {
     Stream,
 }
 
-/// A JavaScript error's message.
-pub(crate) fn js_err(e: &JsValue) -> String {
-    e.dyn_ref::<js_sys::Error>()
-        .map(|e| String::from(e.message()))
-        .or_else(|| e.as_string())
-        .unwrap_or_else(|| format!("{e:?}"))
-}
-
 /// The browser's side of file transfer. See the module docs.
 pub(crate) struct FilesIo {
     sink: Sink,
@@ -61,7 +53,7 @@ pub(crate) struct FilesIo {
     reads: ReadCache,
     writer: Option<Writer>,
     /// Why the writer could not start.
-    writer_error: Option<String>,
+    writer_error: Option<WebError>,
     /// `downloads: "stream"` at join: stream downloads even where OPFS works.
     force_stream: bool,
     /// Where downloads go, once the writer said so.
@@ -101,11 +93,9 @@ impl FilesIo {
     }
 
     /// Fails unless complete downloads are kept in the page (OPFS).
-    pub(crate) fn check_kept(&self) -> Result<(), String> {
+    pub(crate) fn check_kept(&self) -> Result<(), WebError> {
         match self.store() {
-            Some(Store::Stream) => Err("this browser saved downloads straight into its downloads \
-                 folder (it cannot store them in the page); open them from there"
-                .to_string()),
+            Some(Store::Stream) => Err(WebError::NotKept),
             _ => Ok(()),
         }
     }
@@ -143,7 +133,9 @@ impl FilesIo {
         let sink = self.sink.clone();
         let blobs = self.blobs.clone();
         wasm_bindgen_futures::spawn_local(async move {
-            let result = reads::read_chunk(cached, &root, offset, len, &blobs).await;
+            let result = reads::read_chunk(cached, &root, offset, len, &blobs)
+                .await
+                .map_err(|e| e.to_string());
             sink(Input::ReadDone { peer, root, index, result });
         });
     }
@@ -169,7 +161,8 @@ impl FilesIo {
     /// [`Input::FileSaved`] once the file is there.
     pub(crate) fn finish(&mut self, root: Root, size: u64) {
         let Some(writer) = self.writer() else {
-            let result = Err(self.writer_error.clone().unwrap_or_default());
+            let result =
+                Err(self.writer_error.as_ref().map(ToString::to_string).unwrap_or_default());
             return (self.sink)(Input::FileSaved { root, result });
         };
         if size == 0 {
@@ -229,6 +222,8 @@ impl FilesIo {
     }
 
     fn no_writer(&self) -> WriteFailure {
-        WriteFailure::NoStorage(self.writer_error.clone().unwrap_or_default())
+        WriteFailure::NoStorage(
+            self.writer_error.as_ref().map(ToString::to_string).unwrap_or_default(),
+        )
     }
 }

@@ -10,7 +10,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use weft_core::transfer::{FileDigest, FileHasher, Root};
 
-use super::js_err;
+use crate::error::WebError;
 
 /// Bytes hashed per read while preparing a file.
 const HASH_READ: f64 = 4.0 * 1024.0 * 1024.0;
@@ -76,15 +76,15 @@ pub(crate) async fn read_chunk(
     offset: u64,
     len: usize,
     blobs: &Rc<RefCell<HashMap<Root, web_sys::Blob>>>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, WebError> {
     match cached {
         Some((promise, start)) => {
-            let buffer = JsFuture::from(promise).await.map_err(|e| js_err(&e))?;
+            let buffer = JsFuture::from(promise).await?;
             let buffer: js_sys::ArrayBuffer = buffer.unchecked_into();
             let at = u32::try_from(offset - start).unwrap_or(u32::MAX);
             let len32 = u32::try_from(len).unwrap_or(0);
             if u64::from(at) + u64::from(len32) > u64::from(buffer.byte_length()) {
-                return Err("the file is shorter than when it was hashed".to_string());
+                return Err(WebError::FileShrank);
             }
             Ok(js_sys::Uint8Array::new_with_byte_offset_and_length(&buffer, at, len32).to_vec())
         }
@@ -101,37 +101,36 @@ pub(crate) async fn read_blob(
     blob: &web_sys::Blob,
     offset: f64,
     len: f64,
-) -> Result<Vec<u8>, String> {
-    let slice = blob.slice_with_f64_and_f64(offset, offset + len).map_err(|e| js_err(&e))?;
-    let buffer = JsFuture::from(slice.array_buffer()).await.map_err(|e| js_err(&e))?;
+) -> Result<Vec<u8>, WebError> {
+    let slice = blob.slice_with_f64_and_f64(offset, offset + len)?;
+    let buffer = JsFuture::from(slice.array_buffer()).await?;
     Ok(js_sys::Uint8Array::new(&buffer).to_vec())
 }
 
-async fn downloads_dir() -> Result<web_sys::FileSystemDirectoryHandle, String> {
-    let navigator = web_sys::window().ok_or("no window")?.navigator();
-    let root = JsFuture::from(navigator.storage().get_directory()).await.map_err(|e| js_err(&e))?;
+async fn downloads_dir() -> Result<web_sys::FileSystemDirectoryHandle, WebError> {
+    let navigator = web_sys::window().ok_or(WebError::NoWindow)?.navigator();
+    let root = JsFuture::from(navigator.storage().get_directory()).await?;
     let root: web_sys::FileSystemDirectoryHandle = root.unchecked_into();
     let options = web_sys::FileSystemGetDirectoryOptions::new();
     options.set_create(true);
-    let dir = JsFuture::from(root.get_directory_handle_with_options(DOWNLOAD_DIR, &options))
-        .await
-        .map_err(|e| js_err(&e))?;
+    let dir =
+        JsFuture::from(root.get_directory_handle_with_options(DOWNLOAD_DIR, &options)).await?;
     Ok(dir.unchecked_into())
 }
 
 /// The stored bytes of the download `root`, as a (disk-backed) `File`.
-pub(crate) async fn stored_file(root: &Root) -> Result<web_sys::File, String> {
+pub(crate) async fn stored_file(root: &Root) -> Result<web_sys::File, WebError> {
     let dir = downloads_dir().await?;
     let handle = JsFuture::from(dir.get_file_handle(&root.to_string()))
         .await
-        .map_err(|_| "that file is not stored here".to_string())?;
+        .map_err(|_| WebError::NotStored)?;
     let handle: web_sys::FileSystemFileHandle = handle.unchecked_into();
-    let file = JsFuture::from(handle.get_file()).await.map_err(|e| js_err(&e))?;
+    let file = JsFuture::from(handle.get_file()).await?;
     Ok(file.unchecked_into())
 }
 
 /// Plain BLAKE3 of a blob, read in slices.
-pub(crate) async fn hash_blob(blob: &web_sys::Blob) -> Result<String, String> {
+pub(crate) async fn hash_blob(blob: &web_sys::Blob) -> Result<String, WebError> {
     let size = blob.size();
     let mut hasher = blake3::Hasher::new();
     let mut offset = 0.0;
@@ -147,15 +146,16 @@ pub(crate) async fn hash_blob(blob: &web_sys::Blob) -> Result<String, String> {
 pub(crate) async fn hash_entry(
     entry: &Entry,
     mut progress: impl FnMut(f64),
-) -> Result<FileDigest, String> {
+) -> Result<FileDigest, WebError> {
     let size = entry.file.size();
     let mut hasher = FileHasher::new();
     let mut offset = 0.0;
     while offset < size {
         let len = HASH_READ.min(size - offset);
-        let data = read_blob(&entry.file, offset, len)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", entry.path))?;
+        let data = read_blob(&entry.file, offset, len).await.map_err(|e| WebError::CannotRead {
+            path: entry.path.clone(),
+            reason: e.to_string(),
+        })?;
         hasher.update(&data);
         offset += len;
         progress(offset);
@@ -170,8 +170,8 @@ pub(crate) struct Entry {
 }
 
 /// Turns `File | FileList | [File | {file, path}]` into entries.
-pub(crate) fn entries(value: &JsValue) -> Result<Vec<Entry>, String> {
-    fn one(v: &JsValue) -> Result<Entry, String> {
+pub(crate) fn entries(value: &JsValue) -> Result<Vec<Entry>, WebError> {
+    fn one(v: &JsValue) -> Result<Entry, WebError> {
         if let Some(file) = v.dyn_ref::<web_sys::File>() {
             let rel = js_sys::Reflect::get(file, &"webkitRelativePath".into())
                 .ok()
@@ -182,15 +182,15 @@ pub(crate) fn entries(value: &JsValue) -> Result<Vec<Entry>, String> {
                 path: rel.unwrap_or_else(|| file.name()),
             });
         }
-        let file = js_sys::Reflect::get(v, &"file".into()).map_err(|e| js_err(&e))?;
+        let file = js_sys::Reflect::get(v, &"file".into())?;
         let Some(blob) = file.dyn_ref::<web_sys::Blob>() else {
-            return Err("each entry must be a File or { file, path }".into());
+            return Err(WebError::NotAFile);
         };
         let path = js_sys::Reflect::get(v, &"path".into())
             .ok()
             .and_then(|p| p.as_string())
             .or_else(|| file.dyn_ref::<web_sys::File>().map(web_sys::File::name))
-            .ok_or("an entry has no path")?;
+            .ok_or(WebError::NoPath)?;
         Ok(Entry { file: blob.clone(), path })
     }
     if value.is_instance_of::<web_sys::File>() {
@@ -202,25 +202,18 @@ pub(crate) fn entries(value: &JsValue) -> Result<Vec<Entry>, String> {
     if let Some(array) = value.dyn_ref::<js_sys::Array>() {
         return array.iter().map(|v| one(&v)).collect();
     }
-    Err("give a File, a FileList or an array of files".into())
+    Err(WebError::NotFiles)
 }
 
 /// Copies every complete download into a folder the user picks (File System Access API).
 /// `complete` lists the complete downloads with their paths.
-pub(crate) async fn save_all_to(complete: Vec<(Root, Vec<String>)>) -> Result<u32, String> {
-    let window = web_sys::window().ok_or("no window")?;
-    let picker =
-        js_sys::Reflect::get(&window, &"showDirectoryPicker".into()).map_err(|e| js_err(&e))?;
-    let picker: js_sys::Function = picker
-        .dyn_into()
-        .map_err(|_| "this browser cannot save into a folder; use Save on each file")?;
+pub(crate) async fn save_all_to(complete: Vec<(Root, Vec<String>)>) -> Result<u32, WebError> {
+    let window = web_sys::window().ok_or(WebError::NoWindow)?;
+    let picker = js_sys::Reflect::get(&window, &"showDirectoryPicker".into())?;
+    let picker: js_sys::Function = picker.dyn_into().map_err(|_| WebError::NoFolderPicker)?;
     let options = js_sys::Object::new();
     let _ = js_sys::Reflect::set(&options, &"mode".into(), &"readwrite".into());
-    let dir = JsFuture::from(js_sys::Promise::from(
-        picker.call1(&window, &options).map_err(|e| js_err(&e))?,
-    ))
-    .await
-    .map_err(|e| js_err(&e))?;
+    let dir = JsFuture::from(js_sys::Promise::from(picker.call1(&window, &options)?)).await?;
     let dir: web_sys::FileSystemDirectoryHandle = dir.unchecked_into();
     let mut saved = 0;
     for (root, paths) in complete {
@@ -233,21 +226,18 @@ pub(crate) async fn save_all_to(complete: Vec<(Root, Vec<String>)>) -> Result<u3
                 let options = web_sys::FileSystemGetDirectoryOptions::new();
                 options.set_create(true);
                 let next = JsFuture::from(folder.get_directory_handle_with_options(part, &options))
-                    .await
-                    .map_err(|e| js_err(&e))?;
+                    .await?;
                 folder = next.unchecked_into();
             }
             let options = web_sys::FileSystemGetFileOptions::new();
             options.set_create(true);
-            let handle = JsFuture::from(folder.get_file_handle_with_options(name, &options))
-                .await
-                .map_err(|e| js_err(&e))?;
+            let handle =
+                JsFuture::from(folder.get_file_handle_with_options(name, &options)).await?;
             let handle: web_sys::FileSystemFileHandle = handle.unchecked_into();
-            let writable =
-                JsFuture::from(handle.create_writable()).await.map_err(|e| js_err(&e))?;
+            let writable = JsFuture::from(handle.create_writable()).await?;
             let writable: web_sys::FileSystemWritableFileStream = writable.unchecked_into();
             // Streams from disk to disk: the file never sits in memory.
-            JsFuture::from(file.stream().pipe_to(&writable)).await.map_err(|e| js_err(&e))?;
+            JsFuture::from(file.stream().pipe_to(&writable)).await?;
             saved += 1;
         }
     }
@@ -255,12 +245,11 @@ pub(crate) async fn save_all_to(complete: Vec<(Root, Vec<String>)>) -> Result<u3
 }
 
 /// Starts the browser's download of a stored file under the last part of `path`.
-pub(crate) async fn save_download(root: &Root, path: &str) -> Result<(), String> {
+pub(crate) async fn save_download(root: &Root, path: &str) -> Result<(), WebError> {
     let file = stored_file(root).await?;
-    let url = web_sys::Url::create_object_url_with_blob(&file).map_err(|e| js_err(&e))?;
-    let document = web_sys::window().and_then(|w| w.document()).ok_or("no document")?;
-    let a: web_sys::HtmlAnchorElement =
-        document.create_element("a").map_err(|e| js_err(&e))?.unchecked_into();
+    let url = web_sys::Url::create_object_url_with_blob(&file)?;
+    let document = web_sys::window().and_then(|w| w.document()).ok_or(WebError::NoWindow)?;
+    let a: web_sys::HtmlAnchorElement = document.create_element("a")?.unchecked_into();
     a.set_href(&url);
     a.set_download(path.rsplit('/').next().unwrap_or(path));
     a.click();

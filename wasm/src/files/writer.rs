@@ -11,7 +11,8 @@ use wasm_bindgen::prelude::*;
 use weft_core::node::{Input, SavedTo, WriteFailure};
 use weft_core::transfer::{CHUNK_LEN, Root};
 
-use super::{Sink, Store, js_err};
+use super::{Sink, Store};
+use crate::error::{WebError, js_err};
 
 /// Chunks sent to the writer in one message (one `postMessage` per 1 MiB, not per chunk).
 const WRITE_BATCH: usize = 16;
@@ -77,20 +78,27 @@ pub(crate) struct Writer {
 /// Reports the failure of every request in `ids` (after the state is released).
 fn fail_all(sink: &Sink, pending: Vec<Pending>, error: &str) {
     for p in pending {
-        report(sink, p, Err(error.to_string()), false);
+        report(sink, p, Err(WebError::Browser(error.to_string())), false);
     }
 }
 
-fn report(sink: &Sink, pending: Pending, result: Result<(), String>, disk_full: bool) {
+fn report(sink: &Sink, pending: Pending, result: Result<(), WebError>, disk_full: bool) {
     match pending {
         Pending::Ignore => {}
         Pending::Write { root, index } => {
             let result = result.map_err(|e| {
-                if disk_full { WriteFailure::QuotaExceeded } else { WriteFailure::Other(e) }
+                if disk_full {
+                    WriteFailure::QuotaExceeded
+                } else {
+                    WriteFailure::Other(e.to_string())
+                }
             });
             sink(Input::WriteDone { root, index, result });
         }
-        Pending::Close { root, to } => sink(Input::FileSaved { root, result: result.map(|()| to) }),
+        Pending::Close { root, to } => {
+            let result = result.map(|()| to).map_err(|e| e.to_string());
+            sink(Input::FileSaved { root, result });
+        }
     }
 }
 
@@ -134,12 +142,12 @@ impl Writer {
         sink: Sink,
         store: Rc<Cell<Option<Store>>>,
         force_stream: bool,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, WebError> {
         let options = web_sys::WorkerOptions::new();
         options.set_name("weft-download-writer");
         let url =
             if force_stream { "download-writer.js?downloads=stream" } else { "download-writer.js" };
-        let worker = web_sys::Worker::new_with_options(url, &options).map_err(|e| js_err(&e))?;
+        let worker = web_sys::Worker::new_with_options(url, &options)?;
         let state = Rc::new(RefCell::new(State {
             worker: worker.clone(),
             sink,
@@ -342,7 +350,7 @@ fn on_message(state: &Weak<RefCell<State>>, store: &Rc<Cell<Option<Store>>>, dat
         (answered, s.sink.clone())
     };
     for pending in answered {
-        let result = if ok { Ok(()) } else { Err(error.clone()) };
+        let result = if ok { Ok(()) } else { Err(WebError::Browser(error.clone())) };
         report(&sink, pending, result, disk_full);
     }
 }

@@ -68,6 +68,8 @@ const READ: u64 = 1024 * 1024;
 const HIGH_WATER: u64 = 1024 * 1024;
 const LOW_WATER: u64 = 256 * 1024;
 const LONG: Duration = Duration::from_secs(1800);
+/// A download whose state has not changed for this long has stalled.
+const STALL: Duration = Duration::from_secs(120);
 
 /// The raw data channel baseline, in both pages: signaling over the Weft session's
 /// messages (prefix `WEFTRAW `), receiver counting bytes, sender with backpressure.
@@ -143,7 +145,11 @@ const RECEIVER_HOOK: &str = r#"
   if (!c) return;
   if (ev.type === "offer" && ev.items.some((i) => i.root === c.root)) {
     c.acceptAt = performance.now();
-    s.acceptOffer(ev.peerId, ev.offerId);
+    try {
+      s.acceptOffer(ev.peerId, ev.offerId);
+    } catch (e) {
+      c.failed = "acceptOffer: " + e;
+    }
   } else if (ev.type === "file_complete" && ev.root === c.root) {
     c.completeAt = performance.now();
   } else if (ev.type === "file_failed" && ev.root === c.root) {
@@ -218,12 +224,32 @@ async fn weft_run(
         file.name,
         send["ms"].as_f64().unwrap_or(0.0)
     );
+    // A download that stops moving is a bug to see, not a wait of half an hour.
+    let progress = std::cell::RefCell::new((String::new(), Instant::now()));
     let c = wait_for(&format!("Bob to receive {}", file.name), LONG, || async {
-        let c = js(bob, "return window.t.bench.current;").await?;
+        let c = js(
+            bob,
+            &format!(
+                "const c = window.t.bench.current;
+                 c.download = s.transfers().downloads.find((d) => d.root === {root}) || null;
+                 return c;"
+            ),
+        )
+        .await?;
         if let Some(reason) = c["failed"].as_str() {
             bail!("the download failed: {reason}");
         }
-        Ok(if c["completeAt"].is_number() { Ok(c) } else { Err(c.to_string()) })
+        if c["completeAt"].is_number() {
+            return Ok(Ok(c));
+        }
+        let mut p = progress.borrow_mut();
+        let now = c["download"].to_string();
+        if now != p.0 {
+            *p = (now, Instant::now());
+        } else if p.1.elapsed() > STALL {
+            bail!("the download made no progress for {STALL:?}: {c}");
+        }
+        Ok(Err(c.to_string()))
     })
     .await?;
     let cpu_use = meter.finish(file.size);

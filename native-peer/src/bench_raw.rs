@@ -26,6 +26,7 @@ use weft_core::signal::PeerId;
 use crate::Joined;
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::rtc::{RtcConfig, build_with};
+use weft_core::node::Event;
 
 /// Bytes per message.
 const MESSAGE: usize = 64 * 1024;
@@ -100,7 +101,7 @@ async fn next_raw_message(
 ) -> anyhow::Result<(PeerId, String)> {
     loop {
         match events.recv().await {
-            Some(MeshEvent::Message { peer_id, name: from, text }) if from == name => {
+            Some(MeshEvent::Node(Event::Message { peer_id, name: from, text })) if from == name => {
                 if let Some(rest) = text.strip_prefix(PREFIX) {
                     return Ok((peer_id, rest.to_string()));
                 }
@@ -141,7 +142,9 @@ async fn send(
 ) -> anyhow::Result<()> {
     let peer_id = loop {
         match events.recv().await {
-            Some(MeshEvent::PeerConnected(info)) if info.name.as_deref() == Some(name) => {
+            Some(MeshEvent::Node(Event::PeerConnected(info)))
+                if info.name.as_deref() == Some(name) =>
+            {
                 break info.peer_id;
             }
             Some(_) => {}

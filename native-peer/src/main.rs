@@ -33,6 +33,7 @@ use crate::cli::{Cli, Command, TrustCommand};
 use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
 use crate::output::Printer;
 use crate::store::Store;
+use weft_core::node::{Event, SignalingEvent};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -220,8 +221,10 @@ async fn settle(
             bail!("the session stopped");
         };
         match event {
-            MeshEvent::Joined { peer_id, .. } => own = Some(peer_id.to_string()),
-            MeshEvent::Disconnected { reason, .. } => last_problem = Some(reason),
+            MeshEvent::Node(Event::Joined { peer_id, .. }) => own = Some(peer_id.to_string()),
+            MeshEvent::Node(Event::Signaling(SignalingEvent::Lost { reason, .. })) => {
+                last_problem = Some(reason)
+            }
             _ => {}
         }
         if own.is_some() {
@@ -287,10 +290,12 @@ async fn wait_for_peer(
             bail!(message);
         };
         match &event {
-            MeshEvent::Joined { .. } => joined_room = true,
-            MeshEvent::Disconnected { reason, .. } => last_problem = Some(reason.clone()),
-            MeshEvent::KeyChanged(_) => printer.event(&event),
-            MeshEvent::PeerFailed(info) => {
+            MeshEvent::Node(Event::Joined { .. }) => joined_room = true,
+            MeshEvent::Node(Event::Signaling(SignalingEvent::Lost { reason, .. })) => {
+                last_problem = Some(reason.clone())
+            }
+            MeshEvent::Node(Event::KeyChanged(_)) => printer.event(&event),
+            MeshEvent::Node(Event::PeerFailed(info)) => {
                 failures.push(format!(
                     "{}: {}",
                     info.name.as_deref().unwrap_or(info.peer_id.as_str()),
@@ -305,7 +310,7 @@ async fn wait_for_peer(
                     );
                 }
             }
-            MeshEvent::PeerConnected(info)
+            MeshEvent::Node(Event::PeerConnected(info))
                 if info.peer_id.as_str() == target || info.name.as_deref() == Some(target) =>
             {
                 break info.clone();

@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
-    Channel, ConnId, Event, FileEvent, Input, Node, NodeConfig, NodeError, Output, SavedTo,
-    SignalingEvent, StopReason,
+    Channel, ConnId, Event, Input, Node, NodeConfig, NodeError, Output, SavedTo, SignalingEvent,
+    StopReason,
 };
 pub use weft_core::node::{PeerInfo, PeerState};
 use weft_core::signal::{ErrorCode, PeerId};
@@ -64,57 +64,15 @@ pub struct MeshConfig {
     pub downloads: Option<PathBuf>,
 }
 
-/// What the mesh reports.
+/// What the mesh reports: the node's own events (as the core defines them), and the
+/// driver's warnings.
 #[derive(Debug, Clone)]
 pub enum MeshEvent {
-    /// Connecting to the signaling server.
-    Connecting {
-        /// Attempt number, from 1.
-        attempt: u32,
-    },
-    /// The signaling connection failed or dropped; sessions go on.
-    Disconnected {
-        /// Why.
-        reason: String,
-        /// When we try again.
-        retry_in: Duration,
-    },
-    /// Joined (again) under `peer_id`, with these other members.
-    Joined {
-        /// Our id.
-        peer_id: PeerId,
-        /// The others.
-        peers: Vec<PeerId>,
-    },
-    /// A member joined.
-    PeerJoined(PeerId),
-    /// A member left (or its id went away with a server restart).
-    PeerLeft(PeerId),
-    /// An encrypted session is up and the peer said its name.
-    PeerConnected(PeerInfo),
-    /// A peer's key differs from the one pinned for its name: warn loudly.
-    KeyChanged(PeerInfo),
-    /// A peer's link failed.
-    PeerFailed(PeerInfo),
-    /// A chat message.
-    Message {
-        /// From whom.
-        peer_id: PeerId,
-        /// Its display name.
-        name: String,
-        /// The text.
-        text: String,
-    },
-    /// File transfer: offers, progress, completions.
-    File(FileEvent),
-    /// The signaling server refused something.
-    ServerError {
-        /// Its code.
-        code: ErrorCode,
-        /// Its message.
-        message: String,
-    },
-    /// A warning for the user (cannot save the trust store, ...).
+    /// An event of the node. The signaling stop for an unsupported version is not
+    /// passed on (the mesh ends with that refusal instead), nor are `Left` and plain
+    /// peer updates (the CLI shows none).
+    Node(Event),
+    /// A warning for the user (cannot save the trust store, a download record, ...).
     Warning(String),
 }
 
@@ -494,34 +452,16 @@ impl Mesh {
     }
 
     fn on_event(&mut self, event: Event) {
-        let event = match event {
-            Event::Signaling(SignalingEvent::Connecting { attempt }) => {
-                MeshEvent::Connecting { attempt }
-            }
-            Event::Signaling(SignalingEvent::Lost { reason, retry_in }) => {
-                MeshEvent::Disconnected { reason, retry_in }
-            }
+        match event {
             Event::Signaling(SignalingEvent::Stopped {
                 reason: StopReason::UnsupportedVersion { message },
-            }) => {
-                self.refused = Some(message);
-                return;
-            }
+            }) => self.refused = Some(message),
             // Reported as the stop above.
-            Event::Signaling(SignalingEvent::Stopped { .. })
-            | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. } => return,
-            Event::Signaling(SignalingEvent::Left) | Event::Peer(_) => return,
-            Event::Joined { peer_id, peers } => MeshEvent::Joined { peer_id, peers },
-            Event::PeerJoined(peer) => MeshEvent::PeerJoined(peer),
-            Event::PeerLeft(peer) => MeshEvent::PeerLeft(peer),
-            Event::PeerConnected(info) => MeshEvent::PeerConnected(info),
-            Event::KeyChanged(info) => MeshEvent::KeyChanged(info),
-            Event::PeerFailed(info) => MeshEvent::PeerFailed(info),
-            Event::Message { peer_id, name, text } => MeshEvent::Message { peer_id, name, text },
-            Event::ServerError { code, message } => MeshEvent::ServerError { code, message },
-            Event::File(event) => MeshEvent::File(event),
-        };
-        self.emit(event);
+            Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left)
+            | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. }
+            | Event::Peer(_) => {}
+            event => self.emit(MeshEvent::Node(event)),
+        }
     }
 
     fn command(&mut self, command: Command) {

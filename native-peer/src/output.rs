@@ -10,6 +10,7 @@ use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
 use crate::mesh::{MeshEvent, PeerInfo, PeerState};
+use weft_core::node::{Event, SignalingEvent};
 
 /// Prints events and tables, as text or JSON lines.
 #[derive(Debug, Clone, Copy)]
@@ -72,35 +73,35 @@ impl Printer {
     /// One mesh event.
     pub fn event(&self, event: &MeshEvent) {
         match event {
-            MeshEvent::Connecting { attempt } => self.line(
+            MeshEvent::Node(Event::Signaling(SignalingEvent::Connecting { attempt })) => self.line(
                 json!({"event": "connecting", "attempt": attempt}),
                 || match attempt {
                     1 => "connecting…".into(),
                     n => format!("reconnecting (attempt {n})…"),
                 },
             ),
-            MeshEvent::Disconnected { reason, retry_in } => self.line(
+            MeshEvent::Node(Event::Signaling(SignalingEvent::Lost { reason, retry_in })) => self.line(
                 json!({"event": "disconnected", "reason": reason, "retry_in_ms": retry_in.as_millis()}),
                 || format!("disconnected: {reason}; retrying in {:.1} s", retry_in.as_secs_f64()),
             ),
-            MeshEvent::Joined { peer_id, peers } => self.line(
+            MeshEvent::Node(Event::Joined { peer_id, peers }) => self.line(
                 json!({"event": "joined", "peer_id": peer_id, "peers": peers}),
                 || format!("joined as {peer_id}; {} other peer(s)", peers.len()),
             ),
-            MeshEvent::PeerJoined(p) => {
+            MeshEvent::Node(Event::PeerJoined(p)) => {
                 self.line(json!({"event": "peer_joined", "peer_id": p}), || {
                     format!("peer {p} joined")
                 });
             }
-            MeshEvent::PeerLeft(p) => {
+            MeshEvent::Node(Event::PeerLeft(p)) => {
                 self.line(json!({"event": "peer_left", "peer_id": p}), || format!("peer {p} left"));
             }
-            MeshEvent::PeerConnected(info) => {
+            MeshEvent::Node(Event::PeerConnected(info)) => {
                 let mut v = peer_json(info);
                 v["event"] = json!("peer_connected");
                 self.line(v, || format!("connected: {}", describe(info)));
             }
-            MeshEvent::KeyChanged(info) => {
+            MeshEvent::Node(Event::KeyChanged(info)) => {
                 let name = info.name.as_deref().unwrap_or("?");
                 let warning = format!(
                     "WARNING: the key of {name:?} CHANGED. This is not the key it had before: \
@@ -114,26 +115,31 @@ impl Printer {
                 v["warning"] = json!(warning);
                 self.line(v, || warning.clone());
             }
-            MeshEvent::PeerFailed(info) => {
+            MeshEvent::Node(Event::PeerFailed(info)) => {
                 let mut v = peer_json(info);
                 v["event"] = json!("peer_failed");
                 self.line(v, || format!("failed: {}", describe(info)));
             }
-            MeshEvent::Message { peer_id, name, text } => self.line(
+            MeshEvent::Node(Event::Message { peer_id, name, text }) => self.line(
                 json!({"event": "message", "peer_id": peer_id, "from": name, "text": text}),
                 || format!("<{name}> {text}"),
             ),
-            MeshEvent::File(ev) => {
+            MeshEvent::Node(Event::File(ev)) => {
                 if self.json {
                     println!("{}", file_json(ev));
                 } else if let Some(text) = file_text(ev) {
                     println!("{text}");
                 }
             }
-            MeshEvent::ServerError { code, message } => self.line(
+            MeshEvent::Node(Event::ServerError { code, message }) => self.line(
                 json!({"event": "error", "code": code, "message": message}),
                 || format!("server refused: {code}: {message}"),
             ),
+            // The mesh passes none of these on (see `MeshEvent::Node`).
+            MeshEvent::Node(
+                Event::Peer(_)
+                | Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left),
+            ) => {}
             MeshEvent::Warning(message) => {
                 eprintln!("warning: {message}");
                 self.line(json!({"event": "warning", "message": message}), || {

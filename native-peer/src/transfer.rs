@@ -18,6 +18,7 @@ use crate::files::{SendItem, hash_file};
 use crate::mesh::{MeshEvent, MeshHandle, PeerInfo, PeerState};
 use crate::output::{Printer, file_json, file_text};
 use crate::{Joined, terminated};
+use weft_core::node::Event;
 
 /// How often JSON `hashing` lines are printed at most.
 const HASHING_EVERY: Duration = Duration::from_millis(250);
@@ -275,16 +276,16 @@ async fn send_inner(
             bail!(message);
         };
         match &event {
-            MeshEvent::Joined { .. } => joined_room = true,
-            MeshEvent::PeerFailed(info) => failures.push(format!(
+            MeshEvent::Node(Event::Joined { .. }) => joined_room = true,
+            MeshEvent::Node(Event::PeerFailed(info)) => failures.push(format!(
                 "{}: {}",
                 name_of(info),
                 info.reason.as_ref().map_or_else(|| "unknown".into(), ToString::to_string)
             )),
-            MeshEvent::KeyChanged(_) => bars.multi.suspend(|| printer.event(&event)),
+            MeshEvent::Node(Event::KeyChanged(_)) => bars.multi.suspend(|| printer.event(&event)),
             _ => {}
         }
-        if printer.json && !matches!(event, MeshEvent::File(_)) {
+        if printer.json && !matches!(event, MeshEvent::Node(Event::File(_))) {
             printer.event(&event);
         }
     };
@@ -370,7 +371,7 @@ async fn send_inner(
             recipients.iter().position(|r| r.peer_id == *peer)
         };
         match &event {
-            MeshEvent::File(ev) => {
+            MeshEvent::Node(Event::File(ev)) => {
                 match ev {
                     FileEvent::Engine(TransferEvent::Answered { peer, offer_id, accepted }) => {
                         if let Some(i) = recipient(peer, &mut recipients) {
@@ -457,7 +458,7 @@ async fn send_inner(
                     bars.file_event(ev);
                 }
             }
-            MeshEvent::PeerConnected(info) => {
+            MeshEvent::Node(Event::PeerConnected(info)) => {
                 // A recipient back under a new peer id (it restarted, or the server did):
                 // offer it what it still lacks; it resumes from what it stored.
                 let back = recipients.iter().position(|r| {
@@ -489,10 +490,10 @@ async fn send_inner(
                     );
                 }
             }
-            MeshEvent::KeyChanged(_) => bars.multi.suspend(|| printer.event(&event)),
+            MeshEvent::Node(Event::KeyChanged(_)) => bars.multi.suspend(|| printer.event(&event)),
             _ => {}
         }
-        if printer.json && !matches!(event, MeshEvent::File(_)) {
+        if printer.json && !matches!(event, MeshEvent::Node(Event::File(_))) {
             printer.event(&event);
         }
     }
@@ -551,12 +552,14 @@ async fn receive_inner(
             bars.clear();
             bail!("the session stopped");
         };
-        let MeshEvent::File(ev) = &event else {
+        let MeshEvent::Node(Event::File(ev)) = &event else {
             if printer.json {
                 printer.event(&event);
             } else if matches!(
                 event,
-                MeshEvent::KeyChanged(_) | MeshEvent::Warning(_) | MeshEvent::ServerError { .. }
+                MeshEvent::Node(Event::KeyChanged(_))
+                    | MeshEvent::Warning(_)
+                    | MeshEvent::Node(Event::ServerError { .. })
             ) {
                 bars.multi.suspend(|| printer.event(&event));
             }

@@ -169,12 +169,42 @@ pub enum ServerMessage {
         /// Human-readable detail.
         message: String,
     },
+    /// The STUN and TURN servers this member may use, with credentials of its own. Sent
+    /// after [`ServerMessage::Welcome`] and again before the credentials expire. Clients
+    /// that predate it ignore it (an unknown type is dropped, never fatal).
+    IceServers {
+        /// The servers, as `RTCIceServer` entries.
+        servers: Vec<IceServer>,
+        /// Seconds the credentials stay valid for new allocations.
+        ttl_s: u64,
+    },
+}
+
+/// One STUN or TURN server, as WebRTC's `RTCIceServer` takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    /// `stun:host:port`, `turn:host:port?transport=udp`, `turns:host:443?transport=tcp`...
+    pub urls: Vec<String>,
+    /// The TURN username, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The TURN password, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+impl IceServer {
+    /// Whether any of its URLs is a TURN one (it can relay).
+    pub fn is_turn(&self) -> bool {
+        self.urls.iter().any(|u| u.starts_with("turn:") || u.starts_with("turns:"))
+    }
 }
 
 impl ServerMessage {
     /// The `"type"` tags this enum accepts.
     pub const TYPES: &'static [&'static str] =
-        &["welcome", "peer_joined", "peer_left", "signal", "pong", "error"];
+        &["welcome", "peer_joined", "peer_left", "signal", "pong", "error", "ice_servers"];
 
     /// An [`ServerMessage::Error`] for `err`.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -415,6 +445,13 @@ pub enum MembershipEvent {
         /// Detail from the server.
         message: String,
     },
+    /// The server's STUN/TURN servers for us, valid for `ttl` for new allocations.
+    IceServers {
+        /// The servers.
+        servers: Vec<IceServer>,
+        /// How long their credentials hold.
+        ttl: std::time::Duration,
+    },
 }
 
 /// A client's view of its room: the sans-IO half of a signaling client that browser and
@@ -482,6 +519,9 @@ impl RoomMembership {
             ServerMessage::Signal { from, payload } => MembershipEvent::Signal { from, payload },
             ServerMessage::Pong => MembershipEvent::Pong,
             ServerMessage::Error { code, message } => MembershipEvent::Error { code, message },
+            ServerMessage::IceServers { servers, ttl_s } => {
+                MembershipEvent::IceServers { servers, ttl: std::time::Duration::from_secs(ttl_s) }
+            }
         }
     }
 }

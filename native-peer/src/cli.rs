@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use webrtc::peer_connection::RTCIceServer;
 use weft_core::network::{Network, PassphraseParams};
+use weft_core::signal::IceServer;
 use zeroize::Zeroizing;
 
 use crate::rtc::RtcConfig;
@@ -240,10 +240,10 @@ impl Cli {
         let ice_servers = self
             .ice_servers
             .iter()
-            .map(|url| RTCIceServer {
+            .map(|url| IceServer {
                 urls: vec![url.clone()],
-                username: self.ice_username.clone().unwrap_or_default(),
-                credential: self.ice_credential.clone().unwrap_or_default(),
+                username: self.ice_username.clone(),
+                credential: self.ice_credential.clone(),
             })
             .collect();
         RtcConfig {

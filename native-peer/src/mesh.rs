@@ -238,14 +238,18 @@ pub fn start(
     let (socket_reports, socket_rx) = mpsc::unbounded_channel();
     let disk = Disk::new(config.downloads, inputs.clone(), events.clone())?;
     let saved = disk.saved_downloads()?;
-    let node = Node::new(NodeConfig::new(
+    let mut node_config = NodeConfig::new(
         config.identity,
         config.network,
         config.own_name,
         config.trust,
         disk.store(),
         rand::random::<u64>() >> 12,
-    ));
+    );
+    // `--ice-server` wins over what the signaling server hands out.
+    node_config.ice_servers =
+        (!config.rtc.ice_servers.is_empty()).then(|| config.rtc.ice_servers.clone());
+    let node = Node::new(node_config);
     let mut mesh = Mesh {
         node,
         rng: getrandom::rand_core::UnwrapErr(getrandom::SysRng),
@@ -402,9 +406,10 @@ impl Mesh {
                     }));
                 }
             }
-            Output::Connect { conn, polite, .. } => {
+            Output::Connect { conn, polite, ice_servers, .. } => {
                 let inputs = self.inputs.clone();
-                let rtc = RtcPeer::spawn(self.rtc.clone(), polite, move |event| {
+                let config = Arc::new(RtcConfig { ice_servers, ..(*self.rtc).clone() });
+                let rtc = RtcPeer::spawn(config, polite, move |event| {
                     let _ = inputs.send(Input::Connection { conn, event });
                 });
                 self.conns.insert(conn, rtc);

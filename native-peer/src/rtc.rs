@@ -40,7 +40,7 @@ use webrtc::peer_connection::{
 };
 use weft_core::node::{ConnectionEvent, IceState};
 use weft_core::sdp::dtls_fingerprint;
-use weft_core::signal::SignalPayload;
+use weft_core::signal::{IceServer, SignalPayload};
 
 /// Stream id and label of the reliable, ordered channel.
 const CONTROL: (u16, &str) = (0, "control");
@@ -63,7 +63,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct RtcConfig {
     /// STUN and TURN servers.
-    pub ice_servers: Vec<RTCIceServer>,
+    pub ice_servers: Vec<IceServer>,
     /// Only relayed (TURN) candidates.
     pub relay_only: bool,
     /// The address to bind the UDP socket to; unspecified binds every non-loopback
@@ -196,8 +196,16 @@ pub(crate) async fn build_with(
         .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_MESSAGE_SIZE))
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
-    let mut rtc_config =
-        RTCConfigurationBuilder::new().with_ice_servers(config.ice_servers.clone());
+    let ice_servers = config
+        .ice_servers
+        .iter()
+        .map(|s| RTCIceServer {
+            urls: s.urls.clone(),
+            username: s.username.clone().unwrap_or_default(),
+            credential: s.credential.clone().unwrap_or_default(),
+        })
+        .collect();
+    let mut rtc_config = RTCConfigurationBuilder::new().with_ice_servers(ice_servers);
     if config.relay_only {
         rtc_config = rtc_config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
     }

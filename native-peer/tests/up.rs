@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
-use weft_signal::{Config, Limits, Server};
+use weft_signal::{Config, Limits, Server, TurnConfig};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -18,6 +18,7 @@ async fn server_on(listen: &str) -> Server {
         web_root: std::env::temp_dir(),
         tls: None,
         limits: Limits::default(),
+        turn: TurnConfig { port: 0, ..TurnConfig::default() },
     };
     Server::start(config).await.unwrap()
 }

@@ -9,6 +9,7 @@
 pub mod metrics;
 pub mod relay;
 pub mod tls;
+pub mod turn;
 mod ws;
 
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 pub use metrics::Metrics;
 pub use relay::Limits;
 pub use tls::{TlsSetup, TlsSource};
+pub use turn::{EmbeddedTurn, IceOffer, TurnConfig};
 
 /// The listen address when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -48,6 +50,8 @@ pub struct Config {
     pub tls: Option<TlsSource>,
     /// Limits on clients.
     pub limits: Limits,
+    /// The embedded STUN/TURN server, and the ICE servers members are handed.
+    pub turn: TurnConfig,
 }
 
 impl Default for Config {
@@ -57,6 +61,7 @@ impl Default for Config {
             web_root: default_web_root(),
             tls: None,
             limits: Limits::default(),
+            turn: TurnConfig::default(),
         }
     }
 }
@@ -64,7 +69,11 @@ impl Default for Config {
 #[derive(Debug)]
 struct Inner {
     hub: Mutex<ws::Hub>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+    /// ICE servers (with credentials) for each member; none: members get none.
+    ice: Option<Arc<IceOffer>>,
+    /// The embedded relay, told when a member leaves.
+    turn: Mutex<Option<Arc<EmbeddedTurn>>>,
     limits: Limits,
     web_root: PathBuf,
     shutdown: watch::Sender<bool>,
@@ -77,14 +86,26 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Fresh state: no rooms, no connections.
+    /// Fresh state: no rooms, no connections, no ICE servers to hand out.
     pub fn new(limits: Limits, web_root: PathBuf) -> Self {
+        Self::with_ice(limits, web_root, Arc::default(), None)
+    }
+
+    /// Fresh state that hands each member the ICE servers of `ice`.
+    pub fn with_ice(
+        limits: Limits,
+        web_root: PathBuf,
+        metrics: Arc<Metrics>,
+        ice: Option<Arc<IceOffer>>,
+    ) -> Self {
         let hub = ws::Hub::new(relay::Relay::new(limits.clone()));
         let (shutdown, _) = watch::channel(false);
         Self {
             inner: Arc::new(Inner {
                 hub: Mutex::new(hub),
-                metrics: Metrics::default(),
+                metrics,
+                ice,
+                turn: Mutex::new(None),
                 limits,
                 web_root,
                 shutdown,
@@ -196,6 +217,9 @@ pub enum ServerError {
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The embedded STUN/TURN server could not start.
+    #[error(transparent)]
+    Turn(#[from] turn::TurnError),
 }
 
 /// A running server.
@@ -206,17 +230,35 @@ pub struct Server {
     state: AppState,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    turn: Option<Arc<EmbeddedTurn>>,
 }
 
 impl Server {
-    /// Binds `config.listen` and starts serving in the background.
+    /// Binds `config.listen` and starts serving in the background, with the embedded
+    /// STUN/TURN server unless it is off.
     pub async fn start(config: Config) -> Result<Self, ServerError> {
         let tls = config.tls.as_ref().map(|t| t.load(config.listen)).transpose()?;
         let bind = |source| ServerError::Bind { addr: config.listen, source };
         let listener = std::net::TcpListener::bind(config.listen).map_err(bind)?;
         listener.set_nonblocking(true).map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
-        let state = AppState::new(config.limits, config.web_root);
+        let metrics = Arc::new(Metrics::default());
+        let secret = match &config.turn.secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        let (turn, ice) = if config.turn.enabled {
+            let (turn, offer) =
+                EmbeddedTurn::start(&config.turn, addr.ip(), &secret, metrics.clone()).await?;
+            (Some(Arc::new(turn)), Some(offer))
+        } else if config.turn.external_urls.is_empty() {
+            (None, None)
+        } else {
+            let urls = config.turn.external_urls.clone();
+            (None, Some(Arc::new(IceOffer::new(&secret, config.turn.credential_ttl, urls))))
+        };
+        let state = AppState::with_ice(config.limits, config.web_root, metrics, ice);
+        *state.inner.turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = turn.clone();
         let service = app(state.clone()).into_make_service();
         let handle = axum_server::Handle::new();
         let task = match &tls {
@@ -232,7 +274,12 @@ impl Server {
             }
         };
         tracing::info!(%addr, tls = tls.is_some(), "listening");
-        Ok(Self { addr, tls, state, handle, task })
+        Ok(Self { addr, tls, state, handle, task, turn })
+    }
+
+    /// The embedded STUN/TURN server, if it runs.
+    pub fn turn(&self) -> Option<&EmbeddedTurn> {
+        self.turn.as_deref()
     }
 
     /// The bound address.
@@ -277,6 +324,9 @@ impl Server {
         // Let connection tasks send their close frames before connections are cut.
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.handle.graceful_shutdown(Some(grace));
+        if let Some(turn) = &self.turn {
+            turn.close().await;
+        }
         match self.task.await {
             Ok(Ok(())) => tracing::info!("stopped"),
             Ok(Err(e)) => tracing::warn!("server stopped with an error: {e}"),

@@ -1,13 +1,13 @@
 //! `weft-signal`: parses configuration, starts the server, stops it on Ctrl-C or SIGTERM.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use weft_signal::{Config, Limits, Server, TlsSource};
+use weft_signal::{Config, Limits, Server, TlsSource, TurnConfig};
 
 /// Weft signaling server: introduces peers and serves the Weft web app.
 #[derive(Debug, Parser)]
@@ -45,6 +45,53 @@ struct Args {
     /// Most WebSocket connections at once.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+
+    /// Do not run the embedded STUN/TURN server (members then get only --turn-url ones).
+    #[arg(long, env = "WEFT_NO_TURN")]
+    no_turn: bool,
+
+    /// UDP and TCP port of the embedded STUN/TURN server (0: any free port).
+    #[arg(long, env = "WEFT_TURN_PORT", default_value_t = TurnConfig::default().port)]
+    turn_port: u16,
+
+    /// Serve TURN over UDP only (no TURN over TCP).
+    #[arg(long)]
+    no_turn_tcp: bool,
+
+    /// The address peers reach this machine at, put in the STUN/TURN URLs and in relayed
+    /// candidates (on a public host: its public IP). Default: the --listen address, or
+    /// this machine's first non-loopback address when listening on all.
+    #[arg(long, env = "WEFT_PUBLIC_IP", value_name = "IP")]
+    public_ip: Option<IpAddr>,
+
+    /// The TURN realm.
+    #[arg(long, default_value_t = TurnConfig::default().realm)]
+    turn_realm: String,
+
+    /// Secret for TURN credentials (TURN REST, HMAC-SHA1): give coturn's
+    /// static-auth-secret to hand out credentials for it. Default: random at each start.
+    #[arg(long, env = "WEFT_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+
+    /// A STUN/TURN URL of another server (coturn) to hand out too; repeatable.
+    #[arg(long = "turn-url", value_name = "URL")]
+    turn_urls: Vec<String>,
+
+    /// Hours a TURN credential is good for new allocations.
+    #[arg(long, default_value_t = 12)]
+    turn_credential_hours: u64,
+
+    /// Most TURN allocations one member holds at once.
+    #[arg(long, default_value_t = TurnConfig::default().max_allocations_per_member)]
+    turn_max_allocations: usize,
+
+    /// Most bytes per second relayed for one allocation.
+    #[arg(long, default_value_t = TurnConfig::default().allocation_bytes_per_s)]
+    turn_allocation_rate: u64,
+
+    /// Most bytes per second relayed for one member, over all its allocations.
+    #[arg(long, default_value_t = TurnConfig::default().member_bytes_per_s)]
+    turn_member_rate: u64,
 }
 
 #[tokio::main]
@@ -69,6 +116,19 @@ async fn main() -> anyhow::Result<()> {
             max_connections: args.max_connections,
             ..Limits::default()
         },
+        turn: TurnConfig {
+            enabled: !args.no_turn,
+            port: args.turn_port,
+            tcp: !args.no_turn_tcp,
+            public_ip: args.public_ip,
+            realm: args.turn_realm,
+            secret: args.turn_secret,
+            credential_ttl: Duration::from_secs(args.turn_credential_hours.saturating_mul(3600)),
+            max_allocations_per_member: args.turn_max_allocations,
+            allocation_bytes_per_s: args.turn_allocation_rate,
+            member_bytes_per_s: args.turn_member_rate,
+            external_urls: args.turn_urls,
+        },
     };
     if !config.web_root.join("index.html").is_file() {
         tracing::warn!(
@@ -82,6 +142,14 @@ async fn main() -> anyhow::Result<()> {
             println!("Self-signed certificate for {}", tls.names.join(", "));
         }
         println!("Certificate SHA-256 fingerprint: {}", tls.fingerprint);
+    }
+    if let Some(turn) = server.turn() {
+        let tcp = turn.tcp_addr().map(|a| format!(", TCP {}", a.port())).unwrap_or_default();
+        println!(
+            "STUN/TURN on UDP {}{tcp}, reached at {}",
+            turn.udp_addr().port(),
+            turn.public_ip()
+        );
     }
     println!("Weft is running: open {}", server.url());
     tokio::select! {

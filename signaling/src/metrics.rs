@@ -12,6 +12,38 @@ struct Reason {
     reason: &'static str,
 }
 
+/// Why the embedded TURN server refused a request or dropped relayed bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TurnRefusal {
+    /// A credential past its expiry, for a new allocation.
+    Expired,
+    /// A credential of a member who left.
+    Revoked,
+    /// A username that is not a Weft one.
+    Malformed,
+    /// The member holds its most allocations already.
+    AllocationQuota,
+    /// A datagram over the allocation's or the member's bandwidth (dropped).
+    Bandwidth,
+}
+
+impl TurnRefusal {
+    /// Every reason.
+    pub const ALL: [Self; 5] =
+        [Self::Expired, Self::Revoked, Self::Malformed, Self::AllocationQuota, Self::Bandwidth];
+
+    /// The label in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::Malformed => "malformed",
+            Self::AllocationQuota => "allocation_quota",
+            Self::Bandwidth => "bandwidth",
+        }
+    }
+}
+
 /// The server's counters and gauges.
 #[derive(Debug)]
 pub struct Metrics {
@@ -25,6 +57,13 @@ pub struct Metrics {
     /// Signal payloads forwarded from one peer to another.
     pub messages_relayed: Counter,
     rejections: Family<Reason, Counter>,
+    /// TURN allocations open.
+    pub turn_allocations: Gauge,
+    /// TURN allocations made since start.
+    pub turn_allocations_total: Counter,
+    /// Bytes relayed by TURN allocations (both directions).
+    pub turn_relayed_bytes: Counter,
+    turn_refusals: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -56,7 +95,45 @@ impl Default for Metrics {
         for code in ErrorCode::ALL {
             let _ = rejections.get_or_create(&Reason { reason: code.as_str() });
         }
-        Self { registry, connections, connections_total, rooms, messages_relayed, rejections }
+        let turn_allocations = Gauge::default();
+        let turn_allocations_total = Counter::default();
+        let turn_relayed_bytes = Counter::default();
+        let turn_refusals = Family::<Reason, Counter>::default();
+        registry.register(
+            "weft_turn_allocations",
+            "TURN allocations open",
+            turn_allocations.clone(),
+        );
+        registry.register(
+            "weft_turn_allocations",
+            "TURN allocations made since start",
+            turn_allocations_total.clone(),
+        );
+        registry.register(
+            "weft_turn_relayed_bytes",
+            "Bytes relayed by TURN allocations",
+            turn_relayed_bytes.clone(),
+        );
+        registry.register(
+            "weft_turn_refusals",
+            "TURN requests refused or relayed datagrams dropped, by reason",
+            turn_refusals.clone(),
+        );
+        for r in TurnRefusal::ALL {
+            let _ = turn_refusals.get_or_create(&Reason { reason: r.as_str() });
+        }
+        Self {
+            registry,
+            connections,
+            connections_total,
+            rooms,
+            messages_relayed,
+            rejections,
+            turn_allocations,
+            turn_allocations_total,
+            turn_relayed_bytes,
+            turn_refusals,
+        }
     }
 }
 
@@ -69,6 +146,16 @@ impl Metrics {
     /// How many rejections of `code` so far.
     pub fn rejections(&self, code: ErrorCode) -> u64 {
         self.rejections.get_or_create(&Reason { reason: code.as_str() }).get()
+    }
+
+    /// Counts one TURN refusal.
+    pub fn turn_refused(&self, reason: TurnRefusal) {
+        self.turn_refusals.get_or_create(&Reason { reason: reason.as_str() }).inc();
+    }
+
+    /// How many TURN refusals for `reason` so far.
+    pub fn turn_refusals(&self, reason: TurnRefusal) -> u64 {
+        self.turn_refusals.get_or_create(&Reason { reason: reason.as_str() }).get()
     }
 
     /// The Prometheus/OpenMetrics text exposition.

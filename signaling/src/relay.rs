@@ -116,6 +116,11 @@ impl Relay {
         self.conns.get(&conn).map(|c| &c.peer_id)
     }
 
+    /// The room `conn` joined, if it has.
+    pub fn room_of(&self, conn: ConnId) -> Option<&RoomId> {
+        self.conns.get(&conn).and_then(|c| c.room.as_ref())
+    }
+
     /// Charges one incoming frame to `conn`'s rate budget; `false` means drop it and
     /// report [`ErrorCode::RateLimited`]. Every frame counts, valid or not.
     pub fn admit(&mut self, conn: ConnId, now: Instant) -> bool {

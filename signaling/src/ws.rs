@@ -6,12 +6,15 @@ use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
-use weft_core::signal::{self, ErrorCode, PeerId, ServerMessage};
+
+use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, ServerMessage};
 
 use crate::AppState;
 use crate::relay::{ConnId, Delivery, Relay};
+use crate::turn::IceOffer;
 
 /// Messages queued for one connection before it counts as too slow and is dropped.
 const OUTBOX_CAPACITY: usize = 1024;
@@ -63,8 +66,18 @@ impl AppState {
     /// Call with the hub locked; send the result with [`flush`] after unlocking.
     fn route(&self, hub: &Hub, out: Vec<Delivery>) -> Vec<Pending> {
         let metrics = &self.inner.metrics;
+        // A member is handed its ICE servers just before its welcome, so that its first
+        // connections already use them.
+        let out = out.into_iter().flat_map(|d| {
+            let ice = match (&d.msg, &self.inner.ice) {
+                (ServerMessage::Welcome { peer_id, .. }, Some(offer)) => {
+                    Some(Delivery { to: d.to, msg: ice_servers(offer, peer_id) })
+                }
+                _ => None,
+            };
+            ice.into_iter().chain(std::iter::once(d))
+        });
         let pending = out
-            .into_iter()
             .filter_map(|Delivery { to, msg }| {
                 let fatal = match &msg {
                     ServerMessage::Signal { .. } => {
@@ -129,15 +142,42 @@ impl AppState {
         };
         match msg {
             Ok(msg) => {
-                let pending = {
+                let leaving = matches!(msg, ClientMessage::Leave);
+                let (pending, member) = {
                     let mut hub = self.lock_hub();
+                    let member = hub.relay.peer_id(conn).cloned();
                     let out = hub.relay.handle(conn, msg);
-                    self.route(&hub, out)
+                    (self.route(&hub, out), member)
                 };
                 self.flush(pending).await;
+                if let (true, Some(member)) = (leaving, member) {
+                    self.member_left(&member).await;
+                }
             }
             Err((code, detail)) => self.reject(conn, code, detail).await,
         }
+    }
+
+    /// A member said it leaves: its TURN credentials are refused from now on and its
+    /// allocations end. (A member that only lost its connection keeps them: its sessions
+    /// outlive the signaling server.)
+    async fn member_left(&self, member: &PeerId) {
+        if let Some(offer) = &self.inner.ice {
+            offer.revoke(member.as_str());
+        }
+        let turn = self.inner.turn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(turn) = turn {
+            turn.drop_member(member.as_str()).await;
+        }
+    }
+
+    /// The ICE servers message for this connection's member, if it has joined.
+    fn renewed_ice(&self, conn: ConnId) -> Option<String> {
+        let offer = self.inner.ice.as_ref()?;
+        let hub = self.lock_hub();
+        let member = hub.relay.peer_id(conn)?;
+        hub.relay.room_of(conn)?;
+        Some(signal::encode(&ice_servers(offer, member)))
     }
 
     fn connect(&self, outbox: mpsc::Sender<Outbound>) -> Result<ConnId, ErrorCode> {
@@ -163,6 +203,19 @@ impl AppState {
         self.inner.metrics.connections.dec();
         self.flush(pending).await;
     }
+}
+
+/// The ICE servers `member` is handed now.
+fn ice_servers(offer: &IceOffer, member: &PeerId) -> ServerMessage {
+    ServerMessage::IceServers {
+        servers: offer.servers_for(member.as_str()),
+        ttl_s: offer.ttl().as_secs(),
+    }
+}
+
+/// When to hand a member fresh credentials: well before the old ones expire.
+fn renew_after(ttl: Duration) -> Duration {
+    (ttl.mul_f64(0.8)).max(Duration::from_secs(1))
 }
 
 fn close_frame(code: ErrorCode, reason: &str) -> Message {
@@ -204,6 +257,10 @@ where
     ping.tick().await;
     let idle = tokio::time::sleep(limits.idle_timeout);
     tokio::pin!(idle);
+    // Fresh TURN credentials before the old ones expire (the first come with the welcome).
+    let renew_every = state.inner.ice.as_ref().map(|o| renew_after(o.ttl()));
+    let renew = tokio::time::sleep(renew_every.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(renew);
 
     let fatal = |code: ErrorCode, text: &str| {
         (Message::text(signal::encode(&ServerMessage::error(code, text))), close_frame(code, text))
@@ -234,6 +291,13 @@ where
             },
             _ = ping.tick() => {
                 if sink.send(Message::Ping(Default::default())).await.is_err() { break None }
+            }
+            () = &mut renew, if renew_every.is_some() => {
+                let every = renew_every.unwrap_or(Duration::MAX / 4);
+                renew.as_mut().reset(tokio::time::Instant::now() + every);
+                if let Some(text) = state.renewed_ice(conn) {
+                    if sink.send(Message::text(text)).await.is_err() { break None }
+                }
             }
             () = &mut idle => {
                 state.inner.metrics.reject(ErrorCode::IdleTimeout);

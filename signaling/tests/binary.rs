@@ -11,18 +11,26 @@ use tokio::process::Command;
 #[tokio::test]
 async fn prints_its_url_serves_and_stops_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft-signal"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--turn-port", "0"])
         .env("WEFT_WEB_ROOT", std::env::temp_dir())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    let turn = next().await;
+    assert!(
+        turn.starts_with("STUN/TURN on UDP ") && turn.ends_with("reached at 127.0.0.1"),
+        "{turn}"
+    );
+    let line = next().await;
     let url = line.strip_prefix("Weft is running: open ").expect(&line);
     let authority = url.trim_start_matches("http://").trim_end_matches('/');
     assert!(!authority.ends_with(":0"), "{line}");

@@ -14,7 +14,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft_core::signal::{
     self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerId, RoomId, ServerMessage, SignalPayload,
 };
-use weft_signal::{Config, Limits, Server, TlsSource};
+use weft_signal::{Config, Limits, Server, TlsSource, TurnConfig};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -30,8 +30,15 @@ fn web_root() -> PathBuf {
 }
 
 async fn start(limits: Limits) -> Server {
-    let config =
-        Config { listen: "127.0.0.1:0".parse().unwrap(), web_root: web_root(), tls: None, limits };
+    // These tests read the signaling messages alone: no ICE servers among them.
+    let turn = TurnConfig { enabled: false, ..TurnConfig::default() };
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        web_root: web_root(),
+        tls: None,
+        limits,
+        turn,
+    };
     Server::start(config).await.unwrap()
 }
 
@@ -349,6 +356,7 @@ async fn missing_bundle_explains_how_to_build_it() {
         web_root: std::env::temp_dir().join("weft-no-such-web-root"),
         tls: None,
         limits: Limits::default(),
+        turn: TurnConfig { enabled: false, ..TurnConfig::default() },
     };
     let server = Server::start(config).await.unwrap();
     let (status, _, body) = http_get(&server, "/").await;
@@ -373,6 +381,7 @@ async fn https_with_a_self_signed_certificate() {
         web_root: web_root(),
         tls: Some(TlsSource::SelfSigned),
         limits: Limits::default(),
+        turn: TurnConfig { enabled: false, ..TurnConfig::default() },
     };
     let server = Server::start(config).await.unwrap();
     assert!(server.url().starts_with("https://127.0.0.1:"));

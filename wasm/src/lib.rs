@@ -16,8 +16,10 @@
 //!   invite,                      // or: network: "team", passphrase: "correct horse …"
 //!   name: "Alice",               // display name; default "Browser <4 hex of own key>"
 //!   server: "wss://host/ws",     // default: /ws on the page's own origin
-//!   iceServers: [],              // RTCConfiguration.iceServers; default none (LAN only)
-//!   iceTransportPolicy: "all",   // or "relay": only through a TURN server in iceServers
+//!   iceServers: [...],           // RTCConfiguration.iceServers; default: the STUN/TURN
+//!                                // servers the signaling server hands out (its own, with
+//!                                // short-lived credentials); [] for host candidates only
+//!   iceTransportPolicy: "all",   // or "relay": only through a TURN server
 //!   onEvent: (ev) => {},         // optional: also receives the events during join
 //!   debug: false,                // log negotiation and ICE steps with console.debug
 //!   downloads: "auto",           // or "stream": save downloads straight into the browser's
@@ -187,8 +189,8 @@ struct JoinOptions {
     invite: Option<String>,
     #[serde(default)]
     name: Option<String>,
-    #[serde(default, with = "serde_wasm_bindgen::preserve")]
-    ice_servers: JsValue,
+    #[serde(default)]
+    ice_servers: Option<Vec<JsIceServer>>,
     #[serde(default)]
     ice_transport_policy: Option<String>,
     #[serde(default, with = "serde_wasm_bindgen::preserve")]
@@ -209,6 +211,35 @@ impl std::fmt::Debug for WeftSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let i = self.inner.borrow();
         f.debug_struct("WeftSession").field("status", &i.status).finish_non_exhaustive()
+    }
+}
+
+/// One entry of the `iceServers` option, as `RTCIceServer` has it (other fields, such as
+/// `credentialType`, are ignored).
+#[derive(Deserialize)]
+struct JsIceServer {
+    urls: JsUrls,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    credential: Option<String>,
+}
+
+/// `urls`: one URL or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JsUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<JsIceServer> for signal::IceServer {
+    fn from(s: JsIceServer) -> Self {
+        let urls = match s.urls {
+            JsUrls::One(url) => vec![url],
+            JsUrls::Many(urls) => urls,
+        };
+        Self { urls, username: s.username, credential: s.credential }
     }
 }
 
@@ -327,7 +358,7 @@ impl WeftSession {
             network,
             identity,
             own_name,
-            ice_servers: opts.ice_servers,
+            ice_servers: opts.ice_servers.map(|list| list.into_iter().map(Into::into).collect()),
             relay_only,
             trust,
             store,

@@ -41,7 +41,7 @@ use web_sys::{
     RtcSignalingState,
 };
 use weft_core::sdp::dtls_fingerprint;
-use weft_core::signal::SignalPayload;
+use weft_core::signal::{IceServer, SignalPayload};
 
 /// Above this many bytes buffered in the browser, control messages wait in Rust.
 pub(crate) const CONTROL_HIGH_WATER: u32 = 1024 * 1024;
@@ -239,20 +239,23 @@ fn report(weak: &Weak<RefCell<RtcState>>, ev: RtcEvent) {
 }
 
 impl RtcPeer {
-    /// A new connection. `ice_servers` is passed to `RTCConfiguration.iceServers` as is
-    /// (`undefined` means none: host candidates only); `relay_only` sets
+    /// A new connection. `ice_servers` go to `RTCConfiguration.iceServers` (none: host
+    /// candidates only); `relay_only` sets
     /// `iceTransportPolicy: "relay"`. `polite` is this side's role in
     /// perfect negotiation. Events go to `sink`, always from a browser callback, never
     /// from inside a method of this type.
     pub(crate) fn new(
-        ice_servers: &JsValue,
+        ice_servers: &[IceServer],
         relay_only: bool,
         polite: bool,
         sink: impl Fn(RtcEvent) + 'static,
     ) -> Result<Self, JsValue> {
         let config = RtcConfiguration::new();
-        if !ice_servers.is_undefined() && !ice_servers.is_null() {
-            config.set_ice_servers(ice_servers);
+        if !ice_servers.is_empty() {
+            // `{ urls: [...], username?, credential? }`: an `RTCIceServer` as it is.
+            let list = serde_wasm_bindgen::to_value(ice_servers)
+                .map_err(|e| JsValue::from_str(&e.to_string()))?;
+            config.set_ice_servers(&list);
         }
         if relay_only {
             config.set_ice_transport_policy(RtcIceTransportPolicy::Relay);

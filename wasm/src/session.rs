@@ -24,6 +24,7 @@ use weft_core::node::{
     Channel, ConnId, ConnectionEvent, DownloadStore, Event, IceState, Input, Node, NodeConfig,
     Output, SignalingEvent,
 };
+use weft_core::signal::IceServer;
 use weft_core::trust::TrustStore;
 
 use crate::events::{self, JsEvent, PeerInfo, Status};
@@ -88,7 +89,6 @@ pub(crate) struct Inner {
     pub(crate) listener: Option<js_sys::Function>,
     left: bool,
     timer: Option<Timer>,
-    ice_servers: JsValue,
     relay_only: bool,
     conns: BTreeMap<ConnId, Conn>,
     pub(crate) network: Network,
@@ -104,7 +104,8 @@ pub(crate) struct SessionConfig {
     pub network: Network,
     pub identity: IdentityKeyPair,
     pub own_name: String,
-    pub ice_servers: JsValue,
+    /// The page's own `iceServers`, which win over the server's.
+    pub ice_servers: Option<Vec<IceServer>>,
     /// `iceTransportPolicy: "relay"`: only TURN relay candidates.
     pub relay_only: bool,
     pub trust: TrustStore,
@@ -119,7 +120,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
     let queue: Rc<RefCell<VecDeque<Input>>> = Rc::default();
     let downloads =
         if config.stream_downloads { DownloadStore::Streamed } else { DownloadStore::Kept };
-    let node_config = NodeConfig::new(
+    let mut node_config = NodeConfig::new(
         config.identity.clone(),
         config.network.clone(),
         config.own_name.clone(),
@@ -127,6 +128,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
         downloads,
         u64::from(rand_u32()) << 16,
     );
+    node_config.ice_servers = config.ice_servers;
     let inner = Rc::new_cyclic(|weak: &Weak<RefCell<Inner>>| {
         let sink = sink(weak.clone(), queue.clone());
         RefCell::new(Inner {
@@ -141,7 +143,6 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             listener: config.listener,
             left: false,
             timer: None,
-            ice_servers: config.ice_servers,
             relay_only: config.relay_only,
             conns: BTreeMap::new(),
             network: config.network,
@@ -256,7 +257,9 @@ impl Inner {
                 }
             }
             Output::SignalingClose => self.close_socket(),
-            Output::Connect { conn, polite, .. } => self.connect(conn, polite),
+            Output::Connect { conn, polite, ice_servers, .. } => {
+                self.connect(conn, polite, &ice_servers);
+            }
             Output::Signal { conn, payload } => {
                 if let Some(c) = self.conns.get(&conn) {
                     c.rtc.handle_signal(payload);
@@ -424,7 +427,7 @@ impl Inner {
 
     // --- connections
 
-    fn connect(&mut self, conn: ConnId, polite: bool) {
+    fn connect(&mut self, conn: ConnId, polite: bool, ice_servers: &[IceServer]) {
         let muted = Rc::new(Cell::new(false));
         let queue = self.queue.clone();
         let weak = self.weak.clone();
@@ -448,7 +451,7 @@ impl Inner {
                 run(&inner);
             }
         };
-        match RtcPeer::new(&self.ice_servers, self.relay_only, polite, sink) {
+        match RtcPeer::new(ice_servers, self.relay_only, polite, sink) {
             Ok(rtc) => {
                 self.conns.insert(conn, Conn { rtc, muted });
             }

@@ -49,7 +49,9 @@ use self::signaling::{SignalingChange, SignalingClient, SocketAction};
 use crate::identity::{Fingerprint, IdentityKeyPair};
 use crate::network::Network;
 use crate::peer::{LinkError, LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
-use crate::signal::{ClientMessage, ErrorCode, MembershipEvent, PeerId, RoomId, SignalPayload};
+use crate::signal::{
+    ClientMessage, ErrorCode, IceServer, MembershipEvent, PeerId, RoomId, SignalPayload,
+};
 use crate::transfer::{
     CancelReason, Cv, DownloadRecord, DownloadState, Engine, EngineConfig, FailReason, OfferItem,
     Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent, TransferMsg,
@@ -114,6 +116,9 @@ pub struct NodeConfig {
     pub link: PeerLinkConfig,
     /// Tuning of the transfer engine.
     pub engine: EngineConfig,
+    /// STUN/TURN servers the user chose (`iceServers`, `--ice-server`): used instead of
+    /// the ones the signaling server hands out. `None`: the server's.
+    pub ice_servers: Option<Vec<IceServer>>,
 }
 
 impl NodeConfig {
@@ -136,6 +141,7 @@ impl NodeConfig {
             timing: NodeTiming::default(),
             link: PeerLinkConfig::default(),
             engine: EngineConfig::default(),
+            ice_servers: None,
         }
     }
 }
@@ -282,6 +288,8 @@ pub enum Output {
         peer: PeerId,
         /// Our role.
         polite: bool,
+        /// The STUN/TURN servers to gather candidates with (see [`NodeConfig::ice_servers`]).
+        ice_servers: Vec<IceServer>,
     },
     /// Apply this remote description or candidate to `conn`.
     Signal {
@@ -501,6 +509,10 @@ pub struct Node {
     engine_peers: BTreeSet<PeerId>,
     files: FileGlue,
     path_due: Option<Duration>,
+    /// The user's STUN/TURN servers, which win over the server's.
+    user_ice: Option<Vec<IceServer>>,
+    /// The signaling server's latest STUN/TURN servers for us.
+    server_ice: Vec<IceServer>,
     out: VecDeque<Output>,
 }
 
@@ -512,6 +524,7 @@ impl Node {
     /// A node that has not connected yet: call [`Node::start`].
     pub fn new(config: NodeConfig) -> Self {
         let NodeConfig { identity, network, name, trust, downloads, first_offer_id, .. } = config;
+        let user_ice = config.ice_servers;
         let room = network.room_id().clone();
         Self {
             identity,
@@ -532,6 +545,8 @@ impl Node {
             engine_peers: BTreeSet::new(),
             files: FileGlue::new(downloads),
             path_due: None,
+            user_ice,
+            server_ice: Vec::new(),
             out: VecDeque::new(),
         }
     }
@@ -719,6 +734,12 @@ impl Node {
             MembershipEvent::Error { code, message } => {
                 self.emit(Event::ServerError { code, message });
             }
+            // For connections made from now on; the server sends these before its welcome,
+            // so the first connections have them too.
+            MembershipEvent::IceServers { servers, ttl } => {
+                tracing::debug!(servers = servers.len(), ?ttl, "ICE servers from the server");
+                self.server_ice = servers;
+            }
         }
     }
 
@@ -759,10 +780,12 @@ impl Node {
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
         self.conns.insert(conn, remote.clone());
+        let ice_servers = self.user_ice.clone().unwrap_or_else(|| self.server_ice.clone());
         self.out.push_back(Output::Connect {
             conn,
             peer: remote.clone(),
             polite: is_polite(&own, remote),
+            ice_servers,
         });
         Some(conn)
     }

@@ -1,0 +1,320 @@
+//! The embedded STUN/TURN server, driven by a real TURN client (webrtc-rs `turn`) over
+//! loopback: members are handed credentials of their own before their welcome; those
+//! allocate and relay; expired, forged and revoked credentials are refused; quotas hold;
+//! TURN over TCP works; `/metrics` counts it all.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_tungstenite::tungstenite::Message;
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
+use weft_core::signal::{self, ClientMessage, IceServer, PROTOCOL_VERSION, RoomId, ServerMessage};
+use weft_signal::metrics::TurnRefusal;
+use weft_signal::{Config, Limits, Server, TurnConfig};
+
+const SECRET: &str = "test secret";
+const STEP: Duration = Duration::from_secs(10);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn start(turn: TurnConfig) -> Server {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        web_root: std::env::temp_dir(),
+        tls: None,
+        limits: Limits::default(),
+        turn: TurnConfig { port: 0, secret: Some(SECRET.into()), ..turn },
+    };
+    Server::start(config).await.unwrap()
+}
+
+async fn next(ws: &mut Ws) -> ServerMessage {
+    loop {
+        let frame = tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap();
+        if let Message::Text(text) = frame {
+            return signal::decode_server(text.as_str()).unwrap();
+        }
+    }
+}
+
+/// Joins a room; the ICE servers handed out, and the member's id.
+async fn join(server: &Server) -> (Ws, Vec<IceServer>, String) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
+    let join = ClientMessage::Join { version: PROTOCOL_VERSION, room: RoomId::new("r").unwrap() };
+    ws.send(Message::text(signal::encode(&join))).await.unwrap();
+    let ServerMessage::IceServers { servers, ttl_s } = next(&mut ws).await else {
+        panic!("the ICE servers come first");
+    };
+    assert_eq!(ttl_s, 12 * 3600);
+    let ServerMessage::Welcome { peer_id, .. } = next(&mut ws).await else {
+        panic!("then the welcome");
+    };
+    (ws, servers, peer_id.to_string())
+}
+
+fn turn_entry(servers: &[IceServer]) -> (String, String) {
+    let turn = servers.iter().find(|s| s.is_turn()).expect("a TURN entry");
+    (turn.username.clone().unwrap(), turn.credential.clone().unwrap())
+}
+
+fn password(username: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, SECRET.as_bytes());
+    base64::engine::general_purpose::STANDARD
+        .encode(ring::hmac::sign(&key, username.as_bytes()).as_ref())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A TURN client over UDP from a fresh socket.
+async fn client(server: &Server, username: &str, password: &str) -> Client {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client_on(server, Arc::new(socket), username, password).await
+}
+
+async fn client_on(
+    server: &Server,
+    conn: Arc<dyn Conn + Send + Sync>,
+    username: &str,
+    password: &str,
+) -> Client {
+    let addr = server.turn().unwrap().udp_addr().to_string();
+    let c = Client::new(ClientConfig {
+        stun_serv_addr: addr.clone(),
+        turn_serv_addr: addr,
+        username: username.into(),
+        password: password.into(),
+        realm: "weft".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    c.listen().await.unwrap();
+    c
+}
+
+/// Sends `payload` from the allocation to a plain UDP peer; what the peer got.
+async fn relay_once(relay: &impl Conn, payload: &[u8]) -> Option<Vec<u8>> {
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    relay.send_to(payload, peer.local_addr().unwrap()).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let got = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf)).await;
+    got.ok().map(|r| buf[..r.unwrap().0].to_vec())
+}
+
+#[tokio::test]
+async fn a_member_gets_credentials_of_its_own_that_allocate_and_relay() {
+    let server = start(TurnConfig::default()).await;
+    let (_ws, servers, member) = join(&server).await;
+    let turn = server.turn().unwrap();
+    let udp = turn.udp_addr().port();
+    let tcp = turn.tcp_addr().unwrap().port();
+    let urls: Vec<&String> = servers.iter().flat_map(|s| &s.urls).collect();
+    assert!(urls.contains(&&format!("stun:127.0.0.1:{udp}")), "{urls:?}");
+    assert!(urls.contains(&&format!("turn:127.0.0.1:{udp}?transport=udp")), "{urls:?}");
+    assert!(urls.contains(&&format!("turn:127.0.0.1:{tcp}?transport=tcp")), "{urls:?}");
+    let (username, credential) = turn_entry(&servers);
+    let (expiry, who) = username.split_once(':').unwrap();
+    assert_eq!(who, member);
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!(expiry > unix_now() + 11 * 3600);
+
+    let c = client(&server, &username, &credential).await;
+    // STUN: the server tells the client its address.
+    let mapped = c.send_binding_request().await.unwrap();
+    assert_eq!(mapped.ip().to_string(), "127.0.0.1");
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay.local_addr().unwrap().ip().to_string(), "127.0.0.1");
+    assert_eq!(relay_once(&relay, b"sealed bytes").await.as_deref(), Some(&b"sealed bytes"[..]));
+    let m = server.state().metrics();
+    assert_eq!(m.turn_allocations.get(), 1);
+    assert!(m.turn_relayed_bytes.get() >= 12);
+    let text = m.render();
+    assert!(text.contains("weft_turn_allocations_total 1"), "{text}");
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn expired_forged_and_foreign_credentials_are_refused() {
+    let server = start(TurnConfig::default()).await;
+    let (_ws, servers, member) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+
+    // Expired: a genuine HMAC, but the expiry has passed.
+    let old = format!("{}:{member}", unix_now() - 60);
+    let c = client(&server, &old, &password(&old)).await;
+    assert!(c.allocate().await.is_err(), "an expired credential allocates");
+    c.close().await.unwrap();
+    let m = server.state().metrics();
+    assert!(m.turn_refusals(TurnRefusal::Expired) >= 1);
+
+    // Forged: a later expiry than the server gave, with the old password.
+    let (expiry, _) = username.split_once(':').unwrap();
+    let forged = format!("{}:{member}", expiry.parse::<u64>().unwrap() + 86_400);
+    let c = client(&server, &forged, &credential).await;
+    assert!(c.allocate().await.is_err(), "a forged credential allocates");
+    c.close().await.unwrap();
+
+    // Not a Weft username at all.
+    let c = client(&server, "admin", "admin").await;
+    assert!(c.allocate().await.is_err());
+    c.close().await.unwrap();
+    assert!(m.turn_refusals(TurnRefusal::Malformed) >= 1);
+    assert_eq!(m.turn_allocations_total.get(), 0);
+
+    // The genuine one still works.
+    let c = client(&server, &username, &credential).await;
+    assert!(c.allocate().await.is_ok());
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn a_member_that_leaves_loses_its_relay_and_its_credentials() {
+    let server = start(TurnConfig::default()).await;
+    let (mut ws, servers, _) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+    let c = client(&server, &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert!(relay_once(&relay, b"before").await.is_some());
+
+    ws.send(Message::text(signal::encode(&ClientMessage::Leave))).await.unwrap();
+    let m = server.state().metrics();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while m.turn_allocations.get() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the allocation outlived the leave");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(relay_once(&relay, b"after").await.is_none(), "relayed after leaving");
+    // Replayed later, from another socket: refused.
+    let again = client(&server, &username, &credential).await;
+    assert!(again.allocate().await.is_err(), "a left member's credential allocates");
+    assert!(m.turn_refusals(TurnRefusal::Revoked) >= 1);
+    again.close().await.unwrap();
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn allocation_and_bandwidth_quotas_hold() {
+    let quotas = TurnConfig {
+        max_allocations_per_member: 1,
+        allocation_bytes_per_s: 100_000,
+        member_bytes_per_s: 1_000_000,
+        ..TurnConfig::default()
+    };
+    let server = start(quotas).await;
+    let (_ws, servers, _) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+    let c = client(&server, &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    let second = client(&server, &username, &credential).await;
+    assert!(second.allocate().await.is_err(), "a second allocation over the quota");
+    let m = server.state().metrics();
+    assert_eq!(m.turn_refusals(TurnRefusal::AllocationQuota), 1);
+
+    // 1 MB offered at once to a 100 kB/s allocation (64 KiB bursts): most is dropped.
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = peer.local_addr().unwrap();
+    let chunk = vec![7u8; 1000];
+    for _ in 0..1000 {
+        relay.send_to(&chunk, to).await.unwrap();
+    }
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 2048];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(500), peer.recv_from(&mut buf)).await
+    {
+        got += n;
+    }
+    assert!(got > 0, "nothing relayed");
+    assert!(got < 400_000, "{got} bytes relayed past a 100 kB/s quota");
+    assert!(m.turn_refusals(TurnRefusal::Bandwidth) > 0);
+    second.close().await.unwrap();
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+/// A TURN client's socket over TCP (RFC 5766 §11 framing), as a packet `Conn`.
+struct TcpConn {
+    read: tokio::sync::Mutex<tokio::net::tcp::OwnedReadHalf>,
+    write: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    server: SocketAddr,
+    local: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl Conn for TcpConn {
+    async fn connect(&self, _: SocketAddr) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Ok(self.recv_from(buf).await?.0)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let mut read = self.read.lock().await;
+        let mut header = [0u8; 4];
+        read.read_exact(&mut header).await?;
+        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+        let rest = if header[0] >> 6 == 0 { 16 + len } else { len.div_ceil(4) * 4 };
+        buf[..4].copy_from_slice(&header);
+        read.read_exact(&mut buf[4..4 + rest]).await?;
+        Ok((4 + rest, self.server))
+    }
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        self.write.lock().await.write_all(buf).await?;
+        Ok(buf.len())
+    }
+    async fn send_to(&self, buf: &[u8], _: SocketAddr) -> webrtc_util::Result<usize> {
+        self.send(buf).await
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.server)
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+#[tokio::test]
+async fn turn_over_tcp_allocates_and_relays() {
+    let server = start(TurnConfig::default()).await;
+    let (_ws, servers, _) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+    let tcp = server.turn().unwrap().tcp_addr().unwrap();
+    let stream = TcpStream::connect(tcp).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    let (read, write) = stream.into_split();
+    let conn = TcpConn {
+        read: tokio::sync::Mutex::new(read),
+        write: tokio::sync::Mutex::new(write),
+        server: tcp,
+        local,
+    };
+    // The client sends to the UDP address it was given; the TCP conn ignores it.
+    let c = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"over tcp").await.as_deref(), Some(&b"over tcp"[..]));
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}

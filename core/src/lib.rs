@@ -5,6 +5,7 @@
 //! feed inputs in and act on what comes out, so every platform runs the same protocol.
 #![forbid(unsafe_code)]
 
+pub mod aead;
 pub mod frame;
 pub mod handshake;
 pub mod identity;

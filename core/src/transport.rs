@@ -17,24 +17,28 @@
 //! whose key is derived from the previous chain key, and erases the old one. The receiver
 //! follows when a packet of a later epoch verifies, and keeps the previous epoch's key for
 //! [`TransportConfig::previous_key_lifetime`] for packets still in flight.
+//!
+//! The cipher is [`crate::aead::PacketCipher`] (assembly on native targets). Besides the
+//! `Vec`-returning [`Session::seal`] and [`Session::open`], a session seals into and opens
+//! in buffers the caller owns ([`Session::seal_into`], [`Session::seal_in_place`],
+//! [`Session::open_in_place`]), which allocate nothing.
 
 use std::fmt;
 use std::time::Duration;
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::frame::{Frame, FrameError, encode_frames};
+use crate::aead::{NONCE_LEN, PacketAead, PacketCipher};
+use crate::frame::{Frame, FrameError};
 
 /// First byte of a transport packet.
 pub const PACKET_TYPE: u8 = 0x10;
 /// Length of a packet header (type, epoch, counter).
 pub const PACKET_HEADER_LEN: usize = 13;
 /// Length of the AEAD tag.
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = crate::aead::TAG_LEN;
 /// Bytes a packet adds to its plaintext.
 pub const PACKET_OVERHEAD: usize = PACKET_HEADER_LEN + TAG_LEN;
 /// Largest packet accepted or produced (the data-channel message limit most browsers
@@ -88,6 +92,12 @@ pub enum TransportError {
     /// Shorter than a header and a tag.
     #[error("packet too short")]
     Truncated,
+    /// The caller's buffer cannot hold the packet.
+    #[error("buffer too small: the packet needs {needed} bytes")]
+    BufferTooSmall {
+        /// Bytes the packet needs.
+        needed: usize,
+    },
     /// The first byte is not [`PACKET_TYPE`].
     #[error("not a transport packet")]
     NotTransport,
@@ -237,14 +247,10 @@ fn ratchet(chain: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
     (key, next)
 }
 
-fn cipher(key: &[u8; 32]) -> ChaCha20Poly1305 {
-    ChaCha20Poly1305::new(&(*key).into())
-}
-
-fn nonce(counter: u64) -> Nonce {
-    let mut n = [0u8; 12];
+fn nonce(counter: u64) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
     n[4..].copy_from_slice(&counter.to_be_bytes());
-    n.into()
+    n
 }
 
 fn header(epoch: u32, counter: u64) -> [u8; PACKET_HEADER_LEN] {
@@ -255,69 +261,87 @@ fn header(epoch: u32, counter: u64) -> [u8; PACKET_HEADER_LEN] {
     h
 }
 
-struct SendState {
+struct SendState<C> {
     epoch: u32,
-    cipher: ChaCha20Poly1305,
+    cipher: C,
     next_chain: Zeroizing<[u8; 32]>,
     counter: u64,
     started_at: Option<Duration>,
 }
 
-impl SendState {
+impl<C: PacketAead> SendState<C> {
     fn new(chain: &[u8; 32], epoch: u32) -> Self {
         let (key, next_chain) = ratchet(chain);
-        Self { epoch, cipher: cipher(&key), next_chain, counter: 0, started_at: None }
+        Self { epoch, cipher: C::new(&key), next_chain, counter: 0, started_at: None }
     }
 }
 
-struct RecvEpoch {
+struct RecvEpoch<C> {
     epoch: u32,
-    cipher: ChaCha20Poly1305,
+    cipher: C,
     window: ReplayWindow,
 }
 
-impl RecvEpoch {
-    /// Authenticates and decrypts; records the counter only if the tag verified.
-    fn open(&mut self, packet: &[u8], counter: u64) -> Result<Vec<u8>, TransportError> {
+impl<C: PacketAead> RecvEpoch<C> {
+    fn new(key: &[u8; 32], epoch: u32) -> Self {
+        Self { epoch, cipher: C::new(key), window: ReplayWindow::new() }
+    }
+
+    /// Authenticates `header` and `body` (ciphertext, then tag) and decrypts the
+    /// ciphertext in place; records the counter only if the tag verified. Returns the
+    /// plaintext's length.
+    fn open(
+        &mut self,
+        header: &[u8],
+        body: &mut [u8],
+        counter: u64,
+    ) -> Result<usize, TransportError> {
         self.window.check(counter)?;
-        let plaintext = decrypt(&self.cipher, packet, counter)?;
+        let ct_len = body.len().checked_sub(TAG_LEN).ok_or(TransportError::Truncated)?;
+        let (ct, tag) = body.split_at_mut(ct_len);
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| TransportError::Truncated)?;
+        self.cipher
+            .open_in_place(&nonce(counter), header, ct, &tag)
+            .map_err(|_| TransportError::Authentication)?;
         self.window.update(counter)?;
-        Ok(plaintext)
+        Ok(ct_len)
     }
 }
 
-fn decrypt(
-    cipher: &ChaCha20Poly1305,
-    packet: &[u8],
-    counter: u64,
-) -> Result<Vec<u8>, TransportError> {
-    let (aad, rest) =
-        packet.split_at_checked(PACKET_HEADER_LEN).ok_or(TransportError::Truncated)?;
-    let ct_len = rest.len().checked_sub(TAG_LEN).ok_or(TransportError::Truncated)?;
-    let (ct, tag) = rest.split_at(ct_len);
-    let tag = Tag::try_from(tag).map_err(|_| TransportError::Truncated)?;
-    let mut buf = ct.to_vec();
-    cipher
-        .decrypt_inout_detached(&nonce(counter), aad, buf.as_mut_slice().into(), &tag)
-        .map_err(|_| TransportError::Authentication)?;
-    Ok(buf)
+/// Checks a packet's length and type, and reads its epoch and counter.
+fn parse_header(packet: &[u8]) -> Result<(u32, u64), TransportError> {
+    if packet.len() > MAX_PACKET_LEN {
+        return Err(TransportError::TooLarge);
+    }
+    if packet.len() < PACKET_OVERHEAD {
+        return Err(TransportError::Truncated);
+    }
+    if packet[0] != PACKET_TYPE {
+        return Err(TransportError::NotTransport);
+    }
+    let epoch = u32::from_be_bytes(to_array(&packet[1..5]));
+    let counter = u64::from_be_bytes(to_array(&packet[5..PACKET_HEADER_LEN]));
+    Ok((epoch, counter))
 }
 
 /// An established session: seals outgoing packets and opens incoming ones.
 ///
 /// Made by the handshake ([`crate::handshake`]). Time is the caller's: pass `now` as a
 /// [`Duration`] since any epoch, the same one on every call.
-pub struct Session {
+///
+/// `C` is the packet cipher; keep the default ([`PacketCipher`], this build's fastest).
+/// The benchmarks and tests also run sessions on the other implementation.
+pub struct Session<C = PacketCipher> {
     config: TransportConfig,
-    send: SendState,
-    recv: RecvEpoch,
+    send: SendState<C>,
+    recv: RecvEpoch<C>,
     /// Chain key of the receiver's next epoch.
     recv_next_chain: Zeroizing<[u8; 32]>,
-    previous: Option<(RecvEpoch, Duration)>,
+    previous: Option<(RecvEpoch<C>, Duration)>,
     session_id: [u8; 32],
 }
 
-impl fmt::Debug for Session {
+impl<C> fmt::Debug for Session<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
             .field("send_epoch", &self.send.epoch)
@@ -328,14 +352,14 @@ impl fmt::Debug for Session {
     }
 }
 
-impl Session {
+impl<C: PacketAead> Session<C> {
     /// A session from the two directions' initial chain keys.
     pub(crate) fn new(send_chain: &[u8; 32], recv_chain: &[u8; 32], session_id: [u8; 32]) -> Self {
         let (recv_key, recv_next_chain) = ratchet(recv_chain);
         Self {
             config: TransportConfig::default(),
             send: SendState::new(send_chain, 0),
-            recv: RecvEpoch { epoch: 0, cipher: cipher(&recv_key), window: ReplayWindow::new() },
+            recv: RecvEpoch::new(&recv_key, 0),
             recv_next_chain,
             previous: None,
             session_id,
@@ -368,36 +392,91 @@ impl Session {
         self.recv.epoch
     }
 
-    /// Encrypts `plaintext` into a packet.
+    /// Encrypts `plaintext` into a new packet.
     pub fn seal(&mut self, plaintext: &[u8], now: Duration) -> Result<Vec<u8>, TransportError> {
         if plaintext.len() > MAX_PLAINTEXT_LEN {
             return Err(TransportError::TooLarge);
         }
+        let mut packet = vec![0; PACKET_OVERHEAD + plaintext.len()];
+        self.seal_into(plaintext, &mut packet, now)?;
+        Ok(packet)
+    }
+
+    /// Encrypts `plaintext` into a packet at the start of `out`, which needs room for
+    /// `plaintext.len() + PACKET_OVERHEAD` bytes, and returns the packet's length.
+    /// Allocates nothing. After an error, what `out` holds is unspecified.
+    pub fn seal_into(
+        &mut self,
+        plaintext: &[u8],
+        out: &mut [u8],
+        now: Duration,
+    ) -> Result<usize, TransportError> {
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(TransportError::TooLarge);
+        }
+        let len = PACKET_OVERHEAD + plaintext.len();
+        let packet = out.get_mut(..len).ok_or(TransportError::BufferTooSmall { needed: len })?;
+        packet[PACKET_HEADER_LEN..len - TAG_LEN].copy_from_slice(plaintext);
+        self.seal_in_place(packet, now)?;
+        Ok(len)
+    }
+
+    /// Seals the packet that `packet` (all of it) becomes: its plaintext is already in
+    /// place, `packet[PACKET_HEADER_LEN..packet.len() - TAG_LEN]`; the header is written
+    /// over the first [`PACKET_HEADER_LEN`] bytes and the tag over the last [`TAG_LEN`].
+    /// For building the plaintext where the packet will be, with no copy.
+    pub fn seal_in_place(
+        &mut self,
+        packet: &mut [u8],
+        now: Duration,
+    ) -> Result<(), TransportError> {
+        if packet.len() > MAX_PACKET_LEN {
+            return Err(TransportError::TooLarge);
+        }
+        let tag_at = packet
+            .len()
+            .checked_sub(TAG_LEN)
+            .filter(|&at| at >= PACKET_HEADER_LEN)
+            .ok_or(TransportError::BufferTooSmall { needed: PACKET_OVERHEAD })?;
         self.maybe_rekey(now)?;
         self.send.started_at.get_or_insert(now);
         let counter = self.send.counter;
-        let hdr = header(self.send.epoch, counter);
-        let mut out = Vec::with_capacity(PACKET_OVERHEAD + plaintext.len());
-        out.extend_from_slice(&hdr);
-        out.extend_from_slice(plaintext);
-        let tag = self
-            .send
-            .cipher
-            .encrypt_inout_detached(&nonce(counter), &hdr, (&mut out[PACKET_HEADER_LEN..]).into())
-            .map_err(|_| TransportError::TooLarge)?;
-        out.extend_from_slice(&tag);
+        let (hdr, rest) = packet.split_at_mut(PACKET_HEADER_LEN);
+        hdr.copy_from_slice(&header(self.send.epoch, counter));
+        let (body, tag) = rest.split_at_mut(tag_at - PACKET_HEADER_LEN);
+        tag.copy_from_slice(
+            &self
+                .send
+                .cipher
+                .seal_in_place(&nonce(counter), hdr, body)
+                .map_err(|_| TransportError::TooLarge)?,
+        );
         self.send.counter = counter + 1;
-        Ok(out)
+        Ok(())
     }
 
-    /// Encodes `frames` and encrypts them into one packet.
+    /// Encodes `frames` and encrypts them into one packet (encoded in the packet's own
+    /// buffer, with no plaintext copy).
     pub fn seal_frames(
         &mut self,
         frames: &[Frame],
         now: Duration,
     ) -> Result<Vec<u8>, TransportError> {
-        let plaintext = Zeroizing::new(encode_frames(frames)?);
-        self.seal(&plaintext, now)
+        let plaintext_len: usize = frames.iter().map(Frame::encoded_len).sum();
+        let capacity = PACKET_OVERHEAD + plaintext_len.min(MAX_PLAINTEXT_LEN);
+        // Erased if it is dropped before sealing, with plaintext in it.
+        let mut packet = Zeroizing::new(Vec::with_capacity(capacity));
+        packet.resize(PACKET_HEADER_LEN, 0);
+        for frame in frames {
+            frame.encode_into(&mut packet)?;
+        }
+        if packet.len() - PACKET_HEADER_LEN > MAX_PLAINTEXT_LEN {
+            return Err(TransportError::TooLarge);
+        }
+        let len = packet.len() + TAG_LEN;
+        packet.resize(len, 0);
+        self.seal_in_place(&mut packet, now)?;
+        Ok(std::mem::take(&mut *packet))
     }
 
     fn maybe_rekey(&mut self, now: Duration) -> Result<(), TransportError> {
@@ -409,36 +488,60 @@ impl Session {
             .is_some_and(|t| now.saturating_sub(t) >= self.config.rekey_after_time);
         if by_count || by_time {
             let epoch = self.send.epoch.checked_add(1).ok_or(TransportError::Exhausted)?;
-            // The old send state (key and chain) is dropped, and so erased, here.
+            // The old send state is dropped here: its chain key is erased, and so is its
+            // packet key where the cipher erases its key (RustCrypto; not ring, see
+            // `crate::aead`).
             self.send = SendState::new(&self.send.next_chain.clone(), epoch);
         }
         Ok(())
     }
 
-    /// Authenticates and decrypts a packet.
+    /// Authenticates and decrypts a packet into a new buffer.
     ///
     /// Rejects anything altered, replayed, older than the replay window, or from an epoch
     /// whose key is gone. No state changes unless the packet authenticates.
     pub fn open(&mut self, packet: &[u8], now: Duration) -> Result<Vec<u8>, TransportError> {
         self.handle_timeout(now);
-        if packet.len() > MAX_PACKET_LEN {
-            return Err(TransportError::TooLarge);
-        }
-        if packet.len() < PACKET_OVERHEAD {
-            return Err(TransportError::Truncated);
-        }
-        if packet[0] != PACKET_TYPE {
-            return Err(TransportError::NotTransport);
-        }
-        let epoch = u32::from_be_bytes(to_array(&packet[1..5]));
-        let counter = u64::from_be_bytes(to_array(&packet[5..PACKET_HEADER_LEN]));
+        // Refuse what cannot be a packet before copying it.
+        parse_header(packet)?;
+        let mut buf = packet.to_vec();
+        let len = self.open_in_place(&mut buf, now)?.len();
+        buf.copy_within(PACKET_HEADER_LEN..PACKET_HEADER_LEN + len, 0);
+        buf.truncate(len);
+        Ok(buf)
+    }
 
+    /// Authenticates and decrypts `packet` in place and returns its plaintext, a part of
+    /// `packet`. Allocates nothing. Accepts and rejects exactly what [`Self::open`] does;
+    /// after an error, `packet` holds no plaintext (and may no longer hold the ciphertext).
+    pub fn open_in_place<'p>(
+        &mut self,
+        packet: &'p mut [u8],
+        now: Duration,
+    ) -> Result<&'p mut [u8], TransportError> {
+        self.handle_timeout(now);
+        let (epoch, counter) = parse_header(packet)?;
+        let (header, body) = packet.split_at_mut(PACKET_HEADER_LEN);
+        let len = self.open_body(header, body, epoch, counter, now)?;
+        Ok(&mut body[..len])
+    }
+
+    /// Opens the body (ciphertext, then tag) of a packet with this header in place, with
+    /// the key of its epoch, and returns the plaintext's length.
+    fn open_body(
+        &mut self,
+        header: &[u8],
+        body: &mut [u8],
+        epoch: u32,
+        counter: u64,
+        now: Duration,
+    ) -> Result<usize, TransportError> {
         if epoch == self.recv.epoch {
-            return self.recv.open(packet, counter);
+            return self.recv.open(header, body, counter);
         }
         if let Some((prev, _)) = self.previous.as_mut() {
             if prev.epoch == epoch {
-                return prev.open(packet, counter);
+                return prev.open(header, body, counter);
             }
         }
         let ahead = epoch.saturating_sub(self.recv.epoch);
@@ -451,12 +554,12 @@ impl Session {
             chain = ratchet(&chain).1;
         }
         let (key, next_chain) = ratchet(&chain);
-        let mut fresh = RecvEpoch { epoch, cipher: cipher(&key), window: ReplayWindow::new() };
-        let plaintext = fresh.open(packet, counter)?;
+        let mut fresh = RecvEpoch::new(&key, epoch);
+        let len = fresh.open(header, body, counter)?;
         let old = std::mem::replace(&mut self.recv, fresh);
         self.previous = Some((old, now.saturating_add(self.config.previous_key_lifetime)));
         self.recv_next_chain = next_chain;
-        Ok(plaintext)
+        Ok(len)
     }
 
     /// Opens a packet and decodes its frames.
@@ -528,6 +631,123 @@ mod tests {
         assert_eq!(b.poll_timeout(), Some(Duration::from_secs(67)));
         b.handle_timeout(Duration::from_secs(67));
         assert_eq!(b.open(&old, Duration::from_secs(68)), Err(TransportError::UnknownEpoch(0)));
+    }
+
+    /// Packets sealed before the AEAD moved to `core/src/aead.rs` (captured from the
+    /// RustCrypto-only implementation): the format, nonces and key ratchet are unchanged,
+    /// whichever cipher the session runs on.
+    fn packets_match_the_recorded_known_answers<C: PacketAead>() {
+        use sha2::Digest;
+        let mut a = Session::<C>::new(&[1u8; 32], &[2u8; 32], [0; 32]);
+        let mut b = Session::<C>::new(&[2u8; 32], &[1u8; 32], [0; 32]);
+        // Two packets per epoch: epochs 0, 1 and 2.
+        a.set_config(TransportConfig { rekey_after_messages: 2, ..TransportConfig::default() });
+        let mut all = Vec::new();
+        for (i, len) in [0usize, 1, 15, 64, 1400].into_iter().enumerate() {
+            let plaintext: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+            let now = Duration::from_secs(i as u64);
+            let packet = a.seal(&plaintext, now).unwrap();
+            assert_eq!(b.open(&packet, now).unwrap(), plaintext);
+            all.extend_from_slice(&packet);
+        }
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(
+            hex(&all[..PACKET_OVERHEAD * 3 + 1 + 15]),
+            "10000000000000000000000000b3cdb062d9127a5510ed30e76a32e496\
+             100000000000000000000000012b6df73b61f65101b9b13350744e50a840\
+             10000000010000000000000000fc478d3184ff0eb91c9c42e5032ed56f13ae1e48bc68eb7e02269acdeca447"
+        );
+        assert_eq!(all.len(), 1625);
+        assert_eq!(
+            hex(&sha2::Sha256::digest(&all)),
+            "305cc54a4c994309bef257263b5e6c755cf5f53b2ddca6fc151ffcb3c2d31f0d"
+        );
+    }
+
+    #[test]
+    fn packets_match_the_recorded_known_answers_with_this_builds_cipher() {
+        packets_match_the_recorded_known_answers::<PacketCipher>();
+    }
+
+    #[test]
+    fn packets_match_the_recorded_known_answers_with_rustcrypto() {
+        packets_match_the_recorded_known_answers::<crate::aead::RustCryptoChaCha20Poly1305>();
+    }
+
+    #[test]
+    fn caller_buffer_apis_match_the_allocating_ones() {
+        use crate::frame::encode_frames;
+        // Two copies of one session: `*1` through the `Vec` APIs, `*2` through the others.
+        let (mut a1, mut b1) = pair();
+        let (mut a2, mut b2) = pair();
+        let cfg = TransportConfig { rekey_after_messages: 3, ..TransportConfig::default() };
+        a1.set_config(cfg);
+        a2.set_config(cfg);
+        let mut buf = [0u8; 2048];
+        for (i, len) in [0, 1, 100, 1400, 2048 - PACKET_OVERHEAD].into_iter().enumerate() {
+            let plaintext = vec![i as u8; len];
+            let now = Duration::from_secs(i as u64);
+            let packet = a1.seal(&plaintext, now).unwrap();
+            let n = a2.seal_into(&plaintext, &mut buf, now).unwrap();
+            assert_eq!(&buf[..n], &packet[..]);
+            assert_eq!(b1.open(&packet, now).unwrap(), plaintext);
+            assert_eq!(b2.open_in_place(&mut buf[..n], now).unwrap(), &plaintext[..]);
+            assert_eq!(b2.open_in_place(&mut packet.clone(), now), Err(TransportError::Replay));
+        }
+        assert_eq!(a2.send_epoch(), 1);
+        let now = Duration::from_secs(9);
+
+        // Too small a buffer: refused, and no counter spent.
+        assert_eq!(
+            a2.seal_into(b"abc", &mut [0; PACKET_OVERHEAD + 2], now),
+            Err(TransportError::BufferTooSmall { needed: PACKET_OVERHEAD + 3 })
+        );
+        assert_eq!(
+            a2.seal_in_place(&mut [0; PACKET_OVERHEAD - 1], now),
+            Err(TransportError::BufferTooSmall { needed: PACKET_OVERHEAD })
+        );
+
+        // The plaintext built in the packet's own buffer.
+        let mut packet = vec![0xee; PACKET_OVERHEAD + 5];
+        packet[PACKET_HEADER_LEN..PACKET_HEADER_LEN + 5].copy_from_slice(b"hello");
+        a2.seal_in_place(&mut packet, now).unwrap();
+        assert_eq!(packet, a1.seal(b"hello", now).unwrap());
+
+        // Frames encoded in the packet's buffer: the same packet as encoding, then sealing.
+        let frames =
+            [Frame::Message("hi".into()), Frame::Ping { timestamp: 7 }, Frame::Data(vec![])];
+        assert_eq!(
+            a1.seal_frames(&frames, now).unwrap(),
+            a2.seal(&encode_frames(&frames).unwrap(), now).unwrap()
+        );
+        assert_eq!(b1.open_frames(&a2.seal_frames(&frames, now).unwrap(), now).unwrap(), frames);
+    }
+
+    #[test]
+    fn open_in_place_rejects_what_open_rejects() {
+        let (mut a, mut b1) = pair();
+        let (_, mut b2) = pair();
+        let now = Duration::ZERO;
+        let packet = a.seal(b"payload", now).unwrap();
+        let mut altered = Vec::new();
+        for i in 0..packet.len() {
+            let mut p = packet.clone();
+            p[i] ^= 0x01;
+            altered.push(p);
+        }
+        for len in [0, 1, PACKET_HEADER_LEN, PACKET_OVERHEAD - 1, PACKET_OVERHEAD, packet.len() - 1]
+        {
+            altered.push(packet[..len].to_vec());
+        }
+        altered.push([packet.as_slice(), &[0]].concat());
+        altered.push(vec![PACKET_TYPE; MAX_PACKET_LEN + 1]);
+        for p in &altered {
+            let by_open = b1.open(p, now).map(|_| ());
+            let in_place = b2.open_in_place(&mut p.clone(), now).map(|_| ());
+            assert!(by_open.is_err());
+            assert_eq!(by_open, in_place, "{p:02x?}");
+        }
+        assert_eq!(b2.open_in_place(&mut packet.clone(), now).unwrap(), b"payload");
     }
 
     #[test]

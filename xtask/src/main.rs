@@ -65,6 +65,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
     ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
     ("native", "weft-peer file transfer vs. a raw webrtc-rs data channel; Chromium to weft-peer"),
+    ("transport", "native transport AEAD: seal GB/s on ring vs. RustCrypto, seal+open MB/s"),
 ];
 
 /// Benchmarks that drive Chromium and so need the browser and the built bundle.

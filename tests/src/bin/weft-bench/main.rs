@@ -6,6 +6,7 @@ mod native;
 mod session;
 mod signal;
 mod transfer;
+mod transport;
 
 use anyhow::{Result, bail};
 
@@ -16,6 +17,7 @@ fn main() -> Result<()> {
         "session" => session::main(),
         "signal" => signal::main(),
         "transfer" => transfer::main(),
-        _ => bail!("usage: weft-bench native|session|signal|transfer (got {name:?})"),
+        "transport" => transport::main(),
+        _ => bail!("usage: weft-bench native|session|signal|transfer|transport (got {name:?})"),
     }
 }

@@ -5,20 +5,21 @@
 //!   the first message from browser A arrives in B's page; A sends as soon as the encrypted
 //!   session with the new B is up. Median of [`JOINS`] joins.
 //! - `passphrase_kdf_ms`: the Argon2id cost of joining a passphrase network, in WASM.
-//! - transport seal+open MB/s in WASM (Chromium) and native, the same core routine, same run.
+//! - transport seal+open MB/s in WASM (Chromium) and native, the same core routine, same run;
+//!   and the native seal-only figures of [`crate::transport`] (ring vs. RustCrypto).
 //!
 //! Prints `BENCH <metric> <value> <unit>` lines.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use weft_signal::Limits;
 use weft_tests::{ChromeDriver, browser_missing, js, start_server, wait_for};
 
+use crate::transport::{PACKET, SEAL_OPEN_BYTES as TRANSPORT_BYTES};
+
 const JOINS: usize = 12;
-const PACKET: usize = 1400;
-const TRANSPORT_BYTES: u64 = 64 * 1024 * 1024;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -61,12 +62,7 @@ pub async fn main() -> Result<()> {
     bob.set_script_timeout(Duration::from_secs(120)).await?;
 
     // Transport: native first, then the same routine in WASM.
-    // Any seed will do: only speed is measured.
-    let mut rng = <chacha20::ChaCha20Rng as chacha20::rand_core::SeedableRng>::seed_from_u64(1);
-    let start = Instant::now();
-    let native = weft_core::perf::transport_throughput(&mut rng, PACKET, TRANSPORT_BYTES, || {
-        start.elapsed()
-    })?;
+    let native = crate::transport::measure()?;
     alice.goto(server.url()).await?;
     module_ready(&alice).await?;
     let wasm_mb_s =
@@ -120,8 +116,11 @@ pub async fn main() -> Result<()> {
     println!("BENCH join_to_first_message_p90_ms {:.0} ms", percentile(joins, 0.9));
     println!("BENCH passphrase_kdf_ms {kdf_ms:.0} ms");
     println!("BENCH transport_seal_open_wasm_mb_s {wasm_mb_s:.1} MB/s");
-    println!("BENCH transport_seal_open_native_mb_s {:.1} MB/s", native.mb_per_s());
-    println!("BENCH transport_wasm_vs_native_ratio {:.2} x", wasm_mb_s / native.mb_per_s());
+    native.print();
+    println!(
+        "BENCH transport_wasm_vs_native_ratio {:.2} x",
+        wasm_mb_s / native.seal_open_native_mb_s
+    );
     alice.quit().await?;
     bob.quit().await?;
     server.shutdown(Duration::from_secs(2)).await;

@@ -3,11 +3,13 @@
 //!
 //! Browser tests skip (printing why) only when the capability is really missing, and only
 //! when `WEFT_REQUIRE_BROWSER` is unset; `cargo xtask test` sets it, so there they run.
+//! Network namespace tests ([`netns`]) do the same with `WEFT_REQUIRE_NETNS`.
 #![forbid(unsafe_code)]
 
 pub mod files;
 pub mod mitm;
 pub mod native;
+pub mod netns;
 pub mod turn_server;
 
 use std::future::Future;
@@ -51,11 +53,17 @@ pub fn browser_missing() -> Option<String> {
 
 /// `true` if browser tests may run; `false` (after printing why) if they must skip.
 /// Panics when `WEFT_REQUIRE_BROWSER` is set and the browser is missing.
-#[allow(clippy::panic, reason = "a test that must run fails loudly rather than skip")]
 pub fn browser_available(test: &str) -> bool {
-    let Some(reason) = browser_missing() else { return true };
-    if std::env::var_os("WEFT_REQUIRE_BROWSER").is_some() {
-        panic!("{test}: browser tests are required here but {reason}");
+    available(test, browser_missing(), "WEFT_REQUIRE_BROWSER")
+}
+
+/// `true` if nothing is `missing`; else prints why `test` skips and returns `false`, or
+/// panics if the environment variable `require` is set.
+#[allow(clippy::panic, reason = "a test that must run fails loudly rather than skip")]
+fn available(test: &str, missing: Option<String>, require: &str) -> bool {
+    let Some(reason) = missing else { return true };
+    if std::env::var_os(require).is_some() {
+        panic!("{test}: required here ({require} is set) but {reason}");
     }
     println!("SKIPPED {test}: {reason}");
     false

@@ -26,7 +26,8 @@
 //! Chromium looks up names even when given an address, and would otherwise send them
 //! toward the machine's resolver. Every host has a non-loopback interface and a default
 //! route (Chromium gathers no ICE candidates without one). Processes run inside a
-//! namespace through `ip netns exec` ([`Host::command`]).
+//! namespace through `ip netns exec` ([`Host::command`]); Chromium through
+//! [`crate::ChromeDriver::browser_in`].
 //!
 //! The NAT kinds, set on a site's router with nftables ([`Nat`]):
 //! - [`Nat::EndpointIndependent`]: `masquerade`. Linux keeps the source port when it is

@@ -1,7 +1,8 @@
 //! The network namespace harness (`weft_tests::netns`) behaves like the NATs it models: a
 //! `weft-netprobe` server on the public host reports the address it sees, and probes on
 //! hosts behind each kind of router show the mapping (endpoint-independent or not), the
-//! routed case, a UDP-blocking firewall, hole punching, and the cleanup.
+//! routed case, a UDP-blocking firewall, hole punching, Chromium inside a namespace, and
+//! the cleanup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -11,6 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use weft_tests::netns::{Host, Nat, SiteSpec, Topology, namespaces_with_prefix, netns_available};
+use weft_tests::{ChromeDriver, chromium_available};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_weft-netprobe");
 /// The probe server's ports: one UDP socket and one TCP listener on each.
@@ -224,6 +226,28 @@ fn hole_punching_works_between_endpoint_independent_nats_not_symmetric_ones() {
     assert!(!symmetric_pair.heard(0, rest), "a datagram crossed two symmetric NATs");
     assert!(!symmetric_pair.heard(1, Duration::ZERO), "a datagram crossed two symmetric NATs");
     assert_eq!(topology.stray_packets().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_behind_a_nat_loads_a_page_from_the_public_server() {
+    let test = "chromium_behind_a_nat_loads_a_page_from_the_public_server";
+    if !netns_available(test) || !chromium_available(test) {
+        return;
+    }
+    let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
+    let _server = serve(&topology, &[8080]);
+    let driver = ChromeDriver::start().await.unwrap();
+    let browser = driver.browser_in(topology.host(0, 0)).await.unwrap();
+    let loaded = async {
+        browser.goto(&format!("http://{}:8080/", topology.public_ip())).await?;
+        let seen = browser.find(thirtyfour::By::Id("seen")).await?.text().await?;
+        anyhow::Ok(seen)
+    }
+    .await;
+    browser.quit().await.unwrap();
+    let seen: SocketAddr = loaded.unwrap().parse().unwrap();
+    assert_eq!(seen.ip(), topology.site_public_ip(0), "the page came through the NAT");
+    assert_eq!(topology.stray_packets().unwrap(), 0, "Chromium sent packets out of the topology");
 }
 
 #[test]

@@ -3,11 +3,13 @@
 //!
 //! Browser tests skip (printing why) only when the capability is really missing, and only
 //! when `WEFT_REQUIRE_BROWSER` is unset; `cargo xtask test` sets it, so there they run.
+//! Network namespace tests ([`netns`]) do the same with `WEFT_REQUIRE_NETNS`.
 #![forbid(unsafe_code)]
 
 pub mod files;
 pub mod mitm;
 pub mod native;
+pub mod netns;
 pub mod turn_server;
 
 use std::future::Future;
@@ -24,6 +26,8 @@ use weft_signal::{Config, Limits, Server};
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// Debian's ChromeDriver, the same version as [`CHROMIUM`].
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Starts [`CHROMIUM`] inside the network namespace named by its `--weft-netns=` argument.
+const CHROMIUM_IN_NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/chromium-in-netns.sh");
 
 /// The built web app: `WEFT_WEB_ROOT`, or where `cargo xtask bundle` puts it.
 pub fn web_root() -> PathBuf {
@@ -32,12 +36,20 @@ pub fn web_root() -> PathBuf {
         .unwrap_or_else(weft_signal::default_web_root)
 }
 
-/// Why browser tests cannot run here, if they cannot.
-pub fn browser_missing() -> Option<String> {
+/// Why Chromium cannot be started here, if it cannot.
+pub fn chromium_missing() -> Option<String> {
     if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
         return Some(format!(
             "{CHROMIUM} or {CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)"
         ));
+    }
+    None
+}
+
+/// Why browser tests (Chromium and the built web app) cannot run here, if they cannot.
+pub fn browser_missing() -> Option<String> {
+    if let Some(reason) = chromium_missing() {
+        return Some(reason);
     }
     let root = web_root();
     if !root.join("pkg/weft_wasm_bg.wasm").is_file() {
@@ -51,11 +63,22 @@ pub fn browser_missing() -> Option<String> {
 
 /// `true` if browser tests may run; `false` (after printing why) if they must skip.
 /// Panics when `WEFT_REQUIRE_BROWSER` is set and the browser is missing.
-#[allow(clippy::panic, reason = "a test that must run fails loudly rather than skip")]
 pub fn browser_available(test: &str) -> bool {
-    let Some(reason) = browser_missing() else { return true };
-    if std::env::var_os("WEFT_REQUIRE_BROWSER").is_some() {
-        panic!("{test}: browser tests are required here but {reason}");
+    available(test, browser_missing(), "WEFT_REQUIRE_BROWSER")
+}
+
+/// [`browser_available`] for tests that serve their own pages (no web app needed).
+pub fn chromium_available(test: &str) -> bool {
+    available(test, chromium_missing(), "WEFT_REQUIRE_BROWSER")
+}
+
+/// `true` if nothing is `missing`; else prints why `test` skips and returns `false`, or
+/// panics if the environment variable `require` is set.
+#[allow(clippy::panic, reason = "a test that must run fails loudly rather than skip")]
+fn available(test: &str, missing: Option<String>, require: &str) -> bool {
+    let Some(reason) = missing else { return true };
+    if std::env::var_os(require).is_some() {
+        panic!("{test}: required here ({require} is set) but {reason}");
     }
     println!("SKIPPED {test}: {reason}");
     false
@@ -117,6 +140,23 @@ impl ChromeDriver {
         &self,
         downloads: Option<&std::path::Path>,
     ) -> Result<WebDriver> {
+        self.launch(downloads, None).await
+    }
+
+    /// A new headless Chromium process inside `host`'s network namespace (see
+    /// [`netns`]). ChromeDriver stays in this namespace and talks to Chromium over the
+    /// pipes of `--remote-debugging-pipe` (inherited through `ip netns exec`), since a
+    /// DevTools port would listen on the other namespace's loopback. Quit the browser
+    /// before dropping the topology.
+    pub async fn browser_in(&self, host: &netns::Host) -> Result<WebDriver> {
+        self.launch(None, Some(host)).await
+    }
+
+    async fn launch(
+        &self,
+        downloads: Option<&std::path::Path>,
+        netns: Option<&netns::Host>,
+    ) -> Result<WebDriver> {
         let mut caps = DesiredCapabilities::chrome();
         if let Some(dir) = downloads {
             caps.add_experimental_option(
@@ -129,7 +169,14 @@ impl ChromeDriver {
                 }),
             )?;
         }
-        caps.set_binary(CHROMIUM)?;
+        match netns {
+            None => caps.set_binary(CHROMIUM)?,
+            Some(host) => {
+                caps.set_binary(CHROMIUM_IN_NETNS)?;
+                caps.add_arg("--remote-debugging-pipe")?;
+                caps.add_arg(&format!("--weft-netns={}", host.netns))?;
+            }
+        }
         for arg in [
             "--headless=new",
             "--no-sandbox",

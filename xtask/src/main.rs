@@ -18,6 +18,10 @@ const WASM_PROFILE: &str = "wasm-release";
 /// shared/TOOLCHAIN.md): rustc 1.96 with std sources, and lld as the linker.
 const DEBIAN_WASM_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "lld-22"];
 const DEBIAN_BROWSER_PACKAGES: &[&str] = &["chromium", "chromium-driver"];
+/// What the network namespace tests (tests/src/netns.rs) run: (program, its version flag,
+/// Debian package).
+const NETNS_TOOLS: &[(&str, &str, &str)] =
+    &[("ip", "-V", "iproute2"), ("nft", "--version", "nftables")];
 
 #[derive(Debug, Parser)]
 #[command(about = "Weft's build, run, test and bench tasks")]
@@ -55,7 +59,7 @@ enum Task {
     },
     /// Install what is missing and build the web app bundle into target/web-dist.
     Bundle,
-    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium).
+    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables).
     Setup,
 }
 
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
             let wasm = ensure_wasm_toolchain()?;
             ensure_wasm_bindgen(&root)?;
             ensure_browser()?;
+            ensure_netns_tools()?;
             println!("xtask: ready ({wasm:?} wasm toolchain)");
         }
         Task::Bundle => {
@@ -129,8 +134,13 @@ fn output_of(program: &str, args: &[&str]) -> Option<String> {
 }
 
 fn have(program: &str) -> bool {
+    have_with(program, "--version")
+}
+
+/// `program version_flag` runs and succeeds.
+fn have_with(program: &str, version_flag: &str) -> bool {
     Command::new(program)
-        .arg("--version")
+        .arg(version_flag)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -261,6 +271,18 @@ fn ensure_browser() -> Result<()> {
     apt_install(DEBIAN_BROWSER_PACKAGES)
 }
 
+fn ensure_netns_tools() -> Result<()> {
+    let missing: Vec<&str> = NETNS_TOOLS
+        .iter()
+        .filter(|(program, flag, _)| !have_with(program, flag))
+        .map(|(_, _, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
 // ---------------------------------------------------------------------------------------
 // Building
 
@@ -361,6 +383,7 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
 fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     ensure_browser()?;
+    ensure_netns_tools()?;
     let dist = build_bundle(root)?;
     if have("rustfmt") {
         run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
@@ -388,8 +411,9 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     if let Some(filter) = filter {
         cmd.arg(filter);
     }
-    // Browser tests must run here, not skip: the browser and the bundle are installed.
-    cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_WEB_ROOT", &dist);
+    // Browser and network namespace tests must run here, not skip: the browser, the bundle,
+    // iproute2 and nftables are installed (and CI runs as root).
+    cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_REQUIRE_NETNS", "1").env("WEFT_WEB_ROOT", &dist);
     if nextest && filter.is_none() {
         // nextest does not run doctests; run them first so the summary comes last.
         run_cmd(

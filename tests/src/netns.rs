@@ -1,0 +1,516 @@
+//! A small internet in network namespaces, with real NAT routers: for tests of how peers
+//! connect across NATs (STUN, TURN, relay fallback).
+//!
+//! [`Topology::new`] builds, from a list of [`SiteSpec`]s, one namespace per box below and
+//! veth links between them; everything lives in `198.18.0.0/15` (the benchmark range, never
+//! routed on a real network), and no namespace has a link to the machine's own network:
+//!
+//! ```text
+//!                 server 198.18.0.1  (public_ip(); Topology::server())
+//!                    │ 198.18.0.0/24
+//!               ┌────┴─────┐
+//!               │ internet │  a router: 198.18.k.254 on link k, no NAT; drops (and
+//!               │          │  counts: stray_packets()) what is not for 198.18.0.0/15
+//!               └┬────────┬┘
+//!   198.18.1.0/24│        │198.18.2.0/24 ...
+//!     ┌──────────┴──┐  ┌──┴──────────┐
+//!     │ router of   │  │ router of   │  WAN 198.18.(s+1).1: the site's public address
+//!     │ site 0: Nat │  │ site 1: Nat │  (nftables: NAT kind, firewall, block_udp)
+//!     └──────┬──────┘  └──────┬──────┘  LAN bridge 198.19.(s+1).254
+//!        198.19.1.0/24     198.19.2.0/24
+//!      host(0,0) host(0,1)  host(1,0)      hosts 198.19.(s+1).(i+1), `eth0` + default route
+//! ```
+//!
+//! Every namespace has `lo` up, IPv6 off and its own loopback as resolver
+//! (`/etc/netns/<name>/resolv.conf`, which `ip netns exec` puts over `/etc/resolv.conf`):
+//! Chromium looks up names even when given an address, and would otherwise send them
+//! toward the machine's resolver. Every host has a non-loopback interface and a default
+//! route (Chromium gathers no ICE candidates without one). Processes run inside a
+//! namespace through `ip netns exec` ([`Host::command`]); Chromium through
+//! [`crate::ChromeDriver::browser_in`].
+//!
+//! The NAT kinds, set on a site's router with nftables ([`Nat`]):
+//! - [`Nat::EndpointIndependent`]: `masquerade`. Linux keeps the source port when it is
+//!   free, so a socket keeps one public ip:port whatever it sends to (endpoint-independent
+//!   mapping), and only replies from an ip:port it sent to come back in (address-and-port
+//!   dependent filtering): a "port-restricted cone", the common home router (RFC 4787).
+//!   Hole punching works through it.
+//! - [`Nat::Symmetric`]: `masquerade fully-random`: a new random public port per
+//!   destination, as on some mobile carriers' NATs and many corporate firewalls. What a
+//!   server tells a peer about its address is useless to anyone else, so hole punching
+//!   between two of them fails and only a relay (TURN) connects them.
+//! - [`Nat::None`]: the site is routed; its hosts have public addresses of their own.
+//!
+//! Behind a NAT, only flows the LAN opened come in, and every router drops what comes to
+//! itself from the internet unasked, as home routers do. That matters beyond realism: a
+//! peer's early hole-punching packet that reached the router would leave a conntrack entry
+//! that makes Linux map the LAN's next flow to that peer to another port, and hole punching
+//! would fail even through endpoint-independent NAT (seen: without the rule, the hole
+//! punching self-test fails). [`SiteSpec::block_udp`] makes the router drop all UDP from
+//! the LAN to the internet (TCP passes), like a corporate firewall that leaves only TURN
+//! over TCP or TLS.
+//!
+//! Limits of Linux as a NAT model: a public port already in use by another LAN host's flow
+//! to the same destination is not kept, so two hosts of one site may see different
+//! mappings than one would; mappings expire with the kernel's UDP conntrack timeouts
+//! (`nf_conntrack_udp_timeout`, 30 s, and 120 s for a flow with replies) rather than a
+//! router's; the routers have no hairpinning rules (for a host reaching another host of
+//! its own site at its public address); ICMP errors for open flows pass as related.
+//!
+//! Names: every namespace is called `weft-<pid>-<n>-<role>` (`n` counts topologies in the
+//! process), so parallel tests and processes never collide, and [`Topology::new`] first
+//! deletes namespaces of processes that no longer exist (a killed run). Dropping the
+//! [`Topology`] deletes its namespaces, which deletes their interfaces. End the processes
+//! started inside first: a namespace lives on, nameless, while a process is still in it.
+//!
+//! Tests skip (printing why) when the machine cannot do this ([`netns_missing`]), unless
+//! `WEFT_REQUIRE_NETNS` is set, which `cargo xtask test` does.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+/// Where `ip netns` keeps its named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+/// Where `ip netns exec` finds files to bind over `/etc` inside a namespace.
+const ETC_NETNS_DIR: &str = "/etc/netns";
+/// Every namespace's resolver: its own loopback, where nothing answers, so that no lookup
+/// sends a packet toward the machine's real resolver (Chromium makes some).
+const RESOLV_CONF: &str = "nameserver 127.0.0.1\n";
+/// The first part of every namespace name this module makes.
+const PREFIX: &str = "weft";
+/// Hosts of a site and sites of a topology each fit in one octet of an address.
+const MAX_SITES: usize = 200;
+const MAX_HOSTS: usize = 200;
+
+/// How a site's router connects its LAN to the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// Routed, no NAT: the site's hosts are reachable at their own addresses.
+    None,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering ("port-restricted
+    /// cone"): nftables `masquerade`.
+    EndpointIndependent,
+    /// A new public port for every destination: nftables `masquerade fully-random`.
+    Symmetric,
+}
+
+/// One site: a router with a NAT of some kind and `hosts` hosts on its LAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteSpec {
+    /// What the router does to the LAN's traffic.
+    pub nat: Nat,
+    /// Drop all UDP from the LAN to the internet (TCP still passes).
+    pub block_udp: bool,
+    /// How many hosts sit on the LAN (at least one).
+    pub hosts: usize,
+}
+
+impl SiteSpec {
+    /// One host behind a router with `nat`, UDP allowed.
+    pub fn behind(nat: Nat) -> Self {
+        Self { nat, block_udp: false, hosts: 1 }
+    }
+}
+
+/// A machine of the topology: a namespace and its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// The namespace's name, for `ip netns exec`.
+    pub netns: String,
+    /// Its address: public for the server, on the site's LAN for a host.
+    pub ip: IpAddr,
+}
+
+impl Host {
+    /// `ip netns exec <netns> <program>`: add arguments and run it as usual. `ip` execs the
+    /// program, so the child's pid is the program's own and killing it kills the program.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec"]).arg(&self.netns).arg(program);
+        cmd
+    }
+
+    /// [`Host::command`] for tokio.
+    pub fn tokio_command(&self, program: impl AsRef<OsStr>) -> tokio::process::Command {
+        self.command(program).into()
+    }
+}
+
+#[derive(Debug)]
+struct Site {
+    router: Host,
+    hosts: Vec<Host>,
+}
+
+/// A server on an internet and sites behind routers, each in its own namespace; dropping it
+/// deletes them. See the [module docs](self).
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    namespaces: Vec<String>,
+    internet: String,
+    server: Host,
+    sites: Vec<Site>,
+}
+
+impl Topology {
+    /// Builds the namespaces, links, addresses, routes and NAT rules for `sites` (site `s`
+    /// is `198.19.(s+1).0/24`). Every step is a command that returns only once the kernel
+    /// has done it, so the topology is ready when this returns.
+    pub fn new(sites: &[SiteSpec]) -> Result<Self> {
+        if sites.len() > MAX_SITES || sites.iter().any(|s| s.hosts == 0 || s.hosts > MAX_HOSTS) {
+            bail!("a topology has at most {MAX_SITES} sites of 1 to {MAX_HOSTS} hosts each");
+        }
+        remove_stale_namespaces()?;
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}-{}-{n}", std::process::id());
+        let host = |role: String, ip: Ipv4Addr| Host {
+            netns: format!("{prefix}-{role}"),
+            ip: IpAddr::V4(ip),
+        };
+        let internet = format!("{prefix}-inet");
+        let server = host("srv".into(), wan_ip(0));
+        let site_hosts: Vec<Site> = sites
+            .iter()
+            .enumerate()
+            .map(|(s, spec)| Site {
+                router: host(format!("r{s}"), wan_ip(octet(s))),
+                hosts: (0..spec.hosts)
+                    .map(|i| host(format!("h{s}-{i}"), lan_ip(octet(s), octet(i))))
+                    .collect(),
+            })
+            .collect();
+        let mut namespaces = vec![internet.clone(), server.netns.clone()];
+        for site in &site_hosts {
+            namespaces.push(site.router.netns.clone());
+            namespaces.extend(site.hosts.iter().map(|h| h.netns.clone()));
+        }
+        // From here on, dropping `topology` (on any error) deletes what was made.
+        let topology =
+            Self { prefix, namespaces, internet: internet.clone(), server, sites: site_hosts };
+        for ns in &topology.namespaces {
+            let etc = Path::new(ETC_NETNS_DIR).join(ns);
+            std::fs::create_dir_all(&etc)?;
+            std::fs::write(etc.join("resolv.conf"), RESOLV_CONF)?;
+        }
+
+        // The namespaces and the veth pairs between them, each end made in its namespace.
+        let mut root = String::new();
+        for ns in &topology.namespaces {
+            root += &format!("netns add {ns}\n");
+        }
+        let veth = |a: &str, a_ns: &str, b: &str, b_ns: &str| {
+            format!("link add {a} netns {a_ns} type veth peer name {b} netns {b_ns}\n")
+        };
+        root += &veth("link0", &internet, "wan", &topology.server.netns);
+        for (s, site) in topology.sites.iter().enumerate() {
+            root += &veth(&format!("link{}", octet(s)), &internet, "wan", &site.router.netns);
+            for (i, h) in site.hosts.iter().enumerate() {
+                root += &veth(&format!("h{i}"), &site.router.netns, "eth0", &h.netns);
+            }
+        }
+        run(Command::new("ip").args(["-batch", "-"]), &root)?;
+
+        // The internet first, then the routers, then the hosts: each gateway is up before
+        // the routes through it are added.
+        let mut inet = up("link0", internet_ip(0));
+        for (s, spec) in sites.iter().enumerate() {
+            let net = octet(s);
+            inet += &up(&format!("link{net}"), internet_ip(net));
+            if spec.nat == Nat::None {
+                inet += &format!("route add {}/24 via {}\n", lan_ip(net, 0), wan_ip(net));
+            }
+        }
+        configure(&internet, true, &inet)?;
+        nft(&internet, STRAY_RULESET)?;
+        for (s, (spec, site)) in sites.iter().zip(&topology.sites).enumerate() {
+            let net = octet(s);
+            let mut router = up("wan", wan_ip(net));
+            router += &format!("route add default via {}\n", internet_ip(net));
+            router += "link add lan type bridge\nlink set lan up\n";
+            for i in 0..site.hosts.len() {
+                router += &format!("link set h{i} master lan\nlink set h{i} up\n");
+            }
+            router += &format!("addr add {}/24 dev lan\n", lan_ip(net, GATEWAY));
+            configure(&site.router.netns, true, &router)?;
+            nft(&site.router.netns, &ruleset(spec))?;
+        }
+        for (s, site) in topology.sites.iter().enumerate() {
+            for (i, h) in site.hosts.iter().enumerate() {
+                let gateway = lan_ip(octet(s), GATEWAY);
+                let batch = format!(
+                    "{}route add default via {gateway}\n",
+                    up("eth0", lan_ip(octet(s), octet(i)))
+                );
+                configure(&h.netns, false, &batch)?;
+            }
+        }
+        let batch = format!("{}route add default via {}\n", up("wan", wan_ip(0)), internet_ip(0));
+        configure(&topology.server.netns, false, &batch)?;
+        Ok(topology)
+    }
+
+    /// The public server (`198.18.0.1`), on the internet with no NAT.
+    pub fn server(&self) -> &Host {
+        &self.server
+    }
+
+    /// The server's address.
+    pub fn public_ip(&self) -> IpAddr {
+        self.server.ip
+    }
+
+    /// Host `i` of site `site`, both counted from 0. Panics if there is no such host, like
+    /// indexing a slice.
+    pub fn host(&self, site: usize, i: usize) -> &Host {
+        &self.sites[site].hosts[i]
+    }
+
+    /// The public address of a site's router: where its NATed hosts appear to come from.
+    pub fn site_public_ip(&self, site: usize) -> IpAddr {
+        self.sites[site].router.ip
+    }
+
+    /// How many packets the namespaces sent toward addresses outside the topology
+    /// (`198.18.0.0/15`): the internet router counts and drops them. Tests should find 0 (a
+    /// lookup or STUN request to a real server is a bug in the test).
+    pub fn stray_packets(&self) -> Result<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.internet, "nft", "list", "chain", "ip", "weft"])
+            .arg("prerouting")
+            .output()?;
+        if !out.status.success() {
+            bail!("nft list failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let count = listing
+            .split_once("counter packets ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
+        count.with_context(|| format!("no counter in the internet's ruleset: {listing}"))
+    }
+
+    /// The start of every namespace name of this topology (`weft-<pid>-<n>-`).
+    pub fn prefix(&self) -> String {
+        format!("{}-", self.prefix)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Err(e) = delete_namespaces(&self.namespaces) {
+            eprintln!("netns: cleaning up {}: {e:#}", self.prefix);
+        }
+    }
+}
+
+/// Deletes the named namespaces (with their interfaces) and their `/etc/netns` files,
+/// going on past those already gone.
+fn delete_namespaces(names: &[String]) -> Result<()> {
+    for ns in names {
+        let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS_DIR).join(ns));
+    }
+    let batch: String = names
+        .iter()
+        .filter(|ns| Path::new(NETNS_DIR).join(ns).exists())
+        .map(|ns| format!("netns del {ns}\n"))
+        .collect();
+    if batch.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("ip").args(["-force", "-batch", "-"]), &batch)
+}
+
+/// Site `s`, or host `i` of a site, counted from 1 in addresses (`new` checks the bounds).
+fn octet(index: usize) -> u8 {
+    u8::try_from(index + 1).unwrap_or(u8::MAX)
+}
+
+/// The internet router's link `k` (0: the server, `s + 1`: site `s`) is `198.18.k.0/24`;
+/// the server or site router is `.1` on it,
+fn wan_ip(link: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, link, 1)
+}
+
+/// ... and the internet router `.254`.
+fn internet_ip(link: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, link, 254)
+}
+
+/// Site `s`'s LAN is `198.19.(s+1).0/24`: host `i` is `.(i+1)`, the router [`GATEWAY`].
+fn lan_ip(net: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, net, host)
+}
+
+const GATEWAY: u8 = 254;
+
+/// `ip -batch` lines that bring `dev` up with `ip/24`.
+fn up(dev: &str, ip: Ipv4Addr) -> String {
+    format!("link set {dev} up\naddr add {ip}/24 dev {dev}\n")
+}
+
+/// Sets a namespace's sysctls (IPv6 off, forwarding for routers) and runs `batch` in it
+/// with `lo` up first.
+fn configure(netns: &str, forward: bool, batch: &str) -> Result<()> {
+    let forward = format!("net.ipv4.ip_forward={}", u8::from(forward));
+    run(
+        Command::new("ip").args(["netns", "exec", netns, "sysctl", "-q", "-e", "-w"]).args([
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+            &forward,
+        ]),
+        "",
+    )?;
+    run(Command::new("ip").args(["-n", netns, "-batch", "-"]), &format!("link set lo up\n{batch}"))
+}
+
+/// Loads an nftables ruleset in a namespace.
+fn nft(netns: &str, ruleset: &str) -> Result<()> {
+    run(Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]), ruleset)
+}
+
+/// The internet router's ruleset: what comes in for an address outside the topology is
+/// counted ([`Topology::stray_packets`]) and dropped.
+const STRAY_RULESET: &str = r#"
+table ip weft {
+    chain prerouting {
+        type filter hook prerouting priority filter; policy accept;
+        ip daddr != 198.18.0.0/15 counter drop
+    }
+}
+"#;
+
+/// The nftables ruleset of a site's router (WAN `wan`, LAN bridge `lan`).
+fn ruleset(spec: &SiteSpec) -> String {
+    let masquerade = match spec.nat {
+        Nat::None => "",
+        Nat::EndpointIndependent => r#"oifname "wan" masquerade"#,
+        Nat::Symmetric => r#"oifname "wan" masquerade fully-random"#,
+    };
+    // Behind a NAT only what the LAN opened comes in; a routed site is open.
+    let inbound = if spec.nat == Nat::None {
+        ""
+    } else {
+        r#"iifname "wan" ct state established,related accept
+           iifname "wan" drop"#
+    };
+    let block_udp =
+        if spec.block_udp { r#"iifname "lan" oifname "wan" meta l4proto udp drop"# } else { "" };
+    format!(
+        r#"
+table ip weft {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        {masquerade}
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        {block_udp}
+        {inbound}
+    }}
+}}
+"#
+    )
+}
+
+/// Runs `cmd` with `stdin` as its input; fails with its stderr unless it succeeds.
+fn run(cmd: &mut Command, stdin: &str) -> Result<()> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}\ninput:\n{stdin}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The named namespaces whose names start with `prefix`, and those whose `/etc/netns`
+/// files are left.
+pub fn namespaces_with_prefix(prefix: &str) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for dir in [NETNS_DIR, ETC_NETNS_DIR] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Deletes the namespaces this module made in processes that have exited.
+fn remove_stale_namespaces() -> Result<()> {
+    let stale: Vec<String> = namespaces_with_prefix(&format!("{PREFIX}-"))?
+        .into_iter()
+        .filter(|ns| {
+            let pid = ns.split('-').nth(1).unwrap_or_default();
+            pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()
+        })
+        .collect();
+    // Another process may be removing the same ones.
+    delete_namespaces(&stale).or_else(|e| {
+        eprintln!("netns: removing stale namespaces: {e:#}");
+        Ok(())
+    })
+}
+
+/// Why this process cannot build a [`Topology`], if it cannot: `ip` or `nft` missing, or
+/// no `CAP_SYS_ADMIN` and `CAP_NET_ADMIN` (run as root).
+pub fn netns_missing() -> Option<String> {
+    for (program, version, package) in [("ip", "-V", "iproute2"), ("nft", "--version", "nftables")]
+    {
+        let found = Command::new(program)
+            .arg(version)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("`{program}` is missing (apt-get install {package})"));
+        }
+    }
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if caps & (1 << CAP_NET_ADMIN) == 0 || caps & (1 << CAP_SYS_ADMIN) == 0 {
+        return Some("network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN (root)".into());
+    }
+    None
+}
+
+/// `true` if network namespace tests may run; `false` (after printing why) if they must
+/// skip. Panics when `WEFT_REQUIRE_NETNS` is set and they cannot run.
+pub fn netns_available(test: &str) -> bool {
+    crate::available(test, netns_missing(), "WEFT_REQUIRE_NETNS")
+}

@@ -69,8 +69,8 @@ pub struct MeshConfig {
 #[derive(Debug, Clone)]
 pub enum MeshEvent {
     /// An event of the node. The signaling stop for an unsupported version is not
-    /// passed on (the mesh ends with that refusal instead), nor are `Left` and plain
-    /// peer updates (the CLI shows none).
+    /// passed on (the mesh ends with that refusal instead), nor is `Left`; of the plain
+    /// peer updates, only those where a session's path changes (direct or relayed).
     Node(Event),
     /// A warning for the user (cannot save the trust store, a download record, ...).
     Warning(String),
@@ -267,6 +267,7 @@ pub fn start(
         saves: Vec::new(),
         closing: Vec::new(),
         refused: None,
+        paths: HashMap::new(),
     };
     let now = mesh.now();
     for (record, data_present) in saved {
@@ -298,6 +299,8 @@ struct Mesh {
     closing: Vec<JoinHandle<()>>,
     /// The server refused our protocol version: its words.
     refused: Option<String>,
+    /// The path last reported per connected peer (direct or relayed).
+    paths: HashMap<PeerId, PeerState>,
 }
 
 async fn run(
@@ -433,8 +436,12 @@ impl Mesh {
                     }
                 }
             }
-            // Each connection reports its path by itself, every 2 s.
-            Output::ReadPath { .. } => {}
+            // Each connection also reports its path by itself, every 2 s.
+            Output::ReadPath { conn } => {
+                if let Some(rtc) = self.conns.get(&conn) {
+                    rtc.read_path();
+                }
+            }
             Output::Read { peer, root, index, offset, len } => {
                 self.disk.read(peer, root, index, offset, len);
             }
@@ -463,8 +470,24 @@ impl Mesh {
             }) => self.refused = Some(message),
             // Reported as the stop above.
             Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left)
-            | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. }
-            | Event::Peer(_) => {}
+            | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. } => {}
+            Event::PeerConnected(info) => {
+                self.paths.insert(info.peer_id.clone(), info.state);
+                self.emit(MeshEvent::Node(Event::PeerConnected(info)));
+            }
+            Event::Peer(info) => {
+                let path = matches!(info.state, PeerState::Direct | PeerState::Relayed);
+                match self.paths.get(&info.peer_id) {
+                    Some(&was) if path && was != info.state => {
+                        self.paths.insert(info.peer_id.clone(), info.state);
+                        self.emit(MeshEvent::Node(Event::Peer(info)));
+                    }
+                    Some(_) if !path => {
+                        self.paths.remove(&info.peer_id);
+                    }
+                    _ => {}
+                }
+            }
             event => self.emit(MeshEvent::Node(event)),
         }
     }

@@ -135,11 +135,16 @@ impl Printer {
                 json!({"event": "error", "code": code, "message": message}),
                 || format!("server refused: {code}: {message}"),
             ),
+            // The path of a session changed.
+            MeshEvent::Node(Event::Peer(info)) => {
+                let mut v = peer_json(info);
+                v["event"] = json!("path_changed");
+                self.line(v, || format!("now {}: {}", info.state.as_str(), describe(info)));
+            }
             // The mesh passes none of these on (see `MeshEvent::Node`).
-            MeshEvent::Node(
-                Event::Peer(_)
-                | Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left),
-            ) => {}
+            MeshEvent::Node(Event::Signaling(
+                SignalingEvent::Stopped { .. } | SignalingEvent::Left,
+            )) => {}
             MeshEvent::Warning(message) => {
                 eprintln!("warning: {message}");
                 self.line(json!({"event": "warning", "message": message}), || {

@@ -83,6 +83,7 @@ enum Command {
     SendControl(Vec<u8>),
     SendData(Vec<u8>),
     Flush(oneshot::Sender<bool>),
+    ReadPath,
     Close(oneshot::Sender<()>),
 }
 
@@ -136,6 +137,12 @@ impl RtcPeer {
     /// Sends on the data channel if it is open (dropped otherwise: it is unreliable).
     pub fn send_data(&self, bytes: Vec<u8>) {
         let _ = self.commands.send(Command::SendData(bytes));
+    }
+
+    /// Reads the selected path now (it is also read every [`STATS_INTERVAL`]) and reports
+    /// it as [`ConnectionEvent::Path`].
+    pub fn read_path(&self) {
+        let _ = self.commands.send(Command::ReadPath);
     }
 
     /// Resolves to `true` once the peer acknowledged everything sent on the control
@@ -414,6 +421,11 @@ impl Conn {
                     let _ = reply.send(false);
                 }
             },
+            Command::ReadPath => {
+                if let Some(path) = path_stats(self.pc.as_ref()).await {
+                    self.emit(path);
+                }
+            }
             Command::Close(_) => {}
         }
     }
@@ -628,22 +640,29 @@ async fn wait_acknowledged(dc: Arc<dyn DataChannel>, reply: oneshot::Sender<bool
 
 /// The selected candidate pair's kind and RTT, as [`ConnectionEvent::Path`].
 async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
+    let ice = pc.sctp().await?.transport().ice_transport();
+    let pair = ice.get_selected_candidate_pair().await.ok()??;
+    // A remote relay candidate is often first met as peer-reflexive (its checks arrive
+    // before its signaled description) and stays so: it is relayed all the same if the
+    // remote peer signaled a relay candidate at that address.
+    let remote = pair.remote();
+    let signaled_relay = ice.get_remote_candidates().await.ok()?.iter().any(|c| {
+        c.typ == RTCIceCandidateType::Relay && c.address == remote.address && c.port == remote.port
+    });
+    let relayed = pair.local().typ == RTCIceCandidateType::Relay
+        || remote.typ == RTCIceCandidateType::Relay
+        || signaled_relay;
     let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
-    let pair = report
+    let rtt = report
         .transport()
         .and_then(|t| match report.get(&t.selected_candidate_pair_id) {
             Some(RTCStatsReportEntry::IceCandidatePair(p)) => Some(p),
             _ => None,
         })
-        .or_else(|| report.candidate_pairs().find(|p| p.nominated))?;
-    let relay = |id: &str| match report.get(id) {
-        Some(RTCStatsReportEntry::LocalCandidate(c) | RTCStatsReportEntry::RemoteCandidate(c)) => {
-            c.candidate_type == RTCIceCandidateType::Relay
-        }
-        _ => false,
-    };
-    let relayed = relay(&pair.local_candidate_id) || relay(&pair.remote_candidate_id);
-    let rtt = (pair.current_round_trip_time.is_finite() && pair.current_round_trip_time > 0.0)
-        .then(|| Duration::from_secs_f64(pair.current_round_trip_time));
+        .or_else(|| report.candidate_pairs().find(|p| p.nominated))
+        .map(|p| p.current_round_trip_time)
+        .filter(|rtt| rtt.is_finite() && *rtt > 0.0)
+        .map(Duration::from_secs_f64);
+    tracing::debug!(%pair, relayed, "selected path");
     Some(ConnectionEvent::Path { relayed, rtt })
 }

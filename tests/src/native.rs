@@ -14,16 +14,38 @@ use tokio::process::{Child, ChildStdout, Command};
 /// The `weft-peer` binary: `WEFT_PEER_BIN`, or built with `cargo build -p weft-peer` into
 /// the target directory this test runs from (once per test process).
 pub fn weft_peer_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_weft_peer().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
+    bin("weft-peer", "WEFT_PEER_BIN")
 }
 
-fn build_weft_peer() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("WEFT_PEER_BIN") {
+/// The `weft-signal` binary (`WEFT_SIGNAL_BIN`, or built as [`weft_peer_bin`] is), for
+/// tests that run the server as a process of its own (in a network namespace).
+pub fn weft_signal_bin() -> Result<PathBuf> {
+    bin("weft-signal", "WEFT_SIGNAL_BIN")
+}
+
+/// The binaries tests run, built in one cargo invocation: built one at a time, each
+/// build would unify its dependencies' features differently and rebuild what the other
+/// just built.
+const BINS: [&str; 2] = ["weft-peer", "weft-signal"];
+
+fn bin(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env) {
         return Ok(PathBuf::from(bin));
     }
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let profile_dir = BUILT
+        .get_or_init(|| build_bins().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))?;
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        bail!("cargo built {name} but {} is not there", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Builds [`BINS`] into the target directory this test runs from; its profile directory.
+fn build_bins() -> Result<PathBuf> {
     // A test runs as <target>/<profile>/deps/<test>-<hash>, a bin as
     // <target>/<profile>/<bin>; cargo keeps its lock file in the profile directory.
     let exe = std::env::current_exe()?;
@@ -36,20 +58,19 @@ fn build_weft_peer() -> Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
-    build.args(["build", "-p", "weft-peer"]).current_dir(&workspace);
+    build.arg("build").current_dir(&workspace);
+    for name in BINS {
+        build.args(["-p", name, "--bin", name]);
+    }
     build.env("CARGO_TARGET_DIR", target_dir);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
     }
-    let status = build.status().context("cannot run cargo to build weft-peer")?;
+    let status = build.status().context("cannot run cargo to build the binaries")?;
     if !status.success() {
-        bail!("cargo build -p weft-peer failed: {status}");
+        bail!("cargo build of {BINS:?} failed: {status}");
     }
-    let bin = profile_dir.join(format!("weft-peer{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        bail!("cargo built weft-peer but {} is not there", bin.display());
-    }
-    Ok(bin)
+    Ok(profile_dir.to_path_buf())
 }
 
 /// A fresh, empty config directory for one native peer (its identity and trust store).
@@ -65,6 +86,22 @@ pub fn config_dir(label: &str) -> Result<PathBuf> {
 /// A `weft-peer` command with `--server`, `--config-dir`, `--bind` and `--json` set.
 pub fn command(server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) -> Result<Command> {
     let mut cmd = Command::new(weft_peer_bin()?);
+    peer_args(&mut cmd, server_ws, config_dir, bind);
+    Ok(cmd)
+}
+
+/// [`command`] run on `host`, in its network namespace.
+pub fn command_on(
+    host: &crate::netns::Host,
+    server_ws: &str,
+    config_dir: &Path,
+) -> Result<Command> {
+    let mut cmd = host.tokio_command(weft_peer_bin()?);
+    peer_args(&mut cmd, server_ws, config_dir, host.ip);
+    Ok(cmd)
+}
+
+fn peer_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) {
     cmd.arg("--server")
         .arg(server_ws)
         .arg("--config-dir")
@@ -74,7 +111,6 @@ pub fn command(server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) -> Re
         .arg("--json")
         .env_remove("WEFT_PASSPHRASE")
         .kill_on_drop(true);
-    Ok(cmd)
 }
 
 /// A running `weft-peer up`, whose JSON lines are read as events.
@@ -172,4 +208,48 @@ pub async fn run(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// A `weft-signal` process (with its embedded STUN/TURN server) on a host of a
+/// [`crate::netns::Topology`], killed on drop.
+#[derive(Debug)]
+pub struct SignalProcess {
+    /// The process.
+    pub child: Child,
+    /// The page, e.g. `http://198.18.0.1:8080/`.
+    pub url: String,
+    /// The WebSocket endpoint.
+    pub ws_url: String,
+}
+
+impl SignalProcess {
+    /// Starts `weft-signal` on `host`, listening on its address at port 8080, STUN/TURN on
+    /// 3478 (each namespace has ports of its own), with `extra` arguments.
+    pub async fn start(host: &crate::netns::Host, extra: &[&str]) -> Result<Self> {
+        let mut cmd = host.tokio_command(weft_signal_bin()?);
+        cmd.arg("--listen")
+            .arg(std::net::SocketAddr::new(host.ip, 8080).to_string())
+            .args(["--turn-port", "3478"])
+            .args(extra)
+            .env("WEFT_WEB_ROOT", crate::web_root())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("cannot start weft-signal")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .map_err(|_| anyhow!("weft-signal did not start within 30 s"))??
+                .ok_or_else(|| anyhow!("weft-signal exited at start"))?;
+            if let Some(url) = line.strip_prefix("Weft is running: open ") {
+                break url.to_string();
+            }
+        };
+        // Keep reading its output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ws_url = format!("{}ws", url.replacen("http", "ws", 1));
+        Ok(Self { child, url, ws_url })
+    }
 }

@@ -411,6 +411,19 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     if let Some(filter) = filter {
         cmd.arg(filter);
     }
+    // The binaries the end-to-end tests run as processes, built once here (tests would
+    // otherwise each run cargo for them).
+    run_cmd(
+        Command::new("cargo")
+            .args(["build", "-p", "weft-peer", "--bin", "weft-peer"])
+            .args(["-p", "weft-signal", "--bin", "weft-signal"])
+            .env("CARGO_INCREMENTAL", "0"),
+    )?;
+    let bins = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("debug");
+    cmd.env("WEFT_PEER_BIN", bins.join("weft-peer"))
+        .env("WEFT_SIGNAL_BIN", bins.join("weft-signal"));
     // Browser and network namespace tests must run here, not skip: the browser, the bundle,
     // iproute2 and nftables are installed (and CI runs as root).
     cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_REQUIRE_NETNS", "1").env("WEFT_WEB_ROOT", &dist);

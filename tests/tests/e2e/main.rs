@@ -7,6 +7,7 @@ mod browser_session;
 mod browser_smoke;
 mod browser_transfer;
 mod browser_turn;
+mod nat;
 mod nat_harness;
 mod native_browser;
 mod native_native;

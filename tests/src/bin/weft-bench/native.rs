@@ -20,7 +20,10 @@
 //!   timed the same way (needs Chromium and the built bundle; skipped, saying why, if
 //!   they are missing).
 //!
-//! Each speed is the best of [`RUNS`] runs. `WEFT_BENCH_MB` sets the file size in MiB.
+//! Weft and raw runs alternate, [`RUNS`] of each (`WEFT_BENCH_RUNS` sets another number);
+//! each speed is the median of its runs, and `native_transfer_vs_raw_ratio` the median of
+//! the paired (back to back) runs' ratios, less swayed by the machine's load drifting.
+//! `WEFT_BENCH_MB` sets the file size in MiB.
 //! Prints `BENCH <metric> <value> <unit>` lines (MB = 10^6 bytes).
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -34,7 +37,23 @@ use weft_tests::mitm::local_ice_ip;
 use weft_tests::native::{NativePeer, command, config_dir, weft_peer_bin};
 use weft_tests::{ChromeDriver, browser_missing, js, start_server};
 
-const RUNS: usize = 2;
+const RUNS: usize = 5;
+
+fn runs() -> usize {
+    std::env::var("WEFT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(RUNS).max(1)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
 const LONG: Duration = Duration::from_secs(1800);
 const WAIT: Duration = Duration::from_secs(60);
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -168,10 +187,6 @@ async fn browser_run(
     Ok(took)
 }
 
-fn best(values: &[f64]) -> f64 {
-    values.iter().copied().fold(0.0, f64::max)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 pub async fn main() -> Result<()> {
     let bin = weft_peer_bin()?;
@@ -185,7 +200,7 @@ pub async fn main() -> Result<()> {
     let mut weft = Vec::new();
     let mut hash = Vec::new();
     let mut raw = Vec::new();
-    for run in 0..RUNS {
+    for run in 0..runs() {
         let (took, hashed) = weft_run(&server, scratch.path(), &file, run).await?;
         println!("  run {run}: weft {:.1} MB/s ({took:?})", mb_s(size, took));
         weft.push(mb_s(size, took));
@@ -194,22 +209,24 @@ pub async fn main() -> Result<()> {
         println!("  run {run}: raw {r:.1} MB/s");
         raw.push(r);
     }
-    let (weft_m, raw_m) = (best(&weft), best(&raw));
-    println!("BENCH native_transfer_mb_s {weft_m:.1} MB/s");
-    println!("BENCH native_raw_datachannel_mb_s {raw_m:.1} MB/s");
-    println!("BENCH native_transfer_vs_raw_ratio {:.2} x", weft_m / raw_m);
-    println!("BENCH native_sender_hash_mb_s {:.1} MB/s", best(&hash));
+    let paired = median(weft.iter().zip(&raw).map(|(w, r)| w / r).collect());
+    let ratios: Vec<String> = weft.iter().zip(&raw).map(|(w, r)| format!("{:.2}", w / r)).collect();
+    println!("  paired ratios: {}", ratios.join(" "));
+    println!("BENCH native_transfer_mb_s {:.1} MB/s", median(weft));
+    println!("BENCH native_raw_datachannel_mb_s {:.1} MB/s", median(raw));
+    println!("BENCH native_transfer_vs_raw_ratio {paired:.2} x");
+    println!("BENCH native_sender_hash_mb_s {:.1} MB/s", median(hash));
 
     match browser_missing() {
         Some(reason) => println!("  SKIPPED browser_native_mb_s: {reason}"),
         None => {
             let mut browser = Vec::new();
-            for run in 0..RUNS {
+            for run in 0..runs() {
                 let took = browser_run(&server, scratch.path(), &file, run).await?;
                 println!("  run {run}: browser -> native {:.1} MB/s", mb_s(size, took));
                 browser.push(mb_s(size, took));
             }
-            println!("BENCH browser_native_mb_s {:.1} MB/s", best(&browser));
+            println!("BENCH browser_native_mb_s {:.1} MB/s", median(browser));
         }
     }
     server.shutdown(Duration::from_secs(2)).await;

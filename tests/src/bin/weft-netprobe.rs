@@ -17,6 +17,10 @@
 //!                                  then sends to it every 100 ms; prints "heard FROM"
 //!                                  for the first datagram from anywhere but the server;
 //!                                  runs until its stdin closes (60 s at most)
+//! weft-netprobe capture TEXT...    a packet capture of every interface of the namespace
+//!                                  (AF_PACKET): prints "ready", and once its stdin closes,
+//!                                  "frames N bytes B" and "hits K TEXT" per TEXT (how many
+//!                                  frames contained it)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -56,6 +60,7 @@ fn main() -> Result<()> {
             let [server] = rest else { bail!("punch SERVER:PORT") };
             punch(server.parse()?)
         }
+        "capture" => capture(rest),
         other => bail!("unknown command {other}"),
     }
 }
@@ -191,6 +196,53 @@ fn punch(server: SocketAddr) -> Result<()> {
             Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    Ok(())
+}
+
+/// Counts the frames crossing every interface of this namespace that contain each of
+/// `needles`, until stdin closes.
+fn capture(needles: &[String]) -> Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    /// Every protocol (`ETH_P_ALL`), in network byte order as `socket(2)` wants it.
+    const ETH_P_ALL: u16 = 0x0003;
+    let socket =
+        Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(i32::from(ETH_P_ALL.to_be()))))
+            .context("cannot open a packet socket (needs CAP_NET_RAW)")?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut hits = vec![0u64; needles.len()];
+    let mut buf = vec![0u8; 65_536];
+    let mut reader = &socket;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let n = match reader.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        frames += 1;
+        bytes += n as u64;
+        let frame = &buf[..n];
+        for (needle, hit) in needles.iter().zip(&mut hits) {
+            let needle = needle.as_bytes();
+            if !needle.is_empty() && frame.windows(needle.len()).any(|w| w == needle) {
+                *hit += 1;
+            }
+        }
+    }
+    println!("frames {frames} bytes {bytes}");
+    for (needle, hit) in needles.iter().zip(hits) {
+        println!("hits {hit} {needle}");
     }
     Ok(())
 }

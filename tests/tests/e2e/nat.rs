@@ -2,13 +2,18 @@
 //! with its embedded STUN/TURN server on a public host, peers on hosts behind routers.
 //! Behind endpoint-independent NATs peers connect directly (STUN tells them their public
 //! address); behind symmetric NATs they connect through the relay; either way a file
-//! arrives whole, and nothing leaves the test's own addresses.
+//! arrives whole, nothing leaves the test's own addresses, and a packet capture on the
+//! public host (where the signaling server and the relay run) holds neither the file's
+//! plaintext nor the network's name.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::process::Stdio;
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, BufReader};
+
 use serde_json::Value;
-use weft_tests::files::{Scratch, blake3_of, generate, mib};
+use weft_tests::files::{Scratch, blake3_of, mib};
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir};
 use weft_tests::netns::{Nat, SiteSpec, Topology, netns_available};
 
@@ -28,32 +33,94 @@ fn last_path(events: &[Value]) -> Option<String> {
         .find_map(|v| v["path"].as_str().map(str::to_string))
 }
 
-/// Ada (site 0) sends Bea (site 1) a file through `weft-signal` on the public host; the
+/// Text in the file sent: it must never cross the public host in the clear.
+const MARKER: &str = "WEFT-PLAINTEXT-MARKER-7d1f";
+/// The network's name (a passphrase network): the server must never see it.
+const NETWORK: &str = "nat-secret-network-name";
+/// What does cross the public host in the clear (the server's welcome), to show the
+/// capture works. (Clients mask their WebSocket frames, so what they send the server is
+/// not searchable on the wire; the server forwards their signals unmasked, though, and
+/// the relay carries their packets as they are.)
+const CONTROL: &str = "\"type\":\"welcome\"";
+
+/// A packet capture of every interface of a namespace (`weft-netprobe capture`).
+struct Capture(tokio::process::Child);
+
+impl Capture {
+    async fn start(host: &weft_tests::netns::Host) -> Self {
+        let mut child = host
+            .tokio_command(env!("CARGO_BIN_EXE_weft-netprobe"))
+            .args(["capture", MARKER, NETWORK, CONTROL])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.as_mut().unwrap()).lines();
+        let ready = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
+        assert_eq!(ready.as_deref(), Some("ready"));
+        Self(child)
+    }
+
+    /// Ends it: how many frames contained each of the marker, the network name and the
+    /// control text.
+    async fn finish(mut self) -> (u64, [u64; 3]) {
+        drop(self.0.stdin.take());
+        let out = tokio::time::timeout(WAIT, self.0.wait_with_output()).await.unwrap().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let count = |prefix: &str, what: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix)?.strip_suffix(what)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix}…{what} in {text}"))
+        };
+        let frames = text
+            .lines()
+            .find_map(|l| l.strip_prefix("frames ")?.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no frame count in {text}"));
+        (frames, [count("hits ", MARKER), count("hits ", NETWORK), count("hits ", CONTROL)])
+    }
+}
+
+/// Ada (site 0) sends Bea (site 1) a file of `size` bytes (its text full of [`MARKER`])
+/// through `weft-signal` on the public host, in the passphrase network [`NETWORK`]; the
 /// path Bea's session took, and what Bea printed.
 async fn send_across(sites: [SiteSpec; 2], size: u64) -> (String, Vec<Value>) {
     let topology = Topology::new(&sites).unwrap();
+    let capture = Capture::start(topology.server()).await;
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let scratch = Scratch::new("nat").unwrap();
-    let file = generate(scratch.path(), "across.bin", size, 21).unwrap();
+    let path = scratch.path().join("across.txt");
+    let line = format!("{MARKER} {}\n", "x".repeat(64));
+    let text = line.repeat(usize::try_from(size).unwrap() / line.len() + 1);
+    std::fs::write(&path, &text.as_bytes()[..usize::try_from(size).unwrap()]).unwrap();
+    let root = blake3_of(&path).unwrap();
     let downloads = scratch.path().join("in");
-    let invite = "Q".repeat(43);
     let (dir_a, dir_b) = (config_dir("nat-ada").unwrap(), config_dir("nat-bea").unwrap());
+    let network = |cmd: &mut tokio::process::Command| {
+        cmd.args(["--network", NETWORK]).env("WEFT_PASSPHRASE", "correct horse battery");
+    };
 
     let mut receive = command_on(topology.host(1, 0), &server.ws_url, &dir_b).unwrap();
-    receive.args(["--invite", &invite, "--name", "Bea", "receive", "--once"]);
+    network(&mut receive);
+    receive.args(["--name", "Bea", "receive", "--once"]);
     receive.args(["--accept-from", "Ada", "--dir"]).arg(&downloads);
     let mut bea = NativePeer::spawn(receive).unwrap();
     bea.expect_event("receiving", WAIT).await.unwrap();
     let mut send = command_on(topology.host(0, 0), &server.ws_url, &dir_a).unwrap();
-    send.args(["--invite", &invite, "--name", "Ada", "send", "--to", "Bea"]).arg(&file.path);
+    network(&mut send);
+    send.args(["--name", "Ada", "send", "--to", "Bea"]).arg(&path);
     let mut ada = NativePeer::spawn(send).unwrap();
     let (sent, received) = tokio::join!(ada.wait_exit(LONG), bea.wait_exit(LONG));
     assert!(sent.unwrap().success(), "Ada: {:?}", ada.seen);
     assert!(received.unwrap().success(), "Bea: {:?}", bea.seen);
-    assert_eq!(blake3_of(&downloads.join("across.bin")).unwrap(), file.root);
+    assert_eq!(blake3_of(&downloads.join("across.txt")).unwrap(), root);
     // Only the test's own addresses were ever used.
     assert_eq!(topology.stray_packets().unwrap(), 0);
     drop(server);
+    let (frames, [marker, name, control]) = capture.finish().await;
+    assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
+    assert_eq!(marker, 0, "the file's plaintext crossed the public host");
+    assert_eq!(name, 0, "the network's name crossed the public host");
     let path =
         last_path(&bea.seen).unwrap_or_else(|| panic!("no session with Ada: {:?}", bea.seen));
     (path, bea.seen)

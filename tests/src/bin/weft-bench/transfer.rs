@@ -230,7 +230,7 @@ async fn weft_run(
         let c = js(
             bob,
             &format!(
-                "const c = window.t.bench.current;
+                "const c = window.t.bench.current, s = window.t.session;
                  c.download = s.transfers().downloads.find((d) => d.root === {root}) || null;
                  return c;"
             ),

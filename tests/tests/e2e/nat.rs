@@ -142,8 +142,8 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
         return;
     }
     let symmetric = SiteSpec::behind(Nat::Symmetric);
-    // Small: webrtc-rs moves data through a TURN relay far slower than directly (see
-    // `cargo xtask bench relay`); this shows the path, not the speed.
+    // Small: this shows the path, not the speed (`native_transfer.rs` compares relayed
+    // and direct speed on loopback).
     let (path, seen) = send_across([symmetric, symmetric], mib(1) + 7).await;
     assert_eq!(path, "relayed", "{seen:?}");
 }

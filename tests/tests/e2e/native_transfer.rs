@@ -328,14 +328,14 @@ async fn a_restarted_receiver_resumes_where_it_stopped() {
     }
 }
 
-/// Ada sends Bea `file` (relay-only if `relayed`): how long from Bea's yes to Ada's `done`,
-/// and the path Ada's session took.
-async fn timed_transfer(
+/// Ada sends Bea `file` (relay-only if `relayed`): the path Ada's session took, and the
+/// reasons Bea gave for every source it dropped or peer that failed along the way.
+async fn transfer_over(
     url: &str,
     scratch: &Path,
     file: &files::TestFile,
     relayed: bool,
-) -> (Duration, String) {
+) -> (String, Vec<String>) {
     let tag = if relayed { "relayed" } else { "direct" };
     let downloads = scratch.join(tag);
     let (dir_a, dir_b) =
@@ -351,39 +351,41 @@ async fn timed_transfer(
     send.args(relay_only).args(["--invite", &invite, "--name", "Ada", "send", "--to", "Bea"]);
     send.arg(&file.path);
     let mut ada = NativePeer::spawn(send).unwrap();
-    ada.expect_event("offer_answered", WAIT).await.unwrap();
-    let start = std::time::Instant::now();
     let (sent, received) = tokio::join!(ada.wait_exit(LONG), bea.wait_exit(LONG));
-    let took = start.elapsed();
     assert!(sent.unwrap().success(), "{:?}", ada.seen);
     assert!(received.unwrap().success(), "{:?}", bea.seen);
     assert!(ada.seen.iter().any(|v| v["event"] == "done"), "{:?}", ada.seen);
     assert_same_bytes(&downloads.join(&file.name), &file.path);
     let connected = ada.seen.iter().find(|v| v["event"] == "peer_connected").unwrap();
     let path = connected["path"].as_str().unwrap().to_string();
+    let stalls = bea
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "source_dropped" || v["event"] == "peer_failed")
+        .map(|v| v["reason"].to_string())
+        .collect();
     for dir in [dir_a, dir_b] {
         let _ = std::fs::remove_dir_all(dir);
     }
-    (took, path)
+    (path, stalls)
 }
 
-/// Issue #11: through the TURN relay a transfer crawled (8 MiB took about a minute, against
-/// well under a second directly) because webrtc-rs left relayed packets queued until a timer
-/// woke its driver (`vendor/webrtc/WEFT-PATCH.md`). Same file, same server, both paths.
+/// Issue #11: through the TURN relay a transfer crawled and stalled (8 MiB took about a
+/// minute, dropping its source after three 8 s request timeouts in a row) because
+/// webrtc-rs left relayed packets queued until a timer woke its driver
+/// (`vendor/webrtc/WEFT-PATCH.md`). Same file, same server, both paths: neither stalls.
+/// (How fast each is belongs in a benchmark, not in a timed test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relayed_transfer_is_about_as_fast_as_a_direct_one() {
-    let scratch = Scratch::new("relay-speed").unwrap();
+async fn a_relayed_transfer_runs_without_stalls_as_a_direct_one_does() {
+    let scratch = Scratch::new("relay-stalls").unwrap();
     let file = generate(scratch.path(), "relayed.bin", mib(8) + 17, 11).unwrap();
     let server = start_server(Limits::default()).await.unwrap();
     let url = server.ws_url();
-    let (direct, direct_path) = timed_transfer(&url, scratch.path(), &file, false).await;
-    let (relayed, relayed_path) = timed_transfer(&url, scratch.path(), &file, true).await;
-    println!("8 MiB: direct {direct:?}, relayed {relayed:?}");
+    let (direct_path, direct_stalls) = transfer_over(&url, scratch.path(), &file, false).await;
+    let (relayed_path, relayed_stalls) = transfer_over(&url, scratch.path(), &file, true).await;
     assert_eq!(direct_path, "direct");
     assert_eq!(relayed_path, "relayed");
-    // Generous for a busy machine (a lost relayed packet still costs a 1 s retransmission
-    // timeout): fixed, 8 MiB relayed took 1.5-3 s against 0.7-0.9 s direct; broken, ~50 s.
-    let bound = direct * 4 + Duration::from_secs(10);
-    assert!(relayed < bound, "relayed {relayed:?} vs direct {direct:?}");
+    assert_eq!(direct_stalls, Vec::<String>::new());
+    assert_eq!(relayed_stalls, Vec::<String>::new(), "the relayed transfer stalled");
     server.shutdown(Duration::from_secs(2)).await;
 }

@@ -97,7 +97,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        // The `turn` crate logs every request it refuses as an error, including the
+        // routine ones (a refresh after its member left) and any client's junk, so a
+        // hostile client could fill the log: refusals are counted in `/metrics` instead
+        // (`weft_turn_refusals`); RUST_LOG=turn=debug shows them.
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,turn=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();

@@ -232,7 +232,7 @@ impl SignalProcess {
             .args(["--turn-port", "3478"])
             .args(extra)
             .env("WEFT_WEB_ROOT", crate::web_root())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,turn=off")
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn().context("cannot start weft-signal")?;

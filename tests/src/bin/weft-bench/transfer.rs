@@ -54,7 +54,7 @@ const RSS_FILE_SIZE: u64 = mib(2048);
 /// transfer already fills; the uplink runs show what a second seeder is for.
 const UPLINK: f64 = 5e6;
 const UPLINK_FILE_SIZE: u64 = mib(64);
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 fn runs() -> usize {
     std::env::var("WEFT_BENCH_RUNS")

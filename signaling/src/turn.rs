@@ -572,7 +572,10 @@ impl RelayAddressGenerator for Relays {
             m.bucket.clone()
         };
         let socket = match UdpSocket::bind(SocketAddr::new(self.bind, requested_port)).await {
-            Ok(s) => s,
+            Ok(s) => {
+                roomy(&s);
+                s
+            }
             Err(e) => {
                 release(&self.shared, &member);
                 return Err(turn::Error::Other(e.to_string()));
@@ -712,6 +715,7 @@ impl EmbeddedTurn {
         let udp_addr = SocketAddr::new(bind, config.port);
         let bind_err = |addr, transport| move |source| TurnError::Bind { addr, transport, source };
         let udp = UdpSocket::bind(udp_addr).await.map_err(bind_err(udp_addr, "udp"))?;
+        roomy(&udp);
         let udp_local = udp.local_addr().map_err(bind_err(udp_addr, "udp"))?;
         let tcp = if config.tcp {
             // The same port number as UDP where we can (clients then need one number).
@@ -825,6 +829,19 @@ impl EmbeddedTurn {
         if let Err(e) = self.server.close().await {
             tracing::warn!("closing the TURN server: {e}");
         }
+    }
+}
+
+/// Socket buffers for the relay: a burst of a peer's SCTP packets must not overflow the
+/// kernel's default receive buffer (about 200 KiB), or each loss costs the peers a
+/// retransmission timeout. The kernel caps it at `net.core.rmem_max`.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn roomy(socket: &UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    if let Err(e) = s.set_recv_buffer_size(SOCKET_BUFFER).and(s.set_send_buffer_size(SOCKET_BUFFER))
+    {
+        tracing::debug!("cannot enlarge a relay socket's buffers: {e}");
     }
 }
 

@@ -26,6 +26,7 @@
 //! `WEFT_BENCH_MB` sets the file size in MiB.
 //! Prints `BENCH <metric> <value> <unit>` lines (MB = 10^6 bytes).
 
+use crate::median;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -43,17 +44,6 @@ fn runs() -> usize {
     std::env::var("WEFT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(RUNS).max(1)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 const LONG: Duration = Duration::from_secs(1800);
 const WAIT: Duration = Duration::from_secs(60);
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -3,6 +3,7 @@
 //!
 //! Prints `BENCH <metric> <value> <unit>` lines.
 
+use crate::median;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -101,11 +102,6 @@ async fn raw_forwarder() -> Result<String> {
         }
     });
     Ok(url)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 #[tokio::main]

@@ -33,6 +33,7 @@
 //! [`RUNS`] runs (`WEFT_BENCH_RUNS` sets another number). Prints `BENCH <metric> <value> <unit>` lines
 //! (MB = 10^6 bytes).
 
+use crate::median;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -160,18 +161,6 @@ const RECEIVER_HOOK: &str = r#"
     c.rejected += 1;
   }
 "#;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn mb_s(bytes: u64, ms: f64) -> f64 {
     bytes as f64 / 1e6 / (ms / 1e3)

@@ -14,6 +14,7 @@
 //! Each is the median of [`RUNS`] runs, the measurements alternating within the run.
 //! GB and MB are 10^9 and 10^6 bytes.
 
+use crate::median;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -35,11 +36,6 @@ pub struct Report {
     pub seal_native_gb_s: f64,
     pub seal_rustcrypto_gb_s: f64,
     pub seal_open_native_mb_s: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Runs the measurements [`RUNS`] times, alternating, and returns the medians.

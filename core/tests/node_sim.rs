@@ -81,6 +81,8 @@ struct FakeConn {
     /// Test hook: drop what arrives (a dead path).
     muted: bool,
     sent_control: u32,
+    /// The path ICE selected runs through a relay.
+    relayed: bool,
 }
 
 struct SimNode {
@@ -122,6 +124,11 @@ struct Sim {
     data_loss: u32,
     /// Percent chance that the first control message after a channel opens is lost.
     early_loss: u32,
+    /// Whether a direct path between peers exists (else ICE selects a relayed one);
+    /// ICE looks again only when a connection is made or restarted.
+    direct_works: bool,
+    /// Every ICE restart asked for: (when, by which node).
+    restarts: Vec<(Duration, usize)>,
     trace: Vec<String>,
 }
 
@@ -146,6 +153,8 @@ impl Sim {
             nodes: Vec::new(),
             data_loss: 5,
             early_loss: 50,
+            direct_works: true,
+            restarts: Vec::new(),
             trace: Vec::new(),
         }
     }
@@ -352,6 +361,7 @@ impl Sim {
                     closed: false,
                     muted: false,
                     sent_control: 0,
+                    relayed: !self.direct_works,
                 };
                 self.nodes[idx].conns.insert(conn, fake);
                 if !polite {
@@ -403,8 +413,23 @@ impl Sim {
                 self.nodes[idx].conns.remove(&conn);
             }
             Output::ReadPath { conn } => {
-                let event = ConnectionEvent::Path { relayed: false, rtt: Some(20 * MS) };
+                let Some(c) = self.nodes[idx].conns.get(&conn) else { return };
+                let event = ConnectionEvent::Path { relayed: c.relayed, rtt: Some(20 * MS) };
                 self.deliver(idx, MS, Input::Connection { conn, event });
+            }
+            Output::RestartIce { conn, .. } => {
+                self.restarts.push((self.now, idx));
+                // The checks take a while; both ends move to what they find.
+                let relayed = !self.direct_works;
+                let Some(c) = self.nodes[idx].conns.get_mut(&conn) else { return };
+                c.relayed = relayed;
+                if let Some((peer, remote_conn, generation)) = c.remote {
+                    if self.nodes[peer].generation == generation {
+                        if let Some(r) = self.nodes[peer].conns.get_mut(&remote_conn) {
+                            r.relayed = relayed;
+                        }
+                    }
+                }
             }
             Output::Read { peer, root, index, offset, len } => {
                 let n = &self.nodes[idx];
@@ -987,4 +1012,50 @@ fn the_same_file_downloaded_again_after_forgetting_it_with_a_seeder_that_only_sh
             "run {run}: the bytes are the file's"
         );
     }
+}
+
+#[test]
+fn a_relayed_session_looks_for_a_direct_path_with_backoff_and_moves_to_it() {
+    let mut sim = Sim::new(11);
+    sim.direct_works = false;
+    for name in ["ada", "bea"] {
+        sim.add_node(name, None);
+    }
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    let state = |sim: &Sim, idx: usize| sim.node(idx).peers()[0].state;
+    sim.run_until(Duration::from_secs(5), "relayed on both sides", |sim| {
+        (0..2).all(|i| state(sim, i) == PeerState::Relayed)
+    });
+    let relayed_at = sim.now;
+    // Nothing is tried at once: the relay works, and the direct attempt just failed.
+    sim.run_for(Duration::from_secs(10));
+    assert!(sim.restarts.is_empty(), "{:?}", sim.restarts);
+    // Then only the impolite side restarts ICE (so both never restart at once), with
+    // waits that double: 15 s, 30 s, 60 s.
+    sim.run_for(Duration::from_secs(100));
+    let impolite = usize::from(sim.nodes[0].conns.values().all(|c| c.polite));
+    let who: Vec<usize> = sim.restarts.iter().map(|r| r.1).collect();
+    assert_eq!(who, vec![impolite; 3], "{:?}", sim.restarts);
+    let gaps: Vec<u64> = sim.restarts.windows(2).map(|w| (w[1].0 - w[0].0).as_secs()).collect();
+    assert!(gaps.len() == 2 && (30..=33).contains(&gaps[0]) && (60..=63).contains(&gaps[1]));
+    // 15 s after the path was first read as relayed, which is before the session is up.
+    let first = sim.restarts[0].0 - relayed_at;
+    assert!(first >= Duration::from_secs(12) && first <= Duration::from_secs(18), "{first:?}");
+    assert!((0..2).all(|i| state(&sim, i) == PeerState::Relayed));
+    // The network changes: a direct path now exists. The next look finds it and both
+    // sides show it, on the same session (no reconnect, no new handshake).
+    sim.direct_works = true;
+    let conns: Vec<Vec<ConnId>> =
+        sim.nodes.iter().map(|n| n.conns.keys().copied().collect()).collect();
+    sim.run_until(Duration::from_secs(130), "direct on both sides", |sim| {
+        (0..2).all(|i| state(sim, i) == PeerState::Direct)
+    });
+    assert_eq!(sim.restarts.len(), 4);
+    let now: Vec<Vec<ConnId>> =
+        sim.nodes.iter().map(|n| n.conns.keys().copied().collect()).collect();
+    assert_eq!(conns, now, "the session was rebuilt instead of moved");
+    // Direct: nothing more is tried.
+    sim.run_for(Duration::from_secs(1200));
+    assert_eq!(sim.restarts.len(), 4, "{:?}", sim.restarts);
+    assert!((0..2).all(|i| state(&sim, i) == PeerState::Direct));
 }

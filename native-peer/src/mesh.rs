@@ -442,6 +442,11 @@ impl Mesh {
                     rtc.read_path();
                 }
             }
+            Output::RestartIce { conn, ice_servers } => {
+                if let Some(rtc) = self.conns.get(&conn) {
+                    rtc.restart_ice(ice_servers);
+                }
+            }
             Output::Read { peer, root, index, offset, len } => {
                 self.disk.read(peer, root, index, offset, len);
             }

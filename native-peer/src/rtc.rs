@@ -84,6 +84,7 @@ enum Command {
     SendData(Vec<u8>),
     Flush(oneshot::Sender<bool>),
     ReadPath,
+    RestartIce(Vec<IceServer>),
     Close(oneshot::Sender<()>),
 }
 
@@ -145,6 +146,12 @@ impl RtcPeer {
         let _ = self.commands.send(Command::ReadPath);
     }
 
+    /// Looks for a better path without dropping this one: takes `ice_servers` (fresh
+    /// credentials) and restarts ICE with a new offer (the impolite side's job).
+    pub fn restart_ice(&self, ice_servers: Vec<IceServer>) {
+        let _ = self.commands.send(Command::RestartIce(ice_servers));
+    }
+
     /// Resolves to `true` once the peer acknowledged everything sent on the control
     /// channel before this call; `false` if the channel is not open or it took too long.
     pub fn flush(&self) -> oneshot::Receiver<bool> {
@@ -203,16 +210,8 @@ pub(crate) async fn build_with(
         .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_MESSAGE_SIZE))
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
-    let ice_servers = config
-        .ice_servers
-        .iter()
-        .map(|s| RTCIceServer {
-            urls: s.urls.clone(),
-            username: s.username.clone().unwrap_or_default(),
-            credential: s.credential.clone().unwrap_or_default(),
-        })
-        .collect();
-    let mut rtc_config = RTCConfigurationBuilder::new().with_ice_servers(ice_servers);
+    let mut rtc_config =
+        RTCConfigurationBuilder::new().with_ice_servers(rtc_ice_servers(&config.ice_servers));
     if config.relay_only {
         rtc_config = rtc_config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
     }
@@ -226,6 +225,18 @@ pub(crate) async fn build_with(
     }
     let pc = builder.build().await?;
     Ok(Arc::new(pc))
+}
+
+/// The core's STUN/TURN servers as webrtc-rs takes them.
+fn rtc_ice_servers(servers: &[IceServer]) -> Vec<RTCIceServer> {
+    servers
+        .iter()
+        .map(|s| RTCIceServer {
+            urls: s.urls.clone(),
+            username: s.username.clone().unwrap_or_default(),
+            credential: s.credential.clone().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// The `a=mid` of the first media section (candidates are sent with it, for Chromium).
@@ -426,8 +437,32 @@ impl Conn {
                     self.emit(path);
                 }
             }
+            Command::RestartIce(servers) => self.restart_ice(servers).await,
             Command::Close(_) => {}
         }
+    }
+
+    /// An ICE restart: new credentials and candidates, checked while the selected pair
+    /// keeps carrying data; ICE moves to a better pair if it finds one.
+    async fn restart_ice(&mut self, servers: Vec<IceServer>) {
+        if self.offer_pending || self.remote_fingerprint.is_none() {
+            // Still negotiating: the node asks again later if it is still relayed.
+            return;
+        }
+        let policy = self.pc.get_configuration().await.ice_transport_policy();
+        let configuration = RTCConfigurationBuilder::new()
+            .with_ice_servers(rtc_ice_servers(&servers))
+            .with_ice_transport_policy(policy)
+            .build();
+        if let Err(e) = self.pc.set_configuration(configuration).await {
+            tracing::warn!("cannot take the new ICE servers: {e}");
+        }
+        if let Err(e) = self.pc.restart_ice().await {
+            tracing::warn!("cannot restart ICE: {e}");
+            return;
+        }
+        tracing::debug!("ICE restart: looking for a better path");
+        self.offer().await;
     }
 
     async fn flush_outbox(&mut self) {

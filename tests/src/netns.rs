@@ -278,6 +278,43 @@ impl Topology {
         self.sites[site].router.ip
     }
 
+    /// Lets UDP between sites through the internet, or drops it (a network where only
+    /// the server is reachable over UDP: peer-to-peer checks fail, the relay works). It
+    /// can change while a test runs, as networks do. Returns how many datagrams between
+    /// sites were dropped since the last call that blocked them (0 when none were).
+    pub fn set_udp_between_sites(&self, allowed: bool) -> Result<u64> {
+        let exec = |args: &[&str]| {
+            Command::new("ip").args(["netns", "exec", &self.internet, "nft"]).args(args).output()
+        };
+        let listing = exec(&["list", "table", "ip", "p2p"])?;
+        let dropped = if listing.status.success() {
+            let text = String::from_utf8_lossy(&listing.stdout).into_owned();
+            let count = text
+                .split_once("counter packets ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok());
+            let out = exec(&["delete", "table", "ip", "p2p"])?;
+            if !out.status.success() {
+                bail!("nft delete failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            count.with_context(|| format!("no counter in the p2p table: {text}"))?
+        } else {
+            0
+        };
+        if !allowed {
+            let server = self.server.ip;
+            nft(
+                &self.internet,
+                &format!(
+                    "table ip p2p {{\n chain forward {{\n type filter hook forward priority \
+                     filter; policy accept;\n meta l4proto udp ip saddr != {server} ip daddr != \
+                     {server} counter drop\n }}\n}}\n"
+                ),
+            )?;
+        }
+        Ok(dropped)
+    }
+
     /// How many packets the namespaces sent toward addresses outside the topology
     /// (`198.18.0.0/15`): the internet router counts and drops them. Tests should find 0 (a
     /// lookup or STUN request to a real server is a bug in the test).

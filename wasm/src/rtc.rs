@@ -360,6 +360,25 @@ impl RtcPeer {
         self.state.borrow().pc.clone()
     }
 
+    /// Looks for a better path without dropping this one: takes `ice_servers` (fresh
+    /// credentials) and restarts ICE; perfect negotiation sends the new offer.
+    pub(crate) fn restart_ice(&self, ice_servers: &[IceServer]) {
+        let s = self.state.borrow();
+        if s.closed {
+            return;
+        }
+        let config = s.pc.get_configuration();
+        match serde_wasm_bindgen::to_value(ice_servers) {
+            Ok(list) => config.set_ice_servers(&list),
+            Err(e) => debug(|| format!("ICE servers not taken: {e}")),
+        }
+        if let Err(e) = s.pc.set_configuration_with_configuration(&config) {
+            debug(|| format!("ICE servers not taken: {e:?}"));
+        }
+        debug(|| "ICE restart: looking for a better path".into());
+        ext(&s.pc).restart_ice();
+    }
+
     /// Closes the connection and detaches every handler. No events follow.
     pub(crate) fn close(&self) {
         self.state.borrow_mut().close();

@@ -285,6 +285,11 @@ impl Inner {
                 }
             }
             Output::ReadPath { conn } => self.read_path(conn),
+            Output::RestartIce { conn, ice_servers } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    c.rtc.restart_ice(&ice_servers);
+                }
+            }
             Output::Read { peer, root, index, offset, len } => {
                 self.files.read(peer, root, index, offset, len);
             }

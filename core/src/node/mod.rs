@@ -79,6 +79,12 @@ pub struct NodeTiming {
     pub save_every: Duration,
     /// How often the selected path of each connection is read.
     pub path_every: Duration,
+    /// How long a session stays relayed before the node looks for a direct path (an ICE
+    /// restart, which keeps the relayed path until a better one works); each attempt that
+    /// finds none doubles the wait, up to [`NodeTiming::upgrade_max`].
+    pub upgrade_first: Duration,
+    /// The longest wait between two looks for a direct path.
+    pub upgrade_max: Duration,
 }
 
 impl Default for NodeTiming {
@@ -90,6 +96,8 @@ impl Default for NodeTiming {
             progress_every: Duration::from_millis(250),
             save_every: Duration::from_millis(500),
             path_every: Duration::from_secs(2),
+            upgrade_first: Duration::from_secs(15),
+            upgrade_max: Duration::from_secs(600),
         }
     }
 }
@@ -314,6 +322,15 @@ pub enum Output {
         conn: ConnId,
         /// Flush first.
         graceful: bool,
+    },
+    /// Look for a better path for `conn` without dropping the one it has: take these
+    /// STUN/TURN servers (fresh credentials) and restart ICE. Only the impolite side asks
+    /// (it offers), so both sides never restart at once.
+    RestartIce {
+        /// Which connection.
+        conn: ConnId,
+        /// The STUN/TURN servers to gather the new candidates with.
+        ice_servers: Vec<IceServer>,
     },
     /// Read the selected path of `conn` and report [`ConnectionEvent::Path`] (where the
     /// platform does not report it by itself).
@@ -639,6 +656,7 @@ impl Node {
             .chain(self.engine.poll_timeout())
             .chain(self.files.save_due)
             .chain(self.path_due)
+            .chain(self.peers.values().filter_map(|p| p.upgrade_due))
             .chain(paced)
             .min()
     }
@@ -670,6 +688,7 @@ impl Node {
             self.path_due = None;
             self.read_paths(now);
         }
+        self.look_for_direct_paths(now);
         while self.files.paced.front().is_some_and(|r| r.at <= now) {
             if let Some(r) = self.files.paced.pop_front() {
                 let PacedRead { peer, root, index, offset, len, .. } = r;
@@ -813,7 +832,7 @@ impl Node {
             &self.name,
             self.link_config,
         );
-        self.peers.insert(remote.clone(), PeerSlot::new(conn, link));
+        self.peers.insert(remote.clone(), PeerSlot::new(conn, link, self.timing.upgrade_first));
         if self.path_due.is_none() {
             self.path_due = Some(now + self.timing.path_every);
         }
@@ -856,6 +875,7 @@ impl Node {
         slot.relayed = false;
         slot.path_rtt = None;
         slot.link_rtt = None;
+        slot.upgrade_due = None;
         slot.reconnects += 1;
         self.disconnect(old, false);
         Some(conn)
@@ -913,6 +933,14 @@ impl Node {
             ConnectionEvent::Path { relayed, rtt } => {
                 slot.relayed = relayed;
                 slot.path_rtt = rtt;
+                if !relayed {
+                    slot.upgrade_due = None;
+                    slot.upgrade_wait = self.timing.upgrade_first;
+                } else if slot.upgrade_due.is_none()
+                    && self.signaling.own_id().is_some_and(|own| !is_polite(own, &remote))
+                {
+                    slot.upgrade_due = Some(now + slot.upgrade_wait);
+                }
             }
             ConnectionEvent::Closed { reason } => {
                 tracing::debug!("connection {conn} to {remote} closed: {reason}");
@@ -1078,6 +1106,33 @@ impl Node {
         if slot.shown.as_ref() != Some(&info) {
             slot.shown = Some(info.clone());
             self.emit(Event::Peer(info));
+        }
+    }
+
+    /// Relayed sessions whose wait is over look for a direct path: networks change (a
+    /// phone moves onto Wi-Fi, a NAT's mapping rules differ from one hour to the next),
+    /// and a relay costs everyone bandwidth and latency. The impolite side restarts ICE
+    /// with the current STUN/TURN servers; the relayed path carries on until ICE has
+    /// found a better one, so a look that finds nothing costs nothing but the checks.
+    fn look_for_direct_paths(&mut self, now: Duration) {
+        let Some(own) = self.signaling.own_id().cloned() else { return };
+        let ice_servers = self.user_ice.clone().unwrap_or_else(|| self.server_ice.clone());
+        let max = self.timing.upgrade_max;
+        for (remote, slot) in &mut self.peers {
+            if slot.upgrade_due.is_none_or(|t| t > now) {
+                continue;
+            }
+            slot.upgrade_due = None;
+            let ours = !is_polite(&own, remote) && !slot.orphan;
+            if !(ours && slot.relayed && slot.is_established()) {
+                continue;
+            }
+            tracing::debug!("{remote} is relayed: looking for a direct path");
+            slot.upgrade_wait = (slot.upgrade_wait * 2).min(max);
+            self.out.push_back(Output::RestartIce {
+                conn: slot.conn,
+                ice_servers: ice_servers.clone(),
+            });
         }
     }
 

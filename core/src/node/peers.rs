@@ -120,10 +120,14 @@ pub(crate) struct PeerSlot {
     pub announced_up: bool,
     /// What was last reported by `Event::Peer`.
     pub shown: Option<PeerInfo>,
+    /// When to look for a direct path for this relayed session.
+    pub upgrade_due: Option<Duration>,
+    /// How long to stay relayed before the next look.
+    pub upgrade_wait: Duration,
 }
 
 impl PeerSlot {
-    pub(crate) fn new(conn: ConnId, link: PeerLink) -> Self {
+    pub(crate) fn new(conn: ConnId, link: PeerLink, upgrade_first: Duration) -> Self {
         Self {
             conn,
             link,
@@ -139,6 +143,8 @@ impl PeerSlot {
             announced_left: false,
             announced_up: false,
             shown: None,
+            upgrade_due: None,
+            upgrade_wait: upgrade_first,
         }
     }
 

@@ -148,3 +148,56 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
     let (path, seen) = send_across([symmetric, symmetric], mib(6) + 7).await;
     assert_eq!(path, "relayed", "{seen:?}");
 }
+
+/// A relayed session moves to a direct path once one exists, on the same session. Two
+/// sites behind endpoint-independent NATs, but the internet drops UDP between them (only
+/// the server is reachable over UDP), so Ada and Bea meet through the relay. Then the
+/// block lifts, as when a phone leaves a network that filters peer-to-peer traffic: the
+/// next look for a direct path (an ICE restart by the impolite side, 15 s after the
+/// session went relayed) finds it, and both report `direct` without a new session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {
+    if !netns_available("a_relayed_session_moves_to_a_direct_path_once_one_exists") {
+        return;
+    }
+    let eim = SiteSpec::behind(Nat::EndpointIndependent);
+    let topology = Topology::new(&[eim, eim]).unwrap();
+    topology.set_udp_between_sites(false).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let (dir_a, dir_b) = (config_dir("up-ada").unwrap(), config_dir("up-bea").unwrap());
+    let mut peers = Vec::new();
+    for (site, name, dir) in [(0, "Ada", &dir_a), (1, "Bea", &dir_b)] {
+        let mut up = command_on(topology.host(site, 0), &server.ws_url, dir).unwrap();
+        up.args(["--network", NETWORK, "--name", name, "up"]);
+        up.env("WEFT_PASSPHRASE", "correct horse battery");
+        peers.push(NativePeer::spawn(up).unwrap());
+    }
+    for (peer, other) in peers.iter_mut().zip(["Bea", "Ada"]) {
+        let seen = peer
+            .expect("a session", WAIT, |v| v["event"] == "peer_connected" && v["name"] == other)
+            .await
+            .unwrap();
+        assert_eq!(seen["path"], "relayed", "{seen}");
+    }
+    let dropped = topology.set_udp_between_sites(true).unwrap();
+    assert!(dropped > 0, "no direct attempt was made (and blocked)");
+    for (peer, other) in peers.iter_mut().zip(["Bea", "Ada"]) {
+        let seen = peer
+            .expect("a direct path", WAIT, |v| {
+                v["event"] == "path_changed" && v["name"] == other && v["path"] == "direct"
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen["state"], "direct", "{seen}");
+    }
+    for peer in &mut peers {
+        let sessions = peer.seen.iter().filter(|v| v["event"] == "peer_connected").count();
+        assert_eq!(sessions, 1, "the session was rebuilt, not moved: {:?}", peer.seen);
+        peer.terminate(WAIT).await.unwrap();
+    }
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -245,6 +245,89 @@ pub const INSTRUMENT_PEER_CONNECTIONS: &str = r#"
     window.RTCPeerConnection.prototype = Native.prototype;
 "#;
 
+/// The browser's own view of its connections (recorded by
+/// [`INSTRUMENT_PEER_CONNECTIONS`]): the configuration each was made with, the
+/// candidates it gathered, and the selected pair's candidate types and local address.
+pub async fn rtc_view(browser: &WebDriver) -> Result<serde_json::Value> {
+    js(
+        browser,
+        r#"return (async () => {
+          const out = [];
+          for (const { pc, config, candidates } of window.__pcs || []) {
+            const stats = await pc.getStats();
+            let pair = null;
+            stats.forEach((s) => {
+              if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+            });
+            const local = pair ? stats.get(pair.localCandidateId) : null;
+            const remote = pair ? stats.get(pair.remoteCandidateId) : null;
+            out.push({
+              connectionState: pc.connectionState,
+              policy: config ? (config.iceTransportPolicy ?? null) : null,
+              iceServers: config ? (config.iceServers ?? null) : null,
+              candidates,
+              localType: local ? local.candidateType : null,
+              localAddress: local ? local.address : null,
+              remoteType: remote ? remote.candidateType : null,
+              relayProtocol: local ? (local.relayProtocol ?? null) : null,
+            });
+          }
+          return out;
+        })();"#,
+    )
+    .await
+}
+
+/// Waits until `browser`'s session (see [`start_join`]) sees a peer named `name` in one of
+/// `states` (`"direct"`, `"relayed"`, …); that peer. Fails at once if the join failed.
+pub async fn wait_peer(
+    browser: &WebDriver,
+    name: &str,
+    states: &[&str],
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    wait_for(&format!("the browser to see {name} in {states:?}"), timeout, || async {
+        let s = js(
+            browser,
+            r#"const t = window.t || {}; const s = t.session;
+               return { error: t.error ?? null, peers: s ? s.peers() : [],
+                        logs: (t.logs || []).slice(-30) };"#,
+        )
+        .await?;
+        if let Some(e) = s["error"].as_str() {
+            anyhow::bail!("join failed: {e}");
+        }
+        let found = s["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name && states.contains(&p["state"].as_str().unwrap_or("")));
+        match found {
+            Some(p) => Ok(Ok(p.clone())),
+            None => Ok(Err(format!("{} logs: {}", s["peers"], s["logs"]))),
+        }
+    })
+    .await
+}
+
+/// Waits until `browser`'s page recorded (see [`start_join`]) a message with this text;
+/// the message.
+pub async fn wait_message(
+    browser: &WebDriver,
+    text: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    wait_for(&format!("message {text:?}"), timeout, || async {
+        let messages = js(browser, "return (window.t && window.t.messages) || [];").await?;
+        let found = messages.as_array().into_iter().flatten().find(|m| m["text"] == text);
+        match found {
+            Some(m) => Ok(Ok(m.clone())),
+            None => Ok(Err(messages.to_string())),
+        }
+    })
+    .await
+}
+
 /// Loads the WASM module in `browser`'s current page and starts
 /// `WeftSession.join(options)` in the background. Events (stamped with
 /// `performance.now()` as `t`), messages, console warnings/errors and any join error are

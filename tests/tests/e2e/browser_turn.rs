@@ -15,7 +15,7 @@ use thirtyfour::prelude::*;
 use weft_signal::Limits;
 use weft_tests::mitm::local_ice_ip;
 use weft_tests::turn_server::TurnServer;
-use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
+use weft_tests::{ChromeDriver, browser_available, js, rtc_view, start_server, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TURN_USER: &str = "weft-turn-user";
@@ -79,38 +79,6 @@ async fn wait_message(browser: &WebDriver, text: &str) -> anyhow::Result<Value> 
             None => Ok(Err(s["messages"].to_string())),
         }
     })
-    .await
-}
-
-/// The browser's own view of its connections: the configuration each was made with, the
-/// candidates it gathered, and the selected pair's candidate types and local address.
-async fn rtc_view(browser: &WebDriver) -> anyhow::Result<Value> {
-    js(
-        browser,
-        r#"return (async () => {
-          const out = [];
-          for (const { pc, config, candidates } of window.__pcs || []) {
-            const stats = await pc.getStats();
-            let pair = null;
-            stats.forEach((s) => {
-              if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
-            });
-            const local = pair ? stats.get(pair.localCandidateId) : null;
-            const remote = pair ? stats.get(pair.remoteCandidateId) : null;
-            out.push({
-              connectionState: pc.connectionState,
-              policy: config ? (config.iceTransportPolicy ?? null) : null,
-              iceServers: config ? (config.iceServers ?? null) : null,
-              candidates,
-              localType: local ? local.candidateType : null,
-              localAddress: local ? local.address : null,
-              remoteType: remote ? remote.candidateType : null,
-              relayProtocol: local ? (local.relayProtocol ?? null) : null,
-            });
-          }
-          return out;
-        })();"#,
-    )
     .await
 }
 

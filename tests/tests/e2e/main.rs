@@ -8,6 +8,7 @@ mod browser_smoke;
 mod browser_transfer;
 mod browser_turn;
 mod nat;
+mod nat_browser;
 mod nat_harness;
 mod native_browser;
 mod native_native;

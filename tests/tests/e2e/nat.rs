@@ -41,16 +41,21 @@ const NETWORK: &str = "nat-secret-network-name";
 /// capture works. (Clients mask their WebSocket frames, so what they send the server is
 /// not searchable on the wire; the server forwards their signals unmasked, though, and
 /// the relay carries their packets as they are.)
-const CONTROL: &str = "\"type\":\"welcome\"";
+pub(crate) const CONTROL: &str = "\"type\":\"welcome\"";
 
-/// A packet capture of every interface of a namespace (`weft-netprobe capture`).
-struct Capture(tokio::process::Child);
+/// A packet capture of every interface of a namespace (`weft-netprobe capture`), counting
+/// the frames that contain each of a few texts.
+pub(crate) struct Capture {
+    child: tokio::process::Child,
+    needles: Vec<String>,
+}
 
 impl Capture {
-    async fn start(host: &weft_tests::netns::Host) -> Self {
+    pub(crate) async fn start(host: &weft_tests::netns::Host, needles: &[&str]) -> Self {
         let mut child = host
             .tokio_command(env!("CARGO_BIN_EXE_weft-netprobe"))
-            .args(["capture", MARKER, NETWORK, CONTROL])
+            .arg("capture")
+            .args(needles)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -59,25 +64,24 @@ impl Capture {
         let mut lines = BufReader::new(child.stdout.as_mut().unwrap()).lines();
         let ready = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
         assert_eq!(ready.as_deref(), Some("ready"));
-        Self(child)
+        Self { child, needles: needles.iter().map(|n| n.to_string()).collect() }
     }
 
-    /// Ends it: how many frames contained each of the marker, the network name and the
-    /// control text.
-    async fn finish(mut self) -> (u64, [u64; 3]) {
-        drop(self.0.stdin.take());
-        let out = tokio::time::timeout(WAIT, self.0.wait_with_output()).await.unwrap().unwrap();
+    /// Ends it: how many frames it saw, and how many contained each needle.
+    pub(crate) async fn finish(mut self) -> (u64, Vec<u64>) {
+        drop(self.child.stdin.take());
+        let out = tokio::time::timeout(WAIT, self.child.wait_with_output()).await.unwrap().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let count = |prefix: &str, what: &str| -> u64 {
+        let count = |what: &str| -> u64 {
             text.lines()
-                .find_map(|l| l.strip_prefix(prefix)?.strip_suffix(what)?.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {prefix}…{what} in {text}"))
+                .find_map(|l| l.strip_prefix("hits ")?.strip_suffix(what)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no hits…{what} in {text}"))
         };
         let frames = text
             .lines()
             .find_map(|l| l.strip_prefix("frames ")?.split(' ').next()?.parse().ok())
             .unwrap_or_else(|| panic!("no frame count in {text}"));
-        (frames, [count("hits ", MARKER), count("hits ", NETWORK), count("hits ", CONTROL)])
+        (frames, self.needles.iter().map(|n| count(n)).collect())
     }
 }
 
@@ -86,7 +90,7 @@ impl Capture {
 /// path Bea's session took, and what Bea printed.
 async fn send_across(sites: [SiteSpec; 2], size: u64) -> (String, Vec<Value>) {
     let topology = Topology::new(&sites).unwrap();
-    let capture = Capture::start(topology.server()).await;
+    let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let scratch = Scratch::new("nat").unwrap();
     let path = scratch.path().join("across.txt");
@@ -117,7 +121,8 @@ async fn send_across(sites: [SiteSpec; 2], size: u64) -> (String, Vec<Value>) {
     // Only the test's own addresses were ever used.
     assert_eq!(topology.stray_packets().unwrap(), 0);
     drop(server);
-    let (frames, [marker, name, control]) = capture.finish().await;
+    let (frames, hits) = capture.finish().await;
+    let [marker, name, control] = hits[..] else { unreachable!() };
     assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
     assert_eq!(marker, 0, "the file's plaintext crossed the public host");
     assert_eq!(name, 0, "the network's name crossed the public host");

@@ -11,7 +11,9 @@ use thirtyfour::prelude::*;
 use weft_signal::Limits;
 use weft_tests::mitm::local_ice_ip;
 use weft_tests::native::{NativePeer, command, config_dir, run};
-use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
+use weft_tests::{
+    ChromeDriver, browser_available, js, start_server, wait_for, wait_message, wait_peer,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -23,38 +25,6 @@ async fn state(browser: &WebDriver) -> anyhow::Result<Value> {
                     identity: s ? s.identity : null, peers: s ? s.peers() : [],
                     messages: t.messages || [], logs: t.logs || [] };"#,
     )
-    .await
-}
-
-/// Waits until the browser sees a peer named `name` in one of `states`.
-async fn browser_sees(browser: &WebDriver, name: &str, states: &[&str]) -> anyhow::Result<Value> {
-    wait_for(&format!("the browser to see {name} in {states:?}"), WAIT, || async {
-        let s = state(browser).await?;
-        if let Some(e) = s["error"].as_str() {
-            anyhow::bail!("join failed: {e}");
-        }
-        let found = s["peers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"] == name && states.contains(&p["state"].as_str().unwrap_or("")));
-        match found {
-            Some(p) => Ok(Ok(p.clone())),
-            None => Ok(Err(format!("{} logs: {}", s["peers"], s["logs"]))),
-        }
-    })
-    .await
-}
-
-async fn browser_got(browser: &WebDriver, text: &str) -> anyhow::Result<Value> {
-    wait_for(&format!("message {text:?}"), WAIT, || async {
-        let s = state(browser).await?;
-        let found = s["messages"].as_array().into_iter().flatten().find(|m| m["text"] == text);
-        match found {
-            Some(m) => Ok(Ok(m.clone())),
-            None => Ok(Err(s["messages"].to_string())),
-        }
-    })
     .await
 }
 
@@ -86,7 +56,7 @@ async fn native_and_browser_talk_by_invite() {
     let alice_state = state(&alice).await.unwrap();
     assert_eq!(seen["safety_code"], alice_state["identity"]["shortCode"], "{seen}");
     assert_eq!(seen["path"], "direct");
-    let nat_in_browser = browser_sees(&alice, "Nat", &["direct"]).await.unwrap();
+    let nat_in_browser = wait_peer(&alice, "Nat", &["direct"], WAIT).await.unwrap();
     assert_eq!(nat_in_browser["shortCode"], me["safety_code"]);
 
     // Browser -> native.
@@ -102,7 +72,7 @@ async fn native_and_browser_talk_by_invite() {
     msg.args(["--invite", &invite, "--name", "Nat", "msg", "Alice", "hello from weft-peer ✓"]);
     let (status, stdout, stderr) = run(msg, WAIT).await.unwrap();
     assert!(status.success(), "{stdout}\n{stderr}");
-    let got = browser_got(&alice, "hello from weft-peer ✓").await.unwrap();
+    let got = wait_message(&alice, "hello from weft-peer ✓", WAIT).await.unwrap();
     assert_eq!(got["name"], "Nat");
 
     // Nat leaves cleanly; the browser drops it.
@@ -141,7 +111,7 @@ async fn native_joins_by_passphrase_and_a_wrong_one_is_refused_clearly() {
     msg.args(["--network", &network, "--name", "Nat", "msg", "Alice", "by passphrase"]);
     let (status, stdout, stderr) = run(msg, WAIT).await.unwrap();
     assert!(status.success(), "{stdout}\n{stderr}");
-    browser_got(&alice, "by passphrase").await.unwrap();
+    wait_message(&alice, "by passphrase", WAIT).await.unwrap();
 
     // A wrong passphrase, from a file: a plain reason and a failure exit.
     let wrong = dir.join("wrong-passphrase");

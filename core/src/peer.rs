@@ -73,7 +73,7 @@ impl Default for PeerLinkConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: crate::handshake::DEFAULT_HANDSHAKE_TIMEOUT,
-            handshake_retransmit: Duration::from_secs(1),
+            handshake_retransmit: Duration::from_millis(250),
             ping_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
         }

@@ -227,7 +227,7 @@ fn a_silent_peer_times_out_the_handshake() {
             resent.push(next);
         }
     }
-    assert_eq!(resent, vec![t(1_000), t(3_000), t(7_000), t(11_000)]);
+    assert_eq!(resent, vec![t(250), t(750), t(1_750), t(3_750), t(7_750), t(11_750)]);
     assert_eq!(p.a.poll_timeout(), Some(deadline));
     p.a.handle_timeout(deadline - t(1));
     assert_eq!(p.a.state(), LinkState::Handshaking);
@@ -445,8 +445,8 @@ fn a_lost_init_is_retransmitted_identically_and_the_link_establishes() {
     assert_eq!(dropped, 2);
     assert!(inits.len() >= 3);
     assert!(inits.iter().all(|i| *i == inits[0]), "every retransmission is the same Init");
-    // Resent after 1 s, then 2 s later: established at 3 s.
-    assert_eq!(p.now, t(3_000));
+    // Resent after 250 ms, then 500 ms later: established at 750 ms.
+    assert_eq!(p.now, t(750));
     established_both_ways(&mut p, &ea, &eb);
 }
 
@@ -488,7 +488,8 @@ fn a_lost_finish_is_recovered_by_the_response_retransmission() {
     });
     assert_eq!(finishes.len(), 2, "one Finish resent for one resent Response");
     assert_eq!(finishes[0], finishes[1], "the stored Finish is resent");
-    assert_eq!(p.now, t(1_000), "recovered at the responder's first retransmission");
+    let first = PeerLinkConfig::default().handshake_retransmit;
+    assert_eq!(p.now, first, "recovered at the responder's first retransmission");
     assert!(eb.contains(&LinkEvent::Hello { name: "Alice".into() }), "{eb:?}");
     established_both_ways(&mut p, &ea, &eb);
 }
@@ -518,15 +519,15 @@ fn duplicates_on_a_lossless_channel_are_harmless() {
     let mut p = Pair::new(&net, &net);
     p.open(FP_B, FP_A);
     let first = p.a.poll_transmit().unwrap();
-    p.now = t(1_000);
+    p.now = t(250);
     p.a.handle_timeout(p.now);
     let second = p.a.poll_transmit().unwrap();
     assert_eq!(first, second);
-    p.now = t(3_000);
+    p.now = t(750);
     p.a.handle_timeout(p.now);
     let third = p.a.poll_transmit().unwrap();
     assert_eq!(first, third);
-    assert_eq!(p.a.poll_timeout(), Some(t(7_000)), "backoff doubles");
+    assert_eq!(p.a.poll_timeout(), Some(t(1_750)), "backoff doubles");
     for init in [&first, &second, &third] {
         p.b.receive(init, p.now, &mut p.rng);
     }

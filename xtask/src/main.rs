@@ -70,6 +70,10 @@ const BENCHES: &[(&str, &str)] = &[
     ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
     ("native", "weft-peer file transfer vs. a raw webrtc-rs data channel; Chromium to weft-peer"),
     ("transport", "native transport AEAD: seal GB/s on ring vs. RustCrypto, seal+open MB/s"),
+    (
+        "relay",
+        "across real NATs (netns, root): NAT matrix, connect time and throughput relayed vs. direct",
+    ),
 ];
 
 /// Benchmarks that drive Chromium and so need the browser and the built bundle.
@@ -461,6 +465,9 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
         ensure_browser()?;
         let dist = build_bundle(root)?;
         cmd.env("WEFT_WEB_ROOT", dist);
+    }
+    if name == "relay" {
+        ensure_netns_tools()?;
     }
     run_cmd(&mut cmd)
 }

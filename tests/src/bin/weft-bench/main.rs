@@ -3,6 +3,7 @@
 //! module of each says what it measures and against which baseline.
 
 mod native;
+mod relay;
 mod session;
 mod signal;
 mod transfer;
@@ -27,10 +28,13 @@ fn main() -> Result<()> {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
         "native" => native::main(),
+        "relay" => relay::main(),
         "session" => session::main(),
         "signal" => signal::main(),
         "transfer" => transfer::main(),
         "transport" => transport::main(),
-        _ => bail!("usage: weft-bench native|session|signal|transfer|transport (got {name:?})"),
+        _ => {
+            bail!("usage: weft-bench native|relay|session|signal|transfer|transport (got {name:?})")
+        }
     }
 }

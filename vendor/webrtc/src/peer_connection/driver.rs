@@ -853,10 +853,15 @@ where
             // some timer next wakes the loop: go round again while relayed data came in.
             // Bounded: the relayer only gets new data from a socket read, and none happens
             // in here.
+            // The same holds for whatever the core queued while its events were handled or
+            // data was delivered (a DTLS flight once ICE connects, an SCTP INIT once DTLS
+            // is up): flush it before sleeping, or it waits for the next timer (an ICE
+            // check interval, 200 ms by default) at every step of connection setup.
             loop {
                 self.poll_writes().await?;
                 self.poll_events().await;
                 if !self.poll_reads().await? {
+                    self.poll_writes().await?;
                     break;
                 }
             }

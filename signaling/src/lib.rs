@@ -248,8 +248,19 @@ impl Server {
             None => rand::random::<[u8; 32]>().to_vec(),
         };
         let (turn, ice) = if config.turn.enabled {
-            let (turn, offer) =
-                EmbeddedTurn::start(&config.turn, addr.ip(), &secret, metrics.clone()).await?;
+            // TURN over TLS uses its own certificate if it has one, else the HTTPS one.
+            let turn_tls = match &config.turn.tls_certificate {
+                Some(source) if config.turn.tls => Some(source.load(config.listen)?),
+                _ => tls.clone(),
+            };
+            let (turn, offer) = EmbeddedTurn::start(
+                &config.turn,
+                addr.ip(),
+                turn_tls.as_ref(),
+                &secret,
+                metrics.clone(),
+            )
+            .await?;
             (Some(Arc::new(turn)), Some(offer))
         } else if config.turn.external_urls.is_empty() {
             (None, None)

@@ -140,7 +140,13 @@ impl ChromeDriver {
         &self,
         downloads: Option<&std::path::Path>,
     ) -> Result<WebDriver> {
-        self.launch(downloads, None).await
+        self.launch(downloads, None, &[]).await
+    }
+
+    /// A new headless Chromium process that accepts any TLS certificate, a self-signed
+    /// one for HTTPS or for TURN over TLS included (`--ignore-certificate-errors`).
+    pub async fn browser_danger_accepting_any_certificate(&self) -> Result<WebDriver> {
+        self.launch(None, None, &["--ignore-certificate-errors"]).await
     }
 
     /// A new headless Chromium process inside `host`'s network namespace (see
@@ -149,13 +155,14 @@ impl ChromeDriver {
     /// DevTools port would listen on the other namespace's loopback. Quit the browser
     /// before dropping the topology.
     pub async fn browser_in(&self, host: &netns::Host) -> Result<WebDriver> {
-        self.launch(None, Some(host)).await
+        self.launch(None, Some(host), &[]).await
     }
 
     async fn launch(
         &self,
         downloads: Option<&std::path::Path>,
         netns: Option<&netns::Host>,
+        extra_args: &[&str],
     ) -> Result<WebDriver> {
         let mut caps = DesiredCapabilities::chrome();
         if let Some(dir) = downloads {
@@ -189,7 +196,10 @@ impl ChromeDriver {
             "--disable-dev-shm-usage",
             "--disable-features=WebRtcHideLocalIpsWithMdns",
             "--window-size=1000,800",
-        ] {
+        ]
+        .iter()
+        .chain(extra_args)
+        {
             caps.add_arg(arg)?;
         }
         WebDriver::new(&self.url, caps).await.context("chromedriver could not start Chromium")

@@ -6,16 +6,21 @@
 //! encrypted session, and the relay must have carried that traffic without ever seeing the
 //! messages' text (it sees only ciphertext). A positive control shows the scan would find
 //! plaintext: the TURN username, which clients send in the clear, is seen.
+//!
+//! And through `weft-signal`'s own relay over TLS alone (`turns:`), as from a network that
+//! lets only TLS out: its certificate self-signed, which Chromium accepts only with
+//! `--ignore-certificate-errors` (it checks TURN servers' certificates as it does
+//! websites').
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use thirtyfour::prelude::*;
-use weft_signal::Limits;
+use weft_signal::{Config, IceOffer, Limits, Server, TlsSource, TurnConfig};
 use weft_tests::mitm::local_ice_ip;
 use weft_tests::turn_server::TurnServer;
-use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
+use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for, web_root};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TURN_USER: &str = "weft-turn-user";
@@ -114,6 +119,16 @@ async fn rtc_view(browser: &WebDriver) -> anyhow::Result<Value> {
     .await
 }
 
+/// The one connected peer connection in `who`'s [`rtc_view`], and the whole view.
+async fn connected_pc(browser: &WebDriver, who: &str) -> (Value, Value) {
+    let view = rtc_view(browser).await.unwrap();
+    let pcs = view.as_array().unwrap();
+    let connected: Vec<&Value> =
+        pcs.iter().filter(|pc| pc["connectionState"] == "connected").collect();
+    assert_eq!(connected.len(), 1, "{who}: {view}");
+    (connected[0].clone(), view)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     if !browser_available("two_browsers_talk_encrypted_through_a_real_turn_relay") {
@@ -192,12 +207,7 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     // The browsers' own view agrees: built with the TURN server and the relay policy, only
     // relay candidates gathered, and the selected pair is relay to relay on the server.
     for (who, browser) in [("alice", &alice), ("bob", &bob)] {
-        let view = rtc_view(browser).await.unwrap();
-        let pcs = view.as_array().unwrap();
-        let connected: Vec<&Value> =
-            pcs.iter().filter(|pc| pc["connectionState"] == "connected").collect();
-        assert_eq!(connected.len(), 1, "{who}: {view}");
-        let pc = connected[0];
+        let (pc, view) = connected_pc(browser, who).await;
         assert_eq!(pc["policy"], "relay", "{who}: {view}");
         assert_eq!(pc["iceServers"][0]["username"], TURN_USER, "{who}: {view}");
         assert_eq!(pc["localType"], "relay", "{who}: {view}");
@@ -252,4 +262,80 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     alice.quit().await.unwrap();
     bob.quit().await.unwrap();
     turn.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_talk_through_weft_signal_over_turn_over_tls() {
+    if !browser_available("two_browsers_talk_through_weft_signal_over_turn_over_tls") {
+        return;
+    }
+    // HTTPS and TURN over TLS with one self-signed certificate, on an address Chromium
+    // uses for WebRTC (not loopback).
+    let ip = local_ice_ip().unwrap();
+    let secret = "browser turns secret";
+    let config = Config {
+        listen: std::net::SocketAddr::new(ip, 0),
+        web_root: web_root(),
+        tls: Some(TlsSource::SelfSigned),
+        limits: Limits::default(),
+        turn: TurnConfig {
+            port: 0,
+            tls_port: 0,
+            secret: Some(secret.into()),
+            ..TurnConfig::default()
+        },
+    };
+    let server = Server::start(config).await.unwrap();
+    let tls = server.turn().unwrap().tls_addr().unwrap();
+    // Only the turns: URL, with credentials the server would mint for these members.
+    let turns = format!("turns:{tls}?transport=tcp");
+    let offer = IceOffer::new(secret.as_bytes(), Duration::from_secs(600), vec![turns.clone()]);
+
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = tokio::try_join!(
+        driver.browser_danger_accepting_any_certificate(),
+        driver.browser_danger_accepting_any_certificate()
+    )
+    .unwrap();
+    alice.goto(server.url()).await.unwrap();
+    bob.goto(server.url()).await.unwrap();
+    let invite = weft_tests::files::create_invite(&alice).await.unwrap();
+    for (browser, name) in [(&alice, "Alice"), (&bob, "Bob")] {
+        let options = json!({
+            "invite": invite,
+            "name": name,
+            "iceServers": offer.servers_for(name),
+            "iceTransportPolicy": "relay",
+        });
+        start_join(browser, options).await.unwrap();
+    }
+    let m = server.state().metrics();
+    if let Err(e) = tokio::try_join!(wait_peer_in(&alice, "relayed"), wait_peer_in(&bob, "relayed"))
+    {
+        let (a, b) = (state(&alice).await.unwrap(), state(&bob).await.unwrap());
+        let (ra, rb) = (rtc_view(&alice).await.unwrap(), rtc_view(&bob).await.unwrap());
+        panic!(
+            "{e}\nmetrics: {}\nalice: {a}\nalice rtc: {ra}\nbob: {b}\nbob rtc: {rb}",
+            m.render()
+        );
+    }
+    // Each browser reached the relay over TLS: its selected local candidate is a relay
+    // one allocated over TLS.
+    for (who, browser) in [("alice", &alice), ("bob", &bob)] {
+        let (pc, view) = connected_pc(browser, who).await;
+        assert_eq!(pc["localType"], "relay", "{who}: {view}");
+        assert_eq!(pc["relayProtocol"], "tls", "{who}: {view}");
+    }
+    assert!(m.turn_allocations_total.get() >= 2, "{}", m.render());
+    let before = m.turn_relayed_bytes.get();
+    assert_eq!(send(&alice, "over turns to Bob").await.unwrap(), 1);
+    assert_eq!(wait_message(&bob, "over turns to Bob").await.unwrap()["name"], "Alice");
+    assert_eq!(send(&bob, "over turns to Alice").await.unwrap(), 1);
+    assert_eq!(wait_message(&alice, "over turns to Alice").await.unwrap()["name"], "Bob");
+    assert!(m.turn_relayed_bytes.get() > before, "{}", m.render());
+    assert_eq!(m.turn_refusals(weft_signal::metrics::TurnRefusal::TlsHandshake), 0);
+
+    alice.quit().await.unwrap();
+    bob.quit().await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await;
 }

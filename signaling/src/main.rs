@@ -59,8 +59,8 @@ struct Args {
     no_turn_tcp: bool,
 
     /// Port of TURN over TLS ("turns:"), served when there is a certificate (--tls-cert,
-    /// --self-signed or --turn-tls-cert); 443 reaches networks that let only TLS out
-    /// (0: any free port).
+    /// --self-signed or --turn-tls-cert); 443 reaches networks that let only TLS out. The
+    /// --listen port (443 on a public host) shares it with HTTPS (0: any free port).
     #[arg(long, env = "WEFT_TURN_TLS_PORT", default_value_t = TurnConfig::default().tls_port)]
     turn_tls_port: u16,
 
@@ -183,7 +183,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(turn) = server.turn() {
         let tcp = turn.tcp_addr().map(|a| format!(", TCP {}", a.port())).unwrap_or_default();
-        let tls = turn.tls_addr().map(|a| format!(", TLS {}", a.port())).unwrap_or_default();
+        let tls = turn.tls_addr().map_or_else(String::new, |a| {
+            let shared = if a == server.local_addr() { " (shared with HTTPS)" } else { "" };
+            format!(", TLS {}{shared}", a.port())
+        });
         println!(
             "STUN/TURN on UDP {}{tcp}{tls}, reached at {}",
             turn.udp_addr().port(),

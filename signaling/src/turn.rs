@@ -55,6 +55,8 @@ use weft_core::signal::IceServer;
 use crate::metrics::{Metrics, TurnRefusal};
 use crate::tls::{TlsSetup, TlsSource};
 
+use crate::shared_port::TurnTlsStream;
+
 /// Settings of the embedded STUN/TURN server.
 #[derive(Debug, Clone)]
 pub struct TurnConfig {
@@ -460,95 +462,121 @@ impl TlsFront {
     }
 }
 
+/// Where a [`TcpListenerConn`]'s clients come from.
+enum Streams {
+    /// Accepted on a listener of its own, through a TLS handshake first if given.
+    Accept(TcpListener, Option<TlsFront>),
+    /// TLS streams the HTTPS server found to be TURN ([`crate::shared_port`]), on the
+    /// HTTPS port.
+    HandedOver(SocketAddr, mpsc::Receiver<(TurnTlsStream, SocketAddr)>),
+}
+
 impl TcpListenerConn {
-    /// Accepts clients on `listener`, through a TLS handshake first if `tls` is given.
     fn start(
-        listener: TcpListener,
-        tls: Option<TlsFront>,
+        streams: Streams,
         shared: Arc<Shared>,
         current: Arc<Mutex<Option<SocketAddr>>>,
     ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(1024);
-        let writers: Writers = Arc::default();
-        let accept = {
-            let writers = writers.clone();
-            tokio::spawn(async move {
-                loop {
-                    let (stream, from) = match listener.accept().await {
-                        Ok(accepted) => accepted,
-                        Err(_) => {
-                            // Out of descriptors, say: let connections close first.
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let (tx, shared, writers) = (tx.clone(), shared.clone(), writers.clone());
-                    let tls = tls.clone();
-                    tokio::spawn(async move {
-                        match tls {
-                            None => serve_stream(stream, from, tx, &writers, &shared).await,
-                            Some(tls) => {
-                                if let Some(stream) = tls.handshake(stream, &shared).await {
-                                    serve_stream(stream, from, tx, &writers, &shared).await;
-                                }
-                            }
-                        }
-                    });
-                }
-            })
+        let clients = Clients { tx, writers: Arc::default(), shared };
+        let writers = clients.writers.clone();
+        let (local, accept) = match streams {
+            Streams::Accept(listener, tls) => {
+                (listener.local_addr()?, tokio::spawn(clients.accept(listener, tls)))
+            }
+            Streams::HandedOver(local, mut handed) => {
+                let accept = tokio::spawn(async move {
+                    while let Some((stream, from)) = handed.recv().await {
+                        let clients = clients.clone();
+                        tokio::spawn(async move { clients.serve(stream, from).await });
+                    }
+                });
+                (local, accept)
+            }
         };
         Ok(Self { local, current, inbound: tokio::sync::Mutex::new(rx), writers, accept })
     }
 }
 
-/// Serves one client's stream (TCP, or TLS over it): reads its frames into `tx`, and
-/// writes it what the server sends its address.
-async fn serve_stream<S>(
-    stream: S,
-    from: SocketAddr,
+/// What serving a stream client takes: where its frames go, where the server's frames
+/// for it are found, and the state for noting requests.
+#[derive(Clone)]
+struct Clients {
     tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
-    writers: &Writers,
-    shared: &Shared,
-) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (wtx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
-    writers.lock().unwrap_or_else(PoisonError::into_inner).insert(from, wtx);
-    let (mut read, mut write) = tokio::io::split(stream);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            // A TLS stream holds what it encrypted until flushed.
-            if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 * 1024];
-    'read: loop {
-        // Whole frames first.
-        while let Some(len) = frame_len(&buf) {
-            if len > MAX_TCP_FRAME {
-                break 'read;
-            }
-            if buf.len() < len {
-                break;
-            }
-            let frame: Vec<u8> = buf.drain(..len).collect();
-            shared.note(from, &frame);
-            if tx.send((frame, from)).await.is_err() {
-                break 'read;
-            }
-        }
-        match read.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+    writers: Writers,
+    shared: Arc<Shared>,
+}
+
+impl Clients {
+    /// Accepts clients on `listener` for good, each through a TLS handshake first if
+    /// `tls` is given.
+    async fn accept(self, listener: TcpListener, tls: Option<TlsFront>) {
+        loop {
+            let (stream, from) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    // Out of descriptors, say: let connections close first.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (clients, tls) = (self.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => clients.serve(stream, from).await,
+                    Some(tls) => {
+                        if let Some(stream) = tls.handshake(stream, &clients.shared).await {
+                            clients.serve(stream, from).await;
+                        }
+                    }
+                }
+            });
         }
     }
-    writer.abort();
-    writers.lock().unwrap_or_else(PoisonError::into_inner).remove(&from);
+
+    /// Serves one client's stream (TCP, or TLS over it): reads its frames into `tx`, and
+    /// writes it what the server sends its address.
+    async fn serve<S>(&self, stream: S, from: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (wtx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner).insert(from, wtx);
+        let (mut read, mut write) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                // A TLS stream holds what it encrypted until flushed.
+                if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = vec![0u8; 16 * 1024];
+        'read: loop {
+            // Whole frames first.
+            while let Some(len) = frame_len(&buf) {
+                if len > MAX_TCP_FRAME {
+                    break 'read;
+                }
+                if buf.len() < len {
+                    break;
+                }
+                let frame: Vec<u8> = buf.drain(..len).collect();
+                self.shared.note(from, &frame);
+                if self.tx.send((frame, from)).await.is_err() {
+                    break 'read;
+                }
+            }
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        writer.abort();
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner).remove(&from);
+    }
 }
 
 /// The length of the frame at the start of `buf` (RFC 5766 §11: a STUN message is 20
@@ -783,8 +811,31 @@ pub struct EmbeddedTurn {
     udp: SocketAddr,
     tcp: Option<SocketAddr>,
     tls: Option<SocketAddr>,
+    /// Where the HTTPS server hands TURN over TLS clients, when they share its port.
+    tls_handoff: Option<mpsc::Sender<(TurnTlsStream, SocketAddr)>>,
     public: IpAddr,
 }
+
+/// Where TURN over TLS is served.
+#[derive(Debug, Clone, Copy)]
+pub enum TurnTls<'a> {
+    /// Nowhere (no certificate, or turned off).
+    Off,
+    /// On a port of its own, [`TurnConfig::tls_port`], with this certificate.
+    OwnPort(&'a TlsSetup),
+    /// On the HTTPS port, `https`, with its certificate: the HTTPS server tells TURN
+    /// clients from web ones and hands them over ([`crate::shared_port`]).
+    HttpsPort {
+        /// The HTTPS server's address.
+        https: SocketAddr,
+        /// Its certificate.
+        setup: &'a TlsSetup,
+    },
+}
+
+/// TURN over TLS clients the HTTPS server found, queued until served (they are served at
+/// once; a full queue drops the newcomer).
+const HANDOFF_QUEUE: usize = 64;
 
 impl std::fmt::Debug for EmbeddedTurn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -798,12 +849,12 @@ impl std::fmt::Debug for EmbeddedTurn {
 }
 
 impl EmbeddedTurn {
-    /// Binds `bind` (UDP; TCP if configured; TLS if configured and `tls` holds a
-    /// certificate) and starts relaying. `secret` mints and checks credentials.
+    /// Binds `bind` (UDP; TCP if configured; TLS as `tls` says) and starts relaying.
+    /// `secret` mints and checks credentials.
     pub async fn start(
         config: &TurnConfig,
         bind: IpAddr,
-        tls: Option<&TlsSetup>,
+        tls: TurnTls<'_>,
         secret: &[u8],
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Arc<IceOffer>), TurnError> {
@@ -828,26 +879,35 @@ impl EmbeddedTurn {
             None
         };
         let tcp_local = tcp.as_ref().and_then(|l| l.local_addr().ok());
-        let tls = match tls.filter(|_| config.tls) {
-            Some(setup) => {
+        let mut tls_handoff = None;
+        let tls = match tls {
+            TurnTls::Off => None,
+            TurnTls::OwnPort(setup) => {
                 let want = SocketAddr::new(bind, config.tls_port);
                 let listener = TcpListener::bind(want).await.map_err(bind_err(want, "tls"))?;
                 let local = listener.local_addr().map_err(bind_err(want, "tls"))?;
-                let host = config.tls_host.clone().unwrap_or_else(|| public.to_string());
-                if !setup.names(&host) {
-                    tracing::warn!(
-                        host,
-                        "the TLS certificate does not name the TURN over TLS host, so TLS \
-                         clients will refuse it: give its name with --turn-tls-host"
-                    );
-                }
                 let timeout = config.tls_handshake_timeout;
                 let front = TlsFront::new(setup.turn.clone(), timeout, MAX_TLS_HANDSHAKES);
-                Some((listener, local, host, front))
+                Some((Streams::Accept(listener, Some(front)), local, setup))
             }
-            None => None,
+            TurnTls::HttpsPort { https, setup } => {
+                let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+                tls_handoff = Some(tx);
+                Some((Streams::HandedOver(https, rx), https, setup))
+            }
         };
-        let tls_local = tls.as_ref().map(|(_, local, _, _)| *local);
+        let tls = tls.map(|(streams, local, setup)| {
+            let host = config.tls_host.clone().unwrap_or_else(|| public.to_string());
+            if !setup.names(&host) {
+                tracing::warn!(
+                    host,
+                    "the TLS certificate does not name the TURN over TLS host, so TLS clients \
+                     will refuse it: give its name with --turn-tls-host"
+                );
+            }
+            (streams, local, host)
+        });
+        let tls_local = tls.as_ref().map(|(_, local, _)| *local);
         let mut urls = vec![
             format!("stun:{}", SocketAddr::new(public, udp_local.port())),
             format!("turn:{}?transport=udp", SocketAddr::new(public, udp_local.port())),
@@ -855,7 +915,7 @@ impl EmbeddedTurn {
         if let Some(t) = tcp_local {
             urls.push(format!("turn:{}?transport=tcp", SocketAddr::new(public, t.port())));
         }
-        if let Some((_, local, host, _)) = &tls {
+        if let Some((_, local, host)) = &tls {
             urls.push(format!("turns:{}?transport=tcp", host_port(host, local.port())));
         }
         urls.extend(config.external_urls.iter().cloned());
@@ -887,12 +947,11 @@ impl EmbeddedTurn {
                 current: udp_current,
             }),
         });
-        let streams = tcp.map(|l| (l, None)).into_iter();
-        for (listener, front) in streams.chain(tls.map(|(l, _, _, front)| (l, Some(front)))) {
+        let tcp = tcp.map(|listener| Streams::Accept(listener, None));
+        for streams in tcp.into_iter().chain(tls.map(|(streams, _, _)| streams)) {
             let current = Arc::default();
-            let conn =
-                TcpListenerConn::start(listener, front, shared.clone(), Arc::clone(&current))
-                    .map_err(|e| TurnError::Start(e.to_string()))?;
+            let conn = TcpListenerConn::start(streams, shared.clone(), Arc::clone(&current))
+                .map_err(|e| TurnError::Start(e.to_string()))?;
             conn_configs.push(ConnConfig {
                 conn: Arc::new(conn),
                 relay_addr_generator: Box::new(Relays {
@@ -915,7 +974,9 @@ impl EmbeddedTurn {
         tracing::info!(
             udp = %udp_local, tcp = ?tcp_local, tls = ?tls_local, %public, "STUN/TURN listening"
         );
-        Ok((Self { server, udp: udp_local, tcp: tcp_local, tls: tls_local, public }, offer))
+        let turn =
+            Self { server, udp: udp_local, tcp: tcp_local, tls: tls_local, tls_handoff, public };
+        Ok((turn, offer))
     }
 
     /// The UDP listening address.
@@ -928,9 +989,15 @@ impl EmbeddedTurn {
         self.tcp
     }
 
-    /// The TURN over TLS listening address, if it is on (it needs a certificate).
+    /// The TURN over TLS listening address, if it is on (it needs a certificate): the
+    /// HTTPS one when they share it.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls
+    }
+
+    /// Where the HTTPS server hands TURN clients, when TURN over TLS shares its port.
+    pub(crate) fn tls_handoff(&self) -> Option<mpsc::Sender<(TurnTlsStream, SocketAddr)>> {
+        self.tls_handoff.clone()
     }
 
     /// The address in URLs and relayed candidates.

@@ -34,14 +34,19 @@ async fn start(turn: TurnConfig) -> Server {
 
 /// A server on free ports, with HTTPS if `tls` is given.
 async fn start_with(turn: TurnConfig, tls: Option<TlsSource>) -> Server {
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    let turn = TurnConfig { tls_port: 0, ..turn };
+    Server::start(config_at("127.0.0.1:0".parse().unwrap(), turn, tls)).await.unwrap()
+}
+
+/// The configuration of a server on `listen` with TURN over TLS as `turn` says.
+fn config_at(listen: SocketAddr, turn: TurnConfig, tls: Option<TlsSource>) -> Config {
+    Config {
+        listen,
         web_root: std::env::temp_dir(),
         tls,
         limits: Limits::default(),
-        turn: TurnConfig { port: 0, tls_port: 0, secret: Some(SECRET.into()), ..turn },
-    };
-    Server::start(config).await.unwrap()
+        turn: TurnConfig { port: 0, secret: Some(SECRET.into()), ..turn },
+    }
 }
 
 async fn next(ws: &mut Ws) -> ServerMessage {
@@ -349,11 +354,23 @@ async fn tls_stream(
     certificate: &rustls::pki_types::CertificateDer<'static>,
     name: &str,
 ) -> std::io::Result<StreamConn<tokio_rustls::client::TlsStream<TcpStream>>> {
+    tls_stream_offering(server, certificate, name, Vec::new()).await
+}
+
+/// [`tls_stream`], offering the ALPN protocols `alpn`.
+async fn tls_stream_offering(
+    server: &Server,
+    certificate: &rustls::pki_types::CertificateDer<'static>,
+    name: &str,
+    alpn: Vec<Vec<u8>>,
+) -> std::io::Result<StreamConn<tokio_rustls::client::TlsStream<TcpStream>>> {
     let addr = server.turn().unwrap().tls_addr().expect("TURN over TLS is on");
     let tcp = TcpStream::connect(addr).await?;
     let local = tcp.local_addr()?;
     let name = ServerName::try_from(name.to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(trusting(certificate)).connect(name, tcp).await?;
+    let mut config = Arc::unwrap_or_clone(trusting(certificate));
+    config.alpn_protocols = alpn;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
     Ok(StreamConn::new(tls, addr, local))
 }
 
@@ -523,4 +540,61 @@ async fn without_a_certificate_there_is_no_turn_over_tls() {
     let server = start_with(off, Some(TlsSource::SelfSigned)).await;
     assert_eq!(server.turn().unwrap().tls_addr(), None);
     server.shutdown(STEP).await;
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn turn_over_tls_shares_the_https_port_with_the_web_app() {
+    let port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let turn = TurnConfig { tls_port: port, ..TurnConfig::default() };
+    let server = Server::start(config_at(listen, turn, Some(TlsSource::SelfSigned))).await.unwrap();
+    assert_eq!(server.turn().unwrap().tls_addr(), Some(server.local_addr()));
+    let certificate = server.tls().unwrap().certificate.clone();
+
+    // The web side: a member joins over wss on that port and is handed turns: on it too.
+    let wss = tokio_tungstenite::Connector::Rustls(trusting(&certificate));
+    let (_ws, servers, _) = join_through(&server, Some(wss)).await;
+    let urls: Vec<&String> = servers.iter().flat_map(|s| &s.urls).collect();
+    assert!(urls.contains(&&format!("turns:127.0.0.1:{port}?transport=tcp")), "{urls:?}");
+    let (username, credential) = turn_entry(&servers);
+
+    // A TURN client on the same port, told apart by its first byte...
+    let conn = tls_stream(&server, &certificate, "127.0.0.1").await.unwrap();
+    let c = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"shared port").await.as_deref(), Some(&b"shared port"[..]));
+    // ...and one that says so with ALPN (RFC 7443).
+    let alpn = vec![b"stun.turn".to_vec()];
+    let conn = tls_stream_offering(&server, &certificate, "127.0.0.1", alpn).await.unwrap();
+    let (username, credential) = credential_for("alpn", 600);
+    let c2 = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay2 = c2.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay2, b"by alpn").await.as_deref(), Some(&b"by alpn"[..]));
+
+    // The web side still works beside them.
+    let wss = tokio_tungstenite::Connector::Rustls(trusting(&certificate));
+    let (_ws2, _, _) = join_through(&server, Some(wss)).await;
+    let m = server.state().metrics();
+    assert_eq!(m.turn_allocations.get(), 2);
+    assert_eq!(m.turn_refusals(TurnRefusal::TlsHandshake), 0);
+    c2.close().await.unwrap();
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn a_certificate_for_turn_alone_cannot_share_the_https_port() {
+    let port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let (source, _) = issue_certificate("turn.weft.test");
+    let turn =
+        TurnConfig { tls_port: port, tls_certificate: Some(source), ..TurnConfig::default() };
+    let err =
+        Server::start(config_at(listen, turn, Some(TlsSource::SelfSigned))).await.unwrap_err();
+    assert!(err.to_string().contains("--turn-tls-port"), "{err}");
 }

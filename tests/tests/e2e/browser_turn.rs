@@ -8,7 +8,8 @@
 //! plaintext: the TURN username, which clients send in the clear, is seen.
 //!
 //! And through `weft-signal`'s own relay over TLS alone (`turns:`), as from a network that
-//! lets only TLS out: its certificate self-signed, which Chromium accepts only with
+//! lets only TLS out to one port, on the port of the HTTPS server the page came from (as
+//! 443 on a public host): its certificate self-signed, which Chromium accepts only with
 //! `--ignore-certificate-errors` (it checks TURN servers' certificates as it does
 //! websites').
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -265,28 +266,32 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_browsers_talk_through_weft_signal_over_turn_over_tls() {
-    if !browser_available("two_browsers_talk_through_weft_signal_over_turn_over_tls") {
+async fn two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_port() {
+    if !browser_available(
+        "two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_port",
+    ) {
         return;
     }
-    // HTTPS and TURN over TLS with one self-signed certificate, on an address Chromium
-    // uses for WebRTC (not loopback).
+    // HTTPS and TURN over TLS on one port with one self-signed certificate, on an address
+    // Chromium uses for WebRTC (not loopback).
     let ip = local_ice_ip().unwrap();
+    let port = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
     let secret = "browser turns secret";
     let config = Config {
-        listen: std::net::SocketAddr::new(ip, 0),
+        listen: std::net::SocketAddr::new(ip, port),
         web_root: web_root(),
         tls: Some(TlsSource::SelfSigned),
         limits: Limits::default(),
         turn: TurnConfig {
             port: 0,
-            tls_port: 0,
+            tls_port: port,
             secret: Some(secret.into()),
             ..TurnConfig::default()
         },
     };
     let server = Server::start(config).await.unwrap();
     let tls = server.turn().unwrap().tls_addr().unwrap();
+    assert_eq!(tls, server.local_addr(), "TURN over TLS shares the HTTPS port");
     // Only the turns: URL, with credentials the server would mint for these members.
     let turns = format!("turns:{tls}?transport=tcp");
     let offer = IceOffer::new(secret.as_bytes(), Duration::from_secs(600), vec![turns.clone()]);

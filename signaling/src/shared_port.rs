@@ -31,6 +31,9 @@ pub(crate) type TurnTlsStream = Prefixed<TlsStream<TcpStream>>;
 
 /// The ALPN protocol of TURN (RFC 7443).
 const ALPN_TURN: &[u8] = b"stun.turn";
+/// How long a client has to send its first byte after the handshake (hyper's own limit on
+/// reading a request's head).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// axum-server's acceptor for a port shared by HTTPS and TURN over TLS.
 #[derive(Clone)]
@@ -66,7 +69,8 @@ impl HttpsOrTurn {
             None
         } else {
             let mut byte = [0u8; 1];
-            if tls.read(&mut byte).await? == 0 {
+            let read = tokio::time::timeout(FIRST_BYTE_TIMEOUT, tls.read(&mut byte));
+            if read.await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             Some(byte[0])

@@ -12,6 +12,11 @@
 //! 443 on a public host): its certificate self-signed, which Chromium accepts only with
 //! `--ignore-certificate-errors` (it checks TURN servers' certificates as it does
 //! websites').
+//!
+//! Behind real firewalls (network namespaces, see `weft_tests::netns`): a browser whose
+//! network drops UDP reaches the relay over TCP or TLS, one whose network lets only TCP to
+//! 443 out reaches it with `turns:` on 443 beside the app, each taking the ICE servers the
+//! server hands out, and talks to a browser behind an ordinary home router.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -20,8 +25,12 @@ use serde_json::{Value, json};
 use thirtyfour::prelude::*;
 use weft_signal::{Config, IceOffer, Limits, Server, TlsSource, TurnConfig};
 use weft_tests::mitm::local_ice_ip;
+use weft_tests::native::SignalProcess;
+use weft_tests::netns::{Nat, Outbound, SiteSpec, Topology, netns_available};
 use weft_tests::turn_server::TurnServer;
-use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for, web_root};
+use weft_tests::{
+    BrowserOptions, ChromeDriver, browser_available, js, start_server, wait_for, web_root,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TURN_USER: &str = "weft-turn-user";
@@ -297,11 +306,10 @@ async fn two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_p
     let offer = IceOffer::new(secret.as_bytes(), Duration::from_secs(600), vec![turns.clone()]);
 
     let driver = ChromeDriver::start().await.unwrap();
-    let (alice, bob) = tokio::try_join!(
-        driver.browser_danger_accepting_any_certificate(),
-        driver.browser_danger_accepting_any_certificate()
-    )
-    .unwrap();
+    let any_certificate =
+        BrowserOptions { danger_accept_any_certificate: true, ..BrowserOptions::default() };
+    let (alice, bob) =
+        tokio::try_join!(driver.launch(any_certificate), driver.launch(any_certificate)).unwrap();
     alice.goto(server.url()).await.unwrap();
     bob.goto(server.url()).await.unwrap();
     let invite = weft_tests::files::create_invite(&alice).await.unwrap();
@@ -343,4 +351,76 @@ async fn two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_p
     alice.quit().await.unwrap();
     bob.quit().await.unwrap();
     server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Ada's browser behind a router that lets out only what `outbound` allows, Bea's behind an
+/// ordinary home router, `weft-signal` on the public host with HTTPS and TURN over TLS on
+/// 443 (self-signed), each page taking the ICE servers the server hands out: they talk,
+/// and the view of the connection Ada's browser chose.
+async fn browsers_across_a_firewall(outbound: Outbound) -> Value {
+    let firewalled = SiteSpec { nat: Nat::EndpointIndependent, outbound, hosts: 1 };
+    let topology =
+        Topology::new(&[firewalled, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
+    let tls = ["--self-signed", "--turn-tls-port", "443"];
+    let server = SignalProcess::start_on(topology.server(), 443, &tls).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let behind = |site| BrowserOptions {
+        netns: Some(topology.host(site, 0)),
+        danger_accept_any_certificate: true,
+        ..BrowserOptions::default()
+    };
+    let (ada, bea) = tokio::try_join!(driver.launch(behind(0)), driver.launch(behind(1))).unwrap();
+    ada.goto(&server.url).await.unwrap();
+    bea.goto(&server.url).await.unwrap();
+    let invite = weft_tests::files::create_invite(&ada).await.unwrap();
+    for (browser, name) in [(&ada, "Ada"), (&bea, "Bea")] {
+        start_join(browser, json!({ "invite": invite, "name": name })).await.unwrap();
+    }
+    if let Err(e) = tokio::try_join!(wait_peer_in(&ada, "relayed"), wait_peer_in(&bea, "relayed")) {
+        let (a, b) = (state(&ada).await.unwrap(), state(&bea).await.unwrap());
+        let (ra, rb) = (rtc_view(&ada).await.unwrap(), rtc_view(&bea).await.unwrap());
+        panic!("{e}\nada: {a}\nada rtc: {ra}\nbea: {b}\nbea rtc: {rb}");
+    }
+    assert_eq!(send(&ada, "from behind the firewall").await.unwrap(), 1);
+    assert_eq!(wait_message(&bea, "from behind the firewall").await.unwrap()["name"], "Ada");
+    assert_eq!(send(&bea, "into the firewalled site").await.unwrap(), 1);
+    assert_eq!(wait_message(&ada, "into the firewalled site").await.unwrap()["name"], "Bea");
+    let (pc, view) = connected_pc(&ada, "ada").await;
+    assert_eq!(pc["localType"], "relay", "{view}");
+    // The firewall held: Ada gathered nothing but relayed candidates.
+    let candidates = pc["candidates"].as_array().unwrap();
+    assert!(
+        candidates.iter().all(|c| {
+            let c = c.as_str().unwrap();
+            c.contains(" typ relay") || c.contains(" typ host")
+        }),
+        "a server-reflexive candidate got through the firewall: {view}"
+    );
+    ada.quit().await.unwrap();
+    bea.quit().await.unwrap();
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    pc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_network_blocks_udp_connects_through_turn_over_tcp_or_tls() {
+    let test = "a_browser_whose_network_blocks_udp_connects_through_turn_over_tcp_or_tls";
+    if !netns_available(test) || !browser_available(test) {
+        return;
+    }
+    let pc = browsers_across_a_firewall(Outbound::NoUdp).await;
+    let protocol = pc["relayProtocol"].as_str().unwrap_or_default();
+    println!("UDP blocked: the browser relays over {protocol}");
+    assert!(protocol == "tcp" || protocol == "tls", "{pc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_network_lets_only_https_out_connects_through_turns_on_443() {
+    let test = "a_browser_whose_network_lets_only_https_out_connects_through_turns_on_443";
+    if !netns_available(test) || !browser_available(test) {
+        return;
+    }
+    let pc = browsers_across_a_firewall(Outbound::OnlyTcp443).await;
+    assert_eq!(pc["relayProtocol"], "tls", "{pc}");
 }

@@ -467,25 +467,42 @@ async fn a_client_that_does_not_speak_tls_is_dropped_and_holds_up_no_one() {
     server.shutdown(STEP).await;
 }
 
-/// A certificate for `name` from a CA of the test's own, as PEM files in a fresh
-/// directory; the CA's certificate.
-fn issue_certificate(name: &str) -> (TlsSource, rustls::pki_types::CertificateDer<'static>) {
-    let dir = std::env::temp_dir().join(format!("weft-turn-tls-{}-{name}", std::process::id()));
+/// PEM files of a certificate, in a directory of their own removed on drop.
+struct CertificateFiles {
+    dir: std::path::PathBuf,
+    source: TlsSource,
+    /// The certificate, DER, for clients to trust.
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Drop for CertificateFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A self-signed certificate for the host name `name` (as a certificate authority would
+/// issue one, Let's Encrypt's say), in PEM files.
+fn issue_certificate(name: &str) -> CertificateFiles {
+    let unique = rand::random::<u64>();
+    let dir = std::env::temp_dir().join(format!("weft-turn-tls-{name}-{unique:x}"));
     std::fs::create_dir_all(&dir).unwrap();
     let generated = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
-    (TlsSource::Files { cert, key }, generated.cert.der().clone())
+    let der = generated.cert.der().clone();
+    CertificateFiles { dir, source: TlsSource::Files { cert, key }, der }
 }
 
 #[tokio::test]
 async fn over_tls_with_a_certificate_of_its_own_forged_and_expired_credentials_are_refused() {
     // HTTP for the app; TURN over TLS with a certificate issued for a host name, as from
     // Let's Encrypt for a public host.
-    let (source, certificate) = issue_certificate("turn.weft.test");
+    let files = issue_certificate("turn.weft.test");
+    let certificate = files.der.clone();
     let turn = TurnConfig {
-        tls_certificate: Some(source),
+        tls_certificate: Some(files.source.clone()),
         tls_host: Some("turn.weft.test".into()),
         ..TurnConfig::default()
     };
@@ -591,9 +608,12 @@ async fn turn_over_tls_shares_the_https_port_with_the_web_app() {
 async fn a_certificate_for_turn_alone_cannot_share_the_https_port() {
     let port = free_port();
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let (source, _) = issue_certificate("turn.weft.test");
-    let turn =
-        TurnConfig { tls_port: port, tls_certificate: Some(source), ..TurnConfig::default() };
+    let files = issue_certificate("turn.weft.test");
+    let turn = TurnConfig {
+        tls_port: port,
+        tls_certificate: Some(files.source.clone()),
+        ..TurnConfig::default()
+    };
     let err =
         Server::start(config_at(listen, turn, Some(TlsSource::SelfSigned))).await.unwrap_err();
     assert!(err.to_string().contains("--turn-tls-port"), "{err}");

@@ -92,7 +92,9 @@ pub struct TurnConfig {
     pub secret: Option<String>,
     /// How long a credential is good for new allocations.
     pub credential_ttl: Duration,
-    /// Most allocations one member holds at once.
+    /// Most allocations one member holds at once. A browser allocates once per TURN URL
+    /// for each peer it connects to (UDP, TCP and TLS: three), so the default lets a member
+    /// of a full room (32, [`crate::Limits`]) have relayed candidates toward every peer.
     pub max_allocations_per_member: usize,
     /// Most bytes per second relayed for one allocation (both directions).
     pub allocation_bytes_per_s: u64,
@@ -119,7 +121,7 @@ impl Default for TurnConfig {
             realm: "weft".into(),
             secret: None,
             credential_ttl: Duration::from_secs(12 * 3600),
-            max_allocations_per_member: 32,
+            max_allocations_per_member: 96,
             allocation_bytes_per_s: 64 << 20,
             member_bytes_per_s: 128 << 20,
             external_urls: Vec::new(),
@@ -824,7 +826,7 @@ pub enum TurnTls<'a> {
     /// On a port of its own, [`TurnConfig::tls_port`], with this certificate.
     OwnPort(&'a TlsSetup),
     /// On the HTTPS port, `https`, with its certificate: the HTTPS server tells TURN
-    /// clients from web ones and hands them over ([`crate::shared_port`]).
+    /// clients from web ones and hands them over (`shared_port.rs`).
     HttpsPort {
         /// The HTTPS server's address.
         https: SocketAddr,

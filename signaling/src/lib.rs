@@ -8,6 +8,7 @@
 
 pub mod metrics;
 pub mod relay;
+mod shared_port;
 pub mod tls;
 pub mod turn;
 mod ws;
@@ -29,7 +30,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 pub use metrics::Metrics;
 pub use relay::Limits;
 pub use tls::{TlsSetup, TlsSource};
-pub use turn::{EmbeddedTurn, IceOffer, TurnConfig};
+pub use turn::{EmbeddedTurn, IceOffer, TurnConfig, TurnTls};
 
 /// The listen address when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -220,6 +221,11 @@ pub enum ServerError {
     /// The embedded STUN/TURN server could not start.
     #[error(transparent)]
     Turn(#[from] turn::TurnError),
+    /// TURN over TLS was given a certificate of its own, and the HTTPS port.
+    #[error(
+        "TURN over TLS on the HTTPS port uses the HTTPS certificate: drop --turn-tls-cert, or give TURN over TLS a port of its own with --turn-tls-port"
+    )]
+    TurnTlsCertificateOnHttpsPort,
 }
 
 /// A running server.
@@ -248,8 +254,26 @@ impl Server {
             None => rand::random::<[u8; 32]>().to_vec(),
         };
         let (turn, ice) = if config.turn.enabled {
+            // TURN over TLS uses its own certificate if it has one, else the HTTPS one; on
+            // the HTTPS port, the HTTPS server sorts TURN clients from web ones.
+            let own = match &config.turn.tls_certificate {
+                Some(source) if config.turn.tls => Some(source.load(config.listen)?),
+                _ => None,
+            };
+            let on_https_port = config.turn.tls_port != 0 && config.turn.tls_port == addr.port();
+            let turn_tls = match (&own, &tls) {
+                _ if !config.turn.tls => TurnTls::Off,
+                (Some(_), _) if on_https_port => {
+                    return Err(ServerError::TurnTlsCertificateOnHttpsPort);
+                }
+                (Some(setup), _) => TurnTls::OwnPort(setup),
+                (None, Some(setup)) if on_https_port => TurnTls::HttpsPort { https: addr, setup },
+                (None, Some(setup)) => TurnTls::OwnPort(setup),
+                (None, None) => TurnTls::Off,
+            };
             let (turn, offer) =
-                EmbeddedTurn::start(&config.turn, addr.ip(), &secret, metrics.clone()).await?;
+                EmbeddedTurn::start(&config.turn, addr.ip(), turn_tls, &secret, metrics.clone())
+                    .await?;
             (Some(Arc::new(turn)), Some(offer))
         } else if config.turn.external_urls.is_empty() {
             (None, None)
@@ -257,18 +281,29 @@ impl Server {
             let urls = config.turn.external_urls.clone();
             (None, Some(Arc::new(IceOffer::new(&secret, config.turn.credential_ttl, urls))))
         };
-        let state = AppState::with_ice(config.limits, config.web_root, metrics, ice);
+        let state = AppState::with_ice(config.limits, config.web_root, metrics.clone(), ice);
         *state.inner.turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = turn.clone();
         let service = app(state.clone()).into_make_service();
         let handle = axum_server::Handle::new();
-        let task = match &tls {
-            Some(setup) => {
+        let turn_handoff = turn.as_ref().and_then(|t| t.tls_handoff());
+        let task = match (&tls, turn_handoff) {
+            (Some(setup), Some(handoff)) => {
+                let timeout = config.turn.tls_handshake_timeout;
+                let https = setup.config.get_inner();
+                let acceptor = shared_port::HttpsOrTurn::new(&https, timeout, handoff, metrics);
+                let server = axum_server::from_tcp(listener)
+                    .map_err(bind)?
+                    .acceptor(acceptor)
+                    .handle(handle.clone());
+                tokio::spawn(server.serve(service))
+            }
+            (Some(setup), None) => {
                 let server = axum_server::from_tcp_rustls(listener, setup.config.clone())
                     .map_err(bind)?
                     .handle(handle.clone());
                 tokio::spawn(server.serve(service))
             }
-            None => {
+            (None, _) => {
                 let server = axum_server::from_tcp(listener).map_err(bind)?.handle(handle.clone());
                 tokio::spawn(server.serve(service))
             }

@@ -54,9 +54,33 @@ struct Args {
     #[arg(long, env = "WEFT_TURN_PORT", default_value_t = TurnConfig::default().port)]
     turn_port: u16,
 
-    /// Serve TURN over UDP only (no TURN over TCP).
+    /// Serve no TURN over TCP.
     #[arg(long)]
     no_turn_tcp: bool,
+
+    /// Port of TURN over TLS ("turns:"), served when there is a certificate (--tls-cert,
+    /// --self-signed or --turn-tls-cert); 443 reaches networks that let only TLS out. The
+    /// --listen port (443 on a public host) shares it with HTTPS (0: any free port).
+    #[arg(long, env = "WEFT_TURN_TLS_PORT", default_value_t = TurnConfig::default().tls_port)]
+    turn_tls_port: u16,
+
+    /// Serve no TURN over TLS, even with a certificate.
+    #[arg(long)]
+    no_turn_tls: bool,
+
+    /// Certificate chain (PEM) for TURN over TLS alone, say when a reverse proxy serves
+    /// HTTPS. Default: the HTTPS certificate. Requires --turn-tls-key.
+    #[arg(long, env = "WEFT_TURN_TLS_CERT", requires = "turn_tls_key")]
+    turn_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --turn-tls-cert.
+    #[arg(long, env = "WEFT_TURN_TLS_KEY", requires = "turn_tls_cert")]
+    turn_tls_key: Option<PathBuf>,
+
+    /// The host name in the turns: URL, which clients check the certificate against: the
+    /// name the certificate was issued for (e.g. weft.example.com). Default: --public-ip.
+    #[arg(long, env = "WEFT_TURN_TLS_HOST", value_name = "NAME")]
+    turn_tls_host: Option<String>,
 
     /// The address peers reach this machine at, put in the STUN/TURN URLs and in relayed
     /// candidates (on a public host: its public IP). Default: the --listen address, or
@@ -126,6 +150,14 @@ async fn main() -> anyhow::Result<()> {
             enabled: !args.no_turn,
             port: args.turn_port,
             tcp: !args.no_turn_tcp,
+            tls: !args.no_turn_tls,
+            tls_port: args.turn_tls_port,
+            tls_certificate: args
+                .turn_tls_cert
+                .zip(args.turn_tls_key)
+                .map(|(cert, key)| TlsSource::Files { cert, key }),
+            tls_host: args.turn_tls_host,
+            tls_handshake_timeout: TurnConfig::default().tls_handshake_timeout,
             public_ip: args.public_ip,
             realm: args.turn_realm,
             secret: args.turn_secret,
@@ -151,8 +183,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(turn) = server.turn() {
         let tcp = turn.tcp_addr().map(|a| format!(", TCP {}", a.port())).unwrap_or_default();
+        let tls = turn.tls_addr().map_or_else(String::new, |a| {
+            let shared = if a == server.local_addr() { " (shared with HTTPS)" } else { "" };
+            format!(", TLS {}{shared}", a.port())
+        });
         println!(
-            "STUN/TURN on UDP {}{tcp}, reached at {}",
+            "STUN/TURN on UDP {}{tcp}{tls}, reached at {}",
             turn.udp_addr().port(),
             turn.public_ip()
         );

@@ -25,12 +25,21 @@ pub enum TurnRefusal {
     AllocationQuota,
     /// A datagram over the allocation's or the member's bandwidth (dropped).
     Bandwidth,
+    /// A TURN over TLS client whose handshake failed (not TLS, say), took too long, or
+    /// found too many others handshaking (dropped).
+    TlsHandshake,
 }
 
 impl TurnRefusal {
     /// Every reason.
-    pub const ALL: [Self; 5] =
-        [Self::Expired, Self::Revoked, Self::Malformed, Self::AllocationQuota, Self::Bandwidth];
+    pub const ALL: [Self; 6] = [
+        Self::Expired,
+        Self::Revoked,
+        Self::Malformed,
+        Self::AllocationQuota,
+        Self::Bandwidth,
+        Self::TlsHandshake,
+    ];
 
     /// The label in `/metrics`.
     pub fn as_str(self) -> &'static str {
@@ -40,6 +49,7 @@ impl TurnRefusal {
             Self::Malformed => "malformed",
             Self::AllocationQuota => "allocation_quota",
             Self::Bandwidth => "bandwidth",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 }

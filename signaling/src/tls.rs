@@ -1,4 +1,4 @@
-//! HTTPS: certificates from files, or a self-signed one for a LAN.
+//! HTTPS and TURN over TLS: certificates from files, or a self-signed one for a LAN.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum_server::tls_rustls::RustlsConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use sha2::{Digest, Sha256};
 
 /// Where the server's certificate comes from.
@@ -51,8 +51,11 @@ pub enum TlsError {
 /// users of a self-signed certificate can check what their browser shows.
 #[derive(Debug, Clone)]
 pub struct TlsSetup {
-    /// For axum-server.
+    /// For axum-server (HTTPS).
     pub config: RustlsConfig,
+    /// For TURN over TLS: the same certificate, without HTTPS's ALPN (a TURN client may
+    /// offer `stun.turn`, or nothing).
+    pub turn: Arc<rustls::ServerConfig>,
     /// Colon-separated hex SHA-256 of the leaf certificate.
     pub fingerprint: String,
     /// The names and addresses a self-signed certificate covers (empty for files).
@@ -96,13 +99,25 @@ impl TlsSource {
             .collect::<Vec<_>>()
             .join(":");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        let turn = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(certs, key)?;
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let config = RustlsConfig::from_config(Arc::new(server));
-        Ok(TlsSetup { config, fingerprint, names, certificate })
+        let mut https = turn.clone();
+        https.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = RustlsConfig::from_config(Arc::new(https));
+        Ok(TlsSetup { config, turn: Arc::new(turn), fingerprint, names, certificate })
+    }
+}
+
+impl TlsSetup {
+    /// Whether the certificate names `host` (a DNS name or an IP address), as a client
+    /// checking it against `host` requires.
+    pub fn names(&self, host: &str) -> bool {
+        let Ok(name) = ServerName::try_from(host) else { return false };
+        rustls::server::ParsedCertificate::try_from(&self.certificate)
+            .and_then(|cert| rustls::client::verify_server_name(&cert, &name))
+            .is_ok()
     }
 }
 

@@ -21,6 +21,12 @@
 //!   only, so TCP connections are framed (RFC 5766 §11: STUN messages and ChannelData,
 //!   padded to 4 bytes) into datagrams from the client's address. Networks that block UDP
 //!   reach the relay this way; the relayed side stays UDP.
+//! - **TURN over TLS** (`turns:`, RFC 7065): the same framing inside a TLS stream, on its
+//!   own port, when the server has a certificate (the HTTPS one, or one for TURN only).
+//!   Networks that let only TLS out (a proxy that allows port 443) reach the relay this
+//!   way. A handshake has [`TurnConfig::tls_handshake_timeout`] to finish, at most
+//!   [`MAX_TLS_HANDSHAKES`] run at once, and each one that fails, times out or finds no
+//!   room is refused and counted (`tls_handshake`); none of that holds up other clients.
 //!
 //! Nothing here sees plaintext: peers seal every packet end to end (see `core/`).
 
@@ -35,9 +41,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use stun::attributes::ATTR_USERNAME;
 use stun::message::{CLASS_REQUEST, METHOD_ALLOCATE, Message};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
 use turn::auth::{AuthHandler, generate_auth_key};
 use turn::relay::RelayAddressGenerator;
 use turn::server::Server as TurnServer;
@@ -46,6 +53,9 @@ use webrtc_util::Conn;
 use weft_core::signal::IceServer;
 
 use crate::metrics::{Metrics, TurnRefusal};
+use crate::tls::{TlsSetup, TlsSource};
+
+use crate::shared_port::TurnTlsStream;
 
 /// Settings of the embedded STUN/TURN server.
 #[derive(Debug, Clone)]
@@ -57,6 +67,20 @@ pub struct TurnConfig {
     pub port: u16,
     /// Also serve TURN over TCP, for networks that block UDP.
     pub tcp: bool,
+    /// Also serve TURN over TLS (`turns:`) when there is a certificate: the HTTPS one, or
+    /// [`TurnConfig::tls_certificate`].
+    pub tls: bool,
+    /// TURN over TLS port (IANA's `turns` port by default; 443 gets through the strictest
+    /// firewalls); 0 picks a free one.
+    pub tls_port: u16,
+    /// A certificate for TURN over TLS alone (say, when a reverse proxy terminates HTTPS).
+    /// Default: the server's HTTPS certificate.
+    pub tls_certificate: Option<TlsSource>,
+    /// The host in the `turns:` URL, which TLS clients check the certificate against (the
+    /// name a certificate from a CA is issued for). Default: the public address.
+    pub tls_host: Option<String>,
+    /// How long a TLS client has to finish its handshake before it is dropped.
+    pub tls_handshake_timeout: Duration,
     /// The address peers reach the server at (in the URLs handed out and in relayed
     /// candidates). Default: the signaling server's listen address if it is a specific
     /// one, else this machine's first non-loopback address.
@@ -68,7 +92,9 @@ pub struct TurnConfig {
     pub secret: Option<String>,
     /// How long a credential is good for new allocations.
     pub credential_ttl: Duration,
-    /// Most allocations one member holds at once.
+    /// Most allocations one member holds at once. A browser allocates once per TURN URL
+    /// for each peer it connects to (UDP, TCP and TLS: three), so the default lets a member
+    /// of a full room (32, [`crate::Limits`]) have relayed candidates toward every peer.
     pub max_allocations_per_member: usize,
     /// Most bytes per second relayed for one allocation (both directions).
     pub allocation_bytes_per_s: u64,
@@ -86,11 +112,16 @@ impl Default for TurnConfig {
             enabled: true,
             port: 3478,
             tcp: true,
+            tls: true,
+            tls_port: 5349,
+            tls_certificate: None,
+            tls_host: None,
+            tls_handshake_timeout: Duration::from_secs(10),
             public_ip: None,
             realm: "weft".into(),
             secret: None,
             credential_ttl: Duration::from_secs(12 * 3600),
-            max_allocations_per_member: 32,
+            max_allocations_per_member: 96,
             allocation_bytes_per_s: 64 << 20,
             member_bytes_per_s: 128 << 20,
             external_urls: Vec::new(),
@@ -103,12 +134,12 @@ impl Default for TurnConfig {
 pub enum TurnError {
     /// A port is taken or not ours.
     #[error(
-        "cannot listen for TURN on {addr} ({transport}): {source} (choose another with --turn-port, or --no-turn)"
+        "cannot listen for TURN on {addr} ({transport}): {source} (choose another with --turn-port or --turn-tls-port, or --no-turn)"
     )]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// `udp` or `tcp`.
+        /// `udp`, `tcp` or `tls`.
         transport: &'static str,
         /// The cause.
         source: std::io::Error,
@@ -373,89 +404,181 @@ impl Conn for Listener {
     }
 }
 
-/// TURN over TCP: each accepted connection's frames become datagrams from its address.
+/// TURN over TCP or TLS: each accepted connection's frames become datagrams from its
+/// address.
 struct TcpListenerConn {
     local: SocketAddr,
     /// As [`Listener::current`].
     current: Arc<Mutex<Option<SocketAddr>>>,
     inbound: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
-    writers: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>,
+    writers: Writers,
     accept: tokio::task::JoinHandle<()>,
 }
+
+/// Where frames for each connected client go.
+type Writers = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
 
 /// Frames queued for one TCP client before more are dropped (it is not reading).
 const TCP_QUEUE: usize = 256;
 /// Largest frame accepted over TCP (a STUN message or ChannelData is at most 64 KiB).
 const MAX_TCP_FRAME: usize = 4 + 65_535 + 3;
+/// Most TLS handshakes in progress at once; a client beyond them is refused at once, so
+/// clients that never finish theirs cannot pile up.
+pub const MAX_TLS_HANDSHAKES: usize = 256;
+
+/// The TLS side of TURN over TLS: a handshake, bounded in time and in number.
+#[derive(Clone)]
+struct TlsFront {
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    handshakes: Arc<Semaphore>,
+}
+
+impl TlsFront {
+    fn new(config: Arc<rustls::ServerConfig>, timeout: Duration, most: usize) -> Self {
+        let handshakes = Arc::new(Semaphore::new(most));
+        Self { acceptor: TlsAcceptor::from(config), timeout, handshakes }
+    }
+
+    /// The client's stream once its handshake is done; `None` (counted) if it failed,
+    /// took too long, or there was no room for it.
+    async fn handshake<S>(
+        &self,
+        stream: S,
+        shared: &Shared,
+    ) -> Option<tokio_rustls::server::TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Ok(_slot) = self.handshakes.try_acquire() else {
+            shared.refuse(TurnRefusal::TlsHandshake);
+            return None;
+        };
+        match tokio::time::timeout(self.timeout, self.acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(_)) | Err(_) => {
+                shared.refuse(TurnRefusal::TlsHandshake);
+                None
+            }
+        }
+    }
+}
+
+/// Where a [`TcpListenerConn`]'s clients come from.
+enum Streams {
+    /// Accepted on a listener of its own, through a TLS handshake first if given.
+    Accept(TcpListener, Option<TlsFront>),
+    /// TLS streams the HTTPS server found to be TURN ([`crate::shared_port`]), on the
+    /// HTTPS port.
+    HandedOver(SocketAddr, mpsc::Receiver<(TurnTlsStream, SocketAddr)>),
+}
 
 impl TcpListenerConn {
     fn start(
-        listener: TcpListener,
+        streams: Streams,
         shared: Arc<Shared>,
         current: Arc<Mutex<Option<SocketAddr>>>,
     ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(1024);
-        let writers: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>> = Arc::default();
-        let accept = {
-            let writers = writers.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, from)) = listener.accept().await else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let (wtx, wrx) = mpsc::channel(TCP_QUEUE);
-                    writers.lock().unwrap_or_else(PoisonError::into_inner).insert(from, wtx);
-                    let (tx, shared, writers) = (tx.clone(), shared.clone(), writers.clone());
-                    tokio::spawn(async move {
-                        serve_tcp(stream, from, tx, wrx, &shared).await;
-                        writers.lock().unwrap_or_else(PoisonError::into_inner).remove(&from);
-                    });
-                }
-            })
+        let clients = Clients { tx, writers: Arc::default(), shared };
+        let writers = clients.writers.clone();
+        let (local, accept) = match streams {
+            Streams::Accept(listener, tls) => {
+                (listener.local_addr()?, tokio::spawn(clients.accept(listener, tls)))
+            }
+            Streams::HandedOver(local, mut handed) => {
+                let accept = tokio::spawn(async move {
+                    while let Some((stream, from)) = handed.recv().await {
+                        let clients = clients.clone();
+                        tokio::spawn(async move { clients.serve(stream, from).await });
+                    }
+                });
+                (local, accept)
+            }
         };
         Ok(Self { local, current, inbound: tokio::sync::Mutex::new(rx), writers, accept })
     }
 }
 
-/// Reads frames from one TCP client into `tx`, and writes what `rx` gives it.
-async fn serve_tcp(
-    stream: TcpStream,
-    from: SocketAddr,
+/// What serving a stream client takes: where its frames go, where the server's frames
+/// for it are found, and the state for noting requests.
+#[derive(Clone)]
+struct Clients {
     tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    shared: &Shared,
-) {
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if write.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 * 1024];
-    'read: loop {
-        // Whole frames first.
-        while let Some(len) = frame_len(&buf) {
-            if len > MAX_TCP_FRAME {
-                break 'read;
-            }
-            if buf.len() < len {
-                break;
-            }
-            let frame: Vec<u8> = buf.drain(..len).collect();
-            shared.note(from, &frame);
-            if tx.send((frame, from)).await.is_err() {
-                break 'read;
-            }
-        }
-        match read.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+    writers: Writers,
+    shared: Arc<Shared>,
+}
+
+impl Clients {
+    /// Accepts clients on `listener` for good, each through a TLS handshake first if
+    /// `tls` is given.
+    async fn accept(self, listener: TcpListener, tls: Option<TlsFront>) {
+        loop {
+            let (stream, from) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    // Out of descriptors, say: let connections close first.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (clients, tls) = (self.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => clients.serve(stream, from).await,
+                    Some(tls) => {
+                        if let Some(stream) = tls.handshake(stream, &clients.shared).await {
+                            clients.serve(stream, from).await;
+                        }
+                    }
+                }
+            });
         }
     }
-    writer.abort();
+
+    /// Serves one client's stream (TCP, or TLS over it): reads its frames into `tx`, and
+    /// writes it what the server sends its address.
+    async fn serve<S>(&self, stream: S, from: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (wtx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner).insert(from, wtx);
+        let (mut read, mut write) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                // A TLS stream holds what it encrypted until flushed.
+                if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = vec![0u8; 16 * 1024];
+        'read: loop {
+            // Whole frames first.
+            while let Some(len) = frame_len(&buf) {
+                if len > MAX_TCP_FRAME {
+                    break 'read;
+                }
+                if buf.len() < len {
+                    break;
+                }
+                let frame: Vec<u8> = buf.drain(..len).collect();
+                self.shared.note(from, &frame);
+                if self.tx.send((frame, from)).await.is_err() {
+                    break 'read;
+                }
+            }
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        writer.abort();
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner).remove(&from);
+    }
 }
 
 /// The length of the frame at the start of `buf` (RFC 5766 §11: a STUN message is 20
@@ -689,25 +812,51 @@ pub struct EmbeddedTurn {
     server: TurnServer,
     udp: SocketAddr,
     tcp: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    /// Where the HTTPS server hands TURN over TLS clients, when they share its port.
+    tls_handoff: Option<mpsc::Sender<(TurnTlsStream, SocketAddr)>>,
     public: IpAddr,
 }
+
+/// Where TURN over TLS is served.
+#[derive(Debug, Clone, Copy)]
+pub enum TurnTls<'a> {
+    /// Nowhere (no certificate, or turned off).
+    Off,
+    /// On a port of its own, [`TurnConfig::tls_port`], with this certificate.
+    OwnPort(&'a TlsSetup),
+    /// On the HTTPS port, `https`, with its certificate: the HTTPS server tells TURN
+    /// clients from web ones and hands them over (`shared_port.rs`).
+    HttpsPort {
+        /// The HTTPS server's address.
+        https: SocketAddr,
+        /// Its certificate.
+        setup: &'a TlsSetup,
+    },
+}
+
+/// TURN over TLS clients the HTTPS server found, queued until served (they are served at
+/// once; a full queue drops the newcomer).
+const HANDOFF_QUEUE: usize = 64;
 
 impl std::fmt::Debug for EmbeddedTurn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedTurn")
             .field("udp", &self.udp)
             .field("tcp", &self.tcp)
+            .field("tls", &self.tls)
             .field("public", &self.public)
             .finish_non_exhaustive()
     }
 }
 
 impl EmbeddedTurn {
-    /// Binds `bind` (UDP, and TCP if configured) and starts relaying. `secret` mints and
-    /// checks credentials.
+    /// Binds `bind` (UDP; TCP if configured; TLS as `tls` says) and starts relaying.
+    /// `secret` mints and checks credentials.
     pub async fn start(
         config: &TurnConfig,
         bind: IpAddr,
+        tls: TurnTls<'_>,
         secret: &[u8],
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Arc<IceOffer>), TurnError> {
@@ -732,12 +881,44 @@ impl EmbeddedTurn {
             None
         };
         let tcp_local = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let mut tls_handoff = None;
+        let tls = match tls {
+            TurnTls::Off => None,
+            TurnTls::OwnPort(setup) => {
+                let want = SocketAddr::new(bind, config.tls_port);
+                let listener = TcpListener::bind(want).await.map_err(bind_err(want, "tls"))?;
+                let local = listener.local_addr().map_err(bind_err(want, "tls"))?;
+                let timeout = config.tls_handshake_timeout;
+                let front = TlsFront::new(setup.turn.clone(), timeout, MAX_TLS_HANDSHAKES);
+                Some((Streams::Accept(listener, Some(front)), local, setup))
+            }
+            TurnTls::HttpsPort { https, setup } => {
+                let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+                tls_handoff = Some(tx);
+                Some((Streams::HandedOver(https, rx), https, setup))
+            }
+        };
+        let tls = tls.map(|(streams, local, setup)| {
+            let host = config.tls_host.clone().unwrap_or_else(|| public.to_string());
+            if !setup.names(&host) {
+                tracing::warn!(
+                    host,
+                    "the TLS certificate does not name the TURN over TLS host, so TLS clients \
+                     will refuse it: give its name with --turn-tls-host"
+                );
+            }
+            (streams, local, host)
+        });
+        let tls_local = tls.as_ref().map(|(_, local, _)| *local);
         let mut urls = vec![
             format!("stun:{}", SocketAddr::new(public, udp_local.port())),
             format!("turn:{}?transport=udp", SocketAddr::new(public, udp_local.port())),
         ];
         if let Some(t) = tcp_local {
             urls.push(format!("turn:{}?transport=tcp", SocketAddr::new(public, t.port())));
+        }
+        if let Some((_, local, host)) = &tls {
+            urls.push(format!("turns:{}?transport=tcp", host_port(host, local.port())));
         }
         urls.extend(config.external_urls.iter().cloned());
         let offer = Arc::new(IceOffer::new(secret, config.credential_ttl, urls));
@@ -768,9 +949,10 @@ impl EmbeddedTurn {
                 current: udp_current,
             }),
         });
-        if let Some(listener) = tcp {
+        let tcp = tcp.map(|listener| Streams::Accept(listener, None));
+        for streams in tcp.into_iter().chain(tls.map(|(streams, _, _)| streams)) {
             let current = Arc::default();
-            let conn = TcpListenerConn::start(listener, shared.clone(), Arc::clone(&current))
+            let conn = TcpListenerConn::start(streams, shared.clone(), Arc::clone(&current))
                 .map_err(|e| TurnError::Start(e.to_string()))?;
             conn_configs.push(ConnConfig {
                 conn: Arc::new(conn),
@@ -791,8 +973,12 @@ impl EmbeddedTurn {
         })
         .await
         .map_err(|e| TurnError::Start(e.to_string()))?;
-        tracing::info!(udp = %udp_local, tcp = ?tcp_local, %public, "STUN/TURN listening");
-        Ok((Self { server, udp: udp_local, tcp: tcp_local, public }, offer))
+        tracing::info!(
+            udp = %udp_local, tcp = ?tcp_local, tls = ?tls_local, %public, "STUN/TURN listening"
+        );
+        let turn =
+            Self { server, udp: udp_local, tcp: tcp_local, tls: tls_local, tls_handoff, public };
+        Ok((turn, offer))
     }
 
     /// The UDP listening address.
@@ -803,6 +989,17 @@ impl EmbeddedTurn {
     /// The TCP listening address, if TURN over TCP is on.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp
+    }
+
+    /// The TURN over TLS listening address, if it is on (it needs a certificate): the
+    /// HTTPS one when they share it.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+    }
+
+    /// Where the HTTPS server hands TURN clients, when TURN over TLS shares its port.
+    pub(crate) fn tls_handoff(&self) -> Option<mpsc::Sender<(TurnTlsStream, SocketAddr)>> {
+        self.tls_handoff.clone()
     }
 
     /// The address in URLs and relayed candidates.
@@ -842,6 +1039,14 @@ fn roomy(socket: &UdpSocket) {
     if let Err(e) = s.set_recv_buffer_size(SOCKET_BUFFER).and(s.set_send_buffer_size(SOCKET_BUFFER))
     {
         tracing::debug!("cannot enlarge a relay socket's buffers: {e}");
+    }
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
     }
 }
 
@@ -898,6 +1103,33 @@ mod tests {
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05]), Some(12));
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x08]), Some(12));
         assert_eq!(frame_len(&[0xC0, 0x00, 0x00, 0x08]), Some(usize::MAX));
+    }
+
+    #[tokio::test]
+    async fn tls_handshakes_beyond_the_most_at_once_are_refused_at_once() {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let setup = TlsSource::SelfSigned.load(listen).unwrap_or_else(|e| panic!("{e}"));
+        let front = TlsFront::new(setup.turn, Duration::from_secs(30), 1);
+        let metrics = Arc::new(Metrics::default());
+        let shared = Shared {
+            offer: Arc::new(IceOffer::new(b"s", Duration::from_secs(60), Vec::new())),
+            realm: "weft".into(),
+            limits: Limits { allocations: 1, allocation_rate: 1, member_rate: 1 },
+            metrics: metrics.clone(),
+            seen: Mutex::default(),
+            members: Mutex::default(),
+        };
+        // One client that never sends its ClientHello holds the only slot...
+        let (_silent, server_side) = tokio::io::duplex(1024);
+        let pending = front.handshake(server_side, &shared);
+        tokio::pin!(pending);
+        assert!(futures_util::poll!(pending.as_mut()).is_pending());
+        // ...so the next one is refused without waiting.
+        let (_next, server_side) = tokio::io::duplex(1024);
+        let refused =
+            tokio::time::timeout(Duration::from_secs(1), front.handshake(server_side, &shared));
+        assert!(matches!(refused.await, Ok(None)));
+        assert_eq!(metrics.turn_refusals(TurnRefusal::TlsHandshake), 1);
     }
 
     #[test]

@@ -4,20 +4,26 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
-use tokio::process::Command;
+use tokio::process::{Child, ChildStdout, Command};
 
-#[tokio::test]
-async fn prints_its_url_serves_and_stops_on_sigterm() {
+/// `weft-signal` with `args`, serving an empty web root, killed on drop; its output lines.
+fn spawn(args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft-signal"))
-        .args(["--listen", "127.0.0.1:0", "--turn-port", "0"])
+        .args(args)
         .env("WEFT_WEB_ROOT", std::env::temp_dir())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+#[tokio::test]
+async fn prints_its_url_serves_and_stops_on_sigterm() {
+    let (mut child, mut lines) = spawn(&["--listen", "127.0.0.1:0", "--turn-port", "0"]);
     let mut next = async || {
         tokio::time::timeout(Duration::from_secs(10), lines.next_line())
             .await
@@ -50,11 +56,33 @@ async fn prints_its_url_serves_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn a_half_given_tls_configuration_is_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_weft-signal"))
-        .args(["--tls-cert", "/nonexistent.pem"])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"));
+    for (given, missing) in [("--tls-cert", "--tls-key"), ("--turn-tls-cert", "--turn-tls-key")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_weft-signal"))
+            .args([given, "/nonexistent.pem"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(missing), "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn with_a_certificate_it_says_where_turn_over_tls_listens() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = port.to_string();
+    let listen = format!("127.0.0.1:{port}");
+    for (tls_port, says) in [("0", "TLS "), (port.as_str(), " (shared with HTTPS)")] {
+        let args = ["--listen", &listen, "--self-signed", "--turn-port", "0"];
+        let (mut child, mut lines) = spawn(&[&args[..], &["--turn-tls-port", tls_port]].concat());
+        let turn = loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line());
+            let line = line.await.unwrap().unwrap().unwrap();
+            if line.starts_with("STUN/TURN") {
+                break line;
+            }
+        };
+        assert!(turn.contains(says), "{turn}");
+        child.kill().await.unwrap();
+    }
 }

@@ -1,7 +1,8 @@
 //! The embedded STUN/TURN server, driven by a real TURN client (webrtc-rs `turn`) over
 //! loopback: members are handed credentials of their own before their welcome; those
 //! allocate and relay; expired, forged and revoked credentials are refused; quotas hold;
-//! TURN over TCP works; `/metrics` counts it all.
+//! TURN over TCP and over TLS work, and a client that does not finish a TLS handshake is
+//! dropped without holding up anyone; `/metrics` counts it all.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,14 +12,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_tungstenite::tungstenite::Message;
 use turn::client::{Client, ClientConfig};
 use webrtc_util::Conn;
 use weft_core::signal::{self, ClientMessage, IceServer, PROTOCOL_VERSION, RoomId, ServerMessage};
 use weft_signal::metrics::TurnRefusal;
-use weft_signal::{Config, Limits, Server, TurnConfig};
+use weft_signal::{Config, Limits, Server, TlsSource, TurnConfig};
 
 const SECRET: &str = "test secret";
 const STEP: Duration = Duration::from_secs(10);
@@ -27,14 +29,24 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(turn: TurnConfig) -> Server {
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    start_with(turn, None).await
+}
+
+/// A server on free ports, with HTTPS if `tls` is given.
+async fn start_with(turn: TurnConfig, tls: Option<TlsSource>) -> Server {
+    let turn = TurnConfig { tls_port: 0, ..turn };
+    Server::start(config_at("127.0.0.1:0".parse().unwrap(), turn, tls)).await.unwrap()
+}
+
+/// The configuration of a server on `listen` with TURN over TLS as `turn` says.
+fn config_at(listen: SocketAddr, turn: TurnConfig, tls: Option<TlsSource>) -> Config {
+    Config {
+        listen,
         web_root: std::env::temp_dir(),
-        tls: None,
+        tls,
         limits: Limits::default(),
         turn: TurnConfig { port: 0, secret: Some(SECRET.into()), ..turn },
-    };
-    Server::start(config).await.unwrap()
+    }
 }
 
 async fn next(ws: &mut Ws) -> ServerMessage {
@@ -48,7 +60,18 @@ async fn next(ws: &mut Ws) -> ServerMessage {
 
 /// Joins a room; the ICE servers handed out, and the member's id.
 async fn join(server: &Server) -> (Ws, Vec<IceServer>, String) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
+    join_through(server, None).await
+}
+
+/// [`join`], over wss through `tls` if given.
+async fn join_through(
+    server: &Server,
+    tls: Option<tokio_tungstenite::Connector>,
+) -> (Ws, Vec<IceServer>, String) {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(server.ws_url(), None, false, tls)
+            .await
+            .unwrap();
     let join = ClientMessage::Join { version: PROTOCOL_VERSION, room: RoomId::new("r").unwrap() };
     ws.send(Message::text(signal::encode(&join))).await.unwrap();
     let ServerMessage::IceServers { servers, ttl_s } = next(&mut ws).await else {
@@ -249,16 +272,25 @@ async fn allocation_and_bandwidth_quotas_hold() {
     server.shutdown(STEP).await;
 }
 
-/// A TURN client's socket over TCP (RFC 5766 §11 framing), as a packet `Conn`.
-struct TcpConn {
-    read: tokio::sync::Mutex<tokio::net::tcp::OwnedReadHalf>,
-    write: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+/// A TURN client's socket over a stream, TCP or TLS (RFC 5766 §11 framing), as a packet
+/// `Conn`.
+struct StreamConn<S> {
+    read: tokio::sync::Mutex<ReadHalf<S>>,
+    write: tokio::sync::Mutex<WriteHalf<S>>,
     server: SocketAddr,
     local: SocketAddr,
 }
 
+impl<S: AsyncRead + AsyncWrite> StreamConn<S> {
+    fn new(stream: S, server: SocketAddr, local: SocketAddr) -> Self {
+        let (read, write) = tokio::io::split(stream);
+        let (read, write) = (tokio::sync::Mutex::new(read), tokio::sync::Mutex::new(write));
+        Self { read, write, server, local }
+    }
+}
+
 #[async_trait::async_trait]
-impl Conn for TcpConn {
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn for StreamConn<S> {
     async fn connect(&self, _: SocketAddr) -> webrtc_util::Result<()> {
         Ok(())
     }
@@ -276,7 +308,9 @@ impl Conn for TcpConn {
         Ok((4 + rest, self.server))
     }
     async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        self.write.lock().await.write_all(buf).await?;
+        let mut write = self.write.lock().await;
+        write.write_all(buf).await?;
+        write.flush().await?;
         Ok(buf.len())
     }
     async fn send_to(&self, buf: &[u8], _: SocketAddr) -> webrtc_util::Result<usize> {
@@ -304,17 +338,283 @@ async fn turn_over_tcp_allocates_and_relays() {
     let tcp = server.turn().unwrap().tcp_addr().unwrap();
     let stream = TcpStream::connect(tcp).await.unwrap();
     let local = stream.local_addr().unwrap();
-    let (read, write) = stream.into_split();
-    let conn = TcpConn {
-        read: tokio::sync::Mutex::new(read),
-        write: tokio::sync::Mutex::new(write),
-        server: tcp,
-        local,
-    };
-    // The client sends to the UDP address it was given; the TCP conn ignores it.
+    // The client sends to the UDP address it was given; the stream ignores it.
+    let conn = StreamConn::new(stream, tcp, local);
     let c = client_on(&server, Arc::new(conn), &username, &credential).await;
     let relay = c.allocate().await.unwrap();
     assert_eq!(relay_once(&relay, b"over tcp").await.as_deref(), Some(&b"over tcp"[..]));
     c.close().await.unwrap();
     server.shutdown(STEP).await;
+}
+
+/// A TLS connection to the server's TURN over TLS port that trusts `certificate` for
+/// `name`.
+async fn tls_stream(
+    server: &Server,
+    certificate: &rustls::pki_types::CertificateDer<'static>,
+    name: &str,
+) -> std::io::Result<StreamConn<tokio_rustls::client::TlsStream<TcpStream>>> {
+    tls_stream_offering(server, certificate, name, Vec::new()).await
+}
+
+/// [`tls_stream`], offering the ALPN protocols `alpn`.
+async fn tls_stream_offering(
+    server: &Server,
+    certificate: &rustls::pki_types::CertificateDer<'static>,
+    name: &str,
+    alpn: Vec<Vec<u8>>,
+) -> std::io::Result<StreamConn<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let addr = server.turn().unwrap().tls_addr().expect("TURN over TLS is on");
+    let tcp = TcpStream::connect(addr).await?;
+    let local = tcp.local_addr()?;
+    let name = ServerName::try_from(name.to_string()).unwrap();
+    let mut config = Arc::unwrap_or_clone(trusting(certificate));
+    config.alpn_protocols = alpn;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    Ok(StreamConn::new(tls, addr, local))
+}
+
+/// A TLS client configuration that trusts only `certificate`.
+fn trusting(certificate: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certificate.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// A credential for `member` minted as the server does, valid `ttl_s` more seconds
+/// (negative: expired).
+fn credential_for(member: &str, ttl_s: i64) -> (String, String) {
+    let expiry = unix_now().checked_add_signed(ttl_s).unwrap();
+    let username = format!("{expiry}:{member}");
+    let password = password(&username);
+    (username, password)
+}
+
+#[tokio::test]
+async fn turn_over_tls_is_handed_out_and_allocates_and_relays_with_the_https_certificate() {
+    let server = start_with(TurnConfig::default(), Some(TlsSource::SelfSigned)).await;
+    let turn = server.turn().unwrap();
+    let tls = turn.tls_addr().expect("a certificate turns TURN over TLS on");
+    let certificate = server.tls().unwrap().certificate.clone();
+    // A member joins over wss and is handed a turns: URL with its credential.
+    let wss = tokio_tungstenite::Connector::Rustls(trusting(&certificate));
+    let (_ws, servers, _) = join_through(&server, Some(wss)).await;
+    let urls: Vec<&String> = servers.iter().flat_map(|s| &s.urls).collect();
+    let turns = format!("turns:127.0.0.1:{}?transport=tcp", tls.port());
+    assert!(urls.contains(&&turns), "{urls:?}");
+    let (username, credential) = turn_entry(&servers);
+    assert!(servers.iter().any(|s| s.urls.contains(&turns) && s.username.is_some()));
+
+    let conn = tls_stream(&server, &certificate, "127.0.0.1").await.unwrap();
+    let c = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"over tls").await.as_deref(), Some(&b"over tls"[..]));
+    let m = server.state().metrics();
+    assert_eq!(m.turn_allocations.get(), 1);
+    assert_eq!(m.turn_refusals(TurnRefusal::TlsHandshake), 0);
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_speak_tls_is_dropped_and_holds_up_no_one() {
+    let turn =
+        TurnConfig { tls_handshake_timeout: Duration::from_secs(5), ..TurnConfig::default() };
+    let server = start_with(turn, Some(TlsSource::SelfSigned)).await;
+    let tls = server.turn().unwrap().tls_addr().unwrap();
+    let m = server.state().metrics();
+    let refused = || m.turn_refusals(TurnRefusal::TlsHandshake);
+
+    // A client that connects and says nothing.
+    let mut silent = TcpStream::connect(tls).await.unwrap();
+    // Meanwhile a TLS client allocates and relays, long before the silent one's time is up.
+    let certificate = server.tls().unwrap().certificate.clone();
+    let (username, credential) = credential_for("good", 600);
+    let conn = tls_stream(&server, &certificate, "127.0.0.1").await.unwrap();
+    let good = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay = good.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"first").await.as_deref(), Some(&b"first"[..]));
+    assert_eq!(refused(), 0, "the silent client was dropped before the good one got through");
+
+    // A TURN client speaking plain TCP to the TLS port: its Binding request (RFC 5389,
+    // framed as over TCP) is not a TLS ClientHello, so it is closed on at once, unanswered.
+    let mut plain = TcpStream::connect(tls).await.unwrap();
+    let mut binding = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    binding.extend_from_slice(&[7u8; 12]);
+    plain.write_all(&binding).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(STEP, plain.read_to_end(&mut answer)).await.unwrap();
+    // At most a TLS alert (content type 21), never a STUN answer.
+    assert!(read.is_err() || answer.is_empty() || answer[0] == 21, "{answer:?}");
+    assert_eq!(refused(), 1);
+
+    // The silent one is dropped when its handshake time is up.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, silent.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the silent client was never dropped");
+    assert_eq!(refused(), 2);
+    assert!(m.render().contains(r#"weft_turn_refusals_total{reason="tls_handshake"} 2"#));
+
+    // The good client was never disturbed.
+    assert_eq!(relay_once(&relay, b"second").await.as_deref(), Some(&b"second"[..]));
+    good.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+/// PEM files of a certificate, in a directory of their own removed on drop.
+struct CertificateFiles {
+    dir: std::path::PathBuf,
+    source: TlsSource,
+    /// The certificate, DER, for clients to trust.
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Drop for CertificateFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A self-signed certificate for the host name `name` (as a certificate authority would
+/// issue one, Let's Encrypt's say), in PEM files.
+fn issue_certificate(name: &str) -> CertificateFiles {
+    let unique = rand::random::<u64>();
+    let dir = std::env::temp_dir().join(format!("weft-turn-tls-{name}-{unique:x}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let der = generated.cert.der().clone();
+    CertificateFiles { dir, source: TlsSource::Files { cert, key }, der }
+}
+
+#[tokio::test]
+async fn over_tls_with_a_certificate_of_its_own_forged_and_expired_credentials_are_refused() {
+    // HTTP for the app; TURN over TLS with a certificate issued for a host name, as from
+    // Let's Encrypt for a public host.
+    let files = issue_certificate("turn.weft.test");
+    let certificate = files.der.clone();
+    let turn = TurnConfig {
+        tls_certificate: Some(files.source.clone()),
+        tls_host: Some("turn.weft.test".into()),
+        ..TurnConfig::default()
+    };
+    let server = start(turn).await;
+    let (_ws, servers, member) = join(&server).await;
+    let tls = server.turn().unwrap().tls_addr().unwrap();
+    let urls: Vec<&String> = servers.iter().flat_map(|s| &s.urls).collect();
+    let turns = format!("turns:turn.weft.test:{}?transport=tcp", tls.port());
+    assert!(urls.contains(&&turns), "{urls:?}");
+    let (username, credential) = turn_entry(&servers);
+    let m = server.state().metrics();
+    let over_tls = |username: String, password: String| {
+        let server = &server;
+        let certificate = &certificate;
+        async move {
+            let conn = tls_stream(server, certificate, "turn.weft.test").await.unwrap();
+            client_on(server, Arc::new(conn), &username, &password).await
+        }
+    };
+
+    // Forged: a later expiry than the server gave, with the genuine password.
+    let (expiry, _) = username.split_once(':').unwrap();
+    let forged = format!("{}:{member}", expiry.parse::<u64>().unwrap() + 86_400);
+    let c = over_tls(forged, credential.clone()).await;
+    assert!(c.allocate().await.is_err(), "a forged credential allocates over TLS");
+    c.close().await.unwrap();
+    // Expired: a genuine HMAC past its expiry.
+    let (old, old_password) = credential_for(&member, -60);
+    let c = over_tls(old, old_password).await;
+    assert!(c.allocate().await.is_err(), "an expired credential allocates over TLS");
+    c.close().await.unwrap();
+    assert!(m.turn_refusals(TurnRefusal::Expired) >= 1);
+    assert_eq!(m.turn_allocations_total.get(), 0);
+
+    // The genuine one allocates and relays.
+    let c = over_tls(username, credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"genuine").await.as_deref(), Some(&b"genuine"[..]));
+    assert_eq!(m.turn_refusals(TurnRefusal::TlsHandshake), 0);
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn without_a_certificate_there_is_no_turn_over_tls() {
+    let server = start(TurnConfig::default()).await;
+    let (_ws, servers, _) = join(&server).await;
+    assert_eq!(server.turn().unwrap().tls_addr(), None);
+    assert!(servers.iter().flat_map(|s| &s.urls).all(|u| !u.starts_with("turns:")));
+    server.shutdown(STEP).await;
+    let off = TurnConfig { tls: false, ..TurnConfig::default() };
+    let server = start_with(off, Some(TlsSource::SelfSigned)).await;
+    assert_eq!(server.turn().unwrap().tls_addr(), None);
+    server.shutdown(STEP).await;
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn turn_over_tls_shares_the_https_port_with_the_web_app() {
+    let port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let turn = TurnConfig { tls_port: port, ..TurnConfig::default() };
+    let server = Server::start(config_at(listen, turn, Some(TlsSource::SelfSigned))).await.unwrap();
+    assert_eq!(server.turn().unwrap().tls_addr(), Some(server.local_addr()));
+    let certificate = server.tls().unwrap().certificate.clone();
+
+    // The web side: a member joins over wss on that port and is handed turns: on it too.
+    let wss = tokio_tungstenite::Connector::Rustls(trusting(&certificate));
+    let (_ws, servers, _) = join_through(&server, Some(wss)).await;
+    let urls: Vec<&String> = servers.iter().flat_map(|s| &s.urls).collect();
+    assert!(urls.contains(&&format!("turns:127.0.0.1:{port}?transport=tcp")), "{urls:?}");
+    let (username, credential) = turn_entry(&servers);
+
+    // A TURN client on the same port, told apart by its first byte...
+    let conn = tls_stream(&server, &certificate, "127.0.0.1").await.unwrap();
+    let c = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"shared port").await.as_deref(), Some(&b"shared port"[..]));
+    // ...and one that says so with ALPN (RFC 7443).
+    let alpn = vec![b"stun.turn".to_vec()];
+    let conn = tls_stream_offering(&server, &certificate, "127.0.0.1", alpn).await.unwrap();
+    let (username, credential) = credential_for("alpn", 600);
+    let c2 = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay2 = c2.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay2, b"by alpn").await.as_deref(), Some(&b"by alpn"[..]));
+
+    // The web side still works beside them.
+    let wss = tokio_tungstenite::Connector::Rustls(trusting(&certificate));
+    let (_ws2, _, _) = join_through(&server, Some(wss)).await;
+    let m = server.state().metrics();
+    assert_eq!(m.turn_allocations.get(), 2);
+    assert_eq!(m.turn_refusals(TurnRefusal::TlsHandshake), 0);
+    c2.close().await.unwrap();
+    c.close().await.unwrap();
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn a_certificate_for_turn_alone_cannot_share_the_https_port() {
+    let port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let files = issue_certificate("turn.weft.test");
+    let turn = TurnConfig {
+        tls_port: port,
+        tls_certificate: Some(files.source.clone()),
+        ..TurnConfig::default()
+    };
+    let err =
+        Server::start(config_at(listen, turn, Some(TlsSource::SelfSigned))).await.unwrap_err();
+    assert!(err.to_string().contains("--turn-tls-port"), "{err}");
 }

@@ -101,6 +101,19 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How [`ChromeDriver::launch`] starts a Chromium.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BrowserOptions<'a> {
+    /// Save downloads into this directory without asking (several per page allowed).
+    pub downloads: Option<&'a std::path::Path>,
+    /// Run inside this host's network namespace (see [`ChromeDriver::browser_in`]).
+    pub netns: Option<&'a netns::Host>,
+    /// Accept any TLS certificate, a self-signed one for HTTPS or for TURN over TLS
+    /// included (`--ignore-certificate-errors`: Chromium checks a TURN server's
+    /// certificate as it does a website's).
+    pub danger_accept_any_certificate: bool,
+}
+
 /// A chromedriver process on a free port, killed on drop.
 #[derive(Debug)]
 pub struct ChromeDriver {
@@ -140,7 +153,7 @@ impl ChromeDriver {
         &self,
         downloads: Option<&std::path::Path>,
     ) -> Result<WebDriver> {
-        self.launch(downloads, None).await
+        self.launch(BrowserOptions { downloads, ..BrowserOptions::default() }).await
     }
 
     /// A new headless Chromium process inside `host`'s network namespace (see
@@ -149,14 +162,12 @@ impl ChromeDriver {
     /// DevTools port would listen on the other namespace's loopback. Quit the browser
     /// before dropping the topology.
     pub async fn browser_in(&self, host: &netns::Host) -> Result<WebDriver> {
-        self.launch(None, Some(host)).await
+        self.launch(BrowserOptions { netns: Some(host), ..BrowserOptions::default() }).await
     }
 
-    async fn launch(
-        &self,
-        downloads: Option<&std::path::Path>,
-        netns: Option<&netns::Host>,
-    ) -> Result<WebDriver> {
+    /// A new headless Chromium process started as `options` say.
+    pub async fn launch(&self, options: BrowserOptions<'_>) -> Result<WebDriver> {
+        let BrowserOptions { downloads, netns, danger_accept_any_certificate } = options;
         let mut caps = DesiredCapabilities::chrome();
         if let Some(dir) = downloads {
             caps.add_experimental_option(
@@ -191,6 +202,9 @@ impl ChromeDriver {
             "--window-size=1000,800",
         ] {
             caps.add_arg(arg)?;
+        }
+        if danger_accept_any_certificate {
+            caps.add_arg("--ignore-certificate-errors")?;
         }
         WebDriver::new(&self.url, caps).await.context("chromedriver could not start Chromium")
     }

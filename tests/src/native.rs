@@ -226,9 +226,14 @@ impl SignalProcess {
     /// Starts `weft-signal` on `host`, listening on its address at port 8080, STUN/TURN on
     /// 3478 (each namespace has ports of its own), with `extra` arguments.
     pub async fn start(host: &crate::netns::Host, extra: &[&str]) -> Result<Self> {
+        Self::start_on(host, 8080, extra).await
+    }
+
+    /// [`SignalProcess::start`] listening on `port`.
+    pub async fn start_on(host: &crate::netns::Host, port: u16, extra: &[&str]) -> Result<Self> {
         let mut cmd = host.tokio_command(weft_signal_bin()?);
         cmd.arg("--listen")
-            .arg(std::net::SocketAddr::new(host.ip, 8080).to_string())
+            .arg(std::net::SocketAddr::new(host.ip, port).to_string())
             .args(["--turn-port", "3478"])
             .args(extra)
             .env("WEFT_WEB_ROOT", crate::web_root())

@@ -15,7 +15,7 @@
 //!   198.18.1.0/24│        │198.18.2.0/24 ...
 //!     ┌──────────┴──┐  ┌──┴──────────┐
 //!     │ router of   │  │ router of   │  WAN 198.18.(s+1).1: the site's public address
-//!     │ site 0: Nat │  │ site 1: Nat │  (nftables: NAT kind, firewall, block_udp)
+//!     │ site 0: Nat │  │ site 1: Nat │  (nftables: NAT kind, firewall, outbound)
 //!     └──────┬──────┘  └──────┬──────┘  LAN bridge 198.19.(s+1).254
 //!        198.19.1.0/24     198.19.2.0/24
 //!      host(0,0) host(0,1)  host(1,0)      hosts 198.19.(s+1).(i+1), `eth0` + default route
@@ -46,9 +46,11 @@
 //! peer's early hole-punching packet that reached the router would leave a conntrack entry
 //! that makes Linux map the LAN's next flow to that peer to another port, and hole punching
 //! would fail even through endpoint-independent NAT (seen: without the rule, the hole
-//! punching self-test fails). [`SiteSpec::block_udp`] makes the router drop all UDP from
-//! the LAN to the internet (TCP passes), like a corporate firewall that leaves only TURN
-//! over TCP or TLS.
+//! punching self-test fails). [`SiteSpec::outbound`] can make the router drop all UDP from
+//! the LAN to the internet (TCP passes: [`Outbound::NoUdp`]), like a corporate firewall
+//! that leaves only TURN over TCP or TLS, or all but TCP to port 443
+//! ([`Outbound::OnlyTcp443`]), like a network that lets only HTTPS out and so leaves only
+//! TURN over TLS on 443.
 //!
 //! Limits of Linux as a NAT model: a public port already in use by another LAN host's flow
 //! to the same destination is not kept, so two hosts of one site may see different
@@ -100,21 +102,32 @@ pub enum Nat {
     Symmetric,
 }
 
+/// What a site's router lets out from its LAN to the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbound {
+    /// Everything.
+    All,
+    /// All but UDP.
+    NoUdp,
+    /// Only TCP to port 443.
+    OnlyTcp443,
+}
+
 /// One site: a router with a NAT of some kind and `hosts` hosts on its LAN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiteSpec {
     /// What the router does to the LAN's traffic.
     pub nat: Nat,
-    /// Drop all UDP from the LAN to the internet (TCP still passes).
-    pub block_udp: bool,
+    /// What the router lets out.
+    pub outbound: Outbound,
     /// How many hosts sit on the LAN (at least one).
     pub hosts: usize,
 }
 
 impl SiteSpec {
-    /// One host behind a router with `nat`, UDP allowed.
+    /// One host behind a router with `nat` that lets everything out.
     pub fn behind(nat: Nat) -> Self {
-        Self { nat, block_udp: false, hosts: 1 }
+        Self { nat, outbound: Outbound::All, hosts: 1 }
     }
 }
 
@@ -438,8 +451,14 @@ fn ruleset(spec: &SiteSpec) -> String {
         r#"iifname "wan" ct state established,related accept
            iifname "wan" drop"#
     };
-    let block_udp =
-        if spec.block_udp { r#"iifname "lan" oifname "wan" meta l4proto udp drop"# } else { "" };
+    let outbound = match spec.outbound {
+        Outbound::All => "",
+        Outbound::NoUdp => r#"iifname "lan" oifname "wan" meta l4proto udp drop"#,
+        Outbound::OnlyTcp443 => {
+            r#"iifname "lan" oifname "wan" tcp dport 443 accept
+               iifname "lan" oifname "wan" drop"#
+        }
+    };
     format!(
         r#"
 table ip weft {{
@@ -454,7 +473,7 @@ table ip weft {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        {block_udp}
+        {outbound}
         {inbound}
     }}
 }}

@@ -6,16 +6,31 @@
 //! encrypted session, and the relay must have carried that traffic without ever seeing the
 //! messages' text (it sees only ciphertext). A positive control shows the scan would find
 //! plaintext: the TURN username, which clients send in the clear, is seen.
+//!
+//! And through `weft-signal`'s own relay over TLS alone (`turns:`), as from a network that
+//! lets only TLS out to one port, on the port of the HTTPS server the page came from (as
+//! 443 on a public host): its certificate self-signed, which Chromium accepts only with
+//! `--ignore-certificate-errors` (it checks TURN servers' certificates as it does
+//! websites').
+//!
+//! Behind real firewalls (network namespaces, see `weft_tests::netns`): a browser whose
+//! network drops UDP reaches the relay over TCP or TLS, one whose network lets only TCP to
+//! 443 out reaches it with `turns:` on 443 beside the app, each taking the ICE servers the
+//! server hands out, and talks to a browser behind an ordinary home router.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use thirtyfour::prelude::*;
-use weft_signal::Limits;
+use weft_signal::{Config, IceOffer, Limits, Server, TlsSource, TurnConfig};
 use weft_tests::mitm::local_ice_ip;
+use weft_tests::native::SignalProcess;
+use weft_tests::netns::{Nat, Outbound, SiteSpec, Topology, netns_available};
 use weft_tests::turn_server::TurnServer;
-use weft_tests::{ChromeDriver, browser_available, js, rtc_view, start_server, wait_for};
+use weft_tests::{
+    BrowserOptions, ChromeDriver, browser_available, js, rtc_view, start_server, wait_for, web_root,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TURN_USER: &str = "weft-turn-user";
@@ -80,6 +95,16 @@ async fn wait_message(browser: &WebDriver, text: &str) -> anyhow::Result<Value> 
         }
     })
     .await
+}
+
+/// The one connected peer connection in `who`'s [`rtc_view`], and the whole view.
+async fn connected_pc(browser: &WebDriver, who: &str) -> (Value, Value) {
+    let view = rtc_view(browser).await.unwrap();
+    let pcs = view.as_array().unwrap();
+    let connected: Vec<&Value> =
+        pcs.iter().filter(|pc| pc["connectionState"] == "connected").collect();
+    assert_eq!(connected.len(), 1, "{who}: {view}");
+    (connected[0].clone(), view)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,12 +185,7 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     // The browsers' own view agrees: built with the TURN server and the relay policy, only
     // relay candidates gathered, and the selected pair is relay to relay on the server.
     for (who, browser) in [("alice", &alice), ("bob", &bob)] {
-        let view = rtc_view(browser).await.unwrap();
-        let pcs = view.as_array().unwrap();
-        let connected: Vec<&Value> =
-            pcs.iter().filter(|pc| pc["connectionState"] == "connected").collect();
-        assert_eq!(connected.len(), 1, "{who}: {view}");
-        let pc = connected[0];
+        let (pc, view) = connected_pc(browser, who).await;
         assert_eq!(pc["policy"], "relay", "{who}: {view}");
         assert_eq!(pc["iceServers"][0]["username"], TURN_USER, "{who}: {view}");
         assert_eq!(pc["localType"], "relay", "{who}: {view}");
@@ -220,4 +240,155 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     alice.quit().await.unwrap();
     bob.quit().await.unwrap();
     turn.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_port() {
+    if !browser_available(
+        "two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_port",
+    ) {
+        return;
+    }
+    // HTTPS and TURN over TLS on one port with one self-signed certificate, on an address
+    // Chromium uses for WebRTC (not loopback).
+    let ip = local_ice_ip().unwrap();
+    let port = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+    let secret = "browser turns secret";
+    let config = Config {
+        listen: std::net::SocketAddr::new(ip, port),
+        web_root: web_root(),
+        tls: Some(TlsSource::SelfSigned),
+        limits: Limits::default(),
+        turn: TurnConfig {
+            port: 0,
+            tls_port: port,
+            secret: Some(secret.into()),
+            ..TurnConfig::default()
+        },
+    };
+    let server = Server::start(config).await.unwrap();
+    let tls = server.turn().unwrap().tls_addr().unwrap();
+    assert_eq!(tls, server.local_addr(), "TURN over TLS shares the HTTPS port");
+    // Only the turns: URL, with credentials the server would mint for these members.
+    let turns = format!("turns:{tls}?transport=tcp");
+    let offer = IceOffer::new(secret.as_bytes(), Duration::from_secs(600), vec![turns.clone()]);
+
+    let driver = ChromeDriver::start().await.unwrap();
+    let any_certificate =
+        BrowserOptions { danger_accept_any_certificate: true, ..BrowserOptions::default() };
+    let (alice, bob) =
+        tokio::try_join!(driver.launch(any_certificate), driver.launch(any_certificate)).unwrap();
+    alice.goto(server.url()).await.unwrap();
+    bob.goto(server.url()).await.unwrap();
+    let invite = weft_tests::files::create_invite(&alice).await.unwrap();
+    for (browser, name) in [(&alice, "Alice"), (&bob, "Bob")] {
+        let options = json!({
+            "invite": invite,
+            "name": name,
+            "iceServers": offer.servers_for(name),
+            "iceTransportPolicy": "relay",
+        });
+        start_join(browser, options).await.unwrap();
+    }
+    let m = server.state().metrics();
+    if let Err(e) = tokio::try_join!(wait_peer_in(&alice, "relayed"), wait_peer_in(&bob, "relayed"))
+    {
+        let (a, b) = (state(&alice).await.unwrap(), state(&bob).await.unwrap());
+        let (ra, rb) = (rtc_view(&alice).await.unwrap(), rtc_view(&bob).await.unwrap());
+        panic!(
+            "{e}\nmetrics: {}\nalice: {a}\nalice rtc: {ra}\nbob: {b}\nbob rtc: {rb}",
+            m.render()
+        );
+    }
+    // Each browser reached the relay over TLS: its selected local candidate is a relay
+    // one allocated over TLS.
+    for (who, browser) in [("alice", &alice), ("bob", &bob)] {
+        let (pc, view) = connected_pc(browser, who).await;
+        assert_eq!(pc["localType"], "relay", "{who}: {view}");
+        assert_eq!(pc["relayProtocol"], "tls", "{who}: {view}");
+    }
+    assert!(m.turn_allocations_total.get() >= 2, "{}", m.render());
+    let before = m.turn_relayed_bytes.get();
+    assert_eq!(send(&alice, "over turns to Bob").await.unwrap(), 1);
+    assert_eq!(wait_message(&bob, "over turns to Bob").await.unwrap()["name"], "Alice");
+    assert_eq!(send(&bob, "over turns to Alice").await.unwrap(), 1);
+    assert_eq!(wait_message(&alice, "over turns to Alice").await.unwrap()["name"], "Bob");
+    assert!(m.turn_relayed_bytes.get() > before, "{}", m.render());
+    assert_eq!(m.turn_refusals(weft_signal::metrics::TurnRefusal::TlsHandshake), 0);
+
+    alice.quit().await.unwrap();
+    bob.quit().await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Ada's browser behind a router that lets out only what `outbound` allows, Bea's behind an
+/// ordinary home router, `weft-signal` on the public host with HTTPS and TURN over TLS on
+/// 443 (self-signed), each page taking the ICE servers the server hands out: they talk,
+/// and the view of the connection Ada's browser chose.
+async fn browsers_across_a_firewall(outbound: Outbound) -> Value {
+    let firewalled = SiteSpec { nat: Nat::EndpointIndependent, outbound, hosts: 1 };
+    let topology =
+        Topology::new(&[firewalled, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
+    let tls = ["--self-signed", "--turn-tls-port", "443"];
+    let server = SignalProcess::start_on(topology.server(), 443, &tls).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let behind = |site| BrowserOptions {
+        netns: Some(topology.host(site, 0)),
+        danger_accept_any_certificate: true,
+        ..BrowserOptions::default()
+    };
+    let (ada, bea) = tokio::try_join!(driver.launch(behind(0)), driver.launch(behind(1))).unwrap();
+    ada.goto(&server.url).await.unwrap();
+    bea.goto(&server.url).await.unwrap();
+    let invite = weft_tests::files::create_invite(&ada).await.unwrap();
+    for (browser, name) in [(&ada, "Ada"), (&bea, "Bea")] {
+        start_join(browser, json!({ "invite": invite, "name": name })).await.unwrap();
+    }
+    if let Err(e) = tokio::try_join!(wait_peer_in(&ada, "relayed"), wait_peer_in(&bea, "relayed")) {
+        let (a, b) = (state(&ada).await.unwrap(), state(&bea).await.unwrap());
+        let (ra, rb) = (rtc_view(&ada).await.unwrap(), rtc_view(&bea).await.unwrap());
+        panic!("{e}\nada: {a}\nada rtc: {ra}\nbea: {b}\nbea rtc: {rb}");
+    }
+    assert_eq!(send(&ada, "from behind the firewall").await.unwrap(), 1);
+    assert_eq!(wait_message(&bea, "from behind the firewall").await.unwrap()["name"], "Ada");
+    assert_eq!(send(&bea, "into the firewalled site").await.unwrap(), 1);
+    assert_eq!(wait_message(&ada, "into the firewalled site").await.unwrap()["name"], "Bea");
+    let (pc, view) = connected_pc(&ada, "ada").await;
+    assert_eq!(pc["localType"], "relay", "{view}");
+    // The firewall held: Ada gathered nothing but relayed candidates.
+    let candidates = pc["candidates"].as_array().unwrap();
+    assert!(
+        candidates.iter().all(|c| {
+            let c = c.as_str().unwrap();
+            c.contains(" typ relay") || c.contains(" typ host")
+        }),
+        "a server-reflexive candidate got through the firewall: {view}"
+    );
+    ada.quit().await.unwrap();
+    bea.quit().await.unwrap();
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    pc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_network_blocks_udp_connects_through_turn_over_tcp_or_tls() {
+    let test = "a_browser_whose_network_blocks_udp_connects_through_turn_over_tcp_or_tls";
+    if !netns_available(test) || !browser_available(test) {
+        return;
+    }
+    let pc = browsers_across_a_firewall(Outbound::NoUdp).await;
+    let protocol = pc["relayProtocol"].as_str().unwrap_or_default();
+    println!("UDP blocked: the browser relays over {protocol}");
+    assert!(protocol == "tcp" || protocol == "tls", "{pc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_network_lets_only_https_out_connects_through_turns_on_443() {
+    let test = "a_browser_whose_network_lets_only_https_out_connects_through_turns_on_443";
+    if !netns_available(test) || !browser_available(test) {
+        return;
+    }
+    let pc = browsers_across_a_firewall(Outbound::OnlyTcp443).await;
+    assert_eq!(pc["relayProtocol"], "tls", "{pc}");
 }

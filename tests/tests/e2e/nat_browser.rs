@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use thirtyfour::prelude::*;
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir, run};
-use weft_tests::netns::{Nat, SiteSpec, Topology, netns_available};
+use weft_tests::netns::{Nat, Outbound, SiteSpec, Topology, netns_available};
 use weft_tests::{
     ChromeDriver, INSTRUMENT_PEER_CONNECTIONS, chromium_available, js, wait_message, wait_peer,
 };
@@ -71,7 +71,7 @@ async fn a_browser_without_udp_and_one_behind_a_symmetric_nat_talk_through_turn_
     if !netns_available(test) || !chromium_available(test) {
         return;
     }
-    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, block_udp: true, hosts: 1 };
+    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
     let topology = Topology::new(&[no_udp, SiteSpec::behind(Nat::Symmetric)]).unwrap();
     let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();

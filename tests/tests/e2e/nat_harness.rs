@@ -1,8 +1,8 @@
 //! The network namespace harness (`weft_tests::netns`) behaves like the NATs it models: a
 //! `weft-netprobe` server on the public host reports the address it sees, and probes on
 //! hosts behind each kind of router show the mapping (endpoint-independent or not), the
-//! routed case, a UDP-blocking firewall, hole punching, Chromium inside a namespace, and
-//! the cleanup.
+//! routed case, a UDP-blocking firewall, one that lets only TCP to 443 out, hole punching,
+//! Chromium inside a namespace, and the cleanup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -11,7 +11,9 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use weft_tests::netns::{Host, Nat, SiteSpec, Topology, namespaces_with_prefix, netns_available};
+use weft_tests::netns::{
+    Host, Nat, Outbound, SiteSpec, Topology, namespaces_with_prefix, netns_available,
+};
 use weft_tests::{ChromeDriver, chromium_available};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_weft-netprobe");
@@ -101,9 +103,9 @@ fn udp_seen(topology: &Topology, host: &Host) -> Vec<Option<SocketAddr>> {
     seen
 }
 
-/// The address the server saw a TCP connection from `host` come from.
-fn tcp_seen(topology: &Topology, host: &Host) -> Result<SocketAddr, String> {
-    let server = SocketAddr::new(topology.public_ip(), PORTS[0]);
+/// The address the server saw a TCP connection from `host` to its `port` come from.
+fn tcp_seen(topology: &Topology, host: &Host, port: u16) -> Result<SocketAddr, String> {
+    let server = SocketAddr::new(topology.public_ip(), port);
     let out = host.command(PROBE).args(["tcp", &server.to_string()]).output().unwrap();
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -147,13 +149,13 @@ fn routed_site_shows_the_hosts_own_address() {
         return;
     }
     let topology =
-        Topology::new(&[SiteSpec { nat: Nat::None, block_udp: false, hosts: 2 }]).unwrap();
+        Topology::new(&[SiteSpec { nat: Nat::None, outbound: Outbound::All, hosts: 2 }]).unwrap();
     let _server = serve(&topology, &PORTS);
     for i in 0..2 {
         let host = topology.host(0, i);
         let seen = udp_seen(&topology, host);
         assert!(seen.iter().all(|s| s.unwrap().ip() == host.ip), "{host:?}: {seen:?}");
-        assert_eq!(tcp_seen(&topology, host).unwrap().ip(), host.ip);
+        assert_eq!(tcp_seen(&topology, host, PORTS[0]).unwrap().ip(), host.ip);
     }
 }
 
@@ -162,14 +164,33 @@ fn blocked_udp_gets_no_answer_but_tcp_connects() {
     if !netns_available("blocked_udp_gets_no_answer_but_tcp_connects") {
         return;
     }
-    let blocked = SiteSpec { nat: Nat::EndpointIndependent, block_udp: true, hosts: 1 };
+    let blocked = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
     let topology = Topology::new(&[blocked, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
     let _server = serve(&topology, &PORTS);
     // The server answers UDP (site 1), just not to site 0.
     assert!(udp_seen(&topology, topology.host(1, 0)).iter().all(Option::is_some));
     let seen = udp_seen(&topology, topology.host(0, 0));
     assert!(seen.iter().all(Option::is_none), "UDP got through: {seen:?}");
-    assert_eq!(tcp_seen(&topology, topology.host(0, 0)).unwrap().ip(), topology.site_public_ip(0));
+    assert_eq!(
+        tcp_seen(&topology, topology.host(0, 0), PORTS[0]).unwrap().ip(),
+        topology.site_public_ip(0)
+    );
+}
+
+#[test]
+fn only_tcp_to_443_gets_out_of_an_https_only_site() {
+    if !netns_available("only_tcp_to_443_gets_out_of_an_https_only_site") {
+        return;
+    }
+    let https_only =
+        SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::OnlyTcp443, hosts: 1 };
+    let topology = Topology::new(&[https_only]).unwrap();
+    let _server = serve(&topology, &[PORTS[0], PORTS[1], PORTS[2], 443]);
+    let host = topology.host(0, 0);
+    let seen = udp_seen(&topology, host);
+    assert!(seen.iter().all(Option::is_none), "UDP got through: {seen:?}");
+    assert!(tcp_seen(&topology, host, PORTS[0]).is_err(), "TCP to another port got through");
+    assert_eq!(tcp_seen(&topology, host, 443).unwrap().ip(), topology.site_public_ip(0));
 }
 
 /// Two `weft-netprobe punch` processes that have learned each other's mapped address
@@ -262,9 +283,9 @@ fn dropping_the_topology_deletes_its_namespaces() {
     let stale = format!("weft-99999999-{}-srv", std::process::id());
     let _ = std::process::Command::new("ip").args(["netns", "add", &stale]).status().unwrap();
     let sites = [
-        SiteSpec { nat: Nat::EndpointIndependent, block_udp: false, hosts: 2 },
+        SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::All, hosts: 2 },
         SiteSpec::behind(Nat::Symmetric),
-        SiteSpec { nat: Nat::None, block_udp: true, hosts: 1 },
+        SiteSpec { nat: Nat::None, outbound: Outbound::NoUdp, hosts: 1 },
     ];
     let topology = Topology::new(&sites).unwrap();
     assert!(namespaces_with_prefix(&stale).unwrap().is_empty(), "the stale namespace is left");

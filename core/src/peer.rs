@@ -35,7 +35,7 @@ use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::Network;
 use crate::sdp::dtls_fingerprint;
 use crate::signal::PeerId;
-use crate::transport::{Session, TransportError};
+use crate::transport::{Channel, ChannelSessions, TransportError};
 
 /// Longest chat message, in bytes of UTF-8.
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
@@ -223,7 +223,8 @@ enum State {
         retransmit: Option<Retransmit>,
     },
     Established {
-        session: Box<Session>,
+        /// One session per channel: their own keys, counters and replay windows.
+        sessions: Box<ChannelSessions>,
         next_ping: Duration,
         last_heard: Duration,
         /// The initiator's finished handshake, kept to answer a retransmitted Response
@@ -438,7 +439,7 @@ impl PeerLink {
                     Err(e) => self.fail(e.into()),
                 }
             }
-            State::Established { session, last_heard, handshake, .. } => {
+            State::Established { sessions, last_heard, handshake, .. } => {
                 if kind != Some(MessageKind::Transport) {
                     // Our Finish was lost and the responder resends its Response: answer
                     // with the same Finish. Anything else is a late or replayed handshake
@@ -453,8 +454,8 @@ impl PeerLink {
                     }
                     return;
                 }
-                match session.open_frames(bytes, now) {
-                    Ok(frames) => {
+                match sessions.open_frames(bytes, now) {
+                    Ok((_, frames)) => {
                         *last_heard = now;
                         // The peer sends only once established: it has our Finish.
                         *handshake = None;
@@ -486,7 +487,11 @@ impl PeerLink {
             _ => None,
         };
         self.state = State::Established {
-            session: Box::new(established.session),
+            sessions: Box::new(ChannelSessions::new(
+                established.session,
+                established.data,
+                established.fast_path,
+            )),
             next_ping: now.saturating_add(self.config.ping_interval),
             last_heard: now,
             handshake,
@@ -526,8 +531,8 @@ impl PeerLink {
     }
 
     fn send_frames(&mut self, frames: &[Frame], now: Duration) -> Option<()> {
-        let State::Established { session, .. } = &mut self.state else { return None };
-        match session.seal_frames(frames, now) {
+        let State::Established { sessions, .. } = &mut self.state else { return None };
+        match sessions.get_mut(Channel::Control).seal_frames(frames, now) {
             Ok(packet) => {
                 self.stats.packets_sent += 1;
                 self.transmits.push_back(packet);
@@ -592,12 +597,14 @@ impl PeerLink {
         self.send_frames(&frames, now).ok_or(LinkError::NotEstablished)
     }
 
-    /// Seals `data` as one packet for the unreliable channel (IP packets).
+    /// Seals `data` (an IP packet) as one packet for the unreliable data channel, with
+    /// that channel's keys.
     pub fn seal_data(&mut self, data: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
-        let State::Established { session, .. } = &mut self.state else {
+        let State::Established { sessions, .. } = &mut self.state else {
             return Err(LinkError::NotEstablished);
         };
-        let packet = session
+        let packet = sessions
+            .get_mut(Channel::Data)
             .seal_frames(&[Frame::Data(data.to_vec())], now)
             .map_err(LinkError::Transport)?;
         self.stats.packets_sent += 1;
@@ -611,10 +618,10 @@ impl PeerLink {
                 let deadline = deadline.deadline();
                 Some(retransmit.map_or(deadline, |r| r.at.min(deadline)))
             }
-            State::Established { session, next_ping, last_heard, .. } => {
+            State::Established { sessions, next_ping, last_heard, .. } => {
                 let silent = last_heard.saturating_add(self.config.idle_timeout);
                 let due = (*next_ping).min(silent);
-                Some(session.poll_timeout().map_or(due, |t| t.min(due)))
+                Some(sessions.poll_timeout().map_or(due, |t| t.min(due)))
             }
             State::Waiting | State::Failed => None,
         }
@@ -636,13 +643,13 @@ impl PeerLink {
                     }
                 }
             }
-            State::Established { session, next_ping, last_heard, .. } => {
+            State::Established { sessions, next_ping, last_heard, .. } => {
                 if now >= last_heard.saturating_add(self.config.idle_timeout) {
                     let silent = now.saturating_sub(*last_heard);
                     self.fail(LinkError::PeerSilent(silent));
                     return;
                 }
-                session.handle_timeout(now);
+                sessions.handle_timeout(now);
                 if now >= *next_ping {
                     *next_ping = now.saturating_add(self.config.ping_interval);
                     let ping = Frame::Ping { timestamp: micros(now) };

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
-use crate::frame::{FILE_TRANSFER_TYPES, Frame, MAX_NAME_LEN};
+use crate::frame::{FILE_TRANSFER_TYPES, FRAME_ROUTES, Frame, MAX_NAME_LEN};
 use crate::handshake::{
     ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
     HandshakeStep, MessageKind, message_kind,
@@ -114,8 +114,10 @@ pub enum LinkEvent {
         /// The text.
         text: String,
     },
-    /// Opaque data from the peer (an IP packet, later).
+    /// An IP packet from the peer.
     Data(Vec<u8>),
+    /// The peer's route announcement, for the node's routing code to decode.
+    Routes(Vec<u8>),
     /// A file-transfer frame (type in [`crate::frame::FILE_TRANSFER_TYPES`]) for
     /// [`crate::transfer`] to decode.
     Transfer {
@@ -522,6 +524,9 @@ impl PeerLink {
                 self.events.push_back(LinkEvent::Rtt(Duration::from_micros(rtt)));
             }
             Frame::Close { .. } => self.channel_closed(),
+            Frame::Unknown { frame_type: FRAME_ROUTES, body } => {
+                self.events.push_back(LinkEvent::Routes(body));
+            }
             Frame::Unknown { frame_type, body } if FILE_TRANSFER_TYPES.contains(&frame_type) => {
                 self.events.push_back(LinkEvent::Transfer { frame_type, body });
             }
@@ -595,6 +600,15 @@ impl PeerLink {
             .map(|(frame_type, body)| Frame::Unknown { frame_type, body })
             .collect();
         self.send_frames(&frames, now).ok_or(LinkError::NotEstablished)
+    }
+
+    /// Sends an encoded route announcement on the control channel.
+    pub fn send_routes(&mut self, body: Vec<u8>, now: Duration) -> Result<(), LinkError> {
+        if self.state() != LinkState::Established {
+            return Err(LinkError::NotEstablished);
+        }
+        self.send_frames(&[Frame::Unknown { frame_type: FRAME_ROUTES, body }], now)
+            .ok_or(LinkError::NotEstablished)
     }
 
     /// Seals `data` (an IP packet) as one packet for the unreliable data channel, with

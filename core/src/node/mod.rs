@@ -25,11 +25,17 @@
 //! comes from the driver. Connections are numbered so that events of a replaced one are
 //! ignored. See `core/NODE.md` for the policy and why.
 //!
-//! The routing table (IP packets between members) will live here too; today a
-//! [`LinkEvent::Data`] is dropped.
+//! The overlay's IP routing lives here too (`overlay.rs`, `route.rs`, `address.rs`,
+//! `ip.rs`): addresses, route announcements, the longest-prefix table keyed by peers'
+//! keys, cryptokey routing of packets between the TUN ([`Input::TunPacket`],
+//! [`Output::TunWrite`]) and the peers' data channels. See `core/ROUTING.md`.
 
+mod address;
 mod files;
+mod ip;
+mod overlay;
 mod peers;
+mod route;
 mod signaling;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -37,16 +43,28 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
+pub use self::address::{
+    MAX_IPV4_CANDIDATES, OVERLAY_IPV4, ipv4_candidate, ipv4_candidate_index, ipv6_address,
+    ipv6_interface_id, ipv6_prefix,
+};
 pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
     TransfersView,
 };
+pub use self::overlay::{OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME};
 pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState};
+pub use self::route::{
+    ANNOUNCEMENT_VERSION, Announcement, AnnouncementError, MAX_ANNOUNCED_ROUTES, PeerFilter, Route,
+    RouteKind, RoutePolicy, RouteTable,
+};
+pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use self::overlay::{Outbound, Overlay};
 
 use self::files::{FileGlue, Outgoing, PacedRead};
 use self::peers::PeerSlot;
 use self::signaling::{SignalingChange, SignalingClient, SocketAction};
-use crate::identity::{Fingerprint, IdentityKeyPair};
+use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::Network;
 use crate::peer::{LinkError, LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
 use crate::signal::{
@@ -119,6 +137,8 @@ pub struct NodeConfig {
     /// STUN/TURN servers the user chose (`iceServers`, `--ice-server`): used instead of
     /// the ones the signaling server hands out. `None`: the server's.
     pub ice_servers: Option<Vec<IceServer>>,
+    /// Overlay IP: whether we have a TUN device, what we advertise, what we accept.
+    pub routing: RoutingConfig,
 }
 
 impl NodeConfig {
@@ -142,6 +162,7 @@ impl NodeConfig {
             link: PeerLinkConfig::default(),
             engine: EngineConfig::default(),
             ice_servers: None,
+            routing: RoutingConfig::default(),
         }
     }
 }
@@ -265,6 +286,10 @@ pub enum Input {
         /// Where it is, or why it could not be put there.
         result: Result<SavedTo, String>,
     },
+    /// An IP packet read from the TUN device (the OS sends it into the overlay). The node
+    /// seals it to the peer its destination routes to ([`Output::Transmit`] on the data
+    /// channel), or answers with an ICMP error ([`Output::TunWrite`]).
+    TunPacket(Vec<u8>),
     /// [`Node::poll_timeout`] passed.
     Timeout,
 }
@@ -369,6 +394,12 @@ pub enum Output {
     SaveRecords(Vec<DownloadRecord>),
     /// Persist the trust store.
     SaveTrust(TrustStore),
+    /// Write this IP packet to the TUN device: a packet from a peer that passed
+    /// cryptokey routing, or an ICMP error for a packet we could not deliver.
+    TunWrite(Vec<u8>),
+    /// Our overlay addresses or the routing table changed (also once at start): configure
+    /// the TUN device's addresses and the routes that lead into it.
+    Overlay(OverlayStatus),
     /// Something for the user.
     Event(Event),
 }
@@ -513,6 +544,10 @@ pub struct Node {
     user_ice: Option<Vec<IceServer>>,
     /// The signaling server's latest STUN/TURN servers for us.
     server_ice: Vec<IceServer>,
+    /// Overlay IP: addresses, announcements, the routing table.
+    overlay: Overlay,
+    /// The peer id whose established session carries each key's traffic.
+    by_key: BTreeMap<PublicIdentity, PeerId>,
     out: VecDeque<Output>,
 }
 
@@ -526,6 +561,7 @@ impl Node {
         let NodeConfig { identity, network, name, trust, downloads, first_offer_id, .. } = config;
         let user_ice = config.ice_servers;
         let room = network.room_id().clone();
+        let overlay = Overlay::new(config.routing, &network, *identity.public());
         Self {
             identity,
             network,
@@ -547,6 +583,8 @@ impl Node {
             path_due: None,
             user_ice,
             server_ice: Vec::new(),
+            overlay,
+            by_key: BTreeMap::new(),
             out: VecDeque::new(),
         }
     }
@@ -556,6 +594,7 @@ impl Node {
 
     /// Connects to the signaling server (once).
     pub fn start(&mut self, now: Duration) {
+        self.sync_overlay(now, false);
         let (mut act, mut changes) = (Vec::new(), Vec::new());
         self.signaling.start(now, &mut act, &mut changes);
         self.apply_signaling(now, act, changes);
@@ -606,6 +645,10 @@ impl Node {
                 }
             }
             Input::FileSaved { root, result } => self.on_file_saved(root, result),
+            Input::TunPacket(packet) => {
+                self.on_tun_packet(now, packet);
+                return;
+            }
             Input::Timeout => self.handle_timeout(now, rng),
         }
         self.pump(now);
@@ -640,10 +683,14 @@ impl Node {
             .chain(self.files.save_due)
             .chain(self.path_due)
             .chain(paced)
+            .chain(self.overlay.poll_timeout())
             .min()
     }
 
     fn handle_timeout(&mut self, now: Duration, rng: &mut impl CryptoRng) {
+        if self.overlay.handle_timeout(now) {
+            self.sync_overlay(now, true);
+        }
         let (mut act, mut changes) = (Vec::new(), Vec::new());
         self.signaling.handle_timeout(now, jitter(rng), &mut act, &mut changes);
         self.apply_signaling(now, act, changes);
@@ -718,6 +765,9 @@ impl Node {
     fn on_membership(&mut self, now: Duration, event: MembershipEvent) {
         match event {
             MembershipEvent::Joined { peer_id, peers } => {
+                if self.overlay.joined(now, peers.len()) {
+                    self.sync_overlay(now, true);
+                }
                 self.emit(Event::Joined { peer_id, peers: peers.clone() });
                 self.resync(now, &peers);
             }
@@ -828,6 +878,90 @@ impl Node {
             if !slot.announced_left {
                 self.emit(Event::PeerLeft(remote.clone()));
             }
+            if let Some(key) = slot.link.peer_identity().copied() {
+                self.key_lost(now, key, remote);
+            }
+        }
+    }
+
+    /// The slot `remote` of `key` is gone: its traffic moves to another established slot
+    /// of the same key (a kept orphan, or the new id after a server restart), or the key's
+    /// routes go.
+    fn key_lost(&mut self, now: Duration, key: PublicIdentity, remote: &PeerId) {
+        if self.by_key.get(&key) != Some(remote) {
+            return;
+        }
+        self.by_key.remove(&key);
+        let other = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.is_established() && p.link.peer_identity() == Some(&key))
+            .map(|(id, _)| id.clone());
+        let changed = match other {
+            Some(id) => {
+                self.by_key.insert(key, id);
+                false
+            }
+            None if self.peers.values().any(|p| p.link.peer_identity() == Some(&key)) => {
+                self.overlay.peer_down(&key)
+            }
+            None => self.overlay.forget(&key),
+        };
+        self.sync_overlay(now, changed);
+    }
+
+    /// Reports a changed overlay status to the driver; with `announce`, first tells every
+    /// peer with a session what we announce now.
+    fn sync_overlay(&mut self, now: Duration, announce: bool) {
+        if announce {
+            let ids = self.established_peers();
+            for id in ids {
+                self.announce_to(now, &id);
+            }
+        }
+        if let Some(status) = self.overlay.changed_status() {
+            self.out.push_back(Output::Overlay(status));
+        }
+    }
+
+    fn announce_to(&mut self, now: Duration, id: &PeerId) {
+        let body = match self.overlay.announcement().encode() {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::warn!("cannot encode our route announcement: {e}");
+                return;
+            }
+        };
+        if let Some(slot) = self.peers.get_mut(id) {
+            if let Err(e) = slot.link.send_routes(body, now) {
+                tracing::debug!("cannot announce routes to {id}: {e}");
+            }
+        }
+        self.flush_link(id);
+    }
+
+    /// An IP packet from the TUN device.
+    fn on_tun_packet(&mut self, now: Duration, packet: Vec<u8>) {
+        let peers = &self.peers;
+        let by_key = &self.by_key;
+        let online = |key: &PublicIdentity| {
+            by_key.get(key).and_then(|id| peers.get(id)).is_some_and(|p| p.is_established())
+        };
+        match self.overlay.outbound(&packet, online) {
+            Outbound::Peer(key) => {
+                let Some(id) = self.by_key.get(&key) else { return };
+                let Some(slot) = self.peers.get_mut(id) else { return };
+                match slot.link.seal_data(&packet, now) {
+                    Ok(bytes) => self.out.push_back(Output::Transmit {
+                        conn: slot.conn,
+                        channel: Channel::Data,
+                        bytes,
+                    }),
+                    Err(e) => tracing::debug!("cannot seal an IP packet to {id}: {e}"),
+                }
+            }
+            Outbound::Icmp(icmp) => self.out.push_back(Output::TunWrite(icmp)),
+            Outbound::Drop => {}
         }
     }
 
@@ -916,6 +1050,12 @@ impl Node {
             }
             ConnectionEvent::Closed { reason } => {
                 tracing::debug!("connection {conn} to {remote} closed: {reason}");
+                if let Some(key) = slot.link.peer_identity().copied() {
+                    if self.by_key.get(&key) == Some(&remote) && self.overlay.peer_down(&key) {
+                        self.sync_overlay(now, true);
+                    }
+                }
+                let Some(slot) = self.peers.get_mut(&remote) else { return };
                 slot.link.channel_closed();
                 slot.link_rtt = None;
                 slot.announced_up = false;
@@ -927,7 +1067,7 @@ impl Node {
                 } else if in_room {
                     if let Some(slot) = self.peers.get_mut(&remote) {
                         slot.failure = Some(PeerFailure::KeepsDropping);
-                        let info = slot.info(&remote);
+                        let info = slot.info(&remote, &self.overlay);
                         self.emit(Event::PeerFailed(info));
                     }
                 } else {
@@ -963,6 +1103,8 @@ impl Node {
         let Some(slot) = self.peers.get_mut(remote) else { return };
         let mut established = None;
         let mut transfer = Vec::new();
+        let mut packets = Vec::new();
+        let mut announcements = Vec::new();
         let mut failed = false;
         let mut silent = false;
         let mut events = Vec::new();
@@ -983,8 +1125,8 @@ impl Node {
                     text,
                 }),
                 LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
-                // IP packets come with the routing table.
-                LinkEvent::Data(_) => {}
+                LinkEvent::Data(packet) => packets.push(packet),
+                LinkEvent::Routes(body) => announcements.push(body),
                 LinkEvent::Rtt(rtt) => slot.link_rtt = Some(rtt),
                 LinkEvent::Failed(error) => {
                     silent = matches!(error, LinkError::PeerSilent(_));
@@ -1002,16 +1144,16 @@ impl Node {
                 slot.trust = Some(trust);
                 save_trust = true;
                 if let Trust::Changed { .. } = trust {
-                    events.push(Event::KeyChanged(slot.info(remote)));
+                    events.push(Event::KeyChanged(slot.info(remote, &self.overlay)));
                 }
             }
         }
         if slot.trust.is_some() && !slot.announced_up && slot.is_established() {
             slot.announced_up = true;
-            events.push(Event::PeerConnected(slot.info(remote)));
+            events.push(Event::PeerConnected(slot.info(remote, &self.overlay)));
         }
         if failed {
-            events.push(Event::PeerFailed(slot.info(remote)));
+            events.push(Event::PeerFailed(slot.info(remote, &self.overlay)));
         }
         // A peer that already left the room and whose link failed is gone.
         let gone = slot.orphan && slot.link.state() == LinkState::Failed;
@@ -1031,6 +1173,7 @@ impl Node {
             self.set_engine_peer(remote, true, now);
             self.out.push_back(Output::ReadPath { conn });
         }
+        self.drive_overlay(now, remote, established.is_some(), failed, packets, announcements);
         for (frame_type, body) in transfer {
             match TransferMsg::decode(frame_type, &body) {
                 Ok(msg) => self.engine.handle(remote, msg, now),
@@ -1057,6 +1200,51 @@ impl Node {
         self.show(remote);
     }
 
+    /// The overlay's part of draining a link: a new session gets our announcement and
+    /// carries its key's traffic from now on; announcements and IP packets from the peer
+    /// go to the overlay; a failed session stops carrying.
+    fn drive_overlay(
+        &mut self,
+        now: Duration,
+        remote: &PeerId,
+        established: bool,
+        failed: bool,
+        packets: Vec<Vec<u8>>,
+        announcements: Vec<Vec<u8>>,
+    ) {
+        let Some(slot) = self.peers.get(remote) else { return };
+        let Some(key) = slot.link.peer_identity().copied() else { return };
+        // Unknown until the peer said its name (the key is pinned by name): until then a
+        // key keeps what it had, so a reconnecting verified peer keeps its routes.
+        let verified = slot.trust.map(|t| t == Trust::Verified);
+        let mut announce = false;
+        if established {
+            self.by_key.insert(key, remote.clone());
+            announce |= self.overlay.peer_up(key);
+            self.announce_to(now, remote);
+        }
+        if let Some(verified) = verified {
+            announce |= self.overlay.set_verified(&key, verified);
+        }
+        for body in announcements {
+            match Announcement::decode(&body) {
+                Ok(a) => announce |= self.overlay.announced(key, a),
+                Err(e) => tracing::warn!("bad route announcement from {remote}: {e}"),
+            }
+        }
+        if failed && self.by_key.get(&key) == Some(remote) {
+            announce |= self.overlay.peer_down(&key);
+        }
+        for packet in packets {
+            // Only the session that carries the key's traffic delivers (an orphan's
+            // last packets are as good as any, its key is the same).
+            if self.overlay.inbound(&key, &packet) {
+                self.out.push_back(Output::TunWrite(packet));
+            }
+        }
+        self.sync_overlay(now, announce);
+    }
+
     /// A connection kept from before a signaling reconnect is replaced by a new one to
     /// the same key.
     fn drop_orphans_of(&mut self, now: Duration, current: &PeerId, fp: &Fingerprint) {
@@ -1074,7 +1262,7 @@ impl Node {
     /// Reports `remote` if what users know of it changed.
     fn show(&mut self, remote: &PeerId) {
         let Some(slot) = self.peers.get_mut(remote) else { return };
-        let info = slot.info(remote);
+        let info = slot.info(remote, &self.overlay);
         if slot.shown.as_ref() != Some(&info) {
             slot.shown = Some(info.clone());
             self.emit(Event::Peer(info));
@@ -1447,8 +1635,17 @@ impl Node {
                 if let Some(fp) = &slot.fingerprint {
                     slot.trust = self.trust.check(name, fp);
                 }
+                if let Some(key) = slot.link.peer_identity() {
+                    // Trust decides which subnet and exit routes are accepted (our own
+                    // claim does not depend on it: nothing new to announce).
+                    let verified = slot.trust == Some(Trust::Verified);
+                    self.overlay.set_verified(key, verified);
+                }
             }
             self.show(id);
+        }
+        if let Some(status) = self.overlay.changed_status() {
+            self.out.push_back(Output::Overlay(status));
         }
         self.out.push_back(Output::SaveTrust(self.trust.clone()));
     }
@@ -1643,14 +1840,24 @@ impl Node {
         self.signaling.is_stopped()
     }
 
+    /// Our overlay addresses, the routing table and its counters (for `status`).
+    pub fn overlay(&self) -> OverlayStatus {
+        self.overlay.status()
+    }
+
+    /// The routing table, to look up or list.
+    pub fn route_table(&self) -> &RouteTable {
+        self.overlay.table()
+    }
+
     /// Every other member we know of (and kept sessions), by peer id.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        self.peers.iter().map(|(id, p)| p.info(id)).collect()
+        self.peers.iter().map(|(id, p)| p.info(id, &self.overlay)).collect()
     }
 
     /// What we know of `peer`.
     pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
-        self.peers.get(peer).map(|p| p.info(peer))
+        self.peers.get(peer).map(|p| p.info(peer, &self.overlay))
     }
 
     /// The display name `peer` announced, if any.

@@ -1051,8 +1051,9 @@ impl Node {
             ConnectionEvent::Closed { reason } => {
                 tracing::debug!("connection {conn} to {remote} closed: {reason}");
                 if let Some(key) = slot.link.peer_identity().copied() {
-                    if self.by_key.get(&key) == Some(&remote) && self.overlay.peer_down(&key) {
-                        self.sync_overlay(now, true);
+                    if self.by_key.get(&key) == Some(&remote) {
+                        let moved = self.overlay.peer_down(&key);
+                        self.sync_overlay(now, moved);
                     }
                 }
                 let Some(slot) = self.peers.get_mut(&remote) else { return };
@@ -1218,13 +1219,14 @@ impl Node {
         // key keeps what it had, so a reconnecting verified peer keeps its routes.
         let verified = slot.trust.map(|t| t == Trust::Verified);
         let mut announce = false;
+        let mut changed = established || failed || !announcements.is_empty();
         if established {
             self.by_key.insert(key, remote.clone());
             announce |= self.overlay.peer_up(key);
             self.announce_to(now, remote);
         }
         if let Some(verified) = verified {
-            announce |= self.overlay.set_verified(&key, verified);
+            changed |= self.overlay.set_verified(&key, verified);
         }
         for body in announcements {
             match Announcement::decode(&body) {
@@ -1236,13 +1238,16 @@ impl Node {
             announce |= self.overlay.peer_down(&key);
         }
         for packet in packets {
-            // Only the session that carries the key's traffic delivers (an orphan's
-            // last packets are as good as any, its key is the same).
+            // Any session of the key delivers (an orphan's last packets are as good:
+            // the key is the same).
             if self.overlay.inbound(&key, &packet) {
                 self.out.push_back(Output::TunWrite(packet));
             }
         }
-        self.sync_overlay(now, announce);
+        // Most inputs (a transfer chunk, an IP packet) change nothing here.
+        if changed || announce {
+            self.sync_overlay(now, announce);
+        }
     }
 
     /// A connection kept from before a signaling reconnect is replaced by a new one to

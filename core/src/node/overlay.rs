@@ -225,12 +225,14 @@ impl Overlay {
         self.rebuild()
     }
 
-    /// The user verified (or un-verified) `key`.
+    /// The user verified (or un-verified) `key`. Returns whether that changed anything
+    /// (the table was rebuilt; our own claim does not depend on trust).
     pub(crate) fn set_verified(&mut self, key: &PublicIdentity, verified: bool) -> bool {
         match self.peers.get_mut(key) {
             Some(p) if p.verified != verified => {
                 p.verified = verified;
-                self.rebuild()
+                self.rebuild();
+                true
             }
             _ => false,
         }

@@ -247,6 +247,8 @@ pub struct PeerLink {
     state: State,
     peer_identity: Option<PublicIdentity>,
     peer_name: Option<String>,
+    /// Our route announcement, sent with our name on every new session.
+    routes: Option<Vec<u8>>,
     early: VecDeque<Vec<u8>>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<LinkEvent>,
@@ -294,6 +296,7 @@ impl PeerLink {
             state: State::Waiting,
             peer_identity: None,
             peer_name: None,
+            routes: None,
             early: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -502,7 +505,13 @@ impl PeerLink {
         let hello = Frame::Hello { name: self.own_name.clone() };
         // The first ping right away gives an RTT as soon as the peer answers.
         let ping = Frame::Ping { timestamp: micros(now) };
-        self.send_frames(&[hello, ping], now);
+        match self.routes.clone() {
+            Some(body) => {
+                let routes = Frame::Unknown { frame_type: FRAME_ROUTES, body };
+                self.send_frames(&[hello, routes, ping], now)
+            }
+            None => self.send_frames(&[hello, ping], now),
+        };
         for bytes in std::mem::take(&mut self.early) {
             self.receive(&bytes, now, rng);
         }
@@ -602,13 +611,14 @@ impl PeerLink {
         self.send_frames(&frames, now).ok_or(LinkError::NotEstablished)
     }
 
-    /// Sends an encoded route announcement on the control channel.
-    pub fn send_routes(&mut self, body: Vec<u8>, now: Duration) -> Result<(), LinkError> {
-        if self.state() != LinkState::Established {
-            return Err(LinkError::NotEstablished);
+    /// Our route announcement (encoded, see `crate::node::Announcement`): sent now if the
+    /// session is up, and with our name whenever a session is established, so that a
+    /// peer learns our name and our addresses from the same packet.
+    pub fn set_routes(&mut self, body: Vec<u8>, now: Duration) {
+        self.routes = Some(body.clone());
+        if self.state() == LinkState::Established {
+            self.send_frames(&[Frame::Unknown { frame_type: FRAME_ROUTES, body }], now);
         }
-        self.send_frames(&[Frame::Unknown { frame_type: FRAME_ROUTES, body }], now)
-            .ok_or(LinkError::NotEstablished)
     }
 
     /// Seals `data` (an IP packet) as one packet for the unreliable data channel, with

@@ -1141,6 +1141,14 @@ fn every_member_sees_the_same_overlay_addresses() {
     }
     let counters = sim.node(0).overlay().counters;
     assert_eq!((counters.dropped_spoofed, counters.dropped_malformed), (0, 0));
+    // A peer's name and addresses come in one packet: "connected" already shows them.
+    for n in &sim.nodes {
+        for e in &n.events {
+            if let Event::PeerConnected(p) = e {
+                assert!(p.ipv4.is_some() && p.ipv6.is_some(), "{p:?}");
+            }
+        }
+    }
 }
 
 /// Two keys whose first IPv4 candidate is the same (a birthday search: about 2^11 keys).

@@ -521,6 +521,17 @@ pub enum NodeError {
     NoDownloadStore,
 }
 
+/// What draining a link changed for the overlay.
+#[derive(Debug, Clone, Copy)]
+struct OverlayChanges {
+    /// A session was established.
+    established: bool,
+    /// The link failed.
+    failed: bool,
+    /// The peer announced its routes (already applied).
+    announced: bool,
+}
+
 /// The node. See the module docs.
 #[derive(Debug)]
 pub struct Node {
@@ -855,7 +866,7 @@ impl Node {
             self.drop_peer(now, remote);
         }
         let Some(conn) = self.new_conn(remote) else { return };
-        let link = PeerLink::new(
+        let mut link = PeerLink::new(
             own,
             remote.clone(),
             self.identity.clone(),
@@ -863,6 +874,7 @@ impl Node {
             &self.name,
             self.link_config,
         );
+        link.set_routes(self.announcement(), now);
         self.peers.insert(remote.clone(), PeerSlot::new(conn, link));
         if self.path_due.is_none() {
             self.path_due = Some(now + self.timing.path_every);
@@ -914,9 +926,13 @@ impl Node {
     /// peer with a session what we announce now.
     fn sync_overlay(&mut self, now: Duration, announce: bool) {
         if announce {
-            let ids = self.established_peers();
+            let body = self.announcement();
+            let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
             for id in ids {
-                self.announce_to(now, &id);
+                if let Some(slot) = self.peers.get_mut(&id) {
+                    slot.link.set_routes(body.clone(), now);
+                }
+                self.flush_link(&id);
             }
         }
         if let Some(status) = self.overlay.changed_status() {
@@ -924,20 +940,11 @@ impl Node {
         }
     }
 
-    fn announce_to(&mut self, now: Duration, id: &PeerId) {
-        let body = match self.overlay.announcement().encode() {
-            Ok(body) => body,
-            Err(e) => {
-                tracing::warn!("cannot encode our route announcement: {e}");
-                return;
-            }
-        };
-        if let Some(slot) = self.peers.get_mut(id) {
-            if let Err(e) = slot.link.send_routes(body, now) {
-                tracing::debug!("cannot announce routes to {id}: {e}");
-            }
-        }
-        self.flush_link(id);
+    /// Our route announcement, encoded.
+    fn announcement(&self) -> Vec<u8> {
+        // Our own routes are at most 2 addresses, our subnets and 2 exits; the list is
+        // cut at the format's limit, so encoding cannot fail.
+        self.overlay.announcement().encode().unwrap_or_default()
     }
 
     /// An IP packet from the TUN device.
@@ -1105,7 +1112,7 @@ impl Node {
         let mut established = None;
         let mut transfer = Vec::new();
         let mut packets = Vec::new();
-        let mut announcements = Vec::new();
+        let (mut announced, mut announce_ours) = (false, false);
         let mut failed = false;
         let mut silent = false;
         let mut events = Vec::new();
@@ -1127,7 +1134,17 @@ impl Node {
                 }),
                 LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
                 LinkEvent::Data(packet) => packets.push(packet),
-                LinkEvent::Routes(body) => announcements.push(body),
+                // Applied at once, so that the events below show the peer's addresses.
+                LinkEvent::Routes(body) => {
+                    let Some(key) = slot.link.peer_identity().copied() else { continue };
+                    match Announcement::decode(&body) {
+                        Ok(a) => {
+                            announced = true;
+                            announce_ours |= self.overlay.announced(key, a);
+                        }
+                        Err(e) => tracing::warn!("bad route announcement from {remote}: {e}"),
+                    }
+                }
                 LinkEvent::Rtt(rtt) => slot.link_rtt = Some(rtt),
                 LinkEvent::Failed(error) => {
                     silent = matches!(error, LinkError::PeerSilent(_));
@@ -1174,7 +1191,8 @@ impl Node {
             self.set_engine_peer(remote, true, now);
             self.out.push_back(Output::ReadPath { conn });
         }
-        self.drive_overlay(now, remote, established.is_some(), failed, packets, announcements);
+        let overlay = OverlayChanges { established: established.is_some(), failed, announced };
+        self.drive_overlay(now, remote, overlay, packets, announce_ours);
         for (frame_type, body) in transfer {
             match TransferMsg::decode(frame_type, &body) {
                 Ok(msg) => self.engine.handle(remote, msg, now),
@@ -1208,31 +1226,23 @@ impl Node {
         &mut self,
         now: Duration,
         remote: &PeerId,
-        established: bool,
-        failed: bool,
+        OverlayChanges { established, failed, announced }: OverlayChanges,
         packets: Vec<Vec<u8>>,
-        announcements: Vec<Vec<u8>>,
+        mut announce: bool,
     ) {
         let Some(slot) = self.peers.get(remote) else { return };
         let Some(key) = slot.link.peer_identity().copied() else { return };
         // Unknown until the peer said its name (the key is pinned by name): until then a
         // key keeps what it had, so a reconnecting verified peer keeps its routes.
         let verified = slot.trust.map(|t| t == Trust::Verified);
-        let mut announce = false;
-        let mut changed = established || failed || !announcements.is_empty();
+        let mut changed = established || failed || announced || announce;
         if established {
+            // Our announcement went with our name (`PeerLink::set_routes`).
             self.by_key.insert(key, remote.clone());
             announce |= self.overlay.peer_up(key);
-            self.announce_to(now, remote);
         }
         if let Some(verified) = verified {
             changed |= self.overlay.set_verified(&key, verified);
-        }
-        for body in announcements {
-            match Announcement::decode(&body) {
-                Ok(a) => announce |= self.overlay.announced(key, a),
-                Err(e) => tracing::warn!("bad route announcement from {remote}: {e}"),
-            }
         }
         if failed && self.by_key.get(&key) == Some(remote) {
             announce |= self.overlay.peer_down(&key);

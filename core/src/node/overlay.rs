@@ -127,9 +127,11 @@ pub(crate) struct Overlay {
     firm: bool,
     /// When the claim becomes firm if not before.
     firm_at: Option<Duration>,
-    /// Peers listed when we joined that have not announced yet.
-    awaiting: BTreeSet<PublicIdentity>,
-    awaiting_ids: usize,
+    /// Keys that announced while our claim was tentative.
+    heard: BTreeSet<PublicIdentity>,
+    /// How many other members the room had when we joined: once as many announced, our
+    /// claim is firm.
+    members_at_join: usize,
     peers: BTreeMap<PublicIdentity, PeerRoutes>,
     table: RouteTable,
     counters: RouteCounters,
@@ -147,8 +149,8 @@ impl Overlay {
             ipv4: Some((ipv4_candidate(&key, 0), 0)),
             firm: false,
             firm_at: None,
-            awaiting: BTreeSet::new(),
-            awaiting_ids: 0,
+            heard: BTreeSet::new(),
+            members_at_join: 0,
             peers: BTreeMap::new(),
             table: RouteTable::default(),
             counters: RouteCounters::default(),
@@ -197,14 +199,14 @@ impl Overlay {
         if others == 0 {
             return self.make_firm();
         }
-        self.awaiting_ids = others;
+        self.members_at_join = others;
         self.firm_at.get_or_insert(now + SETTLE_TIME);
         false
     }
 
     fn make_firm(&mut self) -> bool {
         self.firm_at = None;
-        self.awaiting.clear();
+        self.heard.clear();
         let changed = !self.firm;
         self.firm = true;
         changed
@@ -260,8 +262,8 @@ impl Overlay {
         self.peers.entry(key).or_default().announcement = Some(announcement);
         let mut changed = self.rebuild();
         if !self.firm && self.firm_at.is_some() {
-            self.awaiting.insert(key);
-            if self.awaiting.len() >= self.awaiting_ids {
+            self.heard.insert(key);
+            if self.heard.len() >= self.members_at_join {
                 changed |= self.make_firm();
             }
         }

@@ -1362,11 +1362,25 @@ fn an_unknown_destination_gets_an_icmp_unreachable_whose_bytes_parse() {
         sim.tun_send(0, icmp);
         assert!(sim.nodes[0].tun_out.is_empty(), "an error about an error");
     }
+    // A program probing unreachable addresses in a loop gets at most 100 errors a second.
+    sim.run_for(Duration::from_secs(2));
+    let probe = udp(me4, ip("100.100.1.1"), b"again");
+    for _ in 0..150 {
+        sim.tun_send(0, probe.clone());
+    }
+    assert_eq!(sim.nodes[0].tun_out.len(), 100);
+    sim.nodes[0].tun_out.clear();
+    sim.run_for(Duration::from_millis(100));
+    for _ in 0..20 {
+        sim.tun_send(0, probe.clone());
+    }
+    assert_eq!(sim.nodes[0].tun_out.len(), 10, "refilled at 100 a second");
+    sim.nodes[0].tun_out.clear();
     // Garbage from the TUN is dropped and counted.
     sim.tun_send(0, vec![0x45, 0, 0]);
     sim.tun_send(0, Vec::new());
     let counters = sim.node(0).overlay().counters;
-    assert_eq!((counters.dropped_malformed, counters.unreachable), (2, 10));
+    assert_eq!((counters.dropped_malformed, counters.unreachable), (2, 10 + 150 + 20));
     assert!(sim.nodes[0].tun_out.is_empty());
 }
 

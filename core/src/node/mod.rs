@@ -51,7 +51,9 @@ pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
     TransfersView,
 };
-pub use self::overlay::{OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME};
+pub use self::overlay::{
+    ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
+};
 pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState};
 pub use self::route::{
     ANNOUNCEMENT_VERSION, Announcement, AnnouncementError, MAX_ANNOUNCED_ROUTES, PeerFilter, Route,
@@ -954,7 +956,7 @@ impl Node {
         let online = |key: &PublicIdentity| {
             by_key.get(key).and_then(|id| peers.get(id)).is_some_and(|p| p.is_established())
         };
-        match self.overlay.outbound(&packet, online) {
+        match self.overlay.outbound(now, &packet, online) {
             Outbound::Peer(key) => {
                 let Some(id) = self.by_key.get(&key) else { return };
                 let Some(slot) = self.peers.get_mut(id) else { return };

@@ -17,6 +17,10 @@ use super::route::{Announcement, Rank, Route, RouteKind, RoutePolicy, RouteTable
 use crate::identity::{Fingerprint, PublicIdentity};
 use crate::network::Network;
 
+/// ICMP errors the node writes to its TUN device per second, at most (after a burst of as
+/// many): a program probing unreachable addresses in a loop costs little.
+pub const ICMP_ERRORS_PER_SECOND: u32 = 100;
+
 /// How long a node that found other members in the room keeps its IPv4 claim tentative
 /// while it waits for their announcements.
 pub const SETTLE_TIME: Duration = Duration::from_secs(10);
@@ -51,8 +55,9 @@ pub struct RouteCounters {
     pub dropped_no_tun: u64,
     /// Bytes that are not an IP packet, from the TUN or from a peer.
     pub dropped_malformed: u64,
-    /// Packets from the TUN answered with ICMP destination unreachable (or dropped where
-    /// no ICMP error may be sent).
+    /// Packets from the TUN that could not be delivered: answered with ICMP destination
+    /// unreachable, or dropped where no ICMP error may be sent or the rate limit
+    /// ([`ICMP_ERRORS_PER_SECOND`]) is reached.
     pub unreachable: u64,
     /// Announced routes refused by the policy or by their key.
     pub routes_refused: u64,
@@ -135,6 +140,8 @@ pub(crate) struct Overlay {
     peers: BTreeMap<PublicIdentity, PeerRoutes>,
     table: RouteTable,
     counters: RouteCounters,
+    /// ICMP errors that may still be sent now, and when the allowance was last refilled.
+    icmp_allowance: (u32, Duration),
     /// What was last reported to the driver (without counters).
     shown: Option<OverlayStatus>,
 }
@@ -154,6 +161,7 @@ impl Overlay {
             peers: BTreeMap::new(),
             table: RouteTable::default(),
             counters: RouteCounters::default(),
+            icmp_allowance: (ICMP_ERRORS_PER_SECOND, Duration::ZERO),
             shown: None,
         };
         this.rebuild();
@@ -433,6 +441,7 @@ impl Overlay {
     /// session now.
     pub(crate) fn outbound(
         &mut self,
+        now: Duration,
         packet: &[u8],
         online: impl Fn(&PublicIdentity) -> bool,
     ) -> Outbound {
@@ -455,6 +464,9 @@ impl Overlay {
             None => Unreachable::Net,
         };
         self.counters.unreachable += 1;
+        if !self.take_icmp_allowance(now) {
+            return Outbound::Drop;
+        }
         let from = match dst {
             IpAddr::V4(_) => self.ipv4().map(IpAddr::V4),
             IpAddr::V6(_) => Some(IpAddr::V6(self.ipv6)),
@@ -463,6 +475,24 @@ impl Overlay {
             Some(icmp) => Outbound::Icmp(icmp),
             None => Outbound::Drop,
         }
+    }
+
+    /// Whether one more ICMP error may be sent now (a token bucket refilled at
+    /// [`ICMP_ERRORS_PER_SECOND`]).
+    fn take_icmp_allowance(&mut self, now: Duration) -> bool {
+        let (left, since) = &mut self.icmp_allowance;
+        let elapsed = now.saturating_sub(*since);
+        let refill = elapsed.as_millis() * u128::from(ICMP_ERRORS_PER_SECOND) / 1000;
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            *left = left.saturating_add(refill).min(ICMP_ERRORS_PER_SECOND);
+            *since = now;
+        }
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
     }
 
     /// A packet from peer `key`: whether it may be written to the TUN. Its source must be

@@ -1862,7 +1862,8 @@ impl Node {
         self.overlay.status()
     }
 
-    /// The routing table, to look up or list.
+    /// The routing table, to look up or list: every accepted route, and our own two
+    /// addresses (routed to our own key, so that a weaker claim of one loses to ours).
     pub fn route_table(&self) -> &RouteTable {
         self.overlay.table()
     }

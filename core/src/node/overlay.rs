@@ -522,8 +522,7 @@ impl Overlay {
         true
     }
 
-    /// Our status, and whether it differs from what was last reported (then it is
-    /// reported now).
+    /// Our addresses, the table (our own routes aside) and the counters.
     pub(crate) fn status(&self) -> OverlayStatus {
         OverlayStatus {
             ipv4: self.ipv4(),

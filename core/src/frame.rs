@@ -25,6 +25,9 @@ pub const FRAME_PONG: u8 = 0x04;
 pub const FRAME_CLOSE: u8 = 0x05;
 /// Frame type of [`Frame::Hello`].
 pub const FRAME_HELLO: u8 = 0x06;
+/// Frame type of a route announcement (`crate::node::Announcement`): decoded as
+/// [`Frame::Unknown`] here, by the node's routing code.
+pub const FRAME_ROUTES: u8 = 0x07;
 /// Longest display name in a [`Frame::Hello`], in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 /// Frame types reserved for file transfer (offer, accept, chunk, ack, cancel...).
@@ -36,7 +39,7 @@ pub const FILE_TRANSFER_TYPES: RangeInclusive<u8> = 0x20..=0x3f;
 pub enum Frame {
     /// A chat message (UTF-8 text).
     Message(String),
-    /// Opaque data, such as an IP packet of the overlay.
+    /// An IP packet of the overlay (sent on the data channel).
     Data(Vec<u8>),
     /// Asks the peer to answer with a [`Frame::Pong`] carrying the same timestamp.
     Ping {

@@ -46,7 +46,7 @@ use crate::identity::{
     IdentityKem, IdentityKeyPair, PUBLIC_IDENTITY_LEN, PublicIdentity, to_array,
 };
 use crate::network::NetworkSecret;
-use crate::transport::Session;
+use crate::transport::{Channel, Session};
 
 /// Version of the handshake (and of the transport it sets up).
 pub const HANDSHAKE_VERSION: u8 = 1;
@@ -104,8 +104,24 @@ const EXPORT_LABEL: &[u8] = b"weft/v1/handshake exporter";
 const MAC2_LABEL: &[u8] = b"weft/v1/mac2 key";
 const CHAIN2_LABEL: &[u8] = b"weft/v1/chain after response";
 const MAC3_LABEL: &[u8] = b"weft/v1/mac3 key";
-const TRANSPORT_I2R_LABEL: &[u8] = b"weft/v1/transport initiator->responder";
-const TRANSPORT_R2I_LABEL: &[u8] = b"weft/v1/transport responder->initiator";
+/// Chain-key labels of each [`Channel`], initiator->responder then responder->initiator.
+/// The control channel's are those of the first release (when it was the only one), so
+/// its packets are unchanged and older peers keep talking on it.
+fn transport_labels(channel: Channel) -> (&'static [u8], &'static [u8]) {
+    match channel {
+        Channel::Control => {
+            (b"weft/v1/transport initiator->responder", b"weft/v1/transport responder->initiator")
+        }
+        Channel::Data => (
+            b"weft/v1/transport data channel initiator->responder",
+            b"weft/v1/transport data channel responder->initiator",
+        ),
+        Channel::FastPath => (
+            b"weft/v1/transport fast path initiator->responder",
+            b"weft/v1/transport fast path responder->initiator",
+        ),
+    }
+}
 const SESSION_ID_LABEL: &[u8] = b"weft/v1/session id";
 
 /// Everything that can make a handshake fail.
@@ -234,7 +250,9 @@ pub enum MessageKind {
 pub fn message_kind(bytes: &[u8]) -> Option<MessageKind> {
     match *bytes.first()? {
         MSG_INIT | MSG_RESPONSE | MSG_FINISH | MSG_REJECT => Some(MessageKind::Handshake),
-        crate::transport::PACKET_TYPE => Some(MessageKind::Transport),
+        crate::transport::PACKET_TYPE
+        | crate::transport::DATA_PACKET_TYPE
+        | crate::transport::FAST_PATH_PACKET_TYPE => Some(MessageKind::Transport),
         _ => None,
     }
 }
@@ -348,8 +366,13 @@ pub struct HandshakeStep {
 /// A completed handshake.
 #[derive(Debug)]
 pub struct Established {
-    /// The transport session.
+    /// The transport session of the control channel ([`Channel::Control`]).
     pub session: Session,
+    /// The transport session of the data channel ([`Channel::Data`]): its own keys,
+    /// counters and replay window.
+    pub data: Session,
+    /// The transport session of the native fast path ([`Channel::FastPath`]), unused yet.
+    pub fast_path: Session,
     /// The peer's long-term key, authenticated by the handshake. The driver must compare
     /// its fingerprint with the one pinned for this peer (or show it for verification on
     /// first contact).
@@ -480,12 +503,37 @@ fn finish_hkdf(
     (hk, mac3_key)
 }
 
-/// Transport keys from the final HKDF state and the full transcript hash.
-fn session_from(hk: &Hkdf<Sha256>, th_final: &[u8; 32], is_initiator: bool) -> Session {
-    let i2r = expand(hk, TRANSPORT_I2R_LABEL, th_final);
-    let r2i = expand(hk, TRANSPORT_R2I_LABEL, th_final);
-    let id = expand(hk, SESSION_ID_LABEL, th_final);
-    if is_initiator { Session::new(&i2r, &r2i, *id) } else { Session::new(&r2i, &i2r, *id) }
+/// One channel's transport keys from the final HKDF state and the full transcript hash.
+fn session_from(
+    hk: &Hkdf<Sha256>,
+    th_final: &[u8; 32],
+    is_initiator: bool,
+    channel: Channel,
+) -> Session {
+    let (i2r_label, r2i_label) = transport_labels(channel);
+    let i2r = expand(hk, i2r_label, th_final);
+    let r2i = expand(hk, r2i_label, th_final);
+    let id = *expand(hk, SESSION_ID_LABEL, th_final);
+    if is_initiator {
+        Session::for_channel(channel, &i2r, &r2i, id)
+    } else {
+        Session::for_channel(channel, &r2i, &i2r, id)
+    }
+}
+
+/// The established handshake: one session per channel.
+fn established(
+    hk: &Hkdf<Sha256>,
+    th_final: &[u8; 32],
+    is_initiator: bool,
+    peer: PublicIdentity,
+) -> Established {
+    Established {
+        session: session_from(hk, th_final, is_initiator, Channel::Control),
+        data: session_from(hk, th_final, is_initiator, Channel::Data),
+        fast_path: session_from(hk, th_final, is_initiator, Channel::FastPath),
+        peer,
+    }
 }
 
 /// Checks type, version and length; returns the body after the two header bytes.
@@ -741,13 +789,10 @@ impl InitiatorWait {
         transcript.absorb(&nmac3);
         let th3 = transcript.hash();
 
-        let session = session_from(&hk, &th3, true);
+        let peer = PublicIdentity::from_bytes(to_array(r_static_bytes));
         Ok(HandshakeStep {
             message: Some(out),
-            established: Some(Established {
-                session,
-                peer: PublicIdentity::from_bytes(to_array(r_static_bytes)),
-            }),
+            established: Some(established(&hk, &th3, true, peer)),
         })
     }
 }
@@ -979,11 +1024,8 @@ impl ResponderWait {
         let (hk, mac3_key) = finish_hkdf(&th3_body, &chain, &auth_i, &pq_i);
         verify_mac(mac3_key.as_ref(), &th3_body, mac3)?;
 
-        let session = session_from(&hk, &th3, false);
-        Ok(HandshakeStep {
-            message: None,
-            established: Some(Established { session, peer: PublicIdentity::from_bytes(peer) }),
-        })
+        let peer = PublicIdentity::from_bytes(peer);
+        Ok(HandshakeStep { message: None, established: Some(established(&hk, &th3, false, peer)) })
     }
 }
 

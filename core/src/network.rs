@@ -41,6 +41,7 @@ const ROOM_ID_LABEL: &[u8] = b"weft/v1/room id";
 const PSK_LABEL: &[u8] = b"weft/v1/hpke psk";
 const PSK_ID_LABEL: &[u8] = b"weft/v1/hpke psk id";
 const HANDSHAKE_MAC_LABEL: &[u8] = b"weft/v1/handshake network mac key";
+const OVERLAY_GLOBAL_ID_LABEL: &[u8] = b"weft/v1/overlay ipv6 global id";
 
 /// Argon2id cost parameters for [`NetworkSecret::from_passphrase`].
 ///
@@ -211,6 +212,13 @@ impl NetworkSecret {
     /// Key of the network MAC that ends every handshake message.
     pub(crate) fn handshake_mac_key(&self) -> Zeroizing<[u8; 32]> {
         self.derive::<32>(HANDSHAKE_MAC_LABEL)
+    }
+
+    /// The 40-bit global id of the network's IPv6 ULA prefix (RFC 4193 `fdXX:XXXX:XXXX::/48`),
+    /// under its own label: public (every member's address shows it) and independent of
+    /// every other value derived here.
+    pub(crate) fn overlay_global_id(&self) -> [u8; 5] {
+        *self.derive::<5>(OVERLAY_GLOBAL_ID_LABEL)
     }
 
     fn derive<const N: usize>(&self, label: &[u8]) -> Zeroizing<[u8; N]> {

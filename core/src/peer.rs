@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
-use crate::frame::{FILE_TRANSFER_TYPES, Frame, MAX_NAME_LEN};
+use crate::frame::{FILE_TRANSFER_TYPES, FRAME_ROUTES, Frame, MAX_NAME_LEN};
 use crate::handshake::{
     ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
     HandshakeStep, MessageKind, message_kind,
@@ -35,7 +35,7 @@ use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::Network;
 use crate::sdp::dtls_fingerprint;
 use crate::signal::PeerId;
-use crate::transport::{Session, TransportError};
+use crate::transport::{Channel, ChannelSessions, TransportError};
 
 /// Longest chat message, in bytes of UTF-8.
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
@@ -114,8 +114,10 @@ pub enum LinkEvent {
         /// The text.
         text: String,
     },
-    /// Opaque data from the peer (an IP packet, later).
+    /// An IP packet from the peer.
     Data(Vec<u8>),
+    /// The peer's route announcement, for the node's routing code to decode.
+    Routes(Vec<u8>),
     /// A file-transfer frame (type in [`crate::frame::FILE_TRANSFER_TYPES`]) for
     /// [`crate::transfer`] to decode.
     Transfer {
@@ -223,7 +225,8 @@ enum State {
         retransmit: Option<Retransmit>,
     },
     Established {
-        session: Box<Session>,
+        /// One session per channel: their own keys, counters and replay windows.
+        sessions: Box<ChannelSessions>,
         next_ping: Duration,
         last_heard: Duration,
         /// The initiator's finished handshake, kept to answer a retransmitted Response
@@ -244,6 +247,8 @@ pub struct PeerLink {
     state: State,
     peer_identity: Option<PublicIdentity>,
     peer_name: Option<String>,
+    /// Our route announcement, sent with our name on every new session.
+    routes: Option<Vec<u8>>,
     early: VecDeque<Vec<u8>>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<LinkEvent>,
@@ -291,6 +296,7 @@ impl PeerLink {
             state: State::Waiting,
             peer_identity: None,
             peer_name: None,
+            routes: None,
             early: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -438,7 +444,7 @@ impl PeerLink {
                     Err(e) => self.fail(e.into()),
                 }
             }
-            State::Established { session, last_heard, handshake, .. } => {
+            State::Established { sessions, last_heard, handshake, .. } => {
                 if kind != Some(MessageKind::Transport) {
                     // Our Finish was lost and the responder resends its Response: answer
                     // with the same Finish. Anything else is a late or replayed handshake
@@ -453,8 +459,8 @@ impl PeerLink {
                     }
                     return;
                 }
-                match session.open_frames(bytes, now) {
-                    Ok(frames) => {
+                match sessions.open_frames(bytes, now) {
+                    Ok((_, frames)) => {
                         *last_heard = now;
                         // The peer sends only once established: it has our Finish.
                         *handshake = None;
@@ -486,7 +492,11 @@ impl PeerLink {
             _ => None,
         };
         self.state = State::Established {
-            session: Box::new(established.session),
+            sessions: Box::new(ChannelSessions::new(
+                established.session,
+                established.data,
+                established.fast_path,
+            )),
             next_ping: now.saturating_add(self.config.ping_interval),
             last_heard: now,
             handshake,
@@ -495,7 +505,13 @@ impl PeerLink {
         let hello = Frame::Hello { name: self.own_name.clone() };
         // The first ping right away gives an RTT as soon as the peer answers.
         let ping = Frame::Ping { timestamp: micros(now) };
-        self.send_frames(&[hello, ping], now);
+        match self.routes.clone() {
+            Some(body) => {
+                let routes = Frame::Unknown { frame_type: FRAME_ROUTES, body };
+                self.send_frames(&[hello, routes, ping], now)
+            }
+            None => self.send_frames(&[hello, ping], now),
+        };
         for bytes in std::mem::take(&mut self.early) {
             self.receive(&bytes, now, rng);
         }
@@ -517,6 +533,9 @@ impl PeerLink {
                 self.events.push_back(LinkEvent::Rtt(Duration::from_micros(rtt)));
             }
             Frame::Close { .. } => self.channel_closed(),
+            Frame::Unknown { frame_type: FRAME_ROUTES, body } => {
+                self.events.push_back(LinkEvent::Routes(body));
+            }
             Frame::Unknown { frame_type, body } if FILE_TRANSFER_TYPES.contains(&frame_type) => {
                 self.events.push_back(LinkEvent::Transfer { frame_type, body });
             }
@@ -526,8 +545,8 @@ impl PeerLink {
     }
 
     fn send_frames(&mut self, frames: &[Frame], now: Duration) -> Option<()> {
-        let State::Established { session, .. } = &mut self.state else { return None };
-        match session.seal_frames(frames, now) {
+        let State::Established { sessions, .. } = &mut self.state else { return None };
+        match sessions.get_mut(Channel::Control).seal_frames(frames, now) {
             Ok(packet) => {
                 self.stats.packets_sent += 1;
                 self.transmits.push_back(packet);
@@ -592,12 +611,24 @@ impl PeerLink {
         self.send_frames(&frames, now).ok_or(LinkError::NotEstablished)
     }
 
-    /// Seals `data` as one packet for the unreliable channel (IP packets).
+    /// Our route announcement (encoded, see `crate::node::Announcement`): sent now if the
+    /// session is up, and with our name whenever a session is established, so that a
+    /// peer learns our name and our addresses from the same packet.
+    pub fn set_routes(&mut self, body: Vec<u8>, now: Duration) {
+        self.routes = Some(body.clone());
+        if self.state() == LinkState::Established {
+            self.send_frames(&[Frame::Unknown { frame_type: FRAME_ROUTES, body }], now);
+        }
+    }
+
+    /// Seals `data` (an IP packet) as one packet for the unreliable data channel, with
+    /// that channel's keys.
     pub fn seal_data(&mut self, data: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
-        let State::Established { session, .. } = &mut self.state else {
+        let State::Established { sessions, .. } = &mut self.state else {
             return Err(LinkError::NotEstablished);
         };
-        let packet = session
+        let packet = sessions
+            .get_mut(Channel::Data)
             .seal_frames(&[Frame::Data(data.to_vec())], now)
             .map_err(LinkError::Transport)?;
         self.stats.packets_sent += 1;
@@ -611,10 +642,10 @@ impl PeerLink {
                 let deadline = deadline.deadline();
                 Some(retransmit.map_or(deadline, |r| r.at.min(deadline)))
             }
-            State::Established { session, next_ping, last_heard, .. } => {
+            State::Established { sessions, next_ping, last_heard, .. } => {
                 let silent = last_heard.saturating_add(self.config.idle_timeout);
                 let due = (*next_ping).min(silent);
-                Some(session.poll_timeout().map_or(due, |t| t.min(due)))
+                Some(sessions.poll_timeout().map_or(due, |t| t.min(due)))
             }
             State::Waiting | State::Failed => None,
         }
@@ -636,13 +667,13 @@ impl PeerLink {
                     }
                 }
             }
-            State::Established { session, next_ping, last_heard, .. } => {
+            State::Established { sessions, next_ping, last_heard, .. } => {
                 if now >= last_heard.saturating_add(self.config.idle_timeout) {
                     let silent = now.saturating_sub(*last_heard);
                     self.fail(LinkError::PeerSilent(silent));
                     return;
                 }
-                session.handle_timeout(now);
+                sessions.handle_timeout(now);
                 if now >= *next_ping {
                     *next_ping = now.saturating_add(self.config.ping_interval);
                     let ping = Frame::Ping { timestamp: micros(now) };

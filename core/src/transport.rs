@@ -4,10 +4,14 @@
 //! A packet is
 //!
 //! ```text
-//! 0x10 | epoch (u32 BE) | counter (u64 BE) | ChaCha20-Poly1305(plaintext) | tag (16)
+//! type | epoch (u32 BE) | counter (u64 BE) | ChaCha20-Poly1305(plaintext) | tag (16)
 //! ```
 //!
-//! with the 13-byte header as associated data. Each direction has its own key chain; the
+//! with the 13-byte header as associated data. The type byte names the [`Channel`] the
+//! packet belongs to (0x10 control, 0x11 data, 0x12 the future native fast path): each
+//! channel has its own [`Session`] (keys, counters, replay window), so a burst on one
+//! channel cannot push a late packet of another out of its window, and a packet sealed
+//! for one channel does not open on another. Each direction has its own key chain; the
 //! epoch names the key. The nonce is the counter (zero-padded to 12 bytes), which starts
 //! at 0 in every epoch and only increases, so no (key, nonce) pair repeats. The receiver
 //! keeps a [`ReplayWindow`] per epoch, updated only after the tag verifies.
@@ -33,8 +37,50 @@ use zeroize::Zeroizing;
 use crate::aead::{NONCE_LEN, PacketAead, PacketCipher};
 use crate::frame::{Frame, FrameError};
 
-/// First byte of a transport packet.
+/// First byte of a transport packet of the control channel ([`Channel::Control`]).
 pub const PACKET_TYPE: u8 = 0x10;
+/// First byte of a transport packet of the data channel ([`Channel::Data`]).
+pub const DATA_PACKET_TYPE: u8 = 0x11;
+/// First byte of a transport packet of the native fast path ([`Channel::FastPath`]).
+pub const FAST_PATH_PACKET_TYPE: u8 = 0x12;
+
+/// Which packet stream of a link a packet belongs to. Each has its own keys (derived from
+/// the handshake with its own labels), counters and replay window, and its own first
+/// byte. All three bytes lie in 16..=19, which RFC 7983 leaves to none of STUN, DTLS,
+/// TURN channels or RTP, so the fast path can share a UDP socket with ICE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// The reliable, ordered data channel (id 0): handshake, messages, file transfer.
+    Control,
+    /// The unordered, unreliable data channel (id 1): IP packets.
+    Data,
+    /// Reserved: sealed packets sent as plain UDP on the ICE path between native peers.
+    FastPath,
+}
+
+impl Channel {
+    /// Every channel, in order.
+    pub const ALL: [Channel; 3] = [Channel::Control, Channel::Data, Channel::FastPath];
+
+    /// The first byte of this channel's packets.
+    pub fn packet_type(self) -> u8 {
+        match self {
+            Self::Control => PACKET_TYPE,
+            Self::Data => DATA_PACKET_TYPE,
+            Self::FastPath => FAST_PATH_PACKET_TYPE,
+        }
+    }
+
+    /// The channel a packet says it belongs to, from its first byte.
+    pub fn of_packet(packet: &[u8]) -> Option<Self> {
+        match *packet.first()? {
+            PACKET_TYPE => Some(Self::Control),
+            DATA_PACKET_TYPE => Some(Self::Data),
+            FAST_PATH_PACKET_TYPE => Some(Self::FastPath),
+            _ => None,
+        }
+    }
+}
 /// Length of a packet header (type, epoch, counter).
 pub const PACKET_HEADER_LEN: usize = 13;
 /// Length of the AEAD tag.
@@ -98,9 +144,12 @@ pub enum TransportError {
         /// Bytes the packet needs.
         needed: usize,
     },
-    /// The first byte is not [`PACKET_TYPE`].
+    /// The first byte is not a transport packet type.
     #[error("not a transport packet")]
     NotTransport,
+    /// A transport packet of another [`Channel`] than this session's.
+    #[error("a packet of another channel")]
+    WrongChannel,
     /// Longer than [`MAX_PACKET_LEN`] (or a plaintext longer than [`MAX_PLAINTEXT_LEN`]).
     #[error("packet larger than {MAX_PACKET_LEN} bytes")]
     TooLarge,
@@ -253,9 +302,9 @@ fn nonce(counter: u64) -> [u8; NONCE_LEN] {
     n
 }
 
-fn header(epoch: u32, counter: u64) -> [u8; PACKET_HEADER_LEN] {
+fn header(channel: Channel, epoch: u32, counter: u64) -> [u8; PACKET_HEADER_LEN] {
     let mut h = [0u8; PACKET_HEADER_LEN];
-    h[0] = PACKET_TYPE;
+    h[0] = channel.packet_type();
     h[1..5].copy_from_slice(&epoch.to_be_bytes());
     h[5..].copy_from_slice(&counter.to_be_bytes());
     h
@@ -308,23 +357,27 @@ impl<C: PacketAead> RecvEpoch<C> {
     }
 }
 
-/// Checks a packet's length and type, and reads its epoch and counter.
-fn parse_header(packet: &[u8]) -> Result<(u32, u64), TransportError> {
+/// Checks a packet's length and type (that of `channel`), and reads its epoch and
+/// counter.
+fn parse_header(packet: &[u8], channel: Channel) -> Result<(u32, u64), TransportError> {
     if packet.len() > MAX_PACKET_LEN {
         return Err(TransportError::TooLarge);
     }
     if packet.len() < PACKET_OVERHEAD {
         return Err(TransportError::Truncated);
     }
-    if packet[0] != PACKET_TYPE {
-        return Err(TransportError::NotTransport);
+    match Channel::of_packet(packet) {
+        None => return Err(TransportError::NotTransport),
+        Some(c) if c != channel => return Err(TransportError::WrongChannel),
+        Some(_) => {}
     }
     let epoch = u32::from_be_bytes(to_array(&packet[1..5]));
     let counter = u64::from_be_bytes(to_array(&packet[5..PACKET_HEADER_LEN]));
     Ok((epoch, counter))
 }
 
-/// An established session: seals outgoing packets and opens incoming ones.
+/// An established session of one [`Channel`]: seals outgoing packets and opens incoming
+/// ones.
 ///
 /// Made by the handshake ([`crate::handshake`]). Time is the caller's: pass `now` as a
 /// [`Duration`] since any epoch, the same one on every call.
@@ -332,6 +385,7 @@ fn parse_header(packet: &[u8]) -> Result<(u32, u64), TransportError> {
 /// `C` is the packet cipher; keep the default ([`PacketCipher`], this build's fastest).
 /// The benchmarks and tests also run sessions on the other implementation.
 pub struct Session<C = PacketCipher> {
+    channel: Channel,
     config: TransportConfig,
     send: SendState<C>,
     recv: RecvEpoch<C>,
@@ -344,6 +398,7 @@ pub struct Session<C = PacketCipher> {
 impl<C> fmt::Debug for Session<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
+            .field("channel", &self.channel)
             .field("send_epoch", &self.send.epoch)
             .field("send_counter", &self.send.counter)
             .field("recv_epoch", &self.recv.epoch)
@@ -353,10 +408,21 @@ impl<C> fmt::Debug for Session<C> {
 }
 
 impl<C: PacketAead> Session<C> {
-    /// A session from the two directions' initial chain keys.
+    /// A control-channel session from the two directions' initial chain keys.
     pub(crate) fn new(send_chain: &[u8; 32], recv_chain: &[u8; 32], session_id: [u8; 32]) -> Self {
+        Self::for_channel(Channel::Control, send_chain, recv_chain, session_id)
+    }
+
+    /// A session of `channel` from the two directions' initial chain keys.
+    pub(crate) fn for_channel(
+        channel: Channel,
+        send_chain: &[u8; 32],
+        recv_chain: &[u8; 32],
+        session_id: [u8; 32],
+    ) -> Self {
         let (recv_key, recv_next_chain) = ratchet(recv_chain);
         Self {
+            channel,
             config: TransportConfig::default(),
             send: SendState::new(send_chain, 0),
             recv: RecvEpoch::new(&recv_key, 0),
@@ -380,6 +446,11 @@ impl<C: PacketAead> Session<C> {
     /// higher layers to it). Not a key: do not encrypt with it.
     pub fn session_id(&self) -> &[u8; 32] {
         &self.session_id
+    }
+
+    /// The channel whose packets this session seals and opens.
+    pub fn channel(&self) -> Channel {
+        self.channel
     }
 
     /// The epoch of the key this side sends with.
@@ -442,7 +513,7 @@ impl<C: PacketAead> Session<C> {
         self.send.started_at.get_or_insert(now);
         let counter = self.send.counter;
         let (hdr, rest) = packet.split_at_mut(PACKET_HEADER_LEN);
-        hdr.copy_from_slice(&header(self.send.epoch, counter));
+        hdr.copy_from_slice(&header(self.channel, self.send.epoch, counter));
         let (body, tag) = rest.split_at_mut(tag_at - PACKET_HEADER_LEN);
         tag.copy_from_slice(
             &self
@@ -503,7 +574,7 @@ impl<C: PacketAead> Session<C> {
     pub fn open(&mut self, packet: &[u8], now: Duration) -> Result<Vec<u8>, TransportError> {
         self.handle_timeout(now);
         // Refuse what cannot be a packet before copying it.
-        parse_header(packet)?;
+        parse_header(packet, self.channel)?;
         let mut buf = packet.to_vec();
         let len = self.open_in_place(&mut buf, now)?.len();
         buf.copy_within(PACKET_HEADER_LEN..PACKET_HEADER_LEN + len, 0);
@@ -520,7 +591,7 @@ impl<C: PacketAead> Session<C> {
         now: Duration,
     ) -> Result<&'p mut [u8], TransportError> {
         self.handle_timeout(now);
-        let (epoch, counter) = parse_header(packet)?;
+        let (epoch, counter) = parse_header(packet, self.channel)?;
         let (header, body) = packet.split_at_mut(PACKET_HEADER_LEN);
         let len = self.open_body(header, body, epoch, counter, now)?;
         Ok(&mut body[..len])
@@ -583,6 +654,71 @@ impl<C: PacketAead> Session<C> {
     pub fn handle_timeout(&mut self, now: Duration) {
         if self.previous.as_ref().is_some_and(|(_, at)| now >= *at) {
             self.previous = None;
+        }
+    }
+}
+
+/// The sessions of one link, one per [`Channel`], made together by one handshake.
+pub struct ChannelSessions<C = PacketCipher> {
+    control: Session<C>,
+    data: Session<C>,
+    fast_path: Session<C>,
+}
+
+impl<C> fmt::Debug for ChannelSessions<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelSessions")
+            .field("control", &self.control)
+            .field("data", &self.data)
+            .field("fast_path", &self.fast_path)
+            .finish()
+    }
+}
+
+impl<C: PacketAead> ChannelSessions<C> {
+    /// The three sessions of a handshake.
+    pub fn new(control: Session<C>, data: Session<C>, fast_path: Session<C>) -> Self {
+        Self { control, data, fast_path }
+    }
+
+    /// The session of `channel`.
+    pub fn get_mut(&mut self, channel: Channel) -> &mut Session<C> {
+        match channel {
+            Channel::Control => &mut self.control,
+            Channel::Data => &mut self.data,
+            Channel::FastPath => &mut self.fast_path,
+        }
+    }
+
+    /// The session of `channel`, to read.
+    pub fn get(&self, channel: Channel) -> &Session<C> {
+        match channel {
+            Channel::Control => &self.control,
+            Channel::Data => &self.data,
+            Channel::FastPath => &self.fast_path,
+        }
+    }
+
+    /// Opens a packet with the session of the channel its first byte names, and decodes
+    /// its frames.
+    pub fn open_frames(
+        &mut self,
+        packet: &[u8],
+        now: Duration,
+    ) -> Result<(Channel, Vec<Frame>), TransportError> {
+        let channel = Channel::of_packet(packet).ok_or(TransportError::NotTransport)?;
+        Ok((channel, self.get_mut(channel).open_frames(packet, now)?))
+    }
+
+    /// The earliest [`Session::poll_timeout`] of the three.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        Channel::ALL.iter().filter_map(|c| self.get(*c).poll_timeout()).min()
+    }
+
+    /// [`Session::handle_timeout`] on all three.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        for c in Channel::ALL {
+            self.get_mut(c).handle_timeout(now);
         }
     }
 }

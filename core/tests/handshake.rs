@@ -232,3 +232,98 @@ fn duplicates_get_the_same_answer_and_no_second_session() {
     assert_eq!(resp.handle(&m1, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
     assert_eq!(resp.handle(&m3, &mut rng).unwrap_err(), HandshakeError::NotWaiting);
 }
+
+/// Each channel has its own keys: the same plaintext under the same counter encrypts to
+/// different bytes on each (ChaCha20's keystream depends only on key and nonce), and a
+/// packet of one channel opens on no other, not even with its type byte rewritten.
+#[test]
+fn each_channel_has_its_own_keys_and_packets_do_not_cross_channels() {
+    use weft_core::transport::{Channel, PACKET_HEADER_LEN, TAG_LEN, TransportError};
+    let secret = NetworkSecret::from_random_bytes([3; 32]);
+    let (bi, br) = bindings();
+    let out = run(2, &secret, &secret, &bi, &br);
+    let a = out.init.unwrap();
+    let b = out.resp.unwrap();
+    let now = std::time::Duration::ZERO;
+    let (mut a_control, mut a_data, mut a_fast) = (a.session, a.data, a.fast_path);
+    let (mut b_control, mut b_data, mut b_fast) = (b.session, b.data, b.fast_path);
+    assert_eq!(
+        [a_control.channel(), a_data.channel(), a_fast.channel()],
+        [Channel::Control, Channel::Data, Channel::FastPath]
+    );
+    let plaintext = [0x42u8; 64];
+    let packets = [
+        a_control.seal(&plaintext, now).unwrap(),
+        a_data.seal(&plaintext, now).unwrap(),
+        a_fast.seal(&plaintext, now).unwrap(),
+    ];
+    let body = |p: &Vec<u8>| p[PACKET_HEADER_LEN..p.len() - TAG_LEN].to_vec();
+    assert_ne!(body(&packets[0]), body(&packets[1]));
+    assert_ne!(body(&packets[0]), body(&packets[2]));
+    assert_ne!(body(&packets[1]), body(&packets[2]));
+    assert_eq!([packets[0][0], packets[1][0], packets[2][0]], [0x10, 0x11, 0x12]);
+    // The direction matters too: B's data key is not A's.
+    let b_sealed = b_data.seal(&plaintext, now).unwrap();
+    assert_ne!(body(&b_sealed), body(&packets[1]));
+
+    let receivers: [&mut weft_core::transport::Session; 3] =
+        [&mut b_control, &mut b_data, &mut b_fast];
+    for (to, receiver) in receivers.into_iter().enumerate() {
+        for (from, packet) in packets.iter().enumerate() {
+            if from == to {
+                continue;
+            }
+            // As sent: refused by its type byte.
+            assert_eq!(receiver.open(packet, now), Err(TransportError::WrongChannel));
+            // Relabelled for this channel: the keys (and the header in the AAD) differ.
+            let mut relabelled = packet.clone();
+            relabelled[0] = receiver.channel().packet_type();
+            assert_eq!(receiver.open(&relabelled, now), Err(TransportError::Authentication));
+        }
+        // Its own packet still opens: the refusals changed no state.
+        assert_eq!(receiver.open(&packets[to], now).unwrap(), plaintext);
+    }
+}
+
+/// The control channel's keys and packets are byte for byte those of the release before
+/// each channel had its own (values recorded by running this handshake there): peers of
+/// both releases still handshake and talk on it, with handshake version 1.
+#[test]
+fn control_channel_packets_are_unchanged_from_the_single_transport_release() {
+    use weft_core::transport::DATA_PACKET_TYPE;
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let secret = NetworkSecret::from_random_bytes([9; 32]);
+    let id_i = IdentityKeyPair::from_secret_bytes(&[0x11; 32]);
+    let id_r = IdentityKeyPair::from_secret_bytes(&[0x22; 32]);
+    let bi = ChannelBinding::new("sha-256 AA", "sha-256 BB").unwrap();
+    let br = ChannelBinding::new("sha-256 BB", "sha-256 AA").unwrap();
+    let (mut init, m1) = HandshakeInitiator::new(&mut rng, &id_i, &secret, &bi);
+    let mut resp = HandshakeResponder::new(&id_r, &secret, &br);
+    let m2 = resp.handle(&m1, &mut rng).unwrap().message.unwrap();
+    let step = init.handle(&m2, &mut rng).unwrap();
+    let m3 = step.message.unwrap();
+    let a = step.established.unwrap();
+    let b = resp.handle(&m3, &mut rng).unwrap().established.unwrap();
+    let (mut a_control, mut b_control, mut a_data) = (a.session, b.session, a.data);
+    let now = std::time::Duration::ZERO;
+    assert_eq!(
+        hex(a_control.session_id()),
+        "c672ba35fb96503bf0bab78950339c95b0f0b0f3b2cbdd85ffb60f76e92259f1"
+    );
+    assert_eq!(
+        hex(&a_control.seal(b"from the initiator", now).unwrap()),
+        "1000000000000000000000000018cea57e0fedad2b04be975c3619d4bdc4dd4eb2dfec0263309f97ded8d59ba41c55"
+    );
+    assert_eq!(
+        hex(&b_control.seal(b"from the responder", now).unwrap()),
+        "1000000000000000000000000051440cfb87d1d7953c3b243f44980c319a6f929d15b2dfde99d69988deca8c8f2963"
+    );
+    // The data channel's are new.
+    let data = a_data.seal(b"from the initiator", now).unwrap();
+    assert_eq!(data[0], DATA_PACKET_TYPE);
+    assert_ne!(
+        hex(&data[1..]),
+        "000000000000000000000018cea57e0fedad2b04be975c3619d4bdc4dd4eb2dfec0263309f97ded8d59ba41c55"
+    );
+}

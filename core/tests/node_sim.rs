@@ -20,7 +20,7 @@ use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
     ConnId, ConnectionEvent, DownloadStore, Event, FileEvent, IceState, Input, Node, NodeConfig,
-    NodeError, Output, PeerState, SavedTo, SignalingEvent,
+    NodeError, Output, OverlayStatus, PeerState, RoutingConfig, SavedTo, SignalingEvent,
 };
 use weft_core::signal::{
     self, ClientMessage, PROTOCOL_VERSION, PeerId, RoomId, ServerMessage, SignalPayload,
@@ -102,6 +102,10 @@ struct SimNode {
     fail_finish: bool,
     /// A record save is running.
     saving: bool,
+    /// What the node wrote to its TUN device.
+    tun_out: Vec<Vec<u8>>,
+    /// The overlay status last reported.
+    overlay: Option<OverlayStatus>,
 }
 
 #[derive(Default)]
@@ -171,9 +175,19 @@ impl Sim {
 
     /// Adds a node named `name` (with a fresh key, or `identity`) and starts it.
     fn add_node(&mut self, name: &str, identity: Option<IdentityKeyPair>) -> usize {
+        self.add_node_with(name, identity, RoutingConfig::default())
+    }
+
+    /// Adds a node with this overlay configuration.
+    fn add_node_with(
+        &mut self,
+        name: &str,
+        identity: Option<IdentityKeyPair>,
+        routing: RoutingConfig,
+    ) -> usize {
         let mut rng = ChaCha20Rng::seed_from_u64(self.rng.next_u64());
         let identity = identity.unwrap_or_else(|| IdentityKeyPair::generate(&mut rng));
-        let config = NodeConfig::new(
+        let mut config = NodeConfig::new(
             identity,
             self.network.clone(),
             name,
@@ -181,6 +195,7 @@ impl Sim {
             DownloadStore::Kept,
             rng.next_u64() >> 12,
         );
+        config.routing = routing;
         let node = Node::new(config);
         let idx = self.nodes.len();
         self.nodes.push(SimNode {
@@ -197,6 +212,8 @@ impl Sim {
             events: Vec::new(),
             fail_finish: false,
             saving: false,
+            tun_out: Vec::new(),
+            overlay: None,
         });
         let now = self.now;
         self.nodes[idx].node.start(now);
@@ -478,6 +495,8 @@ impl Sim {
                 self.deliver(idx, 2000 * MS, Input::RecordsSaved);
             }
             Output::SaveTrust(store) => self.nodes[idx].trust_json = Some(store.to_json()),
+            Output::TunWrite(packet) => self.nodes[idx].tun_out.push(packet),
+            Output::Overlay(status) => self.nodes[idx].overlay = Some(status),
             Output::Event(event) => {
                 self.trace.push(format!("{:?} {idx} {}", self.now, short(&event)));
                 self.nodes[idx].events.push(event);
@@ -1058,4 +1077,465 @@ fn a_relayed_session_looks_for_a_direct_path_with_backoff_and_moves_to_it() {
     sim.run_for(Duration::from_secs(1200));
     assert_eq!(sim.restarts.len(), 4, "{:?}", sim.restarts);
     assert!((0..2).all(|i| state(&sim, i) == PeerState::Direct));
+}
+
+// ---------------------------------------------------------------------------------------
+// Overlay IP (issue #12): addresses, announcements, policy, cryptokey routing, ICMP.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use weft_core::node::{IpNet, PeerFilter, RouteKind, RoutePolicy, ipv4_candidate, ipv6_prefix};
+
+fn tun() -> RoutingConfig {
+    RoutingConfig { tun: true, ..RoutingConfig::default() }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A UDP packet from `src` to `dst`.
+fn udp(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
+    let builder = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            PacketBuilder::ipv4(s.octets(), d.octets(), 64).udp(40000, 53)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            PacketBuilder::ipv6(s.octets(), d.octets(), 64).udp(40000, 53)
+        }
+        _ => panic!("mixed families"),
+    };
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+impl Sim {
+    /// Node `idx`'s TUN device hands it a packet.
+    fn tun_send(&mut self, idx: usize, packet: Vec<u8>) {
+        let now = self.now;
+        let n = &mut self.nodes[idx];
+        n.node.handle_input(now, Input::TunPacket(packet), &mut n.rng);
+        self.drain(idx);
+    }
+
+    fn ipv4(&self, idx: usize) -> Ipv4Addr {
+        self.node(idx).overlay().ipv4.expect("an IPv4 address")
+    }
+
+    fn ipv6(&self, idx: usize) -> Ipv6Addr {
+        self.node(idx).overlay().ipv6
+    }
+
+    fn key(&self, idx: usize) -> weft_core::identity::Fingerprint {
+        let own = self.id(idx);
+        let other = (0..self.nodes.len()).find(|j| *j != idx && self.nodes[*j].alive).unwrap();
+        self.node(other).peer(&own).unwrap().fingerprint.unwrap()
+    }
+
+    /// Every live member sees every other's addresses as that member sees its own, and
+    /// the drivers were told the same.
+    fn addresses_agree(&self) -> bool {
+        let alive: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].alive).collect();
+        alive.iter().all(|&i| {
+            let own = self.node(i).overlay();
+            let told = self.nodes[i].overlay.as_ref();
+            let told_same = told.is_some_and(|t| t.ipv4 == own.ipv4 && t.ipv6 == own.ipv6);
+            told_same
+                && own.firm
+                && alive.iter().filter(|&&j| j != i).all(|&j| {
+                    let Some(id) = self.node(i).own_id() else { return false };
+                    self.node(j).peer(id).is_some_and(|p| {
+                        p.ipv4 == own.ipv4 && p.ipv6 == Some(own.ipv6) && p.ipv4.is_some()
+                    })
+                })
+        })
+    }
+
+    fn lookup(&self, idx: usize, dst: &str) -> Option<weft_core::identity::Fingerprint> {
+        self.node(idx).route_table().lookup(ip(dst)).map(|r| r.peer.fingerprint())
+    }
+
+    fn verify(&mut self, idx: usize, other: usize) {
+        let id = self.id(other);
+        self.nodes[idx].node.verify_peer(&id).unwrap();
+        self.drain(idx);
+    }
+}
+
+#[test]
+fn every_member_sees_the_same_overlay_addresses() {
+    let mut sim = Sim::new(20);
+    sim.data_loss = 0;
+    for name in ["ada", "bea", "cy"] {
+        sim.add_node_with(name, None, tun());
+    }
+    let browser = sim.add_node("browser", None);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    let prefix6 = ipv6_prefix(&sim.network);
+    let mut v4 = BTreeSet::new();
+    for i in 0..4 {
+        let o = sim.node(i).overlay();
+        assert!(o.ipv4_net.contains(&o.ipv4.unwrap()), "{o:?}");
+        assert!(prefix6.contains(&o.ipv6) && o.ipv6_net == prefix6, "{o:?}");
+        assert_eq!(o.ipv6.segments()[0] >> 8, 0xfd, "a ULA");
+        v4.insert(o.ipv4.unwrap());
+    }
+    assert_eq!(v4.len(), 4);
+    // Another network: another /48 (same keys would keep their IPv4 candidates).
+    let other = Sim::new(21).network;
+    assert_ne!(ipv6_prefix(&other), prefix6);
+    // The browser has addresses too, but no TUN: a packet to it is unreachable.
+    let (src, dst) = (IpAddr::V4(sim.ipv4(0)), IpAddr::V4(sim.ipv4(browser)));
+    sim.tun_send(0, udp(src, dst, b"hello browser"));
+    let icmp = sim.nodes[0].tun_out.pop().expect("an ICMP error");
+    let parsed = SlicedPacket::from_ip(&icmp).unwrap();
+    assert!(matches!(
+        parsed.transport,
+        Some(TransportSlice::Icmpv4(ref i)) if matches!(i.icmp_type(), Icmpv4Type::DestinationUnreachable(_))
+    ));
+    // Both ways between TUN nodes, over IPv4 and IPv6.
+    for (from, to) in [(0, 1), (1, 0), (2, 0)] {
+        let p4 = udp(IpAddr::V4(sim.ipv4(from)), IpAddr::V4(sim.ipv4(to)), b"v4");
+        let p6 = udp(IpAddr::V6(sim.ipv6(from)), IpAddr::V6(sim.ipv6(to)), b"v6");
+        sim.tun_send(from, p4.clone());
+        sim.tun_send(from, p6.clone());
+        sim.run_for(Duration::from_millis(100));
+        let got = &sim.nodes[to].tun_out;
+        assert!(got.contains(&p4) && got.contains(&p6), "{from} -> {to}");
+    }
+    let counters = sim.node(0).overlay().counters;
+    assert_eq!((counters.dropped_spoofed, counters.dropped_malformed), (0, 0));
+    // A peer's name and addresses come in one packet: "connected" already shows them.
+    for n in &sim.nodes {
+        for e in &n.events {
+            if let Event::PeerConnected(p) = e {
+                assert!(p.ipv4.is_some() && p.ipv6.is_some(), "{p:?}");
+            }
+        }
+    }
+}
+
+/// Two keys whose first IPv4 candidate is the same (a birthday search: about 2^11 keys).
+fn colliding_keys() -> (IdentityKeyPair, IdentityKeyPair) {
+    let mut rng = ChaCha20Rng::seed_from_u64(99);
+    let mut seen: BTreeMap<Ipv4Addr, IdentityKeyPair> = BTreeMap::new();
+    loop {
+        let k = IdentityKeyPair::generate(&mut rng);
+        if let Some(other) = seen.insert(ipv4_candidate(k.public(), 0), k.clone()) {
+            let (lo, hi) = if other.public() < k.public() { (other, k) } else { (k, other) };
+            return (lo, hi);
+        }
+    }
+}
+
+#[test]
+fn a_colliding_ipv4_address_is_resolved_the_same_way_everywhere_and_the_incumbent_keeps_it() {
+    let (lo, hi) = colliding_keys();
+    let x = ipv4_candidate(lo.public(), 0);
+    assert_eq!(x, ipv4_candidate(hi.public(), 0));
+    // Whichever key sorts lower, the member that had the address first keeps it.
+    for (seed, first, second) in [(30, &lo, &hi), (31, &hi, &lo)] {
+        let mut sim = Sim::new(seed);
+        let a = sim.add_node_with("first", Some(first.clone()), tun());
+        sim.run_for(Duration::from_secs(2));
+        assert_eq!(sim.ipv4(a), x);
+        let o = sim.add_node_with("observer", None, tun());
+        let b = sim.add_node_with("second", Some(second.clone()), tun());
+        sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+        sim.run_until(Duration::from_secs(30), "addresses", Sim::addresses_agree);
+        assert_eq!(sim.ipv4(a), x, "seed {seed}: the incumbent moved");
+        assert_eq!(sim.ipv4(b), ipv4_candidate(second.public(), 1), "seed {seed}");
+        // The incumbent's driver was never told of another address.
+        assert_eq!(sim.nodes[a].overlay.as_ref().unwrap().ipv4, Some(x));
+        // The observer routes each address to its holder.
+        assert_eq!(sim.lookup(o, &x.to_string()), Some(first.public().fingerprint()));
+        let moved = sim.ipv4(b).to_string();
+        assert_eq!(sim.lookup(o, &moved), Some(second.public().fingerprint()));
+    }
+    // Two newcomers joining together, while a member is already there: they agree too.
+    let mut sim = Sim::new(32);
+    sim.add_node_with("observer", None, tun());
+    sim.run_for(Duration::from_secs(2));
+    let a = sim.add_node_with("lo", Some(lo.clone()), tun());
+    let b = sim.add_node_with("hi", Some(hi.clone()), tun());
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(30), "addresses", Sim::addresses_agree);
+    assert_ne!(sim.ipv4(a), sim.ipv4(b));
+    assert!(sim.ipv4(a) == x || sim.ipv4(b) == x);
+}
+
+#[test]
+fn subnet_and_exit_routes_are_accepted_only_as_the_policy_says() {
+    let mut sim = Sim::new(40);
+    sim.data_loss = 0;
+    let gw_key = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(41));
+    let gw_fp = gw_key.public().fingerprint();
+    let advertise = RoutingConfig {
+        tun: true,
+        advertise_subnets: vec![net("10.1.0.0/16"), net("fd00:1::/64")],
+        advertise_exit: true,
+        ..RoutingConfig::default()
+    };
+    let gw = sim.add_node_with("gw", Some(gw_key), advertise);
+    let a = sim.add_node_with("a", None, tun());
+    let only_gw = PeerFilter { verified: false, keys: vec![gw_fp] };
+    let policy = RoutePolicy {
+        subnets_from: only_gw,
+        exit_from: PeerFilter::nobody(),
+        ..RoutePolicy::default()
+    };
+    let b = sim.add_node_with("b", None, RoutingConfig { tun: true, policy, ..tun() });
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+
+    // a: verified peers only by default, and gw is not verified yet. Its own addresses
+    // are accepted all the same.
+    assert_eq!(sim.lookup(a, "10.1.2.3"), None);
+    assert_eq!(sim.lookup(a, "8.8.8.8"), None);
+    assert_eq!(sim.lookup(a, &sim.ipv4(gw).to_string()), Some(gw_fp));
+    assert_eq!(sim.node(a).overlay().counters.routes_refused, 4, "two subnets, two exits");
+    assert!(sim.node(a).peer(&sim.id(gw)).unwrap().routes.is_empty());
+    // b: subnets from gw's key (unverified), exits from nobody.
+    assert_eq!(sim.lookup(b, "10.1.2.3"), Some(gw_fp));
+    assert_eq!(sim.lookup(b, "fd00:1::9"), Some(gw_fp));
+    assert_eq!(sim.lookup(b, "8.8.8.8"), None);
+    assert_eq!(sim.node(b).overlay().counters.routes_refused, 2);
+
+    // a verifies gw: now both are installed.
+    sim.verify(a, gw);
+    assert_eq!(sim.lookup(a, "10.1.2.3"), Some(gw_fp));
+    assert_eq!(sim.lookup(a, "8.8.8.8"), Some(gw_fp));
+    assert_eq!(sim.lookup(a, "2001:db8::1"), Some(gw_fp));
+    let routes = &sim.nodes[a].overlay.as_ref().unwrap().routes;
+    assert!(routes.iter().any(|r| r.kind == RouteKind::Exit && r.prefix == net("0.0.0.0/0")));
+    // An unknown member address is never sent to the exit node.
+    let (me, nobody) = (IpAddr::V4(sim.ipv4(a)), ip("100.100.100.100"));
+    sim.tun_send(a, udp(me, nobody, b"x"));
+    assert_eq!(sim.nodes[a].tun_out.len(), 1, "an ICMP error, not a packet to the exit");
+
+    // gw serves its subnet and exit only to peers it verified.
+    let to_lan = udp(me, ip("10.1.0.5"), b"to the lan");
+    sim.tun_send(a, to_lan.clone());
+    sim.run_for(Duration::from_millis(100));
+    assert!(sim.nodes[gw].tun_out.is_empty());
+    assert_eq!(sim.node(gw).overlay().counters.dropped_refused, 1);
+    sim.verify(gw, a);
+    sim.tun_send(a, to_lan.clone());
+    let to_internet = udp(me, ip("9.9.9.9"), b"through the exit");
+    sim.tun_send(a, to_internet.clone());
+    sim.run_for(Duration::from_millis(100));
+    // The data channel is unordered.
+    let mut got = sim.nodes[gw].tun_out.clone();
+    got.sort();
+    let mut want = vec![to_lan, to_internet];
+    want.sort();
+    assert_eq!(got, want);
+    // The answer from the internet comes back through gw: its source is routed to gw.
+    let back = udp(ip("9.9.9.9"), me, b"answer");
+    sim.tun_send(gw, back.clone());
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(sim.nodes[a].tun_out.last(), Some(&back));
+}
+
+#[test]
+fn a_spoofed_source_address_is_dropped_and_counted() {
+    let mut sim = Sim::new(50);
+    sim.data_loss = 0;
+    for name in ["a", "b", "c"] {
+        sim.add_node_with(name, None, tun());
+    }
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    let (a, b, c) = (0, 1, 2);
+    let to_a = IpAddr::V4(sim.ipv4(a));
+    // b pretends to be c, then someone outside the overlay, then itself.
+    for src in [IpAddr::V4(sim.ipv4(c)), ip("10.9.9.9"), IpAddr::V4(sim.ipv4(b))] {
+        sim.tun_send(b, udp(src, to_a, b"who am i"));
+    }
+    let v6 = udp(IpAddr::V6(sim.ipv6(c)), IpAddr::V6(sim.ipv6(a)), b"v6 spoof");
+    sim.tun_send(b, v6);
+    sim.run_for(Duration::from_millis(100));
+    let genuine = udp(IpAddr::V4(sim.ipv4(b)), to_a, b"who am i");
+    assert_eq!(sim.nodes[a].tun_out, vec![genuine]);
+    let counters = sim.node(a).overlay().counters;
+    assert_eq!((counters.dropped_spoofed, counters.received), (3, 1));
+    assert_eq!(sim.node(a).peer(&sim.id(b)).unwrap().dropped_spoofed, 3);
+    assert_eq!(sim.node(a).peer(&sim.id(c)).unwrap().dropped_spoofed, 0);
+}
+
+/// The ICMP error's bytes parse: from our address to the packet's source, of the right
+/// kind, with a valid checksum, quoting the packet.
+fn check_unreachable(icmp: &[u8], original: &[u8], from: IpAddr, v4_code: u8, v6_code: u8) {
+    let parsed = SlicedPacket::from_ip(icmp).unwrap();
+    let orig = SlicedPacket::from_ip(original).unwrap();
+    match (parsed.net.unwrap(), orig.net.unwrap(), parsed.transport.unwrap()) {
+        (NetSlice::Ipv4(n), NetSlice::Ipv4(o), TransportSlice::Icmpv4(i)) => {
+            assert_eq!(IpAddr::V4(n.header().source_addr()), from);
+            assert_eq!(n.header().destination_addr(), o.header().source_addr());
+            let Icmpv4Type::DestinationUnreachable(h) = i.icmp_type() else { panic!() };
+            assert_eq!(h.code_u8(), v4_code);
+            assert_eq!(i.checksum(), i.icmp_type().calc_checksum(i.payload()));
+            assert!(original.starts_with(i.payload()) && !i.payload().is_empty());
+        }
+        (NetSlice::Ipv6(n), NetSlice::Ipv6(o), TransportSlice::Icmpv6(i)) => {
+            assert_eq!(IpAddr::V6(n.header().source_addr()), from);
+            assert_eq!(n.header().destination_addr(), o.header().source_addr());
+            let Icmpv6Type::DestinationUnreachable(code) = i.icmp_type() else { panic!() };
+            assert_eq!(code.code_u8(), v6_code);
+            let sum = i
+                .icmp_type()
+                .calc_checksum(
+                    n.header().source_addr().octets(),
+                    n.header().destination_addr().octets(),
+                    i.payload(),
+                )
+                .unwrap();
+            assert_eq!(i.checksum(), sum);
+            assert!(original.starts_with(i.payload()));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_unknown_destination_gets_an_icmp_unreachable_whose_bytes_parse() {
+    let mut sim = Sim::new(60);
+    sim.add_node_with("a", None, tun());
+    sim.run_for(Duration::from_secs(1));
+    let (me4, me6) = (IpAddr::V4(sim.ipv4(0)), IpAddr::V6(sim.ipv6(0)));
+    let unknown_member6 = {
+        let mut o = sim.ipv6(0).octets();
+        o[15] ^= 1;
+        IpAddr::V6(Ipv6Addr::from(o))
+    };
+    let big = vec![7u8; 1400];
+    let cases = [
+        (me4, ip("100.100.1.1"), 1, 3, &b"member"[..]),
+        (me4, ip("8.8.8.8"), 0, 0, &b"internet"[..]),
+        (me6, unknown_member6, 1, 3, &b"member"[..]),
+        (me6, ip("2001:db8::1"), 0, 0, &big[..]),
+        (me4, ip("1.1.1.1"), 0, 0, &big[..]),
+    ];
+    for (src, dst, v4_code, v6_code, payload) in cases {
+        let packet = udp(src, dst, payload);
+        sim.tun_send(0, packet.clone());
+        let icmp = sim.nodes[0].tun_out.pop().unwrap_or_else(|| panic!("no ICMP for {dst}"));
+        assert!(icmp.len() <= if src.is_ipv4() { 576 } else { 1280 });
+        check_unreachable(&icmp, &packet, src, v4_code, v6_code);
+        // An ICMP error is never answered with another.
+        sim.tun_send(0, icmp);
+        assert!(sim.nodes[0].tun_out.is_empty(), "an error about an error");
+    }
+    // A program probing unreachable addresses in a loop gets at most 100 errors a second.
+    sim.run_for(Duration::from_secs(2));
+    let probe = udp(me4, ip("100.100.1.1"), b"again");
+    for _ in 0..150 {
+        sim.tun_send(0, probe.clone());
+    }
+    assert_eq!(sim.nodes[0].tun_out.len(), 100);
+    sim.nodes[0].tun_out.clear();
+    sim.run_for(Duration::from_millis(100));
+    for _ in 0..20 {
+        sim.tun_send(0, probe.clone());
+    }
+    assert_eq!(sim.nodes[0].tun_out.len(), 10, "refilled at 100 a second");
+    sim.nodes[0].tun_out.clear();
+    // Garbage from the TUN is dropped and counted.
+    sim.tun_send(0, vec![0x45, 0, 0]);
+    sim.tun_send(0, Vec::new());
+    let counters = sim.node(0).overlay().counters;
+    assert_eq!((counters.dropped_malformed, counters.unreachable), (2, 10 + 150 + 20));
+    assert!(sim.nodes[0].tun_out.is_empty());
+}
+
+#[test]
+fn the_longest_prefix_wins_and_ties_go_to_the_lower_key_with_a_session() {
+    let mut sim = Sim::new(70);
+    sim.data_loss = 0;
+    let subnets = |nets: &[&str]| RoutingConfig {
+        tun: true,
+        advertise_subnets: nets.iter().map(|n| net(n)).collect(),
+        ..RoutingConfig::default()
+    };
+    let mut keys = ChaCha20Rng::seed_from_u64(71);
+    let (k_wide, k_n1, k_n2) = (
+        IdentityKeyPair::generate(&mut keys),
+        IdentityKeyPair::generate(&mut keys),
+        IdentityKeyPair::generate(&mut keys),
+    );
+    let a = sim.add_node_with("a", None, tun());
+    let wide = sim.add_node_with("wide", Some(k_wide.clone()), subnets(&["10.0.0.0/8"]));
+    let n1 = sim.add_node_with("n1", Some(k_n1.clone()), subnets(&["10.1.0.0/16", "10.1.2.0/24"]));
+    let n2 = sim.add_node_with("n2", Some(k_n2.clone()), subnets(&["10.1.0.0/16"]));
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    for other in [wide, n1, n2] {
+        sim.verify(a, other);
+    }
+    let fp = |k: &IdentityKeyPair| k.public().fingerprint();
+    assert_eq!(sim.lookup(a, "10.9.9.9"), Some(fp(&k_wide)), "only the /8 holds it");
+    assert_eq!(sim.lookup(a, "10.1.2.3"), Some(fp(&k_n1)), "a /24 beats a /16 and a /8");
+    // 10.1.3.3: the /16 of both n1 and n2. Both have sessions: the lower key wins, the
+    // other stays in the table as a standby.
+    let (lower, higher, lo_idx) = if k_n1.public() < k_n2.public() {
+        (fp(&k_n1), fp(&k_n2), n1)
+    } else {
+        (fp(&k_n2), fp(&k_n1), n2)
+    };
+    assert_eq!(sim.lookup(a, "10.1.3.3"), Some(lower));
+    let routes = sim.node(a).overlay().routes;
+    let tie: Vec<_> = routes.iter().filter(|r| r.prefix == net("10.1.0.0/16")).collect();
+    assert_eq!(tie.len(), 2);
+    assert!(tie.iter().any(|r| r.in_use && r.fingerprint == lower));
+    assert!(tie.iter().any(|r| !r.in_use && r.fingerprint == higher));
+    // The winner vanishes: once its session is gone, the standby takes over.
+    sim.crash(lo_idx);
+    sim.run_until(Duration::from_secs(40), "failover", |s| s.lookup(a, "10.1.3.3") == Some(higher));
+    assert_eq!(sim.lookup(a, "10.9.9.9"), Some(fp(&k_wide)));
+}
+
+#[test]
+fn a_peer_that_reconnects_under_a_new_server_id_keeps_its_routes() {
+    let mut sim = Sim::new(80);
+    sim.data_loss = 0;
+    let advertise = RoutingConfig {
+        tun: true,
+        advertise_subnets: vec![net("192.168.7.0/24")],
+        ..RoutingConfig::default()
+    };
+    let a = sim.add_node_with("a", None, tun());
+    let gw = sim.add_node_with("gw", None, advertise);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    sim.verify(a, gw);
+    sim.verify(gw, a);
+    let (old_id, key, gw_ip) = (sim.id(gw), sim.key(gw), sim.ipv4(gw));
+    let me = IpAddr::V4(sim.ipv4(a));
+    let p1 = udp(me, ip("192.168.7.7"), b"before");
+    sim.tun_send(a, p1.clone());
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(sim.nodes[gw].tun_out, vec![p1.clone()]);
+    sim.restart_server(Duration::from_secs(3));
+    let (gone, until) = (sim.now + Duration::from_secs(1), sim.now + Duration::from_secs(30));
+    while sim.now < gone
+        || !(sim.nodes.iter().all(|n| n.node.own_id().is_some()) && sim.fully_meshed())
+    {
+        assert!(sim.step(until), "rejoin");
+        assert_eq!(sim.lookup(a, "192.168.7.1"), Some(key), "the route went at {:?}", sim.now);
+    }
+    assert_ne!(sim.id(gw), old_id);
+    sim.run_for(Duration::from_secs(1));
+    let info = sim.node(a).peer(&sim.id(gw)).unwrap();
+    assert_eq!((info.ipv4, info.routes.clone()), (Some(gw_ip), vec![net("192.168.7.0/24")]));
+    let p2 = udp(me, ip("192.168.7.7"), b"after");
+    sim.tun_send(a, p2.clone());
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(sim.nodes[gw].tun_out, vec![p1, p2]);
 }

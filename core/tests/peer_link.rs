@@ -642,3 +642,42 @@ fn closing_tells_the_peer() {
     assert_eq!(p.b.state(), LinkState::Waiting);
     assert_eq!(p.b.send_message("gone?", p.now), Err(LinkError::NotEstablished));
 }
+
+/// Issue #12 item 3: a burst of unreliable data-channel packets must not push a control
+/// packet that arrives late (a retransmission on the reliable channel) out of the replay
+/// window. With one transport for both channels it was rejected as too old and the chat
+/// message was lost for good.
+#[test]
+fn a_burst_on_the_data_channel_does_not_push_a_late_control_packet_out() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    p.pump();
+    // A sends a message on the control channel; it is held up (SCTP retransmission).
+    p.a.send_message("late but reliable", p.now).unwrap();
+    let late = p.a.poll_transmit().unwrap();
+    // Meanwhile a burst far larger than the replay window on the data channel.
+    let burst = weft_core::transport::REPLAY_WINDOW_SIZE + 100;
+    for i in 0..burst {
+        let packet = p.a.seal_data(&i.to_be_bytes(), p.now).unwrap();
+        p.b.receive(&packet, p.now, &mut p.rng);
+    }
+    let rejected_before = p.b.stats().packets_rejected;
+    p.b.receive(&late, p.now, &mut p.rng);
+    let events: Vec<_> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert_eq!(p.b.stats().packets_rejected, rejected_before, "the late packet was refused");
+    assert!(
+        events.contains(&LinkEvent::Message { text: "late but reliable".into() }),
+        "the message was lost"
+    );
+    // And the other way: a burst of control packets, then a late data packet.
+    let late_data = p.b.seal_data(b"late datagram", p.now).unwrap();
+    for i in 0..burst {
+        p.b.send_message(&format!("m{i}"), p.now).unwrap();
+        let packet = p.b.poll_transmit().unwrap();
+        p.a.receive(&packet, p.now, &mut p.rng);
+    }
+    p.a.receive(&late_data, p.now, &mut p.rng);
+    let events: Vec<_> = std::iter::from_fn(|| p.a.poll_event()).collect();
+    assert!(events.contains(&LinkEvent::Data(b"late datagram".to_vec())), "datagram lost");
+}

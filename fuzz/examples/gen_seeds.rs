@@ -47,6 +47,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let packet = encode_frames(&all)?;
     write("frame_decode", "all", &packet)?;
 
+    // Route announcements: own addresses, a subnet, an exit offer.
+    let announcement = weft_core::node::Announcement {
+        accepts_packets: true,
+        firm: true,
+        routes: vec![
+            (weft_core::node::RouteKind::Own, "100.64.1.2/32".parse()?),
+            (weft_core::node::RouteKind::Own, "fd12:3456:789a::1/128".parse()?),
+            (weft_core::node::RouteKind::Subnet, "10.1.0.0/16".parse()?),
+            (weft_core::node::RouteKind::Exit, "0.0.0.0/0".parse()?),
+            (weft_core::node::RouteKind::Exit, "::/0".parse()?),
+        ],
+    };
+    write("route_announcement", "all-kinds", &announcement.encode()?)?;
+    // An IPv4 UDP packet (the TUN path): 20-byte header, 8-byte UDP header, 4 bytes.
+    let udp4 = [
+        0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 100, 64, 1, 2, 8, 8, 8, 8, 0x9c, 0x40, 0,
+        53, 0, 12, 0, 0, b'p', b'i', b'n', b'g',
+    ];
+    write("route_announcement", "udp4", &udp4)?;
+    // Its IP header intact, its UDP length wrong: still answered (from the IP header).
+    let mut bad_udp = udp4;
+    bad_udp[24..26].copy_from_slice(&[0, 64]);
+    write("route_announcement", "udp4-bad-udp-length", &bad_udp)?;
+
     // Transport: packet choice, 16 edits (op, at, mask), then a plaintext of frames.
     for which in [0u8, 3, 7, 0x85] {
         let mut input = vec![which];

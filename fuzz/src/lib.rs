@@ -102,3 +102,30 @@ fn must<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 
 /// The fixed clock the transport targets run at.
 pub const NOW: Duration = Duration::from_secs(1_000);
+
+/// Feeds `data` to a node (with a TUN device, no peers) as a packet from its TUN device
+/// and checks what it writes back: at most an ICMP error for a packet whose IP header is
+/// well formed, which must parse (IP and ICMP headers), and nothing at all for garbage.
+pub fn tun_packet(data: &[u8]) {
+    use weft_core::network::Network;
+    use weft_core::node::{DownloadStore, Input, Node, NodeConfig, Output, RoutingConfig};
+    use weft_core::trust::TrustStore;
+
+    let network = Network::from_invite(&"Q".repeat(43)).expect("a valid invite");
+    let identity = peers().initiator.clone();
+    let mut config =
+        NodeConfig::new(identity, network, "fuzz", TrustStore::new(), DownloadStore::None, 1);
+    config.routing = RoutingConfig { tun: true, ..RoutingConfig::default() };
+    let mut node = Node::new(config);
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    node.handle_input(Duration::ZERO, Input::TunPacket(data.to_vec()), &mut rng);
+    // A router answers from the IP header alone: whatever follows it may be garbage.
+    let parses = etherparse::IpSlice::from_slice(data).is_ok();
+    while let Some(output) = node.poll_output() {
+        if let Output::TunWrite(packet) = output {
+            assert!(parses, "an answer to bytes that are no IP packet");
+            assert!(packet.len() <= 1280, "an ICMP error of {} bytes", packet.len());
+            etherparse::SlicedPacket::from_ip(&packet).expect("the ICMP error parses");
+        }
+    }
+}

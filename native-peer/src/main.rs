@@ -120,7 +120,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = join(&cli, None).await?;
             let (joined, peers, own) = settle(joined, Duration::from_secs(*wait)).await?;
             let room = joined.network.room_id();
-            printer.status(&joined.identity, &joined.name, room, own.as_deref(), &peers);
+            let overlay = joined.mesh.overlay().await;
+            let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
+            printer.status(who, overlay.as_ref(), &peers);
             joined.mesh.shutdown().await?;
             Ok(())
         }

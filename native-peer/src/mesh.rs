@@ -27,7 +27,7 @@ use weft_core::node::{
     Channel, ConnId, Event, Input, Node, NodeConfig, NodeError, Output, SavedTo, SignalingEvent,
     StopReason,
 };
-pub use weft_core::node::{PeerInfo, PeerState};
+pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState};
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{FileDigest, OfferItem, Root};
 use weft_core::trust::TrustStore;
@@ -125,6 +125,9 @@ enum Command {
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
+    Overlay {
+        reply: oneshot::Sender<OverlayStatus>,
+    },
     Trust {
         peer: PeerId,
         action: TrustAction,
@@ -199,6 +202,11 @@ impl MeshHandle {
     /// Every other member, sorted by peer id.
     pub async fn peers(&self) -> Vec<PeerInfo> {
         self.ask(|reply| Command::Peers { reply }).await.unwrap_or_default()
+    }
+
+    /// Our overlay addresses and routing table.
+    pub async fn overlay(&self) -> Option<OverlayStatus> {
+        self.ask(|reply| Command::Overlay { reply }).await
     }
 
     /// Records the user's decision about `peer`'s key (saved in the trust store).
@@ -465,6 +473,8 @@ impl Mesh {
                 }
             }
             Output::Event(event) => self.on_event(event),
+            // No TUN device yet (issue #12, item 4): `status` reads the node's overlay view.
+            Output::TunWrite(_) | Output::Overlay(_) => {}
         }
     }
 
@@ -542,6 +552,9 @@ impl Mesh {
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.node.peers());
+            }
+            Command::Overlay { reply } => {
+                let _ = reply.send(self.node.overlay());
             }
             Command::Trust { peer, action, reply } => {
                 let result = match action {

@@ -9,7 +9,7 @@ use weft_core::signal::RoomId;
 use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
-use crate::mesh::{MeshEvent, PeerInfo, PeerState};
+use crate::mesh::{MeshEvent, OverlayStatus, PeerInfo, PeerState};
 use weft_core::node::{Event, SignalingEvent};
 
 /// Prints events and tables, as text or JSON lines.
@@ -33,6 +33,9 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         "safety_code": p.fingerprint.as_ref().map(|f| f.short_code()),
         "trust": p.trust.map(Trust::as_str),
         "rtt_ms": p.rtt.map(ms),
+        "ipv4": p.ipv4,
+        "ipv6": p.ipv6,
+        "routes": p.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
     if matches!(p.state, PeerState::Direct | PeerState::Relayed) {
         v["path"] = json!(p.state.as_str());
@@ -46,6 +49,9 @@ pub fn peer_json(p: &PeerInfo) -> Value {
 fn describe(p: &PeerInfo) -> String {
     let name = p.name.as_deref().unwrap_or("?");
     let mut s = format!("{name} ({}): {}", p.peer_id, p.state.as_str());
+    if let Some(ip) = p.ipv4 {
+        s.push_str(&format!(", {ip}"));
+    }
     if let Some(fp) = &p.fingerprint {
         s.push_str(&format!(", safety code {}", fp.short_code()));
     }
@@ -202,13 +208,13 @@ impl Printer {
     /// Who we are and where.
     pub fn status(
         &self,
-        identity: &IdentityKeyPair,
-        name: &str,
-        room: &RoomId,
-        own_id: Option<&str>,
+        (identity, name, room, own_id): (&IdentityKeyPair, &str, &RoomId, Option<&str>),
+        overlay: Option<&OverlayStatus>,
         peers: &[PeerInfo],
     ) {
         let fp = identity.public().fingerprint();
+        let ipv4 = overlay.and_then(|o| o.ipv4);
+        let ipv6 = overlay.map(|o| o.ipv6);
         if self.json {
             let list: Vec<Value> = peers.iter().map(peer_json).collect();
             println!(
@@ -216,7 +222,7 @@ impl Printer {
                 json!({
                     "event": "status", "name": name, "peer_id": own_id, "room": room,
                     "fingerprint": fp.to_hex(), "safety_code": fp.short_code(),
-                    "joined": own_id.is_some(), "peers": list,
+                    "joined": own_id.is_some(), "ipv4": ipv4, "ipv6": ipv6, "peers": list,
                 })
             );
             return;
@@ -225,6 +231,9 @@ impl Printer {
         println!("safety code: {}", fp.short_code());
         println!("fingerprint: {}", fp.to_hex());
         println!("room:        {room}");
+        let addrs: Vec<String> =
+            ipv4.map(|a| a.to_string()).into_iter().chain(ipv6.map(|a| a.to_string())).collect();
+        println!("overlay:     {}", addrs.join(", "));
         match own_id {
             Some(id) => println!("signaling:   joined as {id}"),
             None => println!("signaling:   not joined"),

@@ -51,6 +51,11 @@ pub(crate) struct PeerInfo {
     pub trust: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// Its overlay addresses (`100.x.y.z`, `fd..`), once it announced them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
 }
 
 impl From<&NodeInfo> for PeerInfo {
@@ -64,6 +69,8 @@ impl From<&NodeInfo> for PeerInfo {
             short_code: p.fingerprint.as_ref().map(Fingerprint::short_code),
             trust: p.trust.map(Trust::as_str),
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+            ipv4: p.ipv4.map(|a| a.to_string()),
+            ipv6: p.ipv6.map(|a| a.to_string()),
         }
     }
 }

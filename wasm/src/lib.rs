@@ -33,7 +33,8 @@
 //! //                        while the server restarts, stays in peers() until its
 //! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
-//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, rttMs? }
+//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, rttMs?,
+//! //                          ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |
 //! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
 //! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
@@ -428,7 +429,7 @@ impl WeftSession {
     }
 
     /// Every other member: `{ peerId, state, reason?, name?, fingerprint?, shortCode?,
-    /// trust?, rttMs? }`, sorted by peer id.
+    /// trust?, rttMs?, ipv4?, ipv6? }`, sorted by peer id.
     pub fn peers(&self) -> Result<JsValue, JsError> {
         let infos = self.inner.borrow().peer_infos();
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();

@@ -307,6 +307,8 @@ impl Inner {
             Output::SaveRecords(records) => self.files.save_records(records),
             Output::SaveTrust(trust) => self.save_trust(trust),
             Output::Event(event) => self.on_event(event, out),
+            // A browser has no TUN device (the node knows: `RoutingConfig::tun` is off).
+            Output::TunWrite(_) | Output::Overlay(_) => {}
         }
     }
 

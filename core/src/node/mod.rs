@@ -25,11 +25,17 @@
 //! comes from the driver. Connections are numbered so that events of a replaced one are
 //! ignored. See `core/NODE.md` for the policy and why.
 //!
-//! The routing table (IP packets between members) will live here too; today a
-//! [`LinkEvent::Data`] is dropped.
+//! The overlay's IP routing lives here too (`overlay.rs`, `route.rs`, `address.rs`,
+//! `ip.rs`): addresses, route announcements, the longest-prefix table keyed by peers'
+//! keys, cryptokey routing of packets between the TUN ([`Input::TunPacket`],
+//! [`Output::TunWrite`]) and the peers' data channels. See `core/ROUTING.md`.
 
+mod address;
 mod files;
+mod ip;
+mod overlay;
 mod peers;
+mod route;
 mod signaling;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -37,16 +43,30 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
+pub use self::address::{
+    MAX_IPV4_CANDIDATES, OVERLAY_IPV4, ipv4_candidate, ipv4_candidate_index, ipv6_address,
+    ipv6_interface_id, ipv6_prefix,
+};
 pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
     TransfersView,
 };
+pub use self::overlay::{
+    ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
+};
 pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState};
+pub use self::route::{
+    ANNOUNCEMENT_VERSION, Announcement, AnnouncementError, MAX_ANNOUNCED_ROUTES, PeerFilter, Route,
+    RouteKind, RoutePolicy, RouteTable,
+};
+pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use self::overlay::{Outbound, Overlay};
 
 use self::files::{FileGlue, Outgoing, PacedRead};
 use self::peers::PeerSlot;
 use self::signaling::{SignalingChange, SignalingClient, SocketAction};
-use crate::identity::{Fingerprint, IdentityKeyPair};
+use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::Network;
 use crate::peer::{LinkError, LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_polite};
 use crate::signal::{
@@ -127,6 +147,8 @@ pub struct NodeConfig {
     /// STUN/TURN servers the user chose (`iceServers`, `--ice-server`): used instead of
     /// the ones the signaling server hands out. `None`: the server's.
     pub ice_servers: Option<Vec<IceServer>>,
+    /// Overlay IP: whether we have a TUN device, what we advertise, what we accept.
+    pub routing: RoutingConfig,
 }
 
 impl NodeConfig {
@@ -150,6 +172,7 @@ impl NodeConfig {
             link: PeerLinkConfig::default(),
             engine: EngineConfig::default(),
             ice_servers: None,
+            routing: RoutingConfig::default(),
         }
     }
 }
@@ -273,6 +296,10 @@ pub enum Input {
         /// Where it is, or why it could not be put there.
         result: Result<SavedTo, String>,
     },
+    /// An IP packet read from the TUN device (the OS sends it into the overlay). The node
+    /// seals it to the peer its destination routes to ([`Output::Transmit`] on the data
+    /// channel), or answers with an ICMP error ([`Output::TunWrite`]).
+    TunPacket(Vec<u8>),
     /// [`Node::poll_timeout`] passed.
     Timeout,
 }
@@ -386,6 +413,12 @@ pub enum Output {
     SaveRecords(Vec<DownloadRecord>),
     /// Persist the trust store.
     SaveTrust(TrustStore),
+    /// Write this IP packet to the TUN device: a packet from a peer that passed
+    /// cryptokey routing, or an ICMP error for a packet we could not deliver.
+    TunWrite(Vec<u8>),
+    /// Our overlay addresses or the routing table changed (also once at start): configure
+    /// the TUN device's addresses and the routes that lead into it.
+    Overlay(OverlayStatus),
     /// Something for the user.
     Event(Event),
 }
@@ -507,6 +540,17 @@ pub enum NodeError {
     NoDownloadStore,
 }
 
+/// What draining a link changed for the overlay.
+#[derive(Debug, Clone, Copy)]
+struct OverlayChanges {
+    /// A session was established.
+    established: bool,
+    /// The link failed.
+    failed: bool,
+    /// The peer announced its routes (already applied).
+    announced: bool,
+}
+
 /// The node. See the module docs.
 #[derive(Debug)]
 pub struct Node {
@@ -530,6 +574,10 @@ pub struct Node {
     user_ice: Option<Vec<IceServer>>,
     /// The signaling server's latest STUN/TURN servers for us.
     server_ice: Vec<IceServer>,
+    /// Overlay IP: addresses, announcements, the routing table.
+    overlay: Overlay,
+    /// The peer id whose established session carries each key's traffic.
+    by_key: BTreeMap<PublicIdentity, PeerId>,
     out: VecDeque<Output>,
 }
 
@@ -543,6 +591,7 @@ impl Node {
         let NodeConfig { identity, network, name, trust, downloads, first_offer_id, .. } = config;
         let user_ice = config.ice_servers;
         let room = network.room_id().clone();
+        let overlay = Overlay::new(config.routing, &network, *identity.public());
         Self {
             identity,
             network,
@@ -564,6 +613,8 @@ impl Node {
             path_due: None,
             user_ice,
             server_ice: Vec::new(),
+            overlay,
+            by_key: BTreeMap::new(),
             out: VecDeque::new(),
         }
     }
@@ -573,6 +624,7 @@ impl Node {
 
     /// Connects to the signaling server (once).
     pub fn start(&mut self, now: Duration) {
+        self.sync_overlay(now, false);
         let (mut act, mut changes) = (Vec::new(), Vec::new());
         self.signaling.start(now, &mut act, &mut changes);
         self.apply_signaling(now, act, changes);
@@ -623,6 +675,10 @@ impl Node {
                 }
             }
             Input::FileSaved { root, result } => self.on_file_saved(root, result),
+            Input::TunPacket(packet) => {
+                self.on_tun_packet(now, packet);
+                return;
+            }
             Input::Timeout => self.handle_timeout(now, rng),
         }
         self.pump(now);
@@ -658,10 +714,14 @@ impl Node {
             .chain(self.path_due)
             .chain(self.peers.values().filter_map(|p| p.upgrade_due))
             .chain(paced)
+            .chain(self.overlay.poll_timeout())
             .min()
     }
 
     fn handle_timeout(&mut self, now: Duration, rng: &mut impl CryptoRng) {
+        if self.overlay.handle_timeout(now) {
+            self.sync_overlay(now, true);
+        }
         let (mut act, mut changes) = (Vec::new(), Vec::new());
         self.signaling.handle_timeout(now, jitter(rng), &mut act, &mut changes);
         self.apply_signaling(now, act, changes);
@@ -737,6 +797,9 @@ impl Node {
     fn on_membership(&mut self, now: Duration, event: MembershipEvent) {
         match event {
             MembershipEvent::Joined { peer_id, peers } => {
+                if self.overlay.joined(now, peers.len()) {
+                    self.sync_overlay(now, true);
+                }
                 self.emit(Event::Joined { peer_id, peers: peers.clone() });
                 self.resync(now, &peers);
             }
@@ -824,7 +887,7 @@ impl Node {
             self.drop_peer(now, remote);
         }
         let Some(conn) = self.new_conn(remote) else { return };
-        let link = PeerLink::new(
+        let mut link = PeerLink::new(
             own,
             remote.clone(),
             self.identity.clone(),
@@ -832,6 +895,7 @@ impl Node {
             &self.name,
             self.link_config,
         );
+        link.set_routes(self.announcement(), now);
         self.peers.insert(remote.clone(), PeerSlot::new(conn, link, self.timing.upgrade_first));
         if self.path_due.is_none() {
             self.path_due = Some(now + self.timing.path_every);
@@ -847,6 +911,85 @@ impl Node {
             if !slot.announced_left {
                 self.emit(Event::PeerLeft(remote.clone()));
             }
+            if let Some(key) = slot.link.peer_identity().copied() {
+                self.key_lost(now, key, remote);
+            }
+        }
+    }
+
+    /// The slot `remote` of `key` is gone: its traffic moves to another established slot
+    /// of the same key (a kept orphan, or the new id after a server restart), or the key's
+    /// routes go.
+    fn key_lost(&mut self, now: Duration, key: PublicIdentity, remote: &PeerId) {
+        if self.by_key.get(&key) != Some(remote) {
+            return;
+        }
+        self.by_key.remove(&key);
+        let other = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.is_established() && p.link.peer_identity() == Some(&key))
+            .map(|(id, _)| id.clone());
+        let changed = match other {
+            Some(id) => {
+                self.by_key.insert(key, id);
+                false
+            }
+            None if self.peers.values().any(|p| p.link.peer_identity() == Some(&key)) => {
+                self.overlay.peer_down(&key)
+            }
+            None => self.overlay.forget(&key),
+        };
+        self.sync_overlay(now, changed);
+    }
+
+    /// Reports a changed overlay status to the driver; with `announce`, first tells every
+    /// peer with a session what we announce now.
+    fn sync_overlay(&mut self, now: Duration, announce: bool) {
+        if announce {
+            let body = self.announcement();
+            let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+            for id in ids {
+                if let Some(slot) = self.peers.get_mut(&id) {
+                    slot.link.set_routes(body.clone(), now);
+                }
+                self.flush_link(&id);
+            }
+        }
+        if let Some(status) = self.overlay.changed_status() {
+            self.out.push_back(Output::Overlay(status));
+        }
+    }
+
+    /// Our route announcement, encoded.
+    fn announcement(&self) -> Vec<u8> {
+        // Our own routes are at most 2 addresses, our subnets and 2 exits; the list is
+        // cut at the format's limit, so encoding cannot fail.
+        self.overlay.announcement().encode().unwrap_or_default()
+    }
+
+    /// An IP packet from the TUN device.
+    fn on_tun_packet(&mut self, now: Duration, packet: Vec<u8>) {
+        let peers = &self.peers;
+        let by_key = &self.by_key;
+        let online = |key: &PublicIdentity| {
+            by_key.get(key).and_then(|id| peers.get(id)).is_some_and(|p| p.is_established())
+        };
+        match self.overlay.outbound(now, &packet, online) {
+            Outbound::Peer(key) => {
+                let Some(id) = self.by_key.get(&key) else { return };
+                let Some(slot) = self.peers.get_mut(id) else { return };
+                match slot.link.seal_data(&packet, now) {
+                    Ok(bytes) => self.out.push_back(Output::Transmit {
+                        conn: slot.conn,
+                        channel: Channel::Data,
+                        bytes,
+                    }),
+                    Err(e) => tracing::debug!("cannot seal an IP packet to {id}: {e}"),
+                }
+            }
+            Outbound::Icmp(icmp) => self.out.push_back(Output::TunWrite(icmp)),
+            Outbound::Drop => {}
         }
     }
 
@@ -944,6 +1087,13 @@ impl Node {
             }
             ConnectionEvent::Closed { reason } => {
                 tracing::debug!("connection {conn} to {remote} closed: {reason}");
+                if let Some(key) = slot.link.peer_identity().copied() {
+                    if self.by_key.get(&key) == Some(&remote) {
+                        let moved = self.overlay.peer_down(&key);
+                        self.sync_overlay(now, moved);
+                    }
+                }
+                let Some(slot) = self.peers.get_mut(&remote) else { return };
                 slot.link.channel_closed();
                 slot.link_rtt = None;
                 slot.announced_up = false;
@@ -955,7 +1105,7 @@ impl Node {
                 } else if in_room {
                     if let Some(slot) = self.peers.get_mut(&remote) {
                         slot.failure = Some(PeerFailure::KeepsDropping);
-                        let info = slot.info(&remote);
+                        let info = slot.info(&remote, &self.overlay);
                         self.emit(Event::PeerFailed(info));
                     }
                 } else {
@@ -991,6 +1141,8 @@ impl Node {
         let Some(slot) = self.peers.get_mut(remote) else { return };
         let mut established = None;
         let mut transfer = Vec::new();
+        let mut packets = Vec::new();
+        let (mut announced, mut announce_ours) = (false, false);
         let mut failed = false;
         let mut silent = false;
         let mut events = Vec::new();
@@ -1011,8 +1163,18 @@ impl Node {
                     text,
                 }),
                 LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
-                // IP packets come with the routing table.
-                LinkEvent::Data(_) => {}
+                LinkEvent::Data(packet) => packets.push(packet),
+                // Applied at once, so that the events below show the peer's addresses.
+                LinkEvent::Routes(body) => {
+                    let Some(key) = slot.link.peer_identity().copied() else { continue };
+                    match Announcement::decode(&body) {
+                        Ok(a) => {
+                            announced = true;
+                            announce_ours |= self.overlay.announced(key, a);
+                        }
+                        Err(e) => tracing::warn!("bad route announcement from {remote}: {e}"),
+                    }
+                }
                 LinkEvent::Rtt(rtt) => slot.link_rtt = Some(rtt),
                 LinkEvent::Failed(error) => {
                     silent = matches!(error, LinkError::PeerSilent(_));
@@ -1030,16 +1192,16 @@ impl Node {
                 slot.trust = Some(trust);
                 save_trust = true;
                 if let Trust::Changed { .. } = trust {
-                    events.push(Event::KeyChanged(slot.info(remote)));
+                    events.push(Event::KeyChanged(slot.info(remote, &self.overlay)));
                 }
             }
         }
         if slot.trust.is_some() && !slot.announced_up && slot.is_established() {
             slot.announced_up = true;
-            events.push(Event::PeerConnected(slot.info(remote)));
+            events.push(Event::PeerConnected(slot.info(remote, &self.overlay)));
         }
         if failed {
-            events.push(Event::PeerFailed(slot.info(remote)));
+            events.push(Event::PeerFailed(slot.info(remote, &self.overlay)));
         }
         // A peer that already left the room and whose link failed is gone.
         let gone = slot.orphan && slot.link.state() == LinkState::Failed;
@@ -1059,6 +1221,8 @@ impl Node {
             self.set_engine_peer(remote, true, now);
             self.out.push_back(Output::ReadPath { conn });
         }
+        let overlay = OverlayChanges { established: established.is_some(), failed, announced };
+        self.drive_overlay(now, remote, overlay, packets, announce_ours);
         for (frame_type, body) in transfer {
             match TransferMsg::decode(frame_type, &body) {
                 Ok(msg) => self.engine.handle(remote, msg, now),
@@ -1085,6 +1249,47 @@ impl Node {
         self.show(remote);
     }
 
+    /// The overlay's part of draining a link: a new session gets our announcement and
+    /// carries its key's traffic from now on; announcements and IP packets from the peer
+    /// go to the overlay; a failed session stops carrying.
+    fn drive_overlay(
+        &mut self,
+        now: Duration,
+        remote: &PeerId,
+        OverlayChanges { established, failed, announced }: OverlayChanges,
+        packets: Vec<Vec<u8>>,
+        mut announce: bool,
+    ) {
+        let Some(slot) = self.peers.get(remote) else { return };
+        let Some(key) = slot.link.peer_identity().copied() else { return };
+        // Unknown until the peer said its name (the key is pinned by name): until then a
+        // key keeps what it had, so a reconnecting verified peer keeps its routes.
+        let verified = slot.trust.map(|t| t == Trust::Verified);
+        let mut changed = established || failed || announced || announce;
+        if established {
+            // Our announcement went with our name (`PeerLink::set_routes`).
+            self.by_key.insert(key, remote.clone());
+            announce |= self.overlay.peer_up(key);
+        }
+        if let Some(verified) = verified {
+            changed |= self.overlay.set_verified(&key, verified);
+        }
+        if failed && self.by_key.get(&key) == Some(remote) {
+            announce |= self.overlay.peer_down(&key);
+        }
+        for packet in packets {
+            // Any session of the key delivers (an orphan's last packets are as good:
+            // the key is the same).
+            if self.overlay.inbound(&key, &packet) {
+                self.out.push_back(Output::TunWrite(packet));
+            }
+        }
+        // Most inputs (a transfer chunk, an IP packet) change nothing here.
+        if changed || announce {
+            self.sync_overlay(now, announce);
+        }
+    }
+
     /// A connection kept from before a signaling reconnect is replaced by a new one to
     /// the same key.
     fn drop_orphans_of(&mut self, now: Duration, current: &PeerId, fp: &Fingerprint) {
@@ -1102,7 +1307,7 @@ impl Node {
     /// Reports `remote` if what users know of it changed.
     fn show(&mut self, remote: &PeerId) {
         let Some(slot) = self.peers.get_mut(remote) else { return };
-        let info = slot.info(remote);
+        let info = slot.info(remote, &self.overlay);
         if slot.shown.as_ref() != Some(&info) {
             slot.shown = Some(info.clone());
             self.emit(Event::Peer(info));
@@ -1502,8 +1707,17 @@ impl Node {
                 if let Some(fp) = &slot.fingerprint {
                     slot.trust = self.trust.check(name, fp);
                 }
+                if let Some(key) = slot.link.peer_identity() {
+                    // Trust decides which subnet and exit routes are accepted (our own
+                    // claim does not depend on it: nothing new to announce).
+                    let verified = slot.trust == Some(Trust::Verified);
+                    self.overlay.set_verified(key, verified);
+                }
             }
             self.show(id);
+        }
+        if let Some(status) = self.overlay.changed_status() {
+            self.out.push_back(Output::Overlay(status));
         }
         self.out.push_back(Output::SaveTrust(self.trust.clone()));
     }
@@ -1698,14 +1912,25 @@ impl Node {
         self.signaling.is_stopped()
     }
 
+    /// Our overlay addresses, the routing table and its counters (for `status`).
+    pub fn overlay(&self) -> OverlayStatus {
+        self.overlay.status()
+    }
+
+    /// The routing table, to look up or list: every accepted route, and our own two
+    /// addresses (routed to our own key, so that a weaker claim of one loses to ours).
+    pub fn route_table(&self) -> &RouteTable {
+        self.overlay.table()
+    }
+
     /// Every other member we know of (and kept sessions), by peer id.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        self.peers.iter().map(|(id, p)| p.info(id)).collect()
+        self.peers.iter().map(|(id, p)| p.info(id, &self.overlay)).collect()
     }
 
     /// What we know of `peer`.
     pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
-        self.peers.get(peer).map(|p| p.info(peer))
+        self.peers.get(peer).map(|p| p.info(peer, &self.overlay))
     }
 
     /// The display name `peer` announced, if any.

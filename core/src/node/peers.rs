@@ -2,8 +2,12 @@
 //! trust, and the plain view of all that ([`PeerInfo`]) that user interfaces show.
 
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use ipnet::IpNet;
+
+use super::overlay::Overlay;
 use crate::identity::Fingerprint;
 use crate::peer::{LinkError, LinkState, PeerLink};
 use crate::signal::PeerId;
@@ -93,6 +97,15 @@ pub struct PeerInfo {
     pub trust: Option<Trust>,
     /// Round-trip time (session pings, or ICE).
     pub rtt: Option<Duration>,
+    /// Its overlay IPv4 address, once it announced it (and nobody ranking higher claims
+    /// the same).
+    pub ipv4: Option<Ipv4Addr>,
+    /// Its overlay IPv6 address, once it announced it.
+    pub ipv6: Option<Ipv6Addr>,
+    /// The subnet and exit routes of it that we accepted and use.
+    pub routes: Vec<IpNet>,
+    /// Packets it sent us with a source address not routed to it, dropped.
+    pub dropped_spoofed: u64,
 }
 
 /// One other member of the room.
@@ -152,7 +165,7 @@ impl PeerSlot {
         self.link.state() == LinkState::Established
     }
 
-    pub(crate) fn info(&self, peer_id: &PeerId) -> PeerInfo {
+    pub(crate) fn info(&self, peer_id: &PeerId, overlay: &Overlay) -> PeerInfo {
         let (state, reason) = match self.link.state() {
             LinkState::Established if self.relayed => (PeerState::Relayed, None),
             LinkState::Established => (PeerState::Direct, None),
@@ -166,6 +179,10 @@ impl PeerSlot {
             }
             LinkState::Waiting => (PeerState::Connecting, None),
         };
+        let (ipv4, ipv6, routes, dropped_spoofed) = match self.link.peer_identity() {
+            Some(key) => overlay.peer_view(key),
+            None => (None, None, Vec::new(), 0),
+        };
         PeerInfo {
             peer_id: peer_id.clone(),
             state,
@@ -174,6 +191,10 @@ impl PeerSlot {
             fingerprint: self.fingerprint,
             trust: self.trust,
             rtt: self.link_rtt.or(self.path_rtt),
+            ipv4,
+            ipv6,
+            routes,
+            dropped_spoofed,
         }
     }
 }

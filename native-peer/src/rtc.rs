@@ -344,20 +344,37 @@ impl Runtime for RoomyUdp {
 
 /// Asks for `bytes` of send and receive buffer on `socket`: past `net.core.rmem_max` /
 /// `wmem_max` where we may (Linux, as root: `SO_RCVBUFFORCE`, as wireguard-go does), else
-/// up to them.
+/// up to them. Warns once per process if the kernel gave less (the transfer then loses
+/// datagrams in bursts and crawls; see `WEBRTC_RS.md`).
 fn enlarge_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let s = socket2::SockRef::from(socket);
     #[cfg(target_os = "linux")]
-    {
+    let forced = {
         use nix::sys::socket::{setsockopt, sockopt};
-        let forced = setsockopt(socket, sockopt::RcvBufForce, &bytes)
-            .and_then(|()| setsockopt(socket, sockopt::SndBufForce, &bytes));
-        if forced.is_ok() {
-            return;
+        setsockopt(socket, sockopt::RcvBufForce, &bytes)
+            .and_then(|()| setsockopt(socket, sockopt::SndBufForce, &bytes))
+            .is_ok()
+    };
+    #[cfg(not(target_os = "linux"))]
+    let forced = false;
+    if !forced {
+        if let Err(e) = s.set_recv_buffer_size(bytes).and_then(|()| s.set_send_buffer_size(bytes)) {
+            tracing::debug!("cannot enlarge a UDP socket's buffers: {e}");
         }
     }
-    let s = socket2::SockRef::from(socket);
-    if let Err(e) = s.set_recv_buffer_size(bytes).and_then(|()| s.set_send_buffer_size(bytes)) {
-        tracing::debug!("cannot enlarge a UDP socket's buffers: {e}");
+    let granted = s.recv_buffer_size().unwrap_or(0);
+    // Linux reports twice what it granted (room for its bookkeeping).
+    #[cfg(target_os = "linux")]
+    let granted = granted / 2;
+    if granted < bytes {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "the UDP receive buffer is {granted} bytes, not the {bytes} asked for: \
+                 transfers will be slower (raise net.core.rmem_max and net.core.wmem_max, \
+                 or run as root)"
+            );
+        });
     }
 }
 
@@ -798,4 +815,27 @@ async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
         .map(Duration::from_secs_f64);
     tracing::debug!(%pair, relayed, "selected path");
     Some(ConnectionEvent::Path { relayed, rtt })
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn udp_buffers_are_as_large_as_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let bytes = 4 << 20;
+        super::enlarge_buffers(&socket, bytes);
+        let s = socket2::SockRef::from(&socket);
+        // As root past net.core.rmem_max / wmem_max; else up to them.
+        for (granted, max) in
+            [(s.recv_buffer_size(), "rmem_max"), (s.send_buffer_size(), "wmem_max")]
+        {
+            let max: usize = std::fs::read_to_string(format!("/proc/sys/net/core/{max}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(granted.unwrap() / 2 >= bytes.min(max));
+        }
+    }
 }

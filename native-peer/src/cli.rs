@@ -10,7 +10,7 @@ use weft_core::network::{Network, PassphraseParams};
 use weft_core::signal::IceServer;
 use zeroize::Zeroizing;
 
-use crate::rtc::RtcConfig;
+use crate::rtc::{RtcConfig, Tuning};
 
 /// Weft native peer: joins an encrypted Weft overlay from a terminal.
 ///
@@ -183,6 +183,9 @@ pub enum Command {
         /// Seconds to wait at most.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Build every connection with webrtc-rs's defaults instead of Weft's tuning.
+        #[arg(long)]
+        untuned: bool,
     },
     /// Print a new invite (a new network) and exit.
     Invite,
@@ -246,10 +249,13 @@ impl Cli {
                 credential: self.ice_credential.clone(),
             })
             .collect();
+        let untuned = matches!(self.command, Command::BenchRaw { untuned: true, .. });
+        let tuning = if untuned { Tuning::UNTUNED } else { Tuning::WEFT };
         RtcConfig {
             ice_servers,
             relay_only: self.relay_only,
             bind: self.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            tuning,
         }
     }
 }

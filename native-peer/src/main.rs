@@ -157,7 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = join(&cli, Some(dir.clone())).await?;
             transfer::receive(joined, printer, accept_from, *once).await
         }
-        Command::BenchRaw { peer, bytes, timeout } => {
+        Command::BenchRaw { peer, bytes, timeout, .. } => {
             let joined = join(&cli, None).await?;
             let rtc = cli.rtc_config();
             bench_raw::run(joined, rtc, peer, *bytes, Duration::from_secs(*timeout)).await

@@ -328,6 +328,36 @@ impl Topology {
         Ok(dropped)
     }
 
+    /// Limits every site's access link to `mbit` Mbit/s each way (a token bucket on the
+    /// router's uplink and on the internet's link toward it; the server's link stays
+    /// unlimited, as a data centre's would), or lifts the limit (`None`). Home and mobile
+    /// links, not the machine's CPU, are what bound real transfers.
+    pub fn limit_sites(&self, mbit: Option<u32>) -> Result<()> {
+        for (s, site) in self.sites.iter().enumerate() {
+            let link = format!("link{}", octet(s));
+            for (netns, dev) in [(&site.router.netns, "wan"), (&self.internet, link.as_str())] {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns, "tc", "qdisc"]);
+                match mbit {
+                    Some(m) => cmd.args(["replace", "dev", dev, "root", "tbf", "rate"]).args([
+                        format!("{m}mbit"),
+                        "burst".into(),
+                        "64kb".into(),
+                        "latency".into(),
+                        "50ms".into(),
+                    ]),
+                    None => cmd.args(["del", "dev", dev, "root"]),
+                };
+                let out = cmd.output()?;
+                // Deleting a limit that is not there is fine.
+                if !out.status.success() && mbit.is_some() {
+                    bail!("tc failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// How many packets the namespaces sent toward addresses outside the topology
     /// (`198.18.0.0/15`): the internet router counts and drops them. Tests should find 0 (a
     /// lookup or STUN request to a real server is a bug in the test).

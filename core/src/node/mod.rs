@@ -116,7 +116,7 @@ impl Default for NodeTiming {
             progress_every: Duration::from_millis(250),
             save_every: Duration::from_millis(500),
             path_every: Duration::from_secs(2),
-            upgrade_first: Duration::from_secs(15),
+            upgrade_first: Duration::from_secs(5),
             upgrade_max: Duration::from_secs(600),
         }
     }

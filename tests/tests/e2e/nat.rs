@@ -86,10 +86,16 @@ impl Capture {
 }
 
 /// Ada (site 0) sends Bea (site 1) a file of `size` bytes (its text full of [`MARKER`])
-/// through `weft-signal` on the public host, in the passphrase network [`NETWORK`]; the
-/// path Bea's session took, and what Bea printed.
-async fn send_across(sites: [SiteSpec; 2], size: u64) -> (String, Vec<Value>) {
+/// through `weft-signal` on the public host, in the passphrase network [`NETWORK`], over
+/// access links of `link_mbit` (unlimited: `None`); the path Bea's session took, what Bea
+/// printed, and how long the transfer took.
+async fn send_across(
+    sites: [SiteSpec; 2],
+    size: u64,
+    link_mbit: Option<u32>,
+) -> (String, Vec<Value>, Duration) {
     let topology = Topology::new(&sites).unwrap();
+    topology.limit_sites(link_mbit).unwrap();
     let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let scratch = Scratch::new("nat").unwrap();
@@ -114,7 +120,9 @@ async fn send_across(sites: [SiteSpec; 2], size: u64) -> (String, Vec<Value>) {
     network(&mut send);
     send.args(["--name", "Ada", "send", "--to", "Bea"]).arg(&path);
     let mut ada = NativePeer::spawn(send).unwrap();
+    let started = std::time::Instant::now();
     let (sent, received) = tokio::join!(ada.wait_exit(LONG), bea.wait_exit(LONG));
+    let took = started.elapsed();
     assert!(sent.unwrap().success(), "Ada: {:?}", ada.seen);
     assert!(received.unwrap().success(), "Bea: {:?}", bea.seen);
     assert_eq!(blake3_of(&downloads.join("across.txt")).unwrap(), root);
@@ -131,7 +139,7 @@ async fn send_across(sites: [SiteSpec; 2], size: u64) -> (String, Vec<Value>) {
     assert!(!stalled, "the transfer stalled: {:?}", bea.seen);
     let path =
         last_path(&bea.seen).unwrap_or_else(|| panic!("no session with Ada: {:?}", bea.seen));
-    (path, bea.seen)
+    (path, bea.seen, took)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +148,7 @@ async fn behind_endpoint_independent_nats_native_peers_connect_directly() {
         return;
     }
     let eim = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen) = send_across([eim, eim], mib(6) + 7).await;
+    let (path, seen, _) = send_across([eim, eim], mib(6) + 7, None).await;
     assert_eq!(path, "direct", "{seen:?}");
 }
 
@@ -150,15 +158,19 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
         return;
     }
     let symmetric = SiteSpec::behind(Nat::Symmetric);
-    let (path, seen) = send_across([symmetric, symmetric], mib(6) + 7).await;
+    // 16 Mbit/s access links: the transfer lasts longer than a relayed session waits before
+    // its first look for a direct path (an ICE restart, 5 s), which must not disturb it.
+    let (path, seen, took) = send_across([symmetric, symmetric], mib(12) + 7, Some(16)).await;
     assert_eq!(path, "relayed", "{seen:?}");
+    let first_look = weft_core::node::NodeTiming::default().upgrade_first;
+    assert!(took > first_look + Duration::from_secs(1), "too short to span a look: {took:?}");
 }
 
 /// A relayed session moves to a direct path once one exists, on the same session. Two
 /// sites behind endpoint-independent NATs, but the internet drops UDP between them (only
 /// the server is reachable over UDP), so Ada and Bea meet through the relay. Then the
 /// block lifts, as when a phone leaves a network that filters peer-to-peer traffic: the
-/// next look for a direct path (an ICE restart by the impolite side, 15 s after the
+/// next look for a direct path (an ICE restart by the impolite side, 5 s after the
 /// session went relayed) finds it, and both report `direct` without a new session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {

@@ -34,6 +34,8 @@ use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_missing};
 use crate::median;
 
 const RUNS: usize = 5;
+/// The access links' speed in the link-bound part: a good home or 5G uplink.
+const ACCESS_MBIT: u32 = 100;
 const LONG: Duration = Duration::from_secs(600);
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -261,29 +263,12 @@ pub async fn main() -> Result<()> {
     let scratch = Scratch::new("bench-relay")?;
     let size = file_size();
     let file = generate(scratch.path(), "relay.bin", size, 7)?;
-    let mb_s = |took: Duration| size as f64 / took.as_secs_f64() / 1e6;
-    let (mut direct, mut relay, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut server_cpu = 0.0;
-    for run in 0..runs() {
-        let (d, d_path) =
-            transfer(host(eim.0), host(eim.1), &ws, &file, scratch.path(), &format!("td{run}"))
-                .await?;
-        let cpu_before = cpu_ms(server_pid)?;
-        let (r, r_path) =
-            transfer(host(sym.0), host(sym.1), &ws, &file, scratch.path(), &format!("tr{run}"))
-                .await?;
-        server_cpu += cpu_ms(server_pid)? - cpu_before;
-        if d_path != "direct" || r_path != "relayed" {
-            bail!("run {run}: the paths were {d_path} and {r_path}, not direct and relayed");
-        }
-        println!("  run {run}: direct {:.1} MB/s, relayed {:.1} MB/s", mb_s(d), mb_s(r));
-        direct.push(mb_s(d));
-        relay.push(mb_s(r));
-        ratios.push(mb_s(r) / mb_s(d));
-    }
-    println!("BENCH direct_mb_s {:.1} MB/s", median(direct));
-    println!("BENCH relay_mb_s {:.1} MB/s", median(relay));
-    println!("BENCH relay_vs_direct_ratio {:.2} x", median(ratios));
+    println!("  access links unlimited (everything shares this machine's cores):");
+    let (direct, relay, ratio, server_cpu) =
+        throughput(&topology, &ws, &file, scratch.path(), server_pid, "cpu").await?;
+    println!("BENCH direct_cpu_bound_mb_s {direct:.1} MB/s");
+    println!("BENCH relay_cpu_bound_mb_s {relay:.1} MB/s");
+    println!("BENCH relay_vs_direct_cpu_bound_ratio {ratio:.2} x");
     let relayed_mb = (size * runs() as u64) as f64 / 1e6;
     let drops = |h: &Host| udp_drops(h).map_or("?".to_string(), |n| n.to_string());
     println!(
@@ -296,8 +281,52 @@ pub async fn main() -> Result<()> {
         drops(host(eim.1)),
     );
     println!("BENCH relay_server_cpu_ms_per_mb {:.1} ms/MB", server_cpu / relayed_mb);
+    topology.limit_sites(Some(ACCESS_MBIT))?;
+    println!("  access links limited to {ACCESS_MBIT} Mbit/s each way:");
+    let (direct, relay, ratio, _) =
+        throughput(&topology, &ws, &file, scratch.path(), server_pid, "link").await?;
+    topology.limit_sites(None)?;
+    println!("BENCH direct_mb_s {direct:.1} MB/s");
+    println!("BENCH relay_mb_s {relay:.1} MB/s");
+    println!("BENCH relay_vs_direct_ratio {ratio:.2} x");
     if topology.stray_packets().context("counting stray packets")? != 0 {
         bail!("packets left the topology");
     }
     Ok(())
+}
+
+/// Alternating direct (endpoint-independent NATs) and relayed (symmetric NATs) transfers of
+/// `file`: the medians of direct and relayed MB/s, the median of the paired ratios, and the
+/// relay server's CPU time over the relayed runs (ms).
+async fn throughput(
+    topology: &Topology,
+    ws: &str,
+    file: &TestFile,
+    scratch: &Path,
+    server_pid: u32,
+    label: &str,
+) -> Result<(f64, f64, f64, f64)> {
+    let host = |site: usize| topology.host(site, 0);
+    let (eim, sym) = (sites_of(1), sites_of(2));
+    let mb_s = |took: Duration| file.size as f64 / took.as_secs_f64() / 1e6;
+    let (mut direct, mut relay, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut server_cpu = 0.0;
+    for run in 0..runs() {
+        let (d, d_path) =
+            transfer(host(eim.0), host(eim.1), ws, file, scratch, &format!("{label}d{run}"))
+                .await?;
+        let cpu_before = cpu_ms(server_pid)?;
+        let (r, r_path) =
+            transfer(host(sym.0), host(sym.1), ws, file, scratch, &format!("{label}r{run}"))
+                .await?;
+        server_cpu += cpu_ms(server_pid)? - cpu_before;
+        if d_path != "direct" || r_path != "relayed" {
+            bail!("run {run}: the paths were {d_path} and {r_path}, not direct and relayed");
+        }
+        println!("  run {run}: direct {:.1} MB/s, relayed {:.1} MB/s", mb_s(d), mb_s(r));
+        direct.push(mb_s(d));
+        relay.push(mb_s(r));
+        ratios.push(mb_s(r) / mb_s(d));
+    }
+    Ok((median(direct), median(relay), median(ratios), server_cpu))
 }

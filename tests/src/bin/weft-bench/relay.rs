@@ -14,8 +14,17 @@
 //!   is their ratio (target ≤ 1.5).
 //! - `relay_mb_s` and `direct_mb_s`: a file `send` → `receive`, timed at the receiver from
 //!   `accepted` to `saved` as `bench native` does, through the relay (symmetric NATs) and
-//!   direct (endpoint-independent NATs), alternating; `relay_vs_direct_ratio` is the median
-//!   of the paired runs' ratios (target ≥ 0.8).
+//!   direct (endpoint-independent NATs), alternating, with every site's access link limited
+//!   to 100 Mbit/s each way (a token bucket; the server's link is not limited): what a user
+//!   on a good home or mobile link sees. `relay_vs_direct_ratio` is the median of the
+//!   paired runs' ratios (target ≥ 0.8).
+//! - The same without limits as `*_cpu_bound_*`: then both peers, the relay and every
+//!   router of the simulated internet share this machine's two cores, and the relayed path
+//!   costs more CPU (its packets cross the namespaces' routers twice and pass through one
+//!   more process), so the ratio says how much more, not what a user would see. Where that
+//!   CPU goes (`perf` on weft-signal during a relayed run): the kernel, mostly (forwarding
+//!   through the namespaces' veths, bridges and nftables, charged to the sending process,
+//!   and a wake-up per datagram); the `turn` crate's own code under 5 %.
 //!
 //! `relay_server_cpu_ms_per_mb`: CPU time of the `weft-signal` process (signaling and
 //! relay) per MB of file relayed, over the relayed runs.

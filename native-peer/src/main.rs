@@ -5,7 +5,8 @@
 //! Modules: [`cli`] (options), [`store`] (identity key and trust stores on disk),
 //! [`mesh`] (the driver of the core's `Node`: every decision is the node's),
 //! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection), [`files`]
-//! (file transfer on disk), [`transfer`] (the `send` and `receive` commands),
+//! (file transfer on disk), [`tun`] (the TUN device of `up --tun`), [`transfer`] (the
+//! `send` and `receive` commands),
 //! [`bench_raw`] (a plain data channel, the benchmark's baseline), [`output`] (text or
 //! JSON lines).
 
@@ -18,6 +19,7 @@ mod rtc;
 mod signaling;
 mod store;
 mod transfer;
+mod tun;
 
 use std::time::Duration;
 
@@ -71,6 +73,15 @@ pub(crate) struct Joined {
 }
 
 async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Result<Joined> {
+    join_with(cli, downloads, None).await
+}
+
+/// [`join`], routing IP through `tun` if given.
+async fn join_with(
+    cli: &Cli,
+    downloads: Option<std::path::PathBuf>,
+    tun: Option<tun::Tun>,
+) -> anyhow::Result<Joined> {
     signaling::check_url(&cli.server)?;
     let store = Store::open(cli.config_dir.clone())?;
     let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
@@ -90,6 +101,7 @@ async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Resul
         store,
         trust,
         downloads,
+        tun,
     })?;
     Ok(Joined { mesh, events, identity, name, network })
 }
@@ -108,7 +120,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Up => up(join(&cli, None).await?, printer).await,
+        Command::Up(args) => {
+            // The device first: without root there is nothing else to do.
+            let tun = args.tun_config().map(|c| tun::Tun::open(&c)).transpose()?;
+            up(join_with(&cli, None, tun).await?, printer).await
+        }
         Command::Peers { wait } => {
             let joined = join(&cli, None).await?;
             let (joined, peers, _) = settle(joined, Duration::from_secs(*wait)).await?;
@@ -120,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = join(&cli, None).await?;
             let (joined, peers, own) = settle(joined, Duration::from_secs(*wait)).await?;
             let room = joined.network.room_id();
-            let overlay = joined.mesh.overlay().await;
+            let overlay = joined.mesh.overlay().await.map(|(status, _)| status);
             let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
             printer.status(who, overlay.as_ref(), &peers);
             joined.mesh.shutdown().await?;

@@ -10,6 +10,7 @@ use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
 use crate::mesh::{MeshEvent, OverlayStatus, PeerInfo, PeerState};
+use crate::tun::TunState;
 use weft_core::node::{Event, SignalingEvent};
 
 /// Prints events and tables, as text or JSON lines.
@@ -151,6 +152,16 @@ impl Printer {
             MeshEvent::Node(Event::Signaling(
                 SignalingEvent::Stopped { .. } | SignalingEvent::Left,
             )) => {}
+            MeshEvent::Tun(state) => self.line(tun_json(state), || {
+                let mut addrs = Vec::new();
+                if let Some((a, p)) = state.ipv4 {
+                    addrs.push(format!("{a}/{p}"));
+                }
+                if let Some((a, p)) = state.ipv6 {
+                    addrs.push(format!("{a}/{p}"));
+                }
+                format!("TUN {} up, MTU {}: {}", state.name, state.mtu, addrs.join(", "))
+            }),
             MeshEvent::Warning(message) => {
                 eprintln!("warning: {message}");
                 self.line(json!({"event": "warning", "message": message}), || {
@@ -240,6 +251,15 @@ impl Printer {
         }
         self.peers(peers);
     }
+}
+
+/// The TUN device's state as JSON.
+pub fn tun_json(state: &TunState) -> Value {
+    json!({
+        "event": "tun", "device": state.name, "mtu": state.mtu,
+        "ipv4": state.ipv4.map(|(a, p)| format!("{a}/{p}")),
+        "ipv6": state.ipv6.map(|(a, p)| format!("{a}/{p}")),
+    })
 }
 
 /// Bytes for people: `1.5 MiB`.

@@ -2,7 +2,8 @@
 //! connects to every member over WebRTC (webrtc-rs), runs the same encrypted session as
 //! the browser (`weft_core::peer::PeerLink`), exchanges messages and files.
 //!
-//! Modules: [`cli`] (options), [`store`] (identity key and trust stores on disk),
+//! Modules: [`cli`] (options), [`control`] (the socket `status` asks a running `up`
+//! on), [`store`] (identity key and trust stores on disk),
 //! [`mesh`] (the driver of the core's `Node`: every decision is the node's),
 //! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection), [`files`]
 //! (file transfer on disk), [`tun`] (the TUN device of `up --tun`), [`transfer`] (the
@@ -12,6 +13,7 @@
 
 mod bench_raw;
 mod cli;
+mod control;
 mod files;
 mod mesh;
 mod output;
@@ -70,6 +72,8 @@ pub(crate) struct Joined {
     identity: IdentityKeyPair,
     name: String,
     network: Network,
+    /// The config directory (where a running `up` listens for `status`).
+    config_dir: std::path::PathBuf,
 }
 
 async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Result<Joined> {
@@ -84,6 +88,7 @@ async fn join_with(
 ) -> anyhow::Result<Joined> {
     signaling::check_url(&cli.server)?;
     let store = Store::open(cli.config_dir.clone())?;
+    let config_dir = store.dir().to_path_buf();
     let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
     let identity = store.load_or_create_identity(&mut rng)?;
     let network = cli.network().await?;
@@ -103,7 +108,7 @@ async fn join_with(
         downloads,
         tun,
     })?;
-    Ok(Joined { mesh, events, identity, name, network })
+    Ok(Joined { mesh, events, identity, name, network, config_dir })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -133,12 +138,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { wait } => {
+            // A running `up` with this config directory knows best (and joining again with
+            // its key would make a second member with the same key).
+            let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
+            if let Some(status) = control::ask_status(&dir).await {
+                printer.status(&status);
+                return Ok(());
+            }
             let joined = join(&cli, None).await?;
             let (joined, peers, own) = settle(joined, Duration::from_secs(*wait)).await?;
             let room = joined.network.room_id();
             let overlay = joined.mesh.overlay().await.map(|(status, _)| status);
             let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
-            printer.status(who, overlay.as_ref(), &peers);
+            printer.status(&output::status_json(who, overlay.as_ref(), None, false, &peers));
             joined.mesh.shutdown().await?;
             Ok(())
         }
@@ -183,7 +195,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `up`: print events until Ctrl-C or SIGTERM, then leave cleanly.
 async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
-    let Joined { mesh, mut events, identity, name, .. } = joined;
+    let Joined { mesh, mut events, identity, name, network, config_dir } = joined;
+    let control = match control::ControlListener::bind(&config_dir) {
+        Ok(Some(control)) => Some(control),
+        Ok(None) => {
+            printer.event(&MeshEvent::Warning(format!(
+                "another weft-peer up runs with {}: `status` asks that one",
+                config_dir.display()
+            )));
+            None
+        }
+        Err(e) => {
+            let path = control::socket_path(&config_dir);
+            printer.event(&MeshEvent::Warning(format!(
+                "cannot listen on {} (`status` will join on its own): {e}",
+                path.display()
+            )));
+            None
+        }
+    };
+    let mut own_id: Option<String> = None;
     let fp = identity.public().fingerprint();
     if printer.json {
         println!(
@@ -197,9 +228,25 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => printer.event(&event),
+                Some(event) => {
+                    if let MeshEvent::Node(Event::Joined { peer_id, .. }) = &event {
+                        own_id = Some(peer_id.to_string());
+                    }
+                    printer.event(&event);
+                }
                 None => return mesh.wait().await.map_err(Into::into),
             },
+            Ok(mut stream) = accept(control.as_ref()) => {
+                if control::read_request(&mut stream).await == Some(control::Request::Status) {
+                    let peers = mesh.peers().await;
+                    let (overlay, tun) = mesh.overlay().await.unzip();
+                    let who = (&identity, name.as_str(), network.room_id(), own_id.as_deref());
+                    let tun = tun.flatten();
+                    let status =
+                        output::status_json(who, overlay.as_ref(), tun.as_ref(), true, &peers);
+                    tokio::spawn(async move { control::answer(stream, &status).await });
+                }
+            }
             r = tokio::signal::ctrl_c() => {
                 r.context("cannot listen for Ctrl-C")?;
                 break;
@@ -218,6 +265,16 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
         printer.event(&event);
     }
     Ok(())
+}
+
+/// The next client of the control socket (never, without one).
+async fn accept(
+    control: Option<&control::ControlListener>,
+) -> std::io::Result<tokio::net::UnixStream> {
+    match control {
+        Some(control) => control.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits until every member has a session (or failed), or `wait` passes; returns the

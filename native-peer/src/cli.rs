@@ -215,6 +215,22 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// ICMP echo to PEER's overlay address through the TUN device of the `up --tun`
+    /// running with this config dir (which tells where PEER is); prints each round trip.
+    Ping {
+        /// The peer's display name, peer id or key fingerprint (8 or more hex digits), or
+        /// an overlay address.
+        peer: String,
+        /// How many echo requests (one every 0.5 s).
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u16,
+        /// ICMP data bytes in each (56 as `ping`; 1252 fills an IPv4 packet of MTU 1280).
+        #[arg(long, short = 's', default_value_t = 56, value_parser = clap::value_parser!(u16).range(0..=9000))]
+        size: u16,
+        /// Ping its IPv6 address.
+        #[arg(short = '6', long)]
+        ipv6: bool,
+    },
     /// Print a new invite (a new network) and exit.
     Invite,
 }

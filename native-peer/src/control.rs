@@ -86,14 +86,28 @@ pub async fn answer(mut stream: UnixStream, answer: &Value) {
     let _ = stream.shutdown().await;
 }
 
-/// Asks the `up` running with config directory `dir` for its status; `None` if none runs.
-pub async fn ask_status(dir: &Path) -> Option<Value> {
-    let mut stream = UnixStream::connect(socket_path(dir)).await.ok()?;
-    let ask = async {
-        stream.write_all(b"status\n").await.ok()?;
-        let mut line = String::new();
-        BufReader::new(&mut stream).read_line(&mut line).await.ok()?;
-        serde_json::from_str(&line).ok()
+/// Asks the `up` running with config directory `dir` for its status; `None` if none runs
+/// there, an error if one may but cannot be asked (not our socket, no answer).
+pub async fn ask_status(dir: &Path) -> io::Result<Option<Value>> {
+    let mut stream = match UnixStream::connect(socket_path(dir)).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
     };
-    tokio::time::timeout(TIMEOUT, ask).await.ok()?
+    let ask = async {
+        stream.write_all(b"status\n").await?;
+        let mut line = String::new();
+        BufReader::new(&mut stream).read_line(&mut line).await?;
+        serde_json::from_str(&line).map_err(io::Error::other)
+    };
+    match tokio::time::timeout(TIMEOUT, ask).await {
+        Ok(answer) => answer.map(Some),
+        Err(_) => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "the running weft-peer up did not answer"))
+        }
+    }
 }

@@ -8,7 +8,8 @@
 //! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection), [`files`]
 //! (file transfer on disk), [`tun`] (the TUN device of `up --tun`), [`transfer`] (the
 //! `send` and `receive` commands),
-//! [`bench_raw`] (a plain data channel, the benchmark's baseline), [`output`] (text or
+//! [`ping`] (ICMP echo through the running `up`'s TUN device), [`bench_raw`] (a plain
+//! data channel, the benchmark's baseline), [`output`] (text or
 //! JSON lines).
 
 mod bench_raw;
@@ -17,6 +18,7 @@ mod control;
 mod files;
 mod mesh;
 mod output;
+mod ping;
 mod rtc;
 mod signaling;
 mod store;
@@ -141,7 +143,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // A running `up` with this config directory knows best (and joining again with
             // its key would make a second member with the same key).
             let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
-            if let Some(status) = control::ask_status(&dir).await {
+            let asked = control::ask_status(&dir).await.with_context(|| {
+                format!("cannot ask the weft-peer up running with {}", dir.display())
+            })?;
+            if let Some(status) = asked {
                 printer.status(&status);
                 return Ok(());
             }
@@ -184,6 +189,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Receive { dir, accept_from, once } => {
             let joined = join(&cli, Some(dir.clone())).await?;
             transfer::receive(joined, printer, accept_from, *once).await
+        }
+        Command::Ping { peer, count, size, ipv6 } => {
+            let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
+            let options = ping::PingOptions {
+                peer: peer.clone(),
+                count: *count,
+                size: usize::from(*size),
+                ipv6: *ipv6,
+            };
+            ping::run(printer, &dir, options).await
         }
         Command::BenchRaw { peer, bytes, timeout } => {
             let joined = join(&cli, None).await?;

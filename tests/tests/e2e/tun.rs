@@ -2,8 +2,8 @@
 //! namespaces (see `weft_tests::netns`): `weft-signal` on the public host, one peer on a
 //! host behind each of two endpoint-independent NATs. The peers' devices get their overlay
 //! addresses from the node; programs on the hosts then reach each other by overlay IPv4
-//! and IPv6 (ICMP echo and a TCP copy with a checksum, both ways, through
-//! `weft-netprobe`), a packet with a source address its peer does not hold is dropped by
+//! and IPv6 (`weft-peer ping`, and a TCP copy with a checksum through `weft-netprobe`,
+//! both ways), a packet with a source address its peer does not hold is dropped by
 //! the receiver (cryptokey routing) and counted in `status`, a restarted peer is reached
 //! again, the device goes when the peer exits, and without root `up --tun` says so.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -143,13 +143,23 @@ async fn probe_ready(
     (child, lines)
 }
 
-/// ICMP echo from `host` to `addr`: how many of `count` were answered.
-async fn ping(host: &Host, addr: &str, count: u16, size: usize) -> u16 {
-    let (ok, out) = probe(host, &["icmp-echo", addr, &count.to_string(), &size.to_string()]).await;
-    assert!(ok, "icmp-echo {addr}: {out}");
-    out.lines()
-        .find_map(|l| l.strip_prefix("received ")?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {out}"))
+/// `weft-peer ping TARGET -c COUNT -s SIZE` through `from`'s running `up` (TARGET: an
+/// address, or a peer's name with `-6` or not in `extra`): how many of `count` were
+/// answered.
+async fn ping(from: &TunPeer, target: &str, count: u16, size: usize, extra: &[&str]) -> u64 {
+    let mut cmd = from.host.tokio_command(weft_peer_bin().unwrap());
+    cmd.arg("--config-dir").arg(&from.dir).args(["--json", "ping", target]);
+    cmd.args(["-c", &count.to_string(), "-s", &size.to_string()]).args(extra);
+    let out = tokio::time::timeout(WAIT, cmd.output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let done: Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "ping_done")
+        .unwrap_or_else(|| panic!("ping {target}: {out:?}"));
+    let received = done["received"].as_u64().unwrap();
+    assert_eq!(out.status.success(), received > 0, "{out:?}");
+    received
 }
 
 /// Copies [`COPY_BYTES`] over TCP from `from` to `to`'s `addr` (checked end to end); the
@@ -197,11 +207,11 @@ async fn native_peers_reach_each_other_by_overlay_ip_through_tun_devices() {
     let Some((net, [ada, bea])) = two_peers(test).await else { return };
     for (from, to) in [(&ada, &bea), (&bea, &ada)] {
         // A first packet may wait for nothing: the session is up and both took addresses.
-        assert_eq!(ping(&from.host, &to.ipv4, 3, 56).await, 3, "IPv4 {} -> {}", from.ipv4, to.ipv4);
-        assert_eq!(ping(&from.host, &to.ipv6, 3, 56).await, 3, "IPv6 {} -> {}", from.ipv6, to.ipv6);
+        assert_eq!(ping(from, &to.ipv4, 3, 56, &[]).await, 3, "IPv4 {} -> {}", from.ipv4, to.ipv4);
+        assert_eq!(ping(from, &to.ipv6, 3, 56, &[]).await, 3, "IPv6 {} -> {}", from.ipv6, to.ipv6);
         // Full-size packets (the device's MTU) pass whole.
-        assert_eq!(ping(&from.host, &to.ipv4, 2, FULL_V4).await, 2, "1280-byte IPv4");
-        assert_eq!(ping(&from.host, &to.ipv6, 2, FULL_V6).await, 2, "1280-byte IPv6");
+        assert_eq!(ping(from, &to.ipv4, 2, FULL_V4, &[]).await, 2, "1280-byte IPv4");
+        assert_eq!(ping(from, &to.ipv6, 2, FULL_V6, &[]).await, 2, "1280-byte IPv6");
     }
     for (from, to) in [(&ada, &bea), (&bea, &ada)] {
         let v4 = tcp_copy(&from.host, &to.host, &to.ipv4).await;
@@ -284,20 +294,20 @@ async fn a_packet_with_a_spoofed_source_address_is_dropped() {
 async fn a_restarted_peer_is_reached_again_at_the_same_addresses() {
     let test = "a_restarted_peer_is_reached_again_at_the_same_addresses";
     let Some((net, [mut ada, mut bea])) = two_peers(test).await else { return };
-    assert_eq!(ping(&ada.host, &bea.ipv4, 2, 56).await, 2);
+    assert_eq!(ping(&ada, "Bea", 2, 56, &[]).await, 2);
     let (old_v4, old_v6, dir) = (bea.ipv4.clone(), bea.ipv6.clone(), bea.dir.clone());
     assert!(bea.peer.terminate(WAIT).await.unwrap().success());
     assert!(!has_device(&bea.host, "weft0"));
     ada.peer.expect_event("peer_left", WAIT).await.unwrap();
-    assert_eq!(ping(&ada.host, &old_v4, 2, 56).await, 0, "Bea answered while stopped");
+    assert_eq!(ping(&ada, &old_v4, 2, 56, &[]).await, 0, "Bea answered while stopped");
     ada.peer.seen.clear();
     let host = bea.host.clone();
     bea = start(&host, &net.server, &net.invite, NAMES[1], dir).await;
     assert_eq!((bea.ipv4.as_str(), bea.ipv6.as_str()), (old_v4.as_str(), old_v6.as_str()));
     connected(&mut ada, &bea, NAMES[1]).await;
     connected(&mut bea, &ada, NAMES[0]).await;
-    assert_eq!(ping(&ada.host, &bea.ipv4, 3, 56).await, 3, "Ada -> restarted Bea");
-    assert_eq!(ping(&bea.host, &ada.ipv6, 3, 56).await, 3, "restarted Bea -> Ada");
+    assert_eq!(ping(&ada, "Bea", 3, 56, &[]).await, 3, "Ada -> restarted Bea");
+    assert_eq!(ping(&bea, "Ada", 3, 56, &["-6"]).await, 3, "restarted Bea -> Ada");
     let status = status(&ada).await;
     assert!(status["counters"]["unreachable"].as_u64().unwrap() >= 2, "{status}");
     stop(ada).await;

@@ -26,8 +26,6 @@
 //! and, for the overlay through TUN devices (module `overlay`):
 //!
 //! ```text
-//! weft-netprobe icmp-echo ADDR COUNT SIZE  ICMP echo (v4 or v6); "reply SEQ RTT_MS" each,
-//!                                  then "received N of COUNT"
 //! weft-netprobe tcp-sink ADDR:PORT one TCP connection read to its end: prints "ready",
 //!                                  then answers and prints "LEN BLAKE3"
 //! weft-netprobe tcp-send ADDR:PORT BYTES  pseudo-random bytes to a tcp-sink, checked
@@ -77,7 +75,6 @@ fn main() -> Result<()> {
             punch(server.parse()?)
         }
         "capture" => capture(rest),
-        "icmp-echo" => overlay::icmp_echo(rest),
         "tcp-sink" => overlay::tcp_sink(rest),
         "tcp-send" => overlay::tcp_send(rest),
         "udp-listen" => overlay::udp_listen(rest),

@@ -1,116 +1,17 @@
-//! Probes of the overlay through a TUN device, so tests need no `ping`, `nc` or `socat`:
-//! ICMP echo (raw sockets), a TCP copy with a checksum, a UDP listener, and a raw packet
-//! with a source address of our choosing. Packets are built and read with `etherparse`.
+//! Probes of the overlay through a TUN device, so tests need no `nc` or `socat` (ICMP
+//! echo is `weft-peer ping`'s): a TCP copy with a checksum, a UDP listener, and a raw
+//! packet with a source address of our choosing, built with `etherparse`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use etherparse::{
-    IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Slice, Icmpv6Type, PacketBuilder,
-    SlicedPacket, TransportSlice,
-};
+use anyhow::{Result, bail};
+use etherparse::PacketBuilder;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-/// Time between two echo requests.
-const PING_EVERY: Duration = Duration::from_millis(200);
-/// How long the last echo request may wait for its reply.
-const PING_WAIT: Duration = Duration::from_secs(2);
 /// How long a TCP copy may take at most.
 const COPY_FOR: Duration = Duration::from_secs(120);
-
-/// `icmp-echo ADDR COUNT SIZE`: COUNT echo requests of SIZE bytes of ICMP data to ADDR
-/// (IPv4 or IPv6); prints "reply SEQ RTT_MS" for each reply, then "received N of COUNT".
-pub fn icmp_echo(args: &[String]) -> Result<()> {
-    let [addr, count, size] = args else { bail!("icmp-echo ADDR COUNT SIZE") };
-    let addr: IpAddr = addr.parse()?;
-    let count: u16 = count.parse()?;
-    let size: usize = size.parse()?;
-    let (domain, protocol) = match addr {
-        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
-        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
-    };
-    let socket = Socket::new(domain, Type::RAW, Some(protocol)).context("raw ICMP socket")?;
-    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-    let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(0);
-    let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let target = SockAddr::from(SocketAddr::new(addr, 0));
-    let mut sent_at = vec![None; usize::from(count)];
-    let mut received = 0;
-    let mut next = Instant::now();
-    let mut seq = 0u16;
-    let mut buf = vec![0u8; 65536];
-    let mut last = Instant::now();
-    while seq < count || last.elapsed() < PING_WAIT {
-        if seq < count && Instant::now() >= next {
-            let echo = IcmpEchoHeader { id, seq };
-            let mut packet = match addr {
-                IpAddr::V4(_) => {
-                    Icmpv4Header::with_checksum(Icmpv4Type::EchoRequest(echo), &payload)
-                        .to_bytes()
-                        .to_vec()
-                }
-                // The kernel computes ICMPv6 checksums of raw sockets.
-                IpAddr::V6(_) => {
-                    Icmpv6Header::new(Icmpv6Type::EchoRequest(echo)).to_bytes().to_vec()
-                }
-            };
-            packet.extend_from_slice(&payload);
-            socket.send_to(&packet, &target)?;
-            sent_at[usize::from(seq)] = Some(Instant::now());
-            seq += 1;
-            next += PING_EVERY;
-            last = Instant::now();
-        }
-        let n = match (&socket).read(&mut buf) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(reply) = echo_reply(addr, &buf[..n], id, &payload) {
-            if let Some(at) = sent_at.get_mut(usize::from(reply)).and_then(Option::take) {
-                received += 1;
-                println!("reply {reply} {:.3}", at.elapsed().as_secs_f64() * 1000.0);
-                if received == count {
-                    break;
-                }
-            }
-        }
-    }
-    println!("received {received} of {count}");
-    Ok(())
-}
-
-/// The sequence number of `packet` if it is an echo reply to us (`id`) with `payload`.
-fn echo_reply(addr: IpAddr, packet: &[u8], id: u16, payload: &[u8]) -> Option<u16> {
-    match addr {
-        // Raw IPv4 sockets read whole packets.
-        IpAddr::V4(_) => {
-            let sliced = SlicedPacket::from_ip(packet).ok()?;
-            let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else { return None };
-            match icmp.icmp_type() {
-                Icmpv4Type::EchoReply(e) if e.id == id && icmp.payload() == payload => Some(e.seq),
-                _ => None,
-            }
-        }
-        // Raw IPv6 sockets read the ICMPv6 message alone.
-        IpAddr::V6(_) => {
-            let icmp = Icmpv6Slice::from_slice(packet).ok()?;
-            match icmp.icmp_type() {
-                Icmpv6Type::EchoReply(e) if e.id == id && icmp.payload() == payload => Some(e.seq),
-                _ => None,
-            }
-        }
-    }
-}
 
 /// `tcp-sink ADDR:PORT`: listens, prints "ready", takes one connection, reads it to its
 /// end and answers (and prints) "LEN BLAKE3".

@@ -5,15 +5,20 @@
 //! and IPv6 (`weft-peer ping`, and a TCP copy with a checksum through `weft-netprobe`,
 //! both ways), a packet with a source address its peer does not hold is dropped by
 //! the receiver (cryptokey routing) and counted in `status`, a restarted peer is reached
-//! again, the device goes when the peer exits, and without root `up --tun` says so.
+//! again, an address the node moves (a collision) moves on the device, the device goes
+//! when the peer exits, and without root `up --tun` says so.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use weft_core::identity::IdentityKeyPair;
+use weft_core::node::ipv4_candidate;
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir, weft_peer_bin};
 use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
 
@@ -335,4 +340,92 @@ async fn up_tun_without_root_says_what_it_needs() {
         "error: cannot create the TUN device weftnoroot0: not permitted (run as root, or give \
          weft-peer CAP_NET_ADMIN)"
     );
+}
+
+/// Two keys whose first overlay IPv4 candidates are the same address (a birthday search
+/// over keys made from counted secrets: about 2^11 of them).
+fn colliding_keys() -> [IdentityKeyPair; 2] {
+    let mut seen: HashMap<Ipv4Addr, IdentityKeyPair> = HashMap::new();
+    for i in 0u64.. {
+        let secret = *blake3::hash(format!("weft tun collision {i}").as_bytes()).as_bytes();
+        let key = IdentityKeyPair::from_secret_bytes(&secret);
+        if let Some(other) = seen.insert(ipv4_candidate(key.public(), 0), key.clone()) {
+            return [other, key];
+        }
+    }
+    unreachable!()
+}
+
+/// A config dir holding `key` as its identity (as `weft-peer` stores it).
+fn config_dir_with(label: &str, key: &IdentityKeyPair) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = config_dir(label).unwrap();
+    let hex: String = key.secret_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join("identity.key"))
+        .unwrap();
+    std::io::Write::write_all(&mut file, format!("{hex}\n").as_bytes()).unwrap();
+    dir
+}
+
+/// The IPv4 addresses on `host`'s device `weft0`.
+fn device_ipv4(host: &Host) -> Vec<String> {
+    let out =
+        host.command("ip").args(["-4", "-o", "addr", "show", "dev", "weft0"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace().skip_while(|w| *w != "inet").nth(1).map(str::to_string)
+        })
+        .collect()
+}
+
+/// The node moves its address (`core/ROUTING.md`, collisions) and the driver follows: Bea's
+/// key's first address is Ada's, who had it first. Bea's device starts with it (a
+/// tentative claim), then, once Ada's firm claim is heard, has Bea's second candidate
+/// instead (the old address removed), and both reach each other at the addresses they
+/// ended with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_address_moves_on_the_device_too() {
+    if !netns_available("a_moved_address_moves_on_the_device_too") {
+        return;
+    }
+    let [first, second] = colliding_keys();
+    let x = ipv4_candidate(first.public(), 0);
+    let y = ipv4_candidate(second.public(), 1);
+    let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let dir_a = config_dir_with("tun-move-ada", &first);
+    let mut ada = start(topology.host(0, 0), &server, &invite, NAMES[0], dir_a).await;
+    assert_eq!(ada.ipv4, x.to_string());
+    ada.peer.expect_event("joined", WAIT).await.unwrap();
+    let dir_b = config_dir_with("tun-move-bea", &second);
+    let mut bea = start(topology.host(1, 0), &server, &invite, NAMES[1], dir_b).await;
+    assert_eq!(bea.ipv4, x.to_string(), "Bea's first claim is her first candidate");
+    let moved = bea
+        .peer
+        .expect("a second address", WAIT, |v| {
+            v["event"] == "tun" && v["ipv4"] != format!("{x}/10").as_str()
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved["ipv4"], format!("{y}/10"), "{moved}");
+    bea.ipv4 = y.to_string();
+    assert_eq!(device_ipv4(&bea.host), [format!("{y}/10")]);
+    assert_eq!(device_ipv4(&ada.host), [format!("{x}/10")]);
+    // Ada's "connected" may have come before Bea moved: ask her running node.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status(&ada).await["peers"][0]["ipv4"] != y.to_string().as_str() {
+        assert!(tokio::time::Instant::now() < deadline, "Ada never saw Bea at {y}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ping(&ada, &y.to_string(), 2, 56, &[]).await, 2, "Ada -> Bea at her new address");
+    assert_eq!(ping(&bea, &x.to_string(), 2, 56, &[]).await, 2, "Bea -> Ada");
+    stop(ada).await;
+    stop(bea).await;
+    drop(server);
 }

@@ -6,7 +6,8 @@
 //! both ways), a packet with a source address its peer does not hold is dropped by
 //! the receiver (cryptokey routing) and counted in `status`, a restarted peer is reached
 //! again, an address the node moves (a collision) moves on the device, the device goes
-//! when the peer exits, and without root `up --tun` says so.
+//! when the peer exits, and without root `up --tun` says so. A browser in the same network
+//! shows in `status` with its addresses, and packets to it get ICMP unreachable.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use weft_core::identity::IdentityKeyPair;
 use weft_core::node::ipv4_candidate;
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir, weft_peer_bin};
 use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
+use weft_tests::{ChromeDriver, chromium_available, wait_peer};
 
 /// One step on a busy machine.
 const WAIT: Duration = Duration::from_secs(60);
@@ -427,5 +429,52 @@ async fn a_moved_address_moves_on_the_device_too() {
     assert_eq!(ping(&bea, &x.to_string(), 2, 56, &[]).await, 2, "Bea -> Ada");
     stop(ada).await;
     stop(bea).await;
+    drop(server);
+}
+
+/// A browser is a member with addresses but no TUN device: `status` on a native peer shows
+/// its overlay addresses (and the page shows the native peer's), and packets to it are
+/// answered with ICMP unreachable by the native peer's own node, never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_peer_shows_its_overlay_address_and_is_unreachable_by_ip() {
+    let test = "a_browser_peer_shows_its_overlay_address_and_is_unreachable_by_ip";
+    if !netns_available(test) || !chromium_available(test) {
+        return;
+    }
+    let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let driver = ChromeDriver::start().await.unwrap();
+    let alice = driver.browser_in(topology.host(0, 0)).await.unwrap();
+    let checked = async {
+        alice.goto(&format!("http://{}:8080/", topology.public_ip())).await?;
+        let options = serde_json::json!({ "invite": invite, "name": "Alice" });
+        weft_tests::start_join(&alice, &options, "").await?;
+        let dir = config_dir("tun-browser").unwrap();
+        let mut ada = start(topology.host(1, 0), &server, &invite, NAMES[0], dir).await;
+        let seen = ada
+            .peer
+            .expect("Alice's addresses", WAIT, |v| {
+                v["event"] == "peer_connected" && v["name"] == "Alice" && v["ipv4"].is_string()
+            })
+            .await?;
+        let in_status = status(&ada).await;
+        let alice_there = &in_status["peers"][0];
+        assert_eq!(alice_there["name"], "Alice", "{in_status}");
+        assert_eq!(alice_there["ipv4"], seen["ipv4"], "{in_status}");
+        assert!(alice_there["ipv6"].is_string(), "{in_status}");
+        let ada_in_page = wait_peer(&alice, "Ada", &["direct", "relayed"], WAIT).await?;
+        assert_eq!(ada_in_page["ipv4"], ada.ipv4.as_str(), "{ada_in_page}");
+        let before = in_status["counters"]["unreachable"].as_u64().unwrap();
+        assert_eq!(ping(&ada, "Alice", 2, 56, &[]).await, 0, "a browser answered a ping");
+        let after = status(&ada).await["counters"]["unreachable"].as_u64().unwrap();
+        assert!(after >= before + 2, "{before} -> {after}");
+        assert_eq!(status(&ada).await["counters"]["sent"], 0, "a packet went to a browser");
+        stop(ada).await;
+        anyhow::Ok(())
+    }
+    .await;
+    alice.quit().await.unwrap();
+    checked.unwrap();
     drop(server);
 }

@@ -227,6 +227,15 @@ async fn native_peers_reach_each_other_by_overlay_ip_through_tun_devices() {
             "TCP {COPY_BYTES} bytes over the overlay (debug build): IPv4 {v4:.1} Mbit/s, IPv6 {v6:.1} Mbit/s"
         );
     }
+    // A second `up --tun` on the host cannot take the device, and says so.
+    let mut second = ada.host.tokio_command(weft_peer_bin().unwrap());
+    second.args(["up", "--tun"]);
+    let out = tokio::time::timeout(WAIT, second.output()).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: cannot create the TUN device weft0: it exists and is busy (choose --tun-name)"
+    );
     // `status` asks the running `up`: its device, addresses and counters.
     let status = status(&ada).await;
     assert_eq!(status["tun"]["device"], "weft0", "{status}");

@@ -8,7 +8,10 @@
 //! unacknowledged); the receiver counts them and prints
 //! `{"event":"raw_done","bytes":…,"seconds":…,"mb_s":…}`, timed from the first byte to the
 //! last, then says `done` on the channel and the sender prints `raw_sent`. No encryption
-//! beyond DTLS, no hashing, nothing written to disk: the ceiling of the transport.
+//! beyond DTLS, no hashing, nothing written to disk: the ceiling of the transport. With
+//! `--untuned` every connection of the process (the session's too) is built with
+//! webrtc-rs's defaults instead ([`crate::rtc::Tuning::UNTUNED`]), the baseline of the
+//! tuning.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

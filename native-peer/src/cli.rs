@@ -10,7 +10,7 @@ use weft_core::network::{Network, PassphraseParams};
 use weft_core::signal::IceServer;
 use zeroize::Zeroizing;
 
-use crate::rtc::RtcConfig;
+use crate::rtc::{RtcConfig, Tuning};
 
 /// Weft native peer: joins an encrypted Weft overlay from a terminal.
 ///
@@ -214,6 +214,9 @@ pub enum Command {
         /// Seconds to wait at most.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Build every connection with webrtc-rs's defaults instead of Weft's tuning.
+        #[arg(long)]
+        untuned: bool,
     },
     /// ICMP echo to PEER's overlay address through the TUN device of the `up --tun`
     /// running with this config dir (which tells where PEER is); prints each round trip.
@@ -293,10 +296,13 @@ impl Cli {
                 credential: self.ice_credential.clone(),
             })
             .collect();
+        let untuned = matches!(self.command, Command::BenchRaw { untuned: true, .. });
+        let tuning = if untuned { Tuning::UNTUNED } else { Tuning::WEFT };
         RtcConfig {
             ice_servers,
             relay_only: self.relay_only,
             bind: self.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            tuning,
         }
     }
 }

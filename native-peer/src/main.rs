@@ -200,7 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             ping::run(printer, &dir, options).await
         }
-        Command::BenchRaw { peer, bytes, timeout } => {
+        Command::BenchRaw { peer, bytes, timeout, .. } => {
             let joined = join(&cli, None).await?;
             let rtc = cli.rtc_config();
             bench_raw::run(joined, rtc, peer, *bytes, Duration::from_secs(*timeout)).await

@@ -23,7 +23,10 @@
 //!   browser answers with a new connection too).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,10 @@ use webrtc::peer_connection::{
     RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCIceServer,
     RTCIceTransportPolicy, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
     RTCSessionDescription, RTCStatsReportEntry, SettingEngineBuilder, StatsSelector,
+};
+use webrtc::runtime::{
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
+    TokioRuntime,
 };
 use weft_core::node::{ConnectionEvent, IceState};
 use weft_core::sdp::dtls_fingerprint;
@@ -82,6 +89,8 @@ const ICE_DIRECT_MIN_WAIT: Duration = Duration::from_millis(100);
 /// 2 s. A session that settles on the relay keeps looking for a direct path (the node's
 /// ICE restarts), so a direct pair that answers late is not lost for good.
 const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(400);
+/// webrtc-rs's default largest message (64 KiB), for [`Tuning::UNTUNED`].
+const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65_536;
 /// How long the polite side waits for the first offer before making its own.
 const POLITE_OFFER_WAIT: Duration = Duration::from_secs(3);
 /// How often the selected path (direct or relayed, RTT) is read.
@@ -104,12 +113,54 @@ pub struct RtcConfig {
     /// interface (Chromium has no loopback candidates, so loopback only reaches other
     /// native peers).
     pub bind: IpAddr,
+    /// How webrtc-rs is set up.
+    pub tuning: Tuning,
 }
 
 impl Default for RtcConfig {
     fn default() -> Self {
-        Self { ice_servers: Vec::new(), relay_only: false, bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED) }
+        Self {
+            ice_servers: Vec::new(),
+            relay_only: false,
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            tuning: Tuning::WEFT,
+        }
     }
+}
+
+/// webrtc-rs's throughput settings: Weft's ([`Tuning::WEFT`]) or webrtc-rs's defaults
+/// ([`Tuning::UNTUNED`], the baseline of `bench native`). What each did is measured in
+/// `WEBRTC_RS.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Threads in webrtc-rs's dedicated reactor pool, which runs connection drivers on
+    /// threads of their own instead of tokio's workers; 0 = no pool. The pool is
+    /// process-wide and sized by the first connection that asks for it.
+    pub reactor_threads: usize,
+    /// UDP send and receive buffers asked of the kernel (see [`enlarge_buffers`]); `None` =
+    /// the kernel's default.
+    pub udp_buffers: Option<usize>,
+    /// The largest data-channel message we advertise.
+    pub max_message_size: u32,
+    /// The largest SCTP packet we send ([`SCTP_MTU`]); `None` = webrtc-rs's 1191.
+    pub sctp_mtu: Option<u32>,
+}
+
+impl Tuning {
+    /// Weft's settings.
+    pub const WEFT: Self = Self {
+        reactor_threads: 1,
+        udp_buffers: Some(4 << 20),
+        max_message_size: MAX_MESSAGE_SIZE,
+        sctp_mtu: Some(SCTP_MTU),
+    };
+    /// webrtc-rs's defaults.
+    pub const UNTUNED: Self = Self {
+        reactor_threads: 0,
+        udp_buffers: None,
+        max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        sctp_mtu: None,
+    };
 }
 
 enum Command {
@@ -240,15 +291,18 @@ pub(crate) async fn build_with(
     handler: Arc<dyn PeerConnectionEventHandler>,
     send_buffer_limit: Option<usize>,
 ) -> Result<Arc<dyn PeerConnection>, webrtc::error::Error> {
-    let settings = SettingEngineBuilder::new()
-        .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_MESSAGE_SIZE))
-        .with_sctp_mtu(SCTP_MTU)
+    let tuning = config.tuning;
+    let mut settings = SettingEngineBuilder::new()
+        .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(tuning.max_message_size))
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(ICE_MAX_CHECKS))
         .with_srflx_acceptance_min_wait(Some(ICE_DIRECT_MIN_WAIT))
         .with_prflx_acceptance_min_wait(Some(ICE_DIRECT_MIN_WAIT))
-        .with_relay_acceptance_min_wait(Some(ICE_RELAY_MIN_WAIT))
-        .build();
+        .with_relay_acceptance_min_wait(Some(ICE_RELAY_MIN_WAIT));
+    if let Some(mtu) = tuning.sctp_mtu {
+        settings = settings.with_sctp_mtu(mtu);
+    }
+    let settings = settings.build();
     let mut rtc_config =
         RTCConfigurationBuilder::new().with_ice_servers(rtc_ice_servers(&config.ice_servers));
     if config.relay_only {
@@ -258,7 +312,11 @@ pub(crate) async fn build_with(
         .with_configuration(rtc_config.build())
         .with_setting_engine(settings)
         .with_handler(handler)
-        .with_udp_addrs(vec![SocketAddr::new(config.bind, 0)]);
+        .with_udp_addrs(vec![SocketAddr::new(config.bind, 0)])
+        .with_dedicated_reactor_pool_size(tuning.reactor_threads);
+    if let Some(bytes) = tuning.udp_buffers {
+        builder = builder.with_runtime(Arc::new(RoomyUdp { bytes }));
+    }
     if let Some(limit) = send_buffer_limit {
         builder = builder.with_data_channel_send_buffer_limit(limit);
     }
@@ -276,6 +334,110 @@ fn rtc_ice_servers(servers: &[IceServer]) -> Vec<RTCIceServer> {
             credential: s.credential.clone().unwrap_or_default(),
         })
         .collect()
+}
+
+/// tokio, as webrtc-rs runs on it by default, except that UDP sockets ask the kernel for
+/// `bytes` of send and receive buffer: a burst of SCTP packets then waits in the socket
+/// instead of being dropped (each loss costs a retransmission).
+#[derive(Debug)]
+struct RoomyUdp {
+    bytes: usize,
+}
+
+impl Runtime for RoomyUdp {
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
+        TokioRuntime.spawn(future)
+    }
+
+    fn spawn_reactor(
+        &self,
+        pool_size: usize,
+        future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Box<dyn JoinHandle> {
+        TokioRuntime.spawn_reactor(pool_size, future)
+    }
+
+    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        enlarge_buffers(&socket, self.bytes);
+        TokioRuntime.wrap_udp_socket(socket)
+    }
+
+    fn wrap_tcp_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Arc<dyn AsyncTcpListener>> {
+        TokioRuntime.wrap_tcp_listener(listener)
+    }
+
+    fn connect_tcp<'a>(
+        &'a self,
+        remote: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
+        TokioRuntime.connect_tcp(remote)
+    }
+
+    fn resolve_host<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        TokioRuntime.resolve_host(host)
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        TokioRuntime.sleep(duration)
+    }
+
+    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
+        TokioRuntime.interval(period)
+    }
+
+    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
+        TokioRuntime.block_on(future);
+    }
+
+    fn yield_now(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        TokioRuntime.yield_now()
+    }
+
+    fn name(&self) -> &'static str {
+        TokioRuntime.name()
+    }
+}
+
+/// Asks for `bytes` of send and receive buffer on `socket`: past `net.core.rmem_max` /
+/// `wmem_max` where we may (Linux, as root: `SO_RCVBUFFORCE`, as wireguard-go does), else
+/// up to them. Warns once per process if the kernel gave less (the transfer then loses
+/// datagrams in bursts and crawls; see `WEBRTC_RS.md`).
+fn enlarge_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let s = socket2::SockRef::from(socket);
+    #[cfg(target_os = "linux")]
+    let forced = {
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(socket, sockopt::RcvBufForce, &bytes)
+            .and_then(|()| setsockopt(socket, sockopt::SndBufForce, &bytes))
+            .is_ok()
+    };
+    #[cfg(not(target_os = "linux"))]
+    let forced = false;
+    if !forced {
+        if let Err(e) = s.set_recv_buffer_size(bytes).and_then(|()| s.set_send_buffer_size(bytes)) {
+            tracing::debug!("cannot enlarge a UDP socket's buffers: {e}");
+        }
+    }
+    let granted = s.recv_buffer_size().unwrap_or(0);
+    // Linux reports twice what it granted (room for its bookkeeping).
+    #[cfg(target_os = "linux")]
+    let granted = granted / 2;
+    if granted < bytes {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "the UDP receive buffer is {granted} bytes, not the {bytes} asked for: \
+                 transfers will be slower (raise net.core.rmem_max and net.core.wmem_max, \
+                 or run as root)"
+            );
+        });
+    }
 }
 
 /// The `a=mid` of the first media section (candidates are sent with it, for Chromium).
@@ -760,5 +922,25 @@ mod tests {
         assert!(sealed <= budget, "{sealed} > {budget}");
         // With TURN over IPv6 it still fits an Ethernet path.
         assert!(SCTP_MTU as usize + 37 + 8 + 40 + 4 <= 1500);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn udp_buffers_are_as_large_as_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let bytes = 4 << 20;
+        super::enlarge_buffers(&socket, bytes);
+        let s = socket2::SockRef::from(&socket);
+        // As root past net.core.rmem_max / wmem_max; else up to them.
+        for (granted, max) in
+            [(s.recv_buffer_size(), "rmem_max"), (s.send_buffer_size(), "wmem_max")]
+        {
+            let max: usize = std::fs::read_to_string(format!("/proc/sys/net/core/{max}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(granted.unwrap() / 2 >= bytes.min(max));
+        }
     }
 }

@@ -54,6 +54,22 @@ async fn prints_its_url_serves_and_stops_on_sigterm() {
     assert!(status.success(), "{status}");
 }
 
+/// A SIGTERM as soon as the server says anything (a supervisor stopping it right after
+/// start) still stops it cleanly: the handler is in place before the server starts.
+#[tokio::test]
+async fn a_sigterm_right_after_start_stops_it_cleanly() {
+    for _ in 0..5 {
+        let (mut child, mut lines) = spawn(&["--listen", "127.0.0.1:0", "--turn-port", "0"]);
+        let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
+        assert!(first.unwrap().unwrap().is_some());
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status =
+            tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
 #[tokio::test]
 async fn a_half_given_tls_configuration_is_refused() {
     for (given, missing) in [("--tls-cert", "--tls-key"), ("--turn-tls-cert", "--turn-tls-key")] {

@@ -8,21 +8,25 @@
 //!   `native_sender_hash_mb_s`).
 //! - `native_raw_datachannel_mb_s`: the baseline between the **same two kinds of process**:
 //!   `weft-peer bench-raw` on both sides opens a plain webrtc-rs connection, built as
-//!   Weft's are, with one reliable ordered data channel (what Weft's control channel is),
-//!   signaled over the encrypted Weft session's messages; the sender pumps the same number
-//!   of bytes in 64 KiB messages with backpressure (`send` waits while 8 MiB are
-//!   unacknowledged); timed at the receiver from the first byte to the last. No AEAD, no
-//!   hashing, no disk: the transport's ceiling. (Doing the baseline in-process would
-//!   have needed Weft in-process too for a fair comparison, and the native peer is a
-//!   binary, so both run as two processes.)
-//! - `native_transfer_vs_raw_ratio` = Weft ÷ raw.
+//!   Weft's are (the same settings, `native-peer/src/rtc.rs`'s `Tuning::WEFT`), with one
+//!   reliable ordered data channel (what Weft's control channel is), signaled over the
+//!   encrypted Weft session's messages; the sender pumps the same number of bytes in
+//!   64 KiB messages with backpressure (`send` waits while 8 MiB are unacknowledged);
+//!   timed at the receiver from the first byte to the last. No AEAD, no hashing, no disk:
+//!   the transport's ceiling. (Doing the baseline in-process would have needed Weft
+//!   in-process too for a fair comparison, and the native peer is a binary, so both run
+//!   as two processes.)
+//! - `native_raw_untuned_mb_s`: the same with `bench-raw --untuned`, every connection of
+//!   both processes built with webrtc-rs's defaults; `native_raw_tuned_vs_untuned_ratio`
+//!   is what Weft's tuning gives (`native-peer/WEBRTC_RS.md` says what each setting did).
+//! - `native_transfer_vs_raw_ratio` = Weft ÷ raw (the tuned raw channel).
 //! - `browser_native_mb_s`: real headless Chromium sends the file to `weft-peer receive`,
 //!   timed the same way (needs Chromium and the built bundle; skipped, saying why, if
 //!   they are missing).
 //!
-//! Weft and raw runs alternate, [`RUNS`] of each (`WEFT_BENCH_RUNS` sets another number);
-//! each speed is the median of its runs, and `native_transfer_vs_raw_ratio` the median of
-//! the paired (back to back) runs' ratios, less swayed by the machine's load drifting.
+//! Weft, untuned raw and raw runs alternate, [`RUNS`] of each (`WEFT_BENCH_RUNS` sets
+//! another number); each speed is the median of its runs, and each ratio the median of the
+//! paired (back to back) runs' ratios, less swayed by the machine's load drifting.
 //! `WEFT_BENCH_MB` sets the file size in MiB.
 //! Prints `BENCH <metric> <value> <unit>` lines (MB = 10^6 bytes).
 
@@ -116,16 +120,23 @@ async fn weft_run(
     Ok((took, hashed))
 }
 
-/// One raw data channel run between two `weft-peer bench-raw` processes: MB/s.
-async fn raw_run(server: &Server, size: u64) -> Result<f64> {
+/// One raw data channel run between two `weft-peer bench-raw` processes, with Weft's
+/// settings or (`untuned`) webrtc-rs's defaults: MB/s.
+async fn raw_run(server: &Server, size: u64, untuned: bool) -> Result<f64> {
     let invite = "Q".repeat(43);
     let (dir_a, dir_b) = (config_dir("raw-ada")?, config_dir("raw-bea")?);
     let mut recv = command(&server.ws_url(), &dir_b, LOOPBACK)?;
     recv.args(["--invite", &invite, "--name", "Bea", "bench-raw", "--peer", "Ada"]);
+    if untuned {
+        recv.arg("--untuned");
+    }
     let mut bea = NativePeer::spawn(recv)?;
     let mut send = command(&server.ws_url(), &dir_a, LOOPBACK)?;
     send.args(["--invite", &invite, "--name", "Ada", "bench-raw", "--peer", "Bea", "--bytes"]);
     send.arg(size.to_string());
+    if untuned {
+        send.arg("--untuned");
+    }
     let mut ada = NativePeer::spawn(send)?;
     let (done, sent) = tokio::join!(bea.expect_event("raw_done", LONG), ada.wait_exit(LONG));
     let done = done?;
@@ -189,22 +200,32 @@ pub async fn main() -> Result<()> {
 
     let mut weft = Vec::new();
     let mut hash = Vec::new();
+    let mut untuned = Vec::new();
     let mut raw = Vec::new();
     for run in 0..runs() {
         let (took, hashed) = weft_run(&server, scratch.path(), &file, run).await?;
         println!("  run {run}: weft {:.1} MB/s ({took:?})", mb_s(size, took));
         weft.push(mb_s(size, took));
         hash.push(mb_s(size, hashed));
-        let r = raw_run(&server, size).await?;
+        let u = raw_run(&server, size, true).await?;
+        println!("  run {run}: raw untuned {u:.1} MB/s");
+        untuned.push(u);
+        let r = raw_run(&server, size, false).await?;
         println!("  run {run}: raw {r:.1} MB/s");
         raw.push(r);
     }
-    let paired = median(weft.iter().zip(&raw).map(|(w, r)| w / r).collect());
-    let ratios: Vec<String> = weft.iter().zip(&raw).map(|(w, r)| format!("{:.2}", w / r)).collect();
-    println!("  paired ratios: {}", ratios.join(" "));
+    let paired = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(a, b)| a / b).collect());
+    let shown = |a: &[f64], b: &[f64]| {
+        a.iter().zip(b).map(|(a, b)| format!("{:.2}", a / b)).collect::<Vec<_>>().join(" ")
+    };
+    println!("  paired ratios weft/raw: {}", shown(&weft, &raw));
+    println!("  paired ratios raw/untuned: {}", shown(&raw, &untuned));
+    let (vs_raw, tuning_gain) = (paired(&weft, &raw), paired(&raw, &untuned));
     println!("BENCH native_transfer_mb_s {:.1} MB/s", median(weft));
+    println!("BENCH native_raw_untuned_mb_s {:.1} MB/s", median(untuned));
     println!("BENCH native_raw_datachannel_mb_s {:.1} MB/s", median(raw));
-    println!("BENCH native_transfer_vs_raw_ratio {paired:.2} x");
+    println!("BENCH native_raw_tuned_vs_untuned_ratio {tuning_gain:.2} x");
+    println!("BENCH native_transfer_vs_raw_ratio {vs_raw:.2} x");
     println!("BENCH native_sender_hash_mb_s {:.1} MB/s", median(hash));
 
     match browser_missing() {

@@ -17,7 +17,10 @@
 //!   direct (endpoint-independent NATs), alternating; `relay_vs_direct_ratio` is the median
 //!   of the paired runs' ratios (target ≥ 0.8).
 //!
-//! `WEFT_BENCH_RUNS` (default 5) sets the number of alternating runs, `WEFT_BENCH_MB`
+//! `relay_server_cpu_ms_per_mb`: CPU time of the `weft-signal` process (signaling and
+//! relay) per MB of file relayed, over the relayed runs.
+//!
+//! `WEFT_BENCH_PARTS=throughput` runs only the throughput part. `WEFT_BENCH_RUNS` (default 5) sets the number of alternating runs, `WEFT_BENCH_MB`
 //! (default 64) the file's size in MiB. Prints `BENCH <metric> <value> <unit>` lines.
 
 use std::path::Path;
@@ -40,6 +43,31 @@ fn runs() -> usize {
 
 fn file_size() -> u64 {
     mib(std::env::var("WEFT_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64))
+}
+
+/// CPU time (user + system) a process used so far, in milliseconds.
+fn cpu_ms(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).context("no utime")?;
+    let sys: u64 = fields.get(12).and_then(|f| f.parse().ok()).context("no stime")?;
+    // Linux reports in USER_HZ, 100 per second.
+    Ok((ticks + sys) as f64 * 10.0)
+}
+
+/// Datagrams the kernel of `host`'s namespace dropped for want of receive buffer space
+/// (`RcvbufErrors` of `/proc/net/snmp`), so far.
+fn udp_drops(host: &Host) -> Result<u64> {
+    let out = host.command("cat").arg("/proc/net/snmp").output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) =
+        (udp.next().context("no Udp line")?, udp.next().context("no Udp values")?);
+    let at =
+        names.split_whitespace().position(|n| n == "RcvbufErrors").context("no RcvbufErrors")?;
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).context("bad RcvbufErrors")
 }
 
 /// The kinds of network in the matrix, two sites of each: sites `2k` and `2k + 1`.
@@ -168,20 +196,10 @@ async fn transfer(
     Ok((took, path))
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-pub async fn main() -> Result<()> {
-    if let Some(why) = netns_missing() {
-        println!("  skipped: {why}");
-        return Ok(());
-    }
-    println!("  weft-peer: {}", weft_peer_bin()?.display());
-    let sites: Vec<SiteSpec> =
-        KINDS.iter().flat_map(|(nat, _)| [SiteSpec::behind(*nat); 2]).collect();
-    let topology = Topology::new(&sites)?;
-    let server = SignalProcess::start(topology.server(), &[]).await?;
-    let ws = server.ws_url.clone();
+/// Which NAT pairs connect, and the time to a first message, direct and relayed.
+async fn matrix_and_connect(topology: &Topology, ws: &str) -> Result<()> {
     let host = |site: usize| topology.host(site, 0);
-
+    let ws = ws.to_string();
     // The matrix: every unordered pair of kinds.
     let mut connected = 0;
     let mut combos = 0;
@@ -217,18 +235,44 @@ pub async fn main() -> Result<()> {
     println!("BENCH relay_connect_ms {relay_connect:.0} ms");
     println!("BENCH relay_vs_direct_connect_ratio {:.2} x", relay_connect / direct_connect);
 
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+pub async fn main() -> Result<()> {
+    if let Some(why) = netns_missing() {
+        println!("  skipped: {why}");
+        return Ok(());
+    }
+    println!("  weft-peer: {}", weft_peer_bin()?.display());
+    let sites: Vec<SiteSpec> =
+        KINDS.iter().flat_map(|(nat, _)| [SiteSpec::behind(*nat); 2]).collect();
+    let topology = Topology::new(&sites)?;
+    let server = SignalProcess::start(topology.server(), &[]).await?;
+    let ws = server.ws_url.clone();
+    let host = |site: usize| topology.host(site, 0);
+
+    let all = std::env::var("WEFT_BENCH_PARTS").map_or(true, |p| p != "throughput");
+    if all {
+        matrix_and_connect(&topology, &ws).await?;
+    }
+    let server_pid = server.child.id().context("weft-signal exited")?;
+    let (eim, sym) = (sites_of(1), sites_of(2));
     let scratch = Scratch::new("bench-relay")?;
     let size = file_size();
     let file = generate(scratch.path(), "relay.bin", size, 7)?;
     let mb_s = |took: Duration| size as f64 / took.as_secs_f64() / 1e6;
     let (mut direct, mut relay, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut server_cpu = 0.0;
     for run in 0..runs() {
         let (d, d_path) =
             transfer(host(eim.0), host(eim.1), &ws, &file, scratch.path(), &format!("td{run}"))
                 .await?;
+        let cpu_before = cpu_ms(server_pid)?;
         let (r, r_path) =
             transfer(host(sym.0), host(sym.1), &ws, &file, scratch.path(), &format!("tr{run}"))
                 .await?;
+        server_cpu += cpu_ms(server_pid)? - cpu_before;
         if d_path != "direct" || r_path != "relayed" {
             bail!("run {run}: the paths were {d_path} and {r_path}, not direct and relayed");
         }
@@ -240,6 +284,18 @@ pub async fn main() -> Result<()> {
     println!("BENCH direct_mb_s {:.1} MB/s", median(direct));
     println!("BENCH relay_mb_s {:.1} MB/s", median(relay));
     println!("BENCH relay_vs_direct_ratio {:.2} x", median(ratios));
+    let relayed_mb = (size * runs() as u64) as f64 / 1e6;
+    let drops = |h: &Host| udp_drops(h).map_or("?".to_string(), |n| n.to_string());
+    println!(
+        "  UDP receive-buffer drops: server {}, relayed sender {}, relayed receiver {}, direct \
+         sender {}, direct receiver {}",
+        drops(topology.server()),
+        drops(host(sym.0)),
+        drops(host(sym.1)),
+        drops(host(eim.0)),
+        drops(host(eim.1)),
+    );
+    println!("BENCH relay_server_cpu_ms_per_mb {:.1} ms/MB", server_cpu / relayed_mb);
     if topology.stray_packets().context("counting stray packets")? != 0 {
         bail!("packets left the topology");
     }

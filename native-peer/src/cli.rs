@@ -102,11 +102,42 @@ pub enum TrustCommand {
     },
 }
 
+/// `up`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Create a TUN device with our overlay addresses (IPv4 in 100.64.0.0/10, IPv6 in the
+    /// network's ULA /48), so that programs reach the other members by IP. Needs root or
+    /// CAP_NET_ADMIN; the device goes when weft-peer exits.
+    #[arg(long)]
+    pub tun: bool,
+    /// The TUN device's name.
+    #[arg(long, value_name = "NAME", default_value = crate::tun::DEFAULT_NAME, requires = "tun")]
+    pub tun_name: String,
+    /// The TUN device's MTU (1280 lets every sealed packet travel as one SCTP packet).
+    #[arg(
+        long,
+        default_value_t = crate::tun::DEFAULT_MTU,
+        requires = "tun",
+        value_parser = clap::value_parser!(u16).range(
+            i64::from(crate::tun::MIN_MTU)..=i64::from(crate::tun::MAX_MTU)
+        ),
+    )]
+    pub mtu: u16,
+}
+
+impl UpArgs {
+    /// The TUN device asked for, if any.
+    pub fn tun_config(&self) -> Option<crate::tun::TunConfig> {
+        self.tun.then(|| crate::tun::TunConfig { name: self.tun_name.clone(), mtu: self.mtu })
+    }
+}
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Join and stay, printing events (peers, messages) until Ctrl-C.
-    Up,
+    /// Join and stay, printing events (peers, messages) until Ctrl-C; with --tun, also
+    /// reach the other members by IP through a TUN device.
+    Up(UpArgs),
     /// Join, wait for sessions, print the peers (fingerprint, direct/relayed, RTT), exit.
     Peers {
         /// Seconds to wait for sessions at most.
@@ -186,6 +217,22 @@ pub enum Command {
         /// Build every connection with webrtc-rs's defaults instead of Weft's tuning.
         #[arg(long)]
         untuned: bool,
+    },
+    /// ICMP echo to PEER's overlay address through the TUN device of the `up --tun`
+    /// running with this config dir (which tells where PEER is); prints each round trip.
+    Ping {
+        /// The peer's display name, peer id or key fingerprint (8 or more hex digits), or
+        /// an overlay address.
+        peer: String,
+        /// How many echo requests (one every 0.5 s).
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u16,
+        /// ICMP data bytes in each (56 as `ping`; 1252 fills an IPv4 packet of MTU 1280).
+        #[arg(long, short = 's', default_value_t = 56, value_parser = clap::value_parser!(u16).range(0..=9000))]
+        size: u16,
+        /// Ping its IPv6 address.
+        #[arg(short = '6', long)]
+        ipv6: bool,
     },
     /// Print a new invite (a new network) and exit.
     Invite,

@@ -2,22 +2,28 @@
 //! connects to every member over WebRTC (webrtc-rs), runs the same encrypted session as
 //! the browser (`weft_core::peer::PeerLink`), exchanges messages and files.
 //!
-//! Modules: [`cli`] (options), [`store`] (identity key and trust stores on disk),
+//! Modules: [`cli`] (options), [`control`] (the socket `status` asks a running `up`
+//! on), [`store`] (identity key and trust stores on disk),
 //! [`mesh`] (the driver of the core's `Node`: every decision is the node's),
 //! [`signaling`] (the WebSocket to the server), [`rtc`] (one WebRTC connection), [`files`]
-//! (file transfer on disk), [`transfer`] (the `send` and `receive` commands),
-//! [`bench_raw`] (a plain data channel, the benchmark's baseline), [`output`] (text or
+//! (file transfer on disk), [`tun`] (the TUN device of `up --tun`), [`transfer`] (the
+//! `send` and `receive` commands),
+//! [`ping`] (ICMP echo through the running `up`'s TUN device), [`bench_raw`] (a plain
+//! data channel, the benchmark's baseline), [`output`] (text or
 //! JSON lines).
 
 mod bench_raw;
 mod cli;
+mod control;
 mod files;
 mod mesh;
 mod output;
+mod ping;
 mod rtc;
 mod signaling;
 mod store;
 mod transfer;
+mod tun;
 
 use std::time::Duration;
 
@@ -68,11 +74,23 @@ pub(crate) struct Joined {
     identity: IdentityKeyPair,
     name: String,
     network: Network,
+    /// The config directory (where a running `up` listens for `status`).
+    config_dir: std::path::PathBuf,
 }
 
 async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Result<Joined> {
+    join_with(cli, downloads, None).await
+}
+
+/// [`join`], routing IP through `tun` if given.
+async fn join_with(
+    cli: &Cli,
+    downloads: Option<std::path::PathBuf>,
+    tun: Option<tun::Tun>,
+) -> anyhow::Result<Joined> {
     signaling::check_url(&cli.server)?;
     let store = Store::open(cli.config_dir.clone())?;
+    let config_dir = store.dir().to_path_buf();
     let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
     let identity = store.load_or_create_identity(&mut rng)?;
     let network = cli.network().await?;
@@ -90,8 +108,9 @@ async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Resul
         store,
         trust,
         downloads,
+        tun,
     })?;
-    Ok(Joined { mesh, events, identity, name, network })
+    Ok(Joined { mesh, events, identity, name, network, config_dir })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -108,7 +127,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Up => up(join(&cli, None).await?, printer).await,
+        Command::Up(args) => {
+            // The device first: without root there is nothing else to do.
+            let tun = args.tun_config().map(|c| tun::Tun::open(&c)).transpose()?;
+            up(join_with(&cli, None, tun).await?, printer).await
+        }
         Command::Peers { wait } => {
             let joined = join(&cli, None).await?;
             let (joined, peers, _) = settle(joined, Duration::from_secs(*wait)).await?;
@@ -117,12 +140,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { wait } => {
+            // A running `up` with this config directory knows best (and joining again with
+            // its key would make a second member with the same key).
+            let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
+            let asked = control::ask_status(&dir).await.with_context(|| {
+                format!("cannot ask the weft-peer up running with {}", dir.display())
+            })?;
+            if let Some(status) = asked {
+                printer.status(&status);
+                return Ok(());
+            }
             let joined = join(&cli, None).await?;
             let (joined, peers, own) = settle(joined, Duration::from_secs(*wait)).await?;
             let room = joined.network.room_id();
-            let overlay = joined.mesh.overlay().await;
+            let overlay = joined.mesh.overlay().await.map(|(status, _)| status);
             let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
-            printer.status(who, overlay.as_ref(), &peers);
+            printer.status(&output::status_json(who, overlay.as_ref(), None, false, &peers));
             joined.mesh.shutdown().await?;
             Ok(())
         }
@@ -157,6 +190,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = join(&cli, Some(dir.clone())).await?;
             transfer::receive(joined, printer, accept_from, *once).await
         }
+        Command::Ping { peer, count, size, ipv6 } => {
+            let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
+            let options = ping::PingOptions {
+                peer: peer.clone(),
+                count: *count,
+                size: usize::from(*size),
+                ipv6: *ipv6,
+            };
+            ping::run(printer, &dir, options).await
+        }
         Command::BenchRaw { peer, bytes, timeout, .. } => {
             let joined = join(&cli, None).await?;
             let rtc = cli.rtc_config();
@@ -167,7 +210,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `up`: print events until Ctrl-C or SIGTERM, then leave cleanly.
 async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
-    let Joined { mesh, mut events, identity, name, .. } = joined;
+    let Joined { mesh, mut events, identity, name, network, config_dir } = joined;
+    let control = match control::ControlListener::bind(&config_dir) {
+        Ok(Some(control)) => Some(control),
+        Ok(None) => {
+            printer.event(&MeshEvent::Warning(format!(
+                "another weft-peer up runs with {}: `status` asks that one",
+                config_dir.display()
+            )));
+            None
+        }
+        Err(e) => {
+            let path = control::socket_path(&config_dir);
+            printer.event(&MeshEvent::Warning(format!(
+                "cannot listen on {} (`status` will join on its own): {e}",
+                path.display()
+            )));
+            None
+        }
+    };
+    let mut own_id: Option<String> = None;
     let fp = identity.public().fingerprint();
     if printer.json {
         println!(
@@ -181,9 +243,25 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => printer.event(&event),
+                Some(event) => {
+                    if let MeshEvent::Node(Event::Joined { peer_id, .. }) = &event {
+                        own_id = Some(peer_id.to_string());
+                    }
+                    printer.event(&event);
+                }
                 None => return mesh.wait().await.map_err(Into::into),
             },
+            Ok(mut stream) = accept(control.as_ref()) => {
+                if control::read_request(&mut stream).await == Some(control::Request::Status) {
+                    let peers = mesh.peers().await;
+                    let (overlay, tun) = mesh.overlay().await.unzip();
+                    let who = (&identity, name.as_str(), network.room_id(), own_id.as_deref());
+                    let tun = tun.flatten();
+                    let status =
+                        output::status_json(who, overlay.as_ref(), tun.as_ref(), true, &peers);
+                    tokio::spawn(async move { control::answer(stream, &status).await });
+                }
+            }
             r = tokio::signal::ctrl_c() => {
                 r.context("cannot listen for Ctrl-C")?;
                 break;
@@ -202,6 +280,16 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
         printer.event(&event);
     }
     Ok(())
+}
+
+/// The next client of the control socket (never, without one).
+async fn accept(
+    control: Option<&control::ControlListener>,
+) -> std::io::Result<tokio::net::UnixStream> {
+    match control {
+        Some(control) => control.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits until every member has a session (or failed), or `wait` passes; returns the

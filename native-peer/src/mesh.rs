@@ -5,7 +5,8 @@
 //! signaling socket's frames, each connection's events, finished disk work, commands,
 //! the node's one timer) and does what the node's outputs say: open or close the
 //! signaling socket ([`SignalingSocket`]), make, feed and close WebRTC connections
-//! ([`RtcPeer`]), disk work ([`Disk`]), saving the trust store, and [`MeshEvent`]s for the
+//! ([`RtcPeer`]), disk work ([`Disk`]), saving the trust store, IP packets to and from the
+//! TUN device and its addresses ([`Tun`], with `up --tun`), and [`MeshEvent`]s for the
 //! CLI. Every decision (joining, heartbeats, reconnecting, which peers to connect and
 //! rebuild, orphans that outlive a server restart, trust on first use, file transfer and
 //! its pacing, batching and throttling) is the node's.
@@ -36,6 +37,11 @@ use crate::files::{Disk, FilesError};
 use crate::rtc::{RtcConfig, RtcPeer};
 use crate::signaling::{self, SignalingError, SignalingSocket};
 use crate::store::Store;
+use crate::tun::{Tun, TunState};
+
+/// Packets read from the TUN device at most before the node's outputs are acted on
+/// (they are read as long as the device has some, up to this many).
+const TUN_BATCH: usize = 64;
 
 /// How long leaving waits for Close frames to be acknowledged, and then for each
 /// connection (and the signaling socket) to close.
@@ -62,6 +68,8 @@ pub struct MeshConfig {
     pub trust: TrustStore,
     /// Where downloads are stored (and restored from); none: offers cannot be accepted.
     pub downloads: Option<PathBuf>,
+    /// The TUN device (`up --tun`): the node takes and routes IP packets.
+    pub tun: Option<Tun>,
 }
 
 /// What the mesh reports: the node's own events (as the core defines them), and the
@@ -74,6 +82,8 @@ pub enum MeshEvent {
     Node(Event),
     /// A warning for the user (cannot save the trust store, a download record, ...).
     Warning(String),
+    /// The TUN device's addresses were set (at start, and when the node's change).
+    Tun(TunState),
 }
 
 /// Why a request failed.
@@ -126,7 +136,7 @@ enum Command {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
     Overlay {
-        reply: oneshot::Sender<OverlayStatus>,
+        reply: oneshot::Sender<(OverlayStatus, Option<TunState>)>,
     },
     Trust {
         peer: PeerId,
@@ -204,8 +214,9 @@ impl MeshHandle {
         self.ask(|reply| Command::Peers { reply }).await.unwrap_or_default()
     }
 
-    /// Our overlay addresses and routing table.
-    pub async fn overlay(&self) -> Option<OverlayStatus> {
+    /// Our overlay addresses and routing table, and the TUN device's state (if we have
+    /// one).
+    pub async fn overlay(&self) -> Option<(OverlayStatus, Option<TunState>)> {
         self.ask(|reply| Command::Overlay { reply }).await
     }
 
@@ -257,6 +268,7 @@ pub fn start(
     // `--ice-server` wins over what the signaling server hands out.
     node_config.ice_servers =
         (!config.rtc.ice_servers.is_empty()).then(|| config.rtc.ice_servers.clone());
+    node_config.routing.tun = config.tun.is_some();
     let node = Node::new(node_config);
     let mut mesh = Mesh {
         node,
@@ -276,6 +288,7 @@ pub fn start(
         closing: Vec::new(),
         refused: None,
         paths: HashMap::new(),
+        tun: config.tun,
     };
     let now = mesh.now();
     for (record, data_present) in saved {
@@ -309,6 +322,8 @@ struct Mesh {
     refused: Option<String>,
     /// The path last reported per connected peer (direct or relayed).
     paths: HashMap<PeerId, PeerState>,
+    /// The TUN device, with `up --tun`.
+    tun: Option<Tun>,
 }
 
 async fn run(
@@ -320,6 +335,8 @@ async fn run(
     signaling::check_url(&mesh.url)?;
     let now = mesh.now();
     mesh.node.start(now);
+    let mut tun_device = mesh.tun.as_ref().map(Tun::device);
+    let mut tun_buf = vec![0; usize::from(crate::tun::MAX_MTU)];
     loop {
         mesh.act();
         if let Some(message) = mesh.refused.take() {
@@ -351,7 +368,23 @@ async fn run(
                 }
             },
             () = sleep_until(wake) => mesh.input(Input::Timeout),
+            read = recv_tun(tun_device.as_deref(), &mut tun_buf) => {
+                if let Err(e) = mesh.tun_packets(read, tun_device.as_deref(), &mut tun_buf) {
+                    mesh.emit(MeshEvent::Warning(format!(
+                        "cannot read from the TUN device any more: {e}"
+                    )));
+                    tun_device = None;
+                }
+            }
         }
+    }
+}
+
+/// The next packet from the TUN device (never, without one).
+async fn recv_tun(device: Option<&tun_rs::AsyncDevice>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match device {
+        Some(device) => device.recv(buf).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -383,6 +416,28 @@ impl Mesh {
         }
         let now = self.now();
         self.node.handle_input(now, input, &mut self.rng);
+    }
+
+    /// Hands the node the packet `read` into `buf`, and those the device has ready after
+    /// it (up to [`TUN_BATCH`]); an error if the device cannot be read.
+    fn tun_packets(
+        &mut self,
+        read: std::io::Result<usize>,
+        device: Option<&tun_rs::AsyncDevice>,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
+        let mut read = read;
+        for _ in 0..TUN_BATCH {
+            match read {
+                Ok(n) => self.input(Input::TunPacket(buf[..n].to_vec())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            let Some(device) = device else { break };
+            read = device.try_recv(buf);
+        }
+        Ok(())
     }
 
     /// Does everything the node asks.
@@ -473,8 +528,22 @@ impl Mesh {
                 }
             }
             Output::Event(event) => self.on_event(event),
-            // No TUN device yet (issue #12, item 4): `status` reads the node's overlay view.
-            Output::TunWrite(_) | Output::Overlay(_) => {}
+            Output::TunWrite(packet) => {
+                if let Some(tun) = &self.tun {
+                    tun.write(&packet);
+                }
+            }
+            Output::Overlay(status) => {
+                let Some(tun) = &mut self.tun else { return };
+                match tun.configure(&status) {
+                    Ok(true) => {
+                        let state = tun.state().clone();
+                        self.emit(MeshEvent::Tun(state));
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.emit(MeshEvent::Warning(e.to_string())),
+                }
+            }
         }
     }
 
@@ -554,7 +623,8 @@ impl Mesh {
                 let _ = reply.send(self.node.peers());
             }
             Command::Overlay { reply } => {
-                let _ = reply.send(self.node.overlay());
+                let tun = self.tun.as_ref().map(|t| t.state().clone());
+                let _ = reply.send((self.node.overlay(), tun));
             }
             Command::Trust { peer, action, reply } => {
                 let result = match action {

@@ -10,6 +10,7 @@ use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
 use crate::mesh::{MeshEvent, OverlayStatus, PeerInfo, PeerState};
+use crate::tun::TunState;
 use weft_core::node::{Event, SignalingEvent};
 
 /// Prints events and tables, as text or JSON lines.
@@ -36,6 +37,7 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         "ipv4": p.ipv4,
         "ipv6": p.ipv6,
         "routes": p.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "dropped_spoofed": p.dropped_spoofed,
     });
     if matches!(p.state, PeerState::Direct | PeerState::Relayed) {
         v["path"] = json!(p.state.as_str());
@@ -151,6 +153,16 @@ impl Printer {
             MeshEvent::Node(Event::Signaling(
                 SignalingEvent::Stopped { .. } | SignalingEvent::Left,
             )) => {}
+            MeshEvent::Tun(state) => self.line(tun_json(state), || {
+                let mut addrs = Vec::new();
+                if let Some((a, p)) = state.ipv4 {
+                    addrs.push(format!("{a}/{p}"));
+                }
+                if let Some((a, p)) = state.ipv6 {
+                    addrs.push(format!("{a}/{p}"));
+                }
+                format!("TUN {} up, MTU {}: {}", state.name, state.mtu, addrs.join(", "))
+            }),
             MeshEvent::Warning(message) => {
                 eprintln!("warning: {message}");
                 self.line(json!({"event": "warning", "message": message}), || {
@@ -205,41 +217,103 @@ impl Printer {
         }
     }
 
-    /// Who we are and where.
-    pub fn status(
-        &self,
-        (identity, name, room, own_id): (&IdentityKeyPair, &str, &RoomId, Option<&str>),
-        overlay: Option<&OverlayStatus>,
-        peers: &[PeerInfo],
-    ) {
-        let fp = identity.public().fingerprint();
-        let ipv4 = overlay.and_then(|o| o.ipv4);
-        let ipv6 = overlay.map(|o| o.ipv6);
+    /// Our status (from [`status_json`]).
+    pub fn status(&self, status: &Value) {
         if self.json {
-            let list: Vec<Value> = peers.iter().map(peer_json).collect();
-            println!(
-                "{}",
-                json!({
-                    "event": "status", "name": name, "peer_id": own_id, "room": room,
-                    "fingerprint": fp.to_hex(), "safety_code": fp.short_code(),
-                    "joined": own_id.is_some(), "ipv4": ipv4, "ipv6": ipv6, "peers": list,
-                })
-            );
+            println!("{status}");
             return;
         }
-        println!("name:        {name}");
-        println!("safety code: {}", fp.short_code());
-        println!("fingerprint: {}", fp.to_hex());
-        println!("room:        {room}");
-        let addrs: Vec<String> =
-            ipv4.map(|a| a.to_string()).into_iter().chain(ipv6.map(|a| a.to_string())).collect();
+        let text = |key: &str| status[key].as_str().unwrap_or("-").to_string();
+        println!("name:        {}", text("name"));
+        println!("safety code: {}", text("safety_code"));
+        println!("fingerprint: {}", text("fingerprint"));
+        println!("room:        {}", text("room"));
+        let addrs: Vec<&str> = ["ipv4", "ipv6"].iter().filter_map(|k| status[k].as_str()).collect();
         println!("overlay:     {}", addrs.join(", "));
-        match own_id {
+        let tun = &status["tun"];
+        match tun["device"].as_str() {
+            Some(device) => println!("tun:         {device} up, MTU {}", tun["mtu"]),
+            None => println!("tun:         none"),
+        }
+        let c = &status["counters"];
+        if c.is_object() {
+            println!(
+                "packets:     {} sent, {} received; dropped: {} spoofed, {} refused, {} \
+                 unreachable, {} malformed",
+                c["sent"],
+                c["received"],
+                c["dropped_spoofed"],
+                c["dropped_refused"],
+                c["unreachable"],
+                c["dropped_malformed"]
+            );
+        }
+        match status["peer_id"].as_str() {
             Some(id) => println!("signaling:   joined as {id}"),
             None => println!("signaling:   not joined"),
         }
-        self.peers(peers);
+        let peers = status["peers"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if peers.is_empty() {
+            println!("no other peers");
+        }
+        for p in peers {
+            let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
+            println!(
+                "{} ({}): {}{}{}{}",
+                p["name"].as_str().unwrap_or("?"),
+                p["peer_id"].as_str().unwrap_or("?"),
+                p["state"].as_str().unwrap_or("?"),
+                field("ipv4"),
+                p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
+                p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),
+            );
+        }
     }
+}
+
+/// Who we are and where, as one JSON object: what `status` prints (as it is with
+/// `--json`), and what a running `up` answers on its control socket (`running`: true).
+pub fn status_json(
+    (identity, name, room, own_id): (&IdentityKeyPair, &str, &RoomId, Option<&str>),
+    overlay: Option<&OverlayStatus>,
+    tun: Option<&TunState>,
+    running: bool,
+    peers: &[PeerInfo],
+) -> Value {
+    let fp = identity.public().fingerprint();
+    let list: Vec<Value> = peers.iter().map(peer_json).collect();
+    let tun = tun.map(|t| {
+        let mut v = tun_json(t);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("event");
+        }
+        v
+    });
+    let counters = overlay.map(|o| {
+        let c = &o.counters;
+        json!({
+            "sent": c.sent, "received": c.received, "dropped_spoofed": c.dropped_spoofed,
+            "dropped_refused": c.dropped_refused, "dropped_no_tun": c.dropped_no_tun,
+            "dropped_malformed": c.dropped_malformed, "unreachable": c.unreachable,
+            "routes_refused": c.routes_refused,
+        })
+    });
+    json!({
+        "event": "status", "name": name, "peer_id": own_id, "room": room,
+        "fingerprint": fp.to_hex(), "safety_code": fp.short_code(),
+        "joined": own_id.is_some(), "running": running,
+        "ipv4": overlay.and_then(|o| o.ipv4), "ipv6": overlay.map(|o| o.ipv6),
+        "tun": tun, "counters": counters, "peers": list,
+    })
+}
+
+/// The TUN device's state as JSON.
+pub fn tun_json(state: &TunState) -> Value {
+    json!({
+        "event": "tun", "device": state.name, "mtu": state.mtu,
+        "ipv4": state.ipv4.map(|(a, p)| format!("{a}/{p}")),
+        "ipv6": state.ipv6.map(|(a, p)| format!("{a}/{p}")),
+    })
 }
 
 /// Bytes for people: `1.5 MiB`.

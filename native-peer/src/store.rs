@@ -84,6 +84,11 @@ impl Store {
         Ok(Self { dir })
     }
 
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Our identity: loaded, or created on first use.
     pub fn load_or_create_identity(
         &self,

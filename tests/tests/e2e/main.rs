@@ -13,3 +13,4 @@ mod nat_harness;
 mod native_browser;
 mod native_native;
 mod native_transfer;
+mod tun;

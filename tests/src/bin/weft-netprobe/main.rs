@@ -22,7 +22,21 @@
 //!                                  "frames N bytes B" and "hits K TEXT" per TEXT (how many
 //!                                  frames contained it)
 //! ```
+//!
+//! and, for the overlay through TUN devices (module `overlay`):
+//!
+//! ```text
+//! weft-netprobe tcp-sink ADDR:PORT one TCP connection read to its end: prints "ready",
+//!                                  then answers and prints "LEN BLAKE3"
+//! weft-netprobe tcp-send ADDR:PORT BYTES  pseudo-random bytes to a tcp-sink, checked
+//!                                  against its answer: "ok LEN BLAKE3 MBIT_S"
+//! weft-netprobe udp-listen PORT    prints "ready", then "got FROM TEXT" per datagram,
+//!                                  until its stdin closes
+//! weft-netprobe udp-from SRC DST:PORT TEXT  one datagram with any source address (raw)
+//! ```
 #![forbid(unsafe_code)]
+
+mod overlay;
 
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -61,6 +75,10 @@ fn main() -> Result<()> {
             punch(server.parse()?)
         }
         "capture" => capture(rest),
+        "tcp-sink" => overlay::tcp_sink(rest),
+        "tcp-send" => overlay::tcp_send(rest),
+        "udp-listen" => overlay::udp_listen(rest),
+        "udp-from" => overlay::udp_from(rest),
         other => bail!("unknown command {other}"),
     }
 }

@@ -1,0 +1,113 @@
+//! The control socket of a running `up`: `weft-peer status` asks it for the running node's
+//! view (addresses, the TUN device, counters, peers) instead of joining a second time with
+//! the same key. Later commands (`ping`, `down`) belong here too.
+//!
+//! A Unix socket in the config directory (mode 0600 inside a 0700 directory: only the
+//! owner asks). The protocol is one request line (`status`) and one JSON line back.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The socket's file name in the config directory.
+pub const SOCKET_FILE: &str = "weft-peer.sock";
+/// How long either side waits for the other.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request line read.
+const MAX_REQUEST: u64 = 256;
+
+/// The socket of the `up` that uses config directory `dir`.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(SOCKET_FILE)
+}
+
+/// A listening control socket; its file goes when it is dropped.
+#[derive(Debug)]
+pub struct ControlListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlListener {
+    /// Listens in config directory `dir`. `None` if another `up` already answers there;
+    /// a socket file nobody answers on (a crashed `up`) is replaced.
+    pub fn bind(dir: &Path) -> io::Result<Option<Self>> {
+        let path = socket_path(dir);
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Ok(None);
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Some(Self { listener, path }))
+    }
+
+    /// The next client.
+    pub async fn accept(&self) -> io::Result<UnixStream> {
+        Ok(self.listener.accept().await?.0)
+    }
+}
+
+impl Drop for ControlListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What a client asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The node's status.
+    Status,
+}
+
+/// Reads a client's request (`None`: not one we know, or it said nothing in time).
+pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream.take(MAX_REQUEST));
+    tokio::time::timeout(TIMEOUT, reader.read_line(&mut line)).await.ok()?.ok()?;
+    match line.trim() {
+        "status" => Some(Request::Status),
+        _ => None,
+    }
+}
+
+/// Sends `answer` as one JSON line, and closes.
+pub async fn answer(mut stream: UnixStream, answer: &Value) {
+    let line = format!("{answer}\n");
+    let _ = tokio::time::timeout(TIMEOUT, stream.write_all(line.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Asks the `up` running with config directory `dir` for its status; `None` if none runs
+/// there, an error if one may but cannot be asked (not our socket, no answer).
+pub async fn ask_status(dir: &Path) -> io::Result<Option<Value>> {
+    let mut stream = match UnixStream::connect(socket_path(dir)).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let ask = async {
+        stream.write_all(b"status\n").await?;
+        let mut line = String::new();
+        BufReader::new(&mut stream).read_line(&mut line).await?;
+        serde_json::from_str(&line).map_err(io::Error::other)
+    };
+    match tokio::time::timeout(TIMEOUT, ask).await {
+        Ok(answer) => answer.map(Some),
+        Err(_) => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "the running weft-peer up did not answer"))
+        }
+    }
+}

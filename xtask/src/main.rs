@@ -459,8 +459,22 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
         let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
         bail!("no benchmark {name:?}; there are: {}", names.join(", "));
     }
-    let mut cmd = Command::new("cargo");
-    cmd.args(["run", "--release", "-p", "weft-tests", "--bin", "weft-bench", "--", name]);
+    // The bench and the binaries it runs as processes, built in one cargo invocation: built
+    // apart (the bench's own `cargo build` of weft-peer), cargo unified features differently
+    // and rebuilt webrtc and its kin for each, about 5 minutes per bench.
+    run_cmd(
+        Command::new("cargo")
+            .args(["build", "--release", "-p", "weft-tests", "--bin", "weft-bench"])
+            .args(["-p", "weft-peer", "--bin", "weft-peer"])
+            .args(["-p", "weft-signal", "--bin", "weft-signal"]),
+    )?;
+    let release = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("release");
+    let mut cmd = Command::new(release.join("weft-bench"));
+    cmd.arg(name)
+        .env("WEFT_PEER_BIN", release.join("weft-peer"))
+        .env("WEFT_SIGNAL_BIN", release.join("weft-signal"));
     if BROWSER_BENCHES.contains(&name) {
         ensure_browser()?;
         let dist = build_bundle(root)?;

@@ -7,10 +7,9 @@
 //! plaintext nor the network's name.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{BufReader, Lines};
 
 use serde_json::Value;
 use weft_tests::files::{Scratch, blake3_of, mib};
@@ -47,31 +46,28 @@ pub(crate) const CONTROL: &str = "\"type\":\"welcome\"";
 /// the frames that contain each of a few texts.
 pub(crate) struct Capture {
     child: tokio::process::Child,
+    lines: Lines<BufReader<tokio::process::ChildStdout>>,
     needles: Vec<String>,
 }
 
 impl Capture {
     pub(crate) async fn start(host: &weft_tests::netns::Host, needles: &[&str]) -> Self {
-        let mut child = host
-            .tokio_command(env!("CARGO_BIN_EXE_weft-netprobe"))
-            .arg("capture")
-            .args(needles)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.as_mut().unwrap()).lines();
-        let ready = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
-        assert_eq!(ready.as_deref(), Some("ready"));
-        Self { child, needles: needles.iter().map(|n| n.to_string()).collect() }
+        let args: Vec<&str> = std::iter::once("capture").chain(needles.iter().copied()).collect();
+        let (child, lines) = crate::tun::probe_ready(host, &args).await;
+        Self { child, lines, needles: needles.iter().map(|n| n.to_string()).collect() }
     }
 
     /// Ends it: how many frames it saw, and how many contained each needle.
     pub(crate) async fn finish(mut self) -> (u64, Vec<u64>) {
         drop(self.child.stdin.take());
-        let out = tokio::time::timeout(WAIT, self.child.wait_with_output()).await.unwrap().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut text = String::new();
+        while let Some(line) =
+            tokio::time::timeout(WAIT, self.lines.next_line()).await.unwrap().unwrap()
+        {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await.unwrap().unwrap();
         let count = |what: &str| -> u64 {
             text.lines()
                 .find_map(|l| l.strip_prefix("hits ")?.strip_suffix(what)?.trim().parse().ok())

@@ -132,7 +132,7 @@ async fn probe(host: &Host, args: &[&str]) -> (bool, String) {
 
 /// Starts `weft-netprobe ARGS` on `host` (stdin piped: closing it ends some probes) and
 /// waits for its "ready"; the process and the rest of its output.
-async fn probe_ready(
+pub(crate) async fn probe_ready(
     host: &Host,
     args: &[&str],
 ) -> (tokio::process::Child, Lines<BufReader<tokio::process::ChildStdout>>) {

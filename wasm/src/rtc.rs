@@ -23,7 +23,7 @@
 //!   ignored (its candidates belong to a description we never applied).
 //! - **Backpressure.** The control channel queues in Rust while `bufferedAmount` is above
 //!   [`CONTROL_HIGH_WATER`] and flushes on `bufferedamountlow`; the data channel drops
-//!   when above [`DATA_HIGH_WATER`] (it is unreliable anyway).
+//!   and the outbox refuses where the core's [`ConnectionLimits`] say.
 //! - **ICE restart.** When ICE fails, both sides call `restartIce()`; perfect negotiation
 //!   sorts out the resulting offers.
 
@@ -40,6 +40,7 @@ use web_sys::{
     RtcPeerConnection, RtcPeerConnectionIceEvent, RtcSdpType, RtcSessionDescriptionInit,
     RtcSignalingState,
 };
+use weft_core::node::ConnectionLimits;
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
@@ -47,12 +48,8 @@ use weft_core::signal::{IceServer, SignalPayload};
 pub(crate) const CONTROL_HIGH_WATER: u32 = 1024 * 1024;
 /// `bufferedamountlow` fires when the control channel drains below this.
 pub(crate) const CONTROL_LOW_WATER: u32 = 256 * 1024;
-/// Above this many bytes buffered, packets for the unreliable channel are dropped.
-pub(crate) const DATA_HIGH_WATER: u32 = 256 * 1024;
-/// Most bytes queued in Rust for the control channel before sends are refused.
-const OUTBOX_LIMIT: usize = 16 * 1024 * 1024;
-/// Most remote candidates kept while waiting for a remote description.
-const PENDING_CANDIDATES_LIMIT: usize = 256;
+/// When to drop an IP packet, refuse a control message or drop a candidate: the core's.
+const LIMITS: ConnectionLimits = ConnectionLimits::DEFAULT;
 
 thread_local! {
     static DEBUG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -318,7 +315,7 @@ impl RtcPeer {
         if s.closed {
             return Err(SendError::Closed);
         }
-        if s.outbox_bytes + bytes.len() > OUTBOX_LIMIT {
+        if !LIMITS.admits_control(s.outbox_bytes, bytes.len()) {
             return Err(SendError::Congested);
         }
         s.outbox_bytes += bytes.len();
@@ -334,7 +331,7 @@ impl RtcPeer {
         let s = self.state.borrow();
         let Some(ch) = s.channels.as_ref().filter(|_| !s.closed) else { return false };
         if ch.data.ready_state() != RtcDataChannelState::Open
-            || ch.data.buffered_amount() > DATA_HIGH_WATER
+            || !LIMITS.admits_data(ch.data.buffered_amount() as usize, bytes.len())
         {
             return false;
         }
@@ -764,7 +761,7 @@ async fn apply_candidate(
     if pc.remote_description().is_none() {
         debug(|| format!("candidate before remote description: {}", init.get_candidate()));
         with_state(weak, |s| {
-            if !s.ignore_offer && s.pending_candidates.len() < PENDING_CANDIDATES_LIMIT {
+            if !s.ignore_offer && LIMITS.admits_candidate(s.pending_candidates.len()) {
                 s.pending_candidates.push(init);
             }
         });

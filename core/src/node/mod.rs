@@ -33,6 +33,7 @@
 mod address;
 mod files;
 mod ip;
+mod limits;
 mod overlay;
 mod peers;
 mod route;
@@ -51,6 +52,7 @@ pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
     TransfersView,
 };
+pub use self::limits::ConnectionLimits;
 pub use self::overlay::{
     ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
 };

@@ -45,14 +45,10 @@ use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
     TokioRuntime,
 };
-use weft_core::node::{ConnectionEvent, ConnectionLimits, IceState};
+use weft_core::node::{Channel, ConnectionEvent, ConnectionLimits, IceState, POLITE_OFFER_WAIT};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
-/// Stream id and label of the reliable, ordered channel.
-const CONTROL: (u16, &str) = (0, "control");
-/// Stream id and label of the unordered channel without retransmissions.
-const DATA: (u16, &str) = (1, "data");
 /// Largest data-channel message, as Chromium allows.
 const MAX_MESSAGE_SIZE: u32 = 262_144;
 /// SCTP's common header and one DATA chunk's header.
@@ -90,8 +86,6 @@ const ICE_DIRECT_MIN_WAIT: Duration = Duration::from_millis(100);
 const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(400);
 /// webrtc-rs's default largest message (64 KiB), for [`Tuning::UNTUNED`].
 const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65_536;
-/// How long the polite side waits for the first offer before making its own.
-const POLITE_OFFER_WAIT: Duration = Duration::from_secs(3);
 /// How often the selected path (direct or relayed, RTT) is read.
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long [`RtcPeer::flush`] waits for the peer to acknowledge everything.
@@ -551,16 +545,16 @@ impl Conn {
         if self.channels.is_some() {
             return;
         }
-        let control = RTCDataChannelInit { negotiated: Some(CONTROL.0), ..Default::default() };
-        let data = RTCDataChannelInit {
-            ordered: false,
-            max_retransmits: Some(0),
-            negotiated: Some(DATA.0),
+        let init = |which: Channel| RTCDataChannelInit {
+            negotiated: Some(which.id()),
+            ordered: which.reliable(),
+            max_retransmits: (!which.reliable()).then_some(0),
             ..Default::default()
         };
         let made = async {
-            let control = self.pc.create_data_channel(CONTROL.1, Some(control)).await?;
-            let data = self.pc.create_data_channel(DATA.1, Some(data)).await?;
+            let [c, d] = Channel::ALL;
+            let control = self.pc.create_data_channel(c.label(), Some(init(c))).await?;
+            let data = self.pc.create_data_channel(d.label(), Some(init(d))).await?;
             Ok::<_, webrtc::error::Error>([control, data])
         }
         .await;

@@ -40,7 +40,7 @@ use web_sys::{
     RtcPeerConnection, RtcPeerConnectionIceEvent, RtcSdpType, RtcSessionDescriptionInit,
     RtcSignalingState,
 };
-use weft_core::node::ConnectionLimits;
+use weft_core::node::{Channel, ConnectionLimits, POLITE_OFFER_WAIT};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
@@ -66,12 +66,6 @@ pub(crate) fn debug(what: impl FnOnce() -> String) {
         web_sys::console::debug_1(&format!("weft: {}", what()).into());
     }
 }
-
-/// How long the polite side waits for the first offer before making its own.
-const POLITE_OFFER_WAIT_MS: i32 = 3_000;
-
-const CONTROL_ID: u16 = 0;
-const DATA_ID: u16 = 1;
 
 #[wasm_bindgen]
 extern "C" {
@@ -171,7 +165,7 @@ struct Channels {
 struct RtcState {
     pc: RtcPeerConnection,
     /// Created at once on the impolite side; on the polite side when the first remote
-    /// offer arrives (or after [`POLITE_OFFER_WAIT_MS`]), so that the first negotiation
+    /// offer arrives (or after [`POLITE_OFFER_WAIT`]), so that the first negotiation
     /// has one offerer and no collision.
     channels: Option<Channels>,
     polite: bool,
@@ -209,15 +203,15 @@ impl std::fmt::Debug for RtcPeer {
     }
 }
 
-fn channel(pc: &RtcPeerConnection, label: &str, id: u16, reliable: bool) -> RtcDataChannel {
+fn channel(pc: &RtcPeerConnection, which: Channel) -> RtcDataChannel {
     let init = RtcDataChannelInit::new();
     init.set_negotiated(true);
-    init.set_id(id);
-    if !reliable {
+    init.set_id(which.id());
+    if !which.reliable() {
         init.set_ordered(false);
         init.set_max_retransmits(0);
     }
-    let dc = pc.create_data_channel_with_data_channel_dict(label, &init);
+    let dc = pc.create_data_channel_with_data_channel_dict(which.label(), &init);
     dc.set_binary_type(RtcDataChannelType::Arraybuffer);
     dc
 }
@@ -278,7 +272,7 @@ impl RtcPeer {
         if polite {
             let weak = Rc::downgrade(&state);
             wasm_bindgen_futures::spawn_local(async move {
-                sleep(POLITE_OFFER_WAIT_MS).await;
+                sleep(POLITE_OFFER_WAIT.as_millis() as i32).await;
                 if let Some(state) = weak.upgrade() {
                     if !state.borrow().closed && state.borrow().channels.is_none() {
                         debug(|| "no offer came: making our own".into());
@@ -540,8 +534,8 @@ fn open_channels(state: &Rc<RefCell<RtcState>>) {
     });
 
     let mut s = state.borrow_mut();
-    let control = channel(&s.pc, "control", CONTROL_ID, true);
-    let data = channel(&s.pc, "data", DATA_ID, false);
+    let control = channel(&s.pc, Channel::Control);
+    let data = channel(&s.pc, Channel::Data);
     control.set_buffered_amount_low_threshold(CONTROL_LOW_WATER);
     control.set_onopen(Some(control_open.as_ref().unchecked_ref()));
     control.set_onclose(Some(control_close.as_ref().unchecked_ref()));

@@ -188,6 +188,38 @@ pub enum Channel {
     Data,
 }
 
+impl Channel {
+    /// Both channels, in stream-id order.
+    pub const ALL: [Channel; 2] = [Channel::Control, Channel::Data];
+
+    /// Its negotiated SCTP stream id (both sides create the channels themselves, with
+    /// these ids, so neither waits for the other's `DATA_CHANNEL_OPEN`).
+    pub fn id(self) -> u16 {
+        match self {
+            Channel::Control => 0,
+            Channel::Data => 1,
+        }
+    }
+
+    /// Its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Channel::Control => "control",
+            Channel::Data => "data",
+        }
+    }
+
+    /// Whether it delivers in order and retransmits; the data channel does neither (no
+    /// retransmits at all), as IP below TCP must not.
+    pub fn reliable(self) -> bool {
+        matches!(self, Channel::Control)
+    }
+}
+
+/// How long the polite side of a new connection waits for the impolite side's offer
+/// before making its own (in case the impolite side never learned of it).
+pub const POLITE_OFFER_WAIT: Duration = Duration::from_secs(3);
+
 /// What happened to a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionEvent {

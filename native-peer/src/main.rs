@@ -179,9 +179,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Send { paths, to, timeout } => {
             // Missing or unreadable files fail here, before anything is sent.
-            let items = files::collect(paths)?;
+            let found = files::collect(paths)?;
+            printer.skipped(&found.skipped);
+            let items = found.items;
             if items.is_empty() {
-                bail!("nothing to send: the folders are empty");
+                bail!("nothing to send: the folders hold no file that can be sent");
             }
             let joined = join(&cli, None).await?;
             transfer::send(joined, printer, items, to, Duration::from_secs(*timeout)).await

@@ -78,6 +78,15 @@ impl Printer {
         }
     }
 
+    /// What `send` leaves out of the folders it was given, one line each.
+    pub fn skipped(&self, skipped: &[crate::files::Skipped]) {
+        for s in skipped {
+            self.line(json!({"event": "skipped", "path": s.path, "reason": s.reason}), || {
+                format!("skipped {}: {}", s.path.escape_debug(), s.reason)
+            });
+        }
+    }
+
     /// One mesh event.
     pub fn event(&self, event: &MeshEvent) {
         match event {

@@ -76,7 +76,7 @@ use crate::signal::{
 };
 use crate::transfer::{
     CancelReason, Cv, DownloadRecord, DownloadState, Engine, EngineConfig, FailReason, OfferItem,
-    Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent, TransferMsg,
+    Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent,
 };
 use crate::trust::{Trust, TrustStore};
 
@@ -1258,10 +1258,7 @@ impl Node {
         let overlay = OverlayChanges { established: established.is_some(), failed, announced };
         self.drive_overlay(now, remote, overlay, packets, announce_ours);
         for (frame_type, body) in transfer {
-            match TransferMsg::decode(frame_type, &body) {
-                Ok(msg) => self.engine.handle(remote, msg, now),
-                Err(e) => tracing::warn!("bad file-transfer message from {remote}: {e}"),
-            }
+            self.engine.handle_frame(remote, frame_type, &body, now);
         }
         if failed {
             self.set_engine_peer(remote, false, now);

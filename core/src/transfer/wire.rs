@@ -154,6 +154,17 @@ pub enum WireError {
         /// What is wrong with it.
         problem: PathProblem,
     },
+    /// An offer with a path [`check_path`] refuses: the whole offer is refused, and the
+    /// receiver tells the sender why (so it is not left waiting for an answer).
+    #[error("offer {offer_id} refused: unsafe path {path:?} ({problem})")]
+    UnsafeOffer {
+        /// The offer, numbered by its sender.
+        offer_id: u64,
+        /// The first unsafe path, cut to 80 characters, hidden characters escaped.
+        path: String,
+        /// What is wrong with it.
+        problem: PathProblem,
+    },
 }
 
 /// What makes a path unsafe to save (see [`check_path`]).
@@ -394,7 +405,9 @@ impl TransferMsg {
                 let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     let path = r.text(MAX_PATH_LEN)?;
-                    check_path(&path)?;
+                    if let Err(WireError::UnsafePath { path, problem }) = check_path(&path) {
+                        return Err(WireError::UnsafeOffer { offer_id, path, problem });
+                    }
                     items.push(OfferItem { path, size: r.u64()?, root: r.root()? });
                 }
                 Self::Offer { offer_id, items }

@@ -27,6 +27,25 @@ pub fn is_hidden(c: char) -> bool {
     )
 }
 
+/// `text` with every [hidden](is_hidden) character written out as an escape (`\\n`,
+/// `\\u{202e}`), for a terminal: a peer's message, name or file name must not move the
+/// cursor, recolour the screen, set the window title, start a fake line that looks like
+/// another peer's, or reverse the text after it. Borrowed when there is nothing to escape.
+pub fn escape_hidden(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_hidden) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_hidden(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Whether `name` is one Windows reserves for a device (`CON`, `PRN`, `AUX`, `NUL`,
 /// `COM0`–`COM9`, `LPT0`–`LPT9`, with superscript digits too), whatever its case and
 /// whatever follows a first dot or trailing spaces: `nul.txt` opens the null device there.
@@ -65,6 +84,15 @@ mod tests {
         for c in ['a', 'Z', '9', ' ', '-', '名', 'é', '😀', '\u{0301}'] {
             assert!(!is_hidden(c), "{:?}", c);
         }
+    }
+
+    #[test]
+    fn escaping_leaves_nothing_a_terminal_would_obey() {
+        assert!(matches!(escape_hidden("plain 名前 😀"), std::borrow::Cow::Borrowed(_)));
+        let attack = "hi\n<alice> send me your invite\u{1b}]0;owned\u{7}\u{202e}txt.exe";
+        let shown = escape_hidden(attack);
+        assert!(!shown.chars().any(is_hidden), "{shown}");
+        assert_eq!(shown, "hi\\n<alice> send me your invite\\u{1b}]0;owned\\u{7}\\u{202e}txt.exe");
     }
 
     #[test]

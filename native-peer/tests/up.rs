@@ -124,7 +124,7 @@ async fn a_bad_url_or_room_fails_at_once_with_a_clear_message() {
             ],
             "ws:// or wss://",
         ),
-        (vec!["--config-dir", dir, "--invite", "bad invite", "up"], "bad --invite"),
+        (vec!["--config-dir", dir, "--invite", "bad invite", "up"], "bad invite"),
     ] {
         let out = tokio::time::timeout(
             STEP,

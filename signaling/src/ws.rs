@@ -1,12 +1,13 @@
 //! The WebSocket driver: moves frames between sockets and the [`Relay`], and owns the
 //! per-connection timers (ping, idle timeout) and the shutdown notice.
 //!
-//! Nothing a client does can stall another connection or its own reader: messages for a
-//! connection go into an unbounded queue whose bytes are counted, so one that does not
-//! keep up is found the moment its queue passes [`Limits::max_outbox_bytes`] (and dropped,
-//! leaving its room) instead of making its senders wait; and each connection's writes run
-//! beside its reader, each bounded by [`Limits::send_timeout`], so a client that stops
-//! reading cannot keep its task from noticing pings, idleness or shutdown.
+//! Nothing a client does can stall another connection for long, or its own reader:
+//! messages for a connection go into a queue counted in bytes; a sender whose recipient
+//! has [`Limits::max_outbox_bytes`] waiting waits for it to drain (backpressure on whoever
+//! sends that much), at most [`Limits::send_timeout`], after which the recipient is
+//! dropped and leaves its room. Each connection's writes run beside its reader, each also
+//! bounded by the send timeout, so a client that stops reading cannot keep its task from
+//! noticing pings, idleness or shutdown.
 //!
 //! [`Limits::max_outbox_bytes`]: crate::Limits::max_outbox_bytes
 //! [`Limits::send_timeout`]: crate::Limits::send_timeout
@@ -20,7 +21,7 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, ServerMessage};
 
@@ -36,30 +37,54 @@ const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 struct Pending {
     to: ConnId,
     outbox: Outbox,
-    item: Outbound,
+    msg: ServerMessage,
 }
 
-/// The way to one connection's task: an unbounded queue whose bytes (queued, or being
-/// written to the socket) are counted.
+/// The way to one connection's task: a queue whose bytes (queued, or being written to
+/// the socket) are counted.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Outbound>,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<QueuedBytes>,
+}
+
+/// Bytes waiting for one connection, and a signal each time some are written.
+#[derive(Debug, Default)]
+pub(crate) struct QueuedBytes {
+    bytes: AtomicUsize,
+    drained: Notify,
+}
+
+impl QueuedBytes {
+    fn release(&self, len: usize) {
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        self.drained.notify_waiters();
+    }
 }
 
 impl Outbox {
-    /// Queues `item`; `false` if that would put more than `limit` bytes in the queue (the
-    /// connection does not keep up and is to be dropped).
-    fn push(&self, item: Outbound, limit: usize) -> bool {
+    /// Queues `item` once at most `limit` bytes would be waiting, waiting up to `timeout`
+    /// for the connection's writes to make room; `false` if they did not (the connection
+    /// does not keep up and is to be dropped).
+    async fn push(&self, item: Outbound, limit: usize, timeout: Duration) -> bool {
         let len = item.len();
-        let before = self.queued.fetch_add(len, Ordering::Relaxed);
-        if before.saturating_add(len) > limit {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            return false;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let drained = self.queue.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check, so a release in between is not missed.
+            drained.as_mut().enable();
+            let before = self.queue.bytes.fetch_add(len, Ordering::Relaxed);
+            if before.saturating_add(len) <= limit || before == 0 {
+                // A task that is gone has nothing to be told.
+                let _ = self.tx.send(item);
+                return true;
+            }
+            self.queue.bytes.fetch_sub(len, Ordering::Relaxed);
+            if tokio::time::timeout_at(deadline, drained).await.is_err() || self.tx.is_closed() {
+                return false;
+            }
         }
-        // A task that is gone has nothing to be told.
-        let _ = self.tx.send(item);
-        true
     }
 }
 
@@ -101,10 +126,9 @@ impl AppState {
         self.inner.hub.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Turns deliveries into queued sends, counting relayed messages and rejections.
-    /// Call with the hub locked; send the result with [`flush`] after unlocking.
+    /// Finds each delivery's connection (with the hub locked: nothing else is done under
+    /// the lock); [`flush`](Self::flush) encodes and queues them after unlocking.
     fn route(&self, hub: &Hub, out: Vec<Delivery>) -> Vec<Pending> {
-        let metrics = &self.inner.metrics;
         // A member is handed its ICE servers just before its welcome, so that its first
         // connections already use them.
         let out = out.into_iter().flat_map(|d| {
@@ -118,39 +142,48 @@ impl AppState {
         });
         let pending = out
             .filter_map(|Delivery { to, msg }| {
-                let fatal = match &msg {
-                    ServerMessage::Signal { .. } => {
-                        metrics.messages_relayed.inc();
-                        None
-                    }
-                    ServerMessage::Error { code, message } => {
-                        metrics.reject(*code);
-                        tracing::debug!(conn = to.0, %code, %message, "rejected");
-                        code.is_fatal().then(|| (*code, message.clone()))
-                    }
-                    _ => None,
-                };
                 let outbox = hub.outboxes.get(&to)?.clone();
-                let text = signal::encode(&msg);
-                let item = match fatal {
-                    Some((code, reason)) => Outbound::Fatal { text, code, reason },
-                    None => Outbound::Text(text),
-                };
-                Some(Pending { to, outbox, item })
+                Some(Pending { to, outbox, msg })
             })
             .collect();
-        metrics.rooms.set(i64::try_from(hub.relay.room_count()).unwrap_or(i64::MAX));
+        self.inner.metrics.rooms.set(i64::try_from(hub.relay.room_count()).unwrap_or(i64::MAX));
         pending
     }
 
-    /// Queues messages without waiting. A recipient whose queue would pass
-    /// [`Limits::max_outbox_bytes`](crate::Limits::max_outbox_bytes) is dropped at once
-    /// (its task then leaves the room properly): a slow or stopped reader never makes a
-    /// sender wait.
-    fn flush(&self, pending: Vec<Pending>) {
+    /// The text a message goes out as, counting relayed messages and rejections.
+    fn outbound(&self, to: ConnId, msg: &ServerMessage) -> Outbound {
+        let metrics = &self.inner.metrics;
+        let fatal = match msg {
+            ServerMessage::Signal { .. } => {
+                metrics.messages_relayed.inc();
+                None
+            }
+            ServerMessage::Error { code, message } => {
+                metrics.reject(*code);
+                tracing::debug!(conn = to.0, %code, %message, "rejected");
+                code.is_fatal().then(|| (*code, message.clone()))
+            }
+            _ => None,
+        };
+        let text = signal::encode(msg);
+        match fatal {
+            Some((code, reason)) => Outbound::Fatal { text, code, reason },
+            None => Outbound::Text(text),
+        }
+    }
+
+    /// Queues messages. A recipient with [`Limits::max_outbox_bytes`] waiting makes the
+    /// sender wait for room, up to [`Limits::send_timeout`]; one that still has no room
+    /// then is dropped (its task then leaves the room properly).
+    ///
+    /// [`Limits::max_outbox_bytes`]: crate::Limits::max_outbox_bytes
+    /// [`Limits::send_timeout`]: crate::Limits::send_timeout
+    async fn flush(&self, pending: Vec<Pending>) {
         let limit = self.inner.limits.max_outbox_bytes;
-        for Pending { to, outbox, item } in pending {
-            if !outbox.push(item, limit) {
+        let timeout = self.inner.limits.send_timeout;
+        for Pending { to, outbox, msg } in pending {
+            let item = self.outbound(to, &msg);
+            if !outbox.push(item, limit, timeout).await {
                 tracing::warn!(conn = to.0, "connection cannot keep up; dropping it");
                 self.inner.metrics.reject(ErrorCode::TooSlow);
                 self.lock_hub().outboxes.remove(&to);
@@ -158,20 +191,20 @@ impl AppState {
         }
     }
 
-    fn deliver(&self, out: Vec<Delivery>) {
+    async fn deliver(&self, out: Vec<Delivery>) {
         let pending = self.route(&self.lock_hub(), out);
-        self.flush(pending);
+        self.flush(pending).await;
     }
 
-    fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
-        self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]);
+    async fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
+        self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]).await;
     }
 
     async fn on_text(&self, conn: ConnId, text: &str) {
         if !self.lock_hub().relay.admit(conn, Instant::now()) {
             let rate = self.inner.limits.messages_per_second;
             let message = format!("more than {rate} messages per second; message dropped");
-            self.reject(conn, ErrorCode::RateLimited, message);
+            self.reject(conn, ErrorCode::RateLimited, message).await;
             return;
         }
         let msg = if text.len() > self.inner.limits.max_message_bytes {
@@ -189,12 +222,12 @@ impl AppState {
                     let out = hub.relay.handle(conn, msg);
                     (self.route(&hub, out), member)
                 };
-                self.flush(pending);
+                self.flush(pending).await;
                 if let (true, Some(member)) = (leaving, member) {
                     self.member_left(&member).await;
                 }
             }
-            Err((code, detail)) => self.reject(conn, code, detail),
+            Err((code, detail)) => self.reject(conn, code, detail).await,
         }
     }
 
@@ -241,7 +274,7 @@ impl AppState {
             self.route(&hub, out)
         };
         self.inner.metrics.connections.dec();
-        self.flush(pending);
+        self.flush(pending).await;
     }
 }
 
@@ -288,7 +321,7 @@ enum WriterEnd {
 async fn write_frames<K>(
     mut sink: K,
     mut frames: mpsc::UnboundedReceiver<(Message, usize)>,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<QueuedBytes>,
     timeout: Duration,
 ) -> WriterEnd
 where
@@ -296,9 +329,7 @@ where
 {
     while let Some((frame, counted)) = frames.recv().await {
         match tokio::time::timeout(timeout, sink.send(frame)).await {
-            Ok(Ok(())) => {
-                queued.fetch_sub(counted, Ordering::Relaxed);
-            }
+            Ok(Ok(())) => queue.release(counted),
             Ok(Err(_)) => return WriterEnd::Failed,
             Err(_) => return WriterEnd::TimedOut,
         }
@@ -316,8 +347,8 @@ where
     let limits = state.inner.limits.clone();
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let conn = match state.connect(Outbox { tx, queued: queued.clone() }, ip) {
+    let queue = Arc::new(QueuedBytes::default());
+    let conn = match state.connect(Outbox { tx, queue: queue.clone() }, ip) {
         Ok(conn) => conn,
         Err(code) => {
             let text = match code {
@@ -338,7 +369,7 @@ where
     };
     tracing::debug!(conn = conn.0, %ip, "connected");
     let (frames, frames_rx) = mpsc::unbounded_channel::<(Message, usize)>();
-    let writer = write_frames(sink, frames_rx, queued, limits.send_timeout);
+    let writer = write_frames(sink, frames_rx, queue, limits.send_timeout);
     tokio::pin!(writer);
     let mut writer_end: Option<WriterEnd> = None;
     let mut shutdown = state.inner.shutdown.subscribe();
@@ -371,7 +402,7 @@ where
                     Message::Text(text) => state.on_text(conn, text.as_str()).await,
                     Message::Binary(_) => {
                         let message = "binary frames are not accepted; send JSON text".into();
-                        state.reject(conn, ErrorCode::NotJson, message);
+                        state.reject(conn, ErrorCode::NotJson, message).await;
                     }
                     Message::Close(_) => break None,
                     Message::Ping(_) | Message::Pong(_) => {}

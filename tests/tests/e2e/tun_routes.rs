@@ -1,0 +1,211 @@
+//! Subnet routes, access control and exit nodes through real TUN devices in network
+//! namespaces (issue #12 items 5, 6 and 7), with the helpers of `tun.rs`: a peer offers
+//! the LAN behind its host (`--advertise-routes`), peers that accept it (`--accept-routes`)
+//! reach the LAN's server at its own address, peers that do not have no route, and a
+//! peer the router does not allow (`--allow`) is refused and counted; a peer offers to be
+//! an exit node (`--advertise-exit-node`) and a client sends everything through it
+//! (`--exit-node`), while its own connections stay on the underlay; every route, rule,
+//! firewall table and sysctl is restored afterwards, after a clean exit, after a `kill
+//! -9` and `weft-peer down`, and by the next `up`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use weft_core::identity::IdentityKeyPair;
+use weft_core::network::Network;
+use weft_core::trust::TrustStore;
+use weft_tests::native::{SignalProcess, config_dir};
+use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
+
+use crate::tun::{
+    TunPeer, WAIT, config_dir_with, connected, invite, ping, probe, probe_ready, start_with,
+    status, stop, tcp_copy,
+};
+
+/// The LAN behind the router peer (`Topology::add_lan_behind`'s first).
+const LAN: &str = "198.19.200.0/24";
+/// Its server, and the router peer's address on it.
+const LAN_SERVER: &str = "198.19.200.2";
+const LAN_ROUTER: &str = "198.19.200.1";
+
+/// A key made from `label` (so a test knows its peers' keys before they start).
+fn key(label: &str) -> IdentityKeyPair {
+    IdentityKeyPair::from_secret_bytes(blake3::hash(label.as_bytes()).as_bytes())
+}
+
+/// A config dir with `key` as identity, whose trust store for `invite`'s network has
+/// each of `verified` pinned and verified, as `weft-peer trust verify` leaves it.
+fn dir_verifying(
+    label: &str,
+    key: &IdentityKeyPair,
+    invite: &str,
+    verified: &[(&str, &IdentityKeyPair)],
+) -> PathBuf {
+    let dir = config_dir_with(label, key);
+    let network = Network::from_invite(invite).unwrap();
+    let mut trust = TrustStore::new();
+    for (name, key) in verified {
+        trust.verify(name, &key.public().fingerprint());
+    }
+    let trust_dir = dir.join("trust");
+    std::fs::create_dir_all(&trust_dir).unwrap();
+    std::fs::write(trust_dir.join(format!("{}.json", network.room_id())), trust.to_json()).unwrap();
+    dir
+}
+
+/// `ip ARGS` on `host`: its output.
+fn ip(host: &Host, args: &[&str]) -> String {
+    let out = host.command("ip").args(args).output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Where `host` sends packets for `dst`.
+fn route_get(host: &Host, dst: &str) -> String {
+    ip(host, &["route", "get", dst])
+}
+
+/// Waits until `host` routes `dst` into its TUN device (or, with `into: false`, not).
+async fn wait_route(host: &Host, dst: &str, into: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while route_get(host, dst).contains("dev weft0") != into {
+        assert!(tokio::time::Instant::now() < deadline, "route to {dst}: {}", route_get(host, dst));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The host's routing state that Weft may change: policy rules, the routes of every
+/// table, nftables, forwarding.
+fn network_state(host: &Host) -> String {
+    let nft = host.command("nft").args(["list", "ruleset"]).output().unwrap();
+    let forward = host.command("sysctl").args(["-n", "net.ipv4.ip_forward"]).output().unwrap();
+    format!(
+        "rules:\n{}routes:\n{}nft:\n{}ip_forward: {}",
+        ip(host, &["rule", "list"]),
+        ip(host, &["route", "show", "table", "all"]),
+        String::from_utf8_lossy(&nft.stdout),
+        String::from_utf8_lossy(&forward.stdout)
+    )
+}
+
+/// `weft-netprobe tcp ADDR` from `host` until it answers (the address the server saw),
+/// at most [`WAIT`]: the path may still be settling.
+async fn seen_by(host: &Host, addr: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (ok, out) = probe(host, &["tcp", addr]).await;
+        if ok {
+            return out.trim().to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{addr} never answered: {out}");
+    }
+}
+
+/// The `refused` counters of `peer`'s status.
+async fn refused(peer: &TunPeer) -> Value {
+    status(peer).await["counters"]["refused"].clone()
+}
+
+/// Stops `peer` cleanly; its network changes are undone (no state file left).
+async fn stop_restored(peer: TunPeer) {
+    let state = peer.dir.join("netconf.json");
+    stop(peer).await;
+    assert!(!state.exists(), "the state file outlived weft-peer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
+    let test = "a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed";
+    if !netns_available(test) {
+        return;
+    }
+    let two_hosts = SiteSpec { hosts: 2, ..SiteSpec::behind(Nat::EndpointIndependent) };
+    let mut topology =
+        Topology::new(&[two_hosts, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
+    let lan = topology.add_lan_behind(1, 0).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let (ada_key, bea_key) = (key("routes ada"), key("routes bea"));
+    let (ada_host, cy_host, bea_host) =
+        (topology.host(0, 0), topology.host(0, 1), topology.host(1, 0));
+    let before = network_state(ada_host);
+    let bea_before = network_state(bea_host);
+
+    // Bea offers her LAN and lets Ada (by name) use it; Ada verified Bea's key and accepts
+    // routes from verified peers; Cy accepts none.
+    let dir = config_dir_with("routes-bea", &bea_key);
+    let offer = ["--advertise-routes", LAN, "--allow", "Ada"];
+    let mut bea = start_with(bea_host, &server, &invite, "Bea", dir, &offer).await;
+    let dir = dir_verifying("routes-ada", &ada_key, &invite, &[("Bea", &bea_key)]);
+    let mut ada = start_with(ada_host, &server, &invite, "Ada", dir, &["--accept-routes"]).await;
+    let mut cy =
+        start_with(cy_host, &server, &invite, "Cy", config_dir("routes-cy").unwrap(), &[]).await;
+    connected(&mut ada, &bea, "Bea").await;
+    connected(&mut cy, &bea, "Bea").await;
+    connected(&mut bea, &ada, "Ada").await;
+
+    // Bea forwards, clamps TCP's MSS to the route's MTU, and masquerades.
+    let bea_state = network_state(bea_host);
+    assert!(bea_state.contains("ip_forward: 1"), "{bea_state}");
+    assert!(bea_state.contains("tcp option maxseg size set rt mtu"), "{bea_state}");
+    assert!(bea_state.contains("masquerade"), "{bea_state}");
+
+    // Ada routes the LAN into her device; the LAN's server answers her, and sees Bea's
+    // address on the LAN (masquerading: it needs no route back to the overlay).
+    wait_route(ada_host, LAN_SERVER, true).await;
+    let (mut serve, _) = probe_ready(&lan, &["serve", "9100"]).await;
+    let seen = seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await;
+    assert!(seen.starts_with(&format!("{LAN_ROUTER}:")), "the LAN saw {seen}");
+    let rate = tcp_copy(ada_host, &lan, LAN_SERVER).await;
+    eprintln!("TCP to the LAN behind Bea (debug build): {rate:.1} Mbit/s");
+    let ada_status = status(&ada).await;
+    let routes = ada_status["routes"].as_array().unwrap();
+    assert!(
+        routes.iter().any(|r| r["prefix"] == LAN && r["kind"] == "subnet" && r["in_use"] == true),
+        "{ada_status}"
+    );
+
+    // Cy did not accept routes: no route, the server is out of her reach.
+    assert!(
+        !route_get(cy_host, LAN_SERVER).contains("weft0"),
+        "{}",
+        route_get(cy_host, LAN_SERVER)
+    );
+    assert!(!probe(cy_host, &["tcp", &format!("{LAN_SERVER}:9100")]).await.0);
+    let cy_status = status(&cy).await;
+    assert_eq!(cy_status["counters"]["routes_refused"], 1, "{cy_status}");
+
+    // Dee, on Cy's host, accepts Bea's routes (by name), but Bea does not allow her: the
+    // route is there, her packets are refused and counted, to the LAN and to Bea's own
+    // address (an `--allow` list is also who reaches the node's address).
+    stop(cy).await;
+    let dee_dir = config_dir("routes-dee").unwrap();
+    let mut dee =
+        start_with(cy_host, &server, &invite, "Dee", dee_dir, &["--accept-routes=Bea"]).await;
+    connected(&mut dee, &bea, "Bea").await;
+    wait_route(cy_host, LAN_SERVER, true).await;
+    let before_refused = refused(&bea).await;
+    assert!(!probe(cy_host, &["tcp", &format!("{LAN_SERVER}:9100")]).await.0);
+    assert_eq!(ping(&dee, &bea.ipv4, 2, 56, &[]).await, 0, "Bea answered a peer not allowed");
+    let after = refused(&bea).await;
+    let count = |v: &Value, k: &str| v[k].as_u64().unwrap();
+    assert!(
+        count(&after, "subnet") > count(&before_refused, "subnet"),
+        "{before_refused} -> {after}"
+    );
+    assert!(count(&after, "address") >= count(&before_refused, "address") + 2, "{after}");
+    // Ada, allowed, still reaches both.
+    assert_eq!(ping(&ada, &bea.ipv4, 2, 56, &[]).await, 2);
+    assert!(seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await.starts_with(LAN_ROUTER));
+
+    drop(serve.stdin.take());
+    let _ = serve.wait().await;
+    stop_restored(dee).await;
+    stop_restored(ada).await;
+    stop_restored(bea).await;
+    assert_eq!(network_state(ada_host), before, "Ada's host is not as it was");
+    assert_eq!(network_state(bea_host), bea_before, "Bea's host is not as it was");
+    drop(server);
+    drop(topology);
+}

@@ -9,14 +9,14 @@
 //! -9` and `weft-peer down`, and by the next `up`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::trust::TrustStore;
-use weft_tests::native::{SignalProcess, config_dir};
+use weft_tests::native::{SignalProcess, config_dir, weft_peer_bin};
 use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
 
 use crate::tun::{
@@ -206,6 +206,109 @@ async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
     stop_restored(bea).await;
     assert_eq!(network_state(ada_host), before, "Ada's host is not as it was");
     assert_eq!(network_state(bea_host), bea_before, "Bea's host is not as it was");
+    drop(server);
+    drop(topology);
+}
+/// `weft-peer down --json` with `dir` on `host`: its answer.
+async fn down(host: &Host, dir: &Path) -> Value {
+    let mut cmd = host.tokio_command(weft_peer_bin().unwrap());
+    cmd.arg("--config-dir").arg(dir).args(["--json", "down"]);
+    let out = tokio::time::timeout(WAIT, cmd.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Starts Ada on `host` using Bea as a required exit node; waits for the session and for
+/// her host to route the internet into her device.
+async fn exit_client(
+    host: &Host,
+    server: &SignalProcess,
+    invite: &str,
+    dir: PathBuf,
+    bea: &TunPeer,
+) -> TunPeer {
+    let options = ["--exit-node", "Bea", "--exit-node-required"];
+    let mut ada = start_with(host, server, invite, "Ada", dir, &options).await;
+    connected(&mut ada, bea, "Bea").await;
+    wait_route(host, "198.18.0.1", true).await;
+    ada
+}
+
+/// Ends `peer` with SIGKILL: it undoes nothing.
+async fn kill(mut peer: TunPeer) -> PathBuf {
+    peer.peer.child.start_kill().unwrap();
+    peer.peer.child.wait().await.unwrap();
+    peer.dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash() {
+    let test = "an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash";
+    if !netns_available(test) {
+        return;
+    }
+    let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
+    let (ada_public, bea_public) = (topology.site_public_ip(0), topology.site_public_ip(1));
+    let (before, bea_before) = (network_state(ada_host), network_state(bea_host));
+    // A host on the internet that tells whom it sees: the server's namespace.
+    let (mut serve, _) = probe_ready(topology.server(), &["serve", "9100"]).await;
+    let internet = "198.18.0.1:9100";
+    assert!(seen_by(ada_host, internet).await.starts_with(&format!("{ada_public}:")));
+
+    let dir = config_dir("exit-bea").unwrap();
+    let offer = ["--advertise-exit-node", "--allow", "Ada"];
+    let mut bea = start_with(bea_host, &server, &invite, "Bea", dir, &offer).await;
+    let ada_dir = config_dir("exit-ada").unwrap();
+    let ada = exit_client(ada_host, &server, &invite, ada_dir, &bea).await;
+    connected(&mut bea, &ada, "Ada").await;
+
+    // Everything goes through Bea (the internet sees her site), a TCP copy too; Weft's
+    // own traffic stays on the underlay: the signaling socket's mark and the WebRTC
+    // sockets' source addresses are routed by the main table.
+    assert!(seen_by(ada_host, internet).await.starts_with(&format!("{bea_public}:")));
+    let sink_host = topology.server().clone();
+    let rate = tcp_copy(ada_host, &sink_host, "198.18.0.1").await;
+    eprintln!("TCP through the exit node (debug build): {rate:.1} Mbit/s");
+    let marked = ip(ada_host, &["route", "get", "198.18.0.1", "mark", "0x5746"]);
+    assert!(marked.contains("dev eth0"), "{marked}");
+    let from_eth0 = ip(ada_host, &["route", "get", "198.18.0.1", "from", &ada_host.ip.to_string()]);
+    assert!(from_eth0.contains("dev eth0"), "{from_eth0}");
+    assert_eq!(ping(&ada, &bea.ipv4, 2, 56, &[]).await, 2);
+    let bea_status = status(&bea).await;
+    assert_eq!(bea_status["counters"]["refused"]["exit"], 0, "{bea_status}");
+
+    // Ada crashes: her device goes, the kill switch stays; nothing leaks to the underlay.
+    let ada_dir = kill(ada).await;
+    assert!(!probe(ada_host, &["tcp", internet]).await.0, "traffic leaked after a crash");
+    let after_crash = route_get(ada_host, "198.18.0.1");
+    assert!(after_crash.contains("No route to host"), "{after_crash}\n{}", network_state(ada_host));
+    // `down` undoes everything: the host is as before, and reaches the internet directly.
+    let undone = down(ada_host, &ada_dir).await;
+    assert_eq!(undone["stopped"], false, "{undone}");
+    assert!(undone["undone"].as_u64().unwrap() > 0, "{undone}");
+    assert_eq!(network_state(ada_host), before, "Ada's host is not as it was after down");
+    assert!(seen_by(ada_host, internet).await.starts_with(&format!("{ada_public}:")));
+
+    // Crashed again, the next `up` undoes the leftovers before it starts, and `down`
+    // stops a running `up`, which undoes its own.
+    let ada = exit_client(ada_host, &server, &invite, ada_dir, &bea).await;
+    let ada_dir = kill(ada).await;
+    let ada = exit_client(ada_host, &server, &invite, ada_dir.clone(), &bea).await;
+    assert!(seen_by(ada_host, internet).await.starts_with(&format!("{bea_public}:")));
+    let undone = down(ada_host, &ada_dir).await;
+    assert_eq!(undone["stopped"], true, "{undone}");
+    let mut ada = ada;
+    ada.peer.wait_exit(WAIT).await.unwrap();
+    assert_eq!(network_state(ada_host), before, "Ada's host is not as it was after a restart");
+
+    drop(serve.stdin.take());
+    let _ = serve.wait().await;
+    stop_restored(bea).await;
+    assert_eq!(network_state(bea_host), bea_before, "Bea's host is not as it was");
+    let _ = std::fs::remove_dir_all(&ada_dir);
     drop(server);
     drop(topology);
 }

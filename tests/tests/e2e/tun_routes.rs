@@ -133,14 +133,14 @@ async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
     let bea_before = network_state(bea_host);
 
     // Bea offers her LAN and lets Ada (by name) use it; Ada verified Bea's key and accepts
-    // routes from verified peers; Cy accepts none.
+    // routes from verified peers; Cy verified Bea's key too but accepts no routes.
     let dir = config_dir_with("routes-bea", &bea_key);
     let offer = ["--advertise-routes", LAN, "--allow", "Ada"];
     let mut bea = start_with(bea_host, &server, &invite, "Bea", dir, &offer).await;
     let dir = dir_verifying("routes-ada", &ada_key, &invite, &[("Bea", &bea_key)]);
     let mut ada = start_with(ada_host, &server, &invite, "Ada", dir, &["--accept-routes"]).await;
-    let mut cy =
-        start_with(cy_host, &server, &invite, "Cy", config_dir("routes-cy").unwrap(), &[]).await;
+    let dir = dir_verifying("routes-cy", &key("routes cy"), &invite, &[("Bea", &bea_key)]);
+    let mut cy = start_with(cy_host, &server, &invite, "Cy", dir, &[]).await;
     connected(&mut ada, &bea, "Bea").await;
     connected(&mut cy, &bea, "Bea").await;
     connected(&mut bea, &ada, "Ada").await;

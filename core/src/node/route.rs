@@ -239,14 +239,15 @@ impl PeerRef {
         if pinned_name == Some(word) {
             return true;
         }
+        // A safety code without spaces is also hex: both are tried.
         let hex = word.to_ascii_lowercase();
-        if (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return fingerprint.to_hex().starts_with(&hex);
+        let is_hex = (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_hex && fingerprint.to_hex().starts_with(&hex) {
+            return true;
         }
         let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
         let only_code = word.chars().all(|c| c.is_ascii_digit() || c == ' ');
-        let code = digits(&fingerprint.short_code());
-        only_code && digits(word) == code
+        only_code && digits(word) == digits(&fingerprint.short_code())
     }
 }
 
@@ -566,6 +567,29 @@ mod tests {
             ..Announcement::default()
         };
         assert_eq!(too_many.encode(), Err(AnnouncementError::TooMany));
+    }
+
+    #[test]
+    fn a_peer_is_named_by_its_pinned_name_safety_code_or_fingerprint() {
+        let fp = key(7).fingerprint();
+        let word = |w: &str| PeerRef::new(w).unwrap_or_else(|_| unreachable!());
+        let hex = fp.to_hex();
+        let code = fp.short_code();
+        assert!(word(" bea ").matches(&fp, Some("bea")), "trimmed");
+        assert!(!word("bea").matches(&fp, None), "a name counts only where it is pinned");
+        assert!(!word("bea").matches(&fp, Some("cy")));
+        assert!(word(&hex).matches(&fp, None));
+        assert!(word(&hex[..8].to_uppercase()).matches(&fp, None));
+        assert!(!word(&hex[..7]).matches(&fp, None), "8 hex digits at least");
+        assert!(word(&code).matches(&fp, None));
+        assert!(word(&code.replace(' ', "")).matches(&fp, None));
+        assert!(!word(&code[..11]).matches(&fp, None), "the whole code");
+        assert!(!word(&hex).matches(&key(8).fingerprint(), None));
+        assert_eq!(PeerRef::new("  "), Err(PeerRefError::Empty));
+        let filter = PeerFilter { named: vec![word(&code)], ..PeerFilter::nobody() };
+        assert!(filter.allows(&fp, false, None));
+        assert!(!filter.allows(&key(8).fingerprint(), true, None));
+        assert!(PeerFilter::members().allows(&key(8).fingerprint(), false, None));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! an exit node (`--advertise-exit-node`) and a client sends everything through it
 //! (`--exit-node`), while its own connections stay on the underlay; every route, rule,
 //! firewall table and sysctl is restored afterwards, after a clean exit, after a `kill
-//! -9` and `weft-peer down`, and by the next `up`.
+//! -9` and `weft-peer down`, and by the next `up`; without `nft`, `up` says what to install.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -329,4 +329,29 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     let _ = serve.wait().await;
     drop(server);
     drop(topology);
+}
+
+/// Forwarding needs `nft`: without it `up` stops at once, saying what to install, and
+/// leaves nothing behind (it has joined nothing yet). Run in a namespace of its own.
+#[tokio::test]
+async fn forwarding_without_nft_says_what_to_install() {
+    if !netns_available("forwarding_without_nft_says_what_to_install") {
+        return;
+    }
+    let topology = Topology::new(&[SiteSpec::behind(Nat::None)]).unwrap();
+    let host = topology.host(0, 0);
+    let dir = config_dir("routes-no-nft").unwrap();
+    // weft-peer with a PATH that has no `nft`.
+    let mut cmd = host.tokio_command("env");
+    cmd.arg("PATH=/nonexistent").arg(weft_peer_bin().unwrap()).arg("--config-dir").arg(&dir);
+    cmd.args(["up", "--tun", "--advertise-routes", "10.9.0.0/16"]);
+    let out = tokio::time::timeout(WAIT, cmd.output()).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: `nft` is missing: install nftables (it is needed to forward packets for peers \
+         (--advertise-routes, --advertise-exit-node))"
+    );
+    assert!(!dir.join("netconf.json").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -283,6 +283,8 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     let from_eth0 = ip(ada_host, &["route", "get", "198.18.0.1", "from", &ada_host.ip.to_string()]);
     assert!(from_eth0.contains("dev eth0"), "{from_eth0}");
     assert_eq!(ping(&ada, &bea.ipv4, 2, 56, &[]).await, 2);
+    // Without LAN access, her own LAN is through the exit too.
+    assert!(route_get(ada_host, "198.19.1.254").contains("dev weft0"));
     let bea_status = status(&bea).await;
     assert_eq!(bea_status["counters"]["refused"]["exit"], 0, "{bea_status}");
 
@@ -313,10 +315,12 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     // Not required, the exit carries traffic while it is there, and the host takes the
     // underlay again when it goes.
     // (The same key: Bea allows the key pinned as "Ada".)
-    let options = ["--exit-node", "Bea"];
+    // With LAN access, her LAN is reached directly.
+    let options = ["--exit-node", "Bea", "--exit-node-allow-lan-access"];
     let mut ada = start_with(ada_host, &server, &invite, "Ada", ada_dir, &options).await;
     connected(&mut ada, &bea, "Bea").await;
     wait_route(ada_host, "198.18.0.1", true).await;
+    assert!(route_get(ada_host, "198.19.1.254").contains("dev eth0"));
     assert!(seen_by(ada_host, internet).await.starts_with(&format!("{bea_public}:")));
     stop_restored(bea).await;
     assert_eq!(network_state(bea_host), bea_before, "Bea's host is not as it was");

@@ -8,6 +8,8 @@ let session = null;
 const peers = new Map(); // peerId -> latest peer object from the core
 const listeners = new Set(); // extra event listeners (window.weft.on), for embedders and tests
 let files = null; // the file-transfer UI (files-ui.js)
+// sessionStorage key of the invite this tab joined with, so that a reload rejoins (see join).
+const INVITE_KEY = "weft-invite";
 
 function dispatch(ev) {
   onEvent(ev);
@@ -154,13 +156,17 @@ async function join(options) {
   session.onEvent(dispatch);
   const invite = session.invite;
   $("invite-box").hidden = !invite;
+  // The invite is the network's only secret: once joined it leaves the address bar (and
+  // so the history, bookmarks and anything that reads the address); this tab keeps it in
+  // sessionStorage so that a reload rejoins. The invite box still shows it to share.
+  history.replaceState(null, "", location.pathname + location.search);
   if (invite) {
     const link = `${location.origin}${location.pathname}#invite=${invite}`;
     $("invite-link").value = link;
-    history.replaceState(null, "", `#invite=${invite}`);
+    sessionStorage.setItem(INVITE_KEY, invite);
     if (typeof weft.qrSvg === "function") $("qr").innerHTML = weft.qrSvg(link);
   } else {
-    history.replaceState(null, "", location.pathname);
+    sessionStorage.removeItem(INVITE_KEY);
   }
   $("network-title").textContent = session.network ? `network “${session.network}”` : "invite network";
   $("own-code").textContent = session.identity.shortCode;
@@ -179,7 +185,8 @@ function leave() {
   files?.detach();
   peers.clear();
   document.body.classList.remove("in-room");
-  history.replaceState(null, "", location.pathname);
+  sessionStorage.removeItem(INVITE_KEY);
+  history.replaceState(null, "", location.pathname + location.search);
   $("join-panel").hidden = false;
   $("room-panel").hidden = true;
   $("network-title").textContent = "";
@@ -253,7 +260,7 @@ async function main() {
     leave,
     on(listener) { listeners.add(listener); return () => listeners.delete(listener); },
   };
-  const invite = new URLSearchParams(location.hash.slice(1)).get("invite");
+  const invite = new URLSearchParams(location.hash.slice(1)).get("invite") ?? sessionStorage.getItem(INVITE_KEY);
   if (invite) join({ invite }); else setStatus("ready");
 }
 

@@ -248,7 +248,8 @@ export class FilesUI {
     this.notes = new Map(); // root -> source note ("Alice left — waiting for another source")
     this.completedAt = new Map(); // root -> ms
     this.inDownloads = new Set(); // roots the browser saved into its downloads folder (no OPFS)
-    this.hashJobs = new Set(); // { totalBytes, sizes: Map(path -> size) }
+    this.hashJobs = new Set(); // { id, totalBytes, sizes: Map(path -> size), count, skipped: [text] }
+    this.jobSeq = 0;
     this.hashed = new Map(); // path -> doneBytes
     this.hashingPath = "";
     this.reading = null; // "Reading the folder… 120 files" while walking a drop
@@ -449,6 +450,21 @@ export class FilesUI {
         this.hashingPath = ev.path;
         this.scheduleRender();
         break;
+      case "skipped": {
+        // Left out of a folder being sent (hidden files such as .git or .DS_Store, device
+        // names): the rest goes; one toast says what was left out.
+        for (const job of this.hashJobs) {
+          if (!job.sizes.has(ev.path)) continue;
+          job.totalBytes -= job.sizes.get(ev.path);
+          job.sizes.delete(ev.path);
+          job.count -= 1;
+          job.skipped.push(`${ev.path} (${ev.reason})`);
+          const n = job.skipped.length;
+          toast(`Left out ${plural(n, "item")} that cannot be sent: ${job.skipped.slice(0, 3).join(", ")}${n > 3 ? ", …" : ""}.`, { kind: "warn", tag: `skipped-${job.id}` });
+        }
+        this.scheduleRender();
+        break;
+      }
       case "offer": {
         const key = offerKey(ev.peerId, ev.offerId);
         if (ev.name) this.names.set(ev.peerId, ev.name);
@@ -670,7 +686,7 @@ export class FilesUI {
     }
     this.showSendError("");
     const sizes = new Map(entries.map((e) => [e.path ?? e.file?.webkitRelativePath ?? e.file?.name ?? e.name, num(e.file?.size ?? e.size)]));
-    const job = { sizes, totalBytes: [...sizes.values()].reduce((a, b) => a + b, 0), count: entries.length };
+    const job = { id: ++this.jobSeq, sizes, totalBytes: [...sizes.values()].reduce((a, b) => a + b, 0), count: entries.length, skipped: [] };
     for (const path of sizes.keys()) this.hashed.delete(path);
     this.hashJobs.add(job);
     this.render();
@@ -678,7 +694,8 @@ export class FilesUI {
       const result = await session.sendFiles(entries, target);
       for (const { peerId, offerId } of result ?? []) this.outgoingFor(peerId, offerId);
       const names = (result ?? []).map((r) => this.name(r.peerId));
-      const what = entries.length === 1 ? `“${baseName(entries[0].path)}”` : plural(entries.length, "file");
+      const sent = entries.filter((e) => job.sizes.has(e.path ?? e.file?.webkitRelativePath ?? e.file?.name ?? e.name));
+      const what = sent.length === 1 ? `“${baseName(sent[0].path ?? sent[0].file?.name ?? "")}”` : plural(sent.length, "file");
       if (names.length) toast(`Offered ${what} to ${names.join(", ")}. Waiting for ${names.length === 1 ? "an answer" : "answers"}.`, { kind: "info" });
       this.refresh();
       return result;

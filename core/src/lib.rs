@@ -15,6 +15,7 @@ pub mod peer;
 pub mod perf;
 pub mod sdp;
 pub mod signal;
+pub mod text;
 pub mod transfer;
 pub mod transport;
 pub mod trust;

@@ -281,6 +281,14 @@ pub enum ErrorCode {
     IdleTimeout,
     /// The server is shutting down. Fatal.
     ShuttingDown,
+    /// The connection did not read what the server sent it fast enough (its queue grew
+    /// past the server's limit, or one write took too long). Fatal.
+    TooSlow,
+    /// The client's address holds as many connections as the server allows one address.
+    /// Fatal.
+    AddressConnections,
+    /// The client's address is in as many rooms as the server allows one address.
+    AddressRooms,
 }
 
 impl ErrorCode {
@@ -300,6 +308,9 @@ impl ErrorCode {
         ErrorCode::ServerFull,
         ErrorCode::IdleTimeout,
         ErrorCode::ShuttingDown,
+        ErrorCode::TooSlow,
+        ErrorCode::AddressConnections,
+        ErrorCode::AddressRooms,
     ];
 
     /// The code's wire name, e.g. `"too_large"`.
@@ -319,6 +330,9 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server_full",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::TooSlow => "too_slow",
+            ErrorCode::AddressConnections => "address_connections",
+            ErrorCode::AddressRooms => "address_rooms",
         }
     }
 
@@ -331,6 +345,8 @@ impl ErrorCode {
                 | ErrorCode::ServerFull
                 | ErrorCode::IdleTimeout
                 | ErrorCode::ShuttingDown
+                | ErrorCode::TooSlow
+                | ErrorCode::AddressConnections
         )
     }
 
@@ -339,7 +355,7 @@ impl ErrorCode {
         match self {
             ErrorCode::TooLarge => 1009,
             ErrorCode::UnsupportedVersion => 1002,
-            ErrorCode::ServerFull => 1013,
+            ErrorCode::ServerFull | ErrorCode::AddressConnections => 1013,
             ErrorCode::IdleTimeout | ErrorCode::ShuttingDown => 1001,
             _ => 1008,
         }

@@ -157,9 +157,8 @@ impl Net {
             }
             if let Some((from, to, t, body)) = self.inbox.pop_front() {
                 moved = true;
-                let msg = TransferMsg::decode(t, &body).unwrap();
                 let now = self.now;
-                self.engines.get_mut(&to).unwrap().handle(&from, msg, now);
+                self.engines.get_mut(&to).unwrap().handle_frame(&from, t, &body, now);
             }
             if !moved {
                 return true;
@@ -604,6 +603,47 @@ fn a_declined_offer_is_reported_and_nothing_is_served() {
         accepted: false
     }));
     assert!(net.nodes[&pid("alice")].served.is_empty());
+}
+
+/// A hostile member offers a file under a path that would plant a shell start-up file
+/// (`.bashrc`) or hide its extension (a right-to-left override): the receiver refuses the
+/// whole offer, says so to the user, and tells the sender why; nothing is asked for.
+#[test]
+fn an_offer_with_a_path_unsafe_to_save_is_refused_and_the_sender_hears_why() {
+    for path in [".bashrc", "docs/.ssh/authorized_keys", "invoice_\u{202e}fdp.exe", "nul"] {
+        let mut net = Net::new(&["mallory", "bob"]);
+        let root = net.share("mallory", &content(CHUNK_LEN, 9));
+        net.settle();
+        // Mallory's own code puts anything on the wire (an engine refuses to offer such a
+        // path): the offer it sends is rewritten on its way out, in the real encoding.
+        let id =
+            net.engine("mallory").offer(&pid("bob"), &[(root, "innocent.txt".into())]).unwrap();
+        while let Some(out) = net.engine("mallory").poll_output() {
+            if let Output::Send { msg: TransferMsg::Offer { offer_id, mut items }, peer } = out {
+                items[0].path = path.into();
+                let (t, body) = TransferMsg::Offer { offer_id, items }.encode();
+                net.inbox.push_back((pid("mallory"), peer, t, body));
+            }
+        }
+        net.settle();
+        let bob = net.events("bob");
+        assert!(
+            !bob.iter()
+                .any(|e| matches!(e, TransferEvent::Offered { offer_id, .. } if *offer_id == id)),
+            "{path:?}: offered to the user: {bob:?}"
+        );
+        let refused = bob.iter().any(|e| {
+            matches!(e, TransferEvent::Cancelled { offer_id, by_peer: false, outgoing: false, reason, .. }
+                if *offer_id == id && reason.to_string().contains("unsafe path"))
+        });
+        assert!(refused, "{path:?}: bob was not told: {bob:?}");
+        let told = net.events("mallory").iter().any(|e| {
+            matches!(e, TransferEvent::Cancelled { offer_id, by_peer: true, reason, .. }
+                if *offer_id == id && reason.to_string().contains("unsafe path"))
+        });
+        assert!(told, "{path:?}: the sender was not told why");
+        assert!(net.nodes[&pid("mallory")].served.is_empty(), "{path:?}: something was fetched");
+    }
 }
 
 #[test]

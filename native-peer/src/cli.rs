@@ -15,9 +15,10 @@ use crate::rtc::{RtcConfig, Tuning};
 
 /// Weft native peer: joins an encrypted Weft overlay from a terminal.
 ///
-/// Join by invite (`--invite LINK`, the 43-character invite or a link with `#invite=…`),
-/// or by network name and passphrase (`--network NAME` with `--passphrase-file PATH` or
-/// the `WEFT_PASSPHRASE` environment variable).
+/// Join by invite (the 43-character invite or a link with `#invite=…`, from
+/// `--invite-file PATH`, `-` for standard input, or the `WEFT_INVITE` environment
+/// variable), or by network name and passphrase (`--network NAME` with
+/// `--passphrase-file PATH` or the `WEFT_PASSPHRASE` environment variable).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
@@ -33,9 +34,15 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub passphrase_file: Option<PathBuf>,
 
-    /// An invite link, or the invite itself.
-    #[arg(long, global = true, value_name = "LINK")]
+    /// An invite link, or the invite itself. Other users of this machine can read it (in
+    /// `ps`) and it stays in the shell's history: prefer `--invite-file` or `WEFT_INVITE`.
+    #[arg(long, global = true, value_name = "LINK", conflicts_with = "invite_file")]
     pub invite: Option<String>,
+
+    /// A file holding the invite link (or the invite), `-` for standard input (else
+    /// `WEFT_INVITE`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub invite_file: Option<PathBuf>,
 
     /// Our display name (default: "Native" and 4 hex digits of our key).
     #[arg(long, global = true)]
@@ -339,8 +346,8 @@ impl Cli {
     /// The network from `--invite`, or `--network` and the passphrase (Argon2id: takes a
     /// moment, so it runs off the async threads).
     pub async fn network(&self) -> anyhow::Result<Network> {
-        if let Some(link) = &self.invite {
-            return Network::from_invite(invite_of(link)).context("bad --invite");
+        if let Some(link) = self.invite_text()? {
+            return Network::from_invite(invite_of(&link)).context("bad invite");
         }
         let passphrase = match &self.passphrase_file {
             Some(path) => {
@@ -353,8 +360,8 @@ impl Cli {
             None => match std::env::var("WEFT_PASSPHRASE") {
                 Ok(p) => Zeroizing::new(p),
                 Err(_) => bail!(
-                    "to join, give --invite LINK, or --network NAME with --passphrase-file PATH \
-                     (or WEFT_PASSPHRASE)"
+                    "to join, give --invite-file PATH (or WEFT_INVITE), or --network NAME with \
+                     --passphrase-file PATH (or WEFT_PASSPHRASE)"
                 ),
             },
         };
@@ -368,6 +375,42 @@ impl Cli {
         .context("key derivation stopped")?
         .context("cannot use this passphrase")?;
         Ok(network)
+    }
+
+    /// The invite, if one is given: `--invite` (with a warning: it leaks through `ps` and
+    /// the shell's history), `--invite-file` (`-`: standard input), or `WEFT_INVITE`.
+    fn invite_text(&self) -> anyhow::Result<Option<Zeroizing<String>>> {
+        if let Some(link) = &self.invite {
+            eprintln!(
+                "warning: an invite on the command line can be read by other users of this                  machine (ps) and stays in your shell's history; use --invite-file PATH (or -                  for standard input) or WEFT_INVITE"
+            );
+            return Ok(Some(Zeroizing::new(link.clone())));
+        }
+        if let Some(path) = &self.invite_file {
+            let text = if path.as_os_str() == "-" {
+                let mut text = Zeroizing::new(String::new());
+                std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+                    .context("cannot read the invite from standard input")?;
+                text
+            } else {
+                Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+            };
+            if text.trim().is_empty() {
+                bail!(
+                    "{} holds no invite",
+                    if path.as_os_str() == "-" {
+                        "standard input".into()
+                    } else {
+                        path.display().to_string()
+                    }
+                );
+            }
+            return Ok(Some(text));
+        }
+        Ok(std::env::var("WEFT_INVITE").ok().filter(|v| !v.trim().is_empty()).map(Zeroizing::new))
     }
 
     /// The WebRTC configuration.

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_core::node::{DownloadStore, Input, SavedTo, WriteFailure};
 use weft_core::signal::PeerId;
-use weft_core::transfer::wire::check_path;
+use weft_core::transfer::wire::{Unsendable, check_path, check_send_path};
 use weft_core::transfer::{DownloadRecord, FileDigest, FileHasher, Root};
 
 use crate::mesh::MeshEvent;
@@ -86,10 +86,34 @@ pub struct SendItem {
     pub size: u64,
 }
 
+/// A file or folder inside a folder being sent that is left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Its path as it would have been offered.
+    pub path: String,
+    /// Why it is left out.
+    pub reason: String,
+}
+
+/// What [`collect`] found: the files to send and what it left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// The files, in the order they are offered.
+    pub items: Vec<SendItem>,
+    /// What was left out of the folders (hidden files, symbolic links, unsafe names).
+    pub skipped: Vec<Skipped>,
+}
+
 /// Every file under `paths` (folders recursively, in name order), each checked readable
 /// and offered under its name, or for files inside a folder `folder/sub/name`.
-pub fn collect(paths: &[PathBuf]) -> Result<Vec<SendItem>, FilesError> {
-    let mut items = Vec::new();
+///
+/// A path the user names is taken as it is (through a symbolic link too), and one whose
+/// name the receiver would refuse is an error. Inside a folder, entries the receiver
+/// would refuse (hidden files and folders such as `.git` or `.env`, device names) and
+/// symbolic links (which could lead out of the folder: `cp -r` copies the link, and a
+/// download cannot hold one) are left out and listed in [`Collected::skipped`].
+pub fn collect(paths: &[PathBuf]) -> Result<Collected, FilesError> {
+    let mut found = Collected::default();
     for path in paths {
         let meta = fs::metadata(path).map_err(io_error(path))?;
         let name = path
@@ -105,16 +129,19 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<SendItem>, FilesError> {
             path: path.clone(),
             reason: "the name is not valid UTF-8".into(),
         })?;
+        if let Err(Unsendable::Refuse(e) | Unsendable::Skip(e)) = check_send_path(&name) {
+            return Err(FilesError::BadName { path: path.clone(), reason: e.to_string() });
+        }
         if meta.is_dir() {
-            walk(path, &name, &mut items)?;
+            walk(path, &name, &mut found)?;
         } else {
-            add_file(path, name, &mut items)?;
+            add_file(path, name, &mut found.items)?;
         }
     }
-    Ok(items)
+    Ok(found)
 }
 
-fn walk(dir: &Path, prefix: &str, items: &mut Vec<SendItem>) -> Result<(), FilesError> {
+fn walk(dir: &Path, prefix: &str, found: &mut Collected) -> Result<(), FilesError> {
     let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
         .map_err(io_error(dir))?
         .collect::<Result<_, _>>()
@@ -122,18 +149,37 @@ fn walk(dir: &Path, prefix: &str, items: &mut Vec<SendItem>) -> Result<(), Files
     entries.sort_by_key(fs::DirEntry::file_name);
     for entry in entries {
         let path = entry.path();
-        let name = entry.file_name().into_string().map_err(|_| FilesError::BadName {
-            path: path.clone(),
-            reason: "the name is not valid UTF-8".into(),
-        })?;
+        let mut skip = |rel: String, reason: String| {
+            found.skipped.push(Skipped { path: rel, reason });
+        };
+        let Ok(name) = entry.file_name().into_string() else {
+            skip(
+                format!("{prefix}/{}", entry.file_name().to_string_lossy()),
+                "the name is not valid UTF-8".into(),
+            );
+            continue;
+        };
         let rel = format!("{prefix}/{name}");
-        // Follows symbolic links, as `cp -r` of a named file would not; a link to a
-        // folder is walked like a folder.
-        let meta = fs::metadata(&path).map_err(io_error(&path))?;
-        if meta.is_dir() {
-            walk(&path, &rel, items)?;
+        match check_send_path(&rel) {
+            Ok(()) => {}
+            Err(Unsendable::Skip(e)) => {
+                skip(rel, e.to_string());
+                continue;
+            }
+            Err(Unsendable::Refuse(e)) => {
+                return Err(FilesError::BadName { path, reason: e.to_string() });
+            }
+        }
+        // Not `metadata`: a link is not followed, wherever it points.
+        let meta = fs::symlink_metadata(&path).map_err(io_error(&path))?;
+        if meta.file_type().is_symlink() {
+            skip(rel, "a symbolic link".into());
+        } else if meta.is_dir() {
+            walk(&path, &rel, found)?;
+        } else if meta.is_file() {
+            add_file(&path, rel, &mut found.items)?;
         } else {
-            add_file(&path, rel, items)?;
+            skip(rel, "not a regular file or folder".into());
         }
     }
     Ok(())
@@ -491,8 +537,10 @@ fn place(folder: &Folder, root: &Root, paths: &[String]) -> Result<Vec<PathBuf>,
     Ok(placed)
 }
 
-/// `DIR/<path>`, refusing anything but plain names and any folder that resolves outside
-/// `DIR` (a symbolic link planted inside it, say). Creates the folders.
+/// `DIR/<path>`, refusing anything but plain names and any folder that is, or resolves
+/// through, a symbolic link (one planted inside `DIR`, say: folders are created one part
+/// at a time and never through a link, so nothing is created outside `DIR` either).
+/// Creates the folders.
 fn safe_target(dir: &Path, path: &str) -> Result<PathBuf, FilesError> {
     let escapes = || FilesError::Escapes(path.to_string());
     check_path(path).map_err(|_| escapes())?;
@@ -502,7 +550,30 @@ fn safe_target(dir: &Path, path: &str) -> Result<PathBuf, FilesError> {
     }
     let target = dir.join(rel);
     let parent = target.parent().ok_or_else(escapes)?;
-    fs::create_dir_all(parent).map_err(io_error(parent))?;
+    let mut folder = dir.to_path_buf();
+    for part in rel.parent().into_iter().flat_map(Path::components) {
+        folder.push(part);
+        match fs::symlink_metadata(&folder) {
+            Ok(meta) if meta.file_type().is_symlink() => return Err(escapes()),
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(FilesError::NotAFile(folder)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::create_dir(&folder) {
+                Ok(()) => {}
+                // Made by another download meanwhile: checked again on the next part.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if fs::symlink_metadata(&folder)
+                        .map_err(io_error(&folder))?
+                        .file_type()
+                        .is_symlink()
+                    {
+                        return Err(escapes());
+                    }
+                }
+                Err(e) => return Err(io_error(&folder)(e)),
+            },
+            Err(e) => return Err(io_error(&folder)(e)),
+        }
+    }
     let real = parent.canonicalize().map_err(io_error(parent))?;
     if !real.starts_with(dir) || real.starts_with(dir.join(PARTIAL_DIR)) {
         return Err(escapes());
@@ -586,11 +657,44 @@ mod tests {
         fs::write(dir.join("photos/a.txt"), b"a").unwrap();
         fs::write(dir.join("photos/2024/b.bin"), b"bb").unwrap();
         fs::write(dir.join("single"), b"").unwrap();
-        let items = collect(&[dir.join("photos"), dir.join("single")]).unwrap();
-        let paths: Vec<(&str, u64)> = items.iter().map(|i| (i.path.as_str(), i.size)).collect();
+        let found = collect(&[dir.join("photos"), dir.join("single")]).unwrap();
+        let paths: Vec<(&str, u64)> =
+            found.items.iter().map(|i| (i.path.as_str(), i.size)).collect();
         assert_eq!(paths, vec![("photos/2024/b.bin", 2), ("photos/a.txt", 1), ("single", 0)]);
+        assert_eq!(found.skipped, vec![]);
         let err = collect(&[dir.join("missing")]).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_folder_is_sent_without_hidden_files_links_or_names_a_receiver_would_refuse() {
+        let dir = temp_dir("skip");
+        let secret = dir.join("secret");
+        fs::create_dir_all(&secret).unwrap();
+        fs::write(secret.join("id_ed25519"), b"key").unwrap();
+        let share = dir.join("share");
+        fs::create_dir_all(share.join(".git")).unwrap();
+        fs::write(share.join(".git/config"), b"x").unwrap();
+        fs::write(share.join(".env"), b"TOKEN=1").unwrap();
+        fs::write(share.join("nul.txt"), b"x").unwrap();
+        fs::write(share.join("photo.jpg"), b"jpg").unwrap();
+        // Links out of the folder, to a folder and to a file: never followed.
+        std::os::unix::fs::symlink(&secret, share.join("keys")).unwrap();
+        std::os::unix::fs::symlink(secret.join("id_ed25519"), share.join("key")).unwrap();
+        let found = collect(std::slice::from_ref(&share)).unwrap();
+        let paths: Vec<&str> = found.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, vec!["share/photo.jpg"]);
+        let skipped: Vec<&str> = found.skipped.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(
+            skipped,
+            vec!["share/.env", "share/.git", "share/key", "share/keys", "share/nul.txt"]
+        );
+        assert!(found.skipped[2].reason.contains("symbolic link"), "{:?}", found.skipped);
+        // A hidden file named on the command line is an error, not silently dropped.
+        let err = collect(&[share.join(".env")]).unwrap_err();
+        assert!(err.to_string().contains("starts with a dot"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -637,6 +741,9 @@ mod tests {
             let outside = temp_dir("outside");
             std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
             assert!(matches!(safe_target(&dir, "link/x"), Err(FilesError::Escapes(_))));
+            // Nothing is created through the link before the refusal either.
+            assert!(matches!(safe_target(&dir, "link/autostart/x"), Err(FilesError::Escapes(_))));
+            assert!(!outside.join("autostart").exists(), "a folder was made outside");
             fs::remove_dir_all(&outside).unwrap();
         }
         fs::remove_dir_all(&dir).unwrap();

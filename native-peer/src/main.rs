@@ -12,6 +12,16 @@
 //! data channel, the benchmark's baseline), [`output`] (text or
 //! JSON lines).
 
+/// `println!` for text a person reads: anything a peer chose (names, messages, file
+/// names) is in it, so hidden characters are written out as escapes
+/// (`weft_core::text::escape_hidden`): a peer must not drive the terminal. JSON lines need
+/// no such care (serde escapes control characters).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", weft_core::text::escape_hidden(&format!($($arg)*)))
+    };
+}
+
 mod bench_raw;
 mod cli;
 mod control;
@@ -220,9 +230,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Send { paths, to, timeout } => {
             // Missing or unreadable files fail here, before anything is sent.
-            let items = files::collect(paths)?;
+            let found = files::collect(paths)?;
+            printer.skipped(&found.skipped);
+            let items = found.items;
             if items.is_empty() {
-                bail!("nothing to send: the folders are empty");
+                bail!("nothing to send: the folders hold no file that can be sent");
             }
             let joined = join(&cli, None).await?;
             transfer::send(joined, printer, items, to, Duration::from_secs(*timeout)).await
@@ -279,7 +291,7 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                                "safety_code": fp.short_code()})
         );
     } else {
-        println!("I am {name}, safety code {}", fp.short_code());
+        say!("I am {name}, safety code {}", fp.short_code());
     }
     loop {
         tokio::select! {
@@ -511,7 +523,7 @@ async fn msg(
                     serde_json::json!({"event": "sent", "peer_id": peer.peer_id, "name": name})
                 );
             } else {
-                println!("sent to {name} ({})", peer.peer_id);
+                say!("sent to {name} ({})", peer.peer_id);
             }
             Ok(())
         }
@@ -552,7 +564,7 @@ async fn trust_decision(
                                "safety_code": code, "trust": trust, "done": done})
         );
     } else {
-        println!("{done} {name}'s key ({code}): now {trust}");
+        say!("{done} {name}'s key ({code}): now {trust}");
     }
     Ok(())
 }
@@ -598,7 +610,12 @@ fn confirm(name: &str, code: &str) -> anyhow::Result<bool> {
              in a terminal to confirm it"
         );
     }
-    print!("Does {name}'s screen show the safety code {code}? [y/N] ");
+    print!(
+        "{}",
+        weft_core::text::escape_hidden(&format!(
+            "Does {name}'s screen show the safety code {code}? [y/N] "
+        ))
+    );
     std::io::stdout().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;

@@ -74,7 +74,16 @@ impl Printer {
         if self.json {
             println!("{value}");
         } else {
-            println!("{}", text());
+            say!("{}", text());
+        }
+    }
+
+    /// What `send` leaves out of the folders it was given, one line each.
+    pub fn skipped(&self, skipped: &[crate::files::Skipped]) {
+        for s in skipped {
+            self.line(json!({"event": "skipped", "path": s.path, "reason": s.reason}), || {
+                format!("skipped {}: {}", s.path.escape_debug(), s.reason)
+            });
         }
     }
 
@@ -117,7 +126,7 @@ impl Printer {
                      with {name} in person or on a call before trusting it.",
                     info.fingerprint.as_ref().map(|f| f.short_code()).unwrap_or_default()
                 );
-                eprintln!("{warning}");
+                eprintln!("{}", weft_core::text::escape_hidden(&warning));
                 let mut v = peer_json(info);
                 v["event"] = json!("key_changed");
                 v["warning"] = json!(warning);
@@ -136,7 +145,7 @@ impl Printer {
                 if self.json {
                     println!("{}", file_json(ev));
                 } else if let Some(text) = file_text(ev) {
-                    println!("{text}");
+                    say!("{text}");
                 }
             }
             MeshEvent::Node(Event::ServerError { code, message }) => self.line(
@@ -164,7 +173,7 @@ impl Printer {
                 format!("TUN {} up, MTU {}: {}", state.name, state.mtu, addrs.join(", "))
             }),
             MeshEvent::Warning(message) => {
-                eprintln!("warning: {message}");
+                eprintln!("warning: {}", weft_core::text::escape_hidden(message));
                 self.line(json!({"event": "warning", "message": message}), || {
                     format!("warning: {message}")
                 });
@@ -178,10 +187,10 @@ impl Printer {
             let list: Vec<Value> = peers.iter().map(peer_json).collect();
             println!("{}", json!({"event": "peers", "peers": list}));
         } else if peers.is_empty() {
-            println!("no other peers");
+            say!("no other peers");
         } else {
             for p in peers {
-                println!("{}", describe(p));
+                say!("{}", describe(p));
             }
         }
     }
@@ -206,14 +215,14 @@ impl Printer {
             let name = p.name.as_deref().unwrap_or("?");
             let code = p.fingerprint.map(|f| f.short_code()).unwrap_or_else(|| "-".into());
             let trust = p.trust.map_or("-", Trust::as_str);
-            println!("{name:20} {code:30} {trust:9} {}", p.peer_id);
+            say!("{name:20} {code:30} {trust:9} {}", p.peer_id);
         }
         for (name, _, verified) in absent {
             let trust = if verified { "verified" } else { "known" };
-            println!("{name:20} {:30} {trust:9} (not connected)", "");
+            say!("{name:20} {:30} {trust:9} (not connected)", "");
         }
         if peers.is_empty() && store.pinned().next().is_none() {
-            println!("no peers, and no keys pinned yet");
+            say!("no peers, and no keys pinned yet");
         }
     }
 
@@ -224,20 +233,20 @@ impl Printer {
             return;
         }
         let text = |key: &str| status[key].as_str().unwrap_or("-").to_string();
-        println!("name:        {}", text("name"));
-        println!("safety code: {}", text("safety_code"));
-        println!("fingerprint: {}", text("fingerprint"));
-        println!("room:        {}", text("room"));
+        say!("name:        {}", text("name"));
+        say!("safety code: {}", text("safety_code"));
+        say!("fingerprint: {}", text("fingerprint"));
+        say!("room:        {}", text("room"));
         let addrs: Vec<&str> = ["ipv4", "ipv6"].iter().filter_map(|k| status[k].as_str()).collect();
-        println!("overlay:     {}", addrs.join(", "));
+        say!("overlay:     {}", addrs.join(", "));
         let tun = &status["tun"];
         match tun["device"].as_str() {
-            Some(device) => println!("tun:         {device} up, MTU {}", tun["mtu"]),
-            None => println!("tun:         none"),
+            Some(device) => say!("tun:         {device} up, MTU {}", tun["mtu"]),
+            None => say!("tun:         none"),
         }
         let c = &status["counters"];
         if c.is_object() {
-            println!(
+            say!(
                 "packets:     {} sent, {} received; dropped: {} spoofed, {} refused, {} \
                  unreachable, {} malformed",
                 c["sent"],
@@ -272,16 +281,16 @@ impl Printer {
             println!("routes:      {}", routes.join(", "));
         }
         match status["peer_id"].as_str() {
-            Some(id) => println!("signaling:   joined as {id}"),
-            None => println!("signaling:   not joined"),
+            Some(id) => say!("signaling:   joined as {id}"),
+            None => say!("signaling:   not joined"),
         }
         let peers = status["peers"].as_array().map(Vec::as_slice).unwrap_or_default();
         if peers.is_empty() {
-            println!("no other peers");
+            say!("no other peers");
         }
         for p in peers {
             let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
-            println!(
+            say!(
                 "{} ({}): {}{}{}{}",
                 p["name"].as_str().unwrap_or("?"),
                 p["peer_id"].as_str().unwrap_or("?"),

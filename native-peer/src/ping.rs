@@ -62,7 +62,7 @@ pub async fn run(printer: Printer, dir: &Path, options: PingOptions) -> anyhow::
         if printer.json {
             println!("{value}");
         } else {
-            println!("{text}");
+            say!("{text}");
         }
     };
     print(
@@ -97,7 +97,7 @@ pub async fn run(printer: Printer, dir: &Path, options: PingOptions) -> anyhow::
     if printer.json {
         println!("{summary}");
     } else {
-        println!("{text}");
+        say!("{text}");
     }
     if received == 0 {
         bail!("{} did not answer", options.peer);

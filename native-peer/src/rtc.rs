@@ -45,14 +45,10 @@ use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
     TokioRuntime,
 };
-use weft_core::node::{ConnectionEvent, IceState};
+use weft_core::node::{Channel, ConnectionEvent, ConnectionLimits, IceState, POLITE_OFFER_WAIT};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
-/// Stream id and label of the reliable, ordered channel.
-const CONTROL: (u16, &str) = (0, "control");
-/// Stream id and label of the unordered channel without retransmissions.
-const DATA: (u16, &str) = (1, "data");
 /// Largest data-channel message, as Chromium allows.
 const MAX_MESSAGE_SIZE: u32 = 262_144;
 /// SCTP's common header and one DATA chunk's header.
@@ -70,9 +66,8 @@ pub(crate) const SCTP_MTU: u32 = {
     // webrtc-rs rounds the chunk budget down to a multiple of 4.
     packet.next_multiple_of(4) as u32
 };
-/// Bytes the unreliable channel may hold unsent or unacknowledged before packets for it
-/// are dropped: about 2 ms at 1 Gbit/s, or 200 full IP packets.
-const MAX_DATA_QUEUE: usize = 256 * 1024;
+/// When to drop an IP packet, refuse a control message or drop a candidate: the core's.
+const LIMITS: ConnectionLimits = ConnectionLimits::DEFAULT;
 /// Time between two rounds of ICE connectivity checks: webrtc-rs's 200 ms made every
 /// step of connection setup wait for the next round (Chromium paces checks at about 50).
 const ICE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
@@ -91,14 +86,8 @@ const ICE_DIRECT_MIN_WAIT: Duration = Duration::from_millis(100);
 const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(400);
 /// webrtc-rs's default largest message (64 KiB), for [`Tuning::UNTUNED`].
 const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65_536;
-/// How long the polite side waits for the first offer before making its own.
-const POLITE_OFFER_WAIT: Duration = Duration::from_secs(3);
 /// How often the selected path (direct or relayed, RTT) is read.
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
-/// Remote candidates kept while no remote description is set.
-const MAX_PENDING_CANDIDATES: usize = 256;
-/// Bytes queued for the control channel before it opens, at most.
-const MAX_OUTBOX: usize = 16 * 1024 * 1024;
 /// How long [`RtcPeer::flush`] waits for the peer to acknowledge everything.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -556,16 +545,16 @@ impl Conn {
         if self.channels.is_some() {
             return;
         }
-        let control = RTCDataChannelInit { negotiated: Some(CONTROL.0), ..Default::default() };
-        let data = RTCDataChannelInit {
-            ordered: false,
-            max_retransmits: Some(0),
-            negotiated: Some(DATA.0),
+        let init = |which: Channel| RTCDataChannelInit {
+            negotiated: Some(which.id()),
+            ordered: which.reliable(),
+            max_retransmits: (!which.reliable()).then_some(0),
             ..Default::default()
         };
         let made = async {
-            let control = self.pc.create_data_channel(CONTROL.1, Some(control)).await?;
-            let data = self.pc.create_data_channel(DATA.1, Some(data)).await?;
+            let [c, d] = Channel::ALL;
+            let control = self.pc.create_data_channel(c.label(), Some(init(c))).await?;
+            let data = self.pc.create_data_channel(d.label(), Some(init(d))).await?;
             Ok::<_, webrtc::error::Error>([control, data])
         }
         .await;
@@ -611,7 +600,7 @@ impl Conn {
         match command {
             Command::Signal(payload) => self.signal(payload).await,
             Command::SendControl(bytes) => {
-                if self.outbox_bytes + bytes.len() > MAX_OUTBOX {
+                if !LIMITS.admits_control(self.outbox_bytes, bytes.len()) {
                     tracing::warn!("control channel backlog full; dropped a message");
                     return;
                 }
@@ -621,10 +610,8 @@ impl Conn {
             }
             Command::SendData(bytes) => {
                 if let (true, Some(channels)) = (self.open[1], &self.channels) {
-                    // A full queue drops the packet, as a router's would: TCP inside sees
-                    // the loss and slows down, instead of the queue (and the RTT) growing.
                     let queued = channels[1].outstanding_bytes().await.unwrap_or(0);
-                    if queued + bytes.len() <= MAX_DATA_QUEUE {
+                    if LIMITS.admits_data(queued, bytes.len()) {
                         let _ = channels[1].send(BytesMut::from(bytes.as_slice())).await;
                     }
                 }
@@ -721,7 +708,7 @@ impl Conn {
                 };
                 if self.remote_fingerprint.is_none() {
                     if !self.ignoring_offer
-                        && self.pending_candidates.len() < MAX_PENDING_CANDIDATES
+                        && LIMITS.admits_candidate(self.pending_candidates.len())
                     {
                         self.pending_candidates.push(init);
                     }

@@ -54,7 +54,8 @@ impl Bars {
 
     fn add(&mut self, root: Root, label: &str, len: u64) -> ProgressBar {
         let bar = self.files.entry(root).or_insert_with(|| {
-            let bar = ProgressBar::new(len).with_prefix(shorten(label, 40)).with_style(style(40));
+            let label = weft_core::text::escape_hidden(label);
+            let bar = ProgressBar::new(len).with_prefix(shorten(&label, 40)).with_style(style(40));
             match &self.total {
                 Some(total) => self.multi.insert_before(total, bar),
                 None => self.multi.add(bar),
@@ -97,7 +98,7 @@ impl Bars {
             println!("{value}");
         } else {
             let text = text();
-            self.multi.suspend(|| println!("{text}"));
+            self.multi.suspend(|| say!("{text}"));
         }
     }
 
@@ -106,7 +107,7 @@ impl Bars {
         if self.json {
             println!("{}", file_json(ev));
         } else if let Some(text) = file_text(ev) {
-            self.multi.suspend(|| println!("{text}"));
+            self.multi.suspend(|| say!("{text}"));
         }
     }
 

@@ -13,14 +13,14 @@ pub mod tls;
 pub mod turn;
 mod ws;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
@@ -157,13 +157,36 @@ pub fn app(state: AppState) -> Router {
         ))
 }
 
-async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+async fn ws_upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ip = client_ip(peer.ip(), &headers, state.inner.limits.trust_forwarded_for);
     // Frames a little over the limit still arrive whole, so the client learns why it is
     // closed; far larger ones are cut off by the WebSocket layer itself.
     let hard_limit = state.inner.limits.max_message_bytes.saturating_mul(16);
     ws.max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| ws::run_connection(socket, state))
+        .on_upgrade(move |socket| ws::run_connection(socket, state, ip))
+}
+
+/// The client's address for per-address limits: the socket's peer, or, only when the
+/// server is told it runs behind a reverse proxy (`--trust-forwarded-for`), the last
+/// `X-Forwarded-For` entry (the one that proxy added; earlier ones are the client's word).
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    if !trust_forwarded_for {
+        return peer;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|v| v.trim().parse::<IpAddr>().ok())
+        .next_back()
+        .unwrap_or(peer)
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
@@ -283,7 +306,7 @@ impl Server {
         };
         let state = AppState::with_ice(config.limits, config.web_root, metrics.clone(), ice);
         *state.inner.turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = turn.clone();
-        let service = app(state.clone()).into_make_service();
+        let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let turn_handoff = turn.as_ref().and_then(|t| t.tls_handoff());
         let task = match (&tls, turn_handoff) {

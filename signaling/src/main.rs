@@ -46,6 +46,20 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
 
+    /// Most WebSocket connections from one IP address.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+
+    /// Most rooms the connections from one IP address may be in.
+    #[arg(long, default_value_t = Limits::default().max_rooms_per_ip)]
+    max_rooms_per_ip: usize,
+
+    /// Behind a reverse proxy that sets X-Forwarded-For: take a client's address for the
+    /// per-address limits from its last entry (never set this without such a proxy: any
+    /// client could then claim any address).
+    #[arg(long, env = "WEFT_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
+
     /// Do not run the embedded STUN/TURN server (members then get only --turn-url ones).
     #[arg(long, env = "WEFT_NO_TURN")]
     no_turn: bool,
@@ -144,6 +158,9 @@ async fn main() -> anyhow::Result<()> {
             max_peers_per_room: args.max_peers_per_room,
             max_rooms: args.max_rooms,
             max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            max_rooms_per_ip: args.max_rooms_per_ip,
+            trust_forwarded_for: args.trust_forwarded_for,
             ..Limits::default()
         },
         turn: TurnConfig {

@@ -3,6 +3,7 @@
 //! delivers what comes out; time and fresh peer ids are passed in.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use weft_core::signal::{
@@ -28,12 +29,27 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// How often the server pings each connection.
     pub ping_interval: Duration,
+    /// Most WebSocket connections from one IP address at once.
+    pub max_connections_per_ip: usize,
+    /// Most rooms the connections from one IP address are in at once.
+    pub max_rooms_per_ip: usize,
+    /// Bytes waiting to be written to one connection before it counts as too slow and is
+    /// dropped (it then leaves its room).
+    pub max_outbox_bytes: usize,
+    /// How long one write to a connection may take before it counts as too slow (a client
+    /// that stopped reading) and is dropped.
+    pub send_timeout: Duration,
+    /// Take a client's address for the per-address limits from the last `X-Forwarded-For`
+    /// entry: only behind a reverse proxy that sets it (else anyone could claim any
+    /// address).
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_bytes: weft_core::signal::MAX_MESSAGE_BYTES,
+            // An SDP offer or answer (without candidates: they trickle) is 1-4 KiB.
+            max_message_bytes: 16 * 1024,
             max_peers_per_room: 32,
             max_rooms: 10_000,
             max_connections: 20_000,
@@ -43,6 +59,13 @@ impl Default for Limits {
             message_burst: 500.0,
             idle_timeout: Duration::from_secs(45),
             ping_interval: Duration::from_secs(15),
+            // Generous: a school or an office behind one NAT address.
+            max_connections_per_ip: 256,
+            max_rooms_per_ip: 256,
+            // A member joining a full room gets 31 joins and offers at once, a few KiB each.
+            max_outbox_bytes: 1024 * 1024,
+            send_timeout: Duration::from_secs(10),
+            trust_forwarded_for: false,
         }
     }
 }
@@ -63,6 +86,7 @@ pub struct Delivery {
 #[derive(Debug)]
 struct Conn {
     peer_id: PeerId,
+    ip: IpAddr,
     room: Option<RoomId>,
     tokens: f64,
     last_refill: Instant,
@@ -74,13 +98,27 @@ pub struct Relay {
     limits: Limits,
     conns: HashMap<ConnId, Conn>,
     rooms: HashMap<RoomId, BTreeMap<PeerId, ConnId>>,
+    /// Per address: its connections, and how many of them are in each room.
+    ips: HashMap<IpAddr, IpUsage>,
     next_conn: u64,
+}
+
+#[derive(Debug, Default)]
+struct IpUsage {
+    connections: usize,
+    rooms: HashMap<RoomId, usize>,
 }
 
 impl Relay {
     /// An empty relay.
     pub fn new(limits: Limits) -> Self {
-        Self { limits, conns: HashMap::new(), rooms: HashMap::new(), next_conn: 0 }
+        Self {
+            limits,
+            conns: HashMap::new(),
+            rooms: HashMap::new(),
+            ips: HashMap::new(),
+            next_conn: 0,
+        }
     }
 
     /// The limits in force.
@@ -98,16 +136,29 @@ impl Relay {
         self.rooms.len()
     }
 
-    /// A new connection that the server will call `peer_id`, or
-    /// [`ErrorCode::ServerFull`].
-    pub fn connect(&mut self, peer_id: PeerId, now: Instant) -> Result<ConnId, ErrorCode> {
+    /// A new connection from `ip` that the server will call `peer_id`, or
+    /// [`ErrorCode::ServerFull`], or [`ErrorCode::AddressConnections`].
+    pub fn connect(
+        &mut self,
+        peer_id: PeerId,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<ConnId, ErrorCode> {
         if self.conns.len() >= self.limits.max_connections {
             return Err(ErrorCode::ServerFull);
         }
+        let usage = self.ips.entry(ip).or_default();
+        if usage.connections >= self.limits.max_connections_per_ip {
+            if usage.connections == 0 {
+                self.ips.remove(&ip);
+            }
+            return Err(ErrorCode::AddressConnections);
+        }
+        usage.connections += 1;
         self.next_conn += 1;
         let id = ConnId(self.next_conn);
         let tokens = self.limits.message_burst;
-        self.conns.insert(id, Conn { peer_id, room: None, tokens, last_refill: now });
+        self.conns.insert(id, Conn { peer_id, ip, room: None, tokens, last_refill: now });
         Ok(id)
     }
 
@@ -203,6 +254,17 @@ impl Relay {
             _ => {}
         }
         let Some(c) = self.conns.get_mut(&conn) else { return Vec::new() };
+        let usage = self.ips.entry(c.ip).or_default();
+        if !usage.rooms.contains_key(&room) && usage.rooms.len() >= limits.max_rooms_per_ip {
+            return error(
+                ErrorCode::AddressRooms,
+                format!(
+                    "your address is in its maximum of {} rooms on this server",
+                    limits.max_rooms_per_ip
+                ),
+            );
+        }
+        *usage.rooms.entry(room.clone()).or_default() += 1;
         c.room = Some(room.clone());
         let peer_id = c.peer_id.clone();
         let members = self.rooms.entry(room.clone()).or_default();
@@ -227,6 +289,14 @@ impl Relay {
         let Some(c) = self.conns.get_mut(&conn) else { return Vec::new() };
         let Some(room) = c.room.take() else { return Vec::new() };
         let peer_id = c.peer_id.clone();
+        if let Some(usage) = self.ips.get_mut(&c.ip) {
+            if let Some(n) = usage.rooms.get_mut(&room) {
+                *n -= 1;
+                if *n == 0 {
+                    usage.rooms.remove(&room);
+                }
+            }
+        }
         let Some(members) = self.rooms.get_mut(&room) else { return Vec::new() };
         members.remove(&peer_id);
         let out = members
@@ -242,7 +312,14 @@ impl Relay {
     /// `conn` closed: its room learns that it left.
     pub fn disconnect(&mut self, conn: ConnId) -> Vec<Delivery> {
         let out = self.leave(conn);
-        self.conns.remove(&conn);
+        if let Some(c) = self.conns.remove(&conn) {
+            if let Some(usage) = self.ips.get_mut(&c.ip) {
+                usage.connections -= 1;
+                if usage.connections == 0 {
+                    self.ips.remove(&c.ip);
+                }
+            }
+        }
         out
     }
 
@@ -256,6 +333,8 @@ impl Relay {
 mod tests {
     use super::*;
     use weft_core::signal::SignalPayload;
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn pid(s: &str) -> PeerId {
         PeerId::new(s).unwrap()
@@ -276,9 +355,9 @@ mod tests {
     fn members_learn_of_each_other_and_signal_within_the_room_only() {
         let now = Instant::now();
         let mut r = Relay::new(Limits::default());
-        let a = r.connect(pid("a"), now).unwrap();
-        let b = r.connect(pid("b"), now).unwrap();
-        let c = r.connect(pid("c"), now).unwrap();
+        let a = r.connect(pid("a"), IP, now).unwrap();
+        let b = r.connect(pid("b"), IP, now).unwrap();
+        let c = r.connect(pid("c"), IP, now).unwrap();
         r.handle(a, join("room1"));
         let out = r.handle(b, join("room1"));
         assert!(
@@ -314,10 +393,10 @@ mod tests {
         let limits =
             Limits { max_peers_per_room: 1, max_rooms: 1, max_connections: 3, ..Limits::default() };
         let mut r = Relay::new(limits);
-        let a = r.connect(pid("a"), now).unwrap();
-        let b = r.connect(pid("b"), now).unwrap();
-        let _c = r.connect(pid("c"), now).unwrap();
-        assert_eq!(r.connect(pid("d"), now), Err(ErrorCode::ServerFull));
+        let a = r.connect(pid("a"), IP, now).unwrap();
+        let b = r.connect(pid("b"), IP, now).unwrap();
+        let _c = r.connect(pid("c"), IP, now).unwrap();
+        assert_eq!(r.connect(pid("d"), IP, now), Err(ErrorCode::ServerFull));
         assert_eq!(error_code(&r.handle(a, join("x"))), None);
         assert_eq!(error_code(&r.handle(a, join("x"))), Some(ErrorCode::AlreadyJoined));
         assert_eq!(error_code(&r.handle(b, join("x"))), Some(ErrorCode::RoomFull));
@@ -332,11 +411,37 @@ mod tests {
     }
 
     #[test]
+    fn one_address_gets_only_so_many_connections_and_rooms() {
+        let now = Instant::now();
+        let limits = Limits { max_connections_per_ip: 2, max_rooms_per_ip: 1, ..Limits::default() };
+        let mut r = Relay::new(limits);
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        let a = r.connect(pid("a"), IP, now).unwrap();
+        let b = r.connect(pid("b"), IP, now).unwrap();
+        assert_eq!(r.connect(pid("c"), IP, now), Err(ErrorCode::AddressConnections));
+        let d = r.connect(pid("d"), other, now).expect("another address is not limited");
+        assert_eq!(error_code(&r.handle(a, join("x"))), None);
+        // A second member from the same address in the same room is fine...
+        assert_eq!(error_code(&r.handle(b, join("x"))), None);
+        r.disconnect(b);
+        let b = r.connect(pid("b2"), IP, now).expect("a closed connection frees its place");
+        // ...a second room is not.
+        assert_eq!(error_code(&r.handle(b, join("y"))), Some(ErrorCode::AddressRooms));
+        assert_eq!(error_code(&r.handle(d, join("y"))), None);
+        r.handle(a, ClientMessage::Leave);
+        assert_eq!(error_code(&r.handle(b, join("y"))), None, "leaving frees the room");
+        r.disconnect(a);
+        r.disconnect(b);
+        r.disconnect(d);
+        assert!(r.ips.is_empty(), "nothing left behind: {:?}", r.ips);
+    }
+
+    #[test]
     fn rate_limit_refills_over_time() {
         let t0 = Instant::now();
         let limits = Limits { messages_per_second: 10.0, message_burst: 3.0, ..Limits::default() };
         let mut r = Relay::new(limits);
-        let a = r.connect(pid("a"), t0).unwrap();
+        let a = r.connect(pid("a"), IP, t0).unwrap();
         assert!((0..3).all(|_| r.admit(a, t0)));
         assert!(!r.admit(a, t0));
         assert!(r.admit(a, t0 + Duration::from_millis(100)));

@@ -1,14 +1,26 @@
 //! The WebSocket driver: moves frames between sockets and the [`Relay`], and owns the
 //! per-connection timers (ping, idle timeout) and the shutdown notice.
+//!
+//! Nothing a client does can stall another connection or its own reader: messages for a
+//! connection go into an unbounded queue whose bytes are counted, so one that does not
+//! keep up is found the moment its queue passes [`Limits::max_outbox_bytes`] (and dropped,
+//! leaving its room) instead of making its senders wait; and each connection's writes run
+//! beside its reader, each bounded by [`Limits::send_timeout`], so a client that stops
+//! reading cannot keep its task from noticing pings, idleness or shutdown.
+//!
+//! [`Limits::max_outbox_bytes`]: crate::Limits::max_outbox_bytes
+//! [`Limits::send_timeout`]: crate::Limits::send_timeout
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::SendTimeoutError;
 
 use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, ServerMessage};
 
@@ -16,21 +28,39 @@ use crate::AppState;
 use crate::relay::{ConnId, Delivery, Relay};
 use crate::turn::IceOffer;
 
-/// Messages queued for one connection before it counts as too slow and is dropped.
-const OUTBOX_CAPACITY: usize = 1024;
-
 /// How long a closing server waits for the client's close frame.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// How long a sender waits for a recipient's full queue before the recipient is dropped.
-const SLOW_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A message on its way to one connection's queue.
 #[derive(Debug)]
 struct Pending {
     to: ConnId,
-    outbox: mpsc::Sender<Outbound>,
+    outbox: Outbox,
     item: Outbound,
+}
+
+/// The way to one connection's task: an unbounded queue whose bytes (queued, or being
+/// written to the socket) are counted.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    tx: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    /// Queues `item`; `false` if that would put more than `limit` bytes in the queue (the
+    /// connection does not keep up and is to be dropped).
+    fn push(&self, item: Outbound, limit: usize) -> bool {
+        let len = item.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > limit {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        // A task that is gone has nothing to be told.
+        let _ = self.tx.send(item);
+        true
+    }
 }
 
 /// What the hub asks a connection task to send.
@@ -42,11 +72,20 @@ pub(crate) enum Outbound {
     Fatal { text: String, code: ErrorCode, reason: String },
 }
 
+impl Outbound {
+    /// Bytes it counts for in an [`Outbox`].
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Text(text) | Outbound::Fatal { text, .. } => text.len(),
+        }
+    }
+}
+
 /// The relay plus the way to reach each connection's task.
 #[derive(Debug)]
 pub(crate) struct Hub {
     pub(crate) relay: Relay,
-    outboxes: HashMap<ConnId, mpsc::Sender<Outbound>>,
+    outboxes: HashMap<ConnId, Outbox>,
 }
 
 impl Hub {
@@ -104,34 +143,35 @@ impl AppState {
         pending
     }
 
-    /// Sends queued messages. A recipient whose queue stays full for [`SLOW_PEER_GRACE`]
-    /// is dropped (its task then leaves the room properly); until then the sender waits,
-    /// which pushes back on it through TCP.
-    async fn flush(&self, pending: Vec<Pending>) {
+    /// Queues messages without waiting. A recipient whose queue would pass
+    /// [`Limits::max_outbox_bytes`](crate::Limits::max_outbox_bytes) is dropped at once
+    /// (its task then leaves the room properly): a slow or stopped reader never makes a
+    /// sender wait.
+    fn flush(&self, pending: Vec<Pending>) {
+        let limit = self.inner.limits.max_outbox_bytes;
         for Pending { to, outbox, item } in pending {
-            if let Err(SendTimeoutError::Timeout(_)) =
-                outbox.send_timeout(item, SLOW_PEER_GRACE).await
-            {
+            if !outbox.push(item, limit) {
                 tracing::warn!(conn = to.0, "connection cannot keep up; dropping it");
+                self.inner.metrics.reject(ErrorCode::TooSlow);
                 self.lock_hub().outboxes.remove(&to);
             }
         }
     }
 
-    async fn deliver(&self, out: Vec<Delivery>) {
+    fn deliver(&self, out: Vec<Delivery>) {
         let pending = self.route(&self.lock_hub(), out);
-        self.flush(pending).await;
+        self.flush(pending);
     }
 
-    async fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
-        self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]).await;
+    fn reject(&self, conn: ConnId, code: ErrorCode, message: String) {
+        self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]);
     }
 
     async fn on_text(&self, conn: ConnId, text: &str) {
         if !self.lock_hub().relay.admit(conn, Instant::now()) {
             let rate = self.inner.limits.messages_per_second;
             let message = format!("more than {rate} messages per second; message dropped");
-            self.reject(conn, ErrorCode::RateLimited, message).await;
+            self.reject(conn, ErrorCode::RateLimited, message);
             return;
         }
         let msg = if text.len() > self.inner.limits.max_message_bytes {
@@ -149,12 +189,12 @@ impl AppState {
                     let out = hub.relay.handle(conn, msg);
                     (self.route(&hub, out), member)
                 };
-                self.flush(pending).await;
+                self.flush(pending);
                 if let (true, Some(member)) = (leaving, member) {
                     self.member_left(&member).await;
                 }
             }
-            Err((code, detail)) => self.reject(conn, code, detail).await,
+            Err((code, detail)) => self.reject(conn, code, detail),
         }
     }
 
@@ -180,11 +220,11 @@ impl AppState {
         Some(signal::encode(&ice_servers(offer, member)))
     }
 
-    fn connect(&self, outbox: mpsc::Sender<Outbound>) -> Result<ConnId, ErrorCode> {
+    fn connect(&self, outbox: Outbox, ip: IpAddr) -> Result<ConnId, ErrorCode> {
         let peer_id = PeerId::new(format!("{:016x}", rand::random::<u64>()))
             .map_err(|_| ErrorCode::ServerFull)?;
         let mut hub = self.lock_hub();
-        let conn = hub.relay.connect(peer_id, Instant::now()).inspect_err(|&code| {
+        let conn = hub.relay.connect(peer_id, ip, Instant::now()).inspect_err(|&code| {
             self.inner.metrics.reject(code);
         })?;
         hub.outboxes.insert(conn, outbox);
@@ -201,7 +241,7 @@ impl AppState {
             self.route(&hub, out)
         };
         self.inner.metrics.connections.dec();
-        self.flush(pending).await;
+        self.flush(pending);
     }
 }
 
@@ -232,26 +272,75 @@ fn close_frame(code: ErrorCode, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code: code.close_code(), reason: reason.into() }))
 }
 
-/// Runs one WebSocket connection to its end. Generic over the socket so tests can drive
-/// it with channels.
-pub(crate) async fn run_connection<S>(socket: S, state: AppState)
+/// Why a connection's writer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterEnd {
+    /// Its queue closed: the connection is ending.
+    Done,
+    /// The socket failed.
+    Failed,
+    /// One write took longer than the send timeout: the client stopped reading.
+    TimedOut,
+}
+
+/// Writes `frames` to `sink` one by one, each within `timeout`, releasing each frame's
+/// counted bytes from `queued` once written.
+async fn write_frames<K>(
+    mut sink: K,
+    mut frames: mpsc::UnboundedReceiver<(Message, usize)>,
+    queued: Arc<AtomicUsize>,
+    timeout: Duration,
+) -> WriterEnd
+where
+    K: Sink<Message> + Unpin,
+{
+    while let Some((frame, counted)) = frames.recv().await {
+        match tokio::time::timeout(timeout, sink.send(frame)).await {
+            Ok(Ok(())) => {
+                queued.fetch_sub(counted, Ordering::Relaxed);
+            }
+            Ok(Err(_)) => return WriterEnd::Failed,
+            Err(_) => return WriterEnd::TimedOut,
+        }
+    }
+    let _ = tokio::time::timeout(timeout, sink.close()).await;
+    WriterEnd::Done
+}
+
+/// Runs one WebSocket connection from `ip` to its end. Generic over the socket so tests
+/// can drive it with channels.
+pub(crate) async fn run_connection<S>(socket: S, state: AppState, ip: IpAddr)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin + Send,
 {
+    let limits = state.inner.limits.clone();
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel(OUTBOX_CAPACITY);
-    let conn = match state.connect(tx) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let conn = match state.connect(Outbox { tx, queued: queued.clone() }, ip) {
         Ok(conn) => conn,
         Err(code) => {
-            let text = "the server has its maximum number of connections; try again later";
-            let _ =
-                sink.send(Message::text(signal::encode(&ServerMessage::error(code, text)))).await;
-            let _ = sink.send(close_frame(code, text)).await;
+            let text = match code {
+                ErrorCode::AddressConnections => format!(
+                    "your address has its maximum of {} connections to this server",
+                    limits.max_connections_per_ip
+                ),
+                _ => "the server has its maximum of connections; try again later".to_string(),
+            };
+            let _ = tokio::time::timeout(limits.send_timeout, async {
+                let error = Message::text(signal::encode(&ServerMessage::error(code, &text)));
+                let _ = sink.send(error).await;
+                let _ = sink.send(close_frame(code, &text)).await;
+            })
+            .await;
             return;
         }
     };
-    tracing::debug!(conn = conn.0, "connected");
-    let limits = state.inner.limits.clone();
+    tracing::debug!(conn = conn.0, %ip, "connected");
+    let (frames, frames_rx) = mpsc::unbounded_channel::<(Message, usize)>();
+    let writer = write_frames(sink, frames_rx, queued, limits.send_timeout);
+    tokio::pin!(writer);
+    let mut writer_end: Option<WriterEnd> = None;
     let mut shutdown = state.inner.shutdown.subscribe();
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
@@ -267,6 +356,14 @@ where
     };
     let end: Option<(Message, Message)> = loop {
         tokio::select! {
+            end = &mut writer, if writer_end.is_none() => {
+                writer_end = Some(end);
+                if end == WriterEnd::TimedOut {
+                    tracing::warn!(conn = conn.0, "a write took too long; dropping the connection");
+                    state.inner.metrics.reject(ErrorCode::TooSlow);
+                }
+                break None;
+            }
             frame = stream.next() => {
                 let Some(Ok(frame)) = frame else { break None };
                 idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
@@ -274,7 +371,7 @@ where
                     Message::Text(text) => state.on_text(conn, text.as_str()).await,
                     Message::Binary(_) => {
                         let message = "binary frames are not accepted; send JSON text".into();
-                        state.reject(conn, ErrorCode::NotJson, message).await;
+                        state.reject(conn, ErrorCode::NotJson, message);
                     }
                     Message::Close(_) => break None,
                     Message::Ping(_) | Message::Pong(_) => {}
@@ -282,21 +379,22 @@ where
             }
             out = rx.recv() => match out {
                 Some(Outbound::Text(text)) => {
-                    if sink.send(Message::text(text)).await.is_err() { break None }
+                    let len = text.len();
+                    let _ = frames.send((Message::text(text), len));
                 }
                 Some(Outbound::Fatal { text, code, reason }) => {
                     break Some((Message::text(text), close_frame(code, &reason)));
                 }
-                None => break Some(fatal(ErrorCode::RateLimited, "connection too slow to keep up")),
+                None => break Some(fatal(ErrorCode::TooSlow, "connection too slow to keep up")),
             },
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() { break None }
+                let _ = frames.send((Message::Ping(Default::default()), 0));
             }
             () = &mut renew, if renew_every.is_some() => {
                 let every = renew_every.unwrap_or(Duration::MAX / 4);
                 renew.as_mut().reset(tokio::time::Instant::now() + every);
                 if let Some(text) = state.renewed_ice(conn) {
-                    if sink.send(Message::text(text)).await.is_err() { break None }
+                    let _ = frames.send((Message::text(text), 0));
                 }
             }
             () = &mut idle => {
@@ -310,8 +408,13 @@ where
     };
     state.disconnect(conn).await;
     if let Some((error, close)) = end {
-        let _ = sink.send(error).await;
-        let _ = sink.send(close).await;
+        let _ = frames.send((error, 0));
+        let _ = frames.send((close, 0));
+    }
+    drop(frames);
+    if writer_end.is_none() {
+        // What is queued (the reason, the close frame) goes out, each write bounded.
+        let _ = (&mut writer).await;
         // Closing handshake (RFC 6455 §7.1.1): wait briefly for the client's close frame
         // so it reads our reason before the TCP connection goes away.
         let _ = tokio::time::timeout(CLOSE_LINGER, async {

@@ -273,7 +273,7 @@ async fn oversized_messages_are_refused_and_closed_but_others_stay() {
     let huge = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(100 * 1024));
     ws.send(Message::text(huge)).await.unwrap();
     let msg = expect_error(&mut ws, ErrorCode::TooLarge).await;
-    assert!(msg.contains("65536"), "{msg}");
+    assert!(msg.contains("16384"), "{msg}");
     expect_close(&mut ws, 1009).await;
     assert_alive(&mut other).await;
     assert_eq!(server.state().metrics().rejections(ErrorCode::TooLarge), 1);
@@ -288,6 +288,130 @@ async fn too_many_connections_are_refused_with_a_reason() {
     expect_error(&mut second, ErrorCode::ServerFull).await;
     expect_close(&mut second, 1013).await;
     assert_alive(&mut first).await;
+    server.shutdown(STEP).await;
+}
+
+/// A member that stops reading (its socket's receive buffer is tiny and it never reads)
+/// while another floods it with signals: it is dropped and leaves its room within seconds,
+/// and the sender is served throughout (nothing it sends waits on the stuck reader).
+#[tokio::test]
+async fn a_member_that_stops_reading_is_dropped_and_leaves_its_room_without_stalling_others() {
+    let limits = Limits {
+        messages_per_second: 10_000.0,
+        message_burst: 10_000.0,
+        max_outbox_bytes: 256 * 1024,
+        send_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    let (mut sender, _, _) = joined(&server, "r").await;
+    // The stuck member: a real socket with a small receive buffer, never read after its
+    // welcome.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.local_addr()).await.unwrap();
+    let (mut stuck, _) =
+        tokio_tungstenite::client_async(server.ws_url(), MaybeTlsStream::Plain(tcp)).await.unwrap();
+    send(&mut stuck, &join_msg("r")).await;
+    let stuck_id = match recv(&mut stuck).await {
+        ServerMessage::Welcome { peer_id, .. } => peer_id,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    assert!(matches!(recv(&mut sender).await, ServerMessage::PeerJoined { .. }));
+
+    let data = "x".repeat(15 * 1024);
+    let started = std::time::Instant::now();
+    let mut left = false;
+    for i in 0..2000 {
+        let payload = SignalPayload::Opaque { data: data.clone() };
+        send(&mut sender, &ClientMessage::Signal { to: stuck_id.clone(), payload }).await;
+        if i % 50 == 49 {
+            // The sender is answered at once, however full the stuck member's queue.
+            let ping = std::time::Instant::now();
+            send(&mut sender, &ClientMessage::Ping).await;
+            loop {
+                match recv(&mut sender).await {
+                    ServerMessage::Pong => break,
+                    ServerMessage::PeerLeft { peer_id } if peer_id == stuck_id => left = true,
+                    ServerMessage::Error { code: ErrorCode::UnknownPeer, .. } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(ping.elapsed() < STEP, "the sender waited {:?}", ping.elapsed());
+        }
+        if left {
+            break;
+        }
+    }
+    assert!(left, "the stuck member is still in the room after {:?}", started.elapsed());
+    assert!(server.state().metrics().rejections(ErrorCode::TooSlow) >= 1);
+    assert_alive(&mut sender).await;
+    drop(stuck);
+    server.shutdown(STEP).await;
+}
+
+/// One address gets so many connections and rooms, and no more; a client cannot claim
+/// another address with `X-Forwarded-For` unless the server is told to trust a proxy.
+#[tokio::test]
+async fn one_address_gets_only_so_many_connections_and_rooms() {
+    let limits = Limits { max_connections_per_ip: 2, max_rooms_per_ip: 1, ..Limits::default() };
+    let server = start(limits.clone()).await;
+    let (mut a, _, _) = joined(&server, "r1").await;
+    let mut b = connect(&server).await;
+    send(&mut b, &join_msg("r2")).await;
+    let msg = expect_error(&mut b, ErrorCode::AddressRooms).await;
+    assert!(msg.contains("maximum of 1 rooms"), "{msg}");
+    // A forged header changes nothing here.
+    fn forged(url: String, ip: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert("x-forwarded-for", ip.parse().unwrap());
+        req
+    }
+    let (mut c, _) =
+        tokio_tungstenite::connect_async(forged(server.ws_url(), "198.51.100.9")).await.unwrap();
+    let msg = expect_error(&mut c, ErrorCode::AddressConnections).await;
+    assert!(msg.contains("maximum of 2 connections"), "{msg}");
+    expect_close(&mut c, 1013).await;
+    assert_alive(&mut a).await;
+    assert_alive(&mut b).await;
+    let m = server.state().metrics();
+    assert_eq!(m.rejections(ErrorCode::AddressConnections), 1);
+    assert_eq!(m.rejections(ErrorCode::AddressRooms), 1);
+    drop(b);
+    // A closed connection frees its place (once the server has seen it go).
+    let mut again = None;
+    for _ in 0..50 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap();
+        send(&mut ws, &ClientMessage::Ping).await;
+        match recv(&mut ws).await {
+            ServerMessage::Pong => {
+                again = Some(ws);
+                break;
+            }
+            ServerMessage::Error { code: ErrorCode::AddressConnections, .. } => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(again.is_some(), "the closed connection's place was never freed");
+    server.shutdown(STEP).await;
+
+    // Behind a proxy that sets it, the header's last entry is the client's address.
+    let server = start(Limits { trust_forwarded_for: true, ..limits }).await;
+    let mut held = Vec::new();
+    for ip in ["198.51.100.1", "198.51.100.1", "198.51.100.2"] {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(forged(server.ws_url(), &format!("10.9.9.9, {ip}")))
+                .await
+                .unwrap();
+        assert_alive(&mut ws).await;
+        held.push(ws);
+    }
+    let (mut over, _) =
+        tokio_tungstenite::connect_async(forged(server.ws_url(), "198.51.100.1")).await.unwrap();
+    expect_error(&mut over, ErrorCode::AddressConnections).await;
     server.shutdown(STEP).await;
 }
 

@@ -101,15 +101,27 @@ pub fn command_on(
     Ok(cmd)
 }
 
+/// [`command`] without `--json`: what a person at a terminal sees.
+pub fn text_command(server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) -> Result<Command> {
+    let mut cmd = Command::new(weft_peer_bin()?);
+    base_args(&mut cmd, server_ws, config_dir, bind);
+    Ok(cmd)
+}
+
 fn peer_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) {
+    base_args(cmd, server_ws, config_dir, bind);
+    cmd.arg("--json");
+}
+
+fn base_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) {
     cmd.arg("--server")
         .arg(server_ws)
         .arg("--config-dir")
         .arg(config_dir)
         .arg("--bind")
         .arg(bind.to_string())
-        .arg("--json")
         .env_remove("WEFT_PASSPHRASE")
+        .env_remove("WEFT_INVITE")
         .kill_on_drop(true);
 }
 

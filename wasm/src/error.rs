@@ -36,6 +36,9 @@ pub(crate) enum WebError {
     NotFiles,
     /// A path that may not be sent.
     BadPath(WireError),
+    /// Every entry was left out (hidden files, device names...; each got a `skipped`
+    /// event).
+    NothingSendable,
     /// A root (file hash) argument that is not one.
     BadRoot { given: String, error: ParseRootError },
     /// The node refused.
@@ -63,6 +66,9 @@ impl fmt::Display for WebError {
             Self::NoPath => f.write_str("an entry has no path"),
             Self::NotFiles => f.write_str("give a File, a FileList or an array of files"),
             Self::BadPath(e) => e.fmt(f),
+            Self::NothingSendable => {
+                f.write_str("nothing to send: every file was left out (see the skipped events)")
+            }
             Self::BadRoot { given, error } => write!(f, "{given:?}: {error}"),
             Self::Node(e) => e.fmt(f),
             Self::OfferTo { peer, error } => write!(f, "{peer}: {error}"),

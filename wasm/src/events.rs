@@ -135,6 +135,11 @@ pub(crate) enum FileEvent {
         done_bytes: f64,
         size: f64,
     },
+    /// Left out of a folder being sent (a hidden file, a device name...).
+    Skipped {
+        path: String,
+        reason: String,
+    },
     Offer {
         peer_id: String,
         name: String,

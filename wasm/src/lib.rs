@@ -763,9 +763,20 @@ async fn hash_and_share(
     inner: &Rc<RefCell<Inner>>,
     entries: Vec<files::Entry>,
 ) -> Result<Vec<(Root, String, u64)>, WebError> {
+    use weft_core::transfer::wire::{Unsendable, check_send_path};
     let mut shared = Vec::new();
+    let mut skipped = 0;
     for entry in entries {
-        weft_core::transfer::wire::check_path(&entry.path).map_err(WebError::BadPath)?;
+        match check_send_path(&entry.path) {
+            Ok(()) => {}
+            Err(Unsendable::Skip(e)) => {
+                skipped += 1;
+                let ev = FileEvent::Skipped { path: entry.path.clone(), reason: e.to_string() };
+                emit(inner, vec![JsEvent::File(ev)]);
+                continue;
+            }
+            Err(Unsendable::Refuse(e)) => return Err(WebError::BadPath(e)),
+        }
         let size = entry.file.size();
         // The very same `File` shared before (say by `shareFiles`, then `sendFiles`): a
         // `File` is a snapshot, so its root has not changed.
@@ -794,6 +805,9 @@ async fn hash_and_share(
             i.files.add_blob(digest.root, entry.file.clone());
         }
         shared.push((digest.root, entry.path, digest.size));
+    }
+    if shared.is_empty() && skipped > 0 {
+        return Err(WebError::NothingSendable);
     }
     Ok(shared)
 }

@@ -23,7 +23,7 @@
 //!   ignored (its candidates belong to a description we never applied).
 //! - **Backpressure.** The control channel queues in Rust while `bufferedAmount` is above
 //!   [`CONTROL_HIGH_WATER`] and flushes on `bufferedamountlow`; the data channel drops
-//!   when above [`DATA_HIGH_WATER`] (it is unreliable anyway).
+//!   and the outbox refuses where the core's [`ConnectionLimits`] say.
 //! - **ICE restart.** When ICE fails, both sides call `restartIce()`; perfect negotiation
 //!   sorts out the resulting offers.
 
@@ -40,6 +40,7 @@ use web_sys::{
     RtcPeerConnection, RtcPeerConnectionIceEvent, RtcSdpType, RtcSessionDescriptionInit,
     RtcSignalingState,
 };
+use weft_core::node::{Channel, ConnectionLimits, POLITE_OFFER_WAIT};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
@@ -47,12 +48,8 @@ use weft_core::signal::{IceServer, SignalPayload};
 pub(crate) const CONTROL_HIGH_WATER: u32 = 1024 * 1024;
 /// `bufferedamountlow` fires when the control channel drains below this.
 pub(crate) const CONTROL_LOW_WATER: u32 = 256 * 1024;
-/// Above this many bytes buffered, packets for the unreliable channel are dropped.
-pub(crate) const DATA_HIGH_WATER: u32 = 256 * 1024;
-/// Most bytes queued in Rust for the control channel before sends are refused.
-const OUTBOX_LIMIT: usize = 16 * 1024 * 1024;
-/// Most remote candidates kept while waiting for a remote description.
-const PENDING_CANDIDATES_LIMIT: usize = 256;
+/// When to drop an IP packet, refuse a control message or drop a candidate: the core's.
+const LIMITS: ConnectionLimits = ConnectionLimits::DEFAULT;
 
 thread_local! {
     static DEBUG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -69,12 +66,6 @@ pub(crate) fn debug(what: impl FnOnce() -> String) {
         web_sys::console::debug_1(&format!("weft: {}", what()).into());
     }
 }
-
-/// How long the polite side waits for the first offer before making its own.
-const POLITE_OFFER_WAIT_MS: i32 = 3_000;
-
-const CONTROL_ID: u16 = 0;
-const DATA_ID: u16 = 1;
 
 #[wasm_bindgen]
 extern "C" {
@@ -174,7 +165,7 @@ struct Channels {
 struct RtcState {
     pc: RtcPeerConnection,
     /// Created at once on the impolite side; on the polite side when the first remote
-    /// offer arrives (or after [`POLITE_OFFER_WAIT_MS`]), so that the first negotiation
+    /// offer arrives (or after [`POLITE_OFFER_WAIT`]), so that the first negotiation
     /// has one offerer and no collision.
     channels: Option<Channels>,
     polite: bool,
@@ -212,15 +203,15 @@ impl std::fmt::Debug for RtcPeer {
     }
 }
 
-fn channel(pc: &RtcPeerConnection, label: &str, id: u16, reliable: bool) -> RtcDataChannel {
+fn channel(pc: &RtcPeerConnection, which: Channel) -> RtcDataChannel {
     let init = RtcDataChannelInit::new();
     init.set_negotiated(true);
-    init.set_id(id);
-    if !reliable {
+    init.set_id(which.id());
+    if !which.reliable() {
         init.set_ordered(false);
         init.set_max_retransmits(0);
     }
-    let dc = pc.create_data_channel_with_data_channel_dict(label, &init);
+    let dc = pc.create_data_channel_with_data_channel_dict(which.label(), &init);
     dc.set_binary_type(RtcDataChannelType::Arraybuffer);
     dc
 }
@@ -281,7 +272,7 @@ impl RtcPeer {
         if polite {
             let weak = Rc::downgrade(&state);
             wasm_bindgen_futures::spawn_local(async move {
-                sleep(POLITE_OFFER_WAIT_MS).await;
+                sleep(POLITE_OFFER_WAIT.as_millis() as i32).await;
                 if let Some(state) = weak.upgrade() {
                     if !state.borrow().closed && state.borrow().channels.is_none() {
                         debug(|| "no offer came: making our own".into());
@@ -318,7 +309,7 @@ impl RtcPeer {
         if s.closed {
             return Err(SendError::Closed);
         }
-        if s.outbox_bytes + bytes.len() > OUTBOX_LIMIT {
+        if !LIMITS.admits_control(s.outbox_bytes, bytes.len()) {
             return Err(SendError::Congested);
         }
         s.outbox_bytes += bytes.len();
@@ -334,7 +325,7 @@ impl RtcPeer {
         let s = self.state.borrow();
         let Some(ch) = s.channels.as_ref().filter(|_| !s.closed) else { return false };
         if ch.data.ready_state() != RtcDataChannelState::Open
-            || ch.data.buffered_amount() > DATA_HIGH_WATER
+            || !LIMITS.admits_data(ch.data.buffered_amount() as usize, bytes.len())
         {
             return false;
         }
@@ -543,8 +534,8 @@ fn open_channels(state: &Rc<RefCell<RtcState>>) {
     });
 
     let mut s = state.borrow_mut();
-    let control = channel(&s.pc, "control", CONTROL_ID, true);
-    let data = channel(&s.pc, "data", DATA_ID, false);
+    let control = channel(&s.pc, Channel::Control);
+    let data = channel(&s.pc, Channel::Data);
     control.set_buffered_amount_low_threshold(CONTROL_LOW_WATER);
     control.set_onopen(Some(control_open.as_ref().unchecked_ref()));
     control.set_onclose(Some(control_close.as_ref().unchecked_ref()));
@@ -764,7 +755,7 @@ async fn apply_candidate(
     if pc.remote_description().is_none() {
         debug(|| format!("candidate before remote description: {}", init.get_candidate()));
         with_state(weak, |s| {
-            if !s.ignore_offer && s.pending_candidates.len() < PENDING_CANDIDATES_LIMIT {
+            if !s.ignore_offer && LIMITS.admits_candidate(s.pending_candidates.len()) {
                 s.pending_candidates.push(init);
             }
         });

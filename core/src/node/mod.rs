@@ -33,6 +33,7 @@
 mod address;
 mod files;
 mod ip;
+mod limits;
 mod overlay;
 mod peers;
 mod route;
@@ -51,6 +52,7 @@ pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
     TransfersView,
 };
+pub use self::limits::ConnectionLimits;
 pub use self::overlay::{
     ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
 };
@@ -74,7 +76,7 @@ use crate::signal::{
 };
 use crate::transfer::{
     CancelReason, Cv, DownloadRecord, DownloadState, Engine, EngineConfig, FailReason, OfferItem,
-    Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent, TransferMsg,
+    Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent,
 };
 use crate::trust::{Trust, TrustStore};
 
@@ -185,6 +187,38 @@ pub enum Channel {
     /// Channel 1: unordered and unreliable (IP packets).
     Data,
 }
+
+impl Channel {
+    /// Both channels, in stream-id order.
+    pub const ALL: [Channel; 2] = [Channel::Control, Channel::Data];
+
+    /// Its negotiated SCTP stream id (both sides create the channels themselves, with
+    /// these ids, so neither waits for the other's `DATA_CHANNEL_OPEN`).
+    pub fn id(self) -> u16 {
+        match self {
+            Channel::Control => 0,
+            Channel::Data => 1,
+        }
+    }
+
+    /// Its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Channel::Control => "control",
+            Channel::Data => "data",
+        }
+    }
+
+    /// Whether it delivers in order and retransmits; the data channel does neither (no
+    /// retransmits at all), as IP below TCP must not.
+    pub fn reliable(self) -> bool {
+        matches!(self, Channel::Control)
+    }
+}
+
+/// How long the polite side of a new connection waits for the impolite side's offer
+/// before making its own (in case the impolite side never learned of it).
+pub const POLITE_OFFER_WAIT: Duration = Duration::from_secs(3);
 
 /// What happened to a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1233,10 +1267,7 @@ impl Node {
         let overlay = OverlayChanges { established: established.is_some(), failed, announced };
         self.drive_overlay(now, remote, overlay, packets, announce_ours);
         for (frame_type, body) in transfer {
-            match TransferMsg::decode(frame_type, &body) {
-                Ok(msg) => self.engine.handle(remote, msg, now),
-                Err(e) => tracing::warn!("bad file-transfer message from {remote}: {e}"),
-            }
+            self.engine.handle_frame(remote, frame_type, &body, now);
         }
         if failed {
             self.set_engine_peer(remote, false, now);

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::hash::{Cv, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
-use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, check_path};
+use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
 
 /// Tuning of an [`Engine`].
@@ -959,6 +959,32 @@ impl Engine {
     }
 
     // ---- messages ----
+
+    /// Handles one file-transfer frame from `peer` as it came off the wire. An offer it
+    /// must refuse (a path that is unsafe to save: see [`check_path`]) is answered with a
+    /// `Cancel` that says why, and reported as cancelled here, so neither side waits for
+    /// an answer that never comes; any other frame that does not decode is dropped.
+    pub fn handle_frame(&mut self, peer: &PeerId, frame_type: u8, body: &[u8], now: Duration) {
+        match TransferMsg::decode(frame_type, body) {
+            Ok(msg) => self.handle(peer, msg, now),
+            Err(e @ WireError::UnsafeOffer { offer_id, .. }) => {
+                tracing::warn!("refused an offer from {peer}: {e}");
+                let reason = e.to_string();
+                self.send(
+                    peer,
+                    TransferMsg::Cancel { offer_id, own_offer: false, reason: reason.clone() },
+                );
+                self.event(TransferEvent::Cancelled {
+                    peer: peer.clone(),
+                    offer_id,
+                    reason: CancelReason::Text(reason),
+                    by_peer: false,
+                    outgoing: false,
+                });
+            }
+            Err(e) => tracing::warn!("bad file-transfer message from {peer}: {e}"),
+        }
+    }
 
     /// A file-transfer message from `peer`.
     pub fn handle(&mut self, peer: &PeerId, msg: TransferMsg, now: Duration) {

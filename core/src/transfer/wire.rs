@@ -145,20 +145,119 @@ pub enum WireError {
     /// A count or size over the limits.
     #[error("file-transfer message over the limits")]
     TooLarge,
-    /// A path that could escape the download folder or is not portable.
-    #[error("unsafe path in an offer: {0:?}")]
-    UnsafePath(String),
+    /// A path that could escape the download folder, plant a hidden file, or is not
+    /// portable.
+    #[error("unsafe path in an offer: {path:?} ({problem})")]
+    UnsafePath {
+        /// The path, cut to 80 characters, with hidden characters shown escaped.
+        path: String,
+        /// What is wrong with it.
+        problem: PathProblem,
+    },
+    /// An offer with a path [`check_path`] refuses: the whole offer is refused, and the
+    /// receiver tells the sender why (so it is not left waiting for an answer).
+    #[error("offer {offer_id} refused: unsafe path {path:?} ({problem})")]
+    UnsafeOffer {
+        /// The offer, numbered by its sender.
+        offer_id: u64,
+        /// The first unsafe path, cut to 80 characters, hidden characters escaped.
+        path: String,
+        /// What is wrong with it.
+        problem: PathProblem,
+    },
 }
 
-/// Checks that `path` is a relative, `/`-separated path that cannot leave the folder it
-/// is saved into: no empty, `.` or `..` components, no backslash, colon or control
-/// characters, at most [`MAX_PATH_LEN`] bytes.
+/// What makes a path unsafe to save (see [`check_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathProblem {
+    /// Empty, or longer than [`MAX_PATH_LEN`] bytes, or a part longer than 255.
+    #[error("empty or too long")]
+    Length,
+    /// An empty part: a leading or trailing `/`, or `//`.
+    #[error("an empty part")]
+    EmptyPart,
+    /// A part starting with a dot: `.`, `..`, or a hidden file such as `.bashrc` or
+    /// `.ssh`, which a download must never create.
+    #[error("a part starts with a dot")]
+    LeadingDot,
+    /// A part ending with a dot or a space, which Windows drops (so `a.` would be `a`).
+    #[error("a part ends with a dot or a space")]
+    TrailingDotOrSpace,
+    /// A part that is a Windows device name (`CON`, `nul.txt`, `COM1`...).
+    #[error("a reserved device name")]
+    DeviceName,
+    /// A control, format or bidirectional character, or a line separator (see
+    /// [`crate::text::is_hidden`]).
+    #[error("a hidden or control character")]
+    HiddenCharacter,
+    /// A backslash or a colon (a separator or a drive or stream on other systems).
+    #[error("a backslash or a colon")]
+    Separator,
+}
+
+/// Checks that `path` is a relative, `/`-separated path that is safe to create inside the
+/// folder it is saved into, on any system: it cannot leave the folder, create a hidden
+/// file or folder (`.ssh/authorized_keys`, `.bashrc`), open a device, or show a reader
+/// something other than what it is. At most [`MAX_PATH_LEN`] bytes; see [`PathProblem`]
+/// for each rule.
 pub fn check_path(path: &str) -> Result<(), WireError> {
-    let bad = path.is_empty()
-        || path.len() > MAX_PATH_LEN
-        || path.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.len() > 255)
-        || path.chars().any(|c| c.is_control() || c == '\\' || c == ':');
-    if bad { Err(WireError::UnsafePath(path.chars().take(80).collect())) } else { Ok(()) }
+    path_problem(path).map_or(Ok(()), |problem| {
+        Err(WireError::UnsafePath {
+            path: path.chars().take(80).collect::<String>().escape_debug().to_string(),
+            problem,
+        })
+    })
+}
+
+/// What a sender does with a path [`check_path`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsendable {
+    /// A file or folder inside a folder being sent (`photos/.DS_Store`, `src/.git`): the
+    /// rest of the folder goes, this is left out, and the user is told.
+    Skip(WireError),
+    /// A path the user named: the send fails with this error, nothing is left out quietly.
+    Refuse(WireError),
+}
+
+/// Checks a path a sender is about to offer: `Ok` to send it; paths inside a folder that
+/// a receiver would refuse are to be left out ([`Unsendable::Skip`]), a named file or
+/// folder with such a name fails the send ([`Unsendable::Refuse`]). The browser and the
+/// native peer apply this one rule.
+pub fn check_send_path(path: &str) -> Result<(), Unsendable> {
+    check_path(path).map_err(|e| {
+        let in_folder = path
+            .split_once('/')
+            .is_some_and(|(top, rest)| !rest.is_empty() && path_problem(top).is_none());
+        if in_folder { Unsendable::Skip(e) } else { Unsendable::Refuse(e) }
+    })
+}
+
+fn path_problem(path: &str) -> Option<PathProblem> {
+    if path.is_empty() || path.len() > MAX_PATH_LEN {
+        return Some(PathProblem::Length);
+    }
+    if path.chars().any(crate::text::is_hidden) {
+        return Some(PathProblem::HiddenCharacter);
+    }
+    if path.contains(['\\', ':']) {
+        return Some(PathProblem::Separator);
+    }
+    path.split('/').find_map(|part| {
+        if part.is_empty() {
+            Some(PathProblem::EmptyPart)
+        } else if part.len() > 255 {
+            Some(PathProblem::Length)
+        } else if part.starts_with('.') {
+            Some(PathProblem::LeadingDot)
+        } else if part.ends_with(['.', ' ']) {
+            Some(PathProblem::TrailingDotOrSpace)
+        } else if crate::text::is_reserved_device_name(part) {
+            Some(PathProblem::DeviceName)
+        } else {
+            None
+        }
+    })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -306,7 +405,9 @@ impl TransferMsg {
                 let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     let path = r.text(MAX_PATH_LEN)?;
-                    check_path(&path)?;
+                    if let Err(WireError::UnsafePath { path, problem }) = check_path(&path) {
+                        return Err(WireError::UnsafeOffer { offer_id, path, problem });
+                    }
                     items.push(OfferItem { path, size: r.u64()?, root: r.root()? });
                 }
                 Self::Offer { offer_id, items }
@@ -429,8 +530,35 @@ mod tests {
 
     #[test]
     fn paths_that_could_escape_are_refused() {
-        for bad in ["", "/etc/passwd", "a/../b", "..", "./a", "a//b", "a\\b", "c:x", "a/\n", "a/"] {
-            assert!(check_path(bad).is_err(), "{bad:?}");
+        use PathProblem::*;
+        let cases = [
+            ("", Length),
+            ("/etc/passwd", EmptyPart),
+            ("a/../b", LeadingDot),
+            ("..", LeadingDot),
+            ("./a", LeadingDot),
+            ("a//b", EmptyPart),
+            ("a\\b", Separator),
+            ("c:x", Separator),
+            ("a/\n", HiddenCharacter),
+            ("a/", EmptyPart),
+            // A member planting files a shell or ssh would read.
+            (".bashrc", LeadingDot),
+            (".ssh/authorized_keys", LeadingDot),
+            ("photos/.config/autostart/x.desktop", LeadingDot),
+            ("notes.", TrailingDotOrSpace),
+            ("dir /x", TrailingDotOrSpace),
+            ("nul.txt", DeviceName),
+            ("a/COM1", DeviceName),
+            // Shows as "invoice_exe.pdf" in a right-to-left override.
+            ("invoice_\u{202e}fdp.exe", HiddenCharacter),
+            ("zero\u{200b}width", HiddenCharacter),
+        ];
+        for (bad, problem) in cases {
+            match check_path(bad) {
+                Err(WireError::UnsafePath { problem: p, .. }) => assert_eq!(p, problem, "{bad:?}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
             let msg = TransferMsg::Offer {
                 offer_id: 1,
                 items: vec![OfferItem { path: bad.into(), size: 1, root: Root::from([0; 32]) }],
@@ -438,9 +566,20 @@ mod tests {
             let (t, body) = msg.encode();
             assert!(TransferMsg::decode(t, &body).is_err(), "{bad:?}");
         }
-        for good in ["a", "dir/sub/file.tar.gz", "名前/ファイル", ".hidden", "a..b"] {
+        for good in ["a", "dir/sub/file.tar.gz", "名前/ファイル", "a..b", "Résumé (1).pdf", "a b"]
+        {
             assert_eq!(check_path(good), Ok(()));
         }
+    }
+
+    #[test]
+    fn a_sender_leaves_out_what_is_inside_a_folder_and_refuses_what_was_named() {
+        assert_eq!(check_send_path("photos/a.jpg"), Ok(()));
+        assert!(matches!(check_send_path("photos/.DS_Store"), Err(Unsendable::Skip(_))));
+        assert!(matches!(check_send_path("src/.git/config"), Err(Unsendable::Skip(_))));
+        assert!(matches!(check_send_path(".env"), Err(Unsendable::Refuse(_))));
+        assert!(matches!(check_send_path(".config/x"), Err(Unsendable::Refuse(_))));
+        assert!(matches!(check_send_path("nul"), Err(Unsendable::Refuse(_))));
     }
 
     proptest! {

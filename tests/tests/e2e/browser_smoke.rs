@@ -78,7 +78,18 @@ async fn two_browsers_join_a_network_and_see_each_other() {
     let bob_id = wait_joined(&bob).await.unwrap();
     assert_ne!(alice_id, bob_id);
     wait_peers(&bob, &[&alice_id]).await.unwrap();
-    wait_peers(&alice, &[&bob_id]).await.unwrap();
+
+    // Once joined, the invite (the network's only secret) is out of both address bars and
+    // so out of the history; a reload of the tab still rejoins the same network.
+    for (who, page) in [("Alice", &alice), ("Bob", &bob)] {
+        let href = js(page, "return location.href;").await.unwrap();
+        assert!(!href.to_string().contains("invite"), "{who}'s address keeps the invite: {href}");
+    }
+    bob.refresh().await.unwrap();
+    let bob_again = wait_joined(&bob).await.unwrap();
+    assert_ne!(bob_again, bob_id, "a rejoin gets a new peer id");
+    wait_peers(&bob, &[&alice_id]).await.unwrap();
+    wait_peers(&alice, &[&bob_again]).await.unwrap();
     assert_eq!(server.state().metrics().connections.get(), 2);
     if let Some(dir) = std::env::var_os("WEFT_SCREENSHOT_DIR") {
         // For a person to look at: `WEFT_SCREENSHOT_DIR=/tmp/shots cargo xtask test smoke`.

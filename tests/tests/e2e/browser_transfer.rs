@@ -1,6 +1,7 @@
 //! File transfer between real headless Chromium processes through the real signaling
 //! server, driving the documented JavaScript API (`sendFiles`, `acceptOffer`, …): a folder
-//! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a download resumes
+//! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a folder's hidden
+//! files are left out of what is sent (and one named alone is refused), a download resumes
 //! after the receiver reloads, a corrupted chunk is rejected and fetched again, a download
 //! uses two seeders at once, a cancel on either side cleans up both, and without OPFS a
 //! download streams through the service worker into Chromium's downloads folder (even when
@@ -225,9 +226,50 @@ async fn files_of_edge_sizes_arrive_byte_for_byte() {
         "edges/chunk-plus-one",
         "edges/two-chunks",
     ];
+    let hidden = vec![
+        generate(dir, "visible", 10, 15).unwrap(),
+        generate(dir, "DS_Store", 6, 16).unwrap(),
+        generate(dir, "gitconfig", 7, 17).unwrap(),
+    ];
     run!("files_of_edge_sizes_arrive_byte_for_byte", &["Alice", "Bob"], |net| {
-        send_and_verify(&net, &files, &paths).await
+        send_and_verify(&net, &files, &paths).await?;
+        hidden_files_are_left_out(&net, &hidden).await
     });
+}
+
+/// A folder's hidden files (`.DS_Store`, `.git/…`) are left out of what a browser sends,
+/// each with a `skipped` event, and the rest goes; a hidden file named on its own is
+/// refused with an error (a receiver would refuse to save it: it could plant
+/// `~/.bashrc`).
+async fn hidden_files_are_left_out(net: &Net, files: &[TestFile]) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    let refs: Vec<&TestFile> = files.iter().collect();
+    upload(alice, "hidden", &refs).await?;
+    let entries = with_paths(files, &["photos/a.jpg", "photos/.DS_Store", "photos/.git/config"]);
+    let sent = send_files(alice, "hidden", &entries, bob_id, WAIT).await?;
+    let offer = wait_offer(bob, alice_id, &sent[0]["offerId"]).await?;
+    let offered: Vec<&str> = offer["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|i| i["path"].as_str())
+        .collect();
+    ensure!(offered == ["photos/a.jpg"], "offered {offered:?}");
+    let skipped: Vec<Value> = events(alice, "ev.type === 'skipped'").await?;
+    let skipped: Vec<&str> = skipped.iter().filter_map(|e| e["path"].as_str()).collect();
+    ensure!(skipped == ["photos/.DS_Store", "photos/.git/config"], "skipped {skipped:?}");
+    let refused = send_files(
+        alice,
+        "hidden",
+        &entries[1..2].iter().map(|(f, _)| (*f, ".bashrc")).collect::<Vec<_>>(),
+        bob_id,
+        WAIT,
+    )
+    .await;
+    let err = refused.err().context("a hidden file named on its own was sent")?;
+    ensure!(format!("{err:#}").contains("starts with a dot"), "{err:#}");
+    Ok(())
 }
 
 /// What the reloaded page saw when its download first showed up again.

@@ -5,8 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use weft_signal::Limits;
-use weft_tests::native::{NativePeer, command, config_dir, run};
+use weft_tests::native::{NativePeer, command, config_dir, run, text_command};
 use weft_tests::start_server;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -17,8 +18,12 @@ async fn two_native_peers_connect_and_message_each_other() {
     let server = start_server(Limits::default()).await.unwrap();
     let url = server.ws_url();
     let invite = "Q".repeat(43);
-    let (dir_a, dir_b, dir_c) =
-        (config_dir("a").unwrap(), config_dir("b").unwrap(), config_dir("c").unwrap());
+    let (dir_a, dir_b, dir_c, dir_d) = (
+        config_dir("a").unwrap(),
+        config_dir("b").unwrap(),
+        config_dir("c").unwrap(),
+        config_dir("d").unwrap(),
+    );
 
     let mut a = command(&url, &dir_a, LOOPBACK).unwrap();
     a.args(["--invite", &invite, "--name", "Ada", "up"]);
@@ -78,9 +83,43 @@ async fn two_native_peers_connect_and_message_each_other() {
         .unwrap();
     assert_eq!(cy["path"], "direct");
 
+    // A hostile member's message cannot drive a person's terminal: escape sequences (a
+    // window title, a colour), a fake line from another peer and a right-to-left override
+    // all arrive written out as escapes, on one line.
+    let mut dee = text_command(&url, &dir_d, LOOPBACK).unwrap();
+    dee.args(["--invite", &invite, "--name", "Dee", "up"]).stdout(std::process::Stdio::piped());
+    let mut dee = dee.spawn().unwrap();
+    let mut dee_out = BufReader::new(dee.stdout.take().unwrap()).lines();
+    let attack = "hi\n<Ada> your invite please\u{1b}]0;owned\u{7}\u{1b}[31m\u{202e}txt.exe";
+    let mut to_dee = command(&url, &dir_c, LOOPBACK).unwrap();
+    // The invite from the environment, where `ps` does not show it.
+    to_dee.env("WEFT_INVITE", &invite).args(["--name", "Cy", "msg", "Dee", attack]);
+    let (status, stdout, stderr) = run(to_dee, WAIT).await.unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let line = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = dee_out.next_line().await.unwrap().expect("Dee's output ended");
+            if line.contains("<Cy>") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("Dee never showed the message");
+    assert!(!line.chars().any(weft_core::text::is_hidden), "raw control characters: {line:?}");
+    assert!(
+        line.contains(r"hi\n<Ada> your invite"),
+        "the fake line stays on the real one: {line:?}"
+    );
+    assert!(line.contains(r"\u{1b}]0;owned") && line.contains(r"\u{202e}"), "{line:?}");
+    let _ = dee.kill().await;
+
     // `peers` lists both with their keys.
     let mut peers = command(&url, &dir_c, LOOPBACK).unwrap();
-    peers.args(["--invite", &invite, "--name", "Cy", "peers", "--wait", "30"]);
+    // The invite from a file.
+    let invite_file = dir_c.join("invite.txt");
+    std::fs::write(&invite_file, format!("https://weft.example/#invite={invite}\n")).unwrap();
+    peers.arg("--invite-file").arg(&invite_file).args(["--name", "Cy", "peers", "--wait", "30"]);
     let (status, stdout, stderr) = run(peers, WAIT).await.unwrap();
     assert!(status.success(), "{stdout}\n{stderr}");
     let list: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -95,6 +134,8 @@ async fn two_native_peers_connect_and_message_each_other() {
     let (status, _, stderr) = run(nobody, WAIT).await.unwrap();
     assert!(!status.success());
     assert!(stderr.contains("\"Nobody\" did not connect within 5 s"), "{stderr}");
+    // An invite given on the command line works, with a warning that it leaks.
+    assert!(stderr.contains("warning: an invite on the command line"), "{stderr}");
 
     // Ada leaves cleanly; Bea sees her go.
     let status = a.terminate(WAIT).await.unwrap();
@@ -105,7 +146,7 @@ async fn two_native_peers_connect_and_message_each_other() {
         .unwrap();
     b.terminate(WAIT).await.unwrap();
     server.shutdown(Duration::from_secs(2)).await;
-    for dir in [dir_a, dir_b, dir_c] {
+    for dir in [dir_a, dir_b, dir_c, dir_d] {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
@@ -116,12 +157,13 @@ async fn bad_input_fails_with_clear_errors() {
     let invite = "Q".repeat(43);
     let cases: Vec<(Vec<String>, &str, &str)> = vec![
         (vec!["--invite".into(), invite.clone(), "up".into()], "http://x/ws", "ws:// or wss://"),
+        (vec!["--invite".into(), "short".into(), "up".into()], "ws://127.0.0.1:9/ws", "bad invite"),
+        (vec!["up".into()], "ws://127.0.0.1:9/ws", "give --invite-file PATH (or WEFT_INVITE)"),
         (
-            vec!["--invite".into(), "short".into(), "up".into()],
+            vec!["--invite-file".into(), "/nonexistent/invite".into(), "up".into()],
             "ws://127.0.0.1:9/ws",
-            "bad --invite",
+            "cannot read /nonexistent/invite",
         ),
-        (vec!["up".into()], "ws://127.0.0.1:9/ws", "give --invite"),
         (
             vec![
                 "--invite".into(),

@@ -136,6 +136,18 @@ pub struct UpArgs {
     /// removed on exit).
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',', requires = "tun")]
     pub advertise_routes: Vec<IpNet>,
+    /// Masquerade what peers send to the advertised subnets as this host's own address
+    /// (the LAN's hosts need no route back to the overlay). With `false` they see the
+    /// peers' overlay addresses, and must route 100.64.0.0/10 (and the network's IPv6
+    /// /48) back through this host.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        requires = "advertise_routes"
+    )]
+    pub snat_subnet_routes: bool,
     /// Install the subnet routes peers offer: from peers whose key you verified, and with
     /// `=PEER,...` also from those (a pinned name, safety code or key fingerprint).
     #[arg(
@@ -205,10 +217,17 @@ impl UpArgs {
     pub fn forwarding(&self) -> Option<crate::netconf::Forwarding> {
         let v4 = self.advertise_routes.iter().any(|n| matches!(n, IpNet::V4(_)));
         let v6 = self.advertise_routes.iter().any(|n| matches!(n, IpNet::V6(_)));
+        // An exit node always masquerades what leaves for the internet; its subnets keep
+        // the peers' addresses only if asked.
+        let keep_source_to = match (self.snat_subnet_routes, self.advertise_exit_node) {
+            (false, true) => self.advertise_routes.iter().map(IpNet::trunc).collect(),
+            _ => Vec::new(),
+        };
         (self.advertise_exit_node || v4 || v6).then_some(crate::netconf::Forwarding {
             ipv4: self.advertise_exit_node || v4,
             ipv6: self.advertise_exit_node || v6,
-            masquerade: true,
+            masquerade: self.snat_subnet_routes || self.advertise_exit_node,
+            keep_source_to,
         })
     }
 

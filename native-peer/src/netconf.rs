@@ -125,6 +125,46 @@ pub struct Forwarding {
     pub ipv6: bool,
     /// Masquerade what comes from the TUN and leaves by another interface.
     pub masquerade: bool,
+    /// ... except what goes to these (subnets whose hosts route the overlay back to us,
+    /// `--snat-subnet-routes=false` on an exit node).
+    pub keep_source_to: Vec<IpNet>,
+}
+
+/// The `postrouting` rules of a forwarding node: masquerade what comes from the TUN `tun`
+/// and leaves by another interface, except to `keep` (one rule per family then, each with
+/// the set of its family's prefixes left alone).
+fn masquerade_rules(tun: &str, keep: &[IpNet]) -> Vec<serde_json::Value> {
+    let rule = |extra: Option<serde_json::Value>| {
+        let mut expr = vec![
+            json!({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": tun}}),
+            json!({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": tun}}),
+        ];
+        expr.extend(extra);
+        expr.push(json!({"masquerade": null}));
+        json!({"add": {"rule": {"family": "inet", "table": NFT_TABLE, "chain": "postrouting",
+            "expr": expr}}})
+    };
+    if keep.is_empty() {
+        return vec![rule(None)];
+    }
+    [("ip", "ipv4", 4), ("ip6", "ipv6", 6)]
+        .into_iter()
+        .map(|(protocol, nfproto, family_of)| {
+            let set: Vec<serde_json::Value> = keep
+                .iter()
+                .filter(|n| family(n) == family_of)
+                .map(|n| json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}}))
+                .collect();
+            let only = if set.is_empty() {
+                json!({"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": nfproto}})
+            } else {
+                json!({"match": {"op": "!=",
+                    "left": {"payload": {"protocol": protocol, "field": "daddr"}},
+                    "right": {"set": set}}})
+            };
+            rule(Some(only))
+        })
+        .collect()
 }
 
 /// How the exit node is used.
@@ -209,12 +249,7 @@ impl NetConf {
             commands.push(json!({"add": {"chain": {"family": "inet", "table": NFT_TABLE,
                 "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100,
                 "policy": "accept"}}}));
-            commands.push(json!({"add": {"rule": {"family": "inet", "table": NFT_TABLE,
-            "chain": "postrouting", "expr": [
-                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": tun}},
-                {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": tun}},
-                {"masquerade": null},
-            ]}}}));
+            commands.extend(masquerade_rules(tun, &forwarding.keep_source_to));
         }
         self.record(Undo::NftTable { family: "inet".into(), name: NFT_TABLE.into() })?;
         let ruleset = json!({ "nftables": commands }).to_string();

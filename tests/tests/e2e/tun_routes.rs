@@ -6,7 +6,8 @@
 //! an exit node (`--advertise-exit-node`) and a client sends everything through it
 //! (`--exit-node`), while its own connections stay on the underlay; every route, rule,
 //! firewall table and sysctl is restored afterwards, after a clean exit, after a `kill
-//! -9` and `weft-peer down`, and by the next `up`; without `nft`, `up` says what to install.
+//! -9` and `weft-peer down`, and by the next `up`; without `nft`, `up` says what to install;
+//! with `--snat-subnet-routes=false` the LAN sees the peers' own addresses.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -358,4 +359,58 @@ async fn forwarding_without_nft_says_what_to_install() {
     );
     assert!(!dir.join("netconf.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--snat-subnet-routes=false`: the LAN's server sees the peer's own overlay address (it
+/// routes the overlay back through the router peer), while what the same peer sends
+/// through the router's exit is still masqueraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_router_can_leave_peers_their_addresses() {
+    let test = "a_subnet_router_can_leave_peers_their_addresses";
+    if !netns_available(test) {
+        return;
+    }
+    let mut topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    let lan = topology.add_lan_behind(1, 0).unwrap();
+    let back =
+        lan.command("ip").args(["route", "add", "100.64.0.0/10", "via", LAN_ROUTER]).output();
+    assert!(back.unwrap().status.success());
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
+    let (mut lan_serve, _) = probe_ready(&lan, &["serve", "9100"]).await;
+    let (mut internet, _) = probe_ready(topology.server(), &["serve", "9100"]).await;
+
+    let offer = [
+        "--advertise-routes",
+        LAN,
+        "--snat-subnet-routes=false",
+        "--advertise-exit-node",
+        "--allow",
+        "Ada",
+    ];
+    let dir = config_dir("snat-bea").unwrap();
+    let mut bea = start_with(bea_host, &server, &invite, "Bea", dir, &offer).await;
+    let dir = config_dir("snat-ada").unwrap();
+    let accept = ["--accept-routes=Bea", "--exit-node", "Bea"];
+    let mut ada = start_with(ada_host, &server, &invite, "Ada", dir, &accept).await;
+    connected(&mut ada, &bea, "Bea").await;
+    connected(&mut bea, &ada, "Ada").await;
+    wait_route(ada_host, LAN_SERVER, true).await;
+    wait_route(ada_host, "198.18.0.1", true).await;
+    let seen = seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await;
+    assert!(seen.starts_with(&format!("{}:", ada.ipv4)), "the LAN saw {seen}");
+    let seen = seen_by(ada_host, "198.18.0.1:9100").await;
+    assert!(
+        seen.starts_with(&format!("{}:", topology.site_public_ip(1))),
+        "the internet saw {seen}"
+    );
+
+    drop(lan_serve.stdin.take());
+    drop(internet.stdin.take());
+    let _ = (lan_serve.wait().await, internet.wait().await);
+    stop_restored(ada).await;
+    stop_restored(bea).await;
+    drop(server);
+    drop(topology);
 }

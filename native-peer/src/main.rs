@@ -123,7 +123,8 @@ async fn routing(cli: &Cli, args: &cli::UpArgs) -> anyhow::Result<Routing> {
     if let Some(exit) = args.exit_use() {
         netconf.use_exit(exit)?;
     }
-    let signaling_mark = args.exit_node.is_some().then_some(netconf::FWMARK);
+    // Whatever the routes, the signaling socket stays on the underlay (see `netconf`).
+    let signaling_mark = Some(netconf::FWMARK);
     Ok(Routing { tun: Some(tun), config, netconf: Some(netconf), signaling_mark })
 }
 

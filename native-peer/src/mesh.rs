@@ -76,7 +76,7 @@ pub struct MeshConfig {
     /// The host's routes and rules beyond the device (`up --tun`): the accepted subnets
     /// and exit routes go there; restored when the mesh stops.
     pub netconf: Option<NetConf>,
-    /// The firewall mark of the signaling socket (with an exit node, see `netconf`).
+    /// The firewall mark of the signaling socket (`up --tun`, see `netconf`).
     pub signaling_mark: Option<u32>,
 }
 

@@ -333,19 +333,12 @@ impl NetConf {
         let mut rules: Vec<Vec<String>> = Vec::new();
         let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         rules.push(words(&["priority", &prio(PRIO_MARK), "fwmark", &mark, "lookup", "main"]));
+        // Also without an exit node: a peer's subnet may hold the address of a peer or of
+        // the signaling server, and Weft's own packets must never enter the tunnel.
         let exit = self.exit;
-        if exit.is_some() {
-            for addr in underlay_addresses(family, &self.tun)? {
-                let from = addr.to_string();
-                rules.push(words(&[
-                    "priority",
-                    &prio(PRIO_UNDERLAY),
-                    "from",
-                    &from,
-                    "lookup",
-                    "main",
-                ]));
-            }
+        for addr in underlay_addresses(family, &self.tun)? {
+            let from = addr.to_string();
+            rules.push(words(&["priority", &prio(PRIO_UNDERLAY), "from", &from, "lookup", "main"]));
         }
         if exit.is_none_or(|e| e.lan_access) {
             rules.push(words(&[

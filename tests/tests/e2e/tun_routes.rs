@@ -7,7 +7,8 @@
 //! (`--exit-node`), while its own connections stay on the underlay; every route, rule,
 //! firewall table and sysctl is restored afterwards, after a clean exit, after a `kill
 //! -9` and `weft-peer down`, and by the next `up`; without `nft`, `up` says what to install;
-//! with `--snat-subnet-routes=false` the LAN sees the peers' own addresses.
+//! with `--snat-subnet-routes=false` the LAN sees the peers' own addresses; a subnet that
+//! holds the peers' own public addresses does not swallow the tunnel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -248,28 +249,47 @@ async fn kill(mut peer: TunPeer) -> PathBuf {
     peer.dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash() {
-    let test = "an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash";
+/// Two sites behind endpoint-independent NATs, the signaling server, a new network's
+/// invite, and a host on the internet that tells whom it sees (`weft-netprobe serve` on
+/// port 9100 of the server's namespace, 198.18.0.1).
+struct Internet {
+    // Dropped in this order: the processes before the namespaces.
+    _serve: tokio::process::Child,
+    server: SignalProcess,
+    topology: Topology,
+    invite: String,
+}
+
+/// [`Internet`] for `test`; `None` (after saying why) where namespaces cannot be made.
+async fn internet(test: &str) -> Option<Internet> {
     if !netns_available(test) {
-        return;
+        return None;
     }
     let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
-    let invite = invite();
+    let (serve, _) = probe_ready(topology.server(), &["serve", "9100"]).await;
+    Some(Internet { _serve: serve, server, topology, invite: invite() })
+}
+
+/// The internet host [`Internet`] runs.
+const INTERNET: &str = "198.18.0.1:9100";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash() {
+    let test = "an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash";
+    let Some(net) = internet(test).await else { return };
+    let Internet { server, topology, invite, .. } = &net;
     let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
     let (ada_public, bea_public) = (topology.site_public_ip(0), topology.site_public_ip(1));
     let (before, bea_before) = (network_state(ada_host), network_state(bea_host));
-    // A host on the internet that tells whom it sees: the server's namespace.
-    let (mut serve, _) = probe_ready(topology.server(), &["serve", "9100"]).await;
-    let internet = "198.18.0.1:9100";
+    let internet = INTERNET;
     assert!(seen_by(ada_host, internet).await.starts_with(&format!("{ada_public}:")));
 
     let dir = config_dir("exit-bea").unwrap();
     let offer = ["--advertise-exit-node", "--allow", "Ada"];
-    let mut bea = start_with(bea_host, &server, &invite, "Bea", dir, &offer).await;
+    let mut bea = start_with(bea_host, server, invite, "Bea", dir, &offer).await;
     let ada_dir = config_dir("exit-ada").unwrap();
-    let ada = exit_client(ada_host, &server, &invite, ada_dir, &bea).await;
+    let ada = exit_client(ada_host, server, invite, ada_dir, &bea).await;
     connected(&mut bea, &ada, "Ada").await;
 
     // Everything goes through Bea (the internet sees her site), a TCP copy too; Weft's
@@ -303,9 +323,9 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
 
     // Crashed again, the next `up` undoes the leftovers before it starts, and `down`
     // stops a running `up`, which undoes its own.
-    let ada = exit_client(ada_host, &server, &invite, ada_dir, &bea).await;
+    let ada = exit_client(ada_host, server, invite, ada_dir, &bea).await;
     let ada_dir = kill(ada).await;
-    let ada = exit_client(ada_host, &server, &invite, ada_dir.clone(), &bea).await;
+    let ada = exit_client(ada_host, server, invite, ada_dir.clone(), &bea).await;
     assert!(seen_by(ada_host, internet).await.starts_with(&format!("{bea_public}:")));
     let undone = down(ada_host, &ada_dir).await;
     assert_eq!(undone["stopped"], true, "{undone}");
@@ -318,7 +338,7 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     // (The same key: Bea allows the key pinned as "Ada".)
     // With LAN access, her LAN is reached directly.
     let options = ["--exit-node", "Bea", "--exit-node-allow-lan-access"];
-    let mut ada = start_with(ada_host, &server, &invite, "Ada", ada_dir, &options).await;
+    let mut ada = start_with(ada_host, server, invite, "Ada", ada_dir, &options).await;
     connected(&mut ada, &bea, "Bea").await;
     wait_route(ada_host, "198.18.0.1", true).await;
     assert!(route_get(ada_host, "198.19.1.254").contains("dev eth0"));
@@ -329,11 +349,7 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     assert!(seen_by(ada_host, internet).await.starts_with(&format!("{ada_public}:")));
     stop_restored(ada).await;
     assert_eq!(network_state(ada_host), before, "Ada's host is not as it was");
-
-    drop(serve.stdin.take());
-    let _ = serve.wait().await;
-    drop(server);
-    drop(topology);
+    drop(net);
 }
 
 /// Forwarding needs `nft`: without it `up` stops at once, saying what to install, and
@@ -367,19 +383,14 @@ async fn forwarding_without_nft_says_what_to_install() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subnet_router_can_leave_peers_their_addresses() {
     let test = "a_subnet_router_can_leave_peers_their_addresses";
-    if !netns_available(test) {
-        return;
-    }
-    let mut topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
-    let lan = topology.add_lan_behind(1, 0).unwrap();
+    let Some(mut net) = internet(test).await else { return };
+    let lan = net.topology.add_lan_behind(1, 0).unwrap();
     let back =
         lan.command("ip").args(["route", "add", "100.64.0.0/10", "via", LAN_ROUTER]).output();
     assert!(back.unwrap().status.success());
-    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
-    let invite = invite();
+    let Internet { server, topology, invite, .. } = &net;
     let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
     let (mut lan_serve, _) = probe_ready(&lan, &["serve", "9100"]).await;
-    let (mut internet, _) = probe_ready(topology.server(), &["serve", "9100"]).await;
 
     let offer = [
         "--advertise-routes",
@@ -390,27 +401,58 @@ async fn a_subnet_router_can_leave_peers_their_addresses() {
         "Ada",
     ];
     let dir = config_dir("snat-bea").unwrap();
-    let mut bea = start_with(bea_host, &server, &invite, "Bea", dir, &offer).await;
+    let mut bea = start_with(bea_host, server, invite, "Bea", dir, &offer).await;
     let dir = config_dir("snat-ada").unwrap();
     let accept = ["--accept-routes=Bea", "--exit-node", "Bea"];
-    let mut ada = start_with(ada_host, &server, &invite, "Ada", dir, &accept).await;
+    let mut ada = start_with(ada_host, server, invite, "Ada", dir, &accept).await;
     connected(&mut ada, &bea, "Bea").await;
     connected(&mut bea, &ada, "Ada").await;
     wait_route(ada_host, LAN_SERVER, true).await;
     wait_route(ada_host, "198.18.0.1", true).await;
     let seen = seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await;
     assert!(seen.starts_with(&format!("{}:", ada.ipv4)), "the LAN saw {seen}");
-    let seen = seen_by(ada_host, "198.18.0.1:9100").await;
+    let seen = seen_by(ada_host, INTERNET).await;
     assert!(
         seen.starts_with(&format!("{}:", topology.site_public_ip(1))),
         "the internet saw {seen}"
     );
 
     drop(lan_serve.stdin.take());
-    drop(internet.stdin.take());
-    let _ = (lan_serve.wait().await, internet.wait().await);
+    let _ = lan_serve.wait().await;
     stop_restored(ada).await;
     stop_restored(bea).await;
-    drop(server);
-    drop(topology);
+    drop(net);
+}
+
+/// A subnet that holds the signaling server and every peer's public address (here the
+/// whole simulated internet, 198.18.0.0/15): what Ada sends there goes through Bea, but
+/// Weft's own traffic stays on the underlay (the marked signaling socket, the WebRTC
+/// sockets' source addresses), so the tunnel never carries itself and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_holding_the_peers_own_addresses_does_not_swallow_the_tunnel() {
+    let test = "a_subnet_holding_the_peers_own_addresses_does_not_swallow_the_tunnel";
+    let Some(net) = internet(test).await else { return };
+    let Internet { server, topology, invite, .. } = &net;
+    let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
+    let offer = ["--advertise-routes", "198.18.0.0/15", "--allow", "Ada"];
+    let mut bea =
+        start_with(bea_host, server, invite, "Bea", config_dir("wide-bea").unwrap(), &offer).await;
+    let accept = ["--accept-routes=Bea"];
+    let mut ada =
+        start_with(ada_host, server, invite, "Ada", config_dir("wide-ada").unwrap(), &accept).await;
+    connected(&mut ada, &bea, "Bea").await;
+    connected(&mut bea, &ada, "Ada").await;
+    wait_route(ada_host, "198.18.0.1", true).await;
+    let bea_public = topology.site_public_ip(1).to_string();
+    let own = ip(ada_host, &["route", "get", &bea_public, "from", &ada_host.ip.to_string()]);
+    assert!(own.contains("dev eth0"), "{own}");
+    let marked = ip(ada_host, &["route", "get", "198.18.0.1", "mark", "0x5746"]);
+    assert!(marked.contains("dev eth0"), "{marked}");
+    assert!(seen_by(ada_host, INTERNET).await.starts_with(&format!("{bea_public}:")));
+    let rate = tcp_copy(ada_host, topology.server(), "198.18.0.1").await;
+    eprintln!("TCP through a subnet router to the internet (debug build): {rate:.1} Mbit/s");
+    assert_eq!(ping(&ada, &bea.ipv4, 2, 56, &[]).await, 2);
+    stop_restored(ada).await;
+    stop_restored(bea).await;
+    drop(net);
 }

@@ -1088,7 +1088,9 @@ fn a_relayed_session_looks_for_a_direct_path_with_backoff_and_moves_to_it() {
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use weft_core::node::{IpNet, PeerFilter, RouteKind, RoutePolicy, ipv4_candidate, ipv6_prefix};
+use weft_core::node::{
+    IpNet, PeerFilter, PeerRef, RouteKind, RoutePolicy, ipv4_candidate, ipv6_prefix,
+};
 
 fn tun() -> RoutingConfig {
     RoutingConfig { tun: true, ..RoutingConfig::default() }
@@ -1288,7 +1290,7 @@ fn subnet_and_exit_routes_are_accepted_only_as_the_policy_says() {
     };
     let gw = sim.add_node_with("gw", Some(gw_key), advertise);
     let a = sim.add_node_with("a", None, tun());
-    let only_gw = PeerFilter { verified: false, keys: vec![gw_fp] };
+    let only_gw = PeerFilter { keys: vec![gw_fp], ..PeerFilter::nobody() };
     let policy = RoutePolicy {
         subnets_from: only_gw,
         exit_from: PeerFilter::nobody(),
@@ -1328,7 +1330,8 @@ fn subnet_and_exit_routes_are_accepted_only_as_the_policy_says() {
     sim.tun_send(a, to_lan.clone());
     sim.run_for(Duration::from_millis(100));
     assert!(sim.nodes[gw].tun_out.is_empty());
-    assert_eq!(sim.node(gw).overlay().counters.dropped_refused, 1);
+    let counters = sim.node(gw).overlay().counters;
+    assert_eq!((counters.dropped_refused, counters.refused_subnet), (1, 1));
     sim.verify(gw, a);
     sim.tun_send(a, to_lan.clone());
     let to_internet = udp(me, ip("9.9.9.9"), b"through the exit");
@@ -1345,6 +1348,75 @@ fn subnet_and_exit_routes_are_accepted_only_as_the_policy_says() {
     sim.tun_send(gw, back.clone());
     sim.run_for(Duration::from_millis(100));
     assert_eq!(sim.nodes[a].tun_out.last(), Some(&back));
+}
+
+/// `--allow`: a node lets only the peers it names (by pinned name, safety code or
+/// fingerprint) and those it verified use its subnet, its exit and its own address; every
+/// refusal is counted by its reason, and a member's address is never forwarded to.
+#[test]
+fn only_allowed_peers_reach_a_node_that_names_them() {
+    let mut sim = Sim::new(45);
+    sim.data_loss = 0;
+    let allowed = |words: &[&str]| PeerFilter {
+        named: words.iter().map(|w| PeerRef::new(w).unwrap()).collect(),
+        ..PeerFilter::verified()
+    };
+    let mut keys = ChaCha20Rng::seed_from_u64(46);
+    let (k_cy, k_di) = (IdentityKeyPair::generate(&mut keys), IdentityKeyPair::generate(&mut keys));
+    let cy_code = k_cy.public().fingerprint().short_code();
+    let di_hex = k_di.public().fingerprint().to_hex();
+    let policy = RoutePolicy {
+        serve_to: allowed(&["ada", &cy_code, &di_hex[..12]]),
+        own_to: allowed(&["ada", &cy_code, &di_hex[..12]]),
+        ..RoutePolicy::default()
+    };
+    let gw_config = RoutingConfig {
+        tun: true,
+        advertise_subnets: vec![net("10.1.0.0/16")],
+        advertise_exit: true,
+        policy,
+    };
+    let gw = sim.add_node_with("gw", None, gw_config);
+    let ada = sim.add_node_with("ada", None, tun());
+    let bo = sim.add_node_with("bo", None, tun());
+    let cy = sim.add_node_with("cy", Some(k_cy), tun());
+    let di = sim.add_node_with("di", Some(k_di), tun());
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    let gw_ip = IpAddr::V4(sim.ipv4(gw));
+    for who in [ada, bo, cy, di] {
+        sim.verify(who, gw); // they accept gw's routes
+    }
+    let packets = |sim: &Sim, who: usize| {
+        let me = IpAddr::V4(sim.ipv4(who));
+        [
+            udp(me, gw_ip, b"to gw itself"),
+            udp(me, ip("10.1.0.5"), b"to its lan"),
+            udp(me, ip("9.9.9.9"), b"through its exit"),
+        ]
+    };
+    for who in [ada, bo, cy, di] {
+        for p in packets(&sim, who) {
+            sim.tun_send(who, p);
+        }
+    }
+    sim.run_for(Duration::from_millis(100));
+    let mut got = sim.nodes[gw].tun_out.clone();
+    got.sort();
+    let mut want: Vec<Vec<u8>> = [ada, cy, di].iter().flat_map(|w| packets(&sim, *w)).collect();
+    want.sort();
+    assert_eq!(got, want, "ada by name, cy by safety code, di by fingerprint; not bo");
+    let c = sim.node(gw).overlay().counters;
+    assert_eq!((c.refused_address, c.refused_subnet, c.refused_exit), (1, 1, 1));
+    assert_eq!(c.dropped_refused, 3);
+    // Verifying bo lets it in too.
+    sim.verify(gw, bo);
+    sim.nodes[gw].tun_out.clear();
+    for p in packets(&sim, bo) {
+        sim.tun_send(bo, p);
+    }
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(sim.nodes[gw].tun_out.len(), 3);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use weft_core::network::{Network, PassphraseParams};
+use weft_core::node::{IpNet, PeerFilter, PeerRef, RoutePolicy, RoutingConfig};
 use weft_core::signal::IceServer;
 use zeroize::Zeroizing;
 
@@ -130,12 +131,112 @@ pub struct UpArgs {
         ),
     )]
     pub mtu: u16,
+    /// Offer the subnets behind this host to peers (`CIDR,...`): the host forwards what
+    /// allowed peers send to them, masquerading it as its own (nftables table `inet weft`,
+    /// removed on exit).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', requires = "tun")]
+    pub advertise_routes: Vec<IpNet>,
+    /// Masquerade what peers send to the advertised subnets as this host's own address
+    /// (the LAN's hosts need no route back to the overlay). With `false` they see the
+    /// peers' overlay addresses, and must route 100.64.0.0/10 (and the network's IPv6
+    /// /48) back through this host.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        requires = "advertise_routes"
+    )]
+    pub snat_subnet_routes: bool,
+    /// Install the subnet routes peers offer: from peers whose key you verified, and with
+    /// `=PEER,...` also from those (a pinned name, safety code or key fingerprint).
+    #[arg(
+        long,
+        value_name = "PEER,...",
+        num_args = 0..,
+        require_equals = true,
+        value_delimiter = ',',
+        requires = "tun"
+    )]
+    pub accept_routes: Option<Vec<String>>,
+    /// Offer to be an exit node: allowed peers may send all their traffic through this
+    /// host, which forwards and masquerades it.
+    #[arg(long, requires = "tun")]
+    pub advertise_exit_node: bool,
+    /// Who may use this host's subnets and exit node, and reach its own overlay address:
+    /// peers whose key you verified and these (a pinned name, safety code or key
+    /// fingerprint). Without it, verified peers use subnets and exit and every member
+    /// reaches the address.
+    #[arg(long, value_name = "PEER,...", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// Send all traffic through PEER (a pinned name, safety code or key fingerprint), an
+    /// exit node; Weft's own connections stay on the underlay.
+    #[arg(long, value_name = "PEER", requires = "tun")]
+    pub exit_node: Option<String>,
+    /// Kill switch: traffic never leaves by the underlay while an exit node is chosen,
+    /// even while it is unreachable or after weft-peer crashed (until `weft-peer down`).
+    #[arg(long, requires = "exit_node")]
+    pub exit_node_required: bool,
+    /// Reach this host's own LAN directly while using an exit node.
+    #[arg(long, requires = "exit_node")]
+    pub exit_node_allow_lan_access: bool,
 }
 
 impl UpArgs {
     /// The TUN device asked for, if any.
     pub fn tun_config(&self) -> Option<crate::tun::TunConfig> {
         self.tun.then(|| crate::tun::TunConfig { name: self.tun_name.clone(), mtu: self.mtu })
+    }
+
+    /// What the node advertises and its policy, from the options (the node applies it).
+    pub fn routing(&self) -> anyhow::Result<RoutingConfig> {
+        let refs = |words: &[String]| -> anyhow::Result<Vec<PeerRef>> {
+            words.iter().map(|w| PeerRef::new(w).with_context(|| format!("{w:?}"))).collect()
+        };
+        let subnets_from = match &self.accept_routes {
+            Some(named) => PeerFilter { named: refs(named)?, ..PeerFilter::verified() },
+            None => PeerFilter::nobody(),
+        };
+        let exit_from = match &self.exit_node {
+            Some(peer) => {
+                PeerFilter { named: refs(std::slice::from_ref(peer))?, ..PeerFilter::nobody() }
+            }
+            None => PeerFilter::nobody(),
+        };
+        let serve_to = PeerFilter { named: refs(&self.allow)?, ..PeerFilter::verified() };
+        let own_to = if self.allow.is_empty() { PeerFilter::members() } else { serve_to.clone() };
+        Ok(RoutingConfig {
+            tun: self.tun,
+            advertise_subnets: self.advertise_routes.iter().map(IpNet::trunc).collect(),
+            advertise_exit: self.advertise_exit_node,
+            policy: RoutePolicy { subnets_from, exit_from, serve_to, own_to },
+        })
+    }
+
+    /// Whether this host forwards for peers, and what.
+    pub fn forwarding(&self) -> Option<crate::netconf::Forwarding> {
+        let v4 = self.advertise_routes.iter().any(|n| matches!(n, IpNet::V4(_)));
+        let v6 = self.advertise_routes.iter().any(|n| matches!(n, IpNet::V6(_)));
+        // An exit node always masquerades what leaves for the internet; its subnets keep
+        // the peers' addresses only if asked.
+        let keep_source_to = match (self.snat_subnet_routes, self.advertise_exit_node) {
+            (false, true) => self.advertise_routes.iter().map(IpNet::trunc).collect(),
+            _ => Vec::new(),
+        };
+        (self.advertise_exit_node || v4 || v6).then_some(crate::netconf::Forwarding {
+            ipv4: self.advertise_exit_node || v4,
+            ipv6: self.advertise_exit_node || v6,
+            masquerade: self.snat_subnet_routes || self.advertise_exit_node,
+            keep_source_to,
+        })
+    }
+
+    /// How an exit node is used, if one is chosen.
+    pub fn exit_use(&self) -> Option<crate::netconf::ExitUse> {
+        self.exit_node.as_ref().map(|_| crate::netconf::ExitUse {
+            required: self.exit_node_required,
+            lan_access: self.exit_node_allow_lan_access,
+        })
     }
 }
 
@@ -243,6 +344,9 @@ pub enum Command {
     },
     /// Print a new invite (a new network) and exit.
     Invite,
+    /// Undo the network changes (routes, rules, firewall, forwarding) of an `up` with
+    /// this config dir: ask a running one to leave, or clean up after one that crashed.
+    Down,
 }
 
 /// The invite in `link`: the part after `invite=` if there is one, else all of it.

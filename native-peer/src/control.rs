@@ -1,6 +1,6 @@
 //! The control socket of a running `up`: `weft-peer status` asks it for the running node's
 //! view (addresses, the TUN device, counters, peers) instead of joining a second time with
-//! the same key. Later commands (`ping`, `down`) belong here too.
+//! the same key; `weft-peer down` asks it to leave.
 //!
 //! A Unix socket in the config directory (mode 0600 inside a 0700 directory: only the
 //! owner asks). The protocol is one request line (`status`) and one JSON line back.
@@ -66,6 +66,8 @@ impl Drop for ControlListener {
 pub enum Request {
     /// The node's status.
     Status,
+    /// Leave (`weft-peer down`): the `up` answers, then leaves and undoes its changes.
+    Down,
 }
 
 /// Reads a client's request (`None`: not one we know, or it said nothing in time).
@@ -75,6 +77,7 @@ pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
     tokio::time::timeout(TIMEOUT, reader.read_line(&mut line)).await.ok()?.ok()?;
     match line.trim() {
         "status" => Some(Request::Status),
+        "down" => Some(Request::Down),
         _ => None,
     }
 }
@@ -89,6 +92,11 @@ pub async fn answer(mut stream: UnixStream, answer: &Value) {
 /// Asks the `up` running with config directory `dir` for its status; `None` if none runs
 /// there, an error if one may but cannot be asked (not our socket, no answer).
 pub async fn ask_status(dir: &Path) -> io::Result<Option<Value>> {
+    ask(dir, Request::Status).await
+}
+
+/// Asks the `up` running with config directory `dir`; `None` if none runs there.
+pub async fn ask(dir: &Path, request: Request) -> io::Result<Option<Value>> {
     let mut stream = match UnixStream::connect(socket_path(dir)).await {
         Ok(stream) => stream,
         Err(e)
@@ -99,7 +107,11 @@ pub async fn ask_status(dir: &Path) -> io::Result<Option<Value>> {
         Err(e) => return Err(e),
     };
     let ask = async {
-        stream.write_all(b"status\n").await?;
+        let line: &[u8] = match request {
+            Request::Status => b"status\n",
+            Request::Down => b"down\n",
+        };
+        stream.write_all(line).await?;
         let mut line = String::new();
         BufReader::new(&mut stream).read_line(&mut line).await?;
         serde_json::from_str(&line).map_err(io::Error::other)

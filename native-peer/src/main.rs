@@ -27,6 +27,7 @@ mod cli;
 mod control;
 mod files;
 mod mesh;
+mod netconf;
 mod output;
 mod ping;
 mod rtc;
@@ -89,14 +90,49 @@ pub(crate) struct Joined {
 }
 
 async fn join(cli: &Cli, downloads: Option<std::path::PathBuf>) -> anyhow::Result<Joined> {
-    join_with(cli, downloads, None).await
+    join_with(cli, downloads, Routing::default()).await
 }
 
-/// [`join`], routing IP through `tun` if given.
+/// What `up --tun` adds to joining: the device, what the node advertises and accepts,
+/// and the host's routes and rules beyond the device.
+#[derive(Default)]
+struct Routing {
+    tun: Option<tun::Tun>,
+    config: weft_core::node::RoutingConfig,
+    netconf: Option<netconf::NetConf>,
+    signaling_mark: Option<u32>,
+}
+
+/// The device, the routing policy and the host's network configuration of `up`, in that
+/// order: without root, making the device fails first, before anything is changed. A
+/// crashed `up`'s changes are undone first, unless an `up` runs with this config dir.
+async fn routing(cli: &Cli, args: &cli::UpArgs) -> anyhow::Result<Routing> {
+    let config = args.routing()?;
+    let Some(tun) = args.tun_config().map(|c| tun::Tun::open(&c)).transpose()? else {
+        return Ok(Routing { config, ..Routing::default() });
+    };
+    let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
+    let running = control::ask_status(&dir).await.ok().flatten().is_some();
+    if running {
+        bail!("a weft-peer up already runs with {}", dir.display());
+    }
+    let mut netconf = netconf::NetConf::open(&dir, &tun.state().name)?;
+    if let Some(forwarding) = args.forwarding() {
+        netconf.forward(&forwarding)?;
+    }
+    if let Some(exit) = args.exit_use() {
+        netconf.use_exit(exit)?;
+    }
+    // Whatever the routes, the signaling socket stays on the underlay (see `netconf`).
+    let signaling_mark = Some(netconf::FWMARK);
+    Ok(Routing { tun: Some(tun), config, netconf: Some(netconf), signaling_mark })
+}
+
+/// [`join`], routing IP as `routing` says.
 async fn join_with(
     cli: &Cli,
     downloads: Option<std::path::PathBuf>,
-    tun: Option<tun::Tun>,
+    routing: Routing,
 ) -> anyhow::Result<Joined> {
     signaling::check_url(&cli.server)?;
     let store = Store::open(cli.config_dir.clone())?;
@@ -118,7 +154,10 @@ async fn join_with(
         store,
         trust,
         downloads,
-        tun,
+        tun: routing.tun,
+        routing: routing.config,
+        netconf: routing.netconf,
+        signaling_mark: routing.signaling_mark,
     })?;
     Ok(Joined { mesh, events, identity, name, network, config_dir })
 }
@@ -138,9 +177,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Up(args) => {
-            // The device first: without root there is nothing else to do.
-            let tun = args.tun_config().map(|c| tun::Tun::open(&c)).transpose()?;
-            up(join_with(&cli, None, tun).await?, printer).await
+            let routing = routing(&cli, args).await?;
+            up(join_with(&cli, None, routing).await?, printer).await
+        }
+        Command::Down => {
+            let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
+            down(&dir, printer).await
         }
         Command::Peers { wait } => {
             let joined = join(&cli, None).await?;
@@ -264,7 +306,13 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                 None => return mesh.wait().await.map_err(Into::into),
             },
             Ok(mut stream) = accept(control.as_ref()) => {
-                if control::read_request(&mut stream).await == Some(control::Request::Status) {
+                let request = control::read_request(&mut stream).await;
+                if request == Some(control::Request::Down) {
+                    let answer = serde_json::json!({"event": "down"});
+                    control::answer(stream, &answer).await;
+                    break;
+                }
+                if request == Some(control::Request::Status) {
                     let peers = mesh.peers().await;
                     let (overlay, tun) = mesh.overlay().await.unzip();
                     let who = (&identity, name.as_str(), network.room_id(), own_id.as_deref());
@@ -290,6 +338,36 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
     mesh.shutdown().await?;
     while let Ok(event) = events.try_recv() {
         printer.event(&event);
+    }
+    Ok(())
+}
+
+/// `down`: asks the `up` running with config dir `dir` to leave (it undoes its network
+/// changes as it goes) and waits for it; then undoes what a crashed one left.
+async fn down(dir: &std::path::Path, printer: Printer) -> anyhow::Result<()> {
+    let asked = control::ask(dir, control::Request::Down)
+        .await
+        .with_context(|| format!("cannot ask the weft-peer up running with {}", dir.display()))?;
+    if asked.is_some() {
+        // It answers, then leaves (at most a few seconds) and removes its socket.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while control::socket_path(dir).exists() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the weft-peer up running with {} did not leave", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let undone = netconf::restore(dir)?;
+    if printer.json {
+        let v = serde_json::json!({"event": "down", "stopped": asked.is_some(), "undone": undone});
+        println!("{v}");
+    } else {
+        match asked {
+            Some(_) => println!("the running weft-peer up left"),
+            None => println!("no weft-peer up was running"),
+        }
+        println!("undid {undone} network change(s) left behind");
     }
     Ok(())
 }

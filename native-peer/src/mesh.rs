@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
-    Channel, ConnId, Event, Input, Node, NodeConfig, NodeError, Output, SavedTo, SignalingEvent,
-    StopReason,
+    Channel, ConnId, Event, Input, IpNet, Node, NodeConfig, NodeError, Output, RouteKind,
+    RoutingConfig, SavedTo, SignalingEvent, StopReason,
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState};
 use weft_core::signal::{ErrorCode, PeerId};
@@ -34,6 +34,7 @@ use weft_core::transfer::{FileDigest, OfferItem, Root};
 use weft_core::trust::TrustStore;
 
 use crate::files::{Disk, FilesError};
+use crate::netconf::NetConf;
 use crate::rtc::{RtcConfig, RtcPeer};
 use crate::signaling::{self, SignalingError, SignalingSocket};
 use crate::store::Store;
@@ -70,6 +71,13 @@ pub struct MeshConfig {
     pub downloads: Option<PathBuf>,
     /// The TUN device (`up --tun`): the node takes and routes IP packets.
     pub tun: Option<Tun>,
+    /// What the node advertises and accepts (`tun` is set from the device).
+    pub routing: RoutingConfig,
+    /// The host's routes and rules beyond the device (`up --tun`): the accepted subnets
+    /// and exit routes go there; restored when the mesh stops.
+    pub netconf: Option<NetConf>,
+    /// The firewall mark of the signaling socket (`up --tun`, see `netconf`).
+    pub signaling_mark: Option<u32>,
 }
 
 /// What the mesh reports: the node's own events (as the core defines them), and the
@@ -268,7 +276,7 @@ pub fn start(
     // `--ice-server` wins over what the signaling server hands out.
     node_config.ice_servers =
         (!config.rtc.ice_servers.is_empty()).then(|| config.rtc.ice_servers.clone());
-    node_config.routing.tun = config.tun.is_some();
+    node_config.routing = RoutingConfig { tun: config.tun.is_some(), ..config.routing };
     let node = Node::new(node_config);
     let mut mesh = Mesh {
         node,
@@ -289,6 +297,8 @@ pub fn start(
         refused: None,
         paths: HashMap::new(),
         tun: config.tun,
+        netconf: config.netconf,
+        signaling_mark: config.signaling_mark,
     };
     let now = mesh.now();
     for (record, data_present) in saved {
@@ -324,6 +334,10 @@ struct Mesh {
     paths: HashMap<PeerId, PeerState>,
     /// The TUN device, with `up --tun`.
     tun: Option<Tun>,
+    /// The host's routes and rules beyond the device.
+    netconf: Option<NetConf>,
+    /// The firewall mark of the signaling socket.
+    signaling_mark: Option<u32>,
 }
 
 async fn run(
@@ -455,8 +469,8 @@ impl Mesh {
                 }
                 self.next_socket += 1;
                 let reports = self.socket_reports.clone();
-                self.socket =
-                    Some(SignalingSocket::open(self.next_socket, self.url.clone(), reports));
+                let (id, url, mark) = (self.next_socket, self.url.clone(), self.signaling_mark);
+                self.socket = Some(SignalingSocket::open(id, url, mark, reports));
             }
             Output::SignalingSend(text) => {
                 if let Some(socket) = &self.socket {
@@ -543,6 +557,7 @@ impl Mesh {
                     Ok(false) => {}
                     Err(e) => self.emit(MeshEvent::Warning(e.to_string())),
                 }
+                self.install_routes(&status);
             }
         }
     }
@@ -637,6 +652,19 @@ impl Mesh {
         }
     }
 
+    /// Routes into the device what the node's table uses: the subnets it accepted, and
+    /// the default routes while an exit node's are in use (the node accepts those only
+    /// from the exit node the user chose).
+    fn install_routes(&mut self, status: &OverlayStatus) {
+        let Some(netconf) = &mut self.netconf else { return };
+        let in_use = |kind| status.routes.iter().filter(move |r| r.in_use && r.kind == kind);
+        let subnets: Vec<IpNet> = in_use(RouteKind::Subnet).map(|r| r.prefix).collect();
+        let exit = in_use(RouteKind::Exit).next().is_some();
+        if let Err(e) = netconf.set_routes(&subnets, exit) {
+            self.emit(MeshEvent::Warning(e.to_string()));
+        }
+    }
+
     /// Leaves: the node saves its records, says Close to every peer and `leave` to the
     /// server; this waits for the records to be saved and the connections to close.
     async fn leave(&mut self) {
@@ -645,5 +673,10 @@ impl Mesh {
         self.act();
         futures_util::future::join_all(self.saves.drain(..)).await;
         futures_util::future::join_all(self.closing.drain(..)).await;
+        if let Some(netconf) = self.netconf.take() {
+            if let Err(e) = netconf.restore() {
+                self.emit(MeshEvent::Warning(format!("cannot undo every network change: {e}")));
+            }
+        }
     }
 }

@@ -256,6 +256,29 @@ impl Printer {
                 c["unreachable"],
                 c["dropped_malformed"]
             );
+            let r = &c["refused"];
+            println!(
+                "refused:     {} to our address, {} to our subnets, {} through our exit, {} \
+                 unrouted (not allowed: see --allow)",
+                r["address"], r["subnet"], r["exit"], r["unrouted"]
+            );
+        }
+        let routes: Vec<String> = status["routes"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r["in_use"] == true)
+            .map(|r| {
+                format!(
+                    "{} ({})",
+                    r["prefix"].as_str().unwrap_or("?"),
+                    r["kind"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !routes.is_empty() {
+            println!("routes:      {}", routes.join(", "));
         }
         match status["peer_id"].as_str() {
             Some(id) => say!("signaling:   joined as {id}"),
@@ -305,6 +328,10 @@ pub fn status_json(
             "dropped_refused": c.dropped_refused, "dropped_no_tun": c.dropped_no_tun,
             "dropped_malformed": c.dropped_malformed, "unreachable": c.unreachable,
             "routes_refused": c.routes_refused,
+            "refused": {
+                "address": c.refused_address, "subnet": c.refused_subnet,
+                "exit": c.refused_exit, "unrouted": c.refused_unrouted,
+            },
         })
     });
     json!({
@@ -313,6 +340,10 @@ pub fn status_json(
         "joined": own_id.is_some(), "running": running,
         "ipv4": overlay.and_then(|o| o.ipv4), "ipv6": overlay.map(|o| o.ipv6),
         "tun": tun, "counters": counters, "peers": list,
+        "routes": overlay.map(|o| o.routes.iter().map(|r| json!({
+            "prefix": r.prefix.to_string(), "kind": r.kind.as_str(),
+            "fingerprint": r.fingerprint.to_hex(), "in_use": r.in_use,
+        })).collect::<Vec<_>>()),
     })
 }
 

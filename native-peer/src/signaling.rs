@@ -4,9 +4,11 @@
 //! and says when the socket closed. It neither encodes nor decodes a message.
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft_core::node::Input;
 
 /// Why the mesh stopped for good.
@@ -50,10 +52,17 @@ pub struct SignalingSocket {
 }
 
 impl SignalingSocket {
-    /// Starts connecting to `url`; reports go to `reports` as `(id, input)`.
-    pub fn open(id: u64, url: String, reports: mpsc::UnboundedSender<(u64, Input)>) -> Self {
+    /// Starts connecting to `url`; reports go to `reports` as `(id, input)`. With `mark`,
+    /// the TCP socket carries that firewall mark (`SO_MARK`), so that policy routing keeps
+    /// it on the underlay while an exit node carries everything else (`crate::netconf`).
+    pub fn open(
+        id: u64,
+        url: String,
+        mark: Option<u32>,
+        reports: mpsc::UnboundedSender<(u64, Input)>,
+    ) -> Self {
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(url, outgoing_rx, move |input| {
+        let task = tokio::spawn(run(url, mark, outgoing_rx, move |input| {
             let _ = reports.send((id, input));
         }));
         Self { id, outgoing, task }
@@ -78,15 +87,61 @@ impl SignalingSocket {
     }
 }
 
-async fn run(url: String, mut outgoing: mpsc::UnboundedReceiver<String>, report: impl Fn(Input)) {
+/// Opens the WebSocket, on a TCP socket marked `mark` if given.
+async fn connect(
+    url: &str,
+    mark: Option<u32>,
+) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let Some(mark) = mark else {
+        return tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws);
+    };
+    let request = url.into_client_request()?;
+    let uri = request.uri();
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let host = host.to_string();
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
+    let mut last = std::io::Error::other("the server's name has no address");
+    for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+        match marked_connect(addr, mark).await {
+            Ok(stream) => {
+                let ws = tokio_tungstenite::client_async_tls(request, stream).await;
+                return ws.map(|(ws, _)| ws);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(Error::Io(last))
+}
+
+/// A TCP connection to `addr` from a socket marked `mark`.
+async fn marked_connect(addr: std::net::SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    socket.connect(addr).await
+}
+
+async fn run(
+    url: String,
+    mark: Option<u32>,
+    mut outgoing: mpsc::UnboundedReceiver<String>,
+    report: impl Fn(Input),
+) {
     let closed = |reason: String| report(Input::SignalingClosed { reason });
     let connect = tokio::select! {
-        r = tokio_tungstenite::connect_async(url.as_str()) => r,
+        r = connect(url.as_str(), mark) => r,
         // Nothing is sent before the socket opens; the channel ending means: close.
         () = async { while outgoing.recv().await.is_some() {} } => return,
     };
     let mut ws = match connect {
-        Ok((ws, _)) => ws,
+        Ok(ws) => ws,
         Err(e) => return closed(format!("cannot connect to {url}: {e}")),
     };
     report(Input::SignalingOpened);

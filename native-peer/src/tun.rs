@@ -16,8 +16,9 @@
 //!
 //! TCP through the device never sends a segment larger than the device's MTU allows: the
 //! kernel derives each connection's MSS from the route's MTU, and every overlay route is
-//! through this device. Forwarded traffic (exit nodes, subnet routes: later work) will
-//! need MSS clamping on the forwarding path.
+//! through this device. Forwarded traffic (exit nodes, subnet routes) is clamped on the
+//! forwarding path by nftables (`crate::netconf`), which also puts the routes into the
+//! device beyond its own two ranges.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

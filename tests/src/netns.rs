@@ -270,6 +270,37 @@ impl Topology {
         Ok(topology)
     }
 
+    /// Adds a LAN behind host `i` of site `site` (a subnet the host can route to, as a
+    /// home server behind a peer): a namespace with `eth0` at `198.19.(200+n).2/24`, linked
+    /// to a new interface `lan0` of the host at `.1`; `n` counts the LANs of this topology.
+    /// The LAN's host has no default route: it reaches only its own /24, so whatever comes
+    /// to it from elsewhere must be answered to the host's `.1` (a host that masquerades).
+    /// Its namespace goes with the topology.
+    pub fn add_lan_behind(&mut self, site: usize, i: usize) -> Result<Host> {
+        let n = self.namespaces.iter().filter(|ns| ns.contains("-lan")).count();
+        let net = 200 + u8::try_from(n).context("too many LANs")?;
+        let host = self.sites[site].hosts[i].clone();
+        let lan = Host { netns: format!("{}-lan{n}", self.prefix), ip: IpAddr::V4(lan_ip(net, 2)) };
+        let etc = Path::new(ETC_NETNS_DIR).join(&lan.netns);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(etc.join("resolv.conf"), RESOLV_CONF)?;
+        self.namespaces.push(lan.netns.clone());
+        let root = format!(
+            "netns add {lan}
+link add lan0 netns {host} type veth peer name eth0 netns {lan}
+",
+            lan = lan.netns,
+            host = host.netns
+        );
+        run(Command::new("ip").args(["-batch", "-"]), &root)?;
+        configure(&lan.netns, false, &up("eth0", lan_ip(net, 2)))?;
+        run(
+            Command::new("ip").args(["-n", &host.netns, "-batch", "-"]),
+            &up("lan0", lan_ip(net, 1)),
+        )?;
+        Ok(lan)
+    }
+
     /// The public server (`198.18.0.1`), on the internet with no NAT.
     pub fn server(&self) -> &Host {
         &self.server

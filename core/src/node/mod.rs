@@ -58,8 +58,8 @@ pub use self::overlay::{
 };
 pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState};
 pub use self::route::{
-    ANNOUNCEMENT_VERSION, Announcement, AnnouncementError, MAX_ANNOUNCED_ROUTES, PeerFilter, Route,
-    RouteKind, RoutePolicy, RouteTable,
+    ANNOUNCEMENT_VERSION, Announcement, AnnouncementError, MAX_ANNOUNCED_ROUTES, PeerFilter,
+    PeerRef, PeerRefError, Route, RouteKind, RoutePolicy, RouteTable,
 };
 pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -572,6 +572,15 @@ pub enum NodeError {
     /// Offers cannot be accepted here.
     #[error("this peer stores no downloads (no download folder)")]
     NoDownloadStore,
+}
+
+/// The name a peer's key is pinned under, if its key is the pinned one (a changed key is
+/// not: `--allow NAME` never lets in another key than the pinned one).
+fn pinned_name(trust: Option<Trust>, name: Option<&str>) -> Option<String> {
+    match trust {
+        Some(Trust::New | Trust::Known | Trust::Verified) => name.map(str::to_string),
+        Some(Trust::Changed { .. }) | None => None,
+    }
 }
 
 /// What draining a link changed for the overlay.
@@ -1296,6 +1305,7 @@ impl Node {
         // Unknown until the peer said its name (the key is pinned by name): until then a
         // key keeps what it had, so a reconnecting verified peer keeps its routes.
         let verified = slot.trust.map(|t| t == Trust::Verified);
+        let pinned = pinned_name(slot.trust, slot.link.peer_name());
         let mut changed = established || failed || announced || announce;
         if established {
             // Our announcement went with our name (`PeerLink::set_routes`).
@@ -1303,7 +1313,7 @@ impl Node {
             announce |= self.overlay.peer_up(key);
         }
         if let Some(verified) = verified {
-            changed |= self.overlay.set_verified(&key, verified);
+            changed |= self.overlay.set_trust(&key, verified, pinned);
         }
         if failed && self.by_key.get(&key) == Some(remote) {
             announce |= self.overlay.peer_down(&key);
@@ -1742,7 +1752,8 @@ impl Node {
                     // Trust decides which subnet and exit routes are accepted (our own
                     // claim does not depend on it: nothing new to announce).
                     let verified = slot.trust == Some(Trust::Verified);
-                    self.overlay.set_verified(key, verified);
+                    let pinned = pinned_name(slot.trust, slot.link.peer_name());
+                    self.overlay.set_trust(key, verified, pinned);
                 }
             }
             self.show(id);

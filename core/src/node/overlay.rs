@@ -49,8 +49,18 @@ pub struct RouteCounters {
     pub received: u64,
     /// Packets from a peer whose source address is not routed to that peer (spoofed).
     pub dropped_spoofed: u64,
-    /// Packets from a peer for an address that is neither ours nor one we serve it.
+    /// Packets from a peer refused by the policy or for nothing we route: the sum of the
+    /// four `refused_*` counters.
     pub dropped_refused: u64,
+    /// Packets to our own address from a peer not allowed to reach it (`own_to`).
+    pub refused_address: u64,
+    /// Packets to a subnet we advertise from a peer not allowed to use it (`serve_to`).
+    pub refused_subnet: u64,
+    /// Packets through our exit from a peer not allowed to use it (`serve_to`).
+    pub refused_exit: u64,
+    /// Packets for an address that is neither ours nor behind a route we advertise (or
+    /// another member's overlay address: a node never forwards between members).
+    pub refused_unrouted: u64,
     /// Packets from peers while we have no TUN device.
     pub dropped_no_tun: u64,
     /// Bytes that are not an IP packet, from the TUN or from a peer.
@@ -103,10 +113,22 @@ struct PeerRoutes {
     announcement: Option<Announcement>,
     /// The user verified its key.
     verified: bool,
+    /// The name its key is pinned under in the trust store (`None`: unknown yet, or the
+    /// name is pinned to another key).
+    pinned_name: Option<String>,
     /// It has an established session now.
     online: bool,
     /// Packets it sent us that we dropped as spoofed.
     dropped_spoofed: u64,
+}
+
+/// Why a packet from a peer was not delivered (which counter it raises).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Address,
+    Subnet,
+    Exit,
+    Unrouted,
 }
 
 /// Where a packet from the TUN goes.
@@ -235,12 +257,19 @@ impl Overlay {
         self.rebuild()
     }
 
-    /// The user verified (or un-verified) `key`. Returns whether that changed anything
-    /// (the table was rebuilt; our own claim does not depend on trust).
-    pub(crate) fn set_verified(&mut self, key: &PublicIdentity, verified: bool) -> bool {
+    /// What the trust store says of `key`: whether the user verified it, and the name it
+    /// is pinned under. Returns whether that changed anything (the table was rebuilt; our
+    /// own claim does not depend on trust).
+    pub(crate) fn set_trust(
+        &mut self,
+        key: &PublicIdentity,
+        verified: bool,
+        pinned_name: Option<String>,
+    ) -> bool {
         match self.peers.get_mut(key) {
-            Some(p) if p.verified != verified => {
+            Some(p) if p.verified != verified || p.pinned_name != pinned_name => {
                 p.verified = verified;
+                p.pinned_name = pinned_name;
                 self.rebuild();
                 true
             }
@@ -337,9 +366,13 @@ impl Overlay {
                         n.addr() == ipv6_address_of(self.ipv6_net, key)
                     }
                     (RouteKind::Subnet, net) => {
-                        policy.subnets_from.allows(&fp, p.verified) && !self.overlaps_overlay(net)
+                        let name = p.pinned_name.as_deref();
+                        policy.subnets_from.allows(&fp, p.verified, name)
+                            && !self.overlaps_overlay(net)
                     }
-                    (RouteKind::Exit, _) => policy.exit_from.allows(&fp, p.verified),
+                    (RouteKind::Exit, _) => {
+                        policy.exit_from.allows(&fp, p.verified, p.pinned_name.as_deref())
+                    }
                 };
                 if ok {
                     candidates.push((rank, Route { prefix: *prefix, kind: *kind, peer: *key }));
@@ -428,13 +461,28 @@ impl Overlay {
         }
     }
 
-    /// Whether we advertise a prefix holding `dst` (a subnet of ours, or anything if we
-    /// are an exit node), and `key` may use it.
-    fn serves(&self, key: &PublicIdentity, dst: IpAddr) -> bool {
-        let ours = self.config.advertise_exit
-            || self.config.advertise_subnets.iter().any(|n| n.contains(&dst));
-        let verified = self.peers.get(key).is_some_and(|p| p.verified);
-        ours && self.config.policy.serve_to.allows(&key.fingerprint(), verified)
+    /// Whether `key` may send a packet to `dst` through us: to our own address (`own_to`),
+    /// to a subnet we advertise or anywhere else if we are an exit node (`serve_to`);
+    /// never to another member's overlay address. `Err`: why not, as the counter to raise.
+    fn may_deliver(&self, key: &PublicIdentity, dst: IpAddr) -> Result<(), Refused> {
+        let (verified, name) = match self.peers.get(key) {
+            Some(p) => (p.verified, p.pinned_name.as_deref()),
+            None => (false, None),
+        };
+        let fp = key.fingerprint();
+        let policy = &self.config.policy;
+        let (allowed, refused) = if self.is_own(dst) {
+            (policy.own_to.allows(&fp, verified, name), Refused::Address)
+        } else if self.in_overlay(dst) {
+            (false, Refused::Unrouted)
+        } else if self.config.advertise_subnets.iter().any(|n| n.contains(&dst)) {
+            (policy.serve_to.allows(&fp, verified, name), Refused::Subnet)
+        } else if self.config.advertise_exit {
+            (policy.serve_to.allows(&fp, verified, name), Refused::Exit)
+        } else {
+            (false, Refused::Unrouted)
+        };
+        if allowed { Ok(()) } else { Err(refused) }
     }
 
     /// A packet from the TUN: where it goes. `online(key)` says whether the peer has a
@@ -514,8 +562,15 @@ impl Overlay {
             }
             return false;
         }
-        if !self.is_own(dst) && !self.serves(key, dst) {
+        if let Err(why) = self.may_deliver(key, dst) {
             self.counters.dropped_refused += 1;
+            let counter = match why {
+                Refused::Address => &mut self.counters.refused_address,
+                Refused::Subnet => &mut self.counters.refused_subnet,
+                Refused::Exit => &mut self.counters.refused_exit,
+                Refused::Unrouted => &mut self.counters.refused_unrouted,
+            };
+            *counter += 1;
             return false;
         }
         self.counters.received += 1;
@@ -570,6 +625,7 @@ fn ipv6_address_of(net: Ipv6Net, key: &PublicIdentity) -> Ipv6Addr {
 mod tests {
     use super::*;
     use crate::network::Network;
+    use crate::node::route::PeerFilter;
 
     fn overlay() -> (Overlay, Network) {
         let network = Network::from_invite(&"Q".repeat(43)).unwrap_or_else(|_| unreachable!());
@@ -616,7 +672,7 @@ mod tests {
         assert_eq!(o.peer_view(&k).0, Some(ipv4_candidate(&k, 5)));
         assert_eq!(o.status().counters.routes_refused, 0);
         // Even verified and allowed, a subnet overlapping the overlay is refused.
-        o.set_verified(&k, true);
+        o.set_trust(&k, true, None);
         let overlapping = Announcement {
             accepts_packets: true,
             firm: true,
@@ -684,5 +740,39 @@ mod tests {
         assert_eq!(o2.poll_timeout(), Some(SETTLE_TIME));
         assert!(o2.handle_timeout(SETTLE_TIME));
         assert!(o2.status().firm);
+    }
+
+    fn udp(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+        let builder = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                etherparse::PacketBuilder::ipv4(s.octets(), d.octets(), 64)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                etherparse::PacketBuilder::ipv6(s.octets(), d.octets(), 64)
+            }
+            _ => unreachable!(),
+        };
+        let builder = builder.udp(1, 2);
+        let mut out = Vec::new();
+        builder.write(&mut out, b"x").unwrap_or_else(|_| unreachable!());
+        out
+    }
+
+    #[test]
+    fn an_exit_node_never_forwards_to_a_member_address() {
+        let network = Network::from_invite(&"Q".repeat(43)).unwrap_or_else(|_| unreachable!());
+        let policy = RoutePolicy { serve_to: PeerFilter::members(), ..RoutePolicy::default() };
+        let config =
+            RoutingConfig { tun: true, advertise_exit: true, policy, ..Default::default() };
+        let mut o = Overlay::new(config, &network, PublicIdentity::from_bytes([1; 32]));
+        let k = PublicIdentity::from_bytes([2; 32]);
+        let other = PublicIdentity::from_bytes([3; 32]);
+        o.peer_up(k);
+        o.announced(k, claim(ipv4_candidate(&k, 0), true));
+        let from = IpAddr::V4(ipv4_candidate(&k, 0));
+        assert!(o.inbound(&k, &udp(from, IpAddr::V4(Ipv4Addr::new(9, 9, 9, 9)))));
+        assert!(!o.inbound(&k, &udp(from, IpAddr::V4(ipv4_candidate(&other, 0)))));
+        let c = o.status().counters;
+        assert_eq!((c.refused_unrouted, c.dropped_refused, c.received), (1, 1, 1));
     }
 }

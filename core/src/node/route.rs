@@ -199,29 +199,106 @@ fn check_kind(kind: RouteKind, net: &IpNet) -> Result<(), AnnouncementError> {
     if ok { Ok(()) } else { Err(AnnouncementError::KindMismatch(kind.as_str(), len)) }
 }
 
-/// Which peers a rule lets in: verified peers (if `verified`), and the listed keys.
+/// A peer as the user names it on a command line (`--allow`, `--exit-node`,
+/// `--accept-routes`): the display name its key is pinned under in the trust store, its
+/// safety code (the 30 digits, spaces optional), or 8 to 64 hex digits of its key's
+/// fingerprint. Matched against a peer's key and the name that key is pinned under, so a
+/// name never lets in another key than the one pinned for it (trust on first use: the first
+/// key seen under a name is pinned; see [`crate::trust`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRef(String);
+
+/// Why a word names no peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerRefError {
+    /// Nothing but spaces.
+    #[error("an empty peer name")]
+    Empty,
+}
+
+impl PeerRef {
+    /// The word, trimmed.
+    pub fn new(word: &str) -> Result<Self, PeerRefError> {
+        let word = word.trim();
+        if word.is_empty() {
+            return Err(PeerRefError::Empty);
+        }
+        Ok(Self(word.to_string()))
+    }
+
+    /// The word as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this names the peer with key `fingerprint`, pinned under `pinned_name` (if
+    /// its key is the one pinned for that name).
+    pub fn matches(&self, fingerprint: &Fingerprint, pinned_name: Option<&str>) -> bool {
+        let word = self.0.as_str();
+        if pinned_name == Some(word) {
+            return true;
+        }
+        // A safety code without spaces is also hex: both are tried.
+        let hex = word.to_ascii_lowercase();
+        let is_hex = (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_hex && fingerprint.to_hex().starts_with(&hex) {
+            return true;
+        }
+        let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+        let only_code = word.chars().all(|c| c.is_ascii_digit() || c == ' ');
+        only_code && digits(word) == digits(&fingerprint.short_code())
+    }
+}
+
+impl fmt::Display for PeerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which peers a rule lets in: every member (if `members`), verified peers (if `verified`),
+/// the listed keys, and the peers the user named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerFilter {
+    /// Every member of the network.
+    pub members: bool,
     /// Peers whose key the user verified (compared short codes).
     pub verified: bool,
     /// These keys, verified or not.
     pub keys: Vec<Fingerprint>,
+    /// These peers, by pinned name, safety code or fingerprint, verified or not.
+    pub named: Vec<PeerRef>,
 }
 
 impl PeerFilter {
     /// Verified peers only (the default).
     pub fn verified() -> Self {
-        Self { verified: true, keys: Vec::new() }
+        Self { members: false, verified: true, keys: Vec::new(), named: Vec::new() }
     }
 
     /// Nobody.
     pub fn nobody() -> Self {
-        Self { verified: false, keys: Vec::new() }
+        Self { members: false, verified: false, keys: Vec::new(), named: Vec::new() }
     }
 
-    /// Whether a peer with this key, verified or not, is let in.
-    pub fn allows(&self, fingerprint: &Fingerprint, verified: bool) -> bool {
-        (self.verified && verified) || self.keys.iter().any(|k| k == fingerprint)
+    /// Every member.
+    pub fn members() -> Self {
+        Self { members: true, ..Self::nobody() }
+    }
+
+    /// Whether a peer with this key, verified or not, pinned under `pinned_name` (when its
+    /// key is the pinned one), is let in.
+    pub fn allows(
+        &self,
+        fingerprint: &Fingerprint,
+        verified: bool,
+        pinned_name: Option<&str>,
+    ) -> bool {
+        self.members
+            || (self.verified && verified)
+            || self.keys.iter().any(|k| k == fingerprint)
+            || self.named.iter().any(|r| r.matches(fingerprint, pinned_name))
     }
 }
 
@@ -233,7 +310,7 @@ impl Default for PeerFilter {
 
 /// What this node accepts from others and lets them do. Own addresses are accepted from
 /// every member (checked against its key); the rest is up to the user.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePolicy {
     /// Whose subnet routes are installed. Default: verified peers.
     pub subnets_from: PeerFilter,
@@ -242,6 +319,19 @@ pub struct RoutePolicy {
     /// Who may send packets through this node to the subnets and exit it advertises.
     /// Default: verified peers.
     pub serve_to: PeerFilter,
+    /// Who may send packets to this node's own overlay addresses. Default: every member.
+    pub own_to: PeerFilter,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        Self {
+            subnets_from: PeerFilter::verified(),
+            exit_from: PeerFilter::verified(),
+            serve_to: PeerFilter::verified(),
+            own_to: PeerFilter::members(),
+        }
+    }
 }
 
 /// One route: a prefix, what it is, and the key of the peer that carries it.
@@ -477,6 +567,29 @@ mod tests {
             ..Announcement::default()
         };
         assert_eq!(too_many.encode(), Err(AnnouncementError::TooMany));
+    }
+
+    #[test]
+    fn a_peer_is_named_by_its_pinned_name_safety_code_or_fingerprint() {
+        let fp = key(7).fingerprint();
+        let word = |w: &str| PeerRef::new(w).unwrap_or_else(|_| unreachable!());
+        let hex = fp.to_hex();
+        let code = fp.short_code();
+        assert!(word(" bea ").matches(&fp, Some("bea")), "trimmed");
+        assert!(!word("bea").matches(&fp, None), "a name counts only where it is pinned");
+        assert!(!word("bea").matches(&fp, Some("cy")));
+        assert!(word(&hex).matches(&fp, None));
+        assert!(word(&hex[..8].to_uppercase()).matches(&fp, None));
+        assert!(!word(&hex[..7]).matches(&fp, None), "8 hex digits at least");
+        assert!(word(&code).matches(&fp, None));
+        assert!(word(&code.replace(' ', "")).matches(&fp, None));
+        assert!(!word(&code[..11]).matches(&fp, None), "the whole code");
+        assert!(!word(&hex).matches(&key(8).fingerprint(), None));
+        assert_eq!(PeerRef::new("  "), Err(PeerRefError::Empty));
+        let filter = PeerFilter { named: vec![word(&code)], ..PeerFilter::nobody() };
+        assert!(filter.allows(&fp, false, None));
+        assert!(!filter.allows(&key(8).fingerprint(), true, None));
+        assert!(PeerFilter::members().allows(&key(8).fingerprint(), false, None));
     }
 
     #[test]

@@ -14,3 +14,4 @@ mod native_browser;
 mod native_native;
 mod native_transfer;
 mod tun;
+mod tun_routes;

@@ -25,9 +25,9 @@ use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
 use weft_tests::{ChromeDriver, chromium_available, wait_peer};
 
 /// One step on a busy machine.
-const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 /// Bytes copied over TCP each way.
-const COPY_BYTES: u64 = 3 * 1024 * 1024 + 7;
+pub(crate) const COPY_BYTES: u64 = 3 * 1024 * 1024 + 7;
 /// ICMP data in a full-size echo request: a 1280-byte IPv4 packet (the device's MTU).
 const FULL_V4: usize = 1280 - 20 - 8;
 /// The same for IPv6.
@@ -36,16 +36,16 @@ const FULL_V6: usize = 1280 - 40 - 8;
 const NAMES: [&str; 2] = ["Ada", "Bea"];
 
 /// A peer running `up --tun` on a host, and its overlay addresses.
-struct TunPeer {
-    peer: NativePeer,
-    host: Host,
-    dir: PathBuf,
-    ipv4: String,
-    ipv6: String,
+pub(crate) struct TunPeer {
+    pub(crate) peer: NativePeer,
+    pub(crate) host: Host,
+    pub(crate) dir: PathBuf,
+    pub(crate) ipv4: String,
+    pub(crate) ipv6: String,
 }
 
 /// A new network's invite.
-fn invite() -> String {
+pub(crate) fn invite() -> String {
     let out = std::process::Command::new(weft_peer_bin().unwrap()).arg("invite").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
@@ -59,8 +59,20 @@ async fn start(
     name: &str,
     dir: PathBuf,
 ) -> TunPeer {
+    start_with(host, server, invite, name, dir, &[]).await
+}
+
+/// [`start`] with more options of `up`.
+pub(crate) async fn start_with(
+    host: &Host,
+    server: &SignalProcess,
+    invite: &str,
+    name: &str,
+    dir: PathBuf,
+    extra: &[&str],
+) -> TunPeer {
     let mut up = command_on(host, &server.ws_url, &dir).unwrap();
-    up.args(["--invite", invite, "--name", name, "up", "--tun"]);
+    up.args(["--invite", invite, "--name", name, "up", "--tun"]).args(extra);
     let mut peer = NativePeer::spawn(up).unwrap();
     let tun = peer.expect_event("tun", WAIT).await.unwrap();
     assert_eq!(tun["device"], "weft0", "{tun}");
@@ -75,7 +87,7 @@ async fn start(
 }
 
 /// Waits until `peer` has a session with `other` that carries `other`'s addresses.
-async fn connected(peer: &mut TunPeer, other: &TunPeer, other_name: &str) {
+pub(crate) async fn connected(peer: &mut TunPeer, other: &TunPeer, other_name: &str) {
     let (v4, v6) = (other.ipv4.clone(), other.ipv6.clone());
     peer.peer
         .expect("a session with overlay addresses", WAIT, |v| {
@@ -121,7 +133,7 @@ async fn pair(topology: &Topology, server: &SignalProcess, invite: &str) -> [Tun
 }
 
 /// Runs `weft-netprobe ARGS` on `host`: whether it succeeded, and what it printed.
-async fn probe(host: &Host, args: &[&str]) -> (bool, String) {
+pub(crate) async fn probe(host: &Host, args: &[&str]) -> (bool, String) {
     let mut cmd = host.tokio_command(env!("CARGO_BIN_EXE_weft-netprobe"));
     cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(WAIT * 2, cmd.output()).await.unwrap().unwrap();
@@ -153,7 +165,13 @@ pub(crate) async fn probe_ready(
 /// `weft-peer ping TARGET -c COUNT -s SIZE` through `from`'s running `up` (TARGET: an
 /// address, or a peer's name with `-6` or not in `extra`): how many of `count` were
 /// answered.
-async fn ping(from: &TunPeer, target: &str, count: u16, size: usize, extra: &[&str]) -> u64 {
+pub(crate) async fn ping(
+    from: &TunPeer,
+    target: &str,
+    count: u16,
+    size: usize,
+    extra: &[&str],
+) -> u64 {
     let mut cmd = from.host.tokio_command(weft_peer_bin().unwrap());
     cmd.arg("--config-dir").arg(&from.dir).args(["--json", "ping", target]);
     cmd.args(["-c", &count.to_string(), "-s", &size.to_string()]).args(extra);
@@ -171,7 +189,7 @@ async fn ping(from: &TunPeer, target: &str, count: u16, size: usize, extra: &[&s
 
 /// Copies [`COPY_BYTES`] over TCP from `from` to `to`'s `addr` (checked end to end); the
 /// rate in Mbit/s.
-async fn tcp_copy(from: &Host, to: &Host, addr: &str) -> f64 {
+pub(crate) async fn tcp_copy(from: &Host, to: &Host, addr: &str) -> f64 {
     let listen = if addr.contains(':') { format!("[{addr}]:9000") } else { format!("{addr}:9000") };
     let (mut sink, mut lines) = probe_ready(to, &["tcp-sink", &listen]).await;
     let (ok, out) = probe(from, &["tcp-send", &listen, &COPY_BYTES.to_string()]).await;
@@ -184,7 +202,7 @@ async fn tcp_copy(from: &Host, to: &Host, addr: &str) -> f64 {
 }
 
 /// `weft-peer status --json` on `peer`'s host and config dir: the running `up` answers.
-async fn status(peer: &TunPeer) -> Value {
+pub(crate) async fn status(peer: &TunPeer) -> Value {
     let mut cmd = peer.host.tokio_command(weft_peer_bin().unwrap());
     cmd.arg("--config-dir").arg(&peer.dir).args(["--json", "status"]);
     let out = tokio::time::timeout(WAIT, cmd.output()).await.unwrap().unwrap();
@@ -195,13 +213,13 @@ async fn status(peer: &TunPeer) -> Value {
 }
 
 /// Whether `host` has a network device `name`.
-fn has_device(host: &Host, name: &str) -> bool {
+pub(crate) fn has_device(host: &Host, name: &str) -> bool {
     let out = host.command("ip").args(["link", "show", "dev", name]).output().unwrap();
     out.status.success()
 }
 
 /// Ends `peer` cleanly and removes its config dir; its device and control socket go.
-async fn stop(mut peer: TunPeer) {
+pub(crate) async fn stop(mut peer: TunPeer) {
     assert!(peer.peer.terminate(WAIT).await.unwrap().success());
     assert!(!has_device(&peer.host, "weft0"), "the TUN device outlived weft-peer");
     assert!(!peer.dir.join("weft-peer.sock").exists(), "the control socket outlived weft-peer");
@@ -368,7 +386,7 @@ fn colliding_keys() -> [IdentityKeyPair; 2] {
 }
 
 /// A config dir holding `key` as its identity (as `weft-peer` stores it).
-fn config_dir_with(label: &str, key: &IdentityKeyPair) -> PathBuf {
+pub(crate) fn config_dir_with(label: &str, key: &IdentityKeyPair) -> PathBuf {
     use std::os::unix::fs::OpenOptionsExt as _;
     let dir = config_dir(label).unwrap();
     let hex: String = key.secret_bytes().iter().map(|b| format!("{b:02x}")).collect();

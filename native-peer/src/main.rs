@@ -443,8 +443,10 @@ async fn wait_for_peer(
     events: &mut mpsc::UnboundedReceiver<MeshEvent>,
     printer: Printer,
     target: &str,
+    changed_ok: bool,
     timeout: Duration,
 ) -> anyhow::Result<PeerInfo> {
+    let wanted = weft_core::node::PeerRef::new(target).context("no peer named")?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut joined_room = false;
     let mut last_problem: Option<String> = None;
@@ -491,9 +493,16 @@ async fn wait_for_peer(
                 }
             }
             MeshEvent::Node(Event::PeerConnected(info))
-                if info.peer_id.as_str() == target || info.name.as_deref() == Some(target) =>
+                if wanted.names(info) || (changed_ok && wanted.names_changed_key(info)) =>
             {
                 break info.clone();
+            }
+            MeshEvent::Node(Event::PeerConnected(info)) if wanted.names_changed_key(info) => {
+                bail!(
+                    "{target}'s key changed, so the name {target:?} no longer names it: compare \
+                     safety codes with its owner, then `weft-peer trust accept {target}`, or name \
+                     it by its new safety code or fingerprint"
+                );
             }
             _ => {}
         }
@@ -510,7 +519,7 @@ async fn msg(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let Joined { mesh, mut events, .. } = joined;
-    let peer = match wait_for_peer(&mesh, &mut events, printer, target, timeout).await {
+    let peer = match wait_for_peer(&mesh, &mut events, printer, target, false, timeout).await {
         Ok(peer) => peer,
         Err(e) => return Err(leave_after(mesh, e).await),
     };
@@ -547,7 +556,8 @@ async fn trust_decision(
     };
     let Joined { mesh, mut events, .. } = joined;
     let timeout = Duration::from_secs(*timeout);
-    let peer = match wait_for_peer(&mesh, &mut events, printer, target, timeout).await {
+    // Deciding about a changed key is what `trust` is for: its old name still finds it.
+    let peer = match wait_for_peer(&mesh, &mut events, printer, target, true, timeout).await {
         Ok(peer) => peer,
         Err(e) => return Err(leave_after(mesh, e).await),
     };

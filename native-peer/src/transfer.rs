@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
-use weft_core::node::FileEvent;
+use weft_core::node::{FileEvent, PeerRef};
 use weft_core::signal::PeerId;
 use weft_core::transfer::{OfferItem, Root, TransferEvent};
 use weft_core::trust::Trust;
@@ -133,18 +133,10 @@ fn is_up(info: &PeerInfo) -> bool {
     matches!(info.state, PeerState::Direct | PeerState::Relayed)
 }
 
-/// Whether `spec` names `info`: its display name, peer id, key fingerprint (hex) or
-/// safety code (digits; spaces ignored).
-pub fn names_peer(spec: &str, info: &PeerInfo) -> bool {
-    let spec = spec.trim();
-    if info.name.as_deref() == Some(spec) || info.peer_id.as_str() == spec {
-        return true;
-    }
-    let Some(fp) = &info.fingerprint else { return false };
-    let squeeze =
-        |s: &str| s.chars().filter(|c| !c.is_whitespace() && *c != '-').collect::<String>();
-    let spec = squeeze(spec).to_ascii_lowercase();
-    !spec.is_empty() && (spec == fp.to_hex() || spec == squeeze(&fp.short_code()))
+/// The peers `specs` name (see [`PeerRef`]: a pinned name, a safety code, a fingerprint
+/// or a peer id), or which word is not a name at all.
+pub fn peer_refs(specs: &[String]) -> anyhow::Result<Vec<PeerRef>> {
+    specs.iter().map(|s| PeerRef::new(s).with_context(|| format!("{s:?}"))).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -182,6 +174,7 @@ async fn send_inner(
     to: &[String],
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    let to_refs = peer_refs(to)?;
     let mut bars = Bars::new(printer.json);
     // Hash (while the sessions come up), then share.
     let mut files: Vec<(Root, String)> = Vec::new();
@@ -238,11 +231,9 @@ async fn send_inner(
                 break up;
             }
         } else {
-            let found: Vec<Option<&PeerInfo>> = to
+            let found: Vec<Option<&PeerInfo>> = to_refs
                 .iter()
-                .map(|spec| {
-                    peers.iter().find(|p| is_up(p) && p.trust.is_some() && names_peer(spec, p))
-                })
+                .map(|r| peers.iter().find(|p| is_up(p) && p.trust.is_some() && r.names(p)))
                 .collect();
             if found.iter().all(Option::is_some) {
                 let mut list: Vec<PeerInfo> = found.into_iter().flatten().cloned().collect();
@@ -261,13 +252,26 @@ async fn send_inner(
             let who = if to.is_empty() {
                 "no peer".to_string()
             } else {
-                let missing: Vec<&String> = to
+                let missing: Vec<&PeerRef> = to_refs
                     .iter()
-                    .filter(|spec| !peers.iter().any(|p| is_up(p) && names_peer(spec, p)))
+                    .filter(|r| !peers.iter().any(|p| is_up(p) && r.names(p)))
                     .collect();
+                if let Some(r) =
+                    missing.iter().find(|r| peers.iter().any(|p| r.names_changed_key(p)))
+                {
+                    bail!(
+                        "{r}'s key changed, so the name {r:?} no longer names it: compare safety \
+                         codes with its owner, then `weft-peer trust accept {r}`, or send to its \
+                         new safety code or fingerprint"
+                    );
+                }
                 format!(
                     "peer {}",
-                    missing.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|s| format!("{:?}", s.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             };
             let mut message = format!("{who} connected within {} s", timeout.as_secs());
@@ -536,6 +540,9 @@ async fn receive_inner(
 ) -> anyhow::Result<()> {
     let mut bars = Bars::new(printer.json);
     let any = accept_from.iter().any(|s| s.eq_ignore_ascii_case("any"));
+    let named_refs = peer_refs(
+        &accept_from.iter().filter(|s| !s.eq_ignore_ascii_case("any")).cloned().collect::<Vec<_>>(),
+    )?;
     // With --once: the first accepted offer's files still to be saved.
     let mut target: Option<(PeerId, u64, HashSet<Root>)> = None;
     let mut total_len = 0;
@@ -574,15 +581,9 @@ async fn receive_inner(
                 let name = info.as_ref().map_or_else(|| peer.to_string(), name_of);
                 let changed =
                     info.as_ref().is_some_and(|p| matches!(p.trust, Some(Trust::Changed { .. })));
-                let named =
-                    info.as_ref().is_some_and(|p| accept_from.iter().any(|s| names_peer(s, p)));
-                // A peer whose key changed is only accepted by its new key, not its name.
-                let by_key = info.as_ref().is_some_and(|p| {
-                    accept_from
-                        .iter()
-                        .any(|s| names_peer(s, p) && p.name.as_deref() != Some(s.trim()))
-                });
-                let accept = if changed { by_key } else { any || named };
+                // A peer whose key changed is named only by its new key, not its name.
+                let named = info.as_ref().is_some_and(|p| named_refs.iter().any(|r| r.names(p)));
+                let accept = named || (any && !changed);
                 if accept {
                     mesh.answer(peer, *offer_id, true).await?;
                     bars.say(

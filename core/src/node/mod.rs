@@ -576,7 +576,7 @@ pub enum NodeError {
 
 /// The name a peer's key is pinned under, if its key is the pinned one (a changed key is
 /// not: `--allow NAME` never lets in another key than the pinned one).
-fn pinned_name(trust: Option<Trust>, name: Option<&str>) -> Option<String> {
+pub(crate) fn pinned_name(trust: Option<Trust>, name: Option<&str>) -> Option<String> {
     match trust {
         Some(Trust::New | Trust::Known | Trust::Verified) => name.map(str::to_string),
         Some(Trust::Changed { .. }) | None => None,

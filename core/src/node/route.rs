@@ -251,6 +251,28 @@ impl PeerRef {
     }
 }
 
+impl PeerRef {
+    /// Whether this names the member `info` describes: by the name its key is pinned
+    /// under (not once its key changed: then only its key names it), by its key
+    /// (fingerprint or safety code), or by its peer id for this session. Every command that
+    /// takes a peer (`send --to`, `receive --accept-from`, `msg`, `trust`, `--allow`)
+    /// resolves it this one way.
+    pub fn names(&self, info: &super::PeerInfo) -> bool {
+        if info.peer_id.as_str() == self.0 {
+            return true;
+        }
+        let Some(fp) = &info.fingerprint else { return false };
+        self.matches(fp, super::pinned_name(info.trust, info.name.as_deref()).as_deref())
+    }
+
+    /// Whether this is `info`'s display name while its key is not the one pinned for that
+    /// name: the user named a peer whose key changed, which only its key can name now.
+    pub fn names_changed_key(&self, info: &super::PeerInfo) -> bool {
+        matches!(info.trust, Some(crate::trust::Trust::Changed { .. }))
+            && info.name.as_deref() == Some(self.0.as_str())
+    }
+}
+
 impl fmt::Display for PeerRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

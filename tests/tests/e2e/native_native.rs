@@ -265,6 +265,15 @@ async fn keys_are_listed_verified_by_safety_code_and_a_changed_one_accepted() {
     assert_eq!(peer.map(|p| p["trust"].clone()), Some("changed".into()), "{list}");
     let err = bea(&url, &dir_b, &invite, &["trust", "verify", "Ada", "--code", &code2]).await;
     assert!(err.as_ref().unwrap_err().contains("pinned to another key"), "{err:?}");
+    // The name no longer names the new key (an impostor could have taken it): a message
+    // to "Ada" is refused and says why; her new safety code still reaches her.
+    let err = bea(&url, &dir_b, &invite, &["msg", "Ada", "the plan", "--timeout", "30"]).await;
+    assert!(err.as_ref().unwrap_err().contains("Ada's key changed"), "{err:?}");
+    let by_code =
+        bea(&url, &dir_b, &invite, &["msg", &code2, "hi new Ada", "--timeout", "30"]).await;
+    assert_eq!(by_code.as_ref().map(|d| d["event"].clone()), Ok("sent".into()), "{by_code:?}");
+    a.expect("the message sent by key", WAIT, |v| v["text"] == "hi new Ada").await.unwrap();
+    assert!(!a.seen.iter().any(|v| v["text"] == "the plan"), "sent by a changed name");
     let done = bea(&url, &dir_b, &invite, &["trust", "accept", "Ada", "--code", &code2]).await;
     assert_eq!(done.as_ref().map(|d| d["trust"].clone()), Ok("verified".into()), "{done:?}");
     assert_eq!(done.unwrap()["done"], "accepted and verified");

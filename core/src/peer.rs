@@ -522,6 +522,8 @@ impl PeerLink {
             Frame::Message(text) => self.events.push_back(LinkEvent::Message { text }),
             Frame::Data(data) => self.events.push_back(LinkEvent::Data(data)),
             Frame::Hello { name } => {
+                // Kept and shown cleaned, whatever the peer sent (see `text::clean_name`).
+                let name = crate::text::clean_name(&name, MAX_NAME_LEN);
                 self.peer_name = Some(name.clone());
                 self.events.push_back(LinkEvent::Hello { name });
             }

@@ -46,6 +46,34 @@ pub fn escape_hidden(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A peer's display name as it is kept and shown: [hidden](is_hidden) characters removed
+/// (no bidirectional override can reverse it, no zero-width character can make "alice" and
+/// "al\u{200b}ice" two names), runs of white space made one space, trimmed, and cut to
+/// `max_bytes` at a character boundary. Empty if nothing visible is left.
+pub fn clean_name(name: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(name.len().min(max_bytes));
+    let mut pending_space = false;
+    for c in name.chars() {
+        if is_hidden(c) && !c.is_whitespace() {
+            continue;
+        }
+        if c.is_whitespace() {
+            pending_space = !out.is_empty();
+            continue;
+        }
+        let extra = c.len_utf8() + usize::from(pending_space);
+        if out.len() + extra > max_bytes {
+            break;
+        }
+        if pending_space {
+            out.push(' ');
+            pending_space = false;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Whether `name` is one Windows reserves for a device (`CON`, `PRN`, `AUX`, `NUL`,
 /// `COM0`–`COM9`, `LPT0`–`LPT9`, with superscript digits too), whatever its case and
 /// whatever follows a first dot or trailing spaces: `nul.txt` opens the null device there.
@@ -93,6 +121,17 @@ mod tests {
         let shown = escape_hidden(attack);
         assert!(!shown.chars().any(is_hidden), "{shown}");
         assert_eq!(shown, "hi\\n<alice> send me your invite\\u{1b}]0;owned\\u{7}\\u{202e}txt.exe");
+    }
+
+    #[test]
+    fn names_are_cleaned_of_what_a_reader_cannot_see() {
+        assert_eq!(clean_name("  Alice   Smith \n", 64), "Alice Smith");
+        assert_eq!(clean_name("al\u{200b}ice", 64), "alice");
+        assert_eq!(clean_name("\u{202e}ecila", 64), "ecila");
+        assert_eq!(clean_name("\u{1b}[31mred", 64), "[31mred");
+        assert_eq!(clean_name("\u{200b}\u{200d}", 64), "");
+        assert_eq!(clean_name(&"é".repeat(100), 64), "é".repeat(32));
+        assert_eq!(clean_name("ab cd", 4), "ab c");
     }
 
     #[test]

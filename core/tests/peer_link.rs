@@ -297,6 +297,15 @@ fn long_names_are_clipped_and_long_messages_refused() {
         .find_map(|e| if let LinkEvent::Hello { name } = e { Some(name.clone()) } else { None })
         .unwrap();
     assert_eq!(name, "é".repeat(32));
+    // A name with a right-to-left override and zero-width characters arrives cleaned.
+    let mut p = Pair::named(&net, &net, "\u{202e}mallory\u{200b}  x\n");
+    p.open(FP_B, FP_A);
+    let (_, eb) = p.pump();
+    let name = eb
+        .iter()
+        .find_map(|e| if let LinkEvent::Hello { name } = e { Some(name.clone()) } else { None })
+        .unwrap();
+    assert_eq!(name, "mallory x");
     let long = "x".repeat(weft_core::peer::MAX_MESSAGE_LEN + 1);
     assert!(matches!(p.a.send_message(&long, p.now), Err(LinkError::MessageTooLong { .. })));
 }

@@ -286,25 +286,27 @@ fn a_packet_that_overtakes_the_finish_message_is_kept() {
     assert!(events.contains(&LinkEvent::Hello { name: "Alice".into() }), "{events:?}");
 }
 
+/// The name in the first `Hello` among `events`.
+fn hello_name(events: &[LinkEvent]) -> String {
+    events
+        .iter()
+        .find_map(|e| if let LinkEvent::Hello { name } = e { Some(name.clone()) } else { None })
+        .unwrap()
+}
+
 #[test]
 fn long_names_are_clipped_and_long_messages_refused() {
     let net = invite_network();
     let mut p = Pair::named(&net, &net, &"é".repeat(100));
     p.open(FP_B, FP_A);
     let (_, eb) = p.pump();
-    let name = eb
-        .iter()
-        .find_map(|e| if let LinkEvent::Hello { name } = e { Some(name.clone()) } else { None })
-        .unwrap();
+    let name = hello_name(&eb);
     assert_eq!(name, "é".repeat(32));
     // A name with a right-to-left override and zero-width characters arrives cleaned.
     let mut p = Pair::named(&net, &net, "\u{202e}mallory\u{200b}  x\n");
     p.open(FP_B, FP_A);
     let (_, eb) = p.pump();
-    let name = eb
-        .iter()
-        .find_map(|e| if let LinkEvent::Hello { name } = e { Some(name.clone()) } else { None })
-        .unwrap();
+    let name = hello_name(&eb);
     assert_eq!(name, "mallory x");
     let long = "x".repeat(weft_core::peer::MAX_MESSAGE_LEN + 1);
     assert!(matches!(p.a.send_message(&long, p.now), Err(LinkError::MessageTooLong { .. })));

@@ -546,6 +546,14 @@ impl PeerLink {
         }
     }
 
+    /// Changes the name we announce: sent at once if the session is up (else it goes in
+    /// the `Hello` after the handshake). The peer reads the key's trust again under it.
+    pub fn set_own_name(&mut self, name: &str, now: Duration) {
+        self.own_name = clip_name(name);
+        let hello = Frame::Hello { name: self.own_name.clone() };
+        let _ = self.send_frames(&[hello], now);
+    }
+
     fn send_frames(&mut self, frames: &[Frame], now: Duration) -> Option<()> {
         let State::Established { sessions, .. } = &mut self.state else { return None };
         match sessions.get_mut(Channel::Control).seal_frames(frames, now) {

@@ -834,6 +834,45 @@ fn a_changed_key_is_detected_loudly_and_can_be_accepted_then_verified() {
     assert_eq!(saved.check("cy", &fp), Some(Trust::Verified));
 }
 
+/// A member verified under one name renames itself, mid-session, to the name another key
+/// is pinned under: it shows under the new name with a changed key (loudly), never as
+/// that name verified; renaming to a fresh name shows it new, not verified.
+#[test]
+fn a_verified_member_that_renames_itself_is_not_verified_under_the_new_name() {
+    let mut sim = mesh(6, &["ada", "bea", "mal"]);
+    let (b, m) = (sim.id(1), sim.id(2));
+    sim.nodes[0].node.verify_peer(&b).unwrap();
+    sim.nodes[0].node.verify_peer(&m).unwrap();
+    assert_eq!(sim.node(0).peer(&m).unwrap().trust, Some(Trust::Verified));
+
+    let now = sim.now;
+    sim.nodes[2].node.set_name(now, "bea");
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    let seen = sim.node(0).peer(&m).unwrap();
+    assert_eq!(seen.name.as_deref(), Some("bea"));
+    assert_eq!(seen.trust, Some(Trust::Changed { verified_before: true }), "{seen:?}");
+    assert!(
+        sim.nodes[0].events.iter().any(|e| matches!(e, Event::KeyChanged(p) if p.peer_id == m)),
+        "no loud warning"
+    );
+    // The real Bea is untouched.
+    assert_eq!(sim.node(0).peer(&b).unwrap().trust, Some(Trust::Verified));
+
+    let now = sim.now;
+    sim.nodes[2].node.set_name(now, "eve");
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    let seen = sim.node(0).peer(&m).unwrap();
+    assert_eq!((seen.name.as_deref(), seen.trust), (Some("eve"), Some(Trust::New)), "{seen:?}");
+    // Messages are shown under the name the key has now.
+    let (now, a) = (sim.now, sim.id(0));
+    sim.nodes[2].node.send_message(now, Some(&a), "hi").unwrap();
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.messages(0).contains(&("eve".into(), "hi".into())), "{:?}", sim.messages(0));
+}
+
 #[test]
 fn join_and_leave_churn_settles_into_a_full_mesh() {
     let mut sim = Sim::new(5);

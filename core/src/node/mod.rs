@@ -1199,7 +1199,11 @@ impl Node {
                     slot.announced_up = false;
                     established = Some(fingerprint);
                 }
-                LinkEvent::Hello { .. } => {}
+                // A name said again mid-session, maybe another one: the key's trust is
+                // read again under it (below), so a member verified as "mallory" that
+                // calls itself "alice" shows as "alice" with a changed key (or a new one),
+                // never as "alice, verified".
+                LinkEvent::Hello { .. } => slot.trust = None,
                 LinkEvent::Message { text } => events.push(Event::Message {
                     peer_id: remote.clone(),
                     name: slot.link.peer_name().unwrap_or_default().to_string(),
@@ -1942,6 +1946,19 @@ impl Node {
     /// Our display name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Changes our display name, for new sessions and, at once, for every peer we have a
+    /// session with (each reads our key's trust again under the new name).
+    pub fn set_name(&mut self, now: Duration, name: &str) {
+        self.name = name.to_string();
+        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for id in ids {
+            if let Some(slot) = self.peers.get_mut(&id) {
+                slot.link.set_own_name(name, now);
+            }
+            self.drive(now, &id);
+        }
     }
 
     /// Whether the node is joined to its room now.

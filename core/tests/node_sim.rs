@@ -845,11 +845,15 @@ fn a_verified_member_that_renames_itself_is_not_verified_under_the_new_name() {
     sim.nodes[0].node.verify_peer(&m).unwrap();
     assert_eq!(sim.node(0).peer(&m).unwrap().trust, Some(Trust::Verified));
 
-    let now = sim.now;
-    sim.nodes[2].node.set_name(now, "bea");
-    sim.drain(2);
-    sim.run_for(Duration::from_secs(1));
-    let seen = sim.node(0).peer(&m).unwrap();
+    // Mal renames itself; what Ada sees of it then.
+    let rename = |sim: &mut Sim, name: &str| {
+        let now = sim.now;
+        sim.nodes[2].node.set_name(now, name);
+        sim.drain(2);
+        sim.run_for(Duration::from_secs(1));
+        sim.node(0).peer(&m).unwrap()
+    };
+    let seen = rename(&mut sim, "bea");
     assert_eq!(seen.name.as_deref(), Some("bea"));
     assert_eq!(seen.trust, Some(Trust::Changed { verified_before: true }), "{seen:?}");
     assert!(
@@ -859,11 +863,7 @@ fn a_verified_member_that_renames_itself_is_not_verified_under_the_new_name() {
     // The real Bea is untouched.
     assert_eq!(sim.node(0).peer(&b).unwrap().trust, Some(Trust::Verified));
 
-    let now = sim.now;
-    sim.nodes[2].node.set_name(now, "eve");
-    sim.drain(2);
-    sim.run_for(Duration::from_secs(1));
-    let seen = sim.node(0).peer(&m).unwrap();
+    let seen = rename(&mut sim, "eve");
     assert_eq!((seen.name.as_deref(), seen.trust), (Some("eve"), Some(Trust::New)), "{seen:?}");
     // Messages are shown under the name the key has now.
     let (now, a) = (sim.now, sim.id(0));

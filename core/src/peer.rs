@@ -26,7 +26,10 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
-use crate::frame::{FILE_TRANSFER_TYPES, FRAME_ROUTES, Frame, MAX_NAME_LEN};
+use crate::frame::{
+    FILE_TRANSFER_TYPES, FRAME_DATA, FRAME_HEADER_LEN, FRAME_ROUTES, Frame, MAX_NAME_LEN,
+    encode_frame_with,
+};
 use crate::handshake::{
     ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
     HandshakeStep, MessageKind, message_kind,
@@ -389,7 +392,7 @@ impl PeerLink {
         self.state = State::Handshaking { handshake, deadline, retransmit };
         // Anything that arrived before the channel was reported open.
         for bytes in std::mem::take(&mut self.early) {
-            self.receive(&bytes, now, rng);
+            self.receive_owned(bytes, now, rng);
         }
     }
 
@@ -411,7 +414,14 @@ impl PeerLink {
 
     /// Bytes that arrived on either data channel.
     pub fn receive(&mut self, bytes: &[u8], now: Duration, rng: &mut impl CryptoRng) {
-        let kind = message_kind(bytes);
+        self.receive_owned(bytes.to_vec(), now, rng);
+    }
+
+    /// [`Self::receive`] of bytes the caller gives away: a transport packet is opened in
+    /// its own buffer, which becomes the body of the frame it carries if it carries one
+    /// (a file chunk, an IP packet), so bulk data is not copied on the way in.
+    pub fn receive_owned(&mut self, bytes: Vec<u8>, now: Duration, rng: &mut impl CryptoRng) {
+        let kind = message_kind(&bytes);
         let early = match self.state {
             State::Waiting => true,
             State::Handshaking { .. } => kind == Some(MessageKind::Transport),
@@ -419,7 +429,7 @@ impl PeerLink {
         };
         if early {
             if self.early.len() < MAX_EARLY_PACKETS {
-                self.early.push_back(bytes.to_vec());
+                self.early.push_back(bytes);
             } else {
                 self.stats.packets_rejected += 1;
             }
@@ -432,7 +442,7 @@ impl PeerLink {
                     self.stats.packets_rejected += 1;
                     return;
                 }
-                match handshake.handle(bytes, rng) {
+                match handshake.handle(&bytes, rng) {
                     Ok(step) => {
                         if step.message.is_some() && retransmit.is_none() {
                             // The responder's Response: resent until the Finish comes.
@@ -451,7 +461,7 @@ impl PeerLink {
                     // message: the session stays.
                     let again = handshake
                         .as_mut()
-                        .and_then(|hs| hs.handle(bytes, rng).ok())
+                        .and_then(|hs| hs.handle(&bytes, rng).ok())
                         .and_then(|step| step.message);
                     match again {
                         Some(finish) => self.transmits.push_back(finish),
@@ -459,7 +469,7 @@ impl PeerLink {
                     }
                     return;
                 }
-                match sessions.open_frames(bytes, now) {
+                match sessions.open_frames_owned(bytes, now) {
                     Ok((_, frames)) => {
                         *last_heard = now;
                         // The peer sends only once established: it has our Finish.
@@ -513,7 +523,7 @@ impl PeerLink {
             None => self.send_frames(&[hello, ping], now),
         };
         for bytes in std::mem::take(&mut self.early) {
-            self.receive(&bytes, now, rng);
+            self.receive_owned(bytes, now, rng);
         }
     }
 
@@ -598,6 +608,44 @@ impl PeerLink {
             .ok_or(LinkError::NotEstablished)
     }
 
+    /// Sends one file-transfer frame whose body `body` appends to the packet's buffer
+    /// (about `body_len` bytes) and whose type it returns (one in [`FILE_TRANSFER_TYPES`]):
+    /// a chunk's bytes are copied once, into the packet.
+    pub fn send_transfer_with(
+        &mut self,
+        body_len: usize,
+        body: impl FnOnce(&mut Vec<u8>) -> u8,
+        now: Duration,
+    ) -> Result<(), LinkError> {
+        let State::Established { sessions, .. } = &mut self.state else {
+            return Err(LinkError::NotEstablished);
+        };
+        let mut frame_type = None;
+        let sealed = sessions.get_mut(Channel::Control).seal_with(
+            FRAME_HEADER_LEN + body_len,
+            now,
+            |packet| {
+                frame_type = Some(encode_frame_with(packet, body)?);
+                Ok(())
+            },
+        );
+        match (sealed, frame_type) {
+            (Ok(_), Some(t)) if !FILE_TRANSFER_TYPES.contains(&t) => {
+                // Sealed but never sent: the counter it used is simply skipped.
+                Err(LinkError::NotTransferFrame(t))
+            }
+            (Ok(packet), _) => {
+                self.stats.packets_sent += 1;
+                self.transmits.push_back(packet);
+                Ok(())
+            }
+            (Err(e), _) => {
+                self.fail(LinkError::Transport(e));
+                Err(LinkError::NotEstablished)
+            }
+        }
+    }
+
     /// Sends several file-transfer frames in one packet (small ones, such as chunk
     /// requests: one packet and one seal instead of many).
     pub fn send_transfers(
@@ -639,7 +687,13 @@ impl PeerLink {
         };
         let packet = sessions
             .get_mut(Channel::Data)
-            .seal_frames(&[Frame::Data(data.to_vec())], now)
+            .seal_with(FRAME_HEADER_LEN + data.len(), now, |packet| {
+                encode_frame_with(packet, |body| {
+                    body.extend_from_slice(data);
+                    FRAME_DATA
+                })
+                .map(drop)
+            })
             .map_err(LinkError::Transport)?;
         self.stats.packets_sent += 1;
         Ok(packet)

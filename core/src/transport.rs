@@ -534,13 +534,25 @@ impl<C: PacketAead> Session<C> {
         now: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         let plaintext_len: usize = frames.iter().map(Frame::encoded_len).sum();
+        self.seal_with(plaintext_len, now, |packet| {
+            frames.iter().try_for_each(|frame| frame.encode_into(packet))
+        })
+    }
+
+    /// Encrypts into one packet the plaintext that `write` appends to the buffer it is
+    /// given (about `plaintext_len` bytes): frames encoded in the packet's own buffer, so
+    /// a large body is copied once, into the packet.
+    pub fn seal_with(
+        &mut self,
+        plaintext_len: usize,
+        now: Duration,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), FrameError>,
+    ) -> Result<Vec<u8>, TransportError> {
         let capacity = PACKET_OVERHEAD + plaintext_len.min(MAX_PLAINTEXT_LEN);
         // Erased if it is dropped before sealing, with plaintext in it.
         let mut packet = Zeroizing::new(Vec::with_capacity(capacity));
         packet.resize(PACKET_HEADER_LEN, 0);
-        for frame in frames {
-            frame.encode_into(&mut packet)?;
-        }
+        write(&mut packet)?;
         if packet.len() - PACKET_HEADER_LEN > MAX_PLAINTEXT_LEN {
             return Err(TransportError::TooLarge);
         }
@@ -643,6 +655,21 @@ impl<C: PacketAead> Session<C> {
         Ok(Frame::decode_all(&plaintext)?)
     }
 
+    /// [`Self::open_frames`] on a packet the caller gives away: opened in its own buffer,
+    /// which becomes the body of a lone bytes frame (a file chunk, an IP packet) with no
+    /// new buffer and no copy but one move ([`Frame::decode_all_owned`]). Accepts and
+    /// rejects exactly what [`Self::open_frames`] does.
+    pub fn open_frames_owned(
+        &mut self,
+        mut packet: Vec<u8>,
+        now: Duration,
+    ) -> Result<Vec<Frame>, TransportError> {
+        // After an error the packet holds no plaintext (see `open_in_place`).
+        let len = self.open_in_place(&mut packet, now)?.len();
+        packet.truncate(PACKET_HEADER_LEN + len);
+        Ok(Frame::decode_all_owned(packet, PACKET_HEADER_LEN)?)
+    }
+
     /// When [`Self::handle_timeout`] next has something to do (erase the previous
     /// epoch's key), if ever.
     pub fn poll_timeout(&self) -> Option<Duration> {
@@ -708,6 +735,17 @@ impl<C: PacketAead> ChannelSessions<C> {
     ) -> Result<(Channel, Vec<Frame>), TransportError> {
         let channel = Channel::of_packet(packet).ok_or(TransportError::NotTransport)?;
         Ok((channel, self.get_mut(channel).open_frames(packet, now)?))
+    }
+
+    /// [`Self::open_frames`] on a packet the caller gives away
+    /// ([`Session::open_frames_owned`]).
+    pub fn open_frames_owned(
+        &mut self,
+        packet: Vec<u8>,
+        now: Duration,
+    ) -> Result<(Channel, Vec<Frame>), TransportError> {
+        let channel = Channel::of_packet(&packet).ok_or(TransportError::NotTransport)?;
+        Ok((channel, self.get_mut(channel).open_frames_owned(packet, now)?))
     }
 
     /// The earliest [`Session::poll_timeout`] of the three.

@@ -353,6 +353,21 @@ fn transfer_frames_pass_through_and_other_types_are_refused() {
     let (_, eb) = p.pump();
     assert!(eb.contains(&LinkEvent::Transfer { frame_type: 0x26, body: vec![7; 70_000] }));
 
+    // A body written straight into the packet arrives the same.
+    let body = |out: &mut Vec<u8>| {
+        out.extend_from_slice(&[8; 65_000]);
+        0x25
+    };
+    p.a.send_transfer_with(65_000, body, p.now).unwrap();
+    let refused = |out: &mut Vec<u8>| {
+        out.push(1);
+        0x01
+    };
+    assert_eq!(p.a.send_transfer_with(1, refused, p.now), Err(LinkError::NotTransferFrame(0x01)));
+    let (_, eb) = p.pump();
+    let got: Vec<_> = eb.into_iter().filter(|e| matches!(e, LinkEvent::Transfer { .. })).collect();
+    assert_eq!(got, vec![LinkEvent::Transfer { frame_type: 0x25, body: vec![8; 65_000] }]);
+
     // Several small frames in one packet arrive in order.
     let sent = p.a.stats().packets_sent;
     p.a.send_transfers(vec![(0x24, vec![1]), (0x24, vec![2]), (0x28, vec![3])], p.now).unwrap();

@@ -158,7 +158,7 @@ impl Net {
             if let Some((from, to, t, body)) = self.inbox.pop_front() {
                 moved = true;
                 let now = self.now;
-                self.engines.get_mut(&to).unwrap().handle_frame(&from, t, &body, now);
+                self.engines.get_mut(&to).unwrap().handle_frame(&from, t, body, now);
             }
             if !moved {
                 return true;

@@ -44,6 +44,9 @@ use crate::tun::{Tun, TunState};
 /// (they are read as long as the device has some, up to this many).
 const TUN_BATCH: usize = 64;
 
+/// Inputs taken at most before the node's outputs are acted on.
+const INPUT_BATCH: usize = 32;
+
 /// How long leaving waits for Close frames to be acknowledged, and then for each
 /// connection (and the signaling socket) to close.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
@@ -359,7 +362,16 @@ async fn run(
         }
         let wake = mesh.node.poll_timeout().map(|t| mesh.epoch + t);
         tokio::select! {
-            Some(input) = inputs.recv() => mesh.input(input),
+            Some(input) = inputs.recv() => {
+                mesh.input(input);
+                // Those already waiting too, before acting: during a transfer each message
+                // and each finished write is an input, and one pass of acting (and of
+                // setting up this select and its timer) then serves several.
+                for _ in 1..INPUT_BATCH {
+                    let Ok(input) = inputs.try_recv() else { break };
+                    mesh.input(input);
+                }
+            }
             Some((id, input)) = sockets.recv() => {
                 // A replaced socket's late reports are dropped.
                 if mesh.socket.as_ref().is_some_and(|s| s.id() == id) {

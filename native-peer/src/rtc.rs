@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use tokio::sync::{mpsc, oneshot};
@@ -612,7 +612,7 @@ impl Conn {
                 if let (true, Some(channels)) = (self.open[1], &self.channels) {
                     let queued = channels[1].outstanding_bytes().await.unwrap_or(0);
                     if LIMITS.admits_data(queued, bytes.len()) {
-                        let _ = channels[1].send(BytesMut::from(bytes.as_slice())).await;
+                        let _ = channels[1].send(BytesMut::from(Bytes::from(bytes))).await;
                     }
                 }
             }
@@ -665,7 +665,8 @@ impl Conn {
         }
         while let Some(bytes) = self.outbox.pop_front() {
             self.outbox_bytes -= bytes.len();
-            if let Err(e) = control.send(BytesMut::from(bytes.as_slice())).await {
+            // `Bytes`, then `BytesMut`, take the `Vec`'s buffer: no copy.
+            if let Err(e) = control.send(BytesMut::from(Bytes::from(bytes))).await {
                 tracing::warn!("control channel send failed: {e}");
             }
         }
@@ -840,7 +841,9 @@ async fn poll_channel(
     while let Some(event) = dc.poll().await {
         let forward = match event {
             DataChannelEvent::OnOpen => Internal::Open(index),
-            DataChannelEvent::OnMessage(msg) => Internal::Message(msg.data.to_vec()),
+            // The `Vec` takes the `BytesMut`'s buffer when it holds the only reference (at
+            // most a move within it): no new buffer, no copy.
+            DataChannelEvent::OnMessage(msg) => Internal::Message(Vec::from(msg.data)),
             DataChannelEvent::OnClose => break,
             _ => continue,
         };

@@ -1104,7 +1104,7 @@ impl Node {
                 slot.failure = None;
                 slot.link.channel_open(&local_sdp, &remote_sdp, now, rng);
             }
-            ConnectionEvent::Received(bytes) => slot.link.receive(&bytes, now, rng),
+            ConnectionEvent::Received(bytes) => slot.link.receive_owned(bytes, now, rng),
             ConnectionEvent::Ice(state) => {
                 slot.ice = state;
                 if state == IceState::Failed && slot.orphan {
@@ -1271,7 +1271,7 @@ impl Node {
         let overlay = OverlayChanges { established: established.is_some(), failed, announced };
         self.drive_overlay(now, remote, overlay, packets, announce_ours);
         for (frame_type, body) in transfer {
-            self.engine.handle_frame(remote, frame_type, &body, now);
+            self.engine.handle_frame(remote, frame_type, body, now);
         }
         if failed {
             self.set_engine_peer(remote, false, now);
@@ -1425,17 +1425,32 @@ impl Node {
         while let Some(output) = self.engine.poll_output() {
             match output {
                 EngineOutput::Send { peer, msg } => {
-                    let (frame_type, body) = msg.encode();
-                    if body.len() <= BATCH_FRAME {
-                        batches.entry(peer).or_default().push((frame_type, body));
-                        continue;
-                    }
+                    // A chunk is encoded straight into its packet (one copy of its bytes);
+                    // other messages are small enough to encode on their own first.
+                    let body_len = msg.body_len_hint();
+                    let encoded = match (body_len <= BATCH_FRAME).then(|| msg.encode()) {
+                        Some((frame_type, body)) if body.len() <= BATCH_FRAME => {
+                            batches.entry(peer).or_default().push((frame_type, body));
+                            continue;
+                        }
+                        encoded => encoded,
+                    };
                     // A big message: what was batched for this peer goes first.
                     if let Some(batch) = batches.remove(&peer) {
                         self.send_batch(&peer, batch, now);
                     }
                     if let Some(slot) = self.peers.get_mut(&peer) {
-                        if let Err(e) = slot.link.send_transfer(frame_type, body, now) {
+                        let sent = match encoded {
+                            Some((frame_type, body)) => {
+                                slot.link.send_transfer(frame_type, body, now)
+                            }
+                            None => slot.link.send_transfer_with(
+                                body_len,
+                                |out| msg.encode_into(out),
+                                now,
+                            ),
+                        };
+                        if let Err(e) = sent {
                             tracing::debug!("cannot send a transfer message to {peer}: {e}");
                         }
                     }

@@ -960,12 +960,13 @@ impl Engine {
 
     // ---- messages ----
 
-    /// Handles one file-transfer frame from `peer` as it came off the wire. An offer it
+    /// Handles one file-transfer frame from `peer` as it came off the wire (a chunk's body
+    /// becomes its data without a copy). An offer it
     /// must refuse (a path that is unsafe to save: see [`check_path`]) is answered with a
     /// `Cancel` that says why, and reported as cancelled here, so neither side waits for
     /// an answer that never comes; any other frame that does not decode is dropped.
-    pub fn handle_frame(&mut self, peer: &PeerId, frame_type: u8, body: &[u8], now: Duration) {
-        match TransferMsg::decode(frame_type, body) {
+    pub fn handle_frame(&mut self, peer: &PeerId, frame_type: u8, body: Vec<u8>, now: Duration) {
+        match TransferMsg::decode_owned(frame_type, body) {
             Ok(msg) => self.handle(peer, msg, now),
             Err(e @ WireError::UnsafeOffer { offer_id, .. }) => {
                 tracing::warn!("refused an offer from {peer}: {e}");

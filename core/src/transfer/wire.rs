@@ -15,6 +15,9 @@ pub const MAX_HASHES_PER_MSG: usize = 2048;
 /// Longest reason text.
 pub const MAX_REASON_LEN: usize = 256;
 
+/// Bytes of a chunk's body before its data: the root and the index.
+const CHUNK_HEADER_LEN: usize = 32 + 4;
+
 /// Frame types (within [`crate::frame::FILE_TRANSFER_TYPES`]).
 mod ty {
     pub const OFFER: u8 = 0x20;
@@ -321,12 +324,19 @@ impl TransferMsg {
     /// The frame type and body this message travels as.
     pub fn encode(&self) -> (u8, Vec<u8>) {
         let mut out = Vec::new();
-        let t = match self {
+        let t = self.encode_into(&mut out);
+        (t, out)
+    }
+
+    /// Appends the body this message travels as to `out`; returns its frame type. For
+    /// encoding straight into a packet ([`crate::peer::PeerLink::send_transfer_with`]).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> u8 {
+        match self {
             Self::Offer { offer_id, items } => {
                 out.extend_from_slice(&offer_id.to_be_bytes());
                 out.extend_from_slice(&(items.len() as u32).to_be_bytes());
                 for item in items {
-                    put_text(&mut out, &item.path, MAX_PATH_LEN);
+                    put_text(out, &item.path, MAX_PATH_LEN);
                     out.extend_from_slice(&item.size.to_be_bytes());
                     out.extend_from_slice(item.root.as_bytes());
                 }
@@ -365,13 +375,13 @@ impl TransferMsg {
             }
             Self::Missing { root, reason } => {
                 out.extend_from_slice(root.as_bytes());
-                put_text(&mut out, reason, MAX_REASON_LEN);
+                put_text(out, reason, MAX_REASON_LEN);
                 ty::MISSING
             }
             Self::Cancel { offer_id, own_offer, reason } => {
                 out.extend_from_slice(&offer_id.to_be_bytes());
                 out.push(u8::from(*own_offer));
-                put_text(&mut out, reason, MAX_REASON_LEN);
+                put_text(out, reason, MAX_REASON_LEN);
                 ty::CANCEL
             }
             Self::Query { root } => {
@@ -386,8 +396,32 @@ impl TransferMsg {
                 out.extend_from_slice(root.as_bytes());
                 ty::COMPLETE
             }
-        };
-        (t, out)
+        }
+    }
+
+    /// The length of [`Self::encode`]'s body, without encoding: exact for a chunk (the
+    /// one bulk message), a lower bound for the others.
+    pub fn body_len_hint(&self) -> usize {
+        match self {
+            Self::Chunk { data, .. } => CHUNK_HEADER_LEN + data.len(),
+            _ => 0,
+        }
+    }
+
+    /// [`Self::decode`] of a body the caller gives away: a chunk keeps the body's buffer
+    /// for its bytes (one move, no new buffer, no copy). Accepts and rejects exactly what
+    /// [`Self::decode`] does.
+    pub fn decode_owned(frame_type: u8, mut body: Vec<u8>) -> Result<Self, WireError> {
+        if frame_type != ty::CHUNK {
+            return Self::decode(frame_type, &body);
+        }
+        let mut r = Reader(&body);
+        let (root, index) = (r.root()?, r.u32()?);
+        if r.0.len() > CHUNK_LEN {
+            return Err(WireError::TooLarge);
+        }
+        body.drain(..CHUNK_HEADER_LEN);
+        Ok(Self::Chunk { root, index, data: body })
     }
 
     /// Parses the body of a frame of type `frame_type`.
@@ -502,6 +536,11 @@ mod tests {
         for msg in samples() {
             let (t, body) = msg.encode();
             assert!(crate::frame::FILE_TRANSFER_TYPES.contains(&t));
+            assert!(msg.body_len_hint() <= body.len(), "{msg:?}");
+            if matches!(msg, TransferMsg::Chunk { .. }) {
+                assert_eq!(msg.body_len_hint(), body.len());
+            }
+            assert_eq!(TransferMsg::decode_owned(t, body.clone()), Ok(msg.clone()));
             assert_eq!(TransferMsg::decode(t, &body), Ok(msg));
         }
     }
@@ -525,6 +564,7 @@ mod tests {
         let mut big = vec![0; 36];
         big.extend(vec![0; CHUNK_LEN + 1]);
         assert_eq!(TransferMsg::decode(t, &big), Err(WireError::TooLarge));
+        assert_eq!(TransferMsg::decode_owned(t, big), Err(WireError::TooLarge));
         assert_eq!(TransferMsg::decode(0x3f, &[]), Err(WireError::UnknownType(0x3f)));
     }
 
@@ -586,6 +626,11 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(t in 0x20u8..=0x2b, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = TransferMsg::decode(t, &body);
+        }
+
+        #[test]
+        fn decoding_an_owned_body_is_decoding_its_bytes(t in 0x20u8..=0x2b, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            prop_assert_eq!(TransferMsg::decode_owned(t, body.clone()), TransferMsg::decode(t, &body));
         }
     }
 }

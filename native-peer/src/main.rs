@@ -22,6 +22,7 @@ mod ping;
 mod rtc;
 mod signaling;
 mod store;
+mod tls;
 mod transfer;
 mod tun;
 

@@ -455,8 +455,8 @@ impl Mesh {
                 }
                 self.next_socket += 1;
                 let reports = self.socket_reports.clone();
-                self.socket =
-                    Some(SignalingSocket::open(self.next_socket, self.url.clone(), reports));
+                let (url, tls) = (self.url.clone(), self.rtc.tls.clone());
+                self.socket = Some(SignalingSocket::open(self.next_socket, url, tls, reports));
             }
             Output::SignalingSend(text) => {
                 if let Some(socket) = &self.socket {

@@ -3,9 +3,12 @@
 //! when to retry; this only opens the socket it is told to, moves text frames both ways
 //! and says when the socket closed. It neither encodes nor decodes a message.
 
+use std::sync::Arc;
+
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
 use weft_core::node::Input;
 
@@ -50,10 +53,16 @@ pub struct SignalingSocket {
 }
 
 impl SignalingSocket {
-    /// Starts connecting to `url`; reports go to `reports` as `(id, input)`.
-    pub fn open(id: u64, url: String, reports: mpsc::UnboundedSender<(u64, Input)>) -> Self {
+    /// Starts connecting to `url` (a `wss://` one trusting `tls`, if given, else the usual
+    /// root certificates); reports go to `reports` as `(id, input)`.
+    pub fn open(
+        id: u64,
+        url: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        reports: mpsc::UnboundedSender<(u64, Input)>,
+    ) -> Self {
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(url, outgoing_rx, move |input| {
+        let task = tokio::spawn(run(url, tls, outgoing_rx, move |input| {
             let _ = reports.send((id, input));
         }));
         Self { id, outgoing, task }
@@ -78,10 +87,16 @@ impl SignalingSocket {
     }
 }
 
-async fn run(url: String, mut outgoing: mpsc::UnboundedReceiver<String>, report: impl Fn(Input)) {
+async fn run(
+    url: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    mut outgoing: mpsc::UnboundedReceiver<String>,
+    report: impl Fn(Input),
+) {
     let closed = |reason: String| report(Input::SignalingClosed { reason });
+    let connector = tls.map(Connector::Rustls);
     let connect = tokio::select! {
-        r = tokio_tungstenite::connect_async(url.as_str()) => r,
+        r = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, false, connector) => r,
         // Nothing is sent before the socket opens; the channel ending means: close.
         () = async { while outgoing.recv().await.is_some() {} } => return,
     };

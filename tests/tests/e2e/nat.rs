@@ -4,7 +4,9 @@
 //! address); behind symmetric NATs they connect through the relay; either way a file
 //! arrives whole, nothing leaves the test's own addresses, and a packet capture on the
 //! public host (where the signaling server and the relay run) holds neither the file's
-//! plaintext nor the network's name.
+//! plaintext nor the network's name. A peer whose network lets no UDP out relays over TURN
+//! over TCP, and one whose network lets only TCP to 443 out reaches both the signaling
+//! server and the relay (TURN over TLS) on 443.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -14,7 +16,7 @@ use tokio::io::{BufReader, Lines};
 use serde_json::Value;
 use weft_tests::files::{Scratch, blake3_of, mib};
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir};
-use weft_tests::netns::{Nat, SiteSpec, Topology, netns_available};
+use weft_tests::netns::{Nat, Outbound, SiteSpec, Topology, netns_available};
 
 /// One step on a busy machine.
 const WAIT: Duration = Duration::from_secs(60);
@@ -81,6 +83,33 @@ impl Capture {
     }
 }
 
+/// How `weft-signal` serves in [`send_across`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    /// HTTP on 8080, TURN over UDP and TCP on 3478.
+    Plain,
+    /// HTTPS and TURN over TLS sharing 443 (and TURN over UDP and TCP on 3478), with a
+    /// certificate from a CA of the test's own, which the peers are told to trust.
+    Https443,
+}
+
+/// A CA of the test's own and a certificate it issued for `ip`, as PEM files in `dir`:
+/// (CA certificate, server certificate, server key).
+fn test_ca(dir: &std::path::Path, ip: std::net::IpAddr) -> [std::path::PathBuf; 3] {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "Weft test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec![ip.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let paths = ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(name));
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    paths
+}
+
 /// Ada (site 0) sends Bea (site 1) a file of `size` bytes (its text full of [`MARKER`])
 /// through `weft-signal` on the public host, in the passphrase network [`NETWORK`], over
 /// access links of `link_mbit` (unlimited: `None`); the path Bea's session took, what Bea
@@ -90,11 +119,32 @@ async fn send_across(
     size: u64,
     link_mbit: Option<u32>,
 ) -> (String, Vec<Value>, Duration) {
+    send_across_via(sites, size, link_mbit, Serving::Plain).await
+}
+
+/// [`send_across`] with the server serving as `serving` says; the path Bea's session took,
+/// what Bea printed, and how long the transfer took.
+async fn send_across_via(
+    sites: [SiteSpec; 2],
+    size: u64,
+    link_mbit: Option<u32>,
+    serving: Serving,
+) -> (String, Vec<Value>, Duration) {
     let topology = Topology::new(&sites).unwrap();
     topology.limit_sites(link_mbit).unwrap();
     let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
-    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let scratch = Scratch::new("nat").unwrap();
+    let mut trust = Vec::new();
+    let server = match serving {
+        Serving::Plain => SignalProcess::start(topology.server(), &[]).await.unwrap(),
+        Serving::Https443 => {
+            let [ca, cert, key] = test_ca(scratch.path(), topology.public_ip());
+            let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+            let tls = ["--tls-cert", cert, "--tls-key", key, "--turn-tls-port", "443"];
+            trust = vec!["--ca-cert".to_string(), ca.to_str().unwrap().to_string()];
+            SignalProcess::start_on(topology.server(), 443, &tls).await.unwrap()
+        }
+    };
     let path = scratch.path().join("across.txt");
     let line = format!("{MARKER} {}\n", "x".repeat(64));
     let text = line.repeat(usize::try_from(size).unwrap() / line.len() + 1);
@@ -108,12 +158,14 @@ async fn send_across(
 
     let mut receive = command_on(topology.host(1, 0), &server.ws_url, &dir_b).unwrap();
     network(&mut receive);
+    receive.args(&trust);
     receive.args(["--name", "Bea", "receive", "--once"]);
     receive.args(["--accept-from", "Ada", "--dir"]).arg(&downloads);
     let mut bea = NativePeer::spawn(receive).unwrap();
     bea.expect_event("receiving", WAIT).await.unwrap();
     let mut send = command_on(topology.host(0, 0), &server.ws_url, &dir_a).unwrap();
     network(&mut send);
+    send.args(&trust);
     send.args(["--name", "Ada", "send", "--to", "Bea"]).arg(&path);
     let mut ada = NativePeer::spawn(send).unwrap();
     let started = std::time::Instant::now();
@@ -127,7 +179,13 @@ async fn send_across(
     drop(server);
     let (frames, hits) = capture.finish().await;
     let [marker, name, control] = hits[..] else { unreachable!() };
-    assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
+    if serving == Serving::Plain {
+        assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
+    } else {
+        // The welcome travels inside TLS too; the relayed packets of the peer outside the
+        // firewall cross in UDP.
+        assert!(frames > 0, "the capture saw nothing: it does not work");
+    }
     assert_eq!(marker, 0, "the file's plaintext crossed the public host");
     assert_eq!(name, 0, "the network's name crossed the public host");
     // It never stalled long enough to give up on Ada (see `native_transfer.rs`).
@@ -160,6 +218,37 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
     assert_eq!(path, "relayed", "{seen:?}");
     let first_look = weft_core::node::NodeTiming::default().upgrade_first;
     assert!(took > first_look + Duration::from_secs(1), "too short to span a look: {took:?}");
+}
+
+/// A peer whose network lets no UDP out (Ada) reaches the relay over TURN over TCP and
+/// sends Bea, behind an ordinary home router, a file through it. (Without TURN over TCP
+/// Ada gathers no candidate at all that could reach Bea.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp() {
+    if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp") {
+        return;
+    }
+    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
+    let home = SiteSpec::behind(Nat::EndpointIndependent);
+    let (path, seen, _) = send_across([no_udp, home], mib(1) + 7, None).await;
+    assert_eq!(path, "relayed", "{seen:?}");
+}
+
+/// A peer whose network lets only TCP to 443 out (Ada) reaches the signaling server over
+/// HTTPS on 443 and the relay over TURN over TLS on the same port, trusting the server's
+/// certificate through `--ca-cert` (a CA of the test's own), and sends Bea a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_whose_network_lets_only_https_out_connects_through_turns_on_443() {
+    let test = "a_native_peer_whose_network_lets_only_https_out_connects_through_turns_on_443";
+    if !netns_available(test) {
+        return;
+    }
+    let https_only =
+        SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::OnlyTcp443, hosts: 1 };
+    let home = SiteSpec::behind(Nat::EndpointIndependent);
+    let (path, seen, _) =
+        send_across_via([https_only, home], mib(1) + 7, None, Serving::Https443).await;
+    assert_eq!(path, "relayed", "{seen:?}");
 }
 
 /// A relayed session moves to a direct path once one exists, on the same session. Two

@@ -230,8 +230,9 @@ async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp()
     }
     let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
     let home = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, _) = send_across([no_udp, home], mib(1) + 7, None).await;
+    let (path, seen, took) = send_across([no_udp, home], mib(1) + 7, None).await;
     assert_eq!(path, "relayed", "{seen:?}");
+    println!("UDP blocked: 1 MiB through TURN over TCP in {took:?}");
 }
 
 /// A peer whose network lets only TCP to 443 out (Ada) reaches the signaling server over
@@ -246,9 +247,10 @@ async fn a_native_peer_whose_network_lets_only_https_out_connects_through_turns_
     let https_only =
         SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::OnlyTcp443, hosts: 1 };
     let home = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, _) =
+    let (path, seen, took) =
         send_across_via([https_only, home], mib(1) + 7, None, Serving::Https443).await;
     assert_eq!(path, "relayed", "{seen:?}");
+    println!("only HTTPS out: 1 MiB through TURN over TLS on 443 in {took:?}");
 }
 
 /// A relayed session moves to a direct path once one exists, on the same session. Two

@@ -72,7 +72,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("transport", "native transport AEAD: seal GB/s on ring vs. RustCrypto, seal+open MB/s"),
     (
         "relay",
-        "across real NATs (netns, root): NAT matrix, connect time and throughput relayed vs. direct",
+        "across real NATs (netns, root): NAT matrix, connect time, relayed vs. direct, TURN/TCP",
     ),
 ];
 

@@ -91,11 +91,21 @@ enum Serving {
     /// HTTPS and TURN over TLS sharing 443 (and TURN over UDP and TCP on 3478), with a
     /// certificate from a CA of the test's own, which the peers are told to trust.
     Https443,
+    /// HTTP on 8080, TURN over UDP on 3478, no TURN over TCP, and TURN over TLS on its own
+    /// port (5349) with a certificate from a CA of the test's own, which the peers trust.
+    TurnTlsOnly,
 }
 
-/// A CA of the test's own and a certificate it issued for `ip`, as PEM files in `dir`:
-/// (CA certificate, server certificate, server key).
-fn test_ca(dir: &std::path::Path, ip: std::net::IpAddr) -> [std::path::PathBuf; 3] {
+/// `weft-signal`'s arguments for TURN over TLS on 5349 with `cert` and `key`, TURN over TCP
+/// off.
+fn turn_tls_only<'a>(cert: &'a std::path::Path, key: &'a std::path::Path) -> [&'a str; 7] {
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    ["--no-turn-tcp", "--turn-tls-cert", cert, "--turn-tls-key", key, "--turn-tls-port", "5349"]
+}
+
+/// A CA of the test's own and a certificate it issued for `ip`, as PEM files in `dir` named
+/// after `tag`: (CA certificate, server certificate, server key).
+fn test_ca(dir: &std::path::Path, ip: std::net::IpAddr, tag: &str) -> [std::path::PathBuf; 3] {
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca.distinguished_name.push(rcgen::DnType::CommonName, "Weft test CA");
@@ -103,7 +113,8 @@ fn test_ca(dir: &std::path::Path, ip: std::net::IpAddr) -> [std::path::PathBuf; 
     let key = rcgen::KeyPair::generate().unwrap();
     let cert =
         rcgen::CertificateParams::new(vec![ip.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
-    let paths = ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(name));
+    let paths =
+        ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(format!("{tag}-{name}")));
     std::fs::write(&paths[0], ca.pem()).unwrap();
     std::fs::write(&paths[1], cert.pem()).unwrap();
     std::fs::write(&paths[2], key.serialize_pem()).unwrap();
@@ -137,8 +148,13 @@ async fn send_across_via(
     let mut trust = Vec::new();
     let server = match serving {
         Serving::Plain => SignalProcess::start(topology.server(), &[]).await.unwrap(),
+        Serving::TurnTlsOnly => {
+            let [ca, cert, key] = test_ca(scratch.path(), topology.public_ip(), "turn");
+            trust = vec!["--ca-cert".to_string(), ca.to_str().unwrap().to_string()];
+            SignalProcess::start(topology.server(), &turn_tls_only(&cert, &key)).await.unwrap()
+        }
         Serving::Https443 => {
-            let [ca, cert, key] = test_ca(scratch.path(), topology.public_ip());
+            let [ca, cert, key] = test_ca(scratch.path(), topology.public_ip(), "https");
             let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
             let tls = ["--tls-cert", cert, "--tls-key", key, "--turn-tls-port", "443"];
             trust = vec!["--ca-cert".to_string(), ca.to_str().unwrap().to_string()];
@@ -179,7 +195,7 @@ async fn send_across_via(
     drop(server);
     let (frames, hits) = capture.finish().await;
     let [marker, name, control] = hits[..] else { unreachable!() };
-    if serving == Serving::Plain {
+    if serving != Serving::Https443 {
         assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
     } else {
         // The welcome travels inside TLS too; the relayed packets of the peer outside the
@@ -220,6 +236,17 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
     assert!(took > first_look + Duration::from_secs(1), "too short to span a look: {took:?}");
 }
 
+/// Ada behind a router that lets out only what `outbound` allows, Bea behind an ordinary
+/// home router: a 1 MiB file goes from Ada to Bea through the relay, `weft-signal` serving
+/// as `serving` says; how long it took.
+async fn relayed_from_behind(outbound: Outbound, serving: Serving) -> Duration {
+    let firewalled = SiteSpec { nat: Nat::EndpointIndependent, outbound, hosts: 1 };
+    let home = SiteSpec::behind(Nat::EndpointIndependent);
+    let (path, seen, took) = send_across_via([firewalled, home], mib(1) + 7, None, serving).await;
+    assert_eq!(path, "relayed", "{seen:?}");
+    took
+}
+
 /// A peer whose network lets no UDP out (Ada) reaches the relay over TURN over TCP and
 /// sends Bea, behind an ordinary home router, a file through it. (Without TURN over TCP
 /// Ada gathers no candidate at all that could reach Bea.)
@@ -228,10 +255,7 @@ async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp()
     if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp") {
         return;
     }
-    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
-    let home = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, took) = send_across([no_udp, home], mib(1) + 7, None).await;
-    assert_eq!(path, "relayed", "{seen:?}");
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::Plain).await;
     println!("UDP blocked: 1 MiB through TURN over TCP in {took:?}");
 }
 
@@ -244,13 +268,73 @@ async fn a_native_peer_whose_network_lets_only_https_out_connects_through_turns_
     if !netns_available(test) {
         return;
     }
-    let https_only =
-        SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::OnlyTcp443, hosts: 1 };
-    let home = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, took) =
-        send_across_via([https_only, home], mib(1) + 7, None, Serving::Https443).await;
-    assert_eq!(path, "relayed", "{seen:?}");
+    let took = relayed_from_behind(Outbound::OnlyTcp443, Serving::Https443).await;
     println!("only HTTPS out: 1 MiB through TURN over TLS on 443 in {took:?}");
+}
+
+/// The same with TURN over TCP turned off on the server: Ada reaches the relay over TURN
+/// over TLS on its own port (5349), trusting the certificate through `--ca-cert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls() {
+    if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls") {
+        return;
+    }
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::TurnTlsOnly).await;
+    println!("UDP blocked, TURN/TCP off: 1 MiB through TURN over TLS in {took:?}");
+}
+
+/// ...but not to a relay whose certificate no CA it trusts issued: the server's TURN over
+/// TLS certificate names the right address but comes from another CA than the one Ada
+/// trusts. Ada refuses it (the server counts the failed handshake) and finds no path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_refuses_a_turn_server_certificate_it_does_not_trust() {
+    if !netns_available("a_native_peer_refuses_a_turn_server_certificate_it_does_not_trust") {
+        return;
+    }
+    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
+    let topology = Topology::new(&[no_udp, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
+    let scratch = Scratch::new("nat-untrusted").unwrap();
+    let [trusted, _, _] = test_ca(scratch.path(), topology.public_ip(), "trusted");
+    let [_, cert, key] = test_ca(scratch.path(), topology.public_ip(), "other");
+    let server =
+        SignalProcess::start(topology.server(), &turn_tls_only(&cert, &key)).await.unwrap();
+    let (dir_a, dir_b) =
+        (config_dir("untrusted-ada").unwrap(), config_dir("untrusted-bea").unwrap());
+    let invite = "Q".repeat(43);
+    let mut peers = Vec::new();
+    for (site, name, dir) in [(0, "Ada", &dir_a), (1, "Bea", &dir_b)] {
+        let mut up = command_on(topology.host(site, 0), &server.ws_url, dir).unwrap();
+        up.args(["--invite", &invite, "--name", name, "--ca-cert"]).arg(&trusted).arg("up");
+        peers.push(NativePeer::spawn(up).unwrap());
+    }
+    let metrics = format!("{}metrics", server.url);
+    let refused = "weft_turn_refusals_total{reason=\"tls_handshake\"}";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = topology.server().tokio_command("curl").args(["-s", &metrics]).output();
+        let text = String::from_utf8_lossy(&out.await.unwrap().stdout).into_owned();
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(refused)?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if count > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no refused TLS handshake: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for peer in &mut peers {
+        peer.terminate(WAIT).await.unwrap();
+        peer.wait_exit(WAIT).await.unwrap();
+        assert!(peer.seen.iter().any(|v| v["event"] == "joined"), "{:?}", peer.seen);
+        let connected = peer.seen.iter().any(|v| v["event"] == "peer_connected");
+        assert!(!connected, "connected without a trusted relay: {:?}", peer.seen);
+    }
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A relayed session moves to a direct path once one exists, on the same session. Two

@@ -985,6 +985,16 @@ where
                 turn_stream_event = turn_stream_events.recv().fuse() => {
                     if let Ok(event) = turn_stream_event {
                         self.handle_turn_stream_event(event);
+                        // Like the UDP burst drain: take what else has arrived before the
+                        // next pass, so a busy relayed stream costs one pass per burst.
+                        let mut burst = 0;
+                        while burst < MAX_UDP_RECV_BURST {
+                            let Ok(event) = turn_stream_events.try_recv() else {
+                                break;
+                            };
+                            self.handle_turn_stream_event(event);
+                            burst += 1;
+                        }
                     }
                 }
 
@@ -2052,9 +2062,13 @@ where
                 }
             }
             TurnStreamEvent::Closed { id, reason } => {
-                debug!("TURN connection {} closed: {}", id, reason);
                 self.turn_streams.close(id);
-                self.turn_relayer.stream_closed(id);
+                if self.turn_relayer.stream_closed(id) {
+                    // Not one the relayer closed: unreachable, refused TLS, or lost.
+                    warn!("TURN connection {} failed: {}", id, reason);
+                } else {
+                    debug!("TURN connection {} closed: {}", id, reason);
+                }
             }
         }
     }

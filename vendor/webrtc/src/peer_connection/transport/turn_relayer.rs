@@ -711,22 +711,24 @@ impl RTCTurnRelayer {
         Ok(true)
     }
 
-    /// Connection `id` failed or ended: its client, if any, is gone with it (the server
-    /// drops an allocation whose connection closes, RFC 8656 §3.1).
-    pub(crate) fn stream_closed(&mut self, id: u64) {
+    /// Connection `id` failed or ended: its client, if any, is gone with it (its allocation
+    /// cannot be reached without the connection). `true` if the relayer still wanted it.
+    pub(crate) fn stream_closed(&mut self, id: u64) -> bool {
         if self.pending_streams.remove(&id).is_some() {
             self.maybe_emit_gathering_complete();
-            return;
+            return true;
         }
         let key = self
             .clients
             .iter()
             .find(|(_, managed)| managed.stream == Some(id))
             .map(|(key, _)| *key);
-        if let Some(key) = key {
-            self.remove_client(key, false);
-            self.maybe_emit_gathering_complete();
-        }
+        let Some(key) = key else {
+            return false;
+        };
+        self.remove_client(key, false);
+        self.maybe_emit_gathering_complete();
+        true
     }
 
     fn forget_pending_streams(&mut self) {
@@ -1339,11 +1341,12 @@ mod tests {
             assert!(relayer.is_turn_message(&answer));
 
             // The TLS one fails: gathering still waits for the TCP allocation...
-            relayer.stream_closed(requests[1].id);
+            assert!(relayer.stream_closed(requests[1].id));
             assert_eq!(relayer.state(), RTCIceGatheringState::Gathering);
             // ...and when that connection goes too, the client goes and gathering ends.
-            relayer.stream_closed(requests[0].id);
+            assert!(relayer.stream_closed(requests[0].id));
             assert_eq!(relayer.state(), RTCIceGatheringState::Complete);
+            assert!(!relayer.stream_closed(requests[0].id), "already gone");
             // A late answer for a connection the relayer gave up is refused.
             assert!(
                 !relayer

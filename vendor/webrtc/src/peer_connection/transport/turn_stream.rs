@@ -398,7 +398,9 @@ async fn read_loop(
                 let mut conn = lock(tls);
                 let mut incoming = &buf[..n];
                 while !incoming.is_empty() {
-                    conn.read_tls(&mut incoming)?;
+                    if conn.read_tls(&mut incoming)? == 0 {
+                        break;
+                    }
                     let state = conn.process_new_packets().map_err(io::Error::other)?;
                     let mut pending = state.plaintext_bytes_to_read();
                     while pending > 0 {

@@ -333,7 +333,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn for StreamConn<S> {
 #[tokio::test]
 async fn turn_over_tcp_allocates_and_relays() {
     let server = start(TurnConfig::default()).await;
-    let (_ws, servers, _) = join(&server).await;
+    let (_ws, servers, member) = join(&server).await;
     let (username, credential) = turn_entry(&servers);
     let tcp = server.turn().unwrap().tcp_addr().unwrap();
     let stream = TcpStream::connect(tcp).await.unwrap();
@@ -343,6 +343,19 @@ async fn turn_over_tcp_allocates_and_relays() {
     let c = client_on(&server, Arc::new(conn), &username, &credential).await;
     let relay = c.allocate().await.unwrap();
     assert_eq!(relay_once(&relay, b"over tcp").await.as_deref(), Some(&b"over tcp"[..]));
+    // An allocation that ends (its member left; as when released or expired) ends alone:
+    // the turn crate closes an allocation's server socket, which for TCP is the listener
+    // every TCP client shares. Another member still allocates over TCP afterwards.
+    server.turn().unwrap().drop_member(&member).await;
+    c.close().await.unwrap();
+    let (_ws, servers, _) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+    let stream = TcpStream::connect(tcp).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    let conn = StreamConn::new(stream, tcp, local);
+    let c = client_on(&server, Arc::new(conn), &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"again").await.as_deref(), Some(&b"again"[..]));
     c.close().await.unwrap();
     server.shutdown(STEP).await;
 }

@@ -331,10 +331,13 @@ async fn relay_over_tcp(
     let (mut udp, mut tcp, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs() {
         let (u, u_path) =
-            transfer(host(sym.0), host(sym.1), ws, file, scratch, &format!("tu{run}")).await?;
+            transfer(host(sym.0), host(sym.1), ws, file, scratch, &format!("tu{run}"))
+                .await
+                .with_context(|| format!("run {run}, relayed over TURN/UDP"))?;
         let (t, t_path) =
             transfer(host(NO_UDP_SITE), host(sym.1), ws, file, scratch, &format!("tt{run}"))
-                .await?;
+                .await
+                .with_context(|| format!("run {run}, relayed over TURN/TCP"))?;
         if u_path != "relayed" || t_path != "relayed" {
             bail!("run {run}: the paths were {u_path} and {t_path}, not relayed");
         }

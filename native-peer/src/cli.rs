@@ -68,6 +68,13 @@ pub struct Cli {
     #[arg(long, global = true, requires = "ice_username")]
     pub ice_credential: Option<String>,
 
+    /// Also trust the CA certificate(s) in this PEM file (a private CA, or a server's
+    /// self-signed certificate) for the signaling server (wss://) and TURN over TLS
+    /// (turns:), besides the usual root certificates.
+    #[arg(long, env = "WEFT_CA_CERT", global = true, value_name = "PATH",
+          value_parser = crate::tls::parse_extra_trust)]
+    pub ca_cert: Option<crate::tls::ExtraTrust>,
+
     /// Use only relayed (TURN) paths.
     #[arg(long, global = true)]
     pub relay_only: bool,
@@ -448,6 +455,7 @@ impl Cli {
         RtcConfig {
             ice_servers,
             relay_only: self.relay_only,
+            tls: self.ca_cert.as_ref().map(|trust| trust.0.clone()),
             bind: self.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             tuning,
         }

@@ -33,6 +33,7 @@ mod ping;
 mod rtc;
 mod signaling;
 mod store;
+mod tls;
 mod transfer;
 mod tun;
 

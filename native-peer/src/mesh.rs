@@ -482,7 +482,8 @@ impl Mesh {
                 self.next_socket += 1;
                 let reports = self.socket_reports.clone();
                 let (id, url, mark) = (self.next_socket, self.url.clone(), self.signaling_mark);
-                self.socket = Some(SignalingSocket::open(id, url, mark, reports));
+                let tls = self.rtc.tls.clone();
+                self.socket = Some(SignalingSocket::open(id, url, mark, tls, reports));
             }
             Output::SignalingSend(text) => {
                 if let Some(socket) = &self.socket {

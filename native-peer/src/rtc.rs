@@ -98,6 +98,9 @@ pub struct RtcConfig {
     pub ice_servers: Vec<IceServer>,
     /// Only relayed (TURN) candidates.
     pub relay_only: bool,
+    /// Whom to trust over TLS (the signaling server, TURN over TLS); `None`: the usual
+    /// root certificates.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The address to bind the UDP socket to; unspecified binds every non-loopback
     /// interface (Chromium has no loopback candidates, so loopback only reaches other
     /// native peers).
@@ -111,6 +114,7 @@ impl Default for RtcConfig {
         Self {
             ice_servers: Vec::new(),
             relay_only: false,
+            tls: None,
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             tuning: Tuning::WEFT,
         }
@@ -308,6 +312,9 @@ pub(crate) async fn build_with(
     }
     if let Some(limit) = send_buffer_limit {
         builder = builder.with_data_channel_send_buffer_limit(limit);
+    }
+    if let Some(tls) = &config.tls {
+        builder = builder.with_turn_tls_config(tls.clone());
     }
     let pc = builder.build().await?;
     Ok(Arc::new(pc))

@@ -3,10 +3,13 @@
 //! when to retry; this only opens the socket it is told to, moves text frames both ways
 //! and says when the socket closed. It neither encodes nor decodes a message.
 
+use std::sync::Arc;
+
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft_core::node::Input;
@@ -52,17 +55,19 @@ pub struct SignalingSocket {
 }
 
 impl SignalingSocket {
-    /// Starts connecting to `url`; reports go to `reports` as `(id, input)`. With `mark`,
-    /// the TCP socket carries that firewall mark (`SO_MARK`), so that policy routing keeps
-    /// it on the underlay while an exit node carries everything else (`crate::netconf`).
+    /// Starts connecting to `url` (a `wss://` one trusting `tls`, if given, else the usual
+    /// root certificates); reports go to `reports` as `(id, input)`. With `mark`, the TCP
+    /// socket carries that firewall mark (`SO_MARK`), so that policy routing keeps it on the
+    /// underlay while an exit node carries everything else (`crate::netconf`).
     pub fn open(
         id: u64,
         url: String,
         mark: Option<u32>,
+        tls: Option<Arc<rustls::ClientConfig>>,
         reports: mpsc::UnboundedSender<(u64, Input)>,
     ) -> Self {
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(url, mark, outgoing_rx, move |input| {
+        let task = tokio::spawn(run(url, mark, tls, outgoing_rx, move |input| {
             let _ = reports.send((id, input));
         }));
         Self { id, outgoing, task }
@@ -87,15 +92,19 @@ impl SignalingSocket {
     }
 }
 
-/// Opens the WebSocket, on a TCP socket marked `mark` if given.
+/// Opens the WebSocket, on a TCP socket marked `mark` if given, trusting `tls` for
+/// `wss://` if given.
 async fn connect(
     url: &str,
     mark: Option<u32>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::Error;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let connector = tls.map(Connector::Rustls);
     let Some(mark) = mark else {
-        return tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws);
+        let ws = tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector);
+        return ws.await.map(|(ws, _)| ws);
     };
     let request = url.into_client_request()?;
     let uri = request.uri();
@@ -106,7 +115,10 @@ async fn connect(
     for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
         match marked_connect(addr, mark).await {
             Ok(stream) => {
-                let ws = tokio_tungstenite::client_async_tls(request, stream).await;
+                let ws = tokio_tungstenite::client_async_tls_with_config(
+                    request, stream, None, connector,
+                )
+                .await;
                 return ws.map(|(ws, _)| ws);
             }
             Err(e) => last = e,
@@ -131,12 +143,13 @@ async fn marked_connect(addr: std::net::SocketAddr, mark: u32) -> std::io::Resul
 async fn run(
     url: String,
     mark: Option<u32>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     mut outgoing: mpsc::UnboundedReceiver<String>,
     report: impl Fn(Input),
 ) {
     let closed = |reason: String| report(Input::SignalingClosed { reason });
     let connect = tokio::select! {
-        r = connect(url.as_str(), mark) => r,
+        r = connect(url.as_str(), mark, tls) => r,
         // Nothing is sent before the socket opens; the channel ending means: close.
         () = async { while outgoing.recv().await.is_some() {} } => return,
     };

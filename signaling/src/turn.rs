@@ -413,6 +413,15 @@ struct TcpListenerConn {
     inbound: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
     writers: Writers,
     accept: tokio::task::JoinHandle<()>,
+    /// Set when the server stops ([`EmbeddedTurn::close`]): only then does `close` stop
+    /// accepting clients.
+    stopping: Arc<AtomicBool>,
+}
+
+impl Drop for TcpListenerConn {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }
 
 /// Where frames for each connected client go.
@@ -478,6 +487,7 @@ impl TcpListenerConn {
         streams: Streams,
         shared: Arc<Shared>,
         current: Arc<Mutex<Option<SocketAddr>>>,
+        stopping: Arc<AtomicBool>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(1024);
         let clients = Clients { tx, writers: Arc::default(), shared };
@@ -496,7 +506,7 @@ impl TcpListenerConn {
                 (local, accept)
             }
         };
-        Ok(Self { local, current, inbound: tokio::sync::Mutex::new(rx), writers, accept })
+        Ok(Self { local, current, inbound: tokio::sync::Mutex::new(rx), writers, accept, stopping })
     }
 }
 
@@ -642,8 +652,14 @@ impl Conn for TcpListenerConn {
     }
 
     async fn close(&self) -> webrtc_util::Result<()> {
-        self.accept.abort();
-        self.writers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        // The turn crate also closes an allocation's server socket when the allocation
+        // ends (released, expired, its member gone), and for TCP and TLS that socket is
+        // this listener, which every client shares: stopping here then refused every
+        // client after the first allocation ended. Only the server's own stop stops it.
+        if self.stopping.load(Ordering::Acquire) {
+            self.accept.abort();
+            self.writers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
         Ok(())
     }
 
@@ -816,6 +832,8 @@ pub struct EmbeddedTurn {
     /// Where the HTTPS server hands TURN over TLS clients, when they share its port.
     tls_handoff: Option<mpsc::Sender<(TurnTlsStream, SocketAddr)>>,
     public: IpAddr,
+    /// Tells the TCP/TLS listeners that the server is stopping (see [`TcpListenerConn`]).
+    stopping: Arc<AtomicBool>,
 }
 
 /// Where TURN over TLS is served.
@@ -950,10 +968,13 @@ impl EmbeddedTurn {
             }),
         });
         let tcp = tcp.map(|listener| Streams::Accept(listener, None));
+        let stopping = Arc::new(AtomicBool::new(false));
         for streams in tcp.into_iter().chain(tls.map(|(streams, _, _)| streams)) {
             let current = Arc::default();
-            let conn = TcpListenerConn::start(streams, shared.clone(), Arc::clone(&current))
-                .map_err(|e| TurnError::Start(e.to_string()))?;
+            let stopping = Arc::clone(&stopping);
+            let conn =
+                TcpListenerConn::start(streams, shared.clone(), Arc::clone(&current), stopping)
+                    .map_err(|e| TurnError::Start(e.to_string()))?;
             conn_configs.push(ConnConfig {
                 conn: Arc::new(conn),
                 relay_addr_generator: Box::new(Relays {
@@ -976,8 +997,15 @@ impl EmbeddedTurn {
         tracing::info!(
             udp = %udp_local, tcp = ?tcp_local, tls = ?tls_local, %public, "STUN/TURN listening"
         );
-        let turn =
-            Self { server, udp: udp_local, tcp: tcp_local, tls: tls_local, tls_handoff, public };
+        let turn = Self {
+            server,
+            udp: udp_local,
+            tcp: tcp_local,
+            tls: tls_local,
+            tls_handoff,
+            public,
+            stopping,
+        };
         Ok((turn, offer))
     }
 
@@ -1023,6 +1051,7 @@ impl EmbeddedTurn {
 
     /// Stops relaying and closes every allocation.
     pub async fn close(&self) {
+        self.stopping.store(true, Ordering::Release);
         if let Err(e) = self.server.close().await {
             tracing::warn!("closing the TURN server: {e}");
         }

@@ -330,19 +330,34 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn for StreamConn<S> {
     }
 }
 
-#[tokio::test]
-async fn turn_over_tcp_allocates_and_relays() {
-    let server = start(TurnConfig::default()).await;
-    let (_ws, servers, _) = join(&server).await;
-    let (username, credential) = turn_entry(&servers);
+/// A TURN client of `server` over TCP.
+async fn tcp_client(server: &Server, username: &str, credential: &str) -> Client {
     let tcp = server.turn().unwrap().tcp_addr().unwrap();
     let stream = TcpStream::connect(tcp).await.unwrap();
     let local = stream.local_addr().unwrap();
     // The client sends to the UDP address it was given; the stream ignores it.
     let conn = StreamConn::new(stream, tcp, local);
-    let c = client_on(&server, Arc::new(conn), &username, &credential).await;
+    client_on(server, Arc::new(conn), username, credential).await
+}
+
+#[tokio::test]
+async fn turn_over_tcp_allocates_and_relays() {
+    let server = start(TurnConfig::default()).await;
+    let (_ws, servers, member) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+    let c = tcp_client(&server, &username, &credential).await;
     let relay = c.allocate().await.unwrap();
     assert_eq!(relay_once(&relay, b"over tcp").await.as_deref(), Some(&b"over tcp"[..]));
+    // An allocation that ends (its member left; as when released or expired) ends alone:
+    // the turn crate closes an allocation's server socket, which for TCP is the listener
+    // every TCP client shares. Another member still allocates over TCP afterwards.
+    server.turn().unwrap().drop_member(&member).await;
+    c.close().await.unwrap();
+    let (_ws, servers, _) = join(&server).await;
+    let (username, credential) = turn_entry(&servers);
+    let c = tcp_client(&server, &username, &credential).await;
+    let relay = c.allocate().await.unwrap();
+    assert_eq!(relay_once(&relay, b"again").await.as_deref(), Some(&b"again"[..]));
     c.close().await.unwrap();
     server.shutdown(STEP).await;
 }

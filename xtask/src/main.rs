@@ -72,7 +72,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("transport", "native transport AEAD: seal GB/s on ring vs. RustCrypto, seal+open MB/s"),
     (
         "relay",
-        "across real NATs (netns, root): NAT matrix, connect time and throughput relayed vs. direct",
+        "across real NATs (netns, root): NAT matrix, connect time, relayed vs. direct, TURN/TCP",
     ),
 ];
 
@@ -441,6 +441,14 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     }
     run_cmd(&mut cmd)?;
     if filter.is_none() {
+        // The vendored webrtc is no workspace member, so `--workspace` skips its tests; run
+        // those of what Weft patched there (the TURN relayer and its TCP/TLS framing). A
+        // build of its own (its features unify apart from the workspace's): minutes, once.
+        run_cmd(
+            Command::new("cargo")
+                .args(["test", "-p", "webrtc", "--lib", "transport::turn_"])
+                .env("CARGO_INCREMENTAL", "0"),
+        )?;
         fuzz::run_fuzz(root, 15)?;
     }
     println!("xtask: all checks passed in {:.0} s", started.elapsed().as_secs_f64());

@@ -4,7 +4,9 @@
 //! address); behind symmetric NATs they connect through the relay; either way a file
 //! arrives whole, nothing leaves the test's own addresses, and a packet capture on the
 //! public host (where the signaling server and the relay run) holds neither the file's
-//! plaintext nor the network's name.
+//! plaintext nor the network's name. A peer whose network lets no UDP out relays over TURN
+//! over TCP, and one whose network lets only TCP to 443 out reaches both the signaling
+//! server and the relay (TURN over TLS) on 443.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -14,7 +16,7 @@ use tokio::io::{BufReader, Lines};
 use serde_json::Value;
 use weft_tests::files::{Scratch, blake3_of, mib};
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir};
-use weft_tests::netns::{Nat, SiteSpec, Topology, netns_available};
+use weft_tests::netns::{Nat, Outbound, SiteSpec, Topology, netns_available};
 
 /// One step on a busy machine.
 const WAIT: Duration = Duration::from_secs(60);
@@ -81,6 +83,44 @@ impl Capture {
     }
 }
 
+/// How `weft-signal` serves in [`send_across`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    /// HTTP on 8080, TURN over UDP and TCP on 3478.
+    Plain,
+    /// HTTPS and TURN over TLS sharing 443 (and TURN over UDP and TCP on 3478), with a
+    /// certificate from a CA of the test's own, which the peers are told to trust.
+    Https443,
+    /// HTTP on 8080, TURN over UDP on 3478, no TURN over TCP, and TURN over TLS on its own
+    /// port (5349) with a certificate from a CA of the test's own, which the peers trust.
+    TurnTlsOnly,
+}
+
+/// `weft-signal`'s arguments for TURN over TLS on 5349 with `cert` and `key`, TURN over TCP
+/// off.
+fn turn_tls_only<'a>(cert: &'a std::path::Path, key: &'a std::path::Path) -> [&'a str; 7] {
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    ["--no-turn-tcp", "--turn-tls-cert", cert, "--turn-tls-key", key, "--turn-tls-port", "5349"]
+}
+
+/// A CA of the test's own and a certificate it issued for `ip`, as PEM files in `dir` named
+/// after `tag`: (CA certificate, server certificate, server key).
+fn test_ca(dir: &std::path::Path, ip: std::net::IpAddr, tag: &str) -> [std::path::PathBuf; 3] {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "Weft test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec![ip.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let paths =
+        ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(format!("{tag}-{name}")));
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    paths
+}
+
 /// Ada (site 0) sends Bea (site 1) a file of `size` bytes (its text full of [`MARKER`])
 /// through `weft-signal` on the public host, in the passphrase network [`NETWORK`], over
 /// access links of `link_mbit` (unlimited: `None`); the path Bea's session took, what Bea
@@ -90,11 +130,37 @@ async fn send_across(
     size: u64,
     link_mbit: Option<u32>,
 ) -> (String, Vec<Value>, Duration) {
+    send_across_via(sites, size, link_mbit, Serving::Plain).await
+}
+
+/// [`send_across`] with the server serving as `serving` says; the path Bea's session took,
+/// what Bea printed, and how long the transfer took.
+async fn send_across_via(
+    sites: [SiteSpec; 2],
+    size: u64,
+    link_mbit: Option<u32>,
+    serving: Serving,
+) -> (String, Vec<Value>, Duration) {
     let topology = Topology::new(&sites).unwrap();
     topology.limit_sites(link_mbit).unwrap();
     let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
-    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let scratch = Scratch::new("nat").unwrap();
+    let mut trust = Vec::new();
+    let server = match serving {
+        Serving::Plain => SignalProcess::start(topology.server(), &[]).await.unwrap(),
+        Serving::TurnTlsOnly => {
+            let [ca, cert, key] = test_ca(scratch.path(), topology.public_ip(), "turn");
+            trust = vec!["--ca-cert".to_string(), ca.to_str().unwrap().to_string()];
+            SignalProcess::start(topology.server(), &turn_tls_only(&cert, &key)).await.unwrap()
+        }
+        Serving::Https443 => {
+            let [ca, cert, key] = test_ca(scratch.path(), topology.public_ip(), "https");
+            let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+            let tls = ["--tls-cert", cert, "--tls-key", key, "--turn-tls-port", "443"];
+            trust = vec!["--ca-cert".to_string(), ca.to_str().unwrap().to_string()];
+            SignalProcess::start_on(topology.server(), 443, &tls).await.unwrap()
+        }
+    };
     let path = scratch.path().join("across.txt");
     let line = format!("{MARKER} {}\n", "x".repeat(64));
     let text = line.repeat(usize::try_from(size).unwrap() / line.len() + 1);
@@ -108,12 +174,14 @@ async fn send_across(
 
     let mut receive = command_on(topology.host(1, 0), &server.ws_url, &dir_b).unwrap();
     network(&mut receive);
+    receive.args(&trust);
     receive.args(["--name", "Bea", "receive", "--once"]);
     receive.args(["--accept-from", "Ada", "--dir"]).arg(&downloads);
     let mut bea = NativePeer::spawn(receive).unwrap();
     bea.expect_event("receiving", WAIT).await.unwrap();
     let mut send = command_on(topology.host(0, 0), &server.ws_url, &dir_a).unwrap();
     network(&mut send);
+    send.args(&trust);
     send.args(["--name", "Ada", "send", "--to", "Bea"]).arg(&path);
     let mut ada = NativePeer::spawn(send).unwrap();
     let started = std::time::Instant::now();
@@ -127,7 +195,13 @@ async fn send_across(
     drop(server);
     let (frames, hits) = capture.finish().await;
     let [marker, name, control] = hits[..] else { unreachable!() };
-    assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
+    if serving != Serving::Https443 {
+        assert!(control > 0, "the capture saw no welcome in {frames} frames: it does not work");
+    } else {
+        // The welcome travels inside TLS too; the relayed packets of the peer outside the
+        // firewall cross in UDP.
+        assert!(frames > 0, "the capture saw nothing: it does not work");
+    }
     assert_eq!(marker, 0, "the file's plaintext crossed the public host");
     assert_eq!(name, 0, "the network's name crossed the public host");
     // It never stalled long enough to give up on Ada (see `native_transfer.rs`).
@@ -160,6 +234,107 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
     assert_eq!(path, "relayed", "{seen:?}");
     let first_look = weft_core::node::NodeTiming::default().upgrade_first;
     assert!(took > first_look + Duration::from_secs(1), "too short to span a look: {took:?}");
+}
+
+/// Ada behind a router that lets out only what `outbound` allows, Bea behind an ordinary
+/// home router: a 1 MiB file goes from Ada to Bea through the relay, `weft-signal` serving
+/// as `serving` says; how long it took.
+async fn relayed_from_behind(outbound: Outbound, serving: Serving) -> Duration {
+    let firewalled = SiteSpec { nat: Nat::EndpointIndependent, outbound, hosts: 1 };
+    let home = SiteSpec::behind(Nat::EndpointIndependent);
+    let (path, seen, took) = send_across_via([firewalled, home], mib(1) + 7, None, serving).await;
+    assert_eq!(path, "relayed", "{seen:?}");
+    took
+}
+
+/// A peer whose network lets no UDP out (Ada) reaches the relay over TURN over TCP and
+/// sends Bea, behind an ordinary home router, a file through it. (Without TURN over TCP
+/// Ada gathers no candidate at all that could reach Bea.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp() {
+    if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp") {
+        return;
+    }
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::Plain).await;
+    println!("UDP blocked: 1 MiB through TURN over TCP in {took:?}");
+}
+
+/// A peer whose network lets only TCP to 443 out (Ada) reaches the signaling server over
+/// HTTPS on 443 and the relay over TURN over TLS on the same port, trusting the server's
+/// certificate through `--ca-cert` (a CA of the test's own), and sends Bea a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_whose_network_lets_only_https_out_connects_through_turns_on_443() {
+    let test = "a_native_peer_whose_network_lets_only_https_out_connects_through_turns_on_443";
+    if !netns_available(test) {
+        return;
+    }
+    let took = relayed_from_behind(Outbound::OnlyTcp443, Serving::Https443).await;
+    println!("only HTTPS out: 1 MiB through TURN over TLS on 443 in {took:?}");
+}
+
+/// The same with TURN over TCP turned off on the server: Ada reaches the relay over TURN
+/// over TLS on its own port (5349), trusting the certificate through `--ca-cert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls() {
+    if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls") {
+        return;
+    }
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::TurnTlsOnly).await;
+    println!("UDP blocked, TURN/TCP off: 1 MiB through TURN over TLS in {took:?}");
+}
+
+/// ...but not to a relay whose certificate no CA it trusts issued: the server's TURN over
+/// TLS certificate names the right address but comes from another CA than the one Ada
+/// trusts. Ada refuses it (the server counts the failed handshake) and finds no path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_refuses_a_turn_server_certificate_it_does_not_trust() {
+    if !netns_available("a_native_peer_refuses_a_turn_server_certificate_it_does_not_trust") {
+        return;
+    }
+    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
+    let topology = Topology::new(&[no_udp, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
+    let scratch = Scratch::new("nat-untrusted").unwrap();
+    let [trusted, _, _] = test_ca(scratch.path(), topology.public_ip(), "trusted");
+    let [_, cert, key] = test_ca(scratch.path(), topology.public_ip(), "other");
+    let server =
+        SignalProcess::start(topology.server(), &turn_tls_only(&cert, &key)).await.unwrap();
+    let (dir_a, dir_b) =
+        (config_dir("untrusted-ada").unwrap(), config_dir("untrusted-bea").unwrap());
+    let invite = "Q".repeat(43);
+    let mut peers = Vec::new();
+    for (site, name, dir) in [(0, "Ada", &dir_a), (1, "Bea", &dir_b)] {
+        let mut up = command_on(topology.host(site, 0), &server.ws_url, dir).unwrap();
+        up.args(["--invite", &invite, "--name", name, "--ca-cert"]).arg(&trusted).arg("up");
+        peers.push(NativePeer::spawn(up).unwrap());
+    }
+    let metrics = format!("{}metrics", server.url);
+    let refused = "weft_turn_refusals_total{reason=\"tls_handshake\"}";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = topology.server().tokio_command("curl").args(["-s", &metrics]).output();
+        let text = String::from_utf8_lossy(&out.await.unwrap().stdout).into_owned();
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(refused)?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if count > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no refused TLS handshake: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for peer in &mut peers {
+        peer.terminate(WAIT).await.unwrap();
+        peer.wait_exit(WAIT).await.unwrap();
+        assert!(peer.seen.iter().any(|v| v["event"] == "joined"), "{:?}", peer.seen);
+        let connected = peer.seen.iter().any(|v| v["event"] == "peer_connected");
+        assert!(!connected, "connected without a trusted relay: {:?}", peer.seen);
+    }
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A relayed session moves to a direct path once one exists, on the same session. Two

@@ -29,7 +29,13 @@
 //! `relay_server_cpu_ms_per_mb`: CPU time of the `weft-signal` process (signaling and
 //! relay) per MB of file relayed, over the relayed runs.
 //!
-//! `WEFT_BENCH_PARTS=throughput` runs only the throughput part. `WEFT_BENCH_RUNS` (default 5) sets the number of alternating runs, `WEFT_BENCH_MB`
+//! - `relay_over_tcp_mb_s` and `relay_over_udp_mb_s`: the same file on 100 Mbit/s access
+//!   links, relayed either way, alternating: from a site whose router drops all UDP (the
+//!   sender reaches the relay over TURN over TCP) and from a symmetric NAT (TURN over UDP),
+//!   to the same receiver behind a symmetric NAT. `relay_over_tcp_vs_udp_ratio` is the
+//!   median of the paired runs' ratios.
+//!
+//! `WEFT_BENCH_PARTS=throughput` runs only the throughput parts, `=tcp` only the last. `WEFT_BENCH_RUNS` (default 5) sets the number of alternating runs, `WEFT_BENCH_MB`
 //! (default 64) the file's size in MiB. Prints `BENCH <metric> <value> <unit>` lines.
 
 use std::path::Path;
@@ -38,7 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use weft_tests::files::{Scratch, TestFile, blake3_of, generate, mib};
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir, weft_peer_bin};
-use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_missing};
+use weft_tests::netns::{Host, Nat, Outbound, SiteSpec, Topology, netns_missing};
 
 use crate::median;
 
@@ -87,6 +93,9 @@ const KINDS: [(Nat, &str); 3] = [
     (Nat::EndpointIndependent, "endpoint-independent NAT"),
     (Nat::Symmetric, "symmetric NAT"),
 ];
+
+/// The site after the matrix's: its router lets no UDP out.
+const NO_UDP_SITE: usize = 2 * KINDS.len();
 
 /// Site indices of the two sites of kind `k`.
 fn sites_of(k: usize) -> (usize, usize) {
@@ -256,15 +265,16 @@ pub async fn main() -> Result<()> {
         return Ok(());
     }
     println!("  weft-peer: {}", weft_peer_bin()?.display());
+    let no_udp = SiteSpec { nat: Nat::EndpointIndependent, outbound: Outbound::NoUdp, hosts: 1 };
     let sites: Vec<SiteSpec> =
-        KINDS.iter().flat_map(|(nat, _)| [SiteSpec::behind(*nat); 2]).collect();
+        KINDS.iter().flat_map(|(nat, _)| [SiteSpec::behind(*nat); 2]).chain([no_udp]).collect();
     let topology = Topology::new(&sites)?;
     let server = SignalProcess::start(topology.server(), &[]).await?;
     let ws = server.ws_url.clone();
     let host = |site: usize| topology.host(site, 0);
 
-    let all = std::env::var("WEFT_BENCH_PARTS").map_or(true, |p| p != "throughput");
-    if all {
+    let parts = std::env::var("WEFT_BENCH_PARTS").unwrap_or_default();
+    if parts != "throughput" && parts != "tcp" {
         matrix_and_connect(&topology, &ws).await?;
     }
     let server_pid = server.child.id().context("weft-signal exited")?;
@@ -272,6 +282,9 @@ pub async fn main() -> Result<()> {
     let scratch = Scratch::new("bench-relay")?;
     let size = file_size();
     let file = generate(scratch.path(), "relay.bin", size, 7)?;
+    if parts == "tcp" {
+        return relay_over_tcp(&topology, &ws, &file, scratch.path()).await;
+    }
     println!("  access links unlimited (everything shares this machine's cores):");
     let (direct, relay, ratio, server_cpu) =
         throughput(&topology, &ws, &file, scratch.path(), server_pid, "cpu").await?;
@@ -298,6 +311,45 @@ pub async fn main() -> Result<()> {
     println!("BENCH direct_mb_s {direct:.1} MB/s");
     println!("BENCH relay_mb_s {relay:.1} MB/s");
     println!("BENCH relay_vs_direct_ratio {ratio:.2} x");
+    relay_over_tcp(&topology, &ws, &file, scratch.path()).await
+}
+
+/// Alternating transfers of `file` to a receiver behind a symmetric NAT, on 100 Mbit/s
+/// access links, from a sender that reaches the relay over TURN over UDP (behind a
+/// symmetric NAT) and from one that reaches it over TURN over TCP (its site drops UDP).
+async fn relay_over_tcp(
+    topology: &Topology,
+    ws: &str,
+    file: &TestFile,
+    scratch: &Path,
+) -> Result<()> {
+    let host = |site: usize| topology.host(site, 0);
+    let sym = sites_of(2);
+    let mb_s = |took: Duration| file.size as f64 / took.as_secs_f64() / 1e6;
+    topology.limit_sites(Some(ACCESS_MBIT))?;
+    println!("  relayed over TURN/UDP and TURN/TCP, access links limited to {ACCESS_MBIT} Mbit/s:");
+    let (mut udp, mut tcp, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs() {
+        let (u, u_path) =
+            transfer(host(sym.0), host(sym.1), ws, file, scratch, &format!("tu{run}"))
+                .await
+                .with_context(|| format!("run {run}, relayed over TURN/UDP"))?;
+        let (t, t_path) =
+            transfer(host(NO_UDP_SITE), host(sym.1), ws, file, scratch, &format!("tt{run}"))
+                .await
+                .with_context(|| format!("run {run}, relayed over TURN/TCP"))?;
+        if u_path != "relayed" || t_path != "relayed" {
+            bail!("run {run}: the paths were {u_path} and {t_path}, not relayed");
+        }
+        println!("  run {run}: over UDP {:.1} MB/s, over TCP {:.1} MB/s", mb_s(u), mb_s(t));
+        udp.push(mb_s(u));
+        tcp.push(mb_s(t));
+        ratios.push(mb_s(t) / mb_s(u));
+    }
+    topology.limit_sites(None)?;
+    println!("BENCH relay_over_udp_mb_s {:.1} MB/s", median(udp));
+    println!("BENCH relay_over_tcp_mb_s {:.1} MB/s", median(tcp));
+    println!("BENCH relay_over_tcp_vs_udp_ratio {:.2} x", median(ratios));
     if topology.stray_packets().context("counting stray packets")? != 0 {
         bail!("packets left the topology");
     }

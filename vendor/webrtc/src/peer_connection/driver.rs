@@ -5,7 +5,10 @@
 use super::transport::stun_gatherer::{
     RTCStunGatherEventIn, RTCStunGatherEventOut, RTCStunGatherer,
 };
-use super::transport::turn_relayer::{RTCTurnRelayEventIn, RTCTurnRelayEventOut, RTCTurnRelayer};
+use super::transport::turn_relayer::{
+    RTCTurnRelayEventIn, RTCTurnRelayEventOut, RTCTurnRelayer, TurnStreamCommand,
+};
+use super::transport::turn_stream::{RTCTurnStreams, TurnStreamEvent};
 use crate::data_channel::{DataChannelEvent, DataChannelImpl, RTCDataChannelId};
 use crate::media_stream::track_local::TrackLocalEvent;
 use crate::media_stream::track_remote::static_rtp::TrackRemoteStaticRTP;
@@ -499,6 +502,9 @@ pub(crate) struct PeerConnectionDriver<A = SocketAddr> {
     inner: Arc<PeerConnectionRef>,
     stun_gatherer: RTCStunGatherer,
     turn_relayer: RTCTurnRelayer,
+    /// The TURN relayer's connections to servers over TCP and TLS. Kept across rebinds (they
+    /// are not bound to our sockets); the relayer closes the ones it is done with.
+    turn_streams: RTCTurnStreams,
     tcp_transport: RTCTcpTransport,
     mdns_socket: Option<Arc<dyn AsyncUdpSocket>>,
     udp_sockets: HashMap<SocketAddr, Arc<dyn AsyncUdpSocket>>,
@@ -562,6 +568,7 @@ where
         crypto_provider: Arc<dyn rtc::crypto::RTCCryptoProvider>,
         discard_local_candidates_during_ice_restart: bool,
         turn_allocation_refresh_interval_cap: Option<Duration>,
+        turn_tls_config: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
         let runtime = Arc::clone(&inner.runtime);
         Self {
@@ -578,9 +585,10 @@ where
                 ice_servers.clone(),
                 ice_gather_policy,
                 turn_allocation_refresh_interval_cap,
-                runtime,
+                Arc::clone(&runtime),
                 Arc::clone(&crypto_provider),
             ),
+            turn_streams: RTCTurnStreams::new(runtime, turn_tls_config),
             mdns_socket: None,
             udp_sockets: HashMap::new(),
             gso_scratch: Vec::new(),
@@ -633,6 +641,8 @@ where
         if !self.udp_sockets.is_empty() {
             self.turn_relayer.close()?;
             self.poll_writes().await?;
+            // Their releases are queued on them; each closes once it has written them.
+            self.turn_streams.close_all();
         }
 
         // Drop before binding — see above. Also drops every accepted TCP stream, which is
@@ -831,6 +841,7 @@ where
             .max()
             .unwrap_or(UDP_RECV_BUF_LEN);
         let mut burst_buf = vec![0u8; burst_buf_len];
+        let turn_stream_events = self.turn_streams.events();
 
         loop {
             // Shutdown safety-net. `close()`/`Drop` set this flag and best-effort
@@ -970,6 +981,23 @@ where
 
             // Runtime-agnostic select!
             futures::select! {
+                // A connection to a TURN server over TCP/TLS: up, a message, or gone.
+                turn_stream_event = turn_stream_events.recv().fuse() => {
+                    if let Ok(event) = turn_stream_event {
+                        self.handle_turn_stream_event(event);
+                        // Like the UDP burst drain: take what else has arrived before the
+                        // next pass, so a busy relayed stream costs one pass per burst.
+                        let mut burst = 0;
+                        while burst < MAX_UDP_RECV_BURST {
+                            let Ok(event) = turn_stream_events.try_recv() else {
+                                break;
+                            };
+                            self.handle_turn_stream_event(event);
+                            burst += 1;
+                        }
+                    }
+                }
+
                 // A blocked consumer freed a slot: hand over what was retained, now.
                 _ = consumed.fuse() => {}
 
@@ -1973,7 +2001,13 @@ where
         // were only queued in their TURN client, and go out here, in this pass
         while let Some(msg) = self.turn_relayer.poll_write() {
             let four_tuple: FourTuple = FourTuple::from(&msg.transport);
-            if let Err(err) = self.handle_write(msg).await {
+            // TURN over TCP/TLS goes on the relayer's own connection, not an ICE-TCP stream.
+            let written = if msg.transport.transport_protocol == TransportProtocol::TCP {
+                self.turn_streams.write(msg).map_err(Error::from)
+            } else {
+                self.handle_write(msg).await
+            };
+            if let Err(err) = written {
                 error!(
                     "Failed to write packet to {:?} from {:?}: {}",
                     four_tuple.peer_addr, four_tuple.local_addr, err
@@ -1990,7 +2024,53 @@ where
             }
         }
 
+        // 1.d the relayer's TCP/TLS connections: opened, or closed after the writes above
+        // (a release it queued goes out before its connection closes).
+        while let Some(command) = self.turn_relayer.poll_stream_command() {
+            match command {
+                TurnStreamCommand::Connect(request) => self.turn_streams.connect(request),
+                TurnStreamCommand::Close(id) => self.turn_streams.close(id),
+            }
+        }
+
         Ok(())
+    }
+
+    /// What a connection to a TURN server over TCP/TLS reported. Its messages go to the
+    /// relayer alone: nothing else talks on that connection.
+    fn handle_turn_stream_event(&mut self, event: TurnStreamEvent) {
+        match event {
+            TurnStreamEvent::Connected { id, four_tuple } => {
+                self.turn_streams.connected(id, four_tuple);
+                match self.turn_relayer.stream_connected(id, four_tuple) {
+                    Ok(true) => {}
+                    Ok(false) => self.turn_streams.close(id),
+                    Err(err) => {
+                        error!(
+                            "Failed to start TURN over TCP/TLS to {}: {}",
+                            four_tuple.peer_addr, err
+                        );
+                        self.turn_streams.close(id);
+                    }
+                }
+            }
+            TurnStreamEvent::Message(msg) => {
+                if self.turn_relayer.is_turn_message(&msg)
+                    && let Err(err) = self.turn_relayer.handle_read(msg)
+                {
+                    debug!("TURN over TCP/TLS: message refused: {}", err);
+                }
+            }
+            TurnStreamEvent::Closed { id, reason } => {
+                self.turn_streams.close(id);
+                if self.turn_relayer.stream_closed(id) {
+                    // Not one the relayer closed: unreachable, refused TLS, or lost.
+                    warn!("TURN connection {} failed: {}", id, reason);
+                } else {
+                    debug!("TURN connection {} closed: {}", id, reason);
+                }
+            }
+        }
     }
 
     /// Send a drained batch of outgoing packets, coalescing maximal runs of

@@ -186,6 +186,7 @@ pub struct PeerConnectionBuilder<A: ToSocketAddrs> {
     tcp_addrs: Vec<A>,
     dedicated_reactor_pool_size: usize,
     data_channel_send_buffer_limit: usize,
+    turn_tls_config: Option<Arc<rustls::ClientConfig>>,
     /// Held rather than forwarded immediately, so [`build`](Self::build) can resolve the crypto
     /// provider and inject it before the core connection is constructed — see there for why.
     setting_engine: SettingEngine,
@@ -200,6 +201,7 @@ impl<A: ToSocketAddrs> Default for PeerConnectionBuilder<A> {
             udp_addrs: vec![],
             tcp_addrs: vec![],
             dedicated_reactor_pool_size: 0,
+            turn_tls_config: None,
             setting_engine: SettingEngine::default(),
             // `usize::MAX` = unbounded: no send back-pressure unless the application
             // opts in via `with_data_channel_send_buffer_limit`. This keeps `send`/
@@ -333,6 +335,14 @@ impl<A: ToSocketAddrs> PeerConnectionBuilder<A> {
         self
     }
 
+    /// How TURN servers reached over TLS (`turns:` URLs) are checked: which root
+    /// certificates to trust, and the TLS settings. The certificate must name the URL's host.
+    /// Default: the Mozilla root certificates (`webpki-roots`).
+    pub fn with_turn_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.turn_tls_config = Some(config);
+        self
+    }
+
     /// Builds the [`PeerConnection`] and starts the background event loop driver.
     ///
     /// `A: Send + 'static` because the configured addresses are handed to the driver unresolved
@@ -403,6 +413,7 @@ impl<A: ToSocketAddrs> PeerConnectionBuilder<A> {
             data_channel_send_buffer_limit,
             turn_allocation_refresh_interval_cap,
             crypto_provider,
+            self.turn_tls_config,
         )
         .await
     }
@@ -991,6 +1002,7 @@ impl PeerConnectionImpl {
         data_channel_send_buffer_limit: usize,
         turn_allocation_refresh_interval_cap: Option<Duration>,
         crypto_provider: Arc<dyn crypto::RTCCryptoProvider>,
+        turn_tls_config: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self> {
         let configuration = core.get_configuration();
         let ice_servers = configuration.ice_servers().to_vec();
@@ -1051,6 +1063,7 @@ impl PeerConnectionImpl {
                 crypto_provider,
                 discard_local_candidates_during_ice_restart,
                 turn_allocation_refresh_interval_cap,
+                turn_tls_config,
             );
 
             if let Err(e) = driver.event_loop(driver_event_rx, init_tx).await {

@@ -1,9 +1,10 @@
 //! TURN relayer for async peer connections.
 
+use super::turn_stream::TurnStreamRequest;
 use crate::runtime::Runtime;
 use log::{debug, error, trace, warn};
 use rtc::crypto::RTCCryptoProvider;
-use rtc::ice::url::SchemeType;
+use rtc::ice::url::{ProtoType, SchemeType};
 use rtc::peer_connection::configuration::{RTCIceServer, RTCIceTransportPolicy};
 use rtc::peer_connection::state::RTCIceGatheringState;
 use rtc::peer_connection::transport::{
@@ -23,9 +24,14 @@ use rtc::turn::proto::chandata::ChannelData;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const MAX_PENDING_PACKETS_PER_PEER: usize = 64;
+
+/// Ids of connections to TURN servers over TCP/TLS, unique in the process: a relayer built
+/// again on an ICE-restart rebind must not take an event of its predecessor's for its own.
+static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug)]
 pub(crate) enum RTCTurnRelayEventIn {
@@ -36,6 +42,48 @@ pub(crate) enum RTCTurnRelayEventIn {
 pub(crate) enum RTCTurnRelayEventOut {
     LocalIceCandidate(RTCIceCandidateInit),
     TurnGatheringComplete,
+}
+
+/// What the relayer asks of the driver's connections to TURN servers over TCP and TLS
+/// ([`RTCTurnStreams`](super::turn_stream::RTCTurnStreams)).
+#[derive(Debug)]
+pub(crate) enum TurnStreamCommand {
+    /// Connect; the driver answers with [`RTCTurnRelayer::stream_connected`] or
+    /// [`RTCTurnRelayer::stream_closed`].
+    Connect(TurnStreamRequest),
+    /// Close once what was queued on it is written (an allocation's release).
+    Close(u64),
+}
+
+/// How a TURN client reaches its server. The relayed transport is UDP in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerTransport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl ServerTransport {
+    /// The local preference of relayed candidates gathered this way (RFC 8445 §5.1.2.1
+    /// wants them unique per type): UDP before TCP before TLS, as browsers rank them, so
+    /// a host that reaches the server over UDP too keeps relaying over UDP.
+    fn local_preference(self) -> u32 {
+        match self {
+            ServerTransport::Udp => 65_535,
+            ServerTransport::Tcp => 32_767,
+            ServerTransport::Tls => 16_383,
+        }
+    }
+}
+
+/// A TURN client waiting for its TCP/TLS connection.
+#[derive(Debug)]
+struct PendingStream {
+    url: String,
+    username: String,
+    password: String,
+    server: SocketAddr,
+    transport: ServerTransport,
 }
 
 #[derive(Debug)]
@@ -51,6 +99,9 @@ struct ManagedTurnClient {
     local_addr: SocketAddr,
     relay_addr: Option<SocketAddr>,
     gather_finished: bool,
+    transport: ServerTransport,
+    /// The TCP/TLS connection it talks over, if not UDP.
+    stream: Option<u64>,
 }
 
 pub(crate) struct RTCTurnRelayer {
@@ -69,6 +120,9 @@ pub(crate) struct RTCTurnRelayer {
     pending_permissions: HashMap<rtc::stun::message::TransactionId, PendingPermission>,
     pending_permission_pairs: HashMap<(SocketAddr, SocketAddr), rtc::stun::message::TransactionId>,
     pending_packets: HashMap<(SocketAddr, SocketAddr), VecDeque<TaggedBytesMut>>,
+    /// TURN-over-TCP/TLS clients whose connection is not up yet, by connection id.
+    pending_streams: HashMap<u64, PendingStream>,
+    stream_commands: VecDeque<TurnStreamCommand>,
     /// Refresh(LIFETIME=0) requests queued while retiring a TURN client. They must survive a
     /// configuration reset (which clears `wouts`) and go out on the socket that owns the
     /// allocation, so they are kept apart and sent first.
@@ -100,6 +154,8 @@ impl RTCTurnRelayer {
             pending_permissions: HashMap::new(),
             pending_permission_pairs: HashMap::new(),
             pending_packets: HashMap::new(),
+            pending_streams: HashMap::new(),
+            stream_commands: VecDeque::new(),
             retirement_wouts: VecDeque::new(),
             wouts: VecDeque::new(),
             routs: VecDeque::new(),
@@ -138,6 +194,7 @@ impl RTCTurnRelayer {
         for key in keys {
             self.remove_client(key, true);
         }
+        self.forget_pending_streams();
         self.relay_addrs.clear();
         self.pending_permissions.clear();
         self.pending_permission_pairs.clear();
@@ -162,7 +219,10 @@ impl RTCTurnRelayer {
         ice_servers: &[RTCIceServer],
         ice_gather_policy: RTCIceTransportPolicy,
     ) -> bool {
-        if ice_gather_policy != self.ice_gather_policy || self.clients.is_empty() {
+        if ice_gather_policy != self.ice_gather_policy
+            || self.clients.is_empty()
+            || !self.pending_streams.is_empty()
+        {
             return false;
         }
 
@@ -269,15 +329,15 @@ impl RTCTurnRelayer {
                     continue;
                 }
 
-                if url.is_secure() {
-                    warn!("Skipping unsupported secure TURN url {}", url);
-                    continue;
-                }
-
-                if url.proto.to_string() != "udp" {
-                    warn!("Skipping unsupported non-UDP TURN url {}", url);
-                    continue;
-                }
+                let transport = match (url.is_secure(), url.proto) {
+                    (false, ProtoType::Udp) => ServerTransport::Udp,
+                    (false, ProtoType::Tcp) => ServerTransport::Tcp,
+                    (true, ProtoType::Tcp) => ServerTransport::Tls,
+                    _ => {
+                        warn!("Skipping unsupported TURN url {} (TURN over DTLS?)", url);
+                        continue;
+                    }
+                };
 
                 let turn_server_addr = format!("{}:{}", url.host, url.port);
                 let resolved_addrs = match runtime.resolve_host(&turn_server_addr).await {
@@ -290,6 +350,46 @@ impl RTCTurnRelayer {
                         continue;
                     }
                 };
+
+                if transport != ServerTransport::Udp {
+                    // One connection per server, from whichever local address the OS picks;
+                    // an address family we have a socket for (the relayed candidate is
+                    // signalled beside our host candidates).
+                    let Some(server) = resolved_addrs.iter().copied().find(|addr| {
+                        self.local_addrs.is_empty()
+                            || self
+                                .local_addrs
+                                .iter()
+                                .any(|l| l.is_ipv4() == addr.is_ipv4())
+                    }) else {
+                        continue;
+                    };
+                    let url_text = url.to_string();
+                    let known = self.pending_streams.values().any(|p| p.url == url_text)
+                        || self.clients.values().any(|c| c.url == url_text);
+                    if known {
+                        continue;
+                    }
+                    let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
+                    debug!("TURN connection {} to {} via {}", id, server, url);
+                    self.stream_commands
+                        .push_back(TurnStreamCommand::Connect(TurnStreamRequest {
+                            id,
+                            server,
+                            tls_name: (transport == ServerTransport::Tls).then(|| url.host.clone()),
+                        }));
+                    self.pending_streams.insert(
+                        id,
+                        PendingStream {
+                            url: url_text,
+                            username: url.username.clone(),
+                            password: url.password.clone(),
+                            server,
+                            transport,
+                        },
+                    );
+                    continue;
+                }
 
                 for local_addr in &self.local_addrs {
                     let Some(peer_addr) = resolved_addrs
@@ -339,13 +439,15 @@ impl RTCTurnRelayer {
                             local_addr: *local_addr,
                             relay_addr: None,
                             gather_finished: false,
+                            transport,
+                            stream: None,
                         },
                     );
                 }
             }
         }
 
-        if self.clients.is_empty() {
+        if self.clients.is_empty() && self.pending_streams.is_empty() {
             self.state = RTCIceGatheringState::Complete;
             self.events
                 .push_back(RTCTurnRelayEventOut::TurnGatheringComplete);
@@ -363,6 +465,7 @@ impl RTCTurnRelayer {
                             relay_addr,
                             managed_client.local_addr,
                             &managed_client.url,
+                            managed_client.transport,
                         )?,
                     ));
             }
@@ -375,13 +478,17 @@ impl RTCTurnRelayer {
         relay_addr: SocketAddr,
         local_addr: SocketAddr,
         url: &str,
+        transport: ServerTransport,
     ) -> Result<RTCIceCandidateInit> {
+        let component = 1;
         let candidate = CandidateRelayConfig {
             base_config: CandidateConfig {
                 network: "udp".to_owned(),
                 address: relay_addr.ip().to_string(),
                 port: relay_addr.port(),
-                component: 1,
+                component,
+                // RFC 8445 §5.1.2.1, with a relay's type preference of 0.
+                priority: (transport.local_preference() << 8) + (256 - u32::from(component)),
                 ..Default::default()
             },
             rel_addr: local_addr.ip().to_string(),
@@ -397,6 +504,7 @@ impl RTCTurnRelayer {
 
     fn maybe_emit_gathering_complete(&mut self) {
         if self.state == RTCIceGatheringState::Gathering
+            && self.pending_streams.is_empty()
             && self.clients.values().all(|client| client.gather_finished)
         {
             self.state = RTCIceGatheringState::Complete;
@@ -530,6 +638,10 @@ impl RTCTurnRelayer {
                     self.retirement_wouts.push_back(msg);
                 }
             }
+            // After the release above, which the driver queues on the connection first.
+            if let Some(id) = managed_client.stream {
+                self.stream_commands.push_back(TurnStreamCommand::Close(id));
+            }
             if let Some(relay_addr) = managed_client.relay_addr.take() {
                 self.relay_addrs.remove(&relay_addr);
                 self.pending_packets
@@ -539,6 +651,89 @@ impl RTCTurnRelayer {
                 self.pending_permission_pairs
                     .retain(|(addr, _), _| *addr != relay_addr);
             }
+        }
+    }
+
+    /// The next thing to do with the connections to TURN servers over TCP/TLS.
+    pub(crate) fn poll_stream_command(&mut self) -> Option<TurnStreamCommand> {
+        self.stream_commands.pop_front()
+    }
+
+    /// Connection `id` is up at `four_tuple`: allocate over it. `false` if the relayer no
+    /// longer wants it (the driver then closes it).
+    pub(crate) fn stream_connected(&mut self, id: u64, four_tuple: FourTuple) -> Result<bool> {
+        let Some(pending) = self.pending_streams.remove(&id) else {
+            return Ok(false);
+        };
+        let started = TurnClient::new(
+            TurnClientConfig {
+                stun_serv_addr: pending.server.to_string(),
+                turn_serv_addr: pending.server.to_string(),
+                local_addr: four_tuple.local_addr,
+                transport_protocol: TransportProtocol::TCP,
+                username: pending.username,
+                password: pending.password,
+                realm: String::new(),
+                software: String::new(),
+                rto_in_ms: 0,
+                allocation_refresh_interval_cap: self.allocation_refresh_interval_cap,
+            },
+            Arc::clone(&self.crypto_provider),
+        )
+        .and_then(|mut client| {
+            let allocate_tid = client.allocate(self.runtime.now())?;
+            Ok((client, allocate_tid))
+        });
+        let (client, allocate_tid) = match started {
+            Ok(started) => started,
+            Err(err) => {
+                self.maybe_emit_gathering_complete();
+                return Err(err);
+            }
+        };
+        debug!(
+            "TURN allocation started from {} to {} via {}",
+            four_tuple.local_addr, four_tuple.peer_addr, pending.url
+        );
+        self.clients.insert(
+            four_tuple,
+            ManagedTurnClient {
+                client,
+                url: pending.url,
+                allocate_tid,
+                local_addr: four_tuple.local_addr,
+                relay_addr: None,
+                gather_finished: false,
+                transport: pending.transport,
+                stream: Some(id),
+            },
+        );
+        Ok(true)
+    }
+
+    /// Connection `id` failed or ended: its client, if any, is gone with it (its allocation
+    /// cannot be reached without the connection). `true` if the relayer still wanted it.
+    pub(crate) fn stream_closed(&mut self, id: u64) -> bool {
+        if self.pending_streams.remove(&id).is_some() {
+            self.maybe_emit_gathering_complete();
+            return true;
+        }
+        let key = self
+            .clients
+            .iter()
+            .find(|(_, managed)| managed.stream == Some(id))
+            .map(|(key, _)| *key);
+        let Some(key) = key else {
+            return false;
+        };
+        self.remove_client(key, false);
+        self.maybe_emit_gathering_complete();
+        true
+    }
+
+    fn forget_pending_streams(&mut self) {
+        for (id, _) in self.pending_streams.drain() {
+            self.stream_commands.push_back(TurnStreamCommand::Close(id));
         }
     }
 
@@ -710,6 +905,7 @@ impl Protocol<TaggedBytesMut, TaggedBytesMut, RTCTurnRelayEventIn> for RTCTurnRe
                                 relay_addr,
                                 managed_client.local_addr,
                                 &managed_client.url,
+                                managed_client.transport,
                             ));
                             gathered_complete = true;
                         }
@@ -822,6 +1018,7 @@ impl Protocol<TaggedBytesMut, TaggedBytesMut, RTCTurnRelayEventIn> for RTCTurnRe
         for key in keys {
             self.remove_client(key, true);
         }
+        self.forget_pending_streams();
         Ok(())
     }
 }
@@ -1062,6 +1259,127 @@ mod tests {
             assert!(
                 relayer.is_turn_message(&msg),
                 "a Binding response the TURN client is waiting on is its own"
+            );
+        });
+    }
+
+    fn relayer_for(urls: &[&str], local_addr: SocketAddr) -> RTCTurnRelayer {
+        RTCTurnRelayer::new(
+            vec![local_addr],
+            vec![RTCIceServer {
+                urls: urls.iter().map(|u| u.to_string()).collect(),
+                username: "user".to_owned(),
+                credential: "pass".to_owned(),
+            }],
+            RTCIceTransportPolicy::Relay,
+            None,
+            crate::runtime::default_runtime().expect("test requires a runtime feature"),
+            rtc::crypto::default_provider().expect("a built-in crypto provider for tests"),
+        )
+    }
+
+    /// Weft: `turn:…?transport=tcp` and `turns:` URLs ask the driver for a connection (TLS
+    /// checked against the URL's host), allocate over it once it is up, with requests tagged
+    /// TCP so the driver writes them on it, and gathering waits for them.
+    #[test]
+    fn tcp_and_tls_urls_allocate_over_a_connection_of_their_own() {
+        futures::executor::block_on(async {
+            let local_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 50000);
+            let server = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 3478);
+            let mut relayer = relayer_for(
+                &[
+                    "turn:127.0.0.1:3478?transport=tcp",
+                    "turns:127.0.0.1:443?transport=tcp",
+                ],
+                local_addr,
+            );
+            relayer.gather().await.expect("TURN gather should start");
+            assert!(
+                relayer.poll_write().is_none(),
+                "nothing goes out before a connection"
+            );
+            let mut requests = Vec::new();
+            while let Some(command) = relayer.poll_stream_command() {
+                match command {
+                    TurnStreamCommand::Connect(request) => requests.push(request),
+                    TurnStreamCommand::Close(id) => panic!("closed {id} unasked"),
+                }
+            }
+            assert_eq!(requests.len(), 2, "{requests:?}");
+            assert_eq!(requests[0].server, server);
+            assert_eq!(requests[0].tls_name, None);
+            assert_eq!(requests[1].server.port(), 443);
+            assert_eq!(requests[1].tls_name.as_deref(), Some("127.0.0.1"));
+            assert_eq!(relayer.state(), RTCIceGatheringState::Gathering);
+
+            // The TCP connection comes up: an Allocate goes out on it.
+            let tcp = FourTuple {
+                local_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40001),
+                peer_addr: server,
+            };
+            assert!(
+                relayer
+                    .stream_connected(requests[0].id, tcp)
+                    .expect("client starts")
+            );
+            let allocate = relayer.poll_write().expect("an Allocate request");
+            assert_eq!(
+                allocate.transport.transport_protocol,
+                TransportProtocol::TCP
+            );
+            assert_eq!(FourTuple::from(&allocate.transport), tcp);
+            // Its answer, read from that connection, is the relayer's.
+            let mut request = StunMessage::new();
+            request.raw = allocate.message.to_vec();
+            request.decode().expect("decode Allocate request");
+            let mut answer = tagged(
+                tcp.local_addr,
+                tcp.peer_addr,
+                &build_turn_allocate_unauthorized(request.transaction_id).raw,
+            );
+            answer.transport.transport_protocol = TransportProtocol::TCP;
+            assert!(relayer.is_turn_message(&answer));
+
+            // The TLS one fails: gathering still waits for the TCP allocation...
+            assert!(relayer.stream_closed(requests[1].id));
+            assert_eq!(relayer.state(), RTCIceGatheringState::Gathering);
+            // ...and when that connection goes too, the client goes and gathering ends.
+            assert!(relayer.stream_closed(requests[0].id));
+            assert_eq!(relayer.state(), RTCIceGatheringState::Complete);
+            assert!(!relayer.stream_closed(requests[0].id), "already gone");
+            // A late answer for a connection the relayer gave up is refused.
+            assert!(
+                !relayer
+                    .stream_connected(requests[1].id, tcp)
+                    .expect("no client")
+            );
+        });
+    }
+
+    /// Closing the relayer closes its connections (after any release it queued, which
+    /// `poll_write` hands out before the driver reads this command).
+    #[test]
+    fn closing_the_relayer_closes_its_connections() {
+        futures::executor::block_on(async {
+            let local_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 50000);
+            let mut relayer = relayer_for(&["turn:127.0.0.1:3478?transport=tcp"], local_addr);
+            relayer.gather().await.expect("TURN gather should start");
+            let Some(TurnStreamCommand::Connect(request)) = relayer.poll_stream_command() else {
+                panic!("no connection asked for");
+            };
+            let tcp = FourTuple {
+                local_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40001),
+                peer_addr: request.server,
+            };
+            assert!(
+                relayer
+                    .stream_connected(request.id, tcp)
+                    .expect("client starts")
+            );
+            relayer.poll_write().expect("an Allocate request");
+            relayer.close().expect("close");
+            assert!(
+                matches!(relayer.poll_stream_command(), Some(TurnStreamCommand::Close(id)) if id == request.id)
             );
         });
     }

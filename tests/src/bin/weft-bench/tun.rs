@@ -529,25 +529,65 @@ async fn ping_ms(from: &Host, target: IpAddr) -> Result<f64> {
     Ok(median(times))
 }
 
-/// One more 4-stream run through Weft with `perf record` on each `weft-peer`.
+/// The system calls `profile` counts (`perf stat`), by name.
+const SYSCALLS: [&str; 10] = [
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "sendmsg",
+    "sendmmsg",
+    "recvmsg",
+    "recvmmsg",
+    "epoll_wait",
+    "futex",
+];
+
+/// One of `host`'s TUN device counters (`/sys/class/net/weft0/statistics/NAME`).
+fn tun_counter(host: &Host, name: &str) -> Result<u64> {
+    let out =
+        host.command("cat").arg(format!("/sys/class/net/weft0/statistics/{name}")).output()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().with_context(|| format!("no {name}"))
+}
+
+/// One more 4-stream run through Weft with `perf record` on each `weft-peer`, and `perf
+/// stat` counting its system calls and context switches: per 1280 bytes that crossed its
+/// TUN device (a full-size packet's worth; the sender reads them, the receiver writes them).
 async fn profile(pair: &VethPair, paths: &Paths, dir: &Path, seconds: u64) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     let mut perfs = Vec::new();
+    let events: Vec<String> = SYSCALLS
+        .iter()
+        .map(|s| format!("syscalls:sys_enter_{s}"))
+        .chain(["context-switches".to_string()])
+        .collect();
     for (pid, side) in paths.pids[Way::Weft.index()].iter().zip(["a", "b"]) {
-        let data = dir.join(format!("perf-{side}.data"));
-        let perf = Command::new("perf")
-            .args(["record", "-F", "499", "--call-graph", "dwarf", "-p", &pid.to_string(), "-o"])
-            .arg(&data)
+        let pid = pid.to_string();
+        let record = Command::new("perf")
+            .args(["record", "-F", "499", "--call-graph", "dwarf", "-p", &pid, "-o"])
+            .arg(dir.join(format!("perf-{side}.data")))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start perf")?;
-        perfs.push(perf);
+        let stat = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", &events.join(","), "-p", &pid, "-o"])
+            .arg(dir.join(format!("stat-{side}.txt")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start perf")?;
+        perfs.extend([record, stat]);
     }
     // perf attaches within a moment; the first second of the run is not counted anyway.
+    let sent = tun_counter(&pair.a, "tx_bytes")?;
+    let received = tun_counter(&pair.b, "rx_bytes")?;
     let rate = iperf(&pair.a, paths.targets[Way::Weft.index()], 4, seconds).await?;
+    let sent = tun_counter(&pair.a, "tx_bytes")? - sent;
+    let received = tun_counter(&pair.b, "rx_bytes")? - received;
     for perf in &mut perfs {
         if let Some(pid) = perf.id() {
             std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
@@ -558,5 +598,24 @@ async fn profile(pair: &VethPair, paths: &Paths, dir: &Path, seconds: u64) -> Re
         "  profiled a 4-stream run through Weft ({rate:.0} Mbit/s under perf): {}/perf-{{a,b}}.data",
         dir.display()
     );
+    for (side, bytes, what) in [("a", sent, "sender"), ("b", received, "receiver")] {
+        let stat = std::fs::read_to_string(dir.join(format!("stat-{side}.txt")))?;
+        let packets = (bytes as f64 / 1280.0).max(1.0);
+        let mut per_packet = Vec::new();
+        for line in stat.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let fields: Vec<&str> = line.split(',').collect();
+            let (Some(count), Some(event)) = (fields.first(), fields.get(2)) else { continue };
+            let Ok(count) = count.parse::<f64>() else { continue };
+            let name = event.trim_start_matches("syscalls:sys_enter_");
+            if count > 0.0 {
+                per_packet.push(format!("{name} {:.2}", count / packets));
+            }
+        }
+        println!(
+            "  {what} ({:.0} full-size packets' worth through its TUN), per packet: {}",
+            packets,
+            per_packet.join(", ")
+        );
+    }
     Ok(())
 }

@@ -65,6 +65,9 @@
 //! [`Topology`] deletes its namespaces, which deletes their interfaces. End the processes
 //! started inside first: a namespace lives on, nameless, while a process is still in it.
 //!
+//! For what crosses one link (benchmarks of tunnels), [`VethPair`] is smaller: two hosts on
+//! one veth pair and a server host beside them, named and cleaned up the same way.
+//!
 //! Tests skip (printing why) when the machine cannot do this ([`netns_missing`]), unless
 //! `WEFT_REQUIRE_NETNS` is set, which `cargo xtask test` does.
 

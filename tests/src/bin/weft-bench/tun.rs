@@ -491,18 +491,27 @@ async fn iperf_server(host: &Host) -> Result<Child> {
 /// `iperf3` TCP from `from` to `target` with `streams` parallel streams for `seconds`
 /// (after one not counted): the rate received, in Mbit/s.
 async fn iperf(from: &Host, target: IpAddr, streams: u32, seconds: u64) -> Result<f64> {
-    let mut cmd = from.tokio_command("iperf3");
-    cmd.args(["-c", &target.to_string(), "-J", "-O", "1", "-t", &seconds.to_string()])
-        .args(["-P", &streams.to_string()])
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(WAIT + Duration::from_secs(seconds), cmd.output())
-        .await
-        .with_context(|| format!("iperf3 to {target} did not finish"))??;
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("iperf3 to {target}: {}", String::from_utf8_lossy(&out.stderr)))?;
-    if let Some(error) = report["error"].as_str() {
-        bail!("iperf3 to {target}: {error}");
-    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let report = loop {
+        let mut cmd = from.tokio_command("iperf3");
+        cmd.args(["-c", &target.to_string(), "-J", "-O", "1", "-t", &seconds.to_string()])
+            .args(["-P", &streams.to_string()])
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(WAIT + Duration::from_secs(seconds), cmd.output())
+            .await
+            .with_context(|| format!("iperf3 to {target} did not finish"))??;
+        let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("iperf3 to {target}: {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        let Some(error) = report["error"].as_str() else { break report };
+        // The server closes its listening socket after a test and opens a new one: a test
+        // that comes in between is refused (or finds it busy). Try again.
+        let between = error.contains("Connection refused") || error.contains("busy");
+        if !between || tokio::time::Instant::now() > deadline {
+            bail!("iperf3 to {target}: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let bits = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .with_context(|| format!("iperf3 to {target}: no received rate"))?;

@@ -38,14 +38,15 @@ use crate::netconf::NetConf;
 use crate::rtc::{RtcConfig, RtcPeer};
 use crate::signaling::{self, SignalingError, SignalingSocket};
 use crate::store::Store;
-use crate::tun::{Tun, TunState};
+use crate::tun::{Tun, TunReader, TunState};
 
 /// Packets read from the TUN device at most before the node's outputs are acted on
 /// (they are read as long as the device has some, up to this many).
 const TUN_BATCH: usize = 64;
-
-/// Inputs taken at most before the node's outputs are acted on.
-const INPUT_BATCH: usize = 32;
+/// Inputs (connection events, above all data-channel packets and finished writes) handed
+/// to the node at most before its outputs are acted on, when they come faster than one at
+/// a time.
+const INPUT_BATCH: usize = 64;
 
 /// How long leaving waits for Close frames to be acknowledged, and then for each
 /// connection (and the signaling socket) to close.
@@ -352,8 +353,7 @@ async fn run(
     signaling::check_url(&mesh.url)?;
     let now = mesh.now();
     mesh.node.start(now);
-    let mut tun_device = mesh.tun.as_ref().map(Tun::device);
-    let mut tun_buf = vec![0; usize::from(crate::tun::MAX_MTU)];
+    let mut tun_reader = mesh.tun.as_ref().map(Tun::reader);
     loop {
         mesh.act();
         if let Some(message) = mesh.refused.take() {
@@ -366,7 +366,8 @@ async fn run(
                 mesh.input(input);
                 // Those already waiting too, before acting: during a transfer each message
                 // and each finished write is an input, and one pass of acting (and of
-                // setting up this select and its timer) then serves several.
+                // setting up this select and its timer) then serves several; a burst of
+                // packets from a peer reaches the TUN device in one batch ([`Tun::flush`]).
                 for _ in 1..INPUT_BATCH {
                     let Ok(input) = inputs.try_recv() else { break };
                     mesh.input(input);
@@ -394,22 +395,23 @@ async fn run(
                 }
             },
             () = sleep_until(wake) => mesh.input(Input::Timeout),
-            read = recv_tun(tun_device.as_deref(), &mut tun_buf) => {
-                if let Err(e) = mesh.tun_packets(read, tun_device.as_deref(), &mut tun_buf) {
+            read = recv_tun(tun_reader.as_mut()) => {
+                let reader = tun_reader.as_mut();
+                if let Err(e) = read.and_then(|()| mesh.tun_packets(reader)) {
                     mesh.emit(MeshEvent::Warning(format!(
                         "cannot read from the TUN device any more: {e}"
                     )));
-                    tun_device = None;
+                    tun_reader = None;
                 }
             }
         }
     }
 }
 
-/// The next packet from the TUN device (never, without one).
-async fn recv_tun(device: Option<&tun_rs::AsyncDevice>, buf: &mut [u8]) -> std::io::Result<usize> {
-    match device {
-        Some(device) => device.recv(buf).await,
+/// The next read from the TUN device (never, without one).
+async fn recv_tun(reader: Option<&mut TunReader>) -> std::io::Result<()> {
+    match reader {
+        Some(reader) => reader.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -444,32 +446,35 @@ impl Mesh {
         self.node.handle_input(now, input, &mut self.rng);
     }
 
-    /// Hands the node the packet `read` into `buf`, and those the device has ready after
-    /// it (up to [`TUN_BATCH`]); an error if the device cannot be read.
-    fn tun_packets(
-        &mut self,
-        read: std::io::Result<usize>,
-        device: Option<&tun_rs::AsyncDevice>,
-        buf: &mut [u8],
-    ) -> std::io::Result<()> {
-        let mut read = read;
-        for _ in 0..TUN_BATCH {
-            match read {
-                Ok(n) => self.input(Input::TunPacket(buf[..n].to_vec())),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+    /// Hands the node the packets `reader` read, and those the device has ready after them
+    /// (until [`TUN_BATCH`] packets); an error if the device cannot be read.
+    fn tun_packets(&mut self, reader: Option<&mut TunReader>) -> std::io::Result<()> {
+        let Some(reader) = reader else { return Ok(()) };
+        let mut handed = 0;
+        loop {
+            for packet in reader.packets() {
+                self.input(Input::TunPacket(packet.to_vec()));
+                handed += 1;
+            }
+            if handed >= TUN_BATCH {
+                return Ok(());
+            }
+            match reader.try_recv() {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            let Some(device) = device else { break };
-            read = device.try_recv(buf);
         }
-        Ok(())
     }
 
     /// Does everything the node asks.
     fn act(&mut self) {
         while let Some(output) = self.node.poll_output() {
             self.act_on(output);
+        }
+        if let Some(tun) = &mut self.tun {
+            tun.flush();
         }
     }
 
@@ -556,7 +561,7 @@ impl Mesh {
             }
             Output::Event(event) => self.on_event(event),
             Output::TunWrite(packet) => {
-                if let Some(tun) = &self.tun {
+                if let Some(tun) = &mut self.tun {
                     tun.write(&packet);
                 }
             }

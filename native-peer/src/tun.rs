@@ -19,12 +19,24 @@
 //! through this device. Forwarded traffic (exit nodes, subnet routes) is clamped on the
 //! forwarding path by nftables (`crate::netconf`), which also puts the routes into the
 //! device beyond its own two ranges.
+//!
+//! The device is opened with the kernel's offloads (`IFF_VNET_HDR`, TSO and checksum
+//! offload; tun-rs's `offload`), as wireguard-go does since 2023: one read gives a TCP
+//! segment of up to 64 KiB that tun-rs splits into packets of the MTU ([`TunReader`]), and
+//! the packets the node writes are queued and written at the end of each round
+//! ([`Tun::flush`]), tun-rs coalescing consecutive segments of one TCP flow into one write
+//! (GRO), so the kernel's TCP stack handles one large segment instead of dozens. The node
+//! still sees and sends one IP packet of at most the MTU at a time. Measured in
+//! `core/ROUTING.md` ("Measured"). Where the kernel refuses the offloads, the device is
+//! opened without them and each packet is one read or one write.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{
+    AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
+};
 use weft_core::node::OverlayStatus;
 
 /// The device's name unless `--tun-name` says otherwise.
@@ -116,6 +128,13 @@ pub struct TunState {
 pub struct Tun {
     device: Arc<AsyncDevice>,
     state: TunState,
+    /// Packets queued for the device ([`Tun::write`]): each in a buffer that starts with
+    /// room for the virtio header the offloads need; buffers are reused.
+    queue: Vec<Vec<u8>>,
+    /// How many of `queue` hold a packet.
+    queued: usize,
+    /// tun-rs's coalescing state, reused.
+    gro: GROTable,
 }
 
 impl std::fmt::Debug for Tun {
@@ -131,23 +150,42 @@ impl Tun {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(TunError::NoDevice);
         }
-        let device = DeviceBuilder::new()
-            .name(&name)
-            .mtu(config.mtu)
-            .enable(true)
-            .build_async()
-            .map_err(|source| classify(&name, source))?;
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(&name)
+                .mtu(config.mtu)
+                .offload(offload)
+                .enable(true)
+                .build_async()
+                .map_err(|source| classify(&name, source))
+        };
+        let device = match build(true) {
+            Ok(device) => device,
+            // Permission and a busy name do not depend on the offloads.
+            Err(
+                e @ (TunError::NotPermitted { .. } | TunError::Busy { .. } | TunError::NoDevice),
+            ) => {
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::debug!("TUN offloads unavailable ({e}); without them");
+                build(false)?
+            }
+        };
         // The name the kernel gave (the same, unless it had a `%d`).
         let name = device.name().unwrap_or(name);
         Ok(Self {
             device: Arc::new(device),
             state: TunState { name, mtu: config.mtu, ipv4: None, ipv6: None },
+            queue: Vec::new(),
+            queued: 0,
+            gro: GROTable::new(),
         })
     }
 
-    /// The device, for reading packets.
-    pub fn device(&self) -> Arc<AsyncDevice> {
-        Arc::clone(&self.device)
+    /// What reads the device's packets.
+    pub fn reader(&self) -> TunReader {
+        TunReader::new(Arc::clone(&self.device), self.state.mtu)
     }
 
     /// What is set on it.
@@ -155,12 +193,39 @@ impl Tun {
         &self.state
     }
 
-    /// Writes one packet from the node to the kernel. A TUN write does not block in
-    /// practice; if the kernel's queue is full the packet is dropped, as a router would.
-    pub fn write(&self, packet: &[u8]) {
-        if let Err(e) = self.device.try_send(packet) {
-            tracing::debug!("TUN write dropped a packet: {e}");
+    /// Queues one packet from the node for the kernel; [`Tun::flush`] writes the queue (and
+    /// so does a full queue). The copy gives the packet the room for the virtio header in
+    /// front; it costs far less than the system call that batching saves.
+    pub fn write(&mut self, packet: &[u8]) {
+        if self.queued == self.queue.len() {
+            self.queue.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + usize::from(self.state.mtu)));
         }
+        let buf = &mut self.queue[self.queued];
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        self.queued += 1;
+        if self.queued >= IDEAL_BATCH_SIZE {
+            self.flush();
+        }
+    }
+
+    /// Writes the queued packets to the kernel, consecutive segments of one TCP flow
+    /// coalesced into one write where the offloads are on. A TUN write does not block in
+    /// practice; if the kernel's queue is full a packet is dropped, as a router would.
+    pub fn flush(&mut self) {
+        if self.queued == 0 {
+            return;
+        }
+        let queue = &mut self.queue[..self.queued];
+        // The blocking device's call on our non-blocking descriptor: it writes what it can
+        // now (the async one would wait, and the node's outputs are acted on in one go).
+        let sent =
+            DeviceImpl::send_multiple(&self.device, &mut self.gro, queue, VIRTIO_NET_HDR_LEN);
+        if let Err(e) = sent {
+            tracing::debug!("TUN write dropped packets: {e}");
+        }
+        self.queued = 0;
     }
 
     /// Sets our addresses from the node's status (replacing the old ones if they changed);
@@ -216,6 +281,77 @@ impl Tun {
 
     fn error(&self, what: &str, source: io::Error) -> TunError {
         TunError::Configure { what: what.into(), name: self.state.name.clone(), source }
+    }
+}
+
+/// Reads packets from the device: [`TunReader::recv`] waits for a read,
+/// [`TunReader::try_recv`] takes one if there is one, and [`TunReader::packets`] are the
+/// IP packets of the last read (one, or the MTU-sized pieces of a large TCP segment).
+pub struct TunReader {
+    device: Arc<AsyncDevice>,
+    /// What one read gives, virtio header included: up to 64 KiB with offloads.
+    raw: Vec<u8>,
+    /// The packets of the last read, and their sizes.
+    packets: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    count: usize,
+}
+
+impl std::fmt::Debug for TunReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunReader").field("count", &self.count).finish_non_exhaustive()
+    }
+}
+
+impl TunReader {
+    fn new(device: Arc<AsyncDevice>, mtu: u16) -> Self {
+        // A 64 KiB segment in pieces of the smallest MTU fits (tun-rs's ideal batch).
+        let packets = vec![vec![0; usize::from(mtu)]; IDEAL_BATCH_SIZE];
+        Self {
+            device,
+            raw: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
+            sizes: vec![0; packets.len()],
+            packets,
+            count: 0,
+        }
+    }
+
+    /// Waits for the device and reads once.
+    pub async fn recv(&mut self) -> io::Result<()> {
+        self.count = 0;
+        let read = self.device.recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0);
+        self.count = dropping_malformed(read.await)?;
+        Ok(())
+    }
+
+    /// Reads once if a packet is waiting (`WouldBlock` if none is).
+    pub fn try_recv(&mut self) -> io::Result<()> {
+        self.count = 0;
+        let read =
+            self.device.try_recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0);
+        self.count = dropping_malformed(read)?;
+        Ok(())
+    }
+
+    /// The IP packets of the last read.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.packets.iter().zip(&self.sizes).take(self.count).map(|(p, &n)| &p[..n])
+    }
+}
+
+/// A read's packet count; a read the kernel did but tun-rs could not split (a segment it
+/// does not understand, or larger than our buffers after someone raised the MTU) is
+/// dropped, counting 0, rather than ending the reading. Only the system call's own errors
+/// (they carry an OS error code) and "nothing to read" are errors.
+fn dropping_malformed(read: io::Result<usize>) -> io::Result<usize> {
+    let waiting =
+        |e: &io::Error| matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted);
+    match read {
+        Err(e) if e.raw_os_error().is_none() && !waiting(&e) => {
+            tracing::debug!("TUN read dropped: {e}");
+            Ok(0)
+        }
+        read => read,
     }
 }
 

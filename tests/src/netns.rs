@@ -65,6 +65,9 @@
 //! [`Topology`] deletes its namespaces, which deletes their interfaces. End the processes
 //! started inside first: a namespace lives on, nameless, while a process is still in it.
 //!
+//! For what crosses one link (benchmarks of tunnels), [`VethPair`] is smaller: two hosts on
+//! one veth pair and a server host beside them, named and cleaned up the same way.
+//!
 //! Tests skip (printing why) when the machine cannot do this ([`netns_missing`]), unless
 //! `WEFT_REQUIRE_NETNS` is set, which `cargo xtask test` does.
 
@@ -208,17 +211,8 @@ impl Topology {
         // From here on, dropping `topology` (on any error) deletes what was made.
         let topology =
             Self { prefix, namespaces, internet: internet.clone(), server, sites: site_hosts };
-        for ns in &topology.namespaces {
-            let etc = Path::new(ETC_NETNS_DIR).join(ns);
-            std::fs::create_dir_all(&etc)?;
-            std::fs::write(etc.join("resolv.conf"), RESOLV_CONF)?;
-        }
-
         // The namespaces and the veth pairs between them, each end made in its namespace.
-        let mut root = String::new();
-        for ns in &topology.namespaces {
-            root += &format!("netns add {ns}\n");
-        }
+        let mut root = namespaces_batch(&topology.namespaces)?;
         let veth = |a: &str, a_ns: &str, b: &str, b_ns: &str| {
             format!("link add {a} netns {a_ns} type veth peer name {b} netns {b_ns}\n")
         };
@@ -422,10 +416,111 @@ impl Drop for Topology {
     }
 }
 
-/// Deletes the named namespaces (with their interfaces) and their `/etc/netns` files,
-/// going on past those already gone.
+/// Two hosts joined by one veth pair, and a server host linked to each by a veth of its
+/// own: for benchmarks of what crosses one link (`bench tun`: raw, through WireGuard, through
+/// Weft), with the server (signaling, STUN) beside that link, not on it. Nothing links it to
+/// the machine's network. Dropping it ends every process still inside its namespaces and
+/// deletes them.
+///
+/// ```text
+///   a ── eth0 198.18.0.1/24 ═══ veth ═══ 198.18.0.2/24 eth0 ── b
+///   │ eth1 198.19.1.1/24                 198.19.2.1/24 eth1 │
+///   └──── 198.19.1.254 ── server 198.19.0.1 ── 198.19.2.254 ─┘
+/// ```
+///
+/// `a.ip` and `b.ip` are their `eth0` addresses (bind to them to use the shared link); the
+/// server's address is on its loopback, routed to over each host's `eth1`, and the server
+/// routes the hosts' `eth0` addresses back the same way (so a STUN request from a socket
+/// bound to `eth0` is answered). IPv6 is off, as in [`Topology`].
+#[derive(Debug)]
+pub struct VethPair {
+    prefix: String,
+    namespaces: Vec<String>,
+    /// The first host.
+    pub a: Host,
+    /// The second host.
+    pub b: Host,
+    /// The server host.
+    pub server: Host,
+}
+
+impl VethPair {
+    /// Builds the three namespaces and their links; ready when this returns.
+    pub fn new() -> Result<Self> {
+        remove_stale_namespaces()?;
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}-{}-pair{n}", std::process::id());
+        let host = |role: &str, ip: Ipv4Addr| Host {
+            netns: format!("{prefix}-{role}"),
+            ip: IpAddr::V4(ip),
+        };
+        let a = host("a", Ipv4Addr::new(198, 18, 0, 1));
+        let b = host("b", Ipv4Addr::new(198, 18, 0, 2));
+        let server = host("srv", Ipv4Addr::new(198, 19, 0, 1));
+        let namespaces = vec![a.netns.clone(), b.netns.clone(), server.netns.clone()];
+        // From here on, dropping `pair` (on any error) deletes what was made.
+        let pair = Self { prefix, namespaces, a, b, server };
+        let (a, b, srv) = (&pair.a.netns, &pair.b.netns, &pair.server.netns);
+        let mut root = namespaces_batch(&pair.namespaces)?;
+        root += &format!("link add eth0 netns {a} type veth peer name eth0 netns {b}\n");
+        root += &format!("link add eth1 netns {a} type veth peer name to-a netns {srv}\n");
+        root += &format!("link add eth1 netns {b} type veth peer name to-b netns {srv}\n");
+        run(Command::new("ip").args(["-batch", "-"]), &root)?;
+        let server_ip = pair.server.ip;
+        for (k, h) in [&pair.a, &pair.b].into_iter().enumerate() {
+            let site = octet(k);
+            let batch = format!(
+                "link set eth0 up\naddr add {}/24 dev eth0\n{}route add {server_ip}/32 via {}\n",
+                h.ip,
+                up("eth1", lan_ip(site, 1)),
+                lan_ip(site, GATEWAY),
+            );
+            configure(&h.netns, false, &batch)?;
+        }
+        let mut batch = format!("addr add {server_ip}/32 dev lo\n");
+        for (k, (dev, h)) in [("to-a", &pair.a), ("to-b", &pair.b)].into_iter().enumerate() {
+            batch += &up(dev, lan_ip(octet(k), GATEWAY));
+            batch += &format!("route add {}/32 via {}\n", h.ip, lan_ip(octet(k), 1));
+        }
+        configure(srv, false, &batch)?;
+        Ok(pair)
+    }
+
+    /// The start of every namespace name of this pair (`weft-<pid>-pair<n>-`).
+    pub fn prefix(&self) -> String {
+        format!("{}-", self.prefix)
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        if let Err(e) = delete_namespaces(&self.namespaces) {
+            eprintln!("netns: cleaning up {}: {e:#}", self.prefix);
+        }
+    }
+}
+
+/// Writes each namespace's `/etc/netns` resolver file; the `ip -batch` lines that add the
+/// namespaces.
+fn namespaces_batch(names: &[String]) -> Result<String> {
+    let mut batch = String::new();
+    for ns in names {
+        let etc = Path::new(ETC_NETNS_DIR).join(ns);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(etc.join("resolv.conf"), RESOLV_CONF)?;
+        batch += &format!("netns add {ns}\n");
+    }
+    Ok(batch)
+}
+
+/// Ends every process still inside the named namespaces (`SIGKILL`, by pid: a daemon a
+/// test or benchmark started and did not end, or one left by a killed run), then deletes
+/// the namespaces (with their interfaces) and their `/etc/netns` files, going on past those
+/// already gone. Without the first step a daemon would keep its namespace alive, nameless.
 fn delete_namespaces(names: &[String]) -> Result<()> {
     for ns in names {
+        kill_processes_in(ns);
         let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS_DIR).join(ns));
     }
     let batch: String = names
@@ -437,6 +532,19 @@ fn delete_namespaces(names: &[String]) -> Result<()> {
         return Ok(());
     }
     run(Command::new("ip").args(["-force", "-batch", "-"]), &batch)
+}
+
+/// Sends `SIGKILL` to every process in the namespace `ns` (`ip netns pids`), if it exists.
+fn kill_processes_in(ns: &str) {
+    if !Path::new(NETNS_DIR).join(ns).exists() {
+        return;
+    }
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else { return };
+    let pids: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+    if !pids.is_empty() {
+        let _ = Command::new("kill").arg("-KILL").args(&pids).stderr(Stdio::null()).status();
+    }
 }
 
 /// Site `s`, or host `i` of a site, counted from 1 in addresses (`new` checks the bounds).

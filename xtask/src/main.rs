@@ -22,6 +22,18 @@ const DEBIAN_BROWSER_PACKAGES: &[&str] = &["chromium", "chromium-driver"];
 /// Debian package).
 const NETNS_TOOLS: &[(&str, &str, &str)] =
     &[("ip", "-V", "iproute2"), ("nft", "--version", "nftables")];
+/// What `bench tun` compares Weft's TUN with, from Debian: (program, its version flag,
+/// package). wireguard-go 0.0.20220316 and wireguard-tools are Debian 12's; `ping` measures
+/// ICMP echo through every tunnel alike.
+const TUN_BENCH_TOOLS: &[(&str, &str, &str)] = &[
+    ("iperf3", "--version", "iperf3"),
+    ("wireguard-go", "--version", "wireguard-go"),
+    ("wg", "--version", "wireguard-tools"),
+    ("ping", "-V", "iputils-ping"),
+];
+/// boringtun's command line (a current Rust userspace WireGuard), built from crates.io
+/// into `target/tools` at this version: the one the anchors in issue #12 were measured with.
+const BORINGTUN_CLI_VERSION: &str = "0.7.1";
 
 #[derive(Debug, Parser)]
 #[command(about = "Weft's build, run, test and bench tasks")]
@@ -73,6 +85,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "relay",
         "across real NATs (netns, root): NAT matrix, connect time, relayed vs. direct, TURN/TCP",
+    ),
+    (
+        "tun",
+        "IP through weft-peer's TUN vs. wireguard-go, boringtun and the raw veth (netns, root)",
     ),
 ];
 
@@ -169,13 +185,24 @@ fn status_within(cmd: &mut Command, limit: Duration) -> Result<Option<ExitStatus
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
+    apt_install_with(packages, &[])
+}
+
+/// [`apt_install`] with extra `apt-get install` options.
+fn apt_install_with(packages: &[&str], options: &[&str]) -> Result<()> {
     if !have("apt-get") {
         bail!("missing {}: install them with your system's package manager", packages.join(", "));
     }
     println!("xtask: installing Debian packages: {}", packages.join(" "));
     let env = [("DEBIAN_FRONTEND", "noninteractive")];
     run_cmd(Command::new("apt-get").args(["update", "-q"]).envs(env))?;
-    run_cmd(Command::new("apt-get").args(["install", "-y", "-q"]).args(packages).envs(env))
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(options)
+            .args(packages)
+            .envs(env),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -276,15 +303,59 @@ fn ensure_browser() -> Result<()> {
 }
 
 fn ensure_netns_tools() -> Result<()> {
-    let missing: Vec<&str> = NETNS_TOOLS
-        .iter()
-        .filter(|(program, flag, _)| !have_with(program, flag))
-        .map(|(_, _, package)| *package)
-        .collect();
+    let missing = missing_packages(NETNS_TOOLS);
     if missing.is_empty() {
         return Ok(());
     }
     apt_install(&missing)
+}
+
+/// The packages of `tools` whose program does not run.
+fn missing_packages<'a>(tools: &[(&str, &str, &'a str)]) -> Vec<&'a str> {
+    tools
+        .iter()
+        .filter(|(program, flag, _)| !have_with(program, flag))
+        .map(|(_, _, package)| *package)
+        .collect()
+}
+
+/// What `bench tun` runs besides Weft: the Debian tools ([`TUN_BENCH_TOOLS`]) and
+/// `boringtun-cli` built into `<target>/tools`; the path of `boringtun-cli`.
+fn ensure_tun_bench_tools(target: &Path) -> Result<PathBuf> {
+    ensure_netns_tools()?;
+    let missing = missing_packages(TUN_BENCH_TOOLS);
+    if !missing.is_empty() {
+        // Without recommends: wireguard-tools recommends a kernel image (there is no
+        // kernel WireGuard here anyway; the bench runs both userspace implementations).
+        apt_install_with(&missing, &["--no-install-recommends"])
+            .with_context(|| format!("bench tun needs {} (Debian packages)", missing.join(", ")))?;
+        let still = missing_packages(TUN_BENCH_TOOLS);
+        if !still.is_empty() {
+            bail!("bench tun needs {}, still missing after apt-get install", still.join(", "));
+        }
+    }
+    let root = target.join("tools");
+    let boringtun = root.join("bin/boringtun-cli");
+    let installed = Command::new(&boringtun)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    if installed.split_whitespace().nth(1) != Some(BORINGTUN_CLI_VERSION) {
+        println!("xtask: building boringtun-cli {BORINGTUN_CLI_VERSION} from crates.io (once)");
+        run_cmd(
+            Command::new("cargo")
+                .args(["install", "--locked", "boringtun-cli", "--version"])
+                .arg(BORINGTUN_CLI_VERSION)
+                .arg("--root")
+                .arg(&root),
+        )
+        .with_context(|| format!("bench tun needs boringtun-cli {BORINGTUN_CLI_VERSION}"))?;
+    }
+    Ok(boringtun)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -490,6 +561,10 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
     }
     if name == "relay" {
         ensure_netns_tools()?;
+    }
+    if name == "tun" {
+        let target = release.parent().context("no target directory")?;
+        cmd.env("WEFT_BORINGTUN_BIN", ensure_tun_bench_tools(target)?);
     }
     run_cmd(&mut cmd)
 }

@@ -8,8 +8,9 @@ mod session;
 mod signal;
 mod transfer;
 mod transport;
+mod tun;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 /// The median of `v` (the mean of the middle two for an even count; 0 for none).
 fn median(mut v: Vec<f64>) -> f64 {
@@ -24,6 +25,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// CPU time (user + system) a process used so far, in milliseconds.
+pub(crate) fn cpu_ms(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).context("no utime")?;
+    let sys: u64 = fields.get(12).and_then(|f| f.parse().ok()).context("no stime")?;
+    // Linux reports in USER_HZ, 100 per second.
+    Ok((ticks + sys) as f64 * 10.0)
+}
+
 fn main() -> Result<()> {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -33,8 +46,12 @@ fn main() -> Result<()> {
         "signal" => signal::main(),
         "transfer" => transfer::main(),
         "transport" => transport::main(),
+        "tun" => tun::main(),
         _ => {
-            bail!("usage: weft-bench native|relay|session|signal|transfer|transport (got {name:?})")
+            bail!(
+                "usage: weft-bench native|relay|session|signal|transfer|transport|tun (got \
+                 {name:?})"
+            )
         }
     }
 }

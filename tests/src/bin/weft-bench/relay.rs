@@ -46,7 +46,7 @@ use weft_tests::files::{Scratch, TestFile, blake3_of, generate, mib};
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir, weft_peer_bin};
 use weft_tests::netns::{Host, Nat, Outbound, SiteSpec, Topology, netns_missing};
 
-use crate::median;
+use crate::{cpu_ms, median};
 
 const RUNS: usize = 5;
 /// The access links' speed in the link-bound part: a good home or 5G uplink.
@@ -60,18 +60,6 @@ fn runs() -> usize {
 
 fn file_size() -> u64 {
     mib(std::env::var("WEFT_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64))
-}
-
-/// CPU time (user + system) a process used so far, in milliseconds.
-fn cpu_ms(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) end with ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).context("no utime")?;
-    let sys: u64 = fields.get(12).and_then(|f| f.parse().ok()).context("no stime")?;
-    // Linux reports in USER_HZ, 100 per second.
-    Ok((ticks + sys) as f64 * 10.0)
 }
 
 /// Datagrams the kernel of `host`'s namespace dropped for want of receive buffer space

@@ -408,7 +408,9 @@ impl Cli {
     fn invite_text(&self) -> anyhow::Result<Option<Zeroizing<String>>> {
         if let Some(link) = &self.invite {
             eprintln!(
-                "warning: an invite on the command line can be read by other users of this                  machine (ps) and stays in your shell's history; use --invite-file PATH (or -                  for standard input) or WEFT_INVITE"
+                "warning: an invite on the command line can be read by other users of this machine \
+                 (ps) and stays in your shell's history; use --invite-file PATH (or - for \
+                 standard input) or WEFT_INVITE"
             );
             return Ok(Some(Zeroizing::new(link.clone())));
         }

@@ -295,6 +295,7 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
     } else {
         say!("I am {name}, safety code {}", fp.short_code());
     }
+    let mut stop = StopSignals::new()?;
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -323,11 +324,7 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                     tokio::spawn(async move { control::answer(stream, &status).await });
                 }
             }
-            r = tokio::signal::ctrl_c() => {
-                r.context("cannot listen for Ctrl-C")?;
-                break;
-            }
-            () = terminated() => break,
+            _ = stop.recv() => break,
         }
         if mesh.is_finished() {
             while let Ok(event) = events.try_recv() {
@@ -645,17 +642,55 @@ async fn send_and_flush(mesh: &MeshHandle, peer: &PeerId, text: &str) -> anyhow:
     Ok(())
 }
 
-#[cfg(unix)]
-pub(crate) async fn terminated() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
-        Err(_) => std::future::pending().await,
-    }
+/// Which signal asked us to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Ctrl-C (SIGINT).
+    Interrupted,
+    /// SIGTERM.
+    Terminated,
 }
 
-#[cfg(not(unix))]
-pub(crate) async fn terminated() {
-    std::future::pending().await
+/// Ctrl-C and SIGTERM, listened for from creation on. A listener made anew in each turn
+/// of a loop (`tokio::signal::ctrl_c()` inside a `select!`) misses a signal that arrives
+/// between two turns, while the loop is busy with an event: once tokio has installed its
+/// handler the process no longer dies of it either, so it would never leave. These
+/// streams keep such a signal for the next [`StopSignals::recv`].
+pub(crate) struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening.
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// The next stop signal.
+    pub(crate) async fn recv(&mut self) -> Stop {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => Stop::Interrupted,
+                _ = self.terminate.recv() => Stop::Terminated,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Stop::Interrupted
+        }
+    }
 }

@@ -17,7 +17,7 @@ use weft_core::trust::Trust;
 use crate::files::{SendItem, hash_file};
 use crate::mesh::{MeshEvent, MeshHandle, PeerInfo, PeerState};
 use crate::output::{Printer, file_json, file_text};
-use crate::{Joined, terminated};
+use crate::{Joined, Stop, StopSignals};
 use weft_core::node::Event;
 
 /// How often JSON `hashing` lines are printed at most.
@@ -327,6 +327,7 @@ async fn send_inner(
     // Serve until every recipient has everything.
     let mut sent: HashMap<(PeerId, Root), u64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut stop = StopSignals::new()?;
     loop {
         if recipients.iter().all(|r| r.remaining.is_empty()) {
             break;
@@ -358,14 +359,12 @@ async fn send_inner(
                 }
                 continue;
             }
-            r = tokio::signal::ctrl_c() => {
-                r.context("cannot listen for Ctrl-C")?;
+            stopped = stop.recv() => {
                 bars.clear();
-                bail!("interrupted before every file was delivered");
-            }
-            () = terminated() => {
-                bars.clear();
-                bail!("terminated before every file was delivered");
+                match stopped {
+                    Stop::Interrupted => bail!("interrupted before every file was delivered"),
+                    Stop::Terminated => bail!("terminated before every file was delivered"),
+                }
             }
         };
         let Some(event) = event else {
@@ -546,15 +545,12 @@ async fn receive_inner(
     // With --once: the first accepted offer's files still to be saved.
     let mut target: Option<(PeerId, u64, HashSet<Root>)> = None;
     let mut total_len = 0;
+    let mut stop = StopSignals::new()?;
     bars.say(json!({"event": "receiving"}), || "waiting for files (Ctrl-C to stop)".into());
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
-            r = tokio::signal::ctrl_c() => {
-                r.context("cannot listen for Ctrl-C")?;
-                break;
-            }
-            () = terminated() => break,
+            _ = stop.recv() => break,
         };
         let Some(event) = event else {
             bars.clear();

@@ -20,9 +20,6 @@ use crate::output::{Printer, file_json, file_text};
 use crate::{Joined, Stop, StopSignals};
 use weft_core::node::Event;
 
-/// How often JSON `hashing` lines are printed at most.
-const HASHING_EVERY: Duration = Duration::from_millis(250);
-
 /// Progress bars, or nothing with `--json`.
 struct Bars {
     multi: MultiProgress,
@@ -191,7 +188,7 @@ async fn send_inner(
             let mut last = Instant::now();
             hash_file(&source, |done| {
                 hashing_bar.set_position(done);
-                if json && (last.elapsed() >= HASHING_EVERY || done >= size) {
+                if json && (last.elapsed() >= weft_core::node::PROGRESS_EVERY || done >= size) {
                     last = Instant::now();
                     let v =
                         json!({"event": "hashing", "path": path, "done_bytes": done, "size": size});

@@ -155,9 +155,6 @@ use crate::events::{FileEvent, JsEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
 use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
 
-/// Least time between two `hashing` events of one file.
-const HASHING_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
 /// The signaling protocol version this build speaks.
 #[wasm_bindgen(js_name = protocolVersion)]
 pub fn protocol_version() -> u32 {
@@ -792,7 +789,7 @@ async fn hash_and_share(
         }
         let mut last_event = now();
         let digest = files::hash_entry(&entry, |done| {
-            if now().saturating_sub(last_event) >= HASHING_EVERY || done >= size {
+            if now().saturating_sub(last_event) >= weft_core::node::PROGRESS_EVERY || done >= size {
                 last_event = now();
                 let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: done, size };
                 emit(inner, vec![JsEvent::File(ev)]);

@@ -115,7 +115,7 @@ impl Default for NodeTiming {
             heartbeat: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             max_reconnects: 5,
-            progress_every: Duration::from_millis(250),
+            progress_every: PROGRESS_EVERY,
             save_every: Duration::from_millis(500),
             path_every: Duration::from_secs(2),
             upgrade_first: Duration::from_secs(5),
@@ -215,6 +215,10 @@ impl Channel {
         matches!(self, Channel::Control)
     }
 }
+
+/// Least time between two progress reports of one file: downloads and uploads (the node's
+/// [`NodeTiming::progress_every`] by default) and the drivers' hashing before an offer.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// How long the polite side of a new connection waits for the impolite side's offer
 /// before making its own (in case the impolite side never learned of it).

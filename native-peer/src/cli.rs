@@ -36,7 +36,14 @@ pub struct Cli {
 
     /// An invite link, or the invite itself. Other users of this machine can read it (in
     /// `ps`) and it stays in the shell's history: prefer `--invite-file` or `WEFT_INVITE`.
-    #[arg(long, global = true, value_name = "LINK", conflicts_with = "invite_file")]
+    /// An invite is base64url, so one in 64 starts with `-`: it is still a value, not a flag.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LINK",
+        conflicts_with = "invite_file",
+        allow_hyphen_values = true
+    )]
     pub invite: Option<String>,
 
     /// A file holding the invite link (or the invite), `-` for standard input (else
@@ -474,5 +481,17 @@ mod tests {
         assert_eq!(invite_of(&invite), invite);
         assert_eq!(invite_of(&format!(" https://host/#invite={invite}\n")), invite);
         assert_eq!(invite_of(&format!("https://host/?x=1#invite={invite}&y")), invite);
+    }
+
+    /// One invite in 64 starts with `-` (base64url): `--invite -F…` once failed as
+    /// "unexpected argument '-F'", in CI and for the users who drew such an invite.
+    #[test]
+    fn an_invite_that_starts_with_a_hyphen_is_a_value() {
+        use clap::Parser;
+        let invite = format!("-F{}", "Q".repeat(41));
+        let cli = Cli::try_parse_from(["weft-peer", "--invite", &invite, "status"]).unwrap();
+        assert_eq!(cli.invite.as_deref(), Some(invite.as_str()));
+        let cli = Cli::try_parse_from(["weft-peer", "status", "--invite", &invite]).unwrap();
+        assert_eq!(cli.invite.as_deref(), Some(invite.as_str()));
     }
 }

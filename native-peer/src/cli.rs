@@ -315,9 +315,11 @@ pub enum Command {
         /// Where files go (partial downloads wait in DIR/.weft-partial).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// Whose offers to accept: a display name, peer id, key fingerprint or safety
-        /// code, or `any`; repeatable. Other offers are declined.
-        #[arg(long = "accept-from", value_name = "PEER|any", default_value = "any")]
+        /// Whose offers to accept: a display name (the key pinned for it), peer id, key
+        /// fingerprint or safety code, or `any` (any member whose key did not change);
+        /// repeatable. Other offers are declined. Without it, each offer is asked about on
+        /// the terminal, and declined where there is none.
+        #[arg(long = "accept-from", value_name = "PEER|any")]
         accept_from: Vec<String>,
         /// Exit once the first accepted offer is complete.
         #[arg(long)]

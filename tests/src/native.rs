@@ -114,6 +114,8 @@ fn peer_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::n
 }
 
 fn base_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) {
+    // Nobody answers questions a test did not plan (a test that does gives its own stdin).
+    cmd.stdin(Stdio::null());
     cmd.arg("--server")
         .arg(server_ws)
         .arg("--config-dir")

@@ -30,6 +30,7 @@
 //! keys, cryptokey routing of packets between the TUN ([`Input::TunPacket`],
 //! [`Output::TunWrite`]) and the peers' data channels. See `core/ROUTING.md`.
 
+mod accept;
 mod address;
 mod files;
 mod ip;
@@ -44,6 +45,7 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
+pub use self::accept::{AcceptPolicy, DeclineReason, OfferVerdict};
 pub use self::address::{
     MAX_IPV4_CANDIDATES, OVERLAY_IPV4, ipv4_candidate, ipv4_candidate_index, ipv6_address,
     ipv6_interface_id, ipv6_prefix,

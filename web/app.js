@@ -55,6 +55,12 @@ function renderPeers() {
     if (p.trust === "verified") {
       li.append(el("span", { className: "meta trust-verified", textContent: "✓ verified" }));
     }
+    if (p.looksLike) {
+      li.append(el("span", {
+        className: "warn",
+        textContent: `⚠ looks like "${p.looksLike}", but has another key. It may be someone posing as them.`,
+      }));
+    }
     if (p.trust === "changed") {
       const warn = el("span", {
         className: "warn",

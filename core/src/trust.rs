@@ -101,6 +101,26 @@ impl TrustStore {
         })
     }
 
+    /// Another pinned name that `name` looks like (`аlice` with a Cyrillic `а` for
+    /// `alice`, see [`crate::text::skeleton`]) whose key is not `fingerprint`: an
+    /// impostor's name, or a coincidence the user should see either way. Verified names
+    /// are named first.
+    pub fn look_alike(&self, name: &str, fingerprint: &Fingerprint) -> Option<&str> {
+        let hex = fingerprint.to_hex();
+        let skeleton = crate::text::skeleton(name);
+        let mut alikes: Vec<(&String, &Pin)> = self
+            .peers
+            .iter()
+            .filter(|(other, pin)| {
+                other.as_str() != name
+                    && pin.fingerprint != hex
+                    && crate::text::skeleton(other) == skeleton
+            })
+            .collect();
+        alikes.sort_by_key(|(_, pin)| !pin.verified);
+        alikes.first().map(|(other, _)| other.as_str())
+    }
+
     /// A person compared the short code of `fingerprint` with `name`'s own and they match.
     /// Pins the key if `name` had none; does nothing if `name` is pinned to another key
     /// (accept it first with [`Self::accept_new_key`]).

@@ -873,6 +873,27 @@ fn a_verified_member_that_renames_itself_is_not_verified_under_the_new_name() {
     assert!(sim.messages(0).contains(&("eve".into(), "hi".into())), "{:?}", sim.messages(0));
 }
 
+/// A member that takes a name looking like a pinned one ("bеa" with a Cyrillic "е") shows
+/// as a new key, and is flagged as looking like the pinned name; the real one is not.
+#[test]
+fn a_member_whose_name_looks_like_a_pinned_one_is_flagged() {
+    let mut sim = mesh(6, &["ada", "bea", "mal"]);
+    let (b, m) = (sim.id(1), sim.id(2));
+    let now = sim.now;
+    sim.nodes[2].node.set_name(now, "b\u{435}a");
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    let seen = sim.node(0).peer(&m).unwrap();
+    assert_eq!((seen.trust, seen.looks_like.as_deref()), (Some(Trust::New), Some("bea")));
+    assert_eq!(sim.node(0).peer(&b).unwrap().looks_like, None);
+    // A name unlike any pinned one is not flagged.
+    let now = sim.now;
+    sim.nodes[2].node.set_name(now, "eve");
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.node(0).peer(&m).unwrap().looks_like, None);
+}
+
 #[test]
 fn join_and_leave_churn_settles_into_a_full_mesh() {
     let mut sim = Sim::new(5);

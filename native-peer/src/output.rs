@@ -33,6 +33,7 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         "fingerprint": p.fingerprint.as_ref().map(|f| f.to_hex()),
         "safety_code": p.fingerprint.as_ref().map(|f| f.short_code()),
         "trust": p.trust.map(Trust::as_str),
+        "looks_like": p.looks_like,
         "rtt_ms": p.rtt.map(ms),
         "ipv4": p.ipv4,
         "ipv6": p.ipv6,
@@ -59,6 +60,9 @@ fn describe(p: &PeerInfo) -> String {
     }
     if let Some(trust) = p.trust {
         s.push_str(&format!(", key {}", trust.as_str()));
+    }
+    if let Some(alike) = &p.looks_like {
+        s.push_str(&format!(", LOOKS LIKE {alike:?} (another key)"));
     }
     if let Some(rtt) = p.rtt {
         s.push_str(&format!(", RTT {:.1} ms", ms(rtt)));
@@ -291,13 +295,17 @@ impl Printer {
         for p in peers {
             let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
             say!(
-                "{} ({}): {}{}{}{}",
+                "{} ({}): {}{}{}{}{}",
                 p["name"].as_str().unwrap_or("?"),
                 p["peer_id"].as_str().unwrap_or("?"),
                 p["state"].as_str().unwrap_or("?"),
                 field("ipv4"),
                 p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
                 p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),
+                p["looks_like"]
+                    .as_str()
+                    .map(|a| format!(", LOOKS LIKE {a:?} (another key)"))
+                    .unwrap_or_default(),
             );
         }
     }

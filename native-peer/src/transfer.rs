@@ -606,7 +606,10 @@ impl Asker {
     /// Queues `offer`'s question, asking it now if it is the only one.
     fn ask(&mut self, bars: &Bars, offer: Offer, info: Option<&PeerInfo>) {
         let name = info.map_or_else(|| offer.peer.to_string(), name_of);
-        let trust = info.and_then(|p| p.trust).map_or("unknown", Trust::as_str);
+        let mut trust = info.and_then(|p| p.trust).map_or("unknown", Trust::as_str).to_string();
+        if let Some(alike) = info.and_then(|p| p.looks_like.as_deref()) {
+            trust.push_str(&format!(", LOOKS LIKE {alike:?} (another key)"));
+        }
         let key = info.and_then(|p| p.fingerprint).map(|f| f.to_hex()[..16].to_string());
         let size: u64 = offer.items.iter().map(|i| i.size).sum();
         let first = offer.items.first().map_or(String::new(), |i| format!(" ({}, …)", i.path));

@@ -49,6 +49,9 @@ pub(crate) struct PeerInfo {
     pub short_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trust: Option<&'static str>,
+    /// Another pinned name its name looks like, under another key: show it loudly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub looks_like: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
     /// Its overlay addresses (`100.x.y.z`, `fd..`), once it announced them.
@@ -68,6 +71,7 @@ impl From<&NodeInfo> for PeerInfo {
             fingerprint: p.fingerprint.as_ref().map(Fingerprint::to_hex),
             short_code: p.fingerprint.as_ref().map(Fingerprint::short_code),
             trust: p.trust.map(Trust::as_str),
+            looks_like: p.looks_like.clone(),
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             ipv4: p.ipv4.map(|a| a.to_string()),
             ipv6: p.ipv6.map(|a| a.to_string()),

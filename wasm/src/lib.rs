@@ -33,12 +33,13 @@
 //! //                        while the server restarts, stays in peers() until its
 //! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
-//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, rttMs?,
+//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, looksLike?, rttMs?,
 //! //                          ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |
 //! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
 //! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
-//! //                        was pinned to another key before: warn loudly)
+//! //                        was pinned to another key before: warn loudly); looksLike: another
+//! //                        pinned name this one looks like, under another key (warn loudly)
 //! //          "message"     { peerId, name, text, at }   (at: ms since the epoch)
 //! session.status;              // current status (as in "status" events)
 //! session.ownId;               // our peer id on the signaling server, once joined

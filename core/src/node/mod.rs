@@ -1243,6 +1243,7 @@ impl Node {
             if let (Some(fp), Some(name)) = (&slot.fingerprint, slot.link.peer_name()) {
                 let trust = self.trust.observe(name, fp);
                 slot.trust = Some(trust);
+                slot.looks_like = self.trust.look_alike(name, fp).map(str::to_string);
                 save_trust = true;
                 if let Trust::Changed { .. } = trust {
                     events.push(Event::KeyChanged(slot.info(remote, &self.overlay)));
@@ -1772,6 +1773,7 @@ impl Node {
             if let Some(slot) = self.peers.get_mut(id) {
                 if let Some(fp) = &slot.fingerprint {
                     slot.trust = self.trust.check(name, fp);
+                    slot.looks_like = self.trust.look_alike(name, fp).map(str::to_string);
                 }
                 if let Some(key) = slot.link.peer_identity() {
                     // Trust decides which subnet and exit routes are accepted (our own

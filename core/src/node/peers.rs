@@ -95,6 +95,9 @@ pub struct PeerInfo {
     pub fingerprint: Option<Fingerprint>,
     /// `new`, `known`, `verified` or `changed`.
     pub trust: Option<Trust>,
+    /// Another pinned name its name looks like, pinned to another key ("аlice" with a
+    /// Cyrillic "а" for "alice"): show it loudly beside the name.
+    pub looks_like: Option<String>,
     /// Round-trip time (session pings, or ICE).
     pub rtt: Option<Duration>,
     /// Its overlay IPv4 address, once it announced it (and nobody ranking higher claims
@@ -120,6 +123,7 @@ pub(crate) struct PeerSlot {
     pub path_rtt: Option<Duration>,
     pub fingerprint: Option<Fingerprint>,
     pub trust: Option<Trust>,
+    pub looks_like: Option<String>,
     pub failure: Option<PeerFailure>,
     /// Fresh connections made since the last established session.
     pub reconnects: u32,
@@ -150,6 +154,7 @@ impl PeerSlot {
             path_rtt: None,
             fingerprint: None,
             trust: None,
+            looks_like: None,
             failure: None,
             reconnects: 0,
             orphan: false,
@@ -190,6 +195,7 @@ impl PeerSlot {
             name: self.link.peer_name().map(str::to_string),
             fingerprint: self.fingerprint,
             trust: self.trust,
+            looks_like: self.looks_like.clone(),
             rtt: self.link_rtt.or(self.path_rtt),
             ipv4,
             ipv6,

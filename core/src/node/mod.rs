@@ -627,6 +627,11 @@ pub struct Node {
     overlay: Overlay,
     /// The peer id whose established session carries each key's traffic.
     by_key: BTreeMap<PublicIdentity, PeerId>,
+    /// Seals what we send members through the server and opens what they send (invite
+    /// networks; see [`crate::sealed`]).
+    sealer: Option<crate::sealed::SignalSealer>,
+    /// Signaling payloads that did not open (forged, rewritten, misdirected), dropped.
+    refused_signals: u64,
     out: VecDeque<Output>,
 }
 
@@ -641,6 +646,7 @@ impl Node {
         let user_ice = config.ice_servers;
         let room = network.room_id().clone();
         let overlay = Overlay::new(config.routing, &network, *identity.public());
+        let sealer = network.signal_sealer();
         Self {
             identity,
             network,
@@ -664,6 +670,8 @@ impl Node {
             server_ice: Vec::new(),
             overlay,
             by_key: BTreeMap::new(),
+            sealer,
+            refused_signals: 0,
             out: VecDeque::new(),
         }
     }
@@ -874,7 +882,13 @@ impl Node {
         }
     }
 
-    fn send_signal(&mut self, to: &PeerId, payload: SignalPayload) {
+    fn send_signal(&mut self, to: &PeerId, payload: SignalPayload, rng: &mut impl CryptoRng) {
+        let payload = match (&self.sealer, self.signaling.own_id()) {
+            (Some(sealer), Some(own)) => sealer.seal(own, to, &payload, rng),
+            // Not in the room (yet or any more): nobody to address it from.
+            (Some(_), None) => return,
+            (None, _) => payload,
+        };
         let mut act = Vec::new();
         self.signaling.send(&ClientMessage::Signal { to: to.clone(), payload }, &mut act);
         for a in act {
@@ -1074,6 +1088,18 @@ impl Node {
     }
 
     fn on_signal(&mut self, now: Duration, from: &PeerId, payload: SignalPayload) {
+        let payload = match (&self.sealer, self.signaling.own_id()) {
+            (None, _) => payload,
+            (Some(sealer), Some(own)) => match sealer.open(from, own, &payload) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    self.refused_signals += 1;
+                    tracing::warn!("dropped a signaling payload from {from}: {e}");
+                    return;
+                }
+            },
+            (Some(_), None) => return,
+        };
         if !self.peers.contains_key(from) {
             // An offer from an id we do not know (we missed its join, or it raced our
             // welcome): a new peer. Anything else for an unknown id is stale.
@@ -1102,7 +1128,7 @@ impl Node {
         match event {
             ConnectionEvent::LocalSignal(payload) => {
                 if !slot.orphan {
-                    self.send_signal(&remote, payload);
+                    self.send_signal(&remote, payload, rng);
                 }
                 return;
             }
@@ -1959,6 +1985,12 @@ impl Node {
     /// Our id on the signaling server, once joined.
     pub fn own_id(&self) -> Option<&PeerId> {
         self.signaling.own_id()
+    }
+
+    /// Signaling payloads that did not open and were dropped: forged, rewritten or
+    /// misdirected by the server, or sent by someone without the network's secret.
+    pub fn refused_signals(&self) -> u64 {
+        self.refused_signals
     }
 
     /// The network's room.

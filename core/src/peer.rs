@@ -36,7 +36,7 @@ use crate::handshake::{
 };
 use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::Network;
-use crate::sdp::dtls_fingerprint;
+use crate::sdp::{FingerprintProblem, the_dtls_fingerprint};
 use crate::signal::PeerId;
 use crate::transport::{Channel, ChannelSessions, TransportError};
 
@@ -148,6 +148,10 @@ pub enum LinkError {
     /// A connection description has no DTLS fingerprint to bind the handshake to.
     #[error("the {0} connection description has no DTLS fingerprint")]
     NoDtlsFingerprint(&'static str),
+    /// A connection description names more than one DTLS certificate: the handshake could
+    /// bind one while DTLS accepted another.
+    #[error("the {0} connection description has more than one DTLS fingerprint")]
+    SeveralDtlsFingerprints(&'static str),
     /// Nothing can be sent before the session is established.
     #[error("no encrypted session with this peer yet")]
     NotEstablished,
@@ -369,10 +373,14 @@ impl PeerLink {
         now: Duration,
         rng: &mut impl CryptoRng,
     ) {
-        let binding = match (dtls_fingerprint(local_sdp), dtls_fingerprint(remote_sdp)) {
-            (Some(local), Some(remote)) => ChannelBinding::new(local, remote),
-            (None, _) => return self.fail(LinkError::NoDtlsFingerprint("local")),
-            (_, None) => return self.fail(LinkError::NoDtlsFingerprint("remote")),
+        let fingerprint = |sdp, side| match the_dtls_fingerprint(sdp) {
+            Ok(fp) => Ok(fp),
+            Err(FingerprintProblem::Missing) => Err(LinkError::NoDtlsFingerprint(side)),
+            Err(_) => Err(LinkError::SeveralDtlsFingerprints(side)),
+        };
+        let binding = match (fingerprint(local_sdp, "local"), fingerprint(remote_sdp, "remote")) {
+            (Ok(local), Ok(remote)) => ChannelBinding::new(local, remote),
+            (Err(e), _) | (_, Err(e)) => return self.fail(e),
         };
         let binding = match binding {
             Ok(b) => b,

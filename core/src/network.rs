@@ -43,6 +43,7 @@ const PSK_ID_LABEL: &[u8] = b"weft/v1/hpke psk id";
 const HANDSHAKE_MAC_LABEL: &[u8] = b"weft/v1/handshake network mac key";
 const OVERLAY_GLOBAL_ID_LABEL: &[u8] = b"weft/v1/overlay ipv6 global id";
 const SIGNAL_SEAL_LABEL: &[u8] = b"weft/v1/signal seal";
+const IDENTITY_SALT_LABEL: &[u8] = b"weft/v1/network identity salt";
 
 /// Argon2id cost parameters for [`NetworkSecret::from_passphrase`].
 ///
@@ -220,6 +221,11 @@ impl NetworkSecret {
     /// every other value derived here.
     pub(crate) fn overlay_global_id(&self) -> [u8; 5] {
         *self.derive::<5>(OVERLAY_GLOBAL_ID_LABEL)
+    }
+
+    /// Salt of a device's identity in this network ([`crate::identity::IdentityKeyPair::for_network`]).
+    pub(crate) fn identity_salt(&self) -> Zeroizing<[u8; 32]> {
+        self.derive::<32>(IDENTITY_SALT_LABEL)
     }
 
     /// Key of sealed signaling payloads (`sealed.rs`).

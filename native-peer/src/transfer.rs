@@ -675,6 +675,8 @@ async fn receive_inner(
     accept_from: &[String],
     once: bool,
 ) -> anyhow::Result<()> {
+    // Listening before the first line goes out: whoever read it may stop us at once.
+    let mut stop = StopSignals::new()?;
     let mut bars = Bars::new(printer.json);
     let policy = AcceptPolicy::from_words(accept_from).context("--accept-from")?;
     // Without a rule every offer is a question; where nobody can answer, all are declined.
@@ -688,7 +690,6 @@ async fn receive_inner(
     // With --once: the first accepted offer's files still to be saved.
     let mut target: Option<(PeerId, u64, HashSet<Root>)> = None;
     let mut total_len = 0;
-    let mut stop = StopSignals::new()?;
     bars.say(json!({"event": "receiving"}), || "waiting for files (Ctrl-C to stop)".into());
     loop {
         let event = tokio::select! {

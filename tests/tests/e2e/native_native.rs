@@ -284,3 +284,30 @@ async fn keys_are_listed_verified_by_safety_code_and_a_changed_one_accepted() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// One device (one config directory, one `identity.key`) shows a key of each network's
+/// own, the same one each time it comes back: a member of two networks cannot tell by key
+/// that it meets the same device in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_has_a_key_of_its_own_in_each_network() {
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let dir = config_dir("per-network").unwrap();
+    let identity_in = |invite: String| {
+        let (url, dir) = (url.clone(), dir.clone());
+        async move {
+            let mut up = command(&url, &dir, LOOPBACK).unwrap();
+            up.args(["--invite", &invite, "--name", "Ada", "up"]);
+            let mut peer = NativePeer::spawn(up).unwrap();
+            let id = peer.expect_event("identity", WAIT).await.unwrap();
+            assert!(peer.terminate(WAIT).await.unwrap().success());
+            id["fingerprint"].as_str().unwrap().to_string()
+        }
+    };
+    let one = identity_in("Q".repeat(43)).await;
+    let two = identity_in("g".repeat(43)).await;
+    assert_ne!(one, two);
+    assert_eq!(identity_in("Q".repeat(43)).await, one);
+    server.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -141,10 +141,20 @@ impl Printer {
                 v["event"] = json!("peer_failed");
                 self.line(v, || format!("failed: {}", describe(info)));
             }
-            MeshEvent::Node(Event::Message { peer_id, name, text }) => self.line(
-                json!({"event": "message", "peer_id": peer_id, "from": name, "text": text}),
-                || format!("<{name}> {text}"),
-            ),
+            MeshEvent::Node(Event::Message { peer_id, name, text, trust, looks_like }) => {
+                let trust_word = trust.map_or("unknown", |t| t.as_str());
+                self.line(
+                    json!({"event": "message", "peer_id": peer_id, "from": name, "text": text,
+                           "trust": trust.map(Trust::as_str), "looks_like": looks_like}),
+                    || {
+                        let alike = looks_like
+                            .as_ref()
+                            .map(|a| format!(", LOOKS LIKE {a:?}"))
+                            .unwrap_or_default();
+                        format!("<{name} [{trust_word}{alike}]> {text}")
+                    },
+                )
+            }
             MeshEvent::Node(Event::File(ev)) => {
                 if self.json {
                     println!("{}", file_json(ev));

@@ -107,6 +107,12 @@ pub(crate) enum JsEvent {
         peer_id: PeerId,
         name: String,
         text: String,
+        /// The sender's key's trust under its name when the message came.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trust: Option<&'static str>,
+        /// Another pinned name its name looks like, under another key.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        looks_like: Option<String>,
         at: f64,
     },
     /// File-transfer events carry their own `type`.

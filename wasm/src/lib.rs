@@ -40,7 +40,8 @@
 //! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
 //! //                        was pinned to another key before: warn loudly); looksLike: another
 //! //                        pinned name this one looks like, under another key (warn loudly)
-//! //          "message"     { peerId, name, text, at }   (at: ms since the epoch)
+//! //          "message"     { peerId, name, text, trust?, looksLike?, at }   (at: ms since the
+//! //                        epoch; trust and looksLike as in "peer", when it came)
 //! session.status;              // current status (as in "status" events)
 //! session.ownId;               // our peer id on the signaling server, once joined
 //! session.room;                // the room id given to the server (derived; reveals no secret)

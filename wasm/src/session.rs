@@ -334,8 +334,10 @@ impl Inner {
             Event::Peer(info) => out.push(JsEvent::Peer(PeerInfo::from(&info))),
             // The page follows peers through `peer` events.
             Event::PeerConnected(_) | Event::KeyChanged(_) | Event::PeerFailed(_) => {}
-            Event::Message { peer_id, name, text } => {
-                out.push(JsEvent::Message { peer_id, name, text, at: js_sys::Date::now() });
+            Event::Message { peer_id, name, text, trust, looks_like } => {
+                let trust = trust.map(weft_core::trust::Trust::as_str);
+                let at = js_sys::Date::now();
+                out.push(JsEvent::Message { peer_id, name, text, trust, looks_like, at });
             }
             Event::ServerError { code, message } => out.push(JsEvent::Error { code, message }),
             Event::File(file) => {

@@ -533,6 +533,11 @@ pub enum Event {
         name: String,
         /// The text.
         text: String,
+        /// Its key's trust under that name when the message came (`None`: not read yet,
+        /// as right after a rename): show it beside the message.
+        trust: Option<Trust>,
+        /// Another pinned name its name looks like, under another key: show it loudly.
+        looks_like: Option<String>,
     },
     /// The signaling server refused something.
     ServerError {
@@ -1240,6 +1245,8 @@ impl Node {
                     peer_id: remote.clone(),
                     name: slot.link.peer_name().unwrap_or_default().to_string(),
                     text,
+                    trust: slot.trust,
+                    looks_like: slot.looks_like.clone(),
                 }),
                 LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
                 LinkEvent::Data(packet) => packets.push(packet),

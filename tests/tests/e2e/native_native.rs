@@ -59,6 +59,8 @@ async fn two_native_peers_connect_and_message_each_other() {
     let got = a.expect("the message", WAIT, |v| v["event"] == "message").await.unwrap();
     assert_eq!(got["text"], "hello Ada");
     assert_eq!(got["from"], "Cy");
+    // Shown with the sender's trust: first contact.
+    assert_eq!(got["trust"], "new", "{got}");
 
     let bea_id = a_sees["peer_id"].as_str().unwrap().to_string();
     let mut to_bea = command(&url, &dir_c, LOOPBACK).unwrap();
@@ -99,7 +101,8 @@ async fn two_native_peers_connect_and_message_each_other() {
     let line = tokio::time::timeout(WAIT, async {
         loop {
             let line = dee_out.next_line().await.unwrap().expect("Dee's output ended");
-            if line.contains("<Cy>") {
+            // The sender's name with its key's trust.
+            if line.contains("<Cy [new]>") || line.contains("<Cy [known]>") {
                 return line;
             }
         }

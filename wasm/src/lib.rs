@@ -129,6 +129,8 @@
 //! The long-term identity lives in IndexedDB (database `weft`, store `identity`, key
 //! `default`) and the trust store per network in store `trust` (key: room id). Without
 //! IndexedDB (some private modes) the session still works with a key that lasts one visit.
+//! In each network it starts afresh the page shows a key of that network's own, derived
+//! from the stored one (`TrustStore::own_identity`): members of two networks cannot link it.
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -323,20 +325,22 @@ impl WeftSession {
                 None
             }
         };
-        let identity = match &store {
+        let device = match &store {
             Some(store) => store.load_or_create_identity(&mut rng).await.unwrap_or_else(|e| {
                 web_sys::console::warn_1(&format!("weft: cannot keep the identity: {e}").into());
                 IdentityKeyPair::generate(&mut rng)
             }),
             None => IdentityKeyPair::generate(&mut rng),
         };
-        let trust = match &store {
+        let mut trust = match &store {
             Some(store) => store.load_trust(network.room_id()).await.unwrap_or_else(|e| {
                 web_sys::console::warn_1(&format!("weft: {e}; starting a new one").into());
                 TrustStore::new()
             }),
             None => TrustStore::new(),
         };
+        // A key of this network's own (the core's rule; see `TrustStore::own_identity`).
+        let identity = trust.own_identity(&device, &network);
         let own_name = match opts.name.map(|n| n.trim().to_string()) {
             Some(name) if !name.is_empty() => name,
             _ => {

@@ -127,10 +127,20 @@ impl AppState {
     }
 }
 
+/// Where the web app keeps its content-hashed files (`cargo xtask bundle` puts all but
+/// `index.html` under `a/<hash>/`): a name there never changes its bytes, so browsers keep
+/// them for a year without asking again. Everything else is `no-cache` (asked again each
+/// time; an unchanged file costs a 304).
+pub const IMMUTABLE_PREFIX: &str = "/a/";
+
 /// The router: `/ws`, `/healthz`, `/metrics`, and the web app.
 pub fn app(state: AppState) -> Router {
     let web_root = state.inner.web_root.clone();
+    // `F.br` / `F.gz` beside `F` (made by `cargo xtask bundle`) are sent instead when the
+    // browser accepts them.
     let static_files = ServeDir::new(&web_root)
+        .precompressed_br()
+        .precompressed_gzip()
         .append_index_html_on_directories(true)
         .fallback(get(missing_bundle).with_state(state.clone()));
     Router::new()
@@ -139,10 +149,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback_service(static_files)
         .with_state(state)
-        .layer(SetResponseHeaderLayer::overriding(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        ))
+        .layer(axum::middleware::map_response(cache_control))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -155,6 +162,15 @@ pub fn app(state: AppState) -> Router {
                  style-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
             ),
         ))
+}
+
+/// `Cache-Control`: immutable for a successful response under [`IMMUTABLE_PREFIX`],
+/// `no-cache` for anything else.
+async fn cache_control(uri: axum::http::Uri, mut response: Response) -> Response {
+    let immutable = uri.path().starts_with(IMMUTABLE_PREFIX) && response.status().is_success();
+    let value = if immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
+    response
 }
 
 /// Bytes read from a WebSocket at a time: a typical signaling message fits twice over.

@@ -152,7 +152,7 @@ const JOIN_SCRIPT: &str = r#"
   window.RTCPeerConnection.prototype = Native.prototype;
   (async () => {
     try {
-      const m = await import("/pkg/weft_wasm.js");
+      const m = await import(document.getElementById("weft-module").href);
       await m.default();
       window.t.module = m;
       options.onEvent = (ev) => {
@@ -176,7 +176,7 @@ const JOIN_SCRIPT: &str = r#"
 pub async fn create_invite(browser: &WebDriver) -> Result<String> {
     let v = call_raw(
         browser,
-        r#"const m = await import("/pkg/weft_wasm.js"); await m.default(); return m.createInvite();"#,
+        r#"const m = await import(document.getElementById("weft-module").href); await m.default(); return m.createInvite();"#,
         WAIT,
     )
     .await?;

@@ -52,7 +52,7 @@ pub fn browser_missing() -> Option<String> {
         return Some(reason);
     }
     let root = web_root();
-    if !root.join("pkg/weft_wasm_bg.wasm").is_file() {
+    if !root.join("index.html").is_file() || !root.join("a").is_dir() {
         return Some(format!(
             "the web app is not built in {} (cargo xtask bundle)",
             root.display()
@@ -364,7 +364,7 @@ pub async fn start_join(
         {setup}
         (async () => {{
           try {{
-            const m = await import("/pkg/weft_wasm.js");
+            const m = await import(document.getElementById("weft-module").href);
             await m.default();
             const opts = {options};
             opts.debug = true;

@@ -30,6 +30,13 @@ extern "C" {
     async fn start_stream_download(path: &str, size: f64) -> Result<JsValue, JsValue>;
 }
 
+#[wasm_bindgen(module = "/js/module-assets.js")]
+extern "C" {
+    /// The download writer's URL, beside the module (never relative to the page).
+    #[wasm_bindgen(js_name = downloadWriterUrl)]
+    fn download_writer_url() -> String;
+}
+
 /// What an answer of the writer completes.
 pub(crate) enum Pending {
     /// Nothing to report (a begin, a delete, the empty write of an empty file).
@@ -145,9 +152,11 @@ impl Writer {
     ) -> Result<Self, WebError> {
         let options = web_sys::WorkerOptions::new();
         options.set_name("weft-download-writer");
-        let url =
-            if force_stream { "download-writer.js?downloads=stream" } else { "download-writer.js" };
-        let worker = web_sys::Worker::new_with_options(url, &options)?;
+        let mut url = download_writer_url();
+        if force_stream {
+            url.push_str("?downloads=stream");
+        }
+        let worker = web_sys::Worker::new_with_options(&url, &options)?;
         let state = Rc::new(RefCell::new(State {
             worker: worker.clone(),
             sink,

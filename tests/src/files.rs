@@ -189,6 +189,11 @@ pub async fn start_join(browser: &WebDriver, invite: &str, name: &str) -> Result
     browser_join(browser, json!({ "invite": invite, "name": name })).await
 }
 
+/// [`start_join`] with any `WeftSession.join` options (`onEvent` and `debug` are set).
+pub async fn start_join_with(browser: &WebDriver, options: Value) -> Result<()> {
+    browser_join(browser, options).await
+}
+
 async fn browser_join(browser: &WebDriver, options: Value) -> Result<()> {
     browser.execute(JOIN_SCRIPT, vec![options]).await?;
     Ok(())
@@ -269,11 +274,17 @@ impl Net {
     /// [`Net::start`] with per-member join options and download folders.
     pub async fn start_members(members: &[Member]) -> Result<Self> {
         let server = start_server(Limits::default()).await?;
+        Self::start_on(server, members, "").await
+    }
+
+    /// [`Net::start_members`] on `server`, every browser on the page at `page` (a path
+    /// relative to the server's root, "" for the app itself).
+    pub async fn start_on(server: Server, members: &[Member], page: &str) -> Result<Self> {
         let driver = ChromeDriver::start().await?;
         let mut browsers = Vec::new();
         for m in members {
             let b = driver.browser_saving_to(m.downloads.as_deref()).await?;
-            b.goto(server.url()).await?;
+            b.goto(format!("{}{page}", server.url())).await?;
             browsers.push(b);
         }
         let first = browsers.first().context("no browsers")?;

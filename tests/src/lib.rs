@@ -91,9 +91,18 @@ pub async fn start_server(limits: Limits) -> Result<Server> {
 
 /// Starts a signaling server on `listen` (to restart one on the same address).
 pub async fn start_server_at(listen: std::net::SocketAddr, limits: Limits) -> Result<Server> {
+    start_server_serving(listen, limits, web_root()).await
+}
+
+/// Starts a signaling server on `listen` serving the files in `root`.
+pub async fn start_server_serving(
+    listen: std::net::SocketAddr,
+    limits: Limits,
+    root: PathBuf,
+) -> Result<Server> {
     // The embedded STUN/TURN on a free port: tests run side by side.
     let turn = weft_signal::TurnConfig { port: 0, ..Default::default() };
-    let config = Config { listen, web_root: web_root(), tls: None, limits, turn };
+    let config = Config { listen, web_root: root, tls: None, limits, turn };
     Ok(Server::start(config).await?)
 }
 

@@ -24,7 +24,14 @@
 //!   debug: false,                // log negotiation and ICE steps with console.debug
 //!   downloads: "auto",           // or "stream": save downloads straight into the browser's
 //!                                // downloads folder (see "Files"), even where OPFS works
-//! });                            // rejects with a plain message (bad invite, empty passphrase…)
+//! });                            // resolves once joined: session.ownId and session.peerIds()
+//!                                // are set. Rejects with a plain message: bad options (bad
+//!                                // invite, empty passphrase…), or "cannot join: …" when the
+//!                                // server cannot be reached (3 attempts: at most about 35 s
+//!                                // for a server that never answers, a few seconds for one
+//!                                // that refuses connections), refuses us (room or server
+//!                                // full) or speaks another protocol version; the session is
+//!                                // then closed.
 //! session.onEvent((ev) => console.log(ev));   // replaces the listener
 //! // ev.type: "status"      { status: "deriving_key" | "connecting" | "joined" | "reconnecting" | "closed", detail? }
 //! //          "joined"      { peerId, peers }   (again after each reconnect: the full list)
@@ -53,7 +60,8 @@
 //!                                      //   without peerId); throws if peerId is not connected
 //! session.verifyPeer(peerId);  // the user compared short codes: pin the key as verified
 //! session.acceptNewKey(peerId);// the user accepts a changed key
-//! session.leave();             // close everything and stop reconnecting
+//! session.leave();             // close everything (connections, socket, timer, the
+//!                              // download writer worker) and stop reconnecting
 //!
 //! qrSvg(text);                 // an SVG QR code of `text` (an invite link), for innerHTML
 //! ```
@@ -68,7 +76,9 @@
 //!
 //! Browsers without OPFS sync access handles (or `downloads: "stream"` at join) get a
 //! streamed download instead: each file is saved by the browser into its downloads folder
-//! as it arrives, through the service worker `sw.js` (the page must be served with it).
+//! as it arrives, through the service worker `sw.js`. It and the download writer worker
+//! (`download-writer.js`) live beside `weft_wasm.js` and are found from the module's own
+//! URL, wherever the page is.
 //! Chunks are still verified before they are written, and nothing unverified reaches the
 //! file. Such a download cannot resume after a reload, is not kept in the page
 //! (`downloadedFile`, `saveDownload`, `saveAllTo` and `hashDownloaded` say so) and is not
@@ -90,7 +100,8 @@
 //!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
-//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download
+//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download,
+//!                                          //   named after its path's last part
 //! await session.saveDownload(root, path?); // the browser's download of it (an <a download>)
 //! await session.saveAllTo();               // pick a folder (File System Access API) and copy
 //!                                          // every complete download there under its path
@@ -116,7 +127,8 @@
 //! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
 //! //  "file_complete"      { root, paths, size, stored } (stored: "browser" (OPFS) or
 //! //                       "downloads" (streamed into the browser's downloads folder))
-//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, …)
+//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, the
+//! //                       download writer worker or service worker could not load, …)
 //! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
 //! //  "transfer_cancelled" { peerId, offerId, reason, byPeer, outgoing } (outgoing: it was our offer)
 //! //  "chunk_rejected"     { root, index, peerId } (failed verification; fetched again)
@@ -363,6 +375,9 @@ impl WeftSession {
             listener,
             stream_downloads,
         });
+        let joined = js_sys::Promise::new(&mut |resolve, reject| {
+            inner.borrow_mut().join_waiter = Some(session::JoinWaiter { resolve, reject });
+        });
         let session = WeftSession { inner };
         session.command(|i| {
             for record in saved_downloads {
@@ -370,6 +385,13 @@ impl WeftSession {
             }
             Ok::<(), NodeError>(())
         })?;
+        // Settled by the session: joined, or the node gave up (unreachable, refused, wrong
+        // version) after its bounded attempts, or the page left first.
+        if let Err(reason) = wasm_bindgen_futures::JsFuture::from(joined).await {
+            session.inner.borrow_mut().stop();
+            let reason = reason.as_string().unwrap_or_else(|| "cannot join".into());
+            return Err(JsError::new(&format!("cannot join: {reason}")));
+        }
         Ok(session)
     }
 
@@ -578,14 +600,34 @@ impl WeftSession {
         serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
     }
 
-    /// The stored bytes of a complete download, as a disk-backed `File`.
+    /// The stored bytes of a complete download, as a disk-backed `File` named after its
+    /// path's last part.
     #[wasm_bindgen(js_name = downloadedFile)]
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let root = root_arg(&root)?;
             inner.borrow().files.check_kept()?;
-            Ok(files::stored_file(&root).await?.into())
+            let stored = files::stored_file(&root).await?;
+            // Stored under its root; handed out under the last part of its path (the same
+            // bytes: a `File` over the stored one, not a copy).
+            let name = {
+                let i = inner.borrow();
+                i.node.engine().progress(&root).and_then(|p| p.paths.first().cloned())
+            };
+            let Some(name) = name.as_deref().and_then(|p| p.rsplit('/').next()) else {
+                return Ok(stored.into());
+            };
+            let options = web_sys::FilePropertyBag::new();
+            options.set_type(&stored.type_());
+            options.set_last_modified(stored.last_modified());
+            let named = web_sys::File::new_with_blob_sequence_and_options(
+                &js_sys::Array::of1(&stored),
+                name,
+                &options,
+            )
+            .map_err(|e| JsError::new(&format!("cannot name the file: {e:?}")))?;
+            Ok(named.into())
         })
     }
 

@@ -96,7 +96,28 @@ pub(crate) struct Inner {
     pub(crate) own_name: String,
     pub(crate) store: Option<LocalStore>,
     pub(crate) files: FilesIo,
+    /// `join()`'s promise: resolved once joined, rejected with the reason if the node
+    /// stops (or the page leaves) first.
+    pub(crate) join_waiter: Option<JoinWaiter>,
 }
+
+/// The resolve and reject functions of `join()`'s promise.
+pub(crate) struct JoinWaiter {
+    pub resolve: js_sys::Function,
+    pub reject: js_sys::Function,
+}
+
+impl JoinWaiter {
+    fn settle(self, result: Result<(), String>) {
+        let _ = match result {
+            Ok(()) => self.resolve.call0(&JsValue::UNDEFINED),
+            Err(reason) => self.reject.call1(&JsValue::UNDEFINED, &JsValue::from_str(&reason)),
+        };
+    }
+}
+
+/// Attempts `join()` makes before it rejects (see `NodeTiming::first_join_attempts`).
+const FIRST_JOIN_ATTEMPTS: u32 = 3;
 
 /// What [`start`] needs.
 pub(crate) struct SessionConfig {
@@ -129,6 +150,9 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
         u64::from(rand_u32()) << 16,
     );
     node_config.ice_servers = config.ice_servers;
+    // `join()` settles within bounded time: three attempts (each at most the connect
+    // timeout, with the backoff between them) if the server never lets us in.
+    node_config.timing.first_join_attempts = Some(FIRST_JOIN_ATTEMPTS);
     let inner = Rc::new_cyclic(|weak: &Weak<RefCell<Inner>>| {
         let sink = sink(weak.clone(), queue.clone());
         RefCell::new(Inner {
@@ -150,6 +174,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             own_name: config.own_name,
             store: config.store.clone(),
             files: FilesIo::new(sink, config.stream_downloads, config.store),
+            join_waiter: None,
         })
     });
     emit(&inner, vec![JsEvent::Status { status: Status::Connecting, detail: None }]);
@@ -322,10 +347,16 @@ impl Inner {
             }
             Event::Signaling(SignalingEvent::Stopped { reason }) => {
                 self.left = true;
+                if let Some(waiter) = self.join_waiter.take() {
+                    waiter.settle(Err(reason.to_string()));
+                }
                 self.set_status(Status::Closed, Some(reason.to_string()), out);
             }
             Event::Signaling(SignalingEvent::Left) => {}
             Event::Joined { peer_id, peers } => {
+                if let Some(waiter) = self.join_waiter.take() {
+                    waiter.settle(Ok(()));
+                }
                 self.set_status(Status::Joined, None, out);
                 out.push(JsEvent::Joined { peer_id, peers });
             }
@@ -556,11 +587,15 @@ impl Inner {
     /// Stops the timer, closes the socket and every connection.
     pub(crate) fn stop(&mut self) {
         self.left = true;
+        if let Some(waiter) = self.join_waiter.take() {
+            waiter.settle(Err("left before joining".into()));
+        }
         self.clear_timer();
         self.close_socket();
         for (_, c) in std::mem::take(&mut self.conns) {
             c.rtc.close();
         }
+        self.files.stop();
     }
 
     /// Test hook: drop everything `peer`'s current connection delivers, as if its path

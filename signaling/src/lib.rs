@@ -182,6 +182,14 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    if !origin_allowed(&headers, &state.inner.limits.allowed_origins) {
+        tracing::debug!("WebSocket from an origin not allowed");
+        return (
+            StatusCode::FORBIDDEN,
+            "this site may not use this Weft server (--allowed-origin)",
+        )
+            .into_response();
+    }
     let ip = client_ip(peer.ip(), &headers, state.inner.limits.trust_forwarded_for);
     // Frames a little over the limit still arrive whole, so the client learns why it is
     // closed; far larger ones are cut off by the WebSocket layer itself.
@@ -192,6 +200,25 @@ async fn ws_upgrade(
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| ws::run_connection(socket, state, ip))
+}
+
+/// Whether a WebSocket upgrade may proceed: any origin when `allowed` is empty; else a
+/// request without `Origin` (not a browser), one from the server's own host, or one from
+/// an origin in `allowed`.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    host.is_some_and(|h| origin_host.is_some_and(|o| o.eq_ignore_ascii_case(h)))
 }
 
 /// The client's address for per-address limits: the socket's peer, or, only when the

@@ -510,6 +510,33 @@ async fn versioned_files_are_immutable_precompressed_and_the_page_is_not_cached(
 }
 
 #[tokio::test]
+async fn only_allowed_origins_and_the_servers_own_may_open_the_websocket() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let limits = Limits { allowed_origins: vec!["http://app.example".into()], ..Limits::default() };
+    let server = start(limits).await;
+    let from = |origin: Option<&str>| {
+        let mut req = server.ws_url().into_client_request().unwrap();
+        if let Some(origin) = origin {
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        req
+    };
+    let own = format!("http://{}", server.local_addr());
+    for allowed in [Some("http://app.example"), Some(own.as_str()), None] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(from(allowed)).await.unwrap();
+        assert_alive(&mut ws).await;
+    }
+    let refused = tokio_tungstenite::connect_async(from(Some("http://evil.example"))).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("an origin not allowed got {other:?}"),
+    }
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
 async fn missing_bundle_explains_how_to_build_it() {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),

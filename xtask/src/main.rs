@@ -71,7 +71,10 @@ enum Task {
     },
     /// Install what is missing and build the web app bundle into target/web-dist.
     Bundle,
-    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables).
+    /// Build the npm package (the module, its workers, types) into target/npm/weft and
+    /// pack it (`npm pack`) into target/npm/weft-<version>.tgz.
+    Package,
+    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables, npm).
     Setup,
 }
 
@@ -103,12 +106,16 @@ fn main() -> Result<()> {
         Task::Setup => {
             let wasm = ensure_wasm_toolchain()?;
             ensure_wasm_bindgen(&root)?;
+            ensure_npm()?;
             ensure_browser()?;
             ensure_netns_tools()?;
             println!("xtask: ready ({wasm:?} wasm toolchain)");
         }
         Task::Bundle => {
             build_bundle(&root)?;
+        }
+        Task::Package => {
+            build_package(&root)?;
         }
         Task::Run { args } => run(&root, &args)?,
         Task::Test { filter } => test(&root, filter.as_deref())?,
@@ -295,6 +302,14 @@ fn ensure_wasm_bindgen(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Node.js and npm, to pack the npm package (and install it in tests): Debian's.
+fn ensure_npm() -> Result<()> {
+    if have("npm") && have("node") {
+        return Ok(());
+    }
+    apt_install(&["nodejs", "npm"])
+}
+
 fn ensure_browser() -> Result<()> {
     if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
         return Ok(());
@@ -400,7 +415,7 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     // Function names (a sixth of the module) only help a debugger: not shipped.
     run_cmd(
         Command::new("wasm-bindgen")
-            .args(["--target", "web", "--no-typescript", "--remove-name-section"])
+            .args(["--target", "web", "--remove-name-section"])
             .arg("--remove-producers-section")
             .arg("--out-dir")
             .arg(&pkg)
@@ -537,6 +552,62 @@ fn append_ext(file: &Path, ext: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where `cargo xtask package` puts the package folder and its tarball.
+fn npm_dir(root: &Path) -> PathBuf {
+    root.join("target/npm")
+}
+
+/// The npm package: the module (`weft_wasm.js`, its `.wasm`, its snippets and types) and
+/// the two workers beside it, with a `package.json` whose `exports` name each; packed by
+/// `npm pack`. Returns the tarball.
+fn build_package(root: &Path) -> Result<PathBuf> {
+    ensure_npm()?;
+    let pkg = build_module(root)?;
+    let out = npm_dir(root);
+    let dir = out.join("weft");
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    copy_dir(&pkg, &dir)?;
+    std::fs::copy(root.join("wasm/NPM-README.md"), dir.join("README.md"))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let manifest = serde_json::json!({
+        "name": "weft",
+        "version": version,
+        "description": "Encrypted peer-to-peer messaging and file transfer in the browser (WebRTC, HPKE), through a Weft signaling server.",
+        "license": env!("CARGO_PKG_LICENSE"),
+        "type": "module",
+        "main": "./weft_wasm.js",
+        "types": "./weft_wasm.d.ts",
+        "exports": {
+            ".": { "types": "./weft_wasm.d.ts", "default": "./weft_wasm.js" },
+            "./weft_wasm_bg.wasm": "./weft_wasm_bg.wasm",
+            "./download-writer.js": "./download-writer.js",
+            "./sw.js": "./sw.js",
+            "./package.json": "./package.json"
+        },
+        // The workers and snippets are loaded by URL, never imported: keep them.
+        "sideEffects": ["./snippets/*", "./download-writer.js", "./sw.js"],
+        "files": [
+            "weft_wasm.js", "weft_wasm.d.ts", "weft_wasm_bg.wasm", "weft_wasm_bg.wasm.d.ts",
+            "snippets/", "download-writer.js", "sw.js", "README.md"
+        ]
+    });
+    std::fs::write(dir.join("package.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
+    run_cmd(
+        Command::new("npm")
+            .args(["pack", "--silent", "--pack-destination"])
+            .arg(&out)
+            .current_dir(&dir),
+    )?;
+    let tarball = out.join(format!("weft-{version}.tgz"));
+    if !tarball.is_file() {
+        bail!("npm pack did not write {}", tarball.display());
+    }
+    println!("xtask: npm package in {} and {}", dir.display(), tarball.display());
+    Ok(tarball)
+}
+
 /// Fails when the module imports from `env`: the sign of native-only code in the bundle.
 fn check_wasm_imports(wasm: &Path) -> Result<()> {
     let bytes = std::fs::read(wasm)?;
@@ -594,6 +665,8 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     ensure_browser()?;
     ensure_netns_tools()?;
     let dist = build_bundle(root)?;
+    // The npm package, installed from its tarball by a browser test.
+    let package = build_package(root)?;
     if have("rustfmt") {
         run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     }
@@ -636,6 +709,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     // Browser and network namespace tests must run here, not skip: the browser, the bundle,
     // iproute2 and nftables are installed (and CI runs as root).
     cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_REQUIRE_NETNS", "1").env("WEFT_WEB_ROOT", &dist);
+    cmd.env("WEFT_NPM_PACKAGE", &package);
     if nextest && filter.is_none() {
         // nextest does not run doctests; run them first so the summary comes last.
         run_cmd(

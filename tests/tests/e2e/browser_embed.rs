@@ -3,7 +3,9 @@
 //! relative to the page) downloads a file, which keeps its name; a download writer worker
 //! that cannot load fails the download with a plain reason (it once hung at 0 bytes);
 //! `join()` against a server that cannot be reached rejects with a plain reason instead of
-//! retrying forever.
+//! retrying forever; the npm package, installed from its tarball into `examples/plain`
+//! served by a second server (another origin, let in by `allowed_origins`), exchanges
+//! messages and a file with a page of the Weft app.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -175,4 +177,121 @@ async fn join_rejects_with_a_plain_reason_when_the_server_cannot_be_reached() {
     assert_eq!(statuses.last(), Some(&Value::from("closed")), "{outcome}");
     browser.quit().await.unwrap();
     server.shutdown(std::time::Duration::from_secs(2)).await;
+}
+
+/// The npm package's tarball: `WEFT_NPM_PACKAGE`, or where `cargo xtask package` puts it.
+fn npm_package() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("WEFT_NPM_PACKAGE") {
+        return Some(path.into());
+    }
+    let dir = web_root().parent()?.join("npm");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+}
+
+/// `examples/plain` with the package installed from `tarball` by npm, in `site`.
+fn example_site(site: &Path, tarball: &Path) -> Result<()> {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plain");
+    for file in ["index.html", "main.js"] {
+        std::fs::copy(example.join(file), site.join(file))?;
+    }
+    std::fs::write(site.join("package.json"), r#"{ "name": "site", "private": true }"#)?;
+    let out = std::process::Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--offline"])
+        .arg(tarball)
+        .current_dir(site)
+        .output()
+        .context("cannot run npm (cargo xtask setup installs it)")?;
+    ensure!(out.status.success(), "npm install failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        site.join("node_modules/weft/download-writer.js").is_file(),
+        "no workers in the package"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_package_on_another_origin_talks_and_receives_a_file_from_the_app() {
+    let test = "the_package_on_another_origin_talks_and_receives_a_file_from_the_app";
+    if !browser_available(test) {
+        return;
+    }
+    let Some(tarball) = npm_package().filter(|p| p.is_file()) else {
+        if std::env::var_os("WEFT_REQUIRE_BROWSER").is_some() {
+            panic!("{test}: no npm package (cargo xtask package, or WEFT_NPM_PACKAGE)");
+        }
+        println!("SKIPPED {test}: no npm package (cargo xtask package)");
+        return;
+    };
+    let scratch = Scratch::new("site").unwrap();
+    let site = scratch.path().join("www");
+    std::fs::create_dir_all(&site).unwrap();
+    example_site(&site, &tarball).unwrap();
+    let file = generate(scratch.path(), "notes.bin", 200_000, 43).unwrap();
+    // The example's static host, and the Weft server letting its origin in.
+    let any = "127.0.0.1:0".parse().unwrap();
+    let host = start_server_serving(any, Limits::default(), site).await.unwrap();
+    let origin = host.url().trim_end_matches('/').to_string();
+    let limits = Limits { allowed_origins: vec![origin], ..Limits::default() };
+    let weft = start_server_serving(any, limits, web_root()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let (alice, bob) = (driver.browser().await.unwrap(), driver.browser().await.unwrap());
+    let result: Result<()> = async {
+        bob.goto(weft.url()).await?;
+        let invite = create_invite(&bob).await?;
+        start_join_with(&bob, json!({ "invite": invite, "name": "Bob" })).await?;
+        let page = format!("{}?server={}&name=Alice#invite={invite}", host.url(), weft.ws_url());
+        alice.goto(&page).await?;
+        let alice_id = wait_for("the example page to join", WAIT, || async {
+            let v = js(
+                &alice,
+                "const e = window.example || {};
+                 return { error: e.error ?? null, id: e.session ? e.session.ownId : null };",
+            )
+            .await?;
+            if let Some(e) = v["error"].as_str() {
+                anyhow::bail!("the example could not join: {e}");
+            }
+            Ok(v["id"].as_str().map(str::to_string).ok_or_else(|| v.to_string()))
+        })
+        .await?;
+        weft_tests::files::wait_connected(&bob, 1).await?;
+        wait_for("the example's session with Bob", WAIT, || async {
+            let n = js(&alice, "return window.example.session.sendMessage('hello from afar');")
+                .await
+                .unwrap_or(Value::Null);
+            Ok(if n == 1 { Ok(()) } else { Err(n.to_string()) })
+        })
+        .await?;
+        let pred = "ev.type === 'message' && ev.text === 'hello from afar'";
+        wait_event(&bob, "the example's message", pred, None, WAIT).await?;
+        upload(&bob, "f", &[&file]).await?;
+        send_files(&bob, "f", &[(&file, "shared/notes.bin")], &alice_id, WAIT).await?;
+        let files = wait_for("the example to keep the file", WAIT, || async {
+            let v = js(&alice, "return window.example.files;").await?;
+            Ok(if v.as_array().is_some_and(|a| !a.is_empty()) { Ok(v) } else { Err(v.to_string()) })
+        })
+        .await?;
+        ensure!(files == json!([{ "name": "notes.bin", "size": file.size }]), "kept {files}");
+        let delivered = format!("ev.type === 'delivered' && ev.root === {}", json!(file.root));
+        wait_event(&bob, "delivered", &delivered, None, WAIT).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        let example =
+            js(&alice, "return window.example && window.example.events.slice(-20);").await;
+        println!(
+            "--- example page: {example:?}\n--- app page: {}",
+            weft_tests::files::diagnostics(&bob).await
+        );
+        let _ = (alice.quit().await, bob.quit().await);
+        panic!("{test}: {e:#}");
+    }
+    let _ = (alice.quit().await, bob.quit().await);
+    weft.shutdown(std::time::Duration::from_secs(2)).await;
+    host.shutdown(std::time::Duration::from_secs(2)).await;
 }

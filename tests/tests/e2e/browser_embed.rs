@@ -1,6 +1,7 @@
 //! Weft embedded in other pages, in real headless Chromium through the real signaling
 //! server: the app served at a nested path (its workers are found beside the module, not
-//! relative to the page) downloads a file, which keeps its name; a download writer worker
+//! relative to the page) downloads a file, which keeps its name, and `leave()` then closes
+//! every connection and ends the writer worker; a download writer worker
 //! that cannot load fails the download with a plain reason (it once hung at 0 bytes);
 //! `join()` against a server that cannot be reached rejects with a plain reason instead of
 //! retrying forever; the npm package, installed from its tarball into `examples/plain`
@@ -60,9 +61,34 @@ fn nested_web_root(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `leave()` closes the signaling socket and every peer connection and ends the download
+/// writer worker: counted by wrapping the browser's own `close`/`terminate` (the session
+/// made them before the wrappers; it still calls these methods on them).
+async fn left_releases_everything(browser: &thirtyfour::WebDriver) -> Result<()> {
+    let v = js(
+        browser,
+        "const calls = { ws: 0, worker: 0 };
+         const wrap = (proto, name, key) => {
+           const original = proto[name];
+           proto[name] = function (...args) { calls[key] += 1; return original.apply(this, args); };
+         };
+         wrap(WebSocket.prototype, 'close', 'ws');
+         wrap(Worker.prototype, 'terminate', 'worker');
+         window.t.session.leave();
+         const pcs = window.t.pcs.map((pc) => pc.signalingState);
+         return { calls, pcs, status: window.t.session.status };",
+    )
+    .await?;
+    let pcs = v["pcs"].as_array().context("no connections recorded")?;
+    ensure!(!pcs.is_empty() && pcs.iter().all(|s| s == "closed"), "after leave(): {v}");
+    ensure!(v["calls"]["ws"] == 1 && v["calls"]["worker"] == 1, "after leave(): {v}");
+    ensure!(v["status"] == "closed", "after leave(): {v}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_app_at_a_nested_path_downloads_and_the_file_keeps_its_name() {
-    let test = "the_app_at_a_nested_path_downloads_and_the_file_keeps_its_name";
+async fn the_app_at_a_nested_path_downloads_the_file_keeps_its_name_and_leave_releases_all() {
+    let test = "the_app_at_a_nested_path_downloads_the_file_keeps_its_name_and_leave_releases_all";
     if !browser_available(test) {
         return;
     }
@@ -91,7 +117,7 @@ async fn the_app_at_a_nested_path_downloads_and_the_file_keeps_its_name() {
         )
         .await?;
         ensure!(named == json!(["report.bin", file.size]), "downloadedFile gave {named}");
-        Ok(())
+        left_releases_everything(bob).await
     });
 }
 

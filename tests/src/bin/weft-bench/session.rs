@@ -93,6 +93,8 @@ pub async fn main() -> Result<()> {
     alice.goto(server.url()).await?;
     module_ready(&alice).await?;
     let repeat_visit = bytes_on_the_wire(&alice).await?;
+    println!("BENCH page_weight_kb {:.1} KB", first_visit as f64 / 1000.0);
+    println!("BENCH repeat_visit_kb {:.1} KB", repeat_visit as f64 / 1000.0);
 
     // Transport: native first, then the same routine in WASM.
     let native = crate::transport::measure()?;
@@ -143,8 +145,6 @@ pub async fn main() -> Result<()> {
         joins.push(ms);
     }
 
-    println!("BENCH page_weight_kb {:.1} KB", first_visit as f64 / 1000.0);
-    println!("BENCH repeat_visit_kb {:.1} KB", repeat_visit as f64 / 1000.0);
     println!("BENCH join_to_first_message_p50_ms {:.0} ms", percentile(joins.clone(), 0.5));
     println!("BENCH join_to_first_message_p90_ms {:.0} ms", percentile(joins, 0.9));
     println!("BENCH passphrase_kdf_ms {kdf_ms:.0} ms");

@@ -15,7 +15,9 @@
 //! const session = await WeftSession.join({
 //!   invite,                      // or: network: "team", passphrase: "correct horse …"
 //!   name: "Alice",               // display name; default "Browser <4 hex of own key>"
-//!   server: "wss://host/ws",     // default: /ws on the page's own origin
+//!   server: "wss://host/ws",     // default: /ws on the page's own origin (a page on
+//!                                // another origin must be let in: weft-signal
+//!                                // --allowed-origin, when the server restricts origins)
 //!   iceServers: [...],           // RTCConfiguration.iceServers; default: the STUN/TURN
 //!                                // servers the signaling server hands out (its own, with
 //!                                // short-lived credentials); [] for host candidates only

@@ -35,6 +35,8 @@
 //!                                // full) or speaks another protocol version; the session is
 //!                                // then closed.
 //! session.onEvent((ev) => console.log(ev));   // replaces the listener
+//! // Every event's shape is declared in weft_wasm.d.ts (`JsEvent` = `SessionEvent |
+//! // FileEvent`, discriminated by `type`), generated from the Rust types in events.rs.
 //! // ev.type: "status"      { status: "deriving_key" | "connecting" | "joined" | "reconnecting" | "closed", detail? }
 //! //          "joined"      { peerId, peers }   (again after each reconnect: the full list)
 //! //          "peer_joined" { peerId }
@@ -165,7 +167,7 @@ use weft_core::transfer::{CancelReason, DownloadState, Root};
 use weft_core::trust::TrustStore;
 
 use crate::error::WebError;
-use crate::events::{FileEvent, JsEvent, Status, TransfersJs};
+use crate::events::{FileEvent, JsEvent, SessionEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
 use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
 
@@ -188,7 +190,8 @@ pub fn create_invite() -> String {
     Network::generate(&mut rng()).invite().map(|s| s.to_string()).unwrap_or_default()
 }
 
-#[derive(Deserialize)]
+/// `WeftSession.join`'s options (see the crate docs).
+#[derive(Deserialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 struct JoinOptions {
     #[serde(default)]
@@ -206,6 +209,7 @@ struct JoinOptions {
     #[serde(default)]
     ice_transport_policy: Option<String>,
     #[serde(default, with = "serde_wasm_bindgen::preserve")]
+    #[tsify(type = "(ev: JsEvent) => void", optional)]
     on_event: JsValue,
     #[serde(default)]
     debug: bool,
@@ -228,7 +232,7 @@ impl std::fmt::Debug for WeftSession {
 
 /// One entry of the `iceServers` option, as `RTCIceServer` has it (other fields, such as
 /// `credentialType`, are ignored).
-#[derive(Deserialize)]
+#[derive(Deserialize, tsify::Tsify)]
 struct JsIceServer {
     urls: JsUrls,
     #[serde(default)]
@@ -238,7 +242,7 @@ struct JsIceServer {
 }
 
 /// `urls`: one URL or a list.
-#[derive(Deserialize)]
+#[derive(Deserialize, tsify::Tsify)]
 #[serde(untagged)]
 enum JsUrls {
     One(String),
@@ -277,7 +281,9 @@ async fn yield_to_browser(ms: i32) {
 impl WeftSession {
     /// Joins a network (see the crate docs for `options`): derives its secret, loads or
     /// creates our identity, connects to the signaling server and to every member.
-    pub async fn join(options: JsValue) -> Result<WeftSession, JsError> {
+    pub async fn join(
+        #[wasm_bindgen(unchecked_param_type = "JoinOptions")] options: JsValue,
+    ) -> Result<WeftSession, JsError> {
         let opts: JoinOptions = serde_wasm_bindgen::from_value(options)
             .map_err(|e| JsError::new(&format!("bad join options: {e}")))?;
         let listener = opts.on_event.dyn_into::<js_sys::Function>().ok();
@@ -311,7 +317,10 @@ impl WeftSession {
             (None, Some(passphrase)) => {
                 let name = opts.network.unwrap_or_default();
                 if let Some(listener) = &listener {
-                    let ev = JsEvent::Status { status: Status::DerivingKey, detail: None };
+                    let ev = JsEvent::Session(SessionEvent::Status {
+                        status: Status::DerivingKey,
+                        detail: None,
+                    });
                     emit_to(listener, vec![ev]);
                 }
                 yield_to_browser(30).await;
@@ -399,7 +408,10 @@ impl WeftSession {
 
     /// Sets the function that receives every event (replacing any earlier one).
     #[wasm_bindgen(js_name = onEvent)]
-    pub fn on_event(&self, listener: js_sys::Function) {
+    pub fn on_event(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "(ev: JsEvent) => void")] listener: js_sys::Function,
+    ) {
         self.inner.borrow_mut().listener = Some(listener);
     }
 
@@ -451,6 +463,7 @@ impl WeftSession {
 
     /// Every other member: `{ peerId, state, reason?, name?, fingerprint?, shortCode?,
     /// trust?, rttMs?, ipv4?, ipv6? }`, sorted by peer id.
+    #[wasm_bindgen(unchecked_return_type = "PeerInfo[]")]
     pub fn peers(&self) -> Result<JsValue, JsError> {
         let infos = self.inner.borrow().peer_infos();
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();
@@ -596,6 +609,7 @@ impl WeftSession {
     }
 
     /// `{ downloads, outgoing, incoming }` (see the crate docs).
+    #[wasm_bindgen(unchecked_return_type = "TransfersJs")]
     pub fn transfers(&self) -> Result<JsValue, JsError> {
         let t = TransfersJs::from(&self.inner.borrow_mut().node.transfers(now()));
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();

@@ -27,7 +27,7 @@ use weft_core::node::{
 use weft_core::signal::IceServer;
 use weft_core::trust::TrustStore;
 
-use crate::events::{self, JsEvent, PeerInfo, Status};
+use crate::events::{self, JsEvent, PeerInfo, SessionEvent, Status};
 use crate::files::{FilesIo, Sink, Store};
 use crate::local_store::LocalStore;
 use crate::rtc::{self, IceStatus, RtcEvent, RtcPeer, SendError};
@@ -177,7 +177,10 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             join_waiter: None,
         })
     });
-    emit(&inner, vec![JsEvent::Status { status: Status::Connecting, detail: None }]);
+    emit(
+        &inner,
+        vec![JsEvent::Session(SessionEvent::Status { status: Status::Connecting, detail: None })],
+    );
     inner.borrow_mut().node.start(now());
     run(&inner);
     inner
@@ -358,17 +361,30 @@ impl Inner {
                     waiter.settle(Ok(()));
                 }
                 self.set_status(Status::Joined, None, out);
-                out.push(JsEvent::Joined { peer_id, peers });
+                out.push(JsEvent::Session(SessionEvent::Joined { peer_id, peers }));
             }
-            Event::PeerJoined(peer_id) => out.push(JsEvent::PeerJoined { peer_id }),
-            Event::PeerLeft(peer_id) => out.push(JsEvent::PeerLeft { peer_id }),
-            Event::Peer(info) => out.push(JsEvent::Peer(PeerInfo::from(&info))),
+            Event::PeerJoined(peer_id) => {
+                out.push(JsEvent::Session(SessionEvent::PeerJoined { peer_id }))
+            }
+            Event::PeerLeft(peer_id) => {
+                out.push(JsEvent::Session(SessionEvent::PeerLeft { peer_id }))
+            }
+            Event::Peer(info) => {
+                out.push(JsEvent::Session(SessionEvent::Peer(PeerInfo::from(&info))))
+            }
             // The page follows peers through `peer` events.
             Event::PeerConnected(_) | Event::KeyChanged(_) | Event::PeerFailed(_) => {}
             Event::Message { peer_id, name, text } => {
-                out.push(JsEvent::Message { peer_id, name, text, at: js_sys::Date::now() });
+                out.push(JsEvent::Session(SessionEvent::Message {
+                    peer_id,
+                    name,
+                    text,
+                    at: js_sys::Date::now(),
+                }));
             }
-            Event::ServerError { code, message } => out.push(JsEvent::Error { code, message }),
+            Event::ServerError { code, message } => {
+                out.push(JsEvent::Session(SessionEvent::Error { code, message }))
+            }
             Event::File(file) => {
                 if let weft_core::node::FileEvent::Engine(
                     weft_core::transfer::TransferEvent::ShareFailed { root, reason },
@@ -400,7 +416,7 @@ impl Inner {
             return;
         }
         self.status = status;
-        out.push(JsEvent::Status { status, detail });
+        out.push(JsEvent::Session(SessionEvent::Status { status, detail }));
     }
 
     // --- the signaling socket

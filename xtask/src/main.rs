@@ -605,7 +605,47 @@ fn build_package(root: &Path) -> Result<PathBuf> {
         bail!("npm pack did not write {}", tarball.display());
     }
     println!("xtask: npm package in {} and {}", dir.display(), tarball.display());
+    typecheck_examples(root, &tarball)?;
     Ok(tarball)
+}
+
+/// The TypeScript that checks the examples against the package's types (from npm, into
+/// `target/npm-tools`).
+const TYPESCRIPT_VERSION: &str = "5.9.3";
+/// The examples whose JavaScript `tsc` checks (`// @ts-check`, their `tsconfig.json`).
+const TYPED_EXAMPLES: &[&str] = &["examples/plain"];
+
+/// Installs the package from `tarball` into each example and runs `tsc --noEmit` on it:
+/// the types wasm-bindgen and tsify generate from the Rust API must fit how it is used.
+fn typecheck_examples(root: &Path, tarball: &Path) -> Result<()> {
+    let tools = root.join("target/npm-tools");
+    let tsc = tools.join("node_modules/.bin/tsc");
+    let installed = output_of(&tsc.to_string_lossy(), &["--version"]).unwrap_or_default();
+    if installed.split_whitespace().nth(1) != Some(TYPESCRIPT_VERSION) {
+        std::fs::create_dir_all(&tools)?;
+        run_cmd(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&tools)
+                .arg(format!("typescript@{TYPESCRIPT_VERSION}")),
+        )?;
+    }
+    for example in TYPED_EXAMPLES {
+        let dir = root.join(example);
+        // A package of the same version but new bytes must replace the old one.
+        let old = dir.join("node_modules/weft");
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        run_cmd(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--offline", "--no-package-lock"])
+                .arg(tarball)
+                .current_dir(&dir),
+        )?;
+        run_cmd(Command::new(&tsc).args(["--noEmit", "-p"]).arg(&dir))?;
+    }
+    Ok(())
 }
 
 /// Fails when the module imports from `env`: the sign of native-only code in the bundle.

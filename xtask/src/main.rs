@@ -645,7 +645,25 @@ fn typecheck_examples(root: &Path, tarball: &Path) -> Result<()> {
         )?;
         run_cmd(Command::new(&tsc).args(["--noEmit", "-p"]).arg(&dir))?;
     }
+    build_vite_example(root)?;
     Ok(())
+}
+
+/// Builds `examples/vite` (the package through a bundler) into `examples/vite/dist`; its
+/// `package.json` names the package's tarball and a pinned Vite. Returns `dist`.
+fn build_vite_example(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("examples/vite");
+    let old = dir.join("node_modules/weft");
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    run_cmd(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
+            .current_dir(&dir),
+    )?;
+    run_cmd(Command::new("npx").args(["--no-install", "vite", "build"]).current_dir(&dir))?;
+    Ok(dir.join("dist"))
 }
 
 /// Fails when the module imports from `env`: the sign of native-only code in the bundle.

@@ -6,7 +6,8 @@
 //! `join()` against a server that cannot be reached rejects with a plain reason instead of
 //! retrying forever; the npm package, installed from its tarball into `examples/plain`
 //! served by a second server (another origin, let in by `allowed_origins`), exchanges
-//! messages and a file with a page of the Weft app.
+//! messages and a file with a page of the Weft app; `examples/vite` built by Vite talks
+//! with it from another origin too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -239,17 +240,113 @@ fn example_site(site: &Path, tarball: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An example site on one server (its origin let in) and the Weft app on another: Bob
+/// joined a new network in the app, Alice opened the site's page with the invite.
+struct TwoOrigins {
+    host: weft_signal::Server,
+    weft: weft_signal::Server,
+    _driver: ChromeDriver,
+    alice: thirtyfour::WebDriver,
+    bob: thirtyfour::WebDriver,
+}
+
+impl TwoOrigins {
+    async fn start(site: std::path::PathBuf, alice_name: &str) -> Result<Self> {
+        let any = "127.0.0.1:0".parse()?;
+        let host = start_server_serving(any, Limits::default(), site).await?;
+        let origin = host.url().trim_end_matches('/').to_string();
+        let limits = Limits { allowed_origins: vec![origin], ..Limits::default() };
+        let weft = start_server_serving(any, limits, web_root()).await?;
+        let driver = ChromeDriver::start().await?;
+        let (alice, bob) = (driver.browser().await?, driver.browser().await?);
+        bob.goto(weft.url()).await?;
+        let invite = create_invite(&bob).await?;
+        start_join_with(&bob, json!({ "invite": invite, "name": "Bob" })).await?;
+        let (site_url, ws) = (host.url(), weft.ws_url());
+        alice.goto(&format!("{site_url}?server={ws}&name={alice_name}#invite={invite}")).await?;
+        Ok(Self { host, weft, _driver: driver, alice, bob })
+    }
+
+    /// Quits both browsers and stops both servers; panics with `result`'s error.
+    async fn finish(self, test: &str, result: Result<()>) {
+        if result.is_err() {
+            let example =
+                js(&self.alice, "return window.example && window.example.events.slice(-20);").await;
+            println!(
+                "--- example page: {example:?}\n--- app page: {}",
+                weft_tests::files::diagnostics(&self.bob).await
+            );
+        }
+        let _ = (self.alice.quit().await, self.bob.quit().await);
+        if let Err(e) = result {
+            panic!("{test}: {e:#}");
+        }
+        self.weft.shutdown(std::time::Duration::from_secs(2)).await;
+        self.host.shutdown(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// Whether `what` is there; if not, skips the test, or fails it where browser tests are
+/// required.
+fn built(test: &str, there: bool, what: &str) -> bool {
+    if !there {
+        if std::env::var_os("WEFT_REQUIRE_BROWSER").is_some() {
+            panic!("{test}: {what} is not built (cargo xtask package)");
+        }
+        println!("SKIPPED {test}: {what} is not built (cargo xtask package)");
+    }
+    there
+}
+
+/// `examples/vite` built by Vite (`cargo xtask package` builds it).
+fn vite_build() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/vite/dist")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_package_built_by_vite_talks_with_the_app_from_another_origin() {
+    let test = "the_package_built_by_vite_talks_with_the_app_from_another_origin";
+    if !browser_available(test) {
+        return;
+    }
+    let site = vite_build();
+    if !built(test, site.join("index.html").is_file(), "examples/vite") {
+        return;
+    }
+    let two = TwoOrigins::start(site, "Vita").await.unwrap();
+    let result: Result<()> = async {
+        let (alice, bob) = (&two.alice, &two.bob);
+        weft_tests::files::wait_connected(bob, 1).await?;
+        call(bob, "return s.sendMessage('hello, bundled page');", WAIT).await?;
+        wait_for("the bundled page to get the message", WAIT, || async {
+            let v = js(
+                alice,
+                "const e = window.example || {};
+                 return { error: e.error ?? null,
+                          got: (e.events || []).some((ev) => ev.type === 'message'
+                                                        && ev.text === 'hello, bundled page') };",
+            )
+            .await?;
+            if let Some(e) = v["error"].as_str() {
+                anyhow::bail!("the Vite example could not join: {e}");
+            }
+            Ok(if v["got"] == true { Ok(()) } else { Err(v.to_string()) })
+        })
+        .await
+    }
+    .await;
+    two.finish(test, result).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_package_on_another_origin_talks_and_receives_a_file_from_the_app() {
     let test = "the_package_on_another_origin_talks_and_receives_a_file_from_the_app";
     if !browser_available(test) {
         return;
     }
-    let Some(tarball) = npm_package().filter(|p| p.is_file()) else {
-        if std::env::var_os("WEFT_REQUIRE_BROWSER").is_some() {
-            panic!("{test}: no npm package (cargo xtask package, or WEFT_NPM_PACKAGE)");
-        }
-        println!("SKIPPED {test}: no npm package (cargo xtask package)");
+    let tarball = npm_package().filter(|p| p.is_file());
+    let Some(tarball) = tarball else {
+        built(test, false, "the npm package");
         return;
     };
     let scratch = Scratch::new("site").unwrap();
@@ -257,23 +354,12 @@ async fn the_package_on_another_origin_talks_and_receives_a_file_from_the_app() 
     std::fs::create_dir_all(&site).unwrap();
     example_site(&site, &tarball).unwrap();
     let file = generate(scratch.path(), "notes.bin", 200_000, 43).unwrap();
-    // The example's static host, and the Weft server letting its origin in.
-    let any = "127.0.0.1:0".parse().unwrap();
-    let host = start_server_serving(any, Limits::default(), site).await.unwrap();
-    let origin = host.url().trim_end_matches('/').to_string();
-    let limits = Limits { allowed_origins: vec![origin], ..Limits::default() };
-    let weft = start_server_serving(any, limits, web_root()).await.unwrap();
-    let driver = ChromeDriver::start().await.unwrap();
-    let (alice, bob) = (driver.browser().await.unwrap(), driver.browser().await.unwrap());
+    let two = TwoOrigins::start(site, "Alice").await.unwrap();
     let result: Result<()> = async {
-        bob.goto(weft.url()).await?;
-        let invite = create_invite(&bob).await?;
-        start_join_with(&bob, json!({ "invite": invite, "name": "Bob" })).await?;
-        let page = format!("{}?server={}&name=Alice#invite={invite}", host.url(), weft.ws_url());
-        alice.goto(&page).await?;
+        let (alice, bob) = (&two.alice, &two.bob);
         let alice_id = wait_for("the example page to join", WAIT, || async {
             let v = js(
-                &alice,
+                alice,
                 "const e = window.example || {};
                  return { error: e.error ?? null, id: e.session ? e.session.ownId : null };",
             )
@@ -284,40 +370,28 @@ async fn the_package_on_another_origin_talks_and_receives_a_file_from_the_app() 
             Ok(v["id"].as_str().map(str::to_string).ok_or_else(|| v.to_string()))
         })
         .await?;
-        weft_tests::files::wait_connected(&bob, 1).await?;
+        weft_tests::files::wait_connected(bob, 1).await?;
         wait_for("the example's session with Bob", WAIT, || async {
-            let n = js(&alice, "return window.example.session.sendMessage('hello from afar');")
+            let n = js(alice, "return window.example.session.sendMessage('hello from afar');")
                 .await
                 .unwrap_or(Value::Null);
             Ok(if n == 1 { Ok(()) } else { Err(n.to_string()) })
         })
         .await?;
         let pred = "ev.type === 'message' && ev.text === 'hello from afar'";
-        wait_event(&bob, "the example's message", pred, None, WAIT).await?;
-        upload(&bob, "f", &[&file]).await?;
-        send_files(&bob, "f", &[(&file, "shared/notes.bin")], &alice_id, WAIT).await?;
+        wait_event(bob, "the example's message", pred, None, WAIT).await?;
+        upload(bob, "f", &[&file]).await?;
+        send_files(bob, "f", &[(&file, "shared/notes.bin")], &alice_id, WAIT).await?;
         let files = wait_for("the example to keep the file", WAIT, || async {
-            let v = js(&alice, "return window.example.files;").await?;
+            let v = js(alice, "return window.example.files;").await?;
             Ok(if v.as_array().is_some_and(|a| !a.is_empty()) { Ok(v) } else { Err(v.to_string()) })
         })
         .await?;
         ensure!(files == json!([{ "name": "notes.bin", "size": file.size }]), "kept {files}");
         let delivered = format!("ev.type === 'delivered' && ev.root === {}", json!(file.root));
-        wait_event(&bob, "delivered", &delivered, None, WAIT).await?;
+        wait_event(bob, "delivered", &delivered, None, WAIT).await?;
         Ok(())
     }
     .await;
-    if let Err(e) = &result {
-        let example =
-            js(&alice, "return window.example && window.example.events.slice(-20);").await;
-        println!(
-            "--- example page: {example:?}\n--- app page: {}",
-            weft_tests::files::diagnostics(&bob).await
-        );
-        let _ = (alice.quit().await, bob.quit().await);
-        panic!("{test}: {e:#}");
-    }
-    let _ = (alice.quit().await, bob.quit().await);
-    weft.shutdown(std::time::Duration::from_secs(2)).await;
-    host.shutdown(std::time::Duration::from_secs(2)).await;
+    two.finish(test, result).await;
 }

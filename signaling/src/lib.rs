@@ -127,10 +127,20 @@ impl AppState {
     }
 }
 
+/// Where the web app keeps its content-hashed files (`cargo xtask bundle` puts all but
+/// `index.html` under `a/<hash>/`): a name there never changes its bytes, so browsers keep
+/// them for a year without asking again. Everything else is `no-cache` (asked again each
+/// time; an unchanged file costs a 304).
+pub const IMMUTABLE_PREFIX: &str = "/a/";
+
 /// The router: `/ws`, `/healthz`, `/metrics`, and the web app.
 pub fn app(state: AppState) -> Router {
     let web_root = state.inner.web_root.clone();
+    // `F.br` / `F.gz` beside `F` (made by `cargo xtask bundle`) are sent instead when the
+    // browser accepts them.
     let static_files = ServeDir::new(&web_root)
+        .precompressed_br()
+        .precompressed_gzip()
         .append_index_html_on_directories(true)
         .fallback(get(missing_bundle).with_state(state.clone()));
     Router::new()
@@ -139,10 +149,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback_service(static_files)
         .with_state(state)
-        .layer(SetResponseHeaderLayer::overriding(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        ))
+        .layer(axum::middleware::map_response(cache_control))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -157,6 +164,15 @@ pub fn app(state: AppState) -> Router {
         ))
 }
 
+/// `Cache-Control`: immutable for a successful response under [`IMMUTABLE_PREFIX`],
+/// `no-cache` for anything else.
+async fn cache_control(uri: axum::http::Uri, mut response: Response) -> Response {
+    let immutable = uri.path().starts_with(IMMUTABLE_PREFIX) && response.status().is_success();
+    let value = if immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
+    response
+}
+
 /// Bytes read from a WebSocket at a time: a typical signaling message fits twice over.
 const READ_BUFFER: usize = 8 * 1024;
 
@@ -166,6 +182,14 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    if !origin_allowed(&headers, &state.inner.limits.allowed_origins) {
+        tracing::debug!("WebSocket from an origin not allowed");
+        return (
+            StatusCode::FORBIDDEN,
+            "this site may not use this Weft server (--allowed-origin)",
+        )
+            .into_response();
+    }
     let ip = client_ip(peer.ip(), &headers, state.inner.limits.trust_forwarded_for);
     // Frames a little over the limit still arrive whole, so the client learns why it is
     // closed; far larger ones are cut off by the WebSocket layer itself.
@@ -176,6 +200,25 @@ async fn ws_upgrade(
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| ws::run_connection(socket, state, ip))
+}
+
+/// Whether a WebSocket upgrade may proceed: any origin when `allowed` is empty; else a
+/// request without `Origin` (not a browser), one from the server's own host, or one from
+/// an origin in `allowed`.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    host.is_some_and(|h| origin_host.is_some_and(|o| o.eq_ignore_ascii_case(h)))
 }
 
 /// The client's address for per-address limits: the socket's peer, or, only when the

@@ -60,6 +60,11 @@ struct Args {
     #[arg(long, env = "WEFT_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
 
+    /// Let pages from this origin (e.g. `https://app.example.org`) join, besides the
+    /// server's own; repeat for several. Without it, pages from any origin may.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+
     /// Do not run the embedded STUN/TURN server (members then get only --turn-url ones).
     #[arg(long, env = "WEFT_NO_TURN")]
     no_turn: bool,
@@ -161,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
             max_connections_per_ip: args.max_connections_per_ip,
             max_rooms_per_ip: args.max_rooms_per_ip,
             trust_forwarded_for: args.trust_forwarded_for,
+            allowed_origins: args.allowed_origins,
             ..Limits::default()
         },
         turn: TurnConfig {

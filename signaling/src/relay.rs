@@ -43,6 +43,10 @@ pub struct Limits {
     /// entry: only behind a reverse proxy that sets it (else anyone could claim any
     /// address).
     pub trust_forwarded_for: bool,
+    /// Origins (`scheme://host[:port]`) whose pages may open the WebSocket, besides the
+    /// server's own; empty: any origin may (browsers do not apply CORS to WebSockets, so
+    /// this is the server's only say in which sites embed it). Checked by the HTTP layer.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Limits {
@@ -66,6 +70,7 @@ impl Default for Limits {
             max_outbox_bytes: 1024 * 1024,
             send_timeout: Duration::from_secs(10),
             trust_forwarded_for: false,
+            allowed_origins: Vec::new(),
         }
     }
 }

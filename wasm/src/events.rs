@@ -2,6 +2,7 @@
 //! crate docs), made from the core's types. Nothing here decides anything.
 
 use serde::Serialize;
+use tsify::Tsify;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
     DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, SavedTo, TransfersView,
@@ -11,7 +12,7 @@ use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
 /// The signaling connection's status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Tsify)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Status {
     DerivingKey,
@@ -34,9 +35,10 @@ impl Status {
 }
 
 /// The `peer` event's body and an element of `session.peers()`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PeerInfo {
+    #[tsify(type = "string")]
     pub peer_id: PeerId,
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,31 +81,37 @@ impl From<&NodeInfo> for PeerInfo {
     }
 }
 
-/// What the page's listener receives.
-#[derive(Serialize)]
+/// The session's own events (signaling, members, peers, messages).
+#[derive(Serialize, Tsify)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
-pub(crate) enum JsEvent {
+pub(crate) enum SessionEvent {
     Status {
         status: Status,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
     Joined {
+        #[tsify(type = "string")]
         peer_id: PeerId,
+        #[tsify(type = "string[]")]
         peers: Vec<PeerId>,
     },
     PeerJoined {
+        #[tsify(type = "string")]
         peer_id: PeerId,
     },
     PeerLeft {
+        #[tsify(type = "string")]
         peer_id: PeerId,
     },
     Error {
+        #[tsify(type = "string")]
         code: ErrorCode,
         message: String,
     },
     Peer(PeerInfo),
     Message {
+        #[tsify(type = "string")]
         peer_id: PeerId,
         name: String,
         text: String,
@@ -115,13 +123,20 @@ pub(crate) enum JsEvent {
         looks_like: Option<String>,
         at: f64,
     },
-    /// File-transfer events carry their own `type`.
-    #[serde(untagged)]
+}
+
+/// What the page's listener receives: one `type` field names the kind of every event.
+/// (Untagged here: each kind of event carries its own `type`, so the TypeScript union is
+/// flat, `SessionEvent | FileEvent`.)
+#[derive(Serialize, Tsify)]
+#[serde(untagged)]
+pub(crate) enum JsEvent {
+    Session(SessionEvent),
     File(FileEvent),
 }
 
 /// A file item as the page sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ItemJs {
     path: String,
@@ -137,7 +152,7 @@ pub(crate) fn items_js(items: &[OfferItem]) -> Vec<ItemJs> {
 }
 
 /// File-transfer events for the page (see the crate docs).
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
 pub(crate) enum FileEvent {
     Hashing {
@@ -214,7 +229,7 @@ pub(crate) enum FileEvent {
 }
 
 /// A download's progress (the `progress` event and `transfers().downloads`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ProgressJs {
     root: String,
@@ -229,7 +244,7 @@ pub(crate) struct ProgressJs {
 }
 
 /// An offer a download belongs to.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct OfferRef {
     peer_id: String,
@@ -266,7 +281,7 @@ impl From<&DownloadView> for ProgressJs {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 struct OutgoingJs {
     peer_id: String,
@@ -277,7 +292,7 @@ struct OutgoingJs {
     total_bytes: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 struct IncomingJs {
     peer_id: String,
@@ -286,7 +301,7 @@ struct IncomingJs {
 }
 
 /// `session.transfers()`.
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct TransfersJs {
     downloads: Vec<ProgressJs>,

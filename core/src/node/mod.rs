@@ -109,6 +109,11 @@ pub struct NodeTiming {
     pub upgrade_first: Duration,
     /// The longest wait between two looks for a direct path.
     pub upgrade_max: Duration,
+    /// Attempts the first join gets: if the node was never in the room after this many
+    /// (the server unreachable, or refusing us), it stops with
+    /// [`StopReason::Unreachable`] or [`StopReason::Refused`] instead of retrying, so a
+    /// caller waiting for the join learns why within bounded time. `None`: retry forever.
+    pub first_join_attempts: Option<u32>,
 }
 
 impl Default for NodeTiming {
@@ -122,6 +127,7 @@ impl Default for NodeTiming {
             path_every: Duration::from_secs(2),
             upgrade_first: Duration::from_secs(5),
             upgrade_max: Duration::from_secs(600),
+            first_join_attempts: None,
         }
     }
 }
@@ -498,6 +504,23 @@ pub enum StopReason {
         /// The server's words.
         message: String,
     },
+    /// The first join failed [`NodeTiming::first_join_attempts`] times without reaching
+    /// the server's room.
+    #[error("cannot reach the signaling server ({attempts} attempts; last: {last})")]
+    Unreachable {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last one failed.
+        last: String,
+    },
+    /// The server refused our first join (full, or too many from our address).
+    #[error("the signaling server refused to let us join: {message}")]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The server's words.
+        message: String,
+    },
 }
 
 /// Something for the user.
@@ -662,6 +685,7 @@ impl Node {
                 room,
                 config.timing.heartbeat,
                 config.timing.connect_timeout,
+                config.timing.first_join_attempts,
             ),
             peers: BTreeMap::new(),
             conns: HashMap::new(),

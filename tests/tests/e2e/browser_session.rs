@@ -113,7 +113,7 @@ async fn two_browsers_join_by_invite_and_talk_encrypted() {
     let invite = js(
         &alice,
         r#"return (async () => {
-             const m = await import("/pkg/weft_wasm.js");
+             const m = await import(document.getElementById("weft-module").href);
              await m.default();
              return m.createInvite();
            })();"#,

@@ -129,7 +129,7 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     let invite = js(
         &alice,
         r#"return (async () => {
-             const m = await import("/pkg/weft_wasm.js");
+             const m = await import(document.getElementById("weft-module").href);
              await m.default();
              return m.createInvite();
            })();"#,
@@ -143,7 +143,7 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
         &alice,
         &format!(
             r#"return (async () => {{
-                 const m = await import("/pkg/weft_wasm.js");
+                 const m = await import(document.getElementById("weft-module").href);
                  try {{
                    const s = await m.WeftSession.join({{ invite: {}, iceTransportPolicy: "nope" }});
                    s.leave();

@@ -367,8 +367,10 @@ pub(crate) fn file_event(
                 reason: reason.to_string(),
             },
             // The node reports a complete file once it is in place (`Saved`); a share that
-            // failed only matters to the driver.
-            TransferEvent::FileComplete { .. } | TransferEvent::ShareFailed { .. } => return None,
+            // failed only matters to the driver; a verified root shows in the next progress.
+            TransferEvent::FileComplete { .. }
+            | TransferEvent::ShareFailed { .. }
+            | TransferEvent::Verified { .. } => return None,
         },
         NodeFileEvent::Progress(view) => FileEvent::Progress(ProgressJs::from(view)),
         NodeFileEvent::Upload { peer, root, sent_bytes, size } => FileEvent::Upload {

@@ -217,11 +217,13 @@ pub(crate) struct FileGlue {
     pub save_due: Option<Duration>,
     /// A save is running in the driver.
     pub saving: bool,
-    /// Complete downloads being put in place: root → (paths, size).
-    pub finishing: HashMap<Root, (Vec<String>, u64)>,
+    /// Complete downloads being put in place: storage key → (root, paths, size).
+    pub finishing: HashMap<Root, (Root, Vec<String>, u64)>,
     /// Complete downloads waiting for the running save to end before they are put in
-    /// place.
-    pub finish_after_save: Vec<(Root, Vec<String>, u64)>,
+    /// place: (storage key, root, paths, size).
+    pub finish_after_save: Vec<(Root, Root, Vec<String>, u64)>,
+    /// Files shared before they were hashed so far (numbers their local keys).
+    pub streamed_shares: u64,
     /// Upload limit, bytes per second over all peers.
     pub upload_limit: Option<f64>,
     /// When the pacer lets the next chunk go.
@@ -244,6 +246,7 @@ impl FileGlue {
             saving: false,
             finishing: HashMap::new(),
             finish_after_save: Vec::new(),
+            streamed_shares: 0,
             upload_limit: None,
             upload_next: Duration::ZERO,
             paced: VecDeque::new(),

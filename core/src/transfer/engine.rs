@@ -526,6 +526,10 @@ struct Shared {
     cvs: Vec<Cv>,
     /// Its hash, once hashed.
     root: Option<Root>,
+    /// Shared before it was hashed: always offered under stream keys, so that an offer
+    /// made again (say to a receiver that reloaded before it had the root) names the file
+    /// as the first one did.
+    streamed: bool,
 }
 
 impl Shared {
@@ -753,7 +757,7 @@ impl Engine {
         if !ok {
             return Err(TransferError::BadHashes);
         }
-        self.shared.insert(root, Shared { size, cvs, root: Some(root) });
+        self.shared.insert(root, Shared { size, cvs, root: Some(root), streamed: false });
         Ok(())
     }
 
@@ -762,7 +766,7 @@ impl Engine {
     /// and its CVs follow as the driver hashes it ([`Self::hashed`], then
     /// [`Self::hash_done`]).
     pub fn share_streamed(&mut self, local: Root, size: u64) {
-        self.shared.insert(local, Shared { size, cvs: Vec::new(), root: None });
+        self.shared.insert(local, Shared { size, cvs: Vec::new(), root: None, streamed: true });
     }
 
     /// The next CVs of `local`, in order, as the driver's hasher finishes chunks: they go
@@ -929,7 +933,7 @@ impl Engine {
             check_path(path)?;
             let local = self.share_key(name).ok_or(TransferError::UnknownFile)?;
             let shared = self.shared.get(&local).ok_or(TransferError::UnknownFile)?;
-            let item = match shared.root {
+            let item = match shared.root.filter(|_| !shared.streamed) {
                 Some(root) => {
                     OfferItem { path: path.clone(), size: shared.size, root, streamed: false }
                 }
@@ -1390,13 +1394,15 @@ impl Engine {
         d.inflight.clear();
         let (size, paths, cvs) = (d.size, d.paths.clone(), d.cvs.clone());
         let offerers: Vec<PeerId> = d.offers.iter().map(|(p, _)| p.clone()).collect();
-        self.shared.insert(*key, Shared { size, cvs, root: Some(root) });
+        self.shared.insert(*key, Shared { size, cvs, root: Some(root), streamed: false });
         if root != *key {
             self.aliases.insert(root, *key);
         }
+        // Named as the offers named it: a sender still hashing (an empty file completes
+        // at once) knows its stream key before its root.
         for p in offerers {
             if self.peers.contains(&p) {
-                self.send(&p, TransferMsg::Complete { root });
+                self.send(&p, TransferMsg::Complete { root: *key });
             }
         }
         self.event(TransferEvent::FileComplete { root, key: *key, paths, size });

@@ -452,6 +452,7 @@ async fn send_inner(
                         bail!("cannot serve {path}: {reason}");
                     }
                     FileEvent::Upload { peer, root, sent_bytes, .. } => {
+                        let root = roots.get(root).unwrap_or(root);
                         sent.insert((peer.clone(), *root), *sent_bytes);
                         let size = sizes.get(root).copied().unwrap_or(0);
                         let pos: u64 = recipients

@@ -1646,6 +1646,9 @@ impl Node {
         if due {
             entry.1 = Some(now);
             let sent_bytes = entry.0;
+            // Read by its local key if shared before it was hashed: shown by its root
+            // once known.
+            let root = self.engine.shared_root(&root).unwrap_or(root);
             self.emit(Event::File(FileEvent::Upload { peer, root, sent_bytes, size }));
         }
     }

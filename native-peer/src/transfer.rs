@@ -641,11 +641,15 @@ async fn receive_inner(
                     println!("{}", file_json(ev));
                 }
             }
-            FileEvent::Saved { root, .. } => {
+            FileEvent::Saved { root, key, .. } => {
                 bars.finish(root);
+                bars.finish(key);
                 bars.file_event(ev);
                 if let Some((_, _, left)) = &mut target {
+                    // The offer named it by its key (a stream key if it was offered
+                    // before it was hashed).
                     left.remove(root);
+                    left.remove(key);
                     if left.is_empty() && once {
                         break;
                     }

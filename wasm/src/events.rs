@@ -380,7 +380,7 @@ pub(crate) fn file_event(
             size: *size as f64,
         },
         NodeFileEvent::Restored(_) => return None,
-        NodeFileEvent::Saved { root, paths, size, to } => FileEvent::FileComplete {
+        NodeFileEvent::Saved { root, paths, size, to, .. } => FileEvent::FileComplete {
             root: root.to_string(),
             paths: paths.clone(),
             size: *size as f64,

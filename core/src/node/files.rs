@@ -146,8 +146,11 @@ pub enum FileEvent {
     Restored(DownloadView),
     /// A download is complete, verified, and in its place.
     Saved {
-        /// Which file.
+        /// Which file (its hash).
         root: Root,
+        /// The key it was offered and stored under (its stream key if it was offered
+        /// before it was hashed, else its root).
+        key: Root,
         /// The paths it was offered under.
         paths: Vec<String>,
         /// Its size.

@@ -1591,7 +1591,7 @@ impl Node {
     fn on_file_saved(&mut self, key: Root, result: Result<SavedTo, String>) {
         let Some((root, paths, size)) = self.files.finishing.remove(&key) else { return };
         match result {
-            Ok(to) => self.emit(Event::File(FileEvent::Saved { root, paths, size, to })),
+            Ok(to) => self.emit(Event::File(FileEvent::Saved { root, key, paths, size, to })),
             // Not in its place after all (a streamed download the browser never took, a
             // move that failed): the file failed, whatever the engine thought, rather than
             // vanish as "complete".

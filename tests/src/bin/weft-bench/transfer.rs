@@ -12,6 +12,12 @@
 //!   `bufferedamountlow` at [`LOW_WATER`]: the same marks Weft's control channel uses). Its
 //!   time runs from the first send to the last byte at the receiver (both pages' clocks are
 //!   the machine's clock: `performance.timeOrigin + performance.now()`).
+//! - `click_to_first_byte_ms`: from `sendFiles` of a sparse 10 GiB file to Bob's first
+//!   stored byte (offered at once, hashed while chunks flow), beside
+//!   `click_to_first_byte_hash_first_est_ms`, what hashing it first would cost (the
+//!   page's hashing speed on [`FILE_SIZE`] in the same run, scaled). `WEFT_BENCH_PARTS=click`.
+//! - `transfer_vs_raw_from_click_ratio`: raw time ÷ Weft time from `sendFiles` to Bob's
+//!   `file_complete`, median over the paired runs.
 //! - `transfer_vs_raw_ratio` = Weft ÷ raw (medians); `transfer_vs_raw_paired_median`, the
 //!   median over runs of each run's Weft ÷ raw (measured back to back); `swarm_mb_s` (Alice and Carol seed, Bob fetches
 //!   from both) and `swarm_vs_single_ratio` = swarm ÷ single.

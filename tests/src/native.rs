@@ -247,8 +247,20 @@ impl SignalProcess {
         cmd.arg("--listen")
             .arg(std::net::SocketAddr::new(host.ip, port).to_string())
             .args(["--turn-port", "3478"])
-            .args(extra)
-            .env("WEFT_WEB_ROOT", crate::web_root())
+            .args(extra);
+        Self::spawn(cmd).await
+    }
+
+    /// Starts `weft-signal` on this machine's loopback, on a free port, without STUN/TURN,
+    /// with `extra` arguments (for benchmarks and the cluster tests: several side by side).
+    pub async fn start_local(extra: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(weft_signal_bin()?);
+        cmd.args(["--listen", "127.0.0.1:0", "--no-turn"]).args(extra);
+        Self::spawn(cmd).await
+    }
+
+    async fn spawn(mut cmd: Command) -> Result<Self> {
+        cmd.env("WEFT_WEB_ROOT", crate::web_root())
             .env("RUST_LOG", "warn,turn=off")
             .stdout(Stdio::piped())
             .kill_on_drop(true);
@@ -268,5 +280,16 @@ impl SignalProcess {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let ws_url = format!("{}ws", url.replacen("http", "ws", 1));
         Ok(Self { child, url, ws_url })
+    }
+
+    /// Its process id (none once it was waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// `host:port` it listens on.
+    pub fn authority(&self) -> &str {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        rest.trim_end_matches('/')
     }
 }

@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, env = "WEFT_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
 
+    /// Share rooms with other weft-signal processes through this NATS server (with
+    /// JetStream: `nats-server -js`), e.g. nats://127.0.0.1:4222: members connected to
+    /// different processes meet as in one. See signaling/CLUSTER.md.
+    #[arg(long, env = "WEFT_CLUSTER", value_name = "NATS_URL")]
+    cluster: Option<String>,
+
     /// Do not run the embedded STUN/TURN server (members then get only --turn-url ones).
     #[arg(long, env = "WEFT_NO_TURN")]
     no_turn: bool,
@@ -184,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
             member_bytes_per_s: args.turn_member_rate,
             external_urls: args.turn_urls,
         },
+        cluster: args.cluster,
     };
     if !config.web_root.join("index.html").is_file() {
         tracing::warn!(

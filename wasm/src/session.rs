@@ -82,7 +82,8 @@ pub(crate) struct Inner {
     pub(crate) node: Node,
     queue: Rc<RefCell<VecDeque<Input>>>,
     rng: Rng,
-    url: String,
+    /// The signaling servers' URLs; the node says which one to use.
+    servers: Vec<String>,
     pub(crate) status: Status,
     ws: Option<WebSocket>,
     ws_handlers: Option<WsHandlers>,
@@ -100,6 +101,8 @@ pub(crate) struct Inner {
 
 /// What [`start`] needs.
 pub(crate) struct SessionConfig {
+    /// The signaling server's URL, or several separated by commas (the processes of one
+    /// cluster): the first is used, and after a lost connection the next.
     pub url: String,
     pub network: Network,
     pub identity: IdentityKeyPair,
@@ -129,6 +132,9 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
         u64::from(rand_u32()) << 16,
     );
     node_config.ice_servers = config.ice_servers;
+    let servers: Vec<String> =
+        config.url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+    node_config.signaling_servers = servers.len();
     let inner = Rc::new_cyclic(|weak: &Weak<RefCell<Inner>>| {
         let sink = sink(weak.clone(), queue.clone());
         RefCell::new(Inner {
@@ -136,7 +142,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             node: Node::new(node_config),
             queue: queue.clone(),
             rng: rng(),
-            url: config.url,
+            servers,
             status: Status::Connecting,
             ws: None,
             ws_handlers: None,
@@ -247,7 +253,7 @@ impl Inner {
 
     fn act(&mut self, output: Output, out: &mut Vec<JsEvent>) {
         match output {
-            Output::SignalingConnect => self.open_socket(),
+            Output::SignalingConnect { server } => self.open_socket(server),
             Output::SignalingSend(text) => {
                 if let Some(ws) = self.ws.as_ref().filter(|ws| ws.ready_state() == WebSocket::OPEN)
                 {
@@ -374,8 +380,9 @@ impl Inner {
 
     // --- the signaling socket
 
-    fn open_socket(&mut self) {
+    fn open_socket(&mut self, server: usize) {
         self.close_socket();
+        let url = self.servers.get(server).or(self.servers.first()).cloned().unwrap_or_default();
         let queue = self.queue.clone();
         let weak = self.weak.clone();
         let push = move |input: Input| {
@@ -384,7 +391,7 @@ impl Inner {
                 run(&inner);
             }
         };
-        let ws = match WebSocket::new(&self.url) {
+        let ws = match WebSocket::new(&url) {
             Ok(ws) => ws,
             Err(e) => {
                 let reason = format!("cannot open WebSocket: {}", crate::error::js_err(&e));

@@ -31,6 +31,10 @@ const TUN_BENCH_TOOLS: &[(&str, &str, &str)] = &[
     ("wg", "--version", "wireguard-tools"),
     ("ping", "-V", "iputils-ping"),
 ];
+/// What the cluster tests and `bench signal` run beside `weft-signal --cluster`: Debian's
+/// `nats-server` (2.9.10 in Debian 12, with JetStream). The install does not start it (no
+/// systemd here); tests and benches start their own on a free loopback port.
+const NATS_TOOLS: &[(&str, &str, &str)] = &[("nats-server", "--version", "nats-server")];
 /// boringtun's command line (a current Rust userspace WireGuard), built from crates.io
 /// into `target/tools` at this version: the one the anchors in issue #12 were measured with.
 const BORINGTUN_CLI_VERSION: &str = "0.7.1";
@@ -71,13 +75,17 @@ enum Task {
     },
     /// Install what is missing and build the web app bundle into target/web-dist.
     Bundle,
-    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables).
+    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables,
+    /// nats-server).
     Setup,
 }
 
 /// Benchmarks by name: (name, what it measures).
 const BENCHES: &[(&str, &str)] = &[
-    ("signal", "signaling relay throughput vs. a raw WebSocket forwarder, same process"),
+    (
+        "signal",
+        "relay throughput vs. a raw forwarder; 10,000 peers, churn; 3 processes on NATS vs. 1",
+    ),
     ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
     ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
     ("native", "weft-peer file transfer vs. a raw webrtc-rs data channel; Chromium to weft-peer"),
@@ -105,6 +113,7 @@ fn main() -> Result<()> {
             ensure_wasm_bindgen(&root)?;
             ensure_browser()?;
             ensure_netns_tools()?;
+            ensure_nats()?;
             println!("xtask: ready ({wasm:?} wasm toolchain)");
         }
         Task::Bundle => {
@@ -302,6 +311,15 @@ fn ensure_browser() -> Result<()> {
     apt_install(DEBIAN_BROWSER_PACKAGES)
 }
 
+fn ensure_nats() -> Result<()> {
+    let missing = missing_packages(NATS_TOOLS);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install_with(&missing, &["--no-install-recommends"])
+        .context("the cluster tests and bench signal need nats-server (Debian package)")
+}
+
 fn ensure_netns_tools() -> Result<()> {
     let missing = missing_packages(NETNS_TOOLS);
     if missing.is_empty() {
@@ -459,6 +477,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     ensure_browser()?;
     ensure_netns_tools()?;
+    ensure_nats()?;
     let dist = build_bundle(root)?;
     if have("rustfmt") {
         run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
@@ -501,7 +520,10 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .env("WEFT_SIGNAL_BIN", bins.join("weft-signal"));
     // Browser and network namespace tests must run here, not skip: the browser, the bundle,
     // iproute2 and nftables are installed (and CI runs as root).
-    cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_REQUIRE_NETNS", "1").env("WEFT_WEB_ROOT", &dist);
+    cmd.env("WEFT_REQUIRE_BROWSER", "1")
+        .env("WEFT_REQUIRE_NETNS", "1")
+        .env("WEFT_REQUIRE_NATS", "1")
+        .env("WEFT_WEB_ROOT", &dist);
     if nextest && filter.is_none() {
         // nextest does not run doctests; run them first so the summary comes last.
         run_cmd(
@@ -561,6 +583,9 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
     }
     if name == "relay" {
         ensure_netns_tools()?;
+    }
+    if name == "signal" {
+        ensure_nats()?;
     }
     if name == "tun" {
         let target = release.parent().context("no target directory")?;

@@ -24,7 +24,10 @@ enum Phase {
 /// What the driver must do with the WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SocketAction {
-    Connect,
+    /// Open a socket to the `server`th signaling server.
+    Connect {
+        server: usize,
+    },
     Send(String),
     Close,
 }
@@ -51,10 +54,18 @@ pub(crate) struct SignalingClient {
     attempt: u32,
     heartbeat: Duration,
     connect_timeout: Duration,
+    /// How many servers there are, and which one we use or try.
+    servers: usize,
+    server: usize,
 }
 
 impl SignalingClient {
-    pub(crate) fn new(room: RoomId, heartbeat: Duration, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        room: RoomId,
+        heartbeat: Duration,
+        connect_timeout: Duration,
+        servers: usize,
+    ) -> Self {
         Self {
             membership: RoomMembership::new(room),
             backoff: ReconnectBackoff::default(),
@@ -62,6 +73,8 @@ impl SignalingClient {
             attempt: 0,
             heartbeat,
             connect_timeout,
+            servers: servers.max(1),
+            server: 0,
         }
     }
 
@@ -106,7 +119,7 @@ impl SignalingClient {
         self.attempt += 1;
         self.phase = Phase::Opening { since: now };
         changes.push(SignalingChange::Connecting { attempt: self.attempt });
-        act.push(SocketAction::Connect);
+        act.push(SocketAction::Connect { server: self.server });
     }
 
     /// The WebSocket opened: join.
@@ -164,6 +177,9 @@ impl SignalingClient {
         changes: &mut Vec<SignalingChange>,
     ) {
         self.membership.disconnected();
+        // The next attempt goes to the next server: the one we lost may be gone for good
+        // (a cluster's process killed), and the others share its rooms.
+        self.server = (self.server + 1) % self.servers;
         let retry_in = Duration::from_millis(u64::from(self.backoff.next_delay_ms(jitter)));
         self.phase = Phase::Waiting { until: now + retry_in };
         changes.push(SignalingChange::Lost { reason, retry_in });
@@ -230,5 +246,47 @@ impl SignalingClient {
             Phase::Waiting { until } if now >= until => self.connect(now, act, changes),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connects(act: &[SocketAction]) -> Vec<usize> {
+        act.iter()
+            .filter_map(|a| match a {
+                SocketAction::Connect { server } => Some(*server),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Each lost connection, and each attempt that fails or times out, moves to the next
+    /// server, round the list.
+    #[test]
+    fn a_lost_connection_tries_the_next_server() {
+        let room = RoomId::new("room").unwrap();
+        let second = Duration::from_secs(1);
+        let mut client = SignalingClient::new(room, 15 * second, 10 * second, 3);
+        let (mut act, mut changes) = (Vec::new(), Vec::new());
+        let mut now = Duration::ZERO;
+        client.start(now, &mut act, &mut changes);
+        let mut tried = connects(&act);
+        for round in 0..4 {
+            act.clear();
+            if round % 2 == 0 {
+                client.opened(now, &mut act);
+                client.closed(now, "gone".into(), 0.5, &mut changes);
+            } else {
+                // No answer: the connect timeout.
+                now += 10 * second;
+                client.handle_timeout(now, 0.5, &mut act, &mut changes);
+            }
+            now = client.poll_timeout().unwrap();
+            client.handle_timeout(now, 0.5, &mut act, &mut changes);
+            tried.extend(connects(&act));
+        }
+        assert_eq!(tried, [0, 1, 2, 0, 1]);
     }
 }

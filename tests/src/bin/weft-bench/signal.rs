@@ -1,7 +1,8 @@
 //! `cargo xtask bench signal`: signaling relay throughput and join latency, beside a raw
 //! WebSocket forwarder (no parsing, no rooms) run in the same process as the baseline;
-//! then the load and churn parts of `signal_load.rs` against a `weft-signal` process.
-//! `WEFT_BENCH_PARTS` (comma-separated: `relay`, `load`, `churn`) runs only those.
+//! then the load and churn parts of `signal_load.rs` against a `weft-signal` process, and
+//! the cluster part of `signal_cluster.rs` (three processes on NATS beside one alone).
+//! `WEFT_BENCH_PARTS` (comma-separated: `relay`, `load`, `churn`, `cluster`) runs only those.
 //!
 //! Prints `BENCH <metric> <value> <unit>` lines.
 
@@ -107,7 +108,7 @@ async fn raw_forwarder() -> Result<String> {
 }
 
 /// Whether `part` of the bench runs: `WEFT_BENCH_PARTS` (comma-separated: `relay`, `load`,
-/// `churn`), default all.
+/// `churn`, `cluster`), default all.
 fn runs(part: &str) -> bool {
     std::env::var("WEFT_BENCH_PARTS").map_or(true, |parts| parts.split(',').any(|p| p == part))
 }
@@ -124,6 +125,9 @@ pub async fn main() -> Result<()> {
     }
     if runs("churn") {
         crate::signal_load::churn().await?;
+    }
+    if runs("cluster") {
+        crate::signal_cluster::cluster().await?;
     }
     Ok(())
 }

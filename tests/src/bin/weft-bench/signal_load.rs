@@ -243,7 +243,9 @@ pub(crate) async fn load() -> Result<()> {
         k += 1;
     }
     let room_count = k;
-    let room_name = |k: usize| RoomId::new(format!("load-{k}")).expect("valid room id");
+    let room_names: Vec<RoomId> =
+        (0..room_count).map(|k| RoomId::new(format!("load-{k}"))).collect::<Result<_, _>>()?;
+    let room_name = |k: usize| room_names[k].clone();
 
     let (stop, stop_rx) = watch::channel(false);
     let (cpu_client0, cpu_server0) = (cpu_ms(std::process::id())?, cpu_ms(pid)?);

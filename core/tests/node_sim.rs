@@ -346,7 +346,7 @@ impl Sim {
 
     fn act(&mut self, idx: usize, output: Output) {
         match output {
-            Output::SignalingConnect => {
+            Output::SignalingConnect { .. } => {
                 if let Some(old) = self.nodes[idx].socket.take() {
                     self.server_drop_socket(old);
                 }

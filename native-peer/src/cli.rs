@@ -22,9 +22,18 @@ use crate::rtc::{RtcConfig, Tuning};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
-    /// The signaling server's WebSocket URL.
-    #[arg(long, env = "WEFT_SERVER", default_value = "ws://127.0.0.1:8080/ws", global = true)]
-    pub server: String,
+    /// The signaling server's WebSocket URL. Several (repeated, or separated by commas),
+    /// say the processes of one cluster: the first is used, and each time a connection is
+    /// lost or cannot be made, the next.
+    #[arg(
+        long,
+        env = "WEFT_SERVER",
+        default_value = "ws://127.0.0.1:8080/ws",
+        global = true,
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    pub server: Vec<String>,
 
     /// The network's name (with a passphrase).
     #[arg(long, global = true, value_name = "NAME")]

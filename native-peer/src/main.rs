@@ -135,7 +135,9 @@ async fn join_with(
     downloads: Option<std::path::PathBuf>,
     routing: Routing,
 ) -> anyhow::Result<Joined> {
-    signaling::check_url(&cli.server)?;
+    for url in &cli.server {
+        signaling::check_url(url)?;
+    }
     let store = Store::open(cli.config_dir.clone())?;
     let config_dir = store.dir().to_path_buf();
     let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
@@ -148,7 +150,7 @@ async fn join_with(
         _ => format!("Native {}", &identity.public().fingerprint().to_hex()[..4]),
     };
     let (mesh, events) = mesh::start(MeshConfig {
-        url: cli.server.clone(),
+        servers: cli.server.clone(),
         network: network.clone(),
         identity: identity.clone(),
         own_name: name.clone(),

@@ -6,6 +6,7 @@
 //! and serves it over HTTP or HTTPS; `main.rs` only parses configuration.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod metrics;
 pub mod relay;
 mod shared_port;
@@ -53,6 +54,9 @@ pub struct Config {
     pub limits: Limits,
     /// The embedded STUN/TURN server, and the ICE servers members are handed.
     pub turn: TurnConfig,
+    /// Share rooms with other `weft-signal` processes through the NATS server at this URL
+    /// (`nats://host:port`, JetStream on); none: this process alone.
+    pub cluster: Option<String>,
 }
 
 impl Default for Config {
@@ -63,6 +67,7 @@ impl Default for Config {
             tls: None,
             limits: Limits::default(),
             turn: TurnConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -75,6 +80,8 @@ struct Inner {
     ice: Option<Arc<IceOffer>>,
     /// The embedded relay, told when a member leaves.
     turn: Mutex<Option<Arc<EmbeddedTurn>>>,
+    /// The cluster this process shares rooms with, if any.
+    cluster: Option<Arc<cluster::Cluster>>,
     limits: Limits,
     web_root: PathBuf,
     shutdown: watch::Sender<bool>,
@@ -99,6 +106,16 @@ impl AppState {
         metrics: Arc<Metrics>,
         ice: Option<Arc<IceOffer>>,
     ) -> Self {
+        Self::build(limits, web_root, metrics, ice, None)
+    }
+
+    fn build(
+        limits: Limits,
+        web_root: PathBuf,
+        metrics: Arc<Metrics>,
+        ice: Option<Arc<IceOffer>>,
+        cluster: Option<Arc<cluster::Cluster>>,
+    ) -> Self {
         let hub = ws::Hub::new(relay::Relay::new(limits.clone()));
         let (shutdown, _) = watch::channel(false);
         Self {
@@ -107,6 +124,7 @@ impl AppState {
                 metrics,
                 ice,
                 turn: Mutex::new(None),
+                cluster,
                 limits,
                 web_root,
                 shutdown,
@@ -293,6 +311,9 @@ pub enum ServerError {
     /// The embedded STUN/TURN server could not start.
     #[error(transparent)]
     Turn(#[from] turn::TurnError),
+    /// The cluster (`--cluster`) could not be joined.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// TURN over TLS was given a certificate of its own, and the HTTPS port.
     #[error(
         "TURN over TLS on the HTTPS port uses the HTTPS certificate: drop --turn-tls-cert, or give TURN over TLS a port of its own with --turn-tls-port"
@@ -353,7 +374,12 @@ impl Server {
             let urls = config.turn.external_urls.clone();
             (None, Some(Arc::new(IceOffer::new(&secret, config.turn.credential_ttl, urls))))
         };
-        let state = AppState::with_ice(config.limits, config.web_root, metrics.clone(), ice);
+        let cluster = match &config.cluster {
+            Some(url) => Some(Arc::new(cluster::Cluster::connect(url).await?)),
+            None => None,
+        };
+        let state = AppState::build(config.limits, config.web_root, metrics.clone(), ice, cluster);
+        state.run_cluster().await?;
         *state.inner.turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = turn.clone();
         let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
@@ -426,7 +452,7 @@ impl Server {
 
     /// Closes every WebSocket with a reason, finishes requests in flight (at most
     /// `grace`), and stops.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(mut self, grace: Duration) {
         self.state.begin_shutdown();
         // Let connection tasks send their close frames before connections are cut.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -434,7 +460,11 @@ impl Server {
         if let Some(turn) = &self.turn {
             turn.close().await;
         }
-        match self.task.await {
+        let stopped = (&mut self.task).await;
+        if let Some(cluster) = &self.state.inner.cluster {
+            cluster.release_lease().await;
+        }
+        match stopped {
             Ok(Ok(())) => tracing::info!("stopped"),
             Ok(Err(e)) => tracing::warn!("server stopped with an error: {e}"),
             Err(e) => tracing::warn!("server task failed: {e}"),

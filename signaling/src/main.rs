@@ -64,6 +64,11 @@ struct Args {
     /// server's own; repeat for several. Without it, pages from any origin may.
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     allowed_origins: Vec<String>,
+    /// Share rooms with other weft-signal processes through this NATS server (with
+    /// JetStream: `nats-server -js`), e.g. nats://127.0.0.1:4222: members connected to
+    /// different processes meet as in one. See signaling/CLUSTER.md.
+    #[arg(long, env = "WEFT_CLUSTER", value_name = "NATS_URL")]
+    cluster: Option<String>,
 
     /// Do not run the embedded STUN/TURN server (members then get only --turn-url ones).
     #[arg(long, env = "WEFT_NO_TURN")]
@@ -190,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             member_bytes_per_s: args.turn_member_rate,
             external_urls: args.turn_urls,
         },
+        cluster: args.cluster,
     };
     if !config.web_root.join("index.html").is_file() {
         tracing::warn!(

@@ -43,6 +43,7 @@ async fn start(limits: Limits) -> Server {
         tls: None,
         limits,
         turn,
+        cluster: None,
     };
     Server::start(config).await.unwrap()
 }
@@ -544,6 +545,7 @@ async fn missing_bundle_explains_how_to_build_it() {
         tls: None,
         limits: Limits::default(),
         turn: TurnConfig { enabled: false, ..TurnConfig::default() },
+        cluster: None,
     };
     let server = Server::start(config).await.unwrap();
     let (status, _, body) = http_get(&server, "/").await;
@@ -569,6 +571,7 @@ async fn https_with_a_self_signed_certificate() {
         tls: Some(TlsSource::SelfSigned),
         limits: Limits::default(),
         turn: TurnConfig { enabled: false, ..TurnConfig::default() },
+        cluster: None,
     };
     let server = Server::start(config).await.unwrap();
     assert!(server.url().starts_with("https://127.0.0.1:"));

@@ -102,7 +102,7 @@ pub async fn start_server_serving(
 ) -> Result<Server> {
     // The embedded STUN/TURN on a free port: tests run side by side.
     let turn = weft_signal::TurnConfig { port: 0, ..Default::default() };
-    let config = Config { listen, web_root: root, tls: None, limits, turn };
+    let config = Config { listen, web_root: root, tls: None, limits, turn, cluster: None };
     Ok(Server::start(config).await?)
 }
 

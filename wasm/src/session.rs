@@ -82,7 +82,8 @@ pub(crate) struct Inner {
     pub(crate) node: Node,
     queue: Rc<RefCell<VecDeque<Input>>>,
     rng: Rng,
-    url: String,
+    /// The signaling servers' URLs; the node says which one to use.
+    servers: Vec<String>,
     pub(crate) status: Status,
     ws: Option<WebSocket>,
     ws_handlers: Option<WsHandlers>,
@@ -121,6 +122,8 @@ const FIRST_JOIN_ATTEMPTS: u32 = 3;
 
 /// What [`start`] needs.
 pub(crate) struct SessionConfig {
+    /// The signaling server's URL, or several separated by commas (the processes of one
+    /// cluster): the first is used, and after a lost connection the next.
     pub url: String,
     pub network: Network,
     pub identity: IdentityKeyPair,
@@ -153,6 +156,9 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
     // `join()` settles within bounded time: three attempts (each at most the connect
     // timeout, with the backoff between them) if the server never lets us in.
     node_config.timing.first_join_attempts = Some(FIRST_JOIN_ATTEMPTS);
+    let servers: Vec<String> =
+        config.url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+    node_config.signaling_servers = servers.len();
     let inner = Rc::new_cyclic(|weak: &Weak<RefCell<Inner>>| {
         let sink = sink(weak.clone(), queue.clone());
         RefCell::new(Inner {
@@ -160,7 +166,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             node: Node::new(node_config),
             queue: queue.clone(),
             rng: rng(),
-            url: config.url,
+            servers,
             status: Status::Connecting,
             ws: None,
             ws_handlers: None,
@@ -275,7 +281,7 @@ impl Inner {
 
     fn act(&mut self, output: Output, out: &mut Vec<JsEvent>) {
         match output {
-            Output::SignalingConnect => self.open_socket(),
+            Output::SignalingConnect { server } => self.open_socket(server),
             Output::SignalingSend(text) => {
                 if let Some(ws) = self.ws.as_ref().filter(|ws| ws.ready_state() == WebSocket::OPEN)
                 {
@@ -425,8 +431,9 @@ impl Inner {
 
     // --- the signaling socket
 
-    fn open_socket(&mut self) {
+    fn open_socket(&mut self, server: usize) {
         self.close_socket();
+        let url = self.servers.get(server).or(self.servers.first()).cloned().unwrap_or_default();
         let queue = self.queue.clone();
         let weak = self.weak.clone();
         let push = move |input: Input| {
@@ -435,7 +442,7 @@ impl Inner {
                 run(&inner);
             }
         };
-        let ws = match WebSocket::new(&self.url) {
+        let ws = match WebSocket::new(&url) {
             Ok(ws) => ws,
             Err(e) => {
                 let reason = format!("cannot open WebSocket: {}", crate::error::js_err(&e));

@@ -31,6 +31,10 @@ const TUN_BENCH_TOOLS: &[(&str, &str, &str)] = &[
     ("wg", "--version", "wireguard-tools"),
     ("ping", "-V", "iputils-ping"),
 ];
+/// What the cluster tests and `bench signal` run beside `weft-signal --cluster`: Debian's
+/// `nats-server` (2.9.10 in Debian 12, with JetStream). The install does not start it (no
+/// systemd here); tests and benches start their own on a free loopback port.
+const NATS_TOOLS: &[(&str, &str, &str)] = &[("nats-server", "--version", "nats-server")];
 /// boringtun's command line (a current Rust userspace WireGuard), built from crates.io
 /// into `target/tools` at this version: the one the anchors in issue #12 were measured with.
 const BORINGTUN_CLI_VERSION: &str = "0.7.1";
@@ -74,13 +78,17 @@ enum Task {
     /// Build the npm package (the module, its workers, types) into target/npm/weft and
     /// pack it (`npm pack`) into target/npm/weft-<version>.tgz.
     Package,
-    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables, npm).
+    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables, npm,
+    /// nats-server).
     Setup,
 }
 
 /// Benchmarks by name: (name, what it measures).
 const BENCHES: &[(&str, &str)] = &[
-    ("signal", "signaling relay throughput vs. a raw WebSocket forwarder, same process"),
+    (
+        "signal",
+        "relay throughput vs. a raw forwarder; 10,000 peers, churn; 3 processes on NATS vs. 1",
+    ),
     ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
     ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
     ("native", "weft-peer file transfer vs. a raw webrtc-rs data channel; Chromium to weft-peer"),
@@ -109,6 +117,7 @@ fn main() -> Result<()> {
             ensure_npm()?;
             ensure_browser()?;
             ensure_netns_tools()?;
+            ensure_nats()?;
             println!("xtask: ready ({wasm:?} wasm toolchain)");
         }
         Task::Bundle => {
@@ -315,6 +324,15 @@ fn ensure_browser() -> Result<()> {
         return Ok(());
     }
     apt_install(DEBIAN_BROWSER_PACKAGES)
+}
+
+fn ensure_nats() -> Result<()> {
+    let missing = missing_packages(NATS_TOOLS);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install_with(&missing, &["--no-install-recommends"])
+        .context("the cluster tests and bench signal need nats-server (Debian package)")
 }
 
 fn ensure_netns_tools() -> Result<()> {
@@ -722,6 +740,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     ensure_browser()?;
     ensure_netns_tools()?;
+    ensure_nats()?;
     let dist = build_bundle(root)?;
     // The npm package, installed from its tarball by a browser test.
     let package = build_package(root)?;
@@ -766,7 +785,10 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .env("WEFT_SIGNAL_BIN", bins.join("weft-signal"));
     // Browser and network namespace tests must run here, not skip: the browser, the bundle,
     // iproute2 and nftables are installed (and CI runs as root).
-    cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_REQUIRE_NETNS", "1").env("WEFT_WEB_ROOT", &dist);
+    cmd.env("WEFT_REQUIRE_BROWSER", "1")
+        .env("WEFT_REQUIRE_NETNS", "1")
+        .env("WEFT_REQUIRE_NATS", "1")
+        .env("WEFT_WEB_ROOT", &dist);
     cmd.env("WEFT_NPM_PACKAGE", &package);
     if nextest && filter.is_none() {
         // nextest does not run doctests; run them first so the summary comes last.
@@ -827,6 +849,9 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
     }
     if name == "relay" {
         ensure_netns_tools()?;
+    }
+    if name == "signal" {
+        ensure_nats()?;
     }
     if name == "tun" {
         let target = release.parent().context("no target directory")?;

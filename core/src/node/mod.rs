@@ -159,6 +159,10 @@ pub struct NodeConfig {
     pub ice_servers: Option<Vec<IceServer>>,
     /// Overlay IP: whether we have a TUN device, what we advertise, what we accept.
     pub routing: RoutingConfig,
+    /// How many signaling servers the driver was given (processes of one cluster, say):
+    /// the node connects to the first and, each time a connection is lost or cannot be
+    /// made, tries the next, round the list ([`Output::SignalingConnect`]).
+    pub signaling_servers: usize,
 }
 
 impl NodeConfig {
@@ -183,6 +187,7 @@ impl NodeConfig {
             engine: EngineConfig::default(),
             ice_servers: None,
             routing: RoutingConfig::default(),
+            signaling_servers: 1,
         }
     }
 }
@@ -353,9 +358,13 @@ pub enum Input {
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Open the signaling WebSocket (closing any open one), then report
+    /// Open the signaling WebSocket to the `server`th of the driver's signaling servers
+    /// (see [`NodeConfig::signaling_servers`]; closing any open one), then report
     /// [`Input::SignalingOpened`], texts, and [`Input::SignalingClosed`].
-    SignalingConnect,
+    SignalingConnect {
+        /// Which server, from 0.
+        server: usize,
+    },
     /// Send this text on the signaling WebSocket.
     SignalingSend(String),
     /// Close the signaling WebSocket (no [`Input::SignalingClosed`] needed).
@@ -686,6 +695,7 @@ impl Node {
                 config.timing.heartbeat,
                 config.timing.connect_timeout,
                 config.timing.first_join_attempts,
+                config.signaling_servers,
             ),
             peers: BTreeMap::new(),
             conns: HashMap::new(),
@@ -858,7 +868,7 @@ impl Node {
     ) {
         for a in act {
             self.out.push_back(match a {
-                SocketAction::Connect => Output::SignalingConnect,
+                SocketAction::Connect { server } => Output::SignalingConnect { server },
                 SocketAction::Send(text) => Output::SignalingSend(text),
                 SocketAction::Close => Output::SignalingClose,
             });

@@ -24,7 +24,10 @@ enum Phase {
 /// What the driver must do with the WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SocketAction {
-    Connect,
+    /// Open a socket to the `server`th signaling server.
+    Connect {
+        server: usize,
+    },
     Send(String),
     Close,
 }
@@ -55,6 +58,9 @@ pub(crate) struct SignalingClient {
     first_join_attempts: Option<u32>,
     /// We were in the room at least once.
     ever_joined: bool,
+    /// How many servers there are, and which one we use or try.
+    servers: usize,
+    server: usize,
 }
 
 /// Refusals of a join that a retry soon will not change.
@@ -72,6 +78,7 @@ impl SignalingClient {
         heartbeat: Duration,
         connect_timeout: Duration,
         first_join_attempts: Option<u32>,
+        servers: usize,
     ) -> Self {
         Self {
             membership: RoomMembership::new(room),
@@ -82,6 +89,8 @@ impl SignalingClient {
             connect_timeout,
             first_join_attempts,
             ever_joined: false,
+            servers: servers.max(1),
+            server: 0,
         }
     }
 
@@ -131,7 +140,7 @@ impl SignalingClient {
         self.attempt += 1;
         self.phase = Phase::Opening { since: now };
         changes.push(SignalingChange::Connecting { attempt: self.attempt });
-        act.push(SocketAction::Connect);
+        act.push(SocketAction::Connect { server: self.server });
     }
 
     /// The WebSocket opened: join.
@@ -207,6 +216,9 @@ impl SignalingClient {
             changes.push(SignalingChange::Stopped { reason });
             return;
         }
+        // The next attempt goes to the next server: the one we lost may be gone for good
+        // (a cluster's process killed), and the others share its rooms.
+        self.server = (self.server + 1) % self.servers;
         let retry_in = Duration::from_millis(u64::from(self.backoff.next_delay_ms(jitter)));
         self.phase = Phase::Waiting { until: now + retry_in };
         changes.push(SignalingChange::Lost { reason, retry_in });
@@ -286,7 +298,7 @@ mod tests {
 
     fn client(first_join_attempts: Option<u32>) -> SignalingClient {
         let room = RoomId::new("0123456789abcdef0123456789abcdef").unwrap();
-        SignalingClient::new(room, 15 * SECOND, 10 * SECOND, first_join_attempts)
+        SignalingClient::new(room, 15 * SECOND, 10 * SECOND, first_join_attempts, 1)
     }
 
     /// Runs the client through `n` failed connections; returns every change.
@@ -309,6 +321,15 @@ mod tests {
             .iter()
             .filter_map(|c| match c {
                 SignalingChange::Stopped { reason } => Some(reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connects(act: &[SocketAction]) -> Vec<usize> {
+        act.iter()
+            .filter_map(|a| match a {
+                SocketAction::Connect { server } => Some(*server),
                 _ => None,
             })
             .collect()
@@ -372,5 +393,33 @@ mod tests {
         );
         assert!(c.is_stopped());
         assert_eq!(act.last(), Some(&SocketAction::Close));
+    }
+
+    /// Each lost connection, and each attempt that fails or times out, moves to the next
+    /// server, round the list.
+    #[test]
+    fn a_lost_connection_tries_the_next_server() {
+        let room = RoomId::new("room").unwrap();
+        let second = Duration::from_secs(1);
+        let mut client = SignalingClient::new(room, 15 * second, 10 * second, None, 3);
+        let (mut act, mut changes) = (Vec::new(), Vec::new());
+        let mut now = Duration::ZERO;
+        client.start(now, &mut act, &mut changes);
+        let mut tried = connects(&act);
+        for round in 0..4 {
+            act.clear();
+            if round % 2 == 0 {
+                client.opened(now, &mut act);
+                client.closed(now, "gone".into(), 0.5, &mut changes);
+            } else {
+                // No answer: the connect timeout.
+                now += 10 * second;
+                client.handle_timeout(now, 0.5, &mut act, &mut changes);
+            }
+            now = client.poll_timeout().unwrap();
+            client.handle_timeout(now, 0.5, &mut act, &mut changes);
+            tried.extend(connects(&act));
+        }
+        assert_eq!(tried, [0, 1, 2, 0, 1]);
     }
 }

@@ -265,6 +265,7 @@ async fn two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_p
             secret: Some(secret.into()),
             ..TurnConfig::default()
         },
+        cluster: None,
     };
     let server = Server::start(config).await.unwrap();
     let tls = server.turn().unwrap().tls_addr().unwrap();

@@ -8,6 +8,7 @@ mod browser_session;
 mod browser_smoke;
 mod browser_transfer;
 mod browser_turn;
+mod cluster;
 mod nat;
 mod nat_browser;
 mod nat_harness;

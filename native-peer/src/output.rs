@@ -389,9 +389,7 @@ pub fn bytes(n: u64) -> String {
 fn items_json(items: &[OfferItem]) -> Value {
     items
         .iter()
-        .map(|i| {
-            json!({"path": i.path, "size": i.size, "root": i.root.to_string(), "streamed": i.streamed})
-        })
+        .map(|i| json!({"path": i.path, "size": i.size, "root": i.root.to_string()}))
         .collect::<Vec<_>>()
         .into()
 }
@@ -433,11 +431,8 @@ pub fn file_json(ev: &FileEvent) -> Value {
             TransferEvent::Delivered { peer, root } => {
                 json!({"event": "delivered", "peer_id": peer, "root": root.to_string()})
             }
-            TransferEvent::FileComplete { root, paths, size, .. } => {
+            TransferEvent::FileComplete { root, paths, size } => {
                 json!({"event": "file_complete", "root": root.to_string(), "paths": paths, "size": size})
-            }
-            TransferEvent::Verified { key, root } => {
-                json!({"event": "verified", "key": key.to_string(), "root": root.to_string()})
             }
             TransferEvent::FileFailed { root, reason } => {
                 json!({"event": "file_failed", "root": root.to_string(), "reason": reason.to_string()})
@@ -511,7 +506,7 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
             TransferEvent::ShareFailed { root, reason } => {
                 format!("stopped sharing {}: {reason}", &root.to_string()[..16])
             }
-            TransferEvent::SourceAdded { .. } | TransferEvent::Verified { .. } => return None,
+            TransferEvent::SourceAdded { .. } => return None,
         },
         FileEvent::Restored(view) => format!(
             "resuming {} ({} of {} stored)",

@@ -13,7 +13,6 @@
 //! - **Resume**: the records the node asks to save go to IndexedDB (store `downloads`).
 
 mod reads;
-pub(crate) mod send;
 mod writer;
 
 use std::cell::{Cell, RefCell};

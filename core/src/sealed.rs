@@ -104,7 +104,9 @@ impl SignalSealer {
         payload: &SignalPayload,
     ) -> Result<SignalPayload, OpenError> {
         let SignalPayload::Opaque { data } = payload else { return Err(OpenError::NotSealed) };
-        let mut bytes = URL_SAFE_NO_PAD.decode(data).map_err(|_| OpenError::Malformed)?;
+        // Zeroed when dropped: it holds the plaintext once opened.
+        let mut bytes =
+            Zeroizing::new(URL_SAFE_NO_PAD.decode(data).map_err(|_| OpenError::Malformed)?);
         if bytes.len() < 1 + NONCE_LEN + TAG_LEN || bytes[0] != VERSION {
             return Err(OpenError::Malformed);
         }
@@ -114,8 +116,7 @@ impl SignalSealer {
         let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| OpenError::Malformed)?;
         let aad = self.aad(from, to);
         self.cipher.open_in_place(&nonce, &aad, body, &tag).map_err(|_| OpenError::Forged)?;
-        let inside = Zeroizing::new(body.to_vec());
-        match serde_json::from_slice(&inside) {
+        match serde_json::from_slice(body) {
             // Sealed twice is not a thing a member sends.
             Ok(SignalPayload::Opaque { .. }) | Err(_) => Err(OpenError::BadInside),
             Ok(inner) => Ok(inner),

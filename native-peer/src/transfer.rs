@@ -736,12 +736,9 @@ async fn receive_inner(
                     (OfferVerdict::Ask, Some(asker)) => {
                         asker.ask(&bars, offer, info.as_ref());
                     }
-                    (verdict, _) => {
-                        let verdict = if verdict == OfferVerdict::Ask {
-                            policy.judge_answered(info.as_ref(), None)
-                        } else {
-                            verdict
-                        };
+                    // Decided by the rule, or an Ask with nobody to ask (declined).
+                    _ => {
+                        let verdict = policy.judge_answered(info.as_ref(), None);
                         accepted_items = answer(mesh, &bars, offer, info.as_ref(), verdict).await?;
                     }
                 }

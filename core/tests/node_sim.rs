@@ -105,6 +105,8 @@ struct SimNode {
     saving: bool,
     /// What the node wrote to its TUN device.
     tun_out: Vec<Vec<u8>>,
+    /// DNS queries the node asked the host's resolvers (`Output::DnsForward`).
+    dns_forwards: Vec<(u64, Vec<u8>)>,
     /// The overlay status last reported.
     overlay: Option<OverlayStatus>,
 }
@@ -218,6 +220,7 @@ impl Sim {
             fail_finish: false,
             saving: false,
             tun_out: Vec::new(),
+            dns_forwards: Vec::new(),
             overlay: None,
         });
         let now = self.now;
@@ -506,6 +509,7 @@ impl Sim {
             }
             Output::SaveTrust(store) => self.nodes[idx].trust_json = Some(store.to_json()),
             Output::TunWrite(packet) => self.nodes[idx].tun_out.push(packet),
+            Output::DnsForward { id, query } => self.nodes[idx].dns_forwards.push((id, query)),
             Output::Overlay(status) => self.nodes[idx].overlay = Some(status),
             Output::Event(event) => {
                 self.trace.push(format!("{:?} {idx} {}", self.now, short(&event)));
@@ -1433,7 +1437,7 @@ fn subnet_and_exit_routes_are_accepted_only_as_the_policy_says() {
     let routes = &sim.nodes[a].overlay.as_ref().unwrap().routes;
     assert!(routes.iter().any(|r| r.kind == RouteKind::Exit && r.prefix == net("0.0.0.0/0")));
     // An unknown member address is never sent to the exit node.
-    let (me, nobody) = (IpAddr::V4(sim.ipv4(a)), ip("100.100.100.100"));
+    let (me, nobody) = (IpAddr::V4(sim.ipv4(a)), ip("100.100.100.99"));
     sim.tun_send(a, udp(me, nobody, b"x"));
     assert_eq!(sim.nodes[a].tun_out.len(), 1, "an ICMP error, not a packet to the exit");
 
@@ -1725,4 +1729,105 @@ fn a_peer_that_reconnects_under_a_new_server_id_keeps_its_routes() {
     sim.tun_send(a, p2.clone());
     sim.run_for(Duration::from_millis(100));
     assert_eq!(sim.nodes[gw].tun_out, vec![p1, p2]);
+}
+
+/// The `.weft` resolver (`core/src/node/dns.rs`): a query from the host to 100.100.100.100
+/// is answered from the members, by name only for the key pinned under it; an impostor
+/// whose name gives the same label never gets it; other names go to the host's resolvers
+/// and only their reply to that query comes back.
+#[cfg(feature = "dns")]
+#[test]
+fn the_resolver_finds_members_by_name_never_an_impostor_and_forwards_the_rest() {
+    use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use weft_core::node::dns::RESOLVER_V4;
+
+    fn ask(id: u16, name: &str, kind: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(id).set_message_type(MessageType::Query).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+        m.to_vec().unwrap()
+    }
+    /// Node 0's host asks `name`; the reply written to its TUN, from the resolver.
+    fn resolve(sim: &mut Sim, name: &str, kind: RecordType) -> Message {
+        let client = IpAddr::V4(sim.ipv4(0));
+        sim.tun_send(0, udp(client, IpAddr::V4(RESOLVER_V4), &ask(7, name, kind)));
+        let packet = sim.nodes[0].tun_out.pop().expect("a DNS reply");
+        let parsed = SlicedPacket::from_ip(&packet).unwrap();
+        let Some(TransportSlice::Udp(u)) = parsed.transport else { panic!("not UDP") };
+        let Some(NetSlice::Ipv4(v4)) = parsed.net else { panic!("not IPv4") };
+        assert_eq!(
+            (v4.header().source_addr(), u.source_port(), v4.header().destination_addr()),
+            (RESOLVER_V4, 53, sim.ipv4(0))
+        );
+        assert_eq!(u.destination_port(), 40000);
+        Message::from_vec(u.payload()).unwrap()
+    }
+    fn a(m: &Message) -> Vec<String> {
+        m.answers().iter().map(|r| r.data().to_string()).collect()
+    }
+
+    let mut sim = Sim::new(33);
+    sim.data_loss = 0;
+    for name in ["ada", "bea", "Cy Laptop"] {
+        sim.add_node_with(name, None, tun());
+    }
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    let (bea, cy) = (sim.ipv4(1).to_string(), sim.ipv6(2).to_string());
+
+    assert_eq!(a(&resolve(&mut sim, "bea.weft.", RecordType::A)), [bea.clone()]);
+    assert_eq!(a(&resolve(&mut sim, "CY-laptop.weft.", RecordType::AAAA)), [cy]);
+    assert_eq!(a(&resolve(&mut sim, "ada.weft.", RecordType::A)), [sim.ipv4(0).to_string()]);
+    let code = sim.key(1).short_code().replace(' ', "-");
+    assert_eq!(a(&resolve(&mut sim, &format!("{code}.weft."), RecordType::A)), [bea.clone()]);
+    let reverse = sim.ipv4(1).octets().iter().rev().map(u8::to_string).collect::<Vec<_>>();
+    let ptr = format!("{}.in-addr.arpa.", reverse.join("."));
+    assert_eq!(a(&resolve(&mut sim, &ptr, RecordType::PTR)), ["bea.weft."]);
+    let none = resolve(&mut sim, "dee.weft.", RecordType::A);
+    assert_eq!(none.response_code(), ResponseCode::NXDomain);
+
+    // An impostor whose name gives the same label joins: "bea.weft" never finds it.
+    let impostor = sim.add_node_with("Bea!", None, tun());
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    let impostor_ip = sim.ipv4(impostor).to_string();
+    let got = a(&resolve(&mut sim, "bea.weft.", RecordType::A));
+    assert!(!got.contains(&impostor_ip), "the impostor got the name: {got:?}");
+    // Verified, bea has its name whoever else shares the label.
+    sim.verify(0, 1);
+    assert_eq!(a(&resolve(&mut sim, "bea.weft.", RecordType::A)), [bea]);
+
+    // Other names: forwarded, and only the reply to that query comes back.
+    let client = IpAddr::V4(sim.ipv4(0));
+    let query = ask(9, "example.com.", RecordType::A);
+    sim.tun_send(0, udp(client, IpAddr::V4(RESOLVER_V4), &query));
+    let (id, forwarded) = sim.nodes[0].dns_forwards.pop().expect("a forward");
+    assert_eq!(forwarded, query);
+    let mut answer = Message::from_vec(&query).unwrap();
+    answer.set_message_type(MessageType::Response);
+    let answer = answer.to_vec().unwrap();
+    let now = sim.now;
+    let n = &mut sim.nodes[0];
+    n.node.handle_input(now, Input::DnsForwarded { id, reply: Some(answer.clone()) }, &mut n.rng);
+    sim.drain(0);
+    let packet = sim.nodes[0].tun_out.pop().expect("the forwarded reply");
+    let Some(TransportSlice::Udp(u)) = SlicedPacket::from_ip(&packet).unwrap().transport else {
+        panic!("not UDP")
+    };
+    assert_eq!(u.payload(), &answer[..]);
+    // A reply to another query (a spoofed id), or none at all: SERVFAIL, never passed on.
+    for reply in [Some(ask(10, "example.com.", RecordType::A)), None] {
+        sim.tun_send(0, udp(client, IpAddr::V4(RESOLVER_V4), &query));
+        let (id, _) = sim.nodes[0].dns_forwards.pop().expect("a forward");
+        let n = &mut sim.nodes[0];
+        n.node.handle_input(now, Input::DnsForwarded { id, reply }, &mut n.rng);
+        sim.drain(0);
+        let packet = sim.nodes[0].tun_out.pop().expect("a SERVFAIL");
+        let Some(TransportSlice::Udp(u)) = SlicedPacket::from_ip(&packet).unwrap().transport else {
+            panic!("not UDP")
+        };
+        let m = Message::from_vec(u.payload()).unwrap();
+        assert_eq!((m.id(), m.response_code()), (9, ResponseCode::ServFail));
+    }
 }

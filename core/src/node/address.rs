@@ -14,6 +14,11 @@ use crate::network::Network;
 /// The overlay's IPv4 range (RFC 6598 shared address space, as Tailscale uses it).
 pub const OVERLAY_IPV4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
 
+/// The address of the `.weft` name resolver (`dns.rs`): in the range, so routed into every
+/// TUN device, and never a member's (see [`ipv4_candidate`]). Reserved on every platform,
+/// with or without the resolver, so that every member computes the same addresses.
+pub const RESOLVER_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
+
 /// How many IPv4 candidates a key has: a claim of any other address is refused.
 pub const MAX_IPV4_CANDIDATES: u32 = 64;
 
@@ -24,8 +29,14 @@ const HOSTS: u64 = (1 << 22) - 2;
 
 /// The `index`th IPv4 candidate of `key`: `100.64.0.0 + 1 + (H mod (2^22 - 2))` with `H`
 /// the first 8 bytes of `SHA-256(label || key || u32be(index))`, so never the range's
-/// first or last address.
+/// first or last address. A candidate that falls on [`RESOLVER_V4`] is derived again with
+/// the index's top bit set (one key in four million has one).
 pub fn ipv4_candidate(key: &PublicIdentity, index: u32) -> Ipv4Addr {
+    let addr = derive_ipv4(key, index);
+    if addr == RESOLVER_V4 { derive_ipv4(key, index | 0x8000_0000) } else { addr }
+}
+
+fn derive_ipv4(key: &PublicIdentity, index: u32) -> Ipv4Addr {
     let digest = Sha256::new()
         .chain_update(IPV4_LABEL)
         .chain_update(key.as_bytes())

@@ -3,6 +3,8 @@
 //! parsing). Nothing here panics on hostile bytes.
 
 use std::net::IpAddr;
+#[cfg(feature = "dns")]
+use std::net::SocketAddr;
 
 use etherparse::{IpFragOffset, IpNumber, IpSlice, PacketBuilder, icmpv4, icmpv6};
 
@@ -95,4 +97,50 @@ pub(crate) fn unreachable(packet: &[u8], from: IpAddr, why: Unreachable) -> Opti
         }
         _ => None,
     }
+}
+
+/// A UDP datagram's source, destination and payload, if `packet` is a well-formed,
+/// unfragmented IPv4 or IPv6 packet carrying one.
+#[cfg(feature = "dns")]
+pub(crate) fn udp(packet: &[u8]) -> Option<(SocketAddr, SocketAddr, &[u8])> {
+    let sliced = etherparse::SlicedPacket::from_ip(packet).ok()?;
+    let ip = sliced.net.as_ref()?;
+    let (src, dst) = match ip {
+        etherparse::NetSlice::Ipv4(v4) => {
+            if v4.header().is_fragmenting_payload() {
+                return None;
+            }
+            (IpAddr::V4(v4.header().source_addr()), IpAddr::V4(v4.header().destination_addr()))
+        }
+        etherparse::NetSlice::Ipv6(v6) => {
+            if v6.payload().fragmented {
+                return None;
+            }
+            (IpAddr::V6(v6.header().source_addr()), IpAddr::V6(v6.header().destination_addr()))
+        }
+        _ => return None,
+    };
+    match sliced.transport {
+        Some(etherparse::TransportSlice::Udp(udp)) => Some((
+            SocketAddr::new(src, udp.source_port()),
+            SocketAddr::new(dst, udp.destination_port()),
+            udp.payload(),
+        )),
+        _ => None,
+    }
+}
+
+/// The IP packet of a UDP datagram from `from` to `to` (one family), or `None` for mixed
+/// families or a payload too large for one packet.
+#[cfg(feature = "dns")]
+pub(crate) fn udp_packet(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let builder = match (from.ip(), to.ip()) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => PacketBuilder::ipv4(f.octets(), t.octets(), 64),
+        (IpAddr::V6(f), IpAddr::V6(t)) => PacketBuilder::ipv6(f.octets(), t.octets(), 64),
+        _ => return None,
+    }
+    .udp(from.port(), to.port());
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).ok()?;
+    Some(out)
 }

@@ -32,6 +32,8 @@
 
 mod accept;
 mod address;
+#[cfg(feature = "dns")]
+pub mod dns;
 mod files;
 mod ip;
 mod limits;
@@ -47,8 +49,8 @@ use hpke::rand_core::CryptoRng;
 
 pub use self::accept::{AcceptPolicy, DeclineReason, OfferVerdict};
 pub use self::address::{
-    MAX_IPV4_CANDIDATES, OVERLAY_IPV4, ipv4_candidate, ipv4_candidate_index, ipv6_address,
-    ipv6_interface_id, ipv6_prefix,
+    MAX_IPV4_CANDIDATES, OVERLAY_IPV4, RESOLVER_V4, ipv4_candidate, ipv4_candidate_index,
+    ipv6_address, ipv6_interface_id, ipv6_prefix,
 };
 pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
@@ -351,6 +353,14 @@ pub enum Input {
     /// seals it to the peer its destination routes to ([`Output::Transmit`] on the data
     /// channel), or answers with an ICMP error ([`Output::TunWrite`]).
     TunPacket(Vec<u8>),
+    /// The host's resolvers' reply to an [`Output::DnsForward`], or `None` if none
+    /// answered in time (the node then answers SERVFAIL). Only with the `dns` feature.
+    DnsForwarded {
+        /// The forward's id.
+        id: u64,
+        /// The reply, as received.
+        reply: Option<Vec<u8>>,
+    },
     /// [`Node::poll_timeout`] passed.
     Timeout,
 }
@@ -471,6 +481,15 @@ pub enum Output {
     /// Write this IP packet to the TUN device: a packet from a peer that passed
     /// cryptokey routing, or an ICMP error for a packet we could not deliver.
     TunWrite(Vec<u8>),
+    /// Ask the host's own resolvers this DNS query (a name the `.weft` resolver does not
+    /// know), each for at most `dns::FORWARD_TIMEOUT`, and report the first reply with
+    /// [`Input::DnsForwarded`]. Only with the `dns` feature.
+    DnsForward {
+        /// The forward's id.
+        id: u64,
+        /// The DNS message to send.
+        query: Vec<u8>,
+    },
     /// Our overlay addresses or the routing table changed (also once at start): configure
     /// the TUN device's addresses and the routes that lead into it.
     Overlay(OverlayStatus),
@@ -669,6 +688,11 @@ pub struct Node {
     sealer: Option<crate::sealed::SignalSealer>,
     /// Signaling payloads that did not open (forged, rewritten, misdirected), dropped.
     refused_signals: u64,
+    /// Queries to the `.weft` resolver forwarded to the host's resolvers, by forward id.
+    #[cfg(feature = "dns")]
+    dns_forwards: HashMap<u64, dns::Query>,
+    #[cfg(feature = "dns")]
+    next_dns_forward: u64,
     out: VecDeque<Output>,
 }
 
@@ -711,6 +735,10 @@ impl Node {
             by_key: BTreeMap::new(),
             sealer,
             refused_signals: 0,
+            #[cfg(feature = "dns")]
+            dns_forwards: HashMap::new(),
+            #[cfg(feature = "dns")]
+            next_dns_forward: 0,
             out: VecDeque::new(),
         }
     }
@@ -773,6 +801,13 @@ impl Node {
             Input::FileSaved { root, result } => self.on_file_saved(root, result),
             Input::TunPacket(packet) => {
                 self.on_tun_packet(now, packet);
+                return;
+            }
+            Input::DnsForwarded { id, reply } => {
+                #[cfg(feature = "dns")]
+                self.on_dns_forwarded(id, reply);
+                #[cfg(not(feature = "dns"))]
+                let _ = (id, reply);
                 return;
             }
             Input::Timeout => self.handle_timeout(now, rng),
@@ -1071,7 +1106,100 @@ impl Node {
     }
 
     /// An IP packet from the TUN device.
+    /// A query to the `.weft` resolver: answered from the members, or forwarded.
+    #[cfg(feature = "dns")]
+    fn on_dns_query(&mut self, query: dns::Query) {
+        match dns::answer(&query.message, &self.dns_directory()) {
+            dns::Answer::Reply(reply) => self.dns_reply(&query, &reply),
+            dns::Answer::Ignore => {}
+            dns::Answer::Forward if self.dns_forwards.len() >= dns::MAX_FORWARDS => {
+                if let Some(reply) = dns::servfail(&query.message) {
+                    self.dns_reply(&query, &reply);
+                }
+            }
+            dns::Answer::Forward => {
+                let id = self.next_dns_forward;
+                self.next_dns_forward += 1;
+                self.out.push_back(Output::DnsForward { id, query: query.message.clone() });
+                self.dns_forwards.insert(id, query);
+            }
+        }
+    }
+
+    #[cfg(feature = "dns")]
+    fn on_dns_forwarded(&mut self, id: u64, reply: Option<Vec<u8>>) {
+        let Some(query) = self.dns_forwards.remove(&id) else { return };
+        // Only a reply to this query goes back: a resolver's answer with another id (or
+        // none) is not passed to the program that asked.
+        let reply = reply
+            .filter(|r| {
+                dns::header_id(r).is_some() && dns::header_id(r) == dns::header_id(&query.message)
+            })
+            .or_else(|| dns::servfail(&query.message));
+        if let Some(reply) = reply {
+            self.dns_reply(&query, &reply);
+        }
+    }
+
+    #[cfg(feature = "dns")]
+    fn dns_reply(&mut self, query: &dns::Query, reply: &[u8]) {
+        match ip::udp_packet(query.resolver, query.client, reply) {
+            Some(packet) => self.out.push_back(Output::TunWrite(packet)),
+            None => tracing::debug!("a DNS reply of {} bytes does not fit a packet", reply.len()),
+        }
+    }
+
+    /// Who the `.weft` resolver finds by which name: us, and every member with an
+    /// established session, by name only while its key is the one pinned under that name
+    /// and its name looks like no other pinned name (`dns.rs`).
+    #[cfg(feature = "dns")]
+    fn dns_directory(&self) -> dns::Directory {
+        let own = self.overlay.status();
+        let mut members = vec![dns::Member {
+            name: dns::dns_label(&self.name),
+            // Our own name is ours on this host, whoever else takes it.
+            rank: 3,
+            short_code: dns::short_code_label(&self.identity.public().fingerprint().short_code()),
+            ipv4: own.ipv4,
+            ipv6: Some(own.ipv6),
+        }];
+        for info in self.peers.iter().map(|(id, p)| p.info(id, &self.overlay)) {
+            let Some(fingerprint) = info.fingerprint else { continue };
+            if !matches!(info.state, PeerState::Direct | PeerState::Relayed)
+                || (info.ipv4.is_none() && info.ipv6.is_none())
+            {
+                continue;
+            }
+            let rank = match info.trust {
+                Some(Trust::Verified) => Some(2),
+                Some(Trust::Known) => Some(1),
+                Some(Trust::New) => Some(0),
+                Some(Trust::Changed { .. }) | None => None,
+            };
+            let name = info
+                .name
+                .as_deref()
+                .filter(|_| rank.is_some() && info.looks_like.is_none())
+                .and_then(dns::dns_label);
+            members.push(dns::Member {
+                name,
+                rank: rank.unwrap_or(0),
+                short_code: dns::short_code_label(&fingerprint.short_code()),
+                ipv4: info.ipv4,
+                ipv6: info.ipv6,
+            });
+        }
+        dns::Directory::new(members)
+    }
+
     fn on_tun_packet(&mut self, now: Duration, packet: Vec<u8>) {
+        #[cfg(feature = "dns")]
+        if let Some(query) =
+            dns::query_in(&packet, dns::resolver_v6(self.overlay.ipv6_net().network()))
+        {
+            self.on_dns_query(query);
+            return;
+        }
         let peers = &self.peers;
         let by_key = &self.by_key;
         let online = |key: &PublicIdentity| {

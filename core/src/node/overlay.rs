@@ -578,6 +578,11 @@ impl Overlay {
     }
 
     /// Our addresses, the table (our own routes aside) and the counters.
+    /// The network's IPv6 ULA prefix.
+    pub(crate) fn ipv6_net(&self) -> Ipv6Net {
+        self.ipv6_net
+    }
+
     pub(crate) fn status(&self) -> OverlayStatus {
         OverlayStatus {
             ipv4: self.ipv4(),

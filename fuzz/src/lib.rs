@@ -107,17 +107,9 @@ pub const NOW: Duration = Duration::from_secs(1_000);
 /// and checks what it writes back: at most an ICMP error for a packet whose IP header is
 /// well formed, which must parse (IP and ICMP headers), and nothing at all for garbage.
 pub fn tun_packet(data: &[u8]) {
-    use weft_core::network::Network;
-    use weft_core::node::{DownloadStore, Input, Node, NodeConfig, Output, RoutingConfig};
-    use weft_core::trust::TrustStore;
+    use weft_core::node::{Input, Output};
 
-    let network = Network::from_invite(&"Q".repeat(43)).expect("a valid invite");
-    let identity = peers().initiator.clone();
-    let mut config =
-        NodeConfig::new(identity, network, "fuzz", TrustStore::new(), DownloadStore::None, 1);
-    config.routing = RoutingConfig { tun: true, ..RoutingConfig::default() };
-    let mut node = Node::new(config);
-    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let (mut node, mut rng) = tun_node();
     node.handle_input(Duration::ZERO, Input::TunPacket(data.to_vec()), &mut rng);
     // A router answers from the IP header alone: whatever follows it may be garbage.
     let parses = etherparse::IpSlice::from_slice(data).is_ok();
@@ -128,4 +120,74 @@ pub fn tun_packet(data: &[u8]) {
             etherparse::SlicedPacket::from_ip(&packet).expect("the ICMP error parses");
         }
     }
+}
+
+/// A node with a TUN device and no peers, and its random numbers.
+fn tun_node() -> (weft_core::node::Node, ChaCha20Rng) {
+    use weft_core::network::Network;
+    use weft_core::node::{DownloadStore, Node, NodeConfig, RoutingConfig};
+    use weft_core::trust::TrustStore;
+
+    let network = Network::from_invite(&"Q".repeat(43)).expect("a valid invite");
+    let identity = peers().initiator.clone();
+    let mut config =
+        NodeConfig::new(identity, network, "fuzz", TrustStore::new(), DownloadStore::None, 1);
+    config.routing = RoutingConfig { tun: true, ..RoutingConfig::default() };
+    (Node::new(config), ChaCha20Rng::seed_from_u64(3))
+}
+
+/// See `fuzz_targets/dns_query.rs`.
+pub fn dns_query(data: &[u8]) {
+    use std::net::Ipv4Addr;
+    use weft_core::node::dns::{self, RESOLVER_V4};
+    use weft_core::node::{Input, Output};
+
+    let _ = dns::answer(data, &dns::Directory::default());
+    let (mut node, mut rng) = tun_node();
+    let client = Ipv4Addr::new(100, 64, 0, 9);
+    let builder =
+        etherparse::PacketBuilder::ipv4(client.octets(), RESOLVER_V4.octets(), 64).udp(5353, 53);
+    let mut packet = Vec::with_capacity(builder.size(data.len()));
+    if builder.write(&mut packet, data).is_err() {
+        return;
+    }
+    node.handle_input(Duration::ZERO, Input::TunPacket(packet), &mut rng);
+    let mut written = 0;
+    let mut forwards = Vec::new();
+    while let Some(output) = node.poll_output() {
+        match output {
+            Output::TunWrite(reply) => {
+                written += 1;
+                check_reply(&reply, client);
+            }
+            Output::DnsForward { id, query } => {
+                assert_eq!(query, data, "the forwarded query is the one asked");
+                forwards.push(id);
+            }
+            _ => {}
+        }
+    }
+    assert!(written + forwards.len() <= 1, "more than one answer to one query");
+    for id in forwards {
+        node.handle_input(
+            Duration::ZERO,
+            Input::DnsForwarded { id, reply: Some(data.to_vec()) },
+            &mut rng,
+        );
+        while let Some(output) = node.poll_output() {
+            if let Output::TunWrite(reply) = output {
+                check_reply(&reply, client);
+            }
+        }
+    }
+}
+
+/// A reply from the resolver to `client`'s port, as one UDP packet that parses.
+fn check_reply(reply: &[u8], client: std::net::Ipv4Addr) {
+    let sliced = etherparse::SlicedPacket::from_ip(reply).expect("the reply parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else { panic!("not IPv4") };
+    assert_eq!(ip.header().source_addr(), weft_core::node::dns::RESOLVER_V4);
+    assert_eq!(ip.header().destination_addr(), client);
+    let Some(etherparse::TransportSlice::Udp(udp)) = sliced.transport else { panic!("not UDP") };
+    assert_eq!((udp.source_port(), udp.destination_port()), (53, 5353));
 }

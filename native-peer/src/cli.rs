@@ -200,6 +200,14 @@ pub struct UpArgs {
     /// even while it is unreachable or after weft-peer crashed (until `weft-peer down`).
     #[arg(long, requires = "exit_node")]
     pub exit_node_required: bool,
+    /// Leave the host's resolver alone. Without it, `up --tun` points the host at Weft's
+    /// resolver (100.100.100.100): members' names resolve as `NAME.weft` (and by safety
+    /// code, `12345-67890-....weft`), other names go to the host's own resolvers (through
+    /// the exit node, when one is used). With systemd-resolved only `.weft` goes there;
+    /// otherwise `/etc/resolv.conf` is rewritten, and restored when weft-peer stops (after
+    /// a crash: by the next `up` or `weft-peer down`).
+    #[arg(long, requires = "tun")]
+    pub no_dns: bool,
     /// Reach this host's own LAN directly while using an exit node.
     #[arg(long, requires = "exit_node")]
     pub exit_node_allow_lan_access: bool,

@@ -25,6 +25,7 @@ macro_rules! say {
 mod bench_raw;
 mod cli;
 mod control;
+mod dns;
 mod files;
 mod mesh;
 mod netconf;
@@ -102,6 +103,7 @@ struct Routing {
     config: weft_core::node::RoutingConfig,
     netconf: Option<netconf::NetConf>,
     signaling_mark: Option<u32>,
+    dns: Option<dns::Forwarder>,
 }
 
 /// The device, the routing policy and the host's network configuration of `up`, in that
@@ -124,9 +126,24 @@ async fn routing(cli: &Cli, args: &cli::UpArgs) -> anyhow::Result<Routing> {
     if let Some(exit) = args.exit_use() {
         netconf.use_exit(exit)?;
     }
+    // `.weft` names: the host asks the node's resolver, which forwards the rest to the
+    // resolvers the host had. A host whose resolver cannot be changed still joins.
+    let dns = if args.no_dns {
+        None
+    } else {
+        match netconf.use_resolver() {
+            Ok(upstreams) => Some(dns::Forwarder::new(upstreams)),
+            Err(e) => {
+                tracing::warn!(
+                    "{e}; .weft names will not resolve on this host (--no-dns: do not try)"
+                );
+                None
+            }
+        }
+    };
     // Whatever the routes, the signaling socket stays on the underlay (see `netconf`).
     let signaling_mark = Some(netconf::FWMARK);
-    Ok(Routing { tun: Some(tun), config, netconf: Some(netconf), signaling_mark })
+    Ok(Routing { tun: Some(tun), config, netconf: Some(netconf), signaling_mark, dns })
 }
 
 /// [`join`], routing IP as `routing` says.
@@ -162,6 +179,7 @@ async fn join_with(
         routing: routing.config,
         netconf: routing.netconf,
         signaling_mark: routing.signaling_mark,
+        dns: routing.dns,
     })?;
     Ok(Joined { mesh, events, identity, name, network, config_dir })
 }

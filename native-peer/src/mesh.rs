@@ -33,6 +33,7 @@ use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{FileDigest, OfferItem, Root};
 use weft_core::trust::TrustStore;
 
+use crate::dns::Forwarder;
 use crate::files::{Disk, FilesError};
 use crate::netconf::NetConf;
 use crate::rtc::{RtcConfig, RtcPeer};
@@ -82,6 +83,8 @@ pub struct MeshConfig {
     pub netconf: Option<NetConf>,
     /// The firewall mark of the signaling socket (`up --tun`, see `netconf`).
     pub signaling_mark: Option<u32>,
+    /// Where names the node does not know are asked (`up --tun`, unless `--no-dns`).
+    pub dns: Option<Forwarder>,
 }
 
 /// What the mesh reports: the node's own events (as the core defines them), and the
@@ -304,6 +307,7 @@ pub fn start(
         tun: config.tun,
         netconf: config.netconf,
         signaling_mark: config.signaling_mark,
+        dns: config.dns,
     };
     let now = mesh.now();
     for (record, data_present) in saved {
@@ -343,6 +347,7 @@ struct Mesh {
     netconf: Option<NetConf>,
     /// The firewall mark of the signaling socket.
     signaling_mark: Option<u32>,
+    dns: Option<Forwarder>,
 }
 
 async fn run(
@@ -573,6 +578,12 @@ impl Mesh {
                     tun.write(&packet);
                 }
             }
+            Output::DnsForward { id, query } => match &self.dns {
+                Some(dns) => dns.forward(id, query, self.inputs.clone()),
+                None => {
+                    let _ = self.inputs.send(Input::DnsForwarded { id, reply: None });
+                }
+            },
             Output::Overlay(status) => {
                 let Some(tun) = &mut self.tun else { return };
                 match tun.configure(&status) {

@@ -36,13 +36,13 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use weft_core::node::IpNet;
+use weft_core::node::{IpNet, RESOLVER_V4};
 
 /// The routing table of routes into the TUN device ("WF").
 pub const TABLE: u32 = 0x5746;
@@ -60,6 +60,10 @@ pub const PRIO_TABLE: u32 = 5250;
 pub const STATE_FILE: &str = "netconf.json";
 /// The nftables table of a node that forwards.
 const NFT_TABLE: &str = "weft";
+/// The host's resolver configuration.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// Where systemd-resolved's stub configuration is, when it runs.
+const RESOLVED_STUB: &str = "/run/systemd/resolve/stub-resolv.conf";
 
 /// Why the network configuration could not be changed or restored.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +113,10 @@ enum Undo {
     Sysctl { path: String, value: String },
     /// Delete the nftables table.
     NftTable { family: String, name: String },
+    /// Put `contents` back into the file `path` (the host's resolver configuration).
+    File { path: String, contents: String },
+    /// Run `resolvectl ARGS` (systemd-resolved's per-link settings).
+    Resolvectl { args: Vec<String> },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -391,6 +399,42 @@ impl NetConf {
         run_ip(family, &add, what)
     }
 
+    /// Points the host's resolver at the `.weft` resolver ([`RESOLVER_V4`]), returning
+    /// the resolvers to forward other names to:
+    /// - with systemd-resolved (`/etc/resolv.conf` is its stub), only `.weft` names go
+    ///   there (`resolvectl dns/domain` on the TUN device, a routing-only domain `~weft`),
+    ///   and nothing needs forwarding: the link's settings go with the device;
+    /// - otherwise `/etc/resolv.conf` names only it (its other lines kept), the old
+    ///   nameservers become the forwarders, and the old file comes back on exit (or, after
+    ///   a crash, on the next `up` or `weft-peer down`). The file is rewritten in place,
+    ///   never replaced: it may be a bind mount (`ip netns exec` makes one) or a symlink
+    ///   whose target another program owns.
+    pub fn use_resolver(&mut self) -> Result<Vec<SocketAddr>, NetConfError> {
+        let resolver = RESOLVER_V4.to_string();
+        if uses_systemd_resolved() {
+            self.record(Undo::Resolvectl { args: vec!["revert".into(), self.tun.clone()] })?;
+            let tun = self.tun.clone();
+            run("resolvectl", &["dns", &tun, &resolver], None, "set the device's resolver")?;
+            run("resolvectl", &["domain", &tun, "~weft"], None, "route .weft names to it")?;
+            return Ok(Vec::new());
+        }
+        let path = RESOLV_CONF;
+        let old = std::fs::read_to_string(path).or_else(|e| match e.kind() {
+            io::ErrorKind::NotFound => Ok(String::new()),
+            _ => Err(state_error(path, e)),
+        })?;
+        let (upstreams, rest) = split_resolv_conf(&old);
+        self.record(Undo::File { path: path.into(), contents: old })?;
+        let mut new = format!(
+            "# weft-peer up: .weft names and the rest through its resolver; the previous \
+             file comes back when it stops\nnameserver {resolver}\n"
+        );
+        new.push_str(&rest);
+        std::fs::write(path, new)
+            .map_err(|e| classify(&format!("write {path}"), &e.to_string()))?;
+        Ok(upstreams)
+    }
+
     fn record(&mut self, undo: Undo) -> Result<(), NetConfError> {
         self.state.undo.push(undo);
         save(&self.path, &self.state)
@@ -467,8 +511,22 @@ pub fn restore(dir: &Path) -> Result<usize, NetConfError> {
                     r => r,
                 }
             }
-            Undo::Sysctl { path, value } => std::fs::write(path, value)
-                .map_err(|e| classify(&format!("restore {path}"), &e.to_string())),
+            Undo::Sysctl { path, value } | Undo::File { path, contents: value } => {
+                std::fs::write(path, value)
+                    .map_err(|e| classify(&format!("restore {path}"), &e.to_string()))
+            }
+            Undo::Resolvectl { args } => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                match run("resolvectl", &args, None, "undo the device's resolver") {
+                    // The link went with the device.
+                    Err(NetConfError::Failed { message, .. })
+                        if message.contains("No such") || message.contains("Failed to resolve") =>
+                    {
+                        Ok(())
+                    }
+                    r => r,
+                }
+            }
             Undo::NftTable { family, name } => {
                 let delete = json!({"nftables": [
                     {"add": {"table": {"family": family, "name": name}}},
@@ -492,6 +550,42 @@ pub fn restore(dir: &Path) -> Result<usize, NetConfError> {
     }
     std::fs::remove_file(&path).map_err(|e| state_error(&path, e))?;
     Ok(state.undo.len())
+}
+
+/// Whether the host's resolver is systemd-resolved: `/etc/resolv.conf` leads to its files
+/// and `resolvectl` is there to configure it.
+fn uses_systemd_resolved() -> bool {
+    let via_resolved = std::fs::canonicalize(RESOLV_CONF)
+        .is_ok_and(|p| p.starts_with("/run/systemd/resolve"))
+        && Path::new(RESOLVED_STUB).exists();
+    via_resolved && which_exists("resolvectl")
+}
+
+fn which_exists(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// A `resolv.conf`'s nameservers (as resolver addresses, never our own) and its other
+/// lines.
+fn split_resolv_conf(text: &str) -> (Vec<SocketAddr>, String) {
+    let mut servers = Vec::new();
+    let mut rest = String::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("nameserver") {
+            // A link-local IPv6 server's zone (`fe80::1%eth0`) is dropped: its socket
+            // would need the interface's index, and such servers are rare.
+            let addr = words.next().and_then(|w| w.split('%').next()?.parse::<IpAddr>().ok());
+            if let Some(addr) = addr.filter(|a| *a != IpAddr::V4(RESOLVER_V4)) {
+                servers.push(SocketAddr::new(addr, 53));
+            }
+        } else {
+            rest.push_str(line);
+            rest.push('\n');
+        }
+    }
+    (servers, rest)
 }
 
 /// The host's addresses of `family` on every interface but loopback and the TUN.
@@ -569,7 +663,11 @@ fn run_with(
     what: &str,
 ) -> Result<String, NetConfError> {
     use std::io::Write as _;
-    let package = if program == "nft" { "nftables" } else { "iproute2" };
+    let package = match program {
+        "nft" => "nftables",
+        "resolvectl" => "systemd-resolved",
+        _ => "iproute2",
+    };
     let mut child = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -597,12 +695,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_resolv_conf_gives_its_servers_and_keeps_its_other_lines() {
+        let text = "# a comment\nnameserver 192.0.2.1\nsearch lan\nnameserver fe80::1%eth0\n\
+                    nameserver 100.100.100.100\nnameserver bogus\noptions ndots:2\n";
+        let (servers, rest) = split_resolv_conf(text);
+        assert_eq!(
+            servers,
+            ["192.0.2.1:53".parse::<SocketAddr>().unwrap(), "[fe80::1]:53".parse().unwrap()]
+        );
+        assert_eq!(rest, "# a comment\nsearch lan\noptions ndots:2\n");
+    }
+
+    #[test]
     fn the_state_file_round_trips_and_errors_say_what_to_do() {
         let state = State {
             undo: vec![
                 Undo::Ip { args: vec!["-4".into(), "rule".into(), "del".into()] },
                 Undo::Sysctl { path: "/proc/sys/net/ipv4/ip_forward".into(), value: "0".into() },
                 Undo::NftTable { family: "inet".into(), name: "weft".into() },
+                Undo::File {
+                    path: "/etc/resolv.conf".into(),
+                    contents: "nameserver 1.1.1.1\n".into(),
+                },
+                Undo::Resolvectl { args: vec!["revert".into(), "weft0".into()] },
             ],
         };
         let text = serde_json::to_string(&state).unwrap_or_default();

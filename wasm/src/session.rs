@@ -342,7 +342,8 @@ impl Inner {
             Output::SaveTrust(trust) => self.save_trust(trust),
             Output::Event(event) => self.on_event(event, out),
             // A browser has no TUN device (the node knows: `RoutingConfig::tun` is off).
-            Output::TunWrite(_) | Output::Overlay(_) => {}
+            // Never asked of a node without a TUN device.
+            Output::TunWrite(_) | Output::Overlay(_) | Output::DnsForward { .. } => {}
         }
     }
 

@@ -579,6 +579,7 @@ impl Overlay {
 
     /// Our addresses, the table (our own routes aside) and the counters.
     /// The network's IPv6 ULA prefix.
+    #[cfg(feature = "dns")]
     pub(crate) fn ipv6_net(&self) -> Ipv6Net {
         self.ipv6_net
     }

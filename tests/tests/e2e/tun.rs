@@ -256,6 +256,19 @@ async fn native_peers_reach_each_other_by_overlay_ip_through_tun_devices() {
         "error: cannot create the TUN device weft0: it exists and is busy (choose --tun-name)"
     );
     // `status` asks the running `up`: its device, addresses and counters.
+    // By name: Ada's host resolves Bea's name (and safety code) to her addresses, and a
+    // TCP copy to it arrives; a name nobody has does not resolve.
+    let mut both = [bea.ipv4.clone(), bea.ipv6.clone()];
+    both.sort();
+    assert_eq!(crate::tun_routes::resolve(&ada.host, "bea.weft").await, both);
+    let listen = format!("{}:9001", bea.ipv4);
+    let (mut sink, mut lines) = probe_ready(&bea.host, &["tcp-sink", &listen]).await;
+    let (ok, out) = probe(&ada.host, &["tcp-send", "Bea.weft:9001", "100000"]).await;
+    assert!(ok, "tcp-send to Bea.weft: {out}");
+    let received = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(out.contains(&format!("ok {received}")), "sent {out}, the sink read {received}");
+    sink.wait().await.unwrap();
+    assert!(!probe(&ada.host, &["resolve", "nobody.weft"]).await.0);
     let status = status(&ada).await;
     assert_eq!(status["tun"]["device"], "weft0", "{status}");
     assert_eq!(status["ipv4"], ada.ipv4.as_str(), "{status}");

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::io::{BufReader, Lines};
+use tokio::process::ChildStdout;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::trust::TrustStore;
@@ -83,12 +85,14 @@ async fn wait_route(host: &Host, dst: &str, into: bool) {
 fn network_state(host: &Host) -> String {
     let nft = host.command("nft").args(["list", "ruleset"]).output().unwrap();
     let forward = host.command("sysctl").args(["-n", "net.ipv4.ip_forward"]).output().unwrap();
+    let resolv = host.command("cat").arg("/etc/resolv.conf").output().unwrap();
     format!(
-        "rules:\n{}routes:\n{}nft:\n{}ip_forward: {}",
+        "rules:\n{}routes:\n{}nft:\n{}ip_forward: {}resolv.conf:\n{}",
         ip(host, &["rule", "list"]),
         ip(host, &["route", "show", "table", "all"]),
         String::from_utf8_lossy(&nft.stdout),
-        String::from_utf8_lossy(&forward.stdout)
+        String::from_utf8_lossy(&forward.stdout),
+        String::from_utf8_lossy(&resolv.stdout)
     )
 }
 
@@ -103,6 +107,15 @@ async fn seen_by(host: &Host, addr: &str) -> String {
         }
         assert!(tokio::time::Instant::now() < deadline, "{addr} never answered: {out}");
     }
+}
+
+/// The addresses `name` resolves to on `host` (the system's resolver), sorted.
+pub(crate) async fn resolve(host: &Host, name: &str) -> Vec<String> {
+    let (ok, out) = probe(host, &["resolve", name]).await;
+    assert!(ok, "{name} does not resolve: {out}");
+    let mut addrs: Vec<String> = out.lines().map(str::to_string).collect();
+    addrs.sort();
+    addrs
 }
 
 /// The `refused` counters of `peer`'s status.
@@ -256,6 +269,10 @@ async fn kill(mut peer: TunPeer) -> PathBuf {
 struct Internet {
     // Dropped in this order: the processes before the namespaces.
     _serve: tokio::process::Child,
+    /// A DNS server on the internet host (port 53), which every site host's
+    /// `/etc/resolv.conf` names: it knows `example.test` and says who asked.
+    dns: Lines<BufReader<ChildStdout>>,
+    _dns: tokio::process::Child,
     server: SignalProcess,
     topology: Topology,
     invite: String,
@@ -269,17 +286,26 @@ async fn internet(test: &str) -> Option<Internet> {
     let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let (serve, _) = probe_ready(topology.server(), &["serve", "9100"]).await;
-    Some(Internet { _serve: serve, server, topology, invite: invite() })
+    let dns_args = ["dns-serve", "198.18.0.1:53", &format!("{EXAMPLE}={EXAMPLE_IP}")];
+    let (dns_server, dns) = probe_ready(topology.server(), &dns_args).await;
+    for site in 0..2 {
+        let etc = Path::new("/etc/netns").join(&topology.host(site, 0).netns);
+        std::fs::write(etc.join("resolv.conf"), "nameserver 198.18.0.1\n").unwrap();
+    }
+    Some(Internet { _serve: serve, dns, _dns: dns_server, server, topology, invite: invite() })
 }
 
 /// The internet host [`Internet`] runs.
 const INTERNET: &str = "198.18.0.1:9100";
+/// A name [`Internet`]'s DNS server knows, and its address.
+const EXAMPLE: &str = "example.test";
+const EXAMPLE_IP: &str = "192.0.2.7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash() {
     let test = "an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_crash";
-    let Some(net) = internet(test).await else { return };
-    let Internet { server, topology, invite, .. } = &net;
+    let Some(mut net) = internet(test).await else { return };
+    let Internet { server, topology, invite, dns, .. } = &mut net;
     let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
     let (ada_public, bea_public) = (topology.site_public_ip(0), topology.site_public_ip(1));
     let (before, bea_before) = (network_state(ada_host), network_state(bea_host));
@@ -309,6 +335,14 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     assert!(route_get(ada_host, "198.19.1.254").contains("dev weft0"));
     let bea_status = status(&bea).await;
     assert_eq!(bea_status["counters"]["refused"]["exit"], 0, "{bea_status}");
+    // Names: members' through Weft's resolver, the rest forwarded to her resolver on the
+    // internet, through the exit node too (it sees Bea's site ask).
+    let mut both = [bea.ipv4.clone(), bea.ipv6.clone()];
+    both.sort();
+    assert_eq!(resolve(ada_host, "bea.weft").await, both);
+    assert_eq!(resolve(ada_host, EXAMPLE).await, [EXAMPLE_IP]);
+    let asked = tokio::time::timeout(WAIT, dns.next_line()).await.unwrap().unwrap().unwrap();
+    assert_eq!(asked, format!("asked {EXAMPLE}. from {bea_public}"));
 
     // Ada crashes: her device goes, the kill switch stays; nothing leaks to the underlay.
     let ada_dir = kill(ada).await;

@@ -34,8 +34,21 @@
 //!                                  until its stdin closes
 //! weft-netprobe udp-from SRC DST:PORT TEXT  one datagram with any source address (raw)
 //! ```
+//!
+//! and for names (module `names`):
+//!
+//! ```text
+//! weft-netprobe resolve NAME       the system's resolver (getaddrinfo, so
+//!                                  /etc/resolv.conf): prints each address, one a line;
+//!                                  fails if the name does not resolve
+//! weft-netprobe dns-serve ADDR NAME=IP...  a DNS server on ADDR (UDP) answering A and
+//!                                  AAAA for these names, NXDOMAIN otherwise; prints
+//!                                  "ready", then "asked NAME from IP" per query, until
+//!                                  its stdin closes
+//! ```
 #![forbid(unsafe_code)]
 
+mod names;
 mod overlay;
 
 use std::io::{BufRead, Read, Write};
@@ -79,6 +92,8 @@ fn main() -> Result<()> {
         "tcp-send" => overlay::tcp_send(rest),
         "udp-listen" => overlay::udp_listen(rest),
         "udp-from" => overlay::udp_from(rest),
+        "resolve" => names::resolve(rest),
+        "dns-serve" => names::dns_serve(rest, exit_when_stdin_closes),
         other => bail!("unknown command {other}"),
     }
 }

@@ -3,10 +3,10 @@
 //! packet with a source address of our choosing, built with `etherparse`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use etherparse::PacketBuilder;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -44,7 +44,19 @@ pub fn tcp_sink(args: &[String]) -> Result<()> {
 pub fn tcp_send(args: &[String]) -> Result<()> {
     let [addr, bytes] = args else { bail!("tcp-send ADDR:PORT BYTES") };
     let len: u64 = bytes.parse()?;
-    let mut stream = TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(10))?;
+    // A name (`bea.weft:9000`) goes through the system's resolver; its addresses are
+    // tried in turn, as a program would.
+    let mut stream = None;
+    for target in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => eprintln!("{target}: {e}"),
+        }
+    }
+    let mut stream = stream.with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(COPY_FOR))?;
     stream.set_write_timeout(Some(COPY_FOR))?;
     let mut stream_of = blake3::Hasher::new();

@@ -178,6 +178,12 @@ pub struct LinkStats {
     pub packets_received: u64,
     /// Packets dropped: tampered, replayed, too old, or garbage.
     pub packets_rejected: u64,
+    /// Bytes of the packets sent (sealed, as they go on the wire inside the data channel).
+    pub bytes_sent: u64,
+    /// Bytes of the packets accepted.
+    pub bytes_received: u64,
+    /// When the current session's handshake completed (node time).
+    pub established_at: Option<Duration>,
 }
 
 enum Handshake {
@@ -477,12 +483,14 @@ impl PeerLink {
                     }
                     return;
                 }
+                let len = bytes.len() as u64;
                 match sessions.open_frames_owned(bytes, now) {
                     Ok((_, frames)) => {
                         *last_heard = now;
                         // The peer sends only once established: it has our Finish.
                         *handshake = None;
                         self.stats.packets_received += 1;
+                        self.stats.bytes_received += len;
                         // One Pong per packet, for its last Ping: a packet packed with
                         // thousands of 11-byte Pings must not make us send thousands of
                         // packets back.
@@ -515,6 +523,7 @@ impl PeerLink {
         let fingerprint = established.peer.fingerprint();
         self.peer_identity = Some(established.peer);
         self.ping_epoch = now;
+        self.stats.established_at = Some(now);
         let handshake = match std::mem::replace(&mut self.state, State::Waiting) {
             State::Handshaking { handshake: hs @ Handshake::Initiator(_), .. } => Some(hs),
             _ => None,
@@ -586,6 +595,7 @@ impl PeerLink {
         match sessions.get_mut(Channel::Control).seal_frames(frames, now) {
             Ok(packet) => {
                 self.stats.packets_sent += 1;
+                self.stats.bytes_sent += packet.len() as u64;
                 self.transmits.push_back(packet);
                 Some(())
             }
@@ -653,6 +663,7 @@ impl PeerLink {
             }
             (Ok(packet), _) => {
                 self.stats.packets_sent += 1;
+                self.stats.bytes_sent += packet.len() as u64;
                 self.transmits.push_back(packet);
                 Ok(())
             }
@@ -713,6 +724,7 @@ impl PeerLink {
             })
             .map_err(LinkError::Transport)?;
         self.stats.packets_sent += 1;
+        self.stats.bytes_sent += packet.len() as u64;
         Ok(packet)
     }
 

@@ -42,6 +42,9 @@ pub fn peer_json(p: &PeerInfo) -> Value {
     });
     if matches!(p.state, PeerState::Direct | PeerState::Relayed) {
         v["path"] = json!(p.state.as_str());
+        v["bytes_sent"] = json!(p.bytes_sent);
+        v["bytes_received"] = json!(p.bytes_received);
+        v["last_handshake_s"] = json!(p.last_handshake.map(|d| d.as_secs()));
     }
     if let Some(reason) = &p.reason {
         v["reason"] = json!(reason.to_string());
@@ -304,8 +307,17 @@ impl Printer {
         }
         for p in peers {
             let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
+            let traffic = match (p["bytes_sent"].as_u64(), p["bytes_received"].as_u64()) {
+                (Some(out), Some(inn)) => format!(
+                    ", {} sent, {} received, handshake {}",
+                    bytes(out),
+                    bytes(inn),
+                    p["last_handshake_s"].as_u64().map_or("?".into(), |s| format!("{s} s ago"))
+                ),
+                _ => String::new(),
+            };
             say!(
-                "{} ({}): {}{}{}{}{}",
+                "{} ({}): {}{}{}{}{}{traffic}",
                 p["name"].as_str().unwrap_or("?"),
                 p["peer_id"].as_str().unwrap_or("?"),
                 p["state"].as_str().unwrap_or("?"),

@@ -167,6 +167,9 @@ mod tests {
             ipv6: None,
             routes: Vec::new(),
             dropped_spoofed: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            last_handshake: None,
         }
     }
 

@@ -688,6 +688,8 @@ pub struct Node {
     sealer: Option<crate::sealed::SignalSealer>,
     /// Signaling payloads that did not open (forged, rewritten, misdirected), dropped.
     refused_signals: u64,
+    /// The latest time a driver gave us (for ages in what we report).
+    clock: Duration,
     /// Queries to the `.weft` resolver forwarded to the host's resolvers, by forward id.
     #[cfg(feature = "dns")]
     dns_forwards: HashMap<u64, dns::Query>,
@@ -735,6 +737,7 @@ impl Node {
             by_key: BTreeMap::new(),
             sealer,
             refused_signals: 0,
+            clock: Duration::ZERO,
             #[cfg(feature = "dns")]
             dns_forwards: HashMap::new(),
             #[cfg(feature = "dns")]
@@ -756,6 +759,7 @@ impl Node {
 
     /// Takes one input; then drain [`Node::poll_output`].
     pub fn handle_input(&mut self, now: Duration, input: Input, rng: &mut impl CryptoRng) {
+        self.clock = self.clock.max(now);
         match input {
             Input::SignalingOpened => {
                 let mut act = Vec::new();
@@ -1163,7 +1167,7 @@ impl Node {
             ipv4: own.ipv4,
             ipv6: Some(own.ipv6),
         }];
-        for info in self.peers.iter().map(|(id, p)| p.info(id, &self.overlay)) {
+        for info in self.peers.iter().map(|(id, p)| p.info(id, &self.overlay, self.clock)) {
             let Some(fingerprint) = info.fingerprint else { continue };
             if !matches!(info.state, PeerState::Direct | PeerState::Relayed)
                 || (info.ipv4.is_none() && info.ipv6.is_none())
@@ -1347,7 +1351,7 @@ impl Node {
                 } else if in_room {
                     if let Some(slot) = self.peers.get_mut(&remote) {
                         slot.failure = Some(PeerFailure::KeepsDropping);
-                        let info = slot.info(&remote, &self.overlay);
+                        let info = slot.info(&remote, &self.overlay, self.clock);
                         self.emit(Event::PeerFailed(info));
                     }
                 } else {
@@ -1441,16 +1445,16 @@ impl Node {
                 slot.looks_like = self.trust.look_alike(name, fp).map(str::to_string);
                 save_trust = true;
                 if let Trust::Changed { .. } = trust {
-                    events.push(Event::KeyChanged(slot.info(remote, &self.overlay)));
+                    events.push(Event::KeyChanged(slot.info(remote, &self.overlay, self.clock)));
                 }
             }
         }
         if slot.trust.is_some() && !slot.announced_up && slot.is_established() {
             slot.announced_up = true;
-            events.push(Event::PeerConnected(slot.info(remote, &self.overlay)));
+            events.push(Event::PeerConnected(slot.info(remote, &self.overlay, self.clock)));
         }
         if failed {
-            events.push(Event::PeerFailed(slot.info(remote, &self.overlay)));
+            events.push(Event::PeerFailed(slot.info(remote, &self.overlay, self.clock)));
         }
         // A peer that already left the room and whose link failed is gone.
         let gone = slot.orphan && slot.link.state() == LinkState::Failed;
@@ -1554,7 +1558,7 @@ impl Node {
     /// Reports `remote` if what users know of it changed.
     fn show(&mut self, remote: &PeerId) {
         let Some(slot) = self.peers.get_mut(remote) else { return };
-        let info = slot.info(remote, &self.overlay);
+        let info = slot.info(remote, &self.overlay, self.clock);
         if slot.shown.as_ref() != Some(&info) {
             slot.shown = Some(info.clone());
             self.emit(Event::Peer(info));
@@ -2208,12 +2212,12 @@ impl Node {
 
     /// Every other member we know of (and kept sessions), by peer id.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        self.peers.iter().map(|(id, p)| p.info(id, &self.overlay)).collect()
+        self.peers.iter().map(|(id, p)| p.info(id, &self.overlay, self.clock)).collect()
     }
 
     /// What we know of `peer`.
     pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
-        self.peers.get(peer).map(|p| p.info(peer, &self.overlay))
+        self.peers.get(peer).map(|p| p.info(peer, &self.overlay, self.clock))
     }
 
     /// The display name `peer` announced, if any.

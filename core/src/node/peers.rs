@@ -109,6 +109,13 @@ pub struct PeerInfo {
     pub routes: Vec<IpNet>,
     /// Packets it sent us with a source address not routed to it, dropped.
     pub dropped_spoofed: u64,
+    /// Bytes sealed to it in the current session (what goes into the data channels).
+    pub bytes_sent: u64,
+    /// Bytes from it that authenticated, in the current session.
+    pub bytes_received: u64,
+    /// How long ago the current session's handshake completed (as of the node's latest
+    /// input), once established.
+    pub last_handshake: Option<Duration>,
 }
 
 /// One other member of the room.
@@ -170,7 +177,7 @@ impl PeerSlot {
         self.link.state() == LinkState::Established
     }
 
-    pub(crate) fn info(&self, peer_id: &PeerId, overlay: &Overlay) -> PeerInfo {
+    pub(crate) fn info(&self, peer_id: &PeerId, overlay: &Overlay, now: Duration) -> PeerInfo {
         let (state, reason) = match self.link.state() {
             LinkState::Established if self.relayed => (PeerState::Relayed, None),
             LinkState::Established => (PeerState::Direct, None),
@@ -184,6 +191,7 @@ impl PeerSlot {
             }
             LinkState::Waiting => (PeerState::Connecting, None),
         };
+        let stats = self.link.stats();
         let (ipv4, ipv6, routes, dropped_spoofed) = match self.link.peer_identity() {
             Some(key) => overlay.peer_view(key),
             None => (None, None, Vec::new(), 0),
@@ -201,6 +209,12 @@ impl PeerSlot {
             ipv6,
             routes,
             dropped_spoofed,
+            bytes_sent: stats.bytes_sent,
+            bytes_received: stats.bytes_received,
+            last_handshake: stats
+                .established_at
+                .filter(|_| self.is_established())
+                .map(|at| now.saturating_sub(at)),
         }
     }
 }

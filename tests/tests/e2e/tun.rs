@@ -276,6 +276,12 @@ async fn native_peers_reach_each_other_by_overlay_ip_through_tun_devices() {
     assert!(status["counters"]["received"].as_u64().unwrap() > 2 * COPY_BYTES / 1280, "{status}");
     assert_eq!(status["counters"]["dropped_spoofed"], 0, "{status}");
     assert_eq!(status["peers"][0]["ipv4"], bea.ipv4.as_str(), "{status}");
+    // Per peer: the bytes of this session each way (both copies went each way, sealed),
+    // and how long ago its handshake was.
+    let bea_status = &status["peers"][0];
+    assert!(bea_status["bytes_sent"].as_u64().unwrap() > 2 * COPY_BYTES, "{status}");
+    assert!(bea_status["bytes_received"].as_u64().unwrap() > 2 * COPY_BYTES, "{status}");
+    assert!(bea_status["last_handshake_s"].as_u64().unwrap() < 600, "{status}");
     assert_eq!(net.topology.stray_packets().unwrap(), 0);
     stop(ada).await;
     stop(bea).await;

@@ -60,6 +60,10 @@ pub const PRIO_TABLE: u32 = 5250;
 pub const STATE_FILE: &str = "netconf.json";
 /// The nftables table of a node that forwards.
 const NFT_TABLE: &str = "weft";
+/// The firewall mark bit of packets from the TUN device, which a forwarding node
+/// masquerades when iptables does it (nftables matches the input interface instead). Not
+/// [`FWMARK`]'s bits: the policy rules match that mark exactly.
+pub const MASQ_MARK: u32 = 0x0002_0000;
 /// The host's resolver configuration.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Where systemd-resolved's stub configuration is, when it runs.
@@ -117,6 +121,8 @@ enum Undo {
     File { path: String, contents: String },
     /// Run `resolvectl ARGS` (systemd-resolved's per-link settings).
     Resolvectl { args: Vec<String> },
+    /// Run `PROGRAM ARGS` (`iptables` or `ip6tables`, where `nft` is missing).
+    Iptables { program: String, args: Vec<String> },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -219,19 +225,13 @@ impl NetConf {
     /// Forwarding for a node that serves subnets or an exit: `ip_forward`, and the
     /// nftables table (MSS clamping, masquerading).
     pub fn forward(&mut self, forwarding: &Forwarding) -> Result<(), NetConfError> {
-        which(
-            "nft",
-            "nftables",
-            "forward packets for peers (--advertise-routes, --advertise-exit-node)",
-        )?;
-        if forwarding.ipv4 {
-            self.sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        let why = "forward packets for peers (--advertise-routes, --advertise-exit-node)";
+        let nft = which("nft", "nftables", why);
+        if nft.is_err() && which_exists("iptables") {
+            return self.forward_iptables(forwarding);
         }
-        let v6 = "/proc/sys/net/ipv6/conf/all/forwarding";
-        // A host without IPv6 has no such file: it forwards IPv4 only.
-        if forwarding.ipv6 && Path::new(v6).exists() {
-            self.sysctl(v6, "1")?;
-        }
+        nft?;
+        self.forwarding_sysctls(forwarding)?;
         let tun = self.tun.as_str();
         let clamp = |dir: &str| {
             json!({"rule": {"family": "inet", "table": NFT_TABLE, "chain": "forward", "expr": [
@@ -399,6 +399,84 @@ impl NetConf {
         run_ip(family, &add, what)
     }
 
+    fn forwarding_sysctls(&mut self, forwarding: &Forwarding) -> Result<(), NetConfError> {
+        if forwarding.ipv4 {
+            self.sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        }
+        let v6 = "/proc/sys/net/ipv6/conf/all/forwarding";
+        // A host without IPv6 has no such file: it forwards IPv4 only.
+        if forwarding.ipv6 && Path::new(v6).exists() {
+            self.sysctl(v6, "1")?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::forward`] on a host without `nft` but with `iptables` (and `ip6tables`
+    /// for IPv6): the same MSS clamping and masquerading, in chains of Weft's own
+    /// (`WEFT-FORWARD` in `mangle`, `WEFT-PREROUTING` in `mangle` marking what comes from
+    /// the TUN with [`MASQ_MARK`], `WEFT-POSTROUTING` in `nat`), each jumped to from its
+    /// hook and removed whole on undo. iptables cannot match the input interface after
+    /// routing, hence the mark where nftables says `iifname`.
+    fn forward_iptables(&mut self, forwarding: &Forwarding) -> Result<(), NetConfError> {
+        self.forwarding_sysctls(forwarding)?;
+        let tun = self.tun.clone();
+        let mark = format!("{MASQ_MARK:#x}/{MASQ_MARK:#x}");
+        for (program, fam, on) in
+            [("iptables", 4, forwarding.ipv4), ("ip6tables", 6, forwarding.ipv6)]
+        {
+            if !on || (fam == 6 && !which_exists(program)) {
+                continue;
+            }
+            let chain = self.ipt_chain(program, "mangle", "FORWARD")?;
+            for dir in ["-i", "-o"] {
+                let clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN"];
+                let rule: Vec<&str> = [dir, &tun].into_iter().chain(clamp).collect();
+                let target = ["-j", "TCPMSS", "--clamp-mss-to-pmtu"];
+                ipt(program, "mangle", &chain, &[&rule[..], &target].concat())?;
+            }
+            if !forwarding.masquerade {
+                continue;
+            }
+            let chain = self.ipt_chain(program, "mangle", "PREROUTING")?;
+            let bit = format!("{MASQ_MARK:#x}");
+            ipt(program, "mangle", &chain, &["-i", &tun, "-j", "MARK", "--or-mark", &bit])?;
+            let chain = self.ipt_chain(program, "nat", "POSTROUTING")?;
+            for keep in forwarding.keep_source_to.iter().filter(|n| family(n) == fam) {
+                ipt(program, "nat", &chain, &["-d", &keep.to_string(), "-j", "RETURN"])?;
+            }
+            let masquerade = ["-m", "mark", "--mark", &mark, "!", "-o", &tun, "-j", "MASQUERADE"];
+            ipt(program, "nat", &chain, &masquerade)?;
+        }
+        Ok(())
+    }
+
+    /// Makes Weft's chain for `hook` in `table` (emptied if it is there) and jumps to it
+    /// first from `hook`, recording the undo (jump, flush, chain) first.
+    fn ipt_chain(
+        &mut self,
+        program: &'static str,
+        table: &str,
+        hook: &str,
+    ) -> Result<String, NetConfError> {
+        let chain = format!("WEFT-{hook}");
+        let undo = |args: &[&str]| Undo::Iptables {
+            program: program.into(),
+            args: ["-w", "-t", table].iter().chain(args).map(|a| a.to_string()).collect(),
+        };
+        self.record(undo(&["-X", &chain]))?;
+        self.record(undo(&["-F", &chain]))?;
+        self.record(undo(&["-D", hook, "-j", &chain]))?;
+        let what = format!("make the {table} chain {chain}");
+        match run(program, &["-w", "-t", table, "-N", &chain], None, &what) {
+            Err(NetConfError::Failed { message, .. }) if message.contains("exists") => {
+                run(program, &["-w", "-t", table, "-F", &chain], None, &what)?;
+            }
+            r => r?,
+        }
+        run(program, &["-w", "-t", table, "-I", hook, "1", "-j", &chain], None, &what)?;
+        Ok(chain)
+    }
+
     /// Points the host's resolver at the `.weft` resolver ([`RESOLVER_V4`]), returning
     /// the resolvers to forward other names to:
     /// - with systemd-resolved (`/etc/resolv.conf` is its stub), only `.weft` names go
@@ -515,6 +593,22 @@ pub fn restore(dir: &Path) -> Result<usize, NetConfError> {
                 std::fs::write(path, value)
                     .map_err(|e| classify(&format!("restore {path}"), &e.to_string()))
             }
+            Undo::Iptables { program, args } => {
+                let program = if program == "ip6tables" { "ip6tables" } else { "iptables" };
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                match run(program, &args, None, "undo a firewall rule") {
+                    // Never made, or gone already.
+                    Err(NetConfError::Failed { message, .. })
+                        if message.contains("No chain")
+                            || message.contains("does a matching rule exist")
+                            || message.contains("not exist")
+                            || message.contains("No such") =>
+                    {
+                        Ok(())
+                    }
+                    r => r,
+                }
+            }
             Undo::Resolvectl { args } => {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 match run("resolvectl", &args, None, "undo the device's resolver") {
@@ -559,6 +653,13 @@ fn uses_systemd_resolved() -> bool {
         .is_ok_and(|p| p.starts_with("/run/systemd/resolve"))
         && Path::new(RESOLVED_STUB).exists();
     via_resolved && which_exists("resolvectl")
+}
+
+/// `program -w -t table -A chain ARGS`.
+fn ipt(program: &'static str, table: &str, chain: &str, args: &[&str]) -> Result<(), NetConfError> {
+    let head = ["-w", "-t", table, "-A", chain];
+    let all: Vec<&str> = head.iter().copied().chain(args.iter().copied()).collect();
+    run(program, &all, None, &format!("add a rule to the {table} chain {chain}"))
 }
 
 fn which_exists(program: &str) -> bool {
@@ -665,6 +766,7 @@ fn run_with(
     use std::io::Write as _;
     let package = match program {
         "nft" => "nftables",
+        "iptables" | "ip6tables" => "iptables",
         "resolvectl" => "systemd-resolved",
         _ => "iproute2",
     };

@@ -20,8 +20,12 @@ const DEBIAN_WASM_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"
 const DEBIAN_BROWSER_PACKAGES: &[&str] = &["chromium", "chromium-driver"];
 /// What the network namespace tests (tests/src/netns.rs) run: (program, its version flag,
 /// Debian package).
-const NETNS_TOOLS: &[(&str, &str, &str)] =
-    &[("ip", "-V", "iproute2"), ("nft", "--version", "nftables")];
+/// `iptables` is for the test of a subnet router whose host has no `nft`.
+const NETNS_TOOLS: &[(&str, &str, &str)] = &[
+    ("ip", "-V", "iproute2"),
+    ("nft", "--version", "nftables"),
+    ("iptables", "--version", "iptables"),
+];
 /// What `bench tun` compares Weft's TUN with, from Debian: (program, its version flag,
 /// package). wireguard-go 0.0.20220316 and wireguard-tools are Debian 12's; `ping` measures
 /// ICMP echo through every tunnel alike.

@@ -72,8 +72,23 @@ pub(crate) async fn start_with(
     dir: PathBuf,
     extra: &[&str],
 ) -> TunPeer {
+    start_with_env(host, server, invite, name, dir, extra, &[]).await
+}
+
+/// [`start_with`], with these environment variables for `weft-peer` (and `ip`, which
+/// starts it in the namespace).
+pub(crate) async fn start_with_env(
+    host: &Host,
+    server: &SignalProcess,
+    invite: &str,
+    name: &str,
+    dir: PathBuf,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> TunPeer {
     let mut up = command_on(host, &server.ws_url, &dir).unwrap();
     up.args(["--invite", invite, "--name", name, "up", "--tun"]).args(extra);
+    up.envs(env.iter().copied());
     let mut peer = NativePeer::spawn(up).unwrap();
     let tun = peer.expect_event("tun", WAIT).await.unwrap();
     assert_eq!(tun["device"], "weft0", "{tun}");

@@ -25,7 +25,7 @@ use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
 
 use crate::tun::{
     TunPeer, WAIT, config_dir_with, connected, invite, ping, probe, probe_ready, start_with,
-    status, stop, tcp_copy,
+    start_with_env, status, stop, tcp_copy,
 };
 
 /// The LAN behind the router peer (`Topology::add_lan_behind`'s first).
@@ -385,6 +385,115 @@ async fn an_exit_node_carries_all_traffic_and_the_host_is_restored_even_after_a_
     stop_restored(ada).await;
     assert_eq!(network_state(ada_host), before, "Ada's host is not as it was");
     drop(net);
+}
+
+/// A subnet router whose host has `iptables` but no `nft` forwards with iptables: the
+/// same MSS clamping and masquerading (the LAN sees the router's address), in chains of
+/// Weft's own that are gone once it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_router_without_nft_forwards_with_iptables() {
+    let test = "a_subnet_router_without_nft_forwards_with_iptables";
+    if !netns_available(test) {
+        return;
+    }
+    let Some(tools) = path_without_nft() else {
+        eprintln!("SKIP {test}: iptables is not installed (cargo xtask test installs it)");
+        return;
+    };
+    let mut topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    let lan = topology.add_lan_behind(1, 0).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let (ada_host, bea_host) = (topology.host(0, 0), topology.host(1, 0));
+    let bea_before = network_state(bea_host);
+    let rules_before = iptables_save(bea_host);
+
+    let bea_key = key("iptables bea");
+    let dir = config_dir_with("iptables-bea", &bea_key);
+    let offer = ["--advertise-routes", LAN, "--allow", "Ada"];
+    let path = tools.path().to_str().unwrap().to_string();
+    let mut bea =
+        start_with_env(bea_host, &server, &invite, "Bea", dir, &offer, &[("PATH", &path)]).await;
+    let dir = dir_verifying("iptables-ada", &key("iptables ada"), &invite, &[("Bea", &bea_key)]);
+    let mut ada = start_with(ada_host, &server, &invite, "Ada", dir, &["--accept-routes"]).await;
+    connected(&mut ada, &bea, "Bea").await;
+    connected(&mut bea, &ada, "Ada").await;
+
+    let rules = iptables_save(bea_host);
+    assert!(rules.contains("-A WEFT-FORWARD -i weft0 -p tcp"), "{rules}");
+    assert!(rules.contains("--clamp-mss-to-pmtu"), "{rules}");
+    assert!(rules.contains("-j MASQUERADE"), "{rules}");
+    assert!(!network_state(bea_host).contains("table inet weft"), "nftables used after all");
+    wait_route(ada_host, LAN_SERVER, true).await;
+    let (mut serve, _) = probe_ready(&lan, &["serve", "9100"]).await;
+    let seen = seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await;
+    assert!(seen.starts_with(&format!("{LAN_ROUTER}:")), "the LAN saw {seen}");
+    tcp_copy(ada_host, &lan, LAN_SERVER).await;
+
+    stop_restored(bea).await;
+    // iptables (over nf_tables) keeps the tables and base chains it made, empty: the rules
+    // are what must be as before.
+    let rules_after = iptables_save(bea_host);
+    let rules_only =
+        |s: &str| s.lines().filter(|l| l.starts_with("-A")).collect::<Vec<_>>().join("\n");
+    assert!(!rules_after.contains("WEFT"), "Weft's chains outlived it: {rules_after}");
+    assert_eq!(rules_only(&rules_after), rules_only(&rules_before));
+    let but_nft = |s: &str| {
+        let (head, rest) = s.split_once("nft:").unwrap();
+        format!("{head}{}", &rest[rest.find("ip_forward:").unwrap()..])
+    };
+    assert_eq!(but_nft(&network_state(bea_host)), but_nft(&bea_before), "Bea's host changed");
+    stop(ada).await;
+    serve.kill().await.unwrap();
+}
+
+/// A folder for `PATH` with the tools `up` uses but `nft` (`ip`, `iptables`,
+/// `ip6tables`), or `None` if iptables is not installed.
+fn path_without_nft() -> Option<TempPath> {
+    let dir = std::env::temp_dir().join(format!("weft-no-nft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for tool in ["ip", "iptables", "ip6tables"] {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists());
+        match found {
+            Some(target) => {
+                let link = dir.join(tool);
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(target, link).unwrap();
+            }
+            None if tool == "ip6tables" => {}
+            None => return None,
+        }
+    }
+    Some(TempPath(dir))
+}
+
+/// A folder removed when dropped.
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The host's iptables rules (`iptables-save`), without its comment lines (which carry
+/// the time).
+fn iptables_save(host: &Host) -> String {
+    let out = host.command("iptables-save").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Forwarding needs `nft`: without it `up` stops at once, saying what to install, and

@@ -23,11 +23,12 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, RoomId, ServerMessage};
+use serde_json::value::RawValue;
+use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, RoomId, Routed, ServerMessage};
 
 use crate::AppState;
 use crate::cluster::{Cluster, JoinRefusal, RoomUpdate};
-use crate::relay::{ConnId, Delivery, Forward, Relay};
+use crate::relay::{ConnId, Delivery, Forward, Relay, SignalRoute};
 use crate::turn::IceOffer;
 
 /// How long a closing server waits for the client's close frame.
@@ -213,19 +214,27 @@ impl AppState {
         self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]).await;
     }
 
+    async fn rate_limited(&self, conn: ConnId) {
+        let rate = self.inner.limits.messages_per_second;
+        let message = format!("more than {rate} messages per second; message dropped");
+        self.reject(conn, ErrorCode::RateLimited, message).await;
+    }
+
     async fn on_text(&self, conn: ConnId, text: &str) {
-        if !self.lock_hub().relay.admit(conn, Instant::now()) {
-            let rate = self.inner.limits.messages_per_second;
-            let message = format!("more than {rate} messages per second; message dropped");
-            self.reject(conn, ErrorCode::RateLimited, message).await;
-            return;
-        }
         let msg = if text.len() > self.inner.limits.max_message_bytes {
             let limit = self.inner.limits.max_message_bytes;
             Err((ErrorCode::TooLarge, format!("message of {} bytes exceeds {limit}", text.len())))
         } else {
-            signal::decode_client(text).map_err(|e| (e.code, e.detail))
+            signal::decode_client_routed(text).map_err(|e| (e.code, e.detail))
         };
+        let msg = match msg {
+            Ok(Routed::Signal { to, payload }) => return self.on_signal(conn, &to, payload).await,
+            Ok(Routed::Other(msg)) => Ok(msg),
+            Err(refused) => Err(refused),
+        };
+        if !self.lock_hub().relay.admit(conn, Instant::now()) {
+            return self.rate_limited(conn).await;
+        }
         match msg {
             Ok(ClientMessage::Join { version, room }) if self.inner.cluster.is_some() => {
                 self.join_shared(conn, version, room).await;
@@ -255,6 +264,51 @@ impl AppState {
                 }
             }
             Err((code, detail)) => self.reject(conn, code, detail).await,
+        }
+    }
+
+    /// A signal: the relay's hot path. One lock (the sender's rate, the route, the
+    /// recipient's queue), and the payload goes on as its sender wrote it, never parsed
+    /// (`signal::decode_client_routed`).
+    async fn on_signal(&self, conn: ConnId, to: &PeerId, payload: &RawValue) {
+        let routed = {
+            let mut hub = self.lock_hub();
+            if hub.relay.admit(conn, Instant::now()) {
+                Some(match hub.relay.route_signal(conn, to) {
+                    Ok((from, route)) => {
+                        let outbox = match &route {
+                            SignalRoute::Local(target) => hub.outboxes.get(target).cloned(),
+                            SignalRoute::Remote { .. } => None,
+                        };
+                        Ok((from, route, outbox))
+                    }
+                    Err(refused) => Err(self.route(&hub, refused)),
+                })
+            } else {
+                None
+            }
+        };
+        let (from, route, outbox) = match routed {
+            None => return self.rate_limited(conn).await,
+            Some(Err(refused)) => return self.flush(refused).await,
+            Some(Ok(routed)) => routed,
+        };
+        self.inner.metrics.messages_relayed.inc();
+        let text = signal::encode_relayed_signal(&from, payload);
+        match (route, outbox) {
+            (SignalRoute::Local(target), Some(outbox)) => {
+                let limits = &self.inner.limits;
+                let item = Outbound::Text(text);
+                self.queue(target, &outbox, item, limits.max_outbox_bytes, limits.send_timeout)
+                    .await;
+            }
+            (SignalRoute::Local(_), None) => {}
+            (SignalRoute::Remote { process, room }, _) => {
+                let Some(cluster) = &self.inner.cluster else { return };
+                if let Err(e) = cluster.forward(&process, &room, to, text).await {
+                    tracing::warn!("cannot forward a signal in the cluster: {e}");
+                }
+            }
         }
     }
 
@@ -496,8 +550,13 @@ enum WriterEnd {
     TimedOut,
 }
 
-/// Writes `frames` to `sink` one by one, each within `timeout`, releasing each frame's
-/// counted bytes from `queued` once written.
+/// Most frames written before one flush: what is queued goes out together (one write to
+/// the socket for many signals when a sender pipelines them), a bounded batch at a time.
+const WRITE_BATCH: usize = 64;
+
+/// Writes `frames` to `sink`, whatever is queued at once (up to [`WRITE_BATCH`]) then a
+/// flush, each batch within `timeout`, releasing its frames' counted bytes from `queued`
+/// once written.
 async fn write_frames<K>(
     mut sink: K,
     mut frames: mpsc::UnboundedReceiver<(Message, usize)>,
@@ -508,8 +567,19 @@ where
     K: Sink<Message> + Unpin,
 {
     while let Some((frame, counted)) = frames.recv().await {
-        match tokio::time::timeout(timeout, sink.send(frame)).await {
-            Ok(Ok(())) => queue.release(counted),
+        let batch = async {
+            let mut written = counted;
+            sink.feed(frame).await?;
+            for _ in 1..WRITE_BATCH {
+                let Ok((frame, counted)) = frames.try_recv() else { break };
+                written += counted;
+                sink.feed(frame).await?;
+            }
+            sink.flush().await?;
+            Ok::<_, K::Error>(written)
+        };
+        match tokio::time::timeout(timeout, batch).await {
+            Ok(Ok(written)) => queue.release(written),
             Ok(Err(_)) => return WriterEnd::Failed,
             Err(_) => return WriterEnd::TimedOut,
         }

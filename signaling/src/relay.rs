@@ -224,6 +224,17 @@ impl Relay {
         self.conns.get(&conn).map(|c| &c.peer_id)
     }
 
+    /// The address `conn` comes from.
+    pub fn ip_of(&self, conn: ConnId) -> Option<IpAddr> {
+        self.conns.get(&conn).map(|c| c.ip)
+    }
+
+    /// The room `conn` joined, its peer id and its address, if it has joined.
+    pub fn membership(&self, conn: ConnId) -> Option<(RoomId, PeerId, IpAddr)> {
+        let c = self.conns.get(&conn)?;
+        Some((c.room.clone()?, c.peer_id.clone(), c.ip))
+    }
+
     /// The room `conn` joined, if it has.
     pub fn room_of(&self, conn: ConnId) -> Option<&RoomId> {
         self.conns.get(&conn).and_then(|c| c.room.as_ref())

@@ -429,6 +429,59 @@ pub fn decode_server(text: &str) -> Result<ServerMessage, DecodeError> {
     decode(text, ServerMessage::TYPES)
 }
 
+/// A client message as the server routes it: a signal's payload stays the text its sender
+/// sent, neither parsed into a [`SignalPayload`] nor serialized again (the recipient's
+/// [`decode_server`] checks it), everything else as [`decode_client`] decodes it.
+#[derive(Debug)]
+pub enum Routed<'a> {
+    /// [`ClientMessage::Signal`], its payload a JSON object not looked into.
+    Signal {
+        /// The recipient.
+        to: PeerId,
+        /// The payload's JSON text.
+        payload: &'a serde_json::value::RawValue,
+    },
+    /// Any other message.
+    Other(ClientMessage),
+}
+
+/// Parses a message from a client as the server routes it ([`Routed`]). Never panics,
+/// whatever the input; refuses what [`decode_client`] refuses, except a signal's payload
+/// that is a JSON object but no [`SignalPayload`] (the server forwards it; its recipient
+/// drops it).
+pub fn decode_client_routed(text: &str) -> Result<Routed<'_>, DecodeError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Envelope<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        to: PeerId,
+        #[serde(borrow)]
+        payload: &'a serde_json::value::RawValue,
+    }
+    if text.len() <= MAX_MESSAGE_BYTES {
+        if let Ok(Envelope { kind, to, payload }) = serde_json::from_str(text) {
+            if kind == "signal" && payload.get().trim_start().starts_with('{') {
+                return Ok(Routed::Signal { to, payload });
+            }
+        }
+    }
+    decode_client(text).map(Routed::Other)
+}
+
+/// The wire text of [`ServerMessage::Signal`] from `from` with `payload` (as
+/// [`decode_client_routed`] left it), without parsing the payload.
+pub fn encode_relayed_signal(from: &PeerId, payload: &serde_json::value::RawValue) -> String {
+    #[derive(Serialize)]
+    struct Relayed<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        from: &'a PeerId,
+        payload: &'a serde_json::value::RawValue,
+    }
+    encode(&Relayed { kind: "signal", from, payload })
+}
+
 /// Serializes a message to its wire text.
 pub fn encode<T: Serialize>(msg: &T) -> String {
     // Serializing these types cannot fail: they hold only strings, numbers and enums.
@@ -592,6 +645,40 @@ mod tests {
         let text = encode(&msg);
         assert_eq!(text, r#"{"type":"join","version":1,"room":"abc_DEF-123"}"#);
         assert_eq!(decode_client(&text).unwrap(), msg);
+    }
+
+    #[test]
+    fn a_routed_signal_is_relayed_as_sent_and_decodes_as_the_typed_one() {
+        let payload = SignalPayload::Candidate {
+            candidate: "candidate:1 1 udp 1 198.51.100.7 4 typ host \"q\" \u{e9}".into(),
+            sdp_mid: Some("0".into()),
+            sdp_m_line_index: Some(0),
+            username_fragment: None,
+        };
+        let to = PeerId::new("b").unwrap();
+        let text = encode(&ClientMessage::Signal { to: to.clone(), payload: payload.clone() });
+        let Ok(Routed::Signal { to: routed_to, payload: raw }) = decode_client_routed(&text) else {
+            panic!("not routed as a signal: {text}");
+        };
+        assert_eq!(routed_to, to);
+        let from = PeerId::new("a").unwrap();
+        let relayed = encode_relayed_signal(&from, raw);
+        assert_eq!(relayed, encode(&ServerMessage::Signal { from, payload }));
+        // Everything else, and whatever is wrong, as decode_client says.
+        for text in [
+            r#"{"type":"ping"}"#,
+            r#"{"type":"signal","to":"x"}"#,
+            r#"{"type":"signal","to":"x","payload":3}"#,
+            r#"{"type":"signal","to":"x y","payload":{}}"#,
+            r#"{"type":"join","to":"x","payload":{}}"#,
+            "not json",
+        ] {
+            let routed = decode_client_routed(text).map(|r| match r {
+                Routed::Other(msg) => msg,
+                Routed::Signal { .. } => panic!("{text} routed as a signal"),
+            });
+            assert_eq!(routed, decode_client(text), "{text}");
+        }
     }
 
     #[test]

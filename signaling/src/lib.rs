@@ -85,6 +85,11 @@ struct Inner {
     limits: Limits,
     web_root: PathBuf,
     shutdown: watch::Sender<bool>,
+    /// In a cluster: how many times this process found its lease lost (it stalled, or
+    /// could not reach NATS, for longer than the lease); each time, the connections made
+    /// before are closed (their members were dropped from their rooms meanwhile), so
+    /// their clients reconnect and join again.
+    fence: watch::Sender<u64>,
 }
 
 /// State shared by every request.
@@ -118,6 +123,7 @@ impl AppState {
     ) -> Self {
         let hub = ws::Hub::new(relay::Relay::new(limits.clone()));
         let (shutdown, _) = watch::channel(false);
+        let (fence, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
                 hub: Mutex::new(hub),
@@ -128,6 +134,7 @@ impl AppState {
                 limits,
                 web_root,
                 shutdown,
+                fence,
             }),
         }
     }

@@ -91,6 +91,20 @@ pub struct Forward {
     pub msg: ServerMessage,
 }
 
+/// Where a signal goes: [`Relay::route_signal`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalRoute {
+    /// To a connection of this process.
+    Local(ConnId),
+    /// To a member of `room` on `process` of the cluster.
+    Remote {
+        /// The member's process.
+        process: Process,
+        /// The member's room.
+        room: RoomId,
+    },
+}
+
 /// A room's members on other processes, as this one last learned them.
 #[derive(Debug, Default)]
 struct Shared {
@@ -210,6 +224,17 @@ impl Relay {
         self.conns.get(&conn).map(|c| &c.peer_id)
     }
 
+    /// The address `conn` comes from.
+    pub fn ip_of(&self, conn: ConnId) -> Option<IpAddr> {
+        self.conns.get(&conn).map(|c| c.ip)
+    }
+
+    /// The room `conn` joined, its peer id and its address, if it has joined.
+    pub fn membership(&self, conn: ConnId) -> Option<(RoomId, PeerId, IpAddr)> {
+        let c = self.conns.get(&conn)?;
+        Some((c.room.clone()?, c.peer_id.clone(), c.ip))
+    }
+
     /// The room `conn` joined, if it has.
     pub fn room_of(&self, conn: ConnId) -> Option<&RoomId> {
         self.conns.get(&conn).and_then(|c| c.room.as_ref())
@@ -234,7 +259,9 @@ impl Relay {
     /// Handles one decoded message from `conn`. Errors for the sender come back as
     /// deliveries to `conn`; a fatal one means the driver closes it after sending.
     pub fn handle(&mut self, conn: ConnId, msg: ClientMessage) -> Vec<Delivery> {
-        let Some(c) = self.conns.get(&conn) else { return Vec::new() };
+        if !self.conns.contains_key(&conn) {
+            return Vec::new();
+        }
         let reply = |code: ErrorCode, message: String| {
             vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]
         };
@@ -251,33 +278,47 @@ impl Relay {
                     self.insert(conn, room)
                 }
             },
-            ClientMessage::Signal { to, payload } => {
-                let Some(room) = &c.room else {
-                    return reply(ErrorCode::NotJoined, "join a room before signaling".into());
-                };
-                let target = self.rooms.get(room).and_then(|members| members.get(&to));
-                match target {
-                    Some(&target) if target != conn => vec![Delivery {
-                        to: target,
-                        msg: ServerMessage::Signal { from: c.peer_id.clone(), payload },
-                    }],
-                    Some(_) => reply(ErrorCode::UnknownPeer, "cannot signal yourself".into()),
-                    None => {
-                        let remote = self.shared.get(room).and_then(|s| s.members.get(&to));
-                        let Some(process) = remote else {
-                            return reply(
-                                ErrorCode::UnknownPeer,
-                                format!("no peer {to} in your room"),
-                            );
-                        };
-                        let msg = ServerMessage::Signal { from: c.peer_id.clone(), payload };
-                        let (process, room) = (process.clone(), room.clone());
-                        self.forwards.push(Forward { process, room, to, msg });
-                        Vec::new()
-                    }
+            ClientMessage::Signal { to, payload } => match self.route_signal(conn, &to) {
+                Err(refused) => refused,
+                Ok((from, SignalRoute::Local(target))) => {
+                    vec![Delivery { to: target, msg: ServerMessage::Signal { from, payload } }]
                 }
-            }
+                Ok((from, SignalRoute::Remote { process, room })) => {
+                    let msg = ServerMessage::Signal { from, payload };
+                    self.forwards.push(Forward { process, room, to, msg });
+                    Vec::new()
+                }
+            },
             ClientMessage::Leave => self.leave(conn),
+        }
+    }
+
+    /// Where a signal from `conn` to `to` goes, and the sender's id; `Err` holds the
+    /// refusal for the sender. (The relay's hot path: the server routes a signal with this
+    /// alone, its payload never parsed; [`Relay::handle`] does the same with a typed one.)
+    pub fn route_signal(
+        &self,
+        conn: ConnId,
+        to: &PeerId,
+    ) -> Result<(PeerId, SignalRoute), Vec<Delivery>> {
+        let reply = |code: ErrorCode, message: String| {
+            Err(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }])
+        };
+        let Some(c) = self.conns.get(&conn) else { return Err(Vec::new()) };
+        let Some(room) = &c.room else {
+            return reply(ErrorCode::NotJoined, "join a room before signaling".into());
+        };
+        let from = c.peer_id.clone();
+        match self.rooms.get(room).and_then(|members| members.get(to)) {
+            Some(&target) if target != conn => Ok((from, SignalRoute::Local(target))),
+            Some(_) => reply(ErrorCode::UnknownPeer, "cannot signal yourself".into()),
+            None => match self.shared.get(room).and_then(|s| s.members.get(to)) {
+                Some(process) => {
+                    let (process, room) = (process.clone(), room.clone());
+                    Ok((from, SignalRoute::Remote { process, room }))
+                }
+                None => reply(ErrorCode::UnknownPeer, format!("no peer {to} in your room")),
+            },
         }
     }
 

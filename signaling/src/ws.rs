@@ -23,11 +23,12 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, RoomId, ServerMessage};
+use serde_json::value::RawValue;
+use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, RoomId, Routed, ServerMessage};
 
 use crate::AppState;
-use crate::cluster::{Cluster, JoinRefusal, RoomUpdate};
-use crate::relay::{ConnId, Delivery, Forward, Relay};
+use crate::cluster::{Cluster, JoinRefusal, Renewal, RoomUpdate};
+use crate::relay::{ConnId, Delivery, Forward, Relay, SignalRoute};
 use crate::turn::IceOffer;
 
 /// How long a closing server waits for the client's close frame.
@@ -213,48 +214,101 @@ impl AppState {
         self.deliver(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]).await;
     }
 
+    async fn rate_limited(&self, conn: ConnId) {
+        let rate = self.inner.limits.messages_per_second;
+        let message = format!("more than {rate} messages per second; message dropped");
+        self.reject(conn, ErrorCode::RateLimited, message).await;
+    }
+
     async fn on_text(&self, conn: ConnId, text: &str) {
-        if !self.lock_hub().relay.admit(conn, Instant::now()) {
-            let rate = self.inner.limits.messages_per_second;
-            let message = format!("more than {rate} messages per second; message dropped");
-            self.reject(conn, ErrorCode::RateLimited, message).await;
-            return;
-        }
         let msg = if text.len() > self.inner.limits.max_message_bytes {
             let limit = self.inner.limits.max_message_bytes;
             Err((ErrorCode::TooLarge, format!("message of {} bytes exceeds {limit}", text.len())))
         } else {
-            signal::decode_client(text).map_err(|e| (e.code, e.detail))
+            signal::decode_client_routed(text).map_err(|e| (e.code, e.detail))
         };
+        let msg = match msg {
+            Ok(Routed::Signal { to, payload }) => return self.on_signal(conn, &to, payload).await,
+            Ok(Routed::Other(msg)) => Ok(msg),
+            Err(refused) => Err(refused),
+        };
+        if !self.lock_hub().relay.admit(conn, Instant::now()) {
+            return self.rate_limited(conn).await;
+        }
         match msg {
             Ok(ClientMessage::Join { version, room }) if self.inner.cluster.is_some() => {
                 self.join_shared(conn, version, room).await;
             }
             Ok(msg) => {
                 let leaving = matches!(msg, ClientMessage::Leave);
-                let (pending, forwards, member, room) = {
+                let (pending, forwards, member, joined) = {
                     let mut hub = self.lock_hub();
-                    let (member, room) = if leaving {
-                        (hub.relay.peer_id(conn).cloned(), hub.relay.room_of(conn).cloned())
+                    let (member, joined) = if leaving {
+                        (hub.relay.peer_id(conn).cloned(), hub.relay.membership(conn))
                     } else {
                         (None, None)
                     };
                     let out = hub.relay.handle(conn, msg);
                     let forwards = hub.relay.take_forwards();
-                    (self.route(&hub, out), forwards, member, room)
+                    (self.route(&hub, out), forwards, member, joined)
                 };
                 self.flush(pending).await;
                 if !forwards.is_empty() {
                     self.forward(forwards).await;
                 }
+                if let Some(joined) = joined {
+                    self.leave_shared(joined).await;
+                }
                 if let Some(member) = member {
-                    if let Some(room) = room {
-                        self.leave_shared(&room, &member).await;
-                    }
                     self.member_left(&member).await;
                 }
             }
             Err((code, detail)) => self.reject(conn, code, detail).await,
+        }
+    }
+
+    /// A signal: the relay's hot path. One lock (the sender's rate, the route, the
+    /// recipient's queue), and the payload goes on as its sender wrote it, never parsed
+    /// (`signal::decode_client_routed`).
+    async fn on_signal(&self, conn: ConnId, to: &PeerId, payload: &RawValue) {
+        let routed = {
+            let mut hub = self.lock_hub();
+            if hub.relay.admit(conn, Instant::now()) {
+                Some(match hub.relay.route_signal(conn, to) {
+                    Ok((from, route)) => {
+                        let outbox = match &route {
+                            SignalRoute::Local(target) => hub.outboxes.get(target).cloned(),
+                            SignalRoute::Remote { .. } => None,
+                        };
+                        Ok((from, route, outbox))
+                    }
+                    Err(refused) => Err(self.route(&hub, refused)),
+                })
+            } else {
+                None
+            }
+        };
+        let (from, route, outbox) = match routed {
+            None => return self.rate_limited(conn).await,
+            Some(Err(refused)) => return self.flush(refused).await,
+            Some(Ok(routed)) => routed,
+        };
+        self.inner.metrics.messages_relayed.inc();
+        let text = signal::encode_relayed_signal(&from, payload);
+        match (route, outbox) {
+            (SignalRoute::Local(target), Some(outbox)) => {
+                let limits = &self.inner.limits;
+                let item = Outbound::Text(text);
+                self.queue(target, &outbox, item, limits.max_outbox_bytes, limits.send_timeout)
+                    .await;
+            }
+            (SignalRoute::Local(_), None) => {}
+            (SignalRoute::Remote { process, room }, _) => {
+                let Some(cluster) = &self.inner.cluster else { return };
+                if let Err(e) = cluster.forward(&process, &room, to, text).await {
+                    tracing::warn!("cannot forward a signal in the cluster: {e}");
+                }
+            }
         }
     }
 
@@ -265,7 +319,7 @@ impl AppState {
         let (checked, peer) = {
             let mut hub = self.lock_hub();
             let checked = hub.relay.check_join(conn, version, &room);
-            let peer = hub.relay.peer_id(conn).cloned();
+            let peer = hub.relay.peer_id(conn).cloned().zip(hub.relay.ip_of(conn));
             if checked.is_ok() && peer.is_some() {
                 hub.relay.begin_shared_join(&room);
             }
@@ -274,9 +328,9 @@ impl AppState {
         if let Err(refused) = checked {
             return self.deliver(refused).await;
         }
-        let Some(peer) = peer else { return };
-        let max = self.inner.limits.max_peers_per_room;
-        let joined = cluster.join(&room, &peer, max).await;
+        let Some((peer, ip)) = peer else { return };
+        let limits = &self.inner.limits;
+        let joined = cluster.join(&room, &peer, ip, limits).await;
         if joined.is_err() {
             self.lock_hub().relay.end_shared_join(&room);
         }
@@ -297,12 +351,18 @@ impl AppState {
                 match pending {
                     Some(pending) => self.flush(pending).await,
                     // It closed meanwhile.
-                    None => self.leave_shared(&room, &peer).await,
+                    None => self.leave_shared((room, peer, ip)).await,
                 }
             }
             Err(JoinRefusal::Full) => {
+                let max = limits.max_peers_per_room;
                 let message = format!("the room has its maximum of {max} peers");
                 self.reject(conn, ErrorCode::RoomFull, message).await;
+            }
+            Err(JoinRefusal::AddressRooms) => {
+                let max = limits.max_rooms_per_ip;
+                let message = format!("your address is in its maximum of {max} rooms");
+                self.reject(conn, ErrorCode::AddressRooms, message).await;
             }
             Err(JoinRefusal::Unavailable(e)) => {
                 tracing::warn!("cannot join a room in the cluster: {e}");
@@ -312,10 +372,10 @@ impl AppState {
         }
     }
 
-    /// Member `peer` of this process left `room`: so it does cluster-wide.
-    async fn leave_shared(&self, room: &RoomId, peer: &PeerId) {
+    /// Member `peer` (from `ip`) of this process left `room`: so it does cluster-wide.
+    async fn leave_shared(&self, (room, peer, ip): (RoomId, PeerId, IpAddr)) {
         let Some(cluster) = &self.inner.cluster else { return };
-        if let Err(e) = cluster.leave(room, peer).await {
+        if let Err(e) = cluster.leave(&room, &peer, ip).await {
             tracing::warn!("cannot leave a room in the cluster: {e}");
         }
     }
@@ -396,7 +456,13 @@ impl AppState {
         &self,
         cluster: &Cluster,
     ) -> Result<(), crate::cluster::ClusterError> {
-        cluster.renew_lease().await?;
+        if cluster.renew_lease().await? == Renewal::Lost {
+            // It stalled (or lost NATS) past its lease: other processes dropped its members
+            // from their rooms. They reconnect and join again (to this process or the
+            // next), which the core handles like any reconnect: sessions stay up.
+            tracing::warn!("the cluster lease ran out; closing the connections from before");
+            self.inner.fence.send_modify(|n| *n += 1);
+        }
         let live = cluster.refresh_live().await?;
         let rooms = self.lock_hub().relay.rooms_sharing_with(|p| !live.contains(p));
         for room in rooms {
@@ -445,15 +511,14 @@ impl AppState {
         let (pending, left) = {
             let mut hub = self.lock_hub();
             hub.outboxes.remove(&conn);
-            let room = hub.relay.room_of(conn).cloned();
-            let left = room.zip(hub.relay.peer_id(conn).cloned());
+            let left = hub.relay.membership(conn);
             let out = hub.relay.disconnect(conn);
             (self.route(&hub, out), left)
         };
         self.inner.metrics.connections.dec();
         self.flush(pending).await;
-        if let Some((room, member)) = left {
-            self.leave_shared(&room, &member).await;
+        if let Some(left) = left {
+            self.leave_shared(left).await;
         }
     }
 }
@@ -496,8 +561,13 @@ enum WriterEnd {
     TimedOut,
 }
 
-/// Writes `frames` to `sink` one by one, each within `timeout`, releasing each frame's
-/// counted bytes from `queued` once written.
+/// Most frames written before one flush: what is queued goes out together (one write to
+/// the socket for many signals when a sender pipelines them), a bounded batch at a time.
+const WRITE_BATCH: usize = 64;
+
+/// Writes `frames` to `sink`, whatever is queued at once (up to [`WRITE_BATCH`]) then a
+/// flush, each batch within `timeout`, releasing its frames' counted bytes from `queued`
+/// once written.
 async fn write_frames<K>(
     mut sink: K,
     mut frames: mpsc::UnboundedReceiver<(Message, usize)>,
@@ -508,8 +578,19 @@ where
     K: Sink<Message> + Unpin,
 {
     while let Some((frame, counted)) = frames.recv().await {
-        match tokio::time::timeout(timeout, sink.send(frame)).await {
-            Ok(Ok(())) => queue.release(counted),
+        let batch = async {
+            let mut written = counted;
+            sink.feed(frame).await?;
+            for _ in 1..WRITE_BATCH {
+                let Ok((frame, counted)) = frames.try_recv() else { break };
+                written += counted;
+                sink.feed(frame).await?;
+            }
+            sink.flush().await?;
+            Ok::<_, K::Error>(written)
+        };
+        match tokio::time::timeout(timeout, batch).await {
+            Ok(Ok(written)) => queue.release(written),
             Ok(Err(_)) => return WriterEnd::Failed,
             Err(_) => return WriterEnd::TimedOut,
         }
@@ -553,6 +634,8 @@ where
     tokio::pin!(writer);
     let mut writer_end: Option<WriterEnd> = None;
     let mut shutdown = state.inner.shutdown.subscribe();
+    let mut fence = state.inner.fence.subscribe();
+    let fenced_at = *fence.borrow_and_update();
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
     let idle = tokio::time::sleep(limits.idle_timeout);
@@ -611,6 +694,12 @@ where
             () = &mut idle => {
                 state.inner.metrics.reject(ErrorCode::IdleTimeout);
                 break Some(fatal(ErrorCode::IdleTimeout, "nothing received for too long"));
+            }
+            () = async { let _ = fence.wait_for(|n| *n != fenced_at).await; } => {
+                break Some(fatal(
+                    ErrorCode::ShuttingDown,
+                    "this server lost its place in the cluster; reconnect",
+                ));
             }
             () = async { let _ = shutdown.wait_for(|down| *down).await; } => {
                 break Some(fatal(ErrorCode::ShuttingDown, "server is shutting down; reconnect shortly"));

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-use weft_core::signal::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomId, ServerMessage};
+use weft_core::signal::{
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerId, RoomId, ServerMessage, SignalPayload,
+};
 use weft_tests::native::{
     NativePeer, NatsServer, SignalProcess, command, config_dir, nats_missing, run,
 };
@@ -26,12 +28,13 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Three processes on one NATS server, each allowing rooms of four.
-async fn cluster() -> (NatsServer, Vec<SignalProcess>) {
+/// `n` processes on one NATS server, each with arguments `extra` as well.
+async fn processes(n: usize, extra: &[&str]) -> (NatsServer, Vec<SignalProcess>) {
     let nats = NatsServer::start().await.unwrap();
     let mut servers = Vec::new();
-    for _ in 0..3 {
-        let args = ["--cluster", nats.url.as_str(), "--max-peers-per-room", "4"];
+    for _ in 0..n {
+        let args: Vec<&str> =
+            ["--cluster", nats.url.as_str()].into_iter().chain(extra.iter().copied()).collect();
         servers.push(SignalProcess::start_local(&args).await.unwrap());
     }
     (nats, servers)
@@ -70,16 +73,146 @@ async fn join(url: &str, room: &RoomId) -> Ws {
     ws
 }
 
+/// Whether to skip: no `nats-server` (and `WEFT_REQUIRE_NATS` unset).
+fn skip_without_nats() -> bool {
+    let Some(why) = nats_missing() else { return false };
+    if std::env::var_os("WEFT_REQUIRE_NATS").is_some() {
+        panic!("WEFT_REQUIRE_NATS is set but {why}");
+    }
+    eprintln!("skipping: {why}");
+    true
+}
+
+/// The welcome on `ws`: its id and the other members.
+async fn welcome(ws: &mut Ws) -> (PeerId, Vec<PeerId>) {
+    match next_where(ws, |m| matches!(m, ServerMessage::Welcome { .. })).await {
+        ServerMessage::Welcome { peer_id, peers, .. } => (peer_id, peers),
+        _ => unreachable!(),
+    }
+}
+
+/// Signals `to` from `ws` and waits until `to_ws` gets it from `from`.
+async fn signal_across(ws: &mut Ws, from: &PeerId, to_ws: &mut Ws, to: &PeerId, data: &str) {
+    let payload = SignalPayload::Opaque { data: data.into() };
+    let msg = ClientMessage::Signal { to: to.clone(), payload: payload.clone() };
+    ws.send(Message::text(signal::encode(&msg))).await.unwrap();
+    let got = next_where(to_ws, |m| matches!(m, ServerMessage::Signal { .. })).await;
+    assert_eq!(got, ServerMessage::Signal { from: from.clone(), payload });
+}
+
+fn kill(signal: &str, pid: u32) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+    assert!(status.unwrap().success(), "kill {signal} {pid}");
+}
+
+/// The first answer to a join on `ws`: the welcome, or the refusal.
+async fn join_answer(ws: &mut Ws) -> ServerMessage {
+    next_where(ws, |m| matches!(m, ServerMessage::Error { .. } | ServerMessage::Welcome { .. }))
+        .await
+}
+
+/// The rooms one address may be in hold across processes: two processes allowing two
+/// rooms per address each; with one room taken on each, a third is refused on both (each
+/// alone would admit it: it has one), a second member in a room already counted is not;
+/// once one room is left, the third gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_spread_over_three_processes_limits_hold_and_survive_kill_9() {
-    if let Some(why) = nats_missing() {
-        if std::env::var_os("WEFT_REQUIRE_NATS").is_some() {
-            panic!("WEFT_REQUIRE_NATS is set but {why}");
-        }
-        eprintln!("skipping: {why}");
+async fn rooms_per_address_hold_across_processes() {
+    if skip_without_nats() {
         return;
     }
-    let (_nats, mut servers) = cluster().await;
+    let (_nats, servers) = processes(2, &["--max-rooms-per-ip", "2"]).await;
+    let [one, two, three] = ["one", "two", "three"].map(|r| RoomId::new(r).unwrap());
+    let mut in_one = join(&servers[0].ws_url, &one).await;
+    welcome(&mut in_one).await;
+    let mut in_two = join(&servers[1].ws_url, &two).await;
+    welcome(&mut in_two).await;
+    for server in &servers {
+        let mut refused = join(&server.ws_url, &three).await;
+        let answer = join_answer(&mut refused).await;
+        assert!(
+            matches!(answer, ServerMessage::Error { code: ErrorCode::AddressRooms, .. }),
+            "{answer:?}"
+        );
+    }
+    let mut also_in_one = join(&servers[1].ws_url, &one).await;
+    welcome(&mut also_in_one).await;
+
+    in_two.send(Message::text(signal::encode(&ClientMessage::Leave))).await.unwrap();
+    // The leave is written asynchronously: ask until it has been (a refusal leaves the
+    // connection open), each answer awaited, the whole bounded by WAIT.
+    let mut in_three = join(&servers[0].ws_url, &three).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match join_answer(&mut in_three).await {
+                ServerMessage::Welcome { .. } => break,
+                ServerMessage::Error { code: ErrorCode::AddressRooms, .. } => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let again =
+                        ClientMessage::Join { version: PROTOCOL_VERSION, room: three.clone() };
+                    in_three.send(Message::text(signal::encode(&again))).await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the third room stayed refused after the second was left");
+}
+
+/// A process stopped (a real SIGSTOP) for longer than its lease, then resumed: the others
+/// dropped its member meanwhile (their members see it leave); once it runs again it finds
+/// its lease lost and closes the connections from before with `shutting_down`, so their
+/// clients reconnect and join again (here to the same process, which serves again), and
+/// signals cross between the processes as before. Without the fence, the stalled
+/// process's member would stay connected to a room in which nobody else sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_stopped_past_its_lease_sends_its_members_to_join_again() {
+    if skip_without_nats() {
+        return;
+    }
+    let (_nats, servers) = processes(2, &[]).await;
+    let room = RoomId::new("stall").unwrap();
+    let mut a = join(&servers[0].ws_url, &room).await;
+    let (a_id, _) = welcome(&mut a).await;
+    let mut b = join(&servers[1].ws_url, &room).await;
+    let (b_id, peers) = welcome(&mut b).await;
+    assert_eq!(peers, vec![a_id.clone()]);
+    signal_across(&mut a, &a_id, &mut b, &b_id, "before").await;
+
+    let pid = servers[0].pid().unwrap();
+    kill("-STOP", pid);
+    let stopped = std::time::Instant::now();
+    let left = next_where(&mut b, |m| matches!(m, ServerMessage::PeerLeft { .. })).await;
+    assert_eq!(left, ServerMessage::PeerLeft { peer_id: a_id.clone() });
+    eprintln!(
+        "cluster: the stopped process's member left after {:.1} s",
+        stopped.elapsed().as_secs_f64()
+    );
+    kill("-CONT", pid);
+
+    let told = next_where(&mut a, |m| matches!(m, ServerMessage::Error { .. })).await;
+    assert!(matches!(told, ServerMessage::Error { code: ErrorCode::ShuttingDown, .. }), "{told:?}");
+    let mut a = join(&servers[0].ws_url, &room).await;
+    let (a_id, peers) = welcome(&mut a).await;
+    assert_eq!(peers, vec![b_id.clone()]);
+    let joined = next_where(&mut b, |m| matches!(m, ServerMessage::PeerJoined { .. })).await;
+    assert_eq!(joined, ServerMessage::PeerJoined { peer_id: a_id.clone() });
+    signal_across(&mut a, &a_id, &mut b, &b_id, "after, from the resumed process").await;
+    signal_across(&mut b, &b_id, &mut a, &a_id, "after, to the resumed process").await;
+    // The resumed process still follows the room: a join on the other one reaches it.
+    let mut c = join(&servers[1].ws_url, &room).await;
+    let (c_id, _) = welcome(&mut c).await;
+    let joined = next_where(&mut a, |m| matches!(m, ServerMessage::PeerJoined { .. })).await;
+    assert_eq!(joined, ServerMessage::PeerJoined { peer_id: c_id.clone() });
+    signal_across(&mut c, &c_id, &mut a, &a_id, "from a newcomer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spread_over_three_processes_limits_hold_and_survive_kill_9() {
+    if skip_without_nats() {
+        return;
+    }
+    let (_nats, mut servers) = processes(3, &["--max-peers-per-room", "4"]).await;
 
     // The size limit, across processes: four members, one or two on each, then a fifth
     // is refused wherever it comes in; once one leaves, a fifth gets in.

@@ -45,7 +45,9 @@ use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
     TokioRuntime,
 };
-use weft_core::node::{Channel, ConnectionEvent, ConnectionLimits, IceState, POLITE_OFFER_WAIT};
+use weft_core::node::{
+    Channel, ConnectionEvent, ConnectionLimits, IceState, POLITE_OFFER_WAIT, RelayTransport,
+};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
@@ -891,18 +893,36 @@ async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
         || remote.typ == RTCIceCandidateType::Relay
         || signaled_relay;
     let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
-    let rtt = report
+    let selected = report
         .transport()
         .and_then(|t| match report.get(&t.selected_candidate_pair_id) {
             Some(RTCStatsReportEntry::IceCandidatePair(p)) => Some(p),
             _ => None,
         })
-        .or_else(|| report.candidate_pairs().find(|p| p.nominated))
+        .or_else(|| report.candidate_pairs().find(|p| p.nominated));
+    let rtt = selected
         .map(|p| p.current_round_trip_time)
         .filter(|rtt| rtt.is_finite() && *rtt > 0.0)
         .map(Duration::from_secs_f64);
-    tracing::debug!(%pair, relayed, "selected path");
-    Some(ConnectionEvent::Path { relayed, rtt })
+    // Our relay candidate's stats carry the URL of the TURN server it came from, which says
+    // how we reach that server (webrtc-rs leaves `relay_protocol` unset).
+    let local = pair.local();
+    let relay_transport = report
+        .iter()
+        .find_map(|entry| match entry {
+            RTCStatsReportEntry::LocalCandidate(c)
+                if local.typ == RTCIceCandidateType::Relay
+                    && c.candidate_type == RTCIceCandidateType::Relay
+                    && c.address.as_deref() == Some(local.address.as_str())
+                    && c.port == local.port =>
+            {
+                Some(c.url.as_str())
+            }
+            _ => None,
+        })
+        .and_then(RelayTransport::of_turn_url);
+    tracing::debug!(%pair, relayed, ?relay_transport, "selected path");
+    Some(ConnectionEvent::Path { relayed, relay_transport, rtt })
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 use serde::Serialize;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
-    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, SavedTo, TransfersView,
+    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, RelayTransport, SavedTo,
+    TransfersView,
 };
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
@@ -49,6 +50,10 @@ pub(crate) struct PeerInfo {
     pub short_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trust: Option<&'static str>,
+    /// How we reach the relay of a relayed session (`udp`, `tcp`, `tls`), when our end
+    /// is relayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
     /// Its overlay addresses (`100.x.y.z`, `fd..`), once it announced them.
@@ -68,6 +73,7 @@ impl From<&NodeInfo> for PeerInfo {
             fingerprint: p.fingerprint.as_ref().map(Fingerprint::to_hex),
             short_code: p.fingerprint.as_ref().map(Fingerprint::short_code),
             trust: p.trust.map(Trust::as_str),
+            relay_transport: p.relay_transport.map(RelayTransport::as_str),
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             ipv4: p.ipv4.map(|a| a.to_string()),
             ipv6: p.ipv6.map(|a| a.to_string()),

@@ -34,9 +34,11 @@
 //! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
 //! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, rttMs?,
-//! //                          ipv4?, ipv6? }
+//! //                          relayTransport?, ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |
 //! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
+//! //                        relayTransport: "udp" | "tcp" | "tls", how we reach the relay of
+//! //                        a relayed session (absent when only the peer's end is relayed);
 //! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
 //! //                        was pinned to another key before: warn loudly)
 //! //          "message"     { peerId, name, text, at }   (at: ms since the epoch)

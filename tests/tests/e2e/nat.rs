@@ -130,17 +130,18 @@ async fn send_across(
     size: u64,
     link_mbit: Option<u32>,
 ) -> (String, Vec<Value>, Duration) {
-    send_across_via(sites, size, link_mbit, Serving::Plain).await
+    let (path, seen, took, _) = send_across_via(sites, size, link_mbit, Serving::Plain).await;
+    (path, seen, took)
 }
 
 /// [`send_across`] with the server serving as `serving` says; the path Bea's session took,
-/// what Bea printed, and how long the transfer took.
+/// what Bea printed, how long the transfer took, and what Ada printed.
 async fn send_across_via(
     sites: [SiteSpec; 2],
     size: u64,
     link_mbit: Option<u32>,
     serving: Serving,
-) -> (String, Vec<Value>, Duration) {
+) -> (String, Vec<Value>, Duration, Vec<Value>) {
     let topology = Topology::new(&sites).unwrap();
     topology.limit_sites(link_mbit).unwrap();
     let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
@@ -209,7 +210,7 @@ async fn send_across_via(
     assert!(!stalled, "the transfer stalled: {:?}", bea.seen);
     let path =
         last_path(&bea.seen).unwrap_or_else(|| panic!("no session with Ada: {:?}", bea.seen));
-    (path, bea.seen, took)
+    (path, bea.seen, took, ada.seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,12 +239,21 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
 
 /// Ada behind a router that lets out only what `outbound` allows, Bea behind an ordinary
 /// home router: a 1 MiB file goes from Ada to Bea through the relay, `weft-signal` serving
-/// as `serving` says; how long it took.
-async fn relayed_from_behind(outbound: Outbound, serving: Serving) -> Duration {
+/// as `serving` says; how long it took. Ada's only path is through her own relay, and she
+/// shows it reached over `transport` (`tcp`, `tls`).
+async fn relayed_from_behind(outbound: Outbound, serving: Serving, transport: &str) -> Duration {
     let firewalled = SiteSpec { nat: Nat::EndpointIndependent, outbound, hosts: 1 };
     let home = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, took) = send_across_via([firewalled, home], mib(1) + 7, None, serving).await;
+    let (path, seen, took, ada) =
+        send_across_via([firewalled, home], mib(1) + 7, None, serving).await;
     assert_eq!(path, "relayed", "{seen:?}");
+    let shown = ada
+        .iter()
+        .rev()
+        .find(|v| v["event"] == "peer_connected" || v["event"] == "path_changed")
+        .unwrap_or_else(|| panic!("Ada saw no session: {ada:?}"));
+    assert_eq!(shown["path"], "relayed", "{shown}");
+    assert_eq!(shown["relay_transport"], transport, "{shown}");
     took
 }
 
@@ -255,7 +265,7 @@ async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp()
     if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp") {
         return;
     }
-    let took = relayed_from_behind(Outbound::NoUdp, Serving::Plain).await;
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::Plain, "tcp").await;
     println!("UDP blocked: 1 MiB through TURN over TCP in {took:?}");
 }
 
@@ -268,7 +278,7 @@ async fn a_native_peer_whose_network_lets_only_https_out_connects_through_turns_
     if !netns_available(test) {
         return;
     }
-    let took = relayed_from_behind(Outbound::OnlyTcp443, Serving::Https443).await;
+    let took = relayed_from_behind(Outbound::OnlyTcp443, Serving::Https443, "tls").await;
     println!("only HTTPS out: 1 MiB through TURN over TLS on 443 in {took:?}");
 }
 
@@ -279,7 +289,7 @@ async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls()
     if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls") {
         return;
     }
-    let took = relayed_from_behind(Outbound::NoUdp, Serving::TurnTlsOnly).await;
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::TurnTlsOnly, "tls").await;
     println!("UDP blocked, TURN/TCP off: 1 MiB through TURN over TLS in {took:?}");
 }
 

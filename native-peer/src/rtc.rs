@@ -80,12 +80,15 @@ const ICE_MAX_CHECKS: u16 = 40;
 /// chosen: host pairs on the same network answer first if there are any. webrtc-rs waits
 /// 500 ms and 1 s.
 const ICE_DIRECT_MIN_WAIT: Duration = Duration::from_millis(100);
-/// How long after ICE starts a working pair through a TURN relay may be chosen: as long as
-/// a pair through a NAT, so a peer that only the relay reaches connects as fast as one
-/// reached directly. webrtc-rs waits 2 s; Weft's first choice need not be final: the
-/// vendored ICE agent (`vendor/rtc-ice`, "Renomination") keeps checking the pairs that rank
-/// above the selected one and moves the session to a direct pair that answers later.
-const ICE_RELAY_MIN_WAIT: Duration = ICE_DIRECT_MIN_WAIT;
+/// How long after ICE starts a working pair through a TURN relay may be chosen. webrtc-rs
+/// waits 2 s. Weft's first choice need not be final: the vendored ICE agent
+/// (`vendor/rtc-ice`, "Renomination") keeps checking the pairs that rank above the selected
+/// one and moves the session to a direct pair that answers later. With the wait as short as
+/// a NAT pair's (100 ms) sessions between two NATs that hole punching crosses often started
+/// relayed and moved in the middle of their first burst, and one such transfer in `cargo
+/// xtask bench relay` went silent (not explained: `vendor/rtc-ice/WEFT-PATCH.md`, "Open"),
+/// so relays wait 400 ms again: the direct pair usually answers first.
+const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(400);
 /// webrtc-rs's default largest message (64 KiB), for [`Tuning::UNTUNED`].
 const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65_536;
 /// How often the selected path (direct or relayed, RTT) is read.

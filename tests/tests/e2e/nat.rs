@@ -399,3 +399,60 @@ async fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A transfer that starts on the relay and moves to the direct path in the middle of its
+/// burst (ICE renomination, `vendor/rtc-ice/WEFT-PATCH.md`): two sites behind
+/// endpoint-independent NATs (16 Mbit/s links), UDP between them dropped until the file is
+/// on its way through the relay, then let through: renomination moves the session if the
+/// direct pairs are still being checked, else the node's first look for a direct path (an
+/// ICE restart, 5 s after the session went relayed) does, both while the file is still on
+/// its way (about 8 s). The file arrives whole, and both sides end on the direct path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_starts_relayed_moves_to_the_direct_path_mid_burst() {
+    if !netns_available("a_transfer_that_starts_relayed_moves_to_the_direct_path_mid_burst") {
+        return;
+    }
+    let eim = SiteSpec::behind(Nat::EndpointIndependent);
+    let topology = Topology::new(&[eim, eim]).unwrap();
+    topology.limit_sites(Some(16)).unwrap();
+    topology.set_udp_between_sites(false).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let scratch = Scratch::new("nat-mid").unwrap();
+    let size = usize::try_from(mib(16) + 7).unwrap();
+    let path = scratch.path().join("mid.bin");
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let root = blake3_of(&path).unwrap();
+    let downloads = scratch.path().join("in");
+    let (dir_a, dir_b) = (config_dir("mid-ada").unwrap(), config_dir("mid-bea").unwrap());
+    let mut receive = command_on(topology.host(1, 0), &server.ws_url, &dir_b).unwrap();
+    receive.args(["--network", NETWORK]).env("WEFT_PASSPHRASE", "correct horse battery");
+    receive.args(["--name", "Bea", "receive", "--once", "--accept-from", "Ada", "--dir"]);
+    receive.arg(&downloads);
+    let mut bea = NativePeer::spawn(receive).unwrap();
+    bea.expect_event("receiving", WAIT).await.unwrap();
+    let mut send = command_on(topology.host(0, 0), &server.ws_url, &dir_a).unwrap();
+    send.args(["--network", NETWORK]).env("WEFT_PASSPHRASE", "correct horse battery");
+    send.args(["--name", "Ada", "send", "--to", "Bea"]).arg(&path);
+    let mut ada = NativePeer::spawn(send).unwrap();
+    let seen = ada.expect("a session", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    assert_eq!(seen["path"], "relayed", "{seen}");
+    bea.expect("the first bytes", WAIT, |v| v["event"] == "progress").await.unwrap();
+    let dropped = topology.set_udp_between_sites(true).unwrap();
+    assert!(dropped > 0, "no direct attempt was made (and blocked)");
+    let (sent, received) = tokio::join!(ada.wait_exit(LONG), bea.wait_exit(LONG));
+    assert!(sent.unwrap().success(), "Ada: {:?}", ada.seen);
+    assert!(received.unwrap().success(), "Bea: {:?}", bea.seen);
+    assert_eq!(blake3_of(&downloads.join("mid.bin")).unwrap(), root);
+    let stalled = bea.seen.iter().any(|v| v["event"] == "source_dropped");
+    assert!(!stalled, "the transfer stalled: {:?}", bea.seen);
+    for peer in [&ada, &bea] {
+        let moved = peer.seen.iter().any(|v| v["event"] == "path_changed" && v["path"] == "direct");
+        assert!(moved, "no move to the direct path: {:?}", peer.seen);
+    }
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

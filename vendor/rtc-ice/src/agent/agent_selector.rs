@@ -188,16 +188,26 @@ impl Agent {
         if let Some(nominated) = self.nominated_pair
             && nominated != selected
         {
-            if self.renominations < self.max_binding_requests
+            // Weft: a pair that ranks above the one being nominated (and has succeeded)
+            // replaces that nomination at once, below, rather than after its last try.
+            let overtaken = self.get_best_valid_candidate_pair().is_some_and(|best| {
+                best != nominated
+                    && self.candidate_pairs[best].priority()
+                        > self.candidate_pairs[nominated].priority()
+            });
+            if overtaken {
+                self.nominated_pair = Some(selected);
+            } else if self.renominations < self.max_binding_requests
                 && self.candidate_pairs[nominated].state == CandidatePairState::Succeeded
             {
                 self.renominations += 1;
                 self.nominate_pair(now);
                 return;
+            } else {
+                // Unanswered: that pair does not work after all.
+                self.candidate_pairs[nominated].state = CandidatePairState::Failed;
+                self.nominated_pair = Some(selected);
             }
-            // Unanswered: that pair does not work after all.
-            self.candidate_pairs[nominated].state = CandidatePairState::Failed;
-            self.nominated_pair = Some(selected);
         }
         if let Some(best) = self.get_best_valid_candidate_pair()
             && best != selected
@@ -643,13 +653,16 @@ impl ControlledSelector for Agent {
                     // previously sent by this pair produced a successful response and
                     // generated a valid pair (Section 7.2.5.3.2).  The agent sets the
                     // nominated flag value of the valid pair to true.
-                    // Weft: a nomination of a better pair than the selected one moves
-                    // the session to it (the controlling agent renominates, below).
-                    let better = self.get_selected_pair().is_none_or(|selected| {
-                        selected != pair_index
-                            && self.candidate_pairs[selected].priority() < p.priority()
-                    });
-                    if better {
+                    // Weft: a nomination of another pair than the selected one moves the
+                    // session to it (the controlling agent renominates, below). Whatever
+                    // this agent's priorities say: behind a NAT they are not the
+                    // controlling agent's (one's host candidate is the other's server or
+                    // peer reflexive one), and the two relayed pairs (one through each
+                    // side's relay) rank in opposite orders on the two sides. Declining by
+                    // our own ranking while answering left the two agents sending on
+                    // different pairs for good.
+                    let moved = self.get_selected_pair() != Some(pair_index);
+                    if moved {
                         if self.get_selected_pair().is_some() {
                             debug!(
                                 "[{}]: renominated: selected pair {} replaces the previous one",

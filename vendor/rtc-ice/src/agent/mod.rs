@@ -588,11 +588,16 @@ impl Agent {
             && self.validate_non_stun_traffic(now, transport.peer_addr)
     }
 
-    /// Weft: whether some pair that ranks above the selected one is still being checked.
+    /// Weft: whether some pair that ranks above the selected one is still being checked, or
+    /// nominated.
     fn checking_pairs_above_selected(&self) -> bool {
         let Some(selected) = self.selected_pair else {
             return false;
         };
+        // A renomination not yet answered is repeated each round too.
+        if self.nominated_pair.is_some_and(|n| n != selected) {
+            return true;
+        }
         let floor = self.candidate_pairs[selected].priority();
         self.candidate_pairs.iter().any(|p| {
             p.priority() > floor

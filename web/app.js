@@ -58,6 +58,12 @@ function renderPeers() {
     if (p.trust === "verified") {
       li.append(el("span", { className: "meta trust-verified", textContent: "✓ verified" }));
     }
+    if (p.looksLike) {
+      li.append(el("span", {
+        className: "warn",
+        textContent: `⚠ looks like "${p.looksLike}", but has another key. It may be someone posing as them.`,
+      }));
+    }
     if (p.trust === "changed") {
       const warn = el("span", {
         className: "warn",
@@ -95,7 +101,19 @@ async function copyText(text, button) {
   setTimeout(() => { button.textContent = label; }, 1500);
 }
 
-function addMessage({ name, text, at, mine }) {
+// The trust of a message's sender, shown beside it: a verified key, a first contact, a
+// changed key, or a name that looks like another member's.
+function trustBadge({ trust, looksLike, mine }) {
+  if (mine) return "";
+  if (looksLike) {
+    return el("span", { className: "trust trust-alike", textContent: `⚠ looks like "${looksLike}", another key` });
+  }
+  const words = { verified: "✓ verified", known: "known key", new: "first contact", changed: "⚠ key changed" };
+  const word = words[trust] ?? "unverified";
+  return el("span", { className: `trust trust-${trust ?? "unknown"}`, textContent: word });
+}
+
+function addMessage({ name, text, at, mine, trust, looksLike }) {
   const time = new Date(at);
   // A multi-line or long text is a snippet: kept as typed, in a block of its own.
   const snippet = text.includes("\n") || text.length > 160;
@@ -104,6 +122,7 @@ function addMessage({ name, text, at, mine }) {
   copy.addEventListener("click", () => copyText(text, copy));
   const li = el("li", { className: [mine ? "mine" : "", snippet ? "snippet" : ""].join(" ").trim() },
     el("span", { className: "from", textContent: name }),
+    trustBadge({ trust, looksLike, mine }),
     snippet ? "" : el("span", { className: "text", textContent: text }),
     el("time", { dateTime: time.toISOString(), textContent: time.toLocaleTimeString() }),
     copy);

@@ -60,6 +60,21 @@ impl IdentityKeyPair {
         Self { secret, public }
     }
 
+    /// This device's identity in `network`: a key of its own for each network, derived
+    /// from this one and the network's secret (HKDF-SHA256, salt from the secret under
+    /// its own label), so a member of one network cannot tell that a key it meets in
+    /// another belongs to the same device, and the device stores one key only.
+    pub fn for_network(&self, network: &crate::network::Network) -> Self {
+        let salt = network.secret().identity_salt();
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt.as_ref()), self.secret_bytes().as_ref());
+        let mut seed = Zeroizing::new([0u8; IDENTITY_SECRET_LEN]);
+        // 32 bytes is far below HKDF-SHA256's limit.
+        if hk.expand(b"weft/v1/network identity", seed.as_mut()).is_err() {
+            unreachable!("HKDF output length within limits");
+        }
+        Self::from_secret_bytes(&seed)
+    }
+
     /// The secret key, for the driver to store. Keep it out of logs.
     pub fn secret_bytes(&self) -> Zeroizing<[u8; IDENTITY_SECRET_LEN]> {
         Zeroizing::new(to_array(&self.secret.to_bytes()))

@@ -14,6 +14,7 @@ pub mod node;
 pub mod peer;
 pub mod perf;
 pub mod sdp;
+pub mod sealed;
 pub mod signal;
 pub mod text;
 pub mod transfer;

@@ -42,6 +42,8 @@ const PSK_LABEL: &[u8] = b"weft/v1/hpke psk";
 const PSK_ID_LABEL: &[u8] = b"weft/v1/hpke psk id";
 const HANDSHAKE_MAC_LABEL: &[u8] = b"weft/v1/handshake network mac key";
 const OVERLAY_GLOBAL_ID_LABEL: &[u8] = b"weft/v1/overlay ipv6 global id";
+const SIGNAL_SEAL_LABEL: &[u8] = b"weft/v1/signal seal";
+const IDENTITY_SALT_LABEL: &[u8] = b"weft/v1/network identity salt";
 
 /// Argon2id cost parameters for [`NetworkSecret::from_passphrase`].
 ///
@@ -221,6 +223,16 @@ impl NetworkSecret {
         *self.derive::<5>(OVERLAY_GLOBAL_ID_LABEL)
     }
 
+    /// Salt of a device's identity in this network ([`crate::identity::IdentityKeyPair::for_network`]).
+    pub(crate) fn identity_salt(&self) -> Zeroizing<[u8; 32]> {
+        self.derive::<32>(IDENTITY_SALT_LABEL)
+    }
+
+    /// Key of sealed signaling payloads (`sealed.rs`).
+    pub(crate) fn signal_seal_key(&self) -> Zeroizing<[u8; 32]> {
+        self.derive::<32>(SIGNAL_SEAL_LABEL)
+    }
+
     fn derive<const N: usize>(&self, label: &[u8]) -> Zeroizing<[u8; N]> {
         let hk = Hkdf::<Sha256>::new(Some(NETWORK_EXTRACT_SALT), self.secret.as_ref());
         let mut out = Zeroizing::new([0u8; N]);
@@ -313,6 +325,14 @@ impl Network {
     /// The invite string, for an invite network.
     pub fn invite(&self) -> Option<Zeroizing<String>> {
         self.from_invite.then(|| self.secret.to_invite())
+    }
+
+    /// What seals signaling payloads between members: invite networks only (see
+    /// [`crate::sealed`]).
+    pub fn signal_sealer(&self) -> Option<crate::sealed::SignalSealer> {
+        self.from_invite.then(|| {
+            crate::sealed::SignalSealer::new(&self.secret.signal_seal_key(), self.room.clone())
+        })
     }
 
     /// The network's name, for a passphrase network.
@@ -437,6 +457,8 @@ mod tests {
         let mac = s.handshake_mac_key();
         assert_ne!(room.as_ref(), psk.as_ref());
         assert_ne!(psk.as_ref(), mac.as_ref());
+        assert_ne!(mac.as_ref(), s.signal_seal_key().as_ref());
+        assert_ne!(room.as_ref(), s.signal_seal_key().as_ref());
         assert_ne!(room.as_ref(), s.secret.as_ref());
         assert_ne!(&psk[..16], s.psk_id().as_ref());
         let id = s.room_id();

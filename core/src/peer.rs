@@ -36,7 +36,7 @@ use crate::handshake::{
 };
 use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::Network;
-use crate::sdp::dtls_fingerprint;
+use crate::sdp::{FingerprintProblem, the_dtls_fingerprint};
 use crate::signal::PeerId;
 use crate::transport::{Channel, ChannelSessions, TransportError};
 
@@ -148,6 +148,10 @@ pub enum LinkError {
     /// A connection description has no DTLS fingerprint to bind the handshake to.
     #[error("the {0} connection description has no DTLS fingerprint")]
     NoDtlsFingerprint(&'static str),
+    /// A connection description names more than one DTLS certificate: the handshake could
+    /// bind one while DTLS accepted another.
+    #[error("the {0} connection description has more than one DTLS fingerprint")]
+    SeveralDtlsFingerprints(&'static str),
     /// Nothing can be sent before the session is established.
     #[error("no encrypted session with this peer yet")]
     NotEstablished,
@@ -369,10 +373,14 @@ impl PeerLink {
         now: Duration,
         rng: &mut impl CryptoRng,
     ) {
-        let binding = match (dtls_fingerprint(local_sdp), dtls_fingerprint(remote_sdp)) {
-            (Some(local), Some(remote)) => ChannelBinding::new(local, remote),
-            (None, _) => return self.fail(LinkError::NoDtlsFingerprint("local")),
-            (_, None) => return self.fail(LinkError::NoDtlsFingerprint("remote")),
+        let fingerprint = |sdp, side| match the_dtls_fingerprint(sdp) {
+            Ok(fp) => Ok(fp),
+            Err(FingerprintProblem::Missing) => Err(LinkError::NoDtlsFingerprint(side)),
+            Err(_) => Err(LinkError::SeveralDtlsFingerprints(side)),
+        };
+        let binding = match (fingerprint(local_sdp, "local"), fingerprint(remote_sdp, "remote")) {
+            (Ok(local), Ok(remote)) => ChannelBinding::new(local, remote),
+            (Err(e), _) | (_, Err(e)) => return self.fail(e),
         };
         let binding = match binding {
             Ok(b) => b,
@@ -475,8 +483,18 @@ impl PeerLink {
                         // The peer sends only once established: it has our Finish.
                         *handshake = None;
                         self.stats.packets_received += 1;
+                        // One Pong per packet, for its last Ping: a packet packed with
+                        // thousands of 11-byte Pings must not make us send thousands of
+                        // packets back.
+                        let mut ping = None;
                         for frame in frames {
-                            self.on_frame(frame, now);
+                            match frame {
+                                Frame::Ping { timestamp } => ping = Some(timestamp),
+                                frame => self.on_frame(frame, now),
+                            }
+                        }
+                        if let Some(timestamp) = ping {
+                            self.send_frames(&[Frame::Pong { timestamp }], now);
                         }
                     }
                     Err(TransportError::Exhausted) => {
@@ -537,9 +555,8 @@ impl PeerLink {
                 self.peer_name = Some(name.clone());
                 self.events.push_back(LinkEvent::Hello { name });
             }
-            Frame::Ping { timestamp } => {
-                self.send_frames(&[Frame::Pong { timestamp }], now);
-            }
+            // Answered once per packet, by the caller.
+            Frame::Ping { .. } => {}
             Frame::Pong { timestamp } => {
                 let rtt = micros(now).saturating_sub(timestamp);
                 self.events.push_back(LinkEvent::Rtt(Duration::from_micros(rtt)));
@@ -761,4 +778,45 @@ impl PeerLink {
 
 fn micros(t: Duration) -> u64 {
     u64::try_from(t.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityKeyPair;
+    use chacha20::ChaCha20Rng;
+    use chacha20::rand_core::SeedableRng;
+
+    /// A packet packed with Pings (each frame 11 bytes: thousands fit in one) is answered
+    /// with one Pong, not one packet per Ping: no amplification for a hostile member.
+    #[test]
+    fn a_packet_of_pings_gets_one_pong() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let net = Network::from_invite(&"Q".repeat(43)).unwrap();
+        let (pa, pb) = (PeerId::new("aaaa").unwrap(), PeerId::new("bbbb").unwrap());
+        let (ia, ib) = (IdentityKeyPair::generate(&mut rng), IdentityKeyPair::generate(&mut rng));
+        let config = PeerLinkConfig::default();
+        let mut a = PeerLink::new(pa.clone(), pb.clone(), ia, &net, "a", config);
+        let mut b = PeerLink::new(pb, pa, ib, &net, "b", config);
+        let sdp = |fp: &str| format!("v=0\r\na=fingerprint:sha-256 {fp}\r\n");
+        let now = Duration::ZERO;
+        a.channel_open(&sdp("AA"), &sdp("BB"), now, &mut rng);
+        b.channel_open(&sdp("BB"), &sdp("AA"), now, &mut rng);
+        for _ in 0..10 {
+            while let Some(p) = a.poll_transmit() {
+                b.receive(&p, now, &mut rng);
+            }
+            while let Some(p) = b.poll_transmit() {
+                a.receive(&p, now, &mut rng);
+            }
+        }
+        assert_eq!((a.state(), b.state()), (LinkState::Established, LinkState::Established));
+        let pings: Vec<Frame> = (0..3000).map(|t| Frame::Ping { timestamp: t }).collect();
+        a.send_frames(&pings, now).unwrap();
+        let packet = a.poll_transmit().unwrap();
+        assert!(a.poll_transmit().is_none());
+        let before = b.stats().packets_sent;
+        b.receive(&packet, now, &mut rng);
+        assert_eq!(b.stats().packets_sent - before, 1);
+    }
 }

@@ -10,9 +10,52 @@ pub fn dtls_fingerprint(sdp: &str) -> Option<&str> {
     })
 }
 
+/// Why a description's DTLS fingerprint cannot bind a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FingerprintProblem {
+    /// No `a=fingerprint:` line.
+    #[error("no DTLS fingerprint")]
+    Missing,
+    /// Lines with different fingerprints: DTLS accepts a certificate that matches any of
+    /// them, so binding one would not bind the certificate DTLS checked.
+    #[error("more than one DTLS fingerprint")]
+    Several,
+}
+
+/// The description's one DTLS fingerprint, for channel binding: its `a=fingerprint:`
+/// lines (session or media level, repeated) must all name the same one (compared without
+/// regard to case or spacing).
+pub fn the_dtls_fingerprint(sdp: &str) -> Result<&str, FingerprintProblem> {
+    let normalize =
+        |v: &str| v.split_ascii_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
+    let mut values = sdp.lines().filter_map(|line| {
+        let value = line.trim().strip_prefix("a=fingerprint:")?.trim();
+        (!value.is_empty()).then_some(value)
+    });
+    let first = values.next().ok_or(FingerprintProblem::Missing)?;
+    let key = normalize(first);
+    if values.any(|v| normalize(v) != key) {
+        return Err(FingerprintProblem::Several);
+    }
+    Ok(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binding_fingerprint_is_the_only_one() {
+        let one =
+            "a=fingerprint:sha-256 AB:CD\r\nm=application 9 x\r\na=fingerprint:sha-256 ab:cd\r\n";
+        assert_eq!(the_dtls_fingerprint(one), Ok("sha-256 AB:CD"));
+        let two = "a=fingerprint:sha-256 AB:CD\r\na=fingerprint:sha-256 EE:EE\r\n";
+        assert_eq!(the_dtls_fingerprint(two), Err(FingerprintProblem::Several));
+        let other_hash = "a=fingerprint:sha-256 AB:CD\r\na=fingerprint:sha-1 00:11\r\n";
+        assert_eq!(the_dtls_fingerprint(other_hash), Err(FingerprintProblem::Several));
+        assert_eq!(the_dtls_fingerprint("v=0\r\n"), Err(FingerprintProblem::Missing));
+    }
 
     #[test]
     fn finds_the_first_fingerprint_line() {

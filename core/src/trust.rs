@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Fingerprint;
+use crate::identity::{Fingerprint, IdentityKeyPair};
 
 /// What the store says about a peer's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,6 +57,9 @@ struct Pin {
 pub struct TrustStore {
     #[serde(default)]
     peers: BTreeMap<String, Pin>,
+    /// We use an identity of this network's own here ([`TrustStore::own_identity`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    network_identity: bool,
 }
 
 /// A stored trust file that cannot be read.
@@ -68,6 +71,23 @@ impl TrustStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The identity we use in this network, from the device's `device` identity: one of
+    /// the network's own ([`IdentityKeyPair::for_network`]), so that nobody can link our
+    /// devices' presence across networks by key, in networks where we start afresh
+    /// (nothing pinned yet), recorded here so that it stays; the device's key where this
+    /// store already pinned peers before per-network identities existed, since those peers
+    /// pinned that key for us and would see it change.
+    pub fn own_identity(
+        &mut self,
+        device: &IdentityKeyPair,
+        network: &crate::network::Network,
+    ) -> IdentityKeyPair {
+        if self.peers.is_empty() {
+            self.network_identity = true;
+        }
+        if self.network_identity { device.for_network(network) } else { device.clone() }
     }
 
     /// Looks `name`'s key up, pinning it on first contact.
@@ -99,6 +119,26 @@ impl TrustStore {
         } else {
             Trust::Known
         })
+    }
+
+    /// Another pinned name that `name` looks like (`аlice` with a Cyrillic `а` for
+    /// `alice`, see [`crate::text::skeleton`]) whose key is not `fingerprint`: an
+    /// impostor's name, or a coincidence the user should see either way. Verified names
+    /// are named first.
+    pub fn look_alike(&self, name: &str, fingerprint: &Fingerprint) -> Option<&str> {
+        let hex = fingerprint.to_hex();
+        let skeleton = crate::text::skeleton(name);
+        let mut alikes: Vec<(&String, &Pin)> = self
+            .peers
+            .iter()
+            .filter(|(other, pin)| {
+                other.as_str() != name
+                    && pin.fingerprint != hex
+                    && crate::text::skeleton(other) == skeleton
+            })
+            .collect();
+        alikes.sort_by_key(|(_, pin)| !pin.verified);
+        alikes.first().map(|(other, _)| other.as_str())
     }
 
     /// A person compared the short code of `fingerprint` with `name`'s own and they match.
@@ -153,6 +193,33 @@ mod tests {
 
     fn fp(b: u8) -> Fingerprint {
         Fingerprint::from_bytes([b; 32])
+    }
+
+    /// A device shows a key of each network's own in the networks it starts afresh (a
+    /// member of two networks cannot link it by key), the same one every time; where it
+    /// had already met peers under its device key, it keeps that key.
+    #[test]
+    fn each_new_network_gets_its_own_identity_and_keeps_it() {
+        use crate::network::Network;
+        let device = IdentityKeyPair::from_secret_bytes(&[5; 32]);
+        let (one, two) = (
+            Network::from_invite(&"Q".repeat(43)).unwrap(),
+            Network::from_invite(&"g".repeat(43)).unwrap(),
+        );
+        let mut store_one = TrustStore::new();
+        let in_one = store_one.own_identity(&device, &one);
+        let in_two = TrustStore::new().own_identity(&device, &two);
+        let keys = [device.public(), in_one.public(), in_two.public()].map(|k| k.fingerprint());
+        assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2], "{keys:?}");
+        // Saved and loaded with a peer pinned meanwhile: still the network's own.
+        store_one.observe("bea", &fp(1));
+        let mut again = TrustStore::from_json(&store_one.to_json()).unwrap();
+        assert_eq!(again.own_identity(&device, &one).public(), in_one.public());
+        // A store from before, with peers pinned and no mark: the device's key stays.
+        let mut old =
+            TrustStore::from_json(r#"{"peers":{"bea":{"fingerprint":"01","verified":false}}}"#)
+                .unwrap();
+        assert_eq!(old.own_identity(&device, &one).public(), device.public());
     }
 
     #[test]

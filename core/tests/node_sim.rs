@@ -115,6 +115,10 @@ struct Server {
     /// socket → (node, its peer id once joined)
     sockets: BTreeMap<u64, (usize, Option<PeerId>)>,
     next_socket: u64,
+    /// Every signaling payload it forwarded, as it saw it.
+    seen: Vec<SignalPayload>,
+    /// A hostile server: what it forwards instead of each payload (from, to, payload).
+    tamper: Option<fn(&PeerId, &PeerId, &SignalPayload) -> SignalPayload>,
 }
 
 struct Sim {
@@ -319,6 +323,11 @@ impl Sim {
                     .find(|(_, (_, p))| p.as_ref() == Some(&to))
                     .map(|(s, _)| *s);
                 if let (Some(from), Some(target)) = (from, target) {
+                    self.server.seen.push(payload.clone());
+                    let payload = match self.server.tamper {
+                        Some(tamper) => tamper(&from, &to, &payload),
+                        None => payload,
+                    };
                     self.server_send(target, &ServerMessage::Signal { from, payload });
                 }
             }
@@ -337,7 +346,7 @@ impl Sim {
 
     fn act(&mut self, idx: usize, output: Output) {
         match output {
-            Output::SignalingConnect => {
+            Output::SignalingConnect { .. } => {
                 if let Some(old) = self.nodes[idx].socket.take() {
                     self.server_drop_socket(old);
                 }
@@ -875,6 +884,70 @@ fn a_verified_member_that_renames_itself_is_not_verified_under_the_new_name() {
     sim.drain(2);
     sim.run_for(Duration::from_secs(1));
     assert!(sim.messages(0).contains(&("eve".into(), "hi".into())), "{:?}", sim.messages(0));
+}
+
+/// A member that takes a name looking like a pinned one ("bеa" with a Cyrillic "е") shows
+/// as a new key, and is flagged as looking like the pinned name; the real one is not.
+#[test]
+fn a_member_whose_name_looks_like_a_pinned_one_is_flagged() {
+    let mut sim = mesh(6, &["ada", "bea", "mal"]);
+    let (b, m) = (sim.id(1), sim.id(2));
+    let now = sim.now;
+    sim.nodes[2].node.set_name(now, "b\u{435}a");
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    let seen = sim.node(0).peer(&m).unwrap();
+    assert_eq!((seen.trust, seen.looks_like.as_deref()), (Some(Trust::New), Some("bea")));
+    assert_eq!(sim.node(0).peer(&b).unwrap().looks_like, None);
+    // A name unlike any pinned one is not flagged.
+    let now = sim.now;
+    sim.nodes[2].node.set_name(now, "eve");
+    sim.drain(2);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.node(0).peer(&m).unwrap().looks_like, None);
+}
+
+/// The server forwards members' offers, answers and candidates without reading them, and
+/// whatever it forges, rewrites or misdirects instead is dropped: without the network's
+/// secret it cannot answer an offer itself, nor learn a member's addresses.
+#[test]
+fn the_server_sees_only_sealed_signals_and_cannot_forge_them() {
+    let sim = mesh(12, &["ada", "bea"]);
+    assert!(!sim.server.seen.is_empty());
+    for payload in &sim.server.seen {
+        let SignalPayload::Opaque { data } = payload else { panic!("in clear: {payload:?}") };
+        assert!(!data.contains("sim") && !data.contains("a="), "{data}");
+    }
+    assert_eq!(sim.node(0).refused_signals(), 0);
+
+    let forgeries: [fn(&PeerId, &PeerId, &SignalPayload) -> SignalPayload; 3] = [
+        // Its own offer in clear, as a MITM answering for the other member would send.
+        |_, _, _| SignalPayload::Offer { sdp: "v=0\r\na=sim:0:0:0\r\n".into() },
+        // The member's sealed payload with one character changed.
+        |_, _, p| match p {
+            SignalPayload::Opaque { data } => {
+                let mut d = data.clone().into_bytes();
+                d[30] = if d[30] == b'A' { b'B' } else { b'A' };
+                SignalPayload::Opaque { data: String::from_utf8(d).unwrap() }
+            }
+            other => other.clone(),
+        },
+        // Garbage of the right kind.
+        |_, _, _| SignalPayload::Opaque { data: "AQ".repeat(40) },
+    ];
+    for (i, tamper) in forgeries.into_iter().enumerate() {
+        let mut sim = Sim::new(13 + i as u64);
+        sim.server.tamper = Some(tamper);
+        sim.add_node("ada", None);
+        sim.add_node("bea", None);
+        sim.run_for(Duration::from_secs(20));
+        assert!(!sim.fully_meshed(), "forgery {i} got through");
+        let refused: u64 = (0..2).map(|n| sim.node(n).refused_signals()).sum();
+        assert!(refused > 0, "forgery {i}");
+        for n in 0..2 {
+            assert!(sim.node(n).peers().iter().all(|p| p.fingerprint.is_none()), "forgery {i}");
+        }
+    }
 }
 
 #[test]

@@ -183,6 +183,19 @@ fn a_description_without_fingerprint_fails_clearly() {
     assert_eq!(err, LinkError::NoDtlsFingerprint("remote"));
 }
 
+/// A description with a second certificate's fingerprint added (DTLS would accept either,
+/// the handshake would bind only the first) is refused before any handshake.
+#[test]
+fn a_description_with_two_fingerprints_is_refused() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    let doubled = format!("{}a=fingerprint:sha-256 EE:EE:EE\r\n", sdp(FP_B));
+    p.a.channel_open(&sdp(FP_A), &doubled, p.now, &mut p.rng);
+    let events = std::iter::from_fn(|| p.a.poll_event()).collect::<Vec<_>>();
+    assert_eq!(failure(&events).clone(), LinkError::SeveralDtlsFingerprints("remote"));
+    assert!(p.a.poll_transmit().is_none(), "a handshake message went out");
+}
+
 #[test]
 fn tampered_and_replayed_packets_are_dropped_and_the_link_survives() {
     let net = invite_network();

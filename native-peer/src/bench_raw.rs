@@ -104,7 +104,9 @@ async fn next_raw_message(
 ) -> anyhow::Result<(PeerId, String)> {
     loop {
         match events.recv().await {
-            Some(MeshEvent::Node(Event::Message { peer_id, name: from, text })) if from == name => {
+            Some(MeshEvent::Node(Event::Message { peer_id, name: from, text, .. }))
+                if from == name =>
+            {
                 if let Some(rest) = text.strip_prefix(PREFIX) {
                     return Ok((peer_id, rest.to_string()));
                 }

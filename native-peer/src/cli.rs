@@ -22,9 +22,18 @@ use crate::rtc::{RtcConfig, Tuning};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
-    /// The signaling server's WebSocket URL.
-    #[arg(long, env = "WEFT_SERVER", default_value = "ws://127.0.0.1:8080/ws", global = true)]
-    pub server: String,
+    /// The signaling server's WebSocket URL. Several (repeated, or separated by commas),
+    /// say the processes of one cluster: the first is used, and each time a connection is
+    /// lost or cannot be made, the next.
+    #[arg(
+        long,
+        env = "WEFT_SERVER",
+        default_value = "ws://127.0.0.1:8080/ws",
+        global = true,
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    pub server: Vec<String>,
 
     /// The network's name (with a passphrase).
     #[arg(long, global = true, value_name = "NAME")]
@@ -315,9 +324,11 @@ pub enum Command {
         /// Where files go (partial downloads wait in DIR/.weft-partial).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// Whose offers to accept: a display name, peer id, key fingerprint or safety
-        /// code, or `any`; repeatable. Other offers are declined.
-        #[arg(long = "accept-from", value_name = "PEER|any", default_value = "any")]
+        /// Whose offers to accept: a display name (the key pinned for it), peer id, key
+        /// fingerprint or safety code, or `any` (any member whose key did not change);
+        /// repeatable. Other offers are declined. Without it, each offer is asked about on
+        /// the terminal, and declined where there is none.
+        #[arg(long = "accept-from", value_name = "PEER|any")]
         accept_from: Vec<String>,
         /// Exit once the first accepted offer is complete.
         #[arg(long)]

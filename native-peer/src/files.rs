@@ -308,18 +308,52 @@ struct ChunkWriter {
     jobs: std::sync::mpsc::Sender<WriteJob>,
 }
 
+/// Bytes written to one file after which the writer asks the kernel to start writing
+/// them back ([`start_writeback`]).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
 impl ChunkWriter {
     fn start(inputs: mpsc::UnboundedSender<Input>) -> io::Result<Self> {
         let (jobs, queue) = std::sync::mpsc::channel::<WriteJob>();
         std::thread::Builder::new().name("weft-write".into()).spawn(move || {
+            // Bytes written to each file since its writeback was last started.
+            let mut unflushed: HashMap<Root, u64> = HashMap::new();
             for WriteJob { file, root, index, offset, data } in queue {
                 let result = write_at(&file, &data, offset).map_err(|e| write_failure(&e));
+                if result.is_ok() {
+                    let written = unflushed.entry(root).or_default();
+                    *written += data.len() as u64;
+                    if *written >= WRITEBACK_EVERY {
+                        *written = 0;
+                        start_writeback(&file);
+                    }
+                }
                 let _ = inputs.send(Input::WriteDone { root, index, result });
             }
         })?;
         Ok(Self { jobs })
     }
 }
+
+/// Asks the kernel to start writing `file`'s dirty pages to the disk now, without waiting
+/// for them. Record saves `fdatasync` the data they vouch for, every half second and once
+/// at the end; without this the kernel left a fast download's data in memory until then,
+/// and each of those syncs (the last one included, which the user waits for) wrote
+/// hundreds of megabytes at once: about 0.5 s per 256 MiB on these machines, half a
+/// transfer's time. Written back as it arrives, the data leaves little for the syncs.
+///
+/// `POSIX_FADV_DONTNEED` is the safe call that does it on Linux (it starts writeback of
+/// dirty pages, `WB_SYNC_NONE`, and drops clean ones: a receiver does not read its chunks
+/// again); `sync_file_range` would need `unsafe` (no safe wrapper in nix or rustix).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
+        tracing::debug!("fadvise: {e}");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File) {}
 
 /// The disk work the node asks for, on tokio's blocking threads (chunk writes on the
 /// [`ChunkWriter`]'s); each result comes back to the mesh as an [`Input`] through

@@ -135,19 +135,22 @@ async fn join_with(
     downloads: Option<std::path::PathBuf>,
     routing: Routing,
 ) -> anyhow::Result<Joined> {
-    signaling::check_url(&cli.server)?;
+    for url in &cli.server {
+        signaling::check_url(url)?;
+    }
     let store = Store::open(cli.config_dir.clone())?;
     let config_dir = store.dir().to_path_buf();
     let mut rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
-    let identity = store.load_or_create_identity(&mut rng)?;
+    let device = store.load_or_create_identity(&mut rng)?;
     let network = cli.network().await?;
-    let trust = store.load_trust(network.room_id())?;
+    let mut trust = store.load_trust(network.room_id())?;
+    let identity = trust.own_identity(&device, &network);
     let name = match cli.name.as_deref().map(str::trim) {
         Some(name) if !name.is_empty() => name.to_string(),
         _ => format!("Native {}", &identity.public().fingerprint().to_hex()[..4]),
     };
     let (mesh, events) = mesh::start(MeshConfig {
-        url: cli.server.clone(),
+        servers: cli.server.clone(),
         network: network.clone(),
         identity: identity.clone(),
         own_name: name.clone(),
@@ -284,6 +287,8 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
             None
         }
     };
+    // Listening before the first line goes out: whoever read it may stop us at once.
+    let mut stop = StopSignals::new()?;
     let mut own_id: Option<String> = None;
     let fp = identity.public().fingerprint();
     if printer.json {
@@ -295,7 +300,6 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
     } else {
         say!("I am {name}, safety code {}", fp.short_code());
     }
-    let mut stop = StopSignals::new()?;
     loop {
         tokio::select! {
             event = events.recv() => match event {

@@ -57,8 +57,8 @@ type Rng = getrandom::rand_core::UnwrapErr<getrandom::SysRng>;
 /// What the mesh needs.
 #[derive(Debug)]
 pub struct MeshConfig {
-    /// The signaling server's WebSocket URL.
-    pub url: String,
+    /// The signaling servers' WebSocket URLs (at least one): the node says which to use.
+    pub servers: Vec<String>,
     /// The network.
     pub network: Network,
     /// Our long-term key.
@@ -281,12 +281,13 @@ pub fn start(
     node_config.ice_servers =
         (!config.rtc.ice_servers.is_empty()).then(|| config.rtc.ice_servers.clone());
     node_config.routing = RoutingConfig { tun: config.tun.is_some(), ..config.routing };
+    node_config.signaling_servers = config.servers.len();
     let node = Node::new(node_config);
     let mut mesh = Mesh {
         node,
         rng: getrandom::rand_core::UnwrapErr(getrandom::SysRng),
         epoch: Instant::now(),
-        url: config.url,
+        servers: config.servers,
         rtc: Arc::new(config.rtc),
         store: config.store,
         disk,
@@ -316,7 +317,7 @@ struct Mesh {
     node: Node,
     rng: Rng,
     epoch: Instant,
-    url: String,
+    servers: Vec<String>,
     rtc: Arc<RtcConfig>,
     store: Store,
     disk: Disk,
@@ -351,7 +352,12 @@ async fn run(
     mut sockets: mpsc::UnboundedReceiver<(u64, Input)>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) -> Result<(), SignalingError> {
-    signaling::check_url(&mesh.url)?;
+    if mesh.servers.is_empty() {
+        return Err(SignalingError::BadUrl { url: String::new(), reason: "no server".into() });
+    }
+    for url in &mesh.servers {
+        signaling::check_url(url)?;
+    }
     let now = mesh.now();
     mesh.node.start(now);
     let mut tun_reader = mesh.tun.as_ref().map(Tun::reader);
@@ -481,13 +487,15 @@ impl Mesh {
 
     fn act_on(&mut self, output: Output) {
         match output {
-            Output::SignalingConnect => {
+            Output::SignalingConnect { server } => {
                 if let Some(old) = self.socket.take() {
                     drop(old.close());
                 }
                 self.next_socket += 1;
                 let reports = self.socket_reports.clone();
-                let (id, url, mark) = (self.next_socket, self.url.clone(), self.signaling_mark);
+                let url = self.servers.get(server).or(self.servers.first()).cloned();
+                let (id, url, mark) =
+                    (self.next_socket, url.unwrap_or_default(), self.signaling_mark);
                 let tls = self.rtc.tls.clone();
                 self.socket = Some(SignalingSocket::open(id, url, mark, tls, reports));
             }

@@ -33,6 +33,7 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         "fingerprint": p.fingerprint.as_ref().map(|f| f.to_hex()),
         "safety_code": p.fingerprint.as_ref().map(|f| f.short_code()),
         "trust": p.trust.map(Trust::as_str),
+        "looks_like": p.looks_like,
         "rtt_ms": p.rtt.map(ms),
         "ipv4": p.ipv4,
         "ipv6": p.ipv6,
@@ -74,6 +75,9 @@ fn describe(p: &PeerInfo) -> String {
     }
     if let Some(trust) = p.trust {
         s.push_str(&format!(", key {}", trust.as_str()));
+    }
+    if let Some(alike) = &p.looks_like {
+        s.push_str(&format!(", LOOKS LIKE {alike:?} (another key)"));
     }
     if let Some(rtt) = p.rtt {
         s.push_str(&format!(", RTT {:.1} ms", ms(rtt)));
@@ -152,10 +156,20 @@ impl Printer {
                 v["event"] = json!("peer_failed");
                 self.line(v, || format!("failed: {}", describe(info)));
             }
-            MeshEvent::Node(Event::Message { peer_id, name, text }) => self.line(
-                json!({"event": "message", "peer_id": peer_id, "from": name, "text": text}),
-                || format!("<{name}> {text}"),
-            ),
+            MeshEvent::Node(Event::Message { peer_id, name, text, trust, looks_like }) => {
+                let trust_word = trust.map_or("unknown", |t| t.as_str());
+                self.line(
+                    json!({"event": "message", "peer_id": peer_id, "from": name, "text": text,
+                           "trust": trust.map(Trust::as_str), "looks_like": looks_like}),
+                    || {
+                        let alike = looks_like
+                            .as_ref()
+                            .map(|a| format!(", LOOKS LIKE {a:?}"))
+                            .unwrap_or_default();
+                        format!("<{name} [{trust_word}{alike}]> {text}")
+                    },
+                )
+            }
             MeshEvent::Node(Event::File(ev)) => {
                 if self.json {
                     println!("{}", file_json(ev));
@@ -306,13 +320,17 @@ impl Printer {
         for p in peers {
             let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
             say!(
-                "{} ({}): {}{}{}{}",
+                "{} ({}): {}{}{}{}{}",
                 p["name"].as_str().unwrap_or("?"),
                 p["peer_id"].as_str().unwrap_or("?"),
                 path_words(p["state"].as_str().unwrap_or("?"), p["relay_transport"].as_str()),
                 field("ipv4"),
                 p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
                 p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),
+                p["looks_like"]
+                    .as_str()
+                    .map(|a| format!(", LOOKS LIKE {a:?} (another key)"))
+                    .unwrap_or_default(),
             );
         }
     }

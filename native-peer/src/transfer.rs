@@ -3,13 +3,14 @@
 //! progress bars on stderr (per file and in total, with speed and ETA), or printing JSON
 //! lines with `--json`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
-use weft_core::node::{FileEvent, PeerRef};
+use weft_core::node::{AcceptPolicy, DeclineReason, FileEvent, OfferVerdict, PeerRef};
 use weft_core::signal::PeerId;
 use weft_core::transfer::{OfferItem, Root, TransferEvent};
 use weft_core::trust::Trust;
@@ -513,6 +514,146 @@ async fn send_inner(
 // ---------------------------------------------------------------------------------------
 // receive
 
+/// An offer waiting for an answer.
+struct Offer {
+    peer: PeerId,
+    offer_id: u64,
+    items: Vec<OfferItem>,
+}
+
+/// The files of an accepted offer: who offered them, the offer, its items.
+type Accepted = (PeerId, u64, Vec<OfferItem>);
+
+/// Answers `offer` as `verdict` (the core's [`AcceptPolicy`] decided it) and says so;
+/// the accepted files, if it was taken.
+async fn answer(
+    mesh: &MeshHandle,
+    bars: &Bars,
+    offer: Offer,
+    info: Option<&PeerInfo>,
+    verdict: OfferVerdict,
+) -> anyhow::Result<Option<Accepted>> {
+    let Offer { peer, offer_id, items } = offer;
+    let name = info.map_or_else(|| peer.to_string(), name_of);
+    let yes = verdict == OfferVerdict::Accept;
+    mesh.answer(&peer, offer_id, yes).await?;
+    if yes {
+        bars.say(
+            json!({"event": "accepted", "peer_id": peer, "name": name, "offer_id": offer_id}),
+            || format!("accepted {} file(s) from {name}", items.len()),
+        );
+        return Ok(Some((peer, offer_id, items)));
+    }
+    let (code, why) = match verdict {
+        OfferVerdict::Decline(reason) => (reason.as_str(), reason.to_string()),
+        _ => ("", String::new()),
+    };
+    bars.say(
+        json!({"event": "declined", "peer_id": peer, "name": name, "offer_id": offer_id,
+               "reason": why, "code": code}),
+        || format!("declined {} file(s) from {name}: {why}", items.len()),
+    );
+    Ok(None)
+}
+
+/// Adds an accepted offer's files to the bars and, if none is yet, makes it the offer
+/// `--once` waits for; whether it did and the offer has no files left to fetch.
+fn note_accepted(
+    bars: &mut Bars,
+    total_len: &mut u64,
+    target: &mut Option<(PeerId, u64, HashSet<Root>)>,
+    (peer, offer_id, items): Accepted,
+) -> bool {
+    for item in &items {
+        if !bars.files.contains_key(&item.root) {
+            *total_len += item.size;
+            bars.set_total(*total_len);
+            bars.add(item.root, &item.path, item.size);
+        }
+    }
+    if target.is_some() {
+        return false;
+    }
+    *target = Some((peer, offer_id, items.iter().map(|i| i.root).collect()));
+    items.is_empty()
+}
+
+/// Offers put to the person at the terminal (no `--accept-from`), one at a time: a line
+/// starting with `y` accepts the first waiting offer, any other line declines it.
+struct Asker {
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    waiting: VecDeque<(Offer, String)>,
+    /// Standard input ended: nobody is left to answer.
+    closed: bool,
+}
+
+impl Asker {
+    fn spawn() -> Self {
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        // Blocking reads of standard input, on a thread of their own (tokio's stdin is
+        // the same, minus the thread's clarity).
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { lines, waiting: VecDeque::new(), closed: false }
+    }
+
+    /// Queues `offer`'s question, asking it now if it is the only one.
+    fn ask(&mut self, bars: &Bars, offer: Offer, info: Option<&PeerInfo>) {
+        let name = info.map_or_else(|| offer.peer.to_string(), name_of);
+        let mut trust = info.and_then(|p| p.trust).map_or("unknown", Trust::as_str).to_string();
+        if let Some(alike) = info.and_then(|p| p.looks_like.as_deref()) {
+            trust.push_str(&format!(", LOOKS LIKE {alike:?} (another key)"));
+        }
+        let key = info.and_then(|p| p.fingerprint).map(|f| f.to_hex()[..16].to_string());
+        let size: u64 = offer.items.iter().map(|i| i.size).sum();
+        let first = offer.items.first().map_or(String::new(), |i| format!(" ({}, …)", i.path));
+        let question = format!(
+            "{name} [{trust}, key {}] offers {} file(s), {}{first}. Accept? [y/N]",
+            key.as_deref().unwrap_or("?"),
+            offer.items.len(),
+            indicatif::HumanBytes(size),
+        );
+        self.waiting.push_back((offer, question));
+        if self.waiting.len() == 1 {
+            self.prompt_next(bars);
+        }
+    }
+
+    /// Asks the first waiting question, if any.
+    fn prompt_next(&self, bars: &Bars) {
+        if let Some((offer, question)) = self.waiting.front() {
+            bars.say(
+                json!({"event": "asking", "peer_id": offer.peer, "offer_id": offer.offer_id,
+                       "question": question}),
+                || question.clone(),
+            );
+        }
+    }
+
+    /// The next answer: the offer and whether the person said yes (`None`: standard
+    /// input ended, nobody can answer). Pending while no question waits.
+    async fn answer(me: &mut Option<Self>) -> Option<(Offer, Option<bool>)> {
+        let Some(asker) = me else { return std::future::pending().await };
+        loop {
+            if asker.waiting.is_empty() {
+                return std::future::pending().await;
+            }
+            let line = if asker.closed { None } else { asker.lines.recv().await };
+            asker.closed |= line.is_none();
+            let yes = line.map(|l| l.trim_start().to_ascii_lowercase().starts_with('y'));
+            if let Some((offer, _)) = asker.waiting.pop_front() {
+                return Some((offer, yes));
+            }
+        }
+    }
+}
+
 /// `receive`: accept offers from the peers `accept_from` names (or `any`), store them,
 /// until Ctrl-C (or, with `once`, the first accepted offer is complete).
 pub async fn receive(
@@ -534,20 +675,39 @@ async fn receive_inner(
     accept_from: &[String],
     once: bool,
 ) -> anyhow::Result<()> {
+    // Listening before the first line goes out: whoever read it may stop us at once.
+    let mut stop = StopSignals::new()?;
     let mut bars = Bars::new(printer.json);
-    let any = accept_from.iter().any(|s| s.eq_ignore_ascii_case("any"));
-    let named_refs = peer_refs(
-        &accept_from.iter().filter(|s| !s.eq_ignore_ascii_case("any")).cloned().collect::<Vec<_>>(),
-    )?;
+    let policy = AcceptPolicy::from_words(accept_from).context("--accept-from")?;
+    // Without a rule every offer is a question; where nobody can answer, all are declined.
+    let mut asker = (!policy.has_rule() && std::io::stdin().is_terminal()).then(Asker::spawn);
+    if !policy.has_rule() && asker.is_none() {
+        bars.say(
+            json!({"event": "warning", "message": DeclineReason::NobodyToAsk.to_string()}),
+            || format!("every offer will be declined: {}", DeclineReason::NobodyToAsk),
+        );
+    }
     // With --once: the first accepted offer's files still to be saved.
     let mut target: Option<(PeerId, u64, HashSet<Root>)> = None;
     let mut total_len = 0;
-    let mut stop = StopSignals::new()?;
     bars.say(json!({"event": "receiving"}), || "waiting for files (Ctrl-C to stop)".into());
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = stop.recv() => break,
+            Some((offer, yes)) = Asker::answer(&mut asker) => {
+                // Judged again: the peer may have left or changed its key meanwhile.
+                let info = mesh.peers().await.into_iter().find(|p| p.peer_id == offer.peer);
+                let verdict = policy.judge_answered(info.as_ref(), yes);
+                let accepted = answer(mesh, &bars, offer, info.as_ref(), verdict).await?;
+                if let Some(asker) = &asker {
+                    asker.prompt_next(&bars);
+                }
+                if let Some(accepted) = accepted {
+                    note_accepted(&mut bars, &mut total_len, &mut target, accepted);
+                }
+                continue;
+            }
         };
         let Some(event) = event else {
             bars.clear();
@@ -571,32 +731,16 @@ async fn receive_inner(
             FileEvent::Engine(TransferEvent::Offered { peer, offer_id, items }) => {
                 bars.file_event(ev);
                 let info = mesh.peers().await.into_iter().find(|p| p.peer_id == *peer);
-                let name = info.as_ref().map_or_else(|| peer.to_string(), name_of);
-                let changed =
-                    info.as_ref().is_some_and(|p| matches!(p.trust, Some(Trust::Changed { .. })));
-                // A peer whose key changed is named only by its new key, not its name.
-                let named = info.as_ref().is_some_and(|p| named_refs.iter().any(|r| r.names(p)));
-                let accept = named || (any && !changed);
-                if accept {
-                    mesh.answer(peer, *offer_id, true).await?;
-                    bars.say(
-                        json!({"event": "accepted", "peer_id": peer, "name": name,
-                               "offer_id": offer_id}),
-                        || format!("accepted {} file(s) from {name}", items.len()),
-                    );
-                    accepted_items = Some((peer.clone(), *offer_id, items.clone()));
-                } else {
-                    mesh.answer(peer, *offer_id, false).await?;
-                    let why = if changed {
-                        "its key changed; accept it by its new fingerprint if that is expected"
-                    } else {
-                        "not in --accept-from"
-                    };
-                    bars.say(
-                        json!({"event": "declined", "peer_id": peer, "name": name,
-                               "offer_id": offer_id, "reason": why}),
-                        || format!("declined {} file(s) from {name}: {why}", items.len()),
-                    );
+                let offer = Offer { peer: peer.clone(), offer_id: *offer_id, items: items.clone() };
+                match (policy.judge(info.as_ref()), &mut asker) {
+                    (OfferVerdict::Ask, Some(asker)) => {
+                        asker.ask(&bars, offer, info.as_ref());
+                    }
+                    // Decided by the rule, or an Ask with nobody to ask (declined).
+                    _ => {
+                        let verdict = policy.judge_answered(info.as_ref(), None);
+                        accepted_items = answer(mesh, &bars, offer, info.as_ref(), verdict).await?;
+                    }
                 }
             }
             FileEvent::Engine(TransferEvent::Resumed { peer, offer_id, items }) => {
@@ -651,21 +795,12 @@ async fn receive_inner(
             }
             _ => bars.file_event(ev),
         }
-        if let Some((peer, offer_id, items)) = accepted_items {
-            for item in &items {
-                if !bars.files.contains_key(&item.root) {
-                    total_len += item.size;
-                    bars.set_total(total_len);
-                    bars.add(item.root, &item.path, item.size);
-                }
-            }
-            if target.is_none() {
-                target = Some((peer, offer_id, items.iter().map(|i| i.root).collect()));
-                // Files of the offer that are already here (an empty offer, or saved).
-                if items.is_empty() && once {
-                    break;
-                }
-            }
+        if let Some(accepted) = accepted_items
+            && note_accepted(&mut bars, &mut total_len, &mut target, accepted)
+            && once
+        {
+            // The offer's files are all here already (an empty offer).
+            break;
         }
     }
     if let Some(total) = &bars.total {

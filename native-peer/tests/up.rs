@@ -19,6 +19,7 @@ async fn server_on(listen: &str) -> Server {
         tls: None,
         limits: Limits::default(),
         turn: TurnConfig { port: 0, ..TurnConfig::default() },
+        cluster: None,
     };
     Server::start(config).await.unwrap()
 }

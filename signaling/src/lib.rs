@@ -6,6 +6,7 @@
 //! and serves it over HTTP or HTTPS; `main.rs` only parses configuration.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod metrics;
 pub mod relay;
 mod shared_port;
@@ -53,6 +54,9 @@ pub struct Config {
     pub limits: Limits,
     /// The embedded STUN/TURN server, and the ICE servers members are handed.
     pub turn: TurnConfig,
+    /// Share rooms with other `weft-signal` processes through the NATS server at this URL
+    /// (`nats://host:port`, JetStream on); none: this process alone.
+    pub cluster: Option<String>,
 }
 
 impl Default for Config {
@@ -63,6 +67,7 @@ impl Default for Config {
             tls: None,
             limits: Limits::default(),
             turn: TurnConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -75,6 +80,8 @@ struct Inner {
     ice: Option<Arc<IceOffer>>,
     /// The embedded relay, told when a member leaves.
     turn: Mutex<Option<Arc<EmbeddedTurn>>>,
+    /// The cluster this process shares rooms with, if any.
+    cluster: Option<Arc<cluster::Cluster>>,
     limits: Limits,
     web_root: PathBuf,
     shutdown: watch::Sender<bool>,
@@ -99,6 +106,16 @@ impl AppState {
         metrics: Arc<Metrics>,
         ice: Option<Arc<IceOffer>>,
     ) -> Self {
+        Self::build(limits, web_root, metrics, ice, None)
+    }
+
+    fn build(
+        limits: Limits,
+        web_root: PathBuf,
+        metrics: Arc<Metrics>,
+        ice: Option<Arc<IceOffer>>,
+        cluster: Option<Arc<cluster::Cluster>>,
+    ) -> Self {
         let hub = ws::Hub::new(relay::Relay::new(limits.clone()));
         let (shutdown, _) = watch::channel(false);
         Self {
@@ -107,6 +124,7 @@ impl AppState {
                 metrics,
                 ice,
                 turn: Mutex::new(None),
+                cluster,
                 limits,
                 web_root,
                 shutdown,
@@ -127,10 +145,20 @@ impl AppState {
     }
 }
 
+/// Where the web app keeps its content-hashed files (`cargo xtask bundle` puts all but
+/// `index.html` under `a/<hash>/`): a name there never changes its bytes, so browsers keep
+/// them for a year without asking again. Everything else is `no-cache` (asked again each
+/// time; an unchanged file costs a 304).
+pub const IMMUTABLE_PREFIX: &str = "/a/";
+
 /// The router: `/ws`, `/healthz`, `/metrics`, and the web app.
 pub fn app(state: AppState) -> Router {
     let web_root = state.inner.web_root.clone();
+    // `F.br` / `F.gz` beside `F` (made by `cargo xtask bundle`) are sent instead when the
+    // browser accepts them.
     let static_files = ServeDir::new(&web_root)
+        .precompressed_br()
+        .precompressed_gzip()
         .append_index_html_on_directories(true)
         .fallback(get(missing_bundle).with_state(state.clone()));
     Router::new()
@@ -139,10 +167,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback_service(static_files)
         .with_state(state)
-        .layer(SetResponseHeaderLayer::overriding(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        ))
+        .layer(axum::middleware::map_response(cache_control))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -157,6 +182,15 @@ pub fn app(state: AppState) -> Router {
         ))
 }
 
+/// `Cache-Control`: immutable for a successful response under [`IMMUTABLE_PREFIX`],
+/// `no-cache` for anything else.
+async fn cache_control(uri: axum::http::Uri, mut response: Response) -> Response {
+    let immutable = uri.path().starts_with(IMMUTABLE_PREFIX) && response.status().is_success();
+    let value = if immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
+    response
+}
+
 /// Bytes read from a WebSocket at a time: a typical signaling message fits twice over.
 const READ_BUFFER: usize = 8 * 1024;
 
@@ -166,6 +200,14 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    if !origin_allowed(&headers, &state.inner.limits.allowed_origins) {
+        tracing::debug!("WebSocket from an origin not allowed");
+        return (
+            StatusCode::FORBIDDEN,
+            "this site may not use this Weft server (--allowed-origin)",
+        )
+            .into_response();
+    }
     let ip = client_ip(peer.ip(), &headers, state.inner.limits.trust_forwarded_for);
     // Frames a little over the limit still arrive whole, so the client learns why it is
     // closed; far larger ones are cut off by the WebSocket layer itself.
@@ -176,6 +218,25 @@ async fn ws_upgrade(
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| ws::run_connection(socket, state, ip))
+}
+
+/// Whether a WebSocket upgrade may proceed: any origin when `allowed` is empty; else a
+/// request without `Origin` (not a browser), one from the server's own host, or one from
+/// an origin in `allowed`.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    host.is_some_and(|h| origin_host.is_some_and(|o| o.eq_ignore_ascii_case(h)))
 }
 
 /// The client's address for per-address limits: the socket's peer, or, only when the
@@ -250,6 +311,9 @@ pub enum ServerError {
     /// The embedded STUN/TURN server could not start.
     #[error(transparent)]
     Turn(#[from] turn::TurnError),
+    /// The cluster (`--cluster`) could not be joined.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// TURN over TLS was given a certificate of its own, and the HTTPS port.
     #[error(
         "TURN over TLS on the HTTPS port uses the HTTPS certificate: drop --turn-tls-cert, or give TURN over TLS a port of its own with --turn-tls-port"
@@ -310,7 +374,12 @@ impl Server {
             let urls = config.turn.external_urls.clone();
             (None, Some(Arc::new(IceOffer::new(&secret, config.turn.credential_ttl, urls))))
         };
-        let state = AppState::with_ice(config.limits, config.web_root, metrics.clone(), ice);
+        let cluster = match &config.cluster {
+            Some(url) => Some(Arc::new(cluster::Cluster::connect(url).await?)),
+            None => None,
+        };
+        let state = AppState::build(config.limits, config.web_root, metrics.clone(), ice, cluster);
+        state.run_cluster().await?;
         *state.inner.turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = turn.clone();
         let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
@@ -383,7 +452,7 @@ impl Server {
 
     /// Closes every WebSocket with a reason, finishes requests in flight (at most
     /// `grace`), and stops.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(mut self, grace: Duration) {
         self.state.begin_shutdown();
         // Let connection tasks send their close frames before connections are cut.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -391,7 +460,11 @@ impl Server {
         if let Some(turn) = &self.turn {
             turn.close().await;
         }
-        match self.task.await {
+        let stopped = (&mut self.task).await;
+        if let Some(cluster) = &self.state.inner.cluster {
+            cluster.release_lease().await;
+        }
+        match stopped {
             Ok(Ok(())) => tracing::info!("stopped"),
             Ok(Err(e)) => tracing::warn!("server stopped with an error: {e}"),
             Err(e) => tracing::warn!("server task failed: {e}"),

@@ -60,6 +60,16 @@ struct Args {
     #[arg(long, env = "WEFT_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
 
+    /// Let pages from this origin (e.g. `https://app.example.org`) join, besides the
+    /// server's own; repeat for several. Without it, pages from any origin may.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Share rooms with other weft-signal processes through this NATS server (with
+    /// JetStream: `nats-server -js`), e.g. nats://127.0.0.1:4222: members connected to
+    /// different processes meet as in one. See signaling/CLUSTER.md.
+    #[arg(long, env = "WEFT_CLUSTER", value_name = "NATS_URL")]
+    cluster: Option<String>,
+
     /// Do not run the embedded STUN/TURN server (members then get only --turn-url ones).
     #[arg(long, env = "WEFT_NO_TURN")]
     no_turn: bool,
@@ -161,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
             max_connections_per_ip: args.max_connections_per_ip,
             max_rooms_per_ip: args.max_rooms_per_ip,
             trust_forwarded_for: args.trust_forwarded_for,
+            allowed_origins: args.allowed_origins,
             ..Limits::default()
         },
         turn: TurnConfig {
@@ -184,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             member_bytes_per_s: args.turn_member_rate,
             external_urls: args.turn_urls,
         },
+        cluster: args.cluster,
     };
     if !config.web_root.join("index.html").is_file() {
         tracing::warn!(

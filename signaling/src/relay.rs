@@ -43,6 +43,10 @@ pub struct Limits {
     /// entry: only behind a reverse proxy that sets it (else anyone could claim any
     /// address).
     pub trust_forwarded_for: bool,
+    /// Origins (`scheme://host[:port]`) whose pages may open the WebSocket, besides the
+    /// server's own; empty: any origin may (browsers do not apply CORS to WebSockets, so
+    /// this is the server's only say in which sites embed it). Checked by the HTTP layer.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Limits {
@@ -66,8 +70,36 @@ impl Default for Limits {
             max_outbox_bytes: 1024 * 1024,
             send_timeout: Duration::from_secs(10),
             trust_forwarded_for: false,
+            allowed_origins: Vec::new(),
         }
     }
+}
+
+/// A process of a cluster (`--cluster`), by its id.
+pub use crate::cluster::Process;
+
+/// A message for a member on another process of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The process the member's connection is on.
+    pub process: Process,
+    /// The member's room.
+    pub room: RoomId,
+    /// The member.
+    pub to: PeerId,
+    /// The message.
+    pub msg: ServerMessage,
+}
+
+/// A room's members on other processes, as this one last learned them.
+#[derive(Debug, Default)]
+struct Shared {
+    revision: u64,
+    members: BTreeMap<PeerId, Process>,
+}
+
+fn room_full(max: usize) -> String {
+    format!("the room has its maximum of {max} peers")
 }
 
 /// A connection, as the relay knows it.
@@ -100,6 +132,14 @@ pub struct Relay {
     rooms: HashMap<RoomId, BTreeMap<PeerId, ConnId>>,
     /// Per address: its connections, and how many of them are in each room.
     ips: HashMap<IpAddr, IpUsage>,
+    /// In a cluster: per room with members here, its members on other processes.
+    shared: HashMap<RoomId, Shared>,
+    /// Messages for members on other processes, until [`Relay::take_forwards`].
+    forwards: Vec<Forward>,
+    /// In a cluster: joins under way per room (between [`Relay::begin_shared_join`] and
+    /// [`Relay::join_shared`] or [`Relay::end_shared_join`]), whose room's changes are
+    /// kept though it has no member here yet.
+    joining: HashMap<RoomId, usize>,
     next_conn: u64,
 }
 
@@ -117,6 +157,9 @@ impl Relay {
             conns: HashMap::new(),
             rooms: HashMap::new(),
             ips: HashMap::new(),
+            shared: HashMap::new(),
+            forwards: Vec::new(),
+            joining: HashMap::new(),
             next_conn: 0,
         }
     }
@@ -197,24 +240,17 @@ impl Relay {
         };
         match msg {
             ClientMessage::Ping => vec![Delivery { to: conn, msg: ServerMessage::Pong }],
-            ClientMessage::Join { version, room } => {
-                if version != PROTOCOL_VERSION {
-                    return reply(
-                        ErrorCode::UnsupportedVersion,
-                        format!(
-                            "client speaks protocol version {version}, this server speaks \
-                             {PROTOCOL_VERSION}; reload the page or update weft-peer"
-                        ),
-                    );
+            ClientMessage::Join { version, room } => match self.check_join(conn, version, &room) {
+                Err(refused) => refused,
+                Ok(()) => {
+                    let limits = &self.limits;
+                    let members = self.rooms.get(&room).map_or(0, BTreeMap::len);
+                    if members >= limits.max_peers_per_room {
+                        return reply(ErrorCode::RoomFull, room_full(limits.max_peers_per_room));
+                    }
+                    self.insert(conn, room)
                 }
-                if let Some(joined) = &c.room {
-                    return reply(
-                        ErrorCode::AlreadyJoined,
-                        format!("this connection already joined room {joined}"),
-                    );
-                }
-                self.join(conn, room)
-            }
+            },
             ClientMessage::Signal { to, payload } => {
                 let Some(room) = &c.room else {
                     return reply(ErrorCode::NotJoined, "join a room before signaling".into());
@@ -226,36 +262,62 @@ impl Relay {
                         msg: ServerMessage::Signal { from: c.peer_id.clone(), payload },
                     }],
                     Some(_) => reply(ErrorCode::UnknownPeer, "cannot signal yourself".into()),
-                    None => reply(ErrorCode::UnknownPeer, format!("no peer {to} in your room")),
+                    None => {
+                        let remote = self.shared.get(room).and_then(|s| s.members.get(&to));
+                        let Some(process) = remote else {
+                            return reply(
+                                ErrorCode::UnknownPeer,
+                                format!("no peer {to} in your room"),
+                            );
+                        };
+                        let msg = ServerMessage::Signal { from: c.peer_id.clone(), payload };
+                        let (process, room) = (process.clone(), room.clone());
+                        self.forwards.push(Forward { process, room, to, msg });
+                        Vec::new()
+                    }
                 }
             }
             ClientMessage::Leave => self.leave(conn),
         }
     }
 
-    fn join(&mut self, conn: ConnId, room: RoomId) -> Vec<Delivery> {
+    /// Checks a join of `conn` against every limit but the room's size (which a cluster
+    /// checks cluster-wide): the version, one room per connection, this server's rooms,
+    /// the address's rooms. `Err` holds the refusal for the sender.
+    pub fn check_join(
+        &self,
+        conn: ConnId,
+        version: u32,
+        room: &RoomId,
+    ) -> Result<(), Vec<Delivery>> {
         let error = |code, message: String| {
-            vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }]
+            Err(vec![Delivery { to: conn, msg: ServerMessage::error(code, message) }])
         };
-        let limits = &self.limits;
-        match self.rooms.get(&room) {
-            None if self.rooms.len() >= limits.max_rooms => {
-                return error(
-                    ErrorCode::TooManyRooms,
-                    format!("the server holds its maximum of {} rooms", limits.max_rooms),
-                );
-            }
-            Some(members) if members.len() >= limits.max_peers_per_room => {
-                return error(
-                    ErrorCode::RoomFull,
-                    format!("the room has its maximum of {} peers", limits.max_peers_per_room),
-                );
-            }
-            _ => {}
+        let Some(c) = self.conns.get(&conn) else { return Err(Vec::new()) };
+        if version != PROTOCOL_VERSION {
+            return error(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "client speaks protocol version {version}, this server speaks \
+                     {PROTOCOL_VERSION}; reload the page or update weft-peer"
+                ),
+            );
         }
-        let Some(c) = self.conns.get_mut(&conn) else { return Vec::new() };
-        let usage = self.ips.entry(c.ip).or_default();
-        if !usage.rooms.contains_key(&room) && usage.rooms.len() >= limits.max_rooms_per_ip {
+        if let Some(joined) = &c.room {
+            return error(
+                ErrorCode::AlreadyJoined,
+                format!("this connection already joined room {joined}"),
+            );
+        }
+        let limits = &self.limits;
+        if !self.rooms.contains_key(room) && self.rooms.len() >= limits.max_rooms {
+            return error(
+                ErrorCode::TooManyRooms,
+                format!("the server holds its maximum of {} rooms", limits.max_rooms),
+            );
+        }
+        let in_rooms = self.ips.get(&c.ip).map(|usage| &usage.rooms);
+        if in_rooms.is_some_and(|r| !r.contains_key(room) && r.len() >= limits.max_rooms_per_ip) {
             return error(
                 ErrorCode::AddressRooms,
                 format!(
@@ -264,6 +326,116 @@ impl Relay {
                 ),
             );
         }
+        Ok(())
+    }
+
+    /// Joins `conn` (checked with [`Relay::check_join`]) to `room` of a cluster, whose
+    /// state (compare-and-set by this join) is `revision` with members `others` on other
+    /// processes: the welcome lists them too.
+    pub fn join_shared(
+        &mut self,
+        conn: ConnId,
+        room: RoomId,
+        revision: u64,
+        others: BTreeMap<PeerId, Process>,
+    ) -> Vec<Delivery> {
+        if !self.conns.contains_key(&conn) {
+            self.end_shared_join(&room);
+            return Vec::new();
+        }
+        let mut out = self.learn_shared(&room, revision, others);
+        out.extend(self.insert(conn, room.clone()));
+        self.end_shared_join(&room);
+        out
+    }
+
+    /// A join to `room` of a cluster starts (the cluster is asked): changes of the room
+    /// that arrive meanwhile are kept, so the welcome misses none.
+    pub fn begin_shared_join(&mut self, room: &RoomId) {
+        *self.joining.entry(room.clone()).or_default() += 1;
+    }
+
+    /// A join begun with [`Relay::begin_shared_join`] ended without
+    /// [`Relay::join_shared`] (refused, or its connection closed).
+    pub fn end_shared_join(&mut self, room: &RoomId) {
+        if let Some(n) = self.joining.get_mut(room) {
+            *n -= 1;
+            if *n == 0 {
+                self.joining.remove(room);
+                if !self.rooms.contains_key(room) {
+                    self.shared.remove(room);
+                }
+            }
+        }
+    }
+
+    /// A later state of `room` of a cluster (members `others` on other processes at
+    /// `revision`): its members here learn who joined and who left. Ignored for a room
+    /// without members here, or older than what is known.
+    pub fn apply_shared(
+        &mut self,
+        room: &RoomId,
+        revision: u64,
+        others: BTreeMap<PeerId, Process>,
+    ) -> Vec<Delivery> {
+        if !self.rooms.contains_key(room) && !self.joining.contains_key(room) {
+            self.shared.remove(room);
+            return Vec::new();
+        }
+        self.learn_shared(room, revision, others)
+    }
+
+    fn learn_shared(
+        &mut self,
+        room: &RoomId,
+        revision: u64,
+        others: BTreeMap<PeerId, Process>,
+    ) -> Vec<Delivery> {
+        let shared = self.shared.entry(room.clone()).or_default();
+        if revision <= shared.revision {
+            return Vec::new();
+        }
+        shared.revision = revision;
+        let old = std::mem::replace(&mut shared.members, others);
+        let Some(local) = self.rooms.get(room) else { return Vec::new() };
+        let new = &self.shared[room].members;
+        let joined = new
+            .keys()
+            .filter(|p| !old.contains_key(*p))
+            .map(|peer_id| ServerMessage::PeerJoined { peer_id: peer_id.clone() });
+        let left = old
+            .keys()
+            .filter(|p| !new.contains_key(*p))
+            .map(|peer_id| ServerMessage::PeerLeft { peer_id: peer_id.clone() });
+        left.chain(joined)
+            .flat_map(|msg| local.values().map(move |&to| Delivery { to, msg: msg.clone() }))
+            .collect()
+    }
+
+    /// Rooms with members here that list members of a process `dead` says has no lease.
+    pub fn rooms_sharing_with(&self, dead: impl Fn(&str) -> bool) -> Vec<RoomId> {
+        self.shared
+            .iter()
+            .filter(|(_, s)| s.members.values().any(|p| dead(p)))
+            .map(|(room, _)| room.clone())
+            .collect()
+    }
+
+    /// The connection of member `peer` of `room`, if it is here.
+    pub fn member(&self, room: &RoomId, peer: &PeerId) -> Option<ConnId> {
+        self.rooms.get(room)?.get(peer).copied()
+    }
+
+    /// Messages for members on other processes since the last call.
+    pub fn take_forwards(&mut self) -> Vec<Forward> {
+        std::mem::take(&mut self.forwards)
+    }
+
+    /// Puts `conn` into `room` (checked): the members here and in other processes are
+    /// in its welcome, and the members here learn it joined.
+    fn insert(&mut self, conn: ConnId, room: RoomId) -> Vec<Delivery> {
+        let Some(c) = self.conns.get_mut(&conn) else { return Vec::new() };
+        let usage = self.ips.entry(c.ip).or_default();
         *usage.rooms.entry(room.clone()).or_default() += 1;
         c.room = Some(room.clone());
         let peer_id = c.peer_id.clone();
@@ -272,16 +444,15 @@ impl Relay {
             .values()
             .map(|&to| Delivery { to, msg: ServerMessage::PeerJoined { peer_id: peer_id.clone() } })
             .collect();
+        let mut peers: Vec<PeerId> = members.keys().cloned().collect();
+        if let Some(shared) = self.shared.get(&room) {
+            peers.extend(shared.members.keys().cloned());
+        }
+        members.insert(peer_id.clone(), conn);
         out.push(Delivery {
             to: conn,
-            msg: ServerMessage::Welcome {
-                version: PROTOCOL_VERSION,
-                room,
-                peer_id: peer_id.clone(),
-                peers: members.keys().cloned().collect(),
-            },
+            msg: ServerMessage::Welcome { version: PROTOCOL_VERSION, room, peer_id, peers },
         });
-        members.insert(peer_id, conn);
         out
     }
 
@@ -305,6 +476,9 @@ impl Relay {
             .collect();
         if members.is_empty() {
             self.rooms.remove(&room);
+            if !self.joining.contains_key(&room) {
+                self.shared.remove(&room);
+            }
         }
         out
     }
@@ -446,5 +620,57 @@ mod tests {
         assert!(!r.admit(a, t0));
         assert!(r.admit(a, t0 + Duration::from_millis(100)));
         assert!(!r.admit(a, t0 + Duration::from_millis(100)));
+    }
+
+    fn others(members: &[(&str, &str)]) -> BTreeMap<PeerId, Process> {
+        members.iter().map(|(p, proc)| (pid(p), Process::from(*proc))).collect()
+    }
+
+    /// A room shared with other processes: the welcome lists their members, later states
+    /// become join and leave events (older ones are ignored), a signal to a member
+    /// elsewhere becomes a forward, and a state that arrives while a join is under way
+    /// is not lost.
+    #[test]
+    fn a_shared_room() {
+        let now = Instant::now();
+        let mut r = Relay::new(Limits::default());
+        let room = RoomId::new("shared").unwrap();
+        let a = r.connect(pid("a"), IP, now).unwrap();
+        let b = r.connect(pid("b"), IP, now).unwrap();
+        assert_eq!(r.check_join(a, PROTOCOL_VERSION, &room), Ok(()));
+        r.begin_shared_join(&room);
+        // x joined elsewhere (revision 6) before our join's own write (5) comes back.
+        assert!(r.apply_shared(&room, 6, others(&[("x", "p2"), ("y", "p3")])).is_empty());
+        let out = r.join_shared(a, room.clone(), 5, others(&[("y", "p3")]));
+        let welcome = out.iter().find(|d| d.to == a).unwrap();
+        let ServerMessage::Welcome { peers, .. } = &welcome.msg else { panic!("{out:?}") };
+        assert_eq!(peers, &[pid("x"), pid("y")]);
+        r.begin_shared_join(&room);
+        r.join_shared(b, room.clone(), 7, others(&[("x", "p2"), ("y", "p3")]));
+        // y left and z came: both local members hear it; a stale state changes nothing.
+        let out = r.apply_shared(&room, 8, others(&[("x", "p2"), ("z", "p3")]));
+        assert_eq!(out.len(), 4, "{out:?}");
+        assert!(
+            out.contains(&Delivery { to: a, msg: ServerMessage::PeerLeft { peer_id: pid("y") } })
+        );
+        assert!(
+            out.contains(&Delivery { to: b, msg: ServerMessage::PeerJoined { peer_id: pid("z") } })
+        );
+        assert!(r.apply_shared(&room, 7, others(&[])).is_empty());
+        let payload = SignalPayload::Opaque { data: "hi".into() };
+        let out = r.handle(a, ClientMessage::Signal { to: pid("z"), payload: payload.clone() });
+        assert!(out.is_empty());
+        let forwards = r.take_forwards();
+        assert_eq!(forwards.len(), 1);
+        assert_eq!(forwards[0].process.as_ref(), "p3");
+        assert_eq!(forwards[0].msg, ServerMessage::Signal { from: pid("a"), payload });
+        assert_eq!(r.member(&room, &pid("b")), Some(b));
+        assert_eq!(r.rooms_sharing_with(|p| p == "p2"), vec![room.clone()]);
+        assert!(r.rooms_sharing_with(|p| p == "p9").is_empty());
+        // Once no member is here, the room's state elsewhere is forgotten.
+        r.disconnect(a);
+        r.disconnect(b);
+        assert!(r.apply_shared(&room, 9, others(&[("x", "p2")])).is_empty());
+        assert!(r.rooms_sharing_with(|_| true).is_empty());
     }
 }

@@ -23,10 +23,11 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, ServerMessage};
+use weft_core::signal::{self, ClientMessage, ErrorCode, PeerId, RoomId, ServerMessage};
 
 use crate::AppState;
-use crate::relay::{ConnId, Delivery, Relay};
+use crate::cluster::{Cluster, JoinRefusal, RoomUpdate};
+use crate::relay::{ConnId, Delivery, Forward, Relay};
 use crate::turn::IceOffer;
 
 /// How long a closing server waits for the client's close frame.
@@ -183,11 +184,23 @@ impl AppState {
         let timeout = self.inner.limits.send_timeout;
         for Pending { to, outbox, msg } in pending {
             let item = self.outbound(to, &msg);
-            if !outbox.push(item, limit, timeout).await {
-                tracing::warn!(conn = to.0, "connection cannot keep up; dropping it");
-                self.inner.metrics.reject(ErrorCode::TooSlow);
-                self.lock_hub().outboxes.remove(&to);
-            }
+            self.queue(to, &outbox, item, limit, timeout).await;
+        }
+    }
+
+    /// Queues `item` for `to` (see [`flush`](Self::flush)).
+    async fn queue(
+        &self,
+        to: ConnId,
+        outbox: &Outbox,
+        item: Outbound,
+        limit: usize,
+        timeout: Duration,
+    ) {
+        if !outbox.push(item, limit, timeout).await {
+            tracing::warn!(conn = to.0, "connection cannot keep up; dropping it");
+            self.inner.metrics.reject(ErrorCode::TooSlow);
+            self.lock_hub().outboxes.remove(&to);
         }
     }
 
@@ -214,21 +227,183 @@ impl AppState {
             signal::decode_client(text).map_err(|e| (e.code, e.detail))
         };
         match msg {
+            Ok(ClientMessage::Join { version, room }) if self.inner.cluster.is_some() => {
+                self.join_shared(conn, version, room).await;
+            }
             Ok(msg) => {
                 let leaving = matches!(msg, ClientMessage::Leave);
-                let (pending, member) = {
+                let (pending, forwards, member, room) = {
                     let mut hub = self.lock_hub();
-                    let member = hub.relay.peer_id(conn).cloned();
+                    let (member, room) = if leaving {
+                        (hub.relay.peer_id(conn).cloned(), hub.relay.room_of(conn).cloned())
+                    } else {
+                        (None, None)
+                    };
                     let out = hub.relay.handle(conn, msg);
-                    (self.route(&hub, out), member)
+                    let forwards = hub.relay.take_forwards();
+                    (self.route(&hub, out), forwards, member, room)
                 };
                 self.flush(pending).await;
-                if let (true, Some(member)) = (leaving, member) {
+                if !forwards.is_empty() {
+                    self.forward(forwards).await;
+                }
+                if let Some(member) = member {
+                    if let Some(room) = room {
+                        self.leave_shared(&room, &member).await;
+                    }
                     self.member_left(&member).await;
                 }
             }
             Err((code, detail)) => self.reject(conn, code, detail).await,
         }
+    }
+
+    /// A join in a cluster: checked here, then added to the room cluster-wide (where the
+    /// room's size is checked), then welcomed with the members of every process.
+    async fn join_shared(&self, conn: ConnId, version: u32, room: RoomId) {
+        let Some(cluster) = self.inner.cluster.clone() else { return };
+        let (checked, peer) = {
+            let mut hub = self.lock_hub();
+            let checked = hub.relay.check_join(conn, version, &room);
+            let peer = hub.relay.peer_id(conn).cloned();
+            if checked.is_ok() && peer.is_some() {
+                hub.relay.begin_shared_join(&room);
+            }
+            (checked, peer)
+        };
+        if let Err(refused) = checked {
+            return self.deliver(refused).await;
+        }
+        let Some(peer) = peer else { return };
+        let max = self.inner.limits.max_peers_per_room;
+        let joined = cluster.join(&room, &peer, max).await;
+        if joined.is_err() {
+            self.lock_hub().relay.end_shared_join(&room);
+        }
+        match joined {
+            Ok(update) => {
+                let others = update.members.others(cluster.id());
+                let pending = {
+                    let mut hub = self.lock_hub();
+                    if hub.relay.peer_id(conn).is_some() {
+                        let out =
+                            hub.relay.join_shared(conn, room.clone(), update.revision, others);
+                        Some(self.route(&hub, out))
+                    } else {
+                        hub.relay.end_shared_join(&room);
+                        None
+                    }
+                };
+                match pending {
+                    Some(pending) => self.flush(pending).await,
+                    // It closed meanwhile.
+                    None => self.leave_shared(&room, &peer).await,
+                }
+            }
+            Err(JoinRefusal::Full) => {
+                let message = format!("the room has its maximum of {max} peers");
+                self.reject(conn, ErrorCode::RoomFull, message).await;
+            }
+            Err(JoinRefusal::Unavailable(e)) => {
+                tracing::warn!("cannot join a room in the cluster: {e}");
+                let message = "this server lost its cluster; reconnect to another".to_string();
+                self.reject(conn, ErrorCode::ShuttingDown, message).await;
+            }
+        }
+    }
+
+    /// Member `peer` of this process left `room`: so it does cluster-wide.
+    async fn leave_shared(&self, room: &RoomId, peer: &PeerId) {
+        let Some(cluster) = &self.inner.cluster else { return };
+        if let Err(e) = cluster.leave(room, peer).await {
+            tracing::warn!("cannot leave a room in the cluster: {e}");
+        }
+    }
+
+    /// Sends messages to members on other processes.
+    async fn forward(&self, forwards: Vec<Forward>) {
+        let Some(cluster) = &self.inner.cluster else { return };
+        for Forward { process, room, to, msg } in forwards {
+            self.inner.metrics.messages_relayed.inc();
+            let text = signal::encode(&msg);
+            if let Err(e) = cluster.forward(&process, &room, &to, text).await {
+                tracing::warn!("cannot forward a signal in the cluster: {e}");
+            }
+        }
+    }
+
+    /// A room's state in the cluster: its members here learn who came and went.
+    async fn room_changed(&self, cluster: &Cluster, update: RoomUpdate) {
+        let others = update.members.others(cluster.id());
+        let pending = {
+            let mut hub = self.lock_hub();
+            let out = hub.relay.apply_shared(&update.room, update.revision, others);
+            self.route(&hub, out)
+        };
+        self.flush(pending).await;
+    }
+
+    /// Runs this process's part of the cluster until the process ends: room changes to
+    /// members here, signals forwarded to them, the lease renewed and members of processes
+    /// that lost theirs dropped. The streams are opened before it returns, so that no
+    /// change after the server starts is missed.
+    pub(crate) async fn run_cluster(&self) -> Result<(), crate::cluster::ClusterError> {
+        let Some(cluster) = self.inner.cluster.clone() else { return Ok(()) };
+        let updates = cluster.room_updates().await?;
+        let incoming = cluster.incoming().await?;
+        let state = self.clone();
+        let watcher = cluster.clone();
+        tokio::spawn(async move {
+            tokio::pin!(updates);
+            while let Some(update) = updates.next().await {
+                state.room_changed(&watcher, update).await;
+            }
+            tracing::error!("the cluster's room watch ended");
+        });
+        let state = self.clone();
+        tokio::spawn(async move {
+            let limits = &state.inner.limits;
+            tokio::pin!(incoming);
+            while let Some(msg) = incoming.next().await {
+                let target = {
+                    let hub = state.lock_hub();
+                    let conn = hub.relay.member(&msg.room, &msg.to);
+                    conn.and_then(|c| Some((c, hub.outboxes.get(&c)?.clone())))
+                };
+                if let Some((conn, outbox)) = target {
+                    let item = Outbound::Text(msg.text);
+                    state
+                        .queue(conn, &outbox, item, limits.max_outbox_bytes, limits.send_timeout)
+                        .await;
+                }
+            }
+        });
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(crate::cluster::HEARTBEAT);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                beat.tick().await;
+                if let Err(e) = state.cluster_heartbeat(&cluster).await {
+                    tracing::warn!("cluster heartbeat: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn cluster_heartbeat(
+        &self,
+        cluster: &Cluster,
+    ) -> Result<(), crate::cluster::ClusterError> {
+        cluster.renew_lease().await?;
+        let live = cluster.refresh_live().await?;
+        let rooms = self.lock_hub().relay.rooms_sharing_with(|p| !live.contains(p));
+        for room in rooms {
+            let update = cluster.sweep(&room).await?;
+            self.room_changed(cluster, update).await;
+        }
+        Ok(())
     }
 
     /// A member said it leaves: its TURN credentials are refused from now on and its
@@ -267,14 +442,19 @@ impl AppState {
     }
 
     async fn disconnect(&self, conn: ConnId) {
-        let pending = {
+        let (pending, left) = {
             let mut hub = self.lock_hub();
             hub.outboxes.remove(&conn);
+            let room = hub.relay.room_of(conn).cloned();
+            let left = room.zip(hub.relay.peer_id(conn).cloned());
             let out = hub.relay.disconnect(conn);
-            self.route(&hub, out)
+            (self.route(&hub, out), left)
         };
         self.inner.metrics.connections.dec();
         self.flush(pending).await;
+        if let Some((room, member)) = left {
+            self.leave_shared(&room, &member).await;
+        }
     }
 }
 

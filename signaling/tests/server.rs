@@ -26,6 +26,11 @@ fn web_root() -> PathBuf {
     std::fs::write(dir.join("index.html"), "<!doctype html><title>Weft</title>").unwrap();
     std::fs::write(dir.join("pkg/weft.wasm"), b"\0asm\x01\0\0\0").unwrap();
     std::fs::write(dir.join("pkg/weft.js"), "export {};").unwrap();
+    // A versioned file with its precompressed forms, as `cargo xtask bundle` makes them.
+    std::fs::create_dir_all(dir.join("a/0123abcd")).unwrap();
+    std::fs::write(dir.join("a/0123abcd/app.js"), "export const plain = 1;").unwrap();
+    std::fs::write(dir.join("a/0123abcd/app.js.br"), "BROTLI").unwrap();
+    std::fs::write(dir.join("a/0123abcd/app.js.gz"), "GZIP").unwrap();
     dir
 }
 
@@ -38,6 +43,7 @@ async fn start(limits: Limits) -> Server {
         tls: None,
         limits,
         turn,
+        cluster: None,
     };
     Server::start(config).await.unwrap()
 }
@@ -111,8 +117,14 @@ async fn assert_alive(ws: &mut Ws) {
 }
 
 async fn http_get(server: &Server, path: &str) -> (u16, String, Vec<u8>) {
+    http_get_with(server, path, "").await
+}
+
+/// A GET with extra header lines (each ending in `\r\n`).
+async fn http_get_with(server: &Server, path: &str, headers: &str) -> (u16, String, Vec<u8>) {
     let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tcp.read_to_end(&mut raw).await.unwrap();
@@ -474,6 +486,58 @@ async fn serves_the_app_health_and_correct_mime_types() {
 }
 
 #[tokio::test]
+async fn versioned_files_are_immutable_precompressed_and_the_page_is_not_cached() {
+    let server = start(Limits::default()).await;
+    let (_, head, _) = http_get(&server, "/").await;
+    assert!(head.contains("cache-control: no-cache"), "{head}");
+    let path = "/a/0123abcd/app.js";
+    let (status, head, body) = http_get_with(&server, path, "Accept-Encoding: gzip, br\r\n").await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-encoding: br"), "{head}");
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    assert!(head.contains("cache-control: public, max-age=31536000, immutable"), "{head}");
+    assert_eq!(body, b"BROTLI");
+    let (_, head, body) = http_get_with(&server, path, "Accept-Encoding: gzip\r\n").await;
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    assert_eq!(body, b"GZIP");
+    let (_, head, body) = http_get(&server, path).await;
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert_eq!(body, b"export const plain = 1;");
+    // A missing versioned file must not be cached for a year.
+    let (status, head, _) = http_get(&server, "/a/0123abcd/gone.js").await;
+    assert_eq!(status, 404);
+    assert!(head.contains("cache-control: no-cache"), "{head}");
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
+async fn only_allowed_origins_and_the_servers_own_may_open_the_websocket() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let limits = Limits { allowed_origins: vec!["http://app.example".into()], ..Limits::default() };
+    let server = start(limits).await;
+    let from = |origin: Option<&str>| {
+        let mut req = server.ws_url().into_client_request().unwrap();
+        if let Some(origin) = origin {
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        req
+    };
+    let own = format!("http://{}", server.local_addr());
+    for allowed in [Some("http://app.example"), Some(own.as_str()), None] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(from(allowed)).await.unwrap();
+        assert_alive(&mut ws).await;
+    }
+    let refused = tokio_tungstenite::connect_async(from(Some("http://evil.example"))).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("an origin not allowed got {other:?}"),
+    }
+    server.shutdown(STEP).await;
+}
+
+#[tokio::test]
 async fn missing_bundle_explains_how_to_build_it() {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -481,6 +545,7 @@ async fn missing_bundle_explains_how_to_build_it() {
         tls: None,
         limits: Limits::default(),
         turn: TurnConfig { enabled: false, ..TurnConfig::default() },
+        cluster: None,
     };
     let server = Server::start(config).await.unwrap();
     let (status, _, body) = http_get(&server, "/").await;
@@ -506,6 +571,7 @@ async fn https_with_a_self_signed_certificate() {
         tls: Some(TlsSource::SelfSigned),
         limits: Limits::default(),
         turn: TurnConfig { enabled: false, ..TurnConfig::default() },
+        cluster: None,
     };
     let server = Server::start(config).await.unwrap();
     assert!(server.url().starts_with("https://127.0.0.1:"));

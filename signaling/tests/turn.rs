@@ -46,6 +46,7 @@ fn config_at(listen: SocketAddr, turn: TurnConfig, tls: Option<TlsSource>) -> Co
         tls,
         limits: Limits::default(),
         turn: TurnConfig { port: 0, secret: Some(SECRET.into()), ..turn },
+        cluster: None,
     }
 }
 

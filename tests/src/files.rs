@@ -152,7 +152,7 @@ const JOIN_SCRIPT: &str = r#"
   window.RTCPeerConnection.prototype = Native.prototype;
   (async () => {
     try {
-      const m = await import("/pkg/weft_wasm.js");
+      const m = await import(document.getElementById("weft-module").href);
       await m.default();
       window.t.module = m;
       options.onEvent = (ev) => {
@@ -176,7 +176,7 @@ const JOIN_SCRIPT: &str = r#"
 pub async fn create_invite(browser: &WebDriver) -> Result<String> {
     let v = call_raw(
         browser,
-        r#"const m = await import("/pkg/weft_wasm.js"); await m.default(); return m.createInvite();"#,
+        r#"const m = await import(document.getElementById("weft-module").href); await m.default(); return m.createInvite();"#,
         WAIT,
     )
     .await?;
@@ -187,6 +187,11 @@ pub async fn create_invite(browser: &WebDriver) -> Result<String> {
 /// (see the module docs for what the page then records).
 pub async fn start_join(browser: &WebDriver, invite: &str, name: &str) -> Result<()> {
     browser_join(browser, json!({ "invite": invite, "name": name })).await
+}
+
+/// [`start_join`] with any `WeftSession.join` options (`onEvent` and `debug` are set).
+pub async fn start_join_with(browser: &WebDriver, options: Value) -> Result<()> {
+    browser_join(browser, options).await
 }
 
 async fn browser_join(browser: &WebDriver, options: Value) -> Result<()> {
@@ -269,11 +274,17 @@ impl Net {
     /// [`Net::start`] with per-member join options and download folders.
     pub async fn start_members(members: &[Member]) -> Result<Self> {
         let server = start_server(Limits::default()).await?;
+        Self::start_on(server, members, "").await
+    }
+
+    /// [`Net::start_members`] on `server`, every browser on the page at `page` (a path
+    /// relative to the server's root, "" for the app itself).
+    pub async fn start_on(server: Server, members: &[Member], page: &str) -> Result<Self> {
         let driver = ChromeDriver::start().await?;
         let mut browsers = Vec::new();
         for m in members {
             let b = driver.browser_saving_to(m.downloads.as_deref()).await?;
-            b.goto(server.url()).await?;
+            b.goto(format!("{}{page}", server.url())).await?;
             browsers.push(b);
         }
         let first = browsers.first().context("no browsers")?;

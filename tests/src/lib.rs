@@ -52,7 +52,7 @@ pub fn browser_missing() -> Option<String> {
         return Some(reason);
     }
     let root = web_root();
-    if !root.join("pkg/weft_wasm_bg.wasm").is_file() {
+    if !root.join("index.html").is_file() || !root.join("a").is_dir() {
         return Some(format!(
             "the web app is not built in {} (cargo xtask bundle)",
             root.display()
@@ -91,9 +91,18 @@ pub async fn start_server(limits: Limits) -> Result<Server> {
 
 /// Starts a signaling server on `listen` (to restart one on the same address).
 pub async fn start_server_at(listen: std::net::SocketAddr, limits: Limits) -> Result<Server> {
+    start_server_serving(listen, limits, web_root()).await
+}
+
+/// Starts a signaling server on `listen` serving the files in `root`.
+pub async fn start_server_serving(
+    listen: std::net::SocketAddr,
+    limits: Limits,
+    root: PathBuf,
+) -> Result<Server> {
     // The embedded STUN/TURN on a free port: tests run side by side.
     let turn = weft_signal::TurnConfig { port: 0, ..Default::default() };
-    let config = Config { listen, web_root: web_root(), tls: None, limits, turn };
+    let config = Config { listen, web_root: root, tls: None, limits, turn, cluster: None };
     Ok(Server::start(config).await?)
 }
 
@@ -364,7 +373,7 @@ pub async fn start_join(
         {setup}
         (async () => {{
           try {{
-            const m = await import("/pkg/weft_wasm.js");
+            const m = await import(document.getElementById("weft-module").href);
             await m.default();
             const opts = {options};
             opts.debug = true;

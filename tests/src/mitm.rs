@@ -24,6 +24,12 @@
 //! peer's: exactly the attack a signaling server could mount, which Weft's handshake must
 //! detect ([`MitmStats`] says how far the attack got).
 //!
+//! Members seal their signaling payloads (`weft_core::sealed`), so a proxy without the
+//! network's secret ([`MitmProxy::start`]) sees only opaque payloads and forwards them
+//! untouched. [`MitmProxy::start_member`] plays the stronger attacker: a server operator
+//! who is also a member, holds the invite, opens what members seal and seals its own
+//! answers. Only the handshake's channel binding stops that one.
+//!
 //! The proxy binds its WebRTC sockets to one machine-local address (Chromium has no
 //! loopback candidates, so [`MitmProxy::start`] uses the first non-loopback IPv4 address;
 //! [`MitmProxy::start_with_ice_ip`] takes one), disables mDNS, and allows 256 KiB
@@ -36,6 +42,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use chacha20::ChaCha20Rng;
+use chacha20::rand_core::SeedableRng;
 use futures_util::{SinkExt, StreamExt};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
@@ -51,7 +59,9 @@ use webrtc::peer_connection::{
     RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
     RTCSessionDescription, SettingEngineBuilder,
 };
+use weft_core::network::Network;
 use weft_core::sdp::dtls_fingerprint;
+use weft_core::sealed::SignalSealer;
 use weft_core::signal::{
     ClientMessage, PeerId, ServerMessage, SignalPayload, decode_client, decode_server, encode,
 };
@@ -190,6 +200,9 @@ enum LegInput {
 struct Shared {
     upstream: String,
     ice_ip: IpAddr,
+    /// The network's sealer, for a proxy run by a member.
+    sealer: Option<SignalSealer>,
+    rng: Mutex<ChaCha20Rng>,
     counters: Counters,
     /// Open channels by leg; created on first use by either the leg or its relay.
     slots: Mutex<HashMap<Key, Arc<watch::Sender<Channels>>>>,
@@ -270,11 +283,29 @@ impl MitmProxy {
     /// As [`Self::start`], with WebRTC bound to `ice_ip` (loopback is fine when every peer
     /// is webrtc-rs; Chromium needs a non-loopback address).
     pub async fn start_with_ice_ip(upstream_ws_url: &str, ice_ip: IpAddr) -> Result<Self> {
+        Self::start_inner(upstream_ws_url, ice_ip, None).await
+    }
+
+    /// As [`Self::start`], run by a member of `network`: it opens the payloads members
+    /// seal and seals its own answers.
+    pub async fn start_member(upstream_ws_url: &str, network: &Network) -> Result<Self> {
+        let sealer = network.signal_sealer().context("not an invite network")?;
+        Self::start_inner(upstream_ws_url, local_ice_ip()?, Some(sealer)).await
+    }
+
+    async fn start_inner(
+        upstream_ws_url: &str,
+        ice_ip: IpAddr,
+        sealer: Option<SignalSealer>,
+    ) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), addr);
         let shared = Arc::new(Shared {
             upstream: upstream_ws_url.to_owned(),
             ice_ip,
+            sealer,
+            rng: Mutex::new(ChaCha20Rng::seed_from_u64(seed)),
             counters: Counters::default(),
             slots: Mutex::new(HashMap::new()),
             legs: Mutex::new(HashMap::new()),
@@ -400,6 +431,13 @@ fn intercept_client(shared: &Arc<Shared>, me: Option<&PeerId>, text: &str, out: 
     let (Some(me), Ok(ClientMessage::Signal { to, payload })) = (me, decode_client(text)) else {
         return false;
     };
+    let payload = match (&shared.sealer, &payload) {
+        (Some(sealer), SignalPayload::Opaque { .. }) => match sealer.open(me, &to, &payload) {
+            Ok(inner) => inner,
+            Err(_) => return false,
+        },
+        _ => payload,
+    };
     let key = (me.clone(), to);
     let c = &shared.counters;
     match payload {
@@ -441,13 +479,21 @@ fn intercept_server(shared: &Shared, me: &mut Option<PeerId>, text: &str) -> boo
             }
             false
         }
-        Ok(ServerMessage::Signal { payload, .. }) => match payload {
-            SignalPayload::Opaque { .. } => false,
-            _ => {
-                bump(&shared.counters.descriptions_dropped, 1);
-                true
+        Ok(ServerMessage::Signal { from, payload }) => {
+            let payload = match (&shared.sealer, me.as_ref(), &payload) {
+                (Some(sealer), Some(me), SignalPayload::Opaque { .. }) => {
+                    sealer.open(&from, me, &payload).unwrap_or(payload)
+                }
+                _ => payload,
+            };
+            match payload {
+                SignalPayload::Opaque { .. } => false,
+                _ => {
+                    bump(&shared.counters.descriptions_dropped, 1);
+                    true
+                }
             }
-        },
+        }
         _ => false,
     }
 }
@@ -591,7 +637,13 @@ fn send_answer(
         }
     }
     let has_candidates = sdp.contains("a=candidate:");
-    let signal = |payload| encode(&ServerMessage::Signal { from: posing_as.clone(), payload });
+    let signal = |payload: SignalPayload| {
+        let payload = match &shared.sealer {
+            Some(sealer) => sealer.seal(posing_as, client, &payload, &mut *lock(&shared.rng)),
+            None => payload,
+        };
+        encode(&ServerMessage::Signal { from: posing_as.clone(), payload })
+    };
     let _ = out.send(signal(SignalPayload::Answer { sdp }));
     bump(&c.answers_sent, 1);
     tracing::debug!("mitm: answered {client} as {posing_as}");

@@ -114,6 +114,8 @@ fn peer_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::n
 }
 
 fn base_args(cmd: &mut Command, server_ws: &str, config_dir: &Path, bind: std::net::IpAddr) {
+    // Nobody answers questions a test did not plan (a test that does gives its own stdin).
+    cmd.stdin(Stdio::null());
     cmd.arg("--server")
         .arg(server_ws)
         .arg("--config-dir")
@@ -247,26 +249,133 @@ impl SignalProcess {
         cmd.arg("--listen")
             .arg(std::net::SocketAddr::new(host.ip, port).to_string())
             .args(["--turn-port", "3478"])
-            .args(extra)
-            .env("WEFT_WEB_ROOT", crate::web_root())
+            .args(extra);
+        Self::spawn(cmd).await
+    }
+
+    /// Starts `weft-signal` on this machine's loopback, on a free port, without STUN/TURN,
+    /// with `extra` arguments (for benchmarks and the cluster tests: several side by side).
+    pub async fn start_local(extra: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(weft_signal_bin()?);
+        cmd.args(["--listen", "127.0.0.1:0", "--no-turn"]).args(extra);
+        Self::spawn(cmd).await
+    }
+
+    async fn spawn(mut cmd: Command) -> Result<Self> {
+        cmd.env("WEFT_WEB_ROOT", crate::web_root())
             .env("RUST_LOG", "warn,turn=off")
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn().context("cannot start weft-signal")?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .map_err(|_| anyhow!("weft-signal did not start within 30 s"))??
-                .ok_or_else(|| anyhow!("weft-signal exited at start"))?;
-            if let Some(url) = line.strip_prefix("Weft is running: open ") {
-                break url.to_string();
-            }
-        };
-        // Keep reading its output so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = started("weft-signal", stdout, |line| {
+            line.strip_prefix("Weft is running: open ").map(str::to_string)
+        })
+        .await?;
         let ws_url = format!("{}ws", url.replacen("http", "ws", 1));
         Ok(Self { child, url, ws_url })
     }
+
+    /// Its process id (none once it was waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// `host:port` it listens on.
+    pub fn authority(&self) -> &str {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        rest.trim_end_matches('/')
+    }
+}
+
+/// Reads `program`'s `output` until `find` finds what it waits for (at most 30 s), then
+/// keeps reading it in the background so that it never blocks on a full pipe.
+async fn started<R>(
+    program: &str,
+    output: R,
+    find: impl Fn(&str) -> Option<String>,
+) -> Result<String>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    let mut lines = BufReader::new(output).lines();
+    let found = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("{program} did not start within 30 s"))??
+            .ok_or_else(|| anyhow!("{program} exited at start"))?;
+        if let Some(found) = find(&line) {
+            break found;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(found)
+}
+
+/// A `nats-server` (Debian's, with JetStream) on a free loopback port, for the cluster
+/// tests and benches; killed on drop, its storage directory removed.
+#[derive(Debug)]
+pub struct NatsServer {
+    /// The process.
+    pub child: Child,
+    /// `nats://127.0.0.1:PORT`.
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts one (`nats-server` must be installed: `cargo xtask setup` does).
+    pub async fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("weft-nats-{:016x}", rand_u64()));
+        std::fs::create_dir_all(&dir)?;
+        let mut child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(&dir)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start nats-server (install it: cargo xtask setup)")?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let url = started("nats-server", stderr, |line| {
+            let (_, addr) = line.split_once("Listening for client connections on ")?;
+            Some(format!("nats://{}", addr.trim()))
+        })
+        .await?;
+        Ok(Self { child, url, dir })
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `nats-server` binary: `WEFT_NATS_SERVER_BIN`, or `nats-server` on the path.
+pub fn nats_server_bin() -> PathBuf {
+    std::env::var_os("WEFT_NATS_SERVER_BIN").map_or_else(|| "nats-server".into(), PathBuf::from)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// Why the cluster tests cannot run here (no `nats-server`), or `None`.
+pub fn nats_missing() -> Option<String> {
+    let found = std::process::Command::new(nats_server_bin())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!found).then(|| "`nats-server` is missing (apt-get install nats-server)".to_string())
 }

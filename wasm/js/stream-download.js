@@ -11,7 +11,10 @@ function registration() {
       if (!("serviceWorker" in navigator)) {
         throw new Error("this browser has neither OPFS nor service workers, so it cannot save downloads");
       }
-      const reg = await navigator.serviceWorker.register(new URL("sw.js", document.baseURI));
+      // Beside the module (pkg/snippets/<crate>/js/ is where this file lives), never
+      // relative to the page; its scope is that folder, and the downloads it serves are
+      // opened under it.
+      const reg = await navigator.serviceWorker.register(new URL("../../../sw.js", import.meta.url));
       // A newer worker being installed (the app was updated) takes over at once (it skips
       // waiting): wait for it rather than talk to the one it replaces.
       const sw = reg.installing || reg.waiting || reg.active;

@@ -2,6 +2,7 @@
 //! crate docs), made from the core's types. Nothing here decides anything.
 
 use serde::Serialize;
+use tsify::Tsify;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
     DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, RelayTransport, SavedTo,
@@ -12,7 +13,7 @@ use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
 /// The signaling connection's status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Tsify)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Status {
     DerivingKey,
@@ -35,9 +36,10 @@ impl Status {
 }
 
 /// The `peer` event's body and an element of `session.peers()`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PeerInfo {
+    #[tsify(type = "string")]
     pub peer_id: PeerId,
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,6 +56,9 @@ pub(crate) struct PeerInfo {
     /// is relayed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_transport: Option<&'static str>,
+    /// Another pinned name its name looks like, under another key: show it loudly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub looks_like: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
     /// Its overlay addresses (`100.x.y.z`, `fd..`), once it announced them.
@@ -74,6 +79,7 @@ impl From<&NodeInfo> for PeerInfo {
             short_code: p.fingerprint.as_ref().map(Fingerprint::short_code),
             trust: p.trust.map(Trust::as_str),
             relay_transport: p.relay_transport.map(RelayTransport::as_str),
+            looks_like: p.looks_like.clone(),
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             ipv4: p.ipv4.map(|a| a.to_string()),
             ipv6: p.ipv6.map(|a| a.to_string()),
@@ -81,43 +87,62 @@ impl From<&NodeInfo> for PeerInfo {
     }
 }
 
-/// What the page's listener receives.
-#[derive(Serialize)]
+/// The session's own events (signaling, members, peers, messages).
+#[derive(Serialize, Tsify)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
-pub(crate) enum JsEvent {
+pub(crate) enum SessionEvent {
     Status {
         status: Status,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
     Joined {
+        #[tsify(type = "string")]
         peer_id: PeerId,
+        #[tsify(type = "string[]")]
         peers: Vec<PeerId>,
     },
     PeerJoined {
+        #[tsify(type = "string")]
         peer_id: PeerId,
     },
     PeerLeft {
+        #[tsify(type = "string")]
         peer_id: PeerId,
     },
     Error {
+        #[tsify(type = "string")]
         code: ErrorCode,
         message: String,
     },
     Peer(PeerInfo),
     Message {
+        #[tsify(type = "string")]
         peer_id: PeerId,
         name: String,
         text: String,
+        /// The sender's key's trust under its name when the message came.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trust: Option<&'static str>,
+        /// Another pinned name its name looks like, under another key.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        looks_like: Option<String>,
         at: f64,
     },
-    /// File-transfer events carry their own `type`.
-    #[serde(untagged)]
+}
+
+/// What the page's listener receives: one `type` field names the kind of every event.
+/// (Untagged here: each kind of event carries its own `type`, so the TypeScript union is
+/// flat, `SessionEvent | FileEvent`.)
+#[derive(Serialize, Tsify)]
+#[serde(untagged)]
+pub(crate) enum JsEvent {
+    Session(SessionEvent),
     File(FileEvent),
 }
 
 /// A file item as the page sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ItemJs {
     path: String,
@@ -133,7 +158,7 @@ pub(crate) fn items_js(items: &[OfferItem]) -> Vec<ItemJs> {
 }
 
 /// File-transfer events for the page (see the crate docs).
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
 pub(crate) enum FileEvent {
     Hashing {
@@ -210,7 +235,7 @@ pub(crate) enum FileEvent {
 }
 
 /// A download's progress (the `progress` event and `transfers().downloads`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ProgressJs {
     root: String,
@@ -225,7 +250,7 @@ pub(crate) struct ProgressJs {
 }
 
 /// An offer a download belongs to.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct OfferRef {
     peer_id: String,
@@ -262,7 +287,7 @@ impl From<&DownloadView> for ProgressJs {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 struct OutgoingJs {
     peer_id: String,
@@ -273,7 +298,7 @@ struct OutgoingJs {
     total_bytes: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 struct IncomingJs {
     peer_id: String,
@@ -282,7 +307,7 @@ struct IncomingJs {
 }
 
 /// `session.transfers()`.
-#[derive(Serialize)]
+#[derive(Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct TransfersJs {
     downloads: Vec<ProgressJs>,

@@ -15,7 +15,9 @@
 //! const session = await WeftSession.join({
 //!   invite,                      // or: network: "team", passphrase: "correct horse …"
 //!   name: "Alice",               // display name; default "Browser <4 hex of own key>"
-//!   server: "wss://host/ws",     // default: /ws on the page's own origin
+//!   server: "wss://host/ws",     // default: /ws on the page's own origin (a page on
+//!                                // another origin must be let in: weft-signal
+//!                                // --allowed-origin, when the server restricts origins)
 //!   iceServers: [...],           // RTCConfiguration.iceServers; default: the STUN/TURN
 //!                                // servers the signaling server hands out (its own, with
 //!                                // short-lived credentials); [] for host candidates only
@@ -24,8 +26,17 @@
 //!   debug: false,                // log negotiation and ICE steps with console.debug
 //!   downloads: "auto",           // or "stream": save downloads straight into the browser's
 //!                                // downloads folder (see "Files"), even where OPFS works
-//! });                            // rejects with a plain message (bad invite, empty passphrase…)
+//! });                            // resolves once joined: session.ownId and session.peerIds()
+//!                                // are set. Rejects with a plain message: bad options (bad
+//!                                // invite, empty passphrase…), or "cannot join: …" when the
+//!                                // server cannot be reached (3 attempts: at most about 35 s
+//!                                // for a server that never answers, a few seconds for one
+//!                                // that refuses connections), refuses us (room or server
+//!                                // full) or speaks another protocol version; the session is
+//!                                // then closed.
 //! session.onEvent((ev) => console.log(ev));   // replaces the listener
+//! // Every event's shape is declared in weft_wasm.d.ts (`JsEvent` = `SessionEvent |
+//! // FileEvent`, discriminated by `type`), generated from the Rust types in events.rs.
 //! // ev.type: "status"      { status: "deriving_key" | "connecting" | "joined" | "reconnecting" | "closed", detail? }
 //! //          "joined"      { peerId, peers }   (again after each reconnect: the full list)
 //! //          "peer_joined" { peerId }
@@ -33,15 +44,17 @@
 //! //                        while the server restarts, stays in peers() until its
 //! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
-//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, rttMs?,
+//! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, looksLike?, rttMs?,
 //! //                          relayTransport?, ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |
 //! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
 //! //                        relayTransport: "udp" | "tcp" | "tls", how we reach the relay of
 //! //                        a relayed session (absent when only the peer's end is relayed);
 //! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
-//! //                        was pinned to another key before: warn loudly)
-//! //          "message"     { peerId, name, text, at }   (at: ms since the epoch)
+//! //                        was pinned to another key before: warn loudly); looksLike: another
+//! //                        pinned name this one looks like, under another key (warn loudly)
+//! //          "message"     { peerId, name, text, trust?, looksLike?, at }   (at: ms since the
+//! //                        epoch; trust and looksLike as in "peer", when it came)
 //! session.status;              // current status (as in "status" events)
 //! session.ownId;               // our peer id on the signaling server, once joined
 //! session.room;                // the room id given to the server (derived; reveals no secret)
@@ -55,7 +68,8 @@
 //!                                      //   without peerId); throws if peerId is not connected
 //! session.verifyPeer(peerId);  // the user compared short codes: pin the key as verified
 //! session.acceptNewKey(peerId);// the user accepts a changed key
-//! session.leave();             // close everything and stop reconnecting
+//! session.leave();             // close everything (connections, socket, timer, the
+//!                              // download writer worker) and stop reconnecting
 //!
 //! qrSvg(text);                 // an SVG QR code of `text` (an invite link), for innerHTML
 //! ```
@@ -70,7 +84,9 @@
 //!
 //! Browsers without OPFS sync access handles (or `downloads: "stream"` at join) get a
 //! streamed download instead: each file is saved by the browser into its downloads folder
-//! as it arrives, through the service worker `sw.js` (the page must be served with it).
+//! as it arrives, through the service worker `sw.js`. It and the download writer worker
+//! (`download-writer.js`) live beside `weft_wasm.js` and are found from the module's own
+//! URL, wherever the page is.
 //! Chunks are still verified before they are written, and nothing unverified reaches the
 //! file. Such a download cannot resume after a reload, is not kept in the page
 //! (`downloadedFile`, `saveDownload`, `saveAllTo` and `hashDownloaded` say so) and is not
@@ -92,7 +108,8 @@
 //!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
-//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download
+//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download,
+//!                                          //   named after its path's last part
 //! await session.saveDownload(root, path?); // the browser's download of it (an <a download>)
 //! await session.saveAllTo();               // pick a folder (File System Access API) and copy
 //!                                          // every complete download there under its path
@@ -118,7 +135,8 @@
 //! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
 //! //  "file_complete"      { root, paths, size, stored } (stored: "browser" (OPFS) or
 //! //                       "downloads" (streamed into the browser's downloads folder))
-//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, …)
+//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, the
+//! //                       download writer worker or service worker could not load, …)
 //! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
 //! //  "transfer_cancelled" { peerId, offerId, reason, byPeer, outgoing } (outgoing: it was our offer)
 //! //  "chunk_rejected"     { root, index, peerId } (failed verification; fetched again)
@@ -129,6 +147,8 @@
 //! The long-term identity lives in IndexedDB (database `weft`, store `identity`, key
 //! `default`) and the trust store per network in store `trust` (key: room id). Without
 //! IndexedDB (some private modes) the session still works with a key that lasts one visit.
+//! In each network it starts afresh the page shows a key of that network's own, derived
+//! from the stored one (`TrustStore::own_identity`): members of two networks cannot link it.
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -153,7 +173,7 @@ use weft_core::transfer::{CancelReason, DownloadState, Root};
 use weft_core::trust::TrustStore;
 
 use crate::error::WebError;
-use crate::events::{FileEvent, JsEvent, Status, TransfersJs};
+use crate::events::{FileEvent, JsEvent, SessionEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
 use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
 
@@ -176,7 +196,8 @@ pub fn create_invite() -> String {
     Network::generate(&mut rng()).invite().map(|s| s.to_string()).unwrap_or_default()
 }
 
-#[derive(Deserialize)]
+/// `WeftSession.join`'s options (see the crate docs).
+#[derive(Deserialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 struct JoinOptions {
     #[serde(default)]
@@ -194,6 +215,7 @@ struct JoinOptions {
     #[serde(default)]
     ice_transport_policy: Option<String>,
     #[serde(default, with = "serde_wasm_bindgen::preserve")]
+    #[tsify(type = "(ev: JsEvent) => void", optional)]
     on_event: JsValue,
     #[serde(default)]
     debug: bool,
@@ -216,7 +238,7 @@ impl std::fmt::Debug for WeftSession {
 
 /// One entry of the `iceServers` option, as `RTCIceServer` has it (other fields, such as
 /// `credentialType`, are ignored).
-#[derive(Deserialize)]
+#[derive(Deserialize, tsify::Tsify)]
 struct JsIceServer {
     urls: JsUrls,
     #[serde(default)]
@@ -226,7 +248,7 @@ struct JsIceServer {
 }
 
 /// `urls`: one URL or a list.
-#[derive(Deserialize)]
+#[derive(Deserialize, tsify::Tsify)]
 #[serde(untagged)]
 enum JsUrls {
     One(String),
@@ -265,7 +287,9 @@ async fn yield_to_browser(ms: i32) {
 impl WeftSession {
     /// Joins a network (see the crate docs for `options`): derives its secret, loads or
     /// creates our identity, connects to the signaling server and to every member.
-    pub async fn join(options: JsValue) -> Result<WeftSession, JsError> {
+    pub async fn join(
+        #[wasm_bindgen(unchecked_param_type = "JoinOptions")] options: JsValue,
+    ) -> Result<WeftSession, JsError> {
         let opts: JoinOptions = serde_wasm_bindgen::from_value(options)
             .map_err(|e| JsError::new(&format!("bad join options: {e}")))?;
         let listener = opts.on_event.dyn_into::<js_sys::Function>().ok();
@@ -299,7 +323,10 @@ impl WeftSession {
             (None, Some(passphrase)) => {
                 let name = opts.network.unwrap_or_default();
                 if let Some(listener) = &listener {
-                    let ev = JsEvent::Status { status: Status::DerivingKey, detail: None };
+                    let ev = JsEvent::Session(SessionEvent::Status {
+                        status: Status::DerivingKey,
+                        detail: None,
+                    });
                     emit_to(listener, vec![ev]);
                 }
                 yield_to_browser(30).await;
@@ -323,20 +350,22 @@ impl WeftSession {
                 None
             }
         };
-        let identity = match &store {
+        let device = match &store {
             Some(store) => store.load_or_create_identity(&mut rng).await.unwrap_or_else(|e| {
                 web_sys::console::warn_1(&format!("weft: cannot keep the identity: {e}").into());
                 IdentityKeyPair::generate(&mut rng)
             }),
             None => IdentityKeyPair::generate(&mut rng),
         };
-        let trust = match &store {
+        let mut trust = match &store {
             Some(store) => store.load_trust(network.room_id()).await.unwrap_or_else(|e| {
                 web_sys::console::warn_1(&format!("weft: {e}; starting a new one").into());
                 TrustStore::new()
             }),
             None => TrustStore::new(),
         };
+        // A key of this network's own (the core's rule; see `TrustStore::own_identity`).
+        let identity = trust.own_identity(&device, &network);
         let own_name = match opts.name.map(|n| n.trim().to_string()) {
             Some(name) if !name.is_empty() => name,
             _ => {
@@ -365,6 +394,9 @@ impl WeftSession {
             listener,
             stream_downloads,
         });
+        let joined = js_sys::Promise::new(&mut |resolve, reject| {
+            inner.borrow_mut().join_waiter = Some(session::JoinWaiter { resolve, reject });
+        });
         let session = WeftSession { inner };
         session.command(|i| {
             for record in saved_downloads {
@@ -372,12 +404,22 @@ impl WeftSession {
             }
             Ok::<(), NodeError>(())
         })?;
+        // Settled by the session: joined, or the node gave up (unreachable, refused, wrong
+        // version) after its bounded attempts, or the page left first.
+        if let Err(reason) = wasm_bindgen_futures::JsFuture::from(joined).await {
+            session.inner.borrow_mut().stop();
+            let reason = reason.as_string().unwrap_or_else(|| "cannot join".into());
+            return Err(JsError::new(&format!("cannot join: {reason}")));
+        }
         Ok(session)
     }
 
     /// Sets the function that receives every event (replacing any earlier one).
     #[wasm_bindgen(js_name = onEvent)]
-    pub fn on_event(&self, listener: js_sys::Function) {
+    pub fn on_event(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "(ev: JsEvent) => void")] listener: js_sys::Function,
+    ) {
         self.inner.borrow_mut().listener = Some(listener);
     }
 
@@ -429,6 +471,7 @@ impl WeftSession {
 
     /// Every other member: `{ peerId, state, reason?, name?, fingerprint?, shortCode?,
     /// trust?, rttMs?, ipv4?, ipv6? }`, sorted by peer id.
+    #[wasm_bindgen(unchecked_return_type = "PeerInfo[]")]
     pub fn peers(&self) -> Result<JsValue, JsError> {
         let infos = self.inner.borrow().peer_infos();
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();
@@ -574,20 +617,41 @@ impl WeftSession {
     }
 
     /// `{ downloads, outgoing, incoming }` (see the crate docs).
+    #[wasm_bindgen(unchecked_return_type = "TransfersJs")]
     pub fn transfers(&self) -> Result<JsValue, JsError> {
         let t = TransfersJs::from(&self.inner.borrow_mut().node.transfers(now()));
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();
         serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
     }
 
-    /// The stored bytes of a complete download, as a disk-backed `File`.
+    /// The stored bytes of a complete download, as a disk-backed `File` named after its
+    /// path's last part.
     #[wasm_bindgen(js_name = downloadedFile)]
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let root = root_arg(&root)?;
             inner.borrow().files.check_kept()?;
-            Ok(files::stored_file(&root).await?.into())
+            let stored = files::stored_file(&root).await?;
+            // Stored under its root; handed out under the last part of its path (the same
+            // bytes: a `File` over the stored one, not a copy).
+            let name = {
+                let i = inner.borrow();
+                i.node.engine().progress(&root).and_then(|p| p.paths.first().cloned())
+            };
+            let Some(name) = name.as_deref().and_then(|p| p.rsplit('/').next()) else {
+                return Ok(stored.into());
+            };
+            let options = web_sys::FilePropertyBag::new();
+            options.set_type(&stored.type_());
+            options.set_last_modified(stored.last_modified());
+            let named = web_sys::File::new_with_blob_sequence_and_options(
+                &js_sys::Array::of1(&stored),
+                name,
+                &options,
+            )
+            .map_err(|e| JsError::new(&format!("cannot name the file: {e:?}")))?;
+            Ok(named.into())
         })
     }
 

@@ -27,7 +27,7 @@ use weft_core::node::{
 use weft_core::signal::IceServer;
 use weft_core::trust::TrustStore;
 
-use crate::events::{self, JsEvent, PeerInfo, Status};
+use crate::events::{self, JsEvent, PeerInfo, SessionEvent, Status};
 use crate::files::{FilesIo, Sink, Store};
 use crate::local_store::LocalStore;
 use crate::rtc::{self, IceStatus, RtcEvent, RtcPeer, SendError};
@@ -82,7 +82,8 @@ pub(crate) struct Inner {
     pub(crate) node: Node,
     queue: Rc<RefCell<VecDeque<Input>>>,
     rng: Rng,
-    url: String,
+    /// The signaling servers' URLs; the node says which one to use.
+    servers: Vec<String>,
     pub(crate) status: Status,
     ws: Option<WebSocket>,
     ws_handlers: Option<WsHandlers>,
@@ -96,10 +97,33 @@ pub(crate) struct Inner {
     pub(crate) own_name: String,
     pub(crate) store: Option<LocalStore>,
     pub(crate) files: FilesIo,
+    /// `join()`'s promise: resolved once joined, rejected with the reason if the node
+    /// stops (or the page leaves) first.
+    pub(crate) join_waiter: Option<JoinWaiter>,
 }
+
+/// The resolve and reject functions of `join()`'s promise.
+pub(crate) struct JoinWaiter {
+    pub resolve: js_sys::Function,
+    pub reject: js_sys::Function,
+}
+
+impl JoinWaiter {
+    fn settle(self, result: Result<(), String>) {
+        let _ = match result {
+            Ok(()) => self.resolve.call0(&JsValue::UNDEFINED),
+            Err(reason) => self.reject.call1(&JsValue::UNDEFINED, &JsValue::from_str(&reason)),
+        };
+    }
+}
+
+/// Attempts `join()` makes before it rejects (see `NodeTiming::first_join_attempts`).
+const FIRST_JOIN_ATTEMPTS: u32 = 3;
 
 /// What [`start`] needs.
 pub(crate) struct SessionConfig {
+    /// The signaling server's URL, or several separated by commas (the processes of one
+    /// cluster): the first is used, and after a lost connection the next.
     pub url: String,
     pub network: Network,
     pub identity: IdentityKeyPair,
@@ -129,6 +153,12 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
         u64::from(rand_u32()) << 16,
     );
     node_config.ice_servers = config.ice_servers;
+    // `join()` settles within bounded time: three attempts (each at most the connect
+    // timeout, with the backoff between them) if the server never lets us in.
+    node_config.timing.first_join_attempts = Some(FIRST_JOIN_ATTEMPTS);
+    let servers: Vec<String> =
+        config.url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+    node_config.signaling_servers = servers.len();
     let inner = Rc::new_cyclic(|weak: &Weak<RefCell<Inner>>| {
         let sink = sink(weak.clone(), queue.clone());
         RefCell::new(Inner {
@@ -136,7 +166,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             node: Node::new(node_config),
             queue: queue.clone(),
             rng: rng(),
-            url: config.url,
+            servers,
             status: Status::Connecting,
             ws: None,
             ws_handlers: None,
@@ -150,9 +180,13 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             own_name: config.own_name,
             store: config.store.clone(),
             files: FilesIo::new(sink, config.stream_downloads, config.store),
+            join_waiter: None,
         })
     });
-    emit(&inner, vec![JsEvent::Status { status: Status::Connecting, detail: None }]);
+    emit(
+        &inner,
+        vec![JsEvent::Session(SessionEvent::Status { status: Status::Connecting, detail: None })],
+    );
     inner.borrow_mut().node.start(now());
     run(&inner);
     inner
@@ -247,7 +281,7 @@ impl Inner {
 
     fn act(&mut self, output: Output, out: &mut Vec<JsEvent>) {
         match output {
-            Output::SignalingConnect => self.open_socket(),
+            Output::SignalingConnect { server } => self.open_socket(server),
             Output::SignalingSend(text) => {
                 if let Some(ws) = self.ws.as_ref().filter(|ws| ws.ready_state() == WebSocket::OPEN)
                 {
@@ -322,22 +356,45 @@ impl Inner {
             }
             Event::Signaling(SignalingEvent::Stopped { reason }) => {
                 self.left = true;
+                if let Some(waiter) = self.join_waiter.take() {
+                    waiter.settle(Err(reason.to_string()));
+                }
                 self.set_status(Status::Closed, Some(reason.to_string()), out);
             }
             Event::Signaling(SignalingEvent::Left) => {}
             Event::Joined { peer_id, peers } => {
+                if let Some(waiter) = self.join_waiter.take() {
+                    waiter.settle(Ok(()));
+                }
                 self.set_status(Status::Joined, None, out);
-                out.push(JsEvent::Joined { peer_id, peers });
+                out.push(JsEvent::Session(SessionEvent::Joined { peer_id, peers }));
             }
-            Event::PeerJoined(peer_id) => out.push(JsEvent::PeerJoined { peer_id }),
-            Event::PeerLeft(peer_id) => out.push(JsEvent::PeerLeft { peer_id }),
-            Event::Peer(info) => out.push(JsEvent::Peer(PeerInfo::from(&info))),
+            Event::PeerJoined(peer_id) => {
+                out.push(JsEvent::Session(SessionEvent::PeerJoined { peer_id }))
+            }
+            Event::PeerLeft(peer_id) => {
+                out.push(JsEvent::Session(SessionEvent::PeerLeft { peer_id }))
+            }
+            Event::Peer(info) => {
+                out.push(JsEvent::Session(SessionEvent::Peer(PeerInfo::from(&info))))
+            }
             // The page follows peers through `peer` events.
             Event::PeerConnected(_) | Event::KeyChanged(_) | Event::PeerFailed(_) => {}
-            Event::Message { peer_id, name, text } => {
-                out.push(JsEvent::Message { peer_id, name, text, at: js_sys::Date::now() });
+            Event::Message { peer_id, name, text, trust, looks_like } => {
+                let trust = trust.map(weft_core::trust::Trust::as_str);
+                let at = js_sys::Date::now();
+                out.push(JsEvent::Session(SessionEvent::Message {
+                    peer_id,
+                    name,
+                    text,
+                    trust,
+                    looks_like,
+                    at,
+                }));
             }
-            Event::ServerError { code, message } => out.push(JsEvent::Error { code, message }),
+            Event::ServerError { code, message } => {
+                out.push(JsEvent::Session(SessionEvent::Error { code, message }))
+            }
             Event::File(file) => {
                 if let weft_core::node::FileEvent::Engine(
                     weft_core::transfer::TransferEvent::ShareFailed { root, reason },
@@ -369,13 +426,14 @@ impl Inner {
             return;
         }
         self.status = status;
-        out.push(JsEvent::Status { status, detail });
+        out.push(JsEvent::Session(SessionEvent::Status { status, detail }));
     }
 
     // --- the signaling socket
 
-    fn open_socket(&mut self) {
+    fn open_socket(&mut self, server: usize) {
         self.close_socket();
+        let url = self.servers.get(server).or(self.servers.first()).cloned().unwrap_or_default();
         let queue = self.queue.clone();
         let weak = self.weak.clone();
         let push = move |input: Input| {
@@ -384,7 +442,7 @@ impl Inner {
                 run(&inner);
             }
         };
-        let ws = match WebSocket::new(&self.url) {
+        let ws = match WebSocket::new(&url) {
             Ok(ws) => ws,
             Err(e) => {
                 let reason = format!("cannot open WebSocket: {}", crate::error::js_err(&e));
@@ -560,11 +618,15 @@ impl Inner {
     /// Stops the timer, closes the socket and every connection.
     pub(crate) fn stop(&mut self) {
         self.left = true;
+        if let Some(waiter) = self.join_waiter.take() {
+            waiter.settle(Err("left before joining".into()));
+        }
         self.clear_timer();
         self.close_socket();
         for (_, c) in std::mem::take(&mut self.conns) {
             c.rtc.close();
         }
+        self.files.stop();
     }
 
     /// Test hook: drop everything `peer`'s current connection delivers, as if its path

@@ -31,6 +31,10 @@ const TUN_BENCH_TOOLS: &[(&str, &str, &str)] = &[
     ("wg", "--version", "wireguard-tools"),
     ("ping", "-V", "iputils-ping"),
 ];
+/// What the cluster tests and `bench signal` run beside `weft-signal --cluster`: Debian's
+/// `nats-server` (2.9.10 in Debian 12, with JetStream). The install does not start it (no
+/// systemd here); tests and benches start their own on a free loopback port.
+const NATS_TOOLS: &[(&str, &str, &str)] = &[("nats-server", "--version", "nats-server")];
 /// boringtun's command line (a current Rust userspace WireGuard), built from crates.io
 /// into `target/tools` at this version: the one the anchors in issue #12 were measured with.
 const BORINGTUN_CLI_VERSION: &str = "0.7.1";
@@ -71,13 +75,20 @@ enum Task {
     },
     /// Install what is missing and build the web app bundle into target/web-dist.
     Bundle,
-    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables).
+    /// Build the npm package (the module, its workers, types) into target/npm/weft and
+    /// pack it (`npm pack`) into target/npm/weft-<version>.tgz.
+    Package,
+    /// Only install what is missing (wasm toolchain, wasm-bindgen, Chromium, nftables, npm,
+    /// nats-server).
     Setup,
 }
 
 /// Benchmarks by name: (name, what it measures).
 const BENCHES: &[(&str, &str)] = &[
-    ("signal", "signaling relay throughput vs. a raw WebSocket forwarder, same process"),
+    (
+        "signal",
+        "relay throughput vs. a raw forwarder; 10,000 peers, churn; 3 processes on NATS vs. 1",
+    ),
     ("session", "encrypted sessions in Chromium: join to first message, KDF, WASM vs native AEAD"),
     ("transfer", "file transfer in Chromium vs. a raw data channel, two seeders, receiver RSS"),
     ("native", "weft-peer file transfer vs. a raw webrtc-rs data channel; Chromium to weft-peer"),
@@ -103,12 +114,17 @@ fn main() -> Result<()> {
         Task::Setup => {
             let wasm = ensure_wasm_toolchain()?;
             ensure_wasm_bindgen(&root)?;
+            ensure_npm()?;
             ensure_browser()?;
             ensure_netns_tools()?;
+            ensure_nats()?;
             println!("xtask: ready ({wasm:?} wasm toolchain)");
         }
         Task::Bundle => {
             build_bundle(&root)?;
+        }
+        Task::Package => {
+            build_package(&root)?;
         }
         Task::Run { args } => run(&root, &args)?,
         Task::Test { filter } => test(&root, filter.as_deref())?,
@@ -295,11 +311,28 @@ fn ensure_wasm_bindgen(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Node.js and npm, to pack the npm package (and install it in tests): Debian's.
+fn ensure_npm() -> Result<()> {
+    if have("npm") && have("node") {
+        return Ok(());
+    }
+    apt_install(&["nodejs", "npm"])
+}
+
 fn ensure_browser() -> Result<()> {
     if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
         return Ok(());
     }
     apt_install(DEBIAN_BROWSER_PACKAGES)
+}
+
+fn ensure_nats() -> Result<()> {
+    let missing = missing_packages(NATS_TOOLS);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install_with(&missing, &["--no-install-recommends"])
+        .context("the cluster tests and bench signal need nats-server (Debian package)")
 }
 
 fn ensure_netns_tools() -> Result<()> {
@@ -361,7 +394,16 @@ fn ensure_tun_bench_tools(target: &Path) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // Building
 
-fn build_bundle(root: &Path) -> Result<PathBuf> {
+/// Where the app's content-hashed files go inside the bundle: `a/<hash>/` (served as
+/// immutable by the server; the server knows this prefix too).
+const VERSIONED_DIR: &str = "a";
+/// The web/ files that belong to the wasm module rather than to the page: they travel with
+/// it (in the bundle's `pkg/` and in the npm package), located relative to the module.
+const MODULE_ASSETS: &[&str] = &["download-writer.js", "sw.js"];
+
+/// Builds the wasm module and its JavaScript (wasm-bindgen) into
+/// `target/wasm/pkg`, with the workers beside it; returns that folder.
+fn build_module(root: &Path) -> Result<PathBuf> {
     let toolchain = ensure_wasm_toolchain()?;
     ensure_wasm_bindgen(root)?;
     let target_dir = root.join("target/wasm");
@@ -383,24 +425,263 @@ fn build_bundle(root: &Path) -> Result<PathBuf> {
     run_cmd(&mut cmd)?;
     let wasm = target_dir.join(WASM_TARGET).join(WASM_PROFILE).join("weft_wasm.wasm");
 
-    let dist = web_dist(root);
-    let pkg = dist.join("pkg");
+    let pkg = target_dir.join("pkg");
     // Start empty: a file removed from web/ must not linger in the app.
-    if dist.exists() {
-        std::fs::remove_dir_all(&dist)?;
+    if pkg.exists() {
+        std::fs::remove_dir_all(&pkg)?;
     }
+    // Function names (a sixth of the module) only help a debugger: not shipped.
     run_cmd(
         Command::new("wasm-bindgen")
-            .args(["--target", "web", "--no-typescript", "--out-dir"])
+            .args(["--target", "web", "--remove-name-section"])
+            .arg("--remove-producers-section")
+            .arg("--out-dir")
             .arg(&pkg)
             .arg(&wasm),
     )?;
+    // No wasm-opt pass: binaryen 108 (Debian 12's) took 2.4 % off this module after
+    // wasm-bindgen but pointed the `__wbindgen_externrefs` export at the funcref table (the
+    // page failed with "WebAssembly.Table.set(): Argument 1 is invalid"), and before
+    // wasm-bindgen it made the result larger (1417 vs 1405 KB): LLVM's output at
+    // opt-level 3 with fat LTO leaves it little to do.
     let bg = pkg.join("weft_wasm_bg.wasm");
     check_wasm_imports(&bg)?;
-    copy_dir(&root.join("web"), &dist)?;
+    for asset in MODULE_ASSETS {
+        std::fs::copy(root.join("web").join(asset), pkg.join(asset))?;
+    }
     let size = std::fs::metadata(&bg)?.len();
-    println!("xtask: web app in {} (wasm {} KiB)", dist.display(), size / 1024);
+    println!("xtask: wasm module in {} ({} KiB)", pkg.display(), size / 1024);
+    Ok(pkg)
+}
+
+/// The web app in `target/web-dist`: `index.html` (generated: it names the current
+/// version), and everything else under `a/<content hash>/`, each text file also
+/// precompressed (`.br`, `.gz`) for the server to pick by `Accept-Encoding`.
+fn build_bundle(root: &Path) -> Result<PathBuf> {
+    let pkg = build_module(root)?;
+    let dist = web_dist(root);
+    if dist.exists() {
+        std::fs::remove_dir_all(&dist)?;
+    }
+    let staging = dist.join(".staging");
+    copy_dir(&root.join("web"), &staging)?;
+    for asset in MODULE_ASSETS {
+        std::fs::remove_file(staging.join(asset))?;
+    }
+    std::fs::remove_file(staging.join("index.html"))?;
+    copy_dir(&pkg, &staging.join("pkg"))?;
+    let hash = tree_hash(&staging)?;
+    let versioned = format!("{VERSIONED_DIR}/{hash}");
+    std::fs::create_dir_all(dist.join(VERSIONED_DIR))?;
+    std::fs::rename(&staging, dist.join(&versioned))?;
+    let html = std::fs::read_to_string(root.join("web/index.html"))?;
+    std::fs::write(dist.join("index.html"), versioned_html(&html, &versioned)?)?;
+    let (raw, br) = precompress_dir(&dist)?;
+    println!(
+        "xtask: web app in {} (version {hash}; {} KiB, {} KiB as brotli)",
+        dist.display(),
+        raw / 1024,
+        br / 1024
+    );
     Ok(dist)
+}
+
+/// `index.html` with its references to the app (`style.css`, `app.js`, the module) pointing into
+/// the versioned folder. Fails if they are not there, so a changed page cannot silently
+/// load an unversioned (and so stale-cached) file.
+fn versioned_html(html: &str, versioned: &str) -> Result<String> {
+    let mut out = html.to_string();
+    for attr in ["href=\"style.css\"", "href=\"pkg/weft_wasm.js\"", "src=\"app.js\""] {
+        if !out.contains(attr) {
+            bail!("web/index.html no longer has {attr}: update xtask's versioned_html");
+        }
+        let (name, file) = attr.split_once('=').context("attribute")?;
+        let file = file.trim_matches('"');
+        out = out.replace(attr, &format!("{name}=\"{versioned}/{file}\""));
+    }
+    Ok(out)
+}
+
+/// The first 16 hex digits of SHA-256 over every file's path and bytes, in path order.
+fn tree_hash(dir: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut files = Vec::new();
+    list_files(dir, &mut files)?;
+    files.sort();
+    let mut hasher = sha2::Sha256::new();
+    for file in &files {
+        let rel = file.strip_prefix(dir)?.to_string_lossy().to_string();
+        let bytes = std::fs::read(file)?;
+        hasher.update((rel.len() as u64).to_le_bytes());
+        hasher.update(rel.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(&bytes);
+    }
+    let digest = hasher.finalize();
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            list_files(&entry.path(), out)?;
+        } else {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Extensions worth compressing (the rest, say images, already are).
+const COMPRESSIBLE: &[&str] = &["html", "js", "css", "wasm", "json", "svg"];
+
+/// Writes `F.br` (brotli, quality 11) and `F.gz` (gzip, level 9) beside every compressible
+/// file under `dir`; returns the total size of those files and of their brotli forms.
+fn precompress_dir(dir: &Path) -> Result<(u64, u64)> {
+    let mut files = Vec::new();
+    list_files(dir, &mut files)?;
+    let (mut raw, mut br) = (0, 0);
+    for file in files {
+        let ext = file.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if !COMPRESSIBLE.contains(&ext) {
+            continue;
+        }
+        let bytes = std::fs::read(&file)?;
+        raw += bytes.len() as u64;
+        let mut brotli_bytes = Vec::new();
+        let params =
+            brotli::enc::BrotliEncoderParams { quality: 11, lgwin: 24, ..Default::default() };
+        brotli::BrotliCompress(&mut bytes.as_slice(), &mut brotli_bytes, &params)?;
+        br += brotli_bytes.len() as u64;
+        std::fs::write(append_ext(&file, "br"), brotli_bytes)?;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &bytes)?;
+        std::fs::write(append_ext(&file, "gz"), gz.finish()?)?;
+    }
+    Ok((raw, br))
+}
+
+/// `a/b.js` + `br` → `a/b.js.br`.
+fn append_ext(file: &Path, ext: &str) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".");
+    name.push(ext);
+    PathBuf::from(name)
+}
+
+/// Where `cargo xtask package` puts the package folder and its tarball.
+fn npm_dir(root: &Path) -> PathBuf {
+    root.join("target/npm")
+}
+
+/// The npm package: the module (`weft_wasm.js`, its `.wasm`, its snippets and types) and
+/// the two workers beside it, with a `package.json` whose `exports` name each; packed by
+/// `npm pack`. Returns the tarball.
+fn build_package(root: &Path) -> Result<PathBuf> {
+    ensure_npm()?;
+    let pkg = build_module(root)?;
+    let out = npm_dir(root);
+    let dir = out.join("weft");
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    copy_dir(&pkg, &dir)?;
+    std::fs::copy(root.join("wasm/NPM-README.md"), dir.join("README.md"))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let manifest = serde_json::json!({
+        "name": "weft",
+        "version": version,
+        "description": "Encrypted peer-to-peer messaging and file transfer in the browser (WebRTC, HPKE), through a Weft signaling server.",
+        "license": env!("CARGO_PKG_LICENSE"),
+        "type": "module",
+        "main": "./weft_wasm.js",
+        "types": "./weft_wasm.d.ts",
+        "exports": {
+            ".": { "types": "./weft_wasm.d.ts", "default": "./weft_wasm.js" },
+            "./weft_wasm_bg.wasm": "./weft_wasm_bg.wasm",
+            "./download-writer.js": "./download-writer.js",
+            "./sw.js": "./sw.js",
+            "./package.json": "./package.json"
+        },
+        // The workers and snippets are loaded by URL, never imported: keep them.
+        "sideEffects": ["./snippets/*", "./download-writer.js", "./sw.js"],
+        "files": [
+            "weft_wasm.js", "weft_wasm.d.ts", "weft_wasm_bg.wasm", "weft_wasm_bg.wasm.d.ts",
+            "snippets/", "download-writer.js", "sw.js", "README.md"
+        ]
+    });
+    std::fs::write(dir.join("package.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
+    run_cmd(
+        Command::new("npm")
+            .args(["pack", "--silent", "--pack-destination"])
+            .arg(&out)
+            .current_dir(&dir),
+    )?;
+    let tarball = out.join(format!("weft-{version}.tgz"));
+    if !tarball.is_file() {
+        bail!("npm pack did not write {}", tarball.display());
+    }
+    println!("xtask: npm package in {} and {}", dir.display(), tarball.display());
+    typecheck_examples(root, &tarball)?;
+    Ok(tarball)
+}
+
+/// The TypeScript that checks the examples against the package's types (from npm, into
+/// `target/npm-tools`).
+const TYPESCRIPT_VERSION: &str = "5.9.3";
+/// The examples whose JavaScript `tsc` checks (`// @ts-check`, their `tsconfig.json`).
+const TYPED_EXAMPLES: &[&str] = &["examples/plain"];
+
+/// Installs the package from `tarball` into each example and runs `tsc --noEmit` on it:
+/// the types wasm-bindgen and tsify generate from the Rust API must fit how it is used.
+fn typecheck_examples(root: &Path, tarball: &Path) -> Result<()> {
+    let tools = root.join("target/npm-tools");
+    let tsc = tools.join("node_modules/.bin/tsc");
+    let installed = output_of(&tsc.to_string_lossy(), &["--version"]).unwrap_or_default();
+    if installed.split_whitespace().nth(1) != Some(TYPESCRIPT_VERSION) {
+        std::fs::create_dir_all(&tools)?;
+        run_cmd(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&tools)
+                .arg(format!("typescript@{TYPESCRIPT_VERSION}")),
+        )?;
+    }
+    for example in TYPED_EXAMPLES {
+        let dir = root.join(example);
+        // A package of the same version but new bytes must replace the old one.
+        let old = dir.join("node_modules/weft");
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        run_cmd(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--offline", "--no-package-lock"])
+                .arg(tarball)
+                .current_dir(&dir),
+        )?;
+        run_cmd(Command::new(&tsc).args(["--noEmit", "-p"]).arg(&dir))?;
+    }
+    build_vite_example(root)?;
+    Ok(())
+}
+
+/// Builds `examples/vite` (the package through a bundler) into `examples/vite/dist`; its
+/// `package.json` names the package's tarball and a pinned Vite. Returns `dist`.
+fn build_vite_example(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("examples/vite");
+    let old = dir.join("node_modules/weft");
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    run_cmd(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
+            .current_dir(&dir),
+    )?;
+    run_cmd(Command::new("npx").args(["--no-install", "vite", "build"]).current_dir(&dir))?;
+    Ok(dir.join("dist"))
 }
 
 /// Fails when the module imports from `env`: the sign of native-only code in the bundle.
@@ -459,7 +740,10 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     ensure_browser()?;
     ensure_netns_tools()?;
+    ensure_nats()?;
     let dist = build_bundle(root)?;
+    // The npm package, installed from its tarball by a browser test.
+    let package = build_package(root)?;
     if have("rustfmt") {
         run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     }
@@ -501,7 +785,11 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .env("WEFT_SIGNAL_BIN", bins.join("weft-signal"));
     // Browser and network namespace tests must run here, not skip: the browser, the bundle,
     // iproute2 and nftables are installed (and CI runs as root).
-    cmd.env("WEFT_REQUIRE_BROWSER", "1").env("WEFT_REQUIRE_NETNS", "1").env("WEFT_WEB_ROOT", &dist);
+    cmd.env("WEFT_REQUIRE_BROWSER", "1")
+        .env("WEFT_REQUIRE_NETNS", "1")
+        .env("WEFT_REQUIRE_NATS", "1")
+        .env("WEFT_WEB_ROOT", &dist);
+    cmd.env("WEFT_NPM_PACKAGE", &package);
     if nextest && filter.is_none() {
         // nextest does not run doctests; run them first so the summary comes last.
         run_cmd(
@@ -568,6 +856,9 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
     }
     if name == "relay" {
         ensure_netns_tools()?;
+    }
+    if name == "signal" {
+        ensure_nats()?;
     }
     if name == "tun" {
         let target = release.parent().context("no target directory")?;

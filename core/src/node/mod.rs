@@ -30,6 +30,7 @@
 //! keys, cryptokey routing of packets between the TUN ([`Input::TunPacket`],
 //! [`Output::TunWrite`]) and the peers' data channels. See `core/ROUTING.md`.
 
+mod accept;
 mod address;
 mod files;
 mod ip;
@@ -44,6 +45,7 @@ use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
 
+pub use self::accept::{AcceptPolicy, DeclineReason, OfferVerdict};
 pub use self::address::{
     MAX_IPV4_CANDIDATES, OVERLAY_IPV4, ipv4_candidate, ipv4_candidate_index, ipv6_address,
     ipv6_interface_id, ipv6_prefix,
@@ -107,6 +109,11 @@ pub struct NodeTiming {
     pub upgrade_first: Duration,
     /// The longest wait between two looks for a direct path.
     pub upgrade_max: Duration,
+    /// Attempts the first join gets: if the node was never in the room after this many
+    /// (the server unreachable, or refusing us), it stops with
+    /// [`StopReason::Unreachable`] or [`StopReason::Refused`] instead of retrying, so a
+    /// caller waiting for the join learns why within bounded time. `None`: retry forever.
+    pub first_join_attempts: Option<u32>,
 }
 
 impl Default for NodeTiming {
@@ -120,6 +127,7 @@ impl Default for NodeTiming {
             path_every: Duration::from_secs(2),
             upgrade_first: Duration::from_secs(5),
             upgrade_max: Duration::from_secs(600),
+            first_join_attempts: None,
         }
     }
 }
@@ -151,6 +159,10 @@ pub struct NodeConfig {
     pub ice_servers: Option<Vec<IceServer>>,
     /// Overlay IP: whether we have a TUN device, what we advertise, what we accept.
     pub routing: RoutingConfig,
+    /// How many signaling servers the driver was given (processes of one cluster, say):
+    /// the node connects to the first and, each time a connection is lost or cannot be
+    /// made, tries the next, round the list ([`Output::SignalingConnect`]).
+    pub signaling_servers: usize,
 }
 
 impl NodeConfig {
@@ -175,6 +187,7 @@ impl NodeConfig {
             engine: EngineConfig::default(),
             ice_servers: None,
             routing: RoutingConfig::default(),
+            signaling_servers: 1,
         }
     }
 }
@@ -347,9 +360,13 @@ pub enum Input {
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Open the signaling WebSocket (closing any open one), then report
+    /// Open the signaling WebSocket to the `server`th of the driver's signaling servers
+    /// (see [`NodeConfig::signaling_servers`]; closing any open one), then report
     /// [`Input::SignalingOpened`], texts, and [`Input::SignalingClosed`].
-    SignalingConnect,
+    SignalingConnect {
+        /// Which server, from 0.
+        server: usize,
+    },
     /// Send this text on the signaling WebSocket.
     SignalingSend(String),
     /// Close the signaling WebSocket (no [`Input::SignalingClosed`] needed).
@@ -498,6 +515,23 @@ pub enum StopReason {
         /// The server's words.
         message: String,
     },
+    /// The first join failed [`NodeTiming::first_join_attempts`] times without reaching
+    /// the server's room.
+    #[error("cannot reach the signaling server ({attempts} attempts; last: {last})")]
+    Unreachable {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last one failed.
+        last: String,
+    },
+    /// The server refused our first join (full, or too many from our address).
+    #[error("the signaling server refused to let us join: {message}")]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The server's words.
+        message: String,
+    },
 }
 
 /// Something for the user.
@@ -533,6 +567,11 @@ pub enum Event {
         name: String,
         /// The text.
         text: String,
+        /// Its key's trust under that name when the message came (`None`: not read yet,
+        /// as right after a rename): show it beside the message.
+        trust: Option<Trust>,
+        /// Another pinned name its name looks like, under another key: show it loudly.
+        looks_like: Option<String>,
     },
     /// The signaling server refused something.
     ServerError {
@@ -627,6 +666,11 @@ pub struct Node {
     overlay: Overlay,
     /// The peer id whose established session carries each key's traffic.
     by_key: BTreeMap<PublicIdentity, PeerId>,
+    /// Seals what we send members through the server and opens what they send (invite
+    /// networks; see [`crate::sealed`]).
+    sealer: Option<crate::sealed::SignalSealer>,
+    /// Signaling payloads that did not open (forged, rewritten, misdirected), dropped.
+    refused_signals: u64,
     out: VecDeque<Output>,
 }
 
@@ -641,6 +685,7 @@ impl Node {
         let user_ice = config.ice_servers;
         let room = network.room_id().clone();
         let overlay = Overlay::new(config.routing, &network, *identity.public());
+        let sealer = network.signal_sealer();
         Self {
             identity,
             network,
@@ -651,6 +696,8 @@ impl Node {
                 room,
                 config.timing.heartbeat,
                 config.timing.connect_timeout,
+                config.timing.first_join_attempts,
+                config.signaling_servers,
             ),
             peers: BTreeMap::new(),
             conns: HashMap::new(),
@@ -664,6 +711,8 @@ impl Node {
             server_ice: Vec::new(),
             overlay,
             by_key: BTreeMap::new(),
+            sealer,
+            refused_signals: 0,
             out: VecDeque::new(),
         }
     }
@@ -821,7 +870,7 @@ impl Node {
     ) {
         for a in act {
             self.out.push_back(match a {
-                SocketAction::Connect => Output::SignalingConnect,
+                SocketAction::Connect { server } => Output::SignalingConnect { server },
                 SocketAction::Send(text) => Output::SignalingSend(text),
                 SocketAction::Close => Output::SignalingClose,
             });
@@ -874,7 +923,13 @@ impl Node {
         }
     }
 
-    fn send_signal(&mut self, to: &PeerId, payload: SignalPayload) {
+    fn send_signal(&mut self, to: &PeerId, payload: SignalPayload, rng: &mut impl CryptoRng) {
+        let payload = match (&self.sealer, self.signaling.own_id()) {
+            (Some(sealer), Some(own)) => sealer.seal(own, to, &payload, rng),
+            // Not in the room (yet or any more): nobody to address it from.
+            (Some(_), None) => return,
+            (None, _) => payload,
+        };
         let mut act = Vec::new();
         self.signaling.send(&ClientMessage::Signal { to: to.clone(), payload }, &mut act);
         for a in act {
@@ -1075,6 +1130,18 @@ impl Node {
     }
 
     fn on_signal(&mut self, now: Duration, from: &PeerId, payload: SignalPayload) {
+        let payload = match (&self.sealer, self.signaling.own_id()) {
+            (None, _) => payload,
+            (Some(sealer), Some(own)) => match sealer.open(from, own, &payload) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    self.refused_signals += 1;
+                    tracing::warn!("dropped a signaling payload from {from}: {e}");
+                    return;
+                }
+            },
+            (Some(_), None) => return,
+        };
         if !self.peers.contains_key(from) {
             // An offer from an id we do not know (we missed its join, or it raced our
             // welcome): a new peer. Anything else for an unknown id is stale.
@@ -1103,7 +1170,7 @@ impl Node {
         match event {
             ConnectionEvent::LocalSignal(payload) => {
                 if !slot.orphan {
-                    self.send_signal(&remote, payload);
+                    self.send_signal(&remote, payload, rng);
                 }
                 return;
             }
@@ -1216,6 +1283,8 @@ impl Node {
                     peer_id: remote.clone(),
                     name: slot.link.peer_name().unwrap_or_default().to_string(),
                     text,
+                    trust: slot.trust,
+                    looks_like: slot.looks_like.clone(),
                 }),
                 LinkEvent::Transfer { frame_type, body } => transfer.push((frame_type, body)),
                 LinkEvent::Data(packet) => packets.push(packet),
@@ -1245,6 +1314,7 @@ impl Node {
             if let (Some(fp), Some(name)) = (&slot.fingerprint, slot.link.peer_name()) {
                 let trust = self.trust.observe(name, fp);
                 slot.trust = Some(trust);
+                slot.looks_like = self.trust.look_alike(name, fp).map(str::to_string);
                 save_trust = true;
                 if let Trust::Changed { .. } = trust {
                     events.push(Event::KeyChanged(slot.info(remote, &self.overlay)));
@@ -1774,6 +1844,7 @@ impl Node {
             if let Some(slot) = self.peers.get_mut(id) {
                 if let Some(fp) = &slot.fingerprint {
                     slot.trust = self.trust.check(name, fp);
+                    slot.looks_like = self.trust.look_alike(name, fp).map(str::to_string);
                 }
                 if let Some(key) = slot.link.peer_identity() {
                     // Trust decides which subnet and exit routes are accepted (our own
@@ -1959,6 +2030,12 @@ impl Node {
     /// Our id on the signaling server, once joined.
     pub fn own_id(&self) -> Option<&PeerId> {
         self.signaling.own_id()
+    }
+
+    /// Signaling payloads that did not open and were dropped: forged, rewritten or
+    /// misdirected by the server, or sent by someone without the network's secret.
+    pub fn refused_signals(&self) -> u64 {
+        self.refused_signals
     }
 
     /// The network's room.

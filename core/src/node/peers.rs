@@ -154,6 +154,9 @@ pub struct PeerInfo {
     /// `None` when direct, or when only the peer's end is relayed (its transport to its
     /// relay is not visible here).
     pub relay_transport: Option<RelayTransport>,
+    /// Another pinned name its name looks like, pinned to another key ("аlice" with a
+    /// Cyrillic "а" for "alice"): show it loudly beside the name.
+    pub looks_like: Option<String>,
     /// Round-trip time (session pings, or ICE).
     pub rtt: Option<Duration>,
     /// Its overlay IPv4 address, once it announced it (and nobody ranking higher claims
@@ -180,6 +183,7 @@ pub(crate) struct PeerSlot {
     pub path_rtt: Option<Duration>,
     pub fingerprint: Option<Fingerprint>,
     pub trust: Option<Trust>,
+    pub looks_like: Option<String>,
     pub failure: Option<PeerFailure>,
     /// Fresh connections made since the last established session.
     pub reconnects: u32,
@@ -211,6 +215,7 @@ impl PeerSlot {
             path_rtt: None,
             fingerprint: None,
             trust: None,
+            looks_like: None,
             failure: None,
             reconnects: 0,
             orphan: false,
@@ -252,6 +257,7 @@ impl PeerSlot {
             fingerprint: self.fingerprint,
             trust: self.trust,
             relay_transport: self.relay_transport.filter(|_| state == PeerState::Relayed),
+            looks_like: self.looks_like.clone(),
             rtt: self.link_rtt.or(self.path_rtt),
             ipv4,
             ipv6,

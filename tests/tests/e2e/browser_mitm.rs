@@ -1,16 +1,19 @@
 //! Issue 3's man-in-the-middle test: two real Chromium pages join one invite network
 //! through [`MitmProxy`], a signaling relay that answers every offer itself and so sits
 //! between them on two DTLS connections with its own fingerprints, relaying every
-//! data-channel byte. The handshake is bound to both DTLS fingerprints, so the peers must
-//! refuse the session and say why. A control test makes the same pages connect through
-//! the real server directly and reach "direct", so the attack test cannot pass vacuously.
+//! data-channel byte. Members seal their signaling payloads, so the proxy must be run by a
+//! member (it holds the invite) to read and answer them at all; the handshake is bound to
+//! both DTLS fingerprints, so the peers must still refuse the session and say why. A
+//! control test makes the same pages connect through a proxy without the secret: it sees
+//! only sealed payloads, intercepts nothing, and the pages reach "direct", so the attack
+//! test cannot pass vacuously.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use thirtyfour::prelude::*;
-use weft_core::network::{NETWORK_SECRET_LEN, NetworkSecret};
+use weft_core::network::{NETWORK_SECRET_LEN, Network, NetworkSecret};
 use weft_signal::Limits;
 use weft_tests::mitm::MitmProxy;
 use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
@@ -133,10 +136,11 @@ async fn a_signaling_mitm_that_substitutes_fingerprints_is_refused() {
         return;
     }
     let server = start_server(Limits::default()).await.unwrap();
-    let proxy = MitmProxy::start(&server.ws_url()).await.unwrap();
+    let invite = random_invite();
+    let network = Network::from_invite(&invite).unwrap();
+    let proxy = MitmProxy::start_member(&server.ws_url(), &network).await.unwrap();
     let driver = ChromeDriver::start().await.unwrap();
     let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
-    let invite = random_invite();
     for browser in [&alice, &bob] {
         open_page(browser, &server.url()).await;
         join(browser, &invite, &proxy.ws_url()).await;
@@ -190,17 +194,19 @@ async fn a_signaling_mitm_that_substitutes_fingerprints_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_mitm_the_same_pages_connect_directly() {
-    if !browser_available("without_the_mitm_the_same_pages_connect_directly") {
+async fn a_mitm_without_the_secret_sees_only_sealed_payloads_and_the_pages_connect_directly() {
+    let test = "a_mitm_without_the_secret_sees_only_sealed_payloads_and_the_pages_connect_directly";
+    if !browser_available(test) {
         return;
     }
     let server = start_server(Limits::default()).await.unwrap();
+    let proxy = MitmProxy::start(&server.ws_url()).await.unwrap();
     let driver = ChromeDriver::start().await.unwrap();
     let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
     let invite = random_invite();
     for browser in [&alice, &bob] {
         open_page(browser, &server.url()).await;
-        join(browser, &invite, &server.ws_url()).await;
+        join(browser, &invite, &proxy.ws_url()).await;
     }
     for (name, browser) in [("alice", &alice), ("bob", &bob)] {
         let state = wait_for("the peer to connect directly", WAIT, || async {
@@ -225,6 +231,10 @@ async fn without_the_mitm_the_same_pages_connect_directly() {
         let failed = seen(&state).into_iter().filter(|(s, _)| s == "failed").collect::<Vec<_>>();
         assert!(failed.is_empty(), "{name} failed on the way: {failed:?}");
     }
+    // It forwarded every offer, answer and candidate, and could read none of them.
+    let stats = proxy.stats();
+    assert_eq!((stats.offers_intercepted, stats.answers_sent), (0, 0), "{stats:?}");
+    assert_eq!((stats.candidates_consumed, stats.descriptions_dropped), (0, 0), "{stats:?}");
     alice.quit().await.unwrap();
     bob.quit().await.unwrap();
     server.shutdown(Duration::from_secs(2)).await;

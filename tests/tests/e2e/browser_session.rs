@@ -113,7 +113,7 @@ async fn two_browsers_join_by_invite_and_talk_encrypted() {
     let invite = js(
         &alice,
         r#"return (async () => {
-             const m = await import("/pkg/weft_wasm.js");
+             const m = await import(document.getElementById("weft-module").href);
              await m.default();
              return m.createInvite();
            })();"#,
@@ -526,4 +526,40 @@ async fn an_ice_restart_keeps_the_session() {
     wait_message(&bob, "after the restart").await.unwrap();
     assert_eq!(send(&bob, "got it", None).await.unwrap(), 1);
     wait_message(&alice, "got it").await.unwrap();
+}
+
+/// One browser profile (one stored key in IndexedDB) shows a key of each network's own,
+/// the same one whenever it comes back: members of two networks cannot tell by key that
+/// they meet the same browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_has_a_key_of_its_own_in_each_network() {
+    if !browser_available("a_browser_has_a_key_of_its_own_in_each_network") {
+        return;
+    }
+    let server = start_server(Limits::default()).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let alice = driver.browser().await.unwrap();
+    alice.goto(server.url()).await.unwrap();
+    let mut seen = Vec::new();
+    for invite in ["Q", "g", "Q"].map(|c| c.repeat(43)) {
+        start_join(&alice, json!({ "invite": invite, "name": "Alice" })).await.unwrap();
+        let fingerprint = wait_for("joined", WAIT, || async {
+            let s = state(&alice).await?;
+            if let Some(e) = s["error"].as_str() {
+                anyhow::bail!("join failed: {e}");
+            }
+            match s["identity"]["fingerprint"].as_str() {
+                Some(fp) if s["status"] == "joined" => Ok(Ok(fp.to_string())),
+                _ => Ok(Err(s.to_string())),
+            }
+        })
+        .await
+        .unwrap();
+        js(&alice, "window.t.session.leave(); return true;").await.unwrap();
+        seen.push(fingerprint);
+    }
+    assert_ne!(seen[0], seen[1], "{seen:?}");
+    assert_eq!(seen[0], seen[2], "{seen:?}");
+    alice.quit().await.unwrap();
+    server.shutdown(Duration::from_secs(2)).await;
 }

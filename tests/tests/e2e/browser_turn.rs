@@ -129,7 +129,7 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
     let invite = js(
         &alice,
         r#"return (async () => {
-             const m = await import("/pkg/weft_wasm.js");
+             const m = await import(document.getElementById("weft-module").href);
              await m.default();
              return m.createInvite();
            })();"#,
@@ -143,7 +143,7 @@ async fn two_browsers_talk_encrypted_through_a_real_turn_relay() {
         &alice,
         &format!(
             r#"return (async () => {{
-                 const m = await import("/pkg/weft_wasm.js");
+                 const m = await import(document.getElementById("weft-module").href);
                  try {{
                    const s = await m.WeftSession.join({{ invite: {}, iceTransportPolicy: "nope" }});
                    s.leave();
@@ -265,6 +265,7 @@ async fn two_browsers_talk_through_weft_signal_over_turn_over_tls_on_the_https_p
             secret: Some(secret.into()),
             ..TurnConfig::default()
         },
+        cluster: None,
     };
     let server = Server::start(config).await.unwrap();
     let tls = server.turn().unwrap().tls_addr().unwrap();

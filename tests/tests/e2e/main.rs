@@ -2,11 +2,13 @@
 //! of one per file): real headless Chromium, real `weft-peer` processes, the real
 //! signaling server, a real TURN relay. Each module says what it shows.
 
+mod browser_embed;
 mod browser_mitm;
 mod browser_session;
 mod browser_smoke;
 mod browser_transfer;
 mod browser_turn;
+mod cluster;
 mod nat;
 mod nat_browser;
 mod nat_harness;

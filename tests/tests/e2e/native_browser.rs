@@ -66,6 +66,7 @@ async fn native_and_browser_talk_by_invite() {
     let got = nat.expect("the message", WAIT, |v| v["event"] == "message").await.unwrap();
     assert_eq!(got["text"], "hello from Chromium");
     assert_eq!(got["from"], "Alice");
+    assert_eq!(got["trust"], "new", "{got}");
 
     // Native -> browser, with `msg` (a second native process, same identity and name).
     let mut msg = command(&server.ws_url(), &dir, ip).unwrap();
@@ -74,6 +75,8 @@ async fn native_and_browser_talk_by_invite() {
     assert!(status.success(), "{stdout}\n{stderr}");
     let got = wait_message(&alice, "hello from weft-peer ✓", WAIT).await.unwrap();
     assert_eq!(got["name"], "Nat");
+    // With its sender's trust: the key Alice pinned for Nat moments ago.
+    assert_eq!(got["trust"], "known", "{got}");
 
     // Nat leaves cleanly; the browser drops it.
     assert!(nat.terminate(WAIT).await.unwrap().success());

@@ -59,6 +59,8 @@ async fn two_native_peers_connect_and_message_each_other() {
     let got = a.expect("the message", WAIT, |v| v["event"] == "message").await.unwrap();
     assert_eq!(got["text"], "hello Ada");
     assert_eq!(got["from"], "Cy");
+    // Shown with the sender's trust: first contact.
+    assert_eq!(got["trust"], "new", "{got}");
 
     let bea_id = a_sees["peer_id"].as_str().unwrap().to_string();
     let mut to_bea = command(&url, &dir_c, LOOPBACK).unwrap();
@@ -99,7 +101,8 @@ async fn two_native_peers_connect_and_message_each_other() {
     let line = tokio::time::timeout(WAIT, async {
         loop {
             let line = dee_out.next_line().await.unwrap().expect("Dee's output ended");
-            if line.contains("<Cy>") {
+            // The sender's name with its key's trust.
+            if line.contains("<Cy [new]>") || line.contains("<Cy [known]>") {
                 return line;
             }
         }
@@ -283,4 +286,31 @@ async fn keys_are_listed_verified_by_safety_code_and_a_changed_one_accepted() {
     for dir in [dir_a2, dir_b] {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// One device (one config directory, one `identity.key`) shows a key of each network's
+/// own, the same one each time it comes back: a member of two networks cannot tell by key
+/// that it meets the same device in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_has_a_key_of_its_own_in_each_network() {
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let dir = config_dir("per-network").unwrap();
+    let identity_in = |invite: String| {
+        let (url, dir) = (url.clone(), dir.clone());
+        async move {
+            let mut up = command(&url, &dir, LOOPBACK).unwrap();
+            up.args(["--invite", &invite, "--name", "Ada", "up"]);
+            let mut peer = NativePeer::spawn(up).unwrap();
+            let id = peer.expect_event("identity", WAIT).await.unwrap();
+            assert!(peer.terminate(WAIT).await.unwrap().success());
+            id["fingerprint"].as_str().unwrap().to_string()
+        }
+    };
+    let one = identity_in("Q".repeat(43)).await;
+    let two = identity_in("g".repeat(43)).await;
+    assert_ne!(one, two);
+    assert_eq!(identity_in("Q".repeat(43)).await, one);
+    server.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(dir);
 }

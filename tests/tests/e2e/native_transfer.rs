@@ -243,8 +243,8 @@ async fn a_transfer_finishes_after_the_signaling_server_is_gone() {
     let (dir_a, dir_b) = (config_dir("gone-a").unwrap(), config_dir("gone-b").unwrap());
 
     let mut receive = command(&url, &dir_b, LOOPBACK).unwrap();
-    receive.args(["--invite", &invite, "--name", "Bea", "receive", "--once", "--dir"]);
-    receive.arg(&downloads);
+    receive.args(["--invite", &invite, "--name", "Bea", "receive", "--once"]);
+    receive.args(["--accept-from", "any", "--dir"]).arg(&downloads);
     let mut bea = NativePeer::spawn(receive).unwrap();
     let mut send = command(&url, &dir_a, LOOPBACK).unwrap();
     send.args(["--invite", &invite, "--name", "Ada", "send", "--to", "Bea"]).arg(&file.path);
@@ -287,8 +287,8 @@ async fn a_restarted_receiver_resumes_where_it_stopped() {
     let (dir_a, dir_b) = (config_dir("resume-a").unwrap(), config_dir("resume-b").unwrap());
     let receive = || {
         let mut cmd = command(&url, &dir_b, LOOPBACK).unwrap();
-        cmd.args(["--invite", &invite, "--name", "Bea", "receive", "--once", "--dir"]);
-        cmd.arg(&downloads);
+        cmd.args(["--invite", &invite, "--name", "Bea", "receive", "--once"]);
+        cmd.args(["--accept-from", "Ada", "--dir"]).arg(&downloads);
         NativePeer::spawn(cmd).unwrap()
     };
     let mut bea = receive();
@@ -388,4 +388,61 @@ async fn a_relayed_transfer_runs_without_stalls_as_a_direct_one_does() {
     assert_eq!(direct_stalls, Vec::<String>::new());
     assert_eq!(relayed_stalls, Vec::<String>::new(), "the relayed transfer stalled");
     server.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A receiver told nothing about whom to take files from plants nothing: it asks the person
+/// at its terminal, and declines every offer where there is no terminal (it used to accept
+/// anyone's files by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_without_accept_from_asks_on_its_terminal_and_declines_without_one() {
+    let scratch = Scratch::new("ask").unwrap();
+    let file = generate(scratch.path(), "notes.txt", 5000, 11).unwrap();
+    let downloads = scratch.path().join("in");
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let invite = "Q".repeat(43);
+    let (dir_a, dir_b) = (config_dir("ask-a").unwrap(), config_dir("ask-b").unwrap());
+    let receive = |stdin: std::process::Stdio| {
+        let mut cmd = command(&url, &dir_b, LOOPBACK).unwrap();
+        cmd.args(["--invite", &invite, "--name", "Bea", "receive", "--once", "--dir"]);
+        cmd.arg(&downloads).stdin(stdin);
+        NativePeer::spawn(cmd).unwrap()
+    };
+    let send = || {
+        let mut send = command(&url, &dir_a, LOOPBACK).unwrap();
+        send.args(["--invite", &invite, "--name", "Ada", "send", "--to", "Bea"]).arg(&file.path);
+        send
+    };
+
+    // No terminal: declined, and the sender hears so.
+    let mut bea = receive(std::process::Stdio::null());
+    let warning = bea.expect_event("warning", WAIT).await.unwrap();
+    assert!(warning["message"].as_str().unwrap().contains("--accept-from"), "{warning}");
+    let (status, stdout, stderr) = run(send(), WAIT).await.unwrap();
+    assert!(!status.success(), "{stdout}");
+    assert!(stderr.contains("Bea declined"), "{stderr}");
+    let declined = bea.expect_event("declined", WAIT).await.unwrap();
+    assert_eq!((&declined["name"], &declined["code"]), (&json!("Ada"), &json!("nobody_to_ask")));
+    assert!(!downloads.join("notes.txt").exists());
+    assert!(bea.terminate(WAIT).await.unwrap().success());
+
+    // A terminal: the question shows who offers what, and `y` takes it.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut bea = receive(std::process::Stdio::from(pty.slave));
+    let mut sending = tokio::spawn(run(send(), LONG));
+    let asking = bea.expect_event("asking", WAIT).await.unwrap();
+    let question = asking["question"].as_str().unwrap();
+    assert!(question.starts_with("Ada [known") || question.starts_with("Ada [new"), "{question}");
+    assert!(question.contains("1 file(s)") && question.contains("notes.txt"), "{question}");
+    assert!(!sending.is_finished(), "the sender did not wait for the answer");
+    let mut master = std::fs::File::from(pty.master);
+    std::io::Write::write_all(&mut master, b"y\n").unwrap();
+    let (status, stdout, stderr) = (&mut sending).await.unwrap().unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(bea.wait_exit(LONG).await.unwrap().success(), "{:?}", bea.seen);
+    assert_same_bytes(&downloads.join("notes.txt"), &file.path);
+    server.shutdown(Duration::from_secs(2)).await;
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

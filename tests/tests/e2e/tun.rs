@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use weft_core::identity::IdentityKeyPair;
+use weft_core::network::Network;
 use weft_core::node::ipv4_candidate;
 use weft_tests::native::{NativePeer, SignalProcess, command_on, config_dir, weft_peer_bin};
 use weft_tests::netns::{Host, Nat, SiteSpec, Topology, netns_available};
@@ -373,13 +374,18 @@ async fn up_tun_without_root_says_what_it_needs() {
 
 /// Two keys whose first overlay IPv4 candidates are the same address (a birthday search
 /// over keys made from counted secrets: about 2^11 of them).
-fn colliding_keys() -> [IdentityKeyPair; 2] {
-    let mut seen: HashMap<Ipv4Addr, IdentityKeyPair> = HashMap::new();
+/// Two device keys whose identities in `network` (the keys peers see, see
+/// `IdentityKeyPair::for_network`) have the same first IPv4 candidate: (device key, its
+/// identity in the network) each.
+fn colliding_keys(network: &Network) -> [(IdentityKeyPair, IdentityKeyPair); 2] {
+    let mut seen: HashMap<Ipv4Addr, (IdentityKeyPair, IdentityKeyPair)> = HashMap::new();
     for i in 0u64.. {
         let secret = *blake3::hash(format!("weft tun collision {i}").as_bytes()).as_bytes();
-        let key = IdentityKeyPair::from_secret_bytes(&secret);
-        if let Some(other) = seen.insert(ipv4_candidate(key.public(), 0), key.clone()) {
-            return [other, key];
+        let device = IdentityKeyPair::from_secret_bytes(&secret);
+        let key = device.for_network(network);
+        let first = ipv4_candidate(key.public(), 0);
+        if let Some(other) = seen.insert(first, (device.clone(), key.clone())) {
+            return [other, (device, key)];
         }
     }
     unreachable!()
@@ -422,12 +428,13 @@ async fn a_moved_address_moves_on_the_device_too() {
     if !netns_available("a_moved_address_moves_on_the_device_too") {
         return;
     }
-    let [first, second] = colliding_keys();
-    let x = ipv4_candidate(first.public(), 0);
-    let y = ipv4_candidate(second.public(), 1);
+    let invite = invite();
+    let [(first, first_key), (second, second_key)] =
+        colliding_keys(&Network::from_invite(&invite).unwrap());
+    let x = ipv4_candidate(first_key.public(), 0);
+    let y = ipv4_candidate(second_key.public(), 1);
     let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
-    let invite = invite();
     let dir_a = config_dir_with("tun-move-ada", &first);
     let mut ada = start(topology.host(0, 0), &server, &invite, NAMES[0], dir_a).await;
     assert_eq!(ada.ipv4, x.to_string());

@@ -49,7 +49,8 @@ fn dir_verifying(
     let network = Network::from_invite(invite).unwrap();
     let mut trust = TrustStore::new();
     for (name, key) in verified {
-        trust.verify(name, &key.public().fingerprint());
+        // The key `name` shows in this network (its own there: it starts afresh).
+        trust.verify(name, &key.for_network(&network).public().fingerprint());
     }
     let trust_dir = dir.join("trust");
     std::fs::create_dir_all(&trust_dir).unwrap();

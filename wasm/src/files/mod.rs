@@ -206,6 +206,11 @@ impl FilesIo {
         });
     }
 
+    /// Ends the writer worker (the session is over). A later write would start it again.
+    pub(crate) fn stop(&mut self) {
+        self.writer = None;
+    }
+
     /// The writer worker, started on first use.
     fn writer(&mut self) -> Option<&Writer> {
         if self.writer.is_none() {

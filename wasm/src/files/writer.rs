@@ -30,6 +30,13 @@ extern "C" {
     async fn start_stream_download(path: &str, size: f64) -> Result<JsValue, JsValue>;
 }
 
+#[wasm_bindgen(module = "/js/module-assets.js")]
+extern "C" {
+    /// The download writer's URL, beside the module (never relative to the page).
+    #[wasm_bindgen(js_name = downloadWriterUrl)]
+    fn download_writer_url() -> String;
+}
+
 /// What an answer of the writer completes.
 pub(crate) enum Pending {
     /// Nothing to report (a begin, a delete, the empty write of an empty file).
@@ -66,6 +73,8 @@ struct State {
     /// file name.
     keys: [JsValue; 3],
     names: HashMap<Root, JsValue>,
+    /// The worker failed to load or died: every request fails at once, with this reason.
+    broken: Option<String>,
 }
 
 /// The disk-writer worker.
@@ -73,6 +82,14 @@ pub(crate) struct Writer {
     state: Rc<RefCell<State>>,
     flush_callback: Closure<dyn FnMut()>,
     _onmessage: Closure<dyn FnMut(web_sys::MessageEvent)>,
+    _onerror: Closure<dyn FnMut(web_sys::Event)>,
+}
+
+impl Drop for Writer {
+    /// The session is gone: so is its worker.
+    fn drop(&mut self) {
+        self.state.borrow().worker.terminate();
+    }
 }
 
 /// Reports the failure of every request in `ids` (after the state is released).
@@ -145,9 +162,11 @@ impl Writer {
     ) -> Result<Self, WebError> {
         let options = web_sys::WorkerOptions::new();
         options.set_name("weft-download-writer");
-        let url =
-            if force_stream { "download-writer.js?downloads=stream" } else { "download-writer.js" };
-        let worker = web_sys::Worker::new_with_options(url, &options)?;
+        let mut url = download_writer_url();
+        if force_stream {
+            url.push_str("?downloads=stream");
+        }
+        let worker = web_sys::Worker::new_with_options(&url, &options)?;
         let state = Rc::new(RefCell::new(State {
             worker: worker.clone(),
             sink,
@@ -158,6 +177,7 @@ impl Writer {
             next_id: 1,
             keys: WRITER_KEYS.map(JsValue::from_str),
             names: HashMap::new(),
+            broken: None,
         }));
         let weak = Rc::downgrade(&state);
         let onmessage =
@@ -165,6 +185,28 @@ impl Writer {
                 on_message(&weak, &store, &ev.data());
             });
         worker.set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
+        // A worker that cannot load (a 404, a CSP refusal) fires `error` and never answers:
+        // without this, every download waited for it forever.
+        let error_weak = Rc::downgrade(&state);
+        let onerror = Closure::<dyn FnMut(web_sys::Event)>::new(move |ev: web_sys::Event| {
+            ev.prevent_default();
+            let Some(state) = error_weak.upgrade() else { return };
+            let detail = ev
+                .dyn_ref::<web_sys::ErrorEvent>()
+                .map(web_sys::ErrorEvent::message)
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "it could not be loaded".into());
+            let reason = format!("the download writer ({url}) failed: {detail}");
+            web_sys::console::error_1(&format!("weft: {reason}").into());
+            let (pending, sink) = {
+                let mut s = state.borrow_mut();
+                s.broken = Some(reason.clone());
+                let pending: Vec<Pending> = s.pending.drain().map(|(_, p)| p).collect();
+                (pending, s.sink.clone())
+            };
+            fail_all(&sink, pending, &reason);
+        });
+        worker.set_onerror(Some(onerror.as_ref().unchecked_ref()));
         let flush_weak = Rc::downgrade(&state);
         let flush_callback = Closure::<dyn FnMut()>::new(move || {
             let Some(state) = flush_weak.upgrade() else { return };
@@ -177,7 +219,7 @@ impl Writer {
                 fail_all(&sink, pending, &error);
             }
         });
-        Ok(Self { state, flush_callback, _onmessage: onmessage })
+        Ok(Self { state, flush_callback, _onmessage: onmessage, _onerror: onerror })
     }
 
     /// Adds a chunk write to the batch (telling the writer first when it is the file's
@@ -191,6 +233,9 @@ impl Writer {
         path: &str,
         size: u64,
     ) {
+        if let Some((reason, sink)) = self.broken() {
+            return fail_all(&sink, vec![pending], &reason);
+        }
         let first = !self.state.borrow().names.contains_key(&root);
         if first {
             self.begin(&root, path, size);
@@ -257,6 +302,9 @@ impl Writer {
     /// Posts one request other than a write (`close`, `delete`), after the writes before
     /// it.
     pub(crate) fn op(&self, root: Option<Root>, op: &str, pending: Pending) {
+        if let Some((reason, sink)) = self.broken() {
+            return fail_all(&sink, vec![pending], &reason);
+        }
         let (failed, sink) = {
             let mut s = self.state.borrow_mut();
             let mut failed = s.flush();
@@ -289,6 +337,12 @@ impl Writer {
         if let Some((pending, error)) = failed {
             fail_all(&sink, pending, &error);
         }
+    }
+
+    /// Why the worker is broken (every request fails at once), and where to report it.
+    fn broken(&self) -> Option<(String, Sink)> {
+        let s = self.state.borrow();
+        s.broken.clone().map(|reason| (reason, s.sink.clone()))
     }
 
     /// Tells the writer a file's first write follows, with what a streamed download needs.

@@ -6,6 +6,8 @@ mod native;
 mod relay;
 mod session;
 mod signal;
+mod signal_cluster;
+mod signal_load;
 mod transfer;
 mod transport;
 mod tun;

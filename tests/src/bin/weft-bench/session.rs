@@ -7,6 +7,9 @@
 //! - `passphrase_kdf_ms`: the Argon2id cost of joining a passphrase network, in WASM.
 //! - transport seal+open MB/s in WASM (Chromium) and native, the same core routine, same run;
 //!   and the native seal-only figures of [`crate::transport`] (ring vs. RustCrypto).
+//! - `page_weight_kb`: bytes on the wire (headers and encoded bodies, as the browser's
+//!   resource timing counts them) for a first visit of the app, in a Chromium with an empty
+//!   cache, until its WASM core is ready; `repeat_visit_kb`: the same for the next visit.
 //!
 //! Prints `BENCH <metric> <value> <unit>` lines.
 
@@ -40,7 +43,7 @@ async fn module_ready(browser: &thirtyfour::WebDriver) -> Result<()> {
 async fn run_async(browser: &thirtyfour::WebDriver, body: &str) -> Result<Value> {
     let script = format!(
         "const done = arguments[arguments.length - 1];
-         (async () => {{ const weft = await import('/pkg/weft_wasm.js'); {body} }})()
+         (async () => {{ const weft = await import(document.getElementById('weft-module').href); {body} }})()
            .then((v) => done({{ ok: v }}), (e) => done({{ err: String(e) }}));"
     );
     let out = browser.execute_async(&script, Vec::new()).await?.json().clone();
@@ -48,6 +51,27 @@ async fn run_async(browser: &thirtyfour::WebDriver, body: &str) -> Result<Value>
         bail!("in the page: {err}");
     }
     Ok(out.get("ok").cloned().unwrap_or(Value::Null))
+}
+
+/// Bytes the page's navigation and every resource it fetched took on the wire (resource
+/// timing's `transferSize`: headers plus the encoded body; 0 for what came from the cache,
+/// a few hundred bytes for a 304); each resource's share goes to stderr.
+async fn bytes_on_the_wire(browser: &thirtyfour::WebDriver) -> Result<u64> {
+    let v = js(
+        browser,
+        "return [...performance.getEntriesByType('navigation'),
+                 ...performance.getEntriesByType('resource')]
+                .map((e) => [e.name, e.transferSize]);",
+    )
+    .await?;
+    let mut total = 0;
+    for entry in v.as_array().context("no resource entries")? {
+        let name = entry[0].as_str().unwrap_or("?");
+        let bytes = entry[1].as_u64().unwrap_or(0);
+        eprintln!("bench session: {bytes:>8} B {name}");
+        total += bytes;
+    }
+    Ok(total)
 }
 
 #[tokio::main]
@@ -61,10 +85,19 @@ pub async fn main() -> Result<()> {
     alice.set_script_timeout(Duration::from_secs(120)).await?;
     bob.set_script_timeout(Duration::from_secs(120)).await?;
 
-    // Transport: native first, then the same routine in WASM.
-    let native = crate::transport::measure()?;
+    // Page weight: Alice's profile is fresh, so her first visit starts with an empty cache.
     alice.goto(server.url()).await?;
     module_ready(&alice).await?;
+    let first_visit = bytes_on_the_wire(&alice).await?;
+    alice.goto("about:blank").await?;
+    alice.goto(server.url()).await?;
+    module_ready(&alice).await?;
+    let repeat_visit = bytes_on_the_wire(&alice).await?;
+    println!("BENCH page_weight_kb {:.1} KB", first_visit as f64 / 1000.0);
+    println!("BENCH repeat_visit_kb {:.1} KB", repeat_visit as f64 / 1000.0);
+
+    // Transport: native first, then the same routine in WASM.
+    let native = crate::transport::measure()?;
     let wasm_mb_s =
         run_async(&alice, &format!("return weft.benchTransport({PACKET}, {TRANSPORT_BYTES});"))
             .await?

@@ -1,5 +1,8 @@
 //! `cargo xtask bench signal`: signaling relay throughput and join latency, beside a raw
-//! WebSocket forwarder (no parsing, no rooms) run in the same process as the baseline.
+//! WebSocket forwarder (no parsing, no rooms) run in the same process as the baseline;
+//! then the load and churn parts of `signal_load.rs` against a `weft-signal` process, and
+//! the cluster part of `signal_cluster.rs` (three processes on NATS beside one alone).
+//! `WEFT_BENCH_PARTS` (comma-separated: `relay`, `load`, `churn`, `cluster`) runs only those.
 //!
 //! Prints `BENCH <metric> <value> <unit>` lines.
 
@@ -104,8 +107,33 @@ async fn raw_forwarder() -> Result<String> {
     Ok(url)
 }
 
+/// Whether `part` of the bench runs: `WEFT_BENCH_PARTS` (comma-separated: `relay`, `load`,
+/// `churn`, `cluster`), default all.
+fn runs(part: &str) -> bool {
+    std::env::var("WEFT_BENCH_PARTS").map_or(true, |parts| parts.split(',').any(|p| p == part))
+}
+
 #[tokio::main]
 pub async fn main() -> Result<()> {
+    let limit = crate::signal_load::raise_fd_limit()?;
+    println!("signal: open-file limit {limit}");
+    if runs("relay") {
+        relay().await?;
+    }
+    if runs("load") {
+        crate::signal_load::load().await?;
+    }
+    if runs("churn") {
+        crate::signal_load::churn().await?;
+    }
+    if runs("cluster") {
+        crate::signal_cluster::cluster().await?;
+    }
+    Ok(())
+}
+
+/// The relay's throughput against a raw forwarder, and joins on an idle server.
+async fn relay() -> Result<()> {
     let limits = Limits { messages_per_second: 1e9, message_burst: 1e9, ..Limits::default() };
     let server = weft_tests::start_server(limits).await?;
     let url = server.ws_url();

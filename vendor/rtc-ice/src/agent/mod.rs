@@ -39,6 +39,7 @@ use stun::message::*;
 use stun::textattrs::*;
 use stun::xoraddr::*;
 
+use crate::attributes::priority::PriorityAttr;
 use crate::candidate::candidate_peer_reflexive::CandidatePeerReflexiveConfig;
 use crate::candidate::{candidate_pair::*, *};
 use crate::mdns::{MulticastDnsMode, create_multicast_dns, generate_multicast_dns_name};
@@ -506,6 +507,9 @@ impl Agent {
 
     fn trigger_request_connectivity_check(&mut self, remote_candidates: Vec<Candidate>) {
         for c in remote_candidates {
+            if self.replace_peer_reflexive(&c) {
+                continue;
+            }
             if !self.remote_candidates.iter().any(|cand| cand.equal(&c)) {
                 self.remote_candidates.push(c);
                 let remote_index = self.remote_candidates.len() - 1;
@@ -521,6 +525,47 @@ impl Agent {
                 self.request_connectivity_check();
             }
         }
+    }
+
+    /// Weft: a signaled remote candidate at the address of a peer-reflexive one (its checks
+    /// came first: usually the peer's relay, whose allocation and signaling take longer)
+    /// takes that candidate's place, with its type and priority, and so do the pairs made
+    /// with it (their states kept), as Chromium does (`MaybeUpdatePeerReflexiveCandidate`).
+    /// Before, it was added beside it as a second candidate while every packet from that
+    /// address kept matching the peer-reflexive one, ranked above the pairs through the NATs.
+    fn replace_peer_reflexive(&mut self, c: &Candidate) -> bool {
+        if c.candidate_type() == CandidateType::PeerReflexive {
+            return false;
+        }
+        let Some(index) = self.remote_candidates.iter().position(|r| {
+            r.candidate_type() == CandidateType::PeerReflexive
+                && r.network_type() == c.network_type()
+                && r.addr() == c.addr()
+        }) else {
+            return false;
+        };
+        debug!(
+            "[{}]: signaled candidate {} replaces peer-reflexive {}",
+            self.get_name(),
+            c,
+            self.remote_candidates[index]
+        );
+        let old = &self.remote_candidates[index];
+        // Same candidate to everything that tracks it: its id (stats) and its liveness.
+        let replacement = Candidate {
+            id: old.id.clone(),
+            last_sent: old.last_sent,
+            last_received: old.last_received,
+            ..c.clone()
+        };
+        self.remote_candidates[index] = replacement;
+        let priority = c.priority();
+        for p in &mut self.candidate_pairs {
+            if p.remote_index == index {
+                p.remote_priority = priority;
+            }
+        }
+        true
     }
 
     /// Sets the credentials of the remote agent.
@@ -1455,6 +1500,14 @@ impl Agent {
                 // Use the local candidate's network type for the peer-reflexive candidate
                 let network_type = self.local_candidates[local_index].network_type();
                 let (ip, port) = (remote_addr.ip(), remote_addr.port());
+                // Weft: the priority the check carries (RFC 8445 §7.3.1.3), not one
+                // computed here with the peer-reflexive type preference. A check from
+                // the peer's TURN relay often arrives before the relay candidate is
+                // signaled; ranked as peer reflexive it stood above every pair through
+                // the NATs (type preference 110 against 100 and 0), and the controlling
+                // agent moved a direct session onto the relay (WEFT-PATCH.md).
+                let mut claimed = PriorityAttr::default();
+                let priority = if claimed.get_from(m).is_ok() { claimed.0 } else { 0 };
 
                 let prflx_candidate_config = CandidatePeerReflexiveConfig {
                     base_config: CandidateConfig {
@@ -1462,6 +1515,7 @@ impl Agent {
                         address: ip.to_string(),
                         port,
                         component: self.local_candidates[local_index].component(),
+                        priority,
                         ..CandidateConfig::default()
                     },
                     rel_addr: "".to_owned(),

@@ -256,6 +256,12 @@ struct NatNet {
 
 impl NatNet {
     fn new() -> Self {
+        Self::signaled(true)
+    }
+
+    /// With `relays_known` false, agent 0 (controlling) is not told agent 1's relay
+    /// candidate: it meets that address first through agent 1's checks (peer reflexive).
+    fn signaled(relays_known: bool) -> Self {
         let now = Instant::now();
         let addrs = [
             [addr("10.0.1.2:5000"), addr("203.0.113.1:6000"), addr("198.51.100.1:40000")],
@@ -269,7 +275,9 @@ impl NatNet {
             a.add_local_candidate(relay(r, h)).expect("local relay");
             let [oh, on, or] = addrs[1 - i];
             a.add_remote_candidate(srflx(on, oh)).expect("remote srflx");
-            a.add_remote_candidate(relay(or, oh)).expect("remote relay");
+            if relays_known || i == 1 {
+                a.add_remote_candidate(relay(or, oh)).expect("remote relay");
+            }
         }
         let creds: Vec<(String, String)> = agents
             .iter()
@@ -537,4 +545,45 @@ fn behind_two_nats_with_loss_both_agents_end_on_the_direct_pair() {
         }
     }
     assert!(bad.is_empty(), "{} bad:\n{}", bad.len(), bad.join("\n"));
+}
+
+/// The peer's relay met through its checks before its candidate is signaled (TURN
+/// allocations and their signaling come late; `nat.rs`'s endpoint-independent test once
+/// ended relayed this way): the pair through it must not rank above the direct pair. Before
+/// the fix the controlling agent ranked that address as peer reflexive (type preference
+/// 110, above the NAT mapping's 100) and moved the direct session onto the relay for good.
+/// Once the relay candidate is signaled it takes the peer-reflexive one's place.
+#[test]
+fn the_peers_relay_met_before_it_is_signaled_does_not_outrank_the_direct_pair() {
+    let mut net = NatNet::signaled(false);
+    net.direct_open = true;
+    let direct = |n: &NatNet, i: usize| n.path(i) == Some((n.addrs[i][0], n.addrs[1 - i][1]));
+    net.run_until(Duration::from_secs(2), "the direct pair on both sides", |n| {
+        direct(n, 0) && direct(n, 1)
+    });
+    let relay_addr = net.addrs[1][2];
+    let met = |n: &NatNet| {
+        n.agents[0]
+            .remote_candidates
+            .iter()
+            .filter(|c| c.addr() == relay_addr)
+            .map(|c| c.candidate_type())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(met(&net), [CandidateType::PeerReflexive], "its checks came through the relay");
+    // Three seconds more: it stays direct (renomination would move it to a better pair).
+    let end = net.now + Duration::from_secs(3);
+    net.run_until(Duration::from_secs(4), "three seconds", |n| {
+        assert!(direct(n, 0) && direct(n, 1), "moved\n{}", n.log.join("\n"));
+        n.now >= end
+    });
+    let (oh, or) = (net.addrs[1][0], net.addrs[1][2]);
+    net.agents[0].add_remote_candidate(relay(or, oh)).expect("remote relay, late");
+    assert_eq!(met(&net), [CandidateType::Relay], "the signaled relay replaces it");
+    let end = net.now + Duration::from_secs(3);
+    net.run_until(Duration::from_secs(4), "three seconds more", |n| {
+        assert!(direct(n, 0) && direct(n, 1), "moved\n{}", n.log.join("\n"));
+        assert!(n.delivers(0) && n.delivers(1), "data lost\n{}", n.log.join("\n"));
+        n.now >= end
+    });
 }

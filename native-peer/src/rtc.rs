@@ -886,8 +886,9 @@ async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
     let ice = pc.sctp().await?.transport().ice_transport();
     let pair = ice.get_selected_candidate_pair().await.ok()??;
     // A remote relay candidate is often first met as peer-reflexive (its checks arrive
-    // before its signaled description) and stays so: it is relayed all the same if the
-    // remote peer signaled a relay candidate at that address.
+    // before its signaled description); the ICE agent retypes it once the description
+    // comes (`vendor/rtc-ice/WEFT-PATCH.md`), and until then it is relayed all the same if
+    // the remote peer signaled a relay candidate at that address.
     let remote = pair.remote();
     let signaled_relay = ice.get_remote_candidates().await.ok()?.iter().any(|c| {
         c.typ == RTCIceCandidateType::Relay && c.address == remote.address && c.port == remote.port

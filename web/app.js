@@ -48,6 +48,9 @@ function renderPeers() {
       el("span", { className: `state state-${p.state}`, textContent: p.state }),
     );
     const meta = [];
+    if (p.state === "relayed") {
+      meta.push(p.relayTransport ? `relay over ${p.relayTransport.toUpperCase()}` : "through the peer's relay");
+    }
     if (p.shortCode) meta.push(`safety code ${p.shortCode}`);
     if (p.rttMs != null) meta.push(`${Math.round(p.rttMs)} ms`);
     if (p.ipv4) meta.push(p.ipv4);

@@ -20,8 +20,8 @@ use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
     ConnId, ConnectionEvent, DownloadStore, Event, FileEvent, IceState, Input, Node, NodeConfig,
-    NodeError, NodeTiming, Output, OverlayStatus, PeerState, RoutingConfig, SavedTo,
-    SignalingEvent,
+    NodeError, NodeTiming, Output, OverlayStatus, PeerState, RelayTransport, RoutingConfig,
+    SavedTo, SignalingEvent,
 };
 use weft_core::signal::{
     self, ClientMessage, PROTOCOL_VERSION, PeerId, RoomId, ServerMessage, SignalPayload,
@@ -444,7 +444,11 @@ impl Sim {
             }
             Output::ReadPath { conn } => {
                 let Some(c) = self.nodes[idx].conns.get(&conn) else { return };
-                let event = ConnectionEvent::Path { relayed: c.relayed, rtt: Some(20 * MS) };
+                let event = ConnectionEvent::Path {
+                    relayed: c.relayed,
+                    relay_transport: c.relayed.then_some(RelayTransport::Udp),
+                    rtt: Some(20 * MS),
+                };
                 self.deliver(idx, MS, Input::Connection { conn, event });
             }
             Output::RestartIce { conn, .. } => {
@@ -1180,6 +1184,9 @@ fn a_relayed_session_looks_for_a_direct_path_with_backoff_and_moves_to_it() {
     let since = sim.restarts[0].0 - relayed_at;
     assert!(since + Duration::from_secs(3) >= first && since <= first + Duration::from_secs(3));
     assert!((0..2).all(|i| state(&sim, i) == PeerState::Relayed));
+    // Each side shows how it reaches its relay.
+    let transport = |sim: &Sim, idx: usize| sim.node(idx).peers()[0].relay_transport;
+    assert!((0..2).all(|i| transport(&sim, i) == Some(RelayTransport::Udp)));
     // The network changes: a direct path now exists. The next look finds it and both
     // sides show it, on the same session (no reconnect, no new handshake).
     sim.direct_works = true;
@@ -1189,6 +1196,7 @@ fn a_relayed_session_looks_for_a_direct_path_with_backoff_and_moves_to_it() {
         (0..2).all(|i| state(sim, i) == PeerState::Direct)
     });
     assert_eq!(sim.restarts.len(), 4);
+    assert!((0..2).all(|i| transport(&sim, i).is_none()));
     let now: Vec<Vec<ConnId>> =
         sim.nodes.iter().map(|n| n.conns.keys().copied().collect()).collect();
     assert_eq!(conns, now, "the session was rebuilt instead of moved");

@@ -62,8 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write("route_announcement", "all-kinds", &announcement.encode()?)?;
     // An IPv4 UDP packet (the TUN path): 20-byte header, 8-byte UDP header, 4 bytes.
     let udp4 = [
-        0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 100, 64, 1, 2, 8, 8, 8, 8, 0x9c, 0x40, 0,
-        53, 0, 12, 0, 0, b'p', b'i', b'n', b'g',
+        0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 100, 64, 1, 2, 8, 8, 8, 8, 0x9c, 0x40, 0, 53,
+        0, 12, 0, 0, b'p', b'i', b'n', b'g',
     ];
     write("route_announcement", "udp4", &udp4)?;
     // Its IP header intact, its UDP length wrong: still answered (from the IP header).
@@ -124,6 +124,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     for (i, msg) in server.iter().enumerate() {
         write("signal_decode", &format!("server-{i}"), encode(msg).as_bytes())?;
+    }
+    // TURN over TCP/TLS streams: the first byte is the size of each read, less one.
+    let stun = |kind: u16, attrs: &[u8]| {
+        let mut m = kind.to_be_bytes().to_vec();
+        m.extend_from_slice(&u16::try_from(attrs.len()).unwrap_or(u16::MAX).to_be_bytes());
+        m.extend_from_slice(&weft_turn_framing::STUN_MAGIC_COOKIE);
+        m.extend_from_slice(&[0x5a; 12]);
+        m.extend_from_slice(attrs);
+        m
+    };
+    let channel_data = |channel: u16, data: &[u8]| {
+        let mut m = channel.to_be_bytes().to_vec();
+        m.extend_from_slice(&u16::try_from(data.len()).unwrap_or(u16::MAX).to_be_bytes());
+        m.extend_from_slice(data);
+        m.resize(m.len().next_multiple_of(4), 0);
+        m
+    };
+    // An Allocate error response (401, REALM) and success (XOR-RELAYED-ADDRESS).
+    let unauthorized = stun(0x0113, &[0x00, 0x09, 0x00, 0x04, 0x00, 0x00, 0x04, 0x01]);
+    let allocated = stun(0x0103, &[0x00, 0x16, 0x00, 0x08, 0x00, 0x01, 0xe1, 0x12, 1, 2, 3, 4]);
+    let streams = [
+        ("allocate", [vec![0], unauthorized.clone(), allocated.clone()].concat()),
+        (
+            "channel-data",
+            [vec![6], channel_data(0x4000, b"dtls"), channel_data(0x4001, b"sctp!")].concat(),
+        ),
+        (
+            "mixed",
+            [vec![255], allocated, channel_data(0x7ffe, &[0xab; 1201]), unauthorized].concat(),
+        ),
+        ("tls-record", vec![3, 0x16, 0x03, 0x03, 0x00, 0x7a, 0x02, 0x00, 0x00, 0x76]),
+    ];
+    for (name, bytes) in streams {
+        write("turn_stream_framing", name, &bytes)?;
     }
     println!("seeds written");
     Ok(())

@@ -28,7 +28,7 @@ use weft_core::node::{
     Channel, ConnId, Event, Input, IpNet, Node, NodeConfig, NodeError, Output, RouteKind,
     RoutingConfig, SavedTo, SignalingEvent, StopReason,
 };
-pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState};
+pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{FileDigest, OfferItem, Root};
 use weft_core::trust::TrustStore;
@@ -339,8 +339,9 @@ struct Mesh {
     closing: Vec<JoinHandle<()>>,
     /// The server refused our protocol version: its words.
     refused: Option<String>,
-    /// The path last reported per connected peer (direct or relayed).
-    paths: HashMap<PeerId, PeerState>,
+    /// The path last reported per connected peer (direct or relayed, and how our end
+    /// reaches its relay).
+    paths: HashMap<PeerId, (PeerState, Option<RelayTransport>)>,
     /// The TUN device, with `up --tun`.
     tun: Option<Tun>,
     /// The host's routes and rules beyond the device.
@@ -608,14 +609,15 @@ impl Mesh {
             Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left)
             | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. } => {}
             Event::PeerConnected(info) => {
-                self.paths.insert(info.peer_id.clone(), info.state);
+                self.paths.insert(info.peer_id.clone(), (info.state, info.relay_transport));
                 self.emit(MeshEvent::Node(Event::PeerConnected(info)));
             }
             Event::Peer(info) => {
                 let path = matches!(info.state, PeerState::Direct | PeerState::Relayed);
+                let now = (info.state, info.relay_transport);
                 match self.paths.get(&info.peer_id) {
-                    Some(&was) if path && was != info.state => {
-                        self.paths.insert(info.peer_id.clone(), info.state);
+                    Some(&was) if path && was != now => {
+                        self.paths.insert(info.peer_id.clone(), now);
                         self.emit(MeshEvent::Node(Event::Peer(info)));
                     }
                     Some(_) if !path => {

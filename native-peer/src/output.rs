@@ -9,7 +9,7 @@ use weft_core::signal::RoomId;
 use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
-use crate::mesh::{MeshEvent, OverlayStatus, PeerInfo, PeerState};
+use crate::mesh::{MeshEvent, OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use crate::tun::TunState;
 use weft_core::node::{Event, SignalingEvent};
 
@@ -46,15 +46,30 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         v["bytes_received"] = json!(p.bytes_received);
         v["last_handshake_s"] = json!(p.last_handshake.map(|d| d.as_secs()));
     }
+    if p.state == PeerState::Relayed {
+        // Unknown (null) when only the peer's end is relayed.
+        v["relay_transport"] = json!(p.relay_transport.map(RelayTransport::as_str));
+    }
     if let Some(reason) = &p.reason {
         v["reason"] = json!(reason.to_string());
     }
     v
 }
 
+/// `direct`, or `relayed` and how: over TURN/UDP, TCP or TLS from our end, or through the
+/// peer's relay (whose transport we cannot see).
+fn path_words(state: &str, relay_transport: Option<&str>) -> String {
+    match (state, relay_transport.and_then(RelayTransport::from_name)) {
+        ("relayed", Some(t)) => format!("relayed ({t})"),
+        ("relayed", None) => "relayed (the peer's relay)".to_string(),
+        (state, _) => state.to_string(),
+    }
+}
+
 fn describe(p: &PeerInfo) -> String {
     let name = p.name.as_deref().unwrap_or("?");
-    let mut s = format!("{name} ({}): {}", p.peer_id, p.state.as_str());
+    let state = path_words(p.state.as_str(), p.relay_transport.map(RelayTransport::as_str));
+    let mut s = format!("{name} ({}): {state}", p.peer_id);
     if let Some(ip) = p.ipv4 {
         s.push_str(&format!(", {ip}"));
     }
@@ -320,7 +335,7 @@ impl Printer {
                 "{} ({}): {}{}{}{}{}{traffic}",
                 p["name"].as_str().unwrap_or("?"),
                 p["peer_id"].as_str().unwrap_or("?"),
-                p["state"].as_str().unwrap_or("?"),
+                path_words(p["state"].as_str().unwrap_or("?"), p["relay_transport"].as_str()),
                 field("ipv4"),
                 p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
                 p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),

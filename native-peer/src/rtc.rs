@@ -45,7 +45,9 @@ use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
     TokioRuntime,
 };
-use weft_core::node::{Channel, ConnectionEvent, ConnectionLimits, IceState, POLITE_OFFER_WAIT};
+use weft_core::node::{
+    Channel, ConnectionEvent, ConnectionLimits, IceState, POLITE_OFFER_WAIT, RelayTransport,
+};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
@@ -78,11 +80,14 @@ const ICE_MAX_CHECKS: u16 = 40;
 /// chosen: host pairs on the same network answer first if there are any. webrtc-rs waits
 /// 500 ms and 1 s.
 const ICE_DIRECT_MIN_WAIT: Duration = Duration::from_millis(100);
-/// How long after ICE starts a working pair through a TURN relay may be chosen: long
-/// enough for a direct pair that works to answer first (a round trip or two), short
-/// enough that a peer only the relay reaches connects in about a second. webrtc-rs waits
-/// 2 s. A session that settles on the relay keeps looking for a direct path (the node's
-/// ICE restarts), so a direct pair that answers late is not lost for good.
+/// How long after ICE starts a working pair through a TURN relay may be chosen. webrtc-rs
+/// waits 2 s. Weft's first choice need not be final: the vendored ICE agent
+/// (`vendor/rtc-ice`, "Renomination") keeps checking the pairs that rank above the selected
+/// one and moves the session to a direct pair that answers later. With the wait as short as
+/// a NAT pair's (100 ms) sessions between two NATs that hole punching crosses often started
+/// relayed and moved in the middle of their first burst, and one such transfer in `cargo
+/// xtask bench relay` went silent (not explained: `vendor/rtc-ice/WEFT-PATCH.md`, "Open"),
+/// so relays wait 400 ms again: the direct pair usually answers first.
 const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(400);
 /// webrtc-rs's default largest message (64 KiB), for [`Tuning::UNTUNED`].
 const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65_536;
@@ -881,8 +886,9 @@ async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
     let ice = pc.sctp().await?.transport().ice_transport();
     let pair = ice.get_selected_candidate_pair().await.ok()??;
     // A remote relay candidate is often first met as peer-reflexive (its checks arrive
-    // before its signaled description) and stays so: it is relayed all the same if the
-    // remote peer signaled a relay candidate at that address.
+    // before its signaled description); the ICE agent retypes it once the description
+    // comes (`vendor/rtc-ice/WEFT-PATCH.md`), and until then it is relayed all the same if
+    // the remote peer signaled a relay candidate at that address.
     let remote = pair.remote();
     let signaled_relay = ice.get_remote_candidates().await.ok()?.iter().any(|c| {
         c.typ == RTCIceCandidateType::Relay && c.address == remote.address && c.port == remote.port
@@ -891,18 +897,36 @@ async fn path_stats(pc: &dyn PeerConnection) -> Option<ConnectionEvent> {
         || remote.typ == RTCIceCandidateType::Relay
         || signaled_relay;
     let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
-    let rtt = report
+    let selected = report
         .transport()
         .and_then(|t| match report.get(&t.selected_candidate_pair_id) {
             Some(RTCStatsReportEntry::IceCandidatePair(p)) => Some(p),
             _ => None,
         })
-        .or_else(|| report.candidate_pairs().find(|p| p.nominated))
+        .or_else(|| report.candidate_pairs().find(|p| p.nominated));
+    let rtt = selected
         .map(|p| p.current_round_trip_time)
         .filter(|rtt| rtt.is_finite() && *rtt > 0.0)
         .map(Duration::from_secs_f64);
-    tracing::debug!(%pair, relayed, "selected path");
-    Some(ConnectionEvent::Path { relayed, rtt })
+    // Our relay candidate's stats carry the URL of the TURN server it came from, which says
+    // how we reach that server (webrtc-rs leaves `relay_protocol` unset).
+    let local = pair.local();
+    let relay_transport = report
+        .iter()
+        .find_map(|entry| match entry {
+            RTCStatsReportEntry::LocalCandidate(c)
+                if local.typ == RTCIceCandidateType::Relay
+                    && c.candidate_type == RTCIceCandidateType::Relay
+                    && c.address.as_deref() == Some(local.address.as_str())
+                    && c.port == local.port =>
+            {
+                Some(c.url.as_str())
+            }
+            _ => None,
+        })
+        .and_then(RelayTransport::of_turn_url);
+    tracing::debug!(%pair, relayed, ?relay_transport, "selected path");
+    Some(ConnectionEvent::Path { relayed, relay_transport, rtt })
 }
 
 #[cfg(test)]

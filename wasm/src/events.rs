@@ -5,7 +5,8 @@ use serde::Serialize;
 use tsify::Tsify;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
-    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, SavedTo, TransfersView,
+    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, RelayTransport, SavedTo,
+    TransfersView,
 };
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
@@ -51,6 +52,10 @@ pub(crate) struct PeerInfo {
     pub short_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trust: Option<&'static str>,
+    /// How we reach the relay of a relayed session (`udp`, `tcp`, `tls`), when our end
+    /// is relayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<&'static str>,
     /// Another pinned name its name looks like, under another key: show it loudly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub looks_like: Option<String>,
@@ -73,6 +78,7 @@ impl From<&NodeInfo> for PeerInfo {
             fingerprint: p.fingerprint.as_ref().map(Fingerprint::to_hex),
             short_code: p.fingerprint.as_ref().map(Fingerprint::short_code),
             trust: p.trust.map(Trust::as_str),
+            relay_transport: p.relay_transport.map(RelayTransport::as_str),
             looks_like: p.looks_like.clone(),
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             ipv4: p.ipv4.map(|a| a.to_string()),

@@ -45,9 +45,11 @@
 //! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
 //! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, looksLike?, rttMs?,
-//! //                          ipv4?, ipv6? }
+//! //                          relayTransport?, ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |
 //! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
+//! //                        relayTransport: "udp" | "tcp" | "tls", how we reach the relay of
+//! //                        a relayed session (absent when only the peer's end is relayed);
 //! //                        trust: "new" | "known" | "verified" | "changed" (changed: the name
 //! //                        was pinned to another key before: warn loudly); looksLike: another
 //! //                        pinned name this one looks like, under another key (warn loudly)

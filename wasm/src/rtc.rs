@@ -40,7 +40,7 @@ use web_sys::{
     RtcPeerConnection, RtcPeerConnectionIceEvent, RtcSdpType, RtcSessionDescriptionInit,
     RtcSignalingState,
 };
-use weft_core::node::{Channel, ConnectionLimits, POLITE_OFFER_WAIT};
+use weft_core::node::{Channel, ConnectionLimits, POLITE_OFFER_WAIT, RelayTransport};
 use weft_core::sdp::dtls_fingerprint;
 use weft_core::signal::{IceServer, SignalPayload};
 
@@ -129,6 +129,8 @@ pub(crate) enum IceStatus {
 pub(crate) struct PathStats {
     /// Either end of the selected pair is a TURN relay candidate.
     pub relayed: bool,
+    /// When our end is a relay candidate: how we reach its TURN server (`relayProtocol`).
+    pub relay_transport: Option<RelayTransport>,
     /// STUN round-trip time of the selected pair, if the browser measured one.
     pub rtt: Option<Duration>,
 }
@@ -813,14 +815,18 @@ fn selected_path(report: &JsValue) -> Option<PathStats> {
                 && get(s, "nominated").as_bool() == Some(true)
         })?,
     };
-    let kind = |key: &str| {
-        get_str(pair, key).and_then(|id| by_id(&id).and_then(|c| get_str(c, "candidateType")))
-    };
-    let relayed = kind("localCandidateId").as_deref() == Some("relay")
-        || kind("remoteCandidateId").as_deref() == Some("relay");
+    let candidate = |key: &str| get_str(pair, key).and_then(|id| by_id(&id));
+    let is_relay = |c: &JsValue| get_str(c, "candidateType").as_deref() == Some("relay");
+    let local = candidate("localCandidateId");
+    let local_relay = local.is_some_and(is_relay);
+    let relayed = local_relay || candidate("remoteCandidateId").is_some_and(is_relay);
+    let relay_transport = local
+        .filter(|_| local_relay)
+        .and_then(|c| get_str(c, "relayProtocol"))
+        .and_then(|p| RelayTransport::from_name(&p));
     let rtt = get(pair, "currentRoundTripTime")
         .as_f64()
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64);
-    Some(PathStats { relayed, rtt })
+    Some(PathStats { relayed, relay_transport, rtt })
 }

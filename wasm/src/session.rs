@@ -537,7 +537,11 @@ impl Inner {
         let weak = self.weak.clone();
         wasm_bindgen_futures::spawn_local(async move {
             let Some(path) = rtc::path_stats(&pc).await else { return };
-            let event = ConnectionEvent::Path { relayed: path.relayed, rtt: path.rtt };
+            let event = ConnectionEvent::Path {
+                relayed: path.relayed,
+                relay_transport: path.relay_transport,
+                rtt: path.rtt,
+            };
             queue.borrow_mut().push_back(Input::Connection { conn, event });
             if let Some(inner) = weak.upgrade() {
                 run(&inner);

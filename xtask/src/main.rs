@@ -804,12 +804,19 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     }
     run_cmd(&mut cmd)?;
     if filter.is_none() {
-        // The vendored webrtc is no workspace member, so `--workspace` skips its tests; run
-        // those of what Weft patched there (the TURN relayer and its TCP/TLS framing). A
-        // build of its own (its features unify apart from the workspace's): minutes, once.
+        // The vendored webrtc and rtc-ice are no workspace members, so `--workspace` skips
+        // their tests; run those of what Weft patched there (webrtc's TURN relayer, whose
+        // TCP/TLS framing is the workspace's `weft-turn-framing`, tested with the workspace;
+        // and the ICE agent, all of its unit tests: renomination and upstream's). Builds of
+        // their own (their features unify apart from the workspace's): minutes, once.
         run_cmd(
             Command::new("cargo")
                 .args(["test", "-p", "webrtc", "--lib", "transport::turn_"])
+                .env("CARGO_INCREMENTAL", "0"),
+        )?;
+        run_cmd(
+            Command::new("cargo")
+                .args(["test", "-p", "rtc-ice", "--lib"])
                 .env("CARGO_INCREMENTAL", "0"),
         )?;
         fuzz::run_fuzz(root, 15)?;

@@ -161,6 +161,7 @@ mod tests {
             name: Some(name.into()),
             fingerprint: Some(key.public().fingerprint()),
             trust: Some(trust),
+            relay_transport: None,
             looks_like: None,
             rtt: None,
             ipv4: None,

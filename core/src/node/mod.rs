@@ -60,7 +60,7 @@ pub use self::limits::ConnectionLimits;
 pub use self::overlay::{
     ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
 };
-pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState};
+pub use self::peers::{ConnId, IceState, PeerFailure, PeerInfo, PeerState, RelayTransport};
 pub use self::route::{
     ANNOUNCEMENT_VERSION, Announcement, AnnouncementError, MAX_ANNOUNCED_ROUTES, PeerFilter,
     PeerRef, PeerRefError, Route, RouteKind, RoutePolicy, RouteTable,
@@ -260,6 +260,8 @@ pub enum ConnectionEvent {
     Path {
         /// Either end is a TURN relay candidate.
         relayed: bool,
+        /// When our end is a relay candidate, how we reach its TURN server.
+        relay_transport: Option<RelayTransport>,
         /// STUN round-trip time of the pair, when measured.
         rtt: Option<Duration>,
     },
@@ -1250,6 +1252,7 @@ impl Node {
         slot.link.channel_closed();
         slot.ice = IceState::Checking;
         slot.relayed = false;
+        slot.relay_transport = None;
         slot.path_rtt = None;
         slot.link_rtt = None;
         slot.upgrade_due = None;
@@ -1319,8 +1322,9 @@ impl Node {
                     self.out.push_back(Output::ReadPath { conn });
                 }
             }
-            ConnectionEvent::Path { relayed, rtt } => {
+            ConnectionEvent::Path { relayed, relay_transport, rtt } => {
                 slot.relayed = relayed;
+                slot.relay_transport = relay_transport.filter(|_| relayed);
                 slot.path_rtt = rtt;
                 if !relayed {
                     slot.upgrade_due = None;

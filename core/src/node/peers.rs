@@ -65,6 +65,61 @@ impl PeerState {
     }
 }
 
+/// How this side reaches the TURN server its end of a relayed path goes through (the
+/// browser's `relayProtocol`): over UDP unless the network blocks it, then TCP, then TLS
+/// (often on 443).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTransport {
+    /// TURN over UDP.
+    Udp,
+    /// TURN over TCP.
+    Tcp,
+    /// TURN over TLS (`turns:`).
+    Tls,
+}
+
+impl RelayTransport {
+    /// Lowercase name, as in JSON and the browser's stats (`udp`, `tcp`, `tls`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        }
+    }
+
+    /// The transport named as [`RelayTransport::as_str`] names it (a browser's
+    /// `relayProtocol`); `None` for anything else.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Udp, Self::Tcp, Self::Tls].into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// The transport a STUN/TURN URL (RFC 7065) reaches its server over: `turns:` is TLS,
+    /// `turn:` is UDP unless it says `?transport=tcp`. `None` for a URL that is no TURN URL.
+    pub fn of_turn_url(url: &str) -> Option<Self> {
+        let (scheme, rest) = url.split_once(':')?;
+        let tcp = rest.split_once('?').is_some_and(|(_, query)| {
+            query.split('&').any(|p| p.eq_ignore_ascii_case("transport=tcp"))
+        });
+        match scheme.to_ascii_lowercase().as_str() {
+            "turns" => Some(Self::Tls),
+            "turn" if tcp => Some(Self::Tcp),
+            "turn" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RelayTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Udp => "TURN/UDP",
+            Self::Tcp => "TURN/TCP",
+            Self::Tls => "TURN/TLS",
+        })
+    }
+}
+
 /// Why a peer's connection failed. `Display` is for users.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -95,6 +150,10 @@ pub struct PeerInfo {
     pub fingerprint: Option<Fingerprint>,
     /// `new`, `known`, `verified` or `changed`.
     pub trust: Option<Trust>,
+    /// For a relayed session whose relay is on our end: how we reach that TURN server.
+    /// `None` when direct, or when only the peer's end is relayed (its transport to its
+    /// relay is not visible here).
+    pub relay_transport: Option<RelayTransport>,
     /// Another pinned name its name looks like, pinned to another key ("аlice" with a
     /// Cyrillic "а" for "alice"): show it loudly beside the name.
     pub looks_like: Option<String>,
@@ -126,6 +185,7 @@ pub(crate) struct PeerSlot {
     pub link: PeerLink,
     pub ice: IceState,
     pub relayed: bool,
+    pub relay_transport: Option<RelayTransport>,
     pub link_rtt: Option<Duration>,
     pub path_rtt: Option<Duration>,
     pub fingerprint: Option<Fingerprint>,
@@ -157,6 +217,7 @@ impl PeerSlot {
             link,
             ice: IceState::Checking,
             relayed: false,
+            relay_transport: None,
             link_rtt: None,
             path_rtt: None,
             fingerprint: None,
@@ -203,6 +264,7 @@ impl PeerSlot {
             name: self.link.peer_name().map(str::to_string),
             fingerprint: self.fingerprint,
             trust: self.trust,
+            relay_transport: self.relay_transport.filter(|_| state == PeerState::Relayed),
             looks_like: self.looks_like.clone(),
             rtt: self.link_rtt.or(self.path_rtt),
             ipv4,
@@ -216,5 +278,31 @@ impl PeerSlot {
                 .filter(|_| self.is_established())
                 .map(|at| now.saturating_sub(at)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RelayTransport;
+
+    #[test]
+    fn a_turn_url_says_how_its_server_is_reached() {
+        let cases = [
+            ("turn:198.51.100.1:3478", Some(RelayTransport::Udp)),
+            ("turn:198.51.100.1:3478?transport=udp", Some(RelayTransport::Udp)),
+            ("turn:relay.example:3478?transport=tcp", Some(RelayTransport::Tcp)),
+            ("TURN:[2001:db8::1]:3478?Transport=TCP", Some(RelayTransport::Tcp)),
+            ("turns:relay.example:443?transport=tcp", Some(RelayTransport::Tls)),
+            ("turns:relay.example", Some(RelayTransport::Tls)),
+            ("stun:198.51.100.1:3478", None),
+            ("relay", None),
+        ];
+        for (url, want) in cases {
+            assert_eq!(RelayTransport::of_turn_url(url), want, "{url}");
+        }
+        for t in [RelayTransport::Udp, RelayTransport::Tcp, RelayTransport::Tls] {
+            assert_eq!(RelayTransport::from_name(t.as_str()), Some(t));
+        }
+        assert_eq!(RelayTransport::from_name("dtls"), None);
     }
 }

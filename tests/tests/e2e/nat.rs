@@ -130,17 +130,18 @@ async fn send_across(
     size: u64,
     link_mbit: Option<u32>,
 ) -> (String, Vec<Value>, Duration) {
-    send_across_via(sites, size, link_mbit, Serving::Plain).await
+    let (path, seen, took, _) = send_across_via(sites, size, link_mbit, Serving::Plain).await;
+    (path, seen, took)
 }
 
 /// [`send_across`] with the server serving as `serving` says; the path Bea's session took,
-/// what Bea printed, and how long the transfer took.
+/// what Bea printed, how long the transfer took, and what Ada printed.
 async fn send_across_via(
     sites: [SiteSpec; 2],
     size: u64,
     link_mbit: Option<u32>,
     serving: Serving,
-) -> (String, Vec<Value>, Duration) {
+) -> (String, Vec<Value>, Duration, Vec<Value>) {
     let topology = Topology::new(&sites).unwrap();
     topology.limit_sites(link_mbit).unwrap();
     let capture = Capture::start(topology.server(), &[MARKER, NETWORK, CONTROL]).await;
@@ -209,7 +210,7 @@ async fn send_across_via(
     assert!(!stalled, "the transfer stalled: {:?}", bea.seen);
     let path =
         last_path(&bea.seen).unwrap_or_else(|| panic!("no session with Ada: {:?}", bea.seen));
-    (path, bea.seen, took)
+    (path, bea.seen, took, ada.seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,12 +239,21 @@ async fn behind_symmetric_nats_native_peers_connect_through_the_relay() {
 
 /// Ada behind a router that lets out only what `outbound` allows, Bea behind an ordinary
 /// home router: a 1 MiB file goes from Ada to Bea through the relay, `weft-signal` serving
-/// as `serving` says; how long it took.
-async fn relayed_from_behind(outbound: Outbound, serving: Serving) -> Duration {
+/// as `serving` says; how long it took. Ada's only path is through her own relay, and she
+/// shows it reached over `transport` (`tcp`, `tls`).
+async fn relayed_from_behind(outbound: Outbound, serving: Serving, transport: &str) -> Duration {
     let firewalled = SiteSpec { nat: Nat::EndpointIndependent, outbound, hosts: 1 };
     let home = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, took) = send_across_via([firewalled, home], mib(1) + 7, None, serving).await;
+    let (path, seen, took, ada) =
+        send_across_via([firewalled, home], mib(1) + 7, None, serving).await;
     assert_eq!(path, "relayed", "{seen:?}");
+    let shown = ada
+        .iter()
+        .rev()
+        .find(|v| v["event"] == "peer_connected" || v["event"] == "path_changed")
+        .unwrap_or_else(|| panic!("Ada saw no session: {ada:?}"));
+    assert_eq!(shown["path"], "relayed", "{shown}");
+    assert_eq!(shown["relay_transport"], transport, "{shown}");
     took
 }
 
@@ -255,7 +265,7 @@ async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp()
     if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tcp") {
         return;
     }
-    let took = relayed_from_behind(Outbound::NoUdp, Serving::Plain).await;
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::Plain, "tcp").await;
     println!("UDP blocked: 1 MiB through TURN over TCP in {took:?}");
 }
 
@@ -268,7 +278,7 @@ async fn a_native_peer_whose_network_lets_only_https_out_connects_through_turns_
     if !netns_available(test) {
         return;
     }
-    let took = relayed_from_behind(Outbound::OnlyTcp443, Serving::Https443).await;
+    let took = relayed_from_behind(Outbound::OnlyTcp443, Serving::Https443, "tls").await;
     println!("only HTTPS out: 1 MiB through TURN over TLS on 443 in {took:?}");
 }
 
@@ -279,7 +289,7 @@ async fn a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls()
     if !netns_available("a_native_peer_whose_network_blocks_udp_connects_through_turn_over_tls") {
         return;
     }
-    let took = relayed_from_behind(Outbound::NoUdp, Serving::TurnTlsOnly).await;
+    let took = relayed_from_behind(Outbound::NoUdp, Serving::TurnTlsOnly, "tls").await;
     println!("UDP blocked, TURN/TCP off: 1 MiB through TURN over TLS in {took:?}");
 }
 
@@ -382,6 +392,63 @@ async fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {
         let sessions = peer.seen.iter().filter(|v| v["event"] == "peer_connected").count();
         assert_eq!(sessions, 1, "the session was rebuilt, not moved: {:?}", peer.seen);
         peer.terminate(WAIT).await.unwrap();
+    }
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A transfer that starts on the relay and moves to the direct path in the middle of its
+/// burst (ICE renomination, `vendor/rtc-ice/WEFT-PATCH.md`): two sites behind
+/// endpoint-independent NATs (16 Mbit/s links), UDP between them dropped until the file is
+/// on its way through the relay, then let through: renomination moves the session if the
+/// direct pairs are still being checked, else the node's first look for a direct path (an
+/// ICE restart, 5 s after the session went relayed) does, both while the file is still on
+/// its way (about 8 s). The file arrives whole, and both sides end on the direct path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_starts_relayed_moves_to_the_direct_path_mid_burst() {
+    if !netns_available("a_transfer_that_starts_relayed_moves_to_the_direct_path_mid_burst") {
+        return;
+    }
+    let eim = SiteSpec::behind(Nat::EndpointIndependent);
+    let topology = Topology::new(&[eim, eim]).unwrap();
+    topology.limit_sites(Some(16)).unwrap();
+    topology.set_udp_between_sites(false).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let scratch = Scratch::new("nat-mid").unwrap();
+    let size = usize::try_from(mib(16) + 7).unwrap();
+    let path = scratch.path().join("mid.bin");
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let root = blake3_of(&path).unwrap();
+    let downloads = scratch.path().join("in");
+    let (dir_a, dir_b) = (config_dir("mid-ada").unwrap(), config_dir("mid-bea").unwrap());
+    let mut receive = command_on(topology.host(1, 0), &server.ws_url, &dir_b).unwrap();
+    receive.args(["--network", NETWORK]).env("WEFT_PASSPHRASE", "correct horse battery");
+    receive.args(["--name", "Bea", "receive", "--once", "--accept-from", "Ada", "--dir"]);
+    receive.arg(&downloads);
+    let mut bea = NativePeer::spawn(receive).unwrap();
+    bea.expect_event("receiving", WAIT).await.unwrap();
+    let mut send = command_on(topology.host(0, 0), &server.ws_url, &dir_a).unwrap();
+    send.args(["--network", NETWORK]).env("WEFT_PASSPHRASE", "correct horse battery");
+    send.args(["--name", "Ada", "send", "--to", "Bea"]).arg(&path);
+    let mut ada = NativePeer::spawn(send).unwrap();
+    let seen = ada.expect("a session", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    assert_eq!(seen["path"], "relayed", "{seen}");
+    bea.expect("the first bytes", WAIT, |v| v["event"] == "progress").await.unwrap();
+    let dropped = topology.set_udp_between_sites(true).unwrap();
+    assert!(dropped > 0, "no direct attempt was made (and blocked)");
+    let (sent, received) = tokio::join!(ada.wait_exit(LONG), bea.wait_exit(LONG));
+    assert!(sent.unwrap().success(), "Ada: {:?}", ada.seen);
+    assert!(received.unwrap().success(), "Bea: {:?}", bea.seen);
+    assert_eq!(blake3_of(&downloads.join("mid.bin")).unwrap(), root);
+    let stalled = bea.seen.iter().any(|v| v["event"] == "source_dropped");
+    assert!(!stalled, "the transfer stalled: {:?}", bea.seen);
+    for peer in [&ada, &bea] {
+        let moved = peer.seen.iter().any(|v| v["event"] == "path_changed" && v["path"] == "direct");
+        assert!(moved, "no move to the direct path: {:?}", peer.seen);
     }
     assert_eq!(topology.stray_packets().unwrap(), 0);
     drop(server);

@@ -81,12 +81,14 @@ async fn a_browser_without_udp_and_one_behind_a_symmetric_nat_talk_through_turn_
     let checked = async {
         join(&alice, &topology, "Alice").await;
         join(&bob, &topology, "Bob").await;
-        wait_peer(&alice, "Bob", &["relayed"], WAIT).await?;
+        let bob_seen = wait_peer(&alice, "Bob", &["relayed"], WAIT).await?;
         wait_peer(&bob, "Alice", &["relayed"], WAIT).await?;
-        // Alice's only way out is TCP: her end of the pair is her relay, reached over TCP.
+        // Alice's only way out is TCP: her end of the pair is her relay, reached over TCP,
+        // and the JS API says so.
         let pair = selected_pair(&alice).await;
         assert_eq!(pair["localType"], "relay", "{pair}");
         assert_eq!(pair["relayProtocol"], "tcp", "{pair}");
+        assert_eq!(bob_seen["relayTransport"], "tcp", "{bob_seen}");
         let to_bob = format!("{MARKER} hello Bob, from a network without UDP");
         let to_alice = format!("{MARKER} hi Alice, from behind a symmetric NAT");
         say(&alice, &to_bob).await;

@@ -35,7 +35,8 @@
 //!   to the same receiver behind a symmetric NAT. `relay_over_tcp_vs_udp_ratio` is the
 //!   median of the paired runs' ratios.
 //!
-//! `WEFT_BENCH_PARTS=throughput` runs only the throughput parts, `=tcp` only the last. `WEFT_BENCH_RUNS` (default 5) sets the number of alternating runs, `WEFT_BENCH_MB`
+//! `WEFT_BENCH_PARTS=throughput` runs only the throughput parts, `=tcp` only the last,
+//! `=connect` only the connect times, `=matrix` the matrix and the connect times. `WEFT_BENCH_RUNS` (default 5) sets the number of alternating runs, `WEFT_BENCH_MB`
 //! (default 64) the file's size in MiB. Prints `BENCH <metric> <value> <unit>` lines.
 
 use std::path::Path;
@@ -204,10 +205,18 @@ async fn transfer(
     Ok((took, path))
 }
 
-/// Which NAT pairs connect, and the time to a first message, direct and relayed.
-async fn matrix_and_connect(topology: &Topology, ws: &str) -> Result<()> {
+/// Which NAT pairs connect (unless not `matrix`), and the time to a first message, direct
+/// and relayed.
+async fn matrix_and_connect(topology: &Topology, ws: &str, matrix: bool) -> Result<()> {
+    if matrix {
+        nat_matrix(topology, ws).await;
+    }
+    connect_times(topology, ws).await
+}
+
+/// How many of the pairings of [`KINDS`] connect, and on which path.
+async fn nat_matrix(topology: &Topology, ws: &str) {
     let host = |site: usize| topology.host(site, 0);
-    let ws = ws.to_string();
     // The matrix: every unordered pair of kinds.
     let mut connected = 0;
     let mut combos = 0;
@@ -217,7 +226,7 @@ async fn matrix_and_connect(topology: &Topology, ws: &str) -> Result<()> {
             let (a, b) = (sites_of(i).0, sites_of(j).1);
             let label = format!("m{i}{j}");
             let what = format!("{kind_a} ↔ {kind_b}");
-            match connect_pair(host(a), host(b), &ws, &label).await {
+            match connect_pair(host(a), host(b), ws, &label).await {
                 Ok(path) => {
                     connected += 1;
                     println!("  {what}: {path}");
@@ -227,13 +236,18 @@ async fn matrix_and_connect(topology: &Topology, ws: &str) -> Result<()> {
         }
     }
     println!("BENCH nat_matrix_connected {connected} of_{combos}");
+}
 
+/// From starting `msg` to its arrival, direct and relayed, alternating: the medians and
+/// their ratio.
+async fn connect_times(topology: &Topology, ws: &str) -> Result<()> {
+    let host = |site: usize| topology.host(site, 0);
     let (eim, sym) = (sites_of(1), sites_of(2));
     let mut direct_ms = Vec::new();
     let mut relay_ms = Vec::new();
     for run in 0..runs() {
-        let d = connect_time(host(eim.0), host(eim.1), &ws, &format!("cd{run}")).await?;
-        let r = connect_time(host(sym.0), host(sym.1), &ws, &format!("cr{run}")).await?;
+        let d = connect_time(host(eim.0), host(eim.1), ws, &format!("cd{run}")).await?;
+        let r = connect_time(host(sym.0), host(sym.1), ws, &format!("cr{run}")).await?;
         println!("  run {run}: first message direct {d:.0?}, relayed {r:.0?}");
         direct_ms.push(d.as_secs_f64() * 1e3);
         relay_ms.push(r.as_secs_f64() * 1e3);
@@ -263,7 +277,10 @@ pub async fn main() -> Result<()> {
 
     let parts = std::env::var("WEFT_BENCH_PARTS").unwrap_or_default();
     if parts != "throughput" && parts != "tcp" {
-        matrix_and_connect(&topology, &ws).await?;
+        matrix_and_connect(&topology, &ws, parts != "connect").await?;
+    }
+    if parts == "connect" || parts == "matrix" {
+        return Ok(());
     }
     let server_pid = server.child.id().context("weft-signal exited")?;
     let (eim, sym) = (sites_of(1), sites_of(2));

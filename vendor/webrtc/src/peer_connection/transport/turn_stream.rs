@@ -7,12 +7,13 @@
 //! hop to the server is a stream, so a host whose network lets no UDP (or only TCP to 443)
 //! out still gets a relayed UDP candidate.
 //!
-//! [`TurnStreamDecoder`] is the framing, with no I/O. [`RTCTurnStreams`] owns the
-//! connections: each runs in a task of its own that connects, runs TLS (rustls's own state
-//! machine, fed from and to the runtime's TCP stream, so no runtime-specific TLS crate is
-//! needed), cuts what arrives into messages and writes what the relayer sends. The driver
-//! talks to the tasks through channels, so a stalled server never blocks the driver's loop:
-//! what does not fit in a connection's queue is dropped, as a full UDP socket buffer would.
+//! [`TurnStreamDecoder`] (the `weft-turn-framing` crate, which Weft fuzzes) is the framing,
+//! with no I/O. [`RTCTurnStreams`] owns the connections: each runs in a task of its own
+//! that connects, runs TLS (rustls's own state machine, fed from and to the runtime's TCP
+//! stream, so no runtime-specific TLS crate is needed), cuts what arrives into messages and
+//! writes what the relayer sends. The driver talks to the tasks through channels, so a
+//! stalled server never blocks the driver's loop: what does not fit in a connection's queue
+//! is dropped, as a full UDP socket buffer would.
 
 use crate::runtime::{AsyncTcpStream, Runtime};
 use bytes::BytesMut;
@@ -21,18 +22,12 @@ use log::{debug, trace};
 use rtc::shared::{FourTuple, TaggedBytesMut, TransportContext, TransportProtocol};
 use rustls::pki_types::ServerName;
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
+use weft_turn_framing::TurnStreamDecoder;
 
-/// STUN header: type, length, magic cookie, transaction id.
-const STUN_HEADER_LEN: usize = 20;
-/// RFC 5389 §6.
-const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
-/// ChannelData header: channel number and length.
-const CHANNEL_DATA_HEADER_LEN: usize = 4;
 /// How long a connection (TCP, then the start of TLS) may take before the server counts as
 /// unreachable: a firewall that drops the SYN would otherwise hold gathering for minutes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,74 +38,6 @@ const WRITE_QUEUE: usize = 1024;
 /// connections stop reading (TCP then pushes back on the server).
 const EVENT_QUEUE: usize = 1024;
 const READ_BUF_LEN: usize = 16 * 1024;
-
-/// Why a stream from a TURN server could not be cut into messages. The stream is closed:
-/// nothing after a bad frame can be trusted to start at a message boundary.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TurnFramingError {
-    /// The first two bits say neither STUN (`00`) nor ChannelData (`01`).
-    UnknownFrame(u8),
-    /// A STUN header without the magic cookie.
-    NoMagicCookie,
-}
-
-impl fmt::Display for TurnFramingError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TurnFramingError::UnknownFrame(byte) => {
-                write!(f, "neither STUN nor ChannelData (first byte {byte:#04x})")
-            }
-            TurnFramingError::NoMagicCookie => write!(f, "a STUN header without the magic cookie"),
-        }
-    }
-}
-
-/// Cuts a byte stream from a TURN server into STUN and ChannelData messages (RFC 8656
-/// §3.1, §12.5). Bytes go in as they arrive, in pieces of any size; whole messages come
-/// out, ChannelData without its padding. Holds at most one incomplete message (under
-/// 64 KiB + 20 bytes: both length fields are 16 bits) plus what the last read brought.
-///
-/// Hand-written: a dozen lines over two fixed headers, and the crates that frame TURN over
-/// TCP (coturn, pion) are not Rust; `rtc`'s `TcpFrameDecoder` is RFC 4571's framing (ICE-TCP),
-/// not this one.
-#[derive(Debug, Default)]
-pub(crate) struct TurnStreamDecoder {
-    buf: BytesMut,
-}
-
-impl TurnStreamDecoder {
-    /// Appends bytes read from the stream.
-    pub(crate) fn extend(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// The next whole message, if one has arrived.
-    pub(crate) fn next_message(&mut self) -> Result<Option<BytesMut>, TurnFramingError> {
-        if self.buf.len() < CHANNEL_DATA_HEADER_LEN {
-            return Ok(None);
-        }
-        let declared = usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]]));
-        let (message_len, frame_len) = match self.buf[0] >> 6 {
-            0b00 => {
-                if self.buf.len() >= 8 && self.buf[4..8] != STUN_MAGIC_COOKIE {
-                    return Err(TurnFramingError::NoMagicCookie);
-                }
-                (STUN_HEADER_LEN + declared, STUN_HEADER_LEN + declared)
-            }
-            0b01 => {
-                let message_len = CHANNEL_DATA_HEADER_LEN + declared;
-                (message_len, message_len.next_multiple_of(4))
-            }
-            _ => return Err(TurnFramingError::UnknownFrame(self.buf[0])),
-        };
-        if self.buf.len() < frame_len {
-            return Ok(None);
-        }
-        let mut frame = self.buf.split_to(frame_len);
-        frame.truncate(message_len);
-        Ok(Some(frame))
-    }
-}
 
 /// What a connection to a TURN server tells the driver.
 pub(crate) enum TurnStreamEvent {
@@ -502,133 +429,4 @@ fn tls_output(tls: &Mutex<rustls::ClientConnection>, out: &mut Vec<u8>) -> io::R
 /// Hands `message` to rustls to seal (before the handshake ends, rustls keeps it until then).
 fn tls_input(tls: &Mutex<rustls::ClientConnection>, message: BytesMut) -> io::Result<()> {
     lock(tls).writer().write_all(&message)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A STUN Binding request with `attr_len` bytes of attributes.
-    fn stun(attr_len: u16, fill: u8) -> Vec<u8> {
-        let mut m = vec![0x00, 0x01];
-        m.extend_from_slice(&attr_len.to_be_bytes());
-        m.extend_from_slice(&STUN_MAGIC_COOKIE);
-        m.extend_from_slice(&[7; 12]);
-        m.extend(std::iter::repeat_n(fill, usize::from(attr_len)));
-        m
-    }
-
-    /// A ChannelData message on 0x4001 carrying `len` bytes, padded as over TCP.
-    fn channel_data(len: u16, fill: u8) -> (Vec<u8>, Vec<u8>) {
-        let mut m = vec![0x40, 0x01];
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend(std::iter::repeat_n(fill, usize::from(len)));
-        let unpadded = m.clone();
-        m.resize(m.len().next_multiple_of(4), 0);
-        (m, unpadded)
-    }
-
-    fn drain(decoder: &mut TurnStreamDecoder) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        while let Some(m) = decoder.next_message().expect("valid stream") {
-            out.push(m.to_vec());
-        }
-        out
-    }
-
-    /// Several messages back to back (STUN, padded and unpadded-length ChannelData, an
-    /// empty ChannelData), fed in pieces of every size from 1 byte to all at once: the same
-    /// messages come out, in order, without padding, and nothing is left over.
-    #[test]
-    fn messages_survive_every_split() {
-        let (cd3, cd3_msg) = channel_data(3, 0xaa);
-        let (cd8, cd8_msg) = channel_data(8, 0xbb);
-        let (cd0, cd0_msg) = channel_data(0, 0);
-        let (cd1201, cd1201_msg) = channel_data(1201, 0xcc);
-        let stream: Vec<u8> = [stun(8, 1), cd3, cd8, stun(0, 2), cd0, cd1201].concat();
-        let expected = vec![
-            stun(8, 1),
-            cd3_msg,
-            cd8_msg,
-            stun(0, 2),
-            cd0_msg,
-            cd1201_msg,
-        ];
-        for piece in 1..=stream.len() {
-            let mut decoder = TurnStreamDecoder::default();
-            let mut got = Vec::new();
-            for chunk in stream.chunks(piece) {
-                decoder.extend(chunk);
-                got.extend(drain(&mut decoder));
-            }
-            assert_eq!(got, expected, "pieces of {piece} bytes");
-            assert!(
-                decoder.buf.is_empty(),
-                "pieces of {piece} bytes left bytes behind"
-            );
-        }
-    }
-
-    /// A message is not handed out before its padding has arrived, so the next one starts
-    /// where the stream says.
-    #[test]
-    fn channel_data_waits_for_its_padding() {
-        let (padded, message) = channel_data(5, 0x11);
-        let mut decoder = TurnStreamDecoder::default();
-        decoder.extend(&padded[..message.len()]);
-        assert_eq!(decoder.next_message(), Ok(None));
-        decoder.extend(&padded[message.len()..]);
-        assert_eq!(decoder.next_message().unwrap().unwrap().to_vec(), message);
-        decoder.extend(&stun(4, 9));
-        assert_eq!(
-            decoder.next_message().unwrap().unwrap().to_vec(),
-            stun(4, 9)
-        );
-    }
-
-    #[test]
-    fn garbage_closes_the_stream() {
-        let mut decoder = TurnStreamDecoder::default();
-        decoder.extend(&[0x80, 0x00, 0x00, 0x04]);
-        assert_eq!(
-            decoder.next_message(),
-            Err(TurnFramingError::UnknownFrame(0x80))
-        );
-
-        // A TLS server behind a `turn:…?transport=tcp` URL: its first record is no STUN.
-        let mut decoder = TurnStreamDecoder::default();
-        decoder.extend(&[0x16, 0x03, 0x03, 0x00, 0x7a, 0x02, 0x00, 0x00, 0x76]);
-        assert_eq!(decoder.next_message(), Err(TurnFramingError::NoMagicCookie));
-
-        let mut decoder = TurnStreamDecoder::default();
-        let mut bad = stun(0, 0);
-        bad[4] = 0;
-        decoder.extend(&bad);
-        assert_eq!(decoder.next_message(), Err(TurnFramingError::NoMagicCookie));
-    }
-
-    /// Arbitrary bytes never panic and never make the decoder hold more than one message
-    /// and the last piece.
-    #[test]
-    fn arbitrary_bytes_are_refused_or_framed_without_panicking() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        for _ in 0..2000 {
-            let mut decoder = TurnStreamDecoder::default();
-            for _ in 0..8 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let len = (seed % 300) as usize;
-                let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 56)) as u8).collect();
-                decoder.extend(&bytes);
-                loop {
-                    match decoder.next_message() {
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                assert!(decoder.buf.len() <= STUN_HEADER_LEN + 65_535 + 300);
-            }
-        }
-    }
 }

@@ -389,7 +389,9 @@ pub fn bytes(n: u64) -> String {
 fn items_json(items: &[OfferItem]) -> Value {
     items
         .iter()
-        .map(|i| json!({"path": i.path, "size": i.size, "root": i.root.to_string()}))
+        .map(|i| {
+            json!({"path": i.path, "size": i.size, "root": i.root.to_string(), "streamed": i.streamed})
+        })
         .collect::<Vec<_>>()
         .into()
 }
@@ -431,8 +433,11 @@ pub fn file_json(ev: &FileEvent) -> Value {
             TransferEvent::Delivered { peer, root } => {
                 json!({"event": "delivered", "peer_id": peer, "root": root.to_string()})
             }
-            TransferEvent::FileComplete { root, paths, size } => {
+            TransferEvent::FileComplete { root, paths, size, .. } => {
                 json!({"event": "file_complete", "root": root.to_string(), "paths": paths, "size": size})
+            }
+            TransferEvent::Verified { key, root } => {
+                json!({"event": "verified", "key": key.to_string(), "root": root.to_string()})
             }
             TransferEvent::FileFailed { root, reason } => {
                 json!({"event": "file_failed", "root": root.to_string(), "reason": reason.to_string()})
@@ -506,7 +511,7 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
             TransferEvent::ShareFailed { root, reason } => {
                 format!("stopped sharing {}: {reason}", &root.to_string()[..16])
             }
-            TransferEvent::SourceAdded { .. } => return None,
+            TransferEvent::SourceAdded { .. } | TransferEvent::Verified { .. } => return None,
         },
         FileEvent::Restored(view) => format!(
             "resuming {} ({} of {} stored)",

@@ -392,8 +392,10 @@ pub(crate) fn file_event(
                 reason: reason.to_string(),
             },
             // The node reports a complete file once it is in place (`Saved`); a share that
-            // failed only matters to the driver.
-            TransferEvent::FileComplete { .. } | TransferEvent::ShareFailed { .. } => return None,
+            // failed only matters to the driver; a verified root shows in the next progress.
+            TransferEvent::FileComplete { .. }
+            | TransferEvent::ShareFailed { .. }
+            | TransferEvent::Verified { .. } => return None,
         },
         NodeFileEvent::Progress(view) => FileEvent::Progress(ProgressJs::from(view)),
         NodeFileEvent::Upload { peer, root, sent_bytes, size } => FileEvent::Upload {
@@ -403,7 +405,7 @@ pub(crate) fn file_event(
             size: *size as f64,
         },
         NodeFileEvent::Restored(_) => return None,
-        NodeFileEvent::Saved { root, paths, size, to } => FileEvent::FileComplete {
+        NodeFileEvent::Saved { root, paths, size, to, .. } => FileEvent::FileComplete {
             root: root.to_string(),
             paths: paths.clone(),
             size: *size as f64,

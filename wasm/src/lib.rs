@@ -523,9 +523,10 @@ impl WeftSession {
             if entries.is_empty() {
                 return Err(JsError::new("no files to send").into());
             }
-            // Fail early, before hashing gigabytes, if nobody can receive.
+            // Fail early, before reading gigabytes, if nobody can receive.
             established(&inner.borrow(), to.as_deref()).map_err(js_error)?;
-            let shared = hash_and_share(&inner, entries).await?;
+            // Offered at once; hashed while chunks flow.
+            let shared = hash_and_share(&inner, entries, true).await?;
             let list: Vec<_> = shared.into_iter().map(|(root, path, _)| (root, path)).collect();
             let mut offers = Vec::new();
             command(&inner, |i| {
@@ -556,7 +557,7 @@ impl WeftSession {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let entries = files::entries(&entries)?;
-            let shared = hash_and_share(&inner, entries).await?;
+            let shared = hash_and_share(&inner, entries, false).await?;
             let array = js_sys::Array::new();
             for (root, path, size) in shared {
                 let obj = js_sys::Object::new();
@@ -628,7 +629,7 @@ impl WeftSession {
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root)?;
+            let root = stored_key(&inner, root_arg(&root)?);
             inner.borrow().files.check_kept()?;
             let stored = files::stored_file(&root).await?;
             // Stored under its root; handed out under the last part of its path (the same
@@ -666,7 +667,7 @@ impl WeftSession {
                 })
                 .unwrap_or_else(|| root.to_string());
             inner.borrow().files.check_kept()?;
-            files::save_download(&root, &path).await?;
+            files::save_download(&stored_key(&inner, root), &path).await?;
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -685,7 +686,7 @@ impl WeftSession {
                     .downloads()
                     .into_iter()
                     .filter(|d| d.state == DownloadState::Complete)
-                    .map(|d| (d.root, d.paths))
+                    .map(|d| (d.key, d.paths))
                     .collect()
             };
             let n = files::save_all_to(complete).await?;
@@ -698,7 +699,7 @@ impl WeftSession {
     pub fn hash_downloaded(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root)?;
+            let root = stored_key(&inner, root_arg(&root)?);
             inner.borrow().files.check_kept()?;
             let file = files::stored_file(&root).await?;
             let hash = files::hash_blob(&file).await?;
@@ -788,6 +789,12 @@ fn js_error(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
+/// Where the download `root` (its hash, or the stream key it was offered under) is
+/// stored: under its stream key if it was offered before it was hashed.
+fn stored_key(inner: &Rc<RefCell<Inner>>, root: Root) -> Root {
+    inner.borrow().node.engine().progress(&root).map_or(root, |p| p.key)
+}
+
 /// A file's hash from JavaScript (64 hex digits); the error names what was passed.
 fn root_arg(s: &str) -> Result<Root, WebError> {
     s.parse().map_err(|error| WebError::BadRoot { given: s.to_string(), error })
@@ -819,10 +826,12 @@ fn established(i: &Inner, to: Option<&[String]>) -> Result<Vec<PeerId>, NodeErro
 }
 
 /// Hashes every entry (emitting `hashing` events) and shares it; returns (root, path,
-/// size) of each.
+/// size) of each. `at_once`: shares each before it is hashed, hashing it in the
+/// background (`files::send`); the key returned is then its local key.
 async fn hash_and_share(
     inner: &Rc<RefCell<Inner>>,
     entries: Vec<files::Entry>,
+    at_once: bool,
 ) -> Result<Vec<(Root, String, u64)>, WebError> {
     use weft_core::transfer::wire::{Unsendable, check_send_path};
     let mut shared = Vec::new();
@@ -851,8 +860,13 @@ async fn hash_and_share(
             shared.push((root, entry.path, size as u64));
             continue;
         }
+        if at_once {
+            let path = entry.path.clone();
+            shared.push((files::send::share_at_once(inner, entry), path, size as u64));
+            continue;
+        }
         let mut last_event = now();
-        let digest = files::hash_entry(&entry, |done| {
+        let digest = files::hash_entry(&entry, |done, _| {
             if now().saturating_sub(last_event) >= weft_core::node::PROGRESS_EVERY || done >= size {
                 last_event = now();
                 let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: done, size };

@@ -823,7 +823,11 @@ fn a_failed_write_reports_plain_words_and_keeps_what_was_stored() {
     let out: Vec<Output> = std::iter::from_fn(|| e.poll_output()).collect();
     assert_eq!(
         out,
-        vec![Output::Event(TransferEvent::FileFailed { root, reason: FailReason::DiskFull })]
+        vec![Output::Event(TransferEvent::FileFailed {
+            root,
+            key: root,
+            reason: FailReason::DiskFull
+        })]
     );
     assert_eq!(e.record(&root).unwrap().have, vec![0b001]);
 }
@@ -1081,10 +1085,11 @@ fn a_sender_whose_root_does_not_match_its_hashes_fails_the_file_and_nothing_is_k
     let lie = TransferMsg::Root { key, root: Root::of(b"something else") };
     net.engine("bob").handle(&pid("alice"), lie, now);
     net.hash("alice", local, data.len());
-    assert!(
-        net.events("bob")
-            .contains(&TransferEvent::FileFailed { root: key, reason: FailReason::WrongRoot })
-    );
+    assert!(net.events("bob").contains(&TransferEvent::FileFailed {
+        root: key,
+        key,
+        reason: FailReason::WrongRoot
+    }));
     assert!(net.completed("bob").is_empty());
     assert!(!net.nodes[&pid("bob")].disk.contains_key(&key), "what it sent is discarded");
     assert!(net.engine("bob").progress(&key).is_none());

@@ -439,7 +439,7 @@ pub fn file_json(ev: &FileEvent) -> Value {
             TransferEvent::Verified { key, root } => {
                 json!({"event": "verified", "key": key.to_string(), "root": root.to_string()})
             }
-            TransferEvent::FileFailed { root, reason } => {
+            TransferEvent::FileFailed { root, reason, .. } => {
                 json!({"event": "file_failed", "root": root.to_string(), "reason": reason.to_string()})
             }
             TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => json!({
@@ -495,7 +495,7 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
                 format!("{peer} has {} (verified)", &root.to_string()[..16])
             }
             TransferEvent::FileComplete { paths, .. } => format!("complete: {}", paths.join(", ")),
-            TransferEvent::FileFailed { root, reason } => {
+            TransferEvent::FileFailed { root, reason, .. } => {
                 format!("failed: {}: {reason}", &root.to_string()[..16])
             }
             TransferEvent::Cancelled { peer, reason, by_peer, .. } => {

@@ -799,7 +799,7 @@ async fn receive_inner(
                     }
                 }
             }
-            FileEvent::Engine(TransferEvent::FileFailed { root, reason }) => {
+            FileEvent::Engine(TransferEvent::FileFailed { root, reason, .. }) => {
                 bars.file_event(ev);
                 if once && target.as_ref().is_some_and(|(_, _, left)| left.contains(root)) {
                     bars.clear();

@@ -74,11 +74,18 @@
 //!
 //! ## Files
 //!
-//! Files are named by their BLAKE3 hash (`root`, 64 hex digits, what `b3sum` prints). The
-//! sender hashes each file once, streaming, before it offers it. The receiver writes
-//! verified 64 KiB chunks straight into the origin-private file system (OPFS, through a
-//! worker with a sync access handle), so a file never sits in memory, and a download
-//! resumes after a reload from the last verified chunk.
+//! Every file event and item names a file by its `key` (64 hex digits), the name it was
+//! offered under: the same from the `offer` (or the items of `transfers().outgoing`) to
+//! `file_complete` or `delivered`, and what the methods below take (they take its `root`
+//! too). Beside it, `root` is the file's BLAKE3 hash (what `b3sum` prints) once known.
+//! `sendFiles` offers at once and hashes while chunks flow (`core/TRANSFER.md`, "Offer at
+//! once"): such a file's `key` is a stream key, one per receiver, and its `root` is `null`
+//! until the sender has hashed it (sender) or the receiver has verified it (receiver);
+//! `file_complete` and `delivered` always carry it. A file shared with `shareFiles` first
+//! is offered by its root: `key` and `root` are equal. The receiver writes verified 64 KiB
+//! chunks straight into the origin-private file system (OPFS, through a worker with a sync
+//! access handle), so a file never sits in memory, and a download resumes after a reload
+//! from the last verified chunk.
 //!
 //! Browsers without OPFS sync access handles (or `downloads: "stream"` at join) get a
 //! streamed download instead: each file is saved by the browser into its downloads folder
@@ -100,46 +107,47 @@
 //! session.acceptOffer(peerId, offerId);     // throws if there is no such offer
 //! session.declineOffer(peerId, offerId);
 //! session.cancelTransfer(peerId, offerId, reason?, outgoing?);  // either side; the other is told
-//! session.pauseDownload(root, paused);
-//! session.transfers();  // { downloads: [{ root, paths, size, doneBytes, sources, offers,
+//! session.pauseDownload(key, paused);
+//! session.transfers();  // { downloads: [{ key, root, paths, size, doneBytes, sources, offers,
 //!                       //   state, speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
 //!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
-//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download,
+//! await session.downloadedFile(key);       // → File (disk-backed) of a complete download,
 //!                                          //   named after its path's last part
-//! await session.saveDownload(root, path?); // the browser's download of it (an <a download>)
+//! await session.saveDownload(key, path?);  // the browser's download of it (an <a download>)
 //! await session.saveAllTo();               // pick a folder (File System Access API) and copy
 //!                                          // every complete download there under its path
-//! await session.hashDownloaded(root);      // plain BLAKE3 of the stored bytes (hex)
-//! await session.forgetDownload(root);      // delete the stored file and its record
+//! await session.hashDownloaded(key);       // plain BLAKE3 of the stored bytes (hex)
+//! await session.forgetDownload(key);       // delete the stored file and its record
 //! session.setUploadLimit(bytesPerSecond);  // serve files at most this fast, over all
 //!                                          // peers (null: no limit, the default)
 //! session.debugMutePeer(peerId);           // test hook: drop what that peer's connection
 //!                                          // delivers (a dead path); the session notices
 //!                                          // the silence (15 s) and reconnects
-//! session.debugCorruptChunk(index, root?); // test hook: flip a byte the next time this
-//!                                          // node serves chunk `index` (of `root`, or any)
+//! session.debugCorruptChunk(index, key?);  // test hook: flip a byte the next time this
+//!                                          // node serves chunk `index` (of that file, or any)
 //! // Downloads saved before a reload continue by themselves after the next join, as soon
 //! // as a connected peer holds the file (it is asked); no offer or event is needed.
 //! // Events (ev.type):
 //! //  "hashing"            { path, doneBytes, size }
-//! //  "offer"              { peerId, name, offerId, items: [{ path, size, root }], totalSize }
+//! //  "offer"              { peerId, name, offerId, items: [{ path, size, key, root }], totalSize }
 //! //  "offer_answered"     { peerId, offerId, accepted }
-//! //  "resumed"            { peerId, offerId, roots }   (an offer of files we were fetching:
+//! //  "resumed"            { peerId, offerId, keys }   (an offer of files we were fetching:
 //! //                       resumed without asking)
-//! //  "progress"           { root, paths, size, doneBytes, speedBps, etaS, sources, offers:
+//! //  "progress"           { key, root, paths, size, doneBytes, speedBps, etaS, sources, offers:
 //! //                       [{ peerId, offerId }], state } (≤ 4/s per file)
-//! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
-//! //  "file_complete"      { root, paths, size, stored } (stored: "browser" (OPFS) or
+//! //  "upload"             { peerId, key, root, sentBytes, size }  (≤ 4/s per peer and file)
+//! //  "file_complete"      { key, root, paths, size, stored } (stored: "browser" (OPFS) or
 //! //                       "downloads" (streamed into the browser's downloads folder))
-//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, the
+//! //  "file_failed"        { key, root, reason }     (reason in plain words: disk full, the
 //! //                       download writer worker or service worker could not load, …)
-//! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
+//! //  "delivered"          { peerId, key, root }  (the receiver verified and stored our file;
+//! //                       key: the one that peer was offered)
 //! //  "transfer_cancelled" { peerId, offerId, reason, byPeer, outgoing } (outgoing: it was our offer)
-//! //  "chunk_rejected"     { root, index, peerId } (failed verification; fetched again)
-//! //  "source_added"       { root, peerId }
-//! //  "source_dropped"     { root, peerId, reason }
+//! //  "chunk_rejected"     { key, root, index, peerId } (failed verification; fetched again)
+//! //  "source_added"       { key, root, peerId }
+//! //  "source_dropped"     { key, root, peerId, reason }
 //! ```
 //!
 //! The long-term identity lives in IndexedDB (database `weft`, store `identity`, key
@@ -171,7 +179,7 @@ use weft_core::transfer::{CancelReason, DownloadState, Root};
 use weft_core::trust::TrustStore;
 
 use crate::error::WebError;
-use crate::events::{FileEvent, JsEvent, SessionEvent, Status, TransfersJs};
+use crate::events::{FileEvent, JsEvent, Names, SessionEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
 use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
 
@@ -618,7 +626,9 @@ impl WeftSession {
     /// `{ downloads, outgoing, incoming }` (see the crate docs).
     #[wasm_bindgen(unchecked_return_type = "TransfersJs")]
     pub fn transfers(&self) -> Result<JsValue, JsError> {
-        let t = TransfersJs::from(&self.inner.borrow_mut().node.transfers(now()));
+        let mut inner = self.inner.borrow_mut();
+        let view = inner.node.transfers(now());
+        let t = TransfersJs::new(&view, &Names(&inner.node));
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();
         serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
     }
@@ -872,8 +882,11 @@ async fn hash_and_share(
                 let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: done, size };
                 emit(inner, vec![JsEvent::File(ev)]);
             }
+            true
         })
         .await?;
+        // Never stopped: the closure always goes on.
+        let Some(digest) = digest else { continue };
         {
             let mut i = inner.borrow_mut();
             i.node.share(digest.root, digest.size, digest.cvs)?;

@@ -227,6 +227,10 @@ pub(crate) struct FileGlue {
     pub finish_after_save: Vec<(Root, Root, Vec<String>, u64)>,
     /// Files shared before they were hashed so far (numbers their local keys).
     pub streamed_shares: u64,
+    /// Local keys of the files shared before they were hashed ([`super::Node::share_streamed`]):
+    /// they exist for the offers made of them, and stop being shared (and hashed) once
+    /// every such offer was declined or cancelled.
+    pub streamed: HashSet<Root>,
     /// Upload limit, bytes per second over all peers.
     pub upload_limit: Option<f64>,
     /// When the pacer lets the next chunk go.
@@ -250,6 +254,7 @@ impl FileGlue {
             finishing: HashMap::new(),
             finish_after_save: Vec::new(),
             streamed_shares: 0,
+            streamed: HashSet::new(),
             upload_limit: None,
             upload_next: Duration::ZERO,
             paced: VecDeque::new(),

@@ -1595,11 +1595,14 @@ impl Node {
                 if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), *offer_id)) {
                     o.state = if *accepted { OfferState::Accepted } else { OfferState::Declined };
                 }
+                if !*accepted {
+                    self.drop_unoffered_streams(peer, *offer_id);
+                }
             }
             TransferEvent::Delivered { peer, root } => {
                 let engine = &self.engine;
                 for ((p, _), o) in self.files.outgoing.iter_mut() {
-                    // The offer's items may name a file by its local key, its root by now.
+                    // The offer's items name a file by a stream key, `root` by its root.
                     let item = o.items.iter().find(|i| engine.same_shared_file(&i.root, root));
                     if let (true, Some(item)) = (p == peer, item) {
                         o.delivered.insert(item.root);
@@ -1609,9 +1612,12 @@ impl Node {
                     }
                 }
             }
-            TransferEvent::Cancelled { peer, offer_id, .. } => {
+            TransferEvent::Cancelled { peer, offer_id, outgoing, .. } => {
                 if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), *offer_id)) {
                     o.state = OfferState::Cancelled;
+                }
+                if *outgoing {
+                    self.drop_unoffered_streams(peer, *offer_id);
                 }
             }
             TransferEvent::FileComplete { root, key, paths, size } => {
@@ -1629,6 +1635,7 @@ impl Node {
             }
             TransferEvent::ShareFailed { root, .. } => {
                 self.files.shared_sizes.remove(root);
+                self.files.streamed.remove(root);
             }
             _ => {}
         }
@@ -1679,11 +1686,9 @@ impl Node {
     ) {
         match result {
             Ok(mut data) => {
-                let hook = self
-                    .files
-                    .corrupt
-                    .iter()
-                    .position(|(r, n)| *n == index && r.is_none_or(|r| r == root));
+                let hook = self.files.corrupt.iter().position(|(r, n)| {
+                    *n == index && r.is_none_or(|r| self.engine.same_shared_file(&r, &root))
+                });
                 if let Some(pos) = hook {
                     self.files.corrupt.remove(pos);
                     let mid = data.len() / 2;
@@ -1900,7 +1905,41 @@ impl Node {
         let local = Root::from(h.finalize());
         self.engine.share_streamed(local, size);
         self.files.shared_sizes.insert(local, size);
+        self.files.streamed.insert(local);
         local
+    }
+
+    /// Whether the file shared before it was hashed under `local` is still shared: a
+    /// driver that is hashing it stops when it is not (every offer of it was declined or
+    /// cancelled, or it could not be read), and lets go of the file.
+    pub fn hashing_wanted(&self, local: &Root) -> bool {
+        self.files.streamed.contains(local)
+    }
+
+    /// After our offer to `peer` ended unaccepted (declined or cancelled): stops sharing
+    /// each of its files that was shared only to be offered ([`Node::share_streamed`]) and
+    /// is named by no other offer still pending, accepted or delivered.
+    fn drop_unoffered_streams(&mut self, peer: &PeerId, offer_id: u64) {
+        let Some(ended) = self.files.outgoing.get(&(peer.clone(), offer_id)) else { return };
+        let engine = &self.engine;
+        let locals: Vec<Root> = ended
+            .items
+            .iter()
+            .filter_map(|i| engine.share_key(&i.root))
+            .filter(|l| self.files.streamed.contains(l))
+            .collect();
+        for local in locals {
+            let wanted = self.files.outgoing.values().any(|o| {
+                !matches!(o.state, OfferState::Cancelled | OfferState::Declined)
+                    && o.items.iter().any(|i| self.engine.same_shared_file(&i.root, &local))
+            });
+            if !wanted {
+                tracing::debug!("no offer wants a file being hashed any more: unshared");
+                self.engine.unshare(&local);
+                self.files.streamed.remove(&local);
+                self.files.shared_sizes.remove(&local);
+            }
+        }
     }
 
     /// The next CVs of a file shared with [`Node::share_streamed`], in order.
@@ -1960,7 +1999,8 @@ impl Node {
         let id = self.engine.offer_with(to, files, |_, size, path| {
             crate::transfer::hash::stream_key(&secret, recipient, size, path)
         })?;
-        let items = self.engine.offer_items(to, id).unwrap_or_default();
+        // As the peer knows them: the page follows each file by that key.
+        let items = self.engine.offer_items_sent(to, id).unwrap_or_default();
         let outgoing =
             Outgoing { items, state: OfferState::Pending, delivered: Default::default() };
         self.files.outgoing.insert((to.clone(), id), outgoing);
@@ -2206,6 +2246,19 @@ impl Node {
         &self.engine
     }
 
+    /// The key `peer` was offered the shared file `name` (any of its names: local key,
+    /// stream key, root) under in one of our offers, if it was: the name that peer's
+    /// events and our offer's items know it by.
+    pub fn offered_key(&self, peer: &PeerId, name: &Root) -> Option<Root> {
+        self.files
+            .outgoing
+            .iter()
+            .filter(|((p, _), _)| p == peer)
+            .flat_map(|(_, o)| &o.items)
+            .find(|i| self.engine.same_shared_file(&i.root, name))
+            .map(|i| i.root)
+    }
+
     /// The items of an offer we made.
     pub fn offer_items(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
         self.engine.offer_items(peer, offer_id)
@@ -2227,7 +2280,11 @@ impl Node {
                 sent_bytes: o
                     .items
                     .iter()
-                    .map(|i| self.files.uploads.get(&(peer.clone(), i.root)).map_or(0, |u| u.0))
+                    .map(|i| {
+                        // Counted by the key the file is read by.
+                        let read = self.engine.share_key(&i.root).unwrap_or(i.root);
+                        self.files.uploads.get(&(peer.clone(), read)).map_or(0, |u| u.0)
+                    })
                     .sum(),
                 total_bytes: o.items.iter().map(|i| i.size).sum(),
             })

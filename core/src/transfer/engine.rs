@@ -167,8 +167,10 @@ pub enum TransferEvent {
     },
     /// A download failed for good (for example the disk is full).
     FileFailed {
-        /// Which file.
+        /// Which file: its root once verified, else its stream key.
         root: Root,
+        /// The key it was offered and stored under (as [`TransferEvent::FileComplete`]'s).
+        key: Root,
         /// Why (its `Display` is in plain words).
         reason: FailReason,
     },
@@ -260,6 +262,9 @@ pub struct DownloadProgress {
     /// Where it is stored: its stream key if it was offered before it was hashed, else
     /// its root.
     pub key: Root,
+    /// Its BLAKE3 hash once known: at once for a file offered by its root, after
+    /// verification for one offered under a stream key (`None` until then).
+    pub hash: Option<Root>,
     /// Paths it was offered under.
     pub paths: Vec<String>,
     /// Its size.
@@ -858,8 +863,9 @@ impl Engine {
         }
     }
 
-    /// The key a shared file is held under, found by any of its names.
-    fn share_key(&self, name: &Root) -> Option<Root> {
+    /// The key a shared file is held under (its local key if it was shared before it was
+    /// hashed, else its root), found by any of its names.
+    pub fn share_key(&self, name: &Root) -> Option<Root> {
         if self.shared.contains_key(name) {
             return Some(*name);
         }
@@ -974,6 +980,12 @@ impl Engine {
                 .map(|(i, l)| OfferItem { root: self.share_name(l), ..i.clone() })
                 .collect()
         })
+    }
+
+    /// The items of an offer we made that is still open, as sent: each named by the key
+    /// that peer knows it by (its root, or the stream key made for that peer).
+    pub fn offer_items_sent(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
+        self.outgoing.get(&(peer.clone(), offer_id)).map(|o| o.items.clone())
     }
 
     /// Whether two names (a local key, stream key or root) are of one shared file.
@@ -1206,7 +1218,11 @@ impl Engine {
         }
         if d.chunks == 0 {
             d.state = DownloadState::Failed;
-            self.event(TransferEvent::FileFailed { root: *key, reason: FailReason::NotVerified });
+            self.event(TransferEvent::FileFailed {
+                root: *key,
+                key: *key,
+                reason: FailReason::NotVerified,
+            });
         } else if d.pre_root() {
             self.fail_streamed(key);
         } else {
@@ -1224,7 +1240,11 @@ impl Engine {
     fn fail_streamed(&mut self, key: &Root) {
         tracing::warn!("the sender's hashes of {key:?} do not give the root it sent");
         self.downloads.remove(key);
-        self.event(TransferEvent::FileFailed { root: *key, reason: FailReason::WrongRoot });
+        self.event(TransferEvent::FileFailed {
+            root: *key,
+            key: *key,
+            reason: FailReason::WrongRoot,
+        });
         self.out.push_back(Output::Discard { root: *key });
     }
 
@@ -1369,7 +1389,7 @@ impl Engine {
         for s in d.sources.values_mut() {
             s.inflight = 0;
         }
-        self.event(TransferEvent::FileFailed { root: name, reason });
+        self.event(TransferEvent::FileFailed { root: name, key, reason });
     }
 
     fn complete(&mut self, key: &Root) {
@@ -1385,7 +1405,7 @@ impl Engine {
         if !verified {
             d.state = DownloadState::Failed;
             let reason = FailReason::NotVerified;
-            self.event(TransferEvent::FileFailed { root: *key, reason });
+            self.event(TransferEvent::FileFailed { root: *key, key: *key, reason });
             return;
         }
         let root = d.root.unwrap_or(*key);
@@ -1483,6 +1503,7 @@ impl Engine {
         DownloadProgress {
             root: d.name(key),
             key: *key,
+            hash: d.root.filter(|_| !d.pre_root()),
             paths: d.paths.clone(),
             size: d.size,
             done_bytes: d.done_bytes,

@@ -135,7 +135,7 @@ async fn browser_sends_a_file_to_native() {
     files::wait_event(
         &alice,
         "delivered",
-        &files::is_event("delivered", "root", &file.root),
+        &files::is_file_event("delivered", &file.root),
         None,
         WAIT,
     )

@@ -143,11 +143,11 @@ pub(crate) async fn hash_blob(blob: &web_sys::Blob) -> Result<String, WebError> 
 }
 
 /// Hashes a file for sharing, front to back, calling `progress(done, CVs of the chunks
-/// finished so far)` after each read.
+/// finished so far)` after each read; stops (`None`) as soon as `progress` says so.
 pub(crate) async fn hash_entry(
     entry: &Entry,
-    mut progress: impl FnMut(f64, &[Cv]),
-) -> Result<FileDigest, WebError> {
+    mut progress: impl FnMut(f64, &[Cv]) -> bool,
+) -> Result<Option<FileDigest>, WebError> {
     let size = entry.file.size();
     let mut hasher = FileHasher::new();
     let mut offset = 0.0;
@@ -159,9 +159,11 @@ pub(crate) async fn hash_entry(
         })?;
         hasher.update(&data);
         offset += len;
-        progress(offset, hasher.cvs());
+        if !progress(offset, hasher.cvs()) {
+            return Ok(None);
+        }
     }
-    Ok(hasher.finish())
+    Ok(Some(hasher.finish()))
 }
 
 /// One file the page wants to send: the blob and its path.

@@ -27,6 +27,14 @@ pub(crate) fn share_at_once(inner: &Rc<RefCell<Inner>>, entry: Entry) -> Root {
         let mut reported = 0;
         let mut last_event = now();
         let result = hash_entry(&entry, |done, cvs| {
+            // Every offer of it was declined or cancelled (or the session left): stop.
+            let wanted = {
+                let i = inner.borrow();
+                !i.left() && i.node.hashing_wanted(&local)
+            };
+            if !wanted {
+                return false;
+            }
             let new = &cvs[reported.min(cvs.len())..];
             reported = cvs.len();
             let _ = crate::command(&inner, |i| {
@@ -38,11 +46,16 @@ pub(crate) fn share_at_once(inner: &Rc<RefCell<Inner>>, entry: Entry) -> Root {
                 let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: done, size };
                 emit(&inner, vec![JsEvent::File(ev)]);
             }
+            true
         })
         .await;
         let done = match result {
-            Ok(digest) => {
+            Ok(Some(digest)) => {
                 crate::command(&inner, |i| i.node.file_hash_done(now(), &local, digest).map(drop))
+            }
+            Ok(None) => {
+                inner.borrow_mut().files.forget_blob(&local);
+                Ok(())
             }
             Err(e) => crate::command(&inner, |i| {
                 i.node.file_hash_failed(now(), &local, e.to_string());

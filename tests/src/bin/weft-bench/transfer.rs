@@ -2,8 +2,9 @@
 //! (Alice sends, Bob receives, Carol is a second seeder), all in one run:
 //!
 //! - `weft_transfer_mb_s`: a [`FILE_SIZE`] file, encrypted and verified, from `acceptOffer`
-//!   to `file_complete` in Bob's page (hashing happens before the offer and is reported
-//!   on its own: `sender_hash_mb_s`).
+//!   to `file_complete` in Bob's page. Each run sends a `File` the page has not seen, so
+//!   it is offered at once and hashed while the chunks flow, as a user's first send is
+//!   (the page's hashing alone is reported on its own: `sender_hash_mb_s`).
 //! - `raw_datachannel_mb_s`: the baseline, between the same two browsers and the same
 //!   `File`: a separate plain `RTCPeerConnection` pair (signaled over the Weft session's
 //!   messages), one reliable ordered data channel, the sender reading the file with
@@ -17,7 +18,7 @@
 //!   `click_to_first_byte_hash_first_est_ms`, what hashing it first would cost (the
 //!   page's hashing speed on [`FILE_SIZE`] in the same run, scaled). `WEFT_BENCH_PARTS=click`.
 //! - `transfer_vs_raw_from_click_ratio`: raw time ÷ Weft time from `sendFiles` to Bob's
-//!   `file_complete`, median over the paired runs.
+//!   `file_complete` (the streamed path: offer before root), median over the paired runs.
 //! - `transfer_vs_raw_ratio` = Weft ÷ raw (medians); `transfer_vs_raw_paired_median`, the
 //!   median over runs of each run's Weft ÷ raw (measured back to back); `swarm_mb_s` (Alice and Carol seed, Bob fetches
 //!   from both) and `swarm_vs_single_ratio` = swarm ÷ single.
@@ -148,28 +149,31 @@ const RAW_JS: &str = r#"
   return true;
 "#;
 
-/// The receiver accepts offers of `t.bench.current.root` at once, and records the times.
+/// The receiver accepts offers of `t.bench.current` (by root or name) at once, and records
+/// the times.
 const RECEIVER_HOOK: &str = r#"
   const c = t.bench && t.bench.current;
   if (!c) return;
   const at = () => performance.timeOrigin + performance.now();
-  // Offered before it is hashed, a file is named by a stream key: match its name too.
-  const item = ev.type === "offer" && ev.items.find((i) => i.root === c.root || i.path === c.name);
+  // Offered before it is hashed, a file's key is a stream key (its root unknown): every
+  // later event names it by that key.
+  const item = ev.type === "offer" && ev.items.find((i) => i.key === c.root || i.path === c.name);
   if (item) {
     c.acceptAt = at();
-    c.key = item.root;
+    c.key = item.key;
     try {
       s.acceptOffer(ev.peerId, ev.offerId);
     } catch (e) {
       c.failed = "acceptOffer: " + e;
     }
-  } else if (ev.type === "progress" && (ev.root === c.root || ev.root === c.key) && ev.doneBytes > 0) {
+  } else if (ev.type === "progress" && ev.key === c.key && ev.doneBytes > 0) {
     c.firstByteAt ??= at();
-  } else if (ev.type === "file_complete" && ev.root === c.root) {
-    c.completeAt = at();
-  } else if (ev.type === "file_failed" && (ev.root === c.root || ev.root === c.key)) {
+  } else if (ev.type === "file_complete" && ev.key === c.key) {
+    if (ev.root === c.root) c.completeAt = at();
+    else c.failed = "completed with root " + ev.root;
+  } else if (ev.type === "file_failed" && ev.key === c.key) {
     c.failed = ev.reason;
-  } else if (ev.type === "source_added" && (ev.root === c.root || ev.root === c.key)) {
+  } else if (ev.type === "source_added" && ev.key === c.key) {
     c.sources.push(ev.peerId);
   } else if (ev.type === "chunk_rejected") {
     c.rejected += 1;
@@ -235,7 +239,7 @@ async fn weft_run(
             bob,
             &format!(
                 "const c = window.t.bench.current, s = window.t.session;
-                 c.download = s.transfers().downloads.find((d) => d.root === {root}) || null;
+                 c.download = s.transfers().downloads.find((d) => d.key === c.key) || null;
                  return c;"
             ),
         )
@@ -647,8 +651,8 @@ async fn click(net: &Net, scratch: &Scratch) -> Result<()> {
             bob,
             &format!(
                 "s.cancelTransfer({alice_id}, {offer_id}, \"bench done\", false);
-                 const d = s.transfers().downloads.find((d) => d.root === {key});
-                 if (d) await s.forgetDownload(d.root);
+                 const d = s.transfers().downloads.find((d) => d.key === {key});
+                 if (d) await s.forgetDownload(d.key);
                  return true;",
                 key = json!(c["key"])
             ),
@@ -714,8 +718,10 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         js(b, RAW_JS).await?;
     }
 
-    // Hashing alone, in Alice's page (shareFiles hashes and seeds without offering).
-    let hash_ms = share(alice, "f", &file).await?;
+    // Hashing alone, in Alice's page (shareFiles hashes and seeds without offering), of
+    // its own `File`: `sendFiles` of a `File` shared before would reuse its root.
+    upload(alice, "h", &[&file]).await?;
+    let hash_ms = share(alice, "h", &file).await?;
 
     let dirs: Vec<(String, String)> = [("Alice", alice), ("Bob", bob), ("Carol", carol)]
         .into_iter()
@@ -729,7 +735,11 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         println!("  run {run}: raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
         raw_cpu.push(meter.finish(FILE_SIZE));
         raw.push(mb_s(FILE_SIZE, r));
-        let (w, sources, cpu) = weft_run(alice, bob, bob_id, "f", &file, None, &dirs).await?;
+        // A `File` the page never saw: offered at once and hashed while the chunks flow,
+        // as a user's first send is (a `File` sent before is offered with its root known).
+        let fresh = format!("f{run}");
+        upload(alice, &fresh, &[&file]).await?;
+        let (w, sources, cpu) = weft_run(alice, bob, bob_id, &fresh, &file, None, &dirs).await?;
         println!(
             "  run {run}: Weft {:.1} MB/s ({:.0} ms; from the click {:.1} MB/s, {:.0} ms; \
              sources {sources:?})",

@@ -28,7 +28,7 @@ function show(list, text) {
   $(list).append(Object.assign(document.createElement("li"), { textContent: text }));
 }
 
-/** @param {WeftSession} session @param {string} root */
+/** @param {WeftSession} session @param {string} key */
 async function keep(session, key) {
   const file = await session.downloadedFile(key); // a File, named after its path
   example.files.push({ name: file.name, size: file.size });

@@ -147,6 +147,7 @@ pub(crate) struct ItemJs {
     key: String,
     /// Its BLAKE3 hash, once known (`null` for a file offered before it was hashed, until
     /// then).
+    #[tsify(type = "string | null")]
     root: Option<String>,
 }
 
@@ -230,6 +231,7 @@ pub(crate) enum FileEvent {
     Upload {
         peer_id: String,
         key: String,
+        #[tsify(type = "string | null")]
         root: Option<String>,
         sent_bytes: f64,
         size: f64,
@@ -245,6 +247,7 @@ pub(crate) enum FileEvent {
     },
     FileFailed {
         key: String,
+        #[tsify(type = "string | null")]
         root: Option<String>,
         reason: String,
     },
@@ -262,17 +265,20 @@ pub(crate) enum FileEvent {
     },
     ChunkRejected {
         key: String,
+        #[tsify(type = "string | null")]
         root: Option<String>,
         index: u32,
         peer_id: String,
     },
     SourceAdded {
         key: String,
+        #[tsify(type = "string | null")]
         root: Option<String>,
         peer_id: String,
     },
     SourceDropped {
         key: String,
+        #[tsify(type = "string | null")]
         root: Option<String>,
         peer_id: String,
         reason: String,
@@ -287,6 +293,7 @@ pub(crate) struct ProgressJs {
     key: String,
     /// Its BLAKE3 hash, once known (`null` until a file offered before it was hashed is
     /// verified).
+    #[tsify(type = "string | null")]
     root: Option<String>,
     paths: Vec<String>,
     size: f64,

@@ -237,11 +237,9 @@ async fn weft_run(
     let c = wait_for(&format!("Bob to receive {}", file.name), LONG, || async {
         let c = js(
             bob,
-            &format!(
-                "const c = window.t.bench.current, s = window.t.session;
-                 c.download = s.transfers().downloads.find((d) => d.key === c.key) || null;
-                 return c;"
-            ),
+            "const c = window.t.bench.current, s = window.t.session;
+             c.download = s.transfers().downloads.find((d) => d.key === c.key) || null;
+             return c;",
         )
         .await?;
         if let Some(reason) = c["failed"].as_str() {

@@ -201,7 +201,7 @@ async fn send_and_verify(net: &Net, files: &[TestFile], paths: &[&str]) -> Resul
     ensure!(out["totalBytes"] == total, "outgoing {out}");
 
     println!(
-        "TIMING {} files, {total} bytes: sendFiles (hash + offer) {hash_ms} ms, accept -> last \
+        "TIMING {} files, {total} bytes: sendFiles (offer) {hash_ms} ms, accept -> last \
          file_complete {transfer_ms} ms ({:.1} MB/s as seen by the test)",
         files.len(),
         total as f64 / 1e6 / (transfer_ms.max(1) as f64 / 1e3)

@@ -241,12 +241,12 @@ export class FilesUI {
     // (a multi-source download) share one batch: { key, peerId, offers: [{ peerId, offerId,
     // cancelled }], items, roots, state, reason, byPeer, resumed }.
     this.batches = new Map();
-    this.downloads = new Map(); // root -> latest download progress
+    this.downloads = new Map(); // key -> latest download progress
     this.outgoing = new Map(); // key -> our offer { peerId, offerId, items, state, sentBytes, totalBytes, files, samples }
-    this.serving = new Map(); // `${peerId}:${root}` -> { peerId, root, sentBytes, size, at } (as a source, not in our offer)
-    this.rejected = new Map(); // root -> chunks that failed verification
-    this.notes = new Map(); // root -> source note ("Alice left — waiting for another source")
-    this.completedAt = new Map(); // root -> ms
+    this.serving = new Map(); // `${peerId}:${key}` -> { peerId, key, sentBytes, size, at } (as a source, not in our offer)
+    this.rejected = new Map(); // key -> chunks that failed verification
+    this.notes = new Map(); // key -> source note ("Alice left — waiting for another source")
+    this.completedAt = new Map(); // key -> ms
     this.inDownloads = new Set(); // roots the browser saved into its downloads folder (no OPFS)
     this.hashJobs = new Set(); // { id, totalBytes, sizes: Map(path -> size), count, skipped: [text] }
     this.jobSeq = 0;
@@ -255,7 +255,7 @@ export class FilesUI {
     this.reading = null; // "Reading the folder… 120 files" while walking a drop
     this.dismissed = new Set(); // keys of finished transfers the user dismissed
     this.lastCore = null;
-    this.objectUrls = new Map(); // root -> object URL for Open
+    this.objectUrls = new Map(); // key -> object URL for Open
     this.recipientMode = "all";
     this.chosen = new Set();
   }
@@ -385,10 +385,10 @@ export class FilesUI {
     const now = Date.now();
     const seen = new Set();
     for (const d of t.downloads ?? []) {
-      seen.add(d.root);
-      const old = this.downloads.get(d.root) ?? {};
-      this.downloads.set(d.root, { ...old, ...d });
-      if (d.state === "complete" && !this.completedAt.has(d.root)) this.completedAt.set(d.root, now);
+      seen.add(d.key);
+      const old = this.downloads.get(d.key) ?? {};
+      this.downloads.set(d.key, { ...old, ...d });
+      if (d.state === "complete" && !this.completedAt.has(d.key)) this.completedAt.set(d.key, now);
     }
     for (const root of this.downloads.keys()) if (!seen.has(root)) this.downloads.delete(root);
     if (Array.isArray(t.incoming)) {
@@ -500,36 +500,36 @@ export class FilesUI {
         break;
       }
       case "progress": {
-        const old = this.downloads.get(ev.root) ?? {};
+        const old = this.downloads.get(ev.key) ?? {};
         const { type: _type, ...progress } = ev;
-        this.downloads.set(ev.root, { ...old, ...progress });
-        if (sourceCount(ev.sources) > 0 && this.notes.get(ev.root)?.waiting) this.notes.delete(ev.root);
+        this.downloads.set(ev.key, { ...old, ...progress });
+        if (sourceCount(ev.sources) > 0 && this.notes.get(ev.key)?.waiting) this.notes.delete(ev.key);
         this.scheduleRender();
         break;
       }
       case "upload": {
         const now = Date.now();
-        const out = this.findOutgoing(ev.peerId, ev.root);
+        const out = this.findOutgoing(ev.peerId, ev.key);
         if (out) {
-          out.files.set(ev.root, { ...(out.files.get(ev.root) ?? {}), sentBytes: num(ev.sentBytes), size: num(ev.size) });
+          out.files.set(ev.key, { ...(out.files.get(ev.key) ?? {}), sentBytes: num(ev.sentBytes), size: num(ev.size) });
           const total = [...out.files.values()].reduce((a, f) => a + Math.min(f.sentBytes, f.size), 0);
           if (total > out.sentBytes) this.sample(out, total, now);
         } else {
-          this.serving.set(`${ev.peerId}:${ev.root}`, { peerId: ev.peerId, root: ev.root, sentBytes: num(ev.sentBytes), size: num(ev.size), at: now });
+          this.serving.set(`${ev.peerId}:${ev.key}`, { peerId: ev.peerId, key: ev.key, sentBytes: num(ev.sentBytes), size: num(ev.size), at: now });
         }
         this.scheduleRender();
         break;
       }
       case "file_complete": {
-        const old = this.downloads.get(ev.root) ?? {};
-        this.downloads.set(ev.root, { ...old, root: ev.root, paths: ev.paths ?? old.paths, size: ev.size, doneBytes: ev.size, state: "complete", speedBps: 0, etaS: 0 });
-        this.completedAt.set(ev.root, Date.now());
-        this.notes.delete(ev.root);
-        if (ev.stored === "downloads") this.inDownloads.add(ev.root);
+        const old = this.downloads.get(ev.key) ?? {};
+        this.downloads.set(ev.key, { ...old, key: ev.key, paths: ev.paths ?? old.paths, size: ev.size, doneBytes: ev.size, state: "complete", speedBps: 0, etaS: 0 });
+        this.completedAt.set(ev.key, Date.now());
+        this.notes.delete(ev.key);
+        if (ev.stored === "downloads") this.inDownloads.add(ev.key);
         const where = ev.stored === "downloads" ? " It is in your browser's downloads folder." : "";
-        const batches = this.batchesWith(ev.root);
+        const batches = this.batchesWith(ev.key);
         if (!batches.length) {
-          announce(`Received “${baseName(ev.paths?.[0] ?? ev.root)}” (${formatBytes(ev.size)}).${where}`, { kind: "ok" });
+          announce(`Received “${baseName(ev.paths?.[0] ?? ev.key)}” (${formatBytes(ev.size)}).${where}`, { kind: "ok" });
         }
         for (const b of batches) {
           if (!b.toastedDone && b.roots.every((r) => this.downloads.get(r)?.state === "complete")) {
@@ -542,19 +542,19 @@ export class FilesUI {
         break;
       }
       case "file_failed": {
-        const old = this.downloads.get(ev.root) ?? { root: ev.root };
-        this.downloads.set(ev.root, { ...old, state: "failed", reason: ev.reason, speedBps: 0 });
-        announce(`Could not receive “${baseName(old.paths?.[0] ?? ev.root)}”:`, { kind: "error" }, `${ev.reason}.`);
+        const old = this.downloads.get(ev.key) ?? { key: ev.key };
+        this.downloads.set(ev.key, { ...old, state: "failed", reason: ev.reason, speedBps: 0 });
+        announce(`Could not receive “${baseName(old.paths?.[0] ?? ev.key)}”:`, { kind: "error" }, `${ev.reason}.`);
         this.render();
         break;
       }
       case "delivered": {
-        const out = this.findOutgoing(ev.peerId, ev.root);
+        const out = this.findOutgoing(ev.peerId, ev.key);
         if (out) {
-          const f = out.files.get(ev.root) ?? {};
-          const item = out.items.find((i) => i.root === ev.root);
-          out.files.set(ev.root, { ...f, size: f.size ?? num(item?.size), sentBytes: f.size ?? num(item?.size), delivered: true });
-          const roots = out.items.map((i) => i.root).filter(Boolean);
+          const f = out.files.get(ev.key) ?? {};
+          const item = out.items.find((i) => i.key === ev.key);
+          out.files.set(ev.key, { ...f, size: f.size ?? num(item?.size), sentBytes: f.size ?? num(item?.size), delivered: true });
+          const roots = out.items.map((i) => i.key).filter(Boolean);
           if (!out.toastedDone && roots.length && roots.every((r) => out.files.get(r)?.delivered)) {
             out.toastedDone = true;
             const what = roots.length === 1 ? `“${baseName(out.items[0].path)}”` : `your ${plural(roots.length, "file")}`;
@@ -596,21 +596,21 @@ export class FilesUI {
         break;
       }
       case "chunk_rejected":
-        this.rejected.set(ev.root, (this.rejected.get(ev.root) ?? 0) + 1);
+        this.rejected.set(ev.key, (this.rejected.get(ev.key) ?? 0) + 1);
         this.scheduleRender();
         break;
       case "source_added":
-        if (this.notes.get(ev.root)?.waiting) this.notes.delete(ev.root);
+        if (this.notes.get(ev.key)?.waiting) this.notes.delete(ev.key);
         this.scheduleRender();
         break;
       case "source_dropped": {
-        const d = this.downloads.get(ev.root);
+        const d = this.downloads.get(ev.key);
         const others = sourceIds(d?.sources).filter((p) => p !== ev.peerId).length;
         const who = this.name(ev.peerId);
         const text = others > 0
           ? `${who} stopped sending${ev.reason ? ` (${ev.reason})` : ""} — continuing with ${plural(others, "other source")}.`
           : `${who} left — waiting for another source.`;
-        this.notes.set(ev.root, { text, waiting: others === 0, peerId: ev.peerId, at: Date.now() });
+        this.notes.set(ev.key, { text, waiting: others === 0, peerId: ev.peerId, at: Date.now() });
         this.scheduleRender();
         break;
       }
@@ -637,7 +637,7 @@ export class FilesUI {
     let fallback = null;
     for (const out of this.outgoing.values()) {
       if (out.peerId !== peerId) continue;
-      if (out.items.some((i) => i.root === root)) {
+      if (out.items.some((i) => i.key === root)) {
         if (out.state === "accepted" || out.state === "pending") return out;
         fallback = out;
       }
@@ -724,14 +724,14 @@ export class FilesUI {
     }
     this.offers.delete(key);
     dismissToast(key);
-    const roots = [...new Set(offer.items.map((i) => i.root))];
+    const roots = [...new Set(offer.items.map((i) => i.key))];
     const entry = { peerId: offer.peerId, offerId: offer.offerId };
     // The same files offered by someone else too: one download with several sources.
     const same = this.uniqueBatches().find((b) => !b.resumed && b.state === "active" && b.roots.some((r) => roots.includes(r)));
     if (same) {
       same.offers.push(entry);
       for (const item of offer.items) {
-        if (!same.roots.includes(item.root)) { same.roots.push(item.root); same.items.push(item); }
+        if (!same.roots.includes(item.key)) { same.roots.push(item.key); same.items.push(item); }
       }
       this.batches.set(key, same);
     } else {
@@ -926,14 +926,14 @@ export class FilesUI {
         const names = el("ul", { className: "names" });
         const shown = items.slice(0, 500);
         for (const i of shown) {
-          const have = this.downloads.get(i.root)?.state === "complete" ? " · already received" : "";
+          const have = this.downloads.get(i.key)?.state === "complete" ? " · already received" : "";
           names.append(el("li", {}, el("span", { className: "f-name", textContent: i.path, title: i.path }), el("span", { className: "hint", textContent: formatBytes(i.size) + have })));
         }
         if (items.length > shown.length) names.append(el("li", { className: "hint", textContent: `… and ${items.length - shown.length} more` }));
         if (items.length <= 5) li.append(names);
         else li.append(el("details", {}, el("summary", { textContent: `Show the ${items.length} names` }), names));
       }
-      const have = items.filter((i) => this.downloads.get(i.root)?.state === "complete").length;
+      const have = items.filter((i) => this.downloads.get(i.key)?.state === "complete").length;
       if (have) {
         li.append(el("p", { className: "hint", textContent: have === items.length
           ? (items.length === 1 ? "You already received this file." : "You already received all of these files.")
@@ -962,15 +962,15 @@ export class FilesUI {
     // Downloads we know no offer of (restored after a reload, or resumed): one group,
     // cancellable through the offers that resumed them.
     const resumed = this.uniqueBatches().filter((b) => b.resumed);
-    const loose = [...this.downloads.values()].filter((d) => !placed.has(d.root) && (d.state !== "complete" || resumed.some((b) => b.roots.includes(d.root))));
+    const loose = [...this.downloads.values()].filter((d) => !placed.has(d.key) && (d.state !== "complete" || resumed.some((b) => b.roots.includes(d.key))));
     for (const b of resumed) {
-      b.roots = [...new Set([...b.roots, ...loose.filter((d) => sourceIds(d.sources).includes(b.peerId)).map((d) => d.root)])];
+      b.roots = [...new Set([...b.roots, ...loose.filter((d) => sourceIds(d.sources).includes(b.peerId)).map((d) => d.key)])];
     }
     if (loose.length) {
       const peers = [...new Set(resumed.map((b) => b.peerId))];
       groups.push({
         key: "resumed", resumed: true, peerId: peers[0], peers, offers: resumed,
-        roots: loose.map((d) => d.root), items: [], state: resumed.length && resumed.every((b) => b.state === "cancelled") ? "cancelled" : "active",
+        roots: loose.map((d) => d.key), items: [], state: resumed.length && resumed.every((b) => b.state === "cancelled") ? "cancelled" : "active",
       });
     }
     return groups.filter((g) => !this.dismissed.has(g.key));
@@ -981,9 +981,9 @@ export class FilesUI {
     reconcile($("downloads"), groups, (g) => g.key, () => this.transferSkeleton("download"), (li, g) => {
       const files = g.roots.map((root) => {
         const d = this.downloads.get(root) ?? {};
-        const item = g.items.find((i) => i.root === root);
+        const item = g.items.find((i) => i.key === root);
         return {
-          root, path: item?.path ?? d.paths?.[0] ?? root.slice(0, 12), size: num(d.size ?? item?.size),
+          key: root, path: item?.path ?? d.paths?.[0] ?? root.slice(0, 12), size: num(d.size ?? item?.size),
           done: num(d.doneBytes), state: d.state ?? (g.state === "cancelled" ? "cancelled" : "waiting"),
           speed: d.state === "active" ? num(d.speedBps) : 0, eta: d.etaS, sources: sourceCount(d.sources),
           sourceIds: sourceIds(d.sources), reason: d.reason, rejected: this.rejected.get(root) ?? 0, note: this.notes.get(root),
@@ -1039,14 +1039,14 @@ export class FilesUI {
       const live = state === "active" || state === "paused";
       setHidden(li.r.pause, !live || !open.length);
       setText(li.r.pause, paused ? "Resume" : "Pause");
-      li.r.pause.onclick = () => this.pause(open.map((f) => f.root), !paused);
+      li.r.pause.onclick = () => this.pause(open.map((f) => f.key), !paused);
       const cancelKeys = (g.key === "resumed" ? g.offers.flatMap((b) => b.offers) : g.offers).filter((o) => !o.cancelled);
       // Downloads restored after a reload have no offer to cancel: discard them instead.
       const discard = !cancelKeys.length && g.key === "resumed";
       setText(li.r.cancel, discard ? "Discard" : "Cancel");
       setHidden(li.r.cancel, !live || (!cancelKeys.length && !discard));
       li.r.cancel.onclick = discard
-        ? () => { for (const f of open) this.remove(f.root, f.path); }
+        ? () => { for (const f of open) this.remove(f.key, f.path); }
         : () => { for (const o of cancelKeys) this.cancel(o.peerId, o.offerId); };
       setHidden(li.r.dismiss, live);
       li.r.dismiss.onclick = () => { this.dismissed.add(g.key); this.render(); };
@@ -1073,7 +1073,7 @@ export class FilesUI {
         const label = canRemove ? "Remove" : f.state === "paused" ? "Resume" : "Pause";
         setText(row.r.button, label);
         row.r.button.setAttribute("aria-label", `${label} ${f.path}`);
-        row.r.button.onclick = canRemove ? () => this.remove(f.root, f.path) : () => this.pause([f.root], f.state !== "paused");
+        row.r.button.onclick = canRemove ? () => this.remove(f.key, f.path) : () => this.pause([f.key], f.state !== "paused");
         row.dataset.state = f.state;
       });
     });
@@ -1087,9 +1087,9 @@ export class FilesUI {
     reconcile($("uploads"), groups, (g) => g.key, () => this.transferSkeleton("upload"), (li, g) => {
       if (g.serving) return this.renderServing(li);
       const files = g.items.map((i) => {
-        const f = g.files.get(i.root) ?? {};
+        const f = g.files.get(i.key) ?? {};
         const size = num(i.size ?? f.size);
-        return { root: i.root ?? i.path, path: i.path, size, done: f.delivered ? size : Math.min(num(f.sentBytes), size), delivered: !!f.delivered };
+        return { key: i.key ?? i.path, path: i.path, size, done: f.delivered ? size : Math.min(num(f.sentBytes), size), delivered: !!f.delivered };
       });
       const total = g.totalBytes || files.reduce((a, f) => a + f.size, 0);
       const sent = Math.min(total, Math.max(g.sentBytes, files.reduce((a, f) => a + f.done, 0)));
@@ -1140,14 +1140,14 @@ export class FilesUI {
   renderServing(li) {
     const rows = [...this.serving.values()];
     const pathOf = (root) => this.downloads.get(root)?.paths?.[0]
-      ?? [...this.outgoing.values()].flatMap((o) => o.items).find((i) => i.root === root)?.path ?? `${root.slice(0, 12)}…`;
+      ?? [...this.outgoing.values()].flatMap((o) => o.items).find((i) => i.key === root)?.path ?? `${root.slice(0, 12)}…`;
     setText(li.r.title, "Helping others download");
     setText(li.r.state, "");
     setText(li.r.meta, `${plural(rows.length, "file")} served as an extra source`);
     setHidden(li.r.bar, true);
     setHidden(li.r.note, true);
     for (const b of [li.r.pause, li.r.cancel, li.r.dismiss]) setHidden(b, true);
-    this.renderFileRows(li, rows.map((s) => ({ root: `${s.peerId}:${s.root}`, path: `${pathOf(s.root)} → ${this.name(s.peerId)}`, size: s.size, done: Math.min(s.sentBytes, s.size) })), (row, f) => {
+    this.renderFileRows(li, rows.map((s) => ({ key: `${s.peerId}:${s.key}`, path: `${pathOf(s.key)} → ${this.name(s.peerId)}`, size: s.size, done: Math.min(s.sentBytes, s.size) })), (row, f) => {
       setText(row.r.meta, `${percent(f.done, f.size)}%`);
       row.r.bar.max = Math.max(1, f.size);
       row.r.bar.value = f.done;
@@ -1197,7 +1197,7 @@ export class FilesUI {
     setText(r.more, files.length > shown.length ? `… and ${files.length - shown.length} more` : "");
     setHidden(r.more, files.length <= shown.length);
     if (!r.details.open) return; // nothing to draw while collapsed
-    reconcile(r.files, shown, (f) => f.root, (f) => {
+    reconcile(r.files, shown, (f) => f.key, (f) => {
       const row = el("li", { className: "file-row" });
       row.r = {
         name: el("span", { className: "f-name", textContent: f.path, title: f.path }),
@@ -1219,15 +1219,15 @@ export class FilesUI {
   renderReceived() {
     const done = [...this.downloads.values()]
       .filter((d) => d.state === "complete")
-      .sort((a, b) => (this.completedAt.get(b.root) ?? 0) - (this.completedAt.get(a.root) ?? 0));
+      .sort((a, b) => (this.completedAt.get(b.key) ?? 0) - (this.completedAt.get(a.key) ?? 0));
     setText($("received-count"), String(done.length));
     setHidden($("no-received"), done.length > 0);
-    const kept = done.filter((d) => !this.inDownloads.has(d.root));
+    const kept = done.filter((d) => !this.inDownloads.has(d.key));
     setHidden($("save-all"), typeof window.showDirectoryPicker !== "function" || !kept.length || !this.session);
-    reconcile($("received"), done, (d) => d.root, (d) => {
-      const path = d.paths?.[0] ?? d.root;
-      const li = el("li", { dataset: { root: d.root } });
-      const streamed = this.inDownloads.has(d.root);
+    reconcile($("received"), done, (d) => d.key, (d) => {
+      const path = d.paths?.[0] ?? d.key;
+      const li = el("li", { dataset: { key: d.key } });
+      const streamed = this.inDownloads.has(d.key);
       const hints = [formatBytes(d.size), ...(d.paths?.length > 1 ? [`also as ${d.paths.slice(1).join(", ")}`] : [])];
       if (streamed) hints.push("saved in your browser's downloads folder");
       const info = el("div", { className: "r-info" },
@@ -1238,7 +1238,7 @@ export class FilesUI {
         // The browser saved it; this page keeps no copy to open or save again.
         const clear = el("button", { type: "button", className: "small secondary remove", textContent: "Clear" });
         clear.setAttribute("aria-label", `Clear ${path} from this list`);
-        clear.addEventListener("click", () => this.remove(d.root, path));
+        clear.addEventListener("click", () => this.remove(d.key, path));
         actions.append(clear);
         li.append(info, actions);
         return li;
@@ -1246,12 +1246,12 @@ export class FilesUI {
       if (previewType(path)) {
         const open = el("button", { type: "button", className: "small open", textContent: "Open" });
         open.setAttribute("aria-label", `Open ${path} in a new tab`);
-        open.addEventListener("click", () => this.open(d.root, path, open));
+        open.addEventListener("click", () => this.open(d.key, path, open));
         actions.append(open);
       }
       const save = el("button", { type: "button", className: "small save", textContent: "Save" });
       save.setAttribute("aria-label", `Save ${path}`);
-      save.addEventListener("click", () => this.save(d.root, path, save));
+      save.addEventListener("click", () => this.save(d.key, path, save));
       const remove = el("button", { type: "button", className: "small secondary remove", textContent: "Remove" });
       remove.setAttribute("aria-label", `Remove ${path} from this browser`);
       let armed = null;
@@ -1263,7 +1263,7 @@ export class FilesUI {
         }
         clearTimeout(armed);
         armed = null;
-        this.remove(d.root, path);
+        this.remove(d.key, path);
       });
       actions.append(save, remove);
       li.append(info, actions);

@@ -19,7 +19,12 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the signaling protocol. A client states it in [`ClientMessage::Join`]; the
 /// server refuses any other with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// It also versions what peers say to each other inside their sessions, since two peers
+/// only meet through one server: 2 changed the file offer (streamed items, the `Root`
+/// message; `core/TRANSFER.md`), so a peer of version 1 is refused at join instead of
+/// misreading offers.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest signaling message, in bytes of JSON text, that either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;

@@ -1841,4 +1841,54 @@ fn the_resolver_finds_members_by_name_never_an_impostor_and_forwards_the_rest() 
         let m = Message::from_vec(u.payload()).unwrap();
         assert_eq!((m.id(), m.response_code()), (9, ResponseCode::ServFail));
     }
+
+/// A file offered before it was hashed is shared only for its offers: once every offer
+/// of it was declined or cancelled, the node stops sharing it and tells the driver to
+/// stop hashing it (`hashing_wanted`), so a page does not read gigabytes for nobody.
+#[test]
+fn a_file_offered_before_it_is_hashed_stops_being_shared_when_no_offer_wants_it() {
+    let mut sim = mesh(9, &["tx", "a", "b"]);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+    let local = sim.nodes[0].node.share_streamed(data.len() as u64);
+    sim.nodes[0].files.insert(local, data);
+    let (now, a, b) = (sim.now, sim.id(1), sim.id(2));
+    let to_a = sim.nodes[0].node.offer(now, &a, &[(local, "f.bin".to_string())]).unwrap();
+    let to_b = sim.nodes[0].node.offer(now, &b, &[(local, "f.bin".to_string())]).unwrap();
+    sim.drain(0);
+    sim.run_until(Duration::from_secs(5), "offers", |s| {
+        [1, 2].iter().all(|&n| !s.node(n).engine().pending_offers().is_empty())
+    });
+
+    // One receiver declines: the other offer still wants it.
+    let (now, tx) = (sim.now, sim.id(0));
+    sim.nodes[1].node.decline(now, &tx, to_a).unwrap();
+    sim.drain(1);
+    sim.run_until(Duration::from_secs(5), "declined", |s| {
+        s.nodes[0].events.iter().any(|e| {
+            matches!(
+                e,
+                Event::File(FileEvent::Engine(TransferEvent::Answered { accepted: false, .. }))
+            )
+        })
+    });
+    assert!(sim.node(0).hashing_wanted(&local));
+    assert!(sim.node(0).engine().is_shared(&local));
+
+    // The other accepts, then cancels: nothing wants it any more.
+    let now = sim.now;
+    sim.nodes[2].node.accept(now, &tx, to_b).unwrap();
+    sim.drain(2);
+    sim.run_for(Duration::from_millis(200));
+    let now = sim.now;
+    let reason = weft_core::transfer::CancelReason::Text("no".into());
+    sim.nodes[2].node.cancel(now, &tx, to_b, false, reason).unwrap();
+    sim.drain(2);
+    sim.run_until(Duration::from_secs(5), "cancelled", |s| {
+        s.nodes[0]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::File(FileEvent::Engine(TransferEvent::Cancelled { .. }))))
+    });
+    assert!(!sim.node(0).hashing_wanted(&local));
+    assert!(!sim.node(0).engine().is_shared(&local));
 }

@@ -45,6 +45,9 @@ struct Node {
     /// Chunks served, by requester.
     served: HashMap<PeerId, usize>,
     written: usize,
+    /// Files shared before they were hashed: local key → the hasher, how many CVs were
+    /// reported, how many bytes were fed.
+    hashing: HashMap<Root, (FileHasher, usize, usize)>,
 }
 
 struct Net {
@@ -130,6 +133,42 @@ impl Net {
         self.engine(n).share(d.root, d.size, d.cvs).unwrap();
         self.node(n).files.insert(d.root, data.to_vec());
         d.root
+    }
+
+    /// Shares `data` at node `n` before hashing it (under a local key): it can be offered
+    /// at once; [`Self::hash`] hashes it.
+    fn share_streamed(&mut self, n: &str, data: &[u8]) -> Root {
+        let local = Root::of(format!("local {n} {}", data.len()).as_bytes());
+        self.engine(n).share_streamed(local, data.len() as u64);
+        self.node(n).files.insert(local, data.to_vec());
+        self.node(n).hashing.insert(local, (FileHasher::new(), 0, 0));
+        local
+    }
+
+    /// Node `n`'s driver hashes `local` up to `upto` bytes, reporting the CVs finished,
+    /// and the digest once at the end; returns the root once known.
+    fn hash(&mut self, n: &str, local: Root, upto: usize) -> Option<Root> {
+        let node = self.nodes.get_mut(&pid(n)).unwrap();
+        let data = node.files[&local].clone();
+        let (hasher, reported, fed) = node.hashing.get_mut(&local).unwrap();
+        let upto = upto.min(data.len());
+        if upto > *fed {
+            hasher.update(&data[*fed..upto]);
+            *fed = upto;
+        }
+        let new = hasher.cvs()[*reported..].to_vec();
+        *reported += new.len();
+        let done = *fed == data.len();
+        let digest = done.then(|| hasher.clone().finish());
+        let engine = self.engines.get_mut(&pid(n)).unwrap();
+        engine.hashed(&local, &new);
+        let root = digest.map(|d| {
+            let root = d.root;
+            engine.hash_done(&local, d).unwrap();
+            root
+        });
+        self.settle();
+        root
     }
 
     /// Runs every node's output until nothing moves (panics if that takes too long).
@@ -774,13 +813,21 @@ fn a_failed_write_reports_plain_words_and_keeps_what_was_stored() {
         paths: vec!["f".into()],
         have: vec![0b001],
         state: DownloadState::Active,
+        streamed: false,
+        hash: None,
+        cv_digest: None,
+        sender: None,
     });
     assert_eq!(e.progress(&root).unwrap().done_bytes, CHUNK_LEN as u64);
     e.write_failed(&root, FailReason::DiskFull);
     let out: Vec<Output> = std::iter::from_fn(|| e.poll_output()).collect();
     assert_eq!(
         out,
-        vec![Output::Event(TransferEvent::FileFailed { root, reason: FailReason::DiskFull })]
+        vec![Output::Event(TransferEvent::FileFailed {
+            root,
+            key: root,
+            reason: FailReason::DiskFull
+        })]
     );
     assert_eq!(e.record(&root).unwrap().have, vec![0b001]);
 }
@@ -902,6 +949,10 @@ fn a_restored_download_with_every_chunk_on_disk_completes() {
         paths: vec!["f".into()],
         have: vec![0b1111],
         state: DownloadState::Active,
+        streamed: false,
+        hash: None,
+        cv_digest: None,
+        sender: None,
     });
     net.disconnect("alice", "bob");
     net.connect("alice", "bob");
@@ -927,4 +978,252 @@ fn the_endgame_wakes_once_per_request_not_in_a_loop_while_nobody_can_be_asked_ag
         // and again, until the requests time out: a spinning CPU.
         assert!(next.is_none_or(|t| t > now), "step {step}: wakes at {next:?}, now {now:?}");
     }
+}
+
+// ---- offered before it is hashed (core/TRANSFER.md, "Offer at once") ----
+
+fn streamed_offer(net: &Net, n: &str) -> weft_core::transfer::OfferItem {
+    net.events(n)
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            TransferEvent::Offered { items, .. } | TransferEvent::Resumed { items, .. } => {
+                Some(items[0].clone())
+            }
+            _ => None,
+        })
+        .expect("an offer")
+}
+
+fn verified(net: &Net, n: &str) -> Vec<(Root, Root)> {
+    net.events(n)
+        .iter()
+        .filter_map(|e| match e {
+            TransferEvent::Verified { key, root } => Some((*key, *root)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_receiver_that_sees_the_offer_before_hashing_ends_with_a_verified_file() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(300 * CHUNK_LEN + 777, 40);
+    let local = net.share_streamed("alice", &data);
+    // The offer goes out before a byte is hashed: it names the file by a stream key.
+    let id = net.bob_accepts_from_alice(local, "big.bin");
+    net.settle();
+    let item = streamed_offer(&net, "bob");
+    assert!(item.streamed);
+    assert_eq!(item.size, data.len() as u64);
+    assert_ne!(item.root, Root::of(&data));
+    assert_ne!(item.root, local, "the local key never travels");
+    let key = item.root;
+    assert_eq!(net.nodes[&pid("bob")].written, 0, "no CV yet: nothing may be fetched");
+
+    // A third hashed: only chunks whose CV came are fetched, each checked against it.
+    net.hash("alice", local, 100 * CHUNK_LEN + 5);
+    let written = net.nodes[&pid("bob")].written;
+    assert!(written > 0 && written <= 100, "fetched {written} chunks ahead of 100 CVs");
+    assert!(net.completed("bob").is_empty());
+    let progress = net.engine("bob").progress(&key).unwrap();
+    assert_eq!(progress.root, key, "known by its stream key until the root is verified");
+
+    // The rest: the root arrives, the CVs merge to it, the file completes under it.
+    let root = net.hash("alice", local, data.len()).unwrap();
+    assert_eq!(root, Root::of(&data));
+    assert_eq!(verified(&net, "bob"), vec![(key, root)]);
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert!(net.events("bob").iter().any(|e| matches!(
+        e,
+        TransferEvent::FileComplete { root: r, key: k, .. } if *r == root && *k == key
+    )));
+    assert_eq!(net.nodes[&pid("bob")].disk[&key], data, "stored under its stream key");
+    assert_eq!(net.nodes[&pid("bob")].written, 301, "every chunk written once");
+    assert_eq!(net.engine("bob").progress(&root).unwrap().root, root);
+    assert!(net.events("alice").contains(&TransferEvent::Delivered { peer: pid("bob"), root }));
+    let _ = id;
+}
+
+#[test]
+fn a_chunk_corrupted_before_the_root_is_known_is_caught_and_fetched_again() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(40 * CHUNK_LEN, 41);
+    let local = net.share_streamed("alice", &data);
+    // Damaged between the hashing read and the serving read.
+    net.node("alice").corrupt.insert((local, 5));
+    net.bob_accepts_from_alice(local, "f");
+    net.settle();
+    let key = streamed_offer(&net, "bob").root;
+    net.hash("alice", local, 20 * CHUNK_LEN);
+    assert!(verified(&net, "bob").is_empty(), "the root is not known yet");
+    assert!(net.events("bob").contains(&TransferEvent::ChunkRejected {
+        root: key,
+        index: 5,
+        peer: pid("alice")
+    }));
+    // Fetched again and written good; never written bad.
+    let at = 5 * CHUNK_LEN;
+    assert_eq!(net.nodes[&pid("bob")].disk[&key][at..at + CHUNK_LEN], data[at..at + CHUNK_LEN]);
+    let root = net.hash("alice", local, data.len()).unwrap();
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&key], data);
+}
+
+#[test]
+fn a_sender_whose_root_does_not_match_its_hashes_fails_the_file_and_nothing_is_kept() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(30 * CHUNK_LEN, 42);
+    let local = net.share_streamed("alice", &data);
+    net.bob_accepts_from_alice(local, "f");
+    net.settle();
+    let key = streamed_offer(&net, "bob").root;
+    net.hash("alice", local, 10 * CHUNK_LEN);
+    assert!(net.nodes[&pid("bob")].written > 0);
+    // Alice (a lying member, or a file changed under her) claims another root.
+    let now = net.now;
+    let lie = TransferMsg::Root { key, root: Root::of(b"something else") };
+    net.engine("bob").handle(&pid("alice"), lie, now);
+    net.hash("alice", local, data.len());
+    assert!(net.events("bob").contains(&TransferEvent::FileFailed {
+        root: key,
+        key,
+        reason: FailReason::WrongRoot
+    }));
+    assert!(net.completed("bob").is_empty());
+    assert!(!net.nodes[&pid("bob")].disk.contains_key(&key), "what it sent is discarded");
+    assert!(net.engine("bob").progress(&key).is_none());
+}
+
+#[test]
+fn the_receiver_reloads_before_the_root_is_known_and_resumes() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(200 * CHUNK_LEN + 3, 43);
+    let local = net.share_streamed("alice", &data);
+    net.bob_accepts_from_alice(local, "dir/f");
+    net.settle();
+    let key = streamed_offer(&net, "bob").root;
+    net.hash("alice", local, 120 * CHUNK_LEN);
+    let record = net.engine("bob").record(&key).unwrap();
+    assert!(record.streamed && record.hash.is_none());
+    let (count, _) = record.cv_digest.unwrap();
+    assert!(count >= 100, "{count} CVs");
+    let done = net.engine("bob").progress(&key).unwrap().done_bytes;
+    assert!(done > 0 && done < data.len() as u64);
+    let written_before = net.nodes[&pid("bob")].written;
+
+    // Bob reloads: a new engine; the disk and the record (as JSON) survive.
+    net.disconnect("alice", "bob");
+    net.disconnect("bob", "carol");
+    let record: weft_core::transfer::DownloadRecord =
+        serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+    let mut fresh = Engine::new(EngineConfig::default(), 77);
+    fresh.restore(record);
+    assert_eq!(fresh.progress(&key).unwrap().done_bytes, done);
+    net.engines.insert(pid("bob"), fresh);
+    net.connect("bob", "carol");
+    net.settle();
+    // Carol learnt the key somehow: before the root, only the sender may serve it.
+    let now = net.now;
+    net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root: key }, now);
+    net.settle();
+    let carol_added = net
+        .events("bob")
+        .iter()
+        .any(|e| matches!(e, TransferEvent::SourceAdded { peer, .. } if *peer == pid("carol")));
+    assert!(!carol_added, "a member that is not the sender never feeds it before its root");
+    net.connect("alice", "bob");
+    net.settle();
+    assert_eq!(net.engine("bob").progress(&key).unwrap().sources, vec![pid("alice")]);
+    let root = net.hash("alice", local, data.len()).unwrap();
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&key], data);
+    let chunks = 201;
+    assert_eq!(
+        net.nodes[&pid("bob")].written - written_before,
+        chunks - (done as usize).div_ceil(CHUNK_LEN),
+        "stored chunks are not fetched again"
+    );
+}
+
+#[test]
+fn a_restored_download_whose_hashes_changed_fetches_its_chunks_again() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(50 * CHUNK_LEN, 44);
+    let local = net.share_streamed("alice", &data);
+    net.bob_accepts_from_alice(local, "f");
+    net.settle();
+    let key = streamed_offer(&net, "bob").root;
+    net.hash("alice", local, 30 * CHUNK_LEN);
+    let record = net.engine("bob").record(&key).unwrap();
+    assert!(record.have.iter().any(|b| *b != 0));
+    // Alice restarts with the file changed (same size and path: the same stream key);
+    // Bob reloads too.
+    let changed = content(50 * CHUNK_LEN, 45);
+    net.disconnect("alice", "bob");
+    net.engines.insert(pid("alice"), Engine::new(EngineConfig::default(), 5000));
+    net.nodes.insert(pid("alice"), Node::default());
+    let mut fresh = Engine::new(EngineConfig::default(), 78);
+    fresh.restore(record);
+    net.engines.insert(pid("bob"), fresh);
+    net.connect("alice", "bob");
+    let local = net.share_streamed("alice", &changed);
+    net.engine("alice").offer(&pid("bob"), &[(local, "f".into())]).unwrap();
+    net.settle();
+    assert!(net.events("bob").iter().any(|e| matches!(e, TransferEvent::Resumed { .. })));
+    let root = net.hash("alice", local, changed.len()).unwrap();
+    assert_eq!(root, Root::of(&changed));
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&key], changed, "no stale chunk kept");
+}
+
+#[test]
+fn a_second_source_joins_once_the_root_is_known() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(400 * CHUNK_LEN, 46);
+    let local = net.share_streamed("alice", &data);
+    let root = net.share("carol", &data);
+    net.bob_accepts_from_alice(local, "f");
+    net.settle();
+    net.hash("alice", local, 150 * CHUNK_LEN);
+    // Before the root: alice alone, carol not even asked.
+    assert!(net.nodes[&pid("carol")].served.is_empty());
+    let added = |net: &Net| {
+        net.events("bob")
+            .iter()
+            .filter_map(|e| match e {
+                TransferEvent::SourceAdded { peer, .. } => Some(peer.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(added(&net), vec![pid("alice")]);
+    // Alice finishes hashing at once but is slow to serve: carol takes part of the rest.
+    let key = streamed_offer(&net, "bob").root;
+    let engine = net.engines.get_mut(&pid("alice")).unwrap();
+    let node = net.nodes.get_mut(&pid("alice")).unwrap();
+    let (mut hasher, reported, fed) = node.hashing.remove(&local).unwrap();
+    hasher.update(&data[fed..]);
+    let digest = hasher.finish();
+    engine.hashed(&local, &digest.cvs[reported..]);
+    engine.hash_done(&local, digest).unwrap();
+    net.settle();
+    assert_eq!(added(&net), vec![pid("alice"), pid("carol")]);
+    assert!(net.nodes[&pid("carol")].served[&pid("bob")] > 0, "carol served part of it");
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&key], data);
+}
+
+#[test]
+fn a_file_of_one_chunk_offered_before_hashing_waits_for_its_root() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(1000, 47);
+    let local = net.share_streamed("alice", &data);
+    net.bob_accepts_from_alice(local, "small");
+    net.settle();
+    assert_eq!(net.nodes[&pid("bob")].written, 0);
+    let root = net.hash("alice", local, data.len()).unwrap();
+    assert_eq!(net.completed("bob"), vec![root]);
+    let key = streamed_offer(&net, "bob").root;
+    assert_eq!(net.nodes[&pid("bob")].disk[&key], data);
 }

@@ -28,9 +28,9 @@ function show(list, text) {
   $(list).append(Object.assign(document.createElement("li"), { textContent: text }));
 }
 
-/** @param {WeftSession} session @param {string} root */
-async function keep(session, root) {
-  const file = await session.downloadedFile(root); // a File, named after its path
+/** @param {WeftSession} session @param {string} key */
+async function keep(session, key) {
+  const file = await session.downloadedFile(key); // a File, named after its path
   example.files.push({ name: file.name, size: file.size });
   const link = Object.assign(document.createElement("a"), {
     href: URL.createObjectURL(file), download: file.name, textContent: `${file.name} (${file.size} bytes)`,
@@ -52,7 +52,7 @@ async function main() {
     if (ev.type === "progress") {
       $("status").textContent = `${ev.paths[0]}: ${Math.floor((100 * ev.doneBytes) / Math.max(ev.size, 1))} %`;
     }
-    if (ev.type === "file_complete" && session) keep(session, ev.root).catch((e) => show("files", String(e)));
+    if (ev.type === "file_complete" && session) keep(session, ev.key).catch((e) => show("files", String(e)));
   };
   // Resolves once joined (ownId set), or rejects with the reason (unreachable, refused…).
   const joined = await WeftSession.join({

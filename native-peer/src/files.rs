@@ -2,8 +2,9 @@
 //! twin of the browser's `wasm/src/files.rs`. The node decides everything (what to read,
 //! write, save and when); this only does the I/O it asks for.
 //!
-//! - **Sending**: a file is hashed once, streaming ([`hash_file`], off the async threads),
-//!   then shared; chunks are served with positioned reads of the open file.
+//! - **Sending**: a file is shared and offered at once, and hashed once, streaming
+//!   ([`hash_file`], off the async threads), its CVs reported as they come; chunks are
+//!   served with positioned reads of the open file.
 //! - **Receiving** into a folder `DIR`: verified chunks are written in place (positioned
 //!   writes) into `DIR/.weft-partial/<root>`; each download's [`DownloadRecord`] is saved
 //!   next to it as `<root>.json` (new file, then renamed over the old) when the node says,
@@ -25,7 +26,7 @@ use tokio::task::JoinHandle;
 use weft_core::node::{DownloadStore, Input, SavedTo, WriteFailure};
 use weft_core::signal::PeerId;
 use weft_core::transfer::wire::{Unsendable, check_path, check_send_path};
-use weft_core::transfer::{DownloadRecord, FileDigest, FileHasher, Root};
+use weft_core::transfer::{Cv, DownloadRecord, FileDigest, FileHasher, Root};
 
 use crate::mesh::MeshEvent;
 
@@ -198,9 +199,13 @@ fn add_file(path: &Path, rel: String, items: &mut Vec<SendItem>) -> Result<(), F
     Ok(())
 }
 
-/// Hashes the file at `path` front to back (blocking), calling `progress` with the bytes
-/// hashed so far after each read.
-pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<FileDigest, FilesError> {
+/// Hashes the file at `path` front to back (blocking), calling `progress(bytes hashed, CVs of the
+/// chunks finished so far)` after each read: a file shared before it is hashed reports
+/// the new CVs to the node as they come.
+pub fn hash_file(
+    path: &Path,
+    mut progress: impl FnMut(u64, &[Cv]),
+) -> Result<FileDigest, FilesError> {
     let mut file = File::open(path).map_err(io_error(path))?;
     let mut hasher = FileHasher::new();
     let mut buf = vec![0u8; HASH_READ];
@@ -212,7 +217,7 @@ pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<FileDiges
             Err(e) => return Err(io_error(path)(e)),
         };
         hasher.update(&buf[..n]);
-        progress(hasher.hashed());
+        progress(hasher.hashed(), hasher.cvs());
     }
     Ok(hasher.finish())
 }
@@ -789,7 +794,7 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         fs::write(dir.join("f"), &data).unwrap();
         let mut last = 0;
-        let digest = hash_file(&dir.join("f"), |n| last = n).unwrap();
+        let digest = hash_file(&dir.join("f"), |n, _| last = n).unwrap();
         assert_eq!(digest.root, *blake3_root(&data));
         assert_eq!((digest.size, last), (300_000, 300_000));
         fs::remove_dir_all(&dir).unwrap();

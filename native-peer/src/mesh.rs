@@ -30,7 +30,7 @@ use weft_core::node::{
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
-use weft_core::transfer::{FileDigest, OfferItem, Root};
+use weft_core::transfer::{Cv, FileDigest, OfferItem, Root};
 use weft_core::trust::TrustStore;
 
 use crate::dns::Forwarder;
@@ -127,10 +127,23 @@ enum Command {
         text: String,
         reply: oneshot::Sender<Result<(), MeshError>>,
     },
-    Share {
+    ShareStreamed {
         file: std::fs::File,
+        size: u64,
+        reply: oneshot::Sender<Root>,
+    },
+    Hashed {
+        local: Root,
+        cvs: Vec<Cv>,
+    },
+    HashDone {
+        local: Root,
         digest: FileDigest,
-        reply: oneshot::Sender<Result<(), MeshError>>,
+        reply: oneshot::Sender<Result<Root, MeshError>>,
+    },
+    HashFailed {
+        local: Root,
+        reason: String,
     },
     Offer {
         to: PeerId,
@@ -163,6 +176,27 @@ enum Command {
     },
 }
 
+/// Reports the CVs of one streamed share from its hashing thread, in order.
+#[derive(Debug, Clone)]
+pub struct HashReporter {
+    commands: mpsc::UnboundedSender<Command>,
+    local: Root,
+}
+
+impl HashReporter {
+    /// The next CVs.
+    pub fn cvs(&self, cvs: &[Cv]) {
+        if !cvs.is_empty() {
+            let _ = self.commands.send(Command::Hashed { local: self.local, cvs: cvs.to_vec() });
+        }
+    }
+
+    /// The file could not be read: it is no longer served.
+    pub fn failed(&self, reason: String) {
+        let _ = self.commands.send(Command::HashFailed { local: self.local, reason });
+    }
+}
+
 /// Controls a running mesh.
 #[derive(Debug)]
 pub struct MeshHandle {
@@ -186,9 +220,24 @@ impl MeshHandle {
             .unwrap_or(Err(MeshError::Stopped))
     }
 
-    /// Serves the open `file`, hashed as `digest` (see [`crate::files::hash_file`]).
-    pub async fn share(&self, file: std::fs::File, digest: FileDigest) -> Result<(), MeshError> {
-        self.ask(|reply| Command::Share { file, digest, reply })
+    /// Serves the open `file` of `size` bytes before it is hashed, so that it can be
+    /// offered at once: its local key. Hash it with [`crate::files::hash_file`],
+    /// reporting through [`Self::hash_reporter`], then [`Self::hash_done`].
+    pub async fn share_streamed(&self, file: std::fs::File, size: u64) -> Result<Root, MeshError> {
+        self.ask(|reply| Command::ShareStreamed { file, size, reply })
+            .await
+            .ok_or(MeshError::Stopped)
+    }
+
+    /// Reports a hashing thread's CVs of a streamed share as they come (usable from a
+    /// blocking thread: it never waits).
+    pub fn hash_reporter(&self, local: Root) -> HashReporter {
+        HashReporter { commands: self.commands.clone(), local }
+    }
+
+    /// A streamed share is hashed (after its CVs were reported): its root.
+    pub async fn hash_done(&self, local: Root, digest: FileDigest) -> Result<Root, MeshError> {
+        self.ask(|reply| Command::HashDone { local, digest, reply })
             .await
             .unwrap_or(Err(MeshError::Stopped))
     }
@@ -637,13 +686,18 @@ impl Mesh {
                 let result = self.node.send_message(now, Some(&to), &text);
                 let _ = reply.send(result.map(drop).map_err(Into::into));
             }
-            Command::Share { file, digest, reply } => {
-                let root = digest.root;
-                let result = self.node.share(root, digest.size, digest.cvs);
-                if result.is_ok() {
-                    self.disk.share(root, file);
-                }
+            Command::ShareStreamed { file, size, reply } => {
+                let local = self.node.share_streamed(size);
+                self.disk.share(local, file);
+                let _ = reply.send(local);
+            }
+            Command::Hashed { local, cvs } => self.node.file_hashed(now, &local, &cvs),
+            Command::HashDone { local, digest, reply } => {
+                let result = self.node.file_hash_done(now, &local, digest);
                 let _ = reply.send(result.map_err(Into::into));
+            }
+            Command::HashFailed { local, reason } => {
+                self.node.file_hash_failed(now, &local, reason);
             }
             Command::Offer { to, files, reply } => {
                 let result = self

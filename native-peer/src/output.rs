@@ -416,7 +416,9 @@ pub fn bytes(n: u64) -> String {
 fn items_json(items: &[OfferItem]) -> Value {
     items
         .iter()
-        .map(|i| json!({"path": i.path, "size": i.size, "root": i.root.to_string()}))
+        .map(|i| {
+            json!({"path": i.path, "size": i.size, "root": i.root.to_string(), "streamed": i.streamed})
+        })
         .collect::<Vec<_>>()
         .into()
 }
@@ -458,10 +460,13 @@ pub fn file_json(ev: &FileEvent) -> Value {
             TransferEvent::Delivered { peer, root } => {
                 json!({"event": "delivered", "peer_id": peer, "root": root.to_string()})
             }
-            TransferEvent::FileComplete { root, paths, size } => {
+            TransferEvent::FileComplete { root, paths, size, .. } => {
                 json!({"event": "file_complete", "root": root.to_string(), "paths": paths, "size": size})
             }
-            TransferEvent::FileFailed { root, reason } => {
+            TransferEvent::Verified { key, root } => {
+                json!({"event": "verified", "key": key.to_string(), "root": root.to_string()})
+            }
+            TransferEvent::FileFailed { root, reason, .. } => {
                 json!({"event": "file_failed", "root": root.to_string(), "reason": reason.to_string()})
             }
             TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => json!({
@@ -517,7 +522,7 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
                 format!("{peer} has {} (verified)", &root.to_string()[..16])
             }
             TransferEvent::FileComplete { paths, .. } => format!("complete: {}", paths.join(", ")),
-            TransferEvent::FileFailed { root, reason } => {
+            TransferEvent::FileFailed { root, reason, .. } => {
                 format!("failed: {}: {reason}", &root.to_string()[..16])
             }
             TransferEvent::Cancelled { peer, reason, by_peer, .. } => {
@@ -533,7 +538,7 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
             TransferEvent::ShareFailed { root, reason } => {
                 format!("stopped sharing {}: {reason}", &root.to_string()[..16])
             }
-            TransferEvent::SourceAdded { .. } => return None,
+            TransferEvent::SourceAdded { .. } | TransferEvent::Verified { .. } => return None,
         },
         FileEvent::Restored(view) => format!(
             "resuming {} ({} of {} stored)",

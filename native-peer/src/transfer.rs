@@ -174,44 +174,46 @@ async fn send_inner(
 ) -> anyhow::Result<()> {
     let to_refs = peer_refs(to)?;
     let mut bars = Bars::new(printer.json);
-    // Hash (while the sessions come up), then share.
+    // Share every file at once, to offer it as soon as the recipients are up; one
+    // blocking thread hashes them in turn meanwhile, its CVs going to the mesh as they
+    // come, its digests back here (core/TRANSFER.md, "Offer at once").
     let mut files: Vec<(Root, String)> = Vec::new();
     let mut sizes: HashMap<Root, u64> = HashMap::new();
+    let mut to_hash = Vec::new();
     for item in &items {
-        let bar = ProgressBar::new(item.size)
-            .with_prefix(format!("hashing {}", shorten(&item.path, 32)))
-            .with_style(style(40));
-        let bar = bars.multi.add(bar);
-        let (source, path, size, json) =
-            (item.source.clone(), item.path.clone(), item.size, printer.json);
-        let hashing_bar = bar.clone();
-        let digest = tokio::task::spawn_blocking(move || {
-            let mut last = Instant::now();
-            hash_file(&source, |done| {
-                hashing_bar.set_position(done);
-                if json && (last.elapsed() >= weft_core::node::PROGRESS_EVERY || done >= size) {
+        let file = std::fs::File::open(&item.source)
+            .with_context(|| format!("cannot open {}", item.source.display()))?;
+        let local = mesh.share_streamed(file, item.size).await?;
+        sizes.insert(local, item.size);
+        files.push((local, item.path.clone()));
+        to_hash.push((local, item.clone(), mesh.hash_reporter(local)));
+    }
+    let (hashed_tx, mut hashed) = tokio::sync::mpsc::unbounded_channel();
+    let json = printer.json;
+    tokio::task::spawn_blocking(move || {
+        for (local, item, reporter) in to_hash {
+            let (mut last, mut reported) = (Instant::now(), 0);
+            let result = hash_file(&item.source, |done, cvs| {
+                reporter.cvs(&cvs[reported..]);
+                reported = cvs.len();
+                if json && (last.elapsed() >= weft_core::node::PROGRESS_EVERY || done >= item.size)
+                {
                     last = Instant::now();
-                    let v =
-                        json!({"event": "hashing", "path": path, "done_bytes": done, "size": size});
+                    let v = json!({"event": "hashing", "path": item.path, "done_bytes": done,
+                                   "size": item.size});
                     println!("{v}");
                 }
-            })
-            .map(|d| (d, std::fs::File::open(&source)))
-        })
-        .await
-        .context("hashing stopped")?;
-        bar.finish_and_clear();
-        let (digest, file) = digest?;
-        let file = file.with_context(|| format!("cannot open {}", item.source.display()))?;
-        let root = digest.root;
-        sizes.insert(root, digest.size);
-        mesh.share(file, digest).await?;
-        bars.say(
-            json!({"event": "hashed", "path": item.path, "root": root.to_string(), "size": sizes[&root]}),
-            || format!("{}: {root}", item.path),
-        );
-        files.push((root, item.path.clone()));
-    }
+            });
+            if let Err(e) = &result {
+                reporter.failed(e.to_string());
+            }
+            if hashed_tx.send((local, item.path, result)).is_err() {
+                return;
+            }
+        }
+    });
+    // Roots as hashing finds them → the local key each file is shared under.
+    let mut roots: HashMap<Root, Root> = HashMap::new();
 
     // The recipients.
     let deadline = tokio::time::Instant::now() + timeout;
@@ -332,6 +334,23 @@ async fn send_inner(
         }
         let event = tokio::select! {
             e = events.recv() => e,
+            Some((local, path, result)) = hashed.recv() => {
+                let root = match result {
+                    Ok(digest) => mesh.hash_done(local, digest).await,
+                    Err(e) => {
+                        bars.clear();
+                        bail!("cannot send {path}: {e}");
+                    }
+                };
+                let root = root.with_context(|| format!("{path} changed while it was hashed"))?;
+                roots.insert(root, local);
+                bars.say(
+                    json!({"event": "hashed", "path": path, "root": root.to_string(),
+                           "size": sizes[&local]}),
+                    || format!("{path}: {root}"),
+                );
+                continue;
+            }
             _ = tick.tick() => {
                 // A recipient's session may end (it left, or its path died) and come back
                 // under a new peer id; one the server merely forgot (it went away) keeps
@@ -399,6 +418,8 @@ async fn send_inner(
                         }
                     }
                     FileEvent::Engine(TransferEvent::Delivered { peer, root }) => {
+                        // Named by its root, which hashing found before it could be verified.
+                        let root = roots.get(root).unwrap_or(root);
                         if let Some(i) = recipient(peer, &mut recipients) {
                             recipients[i].remaining.remove(root);
                             let delivered =
@@ -423,6 +444,7 @@ async fn send_inner(
                         }
                     }
                     FileEvent::Engine(TransferEvent::ShareFailed { root, reason }) => {
+                        let root = roots.get(root).unwrap_or(root);
                         bars.clear();
                         let path = files
                             .iter()
@@ -431,6 +453,7 @@ async fn send_inner(
                         bail!("cannot serve {path}: {reason}");
                     }
                     FileEvent::Upload { peer, root, sent_bytes, .. } => {
+                        let root = roots.get(root).unwrap_or(root);
                         sent.insert((peer.clone(), *root), *sent_bytes);
                         let size = sizes.get(root).copied().unwrap_or(0);
                         let pos: u64 = recipients
@@ -762,17 +785,21 @@ async fn receive_inner(
                     println!("{}", file_json(ev));
                 }
             }
-            FileEvent::Saved { root, .. } => {
+            FileEvent::Saved { root, key, .. } => {
                 bars.finish(root);
+                bars.finish(key);
                 bars.file_event(ev);
                 if let Some((_, _, left)) = &mut target {
+                    // The offer named it by its key (a stream key if it was offered
+                    // before it was hashed).
                     left.remove(root);
+                    left.remove(key);
                     if left.is_empty() && once {
                         break;
                     }
                 }
             }
-            FileEvent::Engine(TransferEvent::FileFailed { root, reason }) => {
+            FileEvent::Engine(TransferEvent::FileFailed { root, reason, .. }) => {
                 bars.file_event(ev);
                 if once && target.as_ref().is_some_and(|(_, _, left)| left.contains(root)) {
                     bars.clear();

@@ -9,6 +9,7 @@
 //! call back into the session) and `pcs` (every `RTCPeerConnection` the page made; the
 //! unwrapped constructor is `window.t.NativePC`).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -529,22 +530,47 @@ pub async fn transfers(browser: &WebDriver) -> Result<Value> {
     js(browser, "return window.t.session.transfers();").await
 }
 
-/// The receiver's download of `root` in `transfers()`, if it lists one.
-pub async fn download(browser: &WebDriver, root: &str) -> Result<Option<Value>> {
-    let t = transfers(browser).await?;
-    Ok(t["downloads"].as_array().and_then(|d| d.iter().find(|d| d["root"] == root).cloned()))
+/// A predicate (JavaScript, on `ev`) for an event of type `ty` about the file `name`: its
+/// `key` (the name it was offered under, in every event) or its `root` (its BLAKE3 hash,
+/// once known).
+pub fn is_file_event(ty: &str, name: &str) -> String {
+    let name = json!(name);
+    format!("ev.type === {} && (ev.key === {name} || ev.root === {name})", json!(ty))
 }
 
-/// Waits for `root`'s `file_complete`, failing early on its `file_failed`.
-pub async fn wait_complete(browser: &WebDriver, root: &str, timeout: Duration) -> Result<Value> {
+/// The receiver's download of `name` (its key or root) in `transfers()`, if it lists one.
+pub async fn download(browser: &WebDriver, name: &str) -> Result<Option<Value>> {
+    let t = transfers(browser).await?;
+    Ok(t["downloads"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["key"] == name || d["root"] == name).cloned()))
+}
+
+/// Waits for the `file_complete` of `name` (its key or root), failing early on its
+/// `file_failed`.
+pub async fn wait_complete(browser: &WebDriver, name: &str, timeout: Duration) -> Result<Value> {
     wait_event(
         browser,
-        &format!("file_complete of {root}"),
-        &is_event("file_complete", "root", root),
-        Some(&is_event("file_failed", "root", root)),
+        &format!("file_complete of {name}"),
+        &is_file_event("file_complete", name),
+        Some(&is_file_event("file_failed", name)),
         timeout,
     )
     .await
+}
+
+/// The key each item of an `offer` event (or an outgoing offer) was offered under, by path.
+pub fn offered_keys(offer: &Value) -> Result<HashMap<String, String>> {
+    offer["items"]
+        .as_array()
+        .context("offer without items")?
+        .iter()
+        .map(|i| {
+            let path = i["path"].as_str().context("item without path")?;
+            let key = i["key"].as_str().context("item without key")?;
+            Ok((path.to_string(), key.to_string()))
+        })
+        .collect()
 }
 
 /// `hashDownloaded(root)`: the receiver's BLAKE3 of the bytes it stored.
@@ -576,17 +602,10 @@ pub async fn accept(browser: &WebDriver, from: &str, offer_id: &Value) -> Result
     Ok(())
 }
 
-/// The largest `sentBytes` in `upload` events of `root` to `peer`, if any.
-pub async fn uploaded(browser: &WebDriver, root: &str, peer: &str) -> Result<Option<u64>> {
-    let ups = events(
-        browser,
-        &format!(
-            "ev.type === 'upload' && ev.root === {} && ev.peerId === {}",
-            json!(root),
-            json!(peer)
-        ),
-    )
-    .await?;
+/// The largest `sentBytes` in `upload` events of `name` (key or root) to `peer`, if any.
+pub async fn uploaded(browser: &WebDriver, name: &str, peer: &str) -> Result<Option<u64>> {
+    let pred = format!("{} && ev.peerId === {}", is_file_event("upload", name), json!(peer));
+    let ups = events(browser, &pred).await?;
     Ok(ups.iter().filter_map(|u| u["sentBytes"].as_u64()).max())
 }
 

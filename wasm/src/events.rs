@@ -5,11 +5,11 @@ use serde::Serialize;
 use tsify::Tsify;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
-    DownloadView, FileEvent as NodeFileEvent, PeerInfo as NodeInfo, RelayTransport, SavedTo,
+    DownloadView, FileEvent as NodeFileEvent, Node, PeerInfo as NodeInfo, RelayTransport, SavedTo,
     TransfersView,
 };
 use weft_core::signal::{ErrorCode, PeerId};
-use weft_core::transfer::{DownloadState, OfferItem, TransferEvent};
+use weft_core::transfer::{DownloadState, OfferItem, Root, TransferEvent};
 use weft_core::trust::Trust;
 
 /// The signaling connection's status.
@@ -147,17 +147,62 @@ pub(crate) enum JsEvent {
 pub(crate) struct ItemJs {
     path: String,
     size: f64,
-    root: String,
+    /// The name the file was offered under (its root, or a stream key if it was offered
+    /// before it was hashed): the same in every event about it, from the offer to
+    /// `file_complete` or `delivered`, and what the download methods take.
+    key: String,
+    /// Its BLAKE3 hash, once known (`null` for a file offered before it was hashed, until
+    /// then).
+    #[tsify(type = "string | null")]
+    root: Option<String>,
 }
 
-pub(crate) fn items_js(items: &[OfferItem]) -> Vec<ItemJs> {
-    items
-        .iter()
-        .map(|i| ItemJs { path: i.path.clone(), size: i.size as f64, root: i.root.to_string() })
-        .collect()
+/// Turns a node's names of files into the page's: the stable `key` and the `root` (the
+/// BLAKE3 hash) once known. Nothing here decides anything; it only asks the node.
+pub(crate) struct Names<'a>(pub(crate) &'a Node);
+
+impl Names<'_> {
+    /// A received file (download) known as `name` (its key, or its root once verified).
+    fn download(&self, name: &Root) -> (String, Option<String>) {
+        match self.0.engine().progress(name) {
+            Some(p) => (p.key.to_string(), p.hash.map(|h| h.to_string())),
+            None => (name.to_string(), None),
+        }
+    }
+
+    /// A file we serve to `peer`, known here as `name` (a local key or its root): the
+    /// key that peer was offered it under (else, fetched by its root without an offer,
+    /// the root) and its root once hashed.
+    fn served(&self, peer: &PeerId, name: &Root) -> (String, Option<String>) {
+        let root = self.0.engine().shared_root(name);
+        let key = self.0.offered_key(peer, name).or(root).unwrap_or(*name);
+        (key.to_string(), root.map(|r| r.to_string()))
+    }
+
+    fn items(&self, items: &[OfferItem], outgoing: bool) -> Vec<ItemJs> {
+        items
+            .iter()
+            .map(|i| {
+                let root = if !i.streamed {
+                    Some(i.root)
+                } else if outgoing {
+                    self.0.engine().shared_root(&i.root)
+                } else {
+                    self.0.engine().progress(&i.root).and_then(|p| p.hash)
+                };
+                ItemJs {
+                    path: i.path.clone(),
+                    size: i.size as f64,
+                    key: i.root.to_string(),
+                    root: root.map(|r| r.to_string()),
+                }
+            })
+            .collect()
+    }
 }
 
-/// File-transfer events for the page (see the crate docs).
+/// File-transfer events for the page (see the crate docs). Every event about one file
+/// names it by `key` (stable from the offer on) and `root` (its hash, once known).
 #[derive(Serialize, Tsify)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
 pub(crate) enum FileEvent {
@@ -186,16 +231,19 @@ pub(crate) enum FileEvent {
     Resumed {
         peer_id: String,
         offer_id: f64,
-        roots: Vec<String>,
+        keys: Vec<String>,
     },
     Progress(ProgressJs),
     Upload {
         peer_id: String,
-        root: String,
+        key: String,
+        #[tsify(type = "string | null")]
+        root: Option<String>,
         sent_bytes: f64,
         size: f64,
     },
     FileComplete {
+        key: String,
         root: String,
         paths: Vec<String>,
         size: f64,
@@ -204,11 +252,14 @@ pub(crate) enum FileEvent {
         stored: &'static str,
     },
     FileFailed {
-        root: String,
+        key: String,
+        #[tsify(type = "string | null")]
+        root: Option<String>,
         reason: String,
     },
     Delivered {
         peer_id: String,
+        key: String,
         root: String,
     },
     TransferCancelled {
@@ -219,16 +270,22 @@ pub(crate) enum FileEvent {
         outgoing: bool,
     },
     ChunkRejected {
-        root: String,
+        key: String,
+        #[tsify(type = "string | null")]
+        root: Option<String>,
         index: u32,
         peer_id: String,
     },
     SourceAdded {
-        root: String,
+        key: String,
+        #[tsify(type = "string | null")]
+        root: Option<String>,
         peer_id: String,
     },
     SourceDropped {
-        root: String,
+        key: String,
+        #[tsify(type = "string | null")]
+        root: Option<String>,
         peer_id: String,
         reason: String,
     },
@@ -238,7 +295,12 @@ pub(crate) enum FileEvent {
 #[derive(Clone, Debug, Serialize, Tsify)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ProgressJs {
-    root: String,
+    /// The name it was offered under, as in the offer's items (stable).
+    key: String,
+    /// Its BLAKE3 hash, once known (`null` until a file offered before it was hashed is
+    /// verified).
+    #[tsify(type = "string | null")]
+    root: Option<String>,
     paths: Vec<String>,
     size: f64,
     done_bytes: f64,
@@ -270,7 +332,8 @@ impl From<&DownloadView> for ProgressJs {
     fn from(v: &DownloadView) -> Self {
         let p = &v.progress;
         Self {
-            root: p.root.to_string(),
+            key: p.key.to_string(),
+            root: p.hash.map(|h| h.to_string()),
             paths: p.paths.clone(),
             size: p.size as f64,
             done_bytes: p.done_bytes as f64,
@@ -315,8 +378,8 @@ pub(crate) struct TransfersJs {
     incoming: Vec<IncomingJs>,
 }
 
-impl From<&TransfersView> for TransfersJs {
-    fn from(t: &TransfersView) -> Self {
+impl TransfersJs {
+    pub(crate) fn new(t: &TransfersView, names: &Names<'_>) -> Self {
         Self {
             downloads: t.downloads.iter().map(ProgressJs::from).collect(),
             outgoing: t
@@ -325,7 +388,7 @@ impl From<&TransfersView> for TransfersJs {
                 .map(|o| OutgoingJs {
                     peer_id: o.peer.to_string(),
                     offer_id: o.offer_id as f64,
-                    items: items_js(&o.items),
+                    items: names.items(&o.items, true),
                     state: o.state.as_str(),
                     sent_bytes: o.sent_bytes as f64,
                     total_bytes: o.total_bytes as f64,
@@ -337,7 +400,7 @@ impl From<&TransfersView> for TransfersJs {
                 .map(|o| IncomingJs {
                     peer_id: o.peer.to_string(),
                     offer_id: o.offer_id as f64,
-                    items: items_js(&o.items),
+                    items: names.items(&o.items, false),
                 })
                 .collect(),
         }
@@ -345,24 +408,21 @@ impl From<&TransfersView> for TransfersJs {
 }
 
 /// The page's form of a node's file event; `None` for what the page is not told.
-/// `peer_name` names an offering peer.
-pub(crate) fn file_event(
-    event: &NodeFileEvent,
-    peer_name: impl Fn(&PeerId) -> String,
-) -> Option<FileEvent> {
+pub(crate) fn file_event(event: &NodeFileEvent, names: &Names<'_>) -> Option<FileEvent> {
+    let node = names.0;
     Some(match event {
         NodeFileEvent::Engine(e) => match e {
             TransferEvent::Offered { peer, offer_id, items } => FileEvent::Offer {
-                name: peer_name(peer),
+                name: node.peer_name(peer).unwrap_or_default().to_string(),
                 peer_id: peer.to_string(),
                 offer_id: *offer_id as f64,
                 total_size: items.iter().map(|i| i.size as f64).sum(),
-                items: items_js(items),
+                items: names.items(items, false),
             },
             TransferEvent::Resumed { peer, offer_id, items } => FileEvent::Resumed {
                 peer_id: peer.to_string(),
                 offer_id: *offer_id as f64,
-                roots: items.iter().map(|i| i.root.to_string()).collect(),
+                keys: items.iter().map(|i| names.download(&i.root).0).collect(),
             },
             TransferEvent::Answered { peer, offer_id, accepted } => FileEvent::OfferAnswered {
                 peer_id: peer.to_string(),
@@ -370,11 +430,17 @@ pub(crate) fn file_event(
                 accepted: *accepted,
             },
             TransferEvent::Delivered { peer, root } => {
-                FileEvent::Delivered { peer_id: peer.to_string(), root: root.to_string() }
+                let (key, hash) = names.served(peer, root);
+                let root = hash.unwrap_or_else(|| root.to_string());
+                FileEvent::Delivered { peer_id: peer.to_string(), key, root }
             }
-            TransferEvent::FileFailed { root, reason } => {
-                FileEvent::FileFailed { root: root.to_string(), reason: reason.to_string() }
-            }
+            // Told by its key: a failed download may be gone already (one streamed into
+            // the downloads folder cannot continue, so it is forgotten at once).
+            TransferEvent::FileFailed { root, key, reason } => FileEvent::FileFailed {
+                key: key.to_string(),
+                root: (root != key).then(|| root.to_string()).or_else(|| names.download(key).1),
+                reason: reason.to_string(),
+            },
             TransferEvent::Cancelled { peer, offer_id, reason, by_peer, outgoing } => {
                 FileEvent::TransferCancelled {
                     peer_id: peer.to_string(),
@@ -384,32 +450,43 @@ pub(crate) fn file_event(
                     outgoing: *outgoing,
                 }
             }
-            TransferEvent::ChunkRejected { root, index, peer } => FileEvent::ChunkRejected {
-                root: root.to_string(),
-                index: *index,
-                peer_id: peer.to_string(),
-            },
-            TransferEvent::SourceAdded { root, peer } => {
-                FileEvent::SourceAdded { root: root.to_string(), peer_id: peer.to_string() }
+            TransferEvent::ChunkRejected { root, index, peer } => {
+                let (key, root) = names.download(root);
+                FileEvent::ChunkRejected { key, root, index: *index, peer_id: peer.to_string() }
             }
-            TransferEvent::SourceDropped { root, peer, reason } => FileEvent::SourceDropped {
-                root: root.to_string(),
-                peer_id: peer.to_string(),
-                reason: reason.to_string(),
-            },
+            TransferEvent::SourceAdded { root, peer } => {
+                let (key, root) = names.download(root);
+                FileEvent::SourceAdded { key, root, peer_id: peer.to_string() }
+            }
+            TransferEvent::SourceDropped { root, peer, reason } => {
+                let (key, root) = names.download(root);
+                FileEvent::SourceDropped {
+                    key,
+                    root,
+                    peer_id: peer.to_string(),
+                    reason: reason.to_string(),
+                }
+            }
             // The node reports a complete file once it is in place (`Saved`); a share that
-            // failed only matters to the driver.
-            TransferEvent::FileComplete { .. } | TransferEvent::ShareFailed { .. } => return None,
+            // failed only matters to the driver; a verified root shows in the next progress.
+            TransferEvent::FileComplete { .. }
+            | TransferEvent::ShareFailed { .. }
+            | TransferEvent::Verified { .. } => return None,
         },
         NodeFileEvent::Progress(view) => FileEvent::Progress(ProgressJs::from(view)),
-        NodeFileEvent::Upload { peer, root, sent_bytes, size } => FileEvent::Upload {
-            peer_id: peer.to_string(),
-            root: root.to_string(),
-            sent_bytes: *sent_bytes as f64,
-            size: *size as f64,
-        },
+        NodeFileEvent::Upload { peer, root, sent_bytes, size } => {
+            let (key, root) = names.served(peer, root);
+            FileEvent::Upload {
+                peer_id: peer.to_string(),
+                key,
+                root,
+                sent_bytes: *sent_bytes as f64,
+                size: *size as f64,
+            }
+        }
         NodeFileEvent::Restored(_) => return None,
-        NodeFileEvent::Saved { root, paths, size, to } => FileEvent::FileComplete {
+        NodeFileEvent::Saved { root, key, paths, size, to } => FileEvent::FileComplete {
+            key: key.to_string(),
             root: root.to_string(),
             paths: paths.clone(),
             size: *size as f64,

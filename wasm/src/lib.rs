@@ -76,11 +76,18 @@
 //!
 //! ## Files
 //!
-//! Files are named by their BLAKE3 hash (`root`, 64 hex digits, what `b3sum` prints). The
-//! sender hashes each file once, streaming, before it offers it. The receiver writes
-//! verified 64 KiB chunks straight into the origin-private file system (OPFS, through a
-//! worker with a sync access handle), so a file never sits in memory, and a download
-//! resumes after a reload from the last verified chunk.
+//! Every file event and item names a file by its `key` (64 hex digits), the name it was
+//! offered under: the same from the `offer` (or the items of `transfers().outgoing`) to
+//! `file_complete` or `delivered`, and what the methods below take (they take its `root`
+//! too). Beside it, `root` is the file's BLAKE3 hash (what `b3sum` prints) once known.
+//! `sendFiles` offers at once and hashes while chunks flow (`core/TRANSFER.md`, "Offer at
+//! once"): such a file's `key` is a stream key, one per receiver, and its `root` is `null`
+//! until the sender has hashed it (sender) or the receiver has verified it (receiver);
+//! `file_complete` and `delivered` always carry it. A file shared with `shareFiles` first
+//! is offered by its root: `key` and `root` are equal. The receiver writes verified 64 KiB
+//! chunks straight into the origin-private file system (OPFS, through a worker with a sync
+//! access handle), so a file never sits in memory, and a download resumes after a reload
+//! from the last verified chunk.
 //!
 //! Browsers without OPFS sync access handles (or `downloads: "stream"` at join) get a
 //! streamed download instead: each file is saved by the browser into its downloads folder
@@ -102,46 +109,47 @@
 //! session.acceptOffer(peerId, offerId);     // throws if there is no such offer
 //! session.declineOffer(peerId, offerId);
 //! session.cancelTransfer(peerId, offerId, reason?, outgoing?);  // either side; the other is told
-//! session.pauseDownload(root, paused);
-//! session.transfers();  // { downloads: [{ root, paths, size, doneBytes, sources, offers,
+//! session.pauseDownload(key, paused);
+//! session.transfers();  // { downloads: [{ key, root, paths, size, doneBytes, sources, offers,
 //!                       //   state, speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
 //!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
-//! await session.downloadedFile(root);      // → File (disk-backed) of a complete download,
+//! await session.downloadedFile(key);       // → File (disk-backed) of a complete download,
 //!                                          //   named after its path's last part
-//! await session.saveDownload(root, path?); // the browser's download of it (an <a download>)
+//! await session.saveDownload(key, path?);  // the browser's download of it (an <a download>)
 //! await session.saveAllTo();               // pick a folder (File System Access API) and copy
 //!                                          // every complete download there under its path
-//! await session.hashDownloaded(root);      // plain BLAKE3 of the stored bytes (hex)
-//! await session.forgetDownload(root);      // delete the stored file and its record
+//! await session.hashDownloaded(key);       // plain BLAKE3 of the stored bytes (hex)
+//! await session.forgetDownload(key);       // delete the stored file and its record
 //! session.setUploadLimit(bytesPerSecond);  // serve files at most this fast, over all
 //!                                          // peers (null: no limit, the default)
 //! session.debugMutePeer(peerId);           // test hook: drop what that peer's connection
 //!                                          // delivers (a dead path); the session notices
 //!                                          // the silence (15 s) and reconnects
-//! session.debugCorruptChunk(index, root?); // test hook: flip a byte the next time this
-//!                                          // node serves chunk `index` (of `root`, or any)
+//! session.debugCorruptChunk(index, key?);  // test hook: flip a byte the next time this
+//!                                          // node serves chunk `index` (of that file, or any)
 //! // Downloads saved before a reload continue by themselves after the next join, as soon
 //! // as a connected peer holds the file (it is asked); no offer or event is needed.
 //! // Events (ev.type):
 //! //  "hashing"            { path, doneBytes, size }
-//! //  "offer"              { peerId, name, offerId, items: [{ path, size, root }], totalSize }
+//! //  "offer"              { peerId, name, offerId, items: [{ path, size, key, root }], totalSize }
 //! //  "offer_answered"     { peerId, offerId, accepted }
-//! //  "resumed"            { peerId, offerId, roots }   (an offer of files we were fetching:
+//! //  "resumed"            { peerId, offerId, keys }   (an offer of files we were fetching:
 //! //                       resumed without asking)
-//! //  "progress"           { root, paths, size, doneBytes, speedBps, etaS, sources, offers:
+//! //  "progress"           { key, root, paths, size, doneBytes, speedBps, etaS, sources, offers:
 //! //                       [{ peerId, offerId }], state } (≤ 4/s per file)
-//! //  "upload"             { peerId, root, sentBytes, size }  (≤ 4/s per peer and file)
-//! //  "file_complete"      { root, paths, size, stored } (stored: "browser" (OPFS) or
+//! //  "upload"             { peerId, key, root, sentBytes, size }  (≤ 4/s per peer and file)
+//! //  "file_complete"      { key, root, paths, size, stored } (stored: "browser" (OPFS) or
 //! //                       "downloads" (streamed into the browser's downloads folder))
-//! //  "file_failed"        { root, reason }       (reason in plain words: disk full, the
+//! //  "file_failed"        { key, root, reason }     (reason in plain words: disk full, the
 //! //                       download writer worker or service worker could not load, …)
-//! //  "delivered"          { peerId, root }       (the receiver verified and stored our file)
+//! //  "delivered"          { peerId, key, root }  (the receiver verified and stored our file;
+//! //                       key: the one that peer was offered)
 //! //  "transfer_cancelled" { peerId, offerId, reason, byPeer, outgoing } (outgoing: it was our offer)
-//! //  "chunk_rejected"     { root, index, peerId } (failed verification; fetched again)
-//! //  "source_added"       { root, peerId }
-//! //  "source_dropped"     { root, peerId, reason }
+//! //  "chunk_rejected"     { key, root, index, peerId } (failed verification; fetched again)
+//! //  "source_added"       { key, root, peerId }
+//! //  "source_dropped"     { key, root, peerId, reason }
 //! ```
 //!
 //! The long-term identity lives in IndexedDB (database `weft`, store `identity`, key
@@ -173,7 +181,7 @@ use weft_core::transfer::{CancelReason, DownloadState, Root};
 use weft_core::trust::TrustStore;
 
 use crate::error::WebError;
-use crate::events::{FileEvent, JsEvent, SessionEvent, Status, TransfersJs};
+use crate::events::{FileEvent, JsEvent, Names, SessionEvent, Status, TransfersJs};
 use crate::local_store::LocalStore;
 use crate::session::{Inner, SessionConfig, emit, emit_to, now, rng, run, window};
 
@@ -525,9 +533,10 @@ impl WeftSession {
             if entries.is_empty() {
                 return Err(JsError::new("no files to send").into());
             }
-            // Fail early, before hashing gigabytes, if nobody can receive.
+            // Fail early, before reading gigabytes, if nobody can receive.
             established(&inner.borrow(), to.as_deref()).map_err(js_error)?;
-            let shared = hash_and_share(&inner, entries).await?;
+            // Offered at once; hashed while chunks flow.
+            let shared = hash_and_share(&inner, entries, true).await?;
             let list: Vec<_> = shared.into_iter().map(|(root, path, _)| (root, path)).collect();
             let mut offers = Vec::new();
             command(&inner, |i| {
@@ -558,7 +567,7 @@ impl WeftSession {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let entries = files::entries(&entries)?;
-            let shared = hash_and_share(&inner, entries).await?;
+            let shared = hash_and_share(&inner, entries, false).await?;
             let array = js_sys::Array::new();
             for (root, path, size) in shared {
                 let obj = js_sys::Object::new();
@@ -619,7 +628,9 @@ impl WeftSession {
     /// `{ downloads, outgoing, incoming }` (see the crate docs).
     #[wasm_bindgen(unchecked_return_type = "TransfersJs")]
     pub fn transfers(&self) -> Result<JsValue, JsError> {
-        let t = TransfersJs::from(&self.inner.borrow_mut().node.transfers(now()));
+        let mut inner = self.inner.borrow_mut();
+        let view = inner.node.transfers(now());
+        let t = TransfersJs::new(&view, &Names(&inner.node));
         let serializer = serde_wasm_bindgen::Serializer::json_compatible();
         serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
     }
@@ -630,7 +641,7 @@ impl WeftSession {
     pub fn downloaded_file(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root)?;
+            let root = stored_key(&inner, root_arg(&root)?);
             inner.borrow().files.check_kept()?;
             let stored = files::stored_file(&root).await?;
             // Stored under its root; handed out under the last part of its path (the same
@@ -668,7 +679,7 @@ impl WeftSession {
                 })
                 .unwrap_or_else(|| root.to_string());
             inner.borrow().files.check_kept()?;
-            files::save_download(&root, &path).await?;
+            files::save_download(&stored_key(&inner, root), &path).await?;
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -687,7 +698,7 @@ impl WeftSession {
                     .downloads()
                     .into_iter()
                     .filter(|d| d.state == DownloadState::Complete)
-                    .map(|d| (d.root, d.paths))
+                    .map(|d| (d.key, d.paths))
                     .collect()
             };
             let n = files::save_all_to(complete).await?;
@@ -700,7 +711,7 @@ impl WeftSession {
     pub fn hash_downloaded(&self, root: String) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let root = root_arg(&root)?;
+            let root = stored_key(&inner, root_arg(&root)?);
             inner.borrow().files.check_kept()?;
             let file = files::stored_file(&root).await?;
             let hash = files::hash_blob(&file).await?;
@@ -790,6 +801,12 @@ fn js_error(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
+/// Where the download `root` (its hash, or the stream key it was offered under) is
+/// stored: under its stream key if it was offered before it was hashed.
+fn stored_key(inner: &Rc<RefCell<Inner>>, root: Root) -> Root {
+    inner.borrow().node.engine().progress(&root).map_or(root, |p| p.key)
+}
+
 /// A file's hash from JavaScript (64 hex digits); the error names what was passed.
 fn root_arg(s: &str) -> Result<Root, WebError> {
     s.parse().map_err(|error| WebError::BadRoot { given: s.to_string(), error })
@@ -821,10 +838,12 @@ fn established(i: &Inner, to: Option<&[String]>) -> Result<Vec<PeerId>, NodeErro
 }
 
 /// Hashes every entry (emitting `hashing` events) and shares it; returns (root, path,
-/// size) of each.
+/// size) of each. `at_once`: shares each before it is hashed, hashing it in the
+/// background (`files::send`); the key returned is then its local key.
 async fn hash_and_share(
     inner: &Rc<RefCell<Inner>>,
     entries: Vec<files::Entry>,
+    at_once: bool,
 ) -> Result<Vec<(Root, String, u64)>, WebError> {
     use weft_core::transfer::wire::{Unsendable, check_send_path};
     let mut shared = Vec::new();
@@ -853,15 +872,23 @@ async fn hash_and_share(
             shared.push((root, entry.path, size as u64));
             continue;
         }
+        if at_once {
+            let path = entry.path.clone();
+            shared.push((files::send::share_at_once(inner, entry), path, size as u64));
+            continue;
+        }
         let mut last_event = now();
-        let digest = files::hash_entry(&entry, |done| {
+        let digest = files::hash_entry(&entry, |done, _| {
             if now().saturating_sub(last_event) >= weft_core::node::PROGRESS_EVERY || done >= size {
                 last_event = now();
                 let ev = FileEvent::Hashing { path: entry.path.clone(), done_bytes: done, size };
                 emit(inner, vec![JsEvent::File(ev)]);
             }
+            true
         })
         .await?;
+        // Never stopped: the closure always goes on.
+        let Some(digest) = digest else { continue };
         {
             let mut i = inner.borrow_mut();
             i.node.share(digest.root, digest.size, digest.cvs)?;

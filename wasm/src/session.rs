@@ -406,11 +406,7 @@ impl Inner {
                     );
                     self.files.forget_blob(root);
                 }
-                let node = &self.node;
-                let name = |p: &weft_core::signal::PeerId| {
-                    node.peer_name(p).unwrap_or_default().to_string()
-                };
-                if let Some(ev) = events::file_event(&file, name) {
+                if let Some(ev) = events::file_event(&file, &events::Names(&self.node)) {
                     out.push(JsEvent::File(ev));
                 }
             }
@@ -608,6 +604,11 @@ impl Inner {
     }
 
     // --- what the JavaScript API asks for
+
+    /// Whether the page left ([`crate::WeftSession::leave`]).
+    pub(crate) fn left(&self) -> bool {
+        self.left
+    }
 
     /// Leaves: Close frames to every peer, `leave` to the server, everything closed.
     pub(crate) fn leave(&mut self, out: &mut Vec<JsEvent>) {

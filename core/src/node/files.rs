@@ -146,8 +146,11 @@ pub enum FileEvent {
     Restored(DownloadView),
     /// A download is complete, verified, and in its place.
     Saved {
-        /// Which file.
+        /// Which file (its hash).
         root: Root,
+        /// The key it was offered and stored under (its stream key if it was offered
+        /// before it was hashed, else its root).
+        key: Root,
         /// The paths it was offered under.
         paths: Vec<String>,
         /// Its size.
@@ -217,11 +220,17 @@ pub(crate) struct FileGlue {
     pub save_due: Option<Duration>,
     /// A save is running in the driver.
     pub saving: bool,
-    /// Complete downloads being put in place: root → (paths, size).
-    pub finishing: HashMap<Root, (Vec<String>, u64)>,
+    /// Complete downloads being put in place: storage key → (root, paths, size).
+    pub finishing: HashMap<Root, (Root, Vec<String>, u64)>,
     /// Complete downloads waiting for the running save to end before they are put in
-    /// place.
-    pub finish_after_save: Vec<(Root, Vec<String>, u64)>,
+    /// place: (storage key, root, paths, size).
+    pub finish_after_save: Vec<(Root, Root, Vec<String>, u64)>,
+    /// Files shared before they were hashed so far (numbers their local keys).
+    pub streamed_shares: u64,
+    /// Local keys of the files shared before they were hashed ([`super::Node::share_streamed`]):
+    /// they exist for the offers made of them, and stop being shared (and hashed) once
+    /// every such offer was declined or cancelled.
+    pub streamed: HashSet<Root>,
     /// Upload limit, bytes per second over all peers.
     pub upload_limit: Option<f64>,
     /// When the pacer lets the next chunk go.
@@ -244,6 +253,8 @@ impl FileGlue {
             saving: false,
             finishing: HashMap::new(),
             finish_after_save: Vec::new(),
+            streamed_shares: 0,
+            streamed: HashSet::new(),
             upload_limit: None,
             upload_next: Duration::ZERO,
             paced: VecDeque::new(),

@@ -797,8 +797,8 @@ impl Node {
                 self.files.saving = false;
                 // A file completed during the save is put in place only now, so that the
                 // save cannot write its old record back after the file's record is gone.
-                for (root, paths, size) in std::mem::take(&mut self.files.finish_after_save) {
-                    self.finish_file(root, paths, size);
+                for (key, root, paths, size) in std::mem::take(&mut self.files.finish_after_save) {
+                    self.finish_file(key, root, paths, size);
                 }
                 if !self.files.dirty.is_empty() && self.files.save_due.is_none() {
                     self.files.save_due = Some(now + self.timing.save_every);
@@ -1621,6 +1621,9 @@ impl Node {
 
     fn set_engine_peer(&mut self, peer: &PeerId, up: bool, now: Duration) {
         if up && self.engine_peers.insert(peer.clone()) {
+            if let Some(key) = self.peers.get(peer).and_then(|s| s.link.peer_identity()) {
+                self.engine.peer_identity(peer, Root::from_bytes(*key.as_bytes()));
+            }
             self.engine.peer_connected(peer, now);
         } else if !up && self.engine_peers.remove(peer) {
             self.engine.peer_disconnected(peer, now);
@@ -1728,25 +1731,34 @@ impl Node {
                 if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), *offer_id)) {
                     o.state = if *accepted { OfferState::Accepted } else { OfferState::Declined };
                 }
+                if !*accepted {
+                    self.drop_unoffered_streams(peer, *offer_id);
+                }
             }
             TransferEvent::Delivered { peer, root } => {
+                let engine = &self.engine;
                 for ((p, _), o) in self.files.outgoing.iter_mut() {
-                    if p == peer && o.items.iter().any(|i| i.root == *root) {
-                        o.delivered.insert(*root);
+                    // The offer's items name a file by a stream key, `root` by its root.
+                    let item = o.items.iter().find(|i| engine.same_shared_file(&i.root, root));
+                    if let (true, Some(item)) = (p == peer, item) {
+                        o.delivered.insert(item.root);
                         if o.items.iter().all(|i| o.delivered.contains(&i.root)) {
                             o.state = OfferState::Delivered;
                         }
                     }
                 }
             }
-            TransferEvent::Cancelled { peer, offer_id, .. } => {
+            TransferEvent::Cancelled { peer, offer_id, outgoing, .. } => {
                 if let Some(o) = self.files.outgoing.get_mut(&(peer.clone(), *offer_id)) {
                     o.state = OfferState::Cancelled;
                 }
+                if *outgoing {
+                    self.drop_unoffered_streams(peer, *offer_id);
+                }
             }
-            TransferEvent::FileComplete { root, paths, size } => {
+            TransferEvent::FileComplete { root, key, paths, size } => {
                 self.maybe_progress(root, now, true);
-                self.finish_file(*root, paths.clone(), *size);
+                self.finish_file(*key, *root, paths.clone(), *size);
                 return;
             }
             TransferEvent::FileFailed { root, .. } => {
@@ -1759,6 +1771,7 @@ impl Node {
             }
             TransferEvent::ShareFailed { root, .. } => {
                 self.files.shared_sizes.remove(root);
+                self.files.streamed.remove(root);
             }
             _ => {}
         }
@@ -1767,28 +1780,31 @@ impl Node {
 
     /// A download is complete: the driver puts it in its place; the user hears of it
     /// once it is there ([`Input::FileSaved`]).
-    fn finish_file(&mut self, root: Root, paths: Vec<String>, size: u64) {
+    /// `key` is where the download is stored, `root` its hash (the same unless it was
+    /// offered under a stream key).
+    fn finish_file(&mut self, key: Root, root: Root, paths: Vec<String>, size: u64) {
+        self.files.dirty.remove(&key);
         self.files.dirty.remove(&root);
         if self.files.saving && self.files.store.keeps_records() {
-            self.files.finish_after_save.push((root, paths, size));
+            self.files.finish_after_save.push((key, root, paths, size));
             return;
         }
         let record = match self.files.store {
-            DownloadStore::Kept | DownloadStore::Folder => self.engine.record(&root),
+            DownloadStore::Kept | DownloadStore::Folder => self.engine.record(&key),
             DownloadStore::Streamed | DownloadStore::None => None,
         };
         if self.files.store == DownloadStore::Streamed {
             // The file leaves the node: there is nothing to serve it from.
-            self.engine.unshare(&root);
+            self.engine.unshare(&key);
         }
-        self.files.finishing.insert(root, (paths.clone(), size));
-        self.out.push_back(Output::FinishFile { root, paths, size, record });
+        self.files.finishing.insert(key, (root, paths.clone(), size));
+        self.out.push_back(Output::FinishFile { root: key, paths, size, record });
     }
 
-    fn on_file_saved(&mut self, root: Root, result: Result<SavedTo, String>) {
-        let Some((paths, size)) = self.files.finishing.remove(&root) else { return };
+    fn on_file_saved(&mut self, key: Root, result: Result<SavedTo, String>) {
+        let Some((root, paths, size)) = self.files.finishing.remove(&key) else { return };
         match result {
-            Ok(to) => self.emit(Event::File(FileEvent::Saved { root, paths, size, to })),
+            Ok(to) => self.emit(Event::File(FileEvent::Saved { root, key, paths, size, to })),
             // Not in its place after all (a streamed download the browser never took, a
             // move that failed): the file failed, whatever the engine thought, rather than
             // vanish as "complete".
@@ -1806,11 +1822,9 @@ impl Node {
     ) {
         match result {
             Ok(mut data) => {
-                let hook = self
-                    .files
-                    .corrupt
-                    .iter()
-                    .position(|(r, n)| *n == index && r.is_none_or(|r| r == root));
+                let hook = self.files.corrupt.iter().position(|(r, n)| {
+                    *n == index && r.is_none_or(|r| self.engine.same_shared_file(&r, &root))
+                });
                 if let Some(pos) = hook {
                     self.files.corrupt.remove(pos);
                     let mid = data.len() / 2;
@@ -1843,6 +1857,9 @@ impl Node {
         if due {
             entry.1 = Some(now);
             let sent_bytes = entry.0;
+            // Read by its local key if shared before it was hashed: shown by its root
+            // once known.
+            let root = self.engine.shared_root(&root).unwrap_or(root);
             self.emit(Event::File(FileEvent::Upload { peer, root, sent_bytes, size }));
         }
     }
@@ -1889,15 +1906,24 @@ impl Node {
         }
     }
 
+    /// The records of downloads marked dirty (a download may be marked under its stream
+    /// key and under its root: one record each).
+    fn take_dirty_records(&mut self) -> Vec<DownloadRecord> {
+        std::mem::take(&mut self.files.dirty)
+            .iter()
+            .filter_map(|r| self.engine.record(r))
+            .map(|r| (r.root, r))
+            .collect::<BTreeMap<_, _>>()
+            .into_values()
+            .collect()
+    }
+
     fn save_dirty(&mut self, now: Duration) {
         if self.files.saving {
             self.files.save_due = Some(now + self.timing.save_every);
             return;
         }
-        let records: Vec<DownloadRecord> = std::mem::take(&mut self.files.dirty)
-            .iter()
-            .filter_map(|r| self.engine.record(r))
-            .collect();
+        let records = self.take_dirty_records();
         if !records.is_empty() {
             self.files.saving = true;
             self.out.push_back(Output::SaveRecords(records));
@@ -2001,6 +2027,94 @@ impl Node {
         Ok(())
     }
 
+    /// Serves a file before it is hashed, so that it can be offered at once; returns the
+    /// key the driver reads it by ([`Output::Read`]). The driver hashes it front to back
+    /// ([`crate::transfer::FileHasher`]) and reports the CVs as they come
+    /// ([`Node::file_hashed`]), then the digest ([`Node::file_hash_done`]), or that it
+    /// cannot ([`Node::file_hash_failed`]). See `core/TRANSFER.md`, "Offer at once".
+    pub fn share_streamed(&mut self, size: u64) -> Root {
+        self.files.streamed_shares += 1;
+        let mut h = blake3::Hasher::new_keyed(&self.stream_secret());
+        h.update(b"local");
+        h.update(&self.files.streamed_shares.to_be_bytes());
+        h.update(&size.to_be_bytes());
+        let local = Root::from(h.finalize());
+        self.engine.share_streamed(local, size);
+        self.files.shared_sizes.insert(local, size);
+        self.files.streamed.insert(local);
+        local
+    }
+
+    /// Whether the file shared before it was hashed under `local` is still shared: a
+    /// driver that is hashing it stops when it is not (every offer of it was declined or
+    /// cancelled, or it could not be read), and lets go of the file.
+    pub fn hashing_wanted(&self, local: &Root) -> bool {
+        self.files.streamed.contains(local)
+    }
+
+    /// After our offer to `peer` ended unaccepted (declined or cancelled): stops sharing
+    /// each of its files that was shared only to be offered ([`Node::share_streamed`]) and
+    /// is named by no other offer still pending, accepted or delivered.
+    fn drop_unoffered_streams(&mut self, peer: &PeerId, offer_id: u64) {
+        let Some(ended) = self.files.outgoing.get(&(peer.clone(), offer_id)) else { return };
+        let engine = &self.engine;
+        let locals: Vec<Root> = ended
+            .items
+            .iter()
+            .filter_map(|i| engine.share_key(&i.root))
+            .filter(|l| self.files.streamed.contains(l))
+            .collect();
+        for local in locals {
+            let wanted = self.files.outgoing.values().any(|o| {
+                !matches!(o.state, OfferState::Cancelled | OfferState::Declined)
+                    && o.items.iter().any(|i| self.engine.same_shared_file(&i.root, &local))
+            });
+            if !wanted {
+                tracing::debug!("no offer wants a file being hashed any more: unshared");
+                self.engine.unshare(&local);
+                self.files.streamed.remove(&local);
+                self.files.shared_sizes.remove(&local);
+            }
+        }
+    }
+
+    /// The next CVs of a file shared with [`Node::share_streamed`], in order.
+    pub fn file_hashed(&mut self, now: Duration, local: &Root, cvs: &[Cv]) {
+        self.engine.hashed(local, cvs);
+        self.pump(now);
+    }
+
+    /// A file shared with [`Node::share_streamed`] is hashed; its digest must agree with
+    /// the CVs reported before (else it changed while it was hashed, and is no longer
+    /// shared). Returns its root.
+    pub fn file_hash_done(
+        &mut self,
+        now: Duration,
+        local: &Root,
+        digest: crate::transfer::FileDigest,
+    ) -> Result<Root, NodeError> {
+        let root = digest.root;
+        let result = self.engine.hash_done(local, digest);
+        if let Err(e) = &result {
+            self.engine.share_failed(local, ShareFailReason::Read(e.to_string()));
+        }
+        self.pump(now);
+        result?;
+        Ok(root)
+    }
+
+    /// A file shared with [`Node::share_streamed`] could not be read to hash it.
+    pub fn file_hash_failed(&mut self, now: Duration, local: &Root, reason: String) {
+        self.engine.share_failed(local, ShareFailReason::Read(reason));
+        self.pump(now);
+    }
+
+    /// The key stream keys are derived with: from our identity, so an offer made again
+    /// after a restart names its files as before.
+    fn stream_secret(&self) -> [u8; 32] {
+        blake3::derive_key("weft 2026 transfer stream keys", &self.identity.secret_bytes()[..])
+    }
+
     /// Offers shared files to `to` under the given paths; the offer's number.
     pub fn offer(
         &mut self,
@@ -2011,8 +2125,18 @@ impl Node {
         if !self.peers.contains_key(to) {
             return Err(NodeError::NoSuchPeer(to.to_string()));
         }
-        let id = self.engine.offer(to, files)?;
-        let items = self.engine.offer_items(to, id).unwrap_or_default();
+        let secret = self.stream_secret();
+        let recipient =
+            self.peers.get(to).and_then(|s| s.link.peer_identity()).map(|k| *k.as_bytes());
+        let recipient: &[u8] = match &recipient {
+            Some(k) => k,
+            None => to.as_str().as_bytes(),
+        };
+        let id = self.engine.offer_with(to, files, |_, size, path| {
+            crate::transfer::hash::stream_key(&secret, recipient, size, path)
+        })?;
+        // As the peer knows them: the page follows each file by that key.
+        let items = self.engine.offer_items_sent(to, id).unwrap_or_default();
         let outgoing =
             Outgoing { items, state: OfferState::Pending, delivered: Default::default() };
         self.files.outgoing.insert((to.clone(), id), outgoing);
@@ -2098,13 +2222,14 @@ impl Node {
             record.state = DownloadState::Active;
         }
         let root = record.root;
+        let hash = record.hash.unwrap_or(root);
         let complete = record.state == DownloadState::Complete;
         let paths = record.paths.clone();
         let size = record.size;
         self.engine.restore(record);
         if complete && self.files.store == DownloadStore::Folder {
             // It was complete but not yet in its place when the node stopped.
-            self.finish_file(root, paths, size);
+            self.finish_file(root, hash, paths, size);
         } else if let Some(view) = self.view(&root, now) {
             self.emit(Event::File(FileEvent::Restored(view)));
         }
@@ -2132,10 +2257,7 @@ impl Node {
     /// Leaves: records saved, a Close frame to every peer with a session, connections
     /// closed (gracefully: the Close frames go first), `leave` to the server.
     pub fn leave(&mut self, now: Duration) {
-        let records: Vec<DownloadRecord> = std::mem::take(&mut self.files.dirty)
-            .iter()
-            .filter_map(|r| self.engine.record(r))
-            .collect();
+        let records = self.take_dirty_records();
         if !records.is_empty() {
             self.out.push_back(Output::SaveRecords(records));
         }
@@ -2260,6 +2382,19 @@ impl Node {
         &self.engine
     }
 
+    /// The key `peer` was offered the shared file `name` (any of its names: local key,
+    /// stream key, root) under in one of our offers, if it was: the name that peer's
+    /// events and our offer's items know it by.
+    pub fn offered_key(&self, peer: &PeerId, name: &Root) -> Option<Root> {
+        self.files
+            .outgoing
+            .iter()
+            .filter(|((p, _), _)| p == peer)
+            .flat_map(|(_, o)| &o.items)
+            .find(|i| self.engine.same_shared_file(&i.root, name))
+            .map(|i| i.root)
+    }
+
     /// The items of an offer we made.
     pub fn offer_items(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
         self.engine.offer_items(peer, offer_id)
@@ -2281,7 +2416,11 @@ impl Node {
                 sent_bytes: o
                     .items
                     .iter()
-                    .map(|i| self.files.uploads.get(&(peer.clone(), i.root)).map_or(0, |u| u.0))
+                    .map(|i| {
+                        // Counted by the key the file is read by.
+                        let read = self.engine.share_key(&i.root).unwrap_or(i.root);
+                        self.files.uploads.get(&(peer.clone(), read)).map_or(0, |u| u.0)
+                    })
                     .sum(),
                 total_bytes: o.items.iter().map(|i| i.size).sum(),
             })

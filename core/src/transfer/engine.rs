@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::hash::{Cv, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
+use super::hash::{Cv, FileDigest, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
@@ -155,8 +155,11 @@ pub enum TransferEvent {
     },
     /// A download finished: every chunk verified and written, and the root recomputed.
     FileComplete {
-        /// Which file.
+        /// Which file (its BLAKE3 hash).
         root: Root,
+        /// Where it is stored (its stream key if it was offered before it was hashed,
+        /// else its root): the name of [`Output::Write`]s.
+        key: Root,
         /// The paths it was offered under.
         paths: Vec<String>,
         /// Its size.
@@ -164,8 +167,10 @@ pub enum TransferEvent {
     },
     /// A download failed for good (for example the disk is full).
     FileFailed {
-        /// Which file.
+        /// Which file: its root once verified, else its stream key.
         root: Root,
+        /// The key it was offered and stored under (as [`TransferEvent::FileComplete`]'s).
+        key: Root,
         /// Why (its `Display` is in plain words).
         reason: FailReason,
     },
@@ -207,6 +212,14 @@ pub enum TransferEvent {
         /// Why.
         reason: DropReason,
     },
+    /// A file offered under a stream key was verified against its root: from now on it
+    /// is known (in events and progress) by its root.
+    Verified {
+        /// The stream key it was known by.
+        key: Root,
+        /// Its BLAKE3 hash.
+        root: Root,
+    },
     /// A shared file could not be read; it is no longer offered.
     ShareFailed {
         /// Which file.
@@ -229,6 +242,10 @@ pub enum TransferError {
     /// The chaining values do not give the root.
     #[error("the hash list does not match the file's hash")]
     BadHashes,
+    /// A file's hash arrived for a file of another size, or with hashes that differ from
+    /// those already streamed (the file changed while it was hashed).
+    #[error("the file changed while it was being hashed")]
+    HashChanged,
     /// A path that could escape the folder it is saved into.
     #[error(transparent)]
     Wire(#[from] super::wire::WireError),
@@ -240,8 +257,14 @@ pub enum TransferError {
 /// How far a download is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadProgress {
-    /// The file.
+    /// The file: its BLAKE3 hash, or its stream key until that is verified.
     pub root: Root,
+    /// Where it is stored: its stream key if it was offered before it was hashed, else
+    /// its root.
+    pub key: Root,
+    /// Its BLAKE3 hash once known: at once for a file offered by its root, after
+    /// verification for one offered under a stream key (`None` until then).
+    pub hash: Option<Root>,
     /// Paths it was offered under.
     pub paths: Vec<String>,
     /// Its size.
@@ -272,7 +295,8 @@ pub enum DownloadState {
 /// What a driver persists to resume a download after a reload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DownloadRecord {
-    /// The file's BLAKE3 hash.
+    /// Where it is stored: the file's BLAKE3 hash, or the stream key it was offered
+    /// under before it was hashed (then `hash` is its hash once verified).
     pub root: Root,
     /// Its size.
     pub size: u64,
@@ -282,10 +306,28 @@ pub struct DownloadRecord {
     pub have: Vec<u8>,
     /// Where it was.
     pub state: DownloadState,
+    /// Offered under a stream key (`root` is not the file's hash).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streamed: bool,
+    /// A streamed file's hash, once verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<Root>,
+    /// Before `hash`: how many chaining values the chunks in `have` were checked
+    /// against, and the BLAKE3 hash of that list (`core/TRANSFER.md`, "Resume before the
+    /// root").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cv_digest: Option<(u32, Root)>,
+    /// Before `hash`: who offered it (see [`Engine::peer_identity`]), the one member
+    /// that may serve it until its root is verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<Root>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Source {
+    /// The key this source knows the file by (the stream key for its sender, the root
+    /// for others).
+    key: Option<Root>,
     window: u32,
     inflight: u32,
     failures: u32,
@@ -300,8 +342,23 @@ struct Download {
     paths: Vec<String>,
     /// Offers (peer, offer id) this download serves.
     offers: Vec<(PeerId, u64)>,
-    cvs: Option<Vec<Cv>>,
-    hash_parts: BTreeMap<u32, Vec<Cv>>,
+    /// The file's hash: from a rooted offer or a verified record (`root_trusted`), or as
+    /// its one source said in [`TransferMsg::Root`].
+    root: Option<Root>,
+    /// `root` came from the offer the user accepted, or was verified before a reload: any
+    /// holder may be a source, and chunks wait for the CV list to be checked against it.
+    /// Otherwise (a streamed offer) one source feeds CVs and chunks until the root.
+    root_trusted: bool,
+    /// The CVs merge to `root` (or the file has at most one chunk and `root` is known).
+    verified: bool,
+    /// CVs received so far, in order (all of them once verified).
+    cvs: Vec<Cv>,
+    /// BLAKE3 of `cvs` so far, for the resume record.
+    cv_hasher: blake3::Hasher,
+    /// A restored streamed record's (count, digest) still to compare with the CVs.
+    cv_check: Option<(u32, Root)>,
+    /// Who offered a streamed file (its identity tag): its one source before the root.
+    sender: Option<Root>,
     hash_source: Option<(PeerId, Duration)>,
     have: Vec<u8>,
     /// Chunks marked in `have`.
@@ -327,8 +384,13 @@ impl Download {
             chunks,
             paths,
             offers: Vec::new(),
-            cvs: None,
-            hash_parts: BTreeMap::new(),
+            root: None,
+            root_trusted: false,
+            verified: false,
+            cvs: Vec::new(),
+            cv_hasher: blake3::Hasher::new(),
+            cv_check: None,
+            sender: None,
             hash_source: None,
             have: vec![0; (chunks as usize).div_ceil(8)],
             have_count: 0,
@@ -359,8 +421,41 @@ impl Download {
         }
     }
 
-    fn needs_hashes(&self) -> bool {
-        self.chunks >= 2 && self.cvs.is_none()
+    /// Before its root is verified, a streamed download takes CVs and chunks from its
+    /// one source.
+    fn pre_root(&self) -> bool {
+        !self.root_trusted && !self.verified
+    }
+
+    /// How many CVs the file has (none for a file of at most one chunk).
+    fn cv_total(&self) -> u32 {
+        if self.chunks >= 2 { self.chunks } else { 0 }
+    }
+
+    /// Chunks below this may be requested: all once verified; before the root, those
+    /// whose CV came (and only once a restored CV list was checked again).
+    fn request_limit(&self) -> u32 {
+        if self.verified {
+            self.chunks
+        } else if self.pre_root() && self.cv_check.is_none() {
+            u32::try_from(self.cvs.len()).unwrap_or(0).min(self.cv_total())
+        } else {
+            0
+        }
+    }
+
+    /// The name users see: its root once trusted or verified, else the stream key.
+    fn name(&self, key: &Root) -> Root {
+        match self.root {
+            Some(root) if !self.pre_root() => root,
+            _ => *key,
+        }
+    }
+
+    fn clear_have(&mut self) {
+        self.have.iter_mut().for_each(|b| *b = 0);
+        self.have_count = 0;
+        self.done_bytes = 0;
     }
 
     /// Checked after every write: a counter, not a scan of the bitmap.
@@ -370,12 +465,14 @@ impl Download {
 
     /// The next chunk nobody is fetching, if any.
     fn next_wanted(&mut self) -> Option<u32> {
-        while let Some(i) = self.retry.pop_first() {
+        let limit = self.request_limit();
+        while let Some(i) = self.retry.first().copied().filter(|i| *i < limit) {
+            self.retry.remove(&i);
             if !self.has(i) && !self.writing.contains(&i) && !self.inflight.contains_key(&i) {
                 return Some(i);
             }
         }
-        while self.cursor < self.chunks {
+        while self.cursor < limit {
             let i = self.cursor;
             self.cursor += 1;
             if !self.has(i) && !self.writing.contains(&i) && !self.inflight.contains_key(&i) {
@@ -405,13 +502,24 @@ impl Download {
             .map(|(i, _)| *i)
     }
 
-    fn record(&self, root: Root) -> DownloadRecord {
+    fn record(&self, key: Root) -> DownloadRecord {
+        let streamed = self.root != Some(key);
+        let pre_root = self.pre_root();
+        let cv_digest = (pre_root && !self.cvs.is_empty()).then(|| {
+            let count = u32::try_from(self.cvs.len()).unwrap_or(u32::MAX);
+            (count, Root::from(self.cv_hasher.finalize()))
+        });
         DownloadRecord {
-            root,
+            root: key,
             size: self.size,
             paths: self.paths.clone(),
             have: self.have.clone(),
             state: self.state,
+            streamed,
+            hash: if streamed && !pre_root { self.root } else { None },
+            // A restored list not yet checked again: keep what was saved.
+            cv_digest: self.cv_check.or(cv_digest),
+            sender: if pre_root { self.sender } else { None },
         }
     }
 }
@@ -419,12 +527,41 @@ impl Download {
 #[derive(Debug, Clone)]
 struct Shared {
     size: u64,
+    /// Its CVs (those hashed so far, while `root` is `None`).
     cvs: Vec<Cv>,
+    /// Its hash, once hashed.
+    root: Option<Root>,
+    /// Shared before it was hashed: always offered under stream keys, so that an offer
+    /// made again (say to a receiver that reloaded before it had the root) names the file
+    /// as the first one did.
+    streamed: bool,
+}
+
+impl Shared {
+    fn cv_total(&self) -> usize {
+        let n = usize::try_from(chunk_count(self.size)).unwrap_or(usize::MAX);
+        if n >= 2 { n } else { 0 }
+    }
+}
+
+/// A peer's open request for CVs of a file still being hashed.
+#[derive(Debug, Clone)]
+struct CvWaiter {
+    peer: PeerId,
+    /// The key it asked with.
+    key: Root,
+    /// The next CV to send it.
+    next: usize,
+    /// Where its request ends.
+    end: usize,
 }
 
 #[derive(Debug)]
 struct Outgoing {
+    /// The items as offered (stream keys or roots).
     items: Vec<OfferItem>,
+    /// Our local key of each item's file.
+    locals: Vec<Root>,
     accepted: Option<bool>,
 }
 
@@ -434,6 +571,18 @@ pub struct Engine {
     config: EngineConfig,
     peers: HashSet<PeerId>,
     shared: HashMap<Root, Shared>,
+    /// Other names of shared files: the stream keys we offered them under, and the roots
+    /// of files shared under another key (local key while hashing, or a completed
+    /// streamed download's storage key) → that key.
+    aliases: HashMap<Root, Root>,
+    /// Open CV requests for files still being hashed, by local key.
+    waiters: HashMap<Root, Vec<CvWaiter>>,
+    /// Reads in flight: (peer, local key, chunk) → the keys the peer asked with.
+    reading: HashMap<(PeerId, Root, u32), VecDeque<Root>>,
+    /// Peers' identity tags ([`Engine::peer_identity`]).
+    identities: HashMap<PeerId, Root>,
+    /// Verified roots of downloads stored under a stream key → that key.
+    names: HashMap<Root, Root>,
     /// (peer, root) pairs the peer may fetch from us.
     grants: HashSet<(PeerId, Root)>,
     /// (peer, root) pairs we stopped serving to the peer (we cancelled).
@@ -458,6 +607,11 @@ impl Engine {
             config,
             peers: HashSet::new(),
             shared: HashMap::new(),
+            aliases: HashMap::new(),
+            waiters: HashMap::new(),
+            reading: HashMap::new(),
+            identities: HashMap::new(),
+            names: HashMap::new(),
             grants: HashSet::new(),
             revoked: HashSet::new(),
             outgoing: HashMap::new(),
@@ -486,6 +640,32 @@ impl Engine {
 
     // ---- peers ----
 
+    /// Who `peer` is: a tag of its long-term identity (the node passes its public key),
+    /// before [`Self::peer_connected`]. A streamed download takes its sender (by this
+    /// tag) as its one source until its root is verified, so after a reload it asks only
+    /// that member for the file, never anyone who merely learnt the key.
+    pub fn peer_identity(&mut self, peer: &PeerId, tag: Root) {
+        self.identities.insert(peer.clone(), tag);
+    }
+
+    /// Whether `peer` may be asked for (and become a source of) download `d`.
+    fn may_source(&self, d: &Download, peer: &PeerId) -> bool {
+        if !d.pre_root() {
+            return true;
+        }
+        d.sources.is_empty() && d.sender == Some(self.identity_of(peer))
+    }
+
+    /// `peer`'s identity tag, or (for a driver that gives none) one made of its id.
+    fn identity_of(&self, peer: &PeerId) -> Root {
+        self.identities.get(peer).copied().unwrap_or_else(|| Root::of(peer.as_str().as_bytes()))
+    }
+
+    /// The key to ask peers for download `key` with: its root once trusted or verified.
+    fn query_key(d: &Download, key: &Root) -> Root {
+        if d.pre_root() { *key } else { d.root.unwrap_or(*key) }
+    }
+
     /// `peer` has an established session: it may serve and fetch files. Incomplete
     /// downloads ask it whether it holds them.
     pub fn peer_connected(&mut self, peer: &PeerId, now: Duration) {
@@ -493,8 +673,12 @@ impl Engine {
         let wanted: Vec<Root> = self
             .downloads
             .iter()
-            .filter(|(_, d)| d.state == DownloadState::Active && !d.sources.contains_key(peer))
-            .map(|(r, _)| *r)
+            .filter(|(_, d)| {
+                d.state == DownloadState::Active
+                    && !d.sources.contains_key(peer)
+                    && self.may_source(d, peer)
+            })
+            .map(|(r, d)| Self::query_key(d, r))
             .collect();
         for root in wanted {
             self.send(peer, TransferMsg::Query { root });
@@ -508,6 +692,10 @@ impl Engine {
         self.peers.remove(peer);
         self.serve_queue.remove(peer);
         self.reads_in_flight.remove(peer);
+        self.reading.retain(|(p, _, _), _| p != peer);
+        for list in self.waiters.values_mut() {
+            list.retain(|w| w.peer != *peer);
+        }
         let roots: Vec<Root> = self
             .downloads
             .iter()
@@ -537,19 +725,26 @@ impl Engine {
         }
         d.inflight.retain(|_, reqs| !reqs.is_empty());
         if d.hash_source.as_ref().is_some_and(|(p, _)| p == peer) {
+            // The CVs it sent stay: before the root they came from the one sender (who
+            // may come back under a new id); otherwise the root checks them.
             d.hash_source = None;
-            d.hash_parts.clear();
         }
         self.event(TransferEvent::SourceDropped { root: *root, peer: peer.clone(), reason });
     }
 
-    fn add_source(&mut self, root: &Root, peer: &PeerId) {
+    /// Adds `peer` as a source of the download stored under `root`, which it knows by
+    /// `key`.
+    fn add_source(&mut self, root: &Root, peer: &PeerId, key: Root) {
         let window = self.config.initial_window;
-        let Some(d) = self.downloads.get_mut(root) else { return };
-        if d.state == DownloadState::Complete || d.sources.contains_key(peer) {
+        let Some(d) = self.downloads.get(root) else { return };
+        if d.state == DownloadState::Complete
+            || d.sources.contains_key(peer)
+            || !self.may_source(d, peer)
+        {
             return;
         }
-        d.sources.insert(peer.clone(), Source { window, ..Source::default() });
+        let Some(d) = self.downloads.get_mut(root) else { return };
+        d.sources.insert(peer.clone(), Source { window, key: Some(key), ..Source::default() });
         d.requery_at = None;
         self.event(TransferEvent::SourceAdded { root: *root, peer: peer.clone() });
     }
@@ -567,52 +762,235 @@ impl Engine {
         if !ok {
             return Err(TransferError::BadHashes);
         }
-        self.shared.insert(root, Shared { size, cvs });
+        self.shared.insert(root, Shared { size, cvs, root: Some(root), streamed: false });
         Ok(())
     }
 
-    /// Stops serving `root`.
-    pub fn unshare(&mut self, root: &Root) {
-        self.shared.remove(root);
-        self.grants.retain(|(_, r)| r != root);
+    /// Makes a file available before it is hashed, under `local`, a key of the driver's
+    /// that never travels: it may be offered at once (under a stream key per recipient),
+    /// and its CVs follow as the driver hashes it ([`Self::hashed`], then
+    /// [`Self::hash_done`]).
+    pub fn share_streamed(&mut self, local: Root, size: u64) {
+        self.shared.insert(local, Shared { size, cvs: Vec::new(), root: None, streamed: true });
     }
 
-    /// Whether `root` is shared (or was downloaded completely).
+    /// The next CVs of `local`, in order, as the driver's hasher finishes chunks: they go
+    /// at once to peers waiting for them.
+    pub fn hashed(&mut self, local: &Root, cvs: &[Cv]) {
+        let Some(s) = self.shared.get_mut(local) else { return };
+        if s.root.is_some() {
+            return;
+        }
+        let room = s.cv_total().saturating_sub(s.cvs.len());
+        s.cvs.extend_from_slice(&cvs[..cvs.len().min(room)]);
+        self.feed_waiters(local);
+    }
+
+    /// The driver finished hashing `local`: its digest must agree with the size shared
+    /// and the CVs streamed so far. The root then goes to every peer waiting for it, and
+    /// the file answers to its root too ([`TransferMsg::Query`]).
+    pub fn hash_done(&mut self, local: &Root, digest: FileDigest) -> Result<(), TransferError> {
+        let s = self.shared.get_mut(local).ok_or(TransferError::UnknownFile)?;
+        if s.root.is_some() {
+            return Ok(());
+        }
+        let consistent = digest.size == s.size
+            && digest.cvs.len() == s.cv_total()
+            && digest.cvs.starts_with(&s.cvs)
+            && (digest.cvs.is_empty()
+                || root_from_cvs(digest.size, &digest.cvs) == Some(digest.root));
+        if !consistent {
+            return Err(TransferError::HashChanged);
+        }
+        s.cvs = digest.cvs;
+        s.root = Some(digest.root);
+        self.aliases.entry(digest.root).or_insert(*local);
+        self.feed_waiters(local);
+        Ok(())
+    }
+
+    /// Sends waiting peers the CVs of `local` they lack, and its root once they have all.
+    fn feed_waiters(&mut self, local: &Root) {
+        let Some(s) = self.shared.get(local) else { return };
+        let Some(mut list) = self.waiters.remove(local) else { return };
+        let (have, total, root) = (s.cvs.len(), s.cv_total(), s.root);
+        let mut sends = Vec::new();
+        list.retain_mut(|w| {
+            let upto = w.end.min(have);
+            Self::cv_messages(&s.cvs, w.key, w.next, upto, &mut sends, &w.peer);
+            w.next = w.next.max(upto);
+            if w.next < w.end {
+                return true;
+            }
+            match root {
+                Some(root) if w.end == total => {
+                    if root != w.key {
+                        sends.push((w.peer.clone(), TransferMsg::Root { key: w.key, root }));
+                    }
+                    false
+                }
+                Some(_) => false,
+                None => w.end == total,
+            }
+        });
+        if !list.is_empty() {
+            self.waiters.insert(*local, list);
+        }
+        for (peer, msg) in sends {
+            self.send(&peer, msg);
+        }
+    }
+
+    /// `Hashes` messages for CVs `from..to` of a file, at most [`MAX_HASHES_PER_MSG`] each.
+    fn cv_messages(
+        cvs: &[Cv],
+        key: Root,
+        from: usize,
+        to: usize,
+        sends: &mut Vec<(PeerId, TransferMsg)>,
+        peer: &PeerId,
+    ) {
+        let mut first = from;
+        while first < to {
+            let end = (first + MAX_HASHES_PER_MSG).min(to);
+            let msg = TransferMsg::Hashes {
+                root: key,
+                first: u32::try_from(first).unwrap_or(u32::MAX),
+                cvs: cvs[first..end].to_vec(),
+            };
+            sends.push((peer.clone(), msg));
+            first = end;
+        }
+    }
+
+    /// The key a shared file is held under (its local key if it was shared before it was
+    /// hashed, else its root), found by any of its names.
+    pub fn share_key(&self, name: &Root) -> Option<Root> {
+        if self.shared.contains_key(name) {
+            return Some(*name);
+        }
+        self.aliases.get(name).copied().filter(|k| self.shared.contains_key(k))
+    }
+
+    /// The name users see of a shared file: its root once known.
+    fn share_name(&self, key: &Root) -> Root {
+        self.shared.get(key).and_then(|s| s.root).unwrap_or(*key)
+    }
+
+    /// Every name of the shared file held under `key`, and `also`.
+    fn names_of(&self, key: &Root, also: &Root) -> HashSet<Root> {
+        self.aliases
+            .iter()
+            .filter(|(_, k)| *k == key)
+            .map(|(n, _)| *n)
+            .chain([*key, *also])
+            .collect()
+    }
+
+    /// Stops serving `root` (any of its names).
+    pub fn unshare(&mut self, root: &Root) {
+        let key = self.share_key(root).unwrap_or(*root);
+        let names = self.names_of(&key, root);
+        self.shared.remove(&key);
+        self.waiters.remove(&key);
+        self.aliases.retain(|_, k| *k != key);
+        self.grants.retain(|(_, r)| !names.contains(r));
+    }
+
+    /// Whether `root` is shared (or was downloaded completely), by any of its names.
     pub fn is_shared(&self, root: &Root) -> bool {
-        self.shared.contains_key(root)
+        self.share_key(root).is_some()
     }
 
     /// The size of shared file `root`, if it is shared.
     pub fn shared_size(&self, root: &Root) -> Option<u64> {
-        self.shared.get(root).map(|s| s.size)
+        self.share_key(root).and_then(|k| self.shared.get(&k)).map(|s| s.size)
+    }
+
+    /// The root of shared file `key` (any of its names), once hashed.
+    pub fn shared_root(&self, key: &Root) -> Option<Root> {
+        self.share_key(key).and_then(|k| self.shared.get(&k)).and_then(|s| s.root)
     }
 
     /// Offers shared files to `peer` under the given relative paths; returns the offer id.
+    /// A file not hashed yet is offered under a stream key made from its local key, the
+    /// peer's id and the path; [`Self::offer_with`] takes the stream keys from the caller.
     pub fn offer(&mut self, peer: &PeerId, files: &[(Root, String)]) -> Result<u64, TransferError> {
+        self.offer_with(peer, files, |local, size, path| {
+            super::hash::stream_key(local.as_bytes(), peer.as_str().as_bytes(), size, path)
+        })
+    }
+
+    /// [`Self::offer`], with `stream_key(local key, size, path)` naming the files that
+    /// are not hashed yet (the node derives it from its identity and the recipient's, so
+    /// the same offer made again after a restart has the same keys).
+    pub fn offer_with(
+        &mut self,
+        peer: &PeerId,
+        files: &[(Root, String)],
+        stream_key: impl Fn(&Root, u64, &str) -> Root,
+    ) -> Result<u64, TransferError> {
         if !self.peers.contains(peer) {
             return Err(TransferError::NotConnected);
         }
         let mut items = Vec::with_capacity(files.len());
-        for (root, path) in files {
+        let mut locals = Vec::with_capacity(files.len());
+        for (name, path) in files {
             check_path(path)?;
-            let shared = self.shared.get(root).ok_or(TransferError::UnknownFile)?;
-            items.push(OfferItem { path: path.clone(), size: shared.size, root: *root });
+            let local = self.share_key(name).ok_or(TransferError::UnknownFile)?;
+            let shared = self.shared.get(&local).ok_or(TransferError::UnknownFile)?;
+            let item = match shared.root.filter(|_| !shared.streamed) {
+                Some(root) => {
+                    OfferItem { path: path.clone(), size: shared.size, root, streamed: false }
+                }
+                None => OfferItem {
+                    path: path.clone(),
+                    size: shared.size,
+                    root: stream_key(&local, shared.size, path),
+                    streamed: true,
+                },
+            };
+            items.push(item);
+            locals.push(local);
         }
         let offer_id = self.next_offer_id;
         self.next_offer_id = self.next_offer_id.wrapping_add(1);
-        for item in &items {
+        for (item, local) in items.iter().zip(&locals) {
+            if item.root != *local {
+                self.aliases.insert(item.root, *local);
+            }
             self.grants.insert((peer.clone(), item.root));
             self.revoked.remove(&(peer.clone(), item.root));
         }
-        self.outgoing
-            .insert((peer.clone(), offer_id), Outgoing { items: items.clone(), accepted: None });
+        self.outgoing.insert(
+            (peer.clone(), offer_id),
+            Outgoing { items: items.clone(), locals, accepted: None },
+        );
         self.send(peer, TransferMsg::Offer { offer_id, items });
         Ok(offer_id)
     }
 
-    /// The items of an offer we made that is still open.
+    /// The items of an offer we made that is still open, each named as users know it
+    /// (its root once hashed, else the key it was shared under).
     pub fn offer_items(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
+        self.outgoing.get(&(peer.clone(), offer_id)).map(|o| {
+            o.items
+                .iter()
+                .zip(&o.locals)
+                .map(|(i, l)| OfferItem { root: self.share_name(l), ..i.clone() })
+                .collect()
+        })
+    }
+
+    /// The items of an offer we made that is still open, as sent: each named by the key
+    /// that peer knows it by (its root, or the stream key made for that peer).
+    pub fn offer_items_sent(&self, peer: &PeerId, offer_id: u64) -> Option<Vec<OfferItem>> {
         self.outgoing.get(&(peer.clone(), offer_id)).map(|o| o.items.clone())
+    }
+
+    /// Whether two names (a local key, stream key or root) are of one shared file.
+    pub fn same_shared_file(&self, a: &Root, b: &Root) -> bool {
+        a == b || self.share_key(a).is_some_and(|k| self.share_key(b) == Some(k))
     }
 
     /// Offers received and not answered yet: (peer, offer id, items).
@@ -628,8 +1006,19 @@ impl Engine {
         if let Some(n) = self.reads_in_flight.get_mut(peer) {
             *n = n.saturating_sub(1);
         }
-        if self.peers.contains(peer) && self.grants.contains(&(peer.clone(), *root)) {
-            self.send(peer, TransferMsg::Chunk { root: *root, index, data });
+        let slot = (peer.clone(), *root, index);
+        let key = match self.reading.get_mut(&slot) {
+            Some(keys) => {
+                let key = keys.pop_front().unwrap_or(*root);
+                if keys.is_empty() {
+                    self.reading.remove(&slot);
+                }
+                key
+            }
+            None => *root,
+        };
+        if self.peers.contains(peer) && self.grants.contains(&(peer.clone(), key)) {
+            self.send(peer, TransferMsg::Chunk { root: key, index, data });
         }
         self.pump_reads(peer);
     }
@@ -640,22 +1029,34 @@ impl Engine {
         if let Some(n) = self.reads_in_flight.get_mut(peer) {
             *n = n.saturating_sub(1);
         }
+        self.reading.retain(|(p, r, _), _| !(p == peer && r == root));
+        self.share_failed(root, reason);
+        self.pump_reads(peer);
+    }
+
+    /// A shared file (any of its names) cannot be read or hashed: it is no longer
+    /// served, and peers fetching it are told so (in the words of `reason`).
+    pub fn share_failed(&mut self, root: &Root, reason: ShareFailReason) {
         let text = reason.to_string();
-        if self.shared.remove(root).is_some() {
-            self.event(TransferEvent::ShareFailed { root: *root, reason });
+        let key = self.share_key(root).unwrap_or(*root);
+        let name = self.share_name(&key);
+        let names = self.names_of(&key, root);
+        if self.shared.remove(&key).is_some() {
+            self.event(TransferEvent::ShareFailed { root: name, reason });
         }
-        let askers: Vec<PeerId> =
-            self.grants.iter().filter(|(_, r)| r == root).map(|(p, _)| p.clone()).collect();
-        for p in askers {
+        self.waiters.remove(&key);
+        self.aliases.retain(|_, k| *k != key);
+        let askers: Vec<(PeerId, Root)> =
+            self.grants.iter().filter(|(_, r)| names.contains(r)).cloned().collect();
+        for (p, r) in askers {
             if self.peers.contains(&p) {
-                self.send(&p, TransferMsg::Missing { root: *root, reason: text.clone() });
+                self.send(&p, TransferMsg::Missing { root: r, reason: text.clone() });
             }
         }
-        self.grants.retain(|(_, r)| r != root);
+        self.grants.retain(|(_, r)| !names.contains(r));
         for q in self.serve_queue.values_mut() {
-            q.retain(|(r, _)| r != root);
+            q.retain(|(r, _)| !names.contains(r));
         }
-        self.pump_reads(peer);
     }
 
     fn pump_reads(&mut self, peer: &PeerId) {
@@ -664,22 +1065,32 @@ impl Engine {
             if n >= self.config.max_reads_in_flight {
                 return;
             }
-            let Some((root, index)) = self.serve_queue.get_mut(peer).and_then(VecDeque::pop_front)
+            let Some((key, index)) = self.serve_queue.get_mut(peer).and_then(VecDeque::pop_front)
             else {
                 return;
             };
+            let Some(local) = self.share_key(&key) else { continue };
             let Some((offset, len)) =
-                self.shared.get(&root).and_then(|s| chunk_span(s.size, index))
+                self.shared.get(&local).and_then(|s| chunk_span(s.size, index))
             else {
                 continue;
             };
+            if key != local {
+                self.reading.entry((peer.clone(), local, index)).or_default().push_back(key);
+            }
             *self.reads_in_flight.entry(peer.clone()).or_default() += 1;
-            self.out.push_back(Output::Read { peer: peer.clone(), root, index, offset, len });
+            self.out.push_back(Output::Read {
+                peer: peer.clone(),
+                root: local,
+                index,
+                offset,
+                len,
+            });
         }
     }
 
     fn may_serve(&self, peer: &PeerId, root: &Root) -> bool {
-        self.shared.contains_key(root) && self.grants.contains(&(peer.clone(), *root))
+        self.share_key(root).is_some() && self.grants.contains(&(peer.clone(), *root))
     }
 
     // ---- receiving side ----
@@ -699,6 +1110,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The key a download is stored under, found by that key or its verified root.
+    fn download_key(&self, name: &Root) -> Option<Root> {
+        if self.downloads.contains_key(name) {
+            return Some(*name);
+        }
+        self.names.get(name).copied().filter(|k| self.downloads.contains_key(k))
+    }
+
     fn start_downloads(
         &mut self,
         peer: &PeerId,
@@ -707,17 +1126,38 @@ impl Engine {
         now: Duration,
     ) {
         let others: Vec<PeerId> = self.peers.iter().filter(|p| *p != peer).cloned().collect();
+        let sender = self.identity_of(peer);
         for item in items {
-            if self.downloads.get(&item.root).is_some_and(|d| d.state == DownloadState::Complete) {
+            let existing = self.download_key(&item.root);
+            if existing
+                .and_then(|k| self.downloads.get(&k))
+                .is_some_and(|d| d.state == DownloadState::Complete)
+            {
                 // We have it already: tell the sender at once, so it does not wait.
                 self.send(peer, TransferMsg::Complete { root: item.root });
                 continue;
             }
-            let d =
-                self.downloads.entry(item.root).or_insert_with(|| Download::new(item.size, vec![]));
+            let key = existing.unwrap_or(item.root);
+            let d = self.downloads.entry(key).or_insert_with(|| {
+                let mut d = Download::new(item.size, vec![]);
+                if item.streamed {
+                    d.sender = Some(sender);
+                    if d.chunks == 0 {
+                        // An empty file has one possible hash.
+                        d.root = Some(Root::of(b""));
+                    }
+                } else {
+                    d.root = Some(item.root);
+                    d.root_trusted = true;
+                }
+                d
+            });
             if d.size != item.size {
                 // Same hash, different size: a lie (or a collision); keep what we have.
                 continue;
+            }
+            if d.pre_root() && d.sender.is_none() {
+                d.sender = Some(sender);
             }
             if !d.paths.contains(&item.path) {
                 d.paths.push(item.path.clone());
@@ -728,16 +1168,97 @@ impl Engine {
             if d.state == DownloadState::Failed {
                 d.state = DownloadState::Active;
             }
-            if d.chunks == 0 && d.state == DownloadState::Active {
-                self.complete(&item.root);
-                continue;
+            let ask_others = !d.pre_root();
+            let query = Self::query_key(d, &key);
+            self.check_root(&key, now);
+            self.add_source(&key, peer, item.root);
+            if ask_others {
+                for other in &others {
+                    self.send(other, TransferMsg::Query { root: query });
+                }
             }
-            self.add_source(&item.root, peer);
-            for other in &others {
-                self.send(other, TransferMsg::Query { root: item.root });
-            }
+            self.try_complete(&key);
         }
         self.schedule(now);
+    }
+
+    /// Checks a download's CVs against its root once both are there. A streamed
+    /// download's root is then verified: it is known by it from now on and other holders
+    /// are asked for it. A streamed download whose one source gave CVs that do not merge
+    /// to the root it gave fails and is discarded (nothing of it can be trusted); a
+    /// rooted one drops the source that gave the wrong list.
+    fn check_root(&mut self, key: &Root, now: Duration) {
+        let Some(d) = self.downloads.get_mut(key) else { return };
+        let Some(root) = d.root else { return };
+        if d.verified || (d.chunks >= 2 && d.cvs.len() < d.chunks as usize) {
+            return;
+        }
+        let good = match d.chunks {
+            0 => root == Root::of(b""),
+            // Its only chunk is checked against the root itself.
+            1 => true,
+            _ => root_from_cvs(d.size, &d.cvs) == Some(root),
+        };
+        if good {
+            let streamed = d.pre_root();
+            d.verified = true;
+            d.hash_source = None;
+            if streamed {
+                d.sender = None;
+                let sources: Vec<PeerId> = d.sources.keys().cloned().collect();
+                self.names.insert(root, *key);
+                self.event(TransferEvent::Verified { key: *key, root });
+                let others: Vec<PeerId> =
+                    self.peers.iter().filter(|p| !sources.contains(p)).cloned().collect();
+                for p in others {
+                    self.send(&p, TransferMsg::Query { root });
+                }
+            }
+            return;
+        }
+        if d.chunks == 0 {
+            d.state = DownloadState::Failed;
+            self.event(TransferEvent::FileFailed {
+                root: *key,
+                key: *key,
+                reason: FailReason::NotVerified,
+            });
+        } else if d.pre_root() {
+            self.fail_streamed(key);
+        } else {
+            d.cvs.clear();
+            d.cv_hasher = blake3::Hasher::new();
+            let source = d.hash_source.take().map(|(p, _)| p);
+            if let Some(p) = source {
+                self.drop_source(key, &p, DropReason::WrongHashes, now);
+            }
+        }
+    }
+
+    /// A streamed download's one source gave CVs and a root that disagree: every byte
+    /// of it came from that source, so the file fails and what was stored is discarded.
+    fn fail_streamed(&mut self, key: &Root) {
+        tracing::warn!("the sender's hashes of {key:?} do not give the root it sent");
+        self.downloads.remove(key);
+        self.event(TransferEvent::FileFailed {
+            root: *key,
+            key: *key,
+            reason: FailReason::WrongRoot,
+        });
+        self.out.push_back(Output::Discard { root: *key });
+    }
+
+    /// Completes a download whose chunks are all written, once its root is verified.
+    fn try_complete(&mut self, key: &Root) {
+        let ready = self.downloads.get(key).is_some_and(|d| {
+            matches!(d.state, DownloadState::Active | DownloadState::Paused)
+                && d.is_finished()
+                && d.writing.is_empty()
+                && d.verified
+        });
+        if ready {
+            self.complete(key);
+        }
     }
 
     /// Declines `peer`'s offer.
@@ -827,7 +1348,8 @@ impl Engine {
         paused: bool,
         now: Duration,
     ) -> Result<(), TransferError> {
-        let d = self.downloads.get_mut(root).ok_or(TransferError::UnknownFile)?;
+        let key = self.download_key(root).ok_or(TransferError::UnknownFile)?;
+        let d = self.downloads.get_mut(&key).ok_or(TransferError::UnknownFile)?;
         match (d.state, paused) {
             (DownloadState::Active, true) => d.state = DownloadState::Paused,
             (DownloadState::Paused, false) => d.state = DownloadState::Active,
@@ -839,22 +1361,23 @@ impl Engine {
 
     /// A chunk from [`Output::Write`] is durably stored.
     pub fn write_done(&mut self, root: &Root, index: u32, now: Duration) {
-        let Some(d) = self.downloads.get_mut(root) else { return };
+        let Some(key) = self.download_key(root) else { return };
+        let Some(d) = self.downloads.get_mut(&key) else { return };
         if !d.writing.remove(&index) {
             return;
         }
         d.set_have(index);
         d.done_bytes += chunk_span(d.size, index).map_or(0, |(_, len)| len as u64);
-        if d.is_finished() {
-            self.complete(root);
-        }
+        self.try_complete(&key);
         self.schedule(now);
     }
 
     /// A chunk could not be written: the download fails with `reason` (say, the disk
     /// is full). What was stored stays, so it can resume later.
     pub fn write_failed(&mut self, root: &Root, reason: FailReason) {
-        let Some(d) = self.downloads.get_mut(root) else { return };
+        let Some(key) = self.download_key(root) else { return };
+        let name = self.downloads.get(&key).map_or(key, |d| d.name(&key));
+        let Some(d) = self.downloads.get_mut(&key) else { return };
         if d.state == DownloadState::Failed {
             return;
         }
@@ -866,49 +1389,87 @@ impl Engine {
         for s in d.sources.values_mut() {
             s.inflight = 0;
         }
-        self.event(TransferEvent::FileFailed { root: *root, reason });
+        self.event(TransferEvent::FileFailed { root: name, key, reason });
     }
 
-    fn complete(&mut self, root: &Root) {
-        let Some(d) = self.downloads.get_mut(root) else { return };
+    fn complete(&mut self, key: &Root) {
+        let Some(d) = self.downloads.get_mut(key) else { return };
         // Every chunk matched its CV and the CVs merged to the root; recompute anyway.
-        let verified = match d.chunks {
-            0 => *root == Root::of(b""),
-            1 => true, // its only chunk was checked against the root itself
-            _ => d.cvs.as_ref().and_then(|c| root_from_cvs(d.size, c)) == Some(*root),
-        };
+        let verified = d.verified
+            && match (d.chunks, d.root) {
+                (_, None) => false,
+                (0, Some(root)) => root == Root::of(b""),
+                (1, Some(_)) => true, // its only chunk was checked against the root itself
+                (_, Some(root)) => root_from_cvs(d.size, &d.cvs) == Some(root),
+            };
         if !verified {
             d.state = DownloadState::Failed;
             let reason = FailReason::NotVerified;
-            self.event(TransferEvent::FileFailed { root: *root, reason });
+            self.event(TransferEvent::FileFailed { root: *key, key: *key, reason });
             return;
         }
+        let root = d.root.unwrap_or(*key);
         d.state = DownloadState::Complete;
         d.sources.clear();
         d.inflight.clear();
-        let (size, paths, cvs) = (d.size, d.paths.clone(), d.cvs.clone().unwrap_or_default());
+        let (size, paths, cvs) = (d.size, d.paths.clone(), d.cvs.clone());
         let offerers: Vec<PeerId> = d.offers.iter().map(|(p, _)| p.clone()).collect();
-        self.shared.insert(*root, Shared { size, cvs });
+        self.shared.insert(*key, Shared { size, cvs, root: Some(root), streamed: false });
+        if root != *key {
+            self.aliases.insert(root, *key);
+        }
+        // Named as the offers named it: a sender still hashing (an empty file completes
+        // at once) knows its stream key before its root.
         for p in offerers {
             if self.peers.contains(&p) {
-                self.send(&p, TransferMsg::Complete { root: *root });
+                self.send(&p, TransferMsg::Complete { root: *key });
             }
         }
-        self.event(TransferEvent::FileComplete { root: *root, paths, size });
+        self.event(TransferEvent::FileComplete { root, key: *key, paths, size });
     }
 
-    /// What to persist for `root`, to [`Self::restore`] after a reload.
+    /// What to persist for `root` (its key or verified root), to [`Self::restore`] after
+    /// a reload.
     pub fn record(&self, root: &Root) -> Option<DownloadRecord> {
-        self.downloads.get(root).map(|d| d.record(*root))
+        let key = self.download_key(root)?;
+        self.downloads.get(&key).map(|d| d.record(key))
     }
 
     /// Resumes a download from a record: chunks it marks are trusted to be on disk (the
     /// driver wrote them, and only confirmed them once durable). Sources are found by
-    /// asking peers as they connect, or when someone offers the file again.
+    /// asking peers as they connect, or when someone offers the file again. A streamed
+    /// download saved before its root was verified waits for its sender, and trusts its
+    /// stored chunks only once the CVs it gets again hash to the saved digest.
     pub fn restore(&mut self, record: DownloadRecord) {
+        let key = record.root;
         let mut d = Download::new(record.size, record.paths);
         if record.have.len() == d.have.len() {
             d.have = record.have;
+        }
+        match (record.streamed, record.hash) {
+            (false, _) => {
+                d.root = Some(key);
+                d.root_trusted = true;
+            }
+            (true, Some(hash)) => {
+                d.root = Some(hash);
+                d.root_trusted = true;
+                self.names.insert(hash, key);
+            }
+            (true, None) => {
+                d.sender = record.sender;
+                d.cv_check = record.cv_digest;
+                if d.chunks == 0 {
+                    d.root = Some(Root::of(b""));
+                }
+                // Chunks past the CVs they were checked against cannot be trusted.
+                let checked = d.cv_check.map_or(0, |(n, _)| n);
+                for i in checked..d.chunks {
+                    if let Some(b) = d.have.get_mut(i as usize / 8) {
+                        *b &= !(1 << (i % 8));
+                    }
+                }
+            }
         }
         d.have_count = u32::try_from((0..d.chunks).filter(|i| d.has(*i)).count()).unwrap_or(0);
         d.done_bytes = (0..d.chunks)
@@ -919,11 +1480,11 @@ impl Engine {
             DownloadState::Failed => DownloadState::Active,
             s => s,
         };
-        let finished = d.state == DownloadState::Active && d.is_finished() && d.chunks < 2;
-        self.downloads.insert(record.root, d);
-        if finished {
-            // Every chunk is on disk and a file of one chunk needs no hash list.
-            self.complete(&record.root);
+        self.downloads.insert(key, d);
+        // A file of at most one chunk needs no CV list.
+        self.check_root(&key, Duration::ZERO);
+        if self.downloads.get(&key).is_some_and(|d| d.state == DownloadState::Active) {
+            self.try_complete(&key);
         }
     }
 
@@ -932,14 +1493,17 @@ impl Engine {
         self.downloads.iter().map(|(root, d)| self.progress_of(root, d)).collect()
     }
 
-    /// How far the download of `root` is.
+    /// How far the download of `root` (its key or verified root) is.
     pub fn progress(&self, root: &Root) -> Option<DownloadProgress> {
-        self.downloads.get(root).map(|d| self.progress_of(root, d))
+        let key = self.download_key(root)?;
+        self.downloads.get(&key).map(|d| self.progress_of(&key, d))
     }
 
-    fn progress_of(&self, root: &Root, d: &Download) -> DownloadProgress {
+    fn progress_of(&self, key: &Root, d: &Download) -> DownloadProgress {
         DownloadProgress {
-            root: *root,
+            root: d.name(key),
+            key: *key,
+            hash: d.root.filter(|_| !d.pre_root()),
             paths: d.paths.clone(),
             size: d.size,
             done_bytes: d.done_bytes,
@@ -951,9 +1515,11 @@ impl Engine {
 
     /// Forgets a finished or failed download (its file stays wherever the driver put it).
     pub fn forget(&mut self, root: &Root) {
-        if let Some(d) = self.downloads.remove(root) {
+        let Some(key) = self.download_key(root) else { return };
+        if let Some(d) = self.downloads.remove(&key) {
+            self.names.retain(|_, k| *k != key);
             if d.state != DownloadState::Complete {
-                self.out.push_back(Output::Discard { root: *root });
+                self.out.push_back(Output::Discard { root: key });
             }
         }
     }
@@ -1012,13 +1578,9 @@ impl Engine {
                     let reason = "not shared with you".to_string();
                     return self.send(peer, TransferMsg::Missing { root, reason });
                 }
-                let Some(s) = self.shared.get(&root) else { return };
-                let start = (first as usize).min(s.cvs.len());
-                let end =
-                    start.saturating_add((count as usize).min(MAX_HASHES_PER_MSG)).min(s.cvs.len());
-                let cvs = s.cvs[start..end].to_vec();
-                self.send(peer, TransferMsg::Hashes { root, first, cvs });
+                self.on_hash_request(peer, root, first, count);
             }
+            TransferMsg::Root { key, root } => self.on_root(peer, key, root, now),
             TransferMsg::Hashes { root, first, cvs } => self.on_hashes(peer, root, first, cvs, now),
             TransferMsg::ChunkRequest { root, index } => {
                 if !self.may_serve(peer, &root) {
@@ -1033,7 +1595,8 @@ impl Engine {
             }
             TransferMsg::Chunk { root, index, data } => self.on_chunk(peer, root, index, data, now),
             TransferMsg::Missing { root, reason } => {
-                self.drop_source(&root, peer, DropReason::Missing(reason), now);
+                let key = self.download_key(&root).unwrap_or(root);
+                self.drop_source(&key, peer, DropReason::Missing(reason), now);
                 self.schedule(now);
             }
             TransferMsg::Cancel { offer_id, own_offer, reason } => {
@@ -1062,7 +1625,7 @@ impl Engine {
                 self.schedule(now);
             }
             TransferMsg::Query { root } => {
-                if self.shared.contains_key(&root) && !self.revoked.contains(&(peer.clone(), root))
+                if self.share_key(&root).is_some() && !self.revoked.contains(&(peer.clone(), root))
                 {
                     // Knowing a file's 256-bit hash is the capability to fetch it: only
                     // an offer reveals it.
@@ -1071,18 +1634,23 @@ impl Engine {
                 }
             }
             TransferMsg::Have { root } => {
-                if self.downloads.get(&root).is_some_and(|d| d.state != DownloadState::Complete) {
-                    self.add_source(&root, peer);
+                let Some(key) = self.download_key(&root) else { return };
+                if self.downloads.get(&key).is_some_and(|d| d.state != DownloadState::Complete) {
+                    self.add_source(&key, peer, root);
                     self.schedule(now);
                 }
             }
             TransferMsg::Complete { root } => {
-                let offered = self
-                    .outgoing
-                    .iter()
-                    .any(|((p, _), o)| p == peer && o.items.iter().any(|i| i.root == root));
+                let offered = self.outgoing.iter().any(|((p, _), o)| {
+                    p == peer
+                        && o.items
+                            .iter()
+                            .zip(&o.locals)
+                            .any(|(i, l)| i.root == root || self.same_shared_file(l, &root))
+                });
                 if offered {
-                    self.event(TransferEvent::Delivered { peer: peer.clone(), root });
+                    let name = self.share_key(&root).map_or(root, |k| self.share_name(&k));
+                    self.event(TransferEvent::Delivered { peer: peer.clone(), root: name });
                 }
             }
         }
@@ -1099,8 +1667,8 @@ impl Engine {
         // dropped connection), so the transfer simply resumes.
         let resuming = !items.is_empty()
             && items.iter().all(|i| {
-                self.downloads
-                    .get(&i.root)
+                self.download_key(&i.root)
+                    .and_then(|k| self.downloads.get(&k))
                     .is_some_and(|d| d.size == i.size && d.state != DownloadState::Complete)
             });
         if resuming {
@@ -1113,37 +1681,97 @@ impl Engine {
         self.event(TransferEvent::Offered { peer: peer.clone(), offer_id, items });
     }
 
-    fn on_hashes(&mut self, peer: &PeerId, root: Root, first: u32, cvs: Vec<Cv>, now: Duration) {
-        let Some(d) = self.downloads.get_mut(&root) else { return };
-        if d.cvs.is_some() || d.hash_source.as_ref().is_none_or(|(p, _)| p != peer) {
-            return;
-        }
-        if cvs.is_empty() || first % MAX_HASHES_PER_MSG as u32 != 0 || first >= d.chunks {
-            return self.drop_source(&root, peer, DropReason::MalformedHashes, now);
-        }
-        d.hash_parts.insert(first, cvs);
-        d.hash_source = Some((peer.clone(), now));
-        let total: usize = d.hash_parts.values().map(Vec::len).sum();
-        if total < d.chunks as usize {
-            return;
-        }
-        let list: Vec<Cv> = std::mem::take(&mut d.hash_parts).into_values().flatten().collect();
-        d.hash_source = None;
-        if root_from_cvs(d.size, &list) == Some(root) {
-            d.cvs = Some(list);
-            if d.is_finished() && d.writing.is_empty() {
-                // Restored with every chunk on disk: only the hash list was missing.
-                self.complete(&root);
+    /// A peer asks for CVs: those we have go at once; for a file still being hashed the
+    /// request stays open ([`Self::feed_waiters`]) and ends with the root.
+    fn on_hash_request(&mut self, peer: &PeerId, key: Root, first: u32, count: u32) {
+        let Some(local) = self.share_key(&key) else { return };
+        let Some(s) = self.shared.get(&local) else { return };
+        let total = s.cv_total();
+        let first = first as usize;
+        let end = first.saturating_add(count as usize).min(total);
+        let upto = end.min(s.cvs.len());
+        let mut sends = Vec::new();
+        Self::cv_messages(&s.cvs, key, first, upto, &mut sends, peer);
+        let open = upto < end || (s.root.is_none() && end == total);
+        if let (false, Some(root)) = (open, s.root) {
+            if end == total && root != key {
+                sends.push((peer.clone(), TransferMsg::Root { key, root }));
             }
-            self.schedule(now);
-        } else {
-            self.drop_source(&root, peer, DropReason::WrongHashes, now);
-            self.schedule(now);
+        }
+        for (p, msg) in sends {
+            self.send(&p, msg);
+        }
+        if open {
+            // One open request per peer and file: a new one replaces the old.
+            let list = self.waiters.entry(local).or_default();
+            list.retain(|w| !(w.peer == *peer && w.key == key));
+            list.push(CvWaiter { peer: peer.clone(), key, next: upto.max(first), end });
         }
     }
 
-    fn on_chunk(&mut self, peer: &PeerId, root: Root, index: u32, data: Vec<u8>, now: Duration) {
+    fn on_hashes(&mut self, peer: &PeerId, name: Root, first: u32, cvs: Vec<Cv>, now: Duration) {
+        let Some(key) = self.download_key(&name) else { return };
+        let Some(d) = self.downloads.get_mut(&key) else { return };
+        if d.verified || d.hash_source.as_ref().is_none_or(|(p, _)| p != peer) {
+            return;
+        }
+        if cvs.is_empty()
+            || first as usize != d.cvs.len()
+            || d.cvs.len() + cvs.len() > d.cv_total() as usize
+        {
+            self.drop_source(&key, peer, DropReason::MalformedHashes, now);
+            self.schedule(now);
+            return;
+        }
+        cvs.iter().for_each(|cv| {
+            d.cv_hasher.update(cv);
+        });
+        d.cvs.extend(cvs);
+        d.hash_source = Some((peer.clone(), now));
+        if let Some((n, digest)) = d.cv_check {
+            if d.cvs.len() >= n as usize {
+                let mut h = blake3::Hasher::new();
+                d.cvs[..n as usize].iter().for_each(|cv| {
+                    h.update(cv);
+                });
+                if Root::from(h.finalize()) != digest {
+                    // Not the list the stored chunks were checked against: fetch them
+                    // all again.
+                    tracing::warn!("the hashes of {key:?} changed since it was stored");
+                    d.clear_have();
+                }
+                d.cv_check = None;
+            }
+        }
+        self.check_root(&key, now);
+        self.try_complete(&key);
+        self.schedule(now);
+    }
+
+    /// The sender of a streamed download says what its root is.
+    fn on_root(&mut self, peer: &PeerId, name: Root, root: Root, now: Duration) {
+        let Some(key) = self.download_key(&name) else { return };
+        let Some(d) = self.downloads.get_mut(&key) else { return };
+        if !d.pre_root() || !d.sources.contains_key(peer) {
+            return;
+        }
+        match d.root {
+            Some(known) if known == root => return,
+            // It changed its mind: nothing it sent can be trusted.
+            Some(_) => return self.fail_streamed(&key),
+            None => d.root = Some(root),
+        }
+        if d.cvs.len() >= d.cv_total() as usize {
+            d.hash_source = None;
+        }
+        self.check_root(&key, now);
+        self.try_complete(&key);
+        self.schedule(now);
+    }
+
+    fn on_chunk(&mut self, peer: &PeerId, name: Root, index: u32, data: Vec<u8>, now: Duration) {
         let config = self.config;
+        let Some(root) = self.download_key(&name) else { return };
         let Some(d) = self.downloads.get_mut(&root) else { return };
         if !d.sources.contains_key(peer)
             || d.has(index)
@@ -1156,7 +1784,10 @@ impl Engine {
         if !requested {
             return;
         }
-        let ok = verify_chunk(&root, d.size, d.cvs.as_deref().unwrap_or(&[]), index, &data);
+        // Before the root, only chunks whose CV came are asked for (and a file of one
+        // chunk waits for its root): nothing is checked against an unknown value.
+        let ok = index < d.request_limit()
+            && verify_chunk(&d.root.unwrap_or(root), d.size, &d.cvs, index, &data);
         // This request is answered either way.
         if let Some(reqs) = d.inflight.get_mut(&index) {
             reqs.retain(|(p, _)| p != peer);
@@ -1292,9 +1923,15 @@ impl Engine {
             }
         }
         let peers: Vec<PeerId> = self.peers.iter().cloned().collect();
-        for root in queries {
-            for peer in &peers {
-                self.send(peer, TransferMsg::Query { root });
+        for key in queries {
+            let Some(d) = self.downloads.get(&key) else { continue };
+            let root = Self::query_key(d, &key);
+            // Before its root, a streamed download asks its sender only.
+            let asked: Vec<&PeerId> = peers.iter().filter(|p| self.may_source(d, p)).collect();
+            let sends: Vec<(PeerId, TransferMsg)> =
+                asked.into_iter().map(|p| (p.clone(), TransferMsg::Query { root })).collect();
+            for (peer, msg) in sends {
+                self.send(&peer, msg);
             }
         }
     }
@@ -1313,21 +1950,22 @@ impl Engine {
             if d.state != DownloadState::Active || d.sources.is_empty() {
                 continue;
             }
-            if d.needs_hashes() {
-                if d.hash_source.is_none() {
-                    if let Some(p) = d.sources.keys().next().cloned() {
-                        let mut first = 0;
-                        while first < d.chunks {
-                            let count = (d.chunks - first).min(MAX_HASHES_PER_MSG as u32);
-                            sends.push((
-                                p.clone(),
-                                TransferMsg::HashRequest { root: *root, first, count },
-                            ));
-                            first += count;
-                        }
-                        d.hash_source = Some((p, now));
-                    }
+            // CVs (and a streamed file's root) come from one source, asked once for the
+            // whole list, which it sends as it has them.
+            let have = u32::try_from(d.cvs.len()).unwrap_or(u32::MAX);
+            let needs_cvs = !d.verified && (have < d.cv_total() || d.root.is_none());
+            if needs_cvs && d.hash_source.is_none() {
+                if let Some((p, s)) = d.sources.iter().next() {
+                    let msg = TransferMsg::HashRequest {
+                        root: s.key.unwrap_or(*root),
+                        first: have,
+                        count: d.cv_total().saturating_sub(have),
+                    };
+                    sends.push((p.clone(), msg));
+                    d.hash_source = Some((p.clone(), now));
                 }
+            }
+            if d.request_limit() == 0 {
                 continue;
             }
             // Round-robin over sources, one request at a time, until windows are full;
@@ -1353,6 +1991,7 @@ impl Engine {
                     if s.inflight >= s.window {
                         continue;
                     }
+                    let key = s.key.unwrap_or(*root);
                     let Some(index) =
                         d.next_wanted().or_else(|| cutoff.and_then(|c| d.duplicate_for(p, c)))
                     else {
@@ -1364,7 +2003,7 @@ impl Engine {
                     }
                     budget -= 1;
                     progressed = true;
-                    sends.push((p.clone(), TransferMsg::ChunkRequest { root: *root, index }));
+                    sends.push((p.clone(), TransferMsg::ChunkRequest { root: key, index }));
                 }
                 if !progressed {
                     break;

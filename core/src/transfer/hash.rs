@@ -230,6 +230,12 @@ impl FileHasher {
         self.size
     }
 
+    /// The chaining values of the chunks finished so far (a chunk is finished once a byte
+    /// after it was fed): what a sender streams while it is still hashing.
+    pub fn cvs(&self) -> &[Cv] {
+        &self.cvs
+    }
+
     /// Feeds the next bytes of the file.
     pub fn update(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
@@ -257,6 +263,19 @@ impl FileHasher {
         let root = root_from_cvs(self.size, &self.cvs).unwrap_or(Root([0; 32]));
         FileDigest { root, size: self.size, cvs: self.cvs }
     }
+}
+
+/// The key a file is offered under before its root is known (`core/TRANSFER.md`, "Offer
+/// at once"): derived from the sender's `secret`, the recipient (`recipient`: its public
+/// key), the size and the path, so each recipient gets its own key and the same offer
+/// made again gets the same one.
+pub fn stream_key(secret: &[u8; 32], recipient: &[u8], size: u64, path: &str) -> Root {
+    let mut h = blake3::Hasher::new_keyed(secret);
+    h.update(&(recipient.len() as u64).to_be_bytes());
+    h.update(recipient);
+    h.update(&size.to_be_bytes());
+    h.update(path.as_bytes());
+    Root(*h.finalize().as_bytes())
 }
 
 /// Whether `data` is chunk `index` of the file with `root`, `size` and (verified) `cvs`.

@@ -22,6 +22,10 @@ pub enum FailReason {
     /// Every chunk verified, but the root recomputed from them is not the file's:
     /// "verification failed: the file does not match its hash".
     NotVerified,
+    /// A file offered before it was hashed: the hashes its sender streamed do not give
+    /// the root it sent at the end, so nothing of it is kept: "the sender's file does not
+    /// match the hash it sent (changed while it was sent?)".
+    WrongRoot,
     /// "the disk is full".
     DiskFull,
     /// The browser's storage is full: "the disk is full (or the browser's storage quota
@@ -49,6 +53,9 @@ impl fmt::Display for FailReason {
             Self::NotVerified => {
                 f.write_str("verification failed: the file does not match its hash")
             }
+            Self::WrongRoot => f.write_str(
+                "the sender's file does not match the hash it sent (changed while it was sent?)",
+            ),
             Self::DiskFull => f.write_str("the disk is full"),
             Self::QuotaExceeded => {
                 f.write_str("the disk is full (or the browser's storage quota is used up)")

@@ -1,4 +1,4 @@
-//! File-transfer messages: the bodies of frames 0x20..=0x2a inside the encrypted session.
+//! File-transfer messages: the bodies of frames 0x20..=0x2b inside the encrypted session.
 //!
 //! Integers are big endian; strings are UTF-8 with a u16 length; lists have a u32 count.
 //! Decoding never panics, never allocates more than the input's size, and rejects
@@ -31,6 +31,7 @@ mod ty {
     pub const QUERY: u8 = 0x28;
     pub const HAVE: u8 = 0x29;
     pub const COMPLETE: u8 = 0x2a;
+    pub const ROOT: u8 = 0x2b;
 }
 
 /// One file in an offer.
@@ -40,8 +41,11 @@ pub struct OfferItem {
     pub path: String,
     /// Size in bytes.
     pub size: u64,
-    /// BLAKE3 hash of the content.
+    /// The key the file is offered under: its BLAKE3 hash, or (if `streamed`) a stream
+    /// key, the root following in [`TransferMsg::Root`] once the sender has hashed it.
     pub root: Root,
+    /// Whether `root` is a stream key rather than the file's hash.
+    pub streamed: bool,
 }
 
 /// A file-transfer message.
@@ -61,13 +65,16 @@ pub enum TransferMsg {
         /// Whether the receiver wants it.
         accept: bool,
     },
-    /// Asks for `count` chaining values of `root` starting at chunk `first`.
+    /// Asks for `count` chaining values of `root` starting at chunk `first`. Answered in
+    /// [`TransferMsg::Hashes`] of at most [`MAX_HASHES_PER_MSG`] each; for a file still
+    /// being hashed the request stays open until the sender has hashed that far, and
+    /// ends with [`TransferMsg::Root`].
     HashRequest {
         /// The file.
         root: Root,
         /// First chunk.
         first: u32,
-        /// How many (at most [`MAX_HASHES_PER_MSG`]).
+        /// How many.
         count: u32,
     },
     /// Chaining values of `root` from chunk `first` on.
@@ -125,6 +132,14 @@ pub enum TransferMsg {
     /// The receiver verified and stored `root` completely.
     Complete {
         /// The file.
+        root: Root,
+    },
+    /// The BLAKE3 hash of the file offered under the stream key `key`, once the sender
+    /// has hashed all of it.
+    Root {
+        /// The stream key.
+        key: Root,
+        /// The file's hash.
         root: Root,
     },
 }
@@ -338,6 +353,7 @@ impl TransferMsg {
                 for item in items {
                     put_text(out, &item.path, MAX_PATH_LEN);
                     out.extend_from_slice(&item.size.to_be_bytes());
+                    out.push(u8::from(item.streamed));
                     out.extend_from_slice(item.root.as_bytes());
                 }
                 ty::OFFER
@@ -396,6 +412,11 @@ impl TransferMsg {
                 out.extend_from_slice(root.as_bytes());
                 ty::COMPLETE
             }
+            Self::Root { key, root } => {
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(root.as_bytes());
+                ty::ROOT
+            }
         }
     }
 
@@ -431,9 +452,9 @@ impl TransferMsg {
             ty::OFFER => {
                 let offer_id = r.u64()?;
                 let count = r.u32()? as usize;
-                // Each item takes at least 42 bytes, so the count cannot claim more items
+                // Each item takes at least 43 bytes, so the count cannot claim more items
                 // than the body holds.
-                if count > MAX_OFFER_ITEMS || count > r.0.len() / 42 {
+                if count > MAX_OFFER_ITEMS || count > r.0.len() / 43 {
                     return Err(WireError::TooLarge);
                 }
                 let mut items = Vec::with_capacity(count);
@@ -442,7 +463,13 @@ impl TransferMsg {
                     if let Err(WireError::UnsafePath { path, problem }) = check_path(&path) {
                         return Err(WireError::UnsafeOffer { offer_id, path, problem });
                     }
-                    items.push(OfferItem { path, size: r.u64()?, root: r.root()? });
+                    let size = r.u64()?;
+                    let streamed = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(WireError::TooLarge),
+                    };
+                    items.push(OfferItem { path, size, root: r.root()?, streamed });
                 }
                 Self::Offer { offer_id, items }
             }
@@ -495,6 +522,7 @@ impl TransferMsg {
             ty::QUERY => Self::Query { root: r.root()? },
             ty::HAVE => Self::Have { root: r.root()? },
             ty::COMPLETE => Self::Complete { root: r.root()? },
+            ty::ROOT => Self::Root { key: r.root()?, root: r.root()? },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -513,8 +541,13 @@ mod tests {
             TransferMsg::Offer {
                 offer_id: 7,
                 items: vec![
-                    OfferItem { path: "photos/a b.jpg".into(), size: 5, root },
-                    OfferItem { path: "ü/é.txt".into(), size: 0, root: Root::from([1; 32]) },
+                    OfferItem { path: "photos/a b.jpg".into(), size: 5, root, streamed: false },
+                    OfferItem {
+                        path: "ü/é.txt".into(),
+                        size: 0,
+                        root: Root::from([1; 32]),
+                        streamed: true,
+                    },
                 ],
             },
             TransferMsg::Offer { offer_id: 1, items: vec![] },
@@ -528,6 +561,7 @@ mod tests {
             TransferMsg::Query { root },
             TransferMsg::Have { root },
             TransferMsg::Complete { root },
+            TransferMsg::Root { key: Root::from([4; 32]), root },
         ]
     }
 
@@ -601,7 +635,12 @@ mod tests {
             }
             let msg = TransferMsg::Offer {
                 offer_id: 1,
-                items: vec![OfferItem { path: bad.into(), size: 1, root: Root::from([0; 32]) }],
+                items: vec![OfferItem {
+                    path: bad.into(),
+                    size: 1,
+                    root: Root::from([0; 32]),
+                    streamed: false,
+                }],
             };
             let (t, body) = msg.encode();
             assert!(TransferMsg::decode(t, &body).is_err(), "{bad:?}");
@@ -624,12 +663,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(t in 0x20u8..=0x2b, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decoding_arbitrary_bytes_never_panics(t in 0x20u8..=0x2c, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = TransferMsg::decode(t, &body);
         }
 
         #[test]
-        fn decoding_an_owned_body_is_decoding_its_bytes(t in 0x20u8..=0x2b, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decoding_an_owned_body_is_decoding_its_bytes(t in 0x20u8..=0x2c, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             prop_assert_eq!(TransferMsg::decode_owned(t, body.clone()), TransferMsg::decode(t, &body));
         }
     }

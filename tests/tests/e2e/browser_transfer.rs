@@ -20,9 +20,9 @@ use thirtyfour::WebDriver;
 use weft_tests::browser_available;
 use weft_tests::files::{
     BYTES_RECEIVED_JS, Member, Net, OPFS_LIST_JS, Scratch, TestFile, WAIT, accept, add_hook,
-    blake3_of, call, download, events, generate, hash_downloaded, is_event, mib, ms, opfs_files,
-    send_files, share_files, start_join, transfers, upload, uploaded, wait_complete,
-    wait_connected, wait_event, wait_offer,
+    blake3_of, call, download, events, generate, hash_downloaded, is_file_event, mib, ms,
+    offered_keys, opfs_files, send_files, share_files, start_join, transfers, upload, uploaded,
+    wait_complete, wait_connected, wait_event, wait_offer,
 };
 use weft_tests::{js, wait_for};
 
@@ -80,40 +80,52 @@ async fn send_and_verify(net: &Net, files: &[TestFile], paths: &[&str]) -> Resul
     let offer = wait_offer(bob, alice_id, &offer_id).await?;
     ensure!(offer["name"] == "Alice", "offer from {}", offer["name"]);
 
-    // The offer names every file by its BLAKE3 hash, under its path, with its size.
-    let mut offered: Vec<(String, u64, String)> = offer["items"]
+    // The offer lists every file under its path, with its size and the key it goes by
+    // from now on: its root, or (sent before it was hashed) a stream key, its root unknown.
+    let mut offered: Vec<(String, u64)> = offer["items"]
         .as_array()
         .context("offer without items")?
         .iter()
         .map(|i| {
             let path = i["path"].as_str().unwrap_or_default().to_string();
-            let root = i["root"].as_str().unwrap_or_default().to_string();
-            (path, i["size"].as_u64().unwrap_or(u64::MAX), root)
+            (path, i["size"].as_u64().unwrap_or(u64::MAX))
         })
         .collect();
-    let mut wanted: Vec<(String, u64, String)> =
-        entries.iter().map(|(f, p)| (p.to_string(), f.size, f.root.clone())).collect();
+    let mut wanted: Vec<(String, u64)> =
+        entries.iter().map(|(f, p)| (p.to_string(), f.size)).collect();
     offered.sort();
     wanted.sort();
     ensure!(offered == wanted, "offered {offered:?}\nexpected {wanted:?}");
+    let keys = offered_keys(&offer)?;
+    for (f, path) in &entries {
+        let item = &offer["items"].as_array().into_iter().flatten().find(|i| i["path"] == *path);
+        let root = item.map(|i| i["root"].clone()).unwrap_or_default();
+        ensure!(root.is_null() || root == f.root.as_str(), "{path}: offered with root {root}");
+    }
     let total: u64 = files.iter().map(|f| f.size).sum();
     ensure!(offer["totalSize"] == total, "totalSize {} != {total}", offer["totalSize"]);
 
     let accepted = Instant::now();
     accept(bob, alice_id, &offer_id).await?;
     for (f, path) in &entries {
-        let done = wait_complete(bob, &f.root, BIG_WAIT).await?;
+        // Followed by the key it was offered under; it completes under its root.
+        let key = &keys[*path];
+        let done = wait_complete(bob, key, BIG_WAIT).await?;
+        ensure!(done["root"] == f.root.as_str(), "{path}: file_complete {done}, sent {}", f.root);
         ensure!(done["size"] == f.size, "file_complete {done}");
         ensure!(done["paths"] == json!([path]), "file_complete {done}");
     }
     let transfer_ms = ms(accepted);
 
     for (f, path) in &entries {
-        let stored = hash_downloaded(bob, &f.root, BIG_WAIT).await?;
+        let key = &keys[*path];
+        let stored = hash_downloaded(bob, key, BIG_WAIT).await?;
         ensure!(stored == f.root, "{path}: stored bytes hash to {stored}, sent {}", f.root);
-        let d = download(bob, &f.root).await?.with_context(|| format!("no download {path}"))?;
+        let d = download(bob, key).await?.with_context(|| format!("no download {path}"))?;
         ensure!(
-            d["size"] == f.size
+            d["key"] == key.as_str()
+                && d["root"] == f.root.as_str()
+                && d["size"] == f.size
                 && d["doneBytes"] == f.size
                 && d["state"] == "complete"
                 && d["paths"] == json!([path]),
@@ -123,12 +135,22 @@ async fn send_and_verify(net: &Net, files: &[TestFile], paths: &[&str]) -> Resul
             bob,
             &format!(
                 "const f = await s.downloadedFile({}); return {{ size: f.size, name: f.name }};",
-                json!(f.root)
+                json!(key)
             ),
             WAIT,
         )
         .await?;
         ensure!(file["size"] == f.size, "{path}: downloadedFile {file}");
+        // Every event about the file named it by that key; its root only once verified.
+        let about = events(
+            bob,
+            &format!("ev.paths && ev.paths.includes({}) && ev.type !== 'offer'", json!(path)),
+        )
+        .await?;
+        for ev in &about {
+            ensure!(ev["key"] == key.as_str(), "{path}: event under another key: {ev}");
+            ensure!(ev["root"].is_null() || ev["root"] == f.root.as_str(), "{path}: {ev}");
+        }
     }
     let rejected = events(bob, "ev.type === 'chunk_rejected'").await?;
     ensure!(rejected.is_empty(), "chunks rejected without corruption: {rejected:?}");
@@ -148,19 +170,22 @@ async fn send_and_verify(net: &Net, files: &[TestFile], paths: &[&str]) -> Resul
         .await?;
         ensure!(!hashing.is_empty(), "no hashing event for {big_path}");
     }
-    for f in files {
-        wait_event(
+    // Alice hears of each file's delivery under the key she offered it to Bob by, with its
+    // root.
+    for (f, path) in &entries {
+        let delivered = wait_event(
             alice,
             &format!("delivered {} to Bob", f.name),
             &format!(
-                "ev.type === 'delivered' && ev.peerId === {} && ev.root === {}",
+                "ev.type === 'delivered' && ev.peerId === {} && ev.key === {}",
                 json!(bob_id),
-                json!(f.root)
+                json!(keys[*path])
             ),
             None,
             WAIT,
         )
         .await?;
+        ensure!(delivered["root"] == f.root.as_str(), "{path}: {delivered}");
     }
     let out = wait_for("Alice's offer to show delivered", WAIT, || async {
         let t = transfers(alice).await?;
@@ -176,7 +201,7 @@ async fn send_and_verify(net: &Net, files: &[TestFile], paths: &[&str]) -> Resul
     ensure!(out["totalBytes"] == total, "outgoing {out}");
 
     println!(
-        "TIMING {} files, {total} bytes: sendFiles (hash + offer) {hash_ms} ms, accept -> last \
+        "TIMING {} files, {total} bytes: sendFiles (offer) {hash_ms} ms, accept -> last \
          file_complete {transfer_ms} ms ({:.1} MB/s as seen by the test)",
         files.len(),
         total as f64 / 1e6 / (transfer_ms.max(1) as f64 / 1e3)
@@ -276,18 +301,19 @@ async fn hidden_files_are_left_out(net: &Net, files: &[TestFile]) -> Result<()> 
 async fn reload_body(net: &Net, file: &TestFile) -> Result<()> {
     let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
     let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
-    let root = json!(file.root);
     upload(alice, "r", &[file]).await?;
     let sent = send_files(alice, "r", &[(file, "resume.bin")], bob_id, WAIT).await?;
     let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
-    wait_offer(bob, alice_id, &offer_id).await?;
+    let offer = wait_offer(bob, alice_id, &offer_id).await?;
+    // The download goes by the key it was offered under, before and after its root.
+    let key = json!(offered_keys(&offer)?["resume.bin"]);
 
     // Bob's page reloads itself the moment 40 % is stored (no test round trip in between).
     let threshold = file.size * 2 / 5;
     add_hook(
         bob,
         &format!(
-            "if (ev.type === 'progress' && ev.root === {root} && ev.doneBytes >= {threshold} && !t.reloading) {{
+            "if (ev.type === 'progress' && ev.key === {key} && ev.doneBytes >= {threshold} && !t.reloading) {{
                t.reloading = true;
                sessionStorage.setItem('weftReloadAt', String(ev.doneBytes));
                location.reload();
@@ -327,7 +353,7 @@ async fn reload_body(net: &Net, file: &TestFile) -> Result<()> {
                const t = window.t;
                if (t.error) throw new Error('join failed: ' + t.error);
                const s = t.session;
-               const d = s ? s.transfers().downloads.find((d) => d.root === {root}) : null;
+               const d = s ? s.transfers().downloads.find((d) => d.key === {key}) : null;
                if (d && d.doneBytes > 0) {{
                  {BYTES_RECEIVED_JS}
                  return {{ doneBytes: d.doneBytes, state: d.state, received: bytes,
@@ -366,7 +392,8 @@ async fn reload_body(net: &Net, file: &TestFile) -> Result<()> {
         "the reloaded page received {received_total} bytes for a {} byte file: it did not resume",
         file.size
     );
-    let sources = events(bob, &format!("ev.type === 'source_added' && ev.root === {root}")).await?;
+    // The only file: by its root, or its stream key before the root was verified.
+    let sources = events(bob, "ev.type === 'source_added'").await?;
     ensure!(
         sources.iter().any(|s| s["peerId"] == alice_id),
         "Alice never became a source after the reload: {sources:?}"
@@ -400,12 +427,12 @@ async fn corrupt_body(net: &Net, file: &TestFile) -> Result<()> {
     call(alice, "s.debugCorruptChunk(5); return true;", WAIT).await?;
     wait_offer(bob, alice_id, &offer_id).await?;
     accept(bob, alice_id, &offer_id).await?;
-    let root = json!(file.root);
     let rejected = wait_event(
         bob,
         "chunk 5 rejected",
-        &format!("ev.type === 'chunk_rejected' && ev.root === {root} && ev.index === 5"),
-        Some(&is_event("file_failed", "root", &file.root)),
+        // Before its root is known, the download goes by the offer's stream key.
+        "ev.type === 'chunk_rejected' && ev.index === 5",
+        Some(&is_file_event("file_failed", &file.root)),
         WAIT,
     )
     .await?;
@@ -445,8 +472,8 @@ async fn two_seeders_body(net: &Net, file: &TestFile) -> Result<()> {
     );
     let took = send_whole_file(net, "s", file, "swarm.bin").await?;
 
-    let root = json!(file.root);
-    let added = events(bob, &format!("ev.type === 'source_added' && ev.root === {root}")).await?;
+    // The only file: by its root, or its stream key before the root was verified.
+    let added = events(bob, "ev.type === 'source_added'").await?;
     for (who, id) in [("Alice", alice_id), ("Carol", carol_id)] {
         ensure!(added.iter().any(|s| s["peerId"] == id), "{who} was never a source: {added:?}");
     }
@@ -571,15 +598,16 @@ async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
     // 1. The receiver cancels as soon as its first bytes are stored.
     let sent = send_files(alice, "k", &[(x, "x.bin")], bob_id, WAIT).await?;
     let offer_x = sent.first().context("no offer sent")?["offerId"].clone();
-    wait_offer(bob, alice_id, &offer_x).await?;
+    // Each file is followed by the key it was offered under (its root may not be known).
+    let kx = offered_keys(&wait_offer(bob, alice_id, &offer_x).await?)?["x.bin"].clone();
     add_hook(
         bob,
         &format!(
-            "if (ev.type === 'progress' && ev.root === {} && ev.doneBytes > 0 && !t.cancelledX) {{
+            "if (ev.type === 'progress' && ev.key === {} && ev.doneBytes > 0 && !t.cancelledX) {{
                t.cancelledX = ev.doneBytes;
                s.cancelTransfer({}, {offer_x}, 'changed my mind');
              }}",
-            json!(x.root),
+            json!(kx),
             json!(alice_id)
         ),
     )
@@ -592,12 +620,12 @@ async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
             "ev.type === 'transfer_cancelled' && ev.peerId === {} && ev.offerId === {offer_x}",
             json!(bob_id)
         ),
-        Some(&is_event("delivered", "root", &x.root)),
+        Some(&is_file_event("delivered", &kx)),
         WAIT,
     )
     .await?;
     ensure!(cancelled["byPeer"] == true, "Alice's transfer_cancelled {cancelled}");
-    let stopped_at = wait_uploads_stop(alice, &x.root, bob_id).await?;
+    let stopped_at = wait_uploads_stop(alice, &kx, bob_id).await?;
     ensure!(stopped_at < x.size, "Alice kept sending: {stopped_at} of {} bytes", x.size);
     let out = transfers(alice).await?;
     let o = out["outgoing"]
@@ -606,28 +634,28 @@ async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
     ensure!(o.as_ref().is_some_and(|o| o["state"] == "cancelled"), "Alice's outgoing {out}");
     // Bob's side is cleaned up too: no download, nothing left stored.
     wait_for("Bob's cancelled download to go", WAIT, || async {
-        Ok(match download(bob, &x.root).await? {
+        Ok(match download(bob, &kx).await? {
             None => Ok(()),
             Some(d) => Err(d.to_string()),
         })
     })
     .await?;
     wait_opfs_paths(bob, "Bob's OPFS to be as before the cancelled download", &before).await?;
-    let complete_x = events(bob, &is_event("file_complete", "root", &x.root)).await?;
+    let complete_x = events(bob, &is_file_event("file_complete", &kx)).await?;
     ensure!(complete_x.is_empty(), "a cancelled download completed: {complete_x:?}");
 
     // 2. The sender cancels while Bob is downloading; Bob's stored file must go.
     let sent = send_files(alice, "k", &[(y, "y.bin")], bob_id, WAIT).await?;
     let offer_y = sent.first().context("no offer sent")?["offerId"].clone();
-    wait_offer(bob, alice_id, &offer_y).await?;
+    let ky = offered_keys(&wait_offer(bob, alice_id, &offer_y).await?)?["y.bin"].clone();
     add_hook(
         bob,
         &format!(
-            "if (ev.type === 'progress' && ev.root === {} && ev.doneBytes > 0 && !t.listingY) {{
+            "if (ev.type === 'progress' && ev.key === {} && ev.doneBytes > 0 && !t.listingY) {{
                t.listingY = true;
                t.opfsDuring = await (async () => {{ {OPFS_LIST_JS} }})();
              }}",
-            json!(y.root)
+            json!(ky)
         ),
     )
     .await?;
@@ -637,8 +665,8 @@ async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
             bob,
             &format!(
                 "return {{ during: window.t.opfsDuring ?? null,
-                          complete: window.t.events.some((ev) => ev.type === 'file_complete' && ev.root === {}) }};",
-                json!(y.root)
+                          complete: window.t.events.some((ev) => ev.type === 'file_complete' && ev.key === {}) }};",
+                json!(ky)
             ),
         )
         .await?;
@@ -660,7 +688,7 @@ async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
         WAIT,
     )
     .await?;
-    let delivered = events(alice, &is_event("delivered", "root", &y.root)).await?;
+    let delivered = events(alice, &is_file_event("delivered", &ky)).await?;
     ensure!(delivered.is_empty(), "y.bin was delivered before the cancel: make it larger");
     let cancelled = wait_event(
         bob,
@@ -669,22 +697,22 @@ async fn cancel_body(net: &Net, x: &TestFile, y: &TestFile) -> Result<()> {
             "ev.type === 'transfer_cancelled' && ev.peerId === {} && ev.offerId === {offer_y}",
             json!(alice_id)
         ),
-        Some(&is_event("file_complete", "root", &y.root)),
+        Some(&is_file_event("file_complete", &ky)),
         WAIT,
     )
     .await?;
     ensure!(cancelled["byPeer"] == true, "Bob's transfer_cancelled {cancelled}");
     wait_for("Bob's download of y.bin to disappear", WAIT, || async {
-        Ok(match download(bob, &y.root).await? {
+        Ok(match download(bob, &ky).await? {
             None => Ok(()),
             Some(d) => Err(d.to_string()),
         })
     })
     .await?;
     wait_opfs_paths(bob, "Bob's stored y.bin to be deleted", &before).await?;
-    let hash = call(bob, &format!("return await s.hashDownloaded({});", json!(y.root)), WAIT).await;
+    let hash = call(bob, &format!("return await s.hashDownloaded({});", json!(ky)), WAIT).await;
     ensure!(hash.is_err(), "hashDownloaded of a cancelled download answered {hash:?}");
-    let stopped_y = wait_uploads_stop(alice, &y.root, bob_id).await?;
+    let stopped_y = wait_uploads_stop(alice, &ky, bob_id).await?;
     ensure!(stopped_y < y.size, "Alice sent all of y.bin: {stopped_y}");
     println!(
         "TIMING cancel: receiver cancel stopped the sender at {stopped_at} of {} bytes; sender \
@@ -762,15 +790,15 @@ async fn next_frame(bob: &WebDriver, mode: &str) -> Result<()> {
 }
 
 /// Offers `file` (alone in Alice's upload `key`) under `path` to Bob, who accepts it;
-/// returns the offer id.
-async fn offer_accepted(net: &Net, key: &str, file: &TestFile, path: &str) -> Result<Value> {
+/// returns the key Bob was offered it under.
+async fn offer_accepted(net: &Net, key: &str, file: &TestFile, path: &str) -> Result<String> {
     let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
     let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
     let sent = send_files(alice, key, &[(file, path)], bob_id, WAIT).await?;
     let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
-    wait_offer(bob, alice_id, &offer_id).await?;
+    let offer = wait_offer(bob, alice_id, &offer_id).await?;
     accept(bob, alice_id, &offer_id).await?;
-    Ok(offer_id)
+    offered_keys(&offer)?.remove(path).context("offer without the path")
 }
 
 async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile]) -> Result<()> {
@@ -785,16 +813,18 @@ async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile])
     // 1. A file and a second one in a folder, in one offer. Chunk 5 of the big one is
     // corrupted once, so it is fetched again after later chunks arrived: the writer must
     // hold those back until the gap is filled.
-    call(alice, &format!("s.debugCorruptChunk(5, {}); return true;", json!(big.root)), WAIT)
-        .await?;
     let entries = [(big, "stream.bin"), (small, "notes/été ünï.txt")];
     let sent = send_files(alice, "w", &entries, bob_id, WAIT).await?;
     let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
-    wait_offer(bob, alice_id, &offer_id).await?;
+    let keys = offered_keys(&wait_offer(bob, alice_id, &offer_id).await?)?;
+    // Named by the key it was offered under: its root may not be known yet.
+    let hook = format!("s.debugCorruptChunk(5, {}); return true;", json!(keys["stream.bin"]));
+    call(alice, &hook, WAIT).await?;
     accept(bob, alice_id, &offer_id).await?;
-    for (f, _) in &entries {
-        let done = wait_complete(bob, &f.root, BIG_WAIT).await?;
+    for (f, path) in &entries {
+        let done = wait_complete(bob, &keys[*path], BIG_WAIT).await?;
         ensure!(done["stored"] == "downloads", "file_complete {done}");
+        ensure!(done["root"] == f.root.as_str(), "file_complete {done}");
     }
     let rejected = events(bob, "ev.type === 'chunk_rejected'").await?;
     ensure!(rejected.len() == 1 && rejected[0]["index"] == 5, "rejected: {rejected:?}");
@@ -811,7 +841,7 @@ async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile])
         bob,
         &format!(
             "try {{ await s.downloadedFile({}); return 'kept'; }} catch (e) {{ return String(e.message || e); }}",
-            json!(big.root)
+            json!(keys["stream.bin"])
         ),
         WAIT,
     )
@@ -826,8 +856,8 @@ async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile])
     // and is complete only once the browser took it. Under load, the second file above was
     // once announced complete and then lost this way.
     next_frame(bob, "late").await?;
-    offer_accepted(net, "l", late, "late.txt").await?;
-    let done = wait_complete(bob, &late.root, WAIT).await?;
+    let late_key = offer_accepted(net, "l", late, "late.txt").await?;
+    let done = wait_complete(bob, &late_key, WAIT).await?;
     let frame_at = js(bob, "return window.t.lateFrameAt ?? null;").await?;
     ensure!(
         frame_at.as_f64().zip(done["t"].as_f64()).is_some_and(|(f, t)| t > f),
@@ -841,12 +871,12 @@ async fn stream_body(net: &Net, downloads: &std::path::Path, files: &[TestFile])
     // 3. A download the browser does not save (its frame shows a page instead) is reported
     // failed with a plain reason, never complete.
     next_frame(bob, "page").await?;
-    offer_accepted(net, "r", refused, "refused.txt").await?;
+    let refused_key = offer_accepted(net, "r", refused, "refused.txt").await?;
     let failed = wait_event(
         bob,
         "refused.txt to fail",
-        &is_event("file_failed", "root", &refused.root),
-        Some(&is_event("file_complete", "root", &refused.root)),
+        &is_file_event("file_failed", &refused_key),
+        Some(&is_file_event("file_complete", &refused_key)),
         WAIT,
     )
     .await?;

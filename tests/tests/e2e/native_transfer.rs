@@ -135,7 +135,7 @@ async fn browser_sends_a_file_to_native() {
     files::wait_event(
         &alice,
         "delivered",
-        &files::is_event("delivered", "root", &file.root),
+        &files::is_file_event("delivered", &file.root),
         None,
         WAIT,
     )
@@ -305,7 +305,11 @@ async fn a_restarted_receiver_resumes_where_it_stopped() {
     .await
     .unwrap();
     assert!(bea.terminate(WAIT).await.unwrap().success());
-    let record = downloads.join(format!(".weft-partial/{}.json", file.root));
+    // Stored under the key it was offered by (a stream key: offered before it was hashed).
+    let offer = bea.seen.iter().find(|v| v["event"] == "offer").unwrap();
+    assert_eq!(offer["items"][0]["streamed"], true, "{offer}");
+    let key = offer["items"][0]["root"].as_str().unwrap();
+    let record = downloads.join(format!(".weft-partial/{key}.json"));
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
     assert_eq!(saved["size"], size);

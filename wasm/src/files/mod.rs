@@ -13,6 +13,7 @@
 //! - **Resume**: the records the node asks to save go to IndexedDB (store `downloads`).
 
 mod reads;
+pub(crate) mod send;
 mod writer;
 
 use std::cell::{Cell, RefCell};

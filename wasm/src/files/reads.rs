@@ -1,5 +1,5 @@
-//! Reading files in the browser: served chunks (1 MiB blocks, read ahead), hashing before
-//! an offer, stored downloads (OPFS), and saving them out (a folder the user picks, or a
+//! Reading files in the browser: served chunks (1 MiB blocks, read ahead), hashing (while
+//! the file is already offered, or before `shareFiles` shares it), stored downloads (OPFS), and saving them out (a folder the user picks, or a
 //! plain browser download).
 
 use std::cell::RefCell;
@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
-use weft_core::transfer::{FileDigest, FileHasher, Root};
+use weft_core::transfer::{Cv, FileDigest, FileHasher, Root};
 
 use crate::error::WebError;
 
@@ -142,11 +142,12 @@ pub(crate) async fn hash_blob(blob: &web_sys::Blob) -> Result<String, WebError> 
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// Hashes a file for sharing, front to back, calling `progress(done)` after each read.
+/// Hashes a file for sharing, front to back, calling `progress(done, CVs of the chunks
+/// finished so far)` after each read; stops (`None`) as soon as `progress` says so.
 pub(crate) async fn hash_entry(
     entry: &Entry,
-    mut progress: impl FnMut(f64),
-) -> Result<FileDigest, WebError> {
+    mut progress: impl FnMut(f64, &[Cv]) -> bool,
+) -> Result<Option<FileDigest>, WebError> {
     let size = entry.file.size();
     let mut hasher = FileHasher::new();
     let mut offset = 0.0;
@@ -158,9 +159,11 @@ pub(crate) async fn hash_entry(
         })?;
         hasher.update(&data);
         offset += len;
-        progress(offset);
+        if !progress(offset, hasher.cvs()) {
+            return Ok(None);
+        }
     }
-    Ok(hasher.finish())
+    Ok(Some(hasher.finish()))
 }
 
 /// One file the page wants to send: the blob and its path.

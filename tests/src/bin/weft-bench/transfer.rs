@@ -2,8 +2,9 @@
 //! (Alice sends, Bob receives, Carol is a second seeder), all in one run:
 //!
 //! - `weft_transfer_mb_s`: a [`FILE_SIZE`] file, encrypted and verified, from `acceptOffer`
-//!   to `file_complete` in Bob's page (hashing happens before the offer and is reported
-//!   on its own: `sender_hash_mb_s`).
+//!   to `file_complete` in Bob's page. Each run sends a `File` the page has not seen, so
+//!   it is offered at once and hashed while the chunks flow, as a user's first send is
+//!   (the page's hashing alone is reported on its own: `sender_hash_mb_s`).
 //! - `raw_datachannel_mb_s`: the baseline, between the same two browsers and the same
 //!   `File`: a separate plain `RTCPeerConnection` pair (signaled over the Weft session's
 //!   messages), one reliable ordered data channel, the sender reading the file with
@@ -12,6 +13,12 @@
 //!   `bufferedamountlow` at [`LOW_WATER`]: the same marks Weft's control channel uses). Its
 //!   time runs from the first send to the last byte at the receiver (both pages' clocks are
 //!   the machine's clock: `performance.timeOrigin + performance.now()`).
+//! - `click_to_first_byte_ms`: from `sendFiles` of a sparse 10 GiB file to Bob's first
+//!   stored byte (offered at once, hashed while chunks flow), beside
+//!   `click_to_first_byte_hash_first_est_ms`, what hashing it first would cost (the
+//!   page's hashing speed on [`FILE_SIZE`] in the same run, scaled). `WEFT_BENCH_PARTS=click`.
+//! - `transfer_vs_raw_from_click_ratio`: raw time ÷ Weft time from `sendFiles` to Bob's
+//!   `file_complete` (the streamed path: offer before root), median over the paired runs.
 //! - `transfer_vs_raw_ratio` = Weft ÷ raw (medians); `transfer_vs_raw_paired_median`, the
 //!   median over runs of each run's Weft ÷ raw (measured back to back); `swarm_mb_s` (Alice and Carol seed, Bob fetches
 //!   from both) and `swarm_vs_single_ratio` = swarm ÷ single.
@@ -50,6 +57,8 @@ use weft_tests::{js, wait_for};
 
 const FILE_SIZE: u64 = mib(256);
 const RSS_FILE_SIZE: u64 = mib(2048);
+/// The file of `click_to_first_byte_ms` (sparse: it takes no disk).
+const CLICK_FILE_SIZE: u64 = mib(10 * 1024);
 /// Each seeder's upload limit (`setUploadLimit`) in the uplink runs: 5 MB/s, a 40 Mbit/s
 /// home uplink. On loopback nothing else limits a seeder but this machine's CPU, which one
 /// transfer already fills; the uplink runs show what a second seeder is for.
@@ -140,22 +149,31 @@ const RAW_JS: &str = r#"
   return true;
 "#;
 
-/// The receiver accepts offers of `t.bench.current.root` at once, and records the times.
+/// The receiver accepts offers of `t.bench.current` (by root or name) at once, and records
+/// the times.
 const RECEIVER_HOOK: &str = r#"
   const c = t.bench && t.bench.current;
   if (!c) return;
-  if (ev.type === "offer" && ev.items.some((i) => i.root === c.root)) {
-    c.acceptAt = performance.now();
+  const at = () => performance.timeOrigin + performance.now();
+  // Offered before it is hashed, a file's key is a stream key (its root unknown): every
+  // later event names it by that key.
+  const item = ev.type === "offer" && ev.items.find((i) => i.key === c.root || i.path === c.name);
+  if (item) {
+    c.acceptAt = at();
+    c.key = item.key;
     try {
       s.acceptOffer(ev.peerId, ev.offerId);
     } catch (e) {
       c.failed = "acceptOffer: " + e;
     }
-  } else if (ev.type === "file_complete" && ev.root === c.root) {
-    c.completeAt = performance.now();
-  } else if (ev.type === "file_failed" && ev.root === c.root) {
+  } else if (ev.type === "progress" && ev.key === c.key && ev.doneBytes > 0) {
+    c.firstByteAt ??= at();
+  } else if (ev.type === "file_complete" && ev.key === c.key) {
+    if (ev.root === c.root) c.completeAt = at();
+    else c.failed = "completed with root " + ev.root;
+  } else if (ev.type === "file_failed" && ev.key === c.key) {
     c.failed = ev.reason;
-  } else if (ev.type === "source_added" && ev.root === c.root) {
+  } else if (ev.type === "source_added" && ev.key === c.key) {
     c.sources.push(ev.peerId);
   } else if (ev.type === "chunk_rejected") {
     c.rejected += 1;
@@ -176,14 +194,15 @@ async fn weft_run(
     file: &TestFile,
     completed: Option<&AtomicBool>,
     cpu: &[(String, String)],
-) -> Result<(f64, Vec<String>, CpuUse)> {
+) -> Result<(Took, Vec<String>, CpuUse)> {
     let root = json!(file.root);
+    let name = json!(file.name);
     call(
         bob,
         &format!(
             "if (s.transfers().downloads.some((d) => d.root === {root})) await s.forgetDownload({root});
              t.bench = t.bench || {{}};
-             t.bench.current = {{ root: {root}, acceptAt: null, completeAt: null, sources: [], rejected: 0 }};
+             t.bench.current = {{ root: {root}, name: {name}, acceptAt: null, completeAt: null, sources: [], rejected: 0 }};
              return true;"
         ),
         Duration::from_secs(120),
@@ -192,9 +211,9 @@ async fn weft_run(
     let send = call(
         alice,
         &format!(
-            "const t0 = performance.now();
+            "const t0 = performance.now(), clickAt = performance.timeOrigin + t0;
              const r = await s.sendFiles({}, {});
-             return {{ ms: performance.now() - t0, r }};",
+             return {{ ms: performance.now() - t0, clickAt, r }};",
             entries_js(key, &[(file, &file.name)]),
             json!(bob_id)
         ),
@@ -209,7 +228,7 @@ async fn weft_run(
         profile_start(bob).await?;
     }
     println!(
-        "  sendFiles (hash + offer) of {} took {:.0} ms",
+        "  sendFiles (offer) of {} took {:.0} ms",
         file.name,
         send["ms"].as_f64().unwrap_or(0.0)
     );
@@ -218,11 +237,9 @@ async fn weft_run(
     let c = wait_for(&format!("Bob to receive {}", file.name), LONG, || async {
         let c = js(
             bob,
-            &format!(
-                "const c = window.t.bench.current, s = window.t.session;
-                 c.download = s.transfers().downloads.find((d) => d.root === {root}) || null;
-                 return c;"
-            ),
+            "const c = window.t.bench.current, s = window.t.session;
+             c.download = s.transfers().downloads.find((d) => d.key === c.key) || null;
+             return c;",
         )
         .await?;
         if let Some(reason) = c["failed"].as_str() {
@@ -247,6 +264,8 @@ async fn weft_run(
         profile_stop("Bob", bob, file.size).await?;
     }
     let took = c["completeAt"].as_f64().unwrap_or(0.0) - c["acceptAt"].as_f64().unwrap_or(0.0);
+    let from_click =
+        c["completeAt"].as_f64().unwrap_or(0.0) - send["clickAt"].as_f64().unwrap_or(0.0);
     if let Some(flag) = completed {
         flag.store(true, Ordering::Relaxed);
     }
@@ -261,7 +280,15 @@ async fn weft_run(
     if stored != file.root {
         bail!("Bob stored bytes that hash to {stored}, not {}", file.root);
     }
-    Ok((took, sources, cpu_use))
+    Ok((Took { accept: took, click: from_click }, sources, cpu_use))
+}
+
+/// How long a download took: from the receiver's accept, and from the sender's click
+/// (`sendFiles`) to the receiver's `file_complete` (both pages' clocks are the machine's).
+#[derive(Debug, Clone, Copy)]
+struct Took {
+    accept: f64,
+    click: f64,
 }
 
 /// With `WEFT_BENCH_PROFILE=1`, the pages' main threads run under the DevTools sampling
@@ -547,8 +574,8 @@ fn sample_rss(user_data_dir: String, stop: Arc<AtomicBool>, peaks: Arc<Mutex<Pea
 }
 
 async fn bench(net: &Net, scratch: &Scratch) -> Result<()> {
-    // `WEFT_BENCH_PARTS=speed` or `=rss` runs only that part.
-    let parts = std::env::var("WEFT_BENCH_PARTS").unwrap_or_else(|_| "speed,rss".into());
+    // `WEFT_BENCH_PARTS=speed`, `=rss` or `=click` runs only that part.
+    let parts = std::env::var("WEFT_BENCH_PARTS").unwrap_or_else(|_| "speed,rss,click".into());
     add_hook(&net.browsers[1], RECEIVER_HOOK).await?;
     if parts.contains("speed") {
         speed(net, scratch).await?;
@@ -556,6 +583,86 @@ async fn bench(net: &Net, scratch: &Scratch) -> Result<()> {
     if parts.contains("rss") {
         rss(net, scratch).await?;
     }
+    if parts.contains("click") {
+        click(net, scratch).await?;
+    }
+    Ok(())
+}
+
+/// `click_to_first_byte_ms`: from Alice's `sendFiles` of a [`CLICK_FILE_SIZE`] file to
+/// the first stored byte in Bob's page (the offer goes out at once; hashing runs while
+/// chunks flow). The file is sparse (`set_len`: it reads as zeros and takes no disk), and
+/// Bob cancels once the first bytes are stored, so nothing near its size is written.
+/// Beside it, what hashing it first would cost: the time Alice's page takes to hash the
+/// [`FILE_SIZE`] file (`shareFiles`), scaled to this size, plus the measured first byte.
+async fn click(net: &Net, scratch: &Scratch) -> Result<()> {
+    let (alice, bob, bob_id) = (&net.browsers[0], &net.browsers[1], &net.ids[1]);
+    let sample = generate(scratch.path(), "hash-sample.bin", FILE_SIZE, 11)?;
+    upload(alice, "hs", &[&sample]).await?;
+    let hash_ms = share(alice, "hs", &sample).await?;
+    let path = scratch.path().join("huge.bin");
+    std::fs::File::create(&path)?.set_len(CLICK_FILE_SIZE)?;
+    let huge = TestFile { name: "huge.bin".into(), path, size: CLICK_FILE_SIZE, root: "?".into() };
+    upload(alice, "h", &[&huge]).await?;
+    let mut firsts = Vec::new();
+    for run in 0..runs().min(3) {
+        call(
+            bob,
+            &format!(
+                "t.bench = t.bench || {{}};
+                 t.bench.current = {{ root: null, name: {}, acceptAt: null, firstByteAt: null,
+                                     completeAt: null, sources: [], rejected: 0 }};
+                 return true;",
+                json!(huge.name)
+            ),
+            LONG,
+        )
+        .await?;
+        let send = call(
+            alice,
+            &format!(
+                "const clickAt = performance.timeOrigin + performance.now();
+                 const r = await s.sendFiles({}, {});
+                 return {{ clickAt, r }};",
+                entries_js("h", &[(&huge, &huge.name)]),
+                json!(bob_id)
+            ),
+            LONG,
+        )
+        .await?;
+        let c = wait_for("Bob's first stored byte", LONG, || async {
+            let c = js(bob, "return window.t.bench.current;").await?;
+            if let Some(reason) = c["failed"].as_str() {
+                bail!("the download failed: {reason}");
+            }
+            Ok(if c["firstByteAt"].is_number() { Ok(c) } else { Err(c.to_string()) })
+        })
+        .await?;
+        let first =
+            c["firstByteAt"].as_f64().unwrap_or(0.0) - send["clickAt"].as_f64().unwrap_or(0.0);
+        println!("  run {run}: click to first byte of 10 GiB {first:.0} ms");
+        firsts.push(first);
+        // Bob stops it: the sender hears of it, and the partial file goes.
+        let offer_id = send["r"][0]["offerId"].clone();
+        let alice_id = json!(net.ids[0]);
+        call(
+            bob,
+            &format!(
+                "s.cancelTransfer({alice_id}, {offer_id}, \"bench done\", false);
+                 const d = s.transfers().downloads.find((d) => d.key === {key});
+                 if (d) await s.forgetDownload(d.key);
+                 return true;",
+                key = json!(c["key"])
+            ),
+            LONG,
+        )
+        .await?;
+    }
+    let first = median(firsts);
+    let scale = CLICK_FILE_SIZE as f64 / FILE_SIZE as f64;
+    println!("BENCH click_to_first_byte_ms {first:.0} ms");
+    println!("BENCH click_to_first_byte_hash_first_est_ms {:.0} ms", hash_ms * scale + first);
+    println!("BENCH sender_hash_10gib_est_ms {:.0} ms", hash_ms * scale);
     Ok(())
 }
 
@@ -609,14 +716,16 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         js(b, RAW_JS).await?;
     }
 
-    // Hashing alone, in Alice's page (shareFiles hashes and seeds without offering).
-    let hash_ms = share(alice, "f", &file).await?;
+    // Hashing alone, in Alice's page (shareFiles hashes and seeds without offering), of
+    // its own `File`: `sendFiles` of a `File` shared before would reuse its root.
+    upload(alice, "h", &[&file]).await?;
+    let hash_ms = share(alice, "h", &file).await?;
 
     let dirs: Vec<(String, String)> = [("Alice", alice), ("Bob", bob), ("Carol", carol)]
         .into_iter()
         .map(|(name, b)| Ok((name.to_string(), user_data_dir(b)?)))
         .collect::<Result<_>>()?;
-    let (mut raw, mut weft) = (Vec::new(), Vec::new());
+    let (mut raw, mut weft, mut click_ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut raw_cpu, mut weft_cpu) = (Vec::new(), Vec::new());
     for run in 0..runs() {
         let meter = CpuMeter::start(&dirs);
@@ -624,13 +733,24 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         println!("  run {run}: raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
         raw_cpu.push(meter.finish(FILE_SIZE));
         raw.push(mb_s(FILE_SIZE, r));
-        let (w, sources, cpu) = weft_run(alice, bob, bob_id, "f", &file, None, &dirs).await?;
+        // A `File` the page never saw: offered at once and hashed while the chunks flow,
+        // as a user's first send is (a `File` sent before is offered with its root known).
+        let fresh = format!("f{run}");
+        upload(alice, &fresh, &[&file]).await?;
+        let (w, sources, cpu) = weft_run(alice, bob, bob_id, &fresh, &file, None, &dirs).await?;
         println!(
-            "  run {run}: Weft {:.1} MB/s ({w:.0} ms, sources {sources:?})",
-            mb_s(FILE_SIZE, w)
+            "  run {run}: Weft {:.1} MB/s ({:.0} ms; from the click {:.1} MB/s, {:.0} ms; \
+             sources {sources:?})",
+            mb_s(FILE_SIZE, w.accept),
+            w.accept,
+            mb_s(FILE_SIZE, w.click),
+            w.click,
         );
         weft_cpu.push(cpu);
-        weft.push(mb_s(FILE_SIZE, w));
+        weft.push(mb_s(FILE_SIZE, w.accept));
+        // The raw channel has nothing to do before its first send: its time is from the
+        // click too.
+        click_ratios.push(r / w.click);
     }
 
     // The same with Alice's upload limited, as a home uplink would: what one seeder gives.
@@ -638,8 +758,8 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let mut uplink_single = Vec::new();
     for run in 0..runs() {
         let (w, _, _) = weft_run(alice, bob, bob_id, "u", &small, None, &dirs).await?;
-        println!("  run {run}: one seeder at its uplink {:.1} MB/s", mb_s(small.size, w));
-        uplink_single.push(mb_s(small.size, w));
+        println!("  run {run}: one seeder at its uplink {:.1} MB/s", mb_s(small.size, w.accept));
+        uplink_single.push(mb_s(small.size, w.accept));
     }
     limit(alice, None).await?;
 
@@ -651,6 +771,7 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let mut swarm_sources = usize::MAX;
     for run in 0..runs() {
         let (w, sources, cpu) = weft_run(alice, bob, bob_id, "f", &file, None, &dirs).await?;
+        let w = w.accept;
         swarm_cpu.push(cpu);
         let used: HashSet<&String> = sources.iter().collect();
         let both = used.contains(alice_id) && used.contains(carol_id);
@@ -667,6 +788,7 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     let mut uplink_swarm = Vec::new();
     for run in 0..runs() {
         let (w, sources, _) = weft_run(alice, bob, bob_id, "u", &small, None, &dirs).await?;
+        let w = w.accept;
         println!(
             "  run {run}: two seeders at their uplinks {:.1} MB/s (sources {})",
             mb_s(small.size, w),
@@ -693,6 +815,7 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     println!("BENCH raw_datachannel_mb_s {raw_m:.1} MB/s");
     println!("BENCH transfer_vs_raw_ratio {:.2} x", weft_m / raw_m);
     println!("BENCH transfer_vs_raw_paired_median {paired:.2} x");
+    println!("BENCH transfer_vs_raw_from_click_ratio {:.2} x", median(click_ratios));
     println!("BENCH swarm_mb_s {swarm_m:.1} MB/s");
     println!("BENCH swarm_vs_single_ratio {:.2} x", swarm_m / weft_m);
     println!("BENCH swarm_sources_min {swarm_sources} sources");
@@ -747,6 +870,7 @@ async fn rss(net: &Net, scratch: &Scratch) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     let (took, _, _) = result?;
+    let took = took.accept;
     let peaks = *peaks.lock().map_err(|_| anyhow::anyhow!("sampler panicked"))?;
     println!(
         "  2 GiB run: {:.0} s in all, {} RSS samples",

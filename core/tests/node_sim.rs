@@ -1841,6 +1841,7 @@ fn the_resolver_finds_members_by_name_never_an_impostor_and_forwards_the_rest() 
         let m = Message::from_vec(u.payload()).unwrap();
         assert_eq!((m.id(), m.response_code()), (9, ResponseCode::ServFail));
     }
+}
 
 /// A file offered before it was hashed is shared only for its offers: once every offer
 /// of it was declined or cancelled, the node stops sharing it and tells the driver to

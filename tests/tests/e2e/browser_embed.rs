@@ -62,10 +62,16 @@ fn nested_web_root(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `leave()` closes the signaling socket and every peer connection and ends the download
-/// writer worker: counted by wrapping the browser's own `close`/`terminate` (the session
-/// made them before the wrappers; it still calls these methods on them).
+/// `leave()` closes the signaling socket and every peer connection, ends the download
+/// writer worker and clears every timer: counted by wrapping the browser's own
+/// `close`/`terminate` (the session made them before the wrappers; it still calls these
+/// methods on them); the timers the module set and that neither fired nor were cleared are
+/// `window.t.timers` (the test page's wrappers of `setTimeout`/`setInterval`, in place
+/// before the module loaded). Timers are looked at right after `leave()` and again once
+/// the closing connections' callbacks have run: a timer armed by one of them shows then.
 async fn left_releases_everything(browser: &thirtyfour::WebDriver) -> Result<()> {
+    let before = js(browser, "return [...window.t.timers.values()];").await?;
+    ensure!(before.as_array().is_some_and(|t| !t.is_empty()), "no timers seen before: {before}");
     let v = js(
         browser,
         "const calls = { ws: 0, worker: 0 };
@@ -77,13 +83,18 @@ async fn left_releases_everything(browser: &thirtyfour::WebDriver) -> Result<()>
          wrap(Worker.prototype, 'terminate', 'worker');
          window.t.session.leave();
          const pcs = window.t.pcs.map((pc) => pc.signalingState);
-         return { calls, pcs, status: window.t.session.status };",
+         return { calls, pcs, status: window.t.session.status,
+                  timers: [...window.t.timers.values()] };",
     )
     .await?;
     let pcs = v["pcs"].as_array().context("no connections recorded")?;
     ensure!(!pcs.is_empty() && pcs.iter().all(|s| s == "closed"), "after leave(): {v}");
     ensure!(v["calls"]["ws"] == 1 && v["calls"]["worker"] == 1, "after leave(): {v}");
     ensure!(v["status"] == "closed", "after leave(): {v}");
+    ensure!(v["timers"] == json!([]), "timers left after leave(): {}", v["timers"]);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let later = js(browser, "return [...window.t.timers.values()];").await?;
+    ensure!(later == json!([]), "timers armed after leave(): {later}");
     Ok(())
 }
 

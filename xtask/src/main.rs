@@ -460,6 +460,7 @@ fn build_module(root: &Path) -> Result<PathBuf> {
 /// version), and everything else under `a/<content hash>/`, each text file also
 /// precompressed (`.br`, `.gz`) for the server to pick by `Accept-Encoding`.
 fn build_bundle(root: &Path) -> Result<PathBuf> {
+    ensure_npm()?;
     let pkg = build_module(root)?;
     let dist = web_dist(root);
     if dist.exists() {
@@ -472,6 +473,7 @@ fn build_bundle(root: &Path) -> Result<PathBuf> {
     }
     std::fs::remove_file(staging.join("index.html"))?;
     copy_dir(&pkg, &staging.join("pkg"))?;
+    minify(&ensure_npm_tools(root)?, &staging)?;
     let hash = tree_hash(&staging)?;
     let versioned = format!("{VERSIONED_DIR}/{hash}");
     std::fs::create_dir_all(dist.join(VERSIONED_DIR))?;
@@ -486,6 +488,22 @@ fn build_bundle(root: &Path) -> Result<PathBuf> {
         br / 1024
     );
     Ok(dist)
+}
+
+/// Minifies every `.js` and `.css` under `dir` in place (esbuild, no bundling: each file
+/// stays a module of its own, imports and exports untouched). The first visit downloads
+/// them all: brotli of the app's JavaScript and CSS 38.4 -> 26.9 KB.
+fn minify(tools: &Path, dir: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    list_files(dir, &mut files)?;
+    files.retain(|f| f.extension().is_some_and(|e| e == "js" || e == "css"));
+    run_cmd(
+        Command::new(tools.join("node_modules/.bin/esbuild"))
+            .args(&files)
+            .args(["--minify", "--allow-overwrite", "--log-level=warning"])
+            .arg(format!("--outdir={}", dir.display()))
+            .arg(format!("--outbase={}", dir.display())),
+    )
 }
 
 /// `index.html` with its references to the app (`style.css`, `app.js`, the module) pointing into
@@ -634,7 +652,9 @@ fn build_package(root: &Path) -> Result<PathBuf> {
 /// The npm tools the package step runs, pinned, installed into `target/npm-tools`:
 /// TypeScript checks the examples against the package's types, TypeDoc turns those types
 /// into the API reference.
-const NPM_TOOLS: &[(&str, &str)] = &[("typescript", "5.9.3"), ("typedoc", "0.28.20")];
+/// esbuild minifies the web app's JavaScript and CSS.
+const NPM_TOOLS: &[(&str, &str)] =
+    &[("typescript", "5.9.3"), ("typedoc", "0.28.20"), ("esbuild", "0.28.2")];
 /// The examples whose JavaScript `tsc` checks (`// @ts-check`, their `tsconfig.json`).
 const TYPED_EXAMPLES: &[&str] = &["examples/plain"];
 

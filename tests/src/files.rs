@@ -151,6 +151,21 @@ const JOIN_SCRIPT: &str = r#"
     return pc;
   };
   window.RTCPeerConnection.prototype = Native.prototype;
+  // Timers Weft's module sets (their caller is its glue or a snippet of it), until they
+  // fire or are cleared: `leave()` must leave none.
+  window.t.timers = new Map();
+  for (const [set, clear, once] of [["setTimeout", "clearTimeout", true],
+                                    ["setInterval", "clearInterval", false]]) {
+    const nativeSet = window[set].bind(window), nativeClear = window[clear].bind(window);
+    window[set] = function (fn, ms, ...args) {
+      const caller = (new Error().stack || "").split("\n")[2] || "";
+      if (typeof fn !== "function" || !/weft[_-]wasm/.test(caller)) return nativeSet(fn, ms, ...args);
+      const id = nativeSet((...a) => { if (once) window.t.timers.delete(id); return fn(...a); }, ms, ...args);
+      window.t.timers.set(id, `${set}(${ms} ms) from ${caller.trim()}`);
+      return id;
+    };
+    window[clear] = function (id) { window.t.timers.delete(id); return nativeClear(id); };
+  }
   (async () => {
     try {
       const m = await import(document.getElementById("weft-module").href);

@@ -187,6 +187,10 @@ struct RtcState {
     sink: Sink,
     closed: bool,
     handlers: Option<Handlers>,
+    /// The polite side's timer (id and callback) that opens the channels itself if no
+    /// offer came within [`POLITE_OFFER_WAIT`]; cleared on close, so a connection closed
+    /// before it fires leaves no timer behind.
+    polite_wait: Option<(i32, Closure<dyn FnMut()>)>,
 }
 
 /// A WebRTC connection to one remote peer. Dropping it closes the connection.
@@ -269,19 +273,24 @@ impl RtcPeer {
             sink: Rc::new(sink),
             closed: false,
             handlers: None,
+            polite_wait: None,
         }));
         attach(&state);
         if polite {
             let weak = Rc::downgrade(&state);
-            wasm_bindgen_futures::spawn_local(async move {
-                sleep(POLITE_OFFER_WAIT.as_millis() as i32).await;
-                if let Some(state) = weak.upgrade() {
-                    if !state.borrow().closed && state.borrow().channels.is_none() {
-                        debug(|| "no offer came: making our own".into());
-                        open_channels(&state);
-                    }
+            let callback = Closure::<dyn FnMut()>::new(move || {
+                let Some(state) = weak.upgrade() else { return };
+                if !state.borrow().closed && state.borrow().channels.is_none() {
+                    debug(|| "no offer came: making our own".into());
+                    open_channels(&state);
                 }
             });
+            let win = web_sys::window().ok_or("no window")?;
+            let id = win.set_timeout_with_callback_and_timeout_and_arguments_0(
+                callback.as_ref().unchecked_ref(),
+                POLITE_OFFER_WAIT.as_millis() as i32,
+            )?;
+            state.borrow_mut().polite_wait = Some((id, callback));
         } else {
             open_channels(&state);
         }
@@ -404,6 +413,9 @@ impl RtcState {
             return;
         }
         self.closed = true;
+        if let (Some((id, _)), Some(win)) = (&self.polite_wait, web_sys::window()) {
+            win.clear_timeout_with_handle(*id);
+        }
         self.pc.set_onnegotiationneeded(None);
         self.pc.set_onicecandidate(None);
         self.pc.set_oniceconnectionstatechange(None);
@@ -552,16 +564,6 @@ fn open_channels(state: &Rc<RefCell<RtcState>>) {
         _control_low: control_low,
         _message: message,
     });
-}
-
-/// Resolves after `ms` milliseconds.
-async fn sleep(ms: i32) {
-    let promise = js_sys::Promise::new(&mut |resolve, _| {
-        if let Some(win) = web_sys::window() {
-            let _ = win.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
-        }
-    });
-    let _ = JsFuture::from(promise).await;
 }
 
 /// Reports [`RtcEvent::ControlOpen`] if the channel opened and both descriptions are set.

@@ -445,9 +445,11 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     )?;
     // No wasm-opt pass: binaryen 108 (Debian 12's) took 2.4 % off this module after
     // wasm-bindgen but pointed the `__wbindgen_externrefs` export at the funcref table (the
-    // page failed with "WebAssembly.Table.set(): Argument 1 is invalid"), and before
-    // wasm-bindgen it made the result larger (1417 vs 1405 KB): LLVM's output at
-    // opt-level 3 with fat LTO leaves it little to do.
+    // page failed with "WebAssembly.Table.set(): Argument 1 is invalid"). binaryen 132
+    // (npm's `binaryen`, with every feature rustc emits enabled) shrank it uncompressed but
+    // not on the wire, which is what counts: at opt-level 3, -O3/-Os/-Oz took 1503 KB to
+    // 1456/1410/1438 KB and brotli 381.7 KB to 382.8/383.2/383.5 KB; on today's "z" build,
+    // -Oz took 1129 to 1127 KB and brotli 301.3 to 323.1 KB (worse).
     let bg = pkg.join("weft_wasm_bg.wasm");
     check_wasm_imports(&bg)?;
     for asset in MODULE_ASSETS {
@@ -462,6 +464,7 @@ fn build_module(root: &Path) -> Result<PathBuf> {
 /// version), and everything else under `a/<content hash>/`, each text file also
 /// precompressed (`.br`, `.gz`) for the server to pick by `Accept-Encoding`.
 fn build_bundle(root: &Path) -> Result<PathBuf> {
+    ensure_npm()?;
     let pkg = build_module(root)?;
     let dist = web_dist(root);
     if dist.exists() {
@@ -474,6 +477,7 @@ fn build_bundle(root: &Path) -> Result<PathBuf> {
     }
     std::fs::remove_file(staging.join("index.html"))?;
     copy_dir(&pkg, &staging.join("pkg"))?;
+    minify(&ensure_npm_tools(root)?, &staging)?;
     let hash = tree_hash(&staging)?;
     let versioned = format!("{VERSIONED_DIR}/{hash}");
     std::fs::create_dir_all(dist.join(VERSIONED_DIR))?;
@@ -488,6 +492,22 @@ fn build_bundle(root: &Path) -> Result<PathBuf> {
         br / 1024
     );
     Ok(dist)
+}
+
+/// Minifies every `.js` and `.css` under `dir` in place (esbuild, no bundling: each file
+/// stays a module of its own, imports and exports untouched). The first visit downloads
+/// them all: brotli of the app's JavaScript and CSS 38.4 -> 26.9 KB.
+fn minify(tools: &Path, dir: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    list_files(dir, &mut files)?;
+    files.retain(|f| f.extension().is_some_and(|e| e == "js" || e == "css"));
+    run_cmd(
+        Command::new(tools.join("node_modules/.bin/esbuild"))
+            .args(&files)
+            .args(["--minify", "--allow-overwrite", "--log-level=warning"])
+            .arg(format!("--outdir={}", dir.display()))
+            .arg(format!("--outbase={}", dir.display())),
+    )
 }
 
 /// `index.html` with its references to the app (`style.css`, `app.js`, the module) pointing into
@@ -627,31 +647,115 @@ fn build_package(root: &Path) -> Result<PathBuf> {
         bail!("npm pack did not write {}", tarball.display());
     }
     println!("xtask: npm package in {} and {}", dir.display(), tarball.display());
-    typecheck_examples(root, &tarball)?;
+    let tools = ensure_npm_tools(root)?;
+    api_reference(&tools, &dir, &out)?;
+    typecheck_examples(root, &tools, &tarball)?;
     Ok(tarball)
 }
 
-/// The TypeScript that checks the examples against the package's types (from npm, into
-/// `target/npm-tools`).
-const TYPESCRIPT_VERSION: &str = "5.9.3";
+/// The npm tools the package step runs, pinned, installed into `target/npm-tools`:
+/// TypeScript checks the examples against the package's types, TypeDoc turns those types
+/// into the API reference.
+/// esbuild minifies the web app's JavaScript and CSS.
+const NPM_TOOLS: &[(&str, &str)] =
+    &[("typescript", "5.9.3"), ("typedoc", "0.28.20"), ("esbuild", "0.28.2")];
 /// The examples whose JavaScript `tsc` checks (`// @ts-check`, their `tsconfig.json`).
 const TYPED_EXAMPLES: &[&str] = &["examples/plain"];
 
-/// Installs the package from `tarball` into each example and runs `tsc --noEmit` on it:
-/// the types wasm-bindgen and tsify generate from the Rust API must fit how it is used.
-fn typecheck_examples(root: &Path, tarball: &Path) -> Result<()> {
+/// Installs [`NPM_TOOLS`] into `target/npm-tools` unless each is there at its version;
+/// returns that folder.
+fn ensure_npm_tools(root: &Path) -> Result<PathBuf> {
     let tools = root.join("target/npm-tools");
-    let tsc = tools.join("node_modules/.bin/tsc");
-    let installed = output_of(&tsc.to_string_lossy(), &["--version"]).unwrap_or_default();
-    if installed.split_whitespace().nth(1) != Some(TYPESCRIPT_VERSION) {
+    let installed = |name: &str| -> Option<String> {
+        let manifest = tools.join("node_modules").join(name).join("package.json");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(manifest).ok()?).ok()?;
+        json["version"].as_str().map(str::to_string)
+    };
+    if NPM_TOOLS.iter().any(|(name, version)| installed(name).as_deref() != Some(*version)) {
         std::fs::create_dir_all(&tools)?;
         run_cmd(
             Command::new("npm")
                 .args(["install", "--no-audit", "--no-fund", "--prefix"])
                 .arg(&tools)
-                .arg(format!("typescript@{TYPESCRIPT_VERSION}")),
+                .args(NPM_TOOLS.iter().map(|(name, version)| format!("{name}@{version}"))),
         )?;
     }
+    Ok(tools)
+}
+
+/// Where `cargo xtask package` writes the API reference: HTML, and the same as JSON (what
+/// the tests read).
+fn api_dir(out: &Path) -> (PathBuf, PathBuf) {
+    (out.join("api"), out.join("api.json"))
+}
+
+/// The API reference, by TypeDoc from the package's `weft_wasm.d.ts` (the declarations
+/// wasm-bindgen and tsify generate from the Rust code, doc comments included), with the
+/// package README (the guide) as its first page, into [`api_dir`]. Fails on any TypeDoc
+/// warning, and unless every declaration the module exports is in it.
+fn api_reference(tools: &Path, package: &Path, out: &Path) -> Result<()> {
+    let (html, json) = api_dir(out);
+    let tsconfig = out.join("tsconfig.api.json");
+    let config = serde_json::json!({
+        "compilerOptions": {
+            "strict": true, "target": "es2022", "module": "es2022",
+            "moduleResolution": "bundler", "lib": ["esnext", "dom"]
+        },
+        "files": [package.join("weft_wasm.d.ts")]
+    });
+    std::fs::write(&tsconfig, serde_json::to_string_pretty(&config)?)?;
+    run_cmd(
+        Command::new(tools.join("node_modules/.bin/typedoc"))
+            .arg("--entryPoints")
+            .arg(package.join("weft_wasm.d.ts"))
+            .arg("--tsconfig")
+            .arg(&tsconfig)
+            .arg("--readme")
+            .arg(package.join("README.md"))
+            .args(["--name", "weft", "--treatWarningsAsErrors", "--disableSources"])
+            .arg("--out")
+            .arg(&html)
+            .arg("--json")
+            .arg(&json),
+    )?;
+    let declared = std::fs::read_to_string(package.join("weft_wasm.d.ts"))?;
+    let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    let documented: Vec<&str> = reference["children"]
+        .as_array()
+        .context("the API reference lists nothing")?
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let missing: Vec<&str> = exported_names(&declared)
+        .into_iter()
+        .filter(|name| !documented.contains(name) && *name != "__wbg_init")
+        .collect();
+    if !missing.is_empty() {
+        bail!("the API reference leaves out {missing:?}");
+    }
+    println!("xtask: API reference in {} ({} declarations)", html.display(), documented.len());
+    Ok(())
+}
+
+/// The names a `.d.ts` exports at its top level (`export class|interface|type|function N`).
+fn exported_names(declarations: &str) -> Vec<&str> {
+    declarations
+        .lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .filter_map(|rest| {
+            let rest = rest.strip_prefix("default ").unwrap_or(rest);
+            let (_, rest) = rest.split_once(' ')?;
+            let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_'))?;
+            Some(&rest[..end])
+        })
+        .collect()
+}
+
+/// Installs the package from `tarball` into each example and runs `tsc --noEmit` on it:
+/// the types wasm-bindgen and tsify generate from the Rust API must fit how it is used.
+fn typecheck_examples(root: &Path, tools: &Path, tarball: &Path) -> Result<()> {
+    let tsc = tools.join("node_modules/.bin/tsc");
     for example in TYPED_EXAMPLES {
         let dir = root.join(example);
         // A package of the same version but new bytes must replace the old one.

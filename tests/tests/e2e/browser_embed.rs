@@ -64,10 +64,16 @@ fn nested_web_root(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `leave()` closes the signaling socket and every peer connection and ends the download
-/// writer worker: counted by wrapping the browser's own `close`/`terminate` (the session
-/// made them before the wrappers; it still calls these methods on them).
+/// `leave()` closes the signaling socket and every peer connection, ends the download
+/// writer worker and clears every timer: counted by wrapping the browser's own
+/// `close`/`terminate` (the session made them before the wrappers; it still calls these
+/// methods on them); the timers the module set and that neither fired nor were cleared are
+/// `window.t.timers` (the test page's wrappers of `setTimeout`/`setInterval`, in place
+/// before the module loaded). Timers are looked at right after `leave()` and again once
+/// the closing connections' callbacks have run: a timer armed by one of them shows then.
 async fn left_releases_everything(browser: &thirtyfour::WebDriver) -> Result<()> {
+    let before = js(browser, "return [...window.t.timers.values()];").await?;
+    ensure!(before.as_array().is_some_and(|t| !t.is_empty()), "no timers seen before: {before}");
     let v = js(
         browser,
         "const calls = { ws: 0, worker: 0 };
@@ -79,13 +85,18 @@ async fn left_releases_everything(browser: &thirtyfour::WebDriver) -> Result<()>
          wrap(Worker.prototype, 'terminate', 'worker');
          window.t.session.leave();
          const pcs = window.t.pcs.map((pc) => pc.signalingState);
-         return { calls, pcs, status: window.t.session.status };",
+         return { calls, pcs, status: window.t.session.status,
+                  timers: [...window.t.timers.values()] };",
     )
     .await?;
     let pcs = v["pcs"].as_array().context("no connections recorded")?;
     ensure!(!pcs.is_empty() && pcs.iter().all(|s| s == "closed"), "after leave(): {v}");
     ensure!(v["calls"]["ws"] == 1 && v["calls"]["worker"] == 1, "after leave(): {v}");
     ensure!(v["status"] == "closed", "after leave(): {v}");
+    ensure!(v["timers"] == json!([]), "timers left after leave(): {}", v["timers"]);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let later = js(browser, "return [...window.t.timers.values()];").await?;
+    ensure!(later == json!([]), "timers armed after leave(): {later}");
     Ok(())
 }
 
@@ -397,4 +408,77 @@ async fn the_package_on_another_origin_talks_and_receives_a_file_from_the_app() 
     }
     .await;
     two.finish(test, result).await;
+}
+
+/// The text of a TypeDoc comment (`{ summary: [{ text }, …] }`), or "".
+fn comment_text(comment: &Value) -> String {
+    comment["summary"]
+        .as_array()
+        .map(|parts| parts.iter().filter_map(|p| p["text"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// The API reference `cargo xtask package` generates (TypeDoc over the package's
+/// `weft_wasm.d.ts`, beside the tarball): it exists, starts with the guide, documents every
+/// method of `WeftSession`, and names every kind of event the declarations have.
+#[test]
+fn the_api_reference_documents_every_method_and_event() {
+    let test = "the_api_reference_documents_every_method_and_event";
+    let Some(tarball) = npm_package().filter(|p| p.is_file()) else {
+        built(test, false, "the npm package");
+        return;
+    };
+    let out = tarball.parent().unwrap();
+    let index = out.join("api/index.html");
+    let html = std::fs::read_to_string(&index)
+        .unwrap_or_else(|e| panic!("{test}: no API reference at {}: {e}", index.display()));
+    assert!(html.contains("Files with progress"), "{test}: the guide is not its first page");
+    let json = std::fs::read(out.join("api.json")).expect("the reference as JSON");
+    let reference: Value = serde_json::from_slice(&json).unwrap();
+    let items = reference["children"].as_array().expect("declarations");
+    let item = |name: &str| {
+        items
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{test}: the reference has no {name}"))
+    };
+    let session = item("WeftSession");
+    let members = session["children"].as_array().expect("WeftSession's members");
+    let mut undocumented = Vec::new();
+    for member in members {
+        let name = member["name"].as_str().unwrap_or("?");
+        // wasm-bindgen's own, for releasing the Rust object by hand.
+        if name == "free" || name.starts_with('[') || name == "constructor" {
+            continue;
+        }
+        let text = format!(
+            "{}{}{}",
+            comment_text(&member["signatures"][0]["comment"]),
+            comment_text(&member["comment"]),
+            comment_text(&member["getSignature"]["comment"])
+        );
+        if text.trim().is_empty() {
+            undocumented.push(name.to_string());
+        }
+    }
+    assert!(undocumented.is_empty(), "{test}: WeftSession members without docs: {undocumented:?}");
+    for name in ["join", "leave", "sendMessage", "sendFiles", "acceptOffer", "downloadedFile"] {
+        assert!(members.iter().any(|m| m["name"] == name), "{test}: no WeftSession.{name}");
+    }
+    // Every kind of event the declarations name (`type: "…"`) is in the reference's
+    // SessionEvent or FileEvent.
+    let declared = std::fs::read_to_string(out.join("weft/weft_wasm.d.ts")).unwrap();
+    let events = format!("{}{}", item("SessionEvent"), item("FileEvent"));
+    let kinds: Vec<&str> =
+        declared.split("type: \"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+    assert!(kinds.len() >= 20, "{test}: only {} kinds of event declared", kinds.len());
+    for kind in kinds {
+        assert!(
+            events.contains(&format!("\"value\":\"{kind}\"")),
+            "{test}: the reference's events lack `{kind}`"
+        );
+    }
+    for name in ["JsEvent", "JoinOptions", "PeerInfo", "ProgressJs", "TransfersJs"] {
+        assert!(!comment_text(&item(name)["comment"]).is_empty(), "{test}: {name} has no docs");
+    }
 }

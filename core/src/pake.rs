@@ -193,8 +193,7 @@ fn put(buf: &mut Vec<u8>, part: &[u8]) {
 
 fn confirm_mac(key: &[u8; 32], from: &[u8], to: &[u8]) -> Hmac<Sha256> {
     // HMAC takes keys of any length.
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(CONFIRM_LABEL);
     mac.update(from);
     mac.update(to);
@@ -294,7 +293,8 @@ mod tests {
     use chacha20::ChaCha20Rng;
     use chacha20::rand_core::SeedableRng;
 
-    const TINY: PassphraseParams = PassphraseParams { memory_kib: 8, iterations: 1, parallelism: 1 };
+    const TINY: PassphraseParams =
+        PassphraseParams { memory_kib: 8, iterations: 1, parallelism: 1 };
 
     fn ids() -> (RoomId, PeerId, PeerId) {
         (RoomId::new("room").unwrap(), PeerId::new("a").unwrap(), PeerId::new("b").unwrap())

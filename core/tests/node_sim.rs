@@ -125,6 +125,8 @@ struct Server {
     tamper: Option<fn(&PeerId, &PeerId, &SignalPayload) -> SignalPayload>,
     /// A hostile server: the id it gives the next member that joins.
     next_id: Option<PeerId>,
+    /// What members sent to ids no socket has (members the server made up).
+    to_nobody: Vec<(PeerId, SignalPayload)>,
 }
 
 struct Sim {
@@ -345,6 +347,9 @@ impl Sim {
                     .iter()
                     .find(|(_, (_, p))| p.as_ref() == Some(&to))
                     .map(|(s, _)| *s);
+                if target.is_none() {
+                    self.server.to_nobody.push((to.clone(), payload.clone()));
+                }
                 if let (Some(from), Some(target)) = (from, target) {
                     self.server.seen.push(payload.clone());
                     let payload = match self.server.tamper {
@@ -686,6 +691,18 @@ impl Sim {
 
     /// Whether every live node has a session with every other live node, and no peer
     /// entry besides them.
+    /// Nodes `among` have sessions with each other.
+    fn fully_meshed_among(&self, among: &[usize]) -> bool {
+        among.iter().all(|&i| {
+            among.iter().filter(|&&j| j != i).all(|&j| {
+                let id = self.id(j);
+                self.node(i)
+                    .peer(&id)
+                    .is_some_and(|p| matches!(p.state, PeerState::Direct | PeerState::Relayed))
+            })
+        })
+    }
+
     fn fully_meshed(&self) -> bool {
         let alive: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].alive).collect();
         alive.iter().all(|&i| {
@@ -1085,6 +1102,66 @@ fn even_a_member_cannot_check_the_passphrase_against_an_init_offline() {
     // The PAKE keys the Init by the pair's key, not the passphrase: even a member cannot
     // check a passphrase against another pair's Init offline.
     assert!(found.is_empty(), "{found:?}");
+}
+
+/// A hostile server that makes up a member and fires passphrase guesses at the members as
+/// fast as it likes (a fresh PAKE Start every 200 ms, under one id and then under fresh
+/// ids) gets few answers: each answer is one guess, and the members space them out.
+#[test]
+fn passphrase_guesses_fired_by_the_server_are_answered_few_and_far_between() {
+    use weft_core::pake::{Incoming, PakeMessage, PakeRun, classify};
+    let right = Network::from_passphrase("team", "correct horse", &TINY).unwrap();
+    let guess = Network::from_passphrase("team", "guess", &TINY).unwrap();
+    let mut sim = Sim::new(42);
+    sim.network = right;
+    sim.add_node("ada", None);
+    sim.add_node("bea", None);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    let room = sim.node(0).room().clone();
+    let ada = sim.id(0);
+    let sockets: Vec<u64> = sim.server.sockets.keys().copied().collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let confirms_to = |sim: &Sim, fake: &PeerId| {
+        sim.server
+            .to_nobody
+            .iter()
+            .filter(|(to, p)| {
+                to == fake && matches!(classify(p), Ok(Incoming::Pake(PakeMessage::Confirm { .. })))
+            })
+            .count()
+    };
+    // One made-up member, 300 guesses in a minute; then 300 more from 300 fresh ids.
+    let mut fakes = Vec::new();
+    for round in 0..600 {
+        let fake = if round < 300 {
+            PeerId::new("pfake").unwrap()
+        } else {
+            PeerId::new(format!("pfake{round}")).unwrap()
+        };
+        if round == 0 || round >= 300 {
+            for s in &sockets {
+                sim.server_send(*s, &ServerMessage::PeerJoined { peer_id: fake.clone() });
+            }
+            fakes.push(fake.clone());
+        }
+        let (_, start) = PakeRun::start(guess.secret(), &room, &fake, &ada, &mut rng);
+        for s in &sockets {
+            let msg = ServerMessage::Signal { from: fake.clone(), payload: start.to_payload() };
+            sim.server_send(*s, &msg);
+        }
+        sim.run_for(200 * MS);
+    }
+    sim.run_for(Duration::from_secs(30));
+    let one_id = confirms_to(&sim, &fakes[0]);
+    let fresh: usize = fakes[1..].iter().map(|f| confirms_to(&sim, f)).sum();
+    println!("answered {one_id} guesses from one id, {fresh} from 300 fresh ids (2 members)");
+    // Two members; without the guard every Start is answered: 600 and 600.
+    assert!(one_id <= 2 * 8, "{one_id} guesses answered from one id in a minute");
+    assert!(fresh <= 2 * 6, "{fresh} guesses answered from fresh ids in a minute");
+    let counted = sim.node(0).passphrase_failures();
+    assert!(counted.iter().map(|(_, n)| n).sum::<u32>() >= 2, "{counted:?}");
+    // The members still talk to each other.
+    assert!(sim.fully_meshed_among(&[0, 1]));
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //!   [`FREE_FAILURES`] within [`FAILURE_WINDOW`], any run not yet confirmed waits a
 //!   back-off of its own (doubling, at most [`MAX_BACKOFF`]);
 //! - at most [`MAX_UNCONFIRMED`] runs wait for a confirmation at once, so fresh ids
-//!   cannot try many guesses in parallel before the first failure counts.
+//!   cannot try many guesses in parallel before the first failure counts; once failures
+//!   pile up as above, one at a time.
 //!
 //! A peer's Start that comes while it must wait is kept (the latest one per peer) and
 //! answered when the wait ends.
@@ -130,8 +131,12 @@ impl PakeGuard {
     }
 
     /// Whether a run with `id` may finish at `now`, with `unconfirmed` runs waiting.
+    /// Once failures pile up network-wide, one run at a time.
     pub(crate) fn may_finish(&self, id: &PeerId, now: Duration, unconfirmed: usize) -> bool {
-        unconfirmed < MAX_UNCONFIRMED && self.finish_at(id) <= now
+        let attacked =
+            self.recent.iter().filter(|t| **t + FAILURE_WINDOW > now).count() > FREE_FAILURES;
+        let most = if attacked { 1 } else { MAX_UNCONFIRMED };
+        unconfirmed < most && self.finish_at(id) <= now
     }
 
     /// A run with `id` failed at `now`: its failures so far.
@@ -418,6 +423,8 @@ mod tests {
         assert!(!g.may_finish(&fresh, S, 0), "then every new run waits");
         assert!(g.may_finish(&fresh, S + backoff(1), 0));
         assert!(!g.may_finish(&fresh, S * 100, MAX_UNCONFIRMED), "few guesses in parallel");
+        assert!(!g.may_finish(&fresh, S * 100, 1), "one at a time under attack");
+        assert!(g.may_finish(&fresh, S + FAILURE_WINDOW, 1), "until the failures age");
         assert_eq!(g.total(), 4);
     }
 }

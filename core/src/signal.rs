@@ -19,7 +19,12 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the signaling protocol. A client states it in [`ClientMessage::Join`]; the
 /// server refuses any other with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: members of a passphrase network run the pairwise PAKE (`pake.rs`) before they send
+/// each other descriptions, which they seal; a peer of version 1 would send them in clear
+/// and never answer the PAKE, so it is refused at the server with a plain reason instead
+/// of failing silently with each member.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest signaling message, in bytes of JSON text, that either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;

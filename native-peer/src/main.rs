@@ -330,7 +330,7 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                     let tun = tun.flatten();
                     let mut failures: Vec<(PeerId, u32)> =
                         passphrase_failures.iter().map(|(p, n)| (p.clone(), *n)).collect();
-                    failures.sort_by(|a, b| b.1.cmp(&a.1));
+                    failures.sort_by_key(|f| std::cmp::Reverse(f.1));
                     let status = output::status_json(
                         who, overlay.as_ref(), tun.as_ref(), true, &peers, &failures,
                     );

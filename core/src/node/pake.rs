@@ -54,15 +54,15 @@ fn backoff(n: u32) -> Duration {
 pub(crate) enum PairState {
     /// Our Start is out; the other side's not in yet (or kept until `due`).
     Sent {
-        run: PakeRun,
+        run: Box<PakeRun>,
         since: Duration,
         /// The other side's Start, kept until the guard lets us finish, and when to try.
         kept: Option<([u8; SPAKE_MSG_LEN], Duration)>,
     },
     /// Finished; our Confirm is out, theirs not in yet.
-    Finished { keys: PakeKeys, deadline: Duration },
+    Finished { keys: Box<PakeKeys>, deadline: Duration },
     /// Both confirmed: the pair's keys are in use.
-    Confirmed { sealer: SignalSealer },
+    Confirmed { sealer: Box<SignalSealer> },
     /// No run: the next starts at `at` (a new peer: now; after a failure: later).
     Due { at: Duration },
 }
@@ -90,7 +90,7 @@ impl Pair {
 
     pub(crate) fn sealer(&self) -> Option<&SignalSealer> {
         match &self.state {
-            PairState::Confirmed { sealer, .. } => Some(sealer),
+            PairState::Confirmed { sealer, .. } => Some(sealer.as_ref()),
             _ => None,
         }
     }
@@ -205,6 +205,7 @@ impl Node {
         let (run, start) =
             PakeRun::start(self.network.secret(), self.network.room_id(), &own, id, rng);
         let Some(pair) = self.pairs.get_mut(id) else { return };
+        let run = Box::new(run);
         pair.state = PairState::Sent { run, since: now, kept: theirs.map(|m| (m, now)) };
         self.send_payload(id, start.to_payload());
         if theirs.is_some() {
@@ -229,8 +230,9 @@ impl Node {
             pair.state = state;
             return;
         };
-        match run.finish(&theirs) {
+        match (*run).finish(&theirs) {
             Ok((keys, confirm)) => {
+                let keys = Box::new(keys);
                 pair.state = PairState::Finished { keys, deadline: now + CONFIRM_WAIT };
                 self.send_payload(id, confirm.to_payload());
             }
@@ -276,7 +278,7 @@ impl Node {
         let secret = keys.pair_secret().clone();
         let sealer = SignalSealer::new(&secret.signal_seal_key(), self.network.room_id().clone());
         let Some(pair) = self.pairs.get_mut(id) else { return };
-        pair.state = PairState::Confirmed { sealer };
+        pair.state = PairState::Confirmed { sealer: Box::new(sealer) };
         pair.ever_confirmed = true;
         let held = std::mem::take(&mut pair.held);
         if let Some(slot) = self.peers.get_mut(id) {
@@ -340,7 +342,7 @@ impl Node {
                 }
                 match keys.check(&mac) {
                     Ok(()) => {
-                        let keys = keys.clone();
+                        let keys = PakeKeys::clone(keys);
                         self.pake_confirmed(from, keys, rng);
                     }
                     Err(_) => self.pake_failed(now, from),

@@ -6,6 +6,7 @@ import { FilesUI } from "./files-ui.js";
 const $ = (id) => document.getElementById(id);
 let session = null;
 const peers = new Map(); // peerId -> latest peer object from the core
+const passphraseFailures = new Map(); // peerId -> failed passphrase checks the core counted
 const listeners = new Set(); // extra event listeners (window.weft.on), for embedders and tests
 let files = null; // the file-transfer UI (files-ui.js)
 // sessionStorage key of the invite this tab joined with, so that a reload rejoins (see join).
@@ -146,6 +147,15 @@ function onEvent(ev) {
     case "peer_left": peers.delete(ev.peerId); renderPeers(); break;
     case "peer": peers.set(ev.peerId, ev); renderPeers(); break;
     case "message": addMessage({ ...ev, mine: false }); break;
+    case "passphrase_failures": {
+      passphraseFailures.set(ev.peerId, ev.failures);
+      const notice = $("passphrase-notice");
+      notice.textContent = [...passphraseFailures].map(([id, n]) =>
+        `${n} failed passphrase attempt${n === 1 ? "" : "s"} from ${id}`).join("; ")
+        + " (a wrong passphrase, or someone guessing it: each try is answered later than the last)";
+      notice.hidden = false;
+      break;
+    }
     case "error": setStatus("error", `${ev.code}: ${ev.message}`); break;
   }
   files?.onEvent(ev);
@@ -159,6 +169,8 @@ function displayName() {
 
 async function join(options) {
   showError("join-error", "");
+  passphraseFailures.clear();
+  $("passphrase-notice").hidden = true;
   session?.leave();
   session = null;
   files?.detach();

@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod identity;
 pub mod network;
 pub mod node;
+pub mod pake;
 pub mod peer;
 pub mod perf;
 pub mod sdp;

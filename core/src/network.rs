@@ -44,6 +44,7 @@ const HANDSHAKE_MAC_LABEL: &[u8] = b"weft/v1/handshake network mac key";
 const OVERLAY_GLOBAL_ID_LABEL: &[u8] = b"weft/v1/overlay ipv6 global id";
 const SIGNAL_SEAL_LABEL: &[u8] = b"weft/v1/signal seal";
 const IDENTITY_SALT_LABEL: &[u8] = b"weft/v1/network identity salt";
+const PAKE_PASSWORD_LABEL: &[u8] = b"weft/v1/pake password";
 
 /// Argon2id cost parameters for [`NetworkSecret::from_passphrase`].
 ///
@@ -233,6 +234,12 @@ impl NetworkSecret {
         self.derive::<32>(SIGNAL_SEAL_LABEL)
     }
 
+    /// What a passphrase network's members prove to each other with the pairwise PAKE
+    /// (`pake.rs`): the Argon2id-stretched passphrase, under its own label.
+    pub(crate) fn pake_password(&self) -> Zeroizing<[u8; 32]> {
+        self.derive::<32>(PAKE_PASSWORD_LABEL)
+    }
+
     fn derive<const N: usize>(&self, label: &[u8]) -> Zeroizing<[u8; N]> {
         let hk = Hkdf::<Sha256>::new(Some(NETWORK_EXTRACT_SALT), self.secret.as_ref());
         let mut out = Zeroizing::new([0u8; N]);
@@ -333,6 +340,12 @@ impl Network {
         self.from_invite.then(|| {
             crate::sealed::SignalSealer::new(&self.secret.signal_seal_key(), self.room.clone())
         })
+    }
+
+    /// Whether each pair of members must first run the PAKE (`pake.rs`): passphrase
+    /// networks, whose secret could be guessed offline from anything keyed by it.
+    pub fn needs_pake(&self) -> bool {
+        !self.from_invite
     }
 
     /// The network's name, for a passphrase network.

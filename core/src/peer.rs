@@ -35,7 +35,7 @@ use crate::handshake::{
     HandshakeStep, MessageKind, message_kind,
 };
 use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
-use crate::network::Network;
+use crate::network::{Network, NetworkSecret};
 use crate::sdp::{FingerprintProblem, the_dtls_fingerprint};
 use crate::signal::PeerId;
 use crate::transport::{Channel, ChannelSessions, TransportError};
@@ -152,6 +152,9 @@ pub enum LinkError {
     /// bind one while DTLS accepted another.
     #[error("the {0} connection description has more than one DTLS fingerprint")]
     SeveralDtlsFingerprints(&'static str),
+    /// A passphrase network's handshake needs the pair's passphrase check first.
+    #[error("the passphrase check with this peer has not succeeded")]
+    NoPassphraseCheck,
     /// Nothing can be sent before the session is established.
     #[error("no encrypted session with this peer yet")]
     NotEstablished,
@@ -255,6 +258,9 @@ pub struct PeerLink {
     remote: PeerId,
     identity: IdentityKeyPair,
     network: Network,
+    /// Passphrase networks: the secret of this pair's PAKE run, which keys the handshake
+    /// in place of the network's (`crate::pake`).
+    pair_secret: Option<NetworkSecret>,
     own_name: String,
     config: PeerLinkConfig,
     state: State,
@@ -304,6 +310,7 @@ impl PeerLink {
             remote,
             identity,
             network: network.clone(),
+            pair_secret: None,
             own_name: clip_name(own_name),
             config,
             state: State::Waiting,
@@ -316,6 +323,12 @@ impl PeerLink {
             stats: LinkStats::default(),
             ping_epoch: Duration::ZERO,
         }
+    }
+
+    /// Passphrase networks: the secret this pair's PAKE agreed on, which keys the next
+    /// handshakes in place of the network's.
+    pub fn set_pair_secret(&mut self, secret: NetworkSecret) {
+        self.pair_secret = Some(secret);
     }
 
     /// The remote peer's id.
@@ -393,7 +406,11 @@ impl PeerLink {
             Err(e) => return self.fail(e.into()),
         };
         let deadline = HandshakeDeadline::new(now, self.config.handshake_timeout);
-        let secret = self.network.secret();
+        let secret = match &self.pair_secret {
+            Some(secret) => secret,
+            None if self.network.needs_pake() => return self.fail(LinkError::NoPassphraseCheck),
+            None => self.network.secret(),
+        };
         let (handshake, retransmit) = if self.is_initiator() {
             let (hs, init) = HandshakeInitiator::new(rng, &self.identity, secret, &binding);
             self.transmits.push_back(init);

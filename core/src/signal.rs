@@ -21,9 +21,12 @@ use serde::{Deserialize, Serialize};
 /// server refuses any other with [`ErrorCode::UnsupportedVersion`].
 ///
 /// It also versions what peers say to each other inside their sessions, since two peers
-/// only meet through one server: 2 changed the file offer (streamed items, the `Root`
-/// message; `core/TRANSFER.md`), so a peer of version 1 is refused at join instead of
-/// misreading offers.
+/// only meet through one server. Version 2 changed two things at once, so a peer of
+/// version 1 is refused at join with a plain reason instead of failing silently with each
+/// member: the file offer (streamed items, the `Root` message; `core/TRANSFER.md`), and
+/// passphrase networks, whose members run the pairwise PAKE (`pake.rs`) before they send
+/// each other descriptions, which they seal (a version 1 peer would send them in clear
+/// and never answer the PAKE).
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest signaling message, in bytes of JSON text, that either side accepts.

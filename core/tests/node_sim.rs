@@ -101,6 +101,10 @@ struct SimNode {
     events: Vec<Event>,
     /// Test hook: complete files cannot be put in their place.
     fail_finish: bool,
+    /// Every message that arrived on its connections' channels.
+    received: Vec<Vec<u8>>,
+    /// The (local, remote) descriptions of every connection whose channels opened.
+    opened: Vec<(String, String)>,
     /// A record save is running.
     saving: bool,
     /// What the node wrote to its TUN device.
@@ -121,6 +125,10 @@ struct Server {
     seen: Vec<SignalPayload>,
     /// A hostile server: what it forwards instead of each payload (from, to, payload).
     tamper: Option<fn(&PeerId, &PeerId, &SignalPayload) -> SignalPayload>,
+    /// A hostile server: the id it gives the next member that joins.
+    next_id: Option<PeerId>,
+    /// What members sent to ids no socket has (members the server made up).
+    to_nobody: Vec<(PeerId, SignalPayload)>,
 }
 
 struct Sim {
@@ -192,11 +200,23 @@ impl Sim {
         identity: Option<IdentityKeyPair>,
         routing: RoutingConfig,
     ) -> usize {
+        let network = self.network.clone();
+        self.add_node_in(name, identity, routing, network)
+    }
+
+    /// Adds a node that joins `network` (another passphrase, say) instead of the sim's.
+    fn add_node_in(
+        &mut self,
+        name: &str,
+        identity: Option<IdentityKeyPair>,
+        routing: RoutingConfig,
+        network: Network,
+    ) -> usize {
         let mut rng = ChaCha20Rng::seed_from_u64(self.rng.next_u64());
         let identity = identity.unwrap_or_else(|| IdentityKeyPair::generate(&mut rng));
         let mut config = NodeConfig::new(
             identity,
-            self.network.clone(),
+            network,
             name,
             TrustStore::new(),
             DownloadStore::Kept,
@@ -218,6 +238,8 @@ impl Sim {
             trust_json: None,
             events: Vec::new(),
             fail_finish: false,
+            received: Vec::new(),
+            opened: Vec::new(),
             saving: false,
             tun_out: Vec::new(),
             dns_forwards: Vec::new(),
@@ -293,7 +315,10 @@ impl Sim {
         match msg {
             ClientMessage::Join { room, version } => {
                 assert_eq!(version, PROTOCOL_VERSION);
-                let id = PeerId::new(format!("p{:08x}", self.rng.next_u32())).unwrap();
+                let id = match self.server.next_id.take() {
+                    Some(id) => id,
+                    None => PeerId::new(format!("p{:08x}", self.rng.next_u32())).unwrap(),
+                };
                 let peers: Vec<PeerId> =
                     self.server.sockets.values().filter_map(|(_, p)| p.clone()).collect();
                 let others: Vec<u64> = self
@@ -325,6 +350,9 @@ impl Sim {
                     .iter()
                     .find(|(_, (_, p))| p.as_ref() == Some(&to))
                     .map(|(s, _)| *s);
+                if target.is_none() {
+                    self.server.to_nobody.push((to.clone(), payload.clone()));
+                }
                 if let (Some(from), Some(target)) = (from, target) {
                     self.server.seen.push(payload.clone());
                     let payload = match self.server.tamper {
@@ -427,6 +455,7 @@ impl Sim {
                 if self.nodes[peer].generation != generation {
                     return;
                 }
+                self.nodes[peer].received.push(bytes.clone());
                 let event = ConnectionEvent::Received(bytes);
                 self.deliver(peer, delay, Input::Connection { conn: remote_conn, event });
             }
@@ -576,6 +605,7 @@ impl Sim {
         let Some(remote_sdp) = c.remote_sdp.clone() else { return };
         c.open_at = Some(at);
         let local_sdp = c.sdp.clone();
+        self.nodes[idx].opened.push((local_sdp.clone(), remote_sdp.clone()));
         self.deliver(
             idx,
             CONTROL_DELAY,
@@ -669,6 +699,18 @@ impl Sim {
 
     /// Whether every live node has a session with every other live node, and no peer
     /// entry besides them.
+    /// Nodes `among` have sessions with each other.
+    fn fully_meshed_among(&self, among: &[usize]) -> bool {
+        among.iter().all(|&i| {
+            among.iter().filter(|&&j| j != i).all(|&j| {
+                let id = self.id(j);
+                self.node(i)
+                    .peer(&id)
+                    .is_some_and(|p| matches!(p.state, PeerState::Direct | PeerState::Relayed))
+            })
+        })
+    }
+
     fn fully_meshed(&self) -> bool {
         let alive: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].alive).collect();
         alive.iter().all(|&i| {
@@ -952,6 +994,182 @@ fn the_server_sees_only_sealed_signals_and_cannot_forge_them() {
             assert!(sim.node(n).peers().iter().all(|p| p.fingerprint.is_none()), "forgery {i}");
         }
     }
+}
+
+/// What a member who joined with `wrong`'s passphrase (or a server that added its own
+/// member) can check offline: every first handshake message it received, tried against
+/// each guess of the passphrase at one Argon2id each. Returns the guesses it confirmed.
+fn offline_dictionary_attack<'a>(
+    sim: &Sim,
+    attacker: usize,
+    name: &str,
+    guesses: &[&'a str],
+) -> Vec<&'a str> {
+    use weft_core::handshake::{ChannelBinding, HandshakeError, HandshakeResponder};
+    let n = &sim.nodes[attacker];
+    let inits: Vec<&Vec<u8>> =
+        // `01 01 …`: an Init (HANDSHAKE.md).
+        n.received.iter().filter(|m| m.starts_with(&[1, 1])).collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(99);
+    let me = IdentityKeyPair::generate(&mut rng);
+    let fp = |sdp: &str| weft_core::sdp::dtls_fingerprint(sdp).unwrap().to_string();
+    guesses
+        .iter()
+        .copied()
+        .filter(|guess| {
+            let secret =
+                weft_core::network::NetworkSecret::from_passphrase(name, guess, &TINY).unwrap();
+            inits.iter().any(|init| {
+                n.opened.iter().any(|(local, remote)| {
+                    let binding = ChannelBinding::new(&fp(local), &fp(remote)).unwrap();
+                    let mut hs = HandshakeResponder::new(&me, &secret, &binding);
+                    // The network MAC checks out: the guess is the passphrase.
+                    !matches!(hs.handle(init, &mut rng), Err(HandshakeError::WrongNetworkSecret))
+                })
+            })
+        })
+        .collect()
+}
+
+const TINY: weft_core::network::PassphraseParams =
+    weft_core::network::PassphraseParams { memory_kib: 8, iterations: 1, parallelism: 1 };
+
+/// A passphrase network resists offline guessing (#13 item 3). A member with a wrong
+/// passphrase — or the server's own member, given the id that makes it answer every
+/// handshake — gets one online guess per attempt: it collects nothing against which a
+/// dictionary of passphrases can be tried offline, and the members count its attempts,
+/// space them out and say so. (Before the PAKE, it received every member's Init, whose
+/// network MAC confirmed the right guess at one Argon2id.)
+#[test]
+fn a_wrong_passphrase_member_collects_nothing_to_guess_the_passphrase_offline() {
+    let right = Network::from_passphrase("team", "correct horse", &TINY).unwrap();
+    let wrong = Network::from_passphrase("team", "incorrect horse", &TINY).unwrap();
+    let mut sim = Sim::new(40);
+    sim.network = right;
+    sim.add_node("ada", None);
+    sim.add_node("bea", None);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    // The highest id: the polite side, so the responder of every handshake, to whom every
+    // member sends its Init first.
+    sim.server.next_id = Some(PeerId::new("pzzzzzzzz").unwrap());
+    let mallory = sim.add_node_in("mallory", None, RoutingConfig::default(), wrong);
+    sim.run_for(Duration::from_secs(120));
+
+    let guesses = ["123456", "hunter2", "correct horse", "incorrect horse", "letmein"];
+    let confirmed = offline_dictionary_attack(&sim, mallory, "team", &guesses);
+    assert!(confirmed.is_empty(), "confirmed offline: {confirmed:?}");
+    assert!(sim.nodes[mallory].received.is_empty(), "no channel opens to a wrong passphrase");
+    // Nothing in clear went through the server: the members' descriptions are sealed
+    // under keys only the right passphrase gives, so Mallory learned no address either.
+    for payload in &sim.server.seen {
+        let SignalPayload::Opaque { data } = payload else { panic!("in clear: {payload:?}") };
+        assert!(!data.contains("sim") && !data.contains("a="), "{data}");
+    }
+    // The members are still meshed with each other, and saw Mallory fail.
+    for m in 0..2 {
+        let peers = sim.node(m).peers();
+        assert_eq!(peers.iter().filter(|p| p.state == PeerState::Direct).count(), 1);
+        let failed = peers.iter().find(|p| p.peer_id.as_str() == "pzzzzzzzz").unwrap();
+        assert_eq!(failed.state, PeerState::Failed, "{failed:?}");
+        assert!(failed.reason.as_ref().unwrap().to_string().contains("wrong passphrase"));
+    }
+    // Mallory too hears why: the passphrase differs.
+    let seen = sim.node(mallory).peers();
+    assert!(seen.iter().all(|p| p.state == PeerState::Failed), "{seen:?}");
+    assert!(seen.iter().all(|p| p.reason.as_ref().unwrap().to_string().contains("passphrase")));
+    // Each member counted Mallory's attempts and spaced them out: over two minutes of
+    // retrying, a handful of guesses, not one per retry timer.
+    for m in 0..2 {
+        let failures = sim.node(m).passphrase_failures();
+        let (id, count) = failures.first().cloned().expect("attempts counted");
+        assert_eq!(id.as_str(), "pzzzzzzzz");
+        println!("node {m}: {count} failed attempts from Mallory in two minutes");
+        assert!((1..=8).contains(&count), "{count} attempts in two minutes");
+        let shown = sim.nodes[m].events.iter().any(
+            |e| matches!(e, Event::PassphraseFailures { peer, .. } if peer.as_str() == "pzzzzzzzz"),
+        );
+        assert!(shown, "an event says so");
+    }
+}
+
+/// The PAKE keys each pair's handshake: even a member, who knows the passphrase, finds
+/// no Init against which the passphrase checks (before the PAKE, every Init did: this
+/// is the check that confirmed it).
+#[test]
+fn even_a_member_cannot_check_the_passphrase_against_an_init_offline() {
+    let right = Network::from_passphrase("team", "correct horse", &TINY).unwrap();
+    let mut sim = Sim::new(41);
+    sim.network = right;
+    sim.add_node("ada", None);
+    sim.server.next_id = Some(PeerId::new("pzzzzzzzz").unwrap());
+    let member = sim.add_node("bea", None);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    // A member knows the passphrase; with it, the pair's own secret is what keys the Init.
+    let guesses = ["123456", "correct horse"];
+    let found = offline_dictionary_attack(&sim, member, "team", &guesses);
+    // The PAKE keys the Init by the pair's key, not the passphrase: even a member cannot
+    // check a passphrase against another pair's Init offline.
+    assert!(found.is_empty(), "{found:?}");
+}
+
+/// A hostile server that makes up a member and fires passphrase guesses at the members as
+/// fast as it likes (a fresh PAKE Start every 200 ms, under one id and then under fresh
+/// ids) gets few answers: each answer is one guess, and the members space them out.
+#[test]
+fn passphrase_guesses_fired_by_the_server_are_answered_few_and_far_between() {
+    use weft_core::pake::{Incoming, PakeMessage, PakeRun, classify};
+    let right = Network::from_passphrase("team", "correct horse", &TINY).unwrap();
+    let guess = Network::from_passphrase("team", "guess", &TINY).unwrap();
+    let mut sim = Sim::new(42);
+    sim.network = right;
+    sim.add_node("ada", None);
+    sim.add_node("bea", None);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    let room = sim.node(0).room().clone();
+    let ada = sim.id(0);
+    let sockets: Vec<u64> = sim.server.sockets.keys().copied().collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let confirms_to = |sim: &Sim, fake: &PeerId| {
+        sim.server
+            .to_nobody
+            .iter()
+            .filter(|(to, p)| {
+                to == fake && matches!(classify(p), Ok(Incoming::Pake(PakeMessage::Confirm { .. })))
+            })
+            .count()
+    };
+    // One made-up member, 300 guesses in a minute; then 300 more from 300 fresh ids.
+    let mut fakes = Vec::new();
+    for round in 0..600 {
+        let fake = if round < 300 {
+            PeerId::new("pfake").unwrap()
+        } else {
+            PeerId::new(format!("pfake{round}")).unwrap()
+        };
+        if round == 0 || round >= 300 {
+            for s in &sockets {
+                sim.server_send(*s, &ServerMessage::PeerJoined { peer_id: fake.clone() });
+            }
+            fakes.push(fake.clone());
+        }
+        let (_, start) = PakeRun::start(guess.secret(), &room, &fake, &ada, &mut rng);
+        for s in &sockets {
+            let msg = ServerMessage::Signal { from: fake.clone(), payload: start.to_payload() };
+            sim.server_send(*s, &msg);
+        }
+        sim.run_for(200 * MS);
+    }
+    sim.run_for(Duration::from_secs(30));
+    let one_id = confirms_to(&sim, &fakes[0]);
+    let fresh: usize = fakes[1..].iter().map(|f| confirms_to(&sim, f)).sum();
+    println!("answered {one_id} guesses from one id, {fresh} from 300 fresh ids (2 members)");
+    // Two members; without the guard every Start is answered: 600 and 600.
+    assert!(one_id <= 2 * 8, "{one_id} guesses answered from one id in a minute");
+    assert!(fresh <= 2 * 6, "{fresh} guesses answered from fresh ids in a minute");
+    let counted = sim.node(0).passphrase_failures();
+    assert!(counted.iter().map(|(_, n)| n).sum::<u32>() >= 2, "{counted:?}");
+    // The members still talk to each other.
+    assert!(sim.fully_meshed_among(&[0, 1]));
 }
 
 #[test]

@@ -45,8 +45,16 @@ impl Pair {
         let pa = PeerId::new("aaaa").unwrap();
         let pb = PeerId::new("bbbb").unwrap();
         let config = PeerLinkConfig::default();
-        let a = PeerLink::new(pa.clone(), pb.clone(), id_a, net_a, a_name, config);
-        let b = PeerLink::new(pb, pa, id_b, net_b, "Bob", config);
+        let mut a = PeerLink::new(pa.clone(), pb.clone(), id_a, net_a, a_name, config);
+        let mut b = PeerLink::new(pb, pa, id_b, net_b, "Bob", config);
+        // A passphrase network's link takes its pair's secret from the node's PAKE run;
+        // here each side's own network secret stands for it (a mismatch then is what
+        // two different passphrases would give, were the PAKE not to notice first).
+        for (link, net) in [(&mut a, net_a), (&mut b, net_b)] {
+            if net.needs_pake() {
+                link.set_pair_secret(net.secret().clone());
+            }
+        }
         Self { a, b, rng, now: Duration::ZERO }
     }
 
@@ -650,6 +658,19 @@ fn a_replayed_init_neither_creates_a_second_session_nor_fails_one() {
     fresh.handle_timeout(p.now + PeerLinkConfig::default().handshake_timeout);
     let events: Vec<_> = std::iter::from_fn(|| fresh.poll_event()).collect();
     assert_eq!(failure(&events), &LinkError::Handshake(HandshakeError::TimedOut));
+}
+
+#[test]
+fn a_passphrase_link_without_its_pair_check_refuses_to_handshake() {
+    let net = Network::from_passphrase("home", "correct horse", &TINY).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let id = IdentityKeyPair::generate(&mut rng);
+    let (pa, pb) = (PeerId::new("aaaa").unwrap(), PeerId::new("bbbb").unwrap());
+    let mut link = PeerLink::new(pa, pb, id, &net, "Alice", PeerLinkConfig::default());
+    link.channel_open(&sdp(FP_A), &sdp(FP_B), Duration::ZERO, &mut rng);
+    let events: Vec<_> = std::iter::from_fn(|| link.poll_event()).collect();
+    assert_eq!(failure(&events), &LinkError::NoPassphraseCheck);
+    assert!(link.poll_transmit().is_none(), "no Init keyed by the passphrase goes out");
 }
 
 #[test]

@@ -229,7 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let room = joined.network.room_id();
             let overlay = joined.mesh.overlay().await.map(|(status, _)| status);
             let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
-            printer.status(&output::status_json(who, overlay.as_ref(), None, false, &peers));
+            printer.status(&output::status_json(who, overlay.as_ref(), None, false, &peers, &[]));
             joined.mesh.shutdown().await?;
             Ok(())
         }
@@ -308,6 +308,8 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
     // Listening before the first line goes out: whoever read it may stop us at once.
     let mut stop = StopSignals::new()?;
     let mut own_id: Option<String> = None;
+    // Failed passphrase checks by peer id, as the node reported them, for `status`.
+    let mut passphrase_failures: std::collections::BTreeMap<PeerId, u32> = Default::default();
     let fp = identity.public().fingerprint();
     if printer.json {
         println!(
@@ -325,6 +327,9 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                     if let MeshEvent::Node(Event::Joined { peer_id, .. }) = &event {
                         own_id = Some(peer_id.to_string());
                     }
+                    if let MeshEvent::Node(Event::PassphraseFailures { peer, failures, .. }) = &event {
+                        passphrase_failures.insert(peer.clone(), *failures);
+                    }
                     printer.event(&event);
                 }
                 None => return mesh.wait().await.map_err(Into::into),
@@ -341,8 +346,12 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                     let (overlay, tun) = mesh.overlay().await.unzip();
                     let who = (&identity, name.as_str(), network.room_id(), own_id.as_deref());
                     let tun = tun.flatten();
-                    let status =
-                        output::status_json(who, overlay.as_ref(), tun.as_ref(), true, &peers);
+                    let mut failures: Vec<(PeerId, u32)> =
+                        passphrase_failures.iter().map(|(p, n)| (p.clone(), *n)).collect();
+                    failures.sort_by_key(|f| std::cmp::Reverse(f.1));
+                    let status = output::status_json(
+                        who, overlay.as_ref(), tun.as_ref(), true, &peers, &failures,
+                    );
                     tokio::spawn(async move { control::answer(stream, &status).await });
                 }
             }

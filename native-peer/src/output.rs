@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use weft_core::identity::IdentityKeyPair;
 use weft_core::node::{DownloadView, FileEvent, SavedTo};
-use weft_core::signal::RoomId;
+use weft_core::signal::{PeerId, RoomId};
 use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
@@ -159,6 +159,19 @@ impl Printer {
                 v["event"] = json!("peer_failed");
                 self.line(v, || format!("failed: {}", describe(info)));
             }
+            MeshEvent::Node(Event::PassphraseFailures { peer, failures, total, retry_in }) => self
+                .line(
+                    json!({"event": "passphrase_failures", "peer_id": peer, "failures": failures,
+                           "total": total, "retry_in_ms": retry_in.as_millis()}),
+                    || {
+                        format!(
+                            "{} from peer {peer} (a wrong passphrase, or someone guessing it); \
+                             its next attempt is answered in {:.0} s",
+                            failed_attempts(*failures),
+                            retry_in.as_secs_f64()
+                        )
+                    },
+                ),
             MeshEvent::Node(Event::Message { peer_id, name, text, trust, looks_like }) => {
                 let trust_word = trust.map_or("unknown", |t| t.as_str());
                 self.line(
@@ -316,6 +329,14 @@ impl Printer {
             Some(id) => say!("signaling:   joined as {id}"),
             None => say!("signaling:   not joined"),
         }
+        let failures = status["passphrase_failures"].as_array().map(Vec::as_slice);
+        for f in failures.unwrap_or_default() {
+            say!(
+                "WARNING:     {} from peer {}",
+                failed_attempts(u32::try_from(f["failures"].as_u64().unwrap_or(0)).unwrap_or(0)),
+                f["peer_id"].as_str().unwrap_or("?")
+            );
+        }
         let peers = status["peers"].as_array().map(Vec::as_slice).unwrap_or_default();
         if peers.is_empty() {
             say!("no other peers");
@@ -348,14 +369,24 @@ impl Printer {
     }
 }
 
+/// "3 failed passphrase attempts".
+fn failed_attempts(n: u32) -> String {
+    match n {
+        1 => "1 failed passphrase attempt".into(),
+        n => format!("{n} failed passphrase attempts"),
+    }
+}
+
 /// Who we are and where, as one JSON object: what `status` prints (as it is with
 /// `--json`), and what a running `up` answers on its control socket (`running`: true).
+/// `passphrase_failures`: failed passphrase checks by peer id (passphrase networks).
 pub fn status_json(
     (identity, name, room, own_id): (&IdentityKeyPair, &str, &RoomId, Option<&str>),
     overlay: Option<&OverlayStatus>,
     tun: Option<&TunState>,
     running: bool,
     peers: &[PeerInfo],
+    passphrase_failures: &[(PeerId, u32)],
 ) -> Value {
     let fp = identity.public().fingerprint();
     let list: Vec<Value> = peers.iter().map(peer_json).collect();
@@ -385,6 +416,8 @@ pub fn status_json(
         "joined": own_id.is_some(), "running": running,
         "ipv4": overlay.and_then(|o| o.ipv4), "ipv6": overlay.map(|o| o.ipv6),
         "tun": tun, "counters": counters, "peers": list,
+        "passphrase_failures": passphrase_failures.iter()
+            .map(|(id, n)| json!({"peer_id": id, "failures": n})).collect::<Vec<_>>(),
         "routes": overlay.map(|o| o.routes.iter().map(|r| json!({
             "prefix": r.prefix.to_string(), "kind": r.kind.as_str(),
             "fingerprint": r.fingerprint.to_hex(), "in_use": r.in_use,

@@ -616,8 +616,10 @@ mod tests {
         assert_eq!(error_code(&r.handle(a, join("x"))), Some(ErrorCode::AlreadyJoined));
         assert_eq!(error_code(&r.handle(b, join("x"))), Some(ErrorCode::RoomFull));
         assert_eq!(error_code(&r.handle(b, join("y"))), Some(ErrorCode::TooManyRooms));
-        let v2 = ClientMessage::Join { version: 2, room: RoomId::new("x").unwrap() };
-        assert_eq!(error_code(&r.handle(b, v2)), Some(ErrorCode::UnsupportedVersion));
+        for version in [1, PROTOCOL_VERSION + 1] {
+            let other = ClientMessage::Join { version, room: RoomId::new("x").unwrap() };
+            assert_eq!(error_code(&r.handle(b, other)), Some(ErrorCode::UnsupportedVersion));
+        }
         let sig = ClientMessage::Signal {
             to: pid("a"),
             payload: SignalPayload::Opaque { data: String::new() },

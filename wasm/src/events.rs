@@ -116,6 +116,18 @@ pub(crate) enum SessionEvent {
         message: String,
     },
     Peer(PeerInfo),
+    /// A member's passphrase check failed again: a wrong passphrase, or someone guessing
+    /// it online. Show it: "N failed passphrase attempts from …".
+    PassphraseFailures {
+        #[tsify(type = "string")]
+        peer_id: PeerId,
+        /// Failed attempts from this id so far.
+        failures: u32,
+        /// Failed attempts from anyone so far.
+        total: f64,
+        /// When its next attempt may be answered.
+        retry_in_ms: f64,
+    },
     Message {
         #[tsify(type = "string")]
         peer_id: PeerId,

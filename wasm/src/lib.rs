@@ -44,6 +44,10 @@
 //! //                        while the server restarts, stays in peers() until its
 //! //                        connection closes or it is back under a new id)
 //! //          "error"       { code, message }   (the server refused something)
+//! //          "passphrase_failures" { peerId, failures, total, retryInMs }   (a passphrase
+//! //                        network: a member's passphrase check failed again, a wrong
+//! //                        passphrase or someone guessing it; show "N failed passphrase
+//! //                        attempts from …")
 //! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, looksLike?, rttMs?,
 //! //                          relayTransport?, ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |

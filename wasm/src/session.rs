@@ -379,6 +379,14 @@ impl Inner {
             Event::Peer(info) => {
                 out.push(JsEvent::Session(SessionEvent::Peer(PeerInfo::from(&info))))
             }
+            Event::PassphraseFailures { peer, failures, total, retry_in } => {
+                out.push(JsEvent::Session(SessionEvent::PassphraseFailures {
+                    peer_id: peer,
+                    failures,
+                    total: total as f64,
+                    retry_in_ms: retry_in.as_secs_f64() * 1000.0,
+                }));
+            }
             // The page follows peers through `peer` events.
             Event::PeerConnected(_) | Event::KeyChanged(_) | Event::PeerFailed(_) => {}
             Event::Message { peer_id, name, text, trust, looks_like } => {

@@ -38,6 +38,7 @@ mod files;
 mod ip;
 mod limits;
 mod overlay;
+mod pake;
 mod peers;
 mod route;
 mod signaling;
@@ -578,6 +579,19 @@ pub enum Event {
     KeyChanged(PeerInfo),
     /// A peer's connection failed.
     PeerFailed(PeerInfo),
+    /// A member's passphrase check failed again (a wrong passphrase, or someone guessing
+    /// it online: the server's own member, say). Show it: "N failed passphrase attempts
+    /// from …". The next attempt from it is answered no sooner than `retry_in`.
+    PassphraseFailures {
+        /// Its id on the signaling server (no key is known before the check).
+        peer: PeerId,
+        /// Failed attempts from this id so far.
+        failures: u32,
+        /// Failed attempts from anyone so far.
+        total: u64,
+        /// When the next attempt from it may be answered.
+        retry_in: Duration,
+    },
     /// A chat message.
     Message {
         /// From whom.
@@ -697,6 +711,12 @@ pub struct Node {
     dns_forwards: HashMap<u64, dns::Query>,
     #[cfg(feature = "dns")]
     next_dns_forward: u64,
+    /// Passphrase networks: the PAKE run with each other member (`pake.rs`).
+    pairs: BTreeMap<PeerId, pake::Pair>,
+    /// Passphrase networks: failed PAKE runs, and when the next may finish.
+    guard: pake::PakeGuard,
+    /// Passphrase networks: signaling payloads from members, not yet taken.
+    pake_inbox: VecDeque<(PeerId, SignalPayload)>,
     out: VecDeque<Output>,
 }
 
@@ -744,6 +764,9 @@ impl Node {
             dns_forwards: HashMap::new(),
             #[cfg(feature = "dns")]
             next_dns_forward: 0,
+            pairs: BTreeMap::new(),
+            guard: pake::PakeGuard::default(),
+            pake_inbox: VecDeque::new(),
             out: VecDeque::new(),
         }
     }
@@ -818,6 +841,9 @@ impl Node {
             }
             Input::Timeout => self.handle_timeout(now, rng),
         }
+        while let Some((from, payload)) = self.pake_inbox.pop_front() {
+            self.on_pake_signal(now, &from, payload, rng);
+        }
         self.pump(now);
     }
 
@@ -852,6 +878,7 @@ impl Node {
             .chain(self.peers.values().filter_map(|p| p.upgrade_due))
             .chain(paced)
             .chain(self.overlay.poll_timeout())
+            .chain(self.pairs.values().filter_map(pake::Pair::due))
             .min()
     }
 
@@ -862,6 +889,7 @@ impl Node {
         let (mut act, mut changes) = (Vec::new(), Vec::new());
         self.signaling.handle_timeout(now, jitter(rng), &mut act, &mut changes);
         self.apply_signaling(now, act, changes);
+        self.pake_timeouts(now, rng);
         if self.engine.poll_timeout().is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
         }
@@ -963,12 +991,26 @@ impl Node {
     }
 
     fn send_signal(&mut self, to: &PeerId, payload: SignalPayload, rng: &mut impl CryptoRng) {
-        let payload = match (&self.sealer, self.signaling.own_id()) {
-            (Some(sealer), Some(own)) => sealer.seal(own, to, &payload, rng),
-            // Not in the room (yet or any more): nobody to address it from.
-            (Some(_), None) => return,
-            (None, _) => payload,
+        // Not in the room (yet or any more): nobody to address it from.
+        let Some(own) = self.signaling.own_id() else { return };
+        let payload = if self.network.needs_pake() {
+            // Sealed under the pair's key once its PAKE confirmed; held until then.
+            let Some(pair) = self.pairs.get_mut(to) else { return };
+            match pair.sealer() {
+                Some(sealer) => sealer.seal(own, to, &payload, rng),
+                None => return pair.hold(payload),
+            }
+        } else {
+            match &self.sealer {
+                Some(sealer) => sealer.seal(own, to, &payload, rng),
+                None => payload,
+            }
         };
+        self.send_payload(to, payload);
+    }
+
+    /// Sends `payload` to `to` through the server as it is.
+    fn send_payload(&mut self, to: &PeerId, payload: SignalPayload) {
         let mut act = Vec::new();
         self.signaling.send(&ClientMessage::Signal { to: to.clone(), payload }, &mut act);
         for a in act {
@@ -1043,12 +1085,17 @@ impl Node {
         if self.path_due.is_none() {
             self.path_due = Some(now + self.timing.path_every);
         }
+        if self.network.needs_pake() {
+            // Started by the next timeout (at once), where randomness is at hand.
+            self.pairs.insert(remote.clone(), pake::Pair::new(pake::PairState::Due { at: now }));
+        }
         self.show(remote);
     }
 
     /// Closes and forgets `remote`, telling the user unless told already.
     fn drop_peer(&mut self, now: Duration, remote: &PeerId) {
         self.set_engine_peer(remote, false, now);
+        self.pairs.remove(remote);
         if let Some(slot) = self.peers.remove(remote) {
             self.disconnect(slot.conn, false);
             if !slot.announced_left {
@@ -1262,6 +1309,10 @@ impl Node {
     }
 
     fn on_signal(&mut self, now: Duration, from: &PeerId, payload: SignalPayload) {
+        if self.network.needs_pake() {
+            // Taken in order once randomness is at hand (end of `handle_input`).
+            return self.pake_inbox.push_back((from.clone(), payload));
+        }
         let payload = match (&self.sealer, self.signaling.own_id()) {
             (None, _) => payload,
             (Some(sealer), Some(own)) => match sealer.open(from, own, &payload) {

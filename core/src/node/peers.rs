@@ -130,6 +130,10 @@ pub enum PeerFailure {
     /// The connection closed again and again; the node gave up until the peer rejoins.
     #[error("the connection keeps dropping; gave up")]
     KeepsDropping,
+    /// The passphrase check with this peer failed: it uses another passphrase (or is
+    /// guessing). Retried with a growing wait.
+    #[error("peer is not in the same network (wrong passphrase?): the passphrase check failed")]
+    WrongPassphrase,
     /// ICE found no path (yet); it keeps trying.
     #[error("no network path to this peer; retrying (a TURN server in iceServers may help)")]
     NoPath,

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use thirtyfour::prelude::*;
 use weft_core::network::{NETWORK_SECRET_LEN, Network, NetworkSecret};
 use weft_signal::Limits;
-use weft_tests::mitm::MitmProxy;
+use weft_tests::mitm::{MitmProxy, MitmStats};
 use weft_tests::{ChromeDriver, browser_available, js, start_server, wait_for};
 
 const WAIT: Duration = Duration::from_secs(45);
@@ -92,7 +92,12 @@ async fn open_page(browser: &WebDriver, url: &str) {
 
 /// Joins the invite network through the signaling server at `server` (a ws:// URL).
 async fn join(browser: &WebDriver, invite: &str, server: &str) {
-    let options = json!({ "invite": invite, "server": server });
+    join_with(browser, json!({ "invite": invite }), server).await;
+}
+
+/// Joins with these options (an invite, or a network name and passphrase) through `server`.
+async fn join_with(browser: &WebDriver, mut options: Value, server: &str) {
+    options["server"] = json!(server);
     js(browser, &format!("window.weft.join({options}); return true;")).await.unwrap();
 }
 
@@ -199,14 +204,37 @@ async fn a_mitm_without_the_secret_sees_only_sealed_payloads_and_the_pages_conne
     if !browser_available(test) {
         return;
     }
+    let stats = a_mitm_forwards_what_it_cannot_read(json!({ "invite": random_invite() })).await;
+    assert_eq!((stats.candidates_consumed, stats.descriptions_dropped), (0, 0), "{stats:?}");
+}
+
+/// The same in a passphrase network, whose room anyone who knows the name can find: the
+/// proxy in the server's seat sees each pair's PAKE messages and sealed payloads only. It
+/// answers no offer, so no connection to it opens and no handshake message reaches it:
+/// nothing to try passphrase guesses against offline (before the PAKE it answered every
+/// offer, which passphrase networks sent in clear, and received the members' Inits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mitm_in_a_passphrase_network_gets_no_handshake_message_to_guess_against() {
+    let test = "a_mitm_in_a_passphrase_network_gets_no_handshake_message_to_guess_against";
+    if !browser_available(test) {
+        return;
+    }
+    let network = format!("mitm-{}", std::process::id());
+    let options = json!({ "network": network, "passphrase": "correct horse battery staple" });
+    let stats = a_mitm_forwards_what_it_cannot_read(options).await;
+    assert_eq!((stats.channels_opened, stats.messages_relayed), (0, 0), "{stats:?}");
+}
+
+/// Two pages join with `options` through a proxy in the signaling path, connect directly,
+/// and the proxy intercepted no offer and sent no answer. Returns what it saw.
+async fn a_mitm_forwards_what_it_cannot_read(options: Value) -> MitmStats {
     let server = start_server(Limits::default()).await.unwrap();
     let proxy = MitmProxy::start(&server.ws_url()).await.unwrap();
     let driver = ChromeDriver::start().await.unwrap();
     let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser()).unwrap();
-    let invite = random_invite();
     for browser in [&alice, &bob] {
         open_page(browser, &server.url()).await;
-        join(browser, &invite, &proxy.ws_url()).await;
+        join_with(browser, options.clone(), &proxy.ws_url()).await;
     }
     for (name, browser) in [("alice", &alice), ("bob", &bob)] {
         let state = wait_for("the peer to connect directly", WAIT, || async {
@@ -234,8 +262,8 @@ async fn a_mitm_without_the_secret_sees_only_sealed_payloads_and_the_pages_conne
     // It forwarded every offer, answer and candidate, and could read none of them.
     let stats = proxy.stats();
     assert_eq!((stats.offers_intercepted, stats.answers_sent), (0, 0), "{stats:?}");
-    assert_eq!((stats.candidates_consumed, stats.descriptions_dropped), (0, 0), "{stats:?}");
     alice.quit().await.unwrap();
     bob.quit().await.unwrap();
     server.shutdown(Duration::from_secs(2)).await;
+    stats
 }

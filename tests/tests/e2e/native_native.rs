@@ -314,3 +314,52 @@ async fn a_device_has_a_key_of_its_own_in_each_network() {
     server.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Two native peers in a passphrase network connect (each pair checks the passphrase with
+/// a PAKE before anything else); a third with a wrong passphrase is refused with a plain
+/// reason, and a member counts its attempt and says so: an event, and a line in `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passphrase_network_connects_and_counts_a_wrong_passphrase() {
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let network = format!("team-{}", std::process::id());
+    let passphrase = "correct horse battery staple";
+    let (dir_a, dir_b, dir_m) =
+        (config_dir("pa").unwrap(), config_dir("pb").unwrap(), config_dir("pm").unwrap());
+    let member = |dir: &std::path::Path, name: &str| {
+        let mut c = command(&url, dir, LOOPBACK).unwrap();
+        c.env("WEFT_PASSPHRASE", passphrase).args(["--network", &network, "--name", name, "up"]);
+        NativePeer::spawn(c).unwrap()
+    };
+    let mut a = member(&dir_a, "Ada");
+    let mut b = member(&dir_b, "Bea");
+    let a_sees = a.expect("Ada sees Bea", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    b.expect("Bea sees Ada", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    assert_eq!(a_sees["name"], "Bea", "{a_sees}");
+
+    let mut m = command(&url, &dir_m, LOOPBACK).unwrap();
+    m.env("WEFT_PASSPHRASE", "incorrect horse");
+    m.args(["--network", &network, "--name", "Mallory", "msg", "Ada", "let me in"]);
+    let (status, stdout, stderr) = run(m, WAIT).await.unwrap();
+    assert!(!status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("wrong passphrase"), "{stderr}");
+    let counted = a
+        .expect("Ada counts the attempt", WAIT, |v| v["event"] == "passphrase_failures")
+        .await
+        .unwrap();
+    assert_eq!(counted["failures"], 1, "{counted}");
+
+    // `status` asks the running `up`.
+    let mut status = text_command(&url, &dir_a, LOOPBACK).unwrap();
+    status.env("WEFT_PASSPHRASE", passphrase).args(["--network", &network, "status"]);
+    let (code, stdout, stderr) = run(status, WAIT).await.unwrap();
+    assert!(code.success(), "{stdout}\n{stderr}");
+    let mallory = counted["peer_id"].as_str().unwrap();
+    let line = format!("1 failed passphrase attempt from peer {mallory}");
+    assert!(stdout.contains(&line), "{stdout}");
+
+    for p in [&mut a, &mut b] {
+        p.terminate(WAIT).await.unwrap();
+    }
+    server.shutdown(Duration::from_secs(2)).await;
+}

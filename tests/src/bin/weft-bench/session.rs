@@ -4,6 +4,11 @@
 //! - `join_to_first_message_p50_ms`: browser B opens an invite link (navigation start) until
 //!   the first message from browser A arrives in B's page; A sends as soon as the encrypted
 //!   session with the new B is up. Median of [`JOINS`] joins.
+//! - `passphrase_join_to_first_message_p50_ms`: the same in a passphrase network, from
+//!   the page's `join` call (Argon2id twice, then each pair's PAKE before any description
+//!   goes out) until the first message; `passphrase_join_after_kdf_p50_ms` is that less
+//!   `passphrase_kdf_ms`, what the PAKE round adds to a join beside the invite figure.
+//!   Invite and passphrase joins alternate, [`JOINS`] of each.
 //! - `passphrase_kdf_ms`: the Argon2id cost of joining a passphrase network, in WASM.
 //! - transport seal+open MB/s in WASM (Chromium) and native, the same core routine, same run;
 //!   and the native seal-only figures of [`crate::transport`] (ring vs. RustCrypto).
@@ -81,9 +86,11 @@ pub async fn main() -> Result<()> {
     }
     let server = start_server(Limits::default()).await?;
     let driver = ChromeDriver::start().await?;
-    let (alice, bob) = tokio::try_join!(driver.browser(), driver.browser())?;
-    alice.set_script_timeout(Duration::from_secs(120)).await?;
-    bob.set_script_timeout(Duration::from_secs(120)).await?;
+    let (alice, bob, carol) =
+        tokio::try_join!(driver.browser(), driver.browser(), driver.browser())?;
+    for b in [&alice, &bob, &carol] {
+        b.set_script_timeout(Duration::from_secs(120)).await?;
+    }
 
     // Page weight: Alice's profile is fresh, so her first visit starts with an empty cache.
     alice.goto(server.url()).await?;
@@ -108,10 +115,9 @@ pub async fn main() -> Result<()> {
         .as_f64()
         .context("benchPassphraseKdf returned no number")?;
 
-    // Alice opens a new network and greets every peer as soon as its session is up.
-    run_async(
-        &alice,
-        "window.weft.on((ev) => {
+    // Alice opens a new network, Carol a passphrase network, and each greets every peer as
+    // soon as its session is up.
+    const GREET: &str = "window.weft.on((ev) => {
            if (ev.type === 'peer' && (ev.state === 'direct' || ev.state === 'relayed')) {
              window.greeted = window.greeted || new Set();
              if (!window.greeted.has(ev.peerId)) {
@@ -119,34 +125,66 @@ pub async fn main() -> Result<()> {
                window.weft.session.sendMessage('hello', ev.peerId);
              }
            }
-         });
-         await window.weft.join({ invite: weft.createInvite() });
-         return null;",
+         });";
+    run_async(
+        &alice,
+        &format!("{GREET} await window.weft.join({{ invite: weft.createInvite() }}); return null;"),
     )
     .await?;
+    carol.goto(server.url()).await?;
+    module_ready(&carol).await?;
+    let passphrase_net = format!(
+        "{{ network: 'bench-{}', passphrase: 'correct horse battery staple' }}",
+        std::process::id()
+    );
+    run_async(&carol, &format!("{GREET} await window.weft.join({passphrase_net}); return null;"))
+        .await?;
     let invite = js(&alice, "return window.weft.session.invite").await?;
     let invite = invite.as_str().context("no invite")?.to_string();
     let link = format!("{}#invite={invite}", server.url());
 
+    let first_message = |i: usize, since: &'static str| {
+        let bob = &bob;
+        async move {
+            wait_for("Bob's first message", WAIT, || async {
+                let v = js(
+                    bob,
+                    &format!(
+                        "const t = document.querySelector('#messages li time');
+                         return t ? Date.parse(t.dateTime) - performance.timeOrigin - {since} : null;"
+                    ),
+                )
+                .await?;
+                Ok(v.as_f64().ok_or_else(|| format!("join {i}: no message yet")))
+            })
+            .await
+        }
+    };
     let mut joins = Vec::with_capacity(JOINS);
+    let mut passphrase_joins = Vec::with_capacity(JOINS);
     for i in 0..JOINS {
         bob.goto("about:blank").await?;
         bob.goto(&link).await?;
-        let ms = wait_for("Bob's first message from Alice", WAIT, || async {
-            let v = js(
-                &bob,
-                "const t = document.querySelector('#messages li time');
-                 return t ? Date.parse(t.dateTime) - performance.timeOrigin : null;",
-            )
-            .await?;
-            Ok(v.as_f64().ok_or_else(|| format!("join {i}: no message yet")))
-        })
+        joins.push(first_message(i, "0").await?);
+        // The same join by name and passphrase, timed from the page's `join` call.
+        bob.goto("about:blank").await?;
+        bob.goto(server.url()).await?;
+        module_ready(&bob).await?;
+        run_async(
+            &bob,
+            &format!(
+                "window.joinAt = performance.now(); await window.weft.join({passphrase_net}); return null;"
+            ),
+        )
         .await?;
-        joins.push(ms);
+        passphrase_joins.push(first_message(i, "window.joinAt").await?);
     }
 
     println!("BENCH join_to_first_message_p50_ms {:.0} ms", percentile(joins.clone(), 0.5));
     println!("BENCH join_to_first_message_p90_ms {:.0} ms", percentile(joins, 0.9));
+    let passphrase_p50 = percentile(passphrase_joins, 0.5);
+    println!("BENCH passphrase_join_to_first_message_p50_ms {passphrase_p50:.0} ms");
+    println!("BENCH passphrase_join_after_kdf_p50_ms {:.0} ms", passphrase_p50 - kdf_ms);
     println!("BENCH passphrase_kdf_ms {kdf_ms:.0} ms");
     println!("BENCH transport_seal_open_wasm_mb_s {wasm_mb_s:.1} MB/s");
     native.print();
@@ -156,6 +194,7 @@ pub async fn main() -> Result<()> {
     );
     alice.quit().await?;
     bob.quit().await?;
+    carol.quit().await?;
     server.shutdown(Duration::from_secs(2)).await;
     Ok(())
 }

@@ -32,7 +32,7 @@ use crate::frame::{
 };
 use crate::handshake::{
     ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
-    HandshakeStep, MessageKind, message_kind,
+    HandshakeStep, MSG_INIT, MessageKind, message_kind,
 };
 use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::{Network, NetworkSecret};
@@ -261,6 +261,9 @@ pub struct PeerLink {
     /// Passphrase networks: the secret of this pair's PAKE run, which keys the handshake
     /// in place of the network's (`crate::pake`).
     pair_secret: Option<NetworkSecret>,
+    /// The current connection's channel binding (set at `channel_open`): what a responder
+    /// made after a glare binds to (see `receive_owned`).
+    binding: Option<ChannelBinding>,
     own_name: String,
     config: PeerLinkConfig,
     state: State,
@@ -311,6 +314,7 @@ impl PeerLink {
             identity,
             network: network.clone(),
             pair_secret: None,
+            binding: None,
             own_name: clip_name(own_name),
             config,
             state: State::Waiting,
@@ -405,6 +409,7 @@ impl PeerLink {
             Ok(b) => b,
             Err(e) => return self.fail(e.into()),
         };
+        self.binding = Some(binding.clone());
         let deadline = HandshakeDeadline::new(now, self.config.handshake_timeout);
         let secret = match &self.pair_secret {
             Some(secret) => secret,
@@ -472,6 +477,33 @@ impl PeerLink {
                 if kind != Some(MessageKind::Handshake) {
                     self.stats.packets_rejected += 1;
                     return;
+                }
+                // Glare: the peer sent an Init too, so both sides started as initiator
+                // (their views of who is polite differ, as when one side still knows the
+                // other under an old server id after a signaling process died). The side
+                // whose Init is the larger becomes the responder and answers the other's;
+                // the other ignores the Init it got and waits for that answer. Both
+                // compare the same two messages, so they agree without a round trip.
+                if let Handshake::Initiator(_) = handshake {
+                    if bytes.first() == Some(&MSG_INIT) {
+                        let ours = handshake.retransmit().unwrap_or_default();
+                        let secret = match &self.pair_secret {
+                            Some(secret) => secret,
+                            None => self.network.secret(),
+                        };
+                        match &self.binding {
+                            Some(binding) if ours.as_slice() > bytes.as_slice() => {
+                                tracing::debug!("handshake glare with {}: answering", self.remote);
+                                let hs = HandshakeResponder::new(&self.identity, secret, binding);
+                                *handshake = Handshake::Responder(hs);
+                                *retransmit = None;
+                            }
+                            _ => {
+                                tracing::debug!("handshake glare with {}: waiting", self.remote);
+                                return;
+                            }
+                        }
+                    }
                 }
                 match handshake.handle(&bytes, rng) {
                     Ok(step) => {

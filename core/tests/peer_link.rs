@@ -100,6 +100,29 @@ fn failure(events: &[LinkEvent]) -> &LinkError {
         .unwrap_or_else(|| panic!("no failure in {events:?}"))
 }
 
+/// Both sides start as initiator (their ids disagree on who is polite, as after a
+/// signaling process died and one side still knows the other under its old id): the
+/// larger Init's side answers the other's, and the session is established on both
+/// sides, with no failure.
+#[test]
+fn a_handshake_glare_settles_into_one_session() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let id_b = IdentityKeyPair::generate(&mut rng);
+    // b sees itself as "0000" and a as "bbbb": it is not polite either.
+    let (own, remote) = (PeerId::new("0000").unwrap(), PeerId::new("bbbb").unwrap());
+    assert!(!is_polite(&own, &remote) && p.a.is_initiator());
+    p.b = PeerLink::new(own, remote, id_b, &net, "Bob", PeerLinkConfig::default());
+    assert!(p.b.is_initiator(), "both initiate");
+    p.open(FP_B, FP_A);
+    let (ea, eb) = p.pump();
+    for (side, link, events) in [("a", &p.a, &ea), ("b", &p.b, &eb)] {
+        assert_eq!(link.state(), LinkState::Established, "{side}: {events:?}");
+        assert!(!events.iter().any(|e| matches!(e, LinkEvent::Failed(_))), "{side}: {events:?}");
+    }
+}
+
 #[test]
 fn roles_are_complementary() {
     let (x, y) = (PeerId::new("x1").unwrap(), PeerId::new("y2").unwrap());

@@ -65,6 +65,14 @@ impl QueuedBytes {
 }
 
 impl Outbox {
+    /// Queues `item` now, whatever is waiting: for a connection's first messages (its
+    /// ICE servers and welcome), queued while the hub is locked so that nothing another
+    /// task routes to it can go out before them.
+    fn push_now(&self, item: Outbound) {
+        self.queue.bytes.fetch_add(item.len(), Ordering::Relaxed);
+        let _ = self.tx.send(item);
+    }
+
     /// Queues `item` once at most `limit` bytes would be waiting, waiting up to `timeout`
     /// for the connection's writes to make room; `false` if they did not (the connection
     /// does not keep up and is to be dropped).
@@ -142,10 +150,19 @@ impl AppState {
             };
             ice.into_iter().chain(std::iter::once(d))
         });
+        // Everything else is queued after the hub is unlocked (`flush`), where another
+        // task may queue for the same connection first: a member's welcome (and its ICE
+        // servers) is queued here, under the lock, because the member joined under this
+        // very lock and nothing can have been routed to it before; anything routed to it
+        // from now on (a member joining, a signal) comes after.
         let pending = out
             .filter_map(|Delivery { to, msg }| {
-                let outbox = hub.outboxes.get(&to)?.clone();
-                Some(Pending { to, outbox, msg })
+                let outbox = hub.outboxes.get(&to)?;
+                if matches!(msg, ServerMessage::Welcome { .. } | ServerMessage::IceServers { .. }) {
+                    outbox.push_now(self.outbound(to, &msg));
+                    return None;
+                }
+                Some(Pending { to, outbox: outbox.clone(), msg })
             })
             .collect();
         self.inner.metrics.rooms.set(i64::try_from(hub.relay.room_count()).unwrap_or(i64::MAX));

@@ -5,6 +5,8 @@
 //! - [`wire`]: the messages (frames 0x20..=0x2a inside the encrypted session).
 //! - [`engine`]: the sans-IO state machine: offers, answers, receiver-driven pipelined
 //!   requests to one or several sources, serving, cancel, pause and resume records.
+//! - [`pace`]: how many requests a source gets and how long each may take, from the
+//!   answer times it shows (delay-based: a slow link is kept full, never flooded).
 //! - [`reason`]: why a download failed, a share stopped, a source was dropped or an offer
 //!   was cancelled, as types whose `Display` is the plain words the user sees.
 //!
@@ -12,6 +14,7 @@
 
 pub mod engine;
 pub mod hash;
+pub mod pace;
 pub mod reason;
 pub mod wire;
 

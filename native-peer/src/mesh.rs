@@ -49,9 +49,15 @@ const TUN_BATCH: usize = 64;
 /// a time.
 const INPUT_BATCH: usize = 64;
 
-/// How long leaving waits for Close frames to be acknowledged, and then for each
-/// connection (and the signaling socket) to close.
+/// How long leaving waits for each connection (and the signaling socket) to close.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// How long leaving waits for what was sent (a receiver's last word that it has every
+/// file, Close frames) to be acknowledged; it returns as soon as it is. One second was too
+/// short: a session whose last packets were lost (a path that changed in the middle of a
+/// burst) needs SCTP's retransmission timer, at least a second, and `receive --once`
+/// left before its last word arrived, so the sender reported it had left without the
+/// file (`cargo xtask bench relay`, 2026-11-28).
+const LEAVE_FLUSH: Duration = Duration::from_secs(5);
 
 type Rng = getrandom::rand_core::UnwrapErr<getrandom::SysRng>;
 
@@ -484,9 +490,9 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Lets what was sent on `rtc` be acknowledged (at most [`SHUTDOWN_FLUSH`]), then closes.
+/// Lets what was sent on `rtc` be acknowledged (at most [`LEAVE_FLUSH`]), then closes.
 async fn close_gracefully(rtc: RtcPeer) {
-    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, rtc.flush()).await;
+    let _ = tokio::time::timeout(LEAVE_FLUSH, rtc.flush()).await;
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, rtc.close()).await;
 }
 

@@ -83,12 +83,13 @@ const ICE_DIRECT_MIN_WAIT: Duration = Duration::from_millis(100);
 /// How long after ICE starts a working pair through a TURN relay may be chosen. webrtc-rs
 /// waits 2 s. Weft's first choice need not be final: the vendored ICE agent
 /// (`vendor/rtc-ice`, "Renomination") keeps checking the pairs that rank above the selected
-/// one and moves the session to a direct pair that answers later. With the wait as short as
-/// a NAT pair's (100 ms) sessions between two NATs that hole punching crosses often started
-/// relayed and moved in the middle of their first burst, and one such transfer in `cargo
-/// xtask bench relay` went silent (not explained: `vendor/rtc-ice/WEFT-PATCH.md`, "Open"),
-/// so relays wait 400 ms again: the direct pair usually answers first.
-const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(400);
+/// one and moves the session to a direct pair that answers later, as Chromium does. So a
+/// relay waits no longer than a pair through a NAT: a peer whose only path is the relay
+/// connects about 100 ms after ICE starts instead of 400. (Session 9 went back to 400 ms
+/// after one relayed-then-moved transfer went silent in `cargo xtask bench relay`; its cause
+/// was found later: a relay met through checks ranked as peer reflexive, above the direct
+/// pair, and the session was moved onto it. `vendor/rtc-ice/WEFT-PATCH.md`.)
+const ICE_RELAY_MIN_WAIT: Duration = Duration::from_millis(100);
 /// webrtc-rs's default largest message (64 KiB), for [`Tuning::UNTUNED`].
 const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65_536;
 /// How often the selected path (direct or relayed, RTT) is read.

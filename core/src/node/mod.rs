@@ -37,6 +37,7 @@ pub mod dns;
 mod files;
 mod ip;
 mod limits;
+mod names;
 mod overlay;
 mod pake;
 mod peers;
@@ -58,6 +59,7 @@ pub use self::files::{
     TransfersView,
 };
 pub use self::limits::ConnectionLimits;
+pub use self::names::FileNames;
 pub use self::overlay::{
     ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
 };

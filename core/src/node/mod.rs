@@ -967,6 +967,11 @@ impl Node {
                 if self.overlay.joined(now, peers.len()) {
                     self.sync_overlay(now, true);
                 }
+                // Sessions kept from before this join take their next handshake's roles
+                // from our new id, as the peers' new links to it do.
+                for slot in self.peers.values_mut() {
+                    slot.link.set_own_id(peer_id.clone());
+                }
                 self.emit(Event::Joined { peer_id, peers: peers.clone() });
                 self.resync(now, &peers);
             }

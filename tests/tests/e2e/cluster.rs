@@ -484,7 +484,13 @@ async fn a_browser_in_a_room_over_three_processes_fails_over_after_kill_9() {
     wait_for("Ann to have sessions with Bea and Cy", WAIT, || async {
         let sent =
             js(&ann, "return window.t.session.sendMessage('from Ann after the kill');").await?;
-        Ok(if sent == 2 { Ok(()) } else { Err(format!("sent to {sent}")) })
+        if sent == 2 {
+            return Ok(Ok(()));
+        }
+        let view =
+            js(&ann, "return { peers: window.t.session.peers(), logs: window.t.logs.slice(-40) };")
+                .await?;
+        Ok(Err(format!("sent to {sent}; {view}")))
     })
     .await
     .unwrap();

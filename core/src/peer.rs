@@ -340,6 +340,14 @@ impl PeerLink {
         &self.remote
     }
 
+    /// We joined again under a new signaling id (a signaling process died): the next
+    /// handshake's roles follow it, as the peer's fresh link to our new id does. Kept at
+    /// the old id, both sides could take the responder's part and wait for an Init that
+    /// never comes (the opposite of a glare, which only `receive_owned` settles).
+    pub fn set_own_id(&mut self, own: PeerId) {
+        self.own = own;
+    }
+
     /// Whether we are the polite side of perfect negotiation with this peer.
     pub fn is_polite(&self) -> bool {
         is_polite(&self.own, &self.remote)

@@ -84,6 +84,16 @@ impl Pair {
             }
         }
     }
+
+    /// [`Self::pump`], then both sides must be established, neither having failed.
+    fn pump_to_one_session(&mut self) {
+        let (ea, eb) = self.pump();
+        for (side, link, events) in [("a", &self.a, &ea), ("b", &self.b, &eb)] {
+            assert_eq!(link.state(), LinkState::Established, "{side}: {events:?}");
+            let failed = events.iter().any(|e| matches!(e, LinkEvent::Failed(_)));
+            assert!(!failed, "{side}: {events:?}");
+        }
+    }
 }
 
 fn invite_network() -> Network {
@@ -116,11 +126,31 @@ fn a_handshake_glare_settles_into_one_session() {
     p.b = PeerLink::new(own, remote, id_b, &net, "Bob", PeerLinkConfig::default());
     assert!(p.b.is_initiator(), "both initiate");
     p.open(FP_B, FP_A);
-    let (ea, eb) = p.pump();
-    for (side, link, events) in [("a", &p.a, &ea), ("b", &p.b, &eb)] {
-        assert_eq!(link.state(), LinkState::Established, "{side}: {events:?}");
-        assert!(!events.iter().any(|e| matches!(e, LinkEvent::Failed(_))), "{side}: {events:?}");
-    }
+    p.pump_to_one_session();
+}
+
+/// The opposite of a glare: b's signaling process died and b joined again under a new id
+/// ("0000"); a, which knows only that id now, makes a fresh link to it and is the polite
+/// side (a responder), while b's link kept from before, still at b's old id ("bbbb"),
+/// would be a responder too: nobody sends an Init and the handshake times out on both
+/// sides. Told its new id, b initiates and the new connection's session is established.
+#[test]
+fn a_kept_link_takes_its_role_from_our_new_id() {
+    let net = invite_network();
+    let mut p = Pair::new(&net, &net);
+    p.open(FP_B, FP_A);
+    p.pump();
+    assert_eq!(p.b.state(), LinkState::Established);
+    // a's identity again (Pair's first key), on a fresh link to b's new id.
+    let id_a = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(7));
+    let (own, new_b) = (PeerId::new("aaaa").unwrap(), PeerId::new("0000").unwrap());
+    p.a = PeerLink::new(own, new_b.clone(), id_a, &net, "Alice", PeerLinkConfig::default());
+    p.b.channel_closed();
+    assert!(!p.a.is_initiator() && !p.b.is_initiator(), "both would wait for an Init");
+    p.b.set_own_id(new_b);
+    assert!(p.b.is_initiator());
+    p.open(FP_B, FP_A);
+    p.pump_to_one_session();
 }
 
 #[test]

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
-    Channel, ConnId, Event, Input, IpNet, Node, NodeConfig, NodeError, Output, RouteKind,
-    RoutingConfig, SavedTo, SignalingEvent, StopReason,
+    Channel, ConnId, Event, FileEvent, FileNames, Input, IpNet, Node, NodeConfig, NodeError,
+    Output, RouteKind, RoutingConfig, SavedTo, SignalingEvent, StopReason,
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
@@ -99,12 +99,27 @@ pub struct MeshConfig {
 pub enum MeshEvent {
     /// An event of the node. The signaling stop for an unsupported version is not
     /// passed on (the mesh ends with that refusal instead), nor is `Left`; of the plain
-    /// peer updates, only those where a session's path changes (direct or relayed).
+    /// peer updates, only those where a session's path changes (direct or relayed); file
+    /// events come as [`MeshEvent::File`].
     Node(Event),
     /// A warning for the user (cannot save the trust store, a download record, ...).
     Warning(String),
     /// The TUN device's addresses were set (at start, and when the node's change).
     Tun(TunState),
+    /// A file event of the node (`Event::File`), with the names of its file.
+    File(NamedFileEvent),
+}
+
+/// A file event and the names the node gives its file when it happens (the stable key it
+/// was offered under, its root once known), so scripts can follow one file from its
+/// offer to its completion; `names` is `None` for an event about a whole offer (its
+/// items carry their keys).
+#[derive(Debug, Clone)]
+pub struct NamedFileEvent {
+    /// The event, as the core defines it.
+    pub event: FileEvent,
+    /// Its file's names.
+    pub names: Option<FileNames>,
 }
 
 /// Why a request failed.
@@ -680,6 +695,10 @@ impl Mesh {
                     }
                     _ => {}
                 }
+            }
+            Event::File(event) => {
+                let names = self.node.file_event_names(&event);
+                self.emit(MeshEvent::File(NamedFileEvent { event, names }));
             }
             event => self.emit(MeshEvent::Node(event)),
         }

@@ -9,7 +9,7 @@ use weft_core::signal::{PeerId, RoomId};
 use weft_core::transfer::{OfferItem, TransferEvent};
 use weft_core::trust::Trust;
 
-use crate::mesh::{MeshEvent, OverlayStatus, PeerInfo, PeerState, RelayTransport};
+use crate::mesh::{MeshEvent, NamedFileEvent, OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use crate::tun::TunState;
 use weft_core::node::{Event, SignalingEvent};
 
@@ -186,10 +186,10 @@ impl Printer {
                     },
                 )
             }
-            MeshEvent::Node(Event::File(ev)) => {
+            MeshEvent::File(named) => {
                 if self.json {
-                    println!("{}", file_json(ev));
-                } else if let Some(text) = file_text(ev) {
+                    println!("{}", file_json(named));
+                } else if let Some(text) = file_text(&named.event) {
                     say!("{text}");
                 }
             }
@@ -203,10 +203,12 @@ impl Printer {
                 v["event"] = json!("path_changed");
                 self.line(v, || format!("now {}: {}", info.state.as_str(), describe(info)));
             }
-            // The mesh passes none of these on (see `MeshEvent::Node`).
-            MeshEvent::Node(Event::Signaling(
-                SignalingEvent::Stopped { .. } | SignalingEvent::Left,
-            )) => {}
+            // The mesh passes none of these on (see `MeshEvent::Node`; file events come
+            // as `MeshEvent::File`).
+            MeshEvent::Node(
+                Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left)
+                | Event::File(_),
+            ) => {}
             MeshEvent::Tun(state) => self.line(tun_json(state), || {
                 let mut addrs = Vec::new();
                 if let Some((a, p)) = state.ipv4 {
@@ -450,7 +452,8 @@ fn items_json(items: &[OfferItem]) -> Value {
     items
         .iter()
         .map(|i| {
-            json!({"path": i.path, "size": i.size, "root": i.root.to_string(), "streamed": i.streamed})
+            json!({"path": i.path, "size": i.size, "key": i.root.to_string(),
+                   "root": i.root.to_string(), "streamed": i.streamed})
         })
         .collect::<Vec<_>>()
         .into()
@@ -473,8 +476,21 @@ fn saved_files(to: &SavedTo) -> Vec<String> {
     }
 }
 
-/// A file-transfer event as a JSON line.
-pub fn file_json(ev: &FileEvent) -> Value {
+/// A file-transfer event as a JSON line. Every event about one file has `key`, the name
+/// it was offered under (its root, or a stream key if it was offered before it was
+/// hashed): the same from the offer (each item's `key`) to `saved` or `delivered`, as in
+/// the browser's events; and `root`, its BLAKE3 hash once known, else its key (an offer's
+/// items keep `root` equal to `key`, with `streamed` saying whether it is a hash).
+pub fn file_json(named: &NamedFileEvent) -> Value {
+    let mut v = event_json(&named.event);
+    if let Some(names) = &named.names {
+        v["key"] = json!(names.key.to_string());
+        v["root"] = json!(names.root.unwrap_or(names.key).to_string());
+    }
+    v
+}
+
+fn event_json(ev: &FileEvent) -> Value {
     match ev {
         FileEvent::Engine(ev) => match ev {
             TransferEvent::Offered { peer, offer_id, items } => json!({

@@ -16,7 +16,7 @@ use weft_core::transfer::{OfferItem, Root, TransferEvent};
 use weft_core::trust::Trust;
 
 use crate::files::{SendItem, hash_file};
-use crate::mesh::{MeshEvent, MeshHandle, PeerInfo, PeerState};
+use crate::mesh::{MeshEvent, MeshHandle, NamedFileEvent, PeerInfo, PeerState};
 use crate::output::{Printer, file_json, file_text};
 use crate::{Joined, Stop, StopSignals};
 use weft_core::node::Event;
@@ -101,10 +101,10 @@ impl Bars {
     }
 
     /// A file event as JSON (with `--json`), or its text line if it has one.
-    fn file_event(&self, ev: &FileEvent) {
+    fn file_event(&self, named: &NamedFileEvent) {
         if self.json {
-            println!("{}", file_json(ev));
-        } else if let Some(text) = file_text(ev) {
+            println!("{}", file_json(named));
+        } else if let Some(text) = file_text(&named.event) {
             self.multi.suspend(|| say!("{text}"));
         }
     }
@@ -290,7 +290,7 @@ async fn send_inner(
             MeshEvent::Node(Event::KeyChanged(_)) => bars.multi.suspend(|| printer.event(&event)),
             _ => {}
         }
-        if printer.json && !matches!(event, MeshEvent::Node(Event::File(_))) {
+        if printer.json && !matches!(event, MeshEvent::File(_)) {
             printer.event(&event);
         }
     };
@@ -392,7 +392,8 @@ async fn send_inner(
             recipients.iter().position(|r| r.peer_id == *peer)
         };
         match &event {
-            MeshEvent::Node(Event::File(ev)) => {
+            MeshEvent::File(named) => {
+                let ev = &named.event;
                 match ev {
                     FileEvent::Engine(TransferEvent::Answered { peer, offer_id, accepted }) => {
                         if let Some(i) = recipient(peer, &mut recipients) {
@@ -480,7 +481,7 @@ async fn send_inner(
                             | FileEvent::Upload { .. }
                     )
                 {
-                    bars.file_event(ev);
+                    bars.file_event(named);
                 }
             }
             MeshEvent::Node(Event::PeerConnected(info)) => {
@@ -518,7 +519,7 @@ async fn send_inner(
             MeshEvent::Node(Event::KeyChanged(_)) => bars.multi.suspend(|| printer.event(&event)),
             _ => {}
         }
-        if printer.json && !matches!(event, MeshEvent::Node(Event::File(_))) {
+        if printer.json && !matches!(event, MeshEvent::File(_)) {
             printer.event(&event);
         }
     }
@@ -736,7 +737,7 @@ async fn receive_inner(
             bars.clear();
             bail!("the session stopped");
         };
-        let MeshEvent::Node(Event::File(ev)) = &event else {
+        let MeshEvent::File(named) = &event else {
             if printer.json {
                 printer.event(&event);
             } else if matches!(
@@ -749,10 +750,11 @@ async fn receive_inner(
             }
             continue;
         };
+        let ev = &named.event;
         let mut accepted_items: Option<(PeerId, u64, Vec<OfferItem>)> = None;
         match ev {
             FileEvent::Engine(TransferEvent::Offered { peer, offer_id, items }) => {
-                bars.file_event(ev);
+                bars.file_event(named);
                 let info = mesh.peers().await.into_iter().find(|p| p.peer_id == *peer);
                 let offer = Offer { peer: peer.clone(), offer_id: *offer_id, items: items.clone() };
                 match (policy.judge(info.as_ref()), &mut asker) {
@@ -767,11 +769,11 @@ async fn receive_inner(
                 }
             }
             FileEvent::Engine(TransferEvent::Resumed { peer, offer_id, items }) => {
-                bars.file_event(ev);
+                bars.file_event(named);
                 accepted_items = Some((peer.clone(), *offer_id, items.clone()));
             }
             FileEvent::Restored(view) => {
-                bars.file_event(ev);
+                bars.file_event(named);
                 let p = &view.progress;
                 total_len += p.size;
                 bars.set_total(total_len);
@@ -782,13 +784,13 @@ async fn receive_inner(
             FileEvent::Progress(view) => {
                 bars.set(&view.progress.root, view.progress.done_bytes);
                 if printer.json {
-                    println!("{}", file_json(ev));
+                    println!("{}", file_json(named));
                 }
             }
             FileEvent::Saved { root, key, .. } => {
                 bars.finish(root);
                 bars.finish(key);
-                bars.file_event(ev);
+                bars.file_event(named);
                 if let Some((_, _, left)) = &mut target {
                     // The offer named it by its key (a stream key if it was offered
                     // before it was hashed).
@@ -800,7 +802,7 @@ async fn receive_inner(
                 }
             }
             FileEvent::Engine(TransferEvent::FileFailed { root, reason, .. }) => {
-                bars.file_event(ev);
+                bars.file_event(named);
                 if once && target.as_ref().is_some_and(|(_, _, left)| left.contains(root)) {
                     bars.clear();
                     bail!("{reason} (what was stored is kept; run receive again to resume)");
@@ -813,14 +815,14 @@ async fn receive_inner(
                 outgoing: false,
                 ..
             }) => {
-                bars.file_event(ev);
+                bars.file_event(named);
                 let ours = target.as_ref().is_some_and(|(p, id, _)| p == peer && id == offer_id);
                 if once && ours {
                     bars.clear();
                     bail!("the sender cancelled: {reason}");
                 }
             }
-            _ => bars.file_event(ev),
+            _ => bars.file_event(named),
         }
         if let Some(accepted) = accepted_items
             && note_accepted(&mut bars, &mut total_len, &mut target, accepted)

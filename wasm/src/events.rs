@@ -5,8 +5,8 @@ use serde::Serialize;
 use tsify::Tsify;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
-    DownloadView, FileEvent as NodeFileEvent, Node, PeerInfo as NodeInfo, RelayTransport, SavedTo,
-    TransfersView,
+    DownloadView, FileEvent as NodeFileEvent, FileNames, Node, PeerInfo as NodeInfo,
+    RelayTransport, SavedTo, TransfersView,
 };
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{DownloadState, OfferItem, Root, TransferEvent};
@@ -170,44 +170,31 @@ pub(crate) struct ItemJs {
 }
 
 /// Turns a node's names of files into the page's: the stable `key` and the `root` (the
-/// BLAKE3 hash) once known. Nothing here decides anything; it only asks the node.
+/// BLAKE3 hash) once known. Nothing here decides anything; the node names them
+/// (`weft_core::node::FileNames`).
 pub(crate) struct Names<'a>(pub(crate) &'a Node);
+
+fn strings(names: FileNames) -> (String, Option<String>) {
+    (names.key.to_string(), names.root.map(|r| r.to_string()))
+}
 
 impl Names<'_> {
     /// A received file (download) known as `name` (its key, or its root once verified).
     fn download(&self, name: &Root) -> (String, Option<String>) {
-        match self.0.engine().progress(name) {
-            Some(p) => (p.key.to_string(), p.hash.map(|h| h.to_string())),
-            None => (name.to_string(), None),
-        }
+        strings(self.0.download_names(name))
     }
 
-    /// A file we serve to `peer`, known here as `name` (a local key or its root): the
-    /// key that peer was offered it under (else, fetched by its root without an offer,
-    /// the root) and its root once hashed.
+    /// A file we serve to `peer`, known here as `name` (a local key or its root).
     fn served(&self, peer: &PeerId, name: &Root) -> (String, Option<String>) {
-        let root = self.0.engine().shared_root(name);
-        let key = self.0.offered_key(peer, name).or(root).unwrap_or(*name);
-        (key.to_string(), root.map(|r| r.to_string()))
+        strings(self.0.served_names(peer, name))
     }
 
     fn items(&self, items: &[OfferItem], outgoing: bool) -> Vec<ItemJs> {
         items
             .iter()
             .map(|i| {
-                let root = if !i.streamed {
-                    Some(i.root)
-                } else if outgoing {
-                    self.0.engine().shared_root(&i.root)
-                } else {
-                    self.0.engine().progress(&i.root).and_then(|p| p.hash)
-                };
-                ItemJs {
-                    path: i.path.clone(),
-                    size: i.size as f64,
-                    key: i.root.to_string(),
-                    root: root.map(|r| r.to_string()),
-                }
+                let (key, root) = strings(self.0.item_names(i, outgoing));
+                ItemJs { path: i.path.clone(), size: i.size as f64, key, root }
             })
             .collect()
     }

@@ -17,7 +17,9 @@
 //!   name: "Alice",               // display name; default "Browser <4 hex of own key>"
 //!   server: "wss://host/ws",     // default: /ws on the page's own origin (a page on
 //!                                // another origin must be let in: weft-signal
-//!                                // --allowed-origin, when the server restricts origins)
+//!                                // --allowed-origin, when the server restricts origins);
+//!                                // or several, comma-separated (a cluster's processes):
+//!                                // after a lost connection the next is tried
 //!   iceServers: [...],           // RTCConfiguration.iceServers; default: the STUN/TURN
 //!                                // servers the signaling server hands out (its own, with
 //!                                // short-lived credentials); [] for host candidates only

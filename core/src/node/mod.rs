@@ -37,6 +37,7 @@ pub mod dns;
 mod files;
 mod ip;
 mod limits;
+mod names;
 mod overlay;
 mod pake;
 mod peers;
@@ -58,6 +59,7 @@ pub use self::files::{
     TransfersView,
 };
 pub use self::limits::ConnectionLimits;
+pub use self::names::FileNames;
 pub use self::overlay::{
     ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
 };
@@ -964,6 +966,11 @@ impl Node {
             MembershipEvent::Joined { peer_id, peers } => {
                 if self.overlay.joined(now, peers.len()) {
                     self.sync_overlay(now, true);
+                }
+                // Sessions kept from before this join take their next handshake's roles
+                // from our new id, as the peers' new links to it do.
+                for slot in self.peers.values_mut() {
+                    slot.link.set_own_id(peer_id.clone());
                 }
                 self.emit(Event::Joined { peer_id, peers: peers.clone() });
                 self.resync(now, &peers);

@@ -1,26 +1,33 @@
 //! Three `weft-signal --cluster` processes sharing rooms through one real `nats-server`
 //! (JetStream), all on loopback, each on a free port, started and stopped here; native
-//! peers (`weft-peer`, real processes) spread over them. Shows: members on different
-//! processes see each other, exchange signals and connect; a member on each process
-//! messages another on the next; a room's size limit holds across processes; a process
-//! killed with `kill -9` mid-session: its member reconnects to the next server, the
-//! others see its old id leave once its lease ran out, and no session fails.
+//! peers (`weft-peer`, real processes) and a real headless Chromium (the WASM driver)
+//! spread over them. Shows: members on different processes see each other, exchange
+//! signals and connect; a member on each process messages the others; a room's size
+//! limit holds across processes; a process killed with `kill -9` mid-session: its member
+//! (a native peer, or the browser) reconnects to the next server on its list by itself,
+//! the others see its old id leave once its lease ran out, messages flow both ways again
+//! and no session fails.
 //!
 //! Needs `nats-server` (Debian's; `cargo xtask test` installs it): skipped, saying why,
-//! without it, unless `WEFT_REQUIRE_NATS=1`.
+//! without it, unless `WEFT_REQUIRE_NATS=1`. The browser test also needs Chromium and the
+//! built web app (`cargo xtask bundle`), as every browser test does.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use thirtyfour::WebDriver;
 use tokio_tungstenite::tungstenite::Message;
 use weft_core::signal::{
     self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerId, RoomId, ServerMessage, SignalPayload,
 };
+use weft_tests::mitm::local_ice_ip;
 use weft_tests::native::{
     NativePeer, NatsServer, SignalProcess, command, config_dir, nats_missing, run,
 };
+use weft_tests::{ChromeDriver, browser_available, js, wait_for, wait_message, wait_peer};
 
 const WAIT: Duration = Duration::from_secs(90);
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -322,5 +329,203 @@ async fn a_room_spread_over_three_processes_limits_hold_and_survive_kill_9() {
     }
     for mut peer in peers {
         let _ = peer.terminate(WAIT).await;
+    }
+}
+
+/// The browser's recorded events (see `weft_tests::start_join`) of type `kind`.
+async fn browser_events(browser: &WebDriver, kind: &str) -> anyhow::Result<Vec<Value>> {
+    let events = js(browser, "return (window.t && window.t.events) || [];").await?;
+    Ok(events.as_array().into_iter().flatten().filter(|e| e["type"] == kind).cloned().collect())
+}
+
+/// Waits until the browser has joined under an id other than `not`; that id.
+async fn browser_joined(browser: &WebDriver, not: Option<&str>) -> anyhow::Result<String> {
+    wait_for("the browser to join", WAIT, || async {
+        let error = js(browser, "return (window.t && window.t.error) || null;").await?;
+        if let Some(e) = error.as_str() {
+            anyhow::bail!("join failed: {e}");
+        }
+        let joined = browser_events(browser, "joined").await?;
+        let id =
+            joined.iter().rev().find_map(|e| e["peerId"].as_str().filter(|id| Some(*id) != not));
+        match id {
+            Some(id) => Ok(Ok(id.to_string())),
+            None => {
+                let logs = js(browser, "return (window.t.logs || []).slice(-20);").await?;
+                Ok(Err(format!(
+                    "joined: {joined:?}, statuses: {:?}, logs: {logs}",
+                    browser_events(browser, "status").await?
+                )))
+            }
+        }
+    })
+    .await
+}
+
+/// `weft-peer msg` from `name`'s own identity (its config directory, its name: the same
+/// member in everyone's trust store), through the servers `servers` lists first.
+async fn msg_as(
+    name: &str,
+    dir: &std::path::Path,
+    servers: &str,
+    invite: &str,
+    to: &str,
+    text: &str,
+) {
+    let mut cmd = command(servers, dir, local_ice_ip().unwrap()).unwrap();
+    cmd.args(["--invite", invite, "--name", name, "msg", to, text]);
+    let (status, stdout, stderr) = run(cmd, WAIT).await.unwrap();
+    assert!(status.success(), "{name} -> {to}: {stdout}\n{stderr}");
+}
+
+/// A room of three over three processes: a browser (the page served by process 0, which
+/// it joins through first, given all three) and two native peers on processes 1 and 2.
+/// Each messages the others. Then process 0 is killed with `kill -9`: the browser, told
+/// nothing, moves to the next process on its list (the node's own policy, as a native
+/// peer does), joins again under a new id, and is reachable through the cluster: the
+/// native members' messages, which need signaling to find its new id, reach it; its
+/// messages reach them; no session failed. With the failover broken (the browser trying
+/// only the dead process) it never joins again and this fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_in_a_room_over_three_processes_fails_over_after_kill_9() {
+    if skip_without_nats()
+        || !browser_available("a_browser_in_a_room_over_three_processes_fails_over_after_kill_9")
+    {
+        return;
+    }
+    let (_nats, mut servers) = processes(3, &[]).await;
+    // Chromium has no loopback candidates: everyone uses the machine's own address.
+    let ip = local_ice_ip().unwrap();
+    let invite = "g".repeat(43);
+
+    // Ann, in Chromium, on process 0 (it serves her page too).
+    let driver = ChromeDriver::start().await.unwrap();
+    let ann = driver.browser().await.unwrap();
+    ann.goto(&servers[0].url).await.unwrap();
+    let options = json!({ "invite": invite, "name": "Ann", "server": servers_from(&servers, 0) });
+    weft_tests::start_join(&ann, &options, "").await.unwrap();
+    let ann_id = browser_joined(&ann, None).await.unwrap();
+
+    // Bea on process 1, Cy on process 2 (each with the whole list, its own first).
+    let names = ["Bea", "Cy"];
+    let mut dirs = Vec::new();
+    let mut natives = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = config_dir(name).unwrap();
+        let mut cmd = command(&servers_from(&servers, i + 1), &dir, ip).unwrap();
+        cmd.args(["--invite", &invite, "--name", name, "up"]);
+        natives.push(NativePeer::spawn(cmd).unwrap());
+        dirs.push(dir);
+    }
+    for (i, peer) in natives.iter_mut().enumerate() {
+        for other in ["Ann", names[1 - i]] {
+            let what = format!("{} connected to {other}", names[i]);
+            peer.expect(&what, WAIT, |v| v["event"] == "peer_connected" && v["name"] == other)
+                .await
+                .unwrap();
+        }
+    }
+    for name in names {
+        wait_peer(&ann, name, &["direct"], WAIT).await.unwrap();
+    }
+
+    // Each member messages the others: Ann to everyone at once; Bea and Cy each through
+    // their own process, as themselves.
+    let sent = js(&ann, "return window.t.session.sendMessage('from Ann on process 0');").await;
+    assert_eq!(sent.unwrap(), 2);
+    for peer in &mut natives {
+        peer.expect("Ann's message", WAIT, |v| {
+            v["event"] == "message" && v["text"] == "from Ann on process 0" && v["from"] == "Ann"
+        })
+        .await
+        .unwrap();
+    }
+    for (i, name) in names.iter().enumerate() {
+        let via = servers_from(&servers, i + 1);
+        for to in ["Ann", names[1 - i]] {
+            let text = format!("from {name} on process {} to {to}", i + 1);
+            msg_as(name, &dirs[i], &via, &invite, to, &text).await;
+            if to == "Ann" {
+                let got = wait_message(&ann, &text, WAIT).await.unwrap();
+                assert_eq!(got["name"], *name, "{got}");
+            } else {
+                natives[1 - i]
+                    .expect(&text, WAIT, |v| v["event"] == "message" && v["text"] == text.as_str())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    // Ann's process dies mid-session.
+    let pid = servers[0].pid().unwrap();
+    kill("-9", pid);
+    servers[0].child.wait().await.unwrap();
+    let killed = std::time::Instant::now();
+    // She notices, and joins again under a new id through a process still alive (the
+    // only others on her list).
+    let new_id = browser_joined(&ann, Some(&ann_id)).await.unwrap();
+    eprintln!(
+        "cluster: the browser joined again through another process {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    let statuses = browser_events(&ann, "status").await.unwrap();
+    assert!(statuses.iter().any(|s| s["status"] == "reconnecting"), "{statuses:?}");
+    // The others see her old id go once the dead process's lease ran out.
+    for peer in &mut natives {
+        peer.expect("Ann's old id leaves", WAIT, |v| {
+            v["event"] == "peer_left" && v["peer_id"] == ann_id.as_str()
+        })
+        .await
+        .unwrap();
+    }
+    // Messages both ways: from Ann to both; to Ann from a member on each surviving process,
+    // whose signaling must find her new id (a new session to her).
+    wait_for("Ann to have sessions with Bea and Cy", WAIT, || async {
+        let sent =
+            js(&ann, "return window.t.session.sendMessage('from Ann after the kill');").await?;
+        if sent == 2 {
+            return Ok(Ok(()));
+        }
+        let view =
+            js(&ann, "return { peers: window.t.session.peers(), logs: window.t.logs.slice(-40) };")
+                .await?;
+        Ok(Err(format!("sent to {sent}; {view}")))
+    })
+    .await
+    .unwrap();
+    for peer in &mut natives {
+        peer.expect("Ann's message after the kill", WAIT, |v| {
+            v["event"] == "message" && v["text"] == "from Ann after the kill"
+        })
+        .await
+        .unwrap();
+    }
+    for (i, name) in names.iter().enumerate() {
+        let text = format!("from {name} to Ann after the kill");
+        msg_as(name, &dirs[i], &servers_from(&servers[1..], i), &invite, "Ann", &text).await;
+        wait_message(&ann, &text, WAIT).await.unwrap();
+    }
+    let ids = js(&ann, "return window.t.session.ownId;").await.unwrap();
+    assert_eq!(ids, new_id.as_str());
+
+    // No session failed through it all, on either side.
+    for (peer, name) in natives.iter().zip(names) {
+        let failed: Vec<_> = peer.seen.iter().filter(|v| v["event"] == "peer_failed").collect();
+        assert!(failed.is_empty(), "{name}: {failed:?}");
+    }
+    let failed: Vec<Value> = browser_events(&ann, "peer")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p["state"] == "failed")
+        .collect();
+    assert!(failed.is_empty(), "Ann: {failed:?}");
+    ann.quit().await.unwrap();
+    for mut peer in natives {
+        let _ = peer.terminate(WAIT).await;
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -271,6 +271,29 @@ async fn a_transfer_finishes_after_the_signaling_server_is_gone() {
     assert_eq!(std::fs::metadata(&stored).unwrap().len(), file.size);
     assert_eq!(blake3_of(&stored).unwrap(), file.root);
     assert!(ada.seen.iter().any(|v| v["event"] == "delivered"), "{:?}", ada.seen);
+    // One name from the offer to completion on both sides: the key the file was offered
+    // under (a stream key: it was offered before it was hashed), in every file event.
+    let offer = bea.seen.iter().find(|v| v["event"] == "offer").unwrap();
+    let key = offer["items"][0]["key"].as_str().unwrap();
+    assert_eq!(offer["items"][0]["streamed"], true, "{offer}");
+    assert_ne!(key, file.root.as_str(), "{offer}");
+    let sides =
+        [("Bea", &bea.seen, ["progress", "saved"]), ("Ada", &ada.seen, ["upload", "delivered"])];
+    for (who, seen, kinds) in sides {
+        // `hashed` is about the sender's own file, which each recipient may be offered
+        // under a key of its own: it has no one key.
+        let events: Vec<_> =
+            seen.iter().filter(|v| v["root"].is_string() && v["event"] != "hashed").collect();
+        for kind in kinds {
+            assert!(events.iter().any(|v| v["event"] == kind), "{who}: no {kind} in {seen:?}");
+        }
+        for v in events {
+            assert_eq!(v["key"], key, "{who}: {v}");
+        }
+    }
+    let delivered = ada.seen.iter().find(|v| v["event"] == "delivered").unwrap();
+    assert_eq!(delivered["root"], file.root.as_str(), "{delivered}");
+    assert_eq!(saved["key"], key, "{saved}");
     for dir in [dir_a, dir_b] {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -116,7 +116,8 @@
 //! session.pauseDownload(key, paused);
 //! session.transfers();  // { downloads: [{ key, root, paths, size, doneBytes, sources, offers,
 //!                       //   state, speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
-//!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
+//!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items,
+//!                       //   trust?, looksLike? }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
 //! await session.downloadedFile(key);       // → File (disk-backed) of a complete download,
@@ -137,7 +138,9 @@
 //! // as a connected peer holds the file (it is asked); no offer or event is needed.
 //! // Events (ev.type):
 //! //  "hashing"            { path, doneBytes, size }
-//! //  "offer"              { peerId, name, offerId, items: [{ path, size, key, root }], totalSize }
+//! //  "offer"              { peerId, name, offerId, items: [{ path, size, key, root }], totalSize,
+//! //                       trust?, looksLike? }   (the sender's trust and look-alike as in
+//! //                       "peer" when the offer came: show them beside it, as beside a message)
 //! //  "offer_answered"     { peerId, offerId, accepted }
 //! //  "resumed"            { peerId, offerId, keys }   (an offer of files we were fetching:
 //! //                       resumed without asking)

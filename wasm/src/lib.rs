@@ -109,7 +109,8 @@
 //! // (path defaults to file.webkitRelativePath || file.name). to: a peer id, an array of
 //! // them, or undefined for every connected peer. Resolves once offers are sent.
 //! await session.sendFiles(entries, to);     // → [{ peerId, offerId }]
-//! await session.shareFiles(entries);        // hash and seed without offering → [{ root, path, size }]
+//! await session.shareFiles(entries);        // hash without offering → [{ root, path, size }]
+//!                                           // (nobody may fetch them before an offer)
 //! session.acceptOffer(peerId, offerId);     // throws if there is no such offer
 //! session.declineOffer(peerId, offerId);
 //! session.cancelTransfer(peerId, offerId, reason?, outgoing?);  // either side; the other is told
@@ -567,8 +568,10 @@ impl WeftSession {
         })
     }
 
-    /// Hashes `entries` and seeds them (peers that know their hashes may fetch them)
-    /// without offering. Resolves to `[{ root, path, size }]`.
+    /// Hashes `entries` and keeps them ready without offering them: a later `sendFiles` of
+    /// the same `File`s offers them by their root at once. Nobody may fetch them before
+    /// an offer (knowing a hash is not enough: `core/TRANSFER.md`, "Who may fetch what").
+    /// Resolves to `[{ root, path, size }]`.
     #[wasm_bindgen(js_name = shareFiles)]
     pub fn share_files(&self, entries: JsValue) -> js_sys::Promise {
         let inner = self.inner.clone();

@@ -23,6 +23,11 @@ use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
 
+/// Most capabilities a download keeps (offers of one file by several senders, or offered
+/// again after a sender restarted): each is one more `Query` per peer, and a sender that
+/// offers the same file again and again must not grow it.
+const MAX_CAPS: usize = 8;
+
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -1250,7 +1255,7 @@ impl Engine {
             if !d.offers.contains(&(peer.clone(), offer_id)) {
                 d.offers.push((peer.clone(), offer_id));
             }
-            if !d.caps.contains(&item.cap) {
+            if !d.caps.contains(&item.cap) && d.caps.len() < MAX_CAPS {
                 d.caps.push(item.cap);
             }
             if d.state == DownloadState::Failed {
@@ -1545,6 +1550,7 @@ impl Engine {
         let key = record.root;
         let mut d = Download::new(record.size, record.paths);
         d.caps = record.caps;
+        d.caps.truncate(MAX_CAPS);
         if record.have.len() == d.have.len() {
             d.have = record.have;
         }

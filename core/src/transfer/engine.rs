@@ -680,7 +680,9 @@ impl Engine {
     /// Who `peer` is: a tag of its long-term identity (the node passes its public key),
     /// before [`Self::peer_connected`]. A streamed download takes its sender (by this
     /// tag) as its one source until its root is verified, so after a reload it asks only
-    /// that member for the file, never anyone who merely learnt the key.
+    /// that member for the file, never anyone who merely learnt the key. Our grants of
+    /// the files we offered are kept by this tag, and the proofs `peer` sends are checked
+    /// against it, so a member back under a new id keeps its grants.
     pub fn peer_identity(&mut self, peer: &PeerId, tag: Root) {
         self.identities.insert(peer.clone(), tag);
     }

@@ -75,6 +75,18 @@ struct Net {
     request_batches: Vec<(PeerId, usize)>,
     /// Every message delivered: (from, to, frame type).
     delivered: Vec<(PeerId, PeerId, u8)>,
+    /// A link speed in bytes per second, if links are slow: each direction of a link then
+    /// carries one message after another, each taking its length at that speed, and
+    /// messages wait in `in_flight` until [`Self::advance_slow`] reaches their arrival.
+    rate: Option<u64>,
+    /// When each direction of a link is next free.
+    busy: HashMap<(PeerId, PeerId), Duration>,
+    /// Messages on a slow link: arrival time, from, to, type, body.
+    in_flight: Vec<(Duration, PeerId, PeerId, u8, Vec<u8>)>,
+    /// When each chunk was last asked for, and how long each written chunk waited from
+    /// that request to its arrival.
+    asked: HashMap<u32, Duration>,
+    waited: Vec<Duration>,
 }
 
 impl Net {
@@ -91,6 +103,11 @@ impl Net {
             now: Duration::ZERO,
             request_batches: Vec::new(),
             delivered: Vec::new(),
+            rate: None,
+            busy: HashMap::new(),
+            in_flight: Vec::new(),
+            asked: HashMap::new(),
+            waited: Vec::new(),
         };
         for (i, n) in names.iter().enumerate() {
             net.engines.insert(pid(n), named(n, config, (i as u64 + 1) * 1000));
@@ -242,9 +259,19 @@ impl Net {
         let engine = self.engines.get_mut(name).unwrap();
         match out {
             Output::Send { peer, msg } => {
+                if let TransferMsg::ChunkRequest { index, .. } = &msg {
+                    self.asked.insert(*index, now);
+                }
                 if self.links.contains(&Self::key(name.as_str(), peer.as_str())) {
                     let (t, body) = msg.encode();
-                    self.inbox.push_back((name.clone(), peer, t, body));
+                    if let Some(rate) = self.rate {
+                        let free = self.busy.entry((name.clone(), peer.clone())).or_default();
+                        let took = Duration::from_secs_f64(body.len() as f64 / rate as f64);
+                        *free = (*free).max(now) + took;
+                        self.in_flight.push((*free, name.clone(), peer, t, body));
+                    } else {
+                        self.inbox.push_back((name.clone(), peer, t, body));
+                    }
                 }
             }
             Output::Read { peer, root, index, offset, len } => {
@@ -263,10 +290,15 @@ impl Net {
                 engine.read_done(&peer, &root, index, data);
             }
             Output::Write { root, index, offset, data } => {
-                let size = engine.progress(&root).unwrap().size as usize;
+                // A write queued before a cancel: the Discard that follows removes it.
+                let Some(progress) = engine.progress(&root) else { return };
+                let size = progress.size as usize;
                 let file = node.disk.entry(root).or_insert_with(|| vec![0; size]);
                 file[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
                 node.written += 1;
+                if let Some(asked) = self.asked.get(&index) {
+                    self.waited.push(now.saturating_sub(*asked));
+                }
                 engine.write_done(&root, index, now);
             }
             Output::Discard { root } => {
@@ -286,6 +318,28 @@ impl Net {
             }
         }
         self.settle();
+    }
+
+    /// On slow links: moves virtual time to the next arrival or timer, delivers what has
+    /// arrived in order, runs the timers due and settles. Whether anything was left to do.
+    fn advance_slow(&mut self) -> bool {
+        let arrival = self.in_flight.iter().map(|m| m.0).min();
+        let timer = self.engines.values().filter_map(Engine::poll_timeout).min();
+        let Some(next) = arrival.into_iter().chain(timer).min() else { return false };
+        self.now = self.now.max(next);
+        let now = self.now;
+        self.in_flight.sort_by_key(|m| m.0);
+        while self.in_flight.first().is_some_and(|m| m.0 <= now) {
+            let (_, from, to, t, body) = self.in_flight.remove(0);
+            self.inbox.push_back((from, to, t, body));
+        }
+        for e in self.engines.values_mut() {
+            if e.poll_timeout().is_some_and(|t| t <= now) {
+                e.handle_timeout(now);
+            }
+        }
+        self.settle();
+        true
     }
 
     fn events(&self, n: &str) -> &[TransferEvent] {
@@ -1395,4 +1449,43 @@ fn a_receiver_back_under_a_new_id_keeps_its_grant_and_its_old_id_opens_nothing()
     net.settle();
     assert_eq!(net.completed("bob2"), vec![root]);
     assert_eq!(net.nodes[&pid("bob2")].disk[&root], data);
+}
+
+/// A phone's uplink (1 Mbit/s): the receiver's window must not queue more requests than
+/// the link carries in a few seconds. It used to grow to 64 chunks (4 MiB, 32 s of this
+/// link) whatever the link, so requests outlived their 8 s timeout by design: every chunk
+/// past the first few was asked for twice and the sender was dropped as "stopped
+/// answering" over and over.
+#[test]
+fn a_slow_link_is_kept_full_without_requests_timing_out() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let chunks = 96;
+    let data = content(chunks * CHUNK_LEN, 12);
+    let root = net.share("alice", &data);
+    // The offer and its answer cross at once; everything after the accept on the link.
+    net.bob_accepts_from_alice(root, "f");
+    net.rate = Some(125_000);
+    net.settle();
+    let mut steps = 0;
+    while net.completed("bob").is_empty() && net.advance_slow() {
+        steps += 1;
+        assert!(steps < 1_000_000, "the transfer never ended");
+    }
+    assert_eq!(net.completed("bob"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
+    let dropped: Vec<&TransferEvent> = net
+        .events("bob")
+        .iter()
+        .filter(|e| matches!(e, TransferEvent::SourceDropped { .. }))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    let served = net.nodes[&pid("alice")].served[&pid("bob")];
+    assert_eq!(served, chunks, "chunks asked for more than once");
+    // No request queued for as long as the old fixed timeout (29 s here before): whatever
+    // else the session carries waits no longer behind chunks either.
+    let longest = net.waited.iter().max().copied().unwrap_or_default();
+    assert!(longest < Duration::from_secs(8), "a request waited {longest:?}");
+    // About the link's time (50 s for 6 MiB at 1 Mbit/s), not seconds more of stalls.
+    let ideal = Duration::from_secs_f64(data.len() as f64 / 125_000.0);
+    assert!(net.now < ideal + Duration::from_secs(5), "{:?} against {ideal:?}", net.now);
 }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cap::{Capability, Proof};
 use super::hash::{Cv, FileDigest, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
+use super::pace::Pace;
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
@@ -62,7 +63,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            initial_window: 16,
+            initial_window: 8,
             max_window: 64,
             request_timeout: Duration::from_secs(8),
             endgame_after: Duration::from_secs(2),
@@ -75,6 +76,10 @@ impl Default for EngineConfig {
         }
     }
 }
+
+/// The smallest window a slow source is brought down to: two requests, so one is on its
+/// way while the other is answered.
+const MIN_WINDOW: u32 = 2;
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,6 +348,8 @@ struct Source {
     window: u32,
     inflight: u32,
     failures: u32,
+    /// Its answer times: they set its window and how long a request to it may take.
+    pace: Pace,
     /// Chunks it sent that failed verification.
     bad: HashSet<u32>,
     /// The proof its requests carry (of a capability it took).
@@ -1906,6 +1913,8 @@ impl Engine {
         let ok = index < d.request_limit()
             && verify_chunk(&d.root.unwrap_or(root), d.size, &d.cvs, index, &data);
         // This request is answered either way.
+        let asked = d.inflight.get(&index).and_then(|r| r.iter().find(|(p, _)| p == peer));
+        let took = asked.map(|(_, t)| now.saturating_sub(*t));
         if let Some(reqs) = d.inflight.get_mut(&index) {
             reqs.retain(|(p, _)| p != peer);
         }
@@ -1936,7 +1945,10 @@ impl Engine {
         }
         if let Some(s) = d.sources.get_mut(peer) {
             s.failures = 0;
-            s.window = (s.window + 1).min(config.max_window);
+            if let Some(took) = took {
+                s.pace.answered(took);
+            }
+            s.window = s.pace.next_window(s.window, MIN_WINDOW, config.max_window);
         }
         // Duplicates of this chunk asked of others (endgame) are moot now.
         if let Some(reqs) = d.inflight.remove(&index) {
@@ -1968,12 +1980,15 @@ impl Engine {
                 // request timed out.
                 let endgame_on = d.all_requested() && d.sources.len() > 1;
                 let ran = self.timeouts_run_at;
-                let chunks = d.inflight.values().flatten().map(move |(_, t)| {
+                let sources = &d.sources;
+                let chunks = d.inflight.values().flatten().map(move |(p, t)| {
                     let early = t.saturating_add(endgame);
                     if endgame_on && ran.is_none_or(|r| early > r) {
                         early
                     } else {
-                        t.saturating_add(timeout)
+                        t.saturating_add(
+                            sources.get(p).map_or(timeout, |s| s.pace.timeout(timeout)),
+                        )
                     }
                 });
                 chunks
@@ -1994,12 +2009,21 @@ impl Engine {
                     dropped.push((*root, p, DropReason::HashesTimedOut));
                 }
             }
-            let mut expired = Vec::new();
+            // Each source's requests expire after its own timeout (longer for a source
+            // whose answers are slow). All those that expire in one run are one failure
+            // of that source: one stall, not one per request it had outstanding.
+            let timeouts: HashMap<PeerId, Duration> = d
+                .sources
+                .iter()
+                .map(|(p, s)| (p.clone(), s.pace.timeout(config.request_timeout)))
+                .collect();
+            let mut expired: HashMap<PeerId, u32> = HashMap::new();
             for (index, reqs) in d.inflight.iter_mut() {
                 reqs.retain(|(p, t)| {
-                    let late = now >= t.saturating_add(config.request_timeout);
+                    let limit = timeouts.get(p).copied().unwrap_or(config.request_timeout);
+                    let late = now >= t.saturating_add(limit);
                     if late {
-                        expired.push(p.clone());
+                        *expired.entry(p.clone()).or_default() += 1;
                     }
                     !late
                 });
@@ -2008,9 +2032,9 @@ impl Engine {
                 }
             }
             d.inflight.retain(|_, reqs| !reqs.is_empty());
-            for p in expired {
+            for (p, count) in expired {
                 if let Some(s) = d.sources.get_mut(&p) {
-                    s.inflight = s.inflight.saturating_sub(1);
+                    s.inflight = s.inflight.saturating_sub(count);
                     s.failures += 1;
                     s.window = (s.window / 2).max(1);
                     if s.failures >= config.max_source_failures {
@@ -2096,7 +2120,7 @@ impl Engine {
                 .iter()
                 .filter(|(_, s)| {
                     let free = s.window.saturating_sub(s.inflight);
-                    let min = self.config.refill_min.min(s.window).max(1);
+                    let min = self.config.refill_min.min(s.window / 2).max(1);
                     free >= min || (free > 0 && left < min as usize)
                 })
                 .map(|(p, _)| p.clone())

@@ -6,6 +6,8 @@
 //! - [`cap`]: capabilities: offers hand them out, every fetch proves one.
 //! - [`engine`]: the sans-IO state machine: offers, answers, receiver-driven pipelined
 //!   requests to one or several sources, serving, cancel, pause and resume records.
+//! - [`pace`]: how many requests a source gets and how long each may take, from the
+//!   answer times it shows (delay-based: a slow link is kept full, never flooded).
 //! - [`reason`]: why a download failed, a share stopped, a source was dropped or an offer
 //!   was cancelled, as types whose `Display` is the plain words the user sees.
 //!
@@ -14,6 +16,7 @@
 pub mod cap;
 pub mod engine;
 pub mod hash;
+pub mod pace;
 pub mod reason;
 pub mod wire;
 

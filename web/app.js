@@ -1,7 +1,7 @@
 // Weft web app: the page's UI on top of the WASM core's JavaScript API (see the docs at
 // the top of wasm/src/lib.rs). Everything here is presentation; the protocol lives in Rust.
 import init, * as weft from "./pkg/weft_wasm.js";
-import { FilesUI } from "./files-ui.js";
+import { FilesUI, trustBadge } from "./files-ui.js";
 
 const $ = (id) => document.getElementById(id);
 let session = null;
@@ -100,18 +100,6 @@ async function copyText(text, button) {
   const label = button.textContent;
   button.textContent = "Copied";
   setTimeout(() => { button.textContent = label; }, 1500);
-}
-
-// The trust of a message's sender, shown beside it: a verified key, a first contact, a
-// changed key, or a name that looks like another member's.
-function trustBadge({ trust, looksLike, mine }) {
-  if (mine) return "";
-  if (looksLike) {
-    return el("span", { className: "trust trust-alike", textContent: `⚠ looks like "${looksLike}", another key` });
-  }
-  const words = { verified: "✓ verified", known: "known key", new: "first contact", changed: "⚠ key changed" };
-  const word = words[trust] ?? "unverified";
-  return el("span", { className: `trust trust-${trust ?? "unknown"}`, textContent: word });
 }
 
 function addMessage({ name, text, at, mine, trust, looksLike }) {

@@ -49,6 +49,18 @@ function reconcile(container, items, keyOf, create, update) {
 
 // ---- formatting ----------------------------------------------------------------------
 
+/// The trust of a sender, shown beside each message and each offer: a verified key, a
+/// known one, a first contact, a changed key, or a name that looks like another member's.
+export function trustBadge({ trust, looksLike, mine }) {
+  if (mine) return "";
+  if (looksLike) {
+    return el("span", { className: "trust trust-alike", textContent: `⚠ looks like "${looksLike}", another key` });
+  }
+  const words = { verified: "✓ verified", known: "known key", new: "first contact", changed: "⚠ key changed" };
+  const word = words[trust] ?? "unverified";
+  return el("span", { className: `trust trust-${trust ?? "unknown"}`, textContent: word });
+}
+
 export function formatBytes(n) {
   n = Number(n) || 0;
   if (n < 1000) return `${n} B`;
@@ -401,6 +413,7 @@ export class FilesUI {
           this.offers.set(key, {
             peerId: o.peerId, offerId: o.offerId, name: this.name(o.peerId), items,
             totalSize: items.reduce((a, i) => a + num(i.size), 0),
+            trust: o.trust, looksLike: o.looksLike,
           });
         }
       }
@@ -470,7 +483,7 @@ export class FilesUI {
         if (ev.name) this.names.set(ev.peerId, ev.name);
         const items = ev.items ?? [];
         const totalSize = ev.totalSize ?? items.reduce((a, i) => a + num(i.size), 0);
-        this.offers.set(key, { peerId: ev.peerId, offerId: ev.offerId, name: this.name(ev.peerId), items, totalSize });
+        this.offers.set(key, { peerId: ev.peerId, offerId: ev.offerId, name: this.name(ev.peerId), items, totalSize, trust: ev.trust, looksLike: ev.looksLike });
         const what = items.length === 1 ? `“${baseName(items[0].path)}”` : plural(items.length, "file");
         const text = `${this.name(ev.peerId)} offers ${what} (${formatBytes(totalSize)}).`;
         toast(text, { actions: [{ label: "Show", onClick: () => this.focusOffer(key) }], tag: key, timeout: 30000 });
@@ -921,6 +934,7 @@ export class FilesUI {
       const what = items.length === 1 ? `“${items[0].path}”` : plural(items.length, "file");
       li.append(el("p", { className: "t-title" },
         el("strong", { textContent: o.name ?? this.name(o.peerId) }),
+        " ", trustBadge(o),
         ` offers ${what} · ${formatBytes(o.totalSize)}`));
       if (items.length > 1) {
         const names = el("ul", { className: "names" });

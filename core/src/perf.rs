@@ -143,6 +143,11 @@ pub fn transfer_throughput(
     );
     let mut seeder = Engine::new(EngineConfig::default(), 1);
     let mut receiver = Engine::new(EngineConfig::default(), 2);
+    // Each knows the other by a tag of its key; the receiver's fetches prove the
+    // seeder's capability bound to its own.
+    let receiver_key = crate::transfer::Root::of(b"receiver key");
+    receiver.set_identity(receiver_key);
+    seeder.peer_identity(&b, receiver_key);
     seeder.share(digest.root, digest.size, digest.cvs).map_err(|e| err(&e))?;
     let start = clock();
     seeder.peer_connected(&b, start);

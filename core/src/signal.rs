@@ -26,8 +26,12 @@ use serde::{Deserialize, Serialize};
 /// member: the file offer (streamed items, the `Root` message; `core/TRANSFER.md`), and
 /// passphrase networks, whose members run the pairwise PAKE (`pake.rs`) before they send
 /// each other descriptions, which they seal (a version 1 peer would send them in clear
-/// and never answer the PAKE).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// and never answer the PAKE). Version 3: file access by capability (`core/TRANSFER.md`,
+/// "Who may fetch what"): each offered file carries its sender's capability and every
+/// fetch (`Query`, `HashRequest`, `ChunkRequest`) a proof of one, so a version 2 peer's
+/// messages would not even decode; it is refused at join instead ("reload the page or
+/// update weft-peer").
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest signaling message, in bytes of JSON text, that either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;

@@ -9,12 +9,25 @@ use std::time::Duration;
 use proptest::prelude::*;
 use weft_core::signal::PeerId;
 use weft_core::transfer::{
-    CHUNK_LEN, CancelReason, DownloadState, DropReason, Engine, EngineConfig, FailReason,
-    FileHasher, Output, Root, ShareFailReason, TransferEvent, TransferMsg,
+    CHUNK_LEN, CancelReason, Capability, DownloadState, DropReason, Engine, EngineConfig,
+    FailReason, FileHasher, Output, Proof, Root, ShareFailReason, TransferEvent, TransferMsg,
 };
 
 fn pid(s: &str) -> PeerId {
     PeerId::new(s).unwrap()
+}
+
+/// An engine for the node `name`, its identity tag the one its peers give it (the
+/// engine's own fallback for a peer with none: the hash of its id), so that the proofs
+/// its fetches carry are bound to the key the others know it by.
+fn named(name: &str, config: EngineConfig, first_offer_id: u64) -> Engine {
+    let mut e = Engine::new(config, first_offer_id);
+    e.set_identity(Root::of(name.as_bytes()));
+    e
+}
+
+fn fresh(name: &str, first_offer_id: u64) -> Engine {
+    named(name, EngineConfig::default(), first_offer_id)
 }
 
 fn content(len: usize, seed: u8) -> Vec<u8> {
@@ -60,6 +73,8 @@ struct Net {
     /// Chunk requests a node sent in one go (one drain of its output: one packet per
     /// peer in the drivers).
     request_batches: Vec<(PeerId, usize)>,
+    /// Every message delivered: (from, to, frame type).
+    delivered: Vec<(PeerId, PeerId, u8)>,
     /// A link speed in bytes per second, if links are slow: each direction of a link then
     /// carries one message after another, each taking its length at that speed, and
     /// messages wait in `in_flight` until [`Self::advance_slow`] reaches their arrival.
@@ -87,6 +102,7 @@ impl Net {
             inbox: VecDeque::new(),
             now: Duration::ZERO,
             request_batches: Vec::new(),
+            delivered: Vec::new(),
             rate: None,
             busy: HashMap::new(),
             in_flight: Vec::new(),
@@ -94,7 +110,7 @@ impl Net {
             waited: Vec::new(),
         };
         for (i, n) in names.iter().enumerate() {
-            net.engines.insert(pid(n), Engine::new(config, (i as u64 + 1) * 1000));
+            net.engines.insert(pid(n), named(n, config, (i as u64 + 1) * 1000));
             net.nodes.insert(pid(n), Node::default());
         }
         for a in names {
@@ -150,6 +166,19 @@ impl Net {
         self.engine(n).share(d.root, d.size, d.cvs).unwrap();
         self.node(n).files.insert(d.root, data.to_vec());
         d.root
+    }
+
+    /// `to` gets the file `root` shared at `from` through an offer it accepts: it then
+    /// holds `from`'s capability for the file, and serves it to the other receivers of
+    /// `from`'s offers (multi-source among the holders of one capability).
+    fn seed(&mut self, from: &str, to: &str, root: Root) {
+        self.engine(from).offer(&pid(to), &[(root, "seed".into())]).unwrap();
+        self.settle();
+        let id = self.offer_id(to);
+        let now = self.now;
+        self.engine(to).accept(&pid(from), id, now).unwrap();
+        self.settle();
+        assert!(self.completed(to).contains(&root), "{to} holds the file");
     }
 
     /// Shares `data` at node `n` before hashing it (under a local key): it can be offered
@@ -214,6 +243,7 @@ impl Net {
             if let Some((from, to, t, body)) = self.inbox.pop_front() {
                 moved = true;
                 let now = self.now;
+                self.delivered.push((from.clone(), to.clone(), t));
                 self.engines.get_mut(&to).unwrap().handle_frame(&from, t, body, now);
             }
             if !moved {
@@ -452,7 +482,7 @@ fn a_source_that_keeps_sending_bad_chunks_is_dropped_for_another() {
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(8 * CHUNK_LEN, 5);
     let root = net.share("alice", &data);
-    net.share("carol", &data);
+    net.seed("alice", "carol", root);
     for i in 0..8 {
         net.node("alice").corrupt.insert((root, i));
     }
@@ -468,7 +498,7 @@ fn two_seeders_share_the_work() {
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(40 * CHUNK_LEN + 7, 6);
     let root = net.share("alice", &data);
-    net.share("carol", &data);
+    net.seed("alice", "carol", root);
     net.alice_sends_bob(root, "f");
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
     let from_alice = net.nodes[&pid("alice")].served[&pid("bob")];
@@ -489,16 +519,21 @@ fn carol_does_not_serve_a_file_to_a_peer_she_cancelled() {
         .cancel(&pid("bob"), id, true, CancelReason::Text("changed my mind".into()))
         .unwrap();
     net.settle();
-    // Bob asks by hash anyway: refused.
-    net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root }, Duration::ZERO);
+    // Bob asks anyway, with a good proof of the capability the offer gave him: refused.
+    let proof = streamed_offer(&net, "bob").cap.proof(&root, &Root::of(b"bob"));
     let before = net.nodes[&pid("carol")].served.len();
     net.inbox.push_back((
         pid("bob"),
         pid("carol"),
         0x24,
-        TransferMsg::ChunkRequest { root, index: 0 }.encode().1,
+        TransferMsg::ChunkRequest { root, proof, index: 0 }.encode().1,
     ));
-    net.inbox.push_back((pid("bob"), pid("carol"), 0x28, TransferMsg::Query { root }.encode().1));
+    net.inbox.push_back((
+        pid("bob"),
+        pid("carol"),
+        0x28,
+        TransferMsg::Query { root, proof }.encode().1,
+    ));
     net.settle();
     assert_eq!(net.nodes[&pid("carol")].served.len(), before);
 }
@@ -508,7 +543,7 @@ fn a_vanished_source_is_dropped_and_the_other_finishes() {
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(300 * CHUNK_LEN, 7);
     let root = net.share("alice", &data);
-    net.share("carol", &data);
+    net.seed("alice", "carol", root);
     net.bob_accepts_from_alice(root, "f");
     // Let a few messages through, then carol vanishes mid-transfer.
     assert!(!net.run(40));
@@ -524,7 +559,7 @@ fn a_stalled_source_does_not_hold_the_last_chunks_hostage() {
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(20 * CHUNK_LEN, 8);
     let root = net.share("alice", &data);
-    net.share("carol", &data);
+    net.seed("alice", "carol", root);
     net.node("carol").mute = true;
     net.alice_sends_bob(root, "f");
     assert!(net.completed("bob").is_empty(), "carol sits on some chunks");
@@ -602,7 +637,7 @@ fn the_receiver_reloads_and_resumes_from_its_record() {
     net.disconnect("alice", "bob");
     let record: weft_core::transfer::DownloadRecord =
         serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
-    let mut fresh = Engine::new(EngineConfig::default(), 77);
+    let mut fresh = fresh("bob", 77);
     fresh.restore(record);
     assert_eq!(fresh.progress(&root).unwrap().done_bytes, done);
     net.engines.insert(pid("bob"), fresh);
@@ -626,7 +661,7 @@ fn a_sender_that_offers_the_same_file_again_resumes_without_asking() {
     assert!(!net.run(100));
     // Alice reloads: her engine forgets everything; she picks the file again.
     net.disconnect("alice", "bob");
-    net.engines.insert(pid("alice"), Engine::new(EngineConfig::default(), 5000));
+    net.engines.insert(pid("alice"), fresh("alice", 5000));
     net.connect("alice", "bob");
     net.settle();
     assert!(net.completed("bob").is_empty());
@@ -751,12 +786,16 @@ fn a_lying_hash_list_is_detected_and_another_source_used() {
     let now = net.now;
     net.engine("bob").accept(&pid("alice"), id, now).unwrap();
     let mut bob = net.engines.remove(&pid("bob")).unwrap();
-    let mut fresh = Engine::new(EngineConfig::default(), 1);
+    let mut fresh = fresh("bob", 1);
     fresh.restore(bob.record(&root).unwrap());
     fresh.peer_connected(&pid("mallory"), now);
     fresh.peer_connected(&pid("alice"), now);
     while fresh.poll_output().is_some() {}
-    fresh.handle(&pid("mallory"), TransferMsg::Have { root }, now);
+    // (Mallory holds a capability bob's download took: say the same sender offered it to
+    // her too. She answers bob's query with the proof he sent.)
+    let cap = bob.record(&root).unwrap().caps[0];
+    let proof = cap.proof(&root, &Root::of(b"bob"));
+    fresh.handle(&pid("mallory"), TransferMsg::Have { root, proof }, now);
     let hash_req = std::iter::from_fn(|| fresh.poll_output())
         .find(|o| matches!(o, Output::Send { msg: TransferMsg::HashRequest { .. }, .. }));
     assert!(matches!(hash_req, Some(Output::Send { peer, .. }) if peer == pid("mallory")));
@@ -774,7 +813,7 @@ fn a_lying_hash_list_is_detected_and_another_source_used() {
     );
     let _ = bob.poll_output();
     net.engines.insert(pid("bob"), fresh);
-    net.engine("bob").handle(&pid("alice"), TransferMsg::Have { root }, now);
+    net.engine("bob").handle(&pid("alice"), TransferMsg::Have { root, proof }, now);
     net.settle();
     assert_eq!(net.nodes[&pid("bob")].disk[&root], data);
 }
@@ -782,7 +821,8 @@ fn a_lying_hash_list_is_detected_and_another_source_used() {
 #[test]
 fn memory_stays_bounded_by_the_unwritten_limit() {
     let config = EngineConfig { max_unwritten: 10, ..EngineConfig::default() };
-    let mut e = Engine::new(config, 1);
+    // The seeder knows the receiver as "b", the receiver the seeder as "a".
+    let mut e = named("b", config, 1);
     let mut seeder = Engine::new(config, 100);
     let data = content(100 * CHUNK_LEN, 15);
     let mut h = FileHasher::new();
@@ -839,7 +879,7 @@ fn a_file_that_cannot_be_read_is_no_longer_served_and_its_fetchers_hear_why() {
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(6 * CHUNK_LEN, 22);
     let root = net.share("alice", &data);
-    net.share("carol", &data);
+    net.seed("alice", "carol", root);
     net.node("alice").shrunk.insert(root);
     net.alice_sends_bob(root, "f");
     assert_eq!(net.completed("bob"), vec![root], "carol's copy serves the rest");
@@ -871,6 +911,7 @@ fn a_failed_write_reports_plain_words_and_keeps_what_was_stored() {
         hash: None,
         cv_digest: None,
         sender: None,
+        caps: vec![],
     });
     assert_eq!(e.progress(&root).unwrap().done_bytes, CHUNK_LEN as u64);
     e.write_failed(&root, FailReason::DiskFull);
@@ -901,7 +942,7 @@ proptest! {
         let data = content(size, 3);
         let root = net.share("alice", &data);
         if two {
-            net.share("carol", &data);
+            net.seed("alice", "carol", root);
         }
         for i in corrupt {
             net.node("alice").corrupt.insert((root, i));
@@ -928,8 +969,8 @@ proptest! {
 fn cancels_name_the_right_offer_even_when_both_sides_use_the_same_number() {
     let mut net = Net::new(&["alice", "bob"]);
     // Both engines number their offers from the same start.
-    net.engines.insert(pid("alice"), Engine::new(EngineConfig::default(), 42));
-    net.engines.insert(pid("bob"), Engine::new(EngineConfig::default(), 42));
+    net.engines.insert(pid("alice"), fresh("alice", 42));
+    net.engines.insert(pid("bob"), fresh("bob", 42));
     net.connect("alice", "bob");
     let a_root = net.share("alice", &content(3 * CHUNK_LEN, 1));
     let b_root = net.share("bob", &content(3 * CHUNK_LEN, 2));
@@ -993,10 +1034,13 @@ fn a_restored_download_with_every_chunk_on_disk_completes() {
     let mut net = Net::new(&["alice", "bob"]);
     let data = content(4 * CHUNK_LEN, 32);
     let root = net.share("alice", &data);
-    // Bob's record says every chunk is on disk but the state is still active (saved just
-    // before the completion was recorded).
+    // Alice offered it to Bob; Bob's record says every chunk is on disk but the state is
+    // still active (saved just before the completion was recorded).
+    net.engine("alice").offer(&pid("bob"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let cap = streamed_offer(&net, "bob").cap;
     net.node("bob").disk.insert(root, data.clone());
-    net.engines.insert(pid("bob"), Engine::new(EngineConfig::default(), 9));
+    net.engines.insert(pid("bob"), fresh("bob", 9));
     net.engine("bob").restore(weft_core::transfer::DownloadRecord {
         root,
         size: data.len() as u64,
@@ -1007,6 +1051,7 @@ fn a_restored_download_with_every_chunk_on_disk_completes() {
         hash: None,
         cv_digest: None,
         sender: None,
+        caps: vec![cap],
     });
     net.disconnect("alice", "bob");
     net.connect("alice", "bob");
@@ -1019,7 +1064,7 @@ fn the_endgame_wakes_once_per_request_not_in_a_loop_while_nobody_can_be_asked_ag
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(6 * CHUNK_LEN, 10);
     let root = net.share("alice", &data);
-    net.share("carol", &data);
+    net.seed("alice", "carol", root);
     // Both sources sit on every request: in the endgame, nobody is idle to ask again.
     net.node("alice").mute = true;
     net.node("carol").mute = true;
@@ -1171,7 +1216,7 @@ fn the_receiver_reloads_before_the_root_is_known_and_resumes() {
     net.disconnect("bob", "carol");
     let record: weft_core::transfer::DownloadRecord =
         serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
-    let mut fresh = Engine::new(EngineConfig::default(), 77);
+    let mut fresh = fresh("bob", 77);
     fresh.restore(record);
     assert_eq!(fresh.progress(&key).unwrap().done_bytes, done);
     net.engines.insert(pid("bob"), fresh);
@@ -1179,7 +1224,8 @@ fn the_receiver_reloads_before_the_root_is_known_and_resumes() {
     net.settle();
     // Carol learnt the key somehow: before the root, only the sender may serve it.
     let now = net.now;
-    net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root: key }, now);
+    let proof = streamed_offer(&net, "bob").cap.proof(&key, &Root::of(b"bob"));
+    net.engine("bob").handle(&pid("carol"), TransferMsg::Have { root: key, proof }, now);
     net.settle();
     let carol_added = net
         .events("bob")
@@ -1215,9 +1261,9 @@ fn a_restored_download_whose_hashes_changed_fetches_its_chunks_again() {
     // Bob reloads too.
     let changed = content(50 * CHUNK_LEN, 45);
     net.disconnect("alice", "bob");
-    net.engines.insert(pid("alice"), Engine::new(EngineConfig::default(), 5000));
+    net.engines.insert(pid("alice"), fresh("alice", 5000));
     net.nodes.insert(pid("alice"), Node::default());
-    let mut fresh = Engine::new(EngineConfig::default(), 78);
+    let mut fresh = fresh("bob", 78);
     fresh.restore(record);
     net.engines.insert(pid("bob"), fresh);
     net.connect("alice", "bob");
@@ -1236,12 +1282,16 @@ fn a_second_source_joins_once_the_root_is_known() {
     let mut net = Net::new(&["alice", "bob", "carol"]);
     let data = content(400 * CHUNK_LEN, 46);
     let local = net.share_streamed("alice", &data);
-    let root = net.share("carol", &data);
+    // Alice offers the file to Carol and to Bob at once; Bob cannot reach Carol yet.
+    net.disconnect("bob", "carol");
+    net.engine("alice").offer(&pid("carol"), &[(local, "f".into())]).unwrap();
+    net.settle();
+    let id = net.offer_id("carol");
+    let now = net.now;
+    net.engine("carol").accept(&pid("alice"), id, now).unwrap();
     net.bob_accepts_from_alice(local, "f");
     net.settle();
     net.hash("alice", local, 150 * CHUNK_LEN);
-    // Before the root: alice alone, carol not even asked.
-    assert!(net.nodes[&pid("carol")].served.is_empty());
     let added = |net: &Net| {
         net.events("bob")
             .iter()
@@ -1251,16 +1301,18 @@ fn a_second_source_joins_once_the_root_is_known() {
             })
             .collect::<Vec<_>>()
     };
+    // Before the root: alice alone.
     assert_eq!(added(&net), vec![pid("alice")]);
-    // Alice finishes hashing at once but is slow to serve: carol takes part of the rest.
+    // Bob pauses; Alice finishes hashing; Carol gets all of it.
     let key = streamed_offer(&net, "bob").root;
-    let engine = net.engines.get_mut(&pid("alice")).unwrap();
-    let node = net.nodes.get_mut(&pid("alice")).unwrap();
-    let (mut hasher, reported, fed) = node.hashing.remove(&local).unwrap();
-    hasher.update(&data[fed..]);
-    let digest = hasher.finish();
-    engine.hashed(&local, &digest.cvs[reported..]);
-    engine.hash_done(&local, digest).unwrap();
+    let now = net.now;
+    net.engine("bob").set_paused(&key, true, now).unwrap();
+    let root = net.hash("alice", local, data.len()).unwrap();
+    assert_eq!(net.completed("carol"), vec![root]);
+    // Bob goes on and meets Carol: she holds Alice's capability too, so she serves him.
+    let now = net.now;
+    net.engine("bob").set_paused(&key, false, now).unwrap();
+    net.connect("bob", "carol");
     net.settle();
     assert_eq!(added(&net), vec![pid("alice"), pid("carol")]);
     assert!(net.nodes[&pid("carol")].served[&pid("bob")] > 0, "carol served part of it");
@@ -1280,6 +1332,123 @@ fn a_file_of_one_chunk_offered_before_hashing_waits_for_its_root() {
     assert_eq!(net.completed("bob"), vec![root]);
     let key = streamed_offer(&net, "bob").root;
     assert_eq!(net.nodes[&pid("bob")].disk[&key], data);
+}
+
+// ---- who may fetch what (core/TRANSFER.md): capabilities, grants keyed by keys ----
+
+/// Frames `to` received from `from` that carry something of a file: `Have`, `Hashes`,
+/// `Chunk`, `Root`.
+fn file_frames(net: &Net, from: &str, to: &str) -> usize {
+    net.delivered
+        .iter()
+        .filter(|(f, t, ty)| {
+            f.as_str() == from && t.as_str() == to && matches!(ty, 0x29 | 0x23 | 0x25 | 0x2b)
+        })
+        .count()
+}
+
+/// `from` asks `to` for `root` every way there is (query, hash list, chunk) with `proof`.
+fn ask_every_way(net: &mut Net, from: &str, to: &str, root: Root, proof: Proof) {
+    for msg in [
+        TransferMsg::Query { root, proof },
+        TransferMsg::HashRequest { root, proof, first: 0, count: 8 },
+        TransferMsg::ChunkRequest { root, proof, index: 0 },
+    ] {
+        let (t, body) = msg.encode();
+        net.inbox.push_back((pid(from), pid(to), t, body));
+    }
+    net.settle();
+}
+
+#[test]
+fn carol_who_knows_the_root_gets_nothing_from_bob_or_alice_until_bob_shares_it() {
+    let mut net = Net::new(&["alice", "bob", "carol"]);
+    let data = content(6 * CHUNK_LEN, 50);
+    let root = net.share("alice", &data);
+    net.alice_sends_bob(root, "f");
+    assert_eq!(net.completed("bob"), vec![root]);
+    // Carol hashed her own copy of the (public) file: she knows its root, and holds no
+    // capability; she tries one she made up.
+    let carol = Root::of(b"carol");
+    let guess = Capability::from_bytes([0x5a; 32]).proof(&root, &carol);
+    for holder in ["alice", "bob"] {
+        ask_every_way(&mut net, "carol", holder, root, guess);
+        assert_eq!(file_frames(&net, holder, "carol"), 0, "{holder} told carol something");
+        assert!(!net.nodes[&pid(holder)].served.contains_key(&pid("carol")), "{holder} served");
+    }
+    // Bob shares it with her: an offer of his, with his capability. She fetches it from
+    // him; his capability opens nothing at Alice's.
+    net.engine("bob").offer(&pid("carol"), &[(root, "f".into())]).unwrap();
+    net.settle();
+    let offered = streamed_offer(&net, "carol");
+    let id = net.offer_id("carol");
+    let now = net.now;
+    net.engine("carol").accept(&pid("bob"), id, now).unwrap();
+    net.settle();
+    assert_eq!(net.completed("carol"), vec![root]);
+    assert!(net.nodes[&pid("bob")].served[&pid("carol")] > 0);
+    assert!(!net.nodes[&pid("alice")].served.contains_key(&pid("carol")));
+    let bobs = offered.cap.proof(&root, &carol);
+    ask_every_way(&mut net, "carol", "alice", root, bobs);
+    assert_eq!(file_frames(&net, "alice", "carol"), 0, "bob's capability is not alice's");
+}
+
+#[test]
+fn a_stolen_capability_or_proof_under_another_key_gets_nothing() {
+    let mut net = Net::new(&["alice", "bob", "carol", "mallory"]);
+    let data = content(6 * CHUNK_LEN, 51);
+    let root = net.share("alice", &data);
+    net.seed("alice", "carol", root);
+    net.alice_sends_bob(root, "f");
+    // Mallory stole what Bob's disk keeps (his record's capability) and a proof Bob sent.
+    let cap = net.engine("bob").record(&root).unwrap().caps[0];
+    let bobs_proof = cap.proof(&root, &Root::of(b"bob"));
+    // Alice offered the file to Bob's and Carol's keys, not to Mallory's: the capability
+    // under Mallory's key opens nothing at Alice's.
+    let mallorys = cap.proof(&root, &Root::of(b"mallory"));
+    ask_every_way(&mut net, "mallory", "alice", root, mallorys);
+    assert_eq!(file_frames(&net, "alice", "mallory"), 0);
+    // A proof is bound to its asker's key: Bob's, replayed by Mallory, opens nothing
+    // anywhere.
+    for holder in ["alice", "bob", "carol"] {
+        ask_every_way(&mut net, "mallory", holder, root, bobs_proof);
+        assert_eq!(file_frames(&net, holder, "mallory"), 0, "{holder} answered mallory");
+        assert!(!net.nodes[&pid(holder)].served.contains_key(&pid("mallory")));
+    }
+}
+
+#[test]
+fn a_receiver_back_under_a_new_id_keeps_its_grant_and_its_old_id_opens_nothing() {
+    let mut net = Net::new(&["alice", "bob"]);
+    let data = content(300 * CHUNK_LEN, 52);
+    let root = net.share("alice", &data);
+    net.bob_accepts_from_alice(root, "f");
+    assert!(!net.run(200));
+    assert!(net.completed("bob").is_empty());
+    // Bob's connection drops; the server gives him a new id when he is back (same key,
+    // same engine).
+    net.disconnect("alice", "bob");
+    let bob = net.engines.remove(&pid("bob")).unwrap();
+    let node = net.nodes.remove(&pid("bob")).unwrap();
+    net.engines.insert(pid("bob2"), bob);
+    net.nodes.insert(pid("bob2"), node);
+    net.engine("alice").peer_identity(&pid("bob2"), Root::of(b"bob"));
+    // Meanwhile Mallory got Bob's old id, and replays a proof Bob sent.
+    let cap = net.engine("bob2").record(&root).unwrap().caps[0];
+    let bobs_proof = cap.proof(&root, &Root::of(b"bob"));
+    net.engines.insert(pid("bob"), fresh("mallory", 7));
+    net.nodes.insert(pid("bob"), Node::default());
+    net.engine("alice").peer_identity(&pid("bob"), Root::of(b"mallory"));
+    net.connect("alice", "bob");
+    net.delivered.clear();
+    ask_every_way(&mut net, "bob", "alice", root, bobs_proof);
+    assert_eq!(file_frames(&net, "alice", "bob"), 0, "bob's old id opened the file");
+    // Bob asks again under his new id: Alice's grant follows his key, the download
+    // finishes.
+    net.connect("alice", "bob2");
+    net.settle();
+    assert_eq!(net.completed("bob2"), vec![root]);
+    assert_eq!(net.nodes[&pid("bob2")].disk[&root], data);
 }
 
 /// A phone's uplink (1 Mbit/s): the receiver's window must not queue more requests than

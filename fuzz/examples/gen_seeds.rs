@@ -47,6 +47,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let packet = encode_frames(&all)?;
     write("frame_decode", "all", &packet)?;
 
+    // File transfer: an offer (with its capability) and every fetch (with its proof).
+    {
+        use weft_core::transfer::{Capability, OfferItem, Root, TransferMsg};
+        let (root, cap) = (Root::of(b"seed file"), Capability::from_bytes([0xcd; 32]));
+        let proof = cap.proof(&root, &Root::of(b"asker"));
+        let item =
+            OfferItem { path: "photos/a.jpg".into(), size: 123_456, root, streamed: true, cap };
+        let messages = [
+            ("offer", TransferMsg::Offer { offer_id: 7, items: vec![item] }),
+            ("hash_request", TransferMsg::HashRequest { root, proof, first: 0, count: 100 }),
+            ("chunk_request", TransferMsg::ChunkRequest { root, proof, index: 42 }),
+            ("query", TransferMsg::Query { root, proof }),
+            ("have", TransferMsg::Have { root, proof }),
+        ];
+        for (name, msg) in &messages {
+            let (t, body) = msg.encode();
+            write("transfer_decode", name, &[&[t][..], &body].concat())?;
+        }
+    }
+
     // Route announcements: own addresses, a subnet, an exit offer.
     let announcement = weft_core::node::Announcement {
         accepts_packets: true,

@@ -616,7 +616,7 @@ mod tests {
         assert_eq!(error_code(&r.handle(a, join("x"))), Some(ErrorCode::AlreadyJoined));
         assert_eq!(error_code(&r.handle(b, join("x"))), Some(ErrorCode::RoomFull));
         assert_eq!(error_code(&r.handle(b, join("y"))), Some(ErrorCode::TooManyRooms));
-        for version in [1, PROTOCOL_VERSION + 1] {
+        for version in [1, 2, PROTOCOL_VERSION + 1] {
             let other = ClientMessage::Join { version, room: RoomId::new("x").unwrap() };
             assert_eq!(error_code(&r.handle(b, other)), Some(ErrorCode::UnsupportedVersion));
         }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use thirtyfour::prelude::*;
 use weft_signal::{Config, Limits, Server};
 
@@ -249,6 +249,19 @@ where
 /// Runs `script` in the page and returns its result as JSON.
 pub async fn js(browser: &WebDriver, script: &str) -> Result<serde_json::Value> {
     Ok(browser.execute(script, Vec::new()).await?.json().clone())
+}
+
+/// Deletes the page's IndexedDB database (its identity key, trust stores and resume
+/// records): the next join comes with a new key. Fails unless it was deleted (a page
+/// still holding it open blocks the deletion).
+pub async fn forget_stored_key(browser: &WebDriver) -> Result<()> {
+    let script = "const done = arguments[arguments.length - 1];
+        const req = indexedDB.deleteDatabase('weft');
+        req.onsuccess = () => done('deleted'); req.onerror = () => done('error');
+        req.onblocked = () => done('blocked');";
+    let result = browser.execute_async(script, Vec::new()).await?.json().clone();
+    ensure!(result == "deleted", "the page's IndexedDB was not deleted: {result}");
+    Ok(())
 }
 
 /// Setup script for [`start_join`]: keeps every `RTCPeerConnection` the page creates

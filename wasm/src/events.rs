@@ -221,6 +221,12 @@ pub(crate) enum FileEvent {
         offer_id: f64,
         items: Vec<ItemJs>,
         total_size: f64,
+        /// The sender's key's trust under its name when the offer came (as a message's).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trust: Option<&'static str>,
+        /// Another pinned name its name looks like, under another key.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        looks_like: Option<String>,
     },
     OfferAnswered {
         peer_id: String,
@@ -366,6 +372,17 @@ struct IncomingJs {
     peer_id: String,
     offer_id: f64,
     items: Vec<ItemJs>,
+    /// The sender's key's trust, as in the `offer` event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trust: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    looks_like: Option<String>,
+}
+
+/// A sender's trust as its peer view says now (`trust`, `looksLike`), shown beside each
+/// offer as beside each message.
+fn sender_trust(node: &Node, peer: &PeerId) -> (Option<&'static str>, Option<String>) {
+    node.peer(peer).map_or((None, None), |p| (p.trust.map(Trust::as_str), p.looks_like))
 }
 
 /// `session.transfers()`.
@@ -396,10 +413,15 @@ impl TransfersJs {
             incoming: t
                 .incoming
                 .iter()
-                .map(|o| IncomingJs {
-                    peer_id: o.peer.to_string(),
-                    offer_id: o.offer_id as f64,
-                    items: names.items(&o.items, false),
+                .map(|o| {
+                    let (trust, looks_like) = sender_trust(names.0, &o.peer);
+                    IncomingJs {
+                        peer_id: o.peer.to_string(),
+                        offer_id: o.offer_id as f64,
+                        items: names.items(&o.items, false),
+                        trust,
+                        looks_like,
+                    }
                 })
                 .collect(),
         }
@@ -411,13 +433,18 @@ pub(crate) fn file_event(event: &NodeFileEvent, names: &Names<'_>) -> Option<Fil
     let node = names.0;
     Some(match event {
         NodeFileEvent::Engine(e) => match e {
-            TransferEvent::Offered { peer, offer_id, items } => FileEvent::Offer {
-                name: node.peer_name(peer).unwrap_or_default().to_string(),
-                peer_id: peer.to_string(),
-                offer_id: *offer_id as f64,
-                total_size: items.iter().map(|i| i.size as f64).sum(),
-                items: names.items(items, false),
-            },
+            TransferEvent::Offered { peer, offer_id, items } => {
+                let (trust, looks_like) = sender_trust(node, peer);
+                FileEvent::Offer {
+                    name: node.peer_name(peer).unwrap_or_default().to_string(),
+                    peer_id: peer.to_string(),
+                    offer_id: *offer_id as f64,
+                    total_size: items.iter().map(|i| i.size as f64).sum(),
+                    items: names.items(items, false),
+                    trust,
+                    looks_like,
+                }
+            }
             TransferEvent::Resumed { peer, offer_id, items } => FileEvent::Resumed {
                 peer_id: peer.to_string(),
                 offer_id: *offer_id as f64,

@@ -111,14 +111,16 @@
 //! // (path defaults to file.webkitRelativePath || file.name). to: a peer id, an array of
 //! // them, or undefined for every connected peer. Resolves once offers are sent.
 //! await session.sendFiles(entries, to);     // → [{ peerId, offerId }]
-//! await session.shareFiles(entries);        // hash and seed without offering → [{ root, path, size }]
+//! await session.shareFiles(entries);        // hash without offering → [{ root, path, size }]
+//!                                           // (nobody may fetch them before an offer)
 //! session.acceptOffer(peerId, offerId);     // throws if there is no such offer
 //! session.declineOffer(peerId, offerId);
 //! session.cancelTransfer(peerId, offerId, reason?, outgoing?);  // either side; the other is told
 //! session.pauseDownload(key, paused);
 //! session.transfers();  // { downloads: [{ key, root, paths, size, doneBytes, sources, offers,
 //!                       //   state, speedBps, etaS }], outgoing: [{ peerId, offerId, items, state,
-//!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items }] }
+//!                       //   sentBytes, totalBytes }], incoming: [{ peerId, offerId, items,
+//!                       //   trust?, looksLike? }] }
 //!                       // state: "active" | "paused" | "complete" | "failed";
 //!                       // outgoing state: "pending" | "accepted" | "declined" | "cancelled" | "delivered"
 //! await session.downloadedFile(key);       // → File (disk-backed) of a complete download,
@@ -139,7 +141,9 @@
 //! // as a connected peer holds the file (it is asked); no offer or event is needed.
 //! // Events (ev.type):
 //! //  "hashing"            { path, doneBytes, size }
-//! //  "offer"              { peerId, name, offerId, items: [{ path, size, key, root }], totalSize }
+//! //  "offer"              { peerId, name, offerId, items: [{ path, size, key, root }], totalSize,
+//! //                       trust?, looksLike? }   (the sender's trust and look-alike as in
+//! //                       "peer" when the offer came: show them beside it, as beside a message)
 //! //  "offer_answered"     { peerId, offerId, accepted }
 //! //  "resumed"            { peerId, offerId, keys }   (an offer of files we were fetching:
 //! //                       resumed without asking)
@@ -566,8 +570,10 @@ impl WeftSession {
         })
     }
 
-    /// Hashes `entries` and seeds them (peers that know their hashes may fetch them)
-    /// without offering. Resolves to `[{ root, path, size }]`.
+    /// Hashes `entries` and keeps them ready without offering them: a later `sendFiles` of
+    /// the same `File`s offers them by their root at once. Nobody may fetch them before
+    /// an offer (knowing a hash is not enough: `core/TRANSFER.md`, "Who may fetch what").
+    /// Resolves to `[{ root, path, size }]`.
     #[wasm_bindgen(js_name = shareFiles)]
     pub fn share_files(&self, entries: JsValue) -> js_sys::Promise {
         let inner = self.inner.clone();

@@ -719,6 +719,9 @@ pub struct Node {
     guard: pake::PakeGuard,
     /// Passphrase networks: signaling payloads from members, not yet taken.
     pake_inbox: VecDeque<(PeerId, SignalPayload)>,
+    /// The engine has its capability key, from the first input's randomness (before any
+    /// peer, so before any offer).
+    capability_key_set: bool,
     out: VecDeque<Output>,
 }
 
@@ -734,6 +737,8 @@ impl Node {
         let room = network.room_id().clone();
         let overlay = Overlay::new(config.routing, &network, *identity.public());
         let sealer = network.signal_sealer();
+        let mut engine = Engine::new(config.engine, first_offer_id);
+        engine.set_identity(Root::from_bytes(*identity.public().as_bytes()));
         Self {
             identity,
             network,
@@ -751,7 +756,8 @@ impl Node {
             conns: HashMap::new(),
             next_conn: 0,
             trust,
-            engine: Engine::new(config.engine, first_offer_id),
+            engine,
+            capability_key_set: false,
             engine_peers: BTreeSet::new(),
             files: FileGlue::new(downloads),
             path_due: None,
@@ -787,6 +793,12 @@ impl Node {
     /// Takes one input; then drain [`Node::poll_output`].
     pub fn handle_input(&mut self, now: Duration, input: Input, rng: &mut impl CryptoRng) {
         self.clock = self.clock.max(now);
+        if !self.capability_key_set {
+            let mut key = [0; 32];
+            rng.fill_bytes(&mut key);
+            self.engine.set_capability_key(key);
+            self.capability_key_set = true;
+        }
         match input {
             Input::SignalingOpened => {
                 let mut act = Vec::new();

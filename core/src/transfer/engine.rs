@@ -17,11 +17,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::cap::{Capability, Proof};
 use super::hash::{Cv, FileDigest, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
 use super::pace::Pace;
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
+
+/// Most capabilities a download keeps (offers of one file by several senders, or offered
+/// again after a sender restarted): each is one more `Query` per peer, and a sender that
+/// offers the same file again and again must not grow it.
+const MAX_CAPS: usize = 8;
 
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +332,12 @@ pub struct DownloadRecord {
     /// that may serve it until its root is verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<Root>,
+    /// The capabilities the offers of it carried: what a fetch of it proves, to its
+    /// sender after a reload or to other holders (`core/TRANSFER.md`, "Who may fetch
+    /// what"). A record without any (saved before capabilities) resumes only when its
+    /// sender offers it again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caps: Vec<Capability>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -340,6 +352,8 @@ struct Source {
     pace: Pace,
     /// Chunks it sent that failed verification.
     bad: HashSet<u32>,
+    /// The proof its requests carry (of a capability it took).
+    proof: Proof,
 }
 
 #[derive(Debug)]
@@ -366,6 +380,8 @@ struct Download {
     cv_check: Option<(u32, Root)>,
     /// Who offered a streamed file (its identity tag): its one source before the root.
     sender: Option<Root>,
+    /// Capabilities the offers of it carried, first first.
+    caps: Vec<Capability>,
     hash_source: Option<(PeerId, Duration)>,
     have: Vec<u8>,
     /// Chunks marked in `have`.
@@ -398,6 +414,7 @@ impl Download {
             cv_hasher: blake3::Hasher::new(),
             cv_check: None,
             sender: None,
+            caps: Vec::new(),
             hash_source: None,
             have: vec![0; (chunks as usize).div_ceil(8)],
             have_count: 0,
@@ -527,6 +544,7 @@ impl Download {
             // A restored list not yet checked again: keep what was saved.
             cv_digest: self.cv_check.or(cv_digest),
             sender: if pre_root { self.sender } else { None },
+            caps: self.caps.clone(),
         }
     }
 }
@@ -542,6 +560,10 @@ struct Shared {
     /// made again (say to a receiver that reloaded before it had the root) names the file
     /// as the first one did.
     streamed: bool,
+    /// Capabilities of other members' offers of it (a file we downloaded): a member that
+    /// proves one may fetch it from us too (multi-source among the holders of one
+    /// sender's capability). Our own capability needs no entry: see [`Engine::authorized`].
+    held: Vec<Capability>,
 }
 
 impl Shared {
@@ -588,12 +610,22 @@ pub struct Engine {
     reading: HashMap<(PeerId, Root, u32), VecDeque<Root>>,
     /// Peers' identity tags ([`Engine::peer_identity`]).
     identities: HashMap<PeerId, Root>,
+    /// Our own identity tag ([`Engine::set_identity`]): what our fetch proofs name.
+    own: Root,
+    /// Our capabilities are derived from it ([`Engine::set_capability_key`]).
+    cap_key: [u8; 32],
     /// Verified roots of downloads stored under a stream key → that key.
     names: HashMap<Root, Root>,
-    /// (peer, root) pairs the peer may fetch from us.
-    grants: HashSet<(PeerId, Root)>,
-    /// (peer, root) pairs we stopped serving to the peer (we cancelled).
-    revoked: HashSet<(PeerId, Root)>,
+    /// (identity tag, local key): we offered that shared file to that key, so a proof of
+    /// our own capability for it from that key opens it. Keyed by key, not by peer id,
+    /// which the server assigns and which changes on reconnect.
+    grants: HashSet<(Root, Root)>,
+    /// (identity tag, local key) pairs we stopped serving (we cancelled, or the offer was
+    /// declined or cancelled): no proof opens them.
+    revoked: HashSet<(Root, Root)>,
+    /// Peers whose proof opened a shared file, by the name they asked with: told when it
+    /// can no longer be served; later requests with the same proof are not checked again.
+    fetchers: HashMap<(PeerId, Root), Proof>,
     outgoing: HashMap<(PeerId, u64), Outgoing>,
     incoming: HashMap<(PeerId, u64), Vec<OfferItem>>,
     downloads: BTreeMap<Root, Download>,
@@ -618,9 +650,14 @@ impl Engine {
             waiters: HashMap::new(),
             reading: HashMap::new(),
             identities: HashMap::new(),
+            own: Root::from([0; 32]),
+            // Not secret until the node sets one from its randomness: an engine on its own
+            // (tests, benches) still gives each file its own capability.
+            cap_key: *blake3::hash(&first_offer_id.to_be_bytes()).as_bytes(),
             names: HashMap::new(),
             grants: HashSet::new(),
             revoked: HashSet::new(),
+            fetchers: HashMap::new(),
             outgoing: HashMap::new(),
             incoming: HashMap::new(),
             downloads: BTreeMap::new(),
@@ -650,9 +687,56 @@ impl Engine {
     /// Who `peer` is: a tag of its long-term identity (the node passes its public key),
     /// before [`Self::peer_connected`]. A streamed download takes its sender (by this
     /// tag) as its one source until its root is verified, so after a reload it asks only
-    /// that member for the file, never anyone who merely learnt the key.
+    /// that member for the file, never anyone who merely learnt the key. Our grants of
+    /// the files we offered are kept by this tag, and the proofs `peer` sends are checked
+    /// against it, so a member back under a new id keeps its grants.
     pub fn peer_identity(&mut self, peer: &PeerId, tag: Root) {
         self.identities.insert(peer.clone(), tag);
+    }
+
+    /// Our own identity tag (the node passes its public key, as peers pass it to
+    /// [`Self::peer_identity`]): the proofs our fetches carry are bound to it.
+    pub fn set_identity(&mut self, tag: Root) {
+        self.own = tag;
+    }
+
+    /// The key our files' capabilities are derived from: 32 random bytes from the
+    /// driver, set once, before anything is offered (a capability handed out stays valid
+    /// for the engine's life).
+    pub fn set_capability_key(&mut self, key: [u8; 32]) {
+        self.cap_key = key;
+    }
+
+    /// Our capability for the shared file held under `local`: the same in every offer
+    /// of it, so that all its receivers may fetch it from each other.
+    fn own_cap(&self, local: &Root) -> Capability {
+        Capability::derive(&self.cap_key, local)
+    }
+
+    /// Whether `proof`, sent by `peer` for the shared file it names `name`, opens it:
+    /// a proof of our own capability from a key we offered the file to, or of a
+    /// capability we received with the file (we downloaded it) from any key. Knowing the
+    /// file's hash is not enough, and a proof is bound to its asker's key.
+    fn authorized(&self, peer: &PeerId, name: &Root, proof: &Proof) -> bool {
+        let Some(local) = self.share_key(name) else { return false };
+        let Some(s) = self.shared.get(&local) else { return false };
+        let tag = self.identity_of(peer);
+        if self.revoked.contains(&(tag, local)) {
+            return false;
+        }
+        if self.fetchers.get(&(peer.clone(), *name)) == Some(proof) {
+            return true;
+        }
+        (self.grants.contains(&(tag, local)) && self.own_cap(&local).opens(proof, name, &tag))
+            || s.held.iter().any(|c| c.opens(proof, name, &tag))
+    }
+
+    /// The queries asking a peer for download `d` by `name`: one per capability it holds.
+    fn queries(d: &Download, name: Root, own: &Root) -> Vec<TransferMsg> {
+        d.caps
+            .iter()
+            .map(|c| TransferMsg::Query { root: name, proof: c.proof(&name, own) })
+            .collect()
     }
 
     /// Whether `peer` may be asked for (and become a source of) download `d`.
@@ -677,7 +761,7 @@ impl Engine {
     /// downloads ask it whether it holds them.
     pub fn peer_connected(&mut self, peer: &PeerId, now: Duration) {
         self.peers.insert(peer.clone());
-        let wanted: Vec<Root> = self
+        let wanted: Vec<TransferMsg> = self
             .downloads
             .iter()
             .filter(|(_, d)| {
@@ -685,10 +769,10 @@ impl Engine {
                     && !d.sources.contains_key(peer)
                     && self.may_source(d, peer)
             })
-            .map(|(r, d)| Self::query_key(d, r))
+            .flat_map(|(r, d)| Self::queries(d, Self::query_key(d, r), &self.own))
             .collect();
-        for root in wanted {
-            self.send(peer, TransferMsg::Query { root });
+        for msg in wanted {
+            self.send(peer, msg);
         }
         self.schedule(now);
     }
@@ -700,6 +784,7 @@ impl Engine {
         self.serve_queue.remove(peer);
         self.reads_in_flight.remove(peer);
         self.reading.retain(|(p, _, _), _| p != peer);
+        self.fetchers.retain(|(p, _), _| p != peer);
         for list in self.waiters.values_mut() {
             list.retain(|w| w.peer != *peer);
         }
@@ -740,8 +825,8 @@ impl Engine {
     }
 
     /// Adds `peer` as a source of the download stored under `root`, which it knows by
-    /// `key`.
-    fn add_source(&mut self, root: &Root, peer: &PeerId, key: Root) {
+    /// `key` and opens to `proof`.
+    fn add_source(&mut self, root: &Root, peer: &PeerId, key: Root, proof: Proof) {
         let window = self.config.initial_window;
         let Some(d) = self.downloads.get(root) else { return };
         if d.state == DownloadState::Complete
@@ -751,7 +836,8 @@ impl Engine {
             return;
         }
         let Some(d) = self.downloads.get_mut(root) else { return };
-        d.sources.insert(peer.clone(), Source { window, key: Some(key), ..Source::default() });
+        let source = Source { window, key: Some(key), proof, ..Source::default() };
+        d.sources.insert(peer.clone(), source);
         d.requery_at = None;
         self.event(TransferEvent::SourceAdded { root: *root, peer: peer.clone() });
     }
@@ -769,7 +855,9 @@ impl Engine {
         if !ok {
             return Err(TransferError::BadHashes);
         }
-        self.shared.insert(root, Shared { size, cvs, root: Some(root), streamed: false });
+        // A file we downloaded and now share ourselves keeps serving its other holders.
+        let held = self.shared.get(&root).map(|s| s.held.clone()).unwrap_or_default();
+        self.shared.insert(root, Shared { size, cvs, root: Some(root), streamed: false, held });
         Ok(())
     }
 
@@ -778,7 +866,8 @@ impl Engine {
     /// and its CVs follow as the driver hashes it ([`Self::hashed`], then
     /// [`Self::hash_done`]).
     pub fn share_streamed(&mut self, local: Root, size: u64) {
-        self.shared.insert(local, Shared { size, cvs: Vec::new(), root: None, streamed: true });
+        let shared = Shared { size, cvs: Vec::new(), root: None, streamed: true, held: Vec::new() };
+        self.shared.insert(local, shared);
     }
 
     /// The next CVs of `local`, in order, as the driver's hasher finishes chunks: they go
@@ -901,7 +990,8 @@ impl Engine {
         self.shared.remove(&key);
         self.waiters.remove(&key);
         self.aliases.retain(|_, k| *k != key);
-        self.grants.retain(|(_, r)| !names.contains(r));
+        self.grants.retain(|(_, l)| *l != key);
+        self.fetchers.retain(|(_, r), _| !names.contains(r));
     }
 
     /// Whether `root` is shared (or was downloaded completely), by any of its names.
@@ -946,15 +1036,17 @@ impl Engine {
             check_path(path)?;
             let local = self.share_key(name).ok_or(TransferError::UnknownFile)?;
             let shared = self.shared.get(&local).ok_or(TransferError::UnknownFile)?;
+            let cap = self.own_cap(&local);
             let item = match shared.root.filter(|_| !shared.streamed) {
                 Some(root) => {
-                    OfferItem { path: path.clone(), size: shared.size, root, streamed: false }
+                    OfferItem { path: path.clone(), size: shared.size, root, streamed: false, cap }
                 }
                 None => OfferItem {
                     path: path.clone(),
                     size: shared.size,
                     root: stream_key(&local, shared.size, path),
                     streamed: true,
+                    cap,
                 },
             };
             items.push(item);
@@ -962,12 +1054,14 @@ impl Engine {
         }
         let offer_id = self.next_offer_id;
         self.next_offer_id = self.next_offer_id.wrapping_add(1);
+        let tag = self.identity_of(peer);
         for (item, local) in items.iter().zip(&locals) {
             if item.root != *local {
                 self.aliases.insert(item.root, *local);
             }
-            self.grants.insert((peer.clone(), item.root));
-            self.revoked.remove(&(peer.clone(), item.root));
+            self.grants.insert((tag, *local));
+            self.revoked.remove(&(tag, *local));
+            self.fetchers.insert((peer.clone(), item.root), item.cap.proof(&item.root, &tag));
         }
         self.outgoing.insert(
             (peer.clone(), offer_id),
@@ -1024,7 +1118,7 @@ impl Engine {
             }
             None => *root,
         };
-        if self.peers.contains(peer) && self.grants.contains(&(peer.clone(), key)) {
+        if self.peers.contains(peer) && self.fetchers.contains_key(&(peer.clone(), key)) {
             self.send(peer, TransferMsg::Chunk { root: key, index, data });
         }
         self.pump_reads(peer);
@@ -1054,13 +1148,14 @@ impl Engine {
         self.waiters.remove(&key);
         self.aliases.retain(|_, k| *k != key);
         let askers: Vec<(PeerId, Root)> =
-            self.grants.iter().filter(|(_, r)| names.contains(r)).cloned().collect();
+            self.fetchers.keys().filter(|(_, r)| names.contains(r)).cloned().collect();
         for (p, r) in askers {
             if self.peers.contains(&p) {
                 self.send(&p, TransferMsg::Missing { root: r, reason: text.clone() });
             }
         }
-        self.grants.retain(|(_, r)| !names.contains(r));
+        self.grants.retain(|(_, l)| *l != key);
+        self.fetchers.retain(|(_, r), _| !names.contains(r));
         for q in self.serve_queue.values_mut() {
             q.retain(|(r, _)| !names.contains(r));
         }
@@ -1094,10 +1189,6 @@ impl Engine {
                 len,
             });
         }
-    }
-
-    fn may_serve(&self, peer: &PeerId, root: &Root) -> bool {
-        self.share_key(root).is_some() && self.grants.contains(&(peer.clone(), *root))
     }
 
     // ---- receiving side ----
@@ -1145,6 +1236,7 @@ impl Engine {
                 continue;
             }
             let key = existing.unwrap_or(item.root);
+            let own = self.own;
             let d = self.downloads.entry(key).or_insert_with(|| {
                 let mut d = Download::new(item.size, vec![]);
                 if item.streamed {
@@ -1172,16 +1264,22 @@ impl Engine {
             if !d.offers.contains(&(peer.clone(), offer_id)) {
                 d.offers.push((peer.clone(), offer_id));
             }
+            if !d.caps.contains(&item.cap) && d.caps.len() < MAX_CAPS {
+                d.caps.push(item.cap);
+            }
             if d.state == DownloadState::Failed {
                 d.state = DownloadState::Active;
             }
             let ask_others = !d.pre_root();
             let query = Self::query_key(d, &key);
+            let queries = Self::queries(d, query, &own);
             self.check_root(&key, now);
-            self.add_source(&key, peer, item.root);
+            self.add_source(&key, peer, item.root, item.cap.proof(&item.root, &own));
             if ask_others {
                 for other in &others {
-                    self.send(other, TransferMsg::Query { root: query });
+                    for msg in &queries {
+                        self.send(other, msg.clone());
+                    }
                 }
             }
             self.try_complete(&key);
@@ -1213,12 +1311,15 @@ impl Engine {
             if streamed {
                 d.sender = None;
                 let sources: Vec<PeerId> = d.sources.keys().cloned().collect();
+                let queries = Self::queries(d, root, &self.own);
                 self.names.insert(root, *key);
                 self.event(TransferEvent::Verified { key: *key, root });
                 let others: Vec<PeerId> =
                     self.peers.iter().filter(|p| !sources.contains(p)).cloned().collect();
                 for p in others {
-                    self.send(&p, TransferMsg::Query { root });
+                    for msg in &queries {
+                        self.send(&p, msg.clone());
+                    }
                 }
             }
             return;
@@ -1318,9 +1419,13 @@ impl Engine {
     }
 
     fn stop_serving(&mut self, peer: &PeerId, items: &[OfferItem]) {
+        let tag = self.identity_of(peer);
         for item in items {
-            self.grants.remove(&(peer.clone(), item.root));
-            self.revoked.insert((peer.clone(), item.root));
+            let Some(local) = self.share_key(&item.root) else { continue };
+            self.grants.remove(&(tag, local));
+            self.revoked.insert((tag, local));
+            let names = self.names_of(&local, &item.root);
+            self.fetchers.retain(|(p, r), _| !(p == peer && names.contains(r)));
         }
         if let Some(q) = self.serve_queue.get_mut(peer) {
             q.retain(|(r, _)| !items.iter().any(|i| i.root == *r));
@@ -1419,9 +1524,12 @@ impl Engine {
         d.state = DownloadState::Complete;
         d.sources.clear();
         d.inflight.clear();
-        let (size, paths, cvs) = (d.size, d.paths.clone(), d.cvs.clone());
+        let (size, paths, cvs, held) = (d.size, d.paths.clone(), d.cvs.clone(), d.caps.clone());
         let offerers: Vec<PeerId> = d.offers.iter().map(|(p, _)| p.clone()).collect();
-        self.shared.insert(*key, Shared { size, cvs, root: Some(root), streamed: false });
+        // Served to those who prove a capability it came with, not to anyone who can
+        // name it (`core/TRANSFER.md`, "Who may fetch what").
+        let shared = Shared { size, cvs, root: Some(root), streamed: false, held };
+        self.shared.insert(*key, shared);
         if root != *key {
             self.aliases.insert(root, *key);
         }
@@ -1450,6 +1558,8 @@ impl Engine {
     pub fn restore(&mut self, record: DownloadRecord) {
         let key = record.root;
         let mut d = Download::new(record.size, record.paths);
+        d.caps = record.caps;
+        d.caps.truncate(MAX_CAPS);
         if record.have.len() == d.have.len() {
             d.have = record.have;
         }
@@ -1580,20 +1690,22 @@ impl Engine {
                     accepted: accept,
                 });
             }
-            TransferMsg::HashRequest { root, first, count } => {
-                if !self.may_serve(peer, &root) {
+            TransferMsg::HashRequest { root, proof, first, count } => {
+                if !self.authorized(peer, &root, &proof) {
                     let reason = "not shared with you".to_string();
                     return self.send(peer, TransferMsg::Missing { root, reason });
                 }
+                self.fetchers.insert((peer.clone(), root), proof);
                 self.on_hash_request(peer, root, first, count);
             }
             TransferMsg::Root { key, root } => self.on_root(peer, key, root, now),
             TransferMsg::Hashes { root, first, cvs } => self.on_hashes(peer, root, first, cvs, now),
-            TransferMsg::ChunkRequest { root, index } => {
-                if !self.may_serve(peer, &root) {
+            TransferMsg::ChunkRequest { root, proof, index } => {
+                if !self.authorized(peer, &root, &proof) {
                     let reason = "not shared with you".to_string();
                     return self.send(peer, TransferMsg::Missing { root, reason });
                 }
+                self.fetchers.insert((peer.clone(), root), proof);
                 let q = self.serve_queue.entry(peer.clone()).or_default();
                 if q.len() < self.config.max_serve_queue {
                     q.push_back((root, index));
@@ -1631,19 +1743,24 @@ impl Engine {
                 }
                 self.schedule(now);
             }
-            TransferMsg::Query { root } => {
-                if self.share_key(&root).is_some() && !self.revoked.contains(&(peer.clone(), root))
-                {
-                    // Knowing a file's 256-bit hash is the capability to fetch it: only
-                    // an offer reveals it.
-                    self.grants.insert((peer.clone(), root));
-                    self.send(peer, TransferMsg::Have { root });
+            TransferMsg::Query { root, proof } => {
+                // Knowing a file's hash is not enough: the asker proves a capability an
+                // offer gave it. Otherwise no answer, as when we do not hold the file.
+                if self.authorized(peer, &root, &proof) {
+                    self.fetchers.insert((peer.clone(), root), proof);
+                    self.send(peer, TransferMsg::Have { root, proof });
                 }
             }
-            TransferMsg::Have { root } => {
+            TransferMsg::Have { root, proof } => {
                 let Some(key) = self.download_key(&root) else { return };
-                if self.downloads.get(&key).is_some_and(|d| d.state != DownloadState::Complete) {
-                    self.add_source(&key, peer, root);
+                let own = self.own;
+                // Which of our capabilities it took (one of our queries' proofs).
+                let ours = self.downloads.get(&key).is_some_and(|d| {
+                    d.state != DownloadState::Complete
+                        && d.caps.iter().any(|c| c.opens(&proof, &root, &own))
+                });
+                if ours {
+                    self.add_source(&key, peer, root, proof);
                     self.schedule(now);
                 }
             }
@@ -1949,11 +2066,13 @@ impl Engine {
         let peers: Vec<PeerId> = self.peers.iter().cloned().collect();
         for key in queries {
             let Some(d) = self.downloads.get(&key) else { continue };
-            let root = Self::query_key(d, &key);
+            let queries = Self::queries(d, Self::query_key(d, &key), &self.own);
             // Before its root, a streamed download asks its sender only.
             let asked: Vec<&PeerId> = peers.iter().filter(|p| self.may_source(d, p)).collect();
-            let sends: Vec<(PeerId, TransferMsg)> =
-                asked.into_iter().map(|p| (p.clone(), TransferMsg::Query { root })).collect();
+            let sends: Vec<(PeerId, TransferMsg)> = asked
+                .into_iter()
+                .flat_map(|p| queries.iter().map(|m| (p.clone(), m.clone())))
+                .collect();
             for (peer, msg) in sends {
                 self.send(&peer, msg);
             }
@@ -1982,6 +2101,7 @@ impl Engine {
                 if let Some((p, s)) = d.sources.iter().next() {
                     let msg = TransferMsg::HashRequest {
                         root: s.key.unwrap_or(*root),
+                        proof: s.proof,
                         first: have,
                         count: d.cv_total().saturating_sub(have),
                     };
@@ -2015,7 +2135,7 @@ impl Engine {
                     if s.inflight >= s.window {
                         continue;
                     }
-                    let key = s.key.unwrap_or(*root);
+                    let (key, proof) = (s.key.unwrap_or(*root), s.proof);
                     let Some(index) =
                         d.next_wanted().or_else(|| cutoff.and_then(|c| d.duplicate_for(p, c)))
                     else {
@@ -2027,7 +2147,7 @@ impl Engine {
                     }
                     budget -= 1;
                     progressed = true;
-                    sends.push((p.clone(), TransferMsg::ChunkRequest { root: key, index }));
+                    sends.push((p.clone(), TransferMsg::ChunkRequest { root: key, proof, index }));
                 }
                 if !progressed {
                     break;

@@ -2,7 +2,8 @@
 //!
 //! - [`hash`]: files are named by their BLAKE3 hash (the *root*) and cut into 64 KiB
 //!   chunks, each verified against its chaining value from BLAKE3's own tree.
-//! - [`wire`]: the messages (frames 0x20..=0x2a inside the encrypted session).
+//! - [`wire`]: the messages (frames 0x20..=0x2b inside the encrypted session).
+//! - [`cap`]: capabilities: offers hand them out, every fetch proves one.
 //! - [`engine`]: the sans-IO state machine: offers, answers, receiver-driven pipelined
 //!   requests to one or several sources, serving, cancel, pause and resume records.
 //! - [`pace`]: how many requests a source gets and how long each may take, from the
@@ -12,12 +13,14 @@
 //!
 //! The design and why each property holds is in `core/TRANSFER.md`.
 
+pub mod cap;
 pub mod engine;
 pub mod hash;
 pub mod pace;
 pub mod reason;
 pub mod wire;
 
+pub use cap::{Capability, Proof};
 pub use engine::{
     DownloadProgress, DownloadRecord, DownloadState, Engine, EngineConfig, Output, TransferError,
     TransferEvent,

@@ -4,6 +4,7 @@
 //! Decoding never panics, never allocates more than the input's size, and rejects
 //! trailing bytes, unsafe paths and counts beyond the limits below.
 
+use super::cap::{Capability, Proof};
 use super::hash::{CHUNK_LEN, Cv, Root};
 
 /// Most items in one offer.
@@ -46,6 +47,8 @@ pub struct OfferItem {
     pub root: Root,
     /// Whether `root` is a stream key rather than the file's hash.
     pub streamed: bool,
+    /// The sender's capability for this file: a fetch proves it ([`Capability::proof`]).
+    pub cap: Capability,
 }
 
 /// A file-transfer message.
@@ -72,6 +75,8 @@ pub enum TransferMsg {
     HashRequest {
         /// The file.
         root: Root,
+        /// The asker's proof of a capability for the file.
+        proof: Proof,
         /// First chunk.
         first: u32,
         /// How many.
@@ -90,6 +95,8 @@ pub enum TransferMsg {
     ChunkRequest {
         /// The file.
         root: Root,
+        /// The asker's proof of a capability for the file.
+        proof: Proof,
         /// Which chunk.
         index: u32,
     },
@@ -119,15 +126,19 @@ pub enum TransferMsg {
         /// Why, for people.
         reason: String,
     },
-    /// "Do you hold `root`?" (multi-source discovery).
+    /// "Do you hold `root`, and may I fetch it?" (multi-source discovery, resume).
     Query {
         /// The file.
         root: Root,
+        /// The asker's proof of a capability for the file.
+        proof: Proof,
     },
-    /// "I hold all of `root`": add me as a source.
+    /// "I hold all of `root`, and your proof opens it": add me as a source.
     Have {
         /// The file.
         root: Root,
+        /// The proof of the query answered (which of the asker's capabilities it took).
+        proof: Proof,
     },
     /// The receiver verified and stored `root` completely.
     Complete {
@@ -313,6 +324,14 @@ impl Reader<'_> {
     fn root(&mut self) -> Result<Root, WireError> {
         self.hash().map(Root::from)
     }
+    fn cap(&mut self) -> Result<Capability, WireError> {
+        self.hash().map(Capability::from_bytes)
+    }
+    fn proof(&mut self) -> Result<Proof, WireError> {
+        let mut a = [0; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(Proof::from_bytes(a))
+    }
     fn text(&mut self, max: usize) -> Result<String, WireError> {
         let len = usize::from(self.u16()?);
         if len > max {
@@ -355,6 +374,7 @@ impl TransferMsg {
                     out.extend_from_slice(&item.size.to_be_bytes());
                     out.push(u8::from(item.streamed));
                     out.extend_from_slice(item.root.as_bytes());
+                    out.extend_from_slice(item.cap.as_bytes());
                 }
                 ty::OFFER
             }
@@ -363,8 +383,9 @@ impl TransferMsg {
                 out.push(u8::from(*accept));
                 ty::ANSWER
             }
-            Self::HashRequest { root, first, count } => {
+            Self::HashRequest { root, proof, first, count } => {
                 out.extend_from_slice(root.as_bytes());
+                out.extend_from_slice(proof.as_bytes());
                 out.extend_from_slice(&first.to_be_bytes());
                 out.extend_from_slice(&count.to_be_bytes());
                 ty::HASH_REQUEST
@@ -377,8 +398,9 @@ impl TransferMsg {
                 cvs.iter().for_each(|cv| out.extend_from_slice(cv));
                 ty::HASHES
             }
-            Self::ChunkRequest { root, index } => {
+            Self::ChunkRequest { root, proof, index } => {
                 out.extend_from_slice(root.as_bytes());
+                out.extend_from_slice(proof.as_bytes());
                 out.extend_from_slice(&index.to_be_bytes());
                 ty::CHUNK_REQUEST
             }
@@ -400,12 +422,14 @@ impl TransferMsg {
                 put_text(out, reason, MAX_REASON_LEN);
                 ty::CANCEL
             }
-            Self::Query { root } => {
+            Self::Query { root, proof } => {
                 out.extend_from_slice(root.as_bytes());
+                out.extend_from_slice(proof.as_bytes());
                 ty::QUERY
             }
-            Self::Have { root } => {
+            Self::Have { root, proof } => {
                 out.extend_from_slice(root.as_bytes());
+                out.extend_from_slice(proof.as_bytes());
                 ty::HAVE
             }
             Self::Complete { root } => {
@@ -452,9 +476,9 @@ impl TransferMsg {
             ty::OFFER => {
                 let offer_id = r.u64()?;
                 let count = r.u32()? as usize;
-                // Each item takes at least 43 bytes, so the count cannot claim more items
+                // Each item takes at least 75 bytes, so the count cannot claim more items
                 // than the body holds.
-                if count > MAX_OFFER_ITEMS || count > r.0.len() / 43 {
+                if count > MAX_OFFER_ITEMS || count > r.0.len() / 75 {
                     return Err(WireError::TooLarge);
                 }
                 let mut items = Vec::with_capacity(count);
@@ -469,7 +493,8 @@ impl TransferMsg {
                         1 => true,
                         _ => return Err(WireError::TooLarge),
                     };
-                    items.push(OfferItem { path, size, root: r.root()?, streamed });
+                    let root = r.root()?;
+                    items.push(OfferItem { path, size, root, streamed, cap: r.cap()? });
                 }
                 Self::Offer { offer_id, items }
             }
@@ -482,9 +507,12 @@ impl TransferMsg {
                 };
                 Self::Answer { offer_id, accept }
             }
-            ty::HASH_REQUEST => {
-                Self::HashRequest { root: r.root()?, first: r.u32()?, count: r.u32()? }
-            }
+            ty::HASH_REQUEST => Self::HashRequest {
+                root: r.root()?,
+                proof: r.proof()?,
+                first: r.u32()?,
+                count: r.u32()?,
+            },
             ty::HASHES => {
                 let root = r.root()?;
                 let first = r.u32()?;
@@ -499,7 +527,9 @@ impl TransferMsg {
                 let cvs = (0..count).map(|_| r.hash()).collect::<Result<_, _>>()?;
                 Self::Hashes { root, first, cvs }
             }
-            ty::CHUNK_REQUEST => Self::ChunkRequest { root: r.root()?, index: r.u32()? },
+            ty::CHUNK_REQUEST => {
+                Self::ChunkRequest { root: r.root()?, proof: r.proof()?, index: r.u32()? }
+            }
             ty::CHUNK => {
                 let root = r.root()?;
                 let index = r.u32()?;
@@ -519,8 +549,8 @@ impl TransferMsg {
                 };
                 Self::Cancel { offer_id, own_offer, reason: r.text(MAX_REASON_LEN)? }
             }
-            ty::QUERY => Self::Query { root: r.root()? },
-            ty::HAVE => Self::Have { root: r.root()? },
+            ty::QUERY => Self::Query { root: r.root()?, proof: r.proof()? },
+            ty::HAVE => Self::Have { root: r.root()?, proof: r.proof()? },
             ty::COMPLETE => Self::Complete { root: r.root()? },
             ty::ROOT => Self::Root { key: r.root()?, root: r.root()? },
             other => return Err(WireError::UnknownType(other)),
@@ -537,29 +567,38 @@ mod tests {
 
     fn samples() -> Vec<TransferMsg> {
         let root = Root::from([9; 32]);
+        let cap = Capability::from_bytes([6; 32]);
+        let proof = Proof::from_bytes([8; 16]);
         vec![
             TransferMsg::Offer {
                 offer_id: 7,
                 items: vec![
-                    OfferItem { path: "photos/a b.jpg".into(), size: 5, root, streamed: false },
+                    OfferItem {
+                        path: "photos/a b.jpg".into(),
+                        size: 5,
+                        root,
+                        streamed: false,
+                        cap,
+                    },
                     OfferItem {
                         path: "ü/é.txt".into(),
                         size: 0,
                         root: Root::from([1; 32]),
                         streamed: true,
+                        cap,
                     },
                 ],
             },
             TransferMsg::Offer { offer_id: 1, items: vec![] },
             TransferMsg::Answer { offer_id: 7, accept: true },
-            TransferMsg::HashRequest { root, first: 3, count: 100 },
+            TransferMsg::HashRequest { root, proof, first: 3, count: 100 },
             TransferMsg::Hashes { root, first: 3, cvs: vec![[2; 32], [3; 32]] },
-            TransferMsg::ChunkRequest { root, index: 42 },
+            TransferMsg::ChunkRequest { root, proof, index: 42 },
             TransferMsg::Chunk { root, index: 42, data: vec![5; CHUNK_LEN] },
             TransferMsg::Missing { root, reason: "file removed".into() },
             TransferMsg::Cancel { offer_id: 7, own_offer: true, reason: "cancelled by Bob".into() },
-            TransferMsg::Query { root },
-            TransferMsg::Have { root },
+            TransferMsg::Query { root, proof },
+            TransferMsg::Have { root, proof },
             TransferMsg::Complete { root },
             TransferMsg::Root { key: Root::from([4; 32]), root },
         ]
@@ -640,6 +679,7 @@ mod tests {
                     size: 1,
                     root: Root::from([0; 32]),
                     streamed: false,
+                    cap: Capability::from_bytes([0; 32]),
                 }],
             };
             let (t, body) = msg.encode();

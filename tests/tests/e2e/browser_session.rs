@@ -382,12 +382,7 @@ async fn a_changed_key_under_a_known_name_is_flagged_until_accepted() {
     // "Bob" comes back with another key (a new device, or an impostor using his name).
     bob.goto("about:blank").await.unwrap();
     bob.goto(server.url()).await.unwrap();
-    let script = "const done = arguments[arguments.length - 1];
-        const req = indexedDB.deleteDatabase('weft');
-        req.onsuccess = () => done('deleted'); req.onerror = () => done('error');
-        req.onblocked = () => done('blocked');";
-    let deleted = bob.execute_async(script, Vec::new()).await.unwrap().json().clone();
-    assert_eq!(deleted, "deleted");
+    weft_tests::forget_stored_key(&bob).await.unwrap();
     start_join(&bob, json!({ "invite": invite, "name": "Bob" })).await.unwrap();
     let changed = wait_trust(&alice, "changed").await;
     assert_ne!(changed["shortCode"], first_code, "a new key has a new safety code");

@@ -3,7 +3,7 @@
 //! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a folder's hidden
 //! files are left out of what is sent (and one named alone is refused), a download resumes
 //! after the receiver reloads, a corrupted chunk is rejected and fetched again, a download
-//! uses two seeders at once, a cancel on either side cleans up both, and without OPFS a
+//! uses two seeders at once (both holders of the sender's capability), a cancel on either side cleans up both, and without OPFS a
 //! download streams through the service worker into Chromium's downloads folder (even when
 //! the browser asks for it late; one the browser does not save is reported failed).
 //!
@@ -21,8 +21,8 @@ use weft_tests::browser_available;
 use weft_tests::files::{
     BYTES_RECEIVED_JS, Member, Net, OPFS_LIST_JS, Scratch, TestFile, WAIT, accept, add_hook,
     blake3_of, call, download, events, generate, hash_downloaded, is_file_event, mib, ms,
-    offered_keys, opfs_files, send_files, share_files, start_join, transfers, upload, uploaded,
-    wait_complete, wait_connected, wait_event, wait_offer,
+    offered_keys, opfs_files, send_files, start_join, transfers, upload, uploaded, wait_complete,
+    wait_connected, wait_event, wait_offer,
 };
 use weft_tests::{js, wait_for};
 
@@ -461,15 +461,14 @@ async fn two_seeders_body(net: &Net, file: &TestFile) -> Result<()> {
     let (alice_id, bob_id, carol_id) =
         (net.ids[0].as_str(), net.ids[1].as_str(), net.ids[2].as_str());
     upload(alice, "s", &[file]).await?;
-    upload(carol, "s", &[file]).await?;
-    // Carol holds the same file without offering it to anyone.
-    let shared = share_files(carol, "s", &[(file, "swarm.bin")], WAIT).await?;
-    ensure!(
-        shared.len() == 1
-            && shared[0]["root"] == file.root.as_str()
-            && shared[0]["size"] == file.size,
-        "shareFiles answered {shared:?}"
-    );
+    // Carol got the file from Alice first: she holds Alice's capability for it, so she
+    // serves it to Alice's other receivers (a member that merely has the same bytes would
+    // not: `core/TRANSFER.md`, "Who may fetch what").
+    let sent = send_files(alice, "s", &[(file, "swarm.bin")], carol_id, WAIT).await?;
+    let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+    wait_offer(carol, alice_id, &offer_id).await?;
+    accept(carol, alice_id, &offer_id).await?;
+    wait_complete(carol, &file.root, BIG_WAIT).await?;
     let took = send_whole_file(net, "s", file, "swarm.bin").await?;
 
     // The only file: by its root, or its stream key before the root was verified.

@@ -2,9 +2,11 @@
 //!
 //! - [`hash`]: files are named by their BLAKE3 hash (the *root*) and cut into 64 KiB
 //!   chunks, each verified against its chaining value from BLAKE3's own tree.
-//! - [`wire`]: the messages (frames 0x20..=0x2a inside the encrypted session).
+//! - [`wire`]: the messages (frames 0x20..=0x2c inside the encrypted session).
 //! - [`engine`]: the sans-IO state machine: offers, answers, receiver-driven pipelined
 //!   requests to one or several sources, serving, cancel, pause and resume records.
+//! - [`limits`]: the caps on what a peer can ask (file size, offers, hash lists), and
+//!   the refusals a peer gets past them.
 //! - [`reason`]: why a download failed, a share stopped, a source was dropped or an offer
 //!   was cancelled, as types whose `Display` is the plain words the user sees.
 //!
@@ -12,6 +14,7 @@
 
 pub mod engine;
 pub mod hash;
+pub mod limits;
 pub mod reason;
 pub mod wire;
 
@@ -22,5 +25,6 @@ pub use engine::{
 pub use hash::{
     CHUNK_LEN, Cv, FileDigest, FileHasher, ParseRootError, Root, chunk_count, chunk_span,
 };
+pub use limits::{LimitReason, Refusals, TransferLimits};
 pub use reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 pub use wire::{OfferItem, TransferMsg, WireError};

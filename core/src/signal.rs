@@ -26,8 +26,10 @@ use serde::{Deserialize, Serialize};
 /// member: the file offer (streamed items, the `Root` message; `core/TRANSFER.md`), and
 /// passphrase networks, whose members run the pairwise PAKE (`pake.rs`) before they send
 /// each other descriptions, which they seal (a version 1 peer would send them in clear
-/// and never answer the PAKE).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// and never answer the PAKE). Version 3: an offer too large for one frame travels in
+/// parts (`OfferPart`, frame 0x2c; `core/TRANSFER.md`, "Caps on what a peer can ask"),
+/// which a version 2 peer would drop, taking the last part for the whole offer.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest signaling message, in bytes of JSON text, that either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;

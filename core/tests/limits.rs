@@ -326,7 +326,12 @@ fn an_offer_with_too_many_files_is_refused_and_the_sender_hears_why() {
 
 #[test]
 fn offers_waiting_for_an_answer_are_capped_per_peer() {
-    let mut bob = engine(&["mallory", "carol"]);
+    // The bytes cap at 1 MiB instead of 32, so that the test decodes (and checks the
+    // paths of) a few MiB of offers rather than a hundred; the default numbers are
+    // checked against an honest folder in `limits::tests`.
+    let limits = TransferLimits { max_pending_offer_bytes: 1 << 20, ..TransferLimits::DEFAULT };
+    let mut bob =
+        engine_with(&["mallory", "carol"], EngineConfig { limits, ..EngineConfig::default() });
     // 64 small offers wait; the 65th is refused.
     for id in 0..65 {
         let items = vec![item("a".into(), 1, 0)];
@@ -342,13 +347,13 @@ fn offers_waiting_for_an_answer_are_capped_per_peer() {
     }
     drain(&mut bob);
 
-    // Offers of 10,000 files with 963-byte names (10 MiB each): three wait, the fourth
-    // would pass 32 MiB and is refused, and so are more.
+    // Offers of 300 files with 963-byte names (0.3 MiB each): three wait, the fourth
+    // would pass 1 MiB and is refused, and so are more.
     let long = |i: usize| format!("{i:0>240}/{:0>240}/{:0>240}/{:0>240}", "b", "c", "d");
     // Measured with the events handed over (they copy the items): what the engine keeps.
     let (out, grew) = growth(|| {
         for id in 100..110 {
-            let items = (0..10_000).map(|i| item(long(i), 1, 0)).collect();
+            let items = (0..300).map(|i| item(long(i), 1, 0)).collect();
             deliver(&mut bob, "mallory", &TransferMsg::Offer { offer_id: id, items }, NOW);
         }
         let out = drain(&mut bob);
@@ -358,18 +363,18 @@ fn offers_waiting_for_an_answer_are_capped_per_peer() {
     });
     let (waiting, refused) = out;
     println!(
-        "ten offers of 10 MiB of names: {} wait, {} refused; the engine grew by {grew} bytes \
+        "ten offers of 0.3 MiB of names: {} wait, {} refused; the engine grew by {grew} bytes \
          ({:.1} MiB)",
         waiting,
         refused.len(),
         grew as f64 / MIB as f64
     );
     assert_eq!(waiting, 3);
-    let reason = LimitReason::PendingOffersTooLarge { max: 32 << 20 }.to_string();
+    let reason = LimitReason::PendingOffersTooLarge { max: 1 << 20 }.to_string();
     assert!(refused.iter().all(|(_, r)| *r == reason));
     assert_eq!(refused.len(), 7);
-    // What waits, not what was sent (about 100 MiB).
-    assert!(grew < 40 * MIB, "grew {grew} bytes");
+    // What waits, not what was sent (about 3 MiB).
+    assert!(grew < 3 * MIB / 2, "grew {grew} bytes");
 
     // Carol's offers are hers.
     let items = vec![item("ok".into(), 1, 0)];
@@ -514,9 +519,9 @@ fn a_100000_file_folder_goes_in_parts_and_arrives_as_one_offer() {
 /// A folder offered in several frames transfers completely.
 #[test]
 fn a_folder_offered_in_parts_transfers_completely() {
-    let long = |i: usize| format!("a folder with long names/{:0>100}.txt", i);
-    let (frames, offer, disk) = offer_folder(3_000, long, true);
-    assert_eq!(offer, Some(3_000));
+    let long = |i: usize| format!("a folder with long names/{:0>250}.txt", i);
+    let (frames, offer, disk) = offer_folder(1_000, long, true);
+    assert_eq!(offer, Some(1_000));
     assert!(frames >= 3, "{frames}");
-    assert_eq!(disk.len(), 3_000);
+    assert_eq!(disk.len(), 1_000);
 }

@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 /// "Who may fetch what"): each offered file carries its sender's capability and every
 /// fetch (`Query`, `HashRequest`, `ChunkRequest`) a proof of one, so a version 2 peer's
 /// messages would not even decode; it is refused at join instead ("reload the page or
-/// update weft-peer").
+/// update weft-peer"). Also in version 3: an offer too large for one frame travels in
+/// parts (`OfferPart`, frame 0x2c; `core/TRANSFER.md`, "Caps on what a peer can ask"),
+/// which a version 2 peer would drop, taking the last part for the whole offer.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest signaling message, in bytes of JSON text, that either side accepts.

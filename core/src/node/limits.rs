@@ -4,6 +4,11 @@
 //! outstanding bytes, their own queues), but when to drop or refuse is policy, so it is
 //! decided here once: the browser and the native peer used to write these rules each in
 //! their own words, with their own constants.
+//!
+//! What a peer may ask of file transfer (file sizes, offers, hash lists) is capped beside
+//! the engine that enforces it: [`crate::transfer::TransferLimits`], re-exported here.
+
+pub use crate::transfer::TransferLimits;
 
 /// The per-connection buffer limits a driver applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

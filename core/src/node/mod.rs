@@ -58,7 +58,7 @@ pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
     TransfersView,
 };
-pub use self::limits::ConnectionLimits;
+pub use self::limits::{ConnectionLimits, TransferLimits};
 pub use self::names::FileNames;
 pub use self::overlay::{
     ICMP_ERRORS_PER_SECOND, OverlayStatus, RouteCounters, RouteView, RoutingConfig, SETTLE_TIME,
@@ -2360,6 +2360,12 @@ impl Node {
     /// misdirected by the server, or sent by someone without the network's secret.
     pub fn refused_signals(&self) -> u64 {
         self.refused_signals
+    }
+
+    /// What peers asked of file transfer past its caps (`transfer::TransferLimits`) and
+    /// were refused, counted by kind; each refused peer was told why.
+    pub fn transfer_refusals(&self) -> &crate::transfer::Refusals {
+        self.engine.refusals()
     }
 
     /// The network's room.

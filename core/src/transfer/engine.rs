@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::cap::{Capability, Proof};
 use super::hash::{Cv, FileDigest, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
 use super::pace::Pace;
+use super::limits::{HashQueue, LimitReason, LimitState, Refusals, TransferLimits};
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
@@ -58,6 +59,8 @@ pub struct EngineConfig {
     /// left to ask for), so requests travel several to a packet instead of one per chunk
     /// received: every packet costs both ends a message event, an AEAD and a send.
     pub refill_min: u32,
+    /// The caps on what a peer may ask of us ([`TransferLimits`]).
+    pub limits: TransferLimits,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             max_serve_queue: 256,
             max_reads_in_flight: 8,
             refill_min: 4,
+            limits: TransferLimits::DEFAULT,
         }
     }
 }
@@ -263,6 +267,9 @@ pub enum TransferError {
     /// The peer has no encrypted session.
     #[error("that peer is not connected")]
     NotConnected,
+    /// The offer is over a cap every receiver applies (say, a file over 1 TiB).
+    #[error("{0}")]
+    Limit(LimitReason),
 }
 
 /// How far a download is.
@@ -382,6 +389,8 @@ struct Download {
     sender: Option<Root>,
     /// Capabilities the offers of it carried, first first.
     caps: Vec<Capability>,
+    /// Who is asked for the CV list, and when it is due: from the request on, however
+    /// it trickles in ([`TransferLimits::min_hashes_per_sec`]).
     hash_source: Option<(PeerId, Duration)>,
     have: Vec<u8>,
     /// Chunks marked in `have`.
@@ -636,6 +645,8 @@ pub struct Engine {
     /// When [`Engine::handle_timeout`] last ran: an endgame wake-up at or before it has
     /// had its chance (see [`Engine::poll_timeout`]).
     timeouts_run_at: Option<Duration>,
+    /// What the caps keep per peer, and the refusals counted.
+    limits: LimitState,
 }
 
 impl Engine {
@@ -666,6 +677,7 @@ impl Engine {
             out: VecDeque::new(),
             next_offer_id: first_offer_id,
             timeouts_run_at: None,
+            limits: LimitState::default(),
         }
     }
 
@@ -785,6 +797,7 @@ impl Engine {
         self.reads_in_flight.remove(peer);
         self.reading.retain(|(p, _, _), _| p != peer);
         self.fetchers.retain(|(p, _), _| p != peer);
+        self.limits.peer_gone(peer);
         for list in self.waiters.values_mut() {
             list.retain(|w| w.peer != *peer);
         }
@@ -1032,6 +1045,10 @@ impl Engine {
         }
         let mut items = Vec::with_capacity(files.len());
         let mut locals = Vec::with_capacity(files.len());
+        if files.len() > self.config.limits.max_offer_items {
+            let max = self.config.limits.max_offer_items;
+            return Err(TransferError::Limit(LimitReason::TooManyFiles { max }));
+        }
         for (name, path) in files {
             check_path(path)?;
             let local = self.share_key(name).ok_or(TransferError::UnknownFile)?;
@@ -1052,6 +1069,8 @@ impl Engine {
             items.push(item);
             locals.push(local);
         }
+        // Refused here as every receiver would refuse it, rather than sent to fail.
+        self.config.limits.check_offer(&items).map_err(TransferError::Limit)?;
         let offer_id = self.next_offer_id;
         self.next_offer_id = self.next_offer_id.wrapping_add(1);
         let tag = self.identity_of(peer);
@@ -1067,7 +1086,7 @@ impl Engine {
             (peer.clone(), offer_id),
             Outgoing { items: items.clone(), locals, accepted: None },
         );
-        self.send(peer, TransferMsg::Offer { offer_id, items });
+        self.send_offer(peer, offer_id, items);
         Ok(offer_id)
     }
 
@@ -1649,10 +1668,14 @@ impl Engine {
     /// `Cancel` that says why, and reported as cancelled here, so neither side waits for
     /// an answer that never comes; any other frame that does not decode is dropped.
     pub fn handle_frame(&mut self, peer: &PeerId, frame_type: u8, body: Vec<u8>, now: Duration) {
+        let offer_id = super::wire::offer_frame_id(frame_type, &body);
         match TransferMsg::decode_owned(frame_type, body) {
             Ok(msg) => self.handle(peer, msg, now),
             Err(e @ WireError::UnsafeOffer { offer_id, .. }) => {
                 tracing::warn!("refused an offer from {peer}: {e}");
+                // Its later parts are not taken for a new offer.
+                self.limits.partial.remove(&(peer.clone(), offer_id));
+                self.limits.refused((peer.clone(), offer_id));
                 let reason = e.to_string();
                 self.send(
                     peer,
@@ -1666,14 +1689,25 @@ impl Engine {
                     outgoing: false,
                 });
             }
-            Err(e) => tracing::warn!("bad file-transfer message from {peer}: {e}"),
+            Err(e) => match offer_id {
+                Some(offer_id) => {
+                    let reason = LimitReason::UnreadableOffer(e.to_string());
+                    self.refuse_offer(peer, offer_id, reason);
+                }
+                None => tracing::warn!("bad file-transfer message from {peer}: {e}"),
+            },
         }
     }
 
     /// A file-transfer message from `peer`.
     pub fn handle(&mut self, peer: &PeerId, msg: TransferMsg, now: Duration) {
         match msg {
-            TransferMsg::Offer { offer_id, items } => self.on_offer(peer, offer_id, items, now),
+            TransferMsg::Offer { offer_id, items } => {
+                if let Some(items) = self.whole_offer(peer, offer_id, items) {
+                    self.on_offer(peer, offer_id, items, now);
+                }
+            }
+            TransferMsg::OfferPart { offer_id, items } => self.on_offer_part(peer, offer_id, items),
             TransferMsg::Answer { offer_id, accept } => {
                 let Some(out) = self.outgoing.get_mut(&(peer.clone(), offer_id)) else { return };
                 if out.accepted.is_some() {
@@ -1696,7 +1730,7 @@ impl Engine {
                     return self.send(peer, TransferMsg::Missing { root, reason });
                 }
                 self.fetchers.insert((peer.clone(), root), proof);
-                self.on_hash_request(peer, root, first, count);
+                self.queue_hash_request(peer, root, first, count, now);
             }
             TransferMsg::Root { key, root } => self.on_root(peer, key, root, now),
             TransferMsg::Hashes { root, first, cvs } => self.on_hashes(peer, root, first, cvs, now),
@@ -1720,6 +1754,7 @@ impl Engine {
             }
             TransferMsg::Cancel { offer_id, own_offer, reason } => {
                 let key = (peer.clone(), offer_id);
+                self.limits.partial.remove(&key);
                 // Their own offer is one we receive; otherwise it is ours.
                 let outgoing = !own_offer;
                 let known = if outgoing {
@@ -1807,9 +1842,10 @@ impl Engine {
 
     /// A peer asks for CVs: those we have go at once; for a file still being hashed the
     /// request stays open ([`Self::feed_waiters`]) and ends with the root.
-    fn on_hash_request(&mut self, peer: &PeerId, key: Root, first: u32, count: u32) {
-        let Some(local) = self.share_key(&key) else { return };
-        let Some(s) = self.shared.get(&local) else { return };
+    /// Returns the bytes it queued.
+    fn on_hash_request(&mut self, peer: &PeerId, key: Root, first: u32, count: u32) -> usize {
+        let Some(local) = self.share_key(&key) else { return 0 };
+        let Some(s) = self.shared.get(&local) else { return 0 };
         let total = s.cv_total();
         let first = first as usize;
         let end = first.saturating_add(count as usize).min(total);
@@ -1822,6 +1858,7 @@ impl Engine {
                 sends.push((peer.clone(), TransferMsg::Root { key, root }));
             }
         }
+        let bytes = super::limits::hashes_cost(upto.saturating_sub(first));
         for (p, msg) in sends {
             self.send(&p, msg);
         }
@@ -1831,6 +1868,7 @@ impl Engine {
             list.retain(|w| !(w.peer == *peer && w.key == key));
             list.push(CvWaiter { peer: peer.clone(), key, next: upto.max(first), end });
         }
+        bytes
     }
 
     fn on_hashes(&mut self, peer: &PeerId, name: Root, first: u32, cvs: Vec<Cv>, now: Duration) {
@@ -1851,7 +1889,6 @@ impl Engine {
             d.cv_hasher.update(cv);
         });
         d.cvs.extend(cvs);
-        d.hash_source = Some((peer.clone(), now));
         if let Some((n, digest)) = d.cv_check {
             if d.cvs.len() >= n as usize {
                 let mut h = blake3::Hasher::new();
@@ -1992,9 +2029,10 @@ impl Engine {
                     }
                 });
                 chunks
-                    .chain(d.hash_source.as_ref().map(|(_, t)| t.saturating_add(timeout)))
+                    .chain(d.hash_source.as_ref().map(|(_, due)| *due))
                     .chain(d.requery_at.filter(|_| !self.peers.is_empty()))
             })
+            .chain(self.hash_queue_timeout())
             .min()
     }
 
@@ -2004,8 +2042,8 @@ impl Engine {
         let config = self.config;
         let mut dropped = Vec::new();
         for (root, d) in self.downloads.iter_mut() {
-            if let Some((p, t)) = d.hash_source.clone() {
-                if now >= t.saturating_add(config.request_timeout) {
+            if let Some((p, due)) = d.hash_source.clone() {
+                if now >= due {
                     dropped.push((*root, p, DropReason::HashesTimedOut));
                 }
             }
@@ -2047,6 +2085,7 @@ impl Engine {
             self.drop_source(&root, &peer, reason, now);
         }
         self.requery(now);
+        self.serve_hash_queues(now);
         self.schedule(now);
     }
 
@@ -2099,14 +2138,18 @@ impl Engine {
             let needs_cvs = !d.verified && (have < d.cv_total() || d.root.is_none());
             if needs_cvs && d.hash_source.is_none() {
                 if let Some((p, s)) = d.sources.iter().next() {
+                    let count = d.cv_total().saturating_sub(have);
                     let msg = TransferMsg::HashRequest {
                         root: s.key.unwrap_or(*root),
                         proof: s.proof,
                         first: have,
-                        count: d.cv_total().saturating_sub(have),
+                        count,
                     };
                     sends.push((p.clone(), msg));
-                    d.hash_source = Some((p.clone(), now));
+                    // Due from the request, however the list trickles in.
+                    let allowed =
+                        self.config.limits.hash_list_allowance(self.config.request_timeout, count);
+                    d.hash_source = Some((p.clone(), now.saturating_add(allowed)));
                 }
             }
             if d.request_limit() == 0 {
@@ -2157,6 +2200,217 @@ impl Engine {
         for (peer, msg) in sends {
             self.send(&peer, msg);
         }
+    }
+}
+
+/// The caps on what a peer may ask (`super::limits`): offers in parts, refusals, the
+/// hash-list queue.
+impl Engine {
+    /// What was refused to peers, counted by kind.
+    pub fn refusals(&self) -> &Refusals {
+        &self.limits.refusals
+    }
+
+    /// Hash-list requests of `peer` waiting for their turn.
+    pub fn queued_hash_requests(&self, peer: &PeerId) -> usize {
+        self.limits.hash_queues.get(peer).map_or(0, |q| q.waiting.len())
+    }
+
+    /// Sends an offer, in parts if it is too large for one frame: `OfferPart`s, then
+    /// the `Offer` with the last items.
+    fn send_offer(&mut self, peer: &PeerId, offer_id: u64, items: Vec<OfferItem>) {
+        let mut frames = self.config.limits.offer_frames(items);
+        let last = frames.pop().unwrap_or_default();
+        for items in frames {
+            self.send(peer, TransferMsg::OfferPart { offer_id, items });
+        }
+        self.send(peer, TransferMsg::Offer { offer_id, items: last });
+    }
+
+    /// Refuses `peer`'s offer `offer_id`: the peer is sent the reason in a `Cancel`, the
+    /// user sees it cancelled, the refusal is logged and counted, and what came of it is
+    /// dropped (later parts of it too).
+    fn refuse_offer(&mut self, peer: &PeerId, offer_id: u64, reason: LimitReason) {
+        self.limits.refusals.count(peer, &reason);
+        let key = (peer.clone(), offer_id);
+        self.limits.partial.remove(&key);
+        self.limits.refused(key);
+        let text = reason.to_string();
+        self.send(peer, TransferMsg::Cancel { offer_id, own_offer: false, reason: text.clone() });
+        self.event(TransferEvent::Cancelled {
+            peer: peer.clone(),
+            offer_id,
+            reason: CancelReason::Text(text),
+            by_peer: false,
+            outgoing: false,
+        });
+    }
+
+    /// Whether `(peer, offer_id)` is an offer we know already (or refused).
+    fn known_offer(&self, peer: &PeerId, offer_id: u64) -> bool {
+        let key = (peer.clone(), offer_id);
+        self.incoming.contains_key(&key)
+            || self.limits.was_refused(&key)
+            || self.downloads.values().any(|d| d.offers.contains(&key))
+    }
+
+    /// The first items of an offer too large for one frame: kept, within the caps, until
+    /// the offer's last frame comes.
+    fn on_offer_part(&mut self, peer: &PeerId, offer_id: u64, items: Vec<OfferItem>) {
+        if self.known_offer(peer, offer_id) {
+            return;
+        }
+        let limits = self.config.limits;
+        let bytes: usize = items.iter().map(super::limits::encoded_len).sum();
+        let (offers, pending) = self.limits.pending_of(peer, &self.incoming);
+        let key = (peer.clone(), offer_id);
+        let (new, held) =
+            self.limits.partial.get(&key).map_or((true, 0), |p| (false, p.items.len()));
+        let refusal = if new && offers >= limits.max_pending_offers {
+            Some(LimitReason::TooManyPendingOffers { max: limits.max_pending_offers })
+        } else if pending.saturating_add(bytes) > limits.max_pending_offer_bytes {
+            Some(LimitReason::PendingOffersTooLarge { max: limits.max_pending_offer_bytes })
+        } else if held + items.len() > limits.max_offer_items {
+            Some(LimitReason::TooManyFiles { max: limits.max_offer_items })
+        } else {
+            limits.check_offer(&items).err()
+        };
+        if let Some(reason) = refusal {
+            return self.refuse_offer(peer, offer_id, reason);
+        }
+        let part = self.limits.partial.entry(key).or_default();
+        part.items.extend(items);
+        part.bytes += bytes;
+    }
+
+    /// An offer's last frame: the whole offer (its parts before it, then these items),
+    /// unless it is over a cap, when it is refused and `None` is returned.
+    fn whole_offer(
+        &mut self,
+        peer: &PeerId,
+        offer_id: u64,
+        items: Vec<OfferItem>,
+    ) -> Option<Vec<OfferItem>> {
+        let key = (peer.clone(), offer_id);
+        if self.limits.was_refused(&key) {
+            return None;
+        }
+        if self.known_offer(peer, offer_id) {
+            // A repeat: `on_offer` ignores it.
+            return Some(items);
+        }
+        let limits = self.config.limits;
+        let (mut all, held) =
+            self.limits.partial.remove(&key).map_or((Vec::new(), 0), |p| (p.items, p.bytes));
+        let bytes = held + items.iter().map(super::limits::encoded_len).sum::<usize>();
+        all.extend(items);
+        let (offers, pending) = self.limits.pending_of(peer, &self.incoming);
+        let refusal = if offers >= limits.max_pending_offers {
+            Some(LimitReason::TooManyPendingOffers { max: limits.max_pending_offers })
+        } else if pending.saturating_add(bytes) > limits.max_pending_offer_bytes {
+            Some(LimitReason::PendingOffersTooLarge { max: limits.max_pending_offer_bytes })
+        } else {
+            limits.check_offer(&all).err()
+        };
+        if let Some(reason) = refusal {
+            self.refuse_offer(peer, offer_id, reason);
+            return None;
+        }
+        self.limits.pending_bytes.insert(key, bytes);
+        Some(all)
+    }
+
+    /// A hash-list request waits its turn in `peer`'s queue (one per file: a new one
+    /// replaces the old), which is served within the peer's byte budget; past
+    /// [`TransferLimits::max_queued_hash_requests`] it is refused with a `Missing`.
+    fn queue_hash_request(
+        &mut self,
+        peer: &PeerId,
+        key: Root,
+        first: u32,
+        count: u32,
+        now: Duration,
+    ) {
+        let limits = self.config.limits;
+        let q = self
+            .limits
+            .hash_queues
+            .entry(peer.clone())
+            .or_insert_with(|| HashQueue::new(&limits, now));
+        let end = first.saturating_add(count);
+        if let Some(queued) = q.waiting.iter_mut().find(|(k, _, _)| *k == key) {
+            *queued = (key, first, end);
+        } else if q.waiting.len() >= limits.max_queued_hash_requests {
+            let reason = LimitReason::TooManyHashRequests { max: limits.max_queued_hash_requests };
+            self.limits.refusals.count(peer, &reason);
+            return self.send(peer, TransferMsg::Missing { root: key, reason: reason.to_string() });
+        } else {
+            q.waiting.push_back((key, first, end));
+        }
+        self.serve_hash_queue(peer, now);
+    }
+
+    /// Answers `peer`'s waiting hash-list requests while its budget lasts, a message of
+    /// at most [`MAX_HASHES_PER_MSG`] values at a time; a file still being hashed gets
+    /// the rest when it is hashed (its open request).
+    fn serve_hash_queue(&mut self, peer: &PeerId, now: Duration) {
+        let limits = self.config.limits;
+        loop {
+            let Some(q) = self.limits.hash_queues.get_mut(peer) else { return };
+            let Some(&(key, first, end)) = q.waiting.front() else { return };
+            if !q.ready(&limits, now) {
+                return;
+            }
+            let hashed = self
+                .share_key(&key)
+                .and_then(|l| self.shared.get(&l))
+                .map(|s| s.cvs.len().min(s.cv_total()));
+            let slice_end = (first as usize).saturating_add(MAX_HASHES_PER_MSG);
+            let bytes = match hashed {
+                // Unshared since: nothing to send.
+                None => 0,
+                Some(hashed) if slice_end < (end as usize).min(hashed) => {
+                    let bytes = self.on_hash_request(peer, key, first, MAX_HASHES_PER_MSG as u32);
+                    let next = u32::try_from(slice_end).unwrap_or(u32::MAX);
+                    if let Some(q) = self.limits.hash_queues.get_mut(peer) {
+                        if let Some(front) = q.waiting.front_mut() {
+                            *front = (key, next, end);
+                        }
+                        q.charge(bytes);
+                    }
+                    continue;
+                }
+                Some(_) => self.on_hash_request(peer, key, first, end - first),
+            };
+            if let Some(q) = self.limits.hash_queues.get_mut(peer) {
+                q.waiting.pop_front();
+                q.charge(bytes);
+            }
+        }
+    }
+
+    fn serve_hash_queues(&mut self, now: Duration) {
+        let waiting: Vec<PeerId> = self
+            .limits
+            .hash_queues
+            .iter()
+            .filter(|(_, q)| !q.waiting.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in waiting {
+            self.serve_hash_queue(&peer, now);
+        }
+    }
+
+    /// When a peer's waiting hash-list requests may go on.
+    fn hash_queue_timeout(&self) -> Option<Duration> {
+        let limits = &self.config.limits;
+        self.limits
+            .hash_queues
+            .values()
+            .filter(|q| !q.waiting.is_empty())
+            .map(|q| q.ready_at(limits))
+            .min()
     }
 }
 

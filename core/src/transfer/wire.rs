@@ -1,4 +1,4 @@
-//! File-transfer messages: the bodies of frames 0x20..=0x2b inside the encrypted session.
+//! File-transfer messages: the bodies of frames 0x20..=0x2c inside the encrypted session.
 //!
 //! Integers are big endian; strings are UTF-8 with a u16 length; lists have a u32 count.
 //! Decoding never panics, never allocates more than the input's size, and rejects
@@ -7,7 +7,8 @@
 use super::cap::{Capability, Proof};
 use super::hash::{CHUNK_LEN, Cv, Root};
 
-/// Most items in one offer.
+/// Most items in one offer frame ([`TransferMsg::Offer`] or [`TransferMsg::OfferPart`]);
+/// a larger offer travels in several (see `super::limits`).
 pub const MAX_OFFER_ITEMS: usize = 10_000;
 /// Longest relative path in an offer, in bytes.
 pub const MAX_PATH_LEN: usize = 1024;
@@ -33,6 +34,7 @@ mod ty {
     pub const HAVE: u8 = 0x29;
     pub const COMPLETE: u8 = 0x2a;
     pub const ROOT: u8 = 0x2b;
+    pub const OFFER_PART: u8 = 0x2c;
 }
 
 /// One file in an offer.
@@ -152,6 +154,15 @@ pub enum TransferMsg {
         key: Root,
         /// The file's hash.
         root: Root,
+    },
+    /// The first items of an offer too large for one frame: the receiver keeps them
+    /// until the [`TransferMsg::Offer`] of the same `offer_id` brings the last ones, and
+    /// only then sees one offer. Encoded as an `Offer`.
+    OfferPart {
+        /// The offer they belong to.
+        offer_id: u64,
+        /// Some of its files, in order.
+        items: Vec<OfferItem>,
     },
 }
 
@@ -287,6 +298,15 @@ fn path_problem(path: &str) -> Option<PathProblem> {
             None
         }
     })
+}
+
+/// The offer id an offer frame (`Offer` or `OfferPart`) names, read from its first
+/// bytes even when the rest does not decode, so that a refusal can say which offer.
+pub fn offer_frame_id(frame_type: u8, body: &[u8]) -> Option<u64> {
+    if frame_type != ty::OFFER && frame_type != ty::OFFER_PART {
+        return None;
+    }
+    Reader(body).u64().ok()
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -441,6 +461,12 @@ impl TransferMsg {
                 out.extend_from_slice(root.as_bytes());
                 ty::ROOT
             }
+            Self::OfferPart { offer_id, items } => {
+                // Same body as an offer: one encoding, one decoder, one set of checks.
+                let whole = Self::Offer { offer_id: *offer_id, items: items.clone() };
+                whole.encode_into(out);
+                ty::OFFER_PART
+            }
         }
     }
 
@@ -553,6 +579,10 @@ impl TransferMsg {
             ty::HAVE => Self::Have { root: r.root()?, proof: r.proof()? },
             ty::COMPLETE => Self::Complete { root: r.root()? },
             ty::ROOT => Self::Root { key: r.root()?, root: r.root()? },
+            ty::OFFER_PART => match Self::decode(ty::OFFER, body)? {
+                Self::Offer { offer_id, items } => return Ok(Self::OfferPart { offer_id, items }),
+                _ => return Err(WireError::UnknownType(frame_type)),
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -601,6 +631,10 @@ mod tests {
             TransferMsg::Have { root, proof },
             TransferMsg::Complete { root },
             TransferMsg::Root { key: Root::from([4; 32]), root },
+            TransferMsg::OfferPart {
+                offer_id: 7,
+                items: vec![OfferItem { path: "a".into(), size: 1, root, streamed: false }],
+            },
         ]
     }
 

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use weft_core::signal::PeerId;
+use weft_core::transfer::cap::{Capability, Proof};
 use weft_core::transfer::hash::root_from_cvs;
 use weft_core::transfer::{
     CHUNK_LEN, Cv, DropReason, Engine, EngineConfig, LimitReason, OfferItem, Output, Root,
@@ -143,7 +144,22 @@ fn share_fake(e: &mut Engine, chunks: usize, seed: u32) -> Root {
 }
 
 fn item(path: String, size: u64, seed: u32) -> OfferItem {
-    OfferItem { path, size, root: Root::of(&seed.to_le_bytes()), streamed: false }
+    let cap = Capability::from_bytes([0; 32]);
+    OfferItem { path, size, root: Root::of(&seed.to_le_bytes()), streamed: false, cap }
+}
+
+/// The proof `to` shows for `root`, from the capability Alice's offer to it carried (a
+/// member the file was offered to, asking too much: the caps must hold for it too).
+fn proof(out: &[Output], to: &str, root: Root) -> Proof {
+    let tag = Root::of(to.as_bytes());
+    sent_to(out, to)
+        .iter()
+        .find_map(|m| match m {
+            TransferMsg::Offer { items, .. } => items.iter().find(|i| i.root == root),
+            _ => None,
+        })
+        .map(|i| i.cap.proof(&root, &tag))
+        .expect("an offer of the file")
 }
 
 fn hashes_sent(out: &[Output], to: &str) -> usize {
@@ -157,9 +173,14 @@ fn a_burst_of_hash_requests_queues_a_bounded_amount_and_others_are_still_served(
     let root = share_fake(&mut alice, 1024, 1);
     alice.offer(&pid("bob"), &[(root, "f".into())]).unwrap();
     alice.offer(&pid("mallory"), &[(root, "f".into())]).unwrap();
-    drain(&mut alice);
+    let offers = drain(&mut alice);
 
-    let ask = TransferMsg::HashRequest { root, first: 0, count: u32::MAX };
+    let ask = TransferMsg::HashRequest {
+        root,
+        proof: proof(&offers, "mallory", root),
+        first: 0,
+        count: u32::MAX,
+    };
     let (_, grew) = growth(|| {
         for _ in 0..10_000 {
             deliver(&mut alice, "mallory", &ask, NOW);
@@ -181,6 +202,12 @@ fn a_burst_of_hash_requests_queues_a_bounded_amount_and_others_are_still_served(
     assert_eq!(alice.queued_hash_requests(&pid("mallory")), 1);
 
     // Bob, asking now, is answered at once: his budget is his own.
+    let ask = TransferMsg::HashRequest {
+        root,
+        proof: proof(&offers, "bob", root),
+        first: 0,
+        count: u32::MAX,
+    };
     deliver(&mut alice, "bob", &ask, NOW);
     let out = drain(&mut alice);
     assert_eq!(hashes_sent(&out, "bob"), 1);
@@ -209,11 +236,12 @@ fn hash_requests_past_the_queue_cap_are_refused_in_words() {
         roots.iter().enumerate().map(|(i, r)| (*r, format!("f{i}"))).collect();
     alice.offer(&pid("mallory"), &files).unwrap();
     alice.offer(&pid("bob"), &files[..1]).unwrap();
-    drain(&mut alice);
+    let offers = drain(&mut alice);
+    let proofs: Vec<Proof> = roots.iter().map(|r| proof(&offers, "mallory", *r)).collect();
 
     let (_, grew) = growth(|| {
-        for root in &roots {
-            let ask = TransferMsg::HashRequest { root: *root, first: 0, count: 256 };
+        for (root, proof) in roots.iter().zip(&proofs) {
+            let ask = TransferMsg::HashRequest { root: *root, proof: *proof, first: 0, count: 256 };
             deliver(&mut alice, "mallory", &ask, NOW);
         }
     });
@@ -236,7 +264,8 @@ fn hash_requests_past_the_queue_cap_are_refused_in_words() {
     assert!(grew < MIB, "grew {grew} bytes");
 
     // Bob is still served.
-    let ask = TransferMsg::HashRequest { root: roots[0], first: 0, count: 256 };
+    let proof = proof(&offers, "bob", roots[0]);
+    let ask = TransferMsg::HashRequest { root: roots[0], proof, first: 0, count: 256 };
     deliver(&mut alice, "bob", &ask, NOW);
     assert_eq!(hashes_sent(&drain(&mut alice), "bob"), 1);
 
@@ -390,7 +419,8 @@ fn a_hash_list_that_trickles_is_due_from_the_request() {
     let cvs: Vec<Cv> = (0..100u32).map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes()).collect();
     let size = 100 * CHUNK_LEN as u64;
     let root = root_from_cvs(size, &cvs).unwrap();
-    let items = vec![OfferItem { path: "f".into(), size, root, streamed: false }];
+    let cap = Capability::from_bytes([0; 32]);
+    let items = vec![OfferItem { path: "f".into(), size, root, streamed: false, cap }];
     deliver(&mut bob, "mallory", &TransferMsg::Offer { offer_id: 1, items }, NOW);
     bob.accept(&pid("mallory"), 1, NOW).unwrap();
     let out = drain(&mut bob);
@@ -437,6 +467,9 @@ fn offer_folder(
 ) -> (usize, Option<usize>, HashMap<Root, Vec<u8>>) {
     let mut alice = engine(&["bob"]);
     let mut bob = engine(&["alice"]);
+    // Each signs its fetches with the tag the other knows it by (made of its id).
+    alice.set_identity(Root::of(b"alice"));
+    bob.set_identity(Root::of(b"bob"));
     let mut data = HashMap::new();
     let mut list = Vec::with_capacity(files);
     for i in 0..files {

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cap::{Capability, Proof};
 use super::hash::{Cv, FileDigest, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
-use super::pace::Pace;
 use super::limits::{HashQueue, LimitReason, LimitState, Refusals, TransferLimits};
+use super::pace::Pace;
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;

@@ -374,7 +374,13 @@ mod tests {
     use super::*;
 
     fn item(path: &str, size: u64) -> OfferItem {
-        OfferItem { path: path.into(), size, root: Root::from([1; 32]), streamed: false }
+        OfferItem {
+            path: path.into(),
+            size,
+            root: Root::from([1; 32]),
+            streamed: false,
+            cap: crate::transfer::cap::Capability::from_bytes([0; 32]),
+        }
     }
 
     #[test]

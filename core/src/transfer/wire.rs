@@ -633,7 +633,13 @@ mod tests {
             TransferMsg::Root { key: Root::from([4; 32]), root },
             TransferMsg::OfferPart {
                 offer_id: 7,
-                items: vec![OfferItem { path: "a".into(), size: 1, root, streamed: false }],
+                items: vec![OfferItem {
+                    path: "a".into(),
+                    size: 1,
+                    root,
+                    streamed: false,
+                    cap: Capability::from_bytes([0; 32]),
+                }],
             },
         ]
     }

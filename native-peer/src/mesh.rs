@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
-    Channel, ConnId, Event, Input, IpNet, Node, NodeConfig, NodeError, Output, RouteKind,
-    RoutingConfig, SavedTo, SignalingEvent, StopReason,
+    Channel, ConnId, Event, FastPathState, Input, IpNet, Node, NodeConfig, NodeError, Output,
+    RouteKind, RoutingConfig, SavedTo, SignalingEvent, StopReason,
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
@@ -93,7 +93,8 @@ pub struct MeshConfig {
 pub enum MeshEvent {
     /// An event of the node. The signaling stop for an unsupported version is not
     /// passed on (the mesh ends with that refusal instead), nor is `Left`; of the plain
-    /// peer updates, only those where a session's path changes (direct or relayed).
+    /// peer updates, only those where a session's path changes (direct or relayed, and
+    /// for a direct one whether IP packets take the fast UDP path).
     Node(Event),
     /// A warning for the user (cannot save the trust store, a download record, ...).
     Warning(String),
@@ -388,9 +389,9 @@ struct Mesh {
     closing: Vec<JoinHandle<()>>,
     /// The server refused our protocol version: its words.
     refused: Option<String>,
-    /// The path last reported per connected peer (direct or relayed, and how our end
-    /// reaches its relay).
-    paths: HashMap<PeerId, (PeerState, Option<RelayTransport>)>,
+    /// The path last reported per connected peer (direct or relayed, how our end
+    /// reaches its relay, and whether IP packets take the fast UDP path).
+    paths: HashMap<PeerId, (PeerState, Option<RelayTransport>, FastPathState)>,
     /// The TUN device, with `up --tun`.
     tun: Option<Tun>,
     /// The host's routes and rules beyond the device.
@@ -585,6 +586,11 @@ impl Mesh {
                 (Some(rtc), Channel::Data) => rtc.send_data(bytes),
                 (None, _) => {}
             },
+            Output::FastPathSend { conn, bytes } => {
+                if let Some(rtc) = self.conns.get(&conn) {
+                    rtc.send_fast(&bytes);
+                }
+            }
             Output::Disconnect { conn, graceful } => {
                 // Dropping a connection closes it.
                 if let Some(rtc) = self.conns.remove(&conn) {
@@ -658,12 +664,13 @@ impl Mesh {
             Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left)
             | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. } => {}
             Event::PeerConnected(info) => {
-                self.paths.insert(info.peer_id.clone(), (info.state, info.relay_transport));
+                let path = (info.state, info.relay_transport, info.fast_path);
+                self.paths.insert(info.peer_id.clone(), path);
                 self.emit(MeshEvent::Node(Event::PeerConnected(info)));
             }
             Event::Peer(info) => {
                 let path = matches!(info.state, PeerState::Direct | PeerState::Relayed);
-                let now = (info.state, info.relay_transport);
+                let now = (info.state, info.relay_transport, info.fast_path);
                 match self.paths.get(&info.peer_id) {
                     Some(&was) if path && was != now => {
                         self.paths.insert(info.peer_id.clone(), now);

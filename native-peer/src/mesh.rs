@@ -354,6 +354,7 @@ pub fn start(
         closing: Vec::new(),
         refused: None,
         paths: HashMap::new(),
+        fast_out: Vec::new(),
         tun: config.tun,
         netconf: config.netconf,
         signaling_mark: config.signaling_mark,
@@ -392,6 +393,8 @@ struct Mesh {
     /// The path last reported per connected peer (direct or relayed, how our end
     /// reaches its relay, and whether IP packets take the fast UDP path).
     paths: HashMap<PeerId, (PeerState, Option<RelayTransport>, FastPathState)>,
+    /// Fast-path datagrams of this round, in order, sent at its end.
+    fast_out: Vec<(ConnId, Vec<u8>)>,
     /// The TUN device, with `up --tun`.
     tun: Option<Tun>,
     /// The host's routes and rules beyond the device.
@@ -535,9 +538,26 @@ impl Mesh {
         while let Some(output) = self.node.poll_output() {
             self.act_on(output);
         }
+        self.flush_fast_path();
         if let Some(tun) = &mut self.tun {
             tun.flush();
         }
+    }
+
+    /// Sends the round's fast-path datagrams, each connection's in one batch (runs of
+    /// full-size packets go as one UDP GSO `sendmsg`, see `RtcPeer::send_fast_batch`).
+    fn flush_fast_path(&mut self) {
+        let mut out = std::mem::take(&mut self.fast_out);
+        let mut rest = out.as_slice();
+        while let Some((conn, _)) = rest.first() {
+            let n = rest.iter().take_while(|(c, _)| c == conn).count();
+            if let Some(rtc) = self.conns.get(conn) {
+                rtc.send_fast_batch(rest[..n].iter().map(|(_, bytes)| bytes.as_slice()));
+            }
+            rest = &rest[n..];
+        }
+        out.clear();
+        self.fast_out = out;
     }
 
     fn act_on(&mut self, output: Output) {
@@ -586,11 +606,8 @@ impl Mesh {
                 (Some(rtc), Channel::Data) => rtc.send_data(bytes),
                 (None, _) => {}
             },
-            Output::FastPathSend { conn, bytes } => {
-                if let Some(rtc) = self.conns.get(&conn) {
-                    rtc.send_fast(&bytes);
-                }
-            }
+            // Sent together at the end of the round (`flush_fast_path`).
+            Output::FastPathSend { conn, bytes } => self.fast_out.push((conn, bytes)),
             Output::Disconnect { conn, graceful } => {
                 // Dropping a connection closes it.
                 if let Some(rtc) = self.conns.remove(&conn) {

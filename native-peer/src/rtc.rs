@@ -240,12 +240,14 @@ impl RtcPeer {
         Self { commands, fast_path }
     }
 
-    /// Sends a sealed fast-path packet as one UDP datagram on the selected ICE pair, from
-    /// the caller's task; dropped (as UDP may) if there is no such pair or the socket's
-    /// buffer is full.
-    pub fn send_fast(&self, bytes: &[u8]) {
-        if let Err(e) = self.fast_path.try_send(bytes) {
-            tracing::trace!("fast-path datagram dropped: {e}");
+    /// Sends sealed fast-path packets, each as one UDP datagram on the selected ICE pair,
+    /// from the caller's task (runs of one size as one UDP GSO `sendmsg`); dropped (as UDP
+    /// may) if there is no such pair or the socket's buffer is full.
+    pub fn send_fast_batch<'a>(&self, packets: impl Iterator<Item = &'a [u8]>) {
+        let packets: Vec<&[u8]> = packets.collect();
+        let sent = self.fast_path.try_send_batch(&packets);
+        if sent < packets.len() {
+            tracing::trace!("{} fast-path datagrams dropped", packets.len() - sent);
         }
     }
 

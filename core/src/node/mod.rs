@@ -683,13 +683,6 @@ pub(crate) fn pinned_name(trust: Option<Trust>, name: Option<&str>) -> Option<St
     }
 }
 
-/// Whether a connection event was bytes (the hot path) or anything else.
-#[derive(Debug, Clone, Copy)]
-enum EventKind {
-    Received,
-    Other,
-}
-
 /// What draining a link changed for the overlay.
 #[derive(Debug, Clone, Copy)]
 struct OverlayChanges {
@@ -1392,11 +1385,8 @@ impl Node {
         if slot.conn != conn {
             return;
         }
-        let event_kind = if matches!(event, ConnectionEvent::Received(_)) {
-            EventKind::Received
-        } else {
-            EventKind::Other
-        };
+        // Bytes (the hot path) change nothing the fast path's eligibility depends on.
+        let received = matches!(event, ConnectionEvent::Received(_));
         match event {
             ConnectionEvent::LocalSignal(payload) => {
                 if !slot.orphan {
@@ -1468,7 +1458,6 @@ impl Node {
                 }
             }
         }
-        let received = matches!(event_kind, EventKind::Received);
         self.drive(now, &remote);
         if !received {
             self.update_fast_path(now, &remote);

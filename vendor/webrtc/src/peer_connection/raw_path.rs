@@ -23,7 +23,29 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::peer_connection::transport::{MAX_GSO_BATCH_BYTES, MAX_GSO_SEGMENTS, MIN_GSO_RUN};
 use crate::runtime::{AsyncUdpSocket, Transmit};
+
+/// One `sendmsg` of `contents` to `remote` (GSO segments of `segment_size`, if given),
+/// without waiting: `WouldBlock` if the socket cannot take it now.
+fn send_once(
+    socket: &dyn AsyncUdpSocket,
+    remote: SocketAddr,
+    contents: &[u8],
+    segment_size: Option<usize>,
+) -> io::Result<()> {
+    let transmit = Transmit {
+        destination: remote,
+        ecn: None,
+        contents,
+        segment_size,
+        src_ip: None,
+    };
+    match crate::runtime::poll_once(|cx| socket.poll_send(cx, &transmit)) {
+        Some(result) => result.map(drop),
+        None => Err(io::ErrorKind::WouldBlock.into()),
+    }
+}
 
 /// Receives what a [`RawPath`] hands up. Called on the connection driver's task: return
 /// quickly, never block.
@@ -92,17 +114,57 @@ impl RawPath {
                 None => return Err(io::ErrorKind::NotConnected.into()),
             }
         };
-        let transmit = Transmit {
-            destination: remote,
-            ecn: None,
-            contents: datagram,
-            segment_size: None,
-            src_ip: None,
+        send_once(&*socket, remote, datagram, None)
+    }
+
+    /// Sends `datagrams` in order on the selected pair without waiting, as
+    /// [`Self::try_send`] does one: runs of at least [`MIN_GSO_RUN`] datagrams of one size
+    /// (the last of a run may be shorter) go as one UDP GSO `sendmsg` where the socket
+    /// offers it, as the driver sends its own. Returns how many were handed to the kernel;
+    /// the others were dropped (no pair, or a full socket buffer).
+    pub fn try_send_batch<D: AsRef<[u8]>>(&self, datagrams: &[D]) -> usize {
+        let (socket, remote) = {
+            let target = self.shared.target.lock().unwrap_or_else(PoisonError::into_inner);
+            match target.as_ref() {
+                Some(t) => (t.socket.clone(), t.remote),
+                None => return 0,
+            }
         };
-        match crate::runtime::poll_once(|cx| socket.poll_send(cx, &transmit)) {
-            Some(result) => result.map(drop),
-            None => Err(io::ErrorKind::WouldBlock.into()),
+        let max = socket.max_gso_segments().min(MAX_GSO_SEGMENTS);
+        let mut scratch = Vec::new();
+        let (mut sent, mut i) = (0, 0);
+        while i < datagrams.len() {
+            let seg = datagrams[i].as_ref().len();
+            // The run [i, end): same size, the last one possibly shorter, within the limits.
+            let (mut end, mut total) = (i + 1, seg);
+            while max > 1 && seg > 0 && end < datagrams.len() && end - i < max {
+                let len = datagrams[end].as_ref().len();
+                if len == 0 || len > seg || total + len > MAX_GSO_BATCH_BYTES {
+                    break;
+                }
+                total += len;
+                end += 1;
+                if len < seg {
+                    break;
+                }
+            }
+            let sent_now = if end - i >= MIN_GSO_RUN.min(max) && end - i > 1 {
+                scratch.clear();
+                for d in &datagrams[i..end] {
+                    scratch.extend_from_slice(d.as_ref());
+                }
+                let ok = send_once(&*socket, remote, &scratch, Some(seg)).is_ok();
+                if ok { end - i } else { 0 }
+            } else {
+                datagrams[i..end]
+                    .iter()
+                    .filter(|d| send_once(&*socket, remote, d.as_ref(), None).is_ok())
+                    .count()
+            };
+            sent += sent_now;
+            i = end;
         }
+        sent
     }
 
     /// Whether a datagram starting with `first` is ours.

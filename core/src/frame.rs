@@ -28,6 +28,9 @@ pub const FRAME_HELLO: u8 = 0x06;
 /// Frame type of a route announcement (`crate::node::Announcement`): decoded as
 /// [`Frame::Unknown`] here, by the node's routing code.
 pub const FRAME_ROUTES: u8 = 0x07;
+/// Frame type of a fast-path probe or ack (`crate::node::FastPathMessage`), only ever in a
+/// packet of the fast path: decoded as [`Frame::Unknown`] here, by the node.
+pub const FRAME_FAST_PATH: u8 = 0x08;
 /// Longest display name in a [`Frame::Hello`], in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 /// Frame types reserved for file transfer (offer, accept, chunk, ack, cancel...).

@@ -27,8 +27,8 @@ use std::time::Duration;
 use hpke::rand_core::CryptoRng;
 
 use crate::frame::{
-    FILE_TRANSFER_TYPES, FRAME_DATA, FRAME_HEADER_LEN, FRAME_ROUTES, Frame, MAX_NAME_LEN,
-    encode_frame_with,
+    FILE_TRANSFER_TYPES, FRAME_DATA, FRAME_FAST_PATH, FRAME_HEADER_LEN, FRAME_ROUTES, Frame,
+    MAX_NAME_LEN, encode_frame_with,
 };
 use crate::handshake::{
     ChannelBinding, HandshakeDeadline, HandshakeError, HandshakeInitiator, HandshakeResponder,
@@ -121,6 +121,9 @@ pub enum LinkEvent {
     Data(Vec<u8>),
     /// The peer's route announcement, for the node's routing code to decode.
     Routes(Vec<u8>),
+    /// A fast-path probe or ack (`crate::node::FastPathMessage`), for the node to decode:
+    /// only from packets that came on the fast path (and authenticated with its keys).
+    FastPath(Vec<u8>),
     /// A file-transfer frame (type in [`crate::frame::FILE_TRANSFER_TYPES`]) for
     /// [`crate::transfer`] to decode.
     Transfer {
@@ -542,7 +545,7 @@ impl PeerLink {
                 }
                 let len = bytes.len() as u64;
                 match sessions.open_frames_owned(bytes, now) {
-                    Ok((_, frames)) => {
+                    Ok((channel, frames)) => {
                         *last_heard = now;
                         // The peer sends only once established: it has our Finish.
                         *handshake = None;
@@ -555,6 +558,12 @@ impl PeerLink {
                         for frame in frames {
                             match frame {
                                 Frame::Ping { timestamp } => ping = Some(timestamp),
+                                // Proof of the fast path only where it came on it.
+                                Frame::Unknown { frame_type: FRAME_FAST_PATH, body } => {
+                                    if channel == Channel::FastPath {
+                                        self.events.push_back(LinkEvent::FastPath(body));
+                                    }
+                                }
                                 frame => self.on_frame(frame, now),
                             }
                         }
@@ -767,15 +776,38 @@ impl PeerLink {
     /// Seals `data` (an IP packet) as one packet for the unreliable data channel, with
     /// that channel's keys.
     pub fn seal_data(&mut self, data: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
+        self.seal_frame(Channel::Data, FRAME_DATA, data, now)
+    }
+
+    /// Seals `data` (an IP packet) as one packet for the fast path (a plain UDP datagram
+    /// on the selected ICE pair), with the fast path's keys.
+    pub fn seal_fast_data(&mut self, data: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
+        self.seal_frame(Channel::FastPath, FRAME_DATA, data, now)
+    }
+
+    /// Seals a fast-path probe or ack (`crate::node::FastPathMessage`'s encoding) as one
+    /// packet for the fast path.
+    pub fn seal_fast_message(&mut self, body: &[u8], now: Duration) -> Result<Vec<u8>, LinkError> {
+        self.seal_frame(Channel::FastPath, FRAME_FAST_PATH, body, now)
+    }
+
+    /// One frame of `frame_type` with `body`, sealed alone in a packet of `channel`.
+    fn seal_frame(
+        &mut self,
+        channel: Channel,
+        frame_type: u8,
+        body: &[u8],
+        now: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
         let State::Established { sessions, .. } = &mut self.state else {
             return Err(LinkError::NotEstablished);
         };
         let packet = sessions
-            .get_mut(Channel::Data)
-            .seal_with(FRAME_HEADER_LEN + data.len(), now, |packet| {
-                encode_frame_with(packet, |body| {
-                    body.extend_from_slice(data);
-                    FRAME_DATA
+            .get_mut(channel)
+            .seal_with(FRAME_HEADER_LEN + body.len(), now, |packet| {
+                encode_frame_with(packet, |out| {
+                    out.extend_from_slice(body);
+                    frame_type
                 })
                 .map(drop)
             })

@@ -148,6 +148,13 @@ struct Sim {
     direct_works: bool,
     /// Every ICE restart asked for: (when, by which node).
     restarts: Vec<(Duration, usize)>,
+    /// The drivers can send fast-path datagrams on a direct pair (native peers).
+    fast_path_driver: bool,
+    /// Fast-path datagrams are dropped on the way (a firewall rule).
+    fast_path_blocked: bool,
+    /// Fast-path datagrams sent, and IP packets sealed for the data channel, per node.
+    fast_sent: Vec<u32>,
+    data_sent: Vec<u32>,
     trace: Vec<String>,
 }
 
@@ -174,6 +181,10 @@ impl Sim {
             early_loss: 50,
             direct_works: true,
             restarts: Vec::new(),
+            fast_path_driver: false,
+            fast_path_blocked: false,
+            fast_sent: Vec::new(),
+            data_sent: Vec::new(),
             trace: Vec::new(),
         }
     }
@@ -440,6 +451,10 @@ impl Sim {
                 let control = channel == weft_core::node::Channel::Control;
                 c.sent_control += u32::from(control);
                 let first = c.sent_control == 1 && self.now <= open_at + 50 * MS;
+                if !control {
+                    self.data_sent.resize(self.nodes.len(), 0);
+                    self.data_sent[idx] += 1;
+                }
                 let roll = self.rng.next_u32() % 100;
                 if control && first && roll < self.early_loss {
                     return;
@@ -458,6 +473,19 @@ impl Sim {
                 self.nodes[peer].received.push(bytes.clone());
                 let event = ConnectionEvent::Received(bytes);
                 self.deliver(peer, delay, Input::Connection { conn: remote_conn, event });
+            }
+            Output::FastPathSend { conn, bytes } => {
+                self.fast_sent.resize(self.nodes.len(), 0);
+                self.fast_sent[idx] += 1;
+                let Some(c) = self.nodes[idx].conns.get(&conn) else { return };
+                let Some((peer, remote_conn, generation)) = c.remote else { return };
+                // A driver sends only where it reported a pair (direct, native).
+                assert!(self.fast_path_driver && !c.relayed && !c.closed);
+                if self.fast_path_blocked || self.nodes[peer].generation != generation {
+                    return;
+                }
+                let event = ConnectionEvent::Received(bytes);
+                self.deliver(peer, MS, Input::Connection { conn: remote_conn, event });
             }
             Output::Disconnect { conn, graceful } => {
                 let Some(c) = self.nodes[idx].conns.get_mut(&conn) else { return };
@@ -613,6 +641,11 @@ impl Sim {
         );
         let event = ConnectionEvent::ControlOpen { local_sdp, remote_sdp };
         self.deliver(idx, CONTROL_DELAY, Input::Connection { conn, event });
+        if self.fast_path_driver {
+            // Reported even for a relayed pair: the node must know not to use it.
+            let event = ConnectionEvent::FastPath { pair: Some(1) };
+            self.deliver(idx, CONTROL_DELAY, Input::Connection { conn, event });
+        }
     }
 
     // --- running
@@ -1717,6 +1750,7 @@ fn only_allowed_peers_reach_a_node_that_names_them() {
         advertise_subnets: vec![net("10.1.0.0/16")],
         advertise_exit: true,
         policy,
+        fast_path: false,
     };
     let gw = sim.add_node_with("gw", None, gw_config);
     let ada = sim.add_node_with("ada", None, tun());
@@ -2110,4 +2144,97 @@ fn a_file_offered_before_it_is_hashed_stops_being_shared_when_no_offer_wants_it(
     });
     assert!(!sim.node(0).hashing_wanted(&local));
     assert!(!sim.node(0).engine().is_shared(&local));
+}
+
+/// Two native peers with TUN devices: IP packets go on the fast UDP path once a probe on
+/// it was answered, fall back to the data channel when it stops answering (a firewall
+/// drops its datagrams) and return when probes get through again. A browser-like node (no
+/// driver support) and a node with the fast path turned off keep the data channel.
+#[test]
+fn ip_packets_take_the_fast_path_fall_back_to_the_data_channel_and_come_back() {
+    use weft_core::node::{DEAD_AFTER, FastPathState, PROBE_MAX_INTERVAL};
+    let mut sim = Sim::new(70);
+    sim.data_loss = 0;
+    sim.fast_path_driver = true;
+    let fast = RoutingConfig { fast_path: true, ..tun() };
+    let a = sim.add_node_with("ada", None, fast.clone());
+    let b = sim.add_node_with("bea", None, fast.clone());
+    let c = sim.add_node_with("cy", None, tun());
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_until(Duration::from_secs(20), "addresses", Sim::addresses_agree);
+    let state =
+        |sim: &Sim, from: usize, to: usize| sim.node(from).peer(&sim.id(to)).map(|p| p.fast_path);
+    sim.run_until(Duration::from_secs(2), "fast path up", |sim| {
+        state(sim, a, b) == Some(FastPathState::Up) && state(sim, b, a) == Some(FastPathState::Up)
+    });
+    // cy has it off: it answers no probe, so nobody sends it anything but on the data
+    // channel; and it never probes.
+    assert_ne!(state(&sim, a, c), Some(FastPathState::Up));
+    assert_eq!(state(&sim, c, a), Some(FastPathState::Unavailable));
+
+    // Sends `n` packets a -> b, one every 10 ms; how many arrived, and on which path.
+    let send = |sim: &mut Sim, n: u32| {
+        sim.fast_sent = vec![0; 3];
+        sim.data_sent = vec![0; 3];
+        sim.nodes[b].tun_out.clear();
+        for i in 0..n {
+            let p = udp(IpAddr::V4(sim.ipv4(a)), IpAddr::V4(sim.ipv4(b)), &i.to_be_bytes());
+            sim.tun_send(a, p);
+            sim.run_for(Duration::from_millis(10));
+        }
+        sim.run_for(Duration::from_millis(100));
+        (sim.nodes[b].tun_out.len() as u32, sim.fast_sent[a], sim.data_sent[a])
+    };
+    let (got, fast_sent, data_sent) = send(&mut sim, 200);
+    assert_eq!(got, 200);
+    assert_eq!(data_sent, 0);
+    // The packets, and a keepalive probe or two.
+    assert!((200..=205).contains(&fast_sent), "{fast_sent}");
+
+    // Blocked: packets sent before the path is given up are lost (as on any path that
+    // dies); after DEAD_AFTER they go on the data channel.
+    sim.fast_path_blocked = true;
+    let n = u32::try_from((DEAD_AFTER.as_millis() + 200) / 10).unwrap();
+    let (got, _, data_sent) = send(&mut sim, n);
+    assert_eq!(state(&sim, a, b), Some(FastPathState::Fallback));
+    assert!(data_sent >= 10 && got >= data_sent, "{got} {data_sent}");
+    let (got, _, data_sent) = send(&mut sim, 100);
+    assert_eq!((got, data_sent), (100, 100));
+    assert_eq!(state(&sim, a, b), Some(FastPathState::Fallback));
+
+    // Unblocked: the next probe brings it back.
+    sim.fast_path_blocked = false;
+    sim.run_until(PROBE_MAX_INTERVAL + Duration::from_millis(100), "back up", |sim| {
+        state(sim, a, b) == Some(FastPathState::Up)
+    });
+    let (got, fast_sent, data_sent) = send(&mut sim, 100);
+    assert_eq!((got, data_sent), (100, 0));
+    assert!(fast_sent >= 100);
+
+    // cy got its packets on the data channel all along.
+    let p = udp(IpAddr::V4(sim.ipv4(a)), IpAddr::V4(sim.ipv4(c)), b"to cy");
+    sim.data_sent = vec![0; 3];
+    sim.tun_send(a, p.clone());
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(sim.data_sent[a], 1);
+    assert!(sim.nodes[c].tun_out.contains(&p));
+}
+
+/// A relayed pair never takes the fast path, even where the driver could send.
+#[test]
+fn a_relayed_session_keeps_the_data_channel() {
+    use weft_core::node::FastPathState;
+    let mut sim = Sim::new(71);
+    sim.data_loss = 0;
+    sim.direct_works = false;
+    sim.fast_path_driver = true;
+    let fast = RoutingConfig { fast_path: true, ..tun() };
+    let a = sim.add_node_with("ada", None, fast.clone());
+    let b = sim.add_node_with("bea", None, fast);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    sim.run_for(Duration::from_secs(5));
+    let info = sim.node(a).peer(&sim.id(b)).unwrap();
+    assert_eq!(info.state, PeerState::Relayed);
+    assert_eq!(info.fast_path, FastPathState::Unavailable);
+    assert!(sim.fast_sent.iter().all(|n| *n == 0));
 }

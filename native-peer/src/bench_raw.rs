@@ -59,7 +59,7 @@ async fn connect(
     rtc: &RtcConfig,
 ) -> anyhow::Result<(Arc<dyn PeerConnection>, Arc<dyn DataChannel>, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let pc = build_with(rtc, Arc::new(Gathered(tx)), Some(SEND_BUFFER)).await?;
+    let pc = build_with(rtc, Arc::new(Gathered(tx)), Some(SEND_BUFFER), None).await?;
     let init = RTCDataChannelInit { negotiated: Some(0), ..Default::default() };
     let dc = pc.create_data_channel("raw", Some(init)).await?;
     Ok((pc, dc, rx))

@@ -211,6 +211,12 @@ pub struct UpArgs {
     /// Reach this host's own LAN directly while using an exit node.
     #[arg(long, requires = "exit_node")]
     pub exit_node_allow_lan_access: bool,
+    /// Keep IP packets on the WebRTC data channel. Without it, between two native peers
+    /// on a direct (not relayed) path they go as plain UDP datagrams on the path ICE
+    /// chose, once a probe there was answered, and back on the data channel whenever
+    /// that stops answering (`status` says which).
+    #[arg(long, requires = "tun")]
+    pub no_fast_path: bool,
 }
 
 impl UpArgs {
@@ -241,6 +247,7 @@ impl UpArgs {
             advertise_subnets: self.advertise_routes.iter().map(IpNet::trunc).collect(),
             advertise_exit: self.advertise_exit_node,
             policy: RoutePolicy { subnets_from, exit_from, serve_to, own_to },
+            fast_path: !self.no_fast_path,
         })
     }
 

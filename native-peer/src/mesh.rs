@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::node::{
-    Channel, ConnId, Event, FileEvent, FileNames, Input, IpNet, Node, NodeConfig, NodeError,
-    Output, RouteKind, RoutingConfig, SavedTo, SignalingEvent, StopReason,
+    Channel, ConnId, Event, FastPathState, FileEvent, FileNames, Input, IpNet, Node, NodeConfig,
+    NodeError, Output, RouteKind, RoutingConfig, SavedTo, SignalingEvent, StopReason,
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
@@ -99,8 +99,9 @@ pub struct MeshConfig {
 pub enum MeshEvent {
     /// An event of the node. The signaling stop for an unsupported version is not
     /// passed on (the mesh ends with that refusal instead), nor is `Left`; of the plain
-    /// peer updates, only those where a session's path changes (direct or relayed); file
-    /// events come as [`MeshEvent::File`].
+    /// peer updates, only those where a session's path changes (direct or relayed, and
+    /// for a direct one whether IP packets take the fast UDP path); file events come as
+    /// [`MeshEvent::File`].
     Node(Event),
     /// A warning for the user (cannot save the trust store, a download record, ...).
     Warning(String),
@@ -374,6 +375,7 @@ pub fn start(
         closing: Vec::new(),
         refused: None,
         paths: HashMap::new(),
+        fast_out: Vec::new(),
         tun: config.tun,
         netconf: config.netconf,
         signaling_mark: config.signaling_mark,
@@ -409,9 +411,11 @@ struct Mesh {
     closing: Vec<JoinHandle<()>>,
     /// The server refused our protocol version: its words.
     refused: Option<String>,
-    /// The path last reported per connected peer (direct or relayed, and how our end
-    /// reaches its relay).
-    paths: HashMap<PeerId, (PeerState, Option<RelayTransport>)>,
+    /// The path last reported per connected peer (direct or relayed, how our end
+    /// reaches its relay, and whether IP packets take the fast UDP path).
+    paths: HashMap<PeerId, (PeerState, Option<RelayTransport>, FastPathState)>,
+    /// Fast-path datagrams of this round, in order, sent at its end.
+    fast_out: Vec<(ConnId, Vec<u8>)>,
     /// The TUN device, with `up --tun`.
     tun: Option<Tun>,
     /// The host's routes and rules beyond the device.
@@ -555,9 +559,26 @@ impl Mesh {
         while let Some(output) = self.node.poll_output() {
             self.act_on(output);
         }
+        self.flush_fast_path();
         if let Some(tun) = &mut self.tun {
             tun.flush();
         }
+    }
+
+    /// Sends the round's fast-path datagrams, each connection's in one batch (runs of
+    /// full-size packets go as one UDP GSO `sendmsg`, see `RtcPeer::send_fast_batch`).
+    fn flush_fast_path(&mut self) {
+        let mut out = std::mem::take(&mut self.fast_out);
+        let mut rest = out.as_slice();
+        while let Some((conn, _)) = rest.first() {
+            let n = rest.iter().take_while(|(c, _)| c == conn).count();
+            if let Some(rtc) = self.conns.get(conn) {
+                rtc.send_fast_batch(rest[..n].iter().map(|(_, bytes)| bytes.as_slice()));
+            }
+            rest = &rest[n..];
+        }
+        out.clear();
+        self.fast_out = out;
     }
 
     fn act_on(&mut self, output: Output) {
@@ -606,6 +627,8 @@ impl Mesh {
                 (Some(rtc), Channel::Data) => rtc.send_data(bytes),
                 (None, _) => {}
             },
+            // Sent together at the end of the round (`flush_fast_path`).
+            Output::FastPathSend { conn, bytes } => self.fast_out.push((conn, bytes)),
             Output::Disconnect { conn, graceful } => {
                 // Dropping a connection closes it.
                 if let Some(rtc) = self.conns.remove(&conn) {
@@ -679,12 +702,13 @@ impl Mesh {
             Event::Signaling(SignalingEvent::Stopped { .. } | SignalingEvent::Left)
             | Event::ServerError { code: ErrorCode::UnsupportedVersion, .. } => {}
             Event::PeerConnected(info) => {
-                self.paths.insert(info.peer_id.clone(), (info.state, info.relay_transport));
+                let path = (info.state, info.relay_transport, info.fast_path);
+                self.paths.insert(info.peer_id.clone(), path);
                 self.emit(MeshEvent::Node(Event::PeerConnected(info)));
             }
             Event::Peer(info) => {
                 let path = matches!(info.state, PeerState::Direct | PeerState::Relayed);
-                let now = (info.state, info.relay_transport);
+                let now = (info.state, info.relay_transport, info.fast_path);
                 match self.paths.get(&info.peer_id) {
                     Some(&was) if path && was != now => {
                         self.paths.insert(info.peer_id.clone(), now);

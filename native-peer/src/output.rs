@@ -42,6 +42,8 @@ pub fn peer_json(p: &PeerInfo) -> Value {
     });
     if matches!(p.state, PeerState::Direct | PeerState::Relayed) {
         v["path"] = json!(p.state.as_str());
+        // Where IP packets go: `up` on the fast UDP path, else the data channel.
+        v["fast_path"] = json!(p.fast_path.as_str());
         v["bytes_sent"] = json!(p.bytes_sent);
         v["bytes_received"] = json!(p.bytes_received);
         v["last_handshake_s"] = json!(p.last_handshake.map(|d| d.as_secs()));
@@ -57,18 +59,28 @@ pub fn peer_json(p: &PeerInfo) -> Value {
 }
 
 /// `direct`, or `relayed` and how: over TURN/UDP, TCP or TLS from our end, or through the
-/// peer's relay (whose transport we cannot see).
-fn path_words(state: &str, relay_transport: Option<&str>) -> String {
-    match (state, relay_transport.and_then(RelayTransport::from_name)) {
-        ("relayed", Some(t)) => format!("relayed ({t})"),
-        ("relayed", None) => "relayed (the peer's relay)".to_string(),
-        (state, _) => state.to_string(),
+/// peer's relay (whose transport we cannot see); for a direct one that takes IP packets,
+/// whether they go on the fast UDP path or the data channel (and why).
+fn path_words(state: &str, relay_transport: Option<&str>, fast_path: Option<&str>) -> String {
+    match (state, relay_transport.and_then(RelayTransport::from_name), fast_path) {
+        ("relayed", Some(t), _) => format!("relayed ({t})"),
+        ("relayed", None, _) => "relayed (the peer's relay)".to_string(),
+        ("direct", _, Some("up")) => "direct (fast UDP)".to_string(),
+        ("direct", _, Some("probing")) => "direct (data channel, probing the fast UDP path)".into(),
+        ("direct", _, Some("fallback")) => {
+            "direct (data channel: the fast UDP path stopped answering)".into()
+        }
+        (state, _, _) => state.to_string(),
     }
 }
 
 fn describe(p: &PeerInfo) -> String {
     let name = p.name.as_deref().unwrap_or("?");
-    let state = path_words(p.state.as_str(), p.relay_transport.map(RelayTransport::as_str));
+    let state = path_words(
+        p.state.as_str(),
+        p.relay_transport.map(RelayTransport::as_str),
+        Some(p.fast_path.as_str()),
+    );
     let mut s = format!("{name} ({}): {state}", p.peer_id);
     if let Some(ip) = p.ipv4 {
         s.push_str(&format!(", {ip}"));
@@ -358,7 +370,11 @@ impl Printer {
                 "{} ({}): {}{}{}{}{}{traffic}",
                 p["name"].as_str().unwrap_or("?"),
                 p["peer_id"].as_str().unwrap_or("?"),
-                path_words(p["state"].as_str().unwrap_or("?"), p["relay_transport"].as_str()),
+                path_words(
+                    p["state"].as_str().unwrap_or("?"),
+                    p["relay_transport"].as_str(),
+                    p["fast_path"].as_str()
+                ),
                 field("ipv4"),
                 p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
                 p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),

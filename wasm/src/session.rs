@@ -343,7 +343,10 @@ impl Inner {
             Output::Event(event) => self.on_event(event, out),
             // A browser has no TUN device (the node knows: `RoutingConfig::tun` is off).
             // Never asked of a node without a TUN device.
-            Output::TunWrite(_) | Output::Overlay(_) | Output::DnsForward { .. } => {}
+            Output::TunWrite(_)
+            | Output::Overlay(_)
+            | Output::DnsForward { .. }
+            | Output::FastPathSend { .. } => {}
         }
     }
 

@@ -171,6 +171,7 @@ mod tests {
             bytes_sent: 0,
             bytes_received: 0,
             last_handshake: None,
+            fast_path: Default::default(),
         }
     }
 

@@ -34,6 +34,7 @@ mod accept;
 mod address;
 #[cfg(feature = "dns")]
 pub mod dns;
+mod fastpath;
 mod files;
 mod ip;
 mod limits;
@@ -53,6 +54,10 @@ pub use self::accept::{AcceptPolicy, DeclineReason, OfferVerdict};
 pub use self::address::{
     MAX_IPV4_CANDIDATES, OVERLAY_IPV4, RESOLVER_V4, ipv4_candidate, ipv4_candidate_index,
     ipv6_address, ipv6_interface_id, ipv6_prefix,
+};
+pub use self::fastpath::{
+    DEAD_AFTER, FastPath, FastPathMessage, FastPathMessageError, FastPathState, KEEPALIVE,
+    PROBE_FIRST_INTERVAL, PROBE_MAX_INTERVAL,
 };
 pub use self::files::{
     DownloadStore, DownloadView, FileEvent, IncomingView, OfferState, OutgoingView, SavedTo,
@@ -268,6 +273,14 @@ pub enum ConnectionEvent {
         /// STUN round-trip time of the pair, when measured.
         rtt: Option<Duration>,
     },
+    /// Whether the driver can send datagrams straight on the selected ICE pair's socket
+    /// to its remote address (the fast path, [`Output::FastPathSend`]): `Some(pair)` names
+    /// the pair (a new value is a new pair), `None` if it cannot (no pair yet, a relayed or
+    /// TCP pair, a platform without raw sockets: a browser never reports it).
+    FastPath {
+        /// The pair, as the driver numbers them.
+        pair: Option<u64>,
+    },
     /// The connection failed or closed; it carries nothing any more.
     Closed {
         /// Why, for logs.
@@ -409,6 +422,15 @@ pub enum Output {
         conn: ConnId,
         /// Which channel.
         channel: Channel,
+        /// The sealed packet.
+        bytes: Vec<u8>,
+    },
+    /// Send `bytes` (a sealed fast-path packet) as one UDP datagram on the selected ICE
+    /// pair of `conn` (the one its last [`ConnectionEvent::FastPath`] named); drop it if
+    /// there is none. Only after the driver reported such a pair.
+    FastPathSend {
+        /// Which connection.
+        conn: ConnId,
         /// The sealed packet.
         bytes: Vec<u8>,
     },
@@ -890,6 +912,7 @@ impl Node {
             .chain(self.files.save_due)
             .chain(self.path_due)
             .chain(self.peers.values().filter_map(|p| p.upgrade_due))
+            .chain(self.peers.values().filter_map(|p| p.fast.poll_timeout()))
             .chain(paced)
             .chain(self.overlay.poll_timeout())
             .chain(self.pairs.values().filter_map(pake::Pair::due))
@@ -928,6 +951,7 @@ impl Node {
             self.read_paths(now);
         }
         self.look_for_direct_paths(now);
+        self.probe_fast_paths(now);
         while self.files.paced.front().is_some_and(|r| r.at <= now) {
             if let Some(r) = self.files.paced.pop_front() {
                 let PacedRead { peer, root, index, offset, len, .. } = r;
@@ -1281,12 +1305,21 @@ impl Node {
             Outbound::Peer(key) => {
                 let Some(id) = self.by_key.get(&key) else { return };
                 let Some(slot) = self.peers.get_mut(id) else { return };
-                match slot.link.seal_data(&packet, now) {
-                    Ok(bytes) => self.out.push_back(Output::Transmit {
+                // The fast path once it is proven, else the data channel (`fastpath.rs`).
+                let sealed = if slot.fast.is_up() {
+                    slot.fast.sent(now);
+                    slot.link
+                        .seal_fast_data(&packet, now)
+                        .map(|bytes| Output::FastPathSend { conn: slot.conn, bytes })
+                } else {
+                    slot.link.seal_data(&packet, now).map(|bytes| Output::Transmit {
                         conn: slot.conn,
                         channel: Channel::Data,
                         bytes,
-                    }),
+                    })
+                };
+                match sealed {
+                    Ok(output) => self.out.push_back(output),
                     Err(e) => tracing::debug!("cannot seal an IP packet to {id}: {e}"),
                 }
             }
@@ -1322,6 +1355,8 @@ impl Node {
         slot.path_rtt = None;
         slot.link_rtt = None;
         slot.upgrade_due = None;
+        slot.fast_pair = None;
+        slot.fast = FastPath::new();
         slot.reconnects += 1;
         self.disconnect(old, false);
         Some(conn)
@@ -1369,6 +1404,8 @@ impl Node {
         if slot.conn != conn {
             return;
         }
+        // Bytes (the hot path) change nothing the fast path's eligibility depends on.
+        let received = matches!(event, ConnectionEvent::Received(_));
         match event {
             ConnectionEvent::LocalSignal(payload) => {
                 if !slot.orphan {
@@ -1405,6 +1442,7 @@ impl Node {
                     slot.upgrade_due = Some(now + slot.upgrade_wait);
                 }
             }
+            ConnectionEvent::FastPath { pair } => slot.fast_pair = pair,
             ConnectionEvent::Closed { reason } => {
                 tracing::debug!("connection {conn} to {remote} closed: {reason}");
                 if let Some(key) = slot.link.peer_identity().copied() {
@@ -1440,6 +1478,66 @@ impl Node {
             }
         }
         self.drive(now, &remote);
+        if !received {
+            self.update_fast_path(now, &remote);
+        }
+    }
+
+    /// Whether `remote`'s fast path is eligible now, and on which pair (see `fastpath.rs`):
+    /// enabled here, a session, a pair the driver can send on that is not relayed, and a
+    /// peer that takes IP packets (we have a TUN, as enabling it requires).
+    fn update_fast_path(&mut self, now: Duration, remote: &PeerId) {
+        let enabled = self.overlay.fast_path_enabled();
+        let Some(slot) = self.peers.get_mut(remote) else { return };
+        let takes = slot.link.peer_identity().is_some_and(|k| self.overlay.accepts_packets(k));
+        let pair =
+            slot.fast_pair.filter(|_| enabled && takes && !slot.relayed && slot.is_established());
+        let was = slot.fast.state();
+        slot.fast.set_pair(now, pair);
+        if slot.fast.state() != was {
+            self.probe_fast_paths(now);
+        }
+    }
+
+    /// Probes due on fast paths (and paths given up for not answering).
+    fn probe_fast_paths(&mut self, now: Duration) {
+        for (remote, slot) in &mut self.peers {
+            if slot.fast.poll_timeout().is_none_or(|t| t > now) {
+                continue;
+            }
+            let Some(probe) = slot.fast.handle_timeout(now) else { continue };
+            match slot.link.seal_fast_message(&probe.encode(), now) {
+                Ok(bytes) => self.out.push_back(Output::FastPathSend { conn: slot.conn, bytes }),
+                Err(e) => tracing::debug!("cannot seal a fast-path probe to {remote}: {e}"),
+            }
+        }
+    }
+
+    /// Probes and acks that came on `remote`'s fast path: a probe is answered on the fast
+    /// path (when it is enabled here), an ack may bring ours up.
+    fn on_fast_path_messages(&mut self, now: Duration, remote: &PeerId, bodies: Vec<Vec<u8>>) {
+        let enabled = self.overlay.fast_path_enabled();
+        let Some(slot) = self.peers.get_mut(remote) else { return };
+        for body in bodies {
+            match FastPathMessage::decode(&body) {
+                Ok(FastPathMessage::Probe(nonce)) if enabled => {
+                    let ack = FastPathMessage::Ack(nonce).encode();
+                    match slot.link.seal_fast_message(&ack, now) {
+                        Ok(bytes) => {
+                            self.out.push_back(Output::FastPathSend { conn: slot.conn, bytes });
+                        }
+                        Err(e) => tracing::debug!("cannot seal a fast-path ack to {remote}: {e}"),
+                    }
+                }
+                Ok(FastPathMessage::Probe(_)) => {}
+                Ok(FastPathMessage::Ack(nonce)) => {
+                    if slot.fast.acked(nonce) {
+                        tracing::debug!("the fast path to {remote} is up");
+                    }
+                }
+                Err(e) => tracing::debug!("bad fast-path message from {remote}: {e}"),
+            }
+        }
     }
 
     /// Moves the link's sealed packets to its connection's control channel.
@@ -1466,6 +1564,7 @@ impl Node {
         let mut failed = false;
         let mut silent = false;
         let mut events = Vec::new();
+        let mut fast = Vec::new();
         while let Some(event) = slot.link.poll_event() {
             match event {
                 LinkEvent::Established { fingerprint, .. } => {
@@ -1502,6 +1601,7 @@ impl Node {
                     }
                 }
                 LinkEvent::Rtt(rtt) => slot.link_rtt = Some(rtt),
+                LinkEvent::FastPath(body) => fast.push(body),
                 LinkEvent::Failed(error) => {
                     silent = matches!(error, LinkError::PeerSilent(_));
                     slot.failure = Some(PeerFailure::Link(error));
@@ -1550,6 +1650,16 @@ impl Node {
         }
         let overlay = OverlayChanges { established: established.is_some(), failed, announced };
         self.drive_overlay(now, remote, overlay, packets, announce_ours);
+        self.on_fast_path_messages(now, remote, fast);
+        if established.is_some() || announced || failed {
+            if established.is_some() {
+                // A new session: whatever the old one proved does not hold for it.
+                if let Some(slot) = self.peers.get_mut(remote) {
+                    slot.fast = FastPath::new();
+                }
+            }
+            self.update_fast_path(now, remote);
+        }
         for (frame_type, body) in transfer {
             self.engine.handle_frame(remote, frame_type, body, now);
         }

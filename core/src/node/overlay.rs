@@ -38,6 +38,10 @@ pub struct RoutingConfig {
     pub advertise_exit: bool,
     /// What to accept from peers, and whom to serve.
     pub policy: RoutePolicy,
+    /// Use, and answer probes of, the fast UDP path between native peers (`fastpath.rs`)
+    /// where the driver reports one; only with `tun`. Off by default (a browser has none);
+    /// the native peer turns it on unless `up --no-fast-path`.
+    pub fast_path: bool,
 }
 
 /// Packets and announcements counted, since the node started.
@@ -305,6 +309,11 @@ impl Overlay {
             }
         }
         changed
+    }
+
+    /// Whether the fast path is on (it carries only IP packets, so only with a TUN).
+    pub(crate) fn fast_path_enabled(&self) -> bool {
+        self.config.fast_path && self.config.tun
     }
 
     /// Whether `key` announced that it takes IP packets.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::fastpath::{FastPath, FastPathState};
 use super::overlay::Overlay;
 use crate::identity::Fingerprint;
 use crate::peer::{LinkError, LinkState, PeerLink};
@@ -179,6 +180,10 @@ pub struct PeerInfo {
     /// How long ago the current session's handshake completed (as of the node's latest
     /// input), once established.
     pub last_handshake: Option<Duration>,
+    /// The fast UDP path between two native peers: `Up` when IP packets go as plain UDP
+    /// on the selected pair, else they go on the data channel (`Unavailable` for a
+    /// browser or a relayed pair, `Probing`, `Fallback` after it stopped answering).
+    pub fast_path: FastPathState,
 }
 
 /// One other member of the room.
@@ -212,6 +217,11 @@ pub(crate) struct PeerSlot {
     pub upgrade_due: Option<Duration>,
     /// How long to stay relayed before the next look.
     pub upgrade_wait: Duration,
+    /// The pair the driver can send fast-path datagrams on (its last
+    /// `ConnectionEvent::FastPath`).
+    pub fast_pair: Option<u64>,
+    /// The fast path's state machine.
+    pub fast: FastPath,
 }
 
 impl PeerSlot {
@@ -235,6 +245,8 @@ impl PeerSlot {
             shown: None,
             upgrade_due: None,
             upgrade_wait: upgrade_first,
+            fast_pair: None,
+            fast: FastPath::new(),
         }
     }
 
@@ -281,6 +293,7 @@ impl PeerSlot {
                 .established_at
                 .filter(|_| self.is_established())
                 .map(|at| now.saturating_sub(at)),
+            fast_path: self.fast.state(),
         }
     }
 }

@@ -302,6 +302,149 @@ async fn native_peers_reach_each_other_by_overlay_ip_through_tun_devices() {
     stop(bea).await;
 }
 
+/// The nftables table this test adds to a host: counts (and with `drop`, drops) UDP
+/// datagrams whose payload starts with the fast path's first byte (0x12), both ways.
+fn fast_path_rule(host: &Host, drop: bool) {
+    let verdict = if drop { "counter drop" } else { "counter" };
+    let ruleset = format!(
+        "table inet weftfast {{}}\nflush table inet weftfast\ntable inet weftfast {{\n\
+         chain output {{ type filter hook output priority 0; udp length > 8 @th,64,8 0x12 {verdict}; }}\n\
+         chain input {{ type filter hook input priority 0; udp length > 8 @th,64,8 0x12 {verdict}; }}\n}}\n"
+    );
+    let mut nft = host.command("nft").arg("-f").arg("-").stdin(Stdio::piped()).spawn().unwrap();
+    use std::io::Write;
+    nft.stdin.take().unwrap().write_all(ruleset.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success(), "nft -f: {ruleset}");
+}
+
+/// Fast-path datagrams (`what`: `packets` or `bytes`) the rule on `host` counted, sent and
+/// received. Packets as the hooks see them: a UDP GSO send (or a GRO receive) of many
+/// datagrams counts once, its bytes all.
+fn fast_path_count(host: &Host, what: &str) -> u64 {
+    let out = host.command("nft").args(["-j", "list", "table", "inet", "weftfast"]).output();
+    let json: Value = serde_json::from_slice(&out.unwrap().stdout).unwrap();
+    let items = json["nftables"].as_array().unwrap();
+    items
+        .iter()
+        .filter_map(|i| i["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|e| e["counter"][what].as_u64())
+        .sum()
+}
+
+/// Fast-path datagrams (or batches of them) the rule on `host` counted.
+fn fast_path_datagrams(host: &Host) -> u64 {
+    fast_path_count(host, "packets")
+}
+
+/// Bytes of fast-path datagrams the rule on `host` counted.
+fn fast_path_bytes(host: &Host) -> u64 {
+    fast_path_count(host, "bytes")
+}
+
+/// Waits until `peer`'s `status` says its one peer's IP packets go as `fast_path` (`up`:
+/// the fast UDP path; `fallback`: the data channel after the fast path stopped
+/// answering); the status.
+async fn wait_fast_path(peer: &TunPeer, fast_path: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = status(peer).await;
+        if status["peers"][0]["fast_path"] == fast_path {
+            return status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not {fast_path}: {status}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Between two native peers IP packets go as plain UDP datagrams on the ICE pair (first
+/// byte 0x12), not through SCTP/DTLS: `status` says `fast UDP`, and an nftables counter on
+/// Ada's host sees the TCP copy's packets as such datagrams. A firewall rule that drops
+/// only those datagrams (both ways, on Ada's host) sends the traffic back to the data
+/// channel: a copy still arrives whole and `status` says so; without the rule the fast
+/// path comes back and carries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_packets_take_the_fast_udp_path_and_fall_back_to_the_data_channel() {
+    let test = "ip_packets_take_the_fast_udp_path_and_fall_back_to_the_data_channel";
+    let Some((net, [ada, bea])) = two_peers(test).await else { return };
+    fast_path_rule(&ada.host, false);
+    let status = wait_fast_path(&ada, "up").await;
+    assert_eq!(status["peers"][0]["path"], "direct", "{status}");
+    wait_fast_path(&bea, "up").await;
+    let text = ada.host.command(weft_peer_bin().unwrap());
+    let mut text = text;
+    text.arg("--config-dir").arg(&ada.dir).arg("status");
+    let out = String::from_utf8(text.output().unwrap().stdout).unwrap();
+    assert!(out.contains("Bea") && out.contains("direct (fast UDP)"), "{out}");
+
+    // Carried on the fast path: the copy's segments (and the other way its ACKs).
+    let before = fast_path_bytes(&ada.host);
+    let there = tcp_copy(&ada.host, &bea.host, &bea.ipv4).await;
+    let back = tcp_copy(&bea.host, &ada.host, &ada.ipv6).await;
+    let carried = fast_path_bytes(&ada.host) - before;
+    eprintln!("fast UDP path (debug build): {there:.0} and {back:.0} Mbit/s, {carried} bytes");
+    assert!(carried > 2 * COPY_BYTES, "{carried} bytes of fast-path datagrams");
+
+    // Dropped: a copy started now survives the switch (TCP resends what was lost before
+    // the fast path was given up), and both sides say the data channel carries.
+    fast_path_rule(&ada.host, true);
+    tcp_copy(&ada.host, &bea.host, &bea.ipv4).await;
+    let status = wait_fast_path(&ada, "fallback").await;
+    assert_eq!(status["peers"][0]["path"], "direct", "{status}");
+    wait_fast_path(&bea, "fallback").await;
+    let dropped = fast_path_datagrams(&ada.host);
+    let there = tcp_copy(&ada.host, &bea.host, &bea.ipv4).await;
+    let back = tcp_copy(&bea.host, &ada.host, &ada.ipv4).await;
+    // Only probes met the rule meanwhile.
+    let probes = fast_path_datagrams(&ada.host) - dropped;
+    eprintln!("data channel (debug build): {there:.0} and {back:.0} Mbit/s, {probes} probes");
+    assert!(probes < 100, "{probes} fast-path datagrams during the data-channel copies");
+    let mut text = ada.host.command(weft_peer_bin().unwrap());
+    text.arg("--config-dir").arg(&ada.dir).arg("status");
+    let out = String::from_utf8(text.output().unwrap().stdout).unwrap();
+    assert!(out.contains("the fast UDP path stopped answering"), "{out}");
+
+    // Allowed again: the next probes bring it back, and it carries.
+    fast_path_rule(&ada.host, false);
+    wait_fast_path(&ada, "up").await;
+    wait_fast_path(&bea, "up").await;
+    tcp_copy(&ada.host, &bea.host, &bea.ipv4).await;
+    assert!(fast_path_bytes(&ada.host) > COPY_BYTES, "not carried again");
+    assert_eq!(net.topology.stray_packets().unwrap(), 0);
+    stop(ada).await;
+    stop(bea).await;
+}
+
+/// With `up --no-fast-path` on one side, IP packets stay on the data channel both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fast_path_keeps_ip_packets_on_the_data_channel() {
+    let test = "no_fast_path_keeps_ip_packets_on_the_data_channel";
+    if !netns_available(test) {
+        return;
+    }
+    let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let dir = config_dir("tun-ada").unwrap();
+    let mut ada = start(topology.host(0, 0), &server, &invite, NAMES[0], dir).await;
+    let dir = config_dir("tun-bea").unwrap();
+    let extra = ["--no-fast-path"];
+    let mut bea = start_with(topology.host(1, 0), &server, &invite, NAMES[1], dir, &extra).await;
+    connected(&mut ada, &bea, NAMES[1]).await;
+    connected(&mut bea, &ada, NAMES[0]).await;
+    fast_path_rule(&ada.host, false);
+    tcp_copy(&ada.host, &bea.host, &bea.ipv4).await;
+    tcp_copy(&bea.host, &ada.host, &ada.ipv4).await;
+    let ada_status = status(&ada).await;
+    assert_ne!(ada_status["peers"][0]["fast_path"], "up", "{ada_status}");
+    assert_eq!(status(&bea).await["peers"][0]["fast_path"], "unavailable");
+    // Ada's probes (a few a minute), nothing else.
+    assert!(fast_path_datagrams(&ada.host) < 50);
+    stop(ada).await;
+    stop(bea).await;
+    drop(server);
+}
+
 /// Cryptokey routing with real packets: Ada's host sends Bea, through Ada's device, UDP
 /// datagrams whose source is not Ada's overlay address (an unclaimed overlay address, an
 /// address outside the overlay). Ada's node seals them to Bea like any packet to Bea's

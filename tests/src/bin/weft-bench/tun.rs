@@ -10,9 +10,12 @@
 //! - `veth`: `b`'s address on the veth itself.
 //! - `tun`: `weft-peer up --tun` on both hosts (MTU 1280, its default), `weft-signal` on
 //!   the server host, the WebRTC connection bound to the veth (`--bind`): `b`'s overlay
-//!   IPv4 address. IP packets ride the unordered, unreliable data channel: there is no
-//!   other path yet (the fast UDP path of item 4 is not built), so `tun_datachannel_mbit_s`
-//!   is `tun_mbit_s`.
+//!   IPv4 address. IP packets take the fast UDP path (plain datagrams on the ICE pair,
+//!   `core/src/node/fastpath.rs`) once it is up; the bench waits for that.
+//! - `tun_datachannel`: the same with `up --no-fast-path` (IP packets on the unordered,
+//!   unreliable data channel), on a second veth pair of its own (`a2`, `b2` and a server
+//!   host: two overlays on one host would claim the same 100.64.0.0/10), measured from
+//!   `a2`.
 //! - `wireguard_go`: Debian's `wireguard-go` on both hosts, configured with `wg` (keys
 //!   made for this run), its UDP on the veth; MTU 1420 (wg-quick's default).
 //! - `boringtun`: `boringtun-cli` (crates.io, built by xtask into `target/tools`) the same
@@ -77,9 +80,11 @@ enum Way {
     Weft,
     WireguardGo,
     Boringtun,
+    WeftDataChannel,
 }
 
-const WAYS: [Way; 4] = [Way::Veth, Way::Weft, Way::WireguardGo, Way::Boringtun];
+const WAYS: [Way; 5] =
+    [Way::Veth, Way::Weft, Way::WireguardGo, Way::Boringtun, Way::WeftDataChannel];
 
 impl Way {
     /// The name in `BENCH` lines.
@@ -89,6 +94,7 @@ impl Way {
             Way::Weft => "tun",
             Way::WireguardGo => "wireguard_go",
             Way::Boringtun => "boringtun",
+            Way::WeftDataChannel => "tun_datachannel",
         }
     }
 
@@ -98,6 +104,7 @@ impl Way {
             Way::Weft => 1,
             Way::WireguardGo => 2,
             Way::Boringtun => 3,
+            Way::WeftDataChannel => 4,
         }
     }
 }
@@ -138,13 +145,22 @@ impl WireGuard {
 /// namespaces go with the [`VethPair`], which ends anything left in them).
 struct Paths {
     /// `b`'s address on each way, by [`Way::index`].
-    targets: [IpAddr; 4],
+    targets: [IpAddr; 5],
     /// The processes that carry each way (none for the veth), by [`Way::index`].
-    pids: [Vec<u32>; 4],
+    pids: [Vec<u32>; 5],
     weft: [NativePeer; 2],
+    /// Weft without the fast path, on the second pair.
+    weft_dc: [NativePeer; 2],
     _server: SignalProcess,
+    _server_dc: SignalProcess,
     _daemons: Vec<Child>,
     iperf: Child,
+    iperf_dc: Child,
+}
+
+/// The host each way is measured from.
+fn client<'a>(pair: &'a VethPair, dc: &'a VethPair, way: Way) -> &'a Host {
+    if way == Way::WeftDataChannel { &dc.a } else { &pair.a }
 }
 
 /// Whether `program arg` runs.
@@ -204,8 +220,9 @@ pub async fn main() -> Result<()> {
 
 async fn bench(boringtun: &Path) -> Result<()> {
     let pair = VethPair::new()?;
+    let dc = VethPair::new()?;
     let scratch = Scratch::new("bench-tun")?;
-    let mut paths = set_up(&pair, scratch.path(), boringtun).await?;
+    let mut paths = set_up(&pair, &dc, scratch.path(), boringtun).await?;
     let (runs, seconds) =
         (env_or("WEFT_BENCH_RUNS", RUNS).max(1), env_or("WEFT_BENCH_SECONDS", SECONDS).max(1));
     println!(
@@ -213,27 +230,30 @@ async fn bench(boringtun: &Path) -> Result<()> {
          iperf3 measurement"
     );
     // By [`Way::index`]: each run's figures.
-    let mut four: [Vec<f64>; 4] = Default::default();
-    let mut one: [Vec<f64>; 4] = Default::default();
-    let mut ping: [Vec<f64>; 4] = Default::default();
-    let mut cpu: [Vec<f64>; 4] = Default::default();
+    let mut four: [Vec<f64>; 5] = Default::default();
+    let mut one: [Vec<f64>; 5] = Default::default();
+    let mut ping: [Vec<f64>; 5] = Default::default();
+    let mut cpu: [Vec<f64>; 5] = Default::default();
     for run in 0..runs {
         let mut order = WAYS;
         order.rotate_left(run % WAYS.len());
         for way in order {
             let (before, start) = (cpu_of(&paths.pids[way.index()]), Instant::now());
-            let rate = iperf(&pair.a, paths.targets[way.index()], 4, seconds).await?;
+            let from = client(&pair, &dc, way);
+            let rate = iperf(from, paths.targets[way.index()], 4, seconds).await?;
             let used = cpu_of(&paths.pids[way.index()]) - before;
             four[way.index()].push(rate);
             cpu[way.index()].push(100.0 * used / (start.elapsed().as_secs_f64() * 1e3));
         }
         for way in order {
-            one[way.index()].push(iperf(&pair.a, paths.targets[way.index()], 1, seconds).await?);
+            let from = client(&pair, &dc, way);
+            one[way.index()].push(iperf(from, paths.targets[way.index()], 1, seconds).await?);
         }
         for way in order {
-            ping[way.index()].push(ping_ms(&pair.a, paths.targets[way.index()]).await?);
+            let from = client(&pair, &dc, way);
+            ping[way.index()].push(ping_ms(from, paths.targets[way.index()]).await?);
         }
-        let show = |v: &[Vec<f64>; 4], unit: &str, digits: usize| {
+        let show = |v: &[Vec<f64>; 5], unit: &str, digits: usize| {
             WAYS.iter()
                 .map(|w| format!("{} {:.*}", w.metric(), digits, v[w.index()][run]))
                 .collect::<Vec<_>>()
@@ -245,16 +265,16 @@ async fn bench(boringtun: &Path) -> Result<()> {
         println!("  run {run}: 1 stream  {}", show(&one, "Mbit/s", 0));
         println!("  run {run}: ping      {}", show(&ping, "ms", 3));
     }
-    for way in [Way::Weft, Way::WireguardGo, Way::Boringtun] {
+    for way in [Way::Weft, Way::WeftDataChannel, Way::WireguardGo, Way::Boringtun] {
         println!(
             "  {} CPU during the 4-stream runs: {:.0} % of one core (both hosts' processes)",
             way.metric(),
             median(cpu[way.index()].clone())
         );
     }
-    let med = |v: &[Vec<f64>; 4], way: Way| median(v[way.index()].clone());
+    let med = |v: &[Vec<f64>; 5], way: Way| median(v[way.index()].clone());
     // The median of the runs' ratios of `way` to `base`.
-    let ratio = |v: &[Vec<f64>; 4], way: Way, base: Way| {
+    let ratio = |v: &[Vec<f64>; 5], way: Way, base: Way| {
         let (w, b) = (&v[way.index()], &v[base.index()]);
         median(w.iter().zip(b).map(|(w, b)| w / b).collect())
     };
@@ -267,8 +287,14 @@ async fn bench(boringtun: &Path) -> Result<()> {
     for way in WAYS {
         println!("BENCH {}_ping_ms {:.3} ms", way.metric(), med(&ping, way));
     }
-    println!("  (the data channel is Weft's only path for IP until the fast UDP path exists)");
-    println!("BENCH tun_datachannel_mbit_s {:.0} Mbit/s", med(&four, Way::Weft));
+    println!(
+        "BENCH tun_vs_datachannel_ratio {:.2} x",
+        ratio(&four, Way::Weft, Way::WeftDataChannel)
+    );
+    println!(
+        "BENCH tun_vs_datachannel_1stream_ratio {:.2} x",
+        ratio(&one, Way::Weft, Way::WeftDataChannel)
+    );
     for (base, name) in [(Way::WireguardGo, "wireguard_go"), (Way::Boringtun, "boringtun")] {
         println!("BENCH tun_vs_{name}_ratio {:.2} x", ratio(&four, Way::Weft, base));
         println!("BENCH tun_vs_{name}_1stream_ratio {:.2} x", ratio(&one, Way::Weft, base));
@@ -282,12 +308,14 @@ async fn bench(boringtun: &Path) -> Result<()> {
         profile(&pair, &paths, Path::new(&dir), seconds).await?;
     }
     let [a, b] = &mut paths.weft;
-    for peer in [a, b] {
+    let [a2, b2] = &mut paths.weft_dc;
+    for peer in [a, b, a2, b2] {
         if !peer.terminate(WAIT).await?.success() {
             bail!("weft-peer did not exit cleanly: {:?}", peer.seen.last());
         }
     }
     paths.iperf.kill().await?;
+    paths.iperf_dc.kill().await?;
     Ok(())
 }
 
@@ -298,12 +326,15 @@ fn cpu_of(pids: &[u32]) -> f64 {
 
 /// Sets up every way from `a` to `b`, and the iperf3 server on `b`, and checks that each
 /// way answers a ping.
-async fn set_up(pair: &VethPair, scratch: &Path, boringtun: &Path) -> Result<Paths> {
+async fn set_up(pair: &VethPair, dc: &VethPair, scratch: &Path, boringtun: &Path) -> Result<Paths> {
     let server = SignalProcess::start(&pair.server, &[]).await?;
-    let (weft, weft_b) = weft(pair, &server.ws_url).await?;
+    let server_dc = SignalProcess::start(&dc.server, &[]).await?;
+    let (weft_dc, weft_dc_b, _) = weft(dc, &server_dc.ws_url, "dc", &["--no-fast-path"]).await?;
+    let (weft, weft_b, dirs) = weft(pair, &server.ws_url, "fast", &[]).await?;
     let weft_pids = weft.iter().filter_map(|p| p.child.id()).collect();
+    let dc_pids = weft_dc.iter().filter_map(|p| p.child.id()).collect();
     let mut daemons = Vec::new();
-    let mut pids: [Vec<u32>; 4] = [Vec::new(), weft_pids, Vec::new(), Vec::new()];
+    let mut pids: [Vec<u32>; 5] = [Vec::new(), weft_pids, Vec::new(), Vec::new(), dc_pids];
     let threads: u32 = env_or("WEFT_BENCH_BORINGTUN_THREADS", 1);
     for (kind, way) in [(WireGuard::Go, Way::WireguardGo), (WireGuard::Boringtun, Way::Boringtun)] {
         let started = wireguard(pair, kind, scratch, boringtun, threads).await?;
@@ -311,14 +342,20 @@ async fn set_up(pair: &VethPair, scratch: &Path, boringtun: &Path) -> Result<Pat
         daemons.extend(started);
     }
     let wg_b = |kind: WireGuard| IpAddr::from([10, kind.net(), 0, 2]);
-    let targets = [pair.b.ip, IpAddr::V4(weft_b), wg_b(WireGuard::Go), wg_b(WireGuard::Boringtun)];
+    let targets = [
+        pair.b.ip,
+        IpAddr::V4(weft_b),
+        wg_b(WireGuard::Go),
+        wg_b(WireGuard::Boringtun),
+        IpAddr::V4(weft_dc_b),
+    ];
     let iperf = iperf_server(&pair.b).await?;
+    let iperf_dc = iperf_server(&dc.b).await?;
     for way in WAYS {
         // Reachable: a short ping through each (a first packet may wait for nothing, but
         // give each way a few).
         let target = targets[way.index()];
-        let out = pair
-            .a
+        let out = client(pair, dc, way)
             .tokio_command("ping")
             .args(["-n", "-q", "-c", "3", "-w", "30", &target.to_string()])
             .kill_on_drop(true)
@@ -332,11 +369,55 @@ async fn set_up(pair: &VethPair, scratch: &Path, boringtun: &Path) -> Result<Pat
             );
         }
     }
-    Ok(Paths { targets, pids, weft, _server: server, _daemons: daemons, iperf })
+    // The fast path carries Weft's IP packets once a probe was answered; the other one has
+    // it off.
+    for ((host, dir), name) in [&pair.a, &pair.b].into_iter().zip(&dirs).zip(["Ada", "Bea"]) {
+        wait_fast_path(host, dir).await.with_context(|| format!("{name}'s peer"))?;
+    }
+    Ok(Paths {
+        targets,
+        pids,
+        weft,
+        weft_dc,
+        _server: server,
+        _server_dc: server_dc,
+        _daemons: daemons,
+        iperf,
+        iperf_dc,
+    })
 }
 
-/// `weft-peer up --tun` on `a` and `b`, connected over the veth; `b`'s overlay IPv4.
-async fn weft(pair: &VethPair, ws: &str) -> Result<([NativePeer; 2], std::net::Ipv4Addr)> {
+/// Waits until the `up` with config dir `dir` on `host` says the fast UDP path to its one
+/// peer is up.
+async fn wait_fast_path(host: &Host, dir: &Path) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = host
+            .tokio_command(weft_peer_bin()?)
+            .arg("--config-dir")
+            .arg(dir)
+            .args(["--json", "status"])
+            .output()
+            .await?;
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if status["peers"][0]["fast_path"] == "up" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the fast UDP path did not come up: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `weft-peer up --tun ARGS` on `a` and `b` (config dirs named with `tag`), connected over
+/// the veth; `b`'s overlay IPv4, and their config dirs.
+async fn weft(
+    pair: &VethPair,
+    ws: &str,
+    tag: &str,
+    args: &[&str],
+) -> Result<([NativePeer; 2], std::net::Ipv4Addr, Vec<PathBuf>)> {
     let out = std::process::Command::new(weft_peer_bin()?).arg("invite").output()?;
     if !out.status.success() {
         bail!("weft-peer invite failed: {out:?}");
@@ -344,9 +425,13 @@ async fn weft(pair: &VethPair, ws: &str) -> Result<([NativePeer; 2], std::net::I
     let invite = String::from_utf8(out.stdout)?.trim().to_string();
     let mut peers = Vec::new();
     let mut addrs = Vec::new();
+    let mut dirs = Vec::new();
     for (host, name) in [(&pair.a, "Ada"), (&pair.b, "Bea")] {
-        let mut up = command_on(host, ws, &config_dir(&format!("bench-tun-{name}"))?)?;
-        up.args(["--invite", &invite, "--name", name, "up", "--tun"]).env("RUST_LOG", "error");
+        let dir = config_dir(&format!("bench-tun-{tag}-{name}"))?;
+        let mut up = command_on(host, ws, &dir)?;
+        dirs.push(dir);
+        up.args(["--invite", &invite, "--name", name, "up", "--tun"]).args(args);
+        up.env("RUST_LOG", "error");
         let mut peer = NativePeer::spawn(up)?;
         let tun = peer.expect_event("tun", WAIT).await?;
         let ipv4 = tun["ipv4"].as_str().and_then(|a| a.split_once('/')).map(|(a, _)| a);
@@ -364,7 +449,7 @@ async fn weft(pair: &VethPair, ws: &str) -> Result<([NativePeer; 2], std::net::I
         }
     }
     let [a, b]: [NativePeer; 2] = peers.try_into().map_err(|_| anyhow::anyhow!("two peers"))?;
-    Ok(([a, b], addrs[1]))
+    Ok(([a, b], addrs[1], dirs))
 }
 
 /// A key pair from `wg genkey | wg pubkey`: (private, public), base64.

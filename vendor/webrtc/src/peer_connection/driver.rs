@@ -545,6 +545,25 @@ pub(crate) struct PeerConnectionDriver<A = SocketAddr> {
     /// old candidates and replacing the transports they name are the same decision (webrtc#868).
     discard_local_candidates_during_ice_restart: bool,
     turn_allocation_refresh_interval_cap: Option<Duration>,
+    /// Weft's patch: the pair the core's DTLS records last went out on, as told to the raw
+    /// path (`raw_path.rs`), so that it is told only of changes.
+    raw_seen: RawSeen,
+}
+
+/// Weft's patch: where the core's DTLS records last went (see `raw_path.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawSeen {
+    /// Nothing yet (or the sockets were replaced).
+    Unknown,
+    /// From our UDP socket at the first address to the second.
+    Direct(SocketAddr, SocketAddr),
+    /// Through a TURN relay, or over TCP: no raw path.
+    Indirect,
+}
+
+/// RFC 7983: a first byte in 20..=63 is DTLS.
+fn is_dtls(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|b| (20..=63).contains(b))
 }
 
 impl<A> PeerConnectionDriver<A>
@@ -606,6 +625,7 @@ where
             crypto_provider,
             discard_local_candidates_during_ice_restart,
             turn_allocation_refresh_interval_cap,
+            raw_seen: RawSeen::Unknown,
         }
     }
 
@@ -732,6 +752,9 @@ where
     /// [`writable`](crate::data_channel::DataChannel::writable) loop return `ErrDataChannelClosed`
     /// on its next re-check; the wake makes that immediate. Idempotent on the clean path.
     pub(crate) fn signal_stopped(&self) {
+        if let Some(raw) = &self.inner.raw_path {
+            raw.set(None);
+        }
         self.inner.closing.store(true, Ordering::Release);
         self.inner.data_channel_backpressure.notify_waiters();
     }
@@ -1026,6 +1049,11 @@ where
                             udp_recv_futures.clear();
                             udp_socket_list.clear();
                             udp_socket_buffers.clear();
+                            // Weft's patch: the raw path's socket goes too.
+                            self.raw_seen = RawSeen::Unknown;
+                            if let Some(raw) = &self.inner.raw_path {
+                                raw.set(None);
+                            }
 
                             match self.bind_transports().await {
                                 Ok(()) => {
@@ -1237,6 +1265,15 @@ where
         let mut off = 0;
         while off < n {
             let end = (off + step).min(n);
+            // Weft's patch: the application's own datagrams (`raw_path.rs`) go to it; the
+            // core would drop them.
+            if let Some(raw) = &self.inner.raw_path
+                && raw.claims(&buf[off..end])
+            {
+                raw.deliver(&buf[off..end], local_addr, peer_addr);
+                off = end;
+                continue;
+            }
             if let Err(err) = self
                 .handle_read(TaggedBytesMut {
                     now: self.inner.runtime.now(),
@@ -2101,6 +2138,28 @@ where
                 && tp.peer_addr.port() != MDNS_PORT
                 && !self.turn_relayer.contains_local_addr(tp.local_addr)
                 && self.udp_sockets.contains_key(&tp.local_addr);
+            // Weft's patch: the ICE handler stamps every non-STUN write with the selected
+            // pair, so a DTLS record's 4-tuple is that pair: the raw path follows it.
+            if let Some(raw) = &self.inner.raw_path
+                && is_dtls(&writes[i].message)
+            {
+                let seen = if plain_udp {
+                    RawSeen::Direct(tp.local_addr, tp.peer_addr)
+                } else {
+                    RawSeen::Indirect
+                };
+                if seen != self.raw_seen {
+                    self.raw_seen = seen;
+                    let target = match seen {
+                        RawSeen::Direct(local, remote) => self
+                            .udp_sockets
+                            .get(&local)
+                            .map(|socket| (socket.clone(), local, remote)),
+                        RawSeen::Indirect | RawSeen::Unknown => None,
+                    };
+                    raw.set(target);
+                }
+            }
             if !plain_udp {
                 // TCP / mDNS / TURN-relayed / unknown-socket: owned per-packet path.
                 // Move the message out (writes[i] is never read again) rather than

@@ -50,7 +50,10 @@
 //! ```
 
 pub(crate) mod driver;
+pub mod raw_path;
 pub mod transport;
+
+pub use raw_path::{RawDatagramHandler, RawPath};
 
 use crate::peer_connection::transport::{SctpTransport, SctpTransportImpl};
 use log::error;
@@ -187,6 +190,8 @@ pub struct PeerConnectionBuilder<A: ToSocketAddrs> {
     dedicated_reactor_pool_size: usize,
     data_channel_send_buffer_limit: usize,
     turn_tls_config: Option<Arc<rustls::ClientConfig>>,
+    /// Weft's patch: raw datagrams on the selected pair (`raw_path.rs`).
+    raw_path: Option<RawPath>,
     /// Held rather than forwarded immediately, so [`build`](Self::build) can resolve the crypto
     /// provider and inject it before the core connection is constructed — see there for why.
     setting_engine: SettingEngine,
@@ -202,6 +207,7 @@ impl<A: ToSocketAddrs> Default for PeerConnectionBuilder<A> {
             tcp_addrs: vec![],
             dedicated_reactor_pool_size: 0,
             turn_tls_config: None,
+            raw_path: None,
             setting_engine: SettingEngine::default(),
             // `usize::MAX` = unbounded: no send back-pressure unless the application
             // opts in via `with_data_channel_send_buffer_limit`. This keeps `send`/
@@ -343,6 +349,14 @@ impl<A: ToSocketAddrs> PeerConnectionBuilder<A> {
         self
     }
 
+    /// Weft's patch: hand datagrams whose first byte `path` claims to its handler instead
+    /// of dropping them, and let it send raw datagrams on the selected candidate pair
+    /// ([`RawPath`]).
+    pub fn with_raw_path(mut self, path: RawPath) -> Self {
+        self.raw_path = Some(path);
+        self
+    }
+
     /// Builds the [`PeerConnection`] and starts the background event loop driver.
     ///
     /// `A: Send + 'static` because the configured addresses are handed to the driver unresolved
@@ -414,6 +428,7 @@ impl<A: ToSocketAddrs> PeerConnectionBuilder<A> {
             turn_allocation_refresh_interval_cap,
             crypto_provider,
             self.turn_tls_config,
+            self.raw_path,
         )
         .await
     }
@@ -758,6 +773,8 @@ pub(crate) struct PeerConnectionImpl {
 }
 
 pub(crate) struct PeerConnectionRef {
+    /// Weft's patch: raw datagrams on the selected pair (`raw_path.rs`).
+    pub(crate) raw_path: Option<RawPath>,
     /// The sans-I/O peer connection core, holding whatever chain the registry built
     pub(crate) core: Mutex<RTCPeerConnection>,
     /// Runtime for async operations
@@ -1003,6 +1020,7 @@ impl PeerConnectionImpl {
         turn_allocation_refresh_interval_cap: Option<Duration>,
         crypto_provider: Arc<dyn crypto::RTCCryptoProvider>,
         turn_tls_config: Option<Arc<rustls::ClientConfig>>,
+        raw_path: Option<RawPath>,
     ) -> Result<Self> {
         let configuration = core.get_configuration();
         let ice_servers = configuration.ice_servers().to_vec();
@@ -1029,6 +1047,7 @@ impl PeerConnectionImpl {
                 data_channel_consumed: crate::runtime::Notify::new(),
                 discard_local_candidates_during_ice_restart,
                 ice_restart_rebind_pending: AtomicBool::new(false),
+                raw_path,
             }),
             driver_handle: Mutex::new(None),
             driver_stopped: Mutex::new(None),

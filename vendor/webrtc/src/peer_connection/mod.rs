@@ -1660,6 +1660,7 @@ mod tests {
             rtp_transceivers: Mutex::new(HashMap::new()),
             discard_local_candidates_during_ice_restart,
             ice_restart_rebind_pending: AtomicBool::new(false),
+            raw_path: None,
         });
 
         (inner, driver_event_rx)

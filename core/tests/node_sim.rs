@@ -2220,6 +2220,37 @@ fn ip_packets_take_the_fast_path_fall_back_to_the_data_channel_and_come_back() {
     assert!(sim.nodes[c].tun_out.contains(&p));
 }
 
+/// A session that started on the relay and that ICE moved to a direct pair (renomination:
+/// the driver reports the new pair as a fast-path pair) shows `direct` at once, not at the
+/// next periodic reading of the path (`NodeTiming::path_every`).
+#[test]
+fn a_session_moved_to_a_direct_pair_shows_it_at_once() {
+    let mut sim = Sim::new(73);
+    sim.direct_works = false;
+    let a = sim.add_node("ada", None);
+    let b = sim.add_node("bea", None);
+    sim.run_until(Duration::from_secs(30), "mesh", Sim::fully_meshed);
+    let state = |sim: &Sim, from: usize, to: usize| sim.node(from).peer(&sim.id(to)).unwrap().state;
+    sim.run_until(Duration::from_secs(5), "relayed on both sides", |sim| {
+        state(sim, a, b) == PeerState::Relayed && state(sim, b, a) == PeerState::Relayed
+    });
+    // Just after a periodic reading, so the next one is far off.
+    let every = NodeTiming::default().path_every;
+    sim.run_for(every + every / 2);
+    sim.direct_works = true;
+    for idx in [a, b] {
+        let conns: Vec<ConnId> = sim.nodes[idx].conns.keys().copied().collect();
+        for conn in conns {
+            sim.nodes[idx].conns.get_mut(&conn).unwrap().relayed = false;
+            let event = ConnectionEvent::FastPath { pair: Some(1) };
+            sim.deliver(idx, MS, Input::Connection { conn, event });
+        }
+    }
+    sim.run_for(20 * MS);
+    assert_eq!(state(&sim, a, b), PeerState::Direct);
+    assert_eq!(state(&sim, b, a), PeerState::Direct);
+}
+
 /// A relayed pair never takes the fast path, even where the driver could send.
 #[test]
 fn a_relayed_session_keeps_the_data_channel() {

@@ -1442,7 +1442,16 @@ impl Node {
                     slot.upgrade_due = Some(now + slot.upgrade_wait);
                 }
             }
-            ConnectionEvent::FastPath { pair } => slot.fast_pair = pair,
+            ConnectionEvent::FastPath { pair } => {
+                // The selected pair moved (to or from a direct one): read the path now, so
+                // a session that started on the relay shows `direct` as soon as it moves,
+                // not at the next periodic reading.
+                let moved = pair != slot.fast_pair;
+                slot.fast_pair = pair;
+                if moved && (slot.ice == IceState::Connected || slot.is_established()) {
+                    self.out.push_back(Output::ReadPath { conn });
+                }
+            }
             ConnectionEvent::Closed { reason } => {
                 tracing::debug!("connection {conn} to {remote} closed: {reason}");
                 if let Some(key) = slot.link.peer_identity().copied() {

@@ -213,14 +213,25 @@ async fn send_across_via(
     (path, bea.seen, took, ada.seen)
 }
 
+/// Two sites behind endpoint-independent NATs: the session between them is direct (hole
+/// punching), whether ICE selected the direct pair first or, on a loaded machine where its
+/// checks answered after the relay's 100 ms wait (`ICE_RELAY_MIN_WAIT`), started on the
+/// relay and moved the same session to it while the file was on its way. 16 Mbit/s access
+/// links make the transfer (about 6 s) outlast both a renomination and the node's first
+/// look for a direct path (an ICE restart, 5 s after the session went relayed). (CI once
+/// saw an unlimited 6 MiB transfer end, relayed, within a second, before either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_endpoint_independent_nats_native_peers_connect_directly() {
     if !netns_available("behind_endpoint_independent_nats_native_peers_connect_directly") {
         return;
     }
     let eim = SiteSpec::behind(Nat::EndpointIndependent);
-    let (path, seen, _) = send_across([eim, eim], mib(6) + 7, None).await;
+    let (path, seen, took) = send_across([eim, eim], mib(12) + 7, Some(16)).await;
     assert_eq!(path, "direct", "{seen:?}");
+    let sessions = seen.iter().filter(|v| v["event"] == "peer_connected").count();
+    assert_eq!(sessions, 1, "the session was rebuilt, not moved: {seen:?}");
+    let first_look = weft_core::node::NodeTiming::default().upgrade_first;
+    assert!(took > first_look + Duration::from_secs(1), "too short to span a look: {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2095,6 +2095,52 @@ fn the_resolver_finds_members_by_name_never_an_impostor_and_forwards_the_rest() 
     }
 }
 
+/// Forgetting a complete download that came under a stream key (offered before it was
+/// hashed) deletes what was stored under that key, not under its root (which names no
+/// stored data), and stops serving it: its bytes are gone. (Before, the page deleted a
+/// file that did not exist, kept the real one for ever, and went on offering it.)
+#[test]
+fn forgetting_a_download_named_by_a_stream_key_deletes_its_stored_bytes_and_stops_serving_it() {
+    let mut sim = mesh(9, &["tx", "rx"]);
+    sim.data_loss = 0;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 11 + i / 77) as u8).collect();
+    let (_, digest) = root_of(&data);
+    let local = sim.nodes[0].node.share_streamed(data.len() as u64);
+    sim.nodes[0].files.insert(local, data.clone());
+    let now = sim.now;
+    sim.nodes[0].node.file_hashed(now, &local, &digest.cvs);
+    sim.nodes[0].node.file_hash_done(now, &local, digest.clone()).unwrap();
+    sim.drain(0);
+    let (tx, rx) = (sim.id(0), sim.id(1));
+    let id = sim.nodes[0].node.offer(now, &rx, &[(local, "f.bin".to_string())]).unwrap();
+    sim.drain(0);
+    sim.run_until(Duration::from_secs(5), "the offer", |s| {
+        !s.node(1).engine().pending_offers().is_empty()
+    });
+    let now = sim.now;
+    sim.nodes[1].node.accept(now, &tx, id).unwrap();
+    sim.drain(1);
+    sim.run_until(Duration::from_secs(30), "the download", |s| {
+        s.nodes[1].events.iter().any(|e| matches!(e, Event::File(FileEvent::Saved { .. })))
+    });
+    let key = sim.node(1).engine().progress(&digest.root).unwrap().key;
+    assert_ne!(key, digest.root, "offered under a stream key");
+    assert_eq!(sim.nodes[1].files.get(&key), Some(&data), "stored under its key");
+    assert!(sim.node(1).engine().is_shared(&digest.root));
+
+    let now = sim.now;
+    sim.nodes[1].node.forget_download(now, &digest.root);
+    let mut discarded = Vec::new();
+    while let Some(out) = sim.nodes[1].node.poll_output() {
+        if let Output::Discard { root } = out {
+            discarded.push(root);
+        }
+    }
+    assert_eq!(discarded, vec![key], "what is stored is deleted, under the name it has");
+    assert!(!sim.node(1).engine().is_shared(&digest.root), "its bytes are gone");
+    assert!(!sim.node(1).engine().is_shared(&key));
+}
+
 /// A file offered before it was hashed is shared only for its offers: once every offer
 /// of it was declined or cancelled, the node stops sharing it and tells the driver to
 /// stop hashing it (`hashing_wanted`), so a page does not read gigabytes for nobody.

@@ -2382,15 +2382,21 @@ impl Node {
         Ok(())
     }
 
-    /// Forgets the download `root` and deletes what is stored of it.
+    /// Forgets the download `root` (any of its names) and deletes what is stored of it,
+    /// under the name it was stored by (its key: a stream key if it was offered before it
+    /// was hashed). A complete one is no longer served either: its bytes are gone.
     pub fn forget_download(&mut self, now: Duration, root: &Root) {
-        let complete =
-            self.engine.progress(root).is_some_and(|p| p.state == DownloadState::Complete);
-        self.engine.forget(root);
-        self.files.dirty.remove(root);
-        self.files.meters.remove(root);
+        let Some(progress) = self.engine.progress(root) else { return };
+        let key = progress.key;
+        let complete = progress.state == DownloadState::Complete;
+        self.engine.forget(&key);
+        for name in [root, &key] {
+            self.files.dirty.remove(name);
+            self.files.meters.remove(name);
+        }
         if complete {
-            self.out.push_back(Output::Discard { root: *root });
+            self.engine.unshare(&key);
+            self.out.push_back(Output::Discard { root: key });
         }
         self.pump(now);
     }

@@ -3,7 +3,8 @@
 //! with a 200 MiB file arrives byte for byte (BLAKE3 computed natively), a folder's hidden
 //! files are left out of what is sent (and one named alone is refused), a download resumes
 //! after the receiver reloads, a corrupted chunk is rejected and fetched again, a download
-//! uses two seeders at once (both holders of the sender's capability), a cancel on either side cleans up both, and without OPFS a
+//! uses two seeders at once (both holders of the sender's capability), a cancel on either side cleans up both, a file
+//! sent again after the receiver forgot it arrives again (forgetting deletes what was stored), and without OPFS a
 //! download streams through the service worker into Chromium's downloads folder (even when
 //! the browser asks for it late; one the browser does not save is reported failed).
 //!
@@ -935,4 +936,52 @@ async fn without_opfs_a_download_streams_into_the_downloads_folder() {
     run_members!("without_opfs_a_download_streams_into_the_downloads_folder", &members, |net| {
         stream_body(&net, &downloads, &files).await
     });
+}
+
+/// `cargo xtask bench transfer`'s sequence: Alice sends the very same `File` to Bob again
+/// and again (offered the first time before it was hashed, so under a stream key, which
+/// every later offer reuses), and Bob forgets the download in between. Each time the
+/// file arrives whole, and forgetting deletes what Bob stored: before, the page deleted a
+/// file named by the root, which does not exist, so the real one stayed in OPFS for ever
+/// (and went on being served).
+async fn offered_again_body(net: &Net, file: &TestFile) -> Result<()> {
+    let (alice, bob) = (&net.browsers[0], &net.browsers[1]);
+    let (alice_id, bob_id) = (net.ids[0].as_str(), net.ids[1].as_str());
+    upload(alice, "again", &[file]).await?;
+    let root = json!(file.root);
+    for run in 0..3 {
+        let sent = send_files(alice, "again", &[(file, "again.bin")], bob_id, WAIT).await?;
+        let offer_id = sent.first().context("no offer sent")?["offerId"].clone();
+        let key = offered_keys(&wait_offer(bob, alice_id, &offer_id).await?)?["again.bin"].clone();
+        ensure!(key != file.root, "run {run}: offered under its root, not a stream key");
+        accept(bob, alice_id, &offer_id).await?;
+        // The download in this run's list is complete (an event log holds every run's).
+        wait_for(&format!("run {run} to complete"), BIG_WAIT, || async {
+            let d = call(
+                bob,
+                &format!("return s.transfers().downloads.find((d) => d.root === {root}) || null;"),
+                WAIT,
+            )
+            .await?;
+            Ok(if d["state"] == "complete" { Ok(()) } else { Err(format!("{d}")) })
+        })
+        .await?;
+        let stored = hash_downloaded(bob, &file.root, WAIT).await?;
+        ensure!(stored == file.root, "run {run}: stored bytes hash to {stored}");
+        wait_opfs_paths(bob, "the download in OPFS", &[format!("weft-downloads/{key}")]).await?;
+        call(bob, &format!("await s.forgetDownload({root}); return true;"), WAIT).await?;
+        wait_opfs_paths(bob, "forgetting to delete the download", &[]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_again_after_the_receiver_forgot_it_arrives_and_forgetting_deletes_it() {
+    let scratch = Scratch::new("again").unwrap();
+    let file = generate(scratch.path(), "again.bin", mib(3) + 11, 43).unwrap();
+    run!(
+        "a_file_sent_again_after_the_receiver_forgot_it_arrives_and_forgetting_deletes_it",
+        &["Alice", "Bob"],
+        |net| offered_again_body(&net, &file).await
+    );
 }

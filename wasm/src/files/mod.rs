@@ -179,6 +179,8 @@ impl FilesIo {
 
     /// Deletes what is stored of the download `root` (data and record).
     pub(crate) fn discard(&mut self, root: Root) {
+        // A `File` of it read before is stale once it is gone (or written again).
+        self.forget_blob(&root);
         if let Some(writer) = self.writer() {
             writer.op(Some(root), "delete", Pending::Ignore);
         }

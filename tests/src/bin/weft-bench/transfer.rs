@@ -182,6 +182,38 @@ const RECEIVER_HOOK: &str = r#"
   }
 "#;
 
+/// Counts what the receiver's page asks of its download writer (a worker) and what it
+/// answers, by wrapping `Worker.prototype.postMessage`: a stalled download's dump then says
+/// whether writes were sent and not answered (the worker), answered and not taken in (the
+/// page), or never sent. (Session 11 saw two downloads stop with all 192 chunks of the
+/// receiver's budget handed to the writer and none acknowledged.)
+const WRITER_STATS_JS: &str = r#"
+  if (window.__weftWriter) return true;
+  const st = window.__weftWriter = { sent: 0, sentChunks: 0, answers: 0, answeredChunks: 0, failed: 0, lastSent: null, lastAnswer: null };
+  const seen = new WeakSet();
+  const post = Worker.prototype.postMessage;
+  Worker.prototype.postMessage = function (msg, transfer) {
+    if (msg && typeof msg.op === "string") {
+      if (!seen.has(this)) {
+        seen.add(this);
+        this.addEventListener("message", (ev) => {
+          const m = ev.data || {};
+          if (m.id === undefined && !Array.isArray(m.ids)) return;
+          st.answers += 1;
+          if (Array.isArray(m.ids)) st.answeredChunks += m.ids.length;
+          if (!m.ok) st.failed += 1;
+          st.lastAnswer = { ok: m.ok, error: m.error || null, t: performance.now() };
+        });
+      }
+      st.sent += 1;
+      if (msg.op === "writes") st.sentChunks += msg.ids.length;
+      st.lastSent = { op: msg.op, name: msg.name || (msg.names && msg.names[0]) || null, t: performance.now() };
+    }
+    return post.call(this, msg, transfer);
+  };
+  return true;
+"#;
+
 fn mb_s(bytes: u64, ms: f64) -> f64 {
     bytes as f64 / 1e6 / (ms / 1e3)
 }
@@ -241,6 +273,8 @@ async fn weft_run(
             bob,
             "const c = window.t.bench.current, s = window.t.session;
              c.download = s.transfers().downloads.find((d) => d.key === c.key) || null;
+             c.writer = window.__weftWriter || null;
+             c.now = performance.now();
              return c;",
         )
         .await?;
@@ -579,6 +613,7 @@ async fn bench(net: &Net, scratch: &Scratch) -> Result<()> {
     // `WEFT_BENCH_PARTS=speed`, `=rss` or `=click` runs only that part.
     let parts = std::env::var("WEFT_BENCH_PARTS").unwrap_or_else(|_| "speed,rss,click".into());
     add_hook(&net.browsers[1], RECEIVER_HOOK).await?;
+    js(&net.browsers[1], WRITER_STATS_JS).await?;
     if parts.contains("speed") {
         speed(net, scratch).await?;
     }

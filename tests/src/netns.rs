@@ -156,6 +156,26 @@ impl Host {
     pub fn tokio_command(&self, program: impl AsRef<OsStr>) -> tokio::process::Command {
         self.command(program).into()
     }
+
+    /// Turns IPv6 on for the interface `dev` alone (the namespaces have it off) and gives
+    /// it `addrs` (`ADDR/LEN`), usable at once (no duplicate address detection).
+    pub fn add_ipv6(&self, dev: &str, addrs: &[&str]) -> Result<()> {
+        enable_ipv6(&self.netns, dev)?;
+        let batch: String =
+            addrs.iter().map(|a| format!("addr add {a} dev {dev} nodad\n")).collect();
+        run(Command::new("ip").args(["-n", &self.netns, "-batch", "-"]), &batch)
+    }
+}
+
+/// `net.ipv6.conf.DEV.disable_ipv6=0` in `netns`, without duplicate address detection
+/// (`accept_dad=0` first): its link-local address and routes are there at once, not a
+/// second later, so a test that compares the host's routes before and after sees the same.
+fn enable_ipv6(netns: &str, dev: &str) -> Result<()> {
+    let settings = [
+        format!("net.ipv6.conf.{dev}.accept_dad=0"),
+        format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+    ];
+    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-q", "-w"]).args(settings), "")
 }
 
 #[derive(Debug)]

@@ -51,6 +51,7 @@ use weft_core::signal::PeerId;
 use crate::cli::{Cli, Command, TrustCommand};
 use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
 use crate::output::Printer;
+use crate::rtc::RtcConfig;
 use crate::store::Store;
 use weft_core::node::{Event, SignalingEvent};
 
@@ -171,7 +172,9 @@ async fn join_with(
         network: network.clone(),
         identity: identity.clone(),
         own_name: name.clone(),
-        rtc: cli.rtc_config(),
+        // Weft's WebRTC sockets carry the signaling socket's mark: they stay on the
+        // underlay, whatever routes the TUN takes.
+        rtc: RtcConfig { mark: routing.signaling_mark, ..cli.rtc_config() },
         store,
         trust,
         downloads,

@@ -19,9 +19,10 @@
 //! The layout (Tailscale's table 52 and NetBird's rules, see `core/ROUTING.md`):
 //! - routing table [`TABLE`] holds the routes into the TUN device: accepted subnets, and
 //!   a default route while an exit node is in use;
-//! - rule [`PRIO_MARK`]: packets marked [`FWMARK`] (Weft's signaling socket, `SO_MARK`) use
-//!   the main table; rule [`PRIO_UNDERLAY`]: so do packets from the host's underlay
-//!   addresses (the WebRTC sockets, which bind to each interface's address);
+//! - rule [`PRIO_MARK`]: packets marked [`FWMARK`] (Weft's signaling and WebRTC sockets,
+//!   `SO_MARK`) use the main table; rule [`PRIO_UNDERLAY`]: so do packets from the host's
+//!   underlay addresses (programs bound to them; not for IPv6 with the kill switch, see
+//!   `rules`);
 //! - rule [`PRIO_MAIN`]: the main table, except its default route (`suppress_prefixlength
 //!   0`), so the host's own LAN routes win over a peer's subnet; with an exit node this
 //!   rule is there only with LAN access;
@@ -344,7 +345,18 @@ impl NetConf {
         // Also without an exit node: a peer's subnet may hold the address of a peer or of
         // the signaling server, and Weft's own packets must never enter the tunnel.
         let exit = self.exit;
-        for addr in underlay_addresses(family, &self.tun)? {
+        // Not for IPv6 behind the kill switch: when the route a connection first finds is
+        // an error (the `unreachable` one, once the device is gone), Linux picks a source
+        // address anyway and looks again with it (`ip6_dst_lookup_tail`), and a `from` rule
+        // would then send that connection out by the underlay: a leak after a crash. Weft's
+        // own sockets carry [`FWMARK`] (rule [`PRIO_MARK`]) and need no such rule.
+        let kill_switch = exit.is_some_and(|e| e.required);
+        let underlay = if family == 6 && kill_switch {
+            Vec::new()
+        } else {
+            underlay_addresses(family, &self.tun)?
+        };
+        for addr in underlay {
             let from = addr.to_string();
             rules.push(words(&["priority", &prio(PRIO_UNDERLAY), "from", &from, "lookup", "main"]));
         }

@@ -1038,4 +1038,23 @@ mod tests {
             assert!(granted.unwrap() / 2 >= bytes.min(max));
         }
     }
+
+    /// Every UDP socket webrtc-rs hands the runtime leaves it with the mark that keeps it
+    /// on the underlay (`netconf.rs`); setting a mark needs `CAP_NET_ADMIN` (root).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn webrtc_sockets_carry_the_routing_mark() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let probe = socket.try_clone().unwrap();
+        let runtime = RoomyUdp { bytes: None, mark: Some(crate::netconf::FWMARK) };
+        match runtime.wrap_udp_socket(socket) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("SKIP: setting SO_MARK needs CAP_NET_ADMIN ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(socket2::SockRef::from(&probe).mark().unwrap(), crate::netconf::FWMARK);
+    }
 }

@@ -2297,7 +2297,9 @@ fn a_session_moved_to_a_direct_pair_shows_it_at_once() {
     assert_eq!(state(&sim, b, a), PeerState::Direct);
 }
 
-/// A relayed pair never takes the fast path, even where the driver could send.
+/// A relayed pair never takes the fast path, even where the driver could send. Guards the
+/// `!slot.relayed` of `Node::update_fast_path`: without it the node probes on the relayed
+/// pair and the simulated driver's check (fast-path datagrams only on a direct pair) fails.
 #[test]
 fn a_relayed_session_keeps_the_data_channel() {
     use weft_core::node::FastPathState;

@@ -493,6 +493,7 @@ impl Cli {
             tls: self.ca_cert.as_ref().map(|trust| trust.0.clone()),
             bind: self.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             tuning,
+            mark: None,
         }
     }
 }

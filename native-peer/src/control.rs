@@ -4,6 +4,9 @@
 //!
 //! A Unix socket in the config directory (mode 0600 inside a 0700 directory: only the
 //! owner asks). The protocol is one request line (`status`) and one JSON line back.
+//!
+//! Unix only for now: elsewhere `up` runs without one (it warns) and `status`, `down` and
+//! `ping` say that this platform does not have it yet.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,7 +14,24 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+#[cfg(unix)]
+use tokio::net::UnixListener;
+#[cfg(unix)]
+pub use tokio::net::UnixStream as ControlStream;
+
+/// A control connection where there is none: never made (nothing listens or connects
+/// without Unix sockets), but the request and answer code stays one for every platform.
+#[cfg(not(unix))]
+pub type ControlStream = tokio::io::DuplexStream;
+
+/// Why there is no control socket here.
+#[cfg(not(unix))]
+fn unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the control socket (status, down, ping) is not supported on this platform yet",
+    )
+}
 
 /// The socket's file name in the config directory.
 pub const SOCKET_FILE: &str = "weft-peer.sock";
@@ -28,6 +48,7 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 /// A listening control socket; its file goes when it is dropped.
 #[derive(Debug)]
 pub struct ControlListener {
+    #[cfg(unix)]
     listener: UnixListener,
     path: PathBuf,
 }
@@ -35,6 +56,7 @@ pub struct ControlListener {
 impl ControlListener {
     /// Listens in config directory `dir`. `None` if another `up` already answers there;
     /// a socket file nobody answers on (a crashed `up`) is replaced.
+    #[cfg(unix)]
     pub fn bind(dir: &Path) -> io::Result<Option<Self>> {
         let path = socket_path(dir);
         if path.exists() {
@@ -49,9 +71,22 @@ impl ControlListener {
         Ok(Some(Self { listener, path }))
     }
 
+    /// Without Unix sockets: an error saying so.
+    #[cfg(not(unix))]
+    pub fn bind(_dir: &Path) -> io::Result<Option<Self>> {
+        Err(unsupported())
+    }
+
     /// The next client.
-    pub async fn accept(&self) -> io::Result<UnixStream> {
+    #[cfg(unix)]
+    pub async fn accept(&self) -> io::Result<ControlStream> {
         Ok(self.listener.accept().await?.0)
+    }
+
+    /// Never made without Unix sockets.
+    #[cfg(not(unix))]
+    pub async fn accept(&self) -> io::Result<ControlStream> {
+        Err(unsupported())
     }
 }
 
@@ -71,7 +106,7 @@ pub enum Request {
 }
 
 /// Reads a client's request (`None`: not one we know, or it said nothing in time).
-pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
+pub async fn read_request(stream: &mut ControlStream) -> Option<Request> {
     let mut line = String::new();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST));
     tokio::time::timeout(TIMEOUT, reader.read_line(&mut line)).await.ok()?.ok()?;
@@ -83,7 +118,7 @@ pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
 }
 
 /// Sends `answer` as one JSON line, and closes.
-pub async fn answer(mut stream: UnixStream, answer: &Value) {
+pub async fn answer(mut stream: ControlStream, answer: &Value) {
     let line = format!("{answer}\n");
     let _ = tokio::time::timeout(TIMEOUT, stream.write_all(line.as_bytes())).await;
     let _ = stream.shutdown().await;
@@ -97,7 +132,14 @@ pub async fn ask_status(dir: &Path) -> io::Result<Option<Value>> {
 
 /// Asks the `up` running with config directory `dir`; `None` if none runs there.
 pub async fn ask(dir: &Path, request: Request) -> io::Result<Option<Value>> {
-    let mut stream = match UnixStream::connect(socket_path(dir)).await {
+    #[cfg(not(unix))]
+    let connected: io::Result<ControlStream> = {
+        let _ = socket_path(dir);
+        Err(unsupported())
+    };
+    #[cfg(unix)]
+    let connected = ControlStream::connect(socket_path(dir)).await;
+    let mut stream = match connected {
         Ok(stream) => stream,
         Err(e)
             if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>

@@ -51,6 +51,7 @@ use weft_core::signal::PeerId;
 use crate::cli::{Cli, Command, TrustCommand};
 use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
 use crate::output::Printer;
+use crate::rtc::RtcConfig;
 use crate::store::Store;
 use weft_core::node::{Event, SignalingEvent};
 
@@ -142,7 +143,8 @@ async fn routing(cli: &Cli, args: &cli::UpArgs) -> anyhow::Result<Routing> {
         }
     };
     // Whatever the routes, the signaling socket stays on the underlay (see `netconf`).
-    let signaling_mark = Some(netconf::FWMARK);
+    // Policy routing by mark is Linux's (`netconf`).
+    let signaling_mark = cfg!(target_os = "linux").then_some(netconf::FWMARK);
     Ok(Routing { tun: Some(tun), config, netconf: Some(netconf), signaling_mark, dns })
 }
 
@@ -171,7 +173,9 @@ async fn join_with(
         network: network.clone(),
         identity: identity.clone(),
         own_name: name.clone(),
-        rtc: cli.rtc_config(),
+        // Weft's WebRTC sockets carry the signaling socket's mark: they stay on the
+        // underlay, whatever routes the TUN takes.
+        rtc: RtcConfig { mark: routing.signaling_mark, ..cli.rtc_config() },
         store,
         trust,
         downloads,
@@ -404,7 +408,7 @@ async fn down(dir: &std::path::Path, printer: Printer) -> anyhow::Result<()> {
 /// The next client of the control socket (never, without one).
 async fn accept(
     control: Option<&control::ControlListener>,
-) -> std::io::Result<tokio::net::UnixStream> {
+) -> std::io::Result<control::ControlStream> {
     match control {
         Some(control) => control.accept().await,
         None => std::future::pending().await,
@@ -678,7 +682,8 @@ async fn send_and_flush(mesh: &MeshHandle, peer: &PeerId, text: &str) -> anyhow:
 pub(crate) enum Stop {
     /// Ctrl-C (SIGINT).
     Interrupted,
-    /// SIGTERM.
+    /// SIGTERM (Unix only).
+    #[cfg_attr(not(unix), allow(dead_code))]
     Terminated,
 }
 

@@ -19,9 +19,10 @@
 //! The layout (Tailscale's table 52 and NetBird's rules, see `core/ROUTING.md`):
 //! - routing table [`TABLE`] holds the routes into the TUN device: accepted subnets, and
 //!   a default route while an exit node is in use;
-//! - rule [`PRIO_MARK`]: packets marked [`FWMARK`] (Weft's signaling socket, `SO_MARK`) use
-//!   the main table; rule [`PRIO_UNDERLAY`]: so do packets from the host's underlay
-//!   addresses (the WebRTC sockets, which bind to each interface's address);
+//! - rule [`PRIO_MARK`]: packets marked [`FWMARK`] (Weft's signaling and WebRTC sockets,
+//!   `SO_MARK`) use the main table; rule [`PRIO_UNDERLAY`]: so do packets from the host's
+//!   underlay addresses (programs bound to them; not for IPv6 with the kill switch, see
+//!   `rules`);
 //! - rule [`PRIO_MAIN`]: the main table, except its default route (`suppress_prefixlength
 //!   0`), so the host's own LAN routes win over a peer's subnet; with an exit node this
 //!   rule is there only with LAN access;
@@ -96,6 +97,14 @@ pub enum NetConfError {
         what: String,
         /// What the tool said.
         message: String,
+    },
+    /// Not done on this system: routes, rules, forwarding and the resolver are set up
+    /// only on Linux so far (the device itself works on macOS and Windows).
+    #[error("cannot {what}: the TUN bridge is not supported on this platform yet")]
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    Unsupported {
+        /// What was asked for.
+        what: &'static str,
     },
     /// The state file cannot be written or read.
     #[error("cannot use the state file {path}: {source}")]
@@ -226,6 +235,7 @@ impl NetConf {
     /// nftables table (MSS clamping, masquerading).
     pub fn forward(&mut self, forwarding: &Forwarding) -> Result<(), NetConfError> {
         let why = "forward packets for peers (--advertise-routes, --advertise-exit-node)";
+        linux_only(why)?;
         let nft = which("nft", "nftables", why);
         if nft.is_err() && which_exists("iptables") {
             return self.forward_iptables(forwarding);
@@ -268,6 +278,7 @@ impl NetConf {
     /// routes (the one into the TUN, and the unreachable one behind it). IPv6 is set up
     /// where the host has it.
     pub fn use_exit(&mut self, exit: ExitUse) -> Result<(), NetConfError> {
+        linux_only("use an exit node (--exit-node)")?;
         self.exit = Some(exit);
         for family in [4, 6] {
             let result = self.rules(family).and_then(|()| {
@@ -300,6 +311,9 @@ impl NetConf {
                     want.insert(net);
                 }
             }
+        }
+        if !want.is_empty() {
+            linux_only("route peers' subnets into the TUN device (--accept-routes)")?;
         }
         let gone: Vec<IpNet> = self.routes.difference(&want).copied().collect();
         for net in gone {
@@ -344,7 +358,18 @@ impl NetConf {
         // Also without an exit node: a peer's subnet may hold the address of a peer or of
         // the signaling server, and Weft's own packets must never enter the tunnel.
         let exit = self.exit;
-        for addr in underlay_addresses(family, &self.tun)? {
+        // Not for IPv6 behind the kill switch: when the route a connection first finds is
+        // an error (the `unreachable` one, once the device is gone), Linux picks a source
+        // address anyway and looks again with it (`ip6_dst_lookup_tail`), and a `from` rule
+        // would then send that connection out by the underlay: a leak after a crash. Weft's
+        // own sockets carry [`FWMARK`] (rule [`PRIO_MARK`]) and need no such rule.
+        let kill_switch = exit.is_some_and(|e| e.required);
+        let underlay = if family == 6 && kill_switch {
+            Vec::new()
+        } else {
+            underlay_addresses(family, &self.tun)?
+        };
+        for addr in underlay {
             let from = addr.to_string();
             rules.push(words(&["priority", &prio(PRIO_UNDERLAY), "from", &from, "lookup", "main"]));
         }
@@ -488,6 +513,7 @@ impl NetConf {
     ///   never replaced: it may be a bind mount (`ip netns exec` makes one) or a symlink
     ///   whose target another program owns.
     pub fn use_resolver(&mut self) -> Result<Vec<SocketAddr>, NetConfError> {
+        linux_only("point the host's resolver at the .weft resolver")?;
         let resolver = RESOLVER_V4.to_string();
         if uses_systemd_resolved() {
             self.record(Undo::Resolvectl { args: vec!["revert".into(), self.tun.clone()] })?;
@@ -540,6 +566,19 @@ impl Drop for NetConf {
             tracing::warn!("cannot undo every network change: {e}");
         }
     }
+}
+
+/// `Ok` on Linux; elsewhere the error that says `what` is not supported there yet.
+#[cfg(target_os = "linux")]
+#[allow(clippy::unnecessary_wraps)]
+fn linux_only(_what: &'static str) -> Result<(), NetConfError> {
+    Ok(())
+}
+
+/// `Ok` on Linux; elsewhere the error that says `what` is not supported there yet.
+#[cfg(not(target_os = "linux"))]
+fn linux_only(what: &'static str) -> Result<(), NetConfError> {
+    Err(NetConfError::Unsupported { what })
 }
 
 fn family(net: &IpNet) -> u8 {
@@ -825,6 +864,12 @@ mod tests {
         let text = serde_json::to_string(&state).unwrap_or_default();
         let back: State = serde_json::from_str(&text).unwrap_or_default();
         assert_eq!(back.undo, state.undo);
+        let e = NetConfError::Unsupported { what: "use an exit node (--exit-node)" };
+        assert_eq!(
+            e.to_string(),
+            "cannot use an exit node (--exit-node): the TUN bridge is not supported on this \
+             platform yet"
+        );
         let e = classify("add a rule", "RTNETLINK answers: Operation not permitted\n");
         assert_eq!(
             e.to_string(),

@@ -116,6 +116,9 @@ pub struct RtcConfig {
     pub bind: IpAddr,
     /// How webrtc-rs is set up.
     pub tuning: Tuning,
+    /// The firewall mark (`SO_MARK`) of every UDP socket webrtc-rs opens: `up --tun`'s
+    /// policy rules keep packets with it on the underlay (`netconf.rs`). Linux only.
+    pub mark: Option<u32>,
 }
 
 impl Default for RtcConfig {
@@ -126,6 +129,7 @@ impl Default for RtcConfig {
             tls: None,
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             tuning: Tuning::WEFT,
+            mark: None,
         }
     }
 }
@@ -358,8 +362,9 @@ pub(crate) async fn build_with(
         .with_handler(handler)
         .with_udp_addrs(vec![SocketAddr::new(config.bind, 0)])
         .with_dedicated_reactor_pool_size(tuning.reactor_threads);
-    if let Some(bytes) = tuning.udp_buffers {
-        builder = builder.with_runtime(Arc::new(RoomyUdp { bytes }));
+    if tuning.udp_buffers.is_some() || config.mark.is_some() {
+        let runtime = RoomyUdp { bytes: tuning.udp_buffers, mark: config.mark };
+        builder = builder.with_runtime(Arc::new(runtime));
     }
     if let Some(limit) = send_buffer_limit {
         builder = builder.with_data_channel_send_buffer_limit(limit);
@@ -387,11 +392,12 @@ fn rtc_ice_servers(servers: &[IceServer]) -> Vec<RTCIceServer> {
 }
 
 /// tokio, as webrtc-rs runs on it by default, except that UDP sockets ask the kernel for
-/// `bytes` of send and receive buffer: a burst of SCTP packets then waits in the socket
-/// instead of being dropped (each loss costs a retransmission).
+/// `bytes` of send and receive buffer (a burst of SCTP packets then waits in the socket
+/// instead of being dropped: each loss costs a retransmission), and carry `mark`.
 #[derive(Debug)]
 struct RoomyUdp {
-    bytes: usize,
+    bytes: Option<usize>,
+    mark: Option<u32>,
 }
 
 impl Runtime for RoomyUdp {
@@ -408,7 +414,12 @@ impl Runtime for RoomyUdp {
     }
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        enlarge_buffers(&socket, self.bytes);
+        if let Some(bytes) = self.bytes {
+            enlarge_buffers(&socket, bytes);
+        }
+        if let Some(mark) = self.mark {
+            set_mark(&socket, mark)?;
+        }
         TokioRuntime.wrap_udp_socket(socket)
     }
 
@@ -488,6 +499,19 @@ fn enlarge_buffers(socket: &std::net::UdpSocket, bytes: usize) {
             );
         });
     }
+}
+
+/// Marks `socket`'s packets with `mark` (`SO_MARK`, which needs `CAP_NET_ADMIN`): before
+/// any is sent, as webrtc-rs hands each socket here right after binding it.
+#[cfg(target_os = "linux")]
+fn set_mark(socket: &std::net::UdpSocket, mark: u32) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_mark(mark)
+}
+
+/// Policy routing by mark is Linux's; elsewhere nothing asks for a mark.
+#[cfg(not(target_os = "linux"))]
+fn set_mark(_socket: &std::net::UdpSocket, _mark: u32) -> io::Result<()> {
+    Ok(())
 }
 
 /// The `a=mid` of the first media section (candidates are sent with it, for Chromium).
@@ -1013,5 +1037,24 @@ mod tests {
                 .unwrap();
             assert!(granted.unwrap() / 2 >= bytes.min(max));
         }
+    }
+
+    /// Every UDP socket webrtc-rs hands the runtime leaves it with the mark that keeps it
+    /// on the underlay (`netconf.rs`); setting a mark needs `CAP_NET_ADMIN` (root).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn webrtc_sockets_carry_the_routing_mark() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let probe = socket.try_clone().unwrap();
+        let runtime = RoomyUdp { bytes: None, mark: Some(crate::netconf::FWMARK) };
+        match runtime.wrap_udp_socket(socket) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("SKIP: setting SO_MARK needs CAP_NET_ADMIN ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(socket2::SockRef::from(&probe).mark().unwrap(), crate::netconf::FWMARK);
     }
 }

@@ -134,7 +134,11 @@ async fn marked_connect(addr: std::net::SocketAddr, mark: u32) -> std::io::Resul
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
+    #[cfg(target_os = "linux")]
     socket.set_mark(mark)?;
+    // Only Linux routes by mark; elsewhere no mark is asked for (`signaling_mark`).
+    #[cfg(not(target_os = "linux"))]
+    let _ = mark;
     socket.set_nonblocking(true)?;
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
     socket.connect(addr).await

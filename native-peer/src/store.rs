@@ -38,6 +38,7 @@ pub enum StoreError {
          (mode {mode:03o}); make it private with `chmod 600 {path}` if nobody else could \
          have read it, or delete it to make a new identity"
     )]
+    #[cfg_attr(not(unix), allow(dead_code))]
     KeyFileExposed {
         /// The file.
         path: PathBuf,

@@ -29,14 +29,19 @@
 //! still sees and sends one IP packet of at most the MTU at a time. Measured in
 //! `core/ROUTING.md` ("Measured"). Where the kernel refuses the offloads, the device is
 //! opened without them and each packet is one read or one write.
+//!
+//! On macOS and Windows the device is tun-rs's too (utun, wintun), without offloads: one
+//! packet per read and per write. Only the device and its addresses are portable: the
+//! routes beyond it, forwarding and the resolver are Linux's (`crate::netconf`, which says
+//! so on other systems).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use tun_rs::{
-    AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
-};
+use tun_rs::{AsyncDevice, DeviceBuilder};
+#[cfg(target_os = "linux")]
+use tun_rs::{DeviceImpl, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use weft_core::node::OverlayStatus;
 
 /// The device's name unless `--tun-name` says otherwise.
@@ -124,16 +129,30 @@ pub struct TunState {
     pub ipv6: Option<(Ipv6Addr, u8)>,
 }
 
+/// The most packets one read gives (a 64 KiB segment in pieces of the smallest MTU, with
+/// the offloads), and the most packets queued before they are written.
+#[cfg(target_os = "linux")]
+const BATCH: usize = IDEAL_BATCH_SIZE;
+/// Without offloads a read is one packet.
+#[cfg(not(target_os = "linux"))]
+const BATCH: usize = 1;
+/// The room in front of each packet read or written: the virtio header of the offloads.
+#[cfg(target_os = "linux")]
+const HEADER: usize = VIRTIO_NET_HDR_LEN;
+
 /// An open TUN device.
 pub struct Tun {
     device: Arc<AsyncDevice>,
     state: TunState,
     /// Packets queued for the device ([`Tun::write`]): each in a buffer that starts with
     /// room for the virtio header the offloads need; buffers are reused.
+    #[cfg(target_os = "linux")]
     queue: Vec<Vec<u8>>,
     /// How many of `queue` hold a packet.
+    #[cfg(target_os = "linux")]
     queued: usize,
     /// tun-rs's coalescing state, reused.
+    #[cfg(target_os = "linux")]
     gro: GROTable,
 }
 
@@ -147,38 +166,17 @@ impl Tun {
     /// Creates the device and brings it up (no addresses yet: they come from the node).
     pub fn open(config: &TunConfig) -> Result<Self, TunError> {
         let name = config.name.clone();
-        if !std::path::Path::new("/dev/net/tun").exists() {
-            return Err(TunError::NoDevice);
-        }
-        let build = |offload: bool| {
-            DeviceBuilder::new()
-                .name(&name)
-                .mtu(config.mtu)
-                .offload(offload)
-                .enable(true)
-                .build_async()
-                .map_err(|source| classify(&name, source))
-        };
-        let device = match build(true) {
-            Ok(device) => device,
-            // Permission and a busy name do not depend on the offloads.
-            Err(
-                e @ (TunError::NotPermitted { .. } | TunError::Busy { .. } | TunError::NoDevice),
-            ) => {
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::debug!("TUN offloads unavailable ({e}); without them");
-                build(false)?
-            }
-        };
+        let device = open_device(&name, config.mtu)?;
         // The name the kernel gave (the same, unless it had a `%d`).
         let name = device.name().unwrap_or(name);
         Ok(Self {
             device: Arc::new(device),
             state: TunState { name, mtu: config.mtu, ipv4: None, ipv6: None },
+            #[cfg(target_os = "linux")]
             queue: Vec::new(),
+            #[cfg(target_os = "linux")]
             queued: 0,
+            #[cfg(target_os = "linux")]
             gro: GROTable::new(),
         })
     }
@@ -196,23 +194,38 @@ impl Tun {
     /// Queues one packet from the node for the kernel; [`Tun::flush`] writes the queue (and
     /// so does a full queue). The copy gives the packet the room for the virtio header in
     /// front; it costs far less than the system call that batching saves.
+    #[cfg(target_os = "linux")]
     pub fn write(&mut self, packet: &[u8]) {
         if self.queued == self.queue.len() {
-            self.queue.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + usize::from(self.state.mtu)));
+            self.queue.push(Vec::with_capacity(HEADER + usize::from(self.state.mtu)));
         }
         let buf = &mut self.queue[self.queued];
         buf.clear();
-        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.resize(HEADER, 0);
         buf.extend_from_slice(packet);
         self.queued += 1;
-        if self.queued >= IDEAL_BATCH_SIZE {
+        if self.queued >= BATCH {
             self.flush();
         }
     }
 
+    /// Writes one packet from the node to the kernel (without offloads there is nothing to
+    /// coalesce); a full queue drops it, as a router would.
+    #[cfg(not(target_os = "linux"))]
+    pub fn write(&mut self, packet: &[u8]) {
+        if let Err(e) = self.device.try_send(packet) {
+            tracing::debug!("TUN write dropped a packet: {e}");
+        }
+    }
+
+    /// Nothing is queued without offloads.
+    #[cfg(not(target_os = "linux"))]
+    pub fn flush(&mut self) {}
+
     /// Writes the queued packets to the kernel, consecutive segments of one TCP flow
     /// coalesced into one write where the offloads are on. A TUN write does not block in
     /// practice; if the kernel's queue is full a packet is dropped, as a router would.
+    #[cfg(target_os = "linux")]
     pub fn flush(&mut self) {
         if self.queued == 0 {
             return;
@@ -220,8 +233,7 @@ impl Tun {
         let queue = &mut self.queue[..self.queued];
         // The blocking device's call on our non-blocking descriptor: it writes what it can
         // now (the async one would wait, and the node's outputs are acted on in one go).
-        let sent =
-            DeviceImpl::send_multiple(&self.device, &mut self.gro, queue, VIRTIO_NET_HDR_LEN);
+        let sent = DeviceImpl::send_multiple(&self.device, &mut self.gro, queue, HEADER);
         if let Err(e) = sent {
             tracing::debug!("TUN write dropped packets: {e}");
         }
@@ -267,7 +279,8 @@ impl Tun {
 
     /// Turns IPv6 on for our device where the system turns it off for new devices
     /// (`net.ipv6.conf.default.disable_ipv6`): the overlay's IPv6 address needs it. Only
-    /// our own device's setting is touched.
+    /// our own device's setting is touched. (Linux's setting; other systems have none.)
+    #[cfg(target_os = "linux")]
     fn enable_ipv6(&self) -> Result<(), TunError> {
         let path = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", self.state.name);
         match std::fs::read_to_string(&path) {
@@ -277,6 +290,12 @@ impl Tun {
             Ok(_) => Ok(()),
             Err(e) => Err(self.error("use IPv6 (is it disabled in the kernel?)", e)),
         }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    #[allow(clippy::unnecessary_wraps, clippy::unused_self)]
+    fn enable_ipv6(&self) -> Result<(), TunError> {
+        Ok(())
     }
 
     fn error(&self, what: &str, source: io::Error) -> TunError {
@@ -290,6 +309,7 @@ impl Tun {
 pub struct TunReader {
     device: Arc<AsyncDevice>,
     /// What one read gives, virtio header included: up to 64 KiB with offloads.
+    #[cfg(target_os = "linux")]
     raw: Vec<u8>,
     /// The packets of the last read, and their sizes.
     packets: Vec<Vec<u8>>,
@@ -306,10 +326,11 @@ impl std::fmt::Debug for TunReader {
 impl TunReader {
     fn new(device: Arc<AsyncDevice>, mtu: u16) -> Self {
         // A 64 KiB segment in pieces of the smallest MTU fits (tun-rs's ideal batch).
-        let packets = vec![vec![0; usize::from(mtu)]; IDEAL_BATCH_SIZE];
+        let packets = vec![vec![0; usize::from(mtu)]; BATCH];
         Self {
             device,
-            raw: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
+            #[cfg(target_os = "linux")]
+            raw: vec![0; HEADER + usize::from(u16::MAX)],
             sizes: vec![0; packets.len()],
             packets,
             count: 0,
@@ -319,16 +340,29 @@ impl TunReader {
     /// Waits for the device and reads once.
     pub async fn recv(&mut self) -> io::Result<()> {
         self.count = 0;
-        let read = self.device.recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0);
-        self.count = dropping_malformed(read.await)?;
+        #[cfg(target_os = "linux")]
+        let read =
+            self.device.recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0).await;
+        #[cfg(not(target_os = "linux"))]
+        let read = self.device.recv(&mut self.packets[0]).await.map(|n| {
+            self.sizes[0] = n;
+            1
+        });
+        self.count = dropping_malformed(read)?;
         Ok(())
     }
 
     /// Reads once if a packet is waiting (`WouldBlock` if none is).
     pub fn try_recv(&mut self) -> io::Result<()> {
         self.count = 0;
+        #[cfg(target_os = "linux")]
         let read =
             self.device.try_recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0);
+        #[cfg(not(target_os = "linux"))]
+        let read = self.device.try_recv(&mut self.packets[0]).map(|n| {
+            self.sizes[0] = n;
+            1
+        });
         self.count = dropping_malformed(read)?;
         Ok(())
     }
@@ -353,6 +387,47 @@ fn dropping_malformed(read: io::Result<usize>) -> io::Result<usize> {
         }
         read => read,
     }
+}
+
+/// Creates the device `name` and brings it up, with the kernel's offloads where it takes
+/// them.
+#[cfg(target_os = "linux")]
+fn open_device(name: &str, mtu: u16) -> Result<AsyncDevice, TunError> {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Err(TunError::NoDevice);
+    }
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .offload(offload)
+            .enable(true)
+            .build_async()
+            .map_err(|source| classify(name, source))
+    };
+    match build(true) {
+        Ok(device) => Ok(device),
+        // Permission and a busy name do not depend on the offloads.
+        Err(e @ (TunError::NotPermitted { .. } | TunError::Busy { .. } | TunError::NoDevice)) => {
+            Err(e)
+        }
+        Err(e) => {
+            tracing::debug!("TUN offloads unavailable ({e}); without them");
+            build(false)
+        }
+    }
+}
+
+/// Creates the device `name` (tun-rs's utun on macOS, wintun on Windows, which needs
+/// `wintun.dll` beside the program) and brings it up; no offloads there.
+#[cfg(not(target_os = "linux"))]
+fn open_device(name: &str, mtu: u16) -> Result<AsyncDevice, TunError> {
+    DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .enable(true)
+        .build_async()
+        .map_err(|source| classify(name, source))
 }
 
 /// The error a failure to create the device `name` is.

@@ -73,7 +73,7 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -156,6 +156,26 @@ impl Host {
     pub fn tokio_command(&self, program: impl AsRef<OsStr>) -> tokio::process::Command {
         self.command(program).into()
     }
+
+    /// Turns IPv6 on for the interface `dev` alone (the namespaces have it off) and gives
+    /// it `addrs` (`ADDR/LEN`), usable at once (no duplicate address detection).
+    pub fn add_ipv6(&self, dev: &str, addrs: &[&str]) -> Result<()> {
+        enable_ipv6(&self.netns, dev)?;
+        let batch: String =
+            addrs.iter().map(|a| format!("addr add {a} dev {dev} nodad\n")).collect();
+        run(Command::new("ip").args(["-n", &self.netns, "-batch", "-"]), &batch)
+    }
+}
+
+/// `net.ipv6.conf.DEV.disable_ipv6=0` in `netns`, without duplicate address detection
+/// (`accept_dad=0` first): its link-local address and routes are there at once, not a
+/// second later, so a test that compares the host's routes before and after sees the same.
+fn enable_ipv6(netns: &str, dev: &str) -> Result<()> {
+    let settings = [
+        format!("net.ipv6.conf.{dev}.accept_dad=0"),
+        format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+    ];
+    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-q", "-w"]).args(settings), "")
 }
 
 #[derive(Debug)]
@@ -293,6 +313,54 @@ link add lan0 netns {host} type veth peer name eth0 netns {lan}
             &up("lan0", lan_ip(net, 1)),
         )?;
         Ok(lan)
+    }
+
+    /// An IPv6 internet beside the IPv4 one, for `hosts` (hosts of this topology): a
+    /// namespace that routes `2001:db8::/32` (the documentation range, never routed on a
+    /// real network) and is itself the internet's host at [`IPV6_INTERNET_HOST`] (on its
+    /// loopback). Host `k` of `hosts` gets an uplink `eth6` at `2001:db8:(k+1)::1/64`
+    /// ([`ipv6_uplink`]), the namespace `::ffff` on that link, and a default IPv6 route
+    /// through it: a native IPv6 uplink, no NAT, as ISPs give. Only those interfaces have
+    /// IPv6. The namespace goes with the topology.
+    ///
+    /// ```text
+    ///   host k ── eth6 2001:db8:(k+1)::1/64 ═══ 2001:db8:(k+1)::ffff ── inet6 (2001:db8:ffff::1)
+    /// ```
+    pub fn add_ipv6_internet(&mut self, hosts: &[&Host]) -> Result<Host> {
+        let inet6 =
+            Host { netns: format!("{}-inet6", self.prefix), ip: IpAddr::V6(IPV6_INTERNET_HOST) };
+        let etc = Path::new(ETC_NETNS_DIR).join(&inet6.netns);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(etc.join("resolv.conf"), RESOLV_CONF)?;
+        self.namespaces.push(inet6.netns.clone());
+        let mut root = format!("netns add {}\n", inet6.netns);
+        for (k, host) in hosts.iter().enumerate() {
+            root += &format!(
+                "link add v6link{k} netns {} type veth peer name eth6 netns {}\n",
+                inet6.netns, host.netns
+            );
+        }
+        run(Command::new("ip").args(["-batch", "-"]), &root)?;
+        run(
+            Command::new("ip").args(["netns", "exec", &inet6.netns, "sysctl", "-q", "-w"]).args([
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.all.forwarding=1",
+            ]),
+            "",
+        )?;
+        let mut batch = format!("link set lo up\naddr add {IPV6_INTERNET_HOST}/128 dev lo\n");
+        for (k, host) in hosts.iter().enumerate() {
+            let uplink = ipv6_uplink(k);
+            // `2001:db8:(k+1)::ffff`.
+            let gateway = Ipv6Addr::from(u128::from(uplink) | 0xffff);
+            batch += &format!("link set v6link{k} up\naddr add {gateway}/64 dev v6link{k} nodad\n");
+            host.add_ipv6("eth6", &[&format!("{uplink}/64")])?;
+            let up = format!("link set eth6 up\nroute add default via {gateway} dev eth6\n");
+            run(Command::new("ip").args(["-n", &host.netns, "-6", "-batch", "-"]), &up)?;
+        }
+        run(Command::new("ip").args(["-n", &inet6.netns, "-6", "-batch", "-"]), &batch)?;
+        Ok(inet6)
     }
 
     /// The public server (`198.18.0.1`), on the internet with no NAT.
@@ -545,6 +613,16 @@ fn kill_processes_in(ns: &str) {
     if !pids.is_empty() {
         let _ = Command::new("kill").arg("-KILL").args(&pids).stderr(Stdio::null()).status();
     }
+}
+
+/// The host of [`Topology::add_ipv6_internet`]'s IPv6 internet.
+pub const IPV6_INTERNET_HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+
+/// The uplink address of the `k`th host given to [`Topology::add_ipv6_internet`]:
+/// `2001:db8:(k+1)::1`.
+pub fn ipv6_uplink(k: usize) -> Ipv6Addr {
+    let net = u16::try_from(k + 1).unwrap_or(u16::MAX);
+    Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, 1)
 }
 
 /// Site `s`, or host `i` of a site, counted from 1 in addresses (`new` checks the bounds).

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod platforms;
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 const WASM_CRATE: &str = "weft-wasm";
@@ -77,6 +78,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Check that weft-peer compiles for macOS and Windows (`cargo check`; adds the
+    /// targets with rustup, or says why it skips one). `test` runs it too.
+    CheckPlatforms,
     /// Install what is missing and build the web app bundle into target/web-dist.
     Bundle,
     /// Build the npm package (the module, its workers, types) into target/npm/weft and
@@ -124,6 +128,7 @@ fn main() -> Result<()> {
             ensure_nats()?;
             println!("xtask: ready ({wasm:?} wasm toolchain)");
         }
+        Task::CheckPlatforms => platforms::check(&root)?,
         Task::Bundle => {
             build_bundle(&root)?;
         }
@@ -862,6 +867,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
             .env("CARGO_INCREMENTAL", "0"),
     )?;
+    platforms::check(root)?;
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .stdout(Stdio::null())

@@ -16,4 +16,5 @@ mod native_browser;
 mod native_native;
 mod native_transfer;
 mod tun;
+mod tun_ipv6;
 mod tun_routes;

@@ -5,7 +5,8 @@
 //! and IPv6 (`weft-peer ping`, and a TCP copy with a checksum through `weft-netprobe`,
 //! both ways), a packet with a source address its peer does not hold is dropped by
 //! the receiver (cryptokey routing) and counted in `status`, a restarted peer is reached
-//! again, an address the node moves (a collision) moves on the device, the device goes
+//! again, an address the node moves (a collision) moves on the device, IP packets keep
+//! flowing while the ICE pair changes and the fast path follows it, the device goes
 //! when the peer exits, and without root `up --tun` says so. A browser in the same network
 //! shows in `status` with its addresses, and packets to it get ICMP unreachable.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -413,6 +414,111 @@ async fn ip_packets_take_the_fast_udp_path_and_fall_back_to_the_data_channel() {
     assert_eq!(net.topology.stray_packets().unwrap(), 0);
     stop(ada).await;
     stop(bea).await;
+}
+
+/// The ICE pair changes under a flow of IP packets, and the fast path follows it: two
+/// peers behind endpoint-independent NATs whose UDP to each other is dropped meet through
+/// the relay (the fast path unavailable: a relay carries only ICE and DTLS); TCP copies,
+/// each checked whole, run one after another while UDP between the sites is let through.
+/// ICE moves the session to the direct pair (renomination, or the node's look for a direct
+/// path) under the copies, the fast path is proven on the new pair and carries them; then
+/// UDP between the sites is dropped again: the copies go on (the fast path given up, the
+/// session back on the relay) and, let through once more, the fast path comes back up.
+/// No copy fails, and the session is moved, never rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_packets_keep_flowing_while_the_ice_pair_changes_and_the_fast_path_follows() {
+    let test = "ip_packets_keep_flowing_while_the_ice_pair_changes_and_the_fast_path_follows";
+    if !netns_available(test) {
+        return;
+    }
+    let topology = Topology::new(&[SiteSpec::behind(Nat::EndpointIndependent); 2]).unwrap();
+    topology.set_udp_between_sites(false).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let invite = invite();
+    let [mut ada, bea] = pair(&topology, &server, &invite).await;
+    let relayed = status(&ada).await;
+    assert_eq!(relayed["peers"][0]["fast_path"], "unavailable", "{relayed}");
+    assert!(relayed["peers"][0]["path"].as_str().unwrap().starts_with("relayed"), "{relayed}");
+    fast_path_rule(&ada.host, false);
+
+    // Copies from Ada to Bea, one after another, until told to stop: how many arrived
+    // whole (`tcp_copy` checks each).
+    let copies = std::sync::atomic::AtomicU32::new(0);
+    let flowing = std::sync::atomic::AtomicBool::new(true);
+    let (from, to, addr) = (ada.host.clone(), bea.host.clone(), bea.ipv4.clone());
+    let flow = async {
+        while flowing.load(std::sync::atomic::Ordering::SeqCst) {
+            tcp_copy(&from, &to, &addr).await;
+            copies.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let copied = || copies.load(std::sync::atomic::Ordering::SeqCst);
+    // Waits until one more copy than `n` arrived (a cut path takes ICE's consent timeout,
+    // about 30 s, to be left for the relay: twice [`WAIT`]).
+    let one_more = |n: u32| async move {
+        let deadline = tokio::time::Instant::now() + 2 * WAIT;
+        while copied() <= n {
+            assert!(tokio::time::Instant::now() < deadline, "no copy arrived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let started = std::time::Instant::now();
+    let change = async {
+        one_more(0).await;
+        // Direct: the session moves under the copies and the fast path comes up on the
+        // new pair, and carries.
+        let dropped = topology.set_udp_between_sites(true).unwrap();
+        assert!(dropped > 0, "no direct attempt was made (and blocked)");
+        let direct = |v: &Value| {
+            v["event"] == "path_changed" && v["name"] == NAMES[1] && v["path"] == "direct"
+        };
+        ada.peer.expect("a direct path", WAIT, direct).await.unwrap();
+        // Both sides say the fast path is up, and it carries a whole copy (the one under
+        // way may have started on the data channel: the next one is all after).
+        let carried = || async {
+            wait_fast_path(&ada, "up").await;
+            wait_fast_path(&bea, "up").await;
+            let before = fast_path_bytes(&ada.host);
+            one_more(copied() + 1).await;
+            let carried = fast_path_bytes(&ada.host) - before;
+            assert!(carried > COPY_BYTES, "the fast path did not carry: {carried} bytes");
+        };
+        carried().await;
+        eprintln!("direct, on the fast path: {:?}", started.elapsed());
+        // Cut: the fast path is given up (the pair stopped answering, or the session
+        // moved back to the relay) and the copies go on.
+        let n = copied();
+        topology.set_udp_between_sites(false).unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while status(&ada).await["peers"][0]["fast_path"] == "up" {
+            assert!(tokio::time::Instant::now() < deadline, "the fast path outlived the cut");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // A copy started after the cut arrives too.
+        one_more(n + 1).await;
+        let cut = status(&ada).await;
+        eprintln!(
+            "cut: {:?}, {} {}",
+            started.elapsed(),
+            cut["peers"][0]["path"],
+            cut["peers"][0]["fast_path"]
+        );
+        // Through again: the fast path comes back up, and carries.
+        topology.set_udp_between_sites(true).unwrap();
+        carried().await;
+        eprintln!("back on the fast path: {:?}", started.elapsed());
+        flowing.store(false, std::sync::atomic::Ordering::SeqCst);
+    };
+    tokio::join!(flow, change);
+    eprintln!("{} copies of {COPY_BYTES} bytes arrived whole across the changes", copied());
+    for peer in [&ada, &bea] {
+        let sessions = peer.peer.seen.iter().filter(|v| v["event"] == "peer_connected").count();
+        assert_eq!(sessions, 1, "the session was rebuilt, not moved: {:?}", peer.peer.seen);
+    }
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    stop(ada).await;
+    stop(bea).await;
+    drop(server);
 }
 
 /// With `up --no-fast-path` on one side, IP packets stay on the data channel both ways.

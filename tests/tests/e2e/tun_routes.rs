@@ -11,6 +11,7 @@
 //! holds the peers' own public addresses does not swallow the tunnel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,13 +36,13 @@ const LAN_SERVER: &str = "198.19.200.2";
 const LAN_ROUTER: &str = "198.19.200.1";
 
 /// A key made from `label` (so a test knows its peers' keys before they start).
-fn key(label: &str) -> IdentityKeyPair {
+pub(crate) fn key(label: &str) -> IdentityKeyPair {
     IdentityKeyPair::from_secret_bytes(blake3::hash(label.as_bytes()).as_bytes())
 }
 
 /// A config dir with `key` as identity, whose trust store for `invite`'s network has
 /// each of `verified` pinned and verified, as `weft-peer trust verify` leaves it.
-fn dir_verifying(
+pub(crate) fn dir_verifying(
     label: &str,
     key: &IdentityKeyPair,
     invite: &str,
@@ -61,18 +62,18 @@ fn dir_verifying(
 }
 
 /// `ip ARGS` on `host`: its output.
-fn ip(host: &Host, args: &[&str]) -> String {
+pub(crate) fn ip(host: &Host, args: &[&str]) -> String {
     let out = host.command("ip").args(args).output().unwrap();
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// Where `host` sends packets for `dst`.
-fn route_get(host: &Host, dst: &str) -> String {
+pub(crate) fn route_get(host: &Host, dst: &str) -> String {
     ip(host, &["route", "get", dst])
 }
 
 /// Waits until `host` routes `dst` into its TUN device (or, with `into: false`, not).
-async fn wait_route(host: &Host, dst: &str, into: bool) {
+pub(crate) async fn wait_route(host: &Host, dst: &str, into: bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while route_get(host, dst).contains("dev weft0") != into {
         assert!(tokio::time::Instant::now() < deadline, "route to {dst}: {}", route_get(host, dst));
@@ -80,25 +81,30 @@ async fn wait_route(host: &Host, dst: &str, into: bool) {
     }
 }
 
-/// The host's routing state that Weft may change: policy rules, the routes of every
-/// table, nftables, forwarding.
-fn network_state(host: &Host) -> String {
+/// The host's routing state that Weft may change: policy rules and the routes of every
+/// table (both families), nftables, forwarding (both families).
+pub(crate) fn network_state(host: &Host) -> String {
     let nft = host.command("nft").args(["list", "ruleset"]).output().unwrap();
-    let forward = host.command("sysctl").args(["-n", "net.ipv4.ip_forward"]).output().unwrap();
+    let sysctl = |name: &str| {
+        let out = host.command("sysctl").args(["-n", name]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let resolv = host.command("cat").arg("/etc/resolv.conf").output().unwrap();
     format!(
-        "rules:\n{}routes:\n{}nft:\n{}ip_forward: {}resolv.conf:\n{}",
+        "rules:\n{}{}routes:\n{}nft:\n{}ip_forward: {}ipv6 forwarding: {}resolv.conf:\n{}",
         ip(host, &["rule", "list"]),
+        ip(host, &["-6", "rule", "list"]),
         ip(host, &["route", "show", "table", "all"]),
         String::from_utf8_lossy(&nft.stdout),
-        String::from_utf8_lossy(&forward.stdout),
+        sysctl("net.ipv4.ip_forward"),
+        sysctl("net.ipv6.conf.all.forwarding"),
         String::from_utf8_lossy(&resolv.stdout)
     )
 }
 
 /// `weft-netprobe tcp ADDR` from `host` until it answers (the address the server saw),
 /// at most [`WAIT`]: the path may still be settling.
-async fn seen_by(host: &Host, addr: &str) -> String {
+pub(crate) async fn seen_by(host: &Host, addr: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (ok, out) = probe(host, &["tcp", addr]).await;
@@ -119,27 +125,78 @@ pub(crate) async fn resolve(host: &Host, name: &str) -> Vec<String> {
 }
 
 /// The `refused` counters of `peer`'s status.
-async fn refused(peer: &TunPeer) -> Value {
+pub(crate) async fn refused(peer: &TunPeer) -> Value {
     status(peer).await["counters"]["refused"].clone()
 }
 
 /// Stops `peer` cleanly; its network changes are undone (no state file left).
-async fn stop_restored(peer: TunPeer) {
+pub(crate) async fn stop_restored(peer: TunPeer) {
     let state = peer.dir.join("netconf.json");
     stop(peer).await;
     assert!(!state.exists(), "the state file outlived weft-peer");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
-    let test = "a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed";
+/// Waits until `peer`'s refusal counters, from `before`, pass `done` (they are counted as
+/// the packets arrive).
+pub(crate) async fn wait_refused(peer: &TunPeer, before: &Value, done: impl Fn(&Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let after = refused(peer).await;
+        if done(&after) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{before} -> {after}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `peer` routes the subnet `net` into its device and reaches `server` on it (on `lan`,
+/// which runs `weft-netprobe serve` on port 9100): the server sees `router`'s address
+/// (masqueraded: it needs no route back to the overlay), a TCP copy arrives whole, and
+/// `status` shows the route in use.
+pub(crate) async fn reaches_subnet(
+    peer: &TunPeer,
+    lan: &Host,
+    net: &str,
+    server: &str,
+    router: &str,
+) {
+    let host = &peer.host;
+    wait_route(host, server, true).await;
+    let seen = seen_by(host, &SocketAddr::new(server.parse().unwrap(), 9100).to_string()).await;
+    let router = match router.parse().unwrap() {
+        IpAddr::V4(a) => format!("{a}:"),
+        IpAddr::V6(a) => format!("[{a}]:"),
+    };
+    assert!(seen.starts_with(&router), "the LAN saw {seen}, not {router}");
+    let rate = tcp_copy(host, lan, server).await;
+    eprintln!("TCP to {net} (debug build): {rate:.1} Mbit/s");
+    let status = status(peer).await;
+    let routes = status["routes"].as_array().unwrap();
+    assert!(
+        routes.iter().any(|r| r["prefix"] == net && r["kind"] == "subnet" && r["in_use"] == true),
+        "{status}"
+    );
+}
+
+/// The namespaces of a subnet test (`None`, after saying why, where they cannot be made):
+/// two hosts behind one NAT (Ada's and Cy's), one behind another (Bea's), and a LAN behind
+/// Bea's host.
+pub(crate) fn subnet_sites(test: &str) -> Option<(Topology, Host)> {
     if !netns_available(test) {
-        return;
+        return None;
     }
     let two_hosts = SiteSpec { hosts: 2, ..SiteSpec::behind(Nat::EndpointIndependent) };
     let mut topology =
         Topology::new(&[two_hosts, SiteSpec::behind(Nat::EndpointIndependent)]).unwrap();
     let lan = topology.add_lan_behind(1, 0).unwrap();
+    Some((topology, lan))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
+    let test = "a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed";
+    let Some((topology, lan)) = subnet_sites(test) else { return };
     let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
     let invite = invite();
     let (ada_key, bea_key) = (key("routes ada"), key("routes bea"));
@@ -169,18 +226,8 @@ async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
 
     // Ada routes the LAN into her device; the LAN's server answers her, and sees Bea's
     // address on the LAN (masquerading: it needs no route back to the overlay).
-    wait_route(ada_host, LAN_SERVER, true).await;
-    let (mut serve, _) = probe_ready(&lan, &["serve", "9100"]).await;
-    let seen = seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await;
-    assert!(seen.starts_with(&format!("{LAN_ROUTER}:")), "the LAN saw {seen}");
-    let rate = tcp_copy(ada_host, &lan, LAN_SERVER).await;
-    eprintln!("TCP to the LAN behind Bea (debug build): {rate:.1} Mbit/s");
-    let ada_status = status(&ada).await;
-    let routes = ada_status["routes"].as_array().unwrap();
-    assert!(
-        routes.iter().any(|r| r["prefix"] == LAN && r["kind"] == "subnet" && r["in_use"] == true),
-        "{ada_status}"
-    );
+    let (serve, _) = probe_ready(&lan, &["serve", "9100"]).await;
+    reaches_subnet(&ada, &lan, LAN, LAN_SERVER, LAN_ROUTER).await;
 
     // Cy did not accept routes: no route, the server is out of her reach.
     assert!(
@@ -204,35 +251,40 @@ async fn a_subnet_is_reached_by_peers_that_accept_it_and_only_if_allowed() {
     let before_refused = refused(&bea).await;
     assert!(!probe(cy_host, &["tcp", &format!("{LAN_SERVER}:9100")]).await.0);
     assert_eq!(ping(&dee, &bea.ipv4, 2, 56, &[]).await, 0, "Bea answered a peer not allowed");
-    // The refusals are counted as they arrive (each SYN and echo request one).
+    // The refusals are counted (each SYN and echo request one).
     let count = |v: &Value, k: &str| v[k].as_u64().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let after = refused(&bea).await;
-        if count(&after, "subnet") > count(&before_refused, "subnet")
-            && count(&after, "address") >= count(&before_refused, "address") + 2
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{before_refused} -> {after}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_refused(&bea, &before_refused, |after| {
+        count(after, "subnet") > count(&before_refused, "subnet")
+            && count(after, "address") >= count(&before_refused, "address") + 2
+    })
+    .await;
     // Ada, allowed, still reaches both.
     assert_eq!(ping(&ada, &bea.ipv4, 2, 56, &[]).await, 2);
     assert!(seen_by(ada_host, &format!("{LAN_SERVER}:9100")).await.starts_with(LAN_ROUTER));
 
-    drop(serve.stdin.take());
-    let _ = serve.wait().await;
-    stop_restored(dee).await;
-    stop_restored(ada).await;
-    stop_restored(bea).await;
-    assert_eq!(network_state(ada_host), before, "Ada's host is not as it was");
-    assert_eq!(network_state(bea_host), bea_before, "Bea's host is not as it was");
+    end_restored(serve, [dee, ada, bea], &[(ada_host, &before), (bea_host, &bea_before)]).await;
     drop(server);
     drop(topology);
 }
+
+/// Ends `serve` (a `weft-netprobe` waiting for its stdin to close) and stops `peers` in
+/// order, each cleanly and with its changes undone; then each host is as it was before.
+pub(crate) async fn end_restored<const N: usize>(
+    mut serve: tokio::process::Child,
+    peers: [TunPeer; N],
+    hosts: &[(&Host, &String)],
+) {
+    drop(serve.stdin.take());
+    let _ = serve.wait().await;
+    for peer in peers {
+        stop_restored(peer).await;
+    }
+    for (host, before) in hosts {
+        assert_eq!(&&network_state(host), before, "{} is not as it was", host.netns);
+    }
+}
 /// `weft-peer down --json` with `dir` on `host`: its answer.
-async fn down(host: &Host, dir: &Path) -> Value {
+pub(crate) async fn down(host: &Host, dir: &Path) -> Value {
     let mut cmd = host.tokio_command(weft_peer_bin().unwrap());
     cmd.arg("--config-dir").arg(dir).args(["--json", "down"]);
     let out = tokio::time::timeout(WAIT, cmd.output()).await.unwrap().unwrap();
@@ -257,7 +309,7 @@ async fn exit_client(
 }
 
 /// Ends `peer` with SIGKILL: it undoes nothing.
-async fn kill(mut peer: TunPeer) -> PathBuf {
+pub(crate) async fn kill(mut peer: TunPeer) -> PathBuf {
     peer.peer.child.start_kill().unwrap();
     peer.peer.child.wait().await.unwrap();
     peer.dir

@@ -7,7 +7,8 @@
 //!                                  address it came from ("ip:port"), and answer every TCP
 //!                                  connection with an HTTP page showing the same
 //!                                  (<p id=seen>ip:port</p>); prints "ready" once bound;
-//!                                  runs until its stdin closes
+//!                                  runs until its stdin closes. A PORT binds 0.0.0.0;
+//!                                  an ADDR:PORT (`[2001:db8::1]:80`) binds that address
 //! weft-netprobe udp SERVER:PORT... from one UDP socket, ask every server (resending every
 //!                                  200 ms, 3 s at most); prints "SERVER SEEN" or
 //!                                  "SERVER none" per server
@@ -100,9 +101,12 @@ fn main() -> Result<()> {
 
 fn serve(ports: &[String]) -> Result<()> {
     for port in ports {
-        let port: u16 = port.parse()?;
-        let udp = UdpSocket::bind(("0.0.0.0", port))?;
-        let tcp = TcpListener::bind(("0.0.0.0", port))?;
+        let addr = match port.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+            Err(_) => port.parse().with_context(|| format!("bad port or address {port}"))?,
+        };
+        let udp = UdpSocket::bind(addr)?;
+        let tcp = TcpListener::bind(addr)?;
         std::thread::spawn(move || echo_udp(&udp));
         std::thread::spawn(move || serve_tcp(&tcp));
     }

@@ -12,6 +12,10 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// How long a TCP copy may take at most.
 const COPY_FOR: Duration = Duration::from_secs(120);
+/// How long `tcp-send` tries to connect: longer than ICE takes to leave a pair that stopped
+/// answering for another (its consent timeout, about 30 s), so a copy started just then
+/// connects once the session moved (`tun.rs`, the ICE pair changing under a flow).
+const CONNECT_FOR: Duration = Duration::from_secs(60);
 
 /// `tcp-sink ADDR:PORT`: listens, prints "ready", takes one connection, reads it to its
 /// end and answers (and prints) "LEN BLAKE3".
@@ -48,7 +52,7 @@ pub fn tcp_send(args: &[String]) -> Result<()> {
     // tried in turn, as a program would.
     let mut stream = None;
     for target in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
+        match TcpStream::connect_timeout(&target, CONNECT_FOR) {
             Ok(s) => {
                 stream = Some(s);
                 break;

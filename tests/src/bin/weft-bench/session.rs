@@ -24,9 +24,10 @@
 //! makes `weight` and `transport` compare this bundle with it in the same run: a second
 //! server serves the baseline, its first visit is weighed the same way
 //! (`page_weight_baseline_kb`), and the WASM seal+open runs [`WASM_ROUNDS`] times in each
-//! page, alternating, for medians of both and their ratio (`transport_seal_open_wasm_vs_baseline_ratio`):
-//! how a change to the module's build moves its speed, without trusting a number from
-//! another day.
+//! page (`WEFT_BENCH_RUNS` sets how many), alternating, for medians of both and their
+//! ratio (`transport_seal_open_wasm_vs_baseline_ratio`), and the median of each round's
+//! ratio (`…_paired_ratio`): how a change to the module's build moves its speed, without
+//! trusting a number from another day.
 //!
 //! Prints `BENCH <metric> <value> <unit>` lines.
 
@@ -41,7 +42,8 @@ use crate::median;
 use crate::transport::{PACKET, SEAL_OPEN_BYTES as TRANSPORT_BYTES};
 
 const JOINS: usize = 12;
-/// WASM seal+open runs per page (alternating with the baseline's when there is one).
+/// WASM seal+open runs per page (alternating with the baseline's when there is one), unless
+/// `WEFT_BENCH_RUNS` says otherwise.
 const WASM_ROUNDS: usize = 5;
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -202,7 +204,7 @@ async fn transport(
 ) -> Result<()> {
     let native = crate::transport::measure()?;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for round in 0..WASM_ROUNDS {
+    for round in 0..crate::bench_runs(WASM_ROUNDS) {
         // Alternate which page goes first, so neither always runs on a warmer machine.
         if let Some(base) = baseline.filter(|_| round % 2 == 1) {
             theirs.push(wasm_seal_open(base).await?);
@@ -213,12 +215,16 @@ async fn transport(
         }
     }
     eprintln!("bench session: WASM seal+open MB/s, this bundle {ours:.1?}, baseline {theirs:.1?}");
+    // Each round's pair ran back to back: the median of their ratios cancels more of a busy
+    // machine's swings than the ratio of the medians.
+    let paired = median(ours.iter().zip(&theirs).map(|(a, b)| a / b).collect());
     let wasm_mb_s = median(ours);
     println!("BENCH transport_seal_open_wasm_mb_s {wasm_mb_s:.1} MB/s");
     if baseline.is_some() {
         let base_mb_s = median(theirs);
         println!("BENCH transport_seal_open_wasm_baseline_mb_s {base_mb_s:.1} MB/s");
         println!("BENCH transport_seal_open_wasm_vs_baseline_ratio {:.3} x", wasm_mb_s / base_mb_s);
+        println!("BENCH transport_seal_open_wasm_vs_baseline_paired_ratio {paired:.3} x");
     }
     native.print();
     println!(

@@ -36,7 +36,7 @@ use std::fmt;
 use std::time::Duration;
 
 use hkdf::{Hkdf, HkdfExtract};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use hpke::rand_core::CryptoRng;
 use hpke::{Deserializable, Kem, OpModeR, OpModeS, PskBundle, Serializable};
 use sha2::{Digest, Sha256};
@@ -423,7 +423,7 @@ impl Psk {
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> Hmac<Sha256> {
-    let mut m = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+    let mut m = match <Hmac<Sha256> as KeyInit>::new_from_slice(key) {
         Ok(m) => m,
         Err(_) => unreachable!("HMAC takes keys of any length"),
     };

@@ -5,8 +5,6 @@
 //! feed inputs in and act on what comes out, so every platform runs the same protocol.
 #![forbid(unsafe_code)]
 
-pub mod aead;
-pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod network;
@@ -19,8 +17,11 @@ pub mod sealed;
 pub mod signal;
 pub mod text;
 pub mod transfer;
-pub mod transport;
 pub mod trust;
 
 /// The `rand_core` version the core's APIs take randomness through (that of `hpke`).
 pub use hpke::rand_core;
+// The transport (frames, sessions and their cipher) is a crate of its own, compiled for
+// speed in the browser build while this one is compiled for size: see weft-transport.
+pub use weft_transport::session as transport;
+pub use weft_transport::{aead, frame};

@@ -29,7 +29,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use hpke::rand_core::CryptoRng;
 use sha2::{Digest, Sha256};
 use spake2::{Ed25519Group, Identity, Password, Spake2};
@@ -193,7 +193,7 @@ fn put(buf: &mut Vec<u8>, part: &[u8]) {
 
 fn confirm_mac(key: &[u8; 32], from: &[u8], to: &[u8]) -> Hmac<Sha256> {
     // HMAC takes keys of any length.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(CONFIRM_LABEL);
     mac.update(from);
     mac.update(to);

@@ -9,7 +9,7 @@ use crate::aead::PacketAead;
 use crate::handshake::{ChannelBinding, HandshakeInitiator, HandshakeResponder};
 use crate::identity::IdentityKeyPair;
 use crate::network::NetworkSecret;
-use crate::transport::{MAX_PLAINTEXT_LEN, PACKET_OVERHEAD, Session};
+use crate::transport::{Channel, MAX_PLAINTEXT_LEN, PACKET_OVERHEAD, Session};
 
 /// Result of [`transport_throughput`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,7 +90,7 @@ pub fn transport_throughput(
 ///
 /// `C` = [`crate::aead::PacketCipher`] measures this build's transport; the other
 /// [`PacketAead`] on the same packets is the baseline.
-pub fn transport_seal_throughput<C: PacketAead>(
+pub fn transport_seal_throughput<C: PacketAead + 'static>(
     rng: &mut impl CryptoRng,
     packet_len: usize,
     total: u64,
@@ -99,7 +99,7 @@ pub fn transport_seal_throughput<C: PacketAead>(
     let (mut send_chain, mut recv_chain) = ([0u8; 32], [0u8; 32]);
     rng.fill_bytes(&mut send_chain);
     rng.fill_bytes(&mut recv_chain);
-    let mut tx = Session::<C>::new(&send_chain, &recv_chain, [0; 32]);
+    let mut tx = Session::with_cipher::<C>(Channel::Control, &send_chain, &recv_chain, [0; 32]);
     let payload = vec![0x5a_u8; packet_len.clamp(1, MAX_PLAINTEXT_LEN)];
     let mut packet = vec![0_u8; PACKET_OVERHEAD + payload.len()];
     let packets = total.div_ceil(payload.len() as u64);

@@ -27,6 +27,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// How many alternating runs a benchmark makes: `WEFT_BENCH_RUNS`, else `default`.
+pub(crate) fn bench_runs(default: usize) -> usize {
+    std::env::var("WEFT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(default).max(1)
+}
+
 /// CPU time (user + system) a process used so far, in milliseconds.
 pub(crate) fn cpu_ms(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

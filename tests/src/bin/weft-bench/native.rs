@@ -45,7 +45,7 @@ use weft_tests::{ChromeDriver, browser_missing, js, start_server};
 const RUNS: usize = 5;
 
 fn runs() -> usize {
-    std::env::var("WEFT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(RUNS).max(1)
+    crate::bench_runs(RUNS)
 }
 
 const LONG: Duration = Duration::from_secs(1800);

@@ -56,7 +56,7 @@ const LONG: Duration = Duration::from_secs(600);
 const WAIT: Duration = Duration::from_secs(60);
 
 fn runs() -> usize {
-    std::env::var("WEFT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(RUNS).max(1)
+    crate::bench_runs(RUNS)
 }
 
 fn file_size() -> u64 {

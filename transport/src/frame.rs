@@ -25,10 +25,10 @@ pub const FRAME_PONG: u8 = 0x04;
 pub const FRAME_CLOSE: u8 = 0x05;
 /// Frame type of [`Frame::Hello`].
 pub const FRAME_HELLO: u8 = 0x06;
-/// Frame type of a route announcement (`crate::node::Announcement`): decoded as
+/// Frame type of a route announcement (weft-core's `node::Announcement`): decoded as
 /// [`Frame::Unknown`] here, by the node's routing code.
 pub const FRAME_ROUTES: u8 = 0x07;
-/// Frame type of a fast-path probe or ack (`crate::node::FastPathMessage`), only ever in a
+/// Frame type of a fast-path probe or ack (weft-core's `node::FastPathMessage`), only ever in a
 /// packet of the fast path: decoded as [`Frame::Unknown`] here, by the node.
 pub const FRAME_FAST_PATH: u8 = 0x08;
 /// Longest display name in a [`Frame::Hello`], in bytes.

@@ -22,7 +22,9 @@
 //! follows when a packet of a later epoch verifies, and keeps the previous epoch's key for
 //! [`TransportConfig::previous_key_lifetime`] for packets still in flight.
 //!
-//! The cipher is [`crate::aead::PacketCipher`] (assembly on native targets). Besides the
+//! The cipher is [`crate::aead::PacketCipher`] (assembly on native targets), held as a
+//! `Box<dyn PacketAead>` so that nothing here is generic over it: the browser build
+//! compiles this crate for speed and weft-core for size (see the crate docs). Besides the
 //! `Vec`-returning [`Session::seal`] and [`Session::open`], a session seals into and opens
 //! in buffers the caller owns ([`Session::seal_into`], [`Session::seal_in_place`],
 //! [`Session::open_in_place`]), which allocate nothing.
@@ -34,7 +36,7 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::aead::{NONCE_LEN, PacketAead, PacketCipher};
+use crate::aead::{KEY_LEN, NONCE_LEN, PacketAead, PacketCipher};
 use crate::frame::{Frame, FrameError};
 
 /// First byte of a transport packet of the control channel ([`Channel::Control`]).
@@ -310,30 +312,38 @@ fn header(channel: Channel, epoch: u32, counter: u64) -> [u8; PACKET_HEADER_LEN]
     h
 }
 
-struct SendState<C> {
+/// A cipher under a key, of the kind a session was made with: how a session makes the
+/// cipher of its next epoch.
+type NewCipher = fn(&[u8; KEY_LEN]) -> Box<dyn PacketAead>;
+
+fn new_cipher<C: PacketAead + 'static>(key: &[u8; KEY_LEN]) -> Box<dyn PacketAead> {
+    Box::new(C::new(key))
+}
+
+struct SendState {
     epoch: u32,
-    cipher: C,
+    cipher: Box<dyn PacketAead>,
     next_chain: Zeroizing<[u8; 32]>,
     counter: u64,
     started_at: Option<Duration>,
 }
 
-impl<C: PacketAead> SendState<C> {
-    fn new(chain: &[u8; 32], epoch: u32) -> Self {
+impl SendState {
+    fn new(new_cipher: NewCipher, chain: &[u8; 32], epoch: u32) -> Self {
         let (key, next_chain) = ratchet(chain);
-        Self { epoch, cipher: C::new(&key), next_chain, counter: 0, started_at: None }
+        Self { epoch, cipher: new_cipher(&key), next_chain, counter: 0, started_at: None }
     }
 }
 
-struct RecvEpoch<C> {
+struct RecvEpoch {
     epoch: u32,
-    cipher: C,
+    cipher: Box<dyn PacketAead>,
     window: ReplayWindow,
 }
 
-impl<C: PacketAead> RecvEpoch<C> {
-    fn new(key: &[u8; 32], epoch: u32) -> Self {
-        Self { epoch, cipher: C::new(key), window: ReplayWindow::new() }
+impl RecvEpoch {
+    fn new(new_cipher: NewCipher, key: &[u8; 32], epoch: u32) -> Self {
+        Self { epoch, cipher: new_cipher(key), window: ReplayWindow::new() }
     }
 
     /// Authenticates `header` and `body` (ciphertext, then tag) and decrypts the
@@ -371,31 +381,35 @@ fn parse_header(packet: &[u8], channel: Channel) -> Result<(u32, u64), Transport
         Some(c) if c != channel => return Err(TransportError::WrongChannel),
         Some(_) => {}
     }
-    let epoch = u32::from_be_bytes(to_array(&packet[1..5]));
-    let counter = u64::from_be_bytes(to_array(&packet[5..PACKET_HEADER_LEN]));
+    let header: &[u8; PACKET_HEADER_LEN] =
+        packet[..PACKET_HEADER_LEN].try_into().map_err(|_| TransportError::Truncated)?;
+    let [_, e0, e1, e2, e3, c @ ..] = *header;
+    let epoch = u32::from_be_bytes([e0, e1, e2, e3]);
+    let counter = u64::from_be_bytes(c);
     Ok((epoch, counter))
 }
 
 /// An established session of one [`Channel`]: seals outgoing packets and opens incoming
 /// ones.
 ///
-/// Made by the handshake ([`crate::handshake`]). Time is the caller's: pass `now` as a
+/// Made by the handshake (weft-core's `handshake`). Time is the caller's: pass `now` as a
 /// [`Duration`] since any epoch, the same one on every call.
 ///
-/// `C` is the packet cipher; keep the default ([`PacketCipher`], this build's fastest).
-/// The benchmarks and tests also run sessions on the other implementation.
-pub struct Session<C = PacketCipher> {
+/// Its packet cipher is this build's fastest, [`PacketCipher`]; the benchmarks and tests
+/// also run sessions on the other implementation ([`Session::with_cipher`]).
+pub struct Session {
     channel: Channel,
     config: TransportConfig,
-    send: SendState<C>,
-    recv: RecvEpoch<C>,
+    new_cipher: NewCipher,
+    send: SendState,
+    recv: RecvEpoch,
     /// Chain key of the receiver's next epoch.
     recv_next_chain: Zeroizing<[u8; 32]>,
-    previous: Option<(RecvEpoch<C>, Duration)>,
+    previous: Option<(RecvEpoch, Duration)>,
     session_id: [u8; 32],
 }
 
-impl<C> fmt::Debug for Session<C> {
+impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
             .field("channel", &self.channel)
@@ -407,25 +421,41 @@ impl<C> fmt::Debug for Session<C> {
     }
 }
 
-impl<C: PacketAead> Session<C> {
-    /// A control-channel session from the two directions' initial chain keys.
-    pub(crate) fn new(send_chain: &[u8; 32], recv_chain: &[u8; 32], session_id: [u8; 32]) -> Self {
+impl Session {
+    /// A control-channel session from the two directions' initial chain keys. For the
+    /// handshake (weft-core's `handshake`), benchmarks and tests: a session's chain keys
+    /// come from a handshake.
+    pub fn new(send_chain: &[u8; 32], recv_chain: &[u8; 32], session_id: [u8; 32]) -> Self {
         Self::for_channel(Channel::Control, send_chain, recv_chain, session_id)
     }
 
-    /// A session of `channel` from the two directions' initial chain keys.
-    pub(crate) fn for_channel(
+    /// A session of `channel` from the two directions' initial chain keys (see
+    /// [`Self::new`]).
+    pub fn for_channel(
         channel: Channel,
         send_chain: &[u8; 32],
         recv_chain: &[u8; 32],
         session_id: [u8; 32],
     ) -> Self {
+        Self::with_cipher::<PacketCipher>(channel, send_chain, recv_chain, session_id)
+    }
+
+    /// [`Self::for_channel`] on the packet cipher `C` instead of [`PacketCipher`]: for
+    /// benchmarks and tests comparing the two implementations.
+    pub fn with_cipher<C: PacketAead + 'static>(
+        channel: Channel,
+        send_chain: &[u8; 32],
+        recv_chain: &[u8; 32],
+        session_id: [u8; 32],
+    ) -> Self {
+        let new_cipher: NewCipher = new_cipher::<C>;
         let (recv_key, recv_next_chain) = ratchet(recv_chain);
         Self {
             channel,
             config: TransportConfig::default(),
-            send: SendState::new(send_chain, 0),
-            recv: RecvEpoch::new(&recv_key, 0),
+            new_cipher,
+            send: SendState::new(new_cipher, send_chain, 0),
+            recv: RecvEpoch::new(new_cipher, &recv_key, 0),
             recv_next_chain,
             previous: None,
             session_id,
@@ -574,7 +604,7 @@ impl<C: PacketAead> Session<C> {
             // The old send state is dropped here: its chain key is erased, and so is its
             // packet key where the cipher erases its key (RustCrypto; not ring, see
             // `crate::aead`).
-            self.send = SendState::new(&self.send.next_chain.clone(), epoch);
+            self.send = SendState::new(self.new_cipher, &self.send.next_chain.clone(), epoch);
         }
         Ok(())
     }
@@ -637,7 +667,7 @@ impl<C: PacketAead> Session<C> {
             chain = ratchet(&chain).1;
         }
         let (key, next_chain) = ratchet(&chain);
-        let mut fresh = RecvEpoch::new(&key, epoch);
+        let mut fresh = RecvEpoch::new(self.new_cipher, &key, epoch);
         let len = fresh.open(header, body, counter)?;
         let old = std::mem::replace(&mut self.recv, fresh);
         self.previous = Some((old, now.saturating_add(self.config.previous_key_lifetime)));
@@ -686,13 +716,13 @@ impl<C: PacketAead> Session<C> {
 }
 
 /// The sessions of one link, one per [`Channel`], made together by one handshake.
-pub struct ChannelSessions<C = PacketCipher> {
-    control: Session<C>,
-    data: Session<C>,
-    fast_path: Session<C>,
+pub struct ChannelSessions {
+    control: Session,
+    data: Session,
+    fast_path: Session,
 }
 
-impl<C> fmt::Debug for ChannelSessions<C> {
+impl fmt::Debug for ChannelSessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChannelSessions")
             .field("control", &self.control)
@@ -702,14 +732,14 @@ impl<C> fmt::Debug for ChannelSessions<C> {
     }
 }
 
-impl<C: PacketAead> ChannelSessions<C> {
+impl ChannelSessions {
     /// The three sessions of a handshake.
-    pub fn new(control: Session<C>, data: Session<C>, fast_path: Session<C>) -> Self {
+    pub fn new(control: Session, data: Session, fast_path: Session) -> Self {
         Self { control, data, fast_path }
     }
 
     /// The session of `channel`.
-    pub fn get_mut(&mut self, channel: Channel) -> &mut Session<C> {
+    pub fn get_mut(&mut self, channel: Channel) -> &mut Session {
         match channel {
             Channel::Control => &mut self.control,
             Channel::Data => &mut self.data,
@@ -718,7 +748,7 @@ impl<C: PacketAead> ChannelSessions<C> {
     }
 
     /// The session of `channel`, to read.
-    pub fn get(&self, channel: Channel) -> &Session<C> {
+    pub fn get(&self, channel: Channel) -> &Session {
         match channel {
             Channel::Control => &self.control,
             Channel::Data => &self.data,
@@ -759,10 +789,6 @@ impl<C: PacketAead> ChannelSessions<C> {
             self.get_mut(c).handle_timeout(now);
         }
     }
-}
-
-fn to_array<const N: usize>(s: &[u8]) -> [u8; N] {
-    crate::identity::to_array(s)
 }
 
 #[cfg(test)]
@@ -807,13 +833,13 @@ mod tests {
         assert_eq!(b.open(&old, Duration::from_secs(68)), Err(TransportError::UnknownEpoch(0)));
     }
 
-    /// Packets sealed before the AEAD moved to `core/src/aead.rs` (captured from the
+    /// Packets sealed before the AEAD moved to its own module, `aead.rs` (captured from the
     /// RustCrypto-only implementation): the format, nonces and key ratchet are unchanged,
     /// whichever cipher the session runs on.
-    fn packets_match_the_recorded_known_answers<C: PacketAead>() {
+    fn packets_match_the_recorded_known_answers<C: PacketAead + 'static>() {
         use sha2::Digest;
-        let mut a = Session::<C>::new(&[1u8; 32], &[2u8; 32], [0; 32]);
-        let mut b = Session::<C>::new(&[2u8; 32], &[1u8; 32], [0; 32]);
+        let mut a = Session::with_cipher::<C>(Channel::Control, &[1u8; 32], &[2u8; 32], [0; 32]);
+        let mut b = Session::with_cipher::<C>(Channel::Control, &[2u8; 32], &[1u8; 32], [0; 32]);
         // Two packets per epoch: epochs 0, 1 and 2.
         a.set_config(TransportConfig { rekey_after_messages: 2, ..TransportConfig::default() });
         let mut all = Vec::new();

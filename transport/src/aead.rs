@@ -41,9 +41,15 @@ pub type PacketCipher = RustCryptoChaCha20Poly1305;
 pub struct AeadError;
 
 /// ChaCha20-Poly1305 with a detached tag, working in a buffer the caller owns.
-pub trait PacketAead: Sized {
+///
+/// Object-safe: a [`crate::session::Session`] holds its cipher as a `Box<dyn PacketAead>`,
+/// so that the session's code is not generic and is compiled in this crate (see the crate
+/// docs).
+pub trait PacketAead: Send + Sync {
     /// A cipher with this key.
-    fn new(key: &[u8; KEY_LEN]) -> Self;
+    fn new(key: &[u8; KEY_LEN]) -> Self
+    where
+        Self: Sized;
 
     /// Encrypts `buf` in place and returns the tag over `aad` and the ciphertext. Fails
     /// only for inputs longer than the cipher allows (about 256 GiB).

@@ -456,15 +456,19 @@ fn a_hash_list_that_trickles_is_due_from_the_request() {
     assert!(dropped_at <= Duration::from_secs(14), "{dropped_at:?}");
 }
 
+/// What [`offer_folder`] saw: the offer frames, the items of the offer Bob saw, Bob's
+/// disk, and how many downloads Bob's scheduler looked at.
+struct Folder {
+    frames: usize,
+    offer: Option<usize>,
+    disk: HashMap<Root, Vec<u8>>,
+    examined: u64,
+}
+
 /// Alice offers Bob `files` files of 4 bytes, named by `path`; Bob accepts the offer when
 /// it has all come. Runs both engines until they are idle, or (`transfer` false) until
-/// Bob accepted. Returns the offer frames, the items of the offer Bob saw, and Bob's
-/// disk.
-fn offer_folder(
-    files: usize,
-    path: impl Fn(usize) -> String,
-    transfer: bool,
-) -> (usize, Option<usize>, HashMap<Root, Vec<u8>>) {
+/// Bob accepted.
+fn offer_folder(files: usize, path: impl Fn(usize) -> String, transfer: bool) -> Folder {
     let mut alice = engine(&["bob"]);
     let mut bob = engine(&["alice"]);
     // Each signs its fetches with the tag the other knows it by (made of its id).
@@ -534,7 +538,7 @@ fn offer_folder(
     if transfer {
         assert!(disk.iter().all(|(root, bytes)| data[root] == *bytes));
     }
-    (frames, offer, disk)
+    Folder { frames, offer, disk, examined: bob.schedule_examined() }
 }
 
 /// A folder of 100,000 files is offered in frames that each fit a packet and arrives as
@@ -542,7 +546,7 @@ fn offer_folder(
 /// 10,000 files no receiver would read it.)
 #[test]
 fn a_100000_file_folder_goes_in_parts_and_arrives_as_one_offer() {
-    let (frames, offer, _) =
+    let Folder { frames, offer, .. } =
         offer_folder(100_000, |i| format!("photos/{:03}/img_{i:06}.jpg", i / 1000), false);
     println!("a 100,000-file folder went in {frames} offer frames");
     assert_eq!(offer, Some(100_000));
@@ -553,8 +557,29 @@ fn a_100000_file_folder_goes_in_parts_and_arrives_as_one_offer() {
 #[test]
 fn a_folder_offered_in_parts_transfers_completely() {
     let long = |i: usize| format!("a folder with long names/{:0>250}.txt", i);
-    let (frames, offer, disk) = offer_folder(1_000, long, true);
+    let Folder { frames, offer, disk, .. } = offer_folder(1_000, long, true);
     assert_eq!(offer, Some(1_000));
     assert!(frames >= 3, "{frames}");
     assert_eq!(disk.len(), 1_000);
+}
+
+/// A folder of 10,000 one-chunk files transfers with the scheduler's work linear in the
+/// number of files: it looks at a few downloads per event, not at every download (it
+/// looked at all of them, about 10,000 x 30,000 times, and took 274 s of engine time in
+/// a release build). Work is counted, not timed; the time is printed for the record
+/// (`cargo test --release -p weft-core --test limits -- --nocapture ten_thousand`).
+#[test]
+fn ten_thousand_one_chunk_files_cost_the_scheduler_linear_work() {
+    let files = 10_000;
+    let started = std::time::Instant::now();
+    let Folder { disk, examined, .. } = offer_folder(files, |i| format!("many/f{i:05}"), true);
+    println!(
+        "{files} one-chunk files: {} saved in {:.2} s, the scheduler looked at {examined} \
+         downloads ({:.1} per file)",
+        disk.len(),
+        started.elapsed().as_secs_f64(),
+        examined as f64 / files as f64
+    );
+    assert_eq!(disk.len(), files);
+    assert!(examined <= 10 * files as u64, "{examined} downloads looked at");
 }

@@ -15,6 +15,7 @@
 //!
 //! The design and why each property holds is in `core/TRANSFER.md`.
 
+mod active;
 pub mod cap;
 pub mod engine;
 pub mod hash;

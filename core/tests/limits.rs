@@ -346,6 +346,9 @@ fn an_offer_with_too_many_files_is_refused_and_the_sender_hears_why() {
     assert!(grew < MIB, "grew {grew} bytes");
     assert_eq!(bob.refusals().of("too_many_files"), 1);
     assert_eq!(bob.refusals().total(), 2);
+    // Counted per peer too (what `status` shows beside each peer).
+    assert_eq!(bob.refusals().of_peer(&pid("mallory")), 2);
+    assert_eq!(bob.refusals().of_peer(&pid("carol")), 0);
 
     // Carol's offer is taken as ever.
     let items = vec![item("ok".into(), 1, 0)];

@@ -229,7 +229,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let room = joined.network.room_id();
             let overlay = joined.mesh.overlay().await.map(|(status, _)| status);
             let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
-            printer.status(&output::status_json(who, overlay.as_ref(), None, false, &peers, &[]));
+            let refusals = joined.mesh.transfer_refusals().await;
+            let status =
+                output::status_json(who, overlay.as_ref(), None, false, &peers, &[], &refusals);
+            printer.status(&status);
             joined.mesh.shutdown().await?;
             Ok(())
         }
@@ -349,8 +352,9 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                     let mut failures: Vec<(PeerId, u32)> =
                         passphrase_failures.iter().map(|(p, n)| (p.clone(), *n)).collect();
                     failures.sort_by_key(|f| std::cmp::Reverse(f.1));
+                    let refusals = mesh.transfer_refusals().await;
                     let status = output::status_json(
-                        who, overlay.as_ref(), tun.as_ref(), true, &peers, &failures,
+                        who, overlay.as_ref(), tun.as_ref(), true, &peers, &failures, &refusals,
                     );
                     tokio::spawn(async move { control::answer(stream, &status).await });
                 }

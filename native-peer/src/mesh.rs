@@ -30,7 +30,7 @@ use weft_core::node::{
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
-use weft_core::transfer::{Cv, FileDigest, OfferItem, Root};
+use weft_core::transfer::{Cv, FileDigest, OfferItem, Refusals, Root};
 use weft_core::trust::TrustStore;
 
 use crate::dns::Forwarder;
@@ -188,6 +188,9 @@ enum Command {
     Overlay {
         reply: oneshot::Sender<(OverlayStatus, Option<TunState>)>,
     },
+    TransferRefusals {
+        reply: oneshot::Sender<Refusals>,
+    },
     Trust {
         peer: PeerId,
         action: TrustAction,
@@ -298,6 +301,11 @@ impl MeshHandle {
     /// Every other member, sorted by peer id.
     pub async fn peers(&self) -> Vec<PeerInfo> {
         self.ask(|reply| Command::Peers { reply }).await.unwrap_or_default()
+    }
+
+    /// What file transfer refused peers past its caps, by kind and by peer.
+    pub async fn transfer_refusals(&self) -> Refusals {
+        self.ask(|reply| Command::TransferRefusals { reply }).await.unwrap_or_default()
     }
 
     /// Our overlay addresses and routing table, and the TUN device's state (if we have
@@ -778,6 +786,9 @@ impl Mesh {
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.node.peers());
+            }
+            Command::TransferRefusals { reply } => {
+                let _ = reply.send(self.node.transfer_refusals().clone());
             }
             Command::Overlay { reply } => {
                 let tun = self.tun.as_ref().map(|t| t.state().clone());

@@ -172,6 +172,7 @@ mod tests {
             bytes_received: 0,
             last_handshake: None,
             fast_path: Default::default(),
+            transfer_refusals: 0,
         }
     }
 

@@ -216,13 +216,24 @@ impl fmt::Display for LimitReason {
     }
 }
 
-/// What the engine refused peers, counted by [`LimitReason::kind`].
+/// What the engine refused peers, counted by [`LimitReason::kind`] and by peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Refusals {
     by_kind: BTreeMap<&'static str, u64>,
+    /// By peer id, for the first [`MAX_PEERS_COUNTED`] peers refused (the server hands
+    /// out ids, so a peer back under new ids must not grow it); the total counts all.
+    by_peer: BTreeMap<PeerId, u64>,
 }
 
+/// Most peers whose refusals are counted one by one.
+pub const MAX_PEERS_COUNTED: usize = 1024;
+
 impl Refusals {
+    /// Refusals of one peer (by its current id).
+    pub fn of_peer(&self, peer: &PeerId) -> u64 {
+        self.by_peer.get(peer).copied().unwrap_or(0)
+    }
+
     /// All refusals.
     pub fn total(&self) -> u64 {
         self.by_kind.values().sum()
@@ -241,6 +252,11 @@ impl Refusals {
     /// Counts one and logs it: the first of a kind (and every power of two after it) as
     /// a warning, the rest at debug level, so a flood does not flood the log.
     pub(crate) fn count(&mut self, peer: &PeerId, reason: &LimitReason) {
+        if let Some(n) = self.by_peer.get_mut(peer) {
+            *n += 1;
+        } else if self.by_peer.len() < MAX_PEERS_COUNTED {
+            self.by_peer.insert(peer.clone(), 1);
+        }
         let n = self.by_kind.entry(reason.kind()).or_default();
         *n += 1;
         if n.is_power_of_two() {

@@ -660,7 +660,6 @@ mod tests {
 
     use std::time::Duration;
 
-    use weft_core::node::FastPathState;
     use weft_core::transfer::{Engine, EngineConfig, Root, TransferMsg};
 
     use super::*;
@@ -685,24 +684,9 @@ mod tests {
 
     fn peer(id: &PeerId, name: &str, refused: u64) -> PeerInfo {
         PeerInfo {
-            peer_id: id.clone(),
-            state: PeerState::Direct,
-            reason: None,
             name: Some(name.into()),
-            fingerprint: None,
-            trust: None,
-            relay_transport: None,
-            looks_like: None,
-            rtt: None,
-            ipv4: None,
-            ipv6: None,
-            routes: Vec::new(),
-            dropped_spoofed: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            last_handshake: None,
-            fast_path: FastPathState::default(),
             transfer_refusals: refused,
+            ..PeerInfo::new(id.clone(), PeerState::Direct)
         }
     }
 

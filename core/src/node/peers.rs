@@ -189,6 +189,33 @@ pub struct PeerInfo {
     pub transfer_refusals: u64,
 }
 
+impl PeerInfo {
+    /// A peer known by its id only, in `state`, nothing else known or counted yet (for
+    /// drivers' and tests' own views).
+    pub fn new(peer_id: PeerId, state: PeerState) -> Self {
+        Self {
+            peer_id,
+            state,
+            reason: None,
+            name: None,
+            fingerprint: None,
+            trust: None,
+            relay_transport: None,
+            looks_like: None,
+            rtt: None,
+            ipv4: None,
+            ipv6: None,
+            routes: Vec::new(),
+            dropped_spoofed: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            last_handshake: None,
+            fast_path: FastPathState::default(),
+            transfer_refusals: 0,
+        }
+    }
+}
+
 /// One other member of the room.
 #[derive(Debug)]
 pub(crate) struct PeerSlot {

@@ -2366,6 +2366,25 @@ impl Node {
         Ok(())
     }
 
+    /// Accepts `peer`'s offer by a rule, nobody asked (`AcceptPolicy` said so): within
+    /// the budget for downloads still to write (`transfer::PendingBudget`), given
+    /// `free_space` on the download disk if the driver knows it. Past it the offer is
+    /// refused, the peer told why, and the error says it.
+    pub fn accept_unasked(
+        &mut self,
+        now: Duration,
+        peer: &PeerId,
+        offer_id: u64,
+        free_space: Option<u64>,
+    ) -> Result<(), NodeError> {
+        if self.files.store == DownloadStore::None {
+            return Err(NodeError::NoDownloadStore);
+        }
+        let result = self.engine.accept_unasked(peer, offer_id, free_space, now);
+        self.pump(now);
+        Ok(result?)
+    }
+
     /// Declines `peer`'s offer.
     pub fn decline(
         &mut self,

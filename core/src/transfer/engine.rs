@@ -1306,6 +1306,45 @@ impl Engine {
         Ok(())
     }
 
+    /// Accepts `peer`'s offer by a rule, without a person asking (`weft-peer receive
+    /// --accept-from`): within the budget for downloads still to write
+    /// ([`TransferLimits::pending`], [`super::limits::PendingBudget`]), given
+    /// `free_space` on the download disk if the driver knows it. Past it, the offer is
+    /// refused: the sender is told why, the refusal is counted, and
+    /// [`TransferError::Limit`] says it here; what was accepted before goes on.
+    pub fn accept_unasked(
+        &mut self,
+        peer: &PeerId,
+        offer_id: u64,
+        free_space: Option<u64>,
+        now: Duration,
+    ) -> Result<(), TransferError> {
+        let key = (peer.clone(), offer_id);
+        let items = self.incoming.get(&key).ok_or(TransferError::UnknownOffer)?;
+        // Files already downloading (a resume, or offered twice) add nothing.
+        let mut roots = HashSet::new();
+        let new: u64 = items
+            .iter()
+            .filter(|i| self.download_key(&i.root).is_none() && roots.insert(i.root))
+            .fold(0u64, |sum, i| sum.saturating_add(i.size));
+        let (mut mine, mut total) = (0u64, 0u64);
+        for d in self.downloads.values() {
+            if matches!(d.state, DownloadState::Active | DownloadState::Paused) {
+                let left = d.size.saturating_sub(d.done_bytes);
+                total = total.saturating_add(left);
+                if d.offers.iter().any(|(p, _)| p == peer) {
+                    mine = mine.saturating_add(left);
+                }
+            }
+        }
+        if let Err(reason) = self.config.limits.pending.check(mine, total, new, free_space) {
+            self.incoming.remove(&key);
+            self.refuse_offer(peer, offer_id, reason.clone());
+            return Err(TransferError::Limit(reason));
+        }
+        self.accept(peer, offer_id, now)
+    }
+
     /// The key a download is stored under, found by that key or its verified root.
     fn download_key(&self, name: &Root) -> Option<Root> {
         if self.downloads.contains_key(name) {

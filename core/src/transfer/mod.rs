@@ -32,6 +32,6 @@ pub use engine::{
 pub use hash::{
     CHUNK_LEN, Cv, FileDigest, FileHasher, ParseRootError, Root, chunk_count, chunk_span,
 };
-pub use limits::{LimitReason, Refusals, TransferLimits};
+pub use limits::{LimitReason, PendingBudget, Refusals, TransferLimits};
 pub use reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 pub use wire::{OfferItem, TransferMsg, WireError};

@@ -47,6 +47,7 @@ use tracing_subscriber::EnvFilter;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::signal::PeerId;
+use weft_core::transfer::PendingBudget;
 
 use crate::cli::{Cli, Command, TrustCommand};
 use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
@@ -265,9 +266,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = join(&cli, None).await?;
             transfer::send(joined, printer, items, to, Duration::from_secs(*timeout)).await
         }
-        Command::Receive { dir, accept_from, once } => {
+        Command::Receive { dir, accept_from, once, max_pending, max_pending_total } => {
             let joined = join(&cli, Some(dir.clone())).await?;
-            transfer::receive(joined, printer, accept_from, *once).await
+            let default = PendingBudget::DEFAULT;
+            let budget = PendingBudget {
+                per_peer: max_pending.unwrap_or(default.per_peer),
+                total: max_pending_total.unwrap_or(default.total),
+                ..default
+            };
+            let rule = transfer::ReceiveRule { accept_from, budget, dir };
+            transfer::receive(joined, printer, rule, *once).await
         }
         Command::Ping { peer, count, size, ipv6 } => {
             let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();

@@ -2366,6 +2366,12 @@ impl Node {
         Ok(())
     }
 
+    /// Sets the budget for downloads taken without asking (the user's `--max-pending`;
+    /// `transfer::PendingBudget::DEFAULT` otherwise).
+    pub fn set_pending_budget(&mut self, budget: crate::transfer::PendingBudget) {
+        self.engine.set_pending_budget(budget);
+    }
+
     /// Accepts `peer`'s offer by a rule, nobody asked (`AcceptPolicy` said so): within
     /// the budget for downloads still to write (`transfer::PendingBudget`), given
     /// `free_space` on the download disk if the driver knows it. Past it the offer is

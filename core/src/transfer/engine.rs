@@ -1306,6 +1306,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Sets the budget for downloads taken without asking (the user's `--max-pending`).
+    pub fn set_pending_budget(&mut self, budget: super::limits::PendingBudget) {
+        self.config.limits.pending = budget;
+    }
+
     /// Accepts `peer`'s offer by a rule, without a person asking (`weft-peer receive
     /// --accept-from`): within the budget for downloads still to write
     /// ([`TransferLimits::pending`], [`super::limits::PendingBudget`]), given

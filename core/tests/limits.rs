@@ -505,6 +505,8 @@ fn offer_folder(files: usize, path: impl Fn(usize) -> String, transfer: bool) ->
                         TransferMsg::Offer { .. } | TransferMsg::OfferPart { .. }
                     ));
                     bob.handle_frame(&pid("alice"), t, body, NOW);
+                    // As a driver does after every input.
+                    bob.poll_timeout();
                 }
                 Output::Read { peer, root, index, .. } => {
                     alice.read_done(&peer, &root, index, data[&root].clone());
@@ -521,10 +523,12 @@ fn offer_folder(files: usize, path: impl Fn(usize) -> String, transfer: bool) ->
                 Output::Send { msg, .. } => {
                     let (t, body) = msg.encode();
                     alice.handle_frame(&pid("bob"), t, body, NOW);
+                    alice.poll_timeout();
                 }
                 Output::Write { root, index, data, .. } => {
                     disk.insert(root, data);
                     bob.write_done(&root, index, NOW);
+                    bob.poll_timeout();
                 }
                 Output::Event(TransferEvent::Offered { offer_id, items, .. }) => {
                     assert!(offer.is_none(), "one offer");

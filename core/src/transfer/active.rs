@@ -13,6 +13,9 @@
 //!   visits the sets in key order (the order it always visited downloads in, so what it
 //!   sends is unchanged) and takes a download out of a set once it has nothing more to
 //!   ask for, until it is touched again ([`Downloads::settle`]);
+//! - the set of downloads with a deadline or a wake-up (requests out, a hash list due,
+//!   a query to repeat), so that `Engine::poll_timeout`, which drivers ask after every
+//!   input, looks at those (and the touched ones) only;
 //! - the count of chunks requested or being written over all downloads (what the
 //!   `max_unwritten` budget is checked against), kept up to date from the same marks
 //!   instead of summed over every download.
@@ -29,6 +32,8 @@ use super::hash::Root;
 pub(crate) trait Scheduled {
     /// Chunks requested or received but not yet written.
     fn unwritten(&self) -> usize;
+    /// Whether it has a deadline or a wake-up (`Engine::poll_timeout` looks at it).
+    fn has_timers(&self) -> bool;
 }
 
 /// The downloads by key, with the scheduler's index (see the module docs). Read access
@@ -40,6 +45,9 @@ pub(crate) struct Downloads<V> {
     want_hashes: BTreeSet<Root>,
     /// May need chunk requests.
     want_chunks: BTreeSet<Root>,
+    /// Have a deadline or a wake-up, as of their last flush (with `touched`, a superset
+    /// of those that have one now).
+    timed: BTreeSet<Root>,
     /// Touched since the scheduler last ran.
     touched: HashSet<Root>,
     /// All of them were (an `iter_mut`).
@@ -55,6 +63,7 @@ impl<V> Default for Downloads<V> {
             map: BTreeMap::new(),
             want_hashes: BTreeSet::new(),
             want_chunks: BTreeSet::new(),
+            timed: BTreeSet::new(),
             touched: HashSet::new(),
             all_touched: false,
             counted: HashMap::new(),
@@ -98,6 +107,7 @@ impl<V: Scheduled> Downloads<V> {
         self.unwritten -= self.counted.remove(key).unwrap_or(0);
         self.want_hashes.remove(key);
         self.want_chunks.remove(key);
+        self.timed.remove(key);
         self.touched.remove(key);
         Some(d)
     }
@@ -122,6 +132,11 @@ impl<V: Scheduled> Downloads<V> {
 
     fn recount(&mut self, key: &Root) {
         let Some(d) = self.map.get(key) else { return };
+        if d.has_timers() {
+            self.timed.insert(*key);
+        } else {
+            self.timed.remove(key);
+        }
         let now = d.unwritten();
         let before = self.counted.insert(*key, now).unwrap_or(0);
         self.unwritten = self.unwritten - before + now;
@@ -144,6 +159,17 @@ impl<V: Scheduled> Downloads<V> {
         }
     }
 
+    /// The downloads that may have a deadline or a wake-up: those that had one when
+    /// last flushed and those touched since (all of them after an `iter_mut`).
+    pub fn maybe_timed(&self) -> Vec<&V> {
+        if self.all_touched {
+            return self.map.values().collect();
+        }
+        let keys =
+            self.timed.iter().chain(self.touched.iter().filter(|k| !self.timed.contains(*k)));
+        keys.filter_map(|k| self.map.get(k)).collect()
+    }
+
     /// A download for the scheduler, which calls [`Self::settle`] after it.
     pub fn sched_mut(&mut self, key: &Root) -> Option<&mut V> {
         self.map.get_mut(key)
@@ -162,8 +188,9 @@ impl<V: Scheduled> Downloads<V> {
     /// Whether the index may leave `key` out (for the debug check that it never leaves
     /// out a download with work).
     #[cfg(debug_assertions)]
-    pub fn left_out(&self, key: &Root) -> (bool, bool) {
-        (!self.want_hashes.contains(key), !self.want_chunks.contains(key))
+    pub fn left_out(&self, key: &Root) -> (bool, bool, bool) {
+        let timed = self.timed.contains(key) || self.touched.contains(key) || self.all_touched;
+        (!self.want_hashes.contains(key), !self.want_chunks.contains(key), !timed)
     }
 
     /// The unwritten count summed afresh (for the debug check).

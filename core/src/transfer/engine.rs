@@ -598,6 +598,13 @@ impl Scheduled for Download {
     fn unwritten(&self) -> usize {
         self.writing.len() + self.inflight.values().map(Vec::len).sum::<usize>()
     }
+
+    fn has_timers(&self) -> bool {
+        self.state == DownloadState::Active
+            && (!self.inflight.is_empty()
+                || self.hash_source.is_some()
+                || self.requery_at.is_some())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -2127,8 +2134,10 @@ impl Engine {
     /// When [`Self::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let (timeout, endgame) = (self.config.request_timeout, self.config.endgame_after);
+        // Only downloads that may have a timer (`transfer/active.rs`), not every one.
         self.downloads
-            .values()
+            .maybe_timed()
+            .into_iter()
             .filter(|d| d.state == DownloadState::Active)
             .flat_map(|d| {
                 // The endgame wakes earlier than timeouts, once there are 2+ sources; but
@@ -2362,7 +2371,8 @@ impl Engine {
         debug_assert_eq!(self.downloads.unwritten(), self.downloads.unwritten_summed());
         let budget = self.config.max_unwritten > self.downloads.unwritten();
         for (root, d) in self.downloads.iter() {
-            let (no_hashes, no_chunks) = self.downloads.left_out(root);
+            let (no_hashes, no_chunks, no_timers) = self.downloads.left_out(root);
+            debug_assert!(!(no_timers && d.has_timers()), "{root} has a timer, unindexed");
             let live = d.state == DownloadState::Active && !d.sources.is_empty();
             let have = u32::try_from(d.cvs.len()).unwrap_or(u32::MAX);
             let needs_cvs = !d.verified && (have < d.cv_total() || d.root.is_none());

@@ -348,6 +348,16 @@ pub enum Command {
         /// Exit once the first accepted offer is complete.
         #[arg(long)]
         once: bool,
+        /// Most bytes that downloads taken from one peer by --accept-from may still have
+        /// to write: its further offers are refused (and it is told why) until they
+        /// finish. A size in bytes, or with K, M, G or T (binary: 4G is 4 GiB). Offers a
+        /// person accepts at the terminal are not counted against it. [default: 4G]
+        #[arg(long = "max-pending", value_name = "SIZE", value_parser = parse_size)]
+        max_pending: Option<u64>,
+        /// The same over all peers, and never more than the download disk's free space
+        /// less 1 GiB. [default: 16G]
+        #[arg(long = "max-pending-total", value_name = "SIZE", value_parser = parse_size)]
+        max_pending_total: Option<u64>,
     },
     /// Benchmark baseline (hidden): a plain webrtc-rs data channel to PEER, signaled over
     /// the encrypted session's messages; `--bytes N` sends N bytes, else receives.
@@ -498,9 +508,37 @@ impl Cli {
     }
 }
 
+/// A size: bytes, or a number with K, M, G or T (binary units; an optional `iB` or `B`
+/// after it). Hand-written: ten lines, and a size crate would bring decimal units that
+/// make `4G` mean something else than `4 GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 =
+        digits.trim().parse().map_err(|_| format!("not a size: {s:?} (say 4G or 500M)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("too large: {s:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("12 k"), Ok(12 << 10));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("4X").is_err() && parse_size("").is_err());
+        assert!(parse_size("99999999T").is_err());
+    }
 
     #[test]
     fn invites_are_found_in_links() {

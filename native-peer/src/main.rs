@@ -47,6 +47,7 @@ use tracing_subscriber::EnvFilter;
 use weft_core::identity::IdentityKeyPair;
 use weft_core::network::Network;
 use weft_core::signal::PeerId;
+use weft_core::transfer::PendingBudget;
 
 use crate::cli::{Cli, Command, TrustCommand};
 use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
@@ -233,7 +234,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let room = joined.network.room_id();
             let overlay = joined.mesh.overlay().await.map(|(status, _)| status);
             let who = (&joined.identity, joined.name.as_str(), room, own.as_deref());
-            printer.status(&output::status_json(who, overlay.as_ref(), None, false, &peers, &[]));
+            let refusals = joined.mesh.transfer_refusals().await;
+            let status =
+                output::status_json(who, overlay.as_ref(), None, false, &peers, &[], &refusals);
+            printer.status(&status);
             joined.mesh.shutdown().await?;
             Ok(())
         }
@@ -266,9 +270,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = join(&cli, None).await?;
             transfer::send(joined, printer, items, to, Duration::from_secs(*timeout)).await
         }
-        Command::Receive { dir, accept_from, once } => {
+        Command::Receive { dir, accept_from, once, max_pending, max_pending_total } => {
             let joined = join(&cli, Some(dir.clone())).await?;
-            transfer::receive(joined, printer, accept_from, *once).await
+            let default = PendingBudget::DEFAULT;
+            let budget = PendingBudget {
+                per_peer: max_pending.unwrap_or(default.per_peer),
+                total: max_pending_total.unwrap_or(default.total),
+                ..default
+            };
+            let rule = transfer::ReceiveRule { accept_from, budget, dir };
+            transfer::receive(joined, printer, rule, *once).await
         }
         Command::Ping { peer, count, size, ipv6 } => {
             let dir = Store::open(cli.config_dir.clone())?.dir().to_path_buf();
@@ -353,8 +364,9 @@ async fn up(joined: Joined, printer: Printer) -> anyhow::Result<()> {
                     let mut failures: Vec<(PeerId, u32)> =
                         passphrase_failures.iter().map(|(p, n)| (p.clone(), *n)).collect();
                     failures.sort_by_key(|f| std::cmp::Reverse(f.1));
+                    let refusals = mesh.transfer_refusals().await;
                     let status = output::status_json(
-                        who, overlay.as_ref(), tun.as_ref(), true, &peers, &failures,
+                        who, overlay.as_ref(), tun.as_ref(), true, &peers, &failures, &refusals,
                     );
                     tokio::spawn(async move { control::answer(stream, &status).await });
                 }

@@ -30,7 +30,7 @@ use weft_core::node::{
 };
 pub use weft_core::node::{OverlayStatus, PeerInfo, PeerState, RelayTransport};
 use weft_core::signal::{ErrorCode, PeerId};
-use weft_core::transfer::{Cv, FileDigest, OfferItem, Root};
+use weft_core::transfer::{Cv, FileDigest, OfferItem, PendingBudget, Refusals, Root};
 use weft_core::trust::TrustStore;
 
 use crate::dns::Forwarder;
@@ -188,6 +188,16 @@ enum Command {
     Overlay {
         reply: oneshot::Sender<(OverlayStatus, Option<TunState>)>,
     },
+    TransferRefusals {
+        reply: oneshot::Sender<Refusals>,
+    },
+    AcceptUnasked {
+        peer: PeerId,
+        offer_id: u64,
+        budget: PendingBudget,
+        free_space: Option<u64>,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
     Trust {
         peer: PeerId,
         action: TrustAction,
@@ -298,6 +308,27 @@ impl MeshHandle {
     /// Every other member, sorted by peer id.
     pub async fn peers(&self) -> Vec<PeerInfo> {
         self.ask(|reply| Command::Peers { reply }).await.unwrap_or_default()
+    }
+
+    /// Accepts `peer`'s offer by a rule (nobody asked), within `budget` for downloads
+    /// still to write, `free_space` being free on the download disk: the core refuses it
+    /// past that (and tells the peer why).
+    pub async fn accept_unasked(
+        &self,
+        peer: &PeerId,
+        offer_id: u64,
+        budget: PendingBudget,
+        free_space: Option<u64>,
+    ) -> Result<(), MeshError> {
+        let peer = peer.clone();
+        self.ask(|reply| Command::AcceptUnasked { peer, offer_id, budget, free_space, reply })
+            .await
+            .unwrap_or(Err(MeshError::Stopped))
+    }
+
+    /// What file transfer refused peers past its caps, by kind and by peer.
+    pub async fn transfer_refusals(&self) -> Refusals {
+        self.ask(|reply| Command::TransferRefusals { reply }).await.unwrap_or_default()
     }
 
     /// Our overlay addresses and routing table, and the TUN device's state (if we have
@@ -778,6 +809,14 @@ impl Mesh {
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.node.peers());
+            }
+            Command::AcceptUnasked { peer, offer_id, budget, free_space, reply } => {
+                self.node.set_pending_budget(budget);
+                let result = self.node.accept_unasked(now, &peer, offer_id, free_space);
+                let _ = reply.send(result.map_err(Into::into));
+            }
+            Command::TransferRefusals { reply } => {
+                let _ = reply.send(self.node.transfer_refusals().clone());
             }
             Command::Overlay { reply } => {
                 let tun = self.tun.as_ref().map(|t| t.state().clone());

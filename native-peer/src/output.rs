@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use weft_core::identity::IdentityKeyPair;
 use weft_core::node::{DownloadView, FileEvent, SavedTo};
 use weft_core::signal::{PeerId, RoomId};
-use weft_core::transfer::{OfferItem, TransferEvent};
+use weft_core::transfer::{OfferItem, Refusals, TransferEvent};
 use weft_core::trust::Trust;
 
 use crate::mesh::{MeshEvent, NamedFileEvent, OverlayStatus, PeerInfo, PeerState, RelayTransport};
@@ -39,6 +39,7 @@ pub fn peer_json(p: &PeerInfo) -> Value {
         "ipv6": p.ipv6,
         "routes": p.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "dropped_spoofed": p.dropped_spoofed,
+        "transfer_refusals": p.transfer_refusals,
     });
     if matches!(p.state, PeerState::Direct | PeerState::Relayed) {
         v["path"] = json!(p.state.as_str());
@@ -351,39 +352,64 @@ impl Printer {
                 f["peer_id"].as_str().unwrap_or("?")
             );
         }
+        say!("{}", refusals_line(&status["transfer_refusals"]));
         let peers = status["peers"].as_array().map(Vec::as_slice).unwrap_or_default();
         if peers.is_empty() {
             say!("no other peers");
         }
         for p in peers {
-            let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
-            let traffic = match (p["bytes_sent"].as_u64(), p["bytes_received"].as_u64()) {
-                (Some(out), Some(inn)) => format!(
-                    ", {} sent, {} received, handshake {}",
-                    bytes(out),
-                    bytes(inn),
-                    p["last_handshake_s"].as_u64().map_or("?".into(), |s| format!("{s} s ago"))
-                ),
-                _ => String::new(),
-            };
-            say!(
-                "{} ({}): {}{}{}{}{}{traffic}",
-                p["name"].as_str().unwrap_or("?"),
-                p["peer_id"].as_str().unwrap_or("?"),
-                path_words(
-                    p["state"].as_str().unwrap_or("?"),
-                    p["relay_transport"].as_str(),
-                    p["fast_path"].as_str()
-                ),
-                field("ipv4"),
-                p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
-                p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),
-                p["looks_like"]
-                    .as_str()
-                    .map(|a| format!(", LOOKS LIKE {a:?} (another key)"))
-                    .unwrap_or_default(),
-            );
+            say!("{}", peer_line(p));
         }
+    }
+}
+
+/// One peer of `status`, for people.
+fn peer_line(p: &Value) -> String {
+    let field = |k: &str| p[k].as_str().map(|v| format!(", {v}")).unwrap_or_default();
+    let traffic = match (p["bytes_sent"].as_u64(), p["bytes_received"].as_u64()) {
+        (Some(out), Some(inn)) => format!(
+            ", {} sent, {} received, handshake {}",
+            bytes(out),
+            bytes(inn),
+            p["last_handshake_s"].as_u64().map_or("?".into(), |s| format!("{s} s ago"))
+        ),
+        _ => String::new(),
+    };
+    let refused = match p["transfer_refusals"].as_u64() {
+        Some(n) if n > 0 => format!(", {n} transfer requests refused"),
+        _ => String::new(),
+    };
+    format!(
+        "{} ({}): {}{}{}{}{}{traffic}{refused}",
+        p["name"].as_str().unwrap_or("?"),
+        p["peer_id"].as_str().unwrap_or("?"),
+        path_words(
+            p["state"].as_str().unwrap_or("?"),
+            p["relay_transport"].as_str(),
+            p["fast_path"].as_str()
+        ),
+        field("ipv4"),
+        p["safety_code"].as_str().map(|c| format!(", safety code {c}")).unwrap_or_default(),
+        p["trust"].as_str().map(|t| format!(", key {t}")).unwrap_or_default(),
+        p["looks_like"]
+            .as_str()
+            .map(|a| format!(", LOOKS LIKE {a:?} (another key)"))
+            .unwrap_or_default(),
+    )
+}
+
+/// `status`'s line of what file transfer refused peers past its caps (each was told
+/// why): the total, by kind.
+fn refusals_line(r: &Value) -> String {
+    let total = r["total"].as_u64().unwrap_or(0);
+    let kinds: Vec<String> = r["by_kind"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k} {n}")).collect())
+        .unwrap_or_default();
+    if kinds.is_empty() {
+        format!("transfers:   {total} requests refused past the caps")
+    } else {
+        format!("transfers:   {total} requests refused past the caps ({})", kinds.join(", "))
     }
 }
 
@@ -397,7 +423,9 @@ fn failed_attempts(n: u32) -> String {
 
 /// Who we are and where, as one JSON object: what `status` prints (as it is with
 /// `--json`), and what a running `up` answers on its control socket (`running`: true).
-/// `passphrase_failures`: failed passphrase checks by peer id (passphrase networks).
+/// `passphrase_failures`: failed passphrase checks by peer id (passphrase networks);
+/// `refusals`: what file transfer refused peers past its caps (each peer's own count
+/// is in its entry).
 pub fn status_json(
     (identity, name, room, own_id): (&IdentityKeyPair, &str, &RoomId, Option<&str>),
     overlay: Option<&OverlayStatus>,
@@ -405,6 +433,7 @@ pub fn status_json(
     running: bool,
     peers: &[PeerInfo],
     passphrase_failures: &[(PeerId, u32)],
+    refusals: &Refusals,
 ) -> Value {
     let fp = identity.public().fingerprint();
     let list: Vec<Value> = peers.iter().map(peer_json).collect();
@@ -434,6 +463,13 @@ pub fn status_json(
         "joined": own_id.is_some(), "running": running,
         "ipv4": overlay.and_then(|o| o.ipv4), "ipv6": overlay.map(|o| o.ipv6),
         "tun": tun, "counters": counters, "peers": list,
+        "transfer_refusals": {
+            "total": refusals.total(),
+            "by_kind": refusals
+                .by_kind()
+                .map(|(k, n)| (k.to_string(), json!(n)))
+                .collect::<serde_json::Map<String, Value>>(),
+        },
         "passphrase_failures": passphrase_failures.iter()
             .map(|(id, n)| json!({"peer_id": id, "failures": n})).collect::<Vec<_>>(),
         "routes": overlay.map(|o| o.routes.iter().map(|r| json!({
@@ -616,4 +652,68 @@ pub fn file_text(ev: &FileEvent) -> Option<String> {
         }
         FileEvent::Upload { .. } | FileEvent::Progress(_) => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use weft_core::transfer::{Engine, EngineConfig, Root, TransferMsg};
+
+    use super::*;
+
+    /// What an engine refused Mallory: an offer of a file over the 1 TiB cap, twice.
+    fn refusals(mallory: &PeerId) -> Refusals {
+        let mut engine = Engine::new(EngineConfig::default(), 1);
+        engine.peer_connected(mallory, Duration::ZERO);
+        for offer_id in [1, 2] {
+            let item = OfferItem {
+                path: "disk.img".into(),
+                size: 1 << 48,
+                root: Root::of(b"x"),
+                streamed: false,
+                cap: weft_core::transfer::Capability::from_bytes([0; 32]),
+            };
+            let (t, body) = TransferMsg::Offer { offer_id, items: vec![item] }.encode();
+            engine.handle_frame(mallory, t, body, Duration::ZERO);
+        }
+        engine.refusals().clone()
+    }
+
+    fn peer(id: &PeerId, name: &str, refused: u64) -> PeerInfo {
+        PeerInfo {
+            name: Some(name.into()),
+            transfer_refusals: refused,
+            ..PeerInfo::new(id.clone(), PeerState::Direct)
+        }
+    }
+
+    /// `status` shows what file transfer refused, per peer and in all, as text and JSON.
+    #[test]
+    fn status_shows_transfer_refusals_per_peer_and_in_all() {
+        let (mallory, carol) = (PeerId::new("m1").unwrap(), PeerId::new("c1").unwrap());
+        let refused = refusals(&mallory);
+        let peers =
+            [peer(&mallory, "Mallory", refused.of_peer(&mallory)), peer(&carol, "Carol", 0)];
+        let identity = IdentityKeyPair::from_secret_bytes(&[7; 32]);
+        let room = RoomId::new("r".repeat(43)).unwrap();
+        let who = (&identity, "Ada", &room, Some("a1"));
+        let status = status_json(who, None, None, true, &peers, &[], &refused);
+
+        assert_eq!(status["transfer_refusals"]["total"], 2, "{status}");
+        assert_eq!(status["transfer_refusals"]["by_kind"]["file_too_large"], 2, "{status}");
+        assert_eq!(status["peers"][0]["transfer_refusals"], 2, "{status}");
+        assert_eq!(status["peers"][1]["transfer_refusals"], 0, "{status}");
+
+        let total = refusals_line(&status["transfer_refusals"]);
+        assert!(
+            total.contains("2 requests refused") && total.contains("file_too_large 2"),
+            "{total}"
+        );
+        let (m, c) = (peer_line(&status["peers"][0]), peer_line(&status["peers"][1]));
+        assert!(m.starts_with("Mallory") && m.ends_with(", 2 transfer requests refused"), "{m}");
+        assert!(!c.contains("refused"), "{c}");
+    }
 }

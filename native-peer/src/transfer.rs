@@ -5,18 +5,20 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::IsTerminal as _;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
+use weft_core::node::NodeError;
 use weft_core::node::{AcceptPolicy, DeclineReason, FileEvent, OfferVerdict, PeerRef};
 use weft_core::signal::PeerId;
-use weft_core::transfer::{OfferItem, Root, TransferEvent};
+use weft_core::transfer::{OfferItem, PendingBudget, Root, TransferError, TransferEvent};
 use weft_core::trust::Trust;
 
 use crate::files::{SendItem, hash_file};
-use crate::mesh::{MeshEvent, MeshHandle, NamedFileEvent, PeerInfo, PeerState};
+use crate::mesh::{MeshError, MeshEvent, MeshHandle, NamedFileEvent, PeerInfo, PeerState};
 use crate::output::{Printer, file_json, file_text};
 use crate::{Joined, Stop, StopSignals};
 use weft_core::node::Event;
@@ -580,6 +582,50 @@ async fn answer(
     Ok(None)
 }
 
+/// Accepts `offer` by the rule, nobody asked: the core holds it to the budget for
+/// downloads still to write (and the disk's free space), and refuses it past that,
+/// telling the peer why; the accepted files, if it was taken.
+async fn accept_unasked(
+    mesh: &MeshHandle,
+    bars: &Bars,
+    offer: Offer,
+    info: Option<&PeerInfo>,
+    rule: &ReceiveRule<'_>,
+) -> anyhow::Result<Option<Accepted>> {
+    let Offer { peer, offer_id, items } = offer;
+    let name = info.map_or_else(|| peer.to_string(), name_of);
+    let free = free_space(rule.dir);
+    match mesh.accept_unasked(&peer, offer_id, rule.budget, free).await {
+        Ok(()) => {
+            bars.say(
+                json!({"event": "accepted", "peer_id": peer, "name": name, "offer_id": offer_id}),
+                || format!("accepted {} file(s) from {name}", items.len()),
+            );
+            Ok(Some((peer, offer_id, items)))
+        }
+        Err(MeshError::Node(NodeError::Transfer(TransferError::Limit(reason)))) => {
+            bars.say(
+                json!({"event": "refused", "peer_id": peer, "name": name, "offer_id": offer_id,
+                       "reason": reason.to_string(), "code": reason.kind()}),
+                || {
+                    format!(
+                        "refused {} file(s) from {name}: {reason} (see --max-pending)",
+                        items.len()
+                    )
+                },
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Free bytes on the disk holding `dir` (for an unprivileged user), if it can be read.
+fn free_space(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Adds an accepted offer's files to the bars and, if none is yet, makes it the offer
 /// `--once` waits for; whether it did and the offer has no files left to fetch.
 fn note_accepted(
@@ -678,16 +724,24 @@ impl Asker {
     }
 }
 
-/// `receive`: accept offers from the peers `accept_from` names (or `any`), store them,
-/// until Ctrl-C (or, with `once`, the first accepted offer is complete).
+/// What `receive` takes without asking: offers from the peers `accept_from` names (or
+/// `any`), within `budget` for downloads still to write to `dir`.
+pub struct ReceiveRule<'a> {
+    pub accept_from: &'a [String],
+    pub budget: PendingBudget,
+    pub dir: &'a Path,
+}
+
+/// `receive`: accept offers as `rule` says, store them, until Ctrl-C (or, with `once`,
+/// the first accepted offer is complete).
 pub async fn receive(
     joined: Joined,
     printer: Printer,
-    accept_from: &[String],
+    rule: ReceiveRule<'_>,
     once: bool,
 ) -> anyhow::Result<()> {
     let Joined { mesh, mut events, .. } = joined;
-    let result = receive_inner(&mesh, &mut events, printer, accept_from, once).await;
+    let result = receive_inner(&mesh, &mut events, printer, &rule, once).await;
     mesh.shutdown().await?;
     result
 }
@@ -696,13 +750,13 @@ async fn receive_inner(
     mesh: &MeshHandle,
     events: &mut tokio::sync::mpsc::UnboundedReceiver<MeshEvent>,
     printer: Printer,
-    accept_from: &[String],
+    rule: &ReceiveRule<'_>,
     once: bool,
 ) -> anyhow::Result<()> {
     // Listening before the first line goes out: whoever read it may stop us at once.
     let mut stop = StopSignals::new()?;
     let mut bars = Bars::new(printer.json);
-    let policy = AcceptPolicy::from_words(accept_from).context("--accept-from")?;
+    let policy = AcceptPolicy::from_words(rule.accept_from).context("--accept-from")?;
     // Without a rule every offer is a question; where nobody can answer, all are declined.
     let mut asker = (!policy.has_rule() && std::io::stdin().is_terminal()).then(Asker::spawn);
     if !policy.has_rule() && asker.is_none() {
@@ -764,7 +818,11 @@ async fn receive_inner(
                     // Decided by the rule, or an Ask with nobody to ask (declined).
                     _ => {
                         let verdict = policy.judge_answered(info.as_ref(), None);
-                        accepted_items = answer(mesh, &bars, offer, info.as_ref(), verdict).await?;
+                        accepted_items = if verdict == OfferVerdict::Accept {
+                            accept_unasked(mesh, &bars, offer, info.as_ref(), rule).await?
+                        } else {
+                            answer(mesh, &bars, offer, info.as_ref(), verdict).await?
+                        };
                     }
                 }
             }

@@ -155,23 +155,10 @@ mod tests {
     fn peer(name: &str, trust: Trust, seed: u8) -> PeerInfo {
         let key = IdentityKeyPair::from_secret_bytes(&[seed; 32]);
         PeerInfo {
-            peer_id: PeerId::new(format!("p{seed}")).unwrap(),
-            state: PeerState::Direct,
-            reason: None,
             name: Some(name.into()),
             fingerprint: Some(key.public().fingerprint()),
             trust: Some(trust),
-            relay_transport: None,
-            looks_like: None,
-            rtt: None,
-            ipv4: None,
-            ipv6: None,
-            routes: Vec::new(),
-            dropped_spoofed: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            last_handshake: None,
-            fast_path: Default::default(),
+            ..PeerInfo::new(PeerId::new(format!("p{seed}")).unwrap(), PeerState::Direct)
         }
     }
 

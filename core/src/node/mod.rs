@@ -1264,7 +1264,9 @@ impl Node {
             ipv4: own.ipv4,
             ipv6: Some(own.ipv6),
         }];
-        for info in self.peers.iter().map(|(id, p)| p.info(id, &self.overlay, self.clock)) {
+        for info in self.peers.iter().map(|(id, p)| {
+            p.info(id, &self.overlay, self.clock, self.engine.refusals().of_peer(id))
+        }) {
             let Some(fingerprint) = info.fingerprint else { continue };
             if !matches!(info.state, PeerState::Direct | PeerState::Relayed)
                 || (info.ipv4.is_none() && info.ipv6.is_none())
@@ -1480,7 +1482,12 @@ impl Node {
                 } else if in_room {
                     if let Some(slot) = self.peers.get_mut(&remote) {
                         slot.failure = Some(PeerFailure::KeepsDropping);
-                        let info = slot.info(&remote, &self.overlay, self.clock);
+                        let info = slot.info(
+                            &remote,
+                            &self.overlay,
+                            self.clock,
+                            self.engine.refusals().of_peer(&remote),
+                        );
                         self.emit(Event::PeerFailed(info));
                     }
                 } else {
@@ -1648,16 +1655,31 @@ impl Node {
                 slot.looks_like = self.trust.look_alike(name, fp).map(str::to_string);
                 save_trust = true;
                 if let Trust::Changed { .. } = trust {
-                    events.push(Event::KeyChanged(slot.info(remote, &self.overlay, self.clock)));
+                    events.push(Event::KeyChanged(slot.info(
+                        remote,
+                        &self.overlay,
+                        self.clock,
+                        self.engine.refusals().of_peer(remote),
+                    )));
                 }
             }
         }
         if slot.trust.is_some() && !slot.announced_up && slot.is_established() {
             slot.announced_up = true;
-            events.push(Event::PeerConnected(slot.info(remote, &self.overlay, self.clock)));
+            events.push(Event::PeerConnected(slot.info(
+                remote,
+                &self.overlay,
+                self.clock,
+                self.engine.refusals().of_peer(remote),
+            )));
         }
         if failed {
-            events.push(Event::PeerFailed(slot.info(remote, &self.overlay, self.clock)));
+            events.push(Event::PeerFailed(slot.info(
+                remote,
+                &self.overlay,
+                self.clock,
+                self.engine.refusals().of_peer(remote),
+            )));
         }
         // A peer that already left the room and whose link failed is gone.
         let gone = slot.orphan && slot.link.state() == LinkState::Failed;
@@ -1771,7 +1793,8 @@ impl Node {
     /// Reports `remote` if what users know of it changed.
     fn show(&mut self, remote: &PeerId) {
         let Some(slot) = self.peers.get_mut(remote) else { return };
-        let info = slot.info(remote, &self.overlay, self.clock);
+        let info =
+            slot.info(remote, &self.overlay, self.clock, self.engine.refusals().of_peer(remote));
         if slot.shown.as_ref() != Some(&info) {
             slot.shown = Some(info.clone());
             self.emit(Event::Peer(info));
@@ -2363,6 +2386,31 @@ impl Node {
         Ok(())
     }
 
+    /// Sets the budget for downloads taken without asking (the user's `--max-pending`;
+    /// `transfer::PendingBudget::DEFAULT` otherwise).
+    pub fn set_pending_budget(&mut self, budget: crate::transfer::PendingBudget) {
+        self.engine.set_pending_budget(budget);
+    }
+
+    /// Accepts `peer`'s offer by a rule, nobody asked (`AcceptPolicy` said so): within
+    /// the budget for downloads still to write (`transfer::PendingBudget`), given
+    /// `free_space` on the download disk if the driver knows it. Past it the offer is
+    /// refused, the peer told why, and the error says it.
+    pub fn accept_unasked(
+        &mut self,
+        now: Duration,
+        peer: &PeerId,
+        offer_id: u64,
+        free_space: Option<u64>,
+    ) -> Result<(), NodeError> {
+        if self.files.store == DownloadStore::None {
+            return Err(NodeError::NoDownloadStore);
+        }
+        let result = self.engine.accept_unasked(peer, offer_id, free_space, now);
+        self.pump(now);
+        Ok(result?)
+    }
+
     /// Declines `peer`'s offer.
     pub fn decline(
         &mut self,
@@ -2559,12 +2607,16 @@ impl Node {
 
     /// Every other member we know of (and kept sessions), by peer id.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        self.peers.iter().map(|(id, p)| p.info(id, &self.overlay, self.clock)).collect()
+        self.peers.iter().map(|(id, p)| self.info(id, p)).collect()
     }
 
     /// What we know of `peer`.
     pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
-        self.peers.get(peer).map(|p| p.info(peer, &self.overlay, self.clock))
+        self.peers.get(peer).map(|p| self.info(peer, p))
+    }
+
+    fn info(&self, id: &PeerId, p: &PeerSlot) -> PeerInfo {
+        p.info(id, &self.overlay, self.clock, self.engine.refusals().of_peer(id))
     }
 
     /// The display name `peer` announced, if any.

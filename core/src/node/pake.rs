@@ -265,7 +265,8 @@ impl Node {
         if let Some(slot) = self.peers.get_mut(id) {
             if slot.failure.is_none() {
                 slot.failure = Some(PeerFailure::WrongPassphrase);
-                let info = slot.info(id, &self.overlay, self.clock);
+                let info =
+                    slot.info(id, &self.overlay, self.clock, self.engine.refusals().of_peer(id));
                 self.emit(Event::PeerFailed(info));
             }
         }

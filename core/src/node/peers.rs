@@ -184,6 +184,36 @@ pub struct PeerInfo {
     /// on the selected pair, else they go on the data channel (`Unavailable` for a
     /// browser or a relayed pair, `Probing`, `Fallback` after it stopped answering).
     pub fast_path: FastPathState,
+    /// What it asked of file transfer past the caps and was refused (and told why):
+    /// `transfer::Refusals::of_peer`, over the node's life under this peer id.
+    pub transfer_refusals: u64,
+}
+
+impl PeerInfo {
+    /// A peer known by its id only, in `state`, nothing else known or counted yet (for
+    /// drivers' and tests' own views).
+    pub fn new(peer_id: PeerId, state: PeerState) -> Self {
+        Self {
+            peer_id,
+            state,
+            reason: None,
+            name: None,
+            fingerprint: None,
+            trust: None,
+            relay_transport: None,
+            looks_like: None,
+            rtt: None,
+            ipv4: None,
+            ipv6: None,
+            routes: Vec::new(),
+            dropped_spoofed: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            last_handshake: None,
+            fast_path: FastPathState::default(),
+            transfer_refusals: 0,
+        }
+    }
 }
 
 /// One other member of the room.
@@ -254,7 +284,14 @@ impl PeerSlot {
         self.link.state() == LinkState::Established
     }
 
-    pub(crate) fn info(&self, peer_id: &PeerId, overlay: &Overlay, now: Duration) -> PeerInfo {
+    /// What the node knows of it; `refusals`: what file transfer refused it.
+    pub(crate) fn info(
+        &self,
+        peer_id: &PeerId,
+        overlay: &Overlay,
+        now: Duration,
+        refusals: u64,
+    ) -> PeerInfo {
         let (state, reason) = match self.link.state() {
             LinkState::Established if self.relayed => (PeerState::Relayed, None),
             LinkState::Established => (PeerState::Direct, None),
@@ -294,6 +331,7 @@ impl PeerSlot {
                 .filter(|_| self.is_established())
                 .map(|at| now.saturating_sub(at)),
             fast_path: self.fast.state(),
+            transfer_refusals: refusals,
         }
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::active::{Downloads, Scheduled};
 use super::cap::{Capability, Proof};
 use super::hash::{Cv, FileDigest, Root, chunk_count, chunk_span, root_from_cvs, verify_chunk};
 use super::limits::{HashQueue, LimitReason, LimitState, Refusals, TransferLimits};
@@ -363,6 +364,16 @@ struct Source {
     proof: Proof,
 }
 
+impl Source {
+    /// Whether the scheduler asks it for more now: a window with `refill_min` (or half
+    /// a smaller window) free, or any room when fewer chunks than that are `left`.
+    fn has_room(&self, config: &EngineConfig, left: usize) -> bool {
+        let free = self.window.saturating_sub(self.inflight);
+        let min = config.refill_min.min(self.window / 2).max(1);
+        free >= min || (free > 0 && left < min as usize)
+    }
+}
+
 #[derive(Debug)]
 struct Download {
     size: u64,
@@ -515,6 +526,31 @@ impl Download {
         None
     }
 
+    /// Whether a chunk could be requested now, budget aside: a source with room in its
+    /// window (as the scheduler counts it) and a chunk for it. Looks without taking.
+    #[cfg(debug_assertions)]
+    fn may_request(&self, config: &EngineConfig, cutoff: Option<Duration>) -> bool {
+        let limit = self.request_limit();
+        let wanted = |i: &u32| {
+            *i < limit
+                && !self.has(*i)
+                && !self.writing.contains(i)
+                && !self.inflight.contains_key(i)
+        };
+        let next = self.retry.iter().any(wanted) || (self.cursor..limit).any(|i| wanted(&i));
+        let left = self.left();
+        limit > 0
+            && self.sources.iter().any(|(p, s)| {
+                s.has_room(config, left)
+                    && (next || cutoff.is_some_and(|c| self.duplicate_for(p, c).is_some()))
+            })
+    }
+
+    /// Chunks not yet asked for: beyond the cursor, and to ask again.
+    fn left(&self) -> usize {
+        (self.chunks - self.cursor.min(self.chunks)) as usize + self.retry.len()
+    }
+
     /// Whether every missing chunk has been requested.
     fn all_requested(&self) -> bool {
         self.retry.is_empty() && self.cursor >= self.chunks
@@ -555,6 +591,19 @@ impl Download {
             sender: if pre_root { self.sender } else { None },
             caps: self.caps.clone(),
         }
+    }
+}
+
+impl Scheduled for Download {
+    fn unwritten(&self) -> usize {
+        self.writing.len() + self.inflight.values().map(Vec::len).sum::<usize>()
+    }
+
+    fn has_timers(&self) -> bool {
+        self.state == DownloadState::Active
+            && (!self.inflight.is_empty()
+                || self.hash_source.is_some()
+                || self.requery_at.is_some())
     }
 }
 
@@ -636,8 +685,12 @@ pub struct Engine {
     /// can no longer be served; later requests with the same proof are not checked again.
     fetchers: HashMap<(PeerId, Root), Proof>,
     outgoing: HashMap<(PeerId, u64), Outgoing>,
+    /// (peer, name or local key of an item) of the open offers in `outgoing`, with how
+    /// many items so name it: which files a peer was offered, without a scan.
+    offered_names: HashMap<(PeerId, Root), u32>,
     incoming: HashMap<(PeerId, u64), Vec<OfferItem>>,
-    downloads: BTreeMap<Root, Download>,
+    /// With the scheduler's index of those that may have work (`transfer/active.rs`).
+    downloads: Downloads<Download>,
     serve_queue: HashMap<PeerId, VecDeque<(Root, u32)>>,
     reads_in_flight: HashMap<PeerId, usize>,
     out: VecDeque<Output>,
@@ -647,6 +700,9 @@ pub struct Engine {
     timeouts_run_at: Option<Duration>,
     /// What the caps keep per peer, and the refusals counted.
     limits: LimitState,
+    /// Downloads looked at by [`Self::schedule`] so far: its work, counted for tests and
+    /// benches ([`Engine::schedule_examined`]).
+    examined: u64,
 }
 
 impl Engine {
@@ -670,14 +726,16 @@ impl Engine {
             revoked: HashSet::new(),
             fetchers: HashMap::new(),
             outgoing: HashMap::new(),
+            offered_names: HashMap::new(),
             incoming: HashMap::new(),
-            downloads: BTreeMap::new(),
+            downloads: Downloads::default(),
             serve_queue: HashMap::new(),
             reads_in_flight: HashMap::new(),
             out: VecDeque::new(),
             next_offer_id: first_offer_id,
             timeouts_run_at: None,
             limits: LimitState::default(),
+            examined: 0,
         }
     }
 
@@ -1082,12 +1140,40 @@ impl Engine {
             self.revoked.remove(&(tag, *local));
             self.fetchers.insert((peer.clone(), item.root), item.cap.proof(&item.root, &tag));
         }
-        self.outgoing.insert(
-            (peer.clone(), offer_id),
+        self.add_outgoing(
+            peer,
+            offer_id,
             Outgoing { items: items.clone(), locals, accepted: None },
         );
         self.send_offer(peer, offer_id, items);
         Ok(offer_id)
+    }
+
+    /// Keeps an offer we made, and the names it offered.
+    fn add_outgoing(&mut self, peer: &PeerId, offer_id: u64, out: Outgoing) {
+        for (item, local) in out.items.iter().zip(&out.locals) {
+            for name in [item.root, *local] {
+                *self.offered_names.entry((peer.clone(), name)).or_default() += 1;
+            }
+        }
+        self.outgoing.insert((peer.clone(), offer_id), out);
+    }
+
+    /// Takes an offer we made out of those open.
+    fn take_outgoing(&mut self, key: &(PeerId, u64)) -> Option<Outgoing> {
+        let out = self.outgoing.remove(key)?;
+        for (item, local) in out.items.iter().zip(&out.locals) {
+            for name in [item.root, *local] {
+                let entry = (key.0.clone(), name);
+                if let Some(n) = self.offered_names.get_mut(&entry) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.offered_names.remove(&entry);
+                    }
+                }
+            }
+        }
+        Some(out)
     }
 
     /// The items of an offer we made that is still open, each named as users know it
@@ -1227,6 +1313,50 @@ impl Engine {
         Ok(())
     }
 
+    /// Sets the budget for downloads taken without asking (the user's `--max-pending`).
+    pub fn set_pending_budget(&mut self, budget: super::limits::PendingBudget) {
+        self.config.limits.pending = budget;
+    }
+
+    /// Accepts `peer`'s offer by a rule, without a person asking (`weft-peer receive
+    /// --accept-from`): within the budget for downloads still to write
+    /// ([`TransferLimits::pending`], [`super::limits::PendingBudget`]), given
+    /// `free_space` on the download disk if the driver knows it. Past it, the offer is
+    /// refused: the sender is told why, the refusal is counted, and
+    /// [`TransferError::Limit`] says it here; what was accepted before goes on.
+    pub fn accept_unasked(
+        &mut self,
+        peer: &PeerId,
+        offer_id: u64,
+        free_space: Option<u64>,
+        now: Duration,
+    ) -> Result<(), TransferError> {
+        let key = (peer.clone(), offer_id);
+        let items = self.incoming.get(&key).ok_or(TransferError::UnknownOffer)?;
+        // Files already downloading (a resume, or offered twice) add nothing.
+        let mut roots = HashSet::new();
+        let new: u64 = items
+            .iter()
+            .filter(|i| self.download_key(&i.root).is_none() && roots.insert(i.root))
+            .fold(0u64, |sum, i| sum.saturating_add(i.size));
+        let (mut mine, mut total) = (0u64, 0u64);
+        for d in self.downloads.values() {
+            if matches!(d.state, DownloadState::Active | DownloadState::Paused) {
+                let left = d.size.saturating_sub(d.done_bytes);
+                total = total.saturating_add(left);
+                if d.offers.iter().any(|(p, _)| p == peer) {
+                    mine = mine.saturating_add(left);
+                }
+            }
+        }
+        if let Err(reason) = self.config.limits.pending.check(mine, total, new, free_space) {
+            self.incoming.remove(&key);
+            self.refuse_offer(peer, offer_id, reason.clone());
+            return Err(TransferError::Limit(reason));
+        }
+        self.accept(peer, offer_id, now)
+    }
+
     /// The key a download is stored under, found by that key or its verified root.
     fn download_key(&self, name: &Root) -> Option<Root> {
         if self.downloads.contains_key(name) {
@@ -1256,7 +1386,7 @@ impl Engine {
             }
             let key = existing.unwrap_or(item.root);
             let own = self.own;
-            let d = self.downloads.entry(key).or_insert_with(|| {
+            let d = self.downloads.get_or_insert_with(key, || {
                 let mut d = Download::new(item.size, vec![]);
                 if item.streamed {
                     d.sender = Some(sender);
@@ -1413,7 +1543,7 @@ impl Engine {
     ) -> Result<(), TransferError> {
         let key = (peer.clone(), offer_id);
         if outgoing {
-            let out = self.outgoing.remove(&key).ok_or(TransferError::UnknownOffer)?;
+            let out = self.take_outgoing(&key).ok_or(TransferError::UnknownOffer)?;
             self.stop_serving(peer, &out.items);
         } else if !(self.incoming.remove(&key).is_some()
             | self.drop_offer_downloads(peer, offer_id))
@@ -1715,7 +1845,7 @@ impl Engine {
                 }
                 out.accepted = Some(accept);
                 if !accept {
-                    let items = self.outgoing.remove(&(peer.clone(), offer_id)).map(|o| o.items);
+                    let items = self.take_outgoing(&(peer.clone(), offer_id)).map(|o| o.items);
                     self.stop_serving(peer, &items.unwrap_or_default());
                 }
                 self.event(TransferEvent::Answered {
@@ -1758,7 +1888,7 @@ impl Engine {
                 // Their own offer is one we receive; otherwise it is ours.
                 let outgoing = !own_offer;
                 let known = if outgoing {
-                    let out = self.outgoing.remove(&key);
+                    let out = self.take_outgoing(&key);
                     let items = out.map(|o| o.items);
                     let known = items.is_some();
                     self.stop_serving(peer, &items.unwrap_or_default());
@@ -1800,13 +1930,11 @@ impl Engine {
                 }
             }
             TransferMsg::Complete { root } => {
-                let offered = self.outgoing.iter().any(|((p, _), o)| {
-                    p == peer
-                        && o.items
-                            .iter()
-                            .zip(&o.locals)
-                            .any(|(i, l)| i.root == root || self.same_shared_file(l, &root))
-                });
+                // Any open offer to it of this file, by the name offered or its local key
+                // (an index: a `Complete` for each of 10,000 files looked through all
+                // 10,000 items each time).
+                let named = |name: Root| self.offered_names.contains_key(&(peer.clone(), name));
+                let offered = named(root) || self.share_key(&root).is_some_and(named);
                 if offered {
                     let name = self.share_key(&root).map_or(root, |k| self.share_name(&k));
                     self.event(TransferEvent::Delivered { peer: peer.clone(), root: name });
@@ -2006,8 +2134,10 @@ impl Engine {
     /// When [`Self::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let (timeout, endgame) = (self.config.request_timeout, self.config.endgame_after);
+        // Only downloads that may have a timer (`transfer/active.rs`), not every one.
         self.downloads
-            .values()
+            .maybe_timed()
+            .into_iter()
             .filter(|d| d.state == DownloadState::Active)
             .flat_map(|d| {
                 // The endgame wakes earlier than timeouts, once there are 2+ sources; but
@@ -2093,7 +2223,7 @@ impl Engine {
     fn requery(&mut self, now: Duration) {
         let every = self.config.requery_every;
         let mut queries = Vec::new();
-        for (root, d) in &mut self.downloads {
+        for (root, d) in self.downloads.iter_mut() {
             let due = d.requery_at.is_some_and(|t| t <= now);
             if due && d.sources.is_empty() && d.state == DownloadState::Active {
                 d.requery_at = Some(now.saturating_add(every));
@@ -2118,87 +2248,141 @@ impl Engine {
         }
     }
 
-    /// Sends requests while windows have room.
+    /// Sends requests while windows have room. Visits only the downloads the index says
+    /// may have work (`transfer/active.rs`), in key order, as it once visited them all.
     fn schedule(&mut self, now: Duration) {
-        let unwritten: usize = self
-            .downloads
-            .values()
-            .map(|d| d.writing.len() + d.inflight.values().map(Vec::len).sum::<usize>())
-            .sum();
-        let mut budget = self.config.max_unwritten.saturating_sub(unwritten);
+        self.downloads.flush();
+        let mut budget = self.config.max_unwritten.saturating_sub(self.downloads.unwritten());
         let cutoff = now.checked_sub(self.config.endgame_after);
         let mut sends = Vec::new();
-        for (root, d) in self.downloads.iter_mut() {
-            if d.state != DownloadState::Active || d.sources.is_empty() {
-                continue;
-            }
-            // CVs (and a streamed file's root) come from one source, asked once for the
-            // whole list, which it sends as it has them.
-            let have = u32::try_from(d.cvs.len()).unwrap_or(u32::MAX);
-            let needs_cvs = !d.verified && (have < d.cv_total() || d.root.is_none());
-            if needs_cvs && d.hash_source.is_none() {
-                if let Some((p, s)) = d.sources.iter().next() {
-                    let count = d.cv_total().saturating_sub(have);
-                    let msg = TransferMsg::HashRequest {
-                        root: s.key.unwrap_or(*root),
-                        proof: s.proof,
-                        first: have,
-                        count,
-                    };
-                    sends.push((p.clone(), msg));
-                    // Due from the request, however the list trickles in.
-                    let allowed =
-                        self.config.limits.hash_list_allowance(self.config.request_timeout, count);
-                    d.hash_source = Some((p.clone(), now.saturating_add(allowed)));
-                }
-            }
-            if d.request_limit() == 0 {
-                continue;
-            }
-            // Round-robin over sources, one request at a time, until windows are full;
-            // a source whose window has only a slot or two free waits for more.
-            let left = (d.chunks - d.cursor.min(d.chunks)) as usize + d.retry.len();
-            let peers: Vec<PeerId> = d
-                .sources
-                .iter()
-                .filter(|(_, s)| {
-                    let free = s.window.saturating_sub(s.inflight);
-                    let min = self.config.refill_min.min(s.window / 2).max(1);
-                    free >= min || (free > 0 && left < min as usize)
-                })
-                .map(|(p, _)| p.clone())
-                .collect();
-            loop {
-                let mut progressed = false;
-                for p in &peers {
-                    if budget == 0 {
-                        break;
-                    }
-                    let Some(s) = d.sources.get(p) else { continue };
-                    if s.inflight >= s.window {
-                        continue;
-                    }
-                    let (key, proof) = (s.key.unwrap_or(*root), s.proof);
-                    let Some(index) =
-                        d.next_wanted().or_else(|| cutoff.and_then(|c| d.duplicate_for(p, c)))
-                    else {
-                        continue;
-                    };
-                    d.inflight.entry(index).or_default().push((p.clone(), now));
-                    if let Some(s) = d.sources.get_mut(p) {
-                        s.inflight += 1;
-                    }
-                    budget -= 1;
-                    progressed = true;
-                    sends.push((p.clone(), TransferMsg::ChunkRequest { root: key, proof, index }));
-                }
-                if !progressed {
-                    break;
-                }
-            }
+        let mut at = None;
+        // Past the budget, only hash-list requests (which it does not limit) are sent.
+        while let Some(root) = self.downloads.next_candidate(at.as_ref(), budget > 0) {
+            at = Some(root);
+            self.examined += 1;
+            let Some(d) = self.downloads.sched_mut(&root) else { break };
+            let with_budget = budget > 0;
+            let idle =
+                Self::schedule_one(&self.config, &root, d, now, cutoff, &mut budget, &mut sends);
+            // A download cut short by the budget keeps its place.
+            self.downloads.settle(&root, idle && with_budget && budget > 0);
         }
+        #[cfg(debug_assertions)]
+        self.check_index(cutoff);
         for (peer, msg) in sends {
             self.send(&peer, msg);
+        }
+    }
+
+    /// One download's requests (see [`Self::schedule`]). Whether it has nothing left to
+    /// ask for until something about it changes: a chunk, a source, its state or its
+    /// CVs (which touch it), or time, for a download in its endgame (which stays).
+    fn schedule_one(
+        config: &EngineConfig,
+        root: &Root,
+        d: &mut Download,
+        now: Duration,
+        cutoff: Option<Duration>,
+        budget: &mut usize,
+        sends: &mut Vec<(PeerId, TransferMsg)>,
+    ) -> bool {
+        if d.state != DownloadState::Active || d.sources.is_empty() {
+            return true;
+        }
+        // CVs (and a streamed file's root) come from one source, asked once for the
+        // whole list, which it sends as it has them.
+        let have = u32::try_from(d.cvs.len()).unwrap_or(u32::MAX);
+        let needs_cvs = !d.verified && (have < d.cv_total() || d.root.is_none());
+        if needs_cvs && d.hash_source.is_none() {
+            if let Some((p, s)) = d.sources.iter().next() {
+                let count = d.cv_total().saturating_sub(have);
+                let msg = TransferMsg::HashRequest {
+                    root: s.key.unwrap_or(*root),
+                    proof: s.proof,
+                    first: have,
+                    count,
+                };
+                sends.push((p.clone(), msg));
+                // Due from the request, however the list trickles in.
+                let allowed = config.limits.hash_list_allowance(config.request_timeout, count);
+                d.hash_source = Some((p.clone(), now.saturating_add(allowed)));
+            }
+        }
+        if d.request_limit() == 0 {
+            return true;
+        }
+        // Round-robin over sources, one request at a time, until windows are full;
+        // a source whose window has only a slot or two free waits for more.
+        let left = d.left();
+        let peers: Vec<PeerId> = d
+            .sources
+            .iter()
+            .filter(|(_, s)| s.has_room(config, left))
+            .map(|(p, _)| p.clone())
+            .collect();
+        loop {
+            let mut progressed = false;
+            for p in &peers {
+                if *budget == 0 {
+                    break;
+                }
+                let Some(s) = d.sources.get(p) else { continue };
+                if s.inflight >= s.window {
+                    continue;
+                }
+                let (key, proof) = (s.key.unwrap_or(*root), s.proof);
+                let Some(index) =
+                    d.next_wanted().or_else(|| cutoff.and_then(|c| d.duplicate_for(p, c)))
+                else {
+                    continue;
+                };
+                d.inflight.entry(index).or_default().push((p.clone(), now));
+                if let Some(s) = d.sources.get_mut(p) {
+                    s.inflight += 1;
+                }
+                *budget -= 1;
+                progressed = true;
+                sends.push((p.clone(), TransferMsg::ChunkRequest { root: key, proof, index }));
+            }
+            if !progressed {
+                break;
+            }
+        }
+        // In the endgame, a request growing old makes it ask another source: time, not
+        // an event, gives it work.
+        let endgame = d.all_requested() && d.sources.len() > 1 && !d.inflight.is_empty();
+        // A source left out above for lack of room may pass now that fewer chunks are
+        // left (`left` shrank): the next schedule asks it, as it always did.
+        let limit = d.request_limit();
+        let more = d.cursor < limit || d.retry.first().is_some_and(|i| *i < limit);
+        let left = d.left();
+        let room = d.sources.values().any(|s| s.has_room(config, left));
+        !(endgame || (more && room))
+    }
+
+    /// Debug builds: the index left out no download that has work now, and its count of
+    /// unwritten chunks is the sum. Each check looks at every download, so with many it
+    /// runs at every power of two of schedules only (the work stays O(n log n)).
+    #[cfg(debug_assertions)]
+    fn check_index(&self, cutoff: Option<Duration>) {
+        if self.downloads.len() > 64 && !self.examined.is_power_of_two() {
+            return;
+        }
+        debug_assert_eq!(self.downloads.unwritten(), self.downloads.unwritten_summed());
+        let budget = self.config.max_unwritten > self.downloads.unwritten();
+        for (root, d) in self.downloads.iter() {
+            let (no_hashes, no_chunks, no_timers) = self.downloads.left_out(root);
+            debug_assert!(!(no_timers && d.has_timers()), "{root} has a timer, unindexed");
+            let live = d.state == DownloadState::Active && !d.sources.is_empty();
+            let have = u32::try_from(d.cvs.len()).unwrap_or(u32::MAX);
+            let needs_cvs = !d.verified && (have < d.cv_total() || d.root.is_none());
+            debug_assert!(
+                !(no_hashes && live && needs_cvs && d.hash_source.is_none()),
+                "{root} needs a hash list and is not indexed"
+            );
+            if no_chunks && budget && live {
+                debug_assert!(!d.may_request(&self.config, cutoff), "{root} has work, unindexed");
+            }
         }
     }
 }
@@ -2209,6 +2393,13 @@ impl Engine {
     /// What was refused to peers, counted by kind.
     pub fn refusals(&self) -> &Refusals {
         &self.limits.refusals
+    }
+
+    /// How many downloads the request scheduler has looked at so far, over all events:
+    /// the measure of its work that tests and benches compare with the number of files
+    /// (`core/TRANSFER.md`, "Many files").
+    pub fn schedule_examined(&self) -> u64 {
+        self.examined
     }
 
     /// Hash-list requests of `peer` waiting for their turn.

@@ -63,6 +63,65 @@ pub struct TransferLimits {
     /// asked, whatever arrives in between: a source that trickles one value at a time
     /// cannot keep pushing the deadline back.
     pub min_hashes_per_sec: u32,
+    /// What downloads taken without asking may still have to write
+    /// ([`PendingBudget`]).
+    pub pending: PendingBudget,
+}
+
+/// A budget for accepted-but-unfinished downloads, checked when an offer is accepted by
+/// a rule rather than by a person (`weft-peer receive --accept-from`): a peer the rule
+/// trusts, compromised, could otherwise send offer after offer and fill the disk. What
+/// counts is what the downloads still have to write (size less what is stored), of
+/// downloads active or paused; a download finished, cancelled or failed frees its share
+/// at once. An offer of files already downloading (a resume) adds nothing. An offer
+/// past the budget is refused whole, the sender is told why ([`LimitReason`]); nothing
+/// already accepted is touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingBudget {
+    /// Per peer: 4 GiB. Files from one trusted peer that fit a small disk's spare room;
+    /// a bigger send (a disk image) needs the receiver to raise it (`--max-pending`)
+    /// or to accept it by hand, where a person is the budget.
+    pub per_peer: u64,
+    /// Over all peers: 16 GiB, four peers' worth at once.
+    pub total: u64,
+    /// Left free on the disk: 1 GiB. Where the driver reports its free space, the
+    /// total is also held to that space less this reserve, so accepted downloads cannot
+    /// fill the disk that the system and the user need too.
+    pub disk_reserve: u64,
+}
+
+impl PendingBudget {
+    /// Weft's budget.
+    pub const DEFAULT: Self = Self { per_peer: 4 << 30, total: 16 << 30, disk_reserve: 1 << 30 };
+
+    /// Whether `new` more bytes may be taken from a peer whose downloads still have
+    /// `peer_pending` bytes to write, when all downloads have `total_pending`, with
+    /// `free_space` free on the disk (if the driver knows).
+    pub fn check(
+        &self,
+        peer_pending: u64,
+        total_pending: u64,
+        new: u64,
+        free_space: Option<u64>,
+    ) -> Result<(), LimitReason> {
+        if peer_pending.saturating_add(new) > self.per_peer {
+            return Err(LimitReason::PendingPerPeer { max: self.per_peer });
+        }
+        let disk = free_space.map_or(u64::MAX, |f| f.saturating_sub(self.disk_reserve));
+        // What is still to be written will take from the free space (what is written
+        // already is not free any more).
+        let max = self.total.min(disk);
+        if total_pending.saturating_add(new) > max {
+            return Err(LimitReason::PendingTotal { max });
+        }
+        Ok(())
+    }
+}
+
+impl Default for PendingBudget {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 impl TransferLimits {
@@ -78,6 +137,7 @@ impl TransferLimits {
         hash_burst_bytes: 8 << 20,
         hash_bytes_per_sec: 8 << 20,
         min_hashes_per_sec: 128,
+        pending: PendingBudget::DEFAULT,
     };
 
     /// Why `items` (one whole offer) are refused, if they are.
@@ -174,6 +234,18 @@ pub enum LimitReason {
         /// The cap.
         max: usize,
     },
+    /// "refused: the receiver's downloads from you would pass {max} bytes still to
+    /// write (it takes your offers without asking, up to that)".
+    PendingPerPeer {
+        /// The budget per peer.
+        max: u64,
+    },
+    /// "refused: the receiver's downloads would pass {max} bytes still to write (its
+    /// budget, or its free disk space)".
+    PendingTotal {
+        /// The budget over all peers, held to the free disk space.
+        max: u64,
+    },
 }
 
 impl LimitReason {
@@ -187,6 +259,8 @@ impl LimitReason {
             Self::PendingOffersTooLarge { .. } => "pending_offers_too_large",
             Self::UnreadableOffer(_) => "unreadable_offer",
             Self::TooManyHashRequests { .. } => "too_many_hash_requests",
+            Self::PendingPerPeer { .. } => "pending_downloads_per_peer",
+            Self::PendingTotal { .. } => "pending_downloads_total",
         }
     }
 }
@@ -212,17 +286,38 @@ impl fmt::Display for LimitReason {
             Self::TooManyHashRequests { max } => {
                 write!(f, "refused: {max} hash-list requests are already waiting")
             }
+            Self::PendingPerPeer { max } => write!(
+                f,
+                "refused: the receiver's downloads from you would pass {max} bytes still to \
+                 write (it takes your offers without asking, up to that)"
+            ),
+            Self::PendingTotal { max } => write!(
+                f,
+                "refused: the receiver's downloads would pass {max} bytes still to write (its \
+                 budget, or its free disk space)"
+            ),
         }
     }
 }
 
-/// What the engine refused peers, counted by [`LimitReason::kind`].
+/// What the engine refused peers, counted by [`LimitReason::kind`] and by peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Refusals {
     by_kind: BTreeMap<&'static str, u64>,
+    /// By peer id, for the first [`MAX_PEERS_COUNTED`] peers refused (the server hands
+    /// out ids, so a peer back under new ids must not grow it); the total counts all.
+    by_peer: BTreeMap<PeerId, u64>,
 }
 
+/// Most peers whose refusals are counted one by one.
+pub const MAX_PEERS_COUNTED: usize = 1024;
+
 impl Refusals {
+    /// Refusals of one peer (by its current id).
+    pub fn of_peer(&self, peer: &PeerId) -> u64 {
+        self.by_peer.get(peer).copied().unwrap_or(0)
+    }
+
     /// All refusals.
     pub fn total(&self) -> u64 {
         self.by_kind.values().sum()
@@ -241,6 +336,11 @@ impl Refusals {
     /// Counts one and logs it: the first of a kind (and every power of two after it) as
     /// a warning, the rest at debug level, so a flood does not flood the log.
     pub(crate) fn count(&mut self, peer: &PeerId, reason: &LimitReason) {
+        if let Some(n) = self.by_peer.get_mut(peer) {
+            *n += 1;
+        } else if self.by_peer.len() < MAX_PEERS_COUNTED {
+            self.by_peer.insert(peer.clone(), 1);
+        }
         let n = self.by_kind.entry(reason.kind()).or_default();
         *n += 1;
         if n.is_power_of_two() {
@@ -417,6 +517,25 @@ mod tests {
             l.check_offer(&total),
             Err(LimitReason::OfferTooLarge { max: l.max_offer_bytes })
         );
+    }
+
+    #[test]
+    fn the_pending_budget_holds_per_peer_in_all_and_to_the_free_disk() {
+        let b = PendingBudget::DEFAULT;
+        let gib = 1u64 << 30;
+        assert_eq!(b.check(3 * gib, 3 * gib, gib, None), Ok(()));
+        assert_eq!(
+            b.check(3 * gib, 3 * gib, gib + 1, None),
+            Err(LimitReason::PendingPerPeer { max: 4 * gib })
+        );
+        assert_eq!(b.check(0, 16 * gib, 1, None), Err(LimitReason::PendingTotal { max: 16 * gib }));
+        // 3 GiB free, 1 GiB kept: 2 GiB may be still to write, whoever sends it.
+        assert_eq!(b.check(0, gib, gib, Some(3 * gib)), Ok(()));
+        assert_eq!(
+            b.check(0, gib, gib + 1, Some(3 * gib)),
+            Err(LimitReason::PendingTotal { max: 2 * gib })
+        );
+        assert!(b.check(0, 0, 1, Some(gib / 2)).is_err(), "under the reserve, nothing");
     }
 
     #[test]

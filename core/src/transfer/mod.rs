@@ -15,6 +15,7 @@
 //!
 //! The design and why each property holds is in `core/TRANSFER.md`.
 
+mod active;
 pub mod cap;
 pub mod engine;
 pub mod hash;
@@ -31,6 +32,6 @@ pub use engine::{
 pub use hash::{
     CHUNK_LEN, Cv, FileDigest, FileHasher, ParseRootError, Root, chunk_count, chunk_span,
 };
-pub use limits::{LimitReason, Refusals, TransferLimits};
+pub use limits::{LimitReason, PendingBudget, Refusals, TransferLimits};
 pub use reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 pub use wire::{OfferItem, TransferMsg, WireError};

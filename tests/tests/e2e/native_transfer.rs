@@ -2,7 +2,8 @@
 //! from real headless Chromium and another native peer, through the real signaling
 //! server: byte-for-byte files both ways, a folder with nested files, a decline and a
 //! missing file failing plainly, a transfer that finishes after the signaling server is
-//! gone, and a receiver that resumes after a restart. Files live in a scratch directory
+//! gone, a receiver that resumes after a restart, and one whose budget for offers it
+//! takes without asking refuses the one too many. Files live in a scratch directory
 //! on a real disk (`WEFT_SCRATCH_DIR`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -468,6 +469,51 @@ async fn a_receiver_without_accept_from_asks_on_its_terminal_and_declines_withou
     assert!(status.success(), "{stdout}\n{stderr}");
     assert!(bea.wait_exit(LONG).await.unwrap().success(), "{:?}", bea.seen);
     assert_same_bytes(&downloads.join("notes.txt"), &file.path);
+    server.shutdown(Duration::from_secs(2)).await;
+    for dir in [dir_a, dir_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A receiver that takes a peer's offers without asking (`--accept-from`) holds what they
+/// still have to write to a budget (`--max-pending`): an offer past it is refused, the
+/// receiver says so and the sender hears why; one within it is taken. (Before, every
+/// offer of a named peer was taken, whatever it added up to.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_taken_without_asking_are_refused_past_the_pending_budget() {
+    let scratch = Scratch::new("budget").unwrap();
+    let big = generate(scratch.path(), "big.bin", 200_000, 12).unwrap();
+    let small = generate(scratch.path(), "small.bin", 50_000, 13).unwrap();
+    let downloads = scratch.path().join("in");
+    let server = start_server(Limits::default()).await.unwrap();
+    let url = server.ws_url();
+    let invite = "Q".repeat(43);
+    let (dir_a, dir_b) = (config_dir("budget-a").unwrap(), config_dir("budget-b").unwrap());
+
+    let mut receive = command(&url, &dir_b, LOOPBACK).unwrap();
+    receive.args(["--invite", &invite, "--name", "Bea", "receive", "--once"]);
+    receive.args(["--accept-from", "Ada", "--max-pending", "100K", "--dir"]).arg(&downloads);
+    let mut bea = NativePeer::spawn(receive).unwrap();
+    bea.expect_event("receiving", WAIT).await.unwrap();
+    let send = |file: &Path| {
+        let mut send = command(&url, &dir_a, LOOPBACK).unwrap();
+        send.args(["--invite", &invite, "--name", "Ada", "send", "--to", "Bea"]).arg(file);
+        send
+    };
+
+    let (status, stdout, stderr) = run(send(&big.path), WAIT).await.unwrap();
+    assert!(!status.success(), "{stdout}");
+    let why = "refused: the receiver's downloads from you would pass 102400 bytes still to write";
+    assert!(stderr.contains(why), "{stderr}");
+    let refused = bea.expect_event("refused", WAIT).await.unwrap();
+    assert_eq!(refused["code"], "pending_downloads_per_peer", "{refused}");
+    assert!(!downloads.join("big.bin").exists());
+
+    let (sent, exit) = tokio::join!(run(send(&small.path), LONG), bea.wait_exit(LONG));
+    let (status, stdout, stderr) = sent.unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(exit.unwrap().success(), "{:?}", bea.seen);
+    assert_same_bytes(&downloads.join("small.bin"), &small.path);
     server.shutdown(Duration::from_secs(2)).await;
     for dir in [dir_a, dir_b] {
         let _ = std::fs::remove_dir_all(dir);

@@ -104,7 +104,7 @@ impl<V: Scheduled> Downloads<V> {
 
     pub fn remove(&mut self, key: &Root) -> Option<V> {
         let d = self.map.remove(key)?;
-        self.unwritten -= self.counted.remove(key).unwrap_or(0);
+        self.unwritten = self.unwritten.saturating_sub(self.counted.remove(key).unwrap_or(0));
         self.want_hashes.remove(key);
         self.want_chunks.remove(key);
         self.timed.remove(key);
@@ -139,7 +139,8 @@ impl<V: Scheduled> Downloads<V> {
         }
         let now = d.unwritten();
         let before = self.counted.insert(*key, now).unwrap_or(0);
-        self.unwritten = self.unwritten - before + now;
+        // `before` is part of the sum; saturating all the same, so a slip cannot panic.
+        self.unwritten = self.unwritten.saturating_sub(before) + now;
     }
 
     /// Chunks requested or being written over all downloads.

@@ -749,13 +749,12 @@ async fn a_moved_address_moves_on_the_device_too() {
     drop(server);
 }
 
-/// A browser has no overlay (weft-core's `overlay` feature is off in its build): it
-/// announces no addresses and takes no packets. `status` on a native peer shows it with no
-/// addresses and no route to it, the page shows no addresses, and packets into the overlay
-/// are answered with ICMP unreachable by the native peer's own node, never sent.
+/// A browser is a member with addresses but no TUN device: `status` on a native peer shows
+/// its overlay addresses (and the page shows the native peer's), and packets to it are
+/// answered with ICMP unreachable by the native peer's own node, never sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_browser_peer_has_no_overlay_address_and_is_sent_no_packets() {
-    let test = "a_browser_peer_has_no_overlay_address_and_is_sent_no_packets";
+async fn a_browser_peer_shows_its_overlay_address_and_is_unreachable_by_ip() {
+    let test = "a_browser_peer_shows_its_overlay_address_and_is_unreachable_by_ip";
     if !netns_available(test) || !chromium_available(test) {
         return;
     }
@@ -770,30 +769,21 @@ async fn a_browser_peer_has_no_overlay_address_and_is_sent_no_packets() {
         weft_tests::start_join(&alice, &options, "").await?;
         let dir = config_dir("tun-browser").unwrap();
         let mut ada = start(topology.host(1, 0), &server, &invite, NAMES[0], dir).await;
-        // Announcements are applied before the connection is reported, so by now Alice's
-        // (empty) one has been read.
         let seen = ada
             .peer
-            .expect("Alice connected", WAIT, |v| {
-                v["event"] == "peer_connected" && v["name"] == "Alice"
+            .expect("Alice's addresses", WAIT, |v| {
+                v["event"] == "peer_connected" && v["name"] == "Alice" && v["ipv4"].is_string()
             })
             .await?;
-        assert!(seen["ipv4"].is_null(), "{seen}");
         let in_status = status(&ada).await;
         let alice_there = &in_status["peers"][0];
         assert_eq!(alice_there["name"], "Alice", "{in_status}");
-        assert!(alice_there["ipv4"].is_null() && alice_there["ipv6"].is_null(), "{in_status}");
-        let routes = in_status["routes"].as_array().cloned().unwrap_or_default();
-        assert!(
-            routes.iter().all(|r| r["fingerprint"] != alice_there["fingerprint"]),
-            "a route to a browser: {in_status}"
-        );
+        assert_eq!(alice_there["ipv4"], seen["ipv4"], "{in_status}");
+        assert!(alice_there["ipv6"].is_string(), "{in_status}");
         let ada_in_page = wait_peer(&alice, "Ada", &["direct", "relayed"], WAIT).await?;
-        assert!(ada_in_page.get("ipv4").is_none(), "{ada_in_page}");
-        // An overlay address that is not Ada's: nobody's, as the browser holds none.
-        let target = ["100.64.0.1", "100.64.0.2"].into_iter().find(|a| *a != ada.ipv4).unwrap();
+        assert_eq!(ada_in_page["ipv4"], ada.ipv4.as_str(), "{ada_in_page}");
         let before = in_status["counters"]["unreachable"].as_u64().unwrap();
-        assert_eq!(ping(&ada, target, 2, 56, &[]).await, 0, "an overlay address answered");
+        assert_eq!(ping(&ada, "Alice", 2, 56, &[]).await, 0, "a browser answered a ping");
         let after = status(&ada).await["counters"]["unreachable"].as_u64().unwrap();
         assert!(after >= before + 2, "{before} -> {after}");
         assert_eq!(status(&ada).await["counters"]["sent"], 0, "a packet went to a browser");

@@ -54,6 +54,7 @@ function renderPeers() {
     }
     if (p.shortCode) meta.push(`safety code ${p.shortCode}`);
     if (p.rttMs != null) meta.push(`${Math.round(p.rttMs)} ms`);
+    if (p.ipv4) meta.push(p.ipv4);
     if (meta.length) li.append(el("span", { className: "meta", textContent: meta.join(" · ") }));
     if (p.trust === "verified") {
       li.append(el("span", { className: "meta trust-verified", textContent: "✓ verified" }));

@@ -61,8 +61,11 @@ pub(crate) struct PeerInfo {
     pub looks_like: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
-    // No overlay addresses: the browser's node has no overlay (weft-core's `overlay`
-    // feature is off here), so it reads no peer's announcement.
+    /// Its overlay addresses (`100.x.y.z`, `fd..`), once it announced them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
 }
 
 impl From<&NodeInfo> for PeerInfo {
@@ -78,6 +81,8 @@ impl From<&NodeInfo> for PeerInfo {
             relay_transport: p.relay_transport.map(RelayTransport::as_str),
             looks_like: p.looks_like.clone(),
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+            ipv4: p.ipv4.map(|a| a.to_string()),
+            ipv6: p.ipv6.map(|a| a.to_string()),
         }
     }
 }

@@ -51,7 +51,7 @@
 //! //                        passphrase or someone guessing it; show "N failed passphrase
 //! //                        attempts from …")
 //! //          "peer"        { peerId, state, reason?, name?, fingerprint?, shortCode?, trust?, looksLike?, rttMs?,
-//! //                          relayTransport? }
+//! //                          relayTransport?, ipv4?, ipv6? }
 //! //                        whenever any of it changes. state: "connecting" | "handshaking" |
 //! //                        "direct" | "relayed" | "failed" (reason says why, in plain words);
 //! //                        relayTransport: "udp" | "tcp" | "tls", how we reach the relay of
@@ -488,7 +488,7 @@ impl WeftSession {
     }
 
     /// Every other member: `{ peerId, state, reason?, name?, fingerprint?, shortCode?,
-    /// trust?, rttMs? }`, sorted by peer id.
+    /// trust?, rttMs?, ipv4?, ipv6? }`, sorted by peer id.
     #[wasm_bindgen(unchecked_return_type = "PeerInfo[]")]
     pub fn peers(&self) -> Result<JsValue, JsError> {
         let infos = self.inner.borrow().peer_infos();

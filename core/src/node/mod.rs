@@ -77,11 +77,6 @@ pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use self::overlay::{Outbound, Overlay};
 
-/// Whether this node has an overlay (the `overlay` feature: native peers). Without it the
-/// routing and fast-path code is compiled but never reached, so a size-optimised build
-/// (the browser's) leaves it out; see `overlay.rs`.
-const OVERLAY: bool = cfg!(feature = "overlay");
-
 use self::files::{FileGlue, Outgoing, PacedRead};
 use self::peers::PeerSlot;
 use self::signaling::{SignalingChange, SignalingClient, SocketAction};
@@ -1296,9 +1291,6 @@ impl Node {
     }
 
     fn on_tun_packet(&mut self, now: Duration, packet: Vec<u8>) {
-        if !OVERLAY {
-            return;
-        }
         #[cfg(feature = "dns")]
         if let Some(query) =
             dns::query_in(&packet, dns::resolver_v6(self.overlay.ipv6_net().network()))
@@ -1511,9 +1503,6 @@ impl Node {
     /// enabled here, a session, a pair the driver can send on that is not relayed, and a
     /// peer that takes IP packets (we have a TUN, as enabling it requires).
     fn update_fast_path(&mut self, now: Duration, remote: &PeerId) {
-        if !OVERLAY {
-            return;
-        }
         let enabled = self.overlay.fast_path_enabled();
         let Some(slot) = self.peers.get_mut(remote) else { return };
         let takes = slot.link.peer_identity().is_some_and(|k| self.overlay.accepts_packets(k));
@@ -1528,9 +1517,6 @@ impl Node {
 
     /// Probes due on fast paths (and paths given up for not answering).
     fn probe_fast_paths(&mut self, now: Duration) {
-        if !OVERLAY {
-            return;
-        }
         for (remote, slot) in &mut self.peers {
             if slot.fast.poll_timeout().is_none_or(|t| t > now) {
                 continue;
@@ -1546,9 +1532,6 @@ impl Node {
     /// Probes and acks that came on `remote`'s fast path: a probe is answered on the fast
     /// path (when it is enabled here), an ack may bring ours up.
     fn on_fast_path_messages(&mut self, now: Duration, remote: &PeerId, bodies: Vec<Vec<u8>>) {
-        if !OVERLAY {
-            return;
-        }
         let enabled = self.overlay.fast_path_enabled();
         let Some(slot) = self.peers.get_mut(remote) else { return };
         for body in bodies {
@@ -1625,9 +1608,6 @@ impl Node {
                 // Applied at once, so that the events below show the peer's addresses.
                 LinkEvent::Routes(body) => {
                     let Some(key) = slot.link.peer_identity().copied() else { continue };
-                    if !OVERLAY {
-                        continue;
-                    }
                     match Announcement::decode(&body) {
                         Ok(a) => {
                             announced = true;

@@ -2,12 +2,6 @@
 //! announcement, the routing table built from them under the local policy, and the two
 //! packet paths (TUN to peer, peer to TUN) with cryptokey routing. The node calls in here;
 //! this module decides. Design in `core/ROUTING.md`.
-//!
-//! Only with the `overlay` feature (the native peer's): without it (the browser, which has
-//! no TUN device) the node has no overlay. It announces no routes and takes no packets
-//! (an empty announcement, so that peers waiting to hear every member do not wait for
-//! it), and ignores others' announcements; the table stays empty. The code is still
-//! compiled, but nothing reaches it, so the browser's module does not carry it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -210,9 +204,6 @@ impl Overlay {
 
     /// What we announce to every peer.
     pub(crate) fn announcement(&self) -> Announcement {
-        if !super::OVERLAY {
-            return Announcement { accepts_packets: false, firm: true, routes: Vec::new() };
-        }
         let mut routes = Vec::new();
         if let Some((a, _)) = self.ipv4 {
             routes.push((RouteKind::Own, IpNet::from(IpAddr::V4(a))));
@@ -322,7 +313,7 @@ impl Overlay {
 
     /// Whether the fast path is on (it carries only IP packets, so only with a TUN).
     pub(crate) fn fast_path_enabled(&self) -> bool {
-        super::OVERLAY && self.config.fast_path && self.config.tun
+        self.config.fast_path && self.config.tun
     }
 
     /// Whether `key` announced that it takes IP packets.
@@ -354,9 +345,6 @@ impl Overlay {
     /// IPv4 claim against the others' (re-picking if it lost). Returns whether anything we
     /// announce changed.
     fn rebuild(&mut self) -> bool {
-        if !super::OVERLAY {
-            return false;
-        }
         let mut candidates = Vec::new();
         let mut refused = 0u64;
         let policy = &self.config.policy;
@@ -514,9 +502,6 @@ impl Overlay {
         packet: &[u8],
         online: impl Fn(&PublicIdentity) -> bool,
     ) -> Outbound {
-        if !super::OVERLAY {
-            return Outbound::Drop;
-        }
         let Some((_, dst)) = ip::addresses(packet) else {
             self.counters.dropped_malformed += 1;
             return Outbound::Drop;
@@ -571,7 +556,7 @@ impl Overlay {
     /// routed to that very peer (cryptokey routing, as WireGuard's allowed IPs); its
     /// destination must be ours, or behind a route we serve it.
     pub(crate) fn inbound(&mut self, key: &PublicIdentity, packet: &[u8]) -> bool {
-        if !super::OVERLAY || !self.config.tun {
+        if !self.config.tun {
             self.counters.dropped_no_tun += 1;
             return false;
         }

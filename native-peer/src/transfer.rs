@@ -621,9 +621,16 @@ async fn accept_unasked(
 }
 
 /// Free bytes on the disk holding `dir` (for an unprivileged user), if it can be read.
+#[cfg(unix)]
 fn free_space(dir: &Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Not read here yet: the budget holds to its fixed caps alone.
+#[cfg(not(unix))]
+fn free_space(_dir: &Path) -> Option<u64> {
+    None
 }
 
 /// Adds an accepted offer's files to the bars and, if none is yet, makes it the offer

@@ -52,7 +52,7 @@ use weft_core::transfer::PendingBudget;
 use crate::cli::{Cli, Command, TrustCommand};
 use crate::mesh::{MeshConfig, MeshEvent, MeshHandle, PeerInfo, PeerState, TrustAction};
 use crate::output::Printer;
-use crate::rtc::RtcConfig;
+use crate::rtc::{RtcConfig, Tuning};
 use crate::store::Store;
 use weft_core::node::{Event, SignalingEvent};
 
@@ -176,7 +176,11 @@ async fn join_with(
         own_name: name.clone(),
         // Weft's WebRTC sockets carry the signaling socket's mark: they stay on the
         // underlay, whatever routes the TUN takes.
-        rtc: RtcConfig { mark: routing.signaling_mark, ..cli.rtc_config() },
+        rtc: RtcConfig {
+            mark: routing.signaling_mark,
+            tuning: if routing.tun.is_some() { Tuning::TUN } else { cli.rtc_config().tuning },
+            ..cli.rtc_config()
+        },
         store,
         trust,
         downloads,

@@ -160,6 +160,13 @@ impl Tuning {
         max_message_size: MAX_MESSAGE_SIZE,
         sctp_mtu: Some(SCTP_MTU),
     };
+    /// Weft's settings for `up --tun`: no dedicated reactor. The connection drivers run on
+    /// tokio's workers, beside the mesh task, so a fast-path datagram reaches the node on
+    /// the thread that read it; with the reactor, each one had to wake a tokio worker from
+    /// the reactor's thread (an `eventfd` write, a wake-up and a context switch per packet
+    /// in), the largest share of the ping gap to userspace WireGuard (`core/ROUTING.md`,
+    /// "Ping"). A transfer's SCTP pipeline keeps the reactor ([`Tuning::WEFT`]).
+    pub const TUN: Self = Self { reactor_threads: 0, ..Self::WEFT };
     /// webrtc-rs's defaults.
     pub const UNTUNED: Self = Self {
         reactor_threads: 0,

@@ -32,7 +32,8 @@
 //! four paths. Throughput is iperf3's received rate; latency the median round trip of a
 //! run's echoes. Each figure is the median over [`RUNS`] runs (`WEFT_BENCH_RUNS`), each
 //! ratio the median of the runs' ratios (measured back to back). `WEFT_BENCH_SECONDS`
-//! (default [`SECONDS`]) sets how long each iperf3 run counts. The CPU the tunnels' two
+//! (default [`SECONDS`]) sets how long each iperf3 run counts; `WEFT_BENCH_PARTS` (`iperf`,
+//! `ping`, comma-separated; both by default) measures only those. The CPU the tunnels' two
 //! processes used during the 4-stream runs is printed too (every path is CPU-bound here).
 //!
 //! `WEFT_BENCH_PERF=DIR` adds one more 4-stream run through Weft with `perf record` (call
@@ -234,10 +235,11 @@ async fn bench(boringtun: &Path) -> Result<()> {
     let mut one: [Vec<f64>; 5] = Default::default();
     let mut ping: [Vec<f64>; 5] = Default::default();
     let mut cpu: [Vec<f64>; 5] = Default::default();
+    let (iperf_on, ping_on) = (part("iperf")?, part("ping")?);
     for run in 0..runs {
         let mut order = WAYS;
         order.rotate_left(run % WAYS.len());
-        for way in order {
+        for way in order.into_iter().filter(|_| iperf_on) {
             let (before, start) = (cpu_of(&paths.pids[way.index()]), Instant::now());
             let from = client(&pair, &dc, way);
             let rate = iperf(from, paths.targets[way.index()], 4, seconds).await?;
@@ -245,32 +247,31 @@ async fn bench(boringtun: &Path) -> Result<()> {
             four[way.index()].push(rate);
             cpu[way.index()].push(100.0 * used / (start.elapsed().as_secs_f64() * 1e3));
         }
-        for way in order {
+        for way in order.into_iter().filter(|_| iperf_on) {
             let from = client(&pair, &dc, way);
             one[way.index()].push(iperf(from, paths.targets[way.index()], 1, seconds).await?);
         }
-        for way in order {
+        for way in order.into_iter().filter(|_| ping_on) {
             let from = client(&pair, &dc, way);
             ping[way.index()].push(ping_ms(from, paths.targets[way.index()]).await?);
         }
         let show = |v: &[Vec<f64>; 5], unit: &str, digits: usize| {
             WAYS.iter()
-                .map(|w| format!("{} {:.*}", w.metric(), digits, v[w.index()][run]))
+                .filter_map(|w| {
+                    Some(format!("{} {:.*}", w.metric(), digits, v[w.index()].get(run)?))
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
                 + " "
                 + unit
         };
-        println!("  run {run}: 4 streams {}", show(&four, "Mbit/s", 0));
-        println!("  run {run}: 1 stream  {}", show(&one, "Mbit/s", 0));
-        println!("  run {run}: ping      {}", show(&ping, "ms", 3));
-    }
-    for way in [Way::Weft, Way::WeftDataChannel, Way::WireguardGo, Way::Boringtun] {
-        println!(
-            "  {} CPU during the 4-stream runs: {:.0} % of one core (both hosts' processes)",
-            way.metric(),
-            median(cpu[way.index()].clone())
-        );
+        if iperf_on {
+            println!("  run {run}: 4 streams {}", show(&four, "Mbit/s", 0));
+            println!("  run {run}: 1 stream  {}", show(&one, "Mbit/s", 0));
+        }
+        if ping_on {
+            println!("  run {run}: ping      {}", show(&ping, "ms", 3));
+        }
     }
     let med = |v: &[Vec<f64>; 5], way: Way| median(v[way.index()].clone());
     // The median of the runs' ratios of `way` to `base`.
@@ -278,32 +279,22 @@ async fn bench(boringtun: &Path) -> Result<()> {
         let (w, b) = (&v[way.index()], &v[base.index()]);
         median(w.iter().zip(b).map(|(w, b)| w / b).collect())
     };
-    for way in WAYS {
-        println!("BENCH {}_mbit_s {:.0} Mbit/s", way.metric(), med(&four, way));
+    if iperf_on {
+        print_throughput(&four, &one, &cpu, med, ratio);
     }
-    for way in WAYS {
-        println!("BENCH {}_1stream_mbit_s {:.0} Mbit/s", way.metric(), med(&one, way));
+    if ping_on {
+        for way in WAYS {
+            println!("BENCH {}_ping_ms {:.3} ms", way.metric(), med(&ping, way));
+        }
+        println!(
+            "BENCH tun_ping_vs_wireguard_go_ratio {:.2} x",
+            ratio(&ping, Way::Weft, Way::WireguardGo)
+        );
+        println!(
+            "BENCH tun_ping_vs_boringtun_ratio {:.2} x",
+            ratio(&ping, Way::Weft, Way::Boringtun)
+        );
     }
-    for way in WAYS {
-        println!("BENCH {}_ping_ms {:.3} ms", way.metric(), med(&ping, way));
-    }
-    println!(
-        "BENCH tun_vs_datachannel_ratio {:.2} x",
-        ratio(&four, Way::Weft, Way::WeftDataChannel)
-    );
-    println!(
-        "BENCH tun_vs_datachannel_1stream_ratio {:.2} x",
-        ratio(&one, Way::Weft, Way::WeftDataChannel)
-    );
-    for (base, name) in [(Way::WireguardGo, "wireguard_go"), (Way::Boringtun, "boringtun")] {
-        println!("BENCH tun_vs_{name}_ratio {:.2} x", ratio(&four, Way::Weft, base));
-        println!("BENCH tun_vs_{name}_1stream_ratio {:.2} x", ratio(&one, Way::Weft, base));
-    }
-    println!(
-        "BENCH tun_ping_vs_wireguard_go_ratio {:.2} x",
-        ratio(&ping, Way::Weft, Way::WireguardGo)
-    );
-    println!("BENCH tun_ping_vs_boringtun_ratio {:.2} x", ratio(&ping, Way::Weft, Way::Boringtun));
     if let Some(dir) = std::env::var_os("WEFT_BENCH_PERF") {
         profile(&pair, &paths, Path::new(&dir), seconds).await?;
     }
@@ -317,6 +308,53 @@ async fn bench(boringtun: &Path) -> Result<()> {
     paths.iperf.kill().await?;
     paths.iperf_dc.kill().await?;
     Ok(())
+}
+
+/// Whether `name` (`iperf` or `ping`) is measured: `WEFT_BENCH_PARTS` (comma-separated),
+/// both when unset.
+fn part(name: &str) -> Result<bool> {
+    let Ok(list) = std::env::var("WEFT_BENCH_PARTS") else { return Ok(true) };
+    for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if !["iperf", "ping"].contains(&p) {
+            bail!("WEFT_BENCH_PARTS: no part {p:?} (iperf, ping)");
+        }
+    }
+    Ok(list.split(',').any(|p| p.trim() == name))
+}
+
+/// The throughput figures and ratios (iperf3), and the CPU the tunnels used.
+fn print_throughput(
+    four: &[Vec<f64>; 5],
+    one: &[Vec<f64>; 5],
+    cpu: &[Vec<f64>; 5],
+    med: impl Fn(&[Vec<f64>; 5], Way) -> f64,
+    ratio: impl Fn(&[Vec<f64>; 5], Way, Way) -> f64,
+) {
+    for way in [Way::Weft, Way::WeftDataChannel, Way::WireguardGo, Way::Boringtun] {
+        println!(
+            "  {} CPU during the 4-stream runs: {:.0} % of one core (both hosts' processes)",
+            way.metric(),
+            median(cpu[way.index()].clone())
+        );
+    }
+    for way in WAYS {
+        println!("BENCH {}_mbit_s {:.0} Mbit/s", way.metric(), med(four, way));
+    }
+    for way in WAYS {
+        println!("BENCH {}_1stream_mbit_s {:.0} Mbit/s", way.metric(), med(one, way));
+    }
+    println!(
+        "BENCH tun_vs_datachannel_ratio {:.2} x",
+        ratio(four, Way::Weft, Way::WeftDataChannel)
+    );
+    println!(
+        "BENCH tun_vs_datachannel_1stream_ratio {:.2} x",
+        ratio(one, Way::Weft, Way::WeftDataChannel)
+    );
+    for (base, name) in [(Way::WireguardGo, "wireguard_go"), (Way::Boringtun, "boringtun")] {
+        println!("BENCH tun_vs_{name}_ratio {:.2} x", ratio(four, Way::Weft, base));
+        println!("BENCH tun_vs_{name}_1stream_ratio {:.2} x", ratio(one, Way::Weft, base));
+    }
 }
 
 /// CPU time (ms) the processes `pids` used so far (0 for a process that is gone).

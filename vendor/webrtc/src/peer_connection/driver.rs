@@ -1122,7 +1122,7 @@ where
                                 // A single recv may return several GRO-coalesced
                                 // datagrams; split `buf[..n]` back into individual
                                 // datagrams by `stride` and deliver each.
-                                self.deliver_udp_batch(&buf, n, stride, local_addr, peer_addr).await;
+                                let mut raw = self.deliver_udp_batch(&buf, n, stride, local_addr, peer_addr).await;
 
                                 // Immediately create a new future for this socket and reuse the buffer
                                 let (socket_local_addr, socket) = &udp_socket_list[idx];
@@ -1153,11 +1153,18 @@ where
                                     match probe {
                                         Some(Ok(_)) => {
                                             let m = burst_meta[0];
-                                            self.deliver_udp_batch(&burst_buf, m.len, m.stride, socket_local_addr, m.addr).await;
+                                            raw |= self.deliver_udp_batch(&burst_buf, m.len, m.stride, socket_local_addr, m.addr).await;
                                             burst += 1;
                                         }
                                         _ => break, // would-block (pending) or error
                                     }
+                                }
+                                // Weft's patch: the application waits for the raw datagrams
+                                // just handed over; let it run before this pass's bookkeeping
+                                // (timers, SCTP and DTLS polls), which is on its latency path
+                                // otherwise (`raw_path.rs`, `runtime::yield_once`).
+                                if raw {
+                                    crate::runtime::yield_once().await;
                                 }
                             }
                             Some(SocketRecvResult::Error { err, local_addr, idx, buf }) => {
@@ -1253,6 +1260,8 @@ where
     /// one datagram — identical to the pre-GRO behavior. A zero-length datagram
     /// (`n == 0`) is dropped (the loop never runs); empty UDP datagrams carry no
     /// STUN/DTLS/SCTP payload, so this is harmless.
+    ///
+    /// Weft's patch: returns whether any of them went to the raw path (`raw_path.rs`).
     async fn deliver_udp_batch(
         &mut self,
         buf: &[u8],
@@ -1260,9 +1269,10 @@ where
         stride: usize,
         local_addr: SocketAddr,
         peer_addr: SocketAddr,
-    ) {
+    ) -> bool {
         let step = stride.max(1);
         let mut off = 0;
+        let mut raw_delivered = false;
         while off < n {
             let end = (off + step).min(n);
             // Weft's patch: the application's own datagrams (`raw_path.rs`) go to it; the
@@ -1271,6 +1281,7 @@ where
                 && raw.claims(&buf[off..end])
             {
                 raw.deliver(&buf[off..end], local_addr, peer_addr);
+                raw_delivered = true;
                 off = end;
                 continue;
             }
@@ -1291,6 +1302,7 @@ where
             }
             off = end;
         }
+        raw_delivered
     }
 
     async fn handle_read(&mut self, msg: TaggedBytesMut) -> Result<()> {

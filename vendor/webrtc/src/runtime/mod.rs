@@ -430,6 +430,28 @@ pub(crate) fn poll_once<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Optio
     }
 }
 
+/// Weft's patch: gives the runtime a turn once (`Pending` once, woken at once).
+///
+/// A task that wakes itself while it is being polled goes behind the tasks already
+/// waiting: tokio treats it as `yield_now` (after the task it just woke, which sits in the
+/// worker's LIFO slot), smol and a current-thread tokio runtime queue it at the back. The
+/// driver does this after it hands the application its raw datagrams (`raw_path.rs`), so
+/// the application's task (which is waiting for exactly those) runs before the rest of the
+/// driver's pass instead of after it.
+pub(crate) async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 /// Abstract implementation of a TCP listener for runtime independence.
 pub trait AsyncTcpListener: Send + Sync + Debug + 'static {
     /// Accept a new TCP stream.

@@ -149,7 +149,17 @@ fn workspace_root() -> Result<PathBuf> {
 }
 
 fn web_dist(root: &Path) -> PathBuf {
-    root.join("target/web-dist")
+    if keep_names() { root.join("target/web-dist-names") } else { root.join("target/web-dist") }
+}
+
+/// A profiling variant of the bundle: `WEFT_BUNDLE_NAMES=1` (or a profiled bench,
+/// `WEFT_BENCH_PROFILE=1`) keeps the module's function names, so a DevTools CPU profile
+/// shows Rust functions instead of `wasm-function[1234]`; it goes to
+/// `target/web-dist-names`, never to the shipped `target/web-dist`.
+fn keep_names() -> bool {
+    ["WEFT_BUNDLE_NAMES", "WEFT_BENCH_PROFILE"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| v == "1"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -439,10 +449,15 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     if pkg.exists() {
         std::fs::remove_dir_all(&pkg)?;
     }
-    // Function names (a sixth of the module) only help a debugger: not shipped.
+    // Function names (a sixth of the module) only help a debugger: not shipped (but kept
+    // in the profiling variant, `keep_names`).
+    let mut bindgen = Command::new("wasm-bindgen");
+    bindgen.args(["--target", "web"]);
+    if !keep_names() {
+        bindgen.arg("--remove-name-section");
+    }
     run_cmd(
-        Command::new("wasm-bindgen")
-            .args(["--target", "web", "--remove-name-section"])
+        bindgen
             .arg("--remove-producers-section")
             .arg("--out-dir")
             .arg(&pkg)

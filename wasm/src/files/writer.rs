@@ -1,16 +1,7 @@
 //! The download writer: requests to the worker `download-writer.js` and its answers.
-//! Chunk writes go up to 16 to a message (one reused 1 MiB buffer, not one `postMessage`
-//! per chunk). A batch leaves when it is full, or at once when the worker has no batch to
-//! answer; else a part-filled batch waits for the answer to the one before it (group
-//! commit: the busier the page, the fuller the batches). Any other request sends the batch
-//! first, so order is kept.
-//!
-//! Why not a timer: a part-filled batch used to leave on the next turn of the event loop
-//! (`setTimeout(0)`), but chunks arrive one per data-channel message, so batches held 2.4
-//! chunks on average in `bench transfer`: a `postMessage`, an answer and a timer per 150
-//! KB on the receiver's busy main thread. Every batch is answered (the worker replies to
-//! each, failed or not, and a worker that dies fails everything pending), so a waiting
-//! batch always leaves.
+//! Chunk writes go 16 to a message (one reused 1 MiB buffer, not one `postMessage` per
+//! chunk); a part-filled batch leaves on the next turn of the event loop, and any other
+//! request sends the batch first, so order is kept.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -74,8 +65,8 @@ struct State {
     /// Batch buffers the worker gave back, for the next writes.
     pool: Vec<js_sys::ArrayBuffer>,
     batch: WriteBatch,
-    /// Batches posted to the worker and not answered yet.
-    in_flight: u32,
+    /// A `setTimeout(0)` that sends a part-filled batch is pending.
+    flush_armed: bool,
     pending: HashMap<u32, Pending>,
     next_id: u32,
     /// JS strings made once, not for every chunk: the request's keys, and each download's
@@ -89,6 +80,7 @@ struct State {
 /// The disk-writer worker.
 pub(crate) struct Writer {
     state: Rc<RefCell<State>>,
+    flush_callback: Closure<dyn FnMut()>,
     _onmessage: Closure<dyn FnMut(web_sys::MessageEvent)>,
     _onerror: Closure<dyn FnMut(web_sys::Event)>,
 }
@@ -152,10 +144,7 @@ impl State {
             let _ = js_sys::Reflect::set(&msg, &wasm_bindgen::intern(k).into(), &v);
         }
         match self.worker.post_message_with_transfer(&msg, &js_sys::Array::of1(&data)) {
-            Ok(()) => {
-                self.in_flight += 1;
-                None
-            }
+            Ok(()) => None,
             Err(e) => {
                 let failed = batch.ids.iter().filter_map(|id| self.pending.remove(id)).collect();
                 Some((failed, js_err(&e)))
@@ -183,7 +172,7 @@ impl Writer {
             sink,
             pool: Vec::new(),
             batch: WriteBatch::default(),
-            in_flight: 0,
+            flush_armed: false,
             pending: HashMap::new(),
             next_id: 1,
             keys: WRITER_KEYS.map(JsValue::from_str),
@@ -218,11 +207,23 @@ impl Writer {
             fail_all(&sink, pending, &reason);
         });
         worker.set_onerror(Some(onerror.as_ref().unchecked_ref()));
-        Ok(Self { state, _onmessage: onmessage, _onerror: onerror })
+        let flush_weak = Rc::downgrade(&state);
+        let flush_callback = Closure::<dyn FnMut()>::new(move || {
+            let Some(state) = flush_weak.upgrade() else { return };
+            let (failed, sink) = {
+                let mut s = state.borrow_mut();
+                s.flush_armed = false;
+                (s.flush(), s.sink.clone())
+            };
+            if let Some((pending, error)) = failed {
+                fail_all(&sink, pending, &error);
+            }
+        });
+        Ok(Self { state, flush_callback, _onmessage: onmessage, _onerror: onerror })
     }
 
     /// Adds a chunk write to the batch (telling the writer first when it is the file's
-    /// first); sends the batch once full, or at once if the worker has none to answer.
+    /// first); sends the batch once full, or on the next turn of the event loop.
     pub(crate) fn write(
         &self,
         root: Root,
@@ -276,8 +277,20 @@ impl Writer {
             b.offsets.push(offset);
             b.lens.push(len);
             s.pending.insert(id, pending);
-            if s.batch.ids.len() >= WRITE_BATCH || s.in_flight == 0 {
+            if s.batch.ids.len() >= WRITE_BATCH {
                 failed = failed.or(s.flush());
+            } else if !s.flush_armed {
+                if let Some(win) = web_sys::window() {
+                    s.flush_armed = win
+                        .set_timeout_with_callback_and_timeout_and_arguments_0(
+                            self.flush_callback.as_ref().unchecked_ref(),
+                            0,
+                        )
+                        .is_ok();
+                }
+                if !s.flush_armed {
+                    failed = failed.or(s.flush());
+                }
             }
         }
         if let Some((pending, error)) = failed {
@@ -380,28 +393,16 @@ fn on_message(state: &Weak<RefCell<State>>, store: &Rc<Cell<Option<Store>>>, dat
     let error = get("error").as_string().unwrap_or_default();
     let disk_full = get("disk_full").as_bool().unwrap_or(false);
     let buffer = get("data").dyn_into::<js_sys::ArrayBuffer>().ok();
-    let batch_answered = js_sys::Array::is_array(&get("ids"));
-    let (answered, sink, failed) = {
+    let (answered, sink) = {
         let mut s = state.borrow_mut();
-        // The batch waiting for this answer leaves now.
-        let mut failed = None;
-        if batch_answered {
-            s.in_flight = s.in_flight.saturating_sub(1);
-            if s.in_flight == 0 {
-                failed = s.flush();
-            }
-        }
         if let Some(buffer) = buffer {
             if buffer.byte_length() == WRITE_BATCH_BYTES && s.pool.len() < WRITE_POOL {
                 s.pool.push(buffer);
             }
         }
         let answered: Vec<Pending> = ids.iter().filter_map(|id| s.pending.remove(id)).collect();
-        (answered, s.sink.clone(), failed)
+        (answered, s.sink.clone())
     };
-    if let Some((pending, error)) = failed {
-        fail_all(&sink, pending, &error);
-    }
     for pending in answered {
         let result = if ok { Ok(()) } else { Err(WebError::Browser(error.clone())) };
         report(&sink, pending, result, disk_full);

@@ -441,6 +441,12 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     if toolchain == WasmToolchain::DebianBuildStd {
         cmd.arg("-Zbuild-std=std,panic_abort");
     }
+    // A variant for a measurement, never shipped: say
+    // `WEFT_BUNDLE_CARGO_CONFIG='profile.wasm-release.package.weft-core.opt-level=3'`
+    // (cargo reads no environment variable for a package's profile).
+    if let Some(config) = std::env::var_os("WEFT_BUNDLE_CARGO_CONFIG") {
+        cmd.arg("--config").arg(config);
+    }
     run_cmd(&mut cmd)?;
     let wasm = target_dir.join(WASM_TARGET).join(WASM_PROFILE).join("weft_wasm.wasm");
 
@@ -456,13 +462,7 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     if !keep_names() {
         bindgen.arg("--remove-name-section");
     }
-    run_cmd(
-        bindgen
-            .arg("--remove-producers-section")
-            .arg("--out-dir")
-            .arg(&pkg)
-            .arg(&wasm),
-    )?;
+    run_cmd(bindgen.arg("--remove-producers-section").arg("--out-dir").arg(&pkg).arg(&wasm))?;
     // No wasm-opt pass: binaryen 108 (Debian 12's) took 2.4 % off this module after
     // wasm-bindgen but pointed the `__wbindgen_externrefs` export at the funcref table (the
     // page failed with "WebAssembly.Table.set(): Argument 1 is invalid"). binaryen 132

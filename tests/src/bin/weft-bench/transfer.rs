@@ -914,6 +914,52 @@ async fn weft_once(
     Ok((w, cpu))
 }
 
+/// Bytes each in-page floor measurement moves.
+const FLOOR_BYTES: u64 = mib(64);
+
+/// The CPU per MB that integrity and encryption need in a page, measured in `page`:
+/// `benchTransferCpu` moves [`FLOOR_BYTES`] between two transfer engines in one thread
+/// (requests, seal, open, BLAKE3 verification of each chunk: both sides' per-byte work
+/// but for the browser's own), beside the sender's streamed hashing (BLAKE3 of the
+/// file). With both browsers on one machine's saturated cores, Weft can at best reach
+/// `raw_ms ÷ (raw_ms + floor)` of the raw channel. With `baseline`, the same alternately
+/// in the baseline's page (a same-run A/B of the module's per-chunk speed, free of the
+/// data channel's noise).
+async fn floor(page: &WebDriver, baseline: Option<&WebDriver>, raw_ms: f64) -> Result<()> {
+    let (mut own, mut base) = (Vec::new(), Vec::new());
+    for round in 0..4 {
+        let (first, second) =
+            if round % 2 == 0 { (Some(page), baseline) } else { (baseline, Some(page)) };
+        for b in [first, second].into_iter().flatten() {
+            let m = floor_once(b).await?;
+            if std::ptr::eq(b, page) { own.push(m) } else { base.push(m) }
+        }
+    }
+    let split = |v: &[(f64, f64)]| {
+        (median(v.iter().map(|m| m.0).collect()), median(v.iter().map(|m| m.1).collect()))
+    };
+    let (engines, hashing) = split(&own);
+    println!("BENCH page_transfer_engines_ms_per_mb {engines:.2} ms/MB");
+    println!("BENCH page_hash_ms_per_mb {hashing:.2} ms/MB");
+    println!("BENCH page_crypto_floor_ms_per_mb {:.2} ms/MB", engines + hashing);
+    println!("BENCH best_ratio_on_shared_cores {:.2} x", raw_ms / (raw_ms + engines + hashing));
+    if !base.is_empty() {
+        let (b_engines, b_hashing) = split(&base);
+        println!("BENCH baseline_page_transfer_engines_ms_per_mb {b_engines:.2} ms/MB");
+        println!("BENCH baseline_page_hash_ms_per_mb {b_hashing:.2} ms/MB");
+    }
+    Ok(())
+}
+
+/// One `benchTransferCpu` in `page`: ms per MB of the two engines, and of hashing.
+async fn floor_once(page: &WebDriver) -> Result<(f64, f64)> {
+    let v =
+        call(page, &format!("return Array.from(t.module.benchTransferCpu({FLOOR_BYTES}));"), LONG)
+            .await?;
+    let mbps = |i: usize| v[i].as_f64().filter(|x| *x > 0.0).context("benchTransferCpu");
+    Ok((1e3 / mbps(0)?, 1e3 / mbps(1)?))
+}
+
 /// Medians of CPU use: ms per MB and the machine's busy share.
 fn cpu_medians(v: &[CpuUse]) -> (f64, f64) {
     (
@@ -1023,6 +1069,7 @@ async fn speed(
         println!("BENCH baseline_weft_cpu_ms_per_mb {base_ms:.1} ms/MB");
         println!("BENCH weft_vs_baseline_from_click_paired_median {:.2} x", median(own_vs_base));
     }
+    floor(alice, base.as_ref().map(|(b, _)| &b.browsers[0]), cpu_medians(&raw_cpu).0).await?;
     if pairs_only {
         return Ok(());
     }

@@ -149,7 +149,17 @@ fn workspace_root() -> Result<PathBuf> {
 }
 
 fn web_dist(root: &Path) -> PathBuf {
-    root.join("target/web-dist")
+    if keep_names() { root.join("target/web-dist-names") } else { root.join("target/web-dist") }
+}
+
+/// A profiling variant of the bundle: `WEFT_BUNDLE_NAMES=1` (or a profiled bench,
+/// `WEFT_BENCH_PROFILE=1`) keeps the module's function names, so a DevTools CPU profile
+/// shows Rust functions instead of `wasm-function[1234]`; it goes to
+/// `target/web-dist-names`, never to the shipped `target/web-dist`.
+fn keep_names() -> bool {
+    ["WEFT_BUNDLE_NAMES", "WEFT_BENCH_PROFILE"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| v == "1"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -431,6 +441,12 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     if toolchain == WasmToolchain::DebianBuildStd {
         cmd.arg("-Zbuild-std=std,panic_abort");
     }
+    // A variant for a measurement, never shipped: say
+    // `WEFT_BUNDLE_CARGO_CONFIG='profile.wasm-release.package.weft-core.opt-level=3'`
+    // (cargo reads no environment variable for a package's profile).
+    if let Some(config) = std::env::var_os("WEFT_BUNDLE_CARGO_CONFIG") {
+        cmd.arg("--config").arg(config);
+    }
     run_cmd(&mut cmd)?;
     let wasm = target_dir.join(WASM_TARGET).join(WASM_PROFILE).join("weft_wasm.wasm");
 
@@ -439,15 +455,14 @@ fn build_module(root: &Path) -> Result<PathBuf> {
     if pkg.exists() {
         std::fs::remove_dir_all(&pkg)?;
     }
-    // Function names (a sixth of the module) only help a debugger: not shipped.
-    run_cmd(
-        Command::new("wasm-bindgen")
-            .args(["--target", "web", "--remove-name-section"])
-            .arg("--remove-producers-section")
-            .arg("--out-dir")
-            .arg(&pkg)
-            .arg(&wasm),
-    )?;
+    // Function names (a sixth of the module) only help a debugger: not shipped (but kept
+    // in the profiling variant, `keep_names`).
+    let mut bindgen = Command::new("wasm-bindgen");
+    bindgen.args(["--target", "web"]);
+    if !keep_names() {
+        bindgen.arg("--remove-name-section");
+    }
+    run_cmd(bindgen.arg("--remove-producers-section").arg("--out-dir").arg(&pkg).arg(&wasm))?;
     // No wasm-opt pass: binaryen 108 (Debian 12's) took 2.4 % off this module after
     // wasm-bindgen but pointed the `__wbindgen_externrefs` export at the funcref table (the
     // page failed with "WebAssembly.Table.set(): Argument 1 is invalid"). binaryen 132

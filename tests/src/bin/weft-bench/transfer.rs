@@ -35,7 +35,19 @@
 //!   (`weft_machine_busy_pct` near 100 means the transfer was limited by this machine's
 //!   CPU, and a second seeder cannot make it faster).
 //!
-//! `WEFT_BENCH_PARTS=speed` (or `rss`) runs only that part. `WEFT_BENCH_PROFILE=1` runs
+//! - Data-channel messages per MB each way and their mean size, for the raw page and for
+//!   Weft (every `RTCDataChannel.send` counted in both pages), printed with each run.
+//! - `WEFT_BENCH_PIN=1`: each run also measures a raw and a Weft transfer with each
+//!   browser pinned to a core of its own (`taskset`, Alice's whole process tree on CPU 0
+//!   and Bob's on CPU 1), as two users' machines would run them: `BENCH pinned_…` figures
+//!   beside the shared ones.
+//! - `WEFT_BENCH_BASELINE_WEB_ROOT`: another build of the bundle (say main's, copied aside)
+//!   served to a second pair of browsers; each run also times a Weft transfer there,
+//!   before or after this build's by turns (alternating), for a same-run A/B:
+//!   `BENCH baseline_…` figures.
+//!
+//! `WEFT_BENCH_PARTS=speed` (or `rss`) runs only that part; `pairs` only the raw/Weft
+//! pairs of the speed part (no uplink or swarm runs). `WEFT_BENCH_PROFILE=1` runs
 //! the senders' and receiver's main threads under the DevTools sampling profiler during
 //! each Weft run and prints the functions with the most self time. Each speed is the median of
 //! [`RUNS`] runs (`WEFT_BENCH_RUNS` sets another number). Prints `BENCH <metric> <value> <unit>` lines
@@ -50,11 +62,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use thirtyfour::WebDriver;
-use weft_tests::browser_missing;
 use weft_tests::files::{
-    Net, Scratch, TestFile, accept, add_hook, call, entries_js, generate, hash_downloaded, mib,
-    send_files, upload, wait_complete, wait_offer,
+    Member, Net, Scratch, TestFile, accept, add_hook, call, entries_js, generate, hash_downloaded,
+    mib, send_files, upload, wait_complete, wait_offer,
 };
+use weft_tests::{browser_missing, start_server_serving};
 use weft_tests::{js, wait_for};
 
 const FILE_SIZE: u64 = mib(256);
@@ -214,6 +226,87 @@ const WRITER_STATS_JS: &str = r#"
   return true;
 "#;
 
+/// Counts every data-channel message a page sends, by channel label (`raw` for the
+/// baseline, `control` for Weft's reliable channel), by wrapping
+/// `RTCDataChannel.prototype.send` (wasm-bindgen's glue calls `channel.send` too).
+const SEND_STATS_JS: &str = r#"
+  if (window.__weftSends) return true;
+  const st = window.__weftSends = {};
+  const send = RTCDataChannel.prototype.send;
+  RTCDataChannel.prototype.send = function (data) {
+    const s = (st[this.label] ??= { n: 0, bytes: 0 });
+    s.n += 1;
+    s.bytes += typeof data === "string" ? data.length : data.byteLength;
+    return send.call(this, data);
+  };
+  return true;
+"#;
+
+/// Messages and bytes a page has sent so far, summed over its channels.
+async fn sends(browser: &WebDriver) -> Result<(f64, f64)> {
+    let st = js(browser, "return window.__weftSends || {};").await?;
+    let (mut n, mut bytes) = (0.0, 0.0);
+    for v in st.as_object().into_iter().flat_map(|o| o.values()) {
+        n += v["n"].as_f64().unwrap_or(0.0);
+        bytes += v["bytes"].as_f64().unwrap_or(0.0);
+    }
+    Ok((n, bytes))
+}
+
+/// Counts the messages Alice and Bob send during one run.
+struct SendMeter<'a> {
+    pages: [&'a WebDriver; 2],
+    before: [(f64, f64); 2],
+}
+
+impl<'a> SendMeter<'a> {
+    async fn start(alice: &'a WebDriver, bob: &'a WebDriver) -> Result<Self> {
+        Ok(Self { pages: [alice, bob], before: [sends(alice).await?, sends(bob).await?] })
+    }
+
+    /// Prints messages per MB moved and their mean size, each way.
+    async fn finish(&self, what: &str, bytes: u64) -> Result<()> {
+        let mb = bytes as f64 / 1e6;
+        let mut parts = Vec::new();
+        for ((page, before), way) in self.pages.iter().zip(&self.before).zip(["A->B", "B->A"]) {
+            let (n, b) = sends(page).await?;
+            let (n, b) = (n - before.0, b - before.1);
+            parts.push(format!(
+                "{way} {:.1} msgs/MB of {:.0} B",
+                n / mb,
+                if n > 0.0 { b / n } else { 0.0 }
+            ));
+        }
+        println!("    {what} messages: {}", parts.join(", "));
+        Ok(())
+    }
+}
+
+/// Pins each browser's whole process tree (every thread) to one CPU (`cpus[i]` for
+/// `dirs[i]`), or lets every browser use every CPU again (`None`). New threads and
+/// processes inherit it. Carol (a third browser, idle in the pinned runs) shares CPU 0.
+fn pin(dirs: &[(String, String)], cpus: Option<&[&str]>) -> Result<()> {
+    let all = format!("0-{}", std::thread::available_parallelism().map_or(1, |n| n.get()) - 1);
+    for (i, (_, dir)) in dirs.iter().enumerate() {
+        let cpu = cpus.map_or(all.as_str(), |c| c[i % c.len()]);
+        for p in chromium_tree(dir) {
+            let out = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", cpu, &p.pid.to_string()])
+                .output()
+                .context("taskset (util-linux) is needed for WEFT_BENCH_PIN")?;
+            // A process that exited meanwhile is no failure.
+            if !out.status.success() && std::path::Path::new(&format!("/proc/{}", p.pid)).exists() {
+                bail!("taskset {cpu} {}: {}", p.pid, String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
 fn mb_s(bytes: u64, ms: f64) -> f64 {
     bytes as f64 / 1e6 / (ms / 1e3)
 }
@@ -305,6 +398,11 @@ async fn weft_run(
     if let Some(flag) = completed {
         flag.store(true, Ordering::Relaxed);
     }
+    // How the receiver's page batched its writes (cumulative over the bench).
+    let w = &c["writer"];
+    if let (Some(sent), Some(chunks)) = (w["sent"].as_f64(), w["sentChunks"].as_f64()) {
+        println!("    writer so far: {chunks} chunks in {sent} messages");
+    }
     if c["rejected"].as_u64().unwrap_or(0) > 0 {
         println!("  WARNING: {} chunks rejected", c["rejected"]);
     }
@@ -330,7 +428,7 @@ struct Took {
 /// With `WEFT_BENCH_PROFILE=1`, the pages' main threads run under the DevTools sampling
 /// profiler during each Weft run, and the functions with the most self time are printed.
 fn profiling() -> bool {
-    std::env::var("WEFT_BENCH_PROFILE").is_ok_and(|v| v == "1")
+    env_on("WEFT_BENCH_PROFILE")
 }
 
 async fn profile_start(browser: &WebDriver) -> Result<()> {
@@ -367,7 +465,9 @@ async fn profile_stop(name: &str, browser: &WebDriver, bytes: u64) -> Result<()>
     top.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mb = bytes as f64 / 1e6;
     println!("    {name}'s main thread, self time in ms per MB:");
-    for (f, us) in top.iter().take(25) {
+    let total: f64 = top.iter().map(|t| t.1).sum();
+    println!("      {:6.2}  (all samples)", total / 1e3 / mb);
+    for (f, us) in top.iter().take(40) {
         println!("      {:6.2}  {f}", us / 1e3 / mb);
     }
     Ok(())
@@ -609,13 +709,25 @@ fn sample_rss(user_data_dir: String, stop: Arc<AtomicBool>, peaks: Arc<Mutex<Pea
     }
 }
 
-async fn bench(net: &Net, scratch: &Scratch) -> Result<()> {
+async fn bench(net: &Net, scratch: &Scratch, baseline: Option<&Net>) -> Result<()> {
     // `WEFT_BENCH_PARTS=speed`, `=rss` or `=click` runs only that part.
     let parts = std::env::var("WEFT_BENCH_PARTS").unwrap_or_else(|_| "speed,rss,click".into());
-    add_hook(&net.browsers[1], RECEIVER_HOOK).await?;
-    js(&net.browsers[1], WRITER_STATS_JS).await?;
-    if parts.contains("speed") {
-        speed(net, scratch).await?;
+    // The harness records where the module's timers come from, with a stack trace per
+    // `setTimeout`: a cost no user's page has, on every one (`WEFT_BENCH_TRACK_TIMERS=1`
+    // keeps it).
+    let track = env_on("WEFT_BENCH_TRACK_TIMERS");
+    for n in std::iter::once(net).chain(baseline) {
+        for b in &n.browsers {
+            js(b, &format!("window.t.trackTimers = {track}; return true;")).await?;
+        }
+        add_hook(&n.browsers[1], RECEIVER_HOOK).await?;
+        js(&n.browsers[1], WRITER_STATS_JS).await?;
+        for b in &n.browsers[..2] {
+            js(b, SEND_STATS_JS).await?;
+        }
+    }
+    if parts.contains("speed") || parts.contains("pairs") {
+        speed(net, scratch, !parts.contains("speed"), baseline).await?;
     }
     if parts.contains("rss") {
         rss(net, scratch).await?;
@@ -739,8 +851,131 @@ async fn limit(browser: &WebDriver, bytes_per_s: Option<f64>) -> Result<()> {
     Ok(())
 }
 
-/// Weft vs. the raw data channel, and two seeders vs. one.
-async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
+/// Alice and Bob of one network (this build's, or the baseline's), the profile folders
+/// of its browsers (for the CPU meter), and how its lines are labelled.
+struct Side<'a> {
+    alice: &'a WebDriver,
+    bob: &'a WebDriver,
+    bob_id: &'a str,
+    dirs: &'a [(String, String)],
+    label: &'a str,
+}
+
+/// A raw run and then a Weft run (of a `File` the page has not seen, under `key`)
+/// between Alice and Bob: the raw time, the Weft times, and the CPU each used.
+async fn pair(
+    side: &Side<'_>,
+    file: &TestFile,
+    run: usize,
+    key: &str,
+) -> Result<(f64, CpuUse, Took, CpuUse)> {
+    let Side { alice, bob, bob_id, dirs, label } = *side;
+    let meter = CpuMeter::start(dirs);
+    let msgs = SendMeter::start(alice, bob).await?;
+    // The raw page's main threads under the same profiler, to compare with Weft's.
+    if profiling() {
+        profile_start(alice).await?;
+        profile_start(bob).await?;
+    }
+    let r = raw_run(alice, bob, bob_id, run).await?;
+    if profiling() {
+        profile_stop("raw Alice", alice, FILE_SIZE).await?;
+        profile_stop("raw Bob", bob, FILE_SIZE).await?;
+    }
+    println!("  run {run}: {label}raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
+    let raw_cpu = meter.finish(FILE_SIZE);
+    msgs.finish("raw", FILE_SIZE).await?;
+    let (w, cpu) = weft_once(side, file, run, key).await?;
+    Ok((r, raw_cpu, w, cpu))
+}
+
+/// One Weft run of a `File` the page never saw (offered at once and hashed while the
+/// chunks flow, as a user's first send is; a `File` sent before is offered with its root
+/// known), put in Alice's page under `key`.
+async fn weft_once(
+    side: &Side<'_>,
+    file: &TestFile,
+    run: usize,
+    key: &str,
+) -> Result<(Took, CpuUse)> {
+    let Side { alice, bob, bob_id, dirs, label } = *side;
+    upload(alice, key, &[file]).await?;
+    let msgs = SendMeter::start(alice, bob).await?;
+    let (w, sources, cpu) = weft_run(alice, bob, bob_id, key, file, None, dirs).await?;
+    msgs.finish("Weft", FILE_SIZE).await?;
+    println!(
+        "  run {run}: {label}Weft {:.1} MB/s ({:.0} ms; from the click {:.1} MB/s, {:.0} ms; \
+         sources {sources:?})",
+        mb_s(FILE_SIZE, w.accept),
+        w.accept,
+        mb_s(FILE_SIZE, w.click),
+        w.click,
+    );
+    Ok((w, cpu))
+}
+
+/// Bytes each in-page floor measurement moves.
+const FLOOR_BYTES: u64 = mib(64);
+
+/// The CPU per MB that integrity and encryption need in a page, measured in `page`:
+/// `benchTransferCpu` moves [`FLOOR_BYTES`] between two transfer engines in one thread
+/// (requests, seal, open, BLAKE3 verification of each chunk: both sides' per-byte work
+/// but for the browser's own), beside the sender's streamed hashing (BLAKE3 of the
+/// file). With both browsers on one machine's saturated cores, Weft can at best reach
+/// `raw_ms ÷ (raw_ms + floor)` of the raw channel. With `baseline`, the same alternately
+/// in the baseline's page (a same-run A/B of the module's per-chunk speed, free of the
+/// data channel's noise).
+async fn floor(page: &WebDriver, baseline: Option<&WebDriver>, raw_ms: f64) -> Result<()> {
+    let (mut own, mut base) = (Vec::new(), Vec::new());
+    for round in 0..4 {
+        let (first, second) =
+            if round % 2 == 0 { (Some(page), baseline) } else { (baseline, Some(page)) };
+        for b in [first, second].into_iter().flatten() {
+            let m = floor_once(b).await?;
+            if std::ptr::eq(b, page) { own.push(m) } else { base.push(m) }
+        }
+    }
+    let split = |v: &[(f64, f64)]| {
+        (median(v.iter().map(|m| m.0).collect()), median(v.iter().map(|m| m.1).collect()))
+    };
+    let (engines, hashing) = split(&own);
+    println!("BENCH page_transfer_engines_ms_per_mb {engines:.2} ms/MB");
+    println!("BENCH page_hash_ms_per_mb {hashing:.2} ms/MB");
+    println!("BENCH page_crypto_floor_ms_per_mb {:.2} ms/MB", engines + hashing);
+    println!("BENCH best_ratio_on_shared_cores {:.2} x", raw_ms / (raw_ms + engines + hashing));
+    if !base.is_empty() {
+        let (b_engines, b_hashing) = split(&base);
+        println!("BENCH baseline_page_transfer_engines_ms_per_mb {b_engines:.2} ms/MB");
+        println!("BENCH baseline_page_hash_ms_per_mb {b_hashing:.2} ms/MB");
+    }
+    Ok(())
+}
+
+/// One `benchTransferCpu` in `page`: ms per MB of the two engines, and of hashing.
+async fn floor_once(page: &WebDriver) -> Result<(f64, f64)> {
+    let v =
+        call(page, &format!("return Array.from(t.module.benchTransferCpu({FLOOR_BYTES}));"), LONG)
+            .await?;
+    let mbps = |i: usize| v[i].as_f64().filter(|x| *x > 0.0).context("benchTransferCpu");
+    Ok((1e3 / mbps(0)?, 1e3 / mbps(1)?))
+}
+
+/// Medians of CPU use: ms per MB and the machine's busy share.
+fn cpu_medians(v: &[CpuUse]) -> (f64, f64) {
+    (
+        median(v.iter().map(|c| c.ms_per_mb).collect()),
+        median(v.iter().map(|c| c.busy_pct).collect()),
+    )
+}
+
+/// Weft vs. the raw data channel, and two seeders vs. one (unless `pairs_only`); Weft on
+/// `baseline` (another bundle) beside it, if given.
+async fn speed(
+    net: &Net,
+    scratch: &Scratch,
+    pairs_only: bool,
+    baseline: Option<&Net>,
+) -> Result<()> {
     let (alice, bob, carol) = (&net.browsers[0], &net.browsers[1], &net.browsers[2]);
     let (alice_id, bob_id, carol_id) = (&net.ids[0], &net.ids[1], &net.ids[2]);
     let file = generate(scratch.path(), "bench.bin", FILE_SIZE, 7)?;
@@ -762,30 +997,81 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
         .collect::<Result<_>>()?;
     let (mut raw, mut weft, mut click_ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut raw_cpu, mut weft_cpu) = (Vec::new(), Vec::new());
+    let pinning = env_on("WEFT_BENCH_PIN");
+    let (mut pinned_ratios, mut pinned_raw_cpu, mut pinned_weft_cpu) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut base_ratios, mut base_cpu, mut own_vs_base) = (Vec::new(), Vec::new(), Vec::new());
+    let base = match baseline {
+        Some(b) => {
+            upload(&b.browsers[0], "f", &[&file]).await?;
+            let dirs: Vec<(String, String)> = [("Alice", &b.browsers[0]), ("Bob", &b.browsers[1])]
+                .into_iter()
+                .map(|(name, b)| Ok((format!("baseline {name}"), user_data_dir(b)?)))
+                .collect::<Result<_>>()?;
+            Some((b, dirs))
+        }
+        None => None,
+    };
     for run in 0..runs() {
-        let meter = CpuMeter::start(&dirs);
-        let r = raw_run(alice, bob, bob_id, run).await?;
-        println!("  run {run}: raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
-        raw_cpu.push(meter.finish(FILE_SIZE));
+        // The baseline's Weft run, before this build's on odd runs and after it on even.
+        let base_run = || async {
+            let Some((b, dirs)) = &base else { return Ok(None) };
+            let (alice, bob, bob_id) = (&b.browsers[0], &b.browsers[1], b.ids[1].as_str());
+            let side = Side { alice, bob, bob_id, dirs, label: "baseline " };
+            weft_once(&side, &file, run, &format!("b{run}")).await.map(Some)
+        };
+        let early = if run % 2 == 1 { base_run().await? } else { None };
+        let side = Side { alice, bob, bob_id, dirs: &dirs, label: "" };
+        let (r, rc, w, wc) = pair(&side, &file, run, &format!("f{run}")).await?;
+        let late = if run % 2 == 0 { base_run().await? } else { None };
+        if let Some((bw, bc)) = early.or(late) {
+            base_ratios.push(r / bw.click);
+            own_vs_base.push(bw.click / w.click);
+            base_cpu.push(bc);
+        }
+        raw_cpu.push(rc);
+        weft_cpu.push(wc);
         raw.push(mb_s(FILE_SIZE, r));
-        // A `File` the page never saw: offered at once and hashed while the chunks flow,
-        // as a user's first send is (a `File` sent before is offered with its root known).
-        let fresh = format!("f{run}");
-        upload(alice, &fresh, &[&file]).await?;
-        let (w, sources, cpu) = weft_run(alice, bob, bob_id, &fresh, &file, None, &dirs).await?;
-        println!(
-            "  run {run}: Weft {:.1} MB/s ({:.0} ms; from the click {:.1} MB/s, {:.0} ms; \
-             sources {sources:?})",
-            mb_s(FILE_SIZE, w.accept),
-            w.accept,
-            mb_s(FILE_SIZE, w.click),
-            w.click,
-        );
-        weft_cpu.push(cpu);
         weft.push(mb_s(FILE_SIZE, w.accept));
         // The raw channel has nothing to do before its first send: its time is from the
         // click too.
         click_ratios.push(r / w.click);
+        if pinning {
+            pin(&dirs, Some(&["0", "1"]))?;
+            let pinned = Side { label: "pinned ", ..side };
+            let result = pair(&pinned, &file, 1000 + run, &format!("p{run}")).await;
+            pin(&dirs, None)?;
+            let (r, rc, w, wc) = result?;
+            pinned_ratios.push(r / w.click);
+            pinned_raw_cpu.push(rc);
+            pinned_weft_cpu.push(wc);
+        }
+    }
+    if pairs_only {
+        println!("BENCH transfer_vs_raw_from_click_ratio {:.2} x", median(click_ratios.clone()));
+        let ((raw_ms, raw_busy), (weft_ms, weft_busy)) =
+            (cpu_medians(&raw_cpu), cpu_medians(&weft_cpu));
+        println!("BENCH raw_cpu_ms_per_mb {raw_ms:.1} ms/MB");
+        println!("BENCH weft_cpu_ms_per_mb {weft_ms:.1} ms/MB");
+        println!("BENCH raw_machine_busy_pct {raw_busy:.0} %");
+        println!("BENCH weft_machine_busy_pct {weft_busy:.0} %");
+    }
+    if pinning {
+        let ((raw_ms, _), (weft_ms, _)) =
+            (cpu_medians(&pinned_raw_cpu), cpu_medians(&pinned_weft_cpu));
+        println!("BENCH pinned_transfer_vs_raw_from_click_ratio {:.2} x", median(pinned_ratios));
+        println!("BENCH pinned_raw_cpu_ms_per_mb {raw_ms:.1} ms/MB");
+        println!("BENCH pinned_weft_cpu_ms_per_mb {weft_ms:.1} ms/MB");
+    }
+    if base.is_some() {
+        let (base_ms, _) = cpu_medians(&base_cpu);
+        println!("BENCH baseline_transfer_vs_raw_from_click_ratio {:.2} x", median(base_ratios));
+        println!("BENCH baseline_weft_cpu_ms_per_mb {base_ms:.1} ms/MB");
+        println!("BENCH weft_vs_baseline_from_click_paired_median {:.2} x", median(own_vs_base));
+    }
+    floor(alice, base.as_ref().map(|(b, _)| &b.browsers[0]), cpu_medians(&raw_cpu).0).await?;
+    if pairs_only {
+        return Ok(());
     }
 
     // The same with Alice's upload limited, as a home uplink would: what one seeder gives.
@@ -864,14 +1150,8 @@ async fn speed(net: &Net, scratch: &Scratch) -> Result<()> {
     println!("BENCH swarm_vs_single_ratio {:.2} x", swarm_m / weft_m);
     println!("BENCH swarm_sources_min {swarm_sources} sources");
     // CPU use (the timed windows include the pages' own checks around each run).
-    let cpu = |v: &[CpuUse]| {
-        (
-            median(v.iter().map(|c| c.ms_per_mb).collect()),
-            median(v.iter().map(|c| c.busy_pct).collect()),
-        )
-    };
     let ((raw_ms, raw_busy), (weft_ms, weft_busy), (_, swarm_busy)) =
-        (cpu(&raw_cpu), cpu(&weft_cpu), cpu(&swarm_cpu));
+        (cpu_medians(&raw_cpu), cpu_medians(&weft_cpu), cpu_medians(&swarm_cpu));
     println!("BENCH raw_cpu_ms_per_mb {raw_ms:.1} ms/MB");
     println!("BENCH weft_cpu_ms_per_mb {weft_ms:.1} ms/MB");
     println!("BENCH raw_machine_busy_pct {raw_busy:.0} %");
@@ -938,7 +1218,19 @@ pub async fn main() -> Result<()> {
     let scratch = Scratch::new("bench-transfer")?;
     println!("  files in {}", scratch.path().display());
     let net = Net::start(&["Alice", "Bob", "Carol"]).await?;
-    let result = bench(&net, &scratch).await;
+    let baseline = match std::env::var_os("WEFT_BENCH_BASELINE_WEB_ROOT") {
+        Some(root) => {
+            let limits = weft_signal::Limits::default();
+            let server = start_server_serving("127.0.0.1:0".parse()?, limits, root.into()).await?;
+            let members: Vec<Member> = ["Alice", "Bob"].iter().map(|n| Member::new(n)).collect();
+            Some(Net::start_on(server, &members, "").await?)
+        }
+        None => None,
+    };
+    let result = bench(&net, &scratch, baseline.as_ref()).await;
+    if let Some(b) = baseline {
+        b.close(result.is_err()).await;
+    }
     net.close(result.is_err()).await;
     drop(scratch);
     result

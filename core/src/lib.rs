@@ -15,6 +15,7 @@ pub mod perf;
 pub mod sdp;
 pub mod sealed;
 pub mod signal;
+pub mod sorted;
 pub mod text;
 pub mod transfer;
 pub mod trust;

@@ -11,7 +11,7 @@
 //! [`decode_client`] and [`decode_server`] turn untrusted text into typed messages or a
 //! [`DecodeError`] carrying the [`ErrorCode`] the server reports; they never panic.
 
-use std::collections::BTreeSet;
+use crate::sorted::SortedSet;
 use std::fmt;
 
 use serde::de::DeserializeOwned;
@@ -548,13 +548,13 @@ pub enum MembershipEvent {
 pub struct RoomMembership {
     room: RoomId,
     own_id: Option<PeerId>,
-    peers: BTreeSet<PeerId>,
+    peers: SortedSet<PeerId>,
 }
 
 impl RoomMembership {
     /// A membership in `room`, not yet joined.
     pub fn new(room: RoomId) -> Self {
-        Self { room, own_id: None, peers: BTreeSet::new() }
+        Self { room, own_id: None, peers: SortedSet::new() }
     }
 
     /// The message to send first on every (re)connection.

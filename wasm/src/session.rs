@@ -12,7 +12,7 @@
 //! that arrives while the session is busy waits in the queue for the running loop.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use weft_core::node::{
     Output, SignalingEvent,
 };
 use weft_core::signal::IceServer;
+use weft_core::sorted::SortedMap;
 use weft_core::trust::TrustStore;
 
 use crate::events::{self, JsEvent, PeerInfo, SessionEvent, Status};
@@ -91,7 +92,7 @@ pub(crate) struct Inner {
     left: bool,
     timer: Option<Timer>,
     relay_only: bool,
-    conns: BTreeMap<ConnId, Conn>,
+    conns: SortedMap<ConnId, Conn>,
     pub(crate) network: Network,
     pub(crate) identity: IdentityKeyPair,
     pub(crate) own_name: String,
@@ -174,7 +175,7 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
             left: false,
             timer: None,
             relay_only: config.relay_only,
-            conns: BTreeMap::new(),
+            conns: SortedMap::new(),
             network: config.network,
             identity: config.identity,
             own_name: config.own_name,

@@ -4,11 +4,12 @@
 //! we made. The engine decides the protocol; this decides what users see and when the
 //! driver does I/O.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::signal::PeerId;
+use crate::sorted::SortedMap;
 use crate::transfer::{DownloadProgress, OfferItem, Root, TransferEvent};
 
 /// Where a node keeps what it downloads; decides what happens when a file completes.
@@ -213,7 +214,7 @@ pub(crate) struct FileGlue {
     pub store: DownloadStore,
     pub meters: HashMap<Root, Meter>,
     pub uploads: HashMap<(PeerId, Root), (u64, Option<Duration>)>,
-    pub outgoing: BTreeMap<(PeerId, u64), Outgoing>,
+    pub outgoing: SortedMap<(PeerId, u64), Outgoing>,
     pub shared_sizes: HashMap<Root, u64>,
     /// Downloads whose record changed since the last save.
     pub dirty: BTreeSet<Root>,
@@ -246,7 +247,7 @@ impl FileGlue {
             store,
             meters: HashMap::new(),
             uploads: HashMap::new(),
-            outgoing: BTreeMap::new(),
+            outgoing: SortedMap::new(),
             shared_sizes: HashMap::new(),
             dirty: BTreeSet::new(),
             save_due: None,

@@ -45,7 +45,7 @@ mod peers;
 mod route;
 mod signaling;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
@@ -86,6 +86,7 @@ use crate::peer::{LinkError, LinkEvent, LinkState, PeerLink, PeerLinkConfig, is_
 use crate::signal::{
     ClientMessage, ErrorCode, IceServer, MembershipEvent, PeerId, RoomId, SignalPayload,
 };
+use crate::sorted::{SortedMap, SortedSet};
 use crate::transfer::{
     CancelReason, Cv, DownloadRecord, DownloadState, Engine, EngineConfig, FailReason, OfferItem,
     Output as EngineOutput, Root, ShareFailReason, TransferError, TransferEvent,
@@ -705,14 +706,14 @@ pub struct Node {
     timing: NodeTiming,
     link_config: PeerLinkConfig,
     signaling: SignalingClient,
-    peers: BTreeMap<PeerId, PeerSlot>,
+    peers: SortedMap<PeerId, PeerSlot>,
     /// Which peer each current connection belongs to.
     conns: HashMap<ConnId, PeerId>,
     next_conn: u64,
     trust: TrustStore,
     engine: Engine,
     /// Peers the engine was told have a session.
-    engine_peers: BTreeSet<PeerId>,
+    engine_peers: SortedSet<PeerId>,
     files: FileGlue,
     path_due: Option<Duration>,
     /// The user's STUN/TURN servers, which win over the server's.
@@ -722,7 +723,7 @@ pub struct Node {
     /// Overlay IP: addresses, announcements, the routing table.
     overlay: Overlay,
     /// The peer id whose established session carries each key's traffic.
-    by_key: BTreeMap<PublicIdentity, PeerId>,
+    by_key: SortedMap<PublicIdentity, PeerId>,
     /// Seals what we send members through the server and opens what they send (invite
     /// networks; see [`crate::sealed`]).
     sealer: Option<crate::sealed::SignalSealer>,
@@ -736,7 +737,7 @@ pub struct Node {
     #[cfg(feature = "dns")]
     next_dns_forward: u64,
     /// Passphrase networks: the PAKE run with each other member (`pake.rs`).
-    pairs: BTreeMap<PeerId, pake::Pair>,
+    pairs: SortedMap<PeerId, pake::Pair>,
     /// Passphrase networks: failed PAKE runs, and when the next may finish.
     guard: pake::PakeGuard,
     /// Passphrase networks: signaling payloads from members, not yet taken.
@@ -774,19 +775,19 @@ impl Node {
                 config.timing.first_join_attempts,
                 config.signaling_servers,
             ),
-            peers: BTreeMap::new(),
+            peers: SortedMap::new(),
             conns: HashMap::new(),
             next_conn: 0,
             trust,
             engine,
             capability_key_set: false,
-            engine_peers: BTreeSet::new(),
+            engine_peers: SortedSet::new(),
             files: FileGlue::new(downloads),
             path_due: None,
             user_ice,
             server_ice: Vec::new(),
             overlay,
-            by_key: BTreeMap::new(),
+            by_key: SortedMap::new(),
             sealer,
             refused_signals: 0,
             clock: Duration::ZERO,
@@ -794,7 +795,7 @@ impl Node {
             dns_forwards: HashMap::new(),
             #[cfg(feature = "dns")]
             next_dns_forward: 0,
-            pairs: BTreeMap::new(),
+            pairs: SortedMap::new(),
             guard: pake::PakeGuard::default(),
             pake_inbox: VecDeque::new(),
             out: VecDeque::new(),
@@ -1845,8 +1846,8 @@ impl Node {
     /// Does what the engine asks until it asks nothing more: small messages to one peer
     /// share a packet; reads wait for the upload limit.
     fn pump(&mut self, now: Duration) {
-        let mut batches: BTreeMap<PeerId, Vec<(u8, Vec<u8>)>> = BTreeMap::new();
-        let mut touched = BTreeSet::new();
+        let mut batches: SortedMap<PeerId, Vec<(u8, Vec<u8>)>> = SortedMap::new();
+        let mut touched = SortedSet::new();
         while let Some(output) = self.engine.poll_output() {
             match output {
                 EngineOutput::Send { peer, msg } => {
@@ -2121,13 +2122,17 @@ impl Node {
     /// The records of downloads marked dirty (a download may be marked under its stream
     /// key and under its root: one record each).
     fn take_dirty_records(&mut self) -> Vec<DownloadRecord> {
-        std::mem::take(&mut self.files.dirty)
+        let mut records: Vec<DownloadRecord> = std::mem::take(&mut self.files.dirty)
             .iter()
             .filter_map(|r| self.engine.record(r))
-            .map(|r| (r.root, r))
-            .collect::<BTreeMap<_, _>>()
-            .into_values()
-            .collect()
+            .collect();
+        // By root, the last record of each root kept (a sort and a dedup rather than a
+        // map: one map type fewer in the browser's module).
+        records.sort_by_key(|r| r.root);
+        records.reverse();
+        records.dedup_by_key(|r| r.root);
+        records.reverse();
+        records
     }
 
     fn save_dirty(&mut self, now: Duration) {

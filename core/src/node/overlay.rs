@@ -3,7 +3,7 @@
 //! packet paths (TUN to peer, peer to TUN) with cryptokey routing. The node calls in here;
 //! this module decides. Design in `core/ROUTING.md`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use crate::sorted::{SortedMap, SortedSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -159,11 +159,11 @@ pub(crate) struct Overlay {
     /// When the claim becomes firm if not before.
     firm_at: Option<Duration>,
     /// Keys that announced while our claim was tentative.
-    heard: BTreeSet<PublicIdentity>,
+    heard: SortedSet<PublicIdentity>,
     /// How many other members the room had when we joined: once as many announced, our
     /// claim is firm.
     members_at_join: usize,
-    peers: BTreeMap<PublicIdentity, PeerRoutes>,
+    peers: SortedMap<PublicIdentity, PeerRoutes>,
     table: RouteTable,
     counters: RouteCounters,
     /// ICMP errors that may still be sent now, and when the allowance was last refilled.
@@ -182,9 +182,9 @@ impl Overlay {
             ipv4: Some((ipv4_candidate(&key, 0), 0)),
             firm: false,
             firm_at: None,
-            heard: BTreeSet::new(),
+            heard: SortedSet::new(),
             members_at_join: 0,
-            peers: BTreeMap::new(),
+            peers: SortedMap::new(),
             table: RouteTable::default(),
             counters: RouteCounters::default(),
             icmp_allowance: (ICMP_ERRORS_PER_SECOND, Duration::ZERO),
@@ -441,7 +441,7 @@ impl Overlay {
         if !beaten {
             return false;
         }
-        let taken: BTreeSet<Ipv4Addr> = claims.iter().map(|(a, _)| *a).collect();
+        let taken: SortedSet<Ipv4Addr> = claims.iter().map(|(a, _)| *a).collect();
         self.ipv4 = (0..super::address::MAX_IPV4_CANDIDATES)
             .map(|i| (ipv4_candidate(&self.key, i), i))
             .find(|(a, _)| !taken.contains(a));
@@ -702,7 +702,7 @@ mod tests {
 
     /// Two keys (any 32 bytes will do here) whose first candidates collide.
     fn colliding() -> (PublicIdentity, PublicIdentity) {
-        let mut seen = BTreeMap::new();
+        let mut seen = std::collections::BTreeMap::new();
         for i in 0u32.. {
             let mut b = [0u8; 32];
             b[..4].copy_from_slice(&i.to_be_bytes());

@@ -17,7 +17,7 @@
 //! A peer's Start that comes while it must wait is kept (the latest one per peer) and
 //! answered when the wait ends.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
@@ -26,6 +26,7 @@ use super::{Event, Node, Output, PeerFailure};
 use crate::pake::{Incoming, PakeKeys, PakeMessage, PakeRun, SPAKE_MSG_LEN, classify};
 use crate::sealed::SignalSealer;
 use crate::signal::{PeerId, SignalPayload};
+use crate::sorted::SortedMap;
 
 /// How long a finished run waits for the other side's confirmation.
 pub const CONFIRM_WAIT: Duration = Duration::from_secs(10);
@@ -117,7 +118,7 @@ struct IdRecord {
 /// Counts failed runs and says when the next may finish. See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct PakeGuard {
-    per_id: BTreeMap<PeerId, IdRecord>,
+    per_id: SortedMap<PeerId, IdRecord>,
     recent: VecDeque<Duration>,
     global_next: Duration,
     total: u64,

@@ -4,13 +4,14 @@
 //! announce. Longest prefix wins; ties are broken as [`RouteTable`] says. Design in
 //! `core/ROUTING.md`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use crate::identity::{Fingerprint, PublicIdentity};
+use crate::sorted::SortedMap;
 
 /// Version of the announcement format.
 pub const ANNOUNCEMENT_VERSION: u8 = 1;
@@ -391,7 +392,7 @@ pub struct RouteTable {
     v4: Vec<(u8, HashMap<u32, Route>)>,
     v6: Vec<(u8, HashMap<u128, Route>)>,
     /// Every candidate route, winners and losers, by prefix then rank.
-    all: BTreeMap<IpNet, Vec<(Rank, Route)>>,
+    all: SortedMap<IpNet, Vec<(Rank, Route)>>,
 }
 
 impl fmt::Debug for RouteTable {
@@ -411,12 +412,12 @@ fn mask6(len: u8) -> u128 {
 impl RouteTable {
     /// A table of these candidate routes.
     pub(crate) fn build(candidates: Vec<(Rank, Route)>) -> Self {
-        let mut all: BTreeMap<IpNet, Vec<(Rank, Route)>> = BTreeMap::new();
+        let mut all: SortedMap<IpNet, Vec<(Rank, Route)>> = SortedMap::new();
         for (rank, route) in candidates {
             all.entry(route.prefix).or_default().push((rank, route));
         }
-        let mut v4: BTreeMap<u8, HashMap<u32, Route>> = BTreeMap::new();
-        let mut v6: BTreeMap<u8, HashMap<u128, Route>> = BTreeMap::new();
+        let mut v4: SortedMap<u8, HashMap<u32, Route>> = SortedMap::new();
+        let mut v6: SortedMap<u8, HashMap<u128, Route>> = SortedMap::new();
         for (prefix, routes) in all.iter_mut() {
             routes.sort_by_key(|(rank, _)| *rank);
             let Some((_, winner)) = routes.first() else { continue };

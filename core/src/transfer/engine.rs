@@ -12,7 +12,7 @@
 //! Nothing is marked done until the driver confirms the write ([`Engine::write_done`]),
 //! so a persisted [`DownloadRecord`] never claims bytes that are not on disk.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,7 @@ use super::pace::Pace;
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
+use crate::sorted::SortedMap;
 
 /// Most capabilities a download keeps (offers of one file by several senders, or offered
 /// again after a sender restarted): each is one more `Query` per peer, and a sender that
@@ -413,7 +414,7 @@ struct Download {
     /// Chunks to request, beyond `cursor`.
     retry: BTreeSet<u32>,
     cursor: u32,
-    sources: BTreeMap<PeerId, Source>,
+    sources: SortedMap<PeerId, Source>,
     /// With no source left: when to ask connected peers again.
     requery_at: Option<Duration>,
     state: DownloadState,
@@ -443,7 +444,7 @@ impl Download {
             inflight: HashMap::new(),
             retry: BTreeSet::new(),
             cursor: 0,
-            sources: BTreeMap::new(),
+            sources: SortedMap::new(),
             requery_at: None,
             state: DownloadState::Active,
         }

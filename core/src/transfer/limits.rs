@@ -11,13 +11,14 @@
 //! [`TransferMsg::Cancel`]: super::TransferMsg::Cancel
 //! [`TransferMsg::Missing`]: super::TransferMsg::Missing
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
 use super::hash::{CHUNK_LEN, Root};
 use super::wire::{MAX_OFFER_ITEMS, OfferItem};
 use crate::signal::PeerId;
+use crate::sorted::SortedMap;
 
 /// Bytes one offer item takes on the wire besides its path (length, size, kind, key).
 pub const OFFER_ITEM_OVERHEAD: usize = 2 + 8 + 1 + 32;
@@ -303,10 +304,10 @@ impl fmt::Display for LimitReason {
 /// What the engine refused peers, counted by [`LimitReason::kind`] and by peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Refusals {
-    by_kind: BTreeMap<&'static str, u64>,
+    by_kind: SortedMap<&'static str, u64>,
     /// By peer id, for the first [`MAX_PEERS_COUNTED`] peers refused (the server hands
     /// out ids, so a peer back under new ids must not grow it); the total counts all.
-    by_peer: BTreeMap<PeerId, u64>,
+    by_peer: SortedMap<PeerId, u64>,
 }
 
 /// Most peers whose refusals are counted one by one.

@@ -4,10 +4,17 @@
 //! What a person sees must be what the bytes say: no control characters (a terminal
 //! would obey them), no invisible format characters (zero-width joiners, soft hyphens),
 //! no bidirectional overrides that show `gpj.exe` as `exe.jpg`, no line or paragraph
-//! separators. The Unicode general category decides (crate `unicode-general-category`,
-//! Unicode 16): a hand-kept list of code points would miss the next one added.
+//! separators. The Unicode general category decides (Unicode 16, as the crate
+//! `unicode-general-category` gives it): a hand-kept list of code points would miss the next
+//! one added.
+//!
+//! Only two sets of categories are asked about, so the module carries only those two sets
+//! as sorted range boundaries (`tables.rs`, about 9 KB) instead of the crate's table of
+//! every category (50 KB of the browser's module). `tables.rs` is generated from the crate
+//! by a test, which also compares both answers for every `char`; the crate is a
+//! dev-dependency only.
 
-use unicode_general_category::{GeneralCategory, get_general_category};
+mod tables;
 
 /// Whether `c` is a character a reader cannot see or that changes how the text around it
 /// is shown: controls (Cc), format characters (Cf, which include every bidirectional
@@ -15,16 +22,18 @@ use unicode_general_category::{GeneralCategory, get_general_category};
 /// separators (Zl, Zp), and unassigned, private-use or surrogate code points (Cn, Co, Cs:
 /// nothing a font shows the same everywhere).
 pub fn is_hidden(c: char) -> bool {
-    matches!(
-        get_general_category(c),
-        GeneralCategory::Control
-            | GeneralCategory::Format
-            | GeneralCategory::LineSeparator
-            | GeneralCategory::ParagraphSeparator
-            | GeneralCategory::Unassigned
-            | GeneralCategory::PrivateUse
-            | GeneralCategory::Surrogate
-    )
+    in_ranges(tables::HIDDEN, c)
+}
+
+/// Whether `c` is a nonspacing mark (Mn): a combining accent drawn over the letter before it.
+fn is_nonspacing_mark(c: char) -> bool {
+    in_ranges(tables::NONSPACING_MARK, c)
+}
+
+/// Whether `c` lies in the set `bounds` describes: sorted code points where membership
+/// flips, the set starting at each even index and ending before each odd one.
+fn in_ranges(bounds: &[u32], c: char) -> bool {
+    bounds.partition_point(|&b| b <= c as u32) % 2 == 1
 }
 
 /// `text` with every [hidden](is_hidden) character written out as an escape (`\\n`,
@@ -106,7 +115,7 @@ pub fn is_reserved_device_name(name: &str) -> bool {
 pub fn skeleton(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars().flat_map(char::to_lowercase) {
-        if get_general_category(c) == GeneralCategory::NonspacingMark {
+        if is_nonspacing_mark(c) {
             continue;
         }
         out.push(latin_look_alike(base_letter(c)));
@@ -175,6 +184,72 @@ pub fn looks_alike(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use unicode_general_category::{GeneralCategory, get_general_category};
+
+    /// The range boundaries of the chars whose category `pick` accepts.
+    fn bounds(pick: impl Fn(GeneralCategory) -> bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut inside = false;
+        for n in 0..=(char::MAX as u32) {
+            // Surrogates are no `char`; the crate calls them Surrogate (Cs).
+            let here = char::from_u32(n)
+                .map_or(pick(GeneralCategory::Surrogate), |c| pick(get_general_category(c)));
+            if here != inside {
+                out.push(n);
+                inside = here;
+            }
+        }
+        out
+    }
+
+    fn hidden_category(g: GeneralCategory) -> bool {
+        matches!(
+            g,
+            GeneralCategory::Control
+                | GeneralCategory::Format
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+                | GeneralCategory::Unassigned
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Surrogate
+        )
+    }
+
+    fn table_source(name: &str, doc: &str, bounds: &[u32]) -> String {
+        let mut s = format!("/// {doc}\npub(super) const {name}: &[u32] = &[\n");
+        for row in bounds.chunks(8) {
+            let row: Vec<String> = row.iter().map(|b| format!("0x{b:x}")).collect();
+            s.push_str(&format!("    {},\n", row.join(", ")));
+        }
+        s.push_str("];\n");
+        s
+    }
+
+    /// `tables.rs` is what the crate says, and both sets answer as the crate does for every
+    /// char. `WEFT_WRITE_TEXT_TABLES=1 cargo test -p weft-core text::` rewrites the file
+    /// (after a new Unicode version of the crate).
+    #[test]
+    fn tables_give_the_crates_answer_for_every_char() {
+        let hidden = bounds(hidden_category);
+        let marks = bounds(|g| g == GeneralCategory::NonspacingMark);
+        let source = format!(
+            "//! Generated by `text::tests::tables_give_the_crates_answer_for_every_char` from\n\
+             //! the crate `unicode-general-category`; do not edit.\n\n{}\n{}",
+            table_source("HIDDEN", "Cc, Cf, Zl, Zp, Cn, Co and Cs.", &hidden),
+            table_source("NONSPACING_MARK", "Mn.", &marks),
+        );
+        if std::env::var_os("WEFT_WRITE_TEXT_TABLES").is_some() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/text/tables.rs");
+            std::fs::write(path, &source).expect("write tables.rs");
+        }
+        assert_eq!(tables::HIDDEN, hidden.as_slice(), "run with WEFT_WRITE_TEXT_TABLES=1");
+        assert_eq!(tables::NONSPACING_MARK, marks.as_slice(), "run with WEFT_WRITE_TEXT_TABLES=1");
+        for c in (0..=(char::MAX as u32)).filter_map(char::from_u32) {
+            let g = get_general_category(c);
+            assert_eq!(is_hidden(c), hidden_category(g), "{c:?}");
+            assert_eq!(is_nonspacing_mark(c), g == GeneralCategory::NonspacingMark, "{c:?}");
+        }
+    }
 
     #[test]
     fn look_alikes_share_a_skeleton_and_other_names_do_not() {

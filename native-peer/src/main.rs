@@ -176,10 +176,10 @@ async fn join_with(
         own_name: name.clone(),
         // Weft's WebRTC sockets carry the signaling socket's mark: they stay on the
         // underlay, whatever routes the TUN takes.
-        rtc: RtcConfig {
-            mark: routing.signaling_mark,
-            tuning: if routing.tun.is_some() { Tuning::TUN } else { cli.rtc_config().tuning },
-            ..cli.rtc_config()
+        rtc: {
+            let rtc = cli.rtc_config();
+            let tuning = if routing.tun.is_some() { Tuning::TUN } else { rtc.tuning };
+            RtcConfig { mark: routing.signaling_mark, tuning, ..rtc }
         },
         store,
         trust,

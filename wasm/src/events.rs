@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use tsify::Tsify;
+use wasm_bindgen::JsValue;
 use weft_core::identity::Fingerprint;
 use weft_core::node::{
     DownloadView, FileEvent as NodeFileEvent, FileNames, Node, PeerInfo as NodeInfo,
@@ -11,6 +12,17 @@ use weft_core::node::{
 use weft_core::signal::{ErrorCode, PeerId};
 use weft_core::transfer::{DownloadState, OfferItem, Root, TransferEvent};
 use weft_core::trust::Trust;
+
+/// `value` as the page receives it: serde_json's text, parsed by the browser's
+/// `JSON.parse`. The shapes are plain JSON (maps as objects, `None` as `null`, numbers as
+/// numbers), as serde-wasm-bindgen's `json_compatible` made them, but serde_json is in the
+/// module anyway (the signaling messages, the resume records), so this needs no
+/// serializer of its own (serde-wasm-bindgen's cost 3.8 KB of the module as brotli).
+pub(crate) fn to_js<T: Serialize + ?Sized>(value: &T) -> Result<JsValue, String> {
+    let json = serde_json::to_string(value).map_err(|e| e.to_string())?;
+    // serde_json writes only valid JSON: a failure here is the browser's (out of memory).
+    js_sys::JSON::parse(&json).map_err(|_| "JSON.parse failed".to_string())
+}
 
 /// The signaling connection's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Tsify)]

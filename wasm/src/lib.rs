@@ -232,9 +232,13 @@ struct JoinOptions {
     ice_servers: Option<Vec<JsIceServer>>,
     #[serde(default)]
     ice_transport_policy: Option<String>,
-    #[serde(default, with = "serde_wasm_bindgen::preserve")]
+    /// Read from the object itself (`JSON.stringify` leaves functions out): here only to
+    /// declare it, and to accept any value as before (one that is not a function is
+    /// ignored).
+    #[serde(default)]
     #[tsify(type = "(ev: JsEvent) => void", optional)]
-    on_event: JsValue,
+    #[allow(dead_code)]
+    on_event: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     debug: bool,
     #[serde(default)]
@@ -308,9 +312,14 @@ impl WeftSession {
     pub async fn join(
         #[wasm_bindgen(unchecked_param_type = "JoinOptions")] options: JsValue,
     ) -> Result<WeftSession, JsError> {
-        let opts: JoinOptions = serde_wasm_bindgen::from_value(options)
+        // Through JSON, as the events go out (`events::to_js`): serde_json is in the
+        // module anyway.
+        let json = js_sys::JSON::stringify(&options).ok().and_then(|s| s.as_string());
+        let opts: JoinOptions = serde_json::from_str(json.as_deref().unwrap_or("null"))
             .map_err(|e| JsError::new(&format!("bad join options: {e}")))?;
-        let listener = opts.on_event.dyn_into::<js_sys::Function>().ok();
+        let listener = js_sys::Reflect::get(&options, &"onEvent".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<js_sys::Function>().ok());
         rtc::set_debug(opts.debug);
         let relay_only = match opts.ice_transport_policy.as_deref() {
             None | Some("all") => false,
@@ -492,8 +501,7 @@ impl WeftSession {
     #[wasm_bindgen(unchecked_return_type = "PeerInfo[]")]
     pub fn peers(&self) -> Result<JsValue, JsError> {
         let infos = self.inner.borrow().peer_infos();
-        let serializer = serde_wasm_bindgen::Serializer::json_compatible();
-        serde::Serialize::serialize(&infos, &serializer).map_err(|e| JsError::new(&e.to_string()))
+        events::to_js(&infos).map_err(js_error)
     }
 
     /// The other members' peer ids, sorted.
@@ -643,8 +651,7 @@ impl WeftSession {
         let mut inner = self.inner.borrow_mut();
         let view = inner.node.transfers(now());
         let t = TransfersJs::new(&view, &Names(&inner.node));
-        let serializer = serde_wasm_bindgen::Serializer::json_compatible();
-        serde::Serialize::serialize(&t, &serializer).map_err(|e| JsError::new(&e.to_string()))
+        events::to_js(&t).map_err(js_error)
     }
 
     /// The stored bytes of a complete download, as a disk-backed `File` named after its

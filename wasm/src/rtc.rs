@@ -250,8 +250,7 @@ impl RtcPeer {
         let config = RtcConfiguration::new();
         if !ice_servers.is_empty() {
             // `{ urls: [...], username?, credential? }`: an `RTCIceServer` as it is.
-            let list = serde_wasm_bindgen::to_value(ice_servers)
-                .map_err(|e| JsValue::from_str(&e.to_string()))?;
+            let list = crate::events::to_js(ice_servers).map_err(JsValue::from)?;
             config.set_ice_servers(&list);
         }
         if relay_only {
@@ -370,7 +369,7 @@ impl RtcPeer {
             return;
         }
         let config = s.pc.get_configuration();
-        match serde_wasm_bindgen::to_value(ice_servers) {
+        match crate::events::to_js(ice_servers) {
             Ok(list) => config.set_ice_servers(&list),
             Err(e) => debug(|| format!("ICE servers not taken: {e}")),
         }

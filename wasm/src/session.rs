@@ -226,9 +226,8 @@ pub(crate) fn emit(inner: &Rc<RefCell<Inner>>, events: Vec<JsEvent>) {
 }
 
 pub(crate) fn emit_to(listener: &js_sys::Function, events: Vec<JsEvent>) {
-    let serializer = serde_wasm_bindgen::Serializer::json_compatible();
     for ev in events {
-        match serde::Serialize::serialize(&ev, &serializer) {
+        match crate::events::to_js(&ev) {
             Ok(value) => {
                 if let Err(e) = listener.call1(&JsValue::NULL, &value) {
                     web_sys::console::error_2(&"weft: event listener threw".into(), &e);

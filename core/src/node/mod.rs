@@ -866,7 +866,9 @@ impl Node {
             }
             Input::FileSaved { root, result } => self.on_file_saved(root, result),
             Input::TunPacket(packet) => {
-                self.on_tun_packet(now, packet);
+                if cfg!(feature = "tun") {
+                    self.on_tun_packet(now, packet);
+                }
                 return;
             }
             Input::DnsForwarded { id, reply } => {
@@ -1504,6 +1506,11 @@ impl Node {
     /// enabled here, a session, a pair the driver can send on that is not relayed, and a
     /// peer that takes IP packets (we have a TUN, as enabling it requires).
     fn update_fast_path(&mut self, now: Duration, remote: &PeerId) {
+        // Never eligible in a build without TUN devices (`Overlay::fast_path_enabled`):
+        // said here as a constant, so that none of the fast path is in the browser's module.
+        if !cfg!(feature = "tun") {
+            return;
+        }
         let enabled = self.overlay.fast_path_enabled();
         let Some(slot) = self.peers.get_mut(remote) else { return };
         let takes = slot.link.peer_identity().is_some_and(|k| self.overlay.accepts_packets(k));
@@ -1518,6 +1525,9 @@ impl Node {
 
     /// Probes due on fast paths (and paths given up for not answering).
     fn probe_fast_paths(&mut self, now: Duration) {
+        if !cfg!(feature = "tun") {
+            return;
+        }
         for (remote, slot) in &mut self.peers {
             if slot.fast.poll_timeout().is_none_or(|t| t > now) {
                 continue;
@@ -1533,6 +1543,10 @@ impl Node {
     /// Probes and acks that came on `remote`'s fast path: a probe is answered on the fast
     /// path (when it is enabled here), an ack may bring ours up.
     fn on_fast_path_messages(&mut self, now: Duration, remote: &PeerId, bodies: Vec<Vec<u8>>) {
+        // Without TUN devices no fast path is ever up here, and probes go unanswered.
+        if !cfg!(feature = "tun") {
+            return;
+        }
         let enabled = self.overlay.fast_path_enabled();
         let Some(slot) = self.peers.get_mut(remote) else { return };
         for body in bodies {

@@ -220,7 +220,7 @@ impl Overlay {
             }
         }
         routes.truncate(super::route::MAX_ANNOUNCED_ROUTES);
-        Announcement { accepts_packets: self.config.tun, firm: self.firm, routes }
+        Announcement { accepts_packets: self.has_tun(), firm: self.firm, routes }
     }
 
     /// We joined the room with these other members: until each has announced (or
@@ -313,7 +313,14 @@ impl Overlay {
 
     /// Whether the fast path is on (it carries only IP packets, so only with a TUN).
     pub(crate) fn fast_path_enabled(&self) -> bool {
-        self.config.fast_path && self.config.tun
+        self.config.fast_path && self.has_tun()
+    }
+
+    /// Whether IP packets go through this node: a TUN device, in a build that can have one
+    /// (the `tun` feature; off in the browser, whose module then carries none of the
+    /// packet paths: a constant `false` here lets the compiler drop them).
+    fn has_tun(&self) -> bool {
+        cfg!(feature = "tun") && self.config.tun
     }
 
     /// Whether `key` announced that it takes IP packets.
@@ -556,7 +563,7 @@ impl Overlay {
     /// routed to that very peer (cryptokey routing, as WireGuard's allowed IPs); its
     /// destination must be ours, or behind a route we serve it.
     pub(crate) fn inbound(&mut self, key: &PublicIdentity, packet: &[u8]) -> bool {
-        if !self.config.tun {
+        if !self.has_tun() {
             self.counters.dropped_no_tun += 1;
             return false;
         }

@@ -420,6 +420,11 @@ impl RouteTable {
         let mut v6: SortedMap<u8, HashMap<u128, Route>> = SortedMap::new();
         for (prefix, routes) in all.iter_mut() {
             routes.sort_by_key(|(rank, _)| *rank);
+            // Only packets are looked up: a build without TUN devices (the browser's)
+            // keeps no index, and its module no hash maps for one.
+            if !cfg!(feature = "tun") {
+                continue;
+            }
             let Some((_, winner)) = routes.first() else { continue };
             match prefix {
                 IpNet::V4(n) => {
@@ -438,7 +443,8 @@ impl RouteTable {
     }
 
     /// The route for `dst`: the longest prefix containing it, and of those announced for
-    /// that prefix, the best ranked.
+    /// that prefix, the best ranked. Always `None` without the `tun` feature (nothing
+    /// routes packets there).
     pub fn lookup(&self, dst: IpAddr) -> Option<&Route> {
         match dst {
             IpAddr::V4(a) => {

@@ -116,10 +116,12 @@ impl SignalSealer {
         let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| OpenError::Malformed)?;
         let aad = self.aad(from, to);
         self.cipher.open_in_place(&nonce, &aad, body, &tag).map_err(|_| OpenError::Forged)?;
-        match serde_json::from_slice(body) {
+        // As text, as every other JSON the browser reads: one serde_json reader in its
+        // module, not two (not UTF-8 is as bad inside as any other error).
+        match std::str::from_utf8(body).map(serde_json::from_str) {
             // Sealed twice is not a thing a member sends.
-            Ok(SignalPayload::Opaque { .. }) | Err(_) => Err(OpenError::BadInside),
-            Ok(inner) => Ok(inner),
+            Ok(Ok(SignalPayload::Opaque { .. }) | Err(_)) | Err(_) => Err(OpenError::BadInside),
+            Ok(Ok(inner)) => Ok(inner),
         }
     }
 }

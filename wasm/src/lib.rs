@@ -262,28 +262,38 @@ impl std::fmt::Debug for WeftSession {
 /// `credentialType`, are ignored).
 #[derive(Deserialize, tsify::Tsify)]
 struct JsIceServer {
-    urls: JsUrls,
+    /// One URL or a list. (Read by hand, not as an untagged enum: serde's derive of one
+    /// buffers the value in its `Content` first, code the module need not carry.)
+    #[serde(deserialize_with = "one_or_many")]
+    #[tsify(type = "string | string[]")]
+    urls: Vec<String>,
     #[serde(default)]
     username: Option<String>,
     #[serde(default)]
     credential: Option<String>,
 }
 
-/// `urls`: one URL or a list.
-#[derive(Deserialize, tsify::Tsify)]
-#[serde(untagged)]
-enum JsUrls {
-    One(String),
-    Many(Vec<String>),
+/// A string as a list of one, or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct OneOrMany;
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a URL or a list of URLs")
+        }
+        fn visit_str<E: serde::de::Error>(self, url: &str) -> Result<Self::Value, E> {
+            Ok(vec![url.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    d.deserialize_any(OneOrMany)
 }
 
 impl From<JsIceServer> for signal::IceServer {
     fn from(s: JsIceServer) -> Self {
-        let urls = match s.urls {
-            JsUrls::One(url) => vec![url],
-            JsUrls::Many(urls) => urls,
-        };
-        Self { urls, username: s.username, credential: s.credential }
+        Self { urls: s.urls, username: s.username, credential: s.credential }
     }
 }
 

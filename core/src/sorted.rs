@@ -14,7 +14,27 @@
 //! only for maps whose size a limit keeps small.
 
 use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::fmt;
+
+/// Sorts `items` stably by `cmp`, through one sort of indices that every caller shares:
+/// std's sort is instantiated for each element and comparator type, about 4 KB of the
+/// browser's module each (six of them, 25 KB uncompressed, before this). O(n log n), as
+/// std's, plus a pass to move the items.
+pub(crate) fn sort_by<T>(items: &mut Vec<T>, cmp: impl Fn(&T, &T) -> Ordering) {
+    let order = sorted_indices(items.len(), &|a, b| cmp(&items[a], &items[b]));
+    let mut slots: Vec<Option<T>> = items.drain(..).map(Some).collect();
+    items.extend(order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)));
+}
+
+/// `0..len` sorted stably by `cmp`: the one instantiation of std's sort behind
+/// [`sort_by`].
+#[inline(never)]
+fn sorted_indices(len: usize, cmp: &dyn Fn(usize, usize) -> Ordering) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.sort_by(|&a, &b| cmp(a, b));
+    order
+}
 
 /// An ordered map over a sorted `Vec<(K, V)>` with `BTreeMap`'s method names.
 #[derive(Clone, PartialEq, Eq)]
@@ -295,7 +315,7 @@ impl<K: Ord> SortedSet<K> {
 impl<K: Ord> FromIterator<K> for SortedSet<K> {
     fn from_iter<I: IntoIterator<Item = K>>(iter: I) -> Self {
         let mut items: Vec<K> = iter.into_iter().collect();
-        items.sort();
+        sort_by(&mut items, K::cmp);
         items.dedup();
         Self { items }
     }
@@ -358,6 +378,16 @@ mod tests {
             prop_assert!(collected.iter().eq(std_map.iter()));
             let collected: SortedSet<u8> = std_set.iter().rev().copied().chain(std_set.iter().copied()).collect();
             prop_assert!(collected.iter().eq(std_set.iter()));
+        }
+
+        /// `sort_by` is std's stable sort: equal keys keep their order.
+        #[test]
+        fn sort_by_is_a_stable_sort(items in proptest::collection::vec((0u8..8, any::<u16>()), 0..100)) {
+            let mut ours = items.clone();
+            sort_by(&mut ours, |a, b| a.0.cmp(&b.0));
+            let mut std_sorted = items;
+            std_sorted.sort_by_key(|&(k, _)| k);
+            prop_assert_eq!(ours, std_sorted);
         }
     }
 }

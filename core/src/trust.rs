@@ -128,7 +128,7 @@ impl TrustStore {
     pub fn look_alike(&self, name: &str, fingerprint: &Fingerprint) -> Option<&str> {
         let hex = fingerprint.to_hex();
         let skeleton = crate::text::skeleton(name);
-        let mut alikes: Vec<(&String, &Pin)> = self
+        let alikes: Vec<(&String, &Pin)> = self
             .peers
             .iter()
             .filter(|(other, pin)| {
@@ -137,8 +137,8 @@ impl TrustStore {
                     && crate::text::skeleton(other) == skeleton
             })
             .collect();
-        alikes.sort_by_key(|(_, pin)| !pin.verified);
-        alikes.first().map(|(other, _)| other.as_str())
+        let verified = alikes.iter().find(|(_, pin)| pin.verified);
+        verified.or(alikes.first()).map(|(other, _)| other.as_str())
     }
 
     /// A person compared the short code of `fingerprint` with `name`'s own and they match.

@@ -2142,7 +2142,7 @@ impl Node {
             .collect();
         // By root, the last record of each root kept (a sort and a dedup rather than a
         // map: one map type fewer in the browser's module).
-        records.sort_by_key(|r| r.root);
+        crate::sorted::sort_by(&mut records, |a, b| a.root.cmp(&b.root));
         records.reverse();
         records.dedup_by_key(|r| r.root);
         records.reverse();

@@ -419,7 +419,7 @@ impl RouteTable {
         let mut v4: SortedMap<u8, HashMap<u32, Route>> = SortedMap::new();
         let mut v6: SortedMap<u8, HashMap<u128, Route>> = SortedMap::new();
         for (prefix, routes) in all.iter_mut() {
-            routes.sort_by_key(|(rank, _)| *rank);
+            crate::sorted::sort_by(routes, |a, b| a.0.cmp(&b.0));
             // Only packets are looked up: a build without TUN devices (the browser's)
             // keeps no index, and its module no hash maps for one.
             if !cfg!(feature = "tun") {

@@ -1204,7 +1204,7 @@ impl Engine {
     pub fn pending_offers(&self) -> Vec<(PeerId, u64, Vec<OfferItem>)> {
         let mut offers: Vec<_> =
             self.incoming.iter().map(|((p, id), items)| (p.clone(), *id, items.clone())).collect();
-        offers.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        crate::sorted::sort_by(&mut offers, |a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         offers
     }
 

@@ -45,7 +45,7 @@ mod peers;
 mod route;
 mod signaling;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use hpke::rand_core::CryptoRng;
@@ -708,7 +708,7 @@ pub struct Node {
     signaling: SignalingClient,
     peers: SortedMap<PeerId, PeerSlot>,
     /// Which peer each current connection belongs to.
-    conns: HashMap<ConnId, PeerId>,
+    conns: SortedMap<ConnId, PeerId>,
     next_conn: u64,
     trust: TrustStore,
     engine: Engine,
@@ -733,7 +733,7 @@ pub struct Node {
     clock: Duration,
     /// Queries to the `.weft` resolver forwarded to the host's resolvers, by forward id.
     #[cfg(feature = "dns")]
-    dns_forwards: HashMap<u64, dns::Query>,
+    dns_forwards: std::collections::HashMap<u64, dns::Query>,
     #[cfg(feature = "dns")]
     next_dns_forward: u64,
     /// Passphrase networks: the PAKE run with each other member (`pake.rs`).
@@ -776,7 +776,7 @@ impl Node {
                 config.signaling_servers,
             ),
             peers: SortedMap::new(),
-            conns: HashMap::new(),
+            conns: SortedMap::new(),
             next_conn: 0,
             trust,
             engine,
@@ -792,7 +792,7 @@ impl Node {
             refused_signals: 0,
             clock: Duration::ZERO,
             #[cfg(feature = "dns")]
-            dns_forwards: HashMap::new(),
+            dns_forwards: std::collections::HashMap::new(),
             #[cfg(feature = "dns")]
             next_dns_forward: 0,
             pairs: SortedMap::new(),

@@ -25,7 +25,7 @@ use super::pace::Pace;
 use super::reason::{CancelReason, DropReason, FailReason, ShareFailReason};
 use super::wire::{MAX_HASHES_PER_MSG, OfferItem, TransferMsg, WireError, check_path};
 use crate::signal::PeerId;
-use crate::sorted::SortedMap;
+use crate::sorted::{SortedMap, SortedSet};
 
 /// Most capabilities a download keeps (offers of one file by several senders, or offered
 /// again after a sender restarted): each is one more `Query` per peer, and a sender that
@@ -657,7 +657,9 @@ struct Outgoing {
 #[derive(Debug)]
 pub struct Engine {
     config: EngineConfig,
-    peers: HashSet<PeerId>,
+    /// Peers and the per-peer maps below hold one entry per member of the room (32 by
+    /// default on the server): sorted `Vec`s, not hash maps (`sorted.rs`; page weight).
+    peers: SortedSet<PeerId>,
     shared: HashMap<Root, Shared>,
     /// Other names of shared files: the stream keys we offered them under, and the roots
     /// of files shared under another key (local key while hashing, or a completed
@@ -668,7 +670,7 @@ pub struct Engine {
     /// Reads in flight: (peer, local key, chunk) → the keys the peer asked with.
     reading: HashMap<(PeerId, Root, u32), VecDeque<Root>>,
     /// Peers' identity tags ([`Engine::peer_identity`]).
-    identities: HashMap<PeerId, Root>,
+    identities: SortedMap<PeerId, Root>,
     /// Our own identity tag ([`Engine::set_identity`]): what our fetch proofs name.
     own: Root,
     /// Our capabilities are derived from it ([`Engine::set_capability_key`]).
@@ -692,8 +694,8 @@ pub struct Engine {
     incoming: HashMap<(PeerId, u64), Vec<OfferItem>>,
     /// With the scheduler's index of those that may have work (`transfer/active.rs`).
     downloads: Downloads<Download>,
-    serve_queue: HashMap<PeerId, VecDeque<(Root, u32)>>,
-    reads_in_flight: HashMap<PeerId, usize>,
+    serve_queue: SortedMap<PeerId, VecDeque<(Root, u32)>>,
+    reads_in_flight: SortedMap<PeerId, usize>,
     out: VecDeque<Output>,
     next_offer_id: u64,
     /// When [`Engine::handle_timeout`] last ran: an endgame wake-up at or before it has
@@ -712,12 +714,12 @@ impl Engine {
     pub fn new(config: EngineConfig, first_offer_id: u64) -> Self {
         Self {
             config,
-            peers: HashSet::new(),
+            peers: SortedSet::new(),
             shared: HashMap::new(),
             aliases: HashMap::new(),
             waiters: HashMap::new(),
             reading: HashMap::new(),
-            identities: HashMap::new(),
+            identities: SortedMap::new(),
             own: Root::from([0; 32]),
             // Not secret until the node sets one from its randomness: an engine on its own
             // (tests, benches) still gives each file its own capability.
@@ -730,8 +732,8 @@ impl Engine {
             offered_names: HashMap::new(),
             incoming: HashMap::new(),
             downloads: Downloads::default(),
-            serve_queue: HashMap::new(),
-            reads_in_flight: HashMap::new(),
+            serve_queue: SortedMap::new(),
+            reads_in_flight: SortedMap::new(),
             out: VecDeque::new(),
             next_offer_id: first_offer_id,
             timeouts_run_at: None,
@@ -2181,12 +2183,12 @@ impl Engine {
             // Each source's requests expire after its own timeout (longer for a source
             // whose answers are slow). All those that expire in one run are one failure
             // of that source: one stall, not one per request it had outstanding.
-            let timeouts: HashMap<PeerId, Duration> = d
+            let timeouts: SortedMap<PeerId, Duration> = d
                 .sources
                 .iter()
                 .map(|(p, s)| (p.clone(), s.pace.timeout(config.request_timeout)))
                 .collect();
-            let mut expired: HashMap<PeerId, u32> = HashMap::new();
+            let mut expired: SortedMap<PeerId, u32> = SortedMap::new();
             for (index, reqs) in d.inflight.iter_mut() {
                 reqs.retain(|(p, t)| {
                     let limit = timeouts.get(p).copied().unwrap_or(config.request_timeout);

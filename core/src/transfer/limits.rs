@@ -410,7 +410,8 @@ pub(crate) struct LimitState {
     pub partial: HashMap<(PeerId, u64), PartialOffer>,
     /// Bytes of each offer waiting for an answer (pruned against the engine's offers).
     pub pending_bytes: HashMap<(PeerId, u64), usize>,
-    pub hash_queues: HashMap<PeerId, HashQueue>,
+    /// One per peer (a room's members): a sorted `Vec` (`sorted.rs`).
+    pub hash_queues: SortedMap<PeerId, HashQueue>,
     pub refusals: Refusals,
     /// Offers refused lately (their later parts are dropped, not taken for new offers),
     /// the most recent [`REMEMBER_REFUSED`].

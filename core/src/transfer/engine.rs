@@ -691,7 +691,9 @@ pub struct Engine {
     /// (peer, name or local key of an item) of the open offers in `outgoing`, with how
     /// many items so name it: which files a peer was offered, without a scan.
     offered_names: HashMap<(PeerId, Root), u32>,
-    incoming: HashMap<(PeerId, u64), Vec<OfferItem>>,
+    /// At most `max_pending_offers` (64) per peer: a sorted `Vec` (`sorted.rs`), in the
+    /// order `pending_offers` gives them.
+    incoming: SortedMap<(PeerId, u64), Vec<OfferItem>>,
     /// With the scheduler's index of those that may have work (`transfer/active.rs`).
     downloads: Downloads<Download>,
     serve_queue: SortedMap<PeerId, VecDeque<(Root, u32)>>,
@@ -730,7 +732,7 @@ impl Engine {
             fetchers: HashMap::new(),
             outgoing: HashMap::new(),
             offered_names: HashMap::new(),
-            incoming: HashMap::new(),
+            incoming: SortedMap::new(),
             downloads: Downloads::default(),
             serve_queue: SortedMap::new(),
             reads_in_flight: SortedMap::new(),
@@ -1204,10 +1206,8 @@ impl Engine {
 
     /// Offers received and not answered yet: (peer, offer id, items).
     pub fn pending_offers(&self) -> Vec<(PeerId, u64, Vec<OfferItem>)> {
-        let mut offers: Vec<_> =
-            self.incoming.iter().map(|((p, id), items)| (p.clone(), *id, items.clone())).collect();
-        crate::sorted::sort_by(&mut offers, |a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        offers
+        // By peer, then offer id: the map's order.
+        self.incoming.iter().map(|((p, id), items)| (p.clone(), *id, items.clone())).collect()
     }
 
     /// The bytes of a requested chunk, read after [`Output::Read`].

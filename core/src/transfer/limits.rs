@@ -11,7 +11,7 @@
 //! [`TransferMsg::Cancel`]: super::TransferMsg::Cancel
 //! [`TransferMsg::Missing`]: super::TransferMsg::Missing
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
@@ -406,10 +406,11 @@ impl HashQueue {
 /// The engine's per-peer state for its caps.
 #[derive(Debug, Default)]
 pub(crate) struct LimitState {
-    /// Offers arriving in parts: (peer, offer id) → the items so far.
-    pub partial: HashMap<(PeerId, u64), PartialOffer>,
+    /// Offers arriving in parts: (peer, offer id) → the items so far. This map and the
+    /// next hold at most `max_pending_offers` per peer: sorted `Vec`s (`sorted.rs`).
+    pub partial: SortedMap<(PeerId, u64), PartialOffer>,
     /// Bytes of each offer waiting for an answer (pruned against the engine's offers).
-    pub pending_bytes: HashMap<(PeerId, u64), usize>,
+    pub pending_bytes: SortedMap<(PeerId, u64), usize>,
     /// One per peer (a room's members): a sorted `Vec` (`sorted.rs`).
     pub hash_queues: SortedMap<PeerId, HashQueue>,
     pub refusals: Refusals,
@@ -426,7 +427,7 @@ impl LimitState {
     pub(crate) fn pending_of(
         &mut self,
         peer: &PeerId,
-        incoming: &HashMap<(PeerId, u64), Vec<OfferItem>>,
+        incoming: &SortedMap<(PeerId, u64), Vec<OfferItem>>,
     ) -> (usize, usize) {
         self.pending_bytes.retain(|k, _| incoming.contains_key(k));
         let (mut offers, mut bytes) = (0, 0);

@@ -1,14 +1,18 @@
 // Weft web app: the page's UI on top of the WASM core's JavaScript API (see the docs at
 // the top of wasm/src/lib.rs). Everything here is presentation; the protocol lives in Rust.
 import init, * as weft from "./pkg/weft_wasm.js";
-import { FilesUI, trustBadge } from "./files-ui.js";
 
 const $ = (id) => document.getElementById(id);
 let session = null;
 const peers = new Map(); // peerId -> latest peer object from the core
 const passphraseFailures = new Map(); // peerId -> failed passphrase checks the core counted
 const listeners = new Set(); // extra event listeners (window.weft.on), for embedders and tests
-let files = null; // the file-transfer UI (files-ui.js)
+// The file-transfer UI (files-ui.js), loaded with the first join rather than with the page:
+// the join screen needs none of it (page weight: 11 KB of a first visit's 330). Until it
+// is there, what it is told waits in order (`withFiles`).
+let files = null;
+let filesLoad = null;
+const filesQueue = [];
 // sessionStorage key of the invite this tab joined with, so that a reload rejoins (see join).
 const INVITE_KEY = "weft-invite";
 
@@ -17,6 +21,30 @@ function dispatch(ev) {
   for (const listener of listeners) {
     try { listener(ev); } catch (e) { console.error("weft listener failed", e); }
   }
+}
+
+/// Calls `call(files)` now if the file-transfer UI is loaded, once it is if it is loading;
+/// before the first join there is nothing to tell it.
+function withFiles(call) {
+  if (files) call(files);
+  else if (filesLoad) filesQueue.push(call);
+}
+
+function loadFiles() {
+  filesLoad ??= import("./files-ui.js").then(({ FilesUI }) => {
+    files = new FilesUI({ peers, trustBadge });
+    for (const call of filesQueue.splice(0)) call(files);
+    return files;
+  });
+  return filesLoad;
+}
+
+// Until the file-transfer UI is there, a file dropped on the page must not make the
+// browser navigate away to it (files-ui.js then takes drops over).
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (ev) => {
+    if (!files && [...(ev.dataTransfer?.types ?? [])].includes("Files")) ev.preventDefault();
+  });
 }
 
 function setStatus(status, detail) {
@@ -36,6 +64,18 @@ function el(tag, props = {}, ...children) {
   Object.assign(node, props);
   node.append(...children);
   return node;
+}
+
+/// The trust of a sender, shown beside each message and each offer: a verified key, a
+/// known one, a first contact, a changed key, or a name that looks like another member's.
+function trustBadge({ trust, looksLike, mine }) {
+  if (mine) return "";
+  if (looksLike) {
+    return el("span", { className: "trust trust-alike", textContent: `⚠ looks like "${looksLike}", another key` });
+  }
+  const words = { verified: "✓ verified", known: "known key", new: "first contact", changed: "⚠ key changed" };
+  const word = words[trust] ?? "unverified";
+  return el("span", { className: `trust trust-${trust ?? "unknown"}`, textContent: word });
 }
 
 function renderPeers() {
@@ -84,7 +124,7 @@ function renderPeers() {
   list.replaceChildren(...items);
   $("peer-count").textContent = String(peers.size);
   $("no-peers").hidden = peers.size > 0;
-  files?.peersChanged();
+  withFiles((f) => f.peersChanged());
 }
 
 async function copyText(text, button) {
@@ -146,7 +186,7 @@ function onEvent(ev) {
     }
     case "error": setStatus("error", `${ev.code}: ${ev.message}`); break;
   }
-  files?.onEvent(ev);
+  withFiles((f) => f.onEvent(ev));
 }
 
 function displayName() {
@@ -156,12 +196,13 @@ function displayName() {
 }
 
 async function join(options) {
+  loadFiles().catch((e) => console.error("weft: the file-transfer UI did not load", e));
   showError("join-error", "");
   passphraseFailures.clear();
   $("passphrase-notice").hidden = true;
   session?.leave();
   session = null;
-  files?.detach();
+  withFiles((f) => f.detach());
   peers.clear();
   setStatus(options.passphrase ? "deriving_key" : "connecting",
     options.passphrase ? "Stretching the passphrase (about two seconds)…" : "");
@@ -197,14 +238,15 @@ async function join(options) {
   $("room-panel").hidden = false;
   document.body.classList.add("in-room");
   for (const p of session.peers()) peers.set(p.peerId, p);
-  files?.attach(session);
+  const joined = session;
+  withFiles((f) => f.attach(joined));
   renderPeers();
 }
 
 function leave() {
   session?.leave();
   session = null;
-  files?.detach();
+  withFiles((f) => f.detach());
   peers.clear();
   document.body.classList.remove("in-room");
   sessionStorage.removeItem(INVITE_KEY);
@@ -268,7 +310,6 @@ async function main() {
       $("message-form").requestSubmit();
     }
   });
-  files = new FilesUI({ peers });
   $("copy-invite").addEventListener("click", async () => {
     try { await navigator.clipboard.writeText($("invite-link").value); } catch { $("invite-link").select(); }
   });
@@ -277,7 +318,7 @@ async function main() {
     get session() { return session; },
     get peers() { return [...peers.values()]; },
     get transfers() { return files?.snapshot() ?? null; },
-    sendFiles: (entries, to) => files.send(entries, to),
+    sendFiles: async (entries, to) => (await loadFiles()).send(entries, to),
     join,
     leave,
     on(listener) { listeners.add(listener); return () => listeners.delete(listener); },

@@ -1,7 +1,8 @@
 // Weft web app: file transfer and the toasts/notifications that go with it. Presentation
 // only, on top of the session's files API (see "## Files" in wasm/src/lib.rs): the core
 // owns offers, downloads and uploads; this module shows them and forwards the user's
-// choices. app.js creates one FilesUI and feeds it every session event.
+// choices. app.js loads this module with the first join (the join screen needs none of
+// it), creates one FilesUI and feeds it every session event.
 
 const $ = (id) => document.getElementById(id);
 
@@ -48,18 +49,6 @@ function reconcile(container, items, keyOf, create, update) {
 }
 
 // ---- formatting ----------------------------------------------------------------------
-
-/// The trust of a sender, shown beside each message and each offer: a verified key, a
-/// known one, a first contact, a changed key, or a name that looks like another member's.
-export function trustBadge({ trust, looksLike, mine }) {
-  if (mine) return "";
-  if (looksLike) {
-    return el("span", { className: "trust trust-alike", textContent: `⚠ looks like "${looksLike}", another key` });
-  }
-  const words = { verified: "✓ verified", known: "known key", new: "first contact", changed: "⚠ key changed" };
-  const word = words[trust] ?? "unverified";
-  return el("span", { className: `trust trust-${trust ?? "unknown"}`, textContent: word });
-}
 
 export function formatBytes(n) {
   n = Number(n) || 0;
@@ -237,8 +226,9 @@ function askNotifyPermission() {
 // ---- the files UI --------------------------------------------------------------------
 
 export class FilesUI {
-  constructor({ peers }) {
+  constructor({ peers, trustBadge }) {
     this.peersMap = peers; // app.js's Map peerId -> peer object
+    this.trustBadge = trustBadge; // app.js's badge of a sender's trust, as beside messages
     this.session = null;
     this.reset();
     this.renderTimer = null;
@@ -934,7 +924,7 @@ export class FilesUI {
       const what = items.length === 1 ? `“${items[0].path}”` : plural(items.length, "file");
       li.append(el("p", { className: "t-title" },
         el("strong", { textContent: o.name ?? this.name(o.peerId) }),
-        " ", trustBadge(o),
+        " ", this.trustBadge(o),
         ` offers ${what} · ${formatBytes(o.totalSize)}`));
       if (items.length > 1) {
         const names = el("ul", { className: "names" });

@@ -208,6 +208,46 @@ impl<K: Ord, V> Extend<(K, V)> for SortedMap<K, V> {
     }
 }
 
+/// As `BTreeMap`'s: a map (a JSON object), in key order.
+impl<K: serde::Serialize, V: serde::Serialize> serde::Serialize for SortedMap<K, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.entries.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// As `BTreeMap`'s: of equal keys, the last one's value stays.
+impl<'de, K, V> serde::Deserialize<'de> for SortedMap<K, V>
+where
+    K: Ord + serde::Deserialize<'de>,
+    V: serde::Deserialize<'de>,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+        impl<'de, K, V> serde::de::Visitor<'de> for Entries<K, V>
+        where
+            K: Ord + serde::Deserialize<'de>,
+            V: serde::Deserialize<'de>,
+        {
+            type Value = SortedMap<K, V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                // Written in key order, so each insert lands at the end.
+                let mut out = SortedMap::new();
+                while let Some((k, v)) = map.next_entry()? {
+                    out.insert(k, v);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Entries(std::marker::PhantomData))
+    }
+}
+
 impl<K, V> IntoIterator for SortedMap<K, V> {
     type Item = (K, V);
     type IntoIter = std::vec::IntoIter<(K, V)>;
@@ -283,6 +323,11 @@ impl<K: Ord> SortedSet<K> {
         K: Borrow<Q>,
     {
         self.items.binary_search_by(|k| k.borrow().cmp(key))
+    }
+
+    /// The smallest key.
+    pub fn first(&self) -> Option<&K> {
+        self.items.first()
     }
 
     pub fn contains<Q: Ord + ?Sized>(&self, key: &Q) -> bool
@@ -378,6 +423,22 @@ mod tests {
             prop_assert!(collected.iter().eq(std_map.iter()));
             let collected: SortedSet<u8> = std_set.iter().rev().copied().chain(std_set.iter().copied()).collect();
             prop_assert!(collected.iter().eq(std_set.iter()));
+        }
+
+        /// A `SortedMap` is the same JSON as a `BTreeMap`, both ways (the trust store is
+        /// kept as that JSON).
+        #[test]
+        fn serializes_as_btree(entries in proptest::collection::vec(("[a-c]{0,2}", any::<u16>()), 0..20)) {
+            let std_map: BTreeMap<String, u16> = entries.iter().cloned().collect();
+            let ours: SortedMap<String, u16> = entries.iter().cloned().collect();
+            let json = serde_json::to_string(&std_map).unwrap();
+            prop_assert_eq!(serde_json::to_string(&ours).unwrap(), json.clone());
+            // Keys out of order and repeated, as a hand-edited file could have them.
+            let body: Vec<String> = entries.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+            let text = format!("{{{}}}", body.join(","));
+            let ours: SortedMap<String, u16> = serde_json::from_str(&text).unwrap();
+            let std_map: BTreeMap<String, u16> = serde_json::from_str(&text).unwrap();
+            prop_assert!(ours.iter().eq(std_map.iter()));
         }
 
         /// `sort_by` is std's stable sort: equal keys keep their order.

@@ -10,11 +10,10 @@
 //! The store is plain data: drivers persist it ([`TrustStore::to_json`]) in IndexedDB or a
 //! file, per network.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Fingerprint, IdentityKeyPair};
+use crate::sorted::SortedMap;
 
 /// What the store says about a peer's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,7 +55,9 @@ struct Pin {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustStore {
     #[serde(default)]
-    peers: BTreeMap<String, Pin>,
+    /// Every name pinned in this network: one per member ever met, hundreds at most, so a
+    /// sorted `Vec` (`sorted.rs`), serialized as `BTreeMap` was (a JSON object).
+    peers: SortedMap<String, Pin>,
     /// We use an identity of this network's own here ([`TrustStore::own_identity`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     network_identity: bool,

@@ -12,7 +12,7 @@
 //! Nothing is marked done until the driver confirms the write ([`Engine::write_done`]),
 //! so a persisted [`DownloadRecord`] never claims bytes that are not on disk.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -412,7 +412,9 @@ struct Download {
     /// Requests out: chunk → (source, when).
     inflight: HashMap<u32, Vec<(PeerId, Duration)>>,
     /// Chunks to request, beyond `cursor`.
-    retry: BTreeSet<u32>,
+    /// (What was in flight when its source went or failed: at most the sources' windows,
+    /// so a sorted `Vec`, `sorted.rs`.)
+    retry: SortedSet<u32>,
     cursor: u32,
     sources: SortedMap<PeerId, Source>,
     /// With no source left: when to ask connected peers again.
@@ -442,7 +444,7 @@ impl Download {
             done_bytes: 0,
             writing: HashSet::new(),
             inflight: HashMap::new(),
-            retry: BTreeSet::new(),
+            retry: SortedSet::new(),
             cursor: 0,
             sources: SortedMap::new(),
             requery_at: None,

@@ -8,3 +8,11 @@
 export function downloadWriterUrl() {
   return new URL("../../../download-writer.js", import.meta.url).href;
 }
+
+/// Starts a streamed browser download (web/stream-download.js, beside the module),
+/// importing that file the first time: only a browser without OPFS, or a page that asks
+/// for `downloads: "stream"`, ever streams one, so the others never fetch it.
+export async function startStreamDownload(path, size) {
+  const streaming = await import("../../../stream-download.js");
+  return streaming.startStreamDownload(path, size);
+}

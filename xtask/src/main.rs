@@ -418,7 +418,7 @@ fn ensure_tun_bench_tools(target: &Path) -> Result<PathBuf> {
 const VERSIONED_DIR: &str = "a";
 /// The web/ files that belong to the wasm module rather than to the page: they travel with
 /// it (in the bundle's `pkg/` and in the npm package), located relative to the module.
-const MODULE_ASSETS: &[&str] = &["download-writer.js", "sw.js"];
+const MODULE_ASSETS: &[&str] = &["download-writer.js", "sw.js", "stream-download.js"];
 
 /// Builds the wasm module and its JavaScript (wasm-bindgen) into
 /// `target/wasm/pkg`, with the workers beside it; returns that folder.
@@ -646,13 +646,14 @@ fn build_package(root: &Path) -> Result<PathBuf> {
             "./weft_wasm_bg.wasm": "./weft_wasm_bg.wasm",
             "./download-writer.js": "./download-writer.js",
             "./sw.js": "./sw.js",
+            "./stream-download.js": "./stream-download.js",
             "./package.json": "./package.json"
         },
-        // The workers and snippets are loaded by URL, never imported: keep them.
-        "sideEffects": ["./snippets/*", "./download-writer.js", "./sw.js"],
+        // The workers and snippets are loaded by URL or imported on demand: keep them.
+        "sideEffects": ["./snippets/*", "./download-writer.js", "./sw.js", "./stream-download.js"],
         "files": [
             "weft_wasm.js", "weft_wasm.d.ts", "weft_wasm_bg.wasm", "weft_wasm_bg.wasm.d.ts",
-            "snippets/", "download-writer.js", "sw.js", "README.md"
+            "snippets/", "download-writer.js", "sw.js", "stream-download.js", "README.md"
         ]
     });
     std::fs::write(dir.join("package.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;

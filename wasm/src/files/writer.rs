@@ -23,18 +23,16 @@ const WRITE_POOL: usize = 16;
 /// The keys of a request to the writer, in the order of `State::keys`.
 const WRITER_KEYS: [&str; 3] = ["id", "op", "name"];
 
-#[wasm_bindgen(module = "/js/stream-download.js")]
-extern "C" {
-    /// Starts a streamed browser download; resolves to the `MessagePort` that feeds it.
-    #[wasm_bindgen(js_name = startStreamDownload, catch)]
-    async fn start_stream_download(path: &str, size: f64) -> Result<JsValue, JsValue>;
-}
-
 #[wasm_bindgen(module = "/js/module-assets.js")]
 extern "C" {
     /// The download writer's URL, beside the module (never relative to the page).
     #[wasm_bindgen(js_name = downloadWriterUrl)]
     fn download_writer_url() -> String;
+
+    /// Starts a streamed browser download; resolves to the `MessagePort` that feeds it.
+    /// (Its code, `stream-download.js`, is fetched only then.)
+    #[wasm_bindgen(js_name = startStreamDownload, catch)]
+    async fn start_stream_download(path: &str, size: f64) -> Result<JsValue, JsValue>;
 }
 
 /// What an answer of the writer completes.

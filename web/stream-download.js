@@ -1,5 +1,7 @@
 // Streamed browser downloads through Weft's service worker (web/sw.js), for browsers that
-// cannot store downloads in the origin-private file system. Used by wasm/src/files.rs.
+// cannot store downloads in the origin-private file system. It lives beside the module
+// (pkg/, as the workers) and is imported the first time a download streams
+// (wasm/js/module-assets.js): a page that stores downloads in OPFS never loads it.
 
 let worker = null; // Promise<ServiceWorkerRegistration> with an active worker
 const frames = new Map(); // download id -> hidden iframe
@@ -11,10 +13,9 @@ function registration() {
       if (!("serviceWorker" in navigator)) {
         throw new Error("this browser has neither OPFS nor service workers, so it cannot save downloads");
       }
-      // Beside the module (pkg/snippets/<crate>/js/ is where this file lives), never
-      // relative to the page; its scope is that folder, and the downloads it serves are
-      // opened under it.
-      const reg = await navigator.serviceWorker.register(new URL("../../../sw.js", import.meta.url));
+      // Beside the module (pkg/, where this file lives too), never relative to the page;
+      // its scope is that folder, and the downloads it serves are opened under it.
+      const reg = await navigator.serviceWorker.register(new URL("./sw.js", import.meta.url));
       // A newer worker being installed (the app was updated) takes over at once (it skips
       // waiting): wait for it rather than talk to the one it replaces.
       const sw = reg.installing || reg.waiting || reg.active;

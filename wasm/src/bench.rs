@@ -1,4 +1,5 @@
-//! Measurements for `cargo xtask bench session`, run in the page by the benchmark driver.
+//! Measurements for `cargo xtask bench session` (and `transfer`), run in the page by the
+//! benchmark driver.
 //! They call the same core routines as the native side of the benchmark.
 
 use std::time::Duration;
@@ -34,7 +35,9 @@ pub fn bench_passphrase_kdf() -> Result<f64, JsError> {
 }
 
 /// Moves `total_bytes` between two transfer engines in this thread (requests, reads from
-/// memory, seal/open, BLAKE3 verification): `[transfer MB/s, hashing MB/s]`.
+/// memory, seal/open, BLAKE3 verification): `[transfer MB/s, hashing MB/s]`. Only in the
+/// bundle `cargo xtask bench transfer` builds (the `bench-hooks` feature).
+#[cfg(feature = "bench-hooks")]
 #[wasm_bindgen(js_name = benchTransferCpu)]
 pub fn bench_transfer_cpu(total_bytes: f64) -> Result<Vec<f64>, JsError> {
     let total = total_bytes.max(0.0) as u64;

@@ -130,7 +130,7 @@ fn main() -> Result<()> {
         }
         Task::CheckPlatforms => platforms::check(&root)?,
         Task::Bundle => {
-            build_bundle(&root)?;
+            build_bundle(&root, Hooks::Shipped)?;
         }
         Task::Package => {
             build_package(&root)?;
@@ -148,8 +148,22 @@ fn workspace_root() -> Result<PathBuf> {
     manifest.parent().map(Path::to_path_buf).context("xtask is not inside the workspace")
 }
 
-fn web_dist(root: &Path) -> PathBuf {
-    if keep_names() { root.join("target/web-dist-names") } else { root.join("target/web-dist") }
+fn web_dist(root: &Path, hooks: Hooks) -> PathBuf {
+    let dir = match hooks {
+        Hooks::Shipped => "target/web-dist",
+        Hooks::Bench => "target/web-dist-bench",
+    };
+    if keep_names() { root.join(format!("{dir}-names")) } else { root.join(dir) }
+}
+
+/// Whether the module carries the exports only a benchmark calls (weft-wasm's
+/// `bench-hooks` feature: `benchTransferCpu`, an in-page transfer between two engines,
+/// 3 KB of the module as brotli). `cargo xtask bench transfer` builds that variant into
+/// `target/web-dist-bench`; everything else, the shipped app included, goes without.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hooks {
+    Shipped,
+    Bench,
 }
 
 /// A profiling variant of the bundle: `WEFT_BUNDLE_NAMES=1` (or a profiled bench,
@@ -422,7 +436,7 @@ const MODULE_ASSETS: &[&str] = &["download-writer.js", "sw.js", "stream-download
 
 /// Builds the wasm module and its JavaScript (wasm-bindgen) into
 /// `target/wasm/pkg`, with the workers beside it; returns that folder.
-fn build_module(root: &Path) -> Result<PathBuf> {
+fn build_module(root: &Path, hooks: Hooks) -> Result<PathBuf> {
     let toolchain = ensure_wasm_toolchain()?;
     ensure_wasm_bindgen(root)?;
     let target_dir = root.join("target/wasm");
@@ -440,6 +454,9 @@ fn build_module(root: &Path) -> Result<PathBuf> {
         .env_remove("RUSTFLAGS");
     if toolchain == WasmToolchain::DebianBuildStd {
         cmd.arg("-Zbuild-std=std,panic_abort");
+    }
+    if hooks == Hooks::Bench {
+        cmd.args(["--features", "weft-wasm/bench-hooks"]);
     }
     // A variant for a measurement, never shipped: say
     // `WEFT_BUNDLE_CARGO_CONFIG='profile.wasm-release.package.weft-core.opt-level=3'`
@@ -483,10 +500,10 @@ fn build_module(root: &Path) -> Result<PathBuf> {
 /// The web app in `target/web-dist`: `index.html` (generated: it names the current
 /// version), and everything else under `a/<content hash>/`, each text file also
 /// precompressed (`.br`, `.gz`) for the server to pick by `Accept-Encoding`.
-fn build_bundle(root: &Path) -> Result<PathBuf> {
+fn build_bundle(root: &Path, hooks: Hooks) -> Result<PathBuf> {
     ensure_npm()?;
-    let pkg = build_module(root)?;
-    let dist = web_dist(root);
+    let pkg = build_module(root, hooks)?;
+    let dist = web_dist(root, hooks);
     if dist.exists() {
         std::fs::remove_dir_all(&dist)?;
     }
@@ -624,7 +641,7 @@ fn npm_dir(root: &Path) -> PathBuf {
 /// `npm pack`. Returns the tarball.
 fn build_package(root: &Path) -> Result<PathBuf> {
     ensure_npm()?;
-    let pkg = build_module(root)?;
+    let pkg = build_module(root, Hooks::Shipped)?;
     let out = npm_dir(root);
     let dir = out.join("weft");
     if out.exists() {
@@ -849,7 +866,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 // Tasks
 
 fn run(root: &Path, args: &[String]) -> Result<()> {
-    let dist = build_bundle(root)?;
+    let dist = build_bundle(root, Hooks::Shipped)?;
     run_cmd(Command::new("cargo").args(["build", "--release", "-p", "weft-signal"]))?;
     let mut server = Command::new(root.join("target/release/weft-signal"));
     server.arg("--web-root").arg(&dist).args(args);
@@ -870,7 +887,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     ensure_browser()?;
     ensure_netns_tools()?;
     ensure_nats()?;
-    let dist = build_bundle(root)?;
+    let dist = build_bundle(root, Hooks::Shipped)?;
     // The npm package, installed from its tarball by a browser test.
     let package = build_package(root)?;
     if have("rustfmt") {
@@ -981,7 +998,9 @@ fn bench(root: &Path, name: Option<&str>) -> Result<()> {
         .env("WEFT_SIGNAL_BIN", release.join("weft-signal"));
     if BROWSER_BENCHES.contains(&name) {
         ensure_browser()?;
-        let dist = build_bundle(root)?;
+        // The transfer bench calls `benchTransferCpu`, which the shipped module leaves out.
+        let hooks = if name == "transfer" { Hooks::Bench } else { Hooks::Shipped };
+        let dist = build_bundle(root, hooks)?;
         cmd.env("WEFT_WEB_ROOT", dist);
     }
     if name == "relay" {

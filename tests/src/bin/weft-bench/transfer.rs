@@ -44,7 +44,9 @@
 //! - `WEFT_BENCH_BASELINE_WEB_ROOT`: another build of the bundle (say main's, copied aside)
 //!   served to a second pair of browsers; each run also times a Weft transfer there,
 //!   before or after this build's by turns (alternating), for a same-run A/B:
-//!   `BENCH baseline_…` figures.
+//!   `BENCH baseline_…` figures. Copy main's `target/web-dist-bench` (what this bench
+//!   serves: the module with `benchTransferCpu`) for the baseline's CPU floor too; a
+//!   shipped `target/web-dist` has no floor.
 //!
 //! `WEFT_BENCH_PARTS=speed` (or `rss`) runs only that part; `pairs` only the raw/Weft
 //! pairs of the speed part (no uplink or swarm runs). `WEFT_BENCH_PROFILE=1` runs
@@ -926,6 +928,23 @@ const FLOOR_BYTES: u64 = mib(64);
 /// in the baseline's page (a same-run A/B of the module's per-chunk speed, free of the
 /// data channel's noise).
 async fn floor(page: &WebDriver, baseline: Option<&WebDriver>, raw_ms: f64) -> Result<()> {
+    // `benchTransferCpu` is only in the bench variant of the module (weft-wasm's
+    // `bench-hooks`, which `cargo xtask bench transfer` builds into target/web-dist-bench);
+    // a baseline copied from a shipped bundle has none: its floor is left out.
+    const HAS_FLOOR: &str = "return typeof t.module.benchTransferCpu === 'function';";
+    if js(page, HAS_FLOOR).await? != json!(true) {
+        bail!("this bundle has no benchTransferCpu: build it with `cargo xtask bench transfer`");
+    }
+    let baseline = match baseline {
+        Some(b) if js(b, HAS_FLOOR).await? != json!(true) => {
+            println!(
+                "bench transfer: the baseline's module has no benchTransferCpu (a shipped \
+                 bundle; copy target/web-dist-bench for its floor): no baseline floor"
+            );
+            None
+        }
+        other => other,
+    };
     let (mut own, mut base) = (Vec::new(), Vec::new());
     for round in 0..4 {
         let (first, second) =

@@ -36,9 +36,13 @@ use crate::handshake::{
 };
 use crate::identity::{Fingerprint, IdentityKeyPair, PublicIdentity};
 use crate::network::{Network, NetworkSecret};
-use crate::sdp::{FingerprintProblem, the_dtls_fingerprint};
+use crate::sdp::{FingerprintProblem, max_message_size, the_dtls_fingerprint};
 use crate::signal::PeerId;
-use crate::transport::{Channel, ChannelSessions, TransportError};
+use crate::transport::{
+    Channel, ChannelSessions, MAX_PACKET_LEN, PACKET_HEADER_LEN, PACKET_OVERHEAD, TAG_LEN,
+    TransportError,
+};
+use zeroize::Zeroizing;
 
 /// Longest chat message, in bytes of UTF-8.
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
@@ -276,6 +280,13 @@ pub struct PeerLink {
     routes: Option<Vec<u8>>,
     early: VecDeque<Vec<u8>>,
     transmits: VecDeque<Vec<u8>>,
+    /// File-transfer frames waiting to be sealed together in one packet (see
+    /// [`Self::set_max_packet`]): the packet's buffer (header room, then the frames) and
+    /// when the first frame came.
+    open: Option<(Zeroizing<Vec<u8>>, Duration)>,
+    /// The largest packet the connection carries (its data channel's largest message), or
+    /// 0 while unknown: chunks are then sealed one to a packet.
+    max_packet: usize,
     events: VecDeque<LinkEvent>,
     stats: LinkStats,
     ping_epoch: Duration,
@@ -326,6 +337,8 @@ impl PeerLink {
             routes: None,
             early: VecDeque::new(),
             transmits: VecDeque::new(),
+            open: None,
+            max_packet: 0,
             events: VecDeque::new(),
             stats: LinkStats::default(),
             ping_epoch: Duration::ZERO,
@@ -394,6 +407,7 @@ impl PeerLink {
         }
         self.state = State::Failed;
         self.early.clear();
+        self.open = None;
         self.events.push_back(LinkEvent::Failed(error));
     }
 
@@ -421,6 +435,9 @@ impl PeerLink {
             Err(e) => return self.fail(e.into()),
         };
         self.binding = Some(binding.clone());
+        // What both sides take: the remote's limit is what we may send, and our own
+        // stack may refuse to send more than it would take (webrtc-rs does).
+        self.set_max_packet(max_message_size(local_sdp).min(max_message_size(remote_sdp)));
         let deadline = HandshakeDeadline::new(now, self.config.handshake_timeout);
         let secret = match &self.pair_secret {
             Some(secret) => secret,
@@ -448,6 +465,85 @@ impl PeerLink {
     pub fn channel_closed(&mut self) {
         self.state = State::Waiting;
         self.early.clear();
+        self.open = None;
+    }
+
+    /// The largest message the connection's control channel carries (what the browser or
+    /// SCTP stack negotiated with the remote: Chromium's 256 KiB, webrtc-rs' 64 KiB by
+    /// default), told by the driver once it knows. File-transfer frames sent one after
+    /// another are then sealed together, in packets up to that size (at most
+    /// [`MAX_PACKET_LEN`]), when [`Self::flush`] is called: three 64 KiB chunks in one
+    /// message instead of three, and each message costs both browsers about as much again
+    /// in SCTP, IPC and events (`core/TRANSFER.md`, "Chromium's per-message cost").
+    pub fn set_max_packet(&mut self, bytes: usize) {
+        self.max_packet = bytes.min(MAX_PACKET_LEN);
+    }
+
+    /// Seals the file-transfer frames still waiting (see [`Self::set_max_packet`]) into
+    /// their packet, the next [`Self::poll_transmit`]. Frames wait only for this: the
+    /// node calls it once it has handled what the driver gave it.
+    pub fn flush(&mut self) {
+        let Some((mut packet, at)) = self.open.take() else { return };
+        let State::Established { sessions, .. } = &mut self.state else { return };
+        let len = packet.len() + TAG_LEN;
+        packet.resize(len, 0);
+        match sessions.get_mut(Channel::Control).seal_in_place(&mut packet, at) {
+            Ok(()) => {
+                self.stats.packets_sent += 1;
+                self.stats.bytes_sent += packet.len() as u64;
+                self.transmits.push_back(std::mem::take(&mut *packet));
+            }
+            Err(e) => self.fail(LinkError::Transport(e)),
+        }
+    }
+
+    /// Whether file-transfer frames wait for [`Self::flush`].
+    pub fn has_unflushed(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Adds a file-transfer frame (see [`Self::send_transfer_with`]) to the packet being
+    /// filled, sealing that one first if the frame would not fit. `None` if the frame
+    /// cannot share a packet (no size known, or too big to go two to a packet).
+    fn pack_transfer<F: FnOnce(&mut Vec<u8>) -> u8>(
+        &mut self,
+        body_len: usize,
+        body: F,
+        now: Duration,
+    ) -> Result<Option<F>, LinkError> {
+        let frame_len = FRAME_HEADER_LEN + body_len;
+        if self.max_packet < PACKET_OVERHEAD + 2 * frame_len {
+            return Ok(Some(body));
+        }
+        if let Some((packet, _)) = &self.open {
+            if packet.len() + frame_len + TAG_LEN > self.max_packet {
+                self.flush();
+            }
+        }
+        if self.state() != LinkState::Established {
+            return Err(LinkError::NotEstablished);
+        }
+        let max_packet = self.max_packet;
+        let (packet, _) = self.open.get_or_insert_with(|| {
+            let mut packet = Zeroizing::new(Vec::with_capacity(max_packet));
+            packet.resize(PACKET_HEADER_LEN, 0);
+            (packet, now)
+        });
+        let start = packet.len();
+        let result = match encode_frame_with(packet, body) {
+            Ok(t) if !FILE_TRANSFER_TYPES.contains(&t) => Err(LinkError::NotTransferFrame(t)),
+            Ok(_) if packet.len() + TAG_LEN > max_packet => {
+                Err(LinkError::Transport(TransportError::TooLarge))
+            }
+            Ok(_) => return Ok(None),
+            Err(e) => Err(LinkError::Transport(TransportError::Frame(e))),
+        };
+        // Not sent: the frames before it stay, an empty packet goes.
+        packet.truncate(start);
+        if start == PACKET_HEADER_LEN {
+            self.open = None;
+        }
+        result
     }
 
     /// We are leaving: tells an established peer with a Close frame (the next
@@ -657,6 +753,8 @@ impl PeerLink {
     }
 
     fn send_frames(&mut self, frames: &[Frame], now: Duration) -> Option<()> {
+        // Frames keep their order: file-transfer frames waiting for a packet go first.
+        self.flush();
         let State::Established { sessions, .. } = &mut self.state else { return None };
         match sessions.get_mut(Channel::Control).seal_frames(frames, now) {
             Ok(packet) => {
@@ -710,6 +808,7 @@ impl PeerLink {
         body: impl FnOnce(&mut Vec<u8>) -> u8,
         now: Duration,
     ) -> Result<(), LinkError> {
+        let Some(body) = self.pack_transfer(body_len, body, now)? else { return Ok(()) };
         let State::Established { sessions, .. } = &mut self.state else {
             return Err(LinkError::NotEstablished);
         };
@@ -890,28 +989,121 @@ mod tests {
 
     /// A packet packed with Pings (each frame 11 bytes: thousands fit in one) is answered
     /// with one Pong, not one packet per Ping: no amplification for a hostile member.
-    #[test]
-    fn a_packet_of_pings_gets_one_pong() {
-        let mut rng = ChaCha20Rng::seed_from_u64(3);
+    /// Two links with established sessions, over descriptions that say
+    /// `a=max-message-size:` `max` (no such line for `None`).
+    fn established(max: Option<usize>, rng: &mut ChaCha20Rng) -> (PeerLink, PeerLink) {
         let net = Network::from_invite(&"Q".repeat(43)).unwrap();
         let (pa, pb) = (PeerId::new("aaaa").unwrap(), PeerId::new("bbbb").unwrap());
-        let (ia, ib) = (IdentityKeyPair::generate(&mut rng), IdentityKeyPair::generate(&mut rng));
+        let (ia, ib) = (IdentityKeyPair::generate(rng), IdentityKeyPair::generate(rng));
         let config = PeerLinkConfig::default();
         let mut a = PeerLink::new(pa.clone(), pb.clone(), ia, &net, "a", config);
         let mut b = PeerLink::new(pb, pa, ib, &net, "b", config);
-        let sdp = |fp: &str| format!("v=0\r\na=fingerprint:sha-256 {fp}\r\n");
+        let max = max.map_or(String::new(), |m| format!("a=max-message-size:{m}\r\n"));
+        let sdp = |fp: &str| format!("v=0\r\na=fingerprint:sha-256 {fp}\r\n{max}");
         let now = Duration::ZERO;
-        a.channel_open(&sdp("AA"), &sdp("BB"), now, &mut rng);
-        b.channel_open(&sdp("BB"), &sdp("AA"), now, &mut rng);
+        a.channel_open(&sdp("AA"), &sdp("BB"), now, rng);
+        b.channel_open(&sdp("BB"), &sdp("AA"), now, rng);
         for _ in 0..10 {
             while let Some(p) = a.poll_transmit() {
-                b.receive(&p, now, &mut rng);
+                b.receive(&p, now, rng);
             }
             while let Some(p) = b.poll_transmit() {
-                a.receive(&p, now, &mut rng);
+                a.receive(&p, now, rng);
             }
         }
         assert_eq!((a.state(), b.state()), (LinkState::Established, LinkState::Established));
+        while b.poll_event().is_some() {}
+        (a, b)
+    }
+
+    /// Sends `n` 64 KiB chunk-sized transfer frames from `a` (body byte `i`), then a
+    /// message; returns the packets `a` sends and what `b` makes of them.
+    fn send_chunks(
+        a: &mut PeerLink,
+        b: &mut PeerLink,
+        n: u8,
+        rng: &mut ChaCha20Rng,
+    ) -> (Vec<usize>, Vec<LinkEvent>) {
+        let now = Duration::ZERO;
+        let chunk_type = *FILE_TRANSFER_TYPES.start();
+        for i in 0..n {
+            a.send_transfer_with(
+                64 * 1024,
+                |out| {
+                    out.extend(std::iter::repeat_n(i, 64 * 1024));
+                    chunk_type
+                },
+                now,
+            )
+            .unwrap();
+        }
+        a.send_message("after", now).unwrap();
+        let mut sizes = Vec::new();
+        while let Some(p) = a.poll_transmit() {
+            sizes.push(p.len());
+            b.receive(&p, now, rng);
+        }
+        (sizes, std::iter::from_fn(|| b.poll_event()).collect())
+    }
+
+    /// Chunks go three to a packet where both descriptions take 256 KiB messages, one to a
+    /// packet where either says nothing (64 KiB), in order and intact either way; a frame
+    /// of another kind is not held back behind them.
+    #[test]
+    fn chunks_share_packets_as_large_as_both_sides_take() {
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        for (max, packets) in
+            [(Some(262_144), vec![3, 3, 1]), (None, vec![1; 7]), (Some(65_536), vec![1; 7])]
+        {
+            let (mut a, mut b) = established(max, &mut rng);
+            let (sizes, events) = send_chunks(&mut a, &mut b, 7, &mut rng);
+            // The chunks' packets, then the message's.
+            let per_packet: Vec<usize> =
+                sizes[..sizes.len() - 1].iter().map(|s| s / (64 * 1024)).collect();
+            assert_eq!(per_packet, packets, "max-message-size {max:?}");
+            assert!(sizes.iter().all(|s| *s <= MAX_PACKET_LEN));
+            let bodies: Vec<u8> = events
+                .iter()
+                .filter_map(|e| match e {
+                    LinkEvent::Transfer { body, .. } => {
+                        assert!(body.iter().all(|x| *x == body[0]));
+                        Some(body[0])
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(bodies, (0..7).collect::<Vec<u8>>());
+            assert!(matches!(events.last(), Some(LinkEvent::Message { text }) if text == "after"));
+        }
+    }
+
+    /// Packed chunks wait for `flush` (the node's drain), and go with it.
+    #[test]
+    fn packed_chunks_wait_for_the_flush() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let (mut a, _b) = established(Some(262_144), &mut rng);
+        let chunk_type = *FILE_TRANSFER_TYPES.start();
+        a.send_transfer_with(
+            10,
+            |out| {
+                out.extend([1; 10]);
+                chunk_type
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert!(a.has_unflushed());
+        assert!(a.poll_transmit().is_none());
+        a.flush();
+        assert!(!a.has_unflushed());
+        assert!(a.poll_transmit().is_some());
+    }
+
+    #[test]
+    fn a_packet_of_pings_gets_one_pong() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let (mut a, mut b) = established(None, &mut rng);
+        let now = Duration::ZERO;
         let pings: Vec<Frame> = (0..3000).map(|t| Frame::Ping { timestamp: t }).collect();
         a.send_frames(&pings, now).unwrap();
         let packet = a.poll_transmit().unwrap();

@@ -1,4 +1,20 @@
-//! The little SDP that the core needs: the DTLS fingerprint, for channel binding.
+//! The little SDP that the core needs: the DTLS fingerprint, for channel binding, and
+//! the data channels' largest message.
+
+/// The largest data-channel message when a description says nothing (RFC 8841, 6.1).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
+
+/// The largest data-channel message `sdp` says its side can receive: its
+/// `a=max-message-size:` value (RFC 8841), [`DEFAULT_MAX_MESSAGE_SIZE`] without one or
+/// with a value that does not parse, and `usize::MAX` for 0 ("no limit").
+pub fn max_message_size(sdp: &str) -> usize {
+    let value = sdp.lines().find_map(|line| line.trim().strip_prefix("a=max-message-size:"));
+    match value.map(|v| v.trim().parse::<u64>()) {
+        Some(Ok(0)) => usize::MAX,
+        Some(Ok(n)) => usize::try_from(n).unwrap_or(usize::MAX),
+        _ => DEFAULT_MAX_MESSAGE_SIZE,
+    }
+}
 
 /// The first `a=fingerprint:` value of `sdp` (session or media level), e.g.
 /// `"sha-256 AB:CD:…"`. Both peers must bind the same line, so drivers use this function

@@ -193,11 +193,26 @@ pub(crate) fn start(config: SessionConfig) -> Rc<RefCell<Inner>> {
     inner
 }
 
-/// The function that hands an input to the session: queued, then run.
+/// The function that hands an input to the session: queued, then run. A finished read
+/// runs a moment later (a microtask, once for all that finish together: one 1 MiB block
+/// serves 16 chunks), so that the node gets them all before it is drained and sends
+/// their chunks packed (`Node::poll_output`).
 fn sink(weak: Weak<RefCell<Inner>>, queue: Rc<RefCell<VecDeque<Input>>>) -> Sink {
+    let scheduled = Rc::new(Cell::new(false));
     Rc::new(move |input| {
+        let read = matches!(input, Input::ReadDone { .. });
         queue.borrow_mut().push_back(input);
-        if let Some(inner) = weak.upgrade() {
+        if read {
+            if !scheduled.replace(true) {
+                let (weak, scheduled) = (weak.clone(), scheduled.clone());
+                wasm_bindgen_futures::spawn_local(async move {
+                    scheduled.set(false);
+                    if let Some(inner) = weak.upgrade() {
+                        run(&inner);
+                    }
+                });
+            }
+        } else if let Some(inner) = weak.upgrade() {
             run(&inner);
         }
     })
@@ -269,7 +284,18 @@ impl Inner {
             }
             let input = self.queue.borrow_mut().pop_front();
             let Some(input) = input else { break };
-            self.node.handle_input(now(), input, &mut self.rng);
+            // Reads that finished together all go in before the node is drained.
+            let mut next = Some(input);
+            while let Some(input) = next.take() {
+                let read = matches!(input, Input::ReadDone { .. });
+                self.node.handle_input(now(), input, &mut self.rng);
+                if read {
+                    let mut queue = self.queue.borrow_mut();
+                    if matches!(queue.front(), Some(Input::ReadDone { .. })) {
+                        next = queue.pop_front();
+                    }
+                }
+            }
         }
         self.arm_timer();
     }

@@ -746,6 +746,8 @@ pub struct Node {
     /// peer, so before any offer).
     capability_key_set: bool,
     out: VecDeque<Output>,
+    /// Peers whose links hold chunks not yet sealed (sealed by [`Self::poll_output`]).
+    unflushed: SortedSet<PeerId>,
 }
 
 fn jitter(rng: &mut impl CryptoRng) -> f64 {
@@ -799,6 +801,7 @@ impl Node {
             guard: pake::PakeGuard::default(),
             pake_inbox: VecDeque::new(),
             out: VecDeque::new(),
+            unflushed: SortedSet::new(),
         }
     }
 
@@ -900,7 +903,20 @@ impl Node {
     }
 
     /// The next thing to do.
+    ///
+    /// Chunks sent while handling inputs wait in their links to share packets (see
+    /// [`PeerLink::set_max_packet`]) until everything else is out: a driver that hands
+    /// over several inputs before draining (the page does, for reads that finished
+    /// together) gets them packed.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if self.out.is_empty() && !self.unflushed.is_empty() {
+            for peer in std::mem::take(&mut self.unflushed) {
+                if let Some(slot) = self.peers.get_mut(&peer) {
+                    slot.link.flush();
+                }
+                self.flush_link(&peer);
+            }
+        }
         self.out.pop_front()
     }
 
@@ -1892,6 +1908,9 @@ impl Node {
                         };
                         if let Err(e) = sent {
                             tracing::debug!("cannot send a transfer message to {peer}: {e}");
+                        }
+                        if slot.link.has_unflushed() {
+                            self.unflushed.insert(peer.clone());
                         }
                     }
                     touched.insert(peer);

@@ -55,11 +55,14 @@ pub struct EngineConfig {
     pub max_unwritten: usize,
     /// Most chunk requests queued per peer on the serving side; more are ignored.
     pub max_serve_queue: usize,
-    /// Most reads outstanding per peer on the serving side.
+    /// Most reads outstanding per peer on the serving side (at least `refill_min`, so a
+    /// batch of requests is read at once and its chunks can share messages).
     pub max_reads_in_flight: usize,
     /// A source's window is topped up only once this many requests fit (or fewer are
     /// left to ask for), so requests travel several to a packet instead of one per chunk
-    /// received: every packet costs both ends a message event, an AEAD and a send.
+    /// received: every packet costs both ends a message event, an AEAD and a send. 12 is
+    /// also what lets the sender pack the chunks three to a message (`core/TRANSFER.md`,
+    /// "Chunks share messages").
     pub refill_min: u32,
     /// The caps on what a peer may ask of us ([`TransferLimits`]).
     pub limits: TransferLimits,
@@ -76,8 +79,8 @@ impl Default for EngineConfig {
             requery_every: Duration::from_secs(10),
             max_unwritten: 192,
             max_serve_queue: 256,
-            max_reads_in_flight: 8,
-            refill_min: 4,
+            max_reads_in_flight: 12,
+            refill_min: 12,
             limits: TransferLimits::DEFAULT,
         }
     }

@@ -37,6 +37,10 @@
 //!
 //! - Data-channel messages per MB each way and their mean size, for the raw page and for
 //!   Weft (every `RTCDataChannel.send` counted in both pages), printed with each run.
+//! - `WEFT_BENCH_RAW_ALT=<bytes>`: each pair also times a raw run with messages of that
+//!   size (say 262144, Chromium's limit), before or after the usual one by turns, with its
+//!   CPU per MB: what Chromium's per-message cost is (`core/TRANSFER.md`).
+//!   `WEFT_BENCH_RAW_MESSAGE=<bytes>` changes the raw page's message size itself.
 //! - `WEFT_BENCH_PIN=1`: each run also measures a raw and a Weft transfer with each
 //!   browser pinned to a core of its own (`taskset`, Alice's whole process tree on CPU 0
 //!   and Bob's on CPU 1), as two users' machines would run them: `BENCH pinned_…` figures
@@ -90,6 +94,16 @@ fn runs() -> usize {
         .unwrap_or(RUNS)
 }
 const MESSAGE: u64 = 64 * 1024;
+
+/// The raw page's message size: [`MESSAGE`], or `WEFT_BENCH_RAW_MESSAGE` bytes (up to
+/// Chromium's 256 KiB) to see what Chromium's per-message cost is.
+fn raw_message() -> u64 {
+    std::env::var("WEFT_BENCH_RAW_MESSAGE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=256 * 1024).contains(n))
+        .unwrap_or(MESSAGE)
+}
 const READ: u64 = 1024 * 1024;
 const HIGH_WATER: u64 = 1024 * 1024;
 const LOW_WATER: u64 = 256 * 1024;
@@ -476,12 +490,18 @@ async fn profile_stop(name: &str, browser: &WebDriver, bytes: u64) -> Result<()>
 }
 
 /// One raw data channel run: milliseconds from Alice's first send to Bob's last byte.
-async fn raw_run(alice: &WebDriver, bob: &WebDriver, bob_id: &str, run: usize) -> Result<f64> {
+async fn raw_run(
+    alice: &WebDriver,
+    bob: &WebDriver,
+    bob_id: &str,
+    run: usize,
+    message: u64,
+) -> Result<f64> {
     let sent = call(
         alice,
         &format!(
             "const f = document.getElementById('weft-upload-f').files[0];
-             return await t.rawSend({run}, f, {}, {HIGH_WATER}, {LOW_WATER}, {MESSAGE}, {READ});",
+             return await t.rawSend({run}, f, {}, {HIGH_WATER}, {LOW_WATER}, {message}, {READ});",
             json!(bob_id)
         ),
         LONG,
@@ -872,14 +892,29 @@ async fn pair(
     key: &str,
 ) -> Result<(f64, CpuUse, Took, CpuUse)> {
     let Side { alice, bob, bob_id, dirs, label } = *side;
-    let meter = CpuMeter::start(dirs);
-    let msgs = SendMeter::start(alice, bob).await?;
     // The raw page's main threads under the same profiler, to compare with Weft's.
     if profiling() {
         profile_start(alice).await?;
         profile_start(bob).await?;
     }
-    let r = raw_run(alice, bob, bob_id, run).await?;
+    // `WEFT_BENCH_RAW_ALT=<bytes>`: a second raw run with messages of that size, before
+    // or after the first by turns, with its own CPU figures (Chromium's per-message cost).
+    let alt = std::env::var("WEFT_BENCH_RAW_ALT").ok().and_then(|v| v.parse::<u64>().ok());
+    let alt_run = |first: bool| async move {
+        let Some(size) = alt.filter(|_| (run % 2 == 0) == first) else { return Ok(()) };
+        let m = CpuMeter::start(dirs);
+        let r = raw_run(alice, bob, bob_id, run + 1000, size).await?;
+        println!(
+            "  run {run}: {label}raw data channel, {size} B messages, {:.1} MB/s",
+            mb_s(FILE_SIZE, r)
+        );
+        m.finish(FILE_SIZE);
+        anyhow::Ok(())
+    };
+    alt_run(true).await?;
+    let msgs = SendMeter::start(alice, bob).await?;
+    let meter = CpuMeter::start(dirs);
+    let r = raw_run(alice, bob, bob_id, run, raw_message()).await?;
     if profiling() {
         profile_stop("raw Alice", alice, FILE_SIZE).await?;
         profile_stop("raw Bob", bob, FILE_SIZE).await?;
@@ -887,6 +922,7 @@ async fn pair(
     println!("  run {run}: {label}raw data channel {:.1} MB/s ({r:.0} ms)", mb_s(FILE_SIZE, r));
     let raw_cpu = meter.finish(FILE_SIZE);
     msgs.finish("raw", FILE_SIZE).await?;
+    alt_run(false).await?;
     let (w, cpu) = weft_once(side, file, run, key).await?;
     Ok((r, raw_cpu, w, cpu))
 }

@@ -965,7 +965,8 @@ impl PeerLink {
         }
     }
 
-    /// The next bytes to send on the control channel.
+    /// The next bytes to send on the control channel. Chunks being packed are not among
+    /// them until [`Self::flush`] (which [`crate::node::Node`] calls once it is drained).
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.transmits.pop_front()
     }

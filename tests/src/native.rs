@@ -158,19 +158,61 @@ impl NativePeer {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
-                .await
-                .map_err(|_| anyhow!("timed out waiting for {what}; saw {:?}", self.seen))??;
-            let Some(line) = line else {
-                bail!("weft-peer exited before {what}; saw {:?}", self.seen);
-            };
-            let value: Value =
-                serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
-            self.seen.push(value.clone());
+            let value = self.next_event(deadline, what).await?;
             if pred(&value) {
                 return Ok(value);
             }
         }
+    }
+
+    /// Reads the next event (and keeps it in `seen`), failing at `deadline` or if the
+    /// process ends first.
+    async fn next_event(&mut self, deadline: tokio::time::Instant, what: &str) -> Result<Value> {
+        let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+            .await
+            .map_err(|_| anyhow!("timed out waiting for {what}; saw {:?}", self.seen))??;
+        let Some(line) = line else {
+            bail!("weft-peer exited before {what}; saw {:?}", self.seen);
+        };
+        let value: Value =
+            serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+        self.seen.push(value.clone());
+        Ok(value)
+    }
+
+    /// Waits until the session that `connected` picks out (a `peer_connected` event) is
+    /// on a direct path: that event says so, or a later `path_changed` for the same name
+    /// does. ICE may first choose a relay whose check answered before a direct pair's (on
+    /// a busy machine); the session moves to the direct pair once it answers
+    /// (`vendor/rtc-ice/WEFT-PATCH.md`). Returns the `peer_connected` event, and says on
+    /// stderr when the session started relayed.
+    pub async fn expect_direct(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        connected: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let first =
+            self.expect(what, timeout, |v| v["event"] == "peer_connected" && connected(v)).await?;
+        if first["path"] == "direct" {
+            return Ok(first);
+        }
+        let name = first["name"].clone();
+        let after = self.seen.iter().position(|v| *v == first).map_or(0, |i| i + 1);
+        let started = tokio::time::Instant::now();
+        let moved =
+            |v: &Value| v["event"] == "path_changed" && v["name"] == name && v["path"] == "direct";
+        if !self.seen[after..].iter().any(moved) {
+            let deadline = started + timeout;
+            let turned = format!("{what} to turn direct");
+            while !moved(&self.next_event(deadline, &turned).await?) {}
+        }
+        eprintln!(
+            "{what}: started {} and turned direct {:?} later",
+            first["path"],
+            started.elapsed()
+        );
+        Ok(first)
     }
 
     /// The next event of kind `event`.

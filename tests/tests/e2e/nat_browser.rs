@@ -6,6 +6,8 @@
 //! - A browser on a network that drops all outgoing UDP and one behind a symmetric NAT
 //!   still talk: the first reaches the relay over TURN/TCP.
 //! - A browser and a native peer, both behind symmetric NATs, talk through the relay.
+//! - A browser and a native peer whose session started on the relay (UDP between their
+//!   sites blocked) move it to the direct path once the block lifts.
 //!
 //! Either way messages arrive both ways, nothing leaves the test's own addresses, and a
 //! capture on the public host (the relay) holds neither the messages' text nor the
@@ -54,6 +56,26 @@ async fn selected_pair(browser: &WebDriver) -> Value {
         view.as_array().unwrap().iter().filter(|pc| pc["connectionState"] == "connected").collect();
     assert_eq!(connected.len(), 1, "{view}");
     connected[0].clone()
+}
+
+/// Joins Alice (`alice`, Chromium in site 0) and starts Nat (`weft-peer up` with `dir`,
+/// on site 1's host); returns Nat once both see their session relayed.
+async fn meet_relayed(
+    alice: &WebDriver,
+    topology: &Topology,
+    server: &SignalProcess,
+    dir: &std::path::Path,
+) -> anyhow::Result<NativePeer> {
+    join(alice, topology, "Alice").await;
+    let mut up = command_on(topology.host(1, 0), &server.ws_url, dir)?;
+    up.args(["--network", NETWORK, "--name", "Nat", "up"]).env("WEFT_PASSPHRASE", PASSPHRASE);
+    let mut nat = NativePeer::spawn(up)?;
+    let seen = nat
+        .expect("Nat sees Alice", WAIT, |v| v["event"] == "peer_connected" && v["name"] == "Alice")
+        .await?;
+    assert_eq!(seen["path"], "relayed", "{seen}");
+    wait_peer(alice, "Nat", &["relayed"], WAIT).await?;
+    Ok(nat)
 }
 
 /// Ends `capture` and checks what crossed the public host.
@@ -121,17 +143,7 @@ async fn a_browser_and_a_native_peer_behind_symmetric_nats_talk_through_the_rela
     let dir = config_dir("nat-browser-native").unwrap();
     let native = topology.host(1, 0);
     let checked = async {
-        join(&alice, &topology, "Alice").await;
-        let mut up = command_on(native, &server.ws_url, &dir)?;
-        up.args(["--network", NETWORK, "--name", "Nat", "up"]).env("WEFT_PASSPHRASE", PASSPHRASE);
-        let mut nat = NativePeer::spawn(up)?;
-        let seen = nat
-            .expect("Nat sees Alice", WAIT, |v| {
-                v["event"] == "peer_connected" && v["name"] == "Alice"
-            })
-            .await?;
-        assert_eq!(seen["path"], "relayed", "{seen}");
-        wait_peer(&alice, "Nat", &["relayed"], WAIT).await?;
+        let mut nat = meet_relayed(&alice, &topology, &server, &dir).await?;
 
         let to_nat = format!("{MARKER} hello weft-peer, from Chromium");
         say(&alice, &to_nat).await;
@@ -154,5 +166,60 @@ async fn a_browser_and_a_native_peer_behind_symmetric_nats_talk_through_the_rela
     assert_eq!(topology.stray_packets().unwrap(), 0);
     drop(server);
     check_capture(capture).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A browser↔native session that starts relayed moves to the direct path once one exists,
+/// on the same session (the move native↔native is `nat.rs`'s). Both sites are behind
+/// endpoint-independent NATs, but UDP between them is dropped, so Alice (Chromium) and Nat
+/// (weft-peer) meet through the relay; then the block lifts. Whichever side is impolite
+/// (the peer ids decide) looks for a direct path 5 s after the session went relayed (an
+/// ICE restart) and finds it; both report `direct`, without a new session. This is also
+/// what lets the same-host tests accept a session that a busy machine started on the relay
+/// (`NativePeer::expect_direct`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_browser_and_native_session_moves_to_the_direct_path() {
+    let test = "a_relayed_browser_and_native_session_moves_to_the_direct_path";
+    if !netns_available(test) || !chromium_available(test) {
+        return;
+    }
+    let eim = SiteSpec::behind(Nat::EndpointIndependent);
+    let topology = Topology::new(&[eim, eim]).unwrap();
+    topology.set_udp_between_sites(false).unwrap();
+    let server = SignalProcess::start(topology.server(), &[]).await.unwrap();
+    let driver = ChromeDriver::start().await.unwrap();
+    let alice = driver.browser_in(topology.host(0, 0)).await.unwrap();
+    let dir = config_dir("nat-browser-move").unwrap();
+    let checked = async {
+        let mut nat = meet_relayed(&alice, &topology, &server, &dir).await?;
+
+        let dropped = topology.set_udp_between_sites(true)?;
+        assert!(dropped > 0, "no direct attempt was made (and blocked)");
+        nat.expect("a direct path", WAIT, |v| {
+            v["event"] == "path_changed" && v["name"] == "Alice" && v["path"] == "direct"
+        })
+        .await?;
+        wait_peer(&alice, "Nat", &["direct"], WAIT).await?;
+        let pair = selected_pair(&alice).await;
+        assert_ne!(pair["localType"], "relay", "{pair}");
+        assert_ne!(pair["remoteType"], "relay", "{pair}");
+        // Moved, not rebuilt: one session on each side.
+        let sessions = nat.seen.iter().filter(|v| v["event"] == "peer_connected").count();
+        assert_eq!(sessions, 1, "the session was rebuilt, not moved: {:?}", nat.seen);
+        let view = weft_tests::rtc_view(&alice).await?;
+        assert_eq!(view.as_array().map(Vec::len), Some(1), "{view}");
+
+        // And it carries: a message each way on the direct path.
+        say(&alice, "hello on the direct path").await;
+        let heard = nat.expect("the message", WAIT, |v| v["event"] == "message").await?;
+        assert_eq!(heard["text"], "hello on the direct path");
+        nat.terminate(WAIT).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    alice.quit().await.unwrap();
+    checked.unwrap();
+    assert_eq!(topology.stray_packets().unwrap(), 0);
+    drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }

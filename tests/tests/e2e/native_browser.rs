@@ -49,13 +49,9 @@ async fn native_and_browser_talk_by_invite() {
     up.args(["--invite", &link, "--name", "Nat", "up"]);
     let mut nat = NativePeer::spawn(up).unwrap();
     let me = nat.expect_event("identity", WAIT).await.unwrap();
-    let seen = nat
-        .expect("Nat sees Alice", WAIT, |v| v["event"] == "peer_connected" && v["name"] == "Alice")
-        .await
-        .unwrap();
+    let seen = nat.expect_direct("Nat sees Alice", WAIT, |v| v["name"] == "Alice").await.unwrap();
     let alice_state = state(&alice).await.unwrap();
     assert_eq!(seen["safety_code"], alice_state["identity"]["shortCode"], "{seen}");
-    assert_eq!(seen["path"], "direct");
     let nat_in_browser = wait_peer(&alice, "Nat", &["direct"], WAIT).await.unwrap();
     assert_eq!(nat_in_browser["shortCode"], me["safety_code"]);
 

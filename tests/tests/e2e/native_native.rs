@@ -32,11 +32,10 @@ async fn two_native_peers_connect_and_message_each_other() {
     b.args(["--invite", &format!("http://x/#invite={invite}"), "--name", "Bea", "up"]);
     let mut b = NativePeer::spawn(b).unwrap();
 
-    let a_sees = a.expect("Ada sees Bea", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    let a_sees = a.expect_direct("Ada sees Bea", WAIT, |_| true).await.unwrap();
     let b_sees = b.expect("Bea sees Ada", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
     assert_eq!(a_sees["name"], "Bea", "{a_sees}");
     assert_eq!(b_sees["name"], "Ada", "{b_sees}");
-    assert_eq!(a_sees["path"], "direct");
     assert_eq!(a_sees["trust"], "new");
     let a_id = a.expect_event("identity", WAIT).await.unwrap();
     let b_id = b.expect_event("identity", WAIT).await.unwrap();
@@ -77,13 +76,9 @@ async fn two_native_peers_connect_and_message_each_other() {
     let (status, stdout, stderr) = run(again, WAIT).await.unwrap();
     assert!(status.success(), "{stdout}\n{stderr}");
     b.expect("the second message", WAIT, |v| v["text"] == "again").await.unwrap();
-    let cy = b
-        .expect("Cy's second session", WAIT, |v| {
-            v["event"] == "peer_connected" && v["name"] == "Cy" && v["trust"] == "known"
-        })
+    b.expect_direct("Cy's second session", WAIT, |v| v["name"] == "Cy" && v["trust"] == "known")
         .await
         .unwrap();
-    assert_eq!(cy["path"], "direct");
 
     // A hostile member's message cannot drive a person's terminal: escape sequences (a
     // window title, a colour), a fake line from another peer and a right-to-left override
@@ -333,7 +328,7 @@ async fn a_passphrase_network_connects_and_counts_a_wrong_passphrase() {
     };
     let mut a = member(&dir_a, "Ada");
     let mut b = member(&dir_b, "Bea");
-    let a_sees = a.expect("Ada sees Bea", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
+    let a_sees = a.expect_direct("Ada sees Bea", WAIT, |_| true).await.unwrap();
     b.expect("Bea sees Ada", WAIT, |v| v["event"] == "peer_connected").await.unwrap();
     assert_eq!(a_sees["name"], "Bea", "{a_sees}");
 

@@ -328,6 +328,11 @@ async fn a_native_peer_refuses_a_turn_server_certificate_it_does_not_trust() {
         up.args(["--invite", &invite, "--name", name, "--ca-cert"]).arg(&trusted).arg("up");
         peers.push(NativePeer::spawn(up).unwrap());
     }
+    // Both in the room before the refusal is looked for: Ada's TLS handshake can fail
+    // (and be counted) before Bea has even joined, on a busy machine.
+    for peer in &mut peers {
+        peer.expect_event("joined", WAIT).await.unwrap();
+    }
     let metrics = format!("{}metrics", server.url);
     let refused = "weft_turn_refusals_total{reason=\"tls_handshake\"}";
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -347,7 +352,6 @@ async fn a_native_peer_refuses_a_turn_server_certificate_it_does_not_trust() {
     for peer in &mut peers {
         peer.terminate(WAIT).await.unwrap();
         peer.wait_exit(WAIT).await.unwrap();
-        assert!(peer.seen.iter().any(|v| v["event"] == "joined"), "{:?}", peer.seen);
         let connected = peer.seen.iter().any(|v| v["event"] == "peer_connected");
         assert!(!connected, "connected without a trusted relay: {:?}", peer.seen);
     }

@@ -153,7 +153,19 @@ impl NativePeer {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+        self.expect_after(0, what, timeout, pred).await
+    }
+
+    /// As [`Self::expect`], but only among the events from `seen[after]` on: one that
+    /// comes after an event already seen.
+    pub async fn expect_after(
+        &mut self,
+        after: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        if let Some(v) = self.seen.iter().skip(after).find(|v| pred(v)) {
             return Ok(v.clone());
         }
         let deadline = tokio::time::Instant::now() + timeout;
@@ -200,13 +212,11 @@ impl NativePeer {
         let name = first["name"].clone();
         let after = self.seen.iter().position(|v| *v == first).map_or(0, |i| i + 1);
         let started = tokio::time::Instant::now();
-        let moved =
-            |v: &Value| v["event"] == "path_changed" && v["name"] == name && v["path"] == "direct";
-        if !self.seen[after..].iter().any(moved) {
-            let deadline = started + timeout;
-            let turned = format!("{what} to turn direct");
-            while !moved(&self.next_event(deadline, &turned).await?) {}
-        }
+        let turned = format!("{what} to turn direct");
+        self.expect_after(after, &turned, timeout, |v| {
+            v["event"] == "path_changed" && v["name"] == name && v["path"] == "direct"
+        })
+        .await?;
         eprintln!(
             "{what}: started {} and turned direct {:?} later",
             first["path"],

@@ -503,8 +503,20 @@ async fn ip_packets_keep_flowing_while_the_ice_pair_changes_and_the_fast_path_fo
             cut["peers"][0]["path"],
             cut["peers"][0]["fast_path"]
         );
-        // Through again: the fast path comes back up, and carries.
+        // Through again: the node's next look for a direct path finds it. Looks back off
+        // (5, 10, 20 s... after the session went relayed), so when the relayed copy took
+        // T on a busy machine the next look can be about 2T away: wait for it as long as
+        // for that copy. Then the fast path comes back up, and carries.
         topology.set_udp_between_sites(true).unwrap();
+        let deadline = tokio::time::Instant::now() + 2 * WAIT;
+        loop {
+            let now = status(&ada).await;
+            if now["peers"][0]["path"].as_str().is_some_and(|p| p.starts_with("direct")) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never direct again: {now}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         carried().await;
         eprintln!("back on the fast path: {:?}", started.elapsed());
         flowing.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -158,7 +158,7 @@ impl NativePeer {
 
     /// As [`Self::expect`], but only among the events from `seen[after]` on: one that
     /// comes after an event already seen.
-    pub async fn expect_after(
+    async fn expect_after(
         &mut self,
         after: usize,
         what: &str,

@@ -209,7 +209,7 @@ async fn a_relayed_browser_and_native_session_moves_to_the_direct_path() {
         let view = weft_tests::rtc_view(&alice).await?;
         assert_eq!(view.as_array().map(Vec::len), Some(1), "{view}");
 
-        // And it carries: a message each way on the direct path.
+        // And it carries: a message on the direct path.
         say(&alice, "hello on the direct path").await;
         let heard = nat.expect("the message", WAIT, |v| v["event"] == "message").await?;
         assert_eq!(heard["text"], "hello on the direct path");

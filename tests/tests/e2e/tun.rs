@@ -347,13 +347,25 @@ fn fast_path_bytes(host: &Host) -> u64 {
 /// the fast UDP path; `fallback`: the data channel after the fast path stopped
 /// answering); the status.
 async fn wait_fast_path(peer: &TunPeer, fast_path: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let what = format!("the fast path {fast_path}");
+    wait_status(peer, &what, WAIT, |s| s["peers"][0]["fast_path"] == fast_path).await
+}
+
+/// Polls `peer`'s `status` until `done` holds of it (failing with `what` after
+/// `timeout`); the status.
+async fn wait_status(
+    peer: &TunPeer,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let status = status(peer).await;
-        if status["peers"][0]["fast_path"] == fast_path {
+        if done(&status) {
             return status;
         }
-        assert!(tokio::time::Instant::now() < deadline, "not {fast_path}: {status}");
+        assert!(tokio::time::Instant::now() < deadline, "not {what}: {status}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -489,11 +501,8 @@ async fn ip_packets_keep_flowing_while_the_ice_pair_changes_and_the_fast_path_fo
         // moved back to the relay) and the copies go on.
         let n = copied();
         topology.set_udp_between_sites(false).unwrap();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while status(&ada).await["peers"][0]["fast_path"] == "up" {
-            assert!(tokio::time::Instant::now() < deadline, "the fast path outlived the cut");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let given_up = |s: &Value| s["peers"][0]["fast_path"] != "up";
+        wait_status(&ada, "the fast path given up after the cut", WAIT, given_up).await;
         // A copy started after the cut arrives too.
         one_more(n + 1).await;
         let cut = status(&ada).await;
@@ -508,15 +517,9 @@ async fn ip_packets_keep_flowing_while_the_ice_pair_changes_and_the_fast_path_fo
         // T on a busy machine the next look can be about 2T away: wait for it as long as
         // for that copy. Then the fast path comes back up, and carries.
         topology.set_udp_between_sites(true).unwrap();
-        let deadline = tokio::time::Instant::now() + 2 * WAIT;
-        loop {
-            let now = status(&ada).await;
-            if now["peers"][0]["path"].as_str().is_some_and(|p| p.starts_with("direct")) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never direct again: {now}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let direct =
+            |s: &Value| s["peers"][0]["path"].as_str().is_some_and(|p| p.starts_with("direct"));
+        wait_status(&ada, "direct again", 2 * WAIT, direct).await;
         carried().await;
         eprintln!("back on the fast path: {:?}", started.elapsed());
         flowing.store(false, std::sync::atomic::Ordering::SeqCst);
